@@ -18,9 +18,19 @@ _API = {
     "load_model": "models",
     "load_corpus": "corpus",
     "extract_activations": "extract",
+    "accumulate_statistics": "fit",
+    "fit_from_statistics": "fit",
+    "fit_shortcuts": "fit",
+    "Statistics": "stats",
+    "MomentAccumulator": "stats",
+    "solve_reduced_rank": "solvers",
+    "gcv_alpha": "solvers",
+    "Shortcuts": "shortcuts",
+    "ShortcutMap": "shortcuts",
+    "ReducedRankRegressor": "estimator",
 }
 
-__all__ = sorted(_API)
+__all__ = list(_API)
 
 
 def __getattr__(name):

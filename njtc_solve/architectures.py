@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import NJTCError
 
-__all__ = ["ArchitectureSpec", "ARCHITECTURES", "architecture_of", "resolve_parts"]
+__all__ = ["ARCHITECTURES", "ArchitectureSpec", "architecture_of", "resolve_parts"]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import NJTCError
 
-__all__ = ["DEFAULT_CORPUS", "load_corpus", "corpus_sha256"]
+__all__ = ["DEFAULT_CORPUS", "corpus_sha256", "load_corpus"]
 
 DEFAULT_CORPUS = "pydoc_data.topics"
 

@@ -7,7 +7,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["NJTCError", "run_cli", "atomic_output"]
+__all__ = ["NJTCError", "atomic_output", "run_cli"]
 
 
 class NJTCError(Exception):

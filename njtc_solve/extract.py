@@ -32,7 +32,7 @@ from .head import Head
 from .models import load_model, model_sha256
 from .store import FORMAT, FORMAT_VERSION, TRAIN, VALIDATION
 
-__all__ = ["ExtractionPlan", "plan_extraction", "capture_residual_stream", "extract_activations", "main"]
+__all__ = ["ExtractionPlan", "capture_residual_stream", "extract_activations", "main", "plan_extraction"]
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 

@@ -14,13 +14,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_module
+
 from njtc_solve.corpus import load_corpus
 from njtc_solve.errors import NJTCError
 from njtc_solve.extract import extract_activations, plan_extraction
 from njtc_solve.models import load_model
-from njtc_solve.store import ActivationStore, TRAIN, VALIDATION
+from njtc_solve.store import TRAIN, VALIDATION, ActivationStore
 
 
 def _extract(folder, out, **kwargs):

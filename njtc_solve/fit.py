@@ -1,0 +1,382 @@
+"""Stage 2: fit shortcut maps in closed form from one streaming pass over a store.
+
+Command line::
+
+    python -m njtc_solve.fit --rank 32                       # N-NJTC (LayerNorm), all layers
+    python -m njtc_solve.fit --method njtc --rank 8,16,32,64 # one file per rank, one pass
+    python -m njtc_solve.fit --method jtc --alpha auto       # full maps, ridge by GCV
+
+Methods: ``jtc`` (full least squares), ``njtc`` (reduced rank), ``nnjtc`` (reduced rank on
+normalised inputs: ``--normalize layer`` (default), ``rms`` or ``batch``). ``--residual`` fits
+identity plus a low-rank correction; ``--weight logits`` measures the error in logit space.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import NJTCError, run_cli
+from .shortcuts import ShortcutMap, Shortcuts
+from .solvers import gcv_alpha, solve_reduced_rank, sum_squared_error
+from .stats import MomentAccumulator, Statistics
+from .store import ActivationStore
+
+__all__ = [
+    "METHODS",
+    "accumulate_statistics",
+    "fit_from_statistics",
+    "fit_shortcuts",
+    "main",
+    "parse_layers",
+    "parse_ranks",
+]
+
+METHODS = ("jtc", "njtc", "nnjtc")
+
+
+def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "none", device="cpu",
+                          chunk_rows: int = 4096, float64: bool = False, progress: bool = True,
+                          comm=None) -> Statistics:
+    """Stream the training rows once and accumulate statistics of all ``layers`` against L.
+
+    Parameters
+    ----------
+    store : ActivationStore
+    layers : list of int
+        Source layers; the target layer ``L`` is read once per chunk and shared.
+    input_norm : {"none", "layer", "rms"}
+        Per-token normalisation of the source rows (N-NJTC with LayerNorm or RMS norm).
+    device : str
+        Where the chunk GEMMs run.
+    chunk_rows : int
+        Rows per chunk; memory is ``O(chunk_rows × d × layers + layers × d²)``.
+    comm : njtc_solve.distributed.Communicator, optional
+        Process group for a sharded pass (each process reads its share of the chunks).
+
+    Returns
+    -------
+    Statistics
+        Also holds the pass's timing in ``meta`` (``seconds``, ``rows_per_s``, ``gflops``).
+    """
+    target = store.n_layers
+    if store.count("train") == 0:
+        raise NJTCError(f"{store.path} has no training rows")
+    acc = MomentAccumulator(layers, input_norm, device, float64)
+    shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
+    chunks = store.iter_chunks(sorted(set(layers) | {target}), split="train", chunk_rows=chunk_rows, shard=shard)
+    total = store.count("train") if comm is None else None
+    start = time.perf_counter()
+    first = True
+    with tqdm(total=total, unit="row", unit_scale=True, desc="statistics", leave=False,
+              disable=not progress) as bar:
+        for _, chunk in chunks:
+            if first and comm is not None:
+                comm.agree_shift(acc, chunk, layers, target)
+            first = False
+            acc.update({l: chunk[l] for l in layers}, chunk[target])
+            bar.update(len(chunk[target]))
+    if comm is not None:
+        if first:  # this process received no rows
+            comm.agree_shift(acc, None, layers, target)
+            acc.zero_like({l: store.d_model for l in layers}, store.d_model)
+        comm.all_reduce(acc)
+    if device != "cpu" and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    d = store.d_model
+    flops = 2.0 * acc.n * d * d * (2 * len(layers) + 1)
+    meta = {"target_layer": target, "model_sha256": store.model_sha256, "store": str(store.path),
+            "seconds": seconds, "rows_per_s": acc.n / seconds, "gflops": flops / seconds / 1e9,
+            "device": str(device)}
+    stats = acc.finalize(meta)
+    stats.check_finite()
+    return stats
+
+
+def _prepare(stats: Statistics, layer: int, normalize: str, residual: bool, fit_intercept: bool):
+    """Gram matrices of the regression actually solved, and what is needed to undo it.
+
+    Returns ``(gxx, gxt, gtt, mean_x, mean_t, norm_mean, norm_scale)`` where ``t`` is the
+    target (``y`` or ``y - x`` for residual maps) and ``x`` the normalised input.
+    """
+    m = stats.layers[layer]
+    n = stats.n
+    cxx, cxy, mean_x = m.cxx, m.cxy, m.mean_x
+    cov_x_raw = cxx  # covariance of the normalised input with the raw input (residual maps)
+    norm_mean = norm_scale = None
+    if normalize == "batch":
+        std = (torch.diagonal(cxx) / n).clamp_min(0).sqrt()
+        scale = torch.where(std > 1e-12 * std.max(), 1.0 / std, torch.zeros_like(std))
+        cov_x_raw = scale[:, None] * cxx
+        cxx, cxy = cov_x_raw * scale[None, :], scale[:, None] * cxy
+        norm_mean, norm_scale, mean_x = m.mean_x, scale, torch.zeros_like(mean_x)
+    cxt, ctt, mean_t = cxy, stats.cyy, stats.mean_y
+    if residual:
+        cxt = cxy - cov_x_raw
+        ctt = stats.cyy - m.cxy - m.cxy.T + m.cxx
+        mean_t = stats.mean_y - m.mean_x
+    if not fit_intercept:
+        cxx = cxx + n * torch.outer(mean_x, mean_x)
+        cxt = cxt + n * torch.outer(mean_x, mean_t)
+        ctt = ctt + n * torch.outer(mean_t, mean_t)
+    return cxx, cxt, ctt, mean_x, mean_t, norm_mean, norm_scale
+
+
+def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), layers=None,
+                        normalize: str | None = None, residual: bool = False, weight_factor=None,
+                        fit_intercept: bool = True, alpha=0.0) -> list[Shortcuts]:
+    """Solve shortcut maps from statistics; one :class:`Shortcuts` per rank.
+
+    Parameters
+    ----------
+    stats : Statistics
+        From :func:`accumulate_statistics` (its ``input_norm`` must match ``normalize``).
+    method : {"jtc", "njtc", "nnjtc"}
+    ranks : list of int or None
+        Ranks of the narrow maps (all from one decomposition); ``None`` for JTC.
+    layers : list of int, optional
+        Source layers (default: all in ``stats``).
+    normalize : {"none", "batch", "layer", "rms"}, optional
+        Input normalisation (default ``layer`` for N-NJTC, else ``none``).
+    residual : bool
+        Fit ``y = x + norm(x) U V + b`` (reduced-rank regression on ``y - x``).
+    weight_factor : Tensor (d, m), optional
+        Measure errors as ``‖e G‖²`` (see :meth:`njtc_solve.head.Head.logit_weight_factor`).
+    fit_intercept : bool
+    alpha : float or "auto"
+        Ridge penalty, or ``"auto"`` for generalised cross-validation per layer.
+    """
+    method, ranks, normalize = _check_method(method, ranks, normalize, stats.meta.get("d_model"))
+    if normalize in ("layer", "rms") and stats.input_norm != normalize:
+        raise NJTCError(f"--normalize {normalize} needs statistics of {normalize}-normalised inputs "
+                        f"(these are of {stats.input_norm!r})")
+    if normalize in ("none", "batch") and stats.input_norm != "none":
+        raise NJTCError(f"--normalize {normalize} needs statistics of raw inputs (these are {stats.input_norm!r})")
+    if residual and normalize in ("layer", "rms"):
+        raise NJTCError("--residual works with --normalize none or batch")
+    layers = sorted(stats.layers) if layers is None else layers
+    missing = [l for l in layers if l not in stats.layers]
+    if missing:
+        raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
+    stats.check_finite()
+    d = stats.cyy.shape[0]
+    total_var = float(torch.trace(stats.cyy))
+    outputs = {r: {} for r in ranks}
+    records = {r: {} for r in ranks}
+    for layer in layers:
+        start = time.perf_counter()
+        gxx, gxt, gtt, mean_x, mean_t, norm_mean, norm_scale = _prepare(stats, layer, normalize, residual,
+                                                                         fit_intercept)
+        layer_alpha = gcv_alpha(gxx, gxt, gtt, stats.n)[0] if alpha == "auto" else float(alpha)
+        solution = solve_reduced_rank(gxx, gxt, layer_alpha, weight_factor)
+        solve_s = time.perf_counter() - start
+        for rank in ranks:
+            u, v = solution.factors(rank)
+            coef = u if v is None else u @ v
+            sse = max(sum_squared_error(coef, gxx, gxt, gtt), 0.0)
+            bias = (mean_t - mean_x @ coef) if fit_intercept else None
+            f32 = lambda t: None if t is None else t.to(torch.float32)
+            outputs[rank][layer] = ShortcutMap(
+                weight=f32(u) if v is None else None, U=None if v is None else f32(u), V=f32(v),
+                bias=f32(bias), norm_mean=f32(norm_mean), norm_scale=f32(norm_scale),
+                normalize=normalize, residual=residual)
+            params = outputs[rank][layer].n_params
+            records[rank][layer] = {
+                "train_mse": sse / (stats.n * d), "train_sse": sse, "r2": 1 - sse / total_var if total_var else 0.0,
+                "params": params, "reduction": 1 - params / (d * d), "alpha": layer_alpha,
+                "rank": None if v is None else u.shape[1], "solve_s": solve_s, "n_train": stats.n,
+            }
+    return [Shortcuts(method, outputs[r], int(stats.meta.get("target_layer", -1)),
+                      stats.meta.get("model_sha256", ""), r, normalize, residual, fit_intercept,
+                      alpha if alpha == "auto" else float(alpha),
+                      "none" if weight_factor is None else "logits",
+                      {"layers": records[r], "accumulation": {k: stats.meta.get(k) for k in
+                                                              ("seconds", "rows_per_s", "gflops", "device")}})
+            for r in ranks]
+
+
+def _check_method(method, ranks, normalize, d=None):
+    if method not in METHODS:
+        raise NJTCError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "jtc":
+        if ranks not in (None, [None], (None,)):
+            raise NJTCError("jtc fits full-rank maps; drop --rank (or use --method njtc)")
+        ranks = [None]
+    else:
+        ranks = list(ranks) if ranks is not None else [32]
+        for r in ranks:
+            if r is None or r <= 0 or (d is not None and r > d):
+                raise NJTCError(f"rank {r} is out of range (1..{d if d else 'd'})")
+    if normalize is None:
+        normalize = "layer" if method == "nnjtc" else "none"
+    if normalize not in ("none", "batch", "layer", "rms"):
+        raise NJTCError(f"unknown normalization {normalize!r}; choose none, batch, layer or rms")
+    if method == "njtc" and normalize != "none":
+        raise NJTCError("njtc has no input normalization; use --method nnjtc")
+    if method == "nnjtc" and normalize == "none":
+        raise NJTCError("nnjtc needs --normalize batch, layer or rms")
+    return method, ranks, normalize
+
+
+def fit_shortcuts(store, method: str = "nnjtc", ranks=(32,), layers=None, normalize=None,
+                  residual: bool = False, weight: str = "none", fit_intercept: bool = True, alpha=0.0,
+                  device="cpu", statistics=None, save_stats=None, chunk_rows: int = 4096,
+                  float64: bool = False, progress: bool = True, comm=None) -> list[Shortcuts]:
+    """Fit shortcuts of ``method`` from an activation store; one :class:`Shortcuts` per rank.
+
+    Reads the store once (or not at all when ``statistics`` is given). See
+    :func:`fit_from_statistics` for the parameters of the solve.
+
+    Examples
+    --------
+    >>> [nnjtc] = fit_shortcuts("activations.h5", method="nnjtc", ranks=[32])    # doctest: +SKIP
+    >>> nnjtc.save("shortcuts.safetensors")                                      # doctest: +SKIP
+    """
+    own = not isinstance(store, ActivationStore)
+    store = ActivationStore(store) if own else store
+    try:
+        method, ranks, normalize = _check_method(method, ranks, normalize, store.d_model)
+        if weight not in ("none", "logits"):
+            raise NJTCError("--weight must be none or logits")
+        if device != "cpu" and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise NJTCError("--device cuda was asked for but CUDA is not available")
+        layers = list(range(store.n_layers)) if layers is None else store.check_layers(layers)
+        input_norm = normalize if normalize in ("layer", "rms") else "none"
+        if statistics is None:
+            stats = accumulate_statistics(store, layers, input_norm, device, chunk_rows, float64, progress, comm)
+        else:
+            stats = statistics if isinstance(statistics, Statistics) else Statistics.load(statistics)
+            if stats.meta.get("model_sha256") != store.model_sha256:
+                raise NJTCError("the statistics were accumulated from another model's store (model_sha256 differs)")
+        stats.meta["d_model"] = store.d_model
+        if save_stats is not None and (comm is None or comm.rank == 0):
+            stats.save(save_stats)
+        factor = store.head().logit_weight_factor() if weight == "logits" else None
+        return fit_from_statistics(stats, method, ranks, layers, normalize, residual, factor, fit_intercept, alpha)
+    finally:
+        if own:
+            store.close()
+
+
+def parse_layers(text: str | None, n_layers: int):
+    """Parse ``"all"``, ``"3"``, ``"1,5,9"`` or ``"0-29"`` into source layer indices."""
+    if text is None or text == "all":
+        return None
+    layers = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                layers.extend(range(int(a), int(b) + 1))
+            else:
+                layers.append(int(part))
+    except ValueError as err:
+        raise NJTCError(f"cannot parse --layers {text!r}; use e.g. 3 or 1,5,9 or 0-29") from err
+    return layers
+
+
+def parse_ranks(text: str | None):
+    """Parse ``"32"`` or ``"8,16,32"``; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    try:
+        return [int(r) for r in text.split(",")]
+    except ValueError as err:
+        raise NJTCError(f"cannot parse --rank {text!r}; use e.g. 32 or 8,16,32,64") from err
+
+
+def output_paths(out: Path, shortcuts: list[Shortcuts]) -> list[Path]:
+    """One file per rank: ``out`` itself for one rank, ``stem-r{rank}.suffix`` for several."""
+    if len(shortcuts) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-r{s.rank}{out.suffix}") for s in shortcuts]
+
+
+def _summary(sc: Shortcuts) -> str:
+    lines = [f"{sc.name}: layer  rank   train MSE       R2    params  reduction  solve ms"]
+    for layer, rec in sorted(sc.stats["layers"].items(), key=lambda kv: int(kv[0])):
+        rank = "full" if rec["rank"] is None else rec["rank"]
+        lines.append(f"{'':>{len(sc.name) + 2}}{layer:>5}  {rank:>4}  {rec['train_mse']:10.4g}  {rec['r2']:7.4f}  "
+                     f"{rec['params']:>8}  {100 * rec['reduction']:8.2f}%  {1e3 * rec['solve_s']:8.1f}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m njtc_solve.fit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default="activations.h5", help="activation store (default: activations.h5)")
+    p.add_argument("--method", default="nnjtc", help="jtc, njtc or nnjtc (default: nnjtc)")
+    p.add_argument("--layers", help="source layers: all (default), 3, 1,5,9 or 0-29")
+    p.add_argument("--rank", help="rank of the narrow maps, or a comma list fitted from one decomposition "
+                   "(default: 32; not for jtc)")
+    p.add_argument("--normalize", help="input normalization: none, batch, layer (N-NJTC default) or rms")
+    p.add_argument("--residual", action="store_true", help="fit identity plus a low-rank correction")
+    p.add_argument("--weight", default="none", help="none (default) or logits: minimise the error in logit space")
+    p.add_argument("--no-intercept", action="store_true", help="fit without a bias")
+    p.add_argument("--alpha", default="0", help="ridge penalty, or auto (generalised cross-validation)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--out", default="shortcuts.safetensors", help="output file (default: shortcuts.safetensors; "
+                   "several ranks give NAME-r{rank}.safetensors)")
+    p.add_argument("--save-stats", help="also write the sufficient statistics here")
+    p.add_argument("--stats", help="solve from saved statistics instead of reading the activations")
+    p.add_argument("--chunk-rows", type=int, default=4096, help="rows per streamed chunk (default: 4096)")
+    p.add_argument("--float64", action="store_true", help="accumulate with float64 GEMMs (slower)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _parse_alpha(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise NJTCError(f"--alpha must be a number or auto, not {text!r}") from err
+    if not math.isfinite(value) or value < 0:
+        raise NJTCError("--alpha must be a non-negative number")
+    return value
+
+
+def main(argv=None, comm=None) -> int:
+    """Command-line entry point of ``python -m njtc_solve.fit``."""
+    args = _parser().parse_args(argv)
+    from .distributed import Communicator
+
+    comm = comm or Communicator.from_environment(args.device)
+    try:
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
+        if args.chunk_rows <= 0:
+            raise NJTCError("--chunk-rows must be positive")
+        start = time.perf_counter()
+        with ActivationStore(args.store) as store:
+            shortcuts = fit_shortcuts(
+                store, args.method, parse_ranks(args.rank), parse_layers(args.layers, store.n_layers),
+                args.normalize, args.residual, args.weight, not args.no_intercept, _parse_alpha(args.alpha),
+                args.device, args.stats, args.save_stats, args.chunk_rows, args.float64,
+                not args.no_progress and (comm is None or comm.rank == 0), comm)
+        if comm is not None and comm.rank != 0:
+            return 0
+        for sc, path in zip(shortcuts, output_paths(out, shortcuts)):
+            sc.save(path)
+            print(_summary(sc))
+            print(f"wrote {path}")
+        acc = shortcuts[0].stats["accumulation"]
+        if acc.get("seconds") is not None and args.stats is None:
+            print(f"statistics: {acc['seconds']:.2f}s, {acc['rows_per_s']:.0f} rows/s, {acc['gflops']:.1f} GFLOP/s "
+                  f"on {acc['device']}; total {time.perf_counter() - start:.2f}s")
+        return 0
+    finally:
+        if comm is not None:
+            comm.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,155 @@
+"""The fit stage on a real (tiny-model) store: CLI, shortcut files, saved statistics, bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import run_module
+from safetensors import safe_open
+from sklearn.linear_model import LinearRegression
+from sklearn.utils.estimator_checks import check_estimator
+from test_extract import _one_line_exit_2
+
+from njtc_solve.estimator import ReducedRankRegressor
+from njtc_solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.shortcuts import Shortcuts
+from njtc_solve.store import ActivationStore
+
+
+def _train_rows(store_path, layer):
+    with ActivationStore(store_path) as store:
+        rows = np.flatnonzero(store.split == 0)
+        return store.file[f"hidden/{layer}"][...][rows], store.file[f"hidden/{store.n_layers}"][...][rows]
+
+
+def test_cli_writes_one_file_per_rank_with_the_contract_metadata(tiny_store, tmp_path):
+    out = tmp_path / "n.safetensors"
+    result = run_module("njtc_solve.fit", "--store", str(tiny_store), "--method", "njtc", "--rank", "4,8",
+                        "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "train MSE" in result.stdout and "GFLOP/s" in result.stdout
+    for rank in (4, 8):
+        path = tmp_path / f"n-r{rank}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            assert f.get_tensor("layers.1.U").shape == (32, rank)
+            assert f.get_tensor("layers.1.V").shape == (rank, 32)
+            assert f.get_tensor("layers.1.bias").shape == (32,)
+        assert meta["format"] == "njtc-shortcuts" and meta["format_version"] == "1"
+        assert meta["method"] == "njtc" and meta["rank"] == str(rank) and meta["normalize"] == "none"
+        assert meta["residual"] == "false" and meta["fit_intercept"] == "true" and meta["target_layer"] == "3"
+        with ActivationStore(tiny_store) as store:
+            assert meta["model_sha256"] == store.model_sha256
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_jtc_from_store_equals_sklearn_on_the_same_rows(tiny_store):
+    [jtc] = fit_shortcuts(tiny_store, "jtc", None, layers=[1], progress=False)
+    x, y = _train_rows(tiny_store, 1)
+    ref = LinearRegression().fit(x.astype(np.float64), y.astype(np.float64))
+    pred = jtc.predict(1, x).double().numpy()
+    assert np.linalg.norm(pred - ref.predict(x)) / np.linalg.norm(ref.predict(x)) <= 1e-5
+
+
+def test_store_streaming_with_small_chunks_equals_one_chunk(tiny_store):
+    with ActivationStore(tiny_store) as store:
+        a = accumulate_statistics(store, [0, 2], chunk_rows=97, progress=False, float64=True)
+        b = accumulate_statistics(store, [0, 2], chunk_rows=100_000, progress=False, float64=True)
+    for layer in (0, 2):
+        diff = (a.layers[layer].cxy - b.layers[layer].cxy).norm() / b.layers[layer].cxy.norm()
+        assert diff <= 1e-10
+
+
+def test_saved_statistics_resolve_without_reading_activations(tiny_store, tmp_path):
+    stats_path = tmp_path / "stats.safetensors"
+    [first] = fit_shortcuts(tiny_store, "njtc", [4], save_stats=stats_path, progress=False)
+    [again] = fit_shortcuts(tiny_store, "njtc", [4], statistics=stats_path, progress=False)
+    assert torch.equal(first.maps[2].U, again.maps[2].U)
+    [jtc] = fit_shortcuts(tiny_store, "jtc", None, statistics=stats_path, progress=False)
+    assert jtc.maps[2].weight.shape == (32, 32)
+    with pytest.raises(Exception, match="layer-normalised"):
+        fit_shortcuts(tiny_store, "nnjtc", [4], statistics=stats_path, progress=False)
+
+
+def test_every_variant_fits_and_roundtrips(tiny_store, tmp_path):
+    variants = [dict(method="nnjtc", ranks=[4]), dict(method="nnjtc", ranks=[4], normalize="rms"),
+                dict(method="nnjtc", ranks=[4], normalize="batch"), dict(method="njtc", ranks=[4], residual=True),
+                dict(method="njtc", ranks=[4], weight="logits"), dict(method="jtc", ranks=None, alpha="auto"),
+                dict(method="njtc", ranks=[4], fit_intercept=False)]
+    x, _ = _train_rows(tiny_store, 2)
+    for kw in variants:
+        [sc] = fit_shortcuts(tiny_store, layers=[2], progress=False, **kw)
+        path = tmp_path / f"{sc.name}.safetensors"
+        sc.save(path)
+        back = Shortcuts.load(path)
+        assert back.name == sc.name and back.residual == sc.residual and back.normalize == sc.normalize
+        assert torch.allclose(back.predict(2, x[:50]), sc.predict(2, x[:50]))
+        r2 = sc.stats["layers"][2]["r2"]
+        assert 0 < r2 <= 1, (kw, r2)
+
+
+def test_logit_weighting_lowers_the_logit_space_error(tiny_store):
+    [plain] = fit_shortcuts(tiny_store, "njtc", [2], layers=[1], progress=False)
+    [weighted] = fit_shortcuts(tiny_store, "njtc", [2], layers=[1], weight="logits", progress=False)
+    x, y = _train_rows(tiny_store, 1)
+    with ActivationStore(tiny_store) as store:
+        g = store.head().logit_weight_factor().float()
+    err = lambda sc: float((((sc.predict(1, x) - torch.from_numpy(y)) @ g) ** 2).sum())
+    assert err(weighted) < err(plain)
+
+
+def test_estimator_passes_check_estimator():
+    for est in (ReducedRankRegressor(), ReducedRankRegressor(rank=1), ReducedRankRegressor(alpha=0.5,
+                                                                                          fit_intercept=False)):
+        check_estimator(est)
+
+
+def test_estimator_partial_fit_equals_fit():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 8)) + 100
+    Y = X @ rng.normal(size=(8, 6)) + rng.normal(size=(300, 6))
+    whole = ReducedRankRegressor(rank=2).fit(X, Y)
+    parts = ReducedRankRegressor(rank=2)
+    for i in range(0, 300, 64):
+        parts.partial_fit(X[i:i + 64], Y[i:i + 64])
+    assert np.allclose(parts.coef_, whole.coef_, rtol=1e-10, atol=1e-12)
+    assert np.allclose(parts.left_factor_ @ parts.right_factor_, parts.coef_.T)
+    assert np.linalg.matrix_rank(whole.coef_) == 2
+
+
+def test_cli_bad_inputs(tiny_store, tmp_path):
+    fit = lambda *a: run_module("njtc_solve.fit", "--store", str(tiny_store), "--no-progress", *a)
+    out = ["--out", str(tmp_path / "o.safetensors")]
+    _one_line_exit_2(fit("--method", "njtc", "--rank", "0", *out), "rank 0")
+    _one_line_exit_2(fit("--method", "njtc", "--rank", "33", *out), "rank 33")
+    _one_line_exit_2(fit("--layers", "7", *out), "layer 7")
+    _one_line_exit_2(fit("--method", "svd", *out), "unknown method")
+    _one_line_exit_2(fit("--alpha", "-1", *out), "--alpha")
+    _one_line_exit_2(fit("--residual", *out), "--residual")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _one_line_exit_2(fit("--out", str(blocker / "o.safetensors")), "does not exist")
+    _one_line_exit_2(run_module("njtc_solve.fit", "--store", str(tmp_path / "none.h5"), *out), "not found")
+
+    incomplete = tmp_path / "incomplete.h5"
+    shutil.copy(tiny_store, incomplete)
+    with h5py.File(incomplete, "r+") as f:
+        f.attrs["complete"] = False
+    _one_line_exit_2(run_module("njtc_solve.fit", "--store", str(incomplete), *out), "incomplete")
+
+    no_train = tmp_path / "no_train.h5"
+    shutil.copy(tiny_store, no_train)
+    with h5py.File(no_train, "r+") as f:
+        f["split"][...] = 1
+    _one_line_exit_2(run_module("njtc_solve.fit", "--store", str(no_train), *out), "no training rows")
+
+    nan = tmp_path / "nan.h5"
+    shutil.copy(tiny_store, nan)
+    with h5py.File(nan, "r+") as f:
+        f["hidden/1"][5, 3] = np.nan
+    _one_line_exit_2(run_module("njtc_solve.fit", "--store", str(nan), *out), "NaN")
+    assert not list(tmp_path.glob("*.safetensors*"))

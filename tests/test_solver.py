@@ -1,0 +1,277 @@
+"""Closed-form solver against independent references: scikit-learn, brute-force SVD, Adam."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LinearRegression, Ridge
+
+from njtc_solve.errors import NJTCError
+from njtc_solve.fit import fit_from_statistics
+from njtc_solve.solvers import gcv_alpha, solve_reduced_rank, sum_squared_error
+from njtc_solve.stats import MomentAccumulator, Statistics, normalize_rows
+
+
+def make_data(n=400, d=12, seed=0, offset=0.0, noise=0.3):
+    """Correlated inputs and a target with low-rank structure plus noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + offset
+    y = x @ rng.normal(size=(d, 4)) @ rng.normal(size=(4, d)) + noise * rng.normal(size=(n, d)) + 2.0
+    return x, y
+
+
+def stats_of(x, y, chunk=None, input_norm="none", float64=True):
+    acc = MomentAccumulator([0], input_norm, float64=float64)
+    chunk = chunk or len(x)
+    for i in range(0, len(x), chunk):
+        acc.update({0: x[i:i + chunk]}, y[i:i + chunk])
+    return acc.finalize({"target_layer": 1, "d_model": x.shape[1]})
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def full_map(stats, **kw):
+    [sc] = fit_from_statistics(stats, "jtc", None, **kw)
+    m = sc.maps[0]
+    return m.weight.double().numpy(), None if m.bias is None else m.bias.double().numpy()
+
+
+def solve64(x, y, fit_intercept=True, alpha=0.0, rank=None):
+    """float64 solve (the file format stores float32, so compare solutions here)."""
+    s = stats_of(x, y)
+    cxx, cxy = (s.layers[0].cxx, s.layers[0].cxy) if fit_intercept else s.raw(0)[:2]
+    sol = solve_reduced_rank(cxx, cxy, alpha)
+    coef = sol.coef_of_rank(rank)
+    bias = (s.mean_y - s.layers[0].mean_x @ coef) if fit_intercept else torch.zeros(y.shape[1])
+    return coef.numpy(), bias.numpy(), sol, s
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("alpha", [0.0, 3.0])
+def test_full_rank_equals_sklearn(fit_intercept, alpha):
+    x, y = make_data(offset=5.0)
+    coef, bias, _, _ = solve64(x, y, fit_intercept, alpha)
+    ref = (Ridge(alpha=alpha, fit_intercept=fit_intercept, solver="cholesky") if alpha
+           else LinearRegression(fit_intercept=fit_intercept)).fit(x, y)
+    assert rel(coef, ref.coef_.T) <= 1e-8
+    if fit_intercept:
+        assert rel(bias, ref.intercept_) <= 1e-8
+    else:
+        assert not bias.any()
+    assert rel(x @ coef + bias, ref.predict(x)) <= 1e-8
+
+
+def test_file_maps_match_float64_solution_to_float32_precision():
+    x, y = make_data()
+    weight, bias = full_map(stats_of(x, y))
+    coef, b, _, _ = solve64(x, y)
+    assert rel(weight, coef) <= 1e-6 and rel(bias, b) <= 1e-6
+
+
+@pytest.mark.parametrize("rank", [1, 3, 4, 7])
+def test_rank_r_equals_brute_force_svd_and_loss_identity(rank):
+    x, y = make_data()
+    coef, bias, sol, s = solve64(x, y, rank=rank)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    b_ols = np.linalg.lstsq(xc, yc, rcond=None)[0]
+    _, sv, vt = np.linalg.svd(xc @ b_ols, full_matrices=False)  # SVD of the fitted values
+    b_r = b_ols @ vt[:rank].T @ vt[:rank]
+    assert rel(coef, b_r) <= 1e-8
+    sse_direct = ((y - x @ coef - bias) ** 2).sum()
+    sse_ols = ((yc - xc @ b_ols) ** 2).sum()
+    assert sse_direct == pytest.approx(sse_ols + (sv[rank:] ** 2).sum(), rel=1e-9)
+    m = s.layers[0]
+    assert sum_squared_error(torch.from_numpy(coef), m.cxx, m.cxy, s.cyy) == pytest.approx(sse_direct, rel=1e-9)
+    assert np.allclose(sol.singular_values.numpy(), sv, rtol=1e-9)
+
+
+def test_ranks_are_nested_and_loss_decreases():
+    x, y = make_data()
+    s = stats_of(x, y)
+    fits = fit_from_statistics(s, "njtc", [1, 2, 4, 8, 12])
+    losses = [f.stats["layers"][0]["train_sse"] for f in fits]
+    assert all(a > b for a, b in zip(losses, losses[1:]))
+    u8, u4 = fits[3].maps[0].V, fits[2].maps[0].V
+    assert torch.allclose(u8[:4], u4, atol=1e-6), "rank-4 directions are the first four of rank 8"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adam_never_beats_the_closed_form(seed):
+    x, y = make_data(n=300, d=10, seed=seed)
+    rank = 3
+    coef, bias, _, _ = solve64(x, y, rank=rank)
+    optimum = ((y - x @ coef - bias) ** 2).mean()
+    torch.manual_seed(seed)
+    X, Y = torch.tensor(x), torch.tensor(y)
+    U = torch.nn.Parameter(0.1 * torch.randn(10, rank, dtype=torch.float64))
+    V = torch.nn.Parameter(0.1 * torch.randn(rank, 10, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.zeros(10, dtype=torch.float64))
+    opt = torch.optim.Adam([U, V, b], lr=0.02)
+    for _ in range(3000):
+        opt.zero_grad()
+        loss = ((Y - X @ U @ V - b) ** 2).mean()
+        loss.backward()
+        opt.step()
+    final = float(((Y - X @ U @ V - b) ** 2).mean().detach())
+    assert final >= optimum * (1 - 1e-10)
+    assert final <= optimum * 1.05, "Adam should come close, else this comparison is vacuous"
+
+
+def test_streaming_equals_in_memory():
+    x, y = make_data(n=1000, offset=3.0)
+    whole = stats_of(x, y)
+    for chunk in (1, 7, 100, 999):
+        part = stats_of(x, y, chunk=chunk)
+        for a, b in [(part.layers[0].cxx, whole.layers[0].cxx), (part.layers[0].cxy, whole.layers[0].cxy),
+                     (part.cyy, whole.cyy)]:
+            assert rel(a, b) <= 1e-10
+        assert rel(full_map(part)[0], full_map(whole)[0]) <= 1e-10
+
+
+def test_shards_add_up_and_save_load_roundtrip(tmp_path):
+    x, y = make_data(n=600, offset=10.0)
+    whole = stats_of(x, y)
+    total = stats_of(x[:250], y[:250]) + stats_of(x[250:], y[250:])
+    assert total.n == 600
+    assert rel(total.layers[0].cxx, whole.layers[0].cxx) <= 1e-12
+    assert rel(total.layers[0].cxy, whole.layers[0].cxy) <= 1e-12
+    assert rel(total.layers[0].mean_x, whole.layers[0].mean_x) <= 1e-14
+    whole.save(tmp_path / "s.safetensors")
+    back = Statistics.load(tmp_path / "s.safetensors")
+    assert back.n == whole.n and torch.equal(back.layers[0].cxy, whole.layers[0].cxy)
+    assert back.meta == whole.meta
+
+
+def _outlier_data(n=200_000, d=16, seed=0):
+    """Activations like a real LLM's: a large offset and sporadic outlier features ~1e4."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32) + 300.0
+    x[:, 3] += 2000.0
+    spikes = rng.random(n) < 0.01
+    x[spikes, 5] = 1e4 * (1 + 0.1 * rng.normal(size=spikes.sum()))
+    w = rng.normal(size=(d, d)).astype(np.float32)
+    y = (x @ w + 50.0 + rng.normal(size=(n, d))).astype(np.float32)
+    return x, y
+
+
+def _naive_float32_map(x, y, chunk=4096):
+    """Plain float32 sums without a shift: what design.md §6 warns against."""
+    sxx = torch.zeros(x.shape[1], x.shape[1])
+    sxy = torch.zeros(x.shape[1], y.shape[1])
+    sx, sy = torch.zeros(x.shape[1]), torch.zeros(y.shape[1])
+    for i in range(0, len(x), chunk):
+        a, b = torch.from_numpy(x[i:i + chunk]), torch.from_numpy(y[i:i + chunk])
+        sxx += a.T @ a
+        sxy += a.T @ b
+        sx += a.sum(0)
+        sy += b.sum(0)
+    n = len(x)
+    cxx = sxx - torch.outer(sx, sx) / n
+    cxy = sxy - torch.outer(sx, sy) / n
+    return torch.linalg.lstsq(cxx.double(), cxy.double()).solution.numpy()
+
+
+def test_shifted_float32_accumulation_is_accurate_where_plain_float32_fails():
+    x, y = _outlier_data()
+    reference = stats_of(x.astype(np.float64), y.astype(np.float64), chunk=4096, float64=True)
+    ours = stats_of(x, y, chunk=4096, float64=False)
+    ref_coef = solve_reduced_rank(reference.layers[0].cxx, reference.layers[0].cxy).coef.numpy()
+    our_coef = solve_reduced_rank(ours.layers[0].cxx, ours.layers[0].cxy).coef.numpy()
+    ours_err = rel(our_coef, ref_coef)
+    naive_err = rel(_naive_float32_map(x, y), ref_coef)
+    print(f"relative map error: shifted float32 {ours_err:.2e}, plain float32 {naive_err:.2e}")
+    assert ours_err <= 1e-6
+    assert naive_err > 1e-2
+
+
+def test_batch_standardised_nnjtc_equals_njtc_with_intercept():
+    x, y = make_data(offset=4.0)
+    x[:, 2] *= 50.0  # very different feature scales
+    s = stats_of(x, y)
+    [njtc] = fit_from_statistics(s, "njtc", [3])
+    [batch] = fit_from_statistics(s, "nnjtc", [3], normalize="batch")
+    assert rel(batch.predict(0, x).double(), njtc.predict(0, x).double()) <= 1e-5
+    ln = stats_of(x, y, input_norm="layer")
+    [layer] = fit_from_statistics(ln, "nnjtc", [3], normalize="layer")
+    assert rel(layer.predict(0, x).double(), njtc.predict(0, x).double()) > 1e-3
+
+
+def test_layernorm_inputs_are_exactly_singular_and_still_solved():
+    x, y = make_data()
+    s = stats_of(x, y, input_norm="layer")
+    lam = torch.linalg.eigvalsh(s.layers[0].cxx)
+    assert lam[0] / lam[-1] < 1e-12, "LayerNorm outputs sum to zero: C_xx is singular"
+    [fit] = fit_from_statistics(s, "nnjtc", [4], normalize="layer")
+    assert torch.isfinite(fit.maps[0].U).all()
+    xn = normalize_rows(torch.tensor(x), "layer").numpy()
+    ref = LinearRegression().fit(xn, y)
+    [full] = fit_from_statistics(s, "jtc", None, normalize="layer")
+    assert rel(full.predict(0, x).double(), ref.predict(xn)) <= 1e-5
+
+
+def test_residual_map_is_rrr_on_the_difference():
+    x, y = make_data()
+    s = stats_of(x, y)
+    [res] = fit_from_statistics(s, "njtc", [2], residual=True)
+    coef, bias, _, _ = solve64(x, y - x, rank=2)
+    assert rel(res.predict(0, x).double(), x + x @ coef + bias) <= 1e-5
+    sse = ((y - res.predict(0, x).double().numpy()) ** 2).sum()
+    assert res.stats["layers"][0]["train_sse"] == pytest.approx(sse, rel=1e-4)
+
+
+def test_weighted_rrr_equals_brute_force_in_the_weighted_metric():
+    x, y = make_data(d=8)
+    rng = np.random.default_rng(5)
+    g = rng.normal(size=(8, 30))  # like diag(gain) @ unembedding.T
+    s = stats_of(x, y)
+    m = s.layers[0]
+    sol = solve_reduced_rank(m.cxx, m.cxy, weight_factor=torch.tensor(g))
+    coef = sol.coef_of_rank(2).numpy()
+    # brute force: f = sqrt(G Gᵀ); regress Y f on X, truncate the fitted values, map back
+    lam, q = np.linalg.eigh(g @ g.T)
+    f = (q * np.sqrt(lam)) @ q.T
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    b = np.linalg.lstsq(xc, yc @ f, rcond=None)[0]
+    _, _, vt = np.linalg.svd(xc @ b, full_matrices=False)
+    brute = b @ vt[:2].T @ vt[:2] @ np.linalg.inv(f)
+    assert rel(coef, brute) <= 1e-6
+    weighted = lambda c: (((yc - xc @ c) @ g) ** 2).sum()
+    unweighted = solve64(x, y, rank=2)[0]
+    assert weighted(coef) < weighted(unweighted)
+
+
+def test_gcv_matches_explicit_hat_matrix():
+    x, y = make_data(n=80, d=10, noise=2.0)
+    s = stats_of(x, y)
+    grid = [0.1, 1.0, 10.0, 100.0]
+    best, scores = gcv_alpha(s.layers[0].cxx, s.layers[0].cxy, s.cyy, s.n, grid)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    for alpha in grid:
+        h = xc @ np.linalg.solve(xc.T @ xc + alpha * np.eye(10), xc.T)
+        resid = yc - h @ yc
+        explicit = ((resid ** 2).sum() / 80) / (1 - np.trace(h) / 80) ** 2
+        assert scores[alpha] == pytest.approx(explicit, rel=1e-9)
+    assert best == min(scores, key=scores.get)
+    [auto] = fit_from_statistics(s, "jtc", None, alpha="auto")
+    assert auto.stats["layers"][0]["alpha"] > 0
+
+
+def test_bad_method_arguments():
+    s = stats_of(*make_data())
+    with pytest.raises(NJTCError, match="rank 0"):
+        fit_from_statistics(s, "njtc", [0])
+    with pytest.raises(NJTCError, match="rank 13"):
+        fit_from_statistics(s, "njtc", [13])
+    with pytest.raises(NJTCError, match="drop --rank"):
+        fit_from_statistics(s, "jtc", [4])
+    with pytest.raises(NJTCError, match="statistics of layer-normalised"):
+        fit_from_statistics(s, "nnjtc", [4])
+    with pytest.raises(NJTCError, match="no layer 3"):
+        fit_from_statistics(s, "njtc", [4], layers=[3])
+    s.layers[0].cxy[0, 0] = float("nan")
+    with pytest.raises(NJTCError, match="NaN"):
+        fit_from_statistics(s, "njtc", [4])
