@@ -95,6 +95,7 @@ class Shortcuts:
     alpha: float | str = 0.0  # "auto": chosen per layer by GCV (values in stats)
     weight: str = "none"
     stats: dict = field(default_factory=dict)
+    label: str = ""  # overrides the derived name (e.g. "njtc-adam" for a gradient-trained map)
 
     @classmethod
     def identity(cls, layers, target_layer: int, model_sha256: str = "") -> Shortcuts:
@@ -104,6 +105,8 @@ class Shortcuts:
     @property
     def name(self) -> str:
         """Short label such as ``njtc-r32``, ``nnjtc-layer-r32``, ``jtc`` or ``njtc-r32-residual``."""
+        if self.label:
+            return self.label
         parts = [self.method]
         if self.method == "nnjtc":
             parts.append(self.normalize)
@@ -143,7 +146,7 @@ class Shortcuts:
             "rank": "none" if self.rank is None else str(self.rank), "normalize": self.normalize,
             "residual": b(self.residual), "fit_intercept": b(self.fit_intercept), "alpha": str(self.alpha),
             "weight": self.weight, "target_layer": str(self.target_layer), "model_sha256": self.model_sha256,
-            "layers": json.dumps(sorted(self.maps)), "stats": json.dumps(self.stats),
+            "layers": json.dumps(sorted(self.maps)), "stats": json.dumps(self.stats), "label": self.label,
         }
         with atomic_output(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -174,7 +177,7 @@ class Shortcuts:
         return cls(meta["method"], maps, int(meta["target_layer"]), meta.get("model_sha256", ""),
                    None if meta["rank"] == "none" else int(meta["rank"]), normalize, residual,
                    meta["fit_intercept"] == "true", _alpha(meta["alpha"]), meta.get("weight", "none"),
-                   json.loads(meta.get("stats", "{}")))
+                   json.loads(meta.get("stats", "{}")), meta.get("label", ""))
 
 
 def _alpha(text: str) -> float | str:

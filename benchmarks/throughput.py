@@ -1,0 +1,145 @@
+"""Statistics accumulation against the machine's own float32 GEMM throughput.
+
+Measures, in one run on one device: the peak float32 (and float64) GEMM rate; the
+accumulation rate (rows/s, GFLOP/s) on synthetic data and its ratio to that peak; how time
+grows with rows n, width d and the number of source layers; the solve time against d; and,
+when a store is given, the rate of a real pass over it (HDF5 reads included).
+
+    python benchmarks/throughput.py                       # CPU, this machine
+    python benchmarks/throughput.py --device cuda --d 4096 --rows 1048576   # a GPU
+
+Writes ``benchmarks/results/throughput-{device}.json``; prints the headline ratio last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from njtc_solve.solvers import solve_reduced_rank
+from njtc_solve.stats import MomentAccumulator
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gemm(device, dtype, sizes=(1024, 2048, 4096), repeats=5) -> float:
+    """Best measured GFLOP/s of square GEMMs (the machine's practical peak)."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync(device)
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def accumulate_rate(device, rows, d, layers, chunk=8192, float64=False) -> dict:
+    """Accumulate synthetic chunks generated on the device; GEMM flops per row: 2d²(2·layers+1)."""
+    acc = MomentAccumulator(range(layers), device=device, float64=float64)
+    gen = torch.Generator(device=device).manual_seed(0)
+    xs = {l: torch.randn(chunk, d, device=device, generator=gen) * 3 + 100 for l in range(layers)}
+    y = torch.randn(chunk, d, device=device, generator=gen) * 5 + 50
+    acc.update(xs, y)  # warm-up (also fixes the shift)
+    sync(device)
+    n_chunks = max(1, rows // chunk)
+    t = time.perf_counter()
+    for _ in range(n_chunks):
+        acc.update(xs, y)
+    sync(device)
+    seconds = time.perf_counter() - t
+    n = n_chunks * chunk
+    return {"rows": n, "d": d, "layers": layers, "seconds": seconds, "rows_per_s": n / seconds,
+            "gflops": 2 * n * d * d * (2 * layers + 1) / seconds / 1e9}
+
+
+def solve_time(d, rank=32) -> float:
+    a = torch.randn(2 * d, d, dtype=torch.float64)
+    cxx = a.T @ a
+    cxy = cxx @ torch.randn(d, d, dtype=torch.float64)
+    t = time.perf_counter()
+    solve_reduced_rank(cxx, cxy).factors(rank)
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--d", type=int, default=576, help="width for the headline measurement (SmolLM2: 576)")
+    p.add_argument("--layers", type=int, default=4, help="source layers for the headline measurement")
+    p.add_argument("--rows", type=int, default=65536, help="rows for the headline measurement")
+    p.add_argument("--widths", default="256,576,1024,2048,4096")
+    p.add_argument("--store", help="also time a real pass over this store")
+    p.add_argument("--quick", action="store_true", help="smaller sweeps")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_float32_matmul_precision("highest")
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+              or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    result["peak_gflops_float32"] = peak_gemm(device, torch.float32)
+    result["peak_gflops_float64"] = peak_gemm(device, torch.float64, sizes=(1024, 2048))
+    print(f"peak GEMM: float32 {result['peak_gflops_float32']:.1f} GFLOP/s, "
+          f"float64 {result['peak_gflops_float64']:.1f} GFLOP/s", flush=True)
+
+    head = accumulate_rate(device, args.rows, args.d, args.layers)
+    head["fraction_of_float32_peak"] = head["gflops"] / result["peak_gflops_float32"]
+    result["headline"] = head
+    head64 = accumulate_rate(device, args.rows // 4, args.d, args.layers, float64=True)
+    head64["fraction_of_float64_peak"] = head64["gflops"] / result["peak_gflops_float64"]
+    result["headline_float64"] = head64
+    print(f"accumulation d={args.d}, {args.layers} layers: {head['rows_per_s']:.0f} rows/s, "
+          f"{head['gflops']:.1f} GFLOP/s ({100 * head['fraction_of_float32_peak']:.0f}% of float32 peak); "
+          f"float64 GEMMs: {100 * head64['fraction_of_float64_peak']:.0f}% of float64 peak", flush=True)
+
+    scale = 4 if args.quick else 1
+    base_rows = max(8192, args.rows // (4 * scale))
+    result["rows_sweep"] = [accumulate_rate(device, base_rows * k, args.d, args.layers) for k in (1, 2, 4)]
+    result["layers_sweep"] = [accumulate_rate(device, base_rows, args.d, k) for k in (1, 4, 16, 30)]
+    widths = [int(w) for w in args.widths.split(",")]
+    result["width_sweep"] = [accumulate_rate(device, max(8192, base_rows * 576**2 // w**2), w, 1) for w in widths]
+    result["solve_seconds"] = {w: solve_time(w) for w in widths if w <= 4096}
+    rows_t = [r["seconds"] / r["rows"] for r in result["rows_sweep"]]
+    result["time_per_row_spread"] = max(rows_t) / min(rows_t)
+    for name in ("rows_sweep", "layers_sweep", "width_sweep"):
+        for r in result[name]:
+            print(f"{name}: rows={r['rows']} d={r['d']} layers={r['layers']} {r['seconds']:.3f}s "
+                  f"{r['gflops']:.1f} GFLOP/s", flush=True)
+    print("solve (eigh + SVD, float64) seconds by d:", {k: round(v, 3) for k, v in result["solve_seconds"].items()})
+
+    if args.store:
+        from njtc_solve.fit import accumulate_statistics
+        from njtc_solve.store import ActivationStore
+
+        with ActivationStore(args.store) as store:
+            layers = list(range(store.n_layers))
+            stats = accumulate_statistics(store, layers, device=args.device, progress=False)
+        result["store_pass"] = {k: stats.meta[k] for k in ("seconds", "rows_per_s", "gflops")}
+        result["store_pass"]["fraction_of_float32_peak"] = stats.meta["gflops"] / result["peak_gflops_float32"]
+        print(f"real store pass ({len(layers)} layers, HDF5 reads included): {stats.meta['gflops']:.1f} GFLOP/s "
+              f"({100 * result['store_pass']['fraction_of_float32_peak']:.0f}% of float32 peak)")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"throughput-{device.type}.json").write_text(json.dumps(result, indent=1))
+    print(f"time per row varies {result['time_per_row_spread']:.2f}x over a 4x range of n (1.00 = linear)")
+    print(f"HEADLINE: accumulation at {100 * head['fraction_of_float32_peak']:.0f}% of the measured float32 GEMM "
+          f"peak ({head['gflops']:.1f} of {result['peak_gflops_float32']:.1f} GFLOP/s) on {result['device']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Stage 3: evaluate shortcuts against the model's own final prediction, on held-out rows.
+
+Command line::
+
+    python -m njtc_solve.evaluate --shortcuts jtc.safetensors nnjtc.safetensors --out report
+
+Metrics (design.md §5), per source layer and method, on validation rows only:
+Precision@k (the shortcut's top-1 is among the model's top-k), surprisal
+``-log p_final(argmax shortcut)``, ``KL(p_final ‖ p_shortcut)``, MSE and R² of the mapped
+vector against ``h_L``. The identity map ("logit lens") is always included. Logits are
+computed in row chunks and never held for all rows at once. Confidence-based early exit
+("Jump to Conclusions"): exit at the first layer whose top-1 minus top-2 probability
+reaches a threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import NJTCError, run_cli
+from .shortcuts import Shortcuts
+from .store import ActivationStore
+
+__all__ = ["EvaluationResult", "evaluate_shortcuts", "early_exit_curve", "main"]
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class EvaluationResult:
+    """Figures of an evaluation as tidy records: one per (method, layer).
+
+    Examples
+    --------
+    >>> result = evaluate_shortcuts("activations.h5", ["nnjtc.safetensors"])    # doctest: +SKIP
+    >>> import pandas as pd; df = pd.DataFrame(result.records)                  # doctest: +SKIP
+    """
+
+    records: list[dict]
+    early_exit: dict[str, dict] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def to_pandas(self):
+        """The records as a ``pandas.DataFrame`` (needs pandas)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.records)
+
+    def value(self, method: str, layer: int, metric: str) -> float:
+        """One figure, e.g. ``value("nnjtc-layer-r32", 10, "precision@1")``."""
+        for r in self.records:
+            if r["method"] == method and r["layer"] == layer:
+                return r[metric]
+        raise KeyError((method, layer))
+
+
+class _Tally:
+    """Running sums of one (method, layer)'s metrics over row chunks."""
+
+    def __init__(self):
+        self.n = 0
+        self.hits = dict.fromkeys(KS, 0)
+        self.surprisal = self.kl = self.sse = 0.0
+        self.margins, self.correct = [], []
+
+    def add(self, logits, y_hat, y, final):
+        # KL(p_f ‖ p) = Σ p_f log p_f - Σ p_f logits + logsumexp(logits), without a log-softmax copy
+        lse = torch.logsumexp(logits, -1)
+        top2 = logits.topk(2, -1)
+        pred = top2.indices[:, 0]
+        for k in KS:
+            self.hits[k] += int((final["topk"][:, :k] == pred[:, None]).any(1).sum())
+        self.surprisal += float(-final["logp"].gather(1, pred[:, None]).sum())
+        expected_logit = torch.einsum("rv,rv->r", final["p"], logits)
+        self.kl += float((final["neg_entropy"] - expected_logit + lse).sum())
+        self.sse += float(((y_hat.double() - y.double()) ** 2).sum())
+        probs = (top2.values - lse[:, None]).exp()
+        self.margins.append((probs[:, 0] - probs[:, 1]).cpu().numpy())
+        self.correct.append((pred == final["topk"][:, 0]).cpu().numpy())
+        self.n += len(pred)
+
+
+def _load_all(shortcuts) -> list[Shortcuts]:
+    return [s if isinstance(s, Shortcuts) else Shortcuts.load(s) for s in shortcuts]
+
+
+def evaluate_shortcuts(store, shortcuts=(), layers=None, max_rows: int | None = None, chunk_rows: int = 256,
+                       device="cpu", progress: bool = True, thresholds=None) -> EvaluationResult:
+    """Evaluate shortcut maps (and the identity baseline) on the store's validation rows.
+
+    Parameters
+    ----------
+    store : str, Path or ActivationStore
+    shortcuts : list of paths or Shortcuts
+        Fitted maps; each must come from the store's model (``model_sha256``).
+    layers : list of int, optional
+        Source layers (default: every layer any shortcut file has, else ``0..L-1``).
+    max_rows : int, optional
+        Evaluate on the first ``max_rows`` validation rows only.
+    chunk_rows : int
+        Rows per chunk; memory holds a few ``chunk_rows × vocab`` logit matrices.
+    thresholds : sequence of float, optional
+        Early-exit confidence thresholds (default 0, 0.02, ..., 1).
+
+    Returns
+    -------
+    EvaluationResult
+    """
+    own = not isinstance(store, ActivationStore)
+    store = ActivationStore(store) if own else store
+    try:
+        return _evaluate(store, _load_all(shortcuts), layers, max_rows, chunk_rows, torch.device(device),
+                         progress, thresholds)
+    finally:
+        if own:
+            store.close()
+
+
+def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thresholds):
+    target = store.n_layers
+    for sc in loaded:
+        if sc.model_sha256 != store.model_sha256:
+            raise NJTCError(f"shortcuts {sc.name} were fitted on another model's store (model_sha256 differs)")
+        if sc.target_layer != target:
+            raise NJTCError(f"shortcuts {sc.name} target layer {sc.target_layer}, the store's last is {target}")
+    names = [sc.name for sc in loaded]
+    if len(set(names)) != len(names):
+        raise NJTCError(f"two shortcut files have the same method and settings: {names}")
+    if store.count("validation") == 0:
+        raise NJTCError(f"{store.path} has no validation rows (extract with --val-fraction > 0)")
+    if layers is None:
+        layers = sorted({l for sc in loaded for l in sc.maps}) or list(range(target))
+    layers = [l for l in store.check_layers(layers) if l < target]
+    methods = [Shortcuts.identity(layers, target, store.model_sha256)] + loaded
+    methods = [sc.to(device) for sc in methods]
+    head = store.head().to(device)
+    tallies = {(sc.name, l): _Tally() for sc in methods for l in layers if l in sc.maps}
+    sum_y = torch.zeros(store.d_model, dtype=torch.float64)
+    sum_y2 = own_surprisal = 0.0
+    n_rows = min(store.count("validation"), max_rows or np.inf)
+    start = time.perf_counter()
+    with torch.no_grad(), tqdm(total=n_rows, unit="row", desc="evaluate", leave=False, disable=not progress) as bar:
+        for _, chunk in store.iter_chunks(layers + [target], "validation", chunk_rows, max_rows):
+            y = torch.from_numpy(chunk[target]).to(device)
+            final_logits = head.logits(y)
+            logp = torch.log_softmax(final_logits, -1)
+            p = logp.exp()
+            final = {"logp": logp, "p": p, "neg_entropy": torch.einsum("rv,rv->r", p, logp),
+                     "topk": final_logits.topk(max(KS), -1).indices}
+            sum_y += y.double().sum(0).cpu()
+            sum_y2 += float((y.double() ** 2).sum())
+            own_surprisal += float(-logp.max(-1).values.sum())
+            for sc in methods:
+                for l in layers:
+                    if l in sc.maps:
+                        y_hat = sc.predict(l, torch.from_numpy(chunk[l]).to(device))
+                        tallies[sc.name, l].add(head.logits(y_hat), y_hat, y, final)
+            bar.update(len(y))
+    n = next(iter(tallies.values())).n
+    sst = sum_y2 - float((sum_y**2).sum()) / n
+    d = store.d_model
+    records = []
+    for sc in methods:
+        for l in layers:
+            if l not in sc.maps:
+                continue
+            t = tallies[sc.name, l]
+            params = sc.maps[l].n_params
+            records.append({
+                "method": sc.name, "family": sc.method, "layer": l, "rank": sc.rank,
+                "params": params, "reduction": 1 - params / (d * d) if params else None,
+                **{f"precision@{k}": t.hits[k] / t.n for k in KS},
+                "surprisal": t.surprisal / t.n, "kl": t.kl / t.n, "mse": t.sse / (t.n * d),
+                "r2": 1 - t.sse / sst if sst > 0 else float("nan"), "n_rows": t.n,
+            })
+    early = {}
+    for sc in methods:
+        own_layers = [l for l in layers if l in sc.maps]
+        margins = np.stack([np.concatenate(tallies[sc.name, l].margins) for l in own_layers])
+        correct = np.stack([np.concatenate(tallies[sc.name, l].correct) for l in own_layers])
+        early[sc.name] = early_exit_curve(margins, correct, own_layers, target, thresholds)
+    meta = {"store": str(store.path), "model": store.attrs.get("model"), "n_layers": target, "d_model": d,
+            "validation_rows": n, "seconds": time.perf_counter() - start, "layers": layers,
+            "model_surprisal": own_surprisal / n}  # the full model's surprisal of its own top-1
+    return EvaluationResult(records, early, meta)
+
+
+def early_exit_curve(margins: np.ndarray, correct: np.ndarray, layers, n_layers: int, thresholds=None) -> dict:
+    """Confidence-based early exit for one method over a threshold sweep.
+
+    Each row exits at the first layer (in ``layers`` order) whose top-1 minus top-2
+    probability is at least the threshold; a row that never exits runs the full model and
+    agrees with it by definition.
+
+    Parameters
+    ----------
+    margins, correct : ndarray (n_layers_evaluated, n_rows)
+        Per layer and row: the shortcut's top-1 minus top-2 probability, and whether its
+        top-1 equals the model's.
+    layers : list of int
+        The source layer of each row of ``margins``.
+    n_layers : int
+        ``L``; exiting at layer ``l`` saves ``1 - l / L`` of the blocks.
+
+    Returns
+    -------
+    dict
+        ``thresholds``, ``agreement``, ``mean_exit_layer`` and ``saved`` (lists, one entry per
+        threshold), and ``saved_at_95``/``saved_at_99``: the largest fraction of layers saved
+        at ≥95% / ≥99% agreement.
+    """
+    thresholds = list(np.round(np.linspace(0, 1, 51), 4)) if thresholds is None else list(thresholds)
+    layer_of = np.asarray(layers, dtype=float)
+    agreement, mean_exit = [], []
+    for tau in thresholds:
+        exits = margins >= tau
+        any_exit = exits.any(0)
+        first = exits.argmax(0)
+        cols = np.arange(margins.shape[1])
+        agree = np.where(any_exit, correct[first, cols], True)
+        exit_layer = np.where(any_exit, layer_of[first], n_layers)
+        agreement.append(float(agree.mean()))
+        mean_exit.append(float(exit_layer.mean()))
+    saved = [1 - e / n_layers for e in mean_exit]
+
+    def best(target):
+        ok = [s for s, a in zip(saved, agreement) if a >= target]
+        return max(ok) if ok else 0.0
+
+    return {"thresholds": [float(t) for t in thresholds], "agreement": agreement, "mean_exit_layer": mean_exit,
+            "saved": saved, "saved_at_95": best(0.95), "saved_at_99": best(0.99)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m njtc_solve.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default="activations.h5", help="activation store (default: activations.h5)")
+    p.add_argument("--shortcuts", nargs="*", default=None,
+                   help="shortcut files (default: shortcuts.safetensors when present); identity is always included")
+    p.add_argument("--layers", help="source layers: all (default), 3, 1,5,9 or 0-29")
+    p.add_argument("--out", default="report", help="output folder (default: report)")
+    p.add_argument("--max-rows", type=int, help="evaluate on at most this many validation rows")
+    p.add_argument("--chunk-rows", type=int, default=256, help="rows per chunk (default: 256)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    """Command-line entry point of ``python -m njtc_solve.evaluate``."""
+    from .fit import parse_layers
+    from .report import write_report
+
+    args = _parser().parse_args(argv)
+    files = args.shortcuts
+    if files is None:
+        files = ["shortcuts.safetensors"] if Path("shortcuts.safetensors").is_file() else []
+    if args.max_rows is not None and args.max_rows <= 0:
+        raise NJTCError("--max-rows must be positive")
+    if args.chunk_rows <= 0:
+        raise NJTCError("--chunk-rows must be positive")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NJTCError(f"--out {out} exists and is not a folder")
+    loaded = _load_all(files)
+    with ActivationStore(args.store) as store:
+        result = evaluate_shortcuts(store, loaded, parse_layers(args.layers, store.n_layers), args.max_rows,
+                                    args.chunk_rows, args.device, not args.no_progress)
+    paths, summary = write_report(result, out)
+    print(summary)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

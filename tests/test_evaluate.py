@@ -1,0 +1,156 @@
+"""Evaluation: hand-computed metrics on a tiny vocabulary, early exit, the report, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_module
+from njtc_solve.evaluate import early_exit_curve, evaluate_shortcuts
+from njtc_solve.fit import fit_shortcuts
+from njtc_solve.shortcuts import ShortcutMap, Shortcuts
+from test_extract import _one_line_exit_2
+
+V = D = 12
+
+
+def _softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def write_store(path, hidden, split, sha="abc"):
+    """An activation store written by hand from design.md §3 (not by our extractor).
+
+    Head: RMS norm with unit gain and a negligible epsilon, identity unembedding, so the
+    logits are ``h / rms(h)``.
+    """
+    n = len(split)
+    with h5py.File(path, "w") as f:
+        attrs = {"format": "njtc-activations", "format_version": 1, "model": "hand", "architecture": "llama",
+                 "n_layers": len(hidden) - 1, "d_model": D, "vocab_size": V, "dtype": "float32", "seq_len": 1,
+                 "positions": "all", "corpus": "hand", "corpus_sha256": "", "model_sha256": sha,
+                 "rows_written": n, "complete": True}
+        f.attrs.update(attrs)
+        for layer, rows in hidden.items():
+            f[f"hidden/{layer}"] = np.asarray(rows, np.float32)
+        f["tokens"] = np.zeros(n, np.int32)
+        f["sequence"] = np.arange(n, dtype=np.int32)
+        f["position"] = np.zeros(n, np.int32)
+        f["split"] = np.asarray(split, np.uint8)
+        f["final_top1"] = np.asarray(hidden[len(hidden) - 1], np.float32).argmax(1).astype(np.int32)
+        f["head/norm_weight"] = np.ones(D, np.float32)
+        f["head/unembed"] = np.eye(V, D, dtype=np.float32)
+        f["head"].attrs.update({"norm": "rmsnorm", "eps": 1e-12})
+    return path
+
+
+@pytest.fixture
+def hand_store(tmp_path):
+    ranking = np.arange(D, dtype=np.float32)[::-1].copy()  # token j is the model's (j+1)-th choice
+    final = np.stack([ranking * (1 + 0.1 * i) for i in range(4)])
+    early = np.zeros((4, D), np.float32)
+    early[:, 0] = 1.0  # training rows: anything
+    early[2] = 5.0 * np.eye(D)[2]  # validation row: top-1 is the model's 3rd choice
+    early[3] = 5.0 * np.eye(D)[6]  # validation row: top-1 is the model's 7th choice
+    return write_store(tmp_path / "hand.h5", {0: early, 1: final.copy(), 2: final}, [0, 0, 1, 1])
+
+
+def _exact(layers=(0, 1)):
+    return Shortcuts("jtc", {l: ShortcutMap(weight=torch.eye(D)) for l in layers}, 2, "abc")
+
+
+def test_a_perfect_shortcut_scores_one_and_zero_kl(hand_store):
+    result = evaluate_shortcuts(hand_store, [_exact()], progress=False)
+    p1 = {(r["method"], r["layer"]): r for r in result.records}
+    rec = p1["jtc", 1]
+    with h5py.File(hand_store) as f:
+        h = f["hidden/2"][2:]
+    own = np.mean([-np.log(_softmax(row / np.sqrt((row**2).mean()))[0]) for row in h])
+    assert rec["precision@1"] == rec["precision@5"] == rec["precision@10"] == 1.0
+    assert rec["surprisal"] == pytest.approx(own, rel=1e-5)
+    assert result.meta["model_surprisal"] == pytest.approx(own, rel=1e-5)
+    assert rec["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rec["mse"] == pytest.approx(0.0, abs=1e-10) and rec["r2"] == pytest.approx(1.0)
+
+
+def test_precision_at_k_counts_the_kth_choice(hand_store):
+    result = evaluate_shortcuts(hand_store, [], progress=False)
+    rec = result.value  # identity at layer 0: top-1s are the model's 3rd and 7th choices
+    assert rec("identity", 0, "precision@1") == 0.0
+    assert rec("identity", 0, "precision@5") == 0.5
+    assert rec("identity", 0, "precision@10") == 1.0
+    with h5py.File(hand_store) as f:
+        final, early = f["hidden/2"][2:], f["hidden/0"][2:]
+    p_f = [_softmax(r / np.sqrt((r**2).mean())) for r in final]
+    p_s = [_softmax(r / np.sqrt((r**2).mean())) for r in early]
+    surprisal = np.mean([-np.log(p_f[0][2]), -np.log(p_f[1][6])])
+    kl = np.mean([(pf * np.log(pf / ps)).sum() for pf, ps in zip(p_f, p_s)])
+    assert rec("identity", 0, "surprisal") == pytest.approx(surprisal, rel=1e-5)
+    assert rec("identity", 0, "kl") == pytest.approx(kl, rel=1e-4)
+    assert rec("identity", 1, "precision@1") == 1.0
+
+
+def test_early_exit_by_hand():
+    margins = np.array([[0.9, 0.1], [0.95, 0.99]])
+    correct = np.array([[True, False], [True, True]])
+    curve = early_exit_curve(margins, correct, [5, 10], 20, thresholds=[0.05, 0.5, 1.0])
+    assert curve["agreement"] == [0.5, 1.0, 1.0]
+    assert curve["mean_exit_layer"] == [5.0, 7.5, 20.0]
+    assert curve["saved"] == pytest.approx([0.75, 0.625, 0.0])
+    assert curve["saved_at_95"] == curve["saved_at_99"] == pytest.approx(0.625)
+
+
+def test_cli_report_on_a_tiny_model(tiny_store, tmp_path):
+    [jtc] = fit_shortcuts(tiny_store, "jtc", None, progress=False)
+    fits = fit_shortcuts(tiny_store, "njtc", [2, 8], progress=False)
+    files = []
+    for sc in [jtc, *fits]:
+        files.append(str(tmp_path / f"{sc.name}.safetensors"))
+        sc.save(files[-1])
+    out = tmp_path / "report"
+    result = run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts", *files, "--out", str(out),
+                        "--max-rows", "300", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "| layer | identity | jtc | njtc-r2 | njtc-r8 |" in result.stdout
+    for name in ("results.json", "results.csv", "report.md", "precision_at_1.png", "surprisal.png",
+                 "early_exit.png", "rank_sweep.png"):
+        assert (out / name).stat().st_size > 0, name
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["records"]) == 4 * 3 and data["meta"]["validation_rows"] == 300
+    assert {r["method"] for r in data["records"]} == {"identity", "jtc", "njtc-r2", "njtc-r8"}
+    jtc_rec = [r for r in data["records"] if r["method"] == "jtc"]
+    assert all(r["params"] == 32 * 32 and r["reduction"] == 0.0 for r in jtc_rec)
+    assert set(data["early_exit"]) == {"identity", "jtc", "njtc-r2", "njtc-r8"}
+    import pandas as pd
+
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 12 and "precision@1" in df.columns
+
+
+def test_jtc_beats_low_rank_on_its_training_distribution(tiny_store):
+    [jtc] = fit_shortcuts(tiny_store, "jtc", None, layers=[2], progress=False)
+    [r1] = fit_shortcuts(tiny_store, "njtc", [1], layers=[2], progress=False)
+    result = evaluate_shortcuts(tiny_store, [jtc, r1], progress=False)
+    assert result.value("jtc", 2, "r2") > result.value("njtc-r1", 2, "r2")
+
+
+def test_cli_bad_inputs(tiny_store, hand_store, tmp_path):
+    other = Shortcuts("jtc", {0: ShortcutMap(weight=torch.eye(32))}, 3, "another-model")
+    other.save(tmp_path / "other.safetensors")
+    _one_line_exit_2(run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts",
+                                str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "r")), "another model")
+    _one_line_exit_2(run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts",
+                                str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "r")), "not found")
+    no_val = tmp_path / "no_val.h5"
+    shutil.copy(tiny_store, no_val)
+    with h5py.File(no_val, "r+") as f:
+        f["split"][...] = 0
+    _one_line_exit_2(run_module("njtc_solve.evaluate", "--store", str(no_val), "--shortcuts",
+                                "--out", str(tmp_path / "r")), "no validation rows")
+    assert not (tmp_path / "r").exists()
