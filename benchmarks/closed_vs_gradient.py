@@ -21,13 +21,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from njtc_solve.errors import NJTCError  # noqa: E402
-from njtc_solve.evaluate import evaluate_shortcuts  # noqa: E402
-from njtc_solve.fit import fit_shortcuts  # noqa: E402
-from njtc_solve.gradient import as_shortcuts, train_gradient  # noqa: E402
-from njtc_solve.store import ActivationStore  # noqa: E402
+from njtc_solve.errors import NJTCError
+from njtc_solve.evaluate import evaluate_shortcuts
+from njtc_solve.fit import fit_shortcuts
+from njtc_solve.gradient import as_shortcuts, train_gradient
+from njtc_solve.store import ActivationStore
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -102,7 +102,7 @@ def main(argv=None):
 
     cols = ["method", "layer", "closed_form_s", "adam_s_to_1pct", "adam_s_to_0.1pct", "speedup_to_1pct",
             "adam_gap", "closed_form_val_p1", "adam_val_p1"]
-    fmt = lambda v: "not reached" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v: "not reached" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in records]
     md.append(f"\nAll {store.n_layers} source layers (NJTC r{args.rank}) in one pass: {all_layers_s:.2f}s; "

@@ -10,9 +10,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from .errors import NJTCError, atomic_output  # noqa: E402
+from .errors import NJTCError, atomic_output
 
 __all__ = ["write_report", "markdown_table", "summary_table"]
 
@@ -42,7 +42,7 @@ def summary_table(result, metric="precision@1", layers=None) -> str:
     methods = list(dict.fromkeys(r["method"] for r in result.records))
     cell = {(r["method"], r["layer"]): r[metric] for r in result.records}
     layers = layers or sorted({r["layer"] for r in result.records})
-    lines = [f"| layer | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines = ["| layer | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for l in layers:
         lines.append(f"| {l} | " + " | ".join(_fmt(cell.get((m, l)), metric) for m in methods) + " |")
     return "\n".join(lines)
