@@ -1,9 +1,12 @@
 """Scale-out with ``torch.distributed``: every statistic is a sum, so one all-reduce suffices.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) each process reads every ``world_size``-th chunk of the
-training rows, accumulates with a shift common to all processes (rank 0's first chunk mean,
-broadcast), and one all-reduce of a packed float64 buffer gives the global statistics;
-rank 0 then solves and writes. A single process needs none of this.
+training rows and accumulates with the shift a single process would use (the mean of the
+store's first training chunk, which every process reads for itself). Then exactly two
+collectives: a vote that every process succeeded, and one all-reduce of a packed float64
+buffer that gives the global statistics; rank 0 solves and writes. A single process needs
+none of this. Sharded extraction: each process extracts a contiguous block of the same
+sequence plan into its own shard file, and rank 0 joins them (``store.combine_shards``).
 
 Communication per fit: one buffer of ``layers × (2d² + d) + d² + d + 1`` float64 values,
 about one pair of d×d float64 matrices per source layer (5.3 MB per layer at d = 576,
@@ -42,6 +45,7 @@ class Communicator:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
+        self.voted = False
 
     @classmethod
     def from_environment(cls, device="cpu"):
@@ -57,28 +61,25 @@ class Communicator:
             raise NJTCError(f"process {self.rank}: a peer process failed or left the run ({type(err).__name__}); "
                             "no output written") from err
 
-    def agree_shift(self, acc, chunk, layers, target) -> None:
-        """Give every process rank 0's first-chunk mean as the accumulation shift."""
-        ref = None
-        if chunk is not None:
-            ref = {l: torch.as_tensor(chunk[l]).mean(0) for l in layers}
-            ref["y"] = torch.as_tensor(chunk[target]).mean(0)
-        d = None if chunk is None else ref["y"].numel()
-        size = torch.tensor([d or 0], dtype=torch.int64, device=self.device)
-        self._collective(dist.all_reduce, size, dist.ReduceOp.MAX)
-        d = int(size.item())
-        flat = torch.zeros((len(layers) + 1) * d, dtype=torch.float32, device=self.device)
-        if self.rank == 0 and ref is not None:
-            flat = torch.cat([ref[l] for l in layers] + [ref["y"]]).to(self.device, torch.float32)
-        self._collective(dist.broadcast, flat, 0)
-        parts = flat.reshape(len(layers) + 1, d)
-        acc.set_shift({l: parts[i] for i, l in enumerate(layers)}, parts[-1])
-
     def all_reduce(self, acc) -> None:
         """Sum every process's accumulator (row count included) in one float64 all-reduce."""
         buffer = acc.pack().to(self.device)
         self._collective(dist.all_reduce, buffer)
         acc.unpack(buffer)
+
+    def vote(self, ok: bool) -> bool:
+        """Whether every process reports success: a collective that every process calls once.
+
+        A process that fails before its vote still votes (``False``) on its way out, so no
+        peer waits for it; a peer that died makes the vote fail.
+        """
+        self.voted = True
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        try:
+            dist.all_reduce(flag, dist.ReduceOp.MIN)
+        except (RuntimeError, dist.DistError):
+            return False
+        return bool(flag.item())
 
     def close(self) -> None:
         """Leave the process group."""

@@ -60,6 +60,13 @@ class ExtractionPlan:
     def n_rows(self) -> int:
         return len(self.sequence) * self.rows_per_sequence
 
+    def block(self, rank: int, world: int) -> ExtractionPlan:
+        """The ``rank``-th of ``world`` contiguous blocks of sequences (one process's share)."""
+        n = len(self.sequence)
+        part = slice(rank * n // world, (rank + 1) * n // world)
+        return ExtractionPlan(self.token_ids[part], self.sequence[part], self.split[part],
+                              None if self.position is None else self.position[part], self.seq_len)
+
     def row_positions(self, seqs: slice) -> np.ndarray:
         """Positions of the rows of sequences ``seqs`` (a slice of row-ordered sequences)."""
         n = len(self.sequence[seqs])
@@ -145,16 +152,25 @@ def capture_residual_stream(model):
             handle.remove()
 
 
+def _chunk_rows(rows_per_batch: int, n: int, row_bytes: int, limit: int = 4 << 20) -> int:
+    """Rows per HDF5 chunk: a divisor of a batch's rows (each write fills whole chunks), ≤ 4 MiB."""
+    rows = min(rows_per_batch, n)
+    while rows > 1 and rows * row_bytes > limit:
+        rows = rows // 2 if rows % 2 == 0 else max(1, limit // row_bytes)
+    return max(1, rows)
+
+
 def _create_store(path, plan, head, n_layers, d_model, dtype, attrs):
     """Create the pre-allocated store file with its index datasets and head."""
-    f = h5py.File(path, "w")
+    f = h5py.File(path, "w", rdcc_nbytes=16 << 20)
     for key, value in attrs.items():
         f.attrs[key] = value
     n = plan.n_rows
     itemsize = np.dtype(dtype).itemsize
-    chunk_rows = max(1, min(n, 2**20 // (d_model * itemsize)))
+    chunk_rows = _chunk_rows(attrs["batch_size"] * plan.rows_per_sequence, n, d_model * itemsize)
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # a kill mid-run only leaves raw data behind
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every row is written before the file is complete
     hidden = f.create_group("hidden")
     for layer in range(n_layers + 1):
         hidden.create_dataset(str(layer), shape=(n, d_model), dtype=dtype, chunks=(chunk_rows, d_model),
@@ -171,12 +187,12 @@ def _create_store(path, plan, head, n_layers, d_model, dtype, attrs):
 
 
 _RESUME_KEYS = ("model_sha256", "corpus_sha256", "seq_len", "positions", "seed", "val_fraction",
-                "batch_size", "dtype", "n_rows")
+                "batch_size", "dtype", "n_rows", "shard")
 
 
 def _open_for_resume(path, attrs):
     try:
-        f = h5py.File(path, "r+")
+        f = h5py.File(path, "r+", rdcc_nbytes=16 << 20)
     except OSError as err:
         raise NJTCError(f"cannot resume: {path} is not a readable HDF5 file; start again with --overwrite") from err
     for key in _RESUME_KEYS:
@@ -188,11 +204,11 @@ def _open_for_resume(path, attrs):
     return f
 
 
-def _check_values(layer, values, dtype):
-    if not np.isfinite(values).all():
+def _check_values(layer, values: torch.Tensor, dtype):
+    if not bool(torch.isfinite(values).all()):
         raise NJTCError(f"layer {layer} has NaN or Inf activations; the model's forward pass is broken")
     if dtype == "float16":
-        peak = float(np.abs(values).max())
+        peak = float(values.abs().max())
         if peak > _FLOAT16_MAX:
             raise NJTCError(
                 f"layer {layer} has an activation of {peak:.4g}, beyond float16's range (65504); "
@@ -200,32 +216,34 @@ def _check_values(layer, values, dtype):
             )
 
 
-def _head_check(model, head, f, plan, device, sample_sequences=4):
-    """Compare ``head(hidden/L)`` as stored with the model's own logits on a sample.
+def _head_check(head, f, sample):
+    """Compare ``head(hidden/L)`` as stored with the model's own logits on a sample of rows.
 
-    Returns ``(max_abs_err, rel_err, top1_agreement)`` where ``rel_err`` is the max absolute
-    error over the largest absolute logit.
+    ``sample`` is ``(first_row, model_logits)`` for consecutive rows, taken from the
+    extraction's own forward pass. Returns ``(max_abs_err, rel_err, top1_agreement)``, with
+    ``rel_err`` the max absolute error over the largest absolute logit.
     """
-    n_layers = int(f.attrs["n_layers"])
-    k = min(sample_sequences, len(plan.sequence))
-    per = plan.rows_per_sequence
-    with torch.no_grad():
-        logits = model(input_ids=torch.as_tensor(plan.token_ids[:k], device=device)).logits.float().cpu()
-    positions = plan.row_positions(slice(0, k))
-    model_logits = logits[np.repeat(np.arange(k), per), positions]
-    stored = torch.from_numpy(f[f"hidden/{n_layers}"][: k * per].astype(np.float32))
-    head_logits = head.logits(stored)
+    start, model_logits = sample
+    stored = f[f"hidden/{int(f.attrs['n_layers'])}"][start: start + len(model_logits)]
+    head_logits = head.logits(torch.from_numpy(stored.astype(np.float32)))
     err = (head_logits - model_logits).abs().max().item()
     rel = err / max(model_logits.abs().max().item(), 1e-30)
-    top1 = f["final_top1"][: k * per]
-    agreement = float((head_logits.argmax(-1).numpy() == top1).mean())
+    agreement = float((head_logits.argmax(-1) == model_logits.argmax(-1)).float().mean())
     return err, rel, agreement
+
+
+def _sample_logits(model, plan, device, rows=64):
+    """Model logits of the first rows, for a run that had no batch left to extract."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(plan.token_ids[:1], device=device)).logits[0]
+    positions = plan.row_positions(slice(0, 1))[:rows]
+    return 0, logits[torch.as_tensor(positions)].float().cpu()
 
 
 def extract_activations(model, tokenizer, documents, out, *, model_name="", corpus_name="",
                         seq_len=128, positions="all", max_tokens=None, val_fraction=0.25, seed=0,
                         dtype="float32", batch_size=8, resume=False, overwrite=False,
-                        progress=True, corpus_sha=None, weights_sha=None) -> Path:
+                        progress=True, corpus_sha=None, weights_sha=None, shard=(0, 1)) -> Path:
     """Cache a model's residual stream at every layer, its head and its own predictions.
 
     Parameters
@@ -245,6 +263,9 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         Sequences per forward pass (part of the resume contract).
     resume, overwrite : bool
         Continue ``out.partial`` from ``rows_written``; replace an existing output.
+    shard : (rank, world)
+        Extract only the ``rank``-th contiguous block of the sequences (scale-out; see
+        :func:`combine_shards`).
 
     Returns
     -------
@@ -279,6 +300,10 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
     device = next(model.parameters()).device
     n_layers = len(resolve_parts(model)[1])
     plan = plan_extraction(tokenizer, documents, seq_len, positions, max_tokens, val_fraction, seed)
+    if shard[1] > 1:
+        plan = plan.block(*shard)
+        if len(plan.sequence) == 0:
+            raise NJTCError(f"process {shard[0]} of {shard[1]} has no sequences; use fewer processes")
     attrs = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_name,
         "architecture": model.config.model_type, "n_layers": n_layers, "d_model": head.d_model,
@@ -288,6 +313,7 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         "val_fraction": float(val_fraction), "batch_size": batch_size,
         "max_tokens": -1 if max_tokens is None else int(max_tokens), "n_rows": plan.n_rows,
         "n_sequences": len(plan.sequence), "rows_written": 0, "complete": False,
+        "shard": f"{shard[0]}/{shard[1]}",
     }
     if resume:
         f = _open_for_resume(partial, attrs)
@@ -296,6 +322,7 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         f = _create_store(partial, plan, head, n_layers, head.d_model, dtype, attrs)
 
     per_batch = batch_size * plan.rows_per_sequence
+    sample = None
     rows_written = int(f.attrs["rows_written"])
     first_batch = rows_written // per_batch
     n_batches = -(-len(plan.sequence) // batch_size)
@@ -312,16 +339,24 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
                 r0 = seqs.start * plan.rows_per_sequence
                 r1 = r0 + len(positions_)
                 for layer, hidden in enumerate(captured):
-                    values = hidden[batch_index, positions_].float().cpu().numpy()
+                    if plan.position is None:  # every position: a view, no gather
+                        values = hidden.reshape(-1, hidden.shape[-1])
+                    else:
+                        values = hidden[batch_index, positions_]
+                    values = values.float()
                     _check_values(layer, values, dtype)
-                    f[f"hidden/{layer}"][r0:r1] = values
+                    f[f"hidden/{layer}"].write_direct(np.ascontiguousarray(values.cpu().numpy(), dtype=dtype),
+                                                     dest_sel=np.s_[r0:r1])
                 f["tokens"][r0:r1] = ids[batch_index, positions_].cpu().numpy()
-                f["final_top1"][r0:r1] = logits[batch_index, positions_].argmax(-1).cpu().numpy()
+                row_logits = logits[batch_index, positions_]
+                f["final_top1"][r0:r1] = row_logits.argmax(-1).cpu().numpy()
+                if sample is None:  # the head check compares against the model's own logits
+                    sample = (r0, row_logits[:64].float().cpu().clone())
                 f.flush()
                 f.attrs["rows_written"] = r1
                 f.flush()
                 bar.update(ids.numel())
-        err, rel, agreement = _head_check(model, head, f, plan, device)
+        err, rel, agreement = _head_check(head, f, sample or _sample_logits(model, plan, device))
         tolerance = 1e-4 if dtype == "float32" else 2e-2
         f.attrs["head_check_max_abs_err"] = err
         f.attrs["head_check_rel_err"] = rel
@@ -371,27 +406,50 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Command-line entry point of ``python -m njtc_solve.extract``."""
+    """Command-line entry point of ``python -m njtc_solve.extract`` (also under torchrun)."""
+    from .distributed import Communicator
+    from .store import combine_shards, shard_path
+
     args = _parser().parse_args(argv)
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise NJTCError("--max-tokens must be positive")
-    corpus_name, documents = load_corpus(args.corpus, args.text_field)
-    start = time.perf_counter()
-    model, tokenizer, model_name = load_model(args.model, args.device)
-    out = extract_activations(
-        model, tokenizer, documents, args.out, model_name=model_name, corpus_name=corpus_name,
-        seq_len=args.seq_len, positions=args.positions, max_tokens=args.max_tokens,
-        val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
-        batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    with h5py.File(out, "r") as f:
-        a = f.attrs
-        print(f"wrote {out}: {a['n_rows']} rows x {a['n_layers'] + 1} layers x d={a['d_model']} "
-              f"({int((f['split'][...] == VALIDATION).sum())} validation rows); head check: "
-              f"relative error {a['head_check_rel_err']:.2e}, top-1 agreement {a['head_check_top1_agreement']:.3f}; "
-              f"{time.perf_counter() - start:.1f}s")
-    return 0
+    comm = Communicator.from_environment(args.device)
+    try:
+        corpus_name, documents = load_corpus(args.corpus, args.text_field)
+        start = time.perf_counter()
+        device = comm.device if comm is not None else args.device
+        shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
+        out = Path(args.out) if comm is None else shard_path(args.out, *shard)
+        if comm is not None and Path(args.out).exists() and not args.overwrite:
+            raise NJTCError(f"{args.out} exists; pass --overwrite to replace it")
+        ok = False
+        try:
+            model, tokenizer, model_name = load_model(args.model, device)
+            out = extract_activations(
+                model, tokenizer, documents, out, model_name=model_name, corpus_name=corpus_name,
+                seq_len=args.seq_len, positions=args.positions, max_tokens=args.max_tokens,
+                val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
+                batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
+                progress=not args.no_progress and shard[0] == 0, shard=shard,
+            )
+            ok = True
+        finally:
+            if comm is not None and not comm.vote(ok) and ok:
+                raise NJTCError("another process failed; the combined store was not written")
+        if comm is not None:
+            if comm.rank != 0:
+                return 0
+            out = combine_shards(args.out, [shard_path(args.out, r, shard[1]) for r in range(shard[1])])
+        with h5py.File(out, "r") as f:
+            a = f.attrs
+            print(f"wrote {out}: {a['n_rows']} rows x {a['n_layers'] + 1} layers x d={a['d_model']} "
+                  f"({int((f['split'][...] == VALIDATION).sum())} validation rows); head check: "
+                  f"relative error {a['head_check_rel_err']:.2e}, top-1 agreement "
+                  f"{a['head_check_top1_agreement']:.3f}; {time.perf_counter() - start:.1f}s")
+        return 0
+    finally:
+        if comm is not None:
+            comm.close()
 
 
 if __name__ == "__main__":

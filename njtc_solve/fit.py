@@ -65,25 +65,33 @@ def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "non
         Also holds the pass's timing in ``meta`` (``seconds``, ``rows_per_s``, ``gflops``).
     """
     target = store.n_layers
-    if store.count("train") == 0:
-        raise NJTCError(f"{store.path} has no training rows")
     acc = MomentAccumulator(layers, input_norm, device, float64)
     shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
-    chunks = store.iter_chunks(sorted(set(layers) | {target}), split="train", chunk_rows=chunk_rows, shard=shard)
     total = store.count("train") if comm is None else None
+    reading = sorted(set(layers) | {target})
     start = time.perf_counter()
-    first = True
-    with tqdm(total=total, unit="row", unit_scale=True, desc="statistics", leave=False,
-              disable=not progress) as bar:
-        for _, chunk in chunks:
-            if first and comm is not None:
-                comm.agree_shift(acc, chunk, layers, target)
-            first = False
-            acc.update({l: chunk[l] for l in layers}, chunk[target])
-            bar.update(len(chunk[target]))
+    failure = None
+    try:
+        if store.count("train") == 0:
+            raise NJTCError(f"{store.path} has no training rows")
+        # every process shifts by the first training chunk's mean, as a single process would
+        _, first = next(store.iter_chunks(reading, split="train", chunk_rows=chunk_rows))
+        acc.shift_from_chunk({l: first[l] for l in layers}, first[target])
+        with tqdm(total=total, unit="row", unit_scale=True, desc="statistics", leave=False,
+                  disable=not progress) as bar:
+            for _, chunk in store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, shard=shard):
+                acc.update({l: chunk[l] for l in layers}, chunk[target])
+                bar.update(len(chunk[target]))
+    except Exception as err:  # in a distributed run, tell the peers before failing
+        if comm is None:
+            raise
+        failure = err
     if comm is not None:
-        if first:  # this process received no rows
-            comm.agree_shift(acc, None, layers, target)
+        if not comm.vote(failure is None):
+            if failure is not None:
+                raise failure
+            raise NJTCError("another process failed during the statistics pass; no output written")
+        if acc.n == 0:  # this process's share held no training rows
             acc.zero_like({l: store.d_model for l in layers}, store.d_model)
         comm.all_reduce(acc)
     if device != "cpu" and torch.device(device).type == "cuda":
@@ -350,32 +358,48 @@ def main(argv=None, comm=None) -> int:
 
     comm = comm or Communicator.from_environment(args.device)
     try:
-        out = Path(args.out)
-        if not out.parent.is_dir():
-            raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
-        if args.chunk_rows <= 0:
-            raise NJTCError("--chunk-rows must be positive")
-        start = time.perf_counter()
-        with ActivationStore(args.store) as store:
-            shortcuts = fit_shortcuts(
-                store, args.method, parse_ranks(args.rank), parse_layers(args.layers, store.n_layers),
-                args.normalize, args.residual, args.weight, not args.no_intercept, _parse_alpha(args.alpha),
-                args.device, args.stats, args.save_stats, args.chunk_rows, args.float64,
-                not args.no_progress and (comm is None or comm.rank == 0), comm)
-        if comm is not None and comm.rank != 0:
-            return 0
-        for sc, path in zip(shortcuts, output_paths(out, shortcuts)):
-            sc.save(path)
-            print(_summary(sc))
-            print(f"wrote {path}")
-        acc = shortcuts[0].stats["accumulation"]
-        if acc.get("seconds") is not None and args.stats is None:
-            print(f"statistics: {acc['seconds']:.2f}s, {acc['rows_per_s']:.0f} rows/s, {acc['gflops']:.1f} GFLOP/s "
-                  f"on {acc['device']}; total {time.perf_counter() - start:.2f}s")
-        return 0
+        return _run(args, comm)
+    except BaseException:
+        if comm is not None and not comm.voted:
+            comm.vote(False)  # release the peers waiting for this process
+        raise
     finally:
         if comm is not None:
             comm.close()
+
+
+def _run(args, comm) -> int:
+    """The fit itself: every process accumulates its share, rank 0 solves and writes."""
+    device = args.device
+    if comm is not None:
+        device = str(comm.device)  # each process on its own GPU under torchrun
+        if args.stats is not None:  # nothing to accumulate: no collectives, rank 0 alone solves
+            comm.voted = True
+            if comm.rank != 0:
+                return 0
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
+    if args.chunk_rows <= 0:
+        raise NJTCError("--chunk-rows must be positive")
+    start = time.perf_counter()
+    with ActivationStore(args.store) as store:
+        shortcuts = fit_shortcuts(
+            store, args.method, parse_ranks(args.rank), parse_layers(args.layers, store.n_layers),
+            args.normalize, args.residual, args.weight, not args.no_intercept, _parse_alpha(args.alpha),
+            device, args.stats, args.save_stats, args.chunk_rows, args.float64,
+            not args.no_progress and (comm is None or comm.rank == 0), comm)
+    if comm is not None and comm.rank != 0:
+        return 0
+    for sc, path in zip(shortcuts, output_paths(out, shortcuts)):
+        sc.save(path)
+        print(_summary(sc))
+        print(f"wrote {path}")
+    acc = shortcuts[0].stats["accumulation"]
+    if acc.get("seconds") is not None and args.stats is None:
+        print(f"statistics: {acc['seconds']:.2f}s, {acc['rows_per_s']:.0f} rows/s, {acc['gflops']:.1f} GFLOP/s "
+              f"on {acc['device']}; total {time.perf_counter() - start:.2f}s")
+    return 0
 
 
 if __name__ == "__main__":

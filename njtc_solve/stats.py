@@ -184,6 +184,11 @@ class MomentAccumulator:
         self.shift_x = {k: v.to(self.device, self.dtype) for k, v in shift_x.items()}
         self.shift_y = shift_y.to(self.device, self.dtype)
 
+    def shift_from_chunk(self, xs: dict, y) -> None:
+        """Use a chunk's means (after the input normalisation) as the fixed shift."""
+        self.set_shift({k: normalize_rows(self._as_tensor(xs[k]), self.input_norm).mean(0) for k in self.keys},
+                       self._as_tensor(y).mean(0))
+
     def update(self, xs: dict, y) -> None:
         """Add a chunk: ``xs[key]`` of shape (rows, d_x) and ``y`` of shape (rows, d_y)."""
         prev = torch.get_float32_matmul_precision()

@@ -7,10 +7,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import NJTCError
+from .errors import NJTCError, atomic_output
 from .head import Head
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "TRAIN", "VALIDATION", "ActivationStore"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "TRAIN", "VALIDATION", "ActivationStore", "combine_shards", "shard_path"]
 
 FORMAT = "njtc-activations"
 FORMAT_VERSION = 1
@@ -163,3 +163,54 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.path)!r}, rows={self.n_rows}, layers=0..{self.n_layers}, d={self.d_model})"
+
+
+def shard_path(out, rank: int, world: int) -> Path:
+    """File name of one process's shard of a sharded extraction (beside ``out``)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.shard{rank}-of-{world}{out.suffix}")
+
+
+_SAME_ACROSS_SHARDS = ("format", "format_version", "model", "architecture", "n_layers", "d_model", "vocab_size",
+                       "dtype", "seq_len", "positions", "corpus", "corpus_sha256", "model_sha256", "seed",
+                       "val_fraction", "max_tokens")
+
+
+def combine_shards(out, shards, overwrite: bool = True) -> Path:
+    """Join complete shard stores, in order, into one store of HDF5 virtual datasets.
+
+    The shards stay where they are (beside ``out``; the links are relative, so the folder
+    can move as a whole). The result reads like a single-process store: same datasets,
+    rows in the same order, the same split and attributes.
+    """
+    out = Path(out)
+    opened = [ActivationStore(p) for p in shards]
+    try:
+        first = opened[0].file
+        for store in opened[1:]:
+            for key in _SAME_ACROSS_SHARDS:
+                if store.file.attrs.get(key) != first.attrs.get(key):
+                    raise NJTCError(f"shard {store.path} differs from {opened[0].path} in {key}")
+        sizes = [s.n_rows for s in opened]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        names = ["hidden/" + str(l) for l in range(opened[0].n_layers + 1)]
+        names += ["tokens", "sequence", "position", "split", "final_top1"]
+        with atomic_output(out, overwrite) as tmp, h5py.File(tmp, "w") as f:
+            for key, value in first.attrs.items():
+                f.attrs[key] = value
+            f.attrs["n_rows"] = f.attrs["rows_written"] = int(offsets[-1])
+            f.attrs["n_sequences"] = sum(int(s.file.attrs["n_sequences"]) for s in opened)
+            f.attrs["shard"] = "0/1"
+            f.attrs["shards"] = [str(Path(s.path).name) for s in opened]
+            for name in names:
+                ref = first[name]
+                layout = h5py.VirtualLayout(shape=(int(offsets[-1]),) + ref.shape[1:], dtype=ref.dtype)
+                for store, a, b in zip(opened, offsets[:-1], offsets[1:]):
+                    source = h5py.VirtualSource(Path(store.path).name, name, shape=store.file[name].shape)
+                    layout[int(a):int(b)] = source
+                f.create_virtual_dataset(name, layout)
+            first.copy("head", f)
+    finally:
+        for store in opened:
+            store.close()
+    return out
