@@ -49,7 +49,9 @@ def main(argv=None):
     p.add_argument("--lrs", default="1e-3,3e-3", help="Adam learning rates; Adam is credited with its best")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=100_000, help="epoch cap (the time budget normally ends a run)")
-    p.add_argument("--time-budget", type=float, default=40.0, help="seconds of Adam per layer, method and lr")
+    p.add_argument("--time-budget", type=float, default=30.0, help="seconds of Adam per layer, method and lr")
+    p.add_argument("--evals-per-epoch", type=int, default=1,
+                   help="full training-loss evaluations per epoch (excluded from Adam's clock)")
     p.add_argument("--eval-rows", type=int, default=1024)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(RESULTS))
@@ -64,7 +66,7 @@ def main(argv=None):
             closed, closed_s = closed_form(store, layer, method, args.rank, args.device)
             optimum = closed.stats["layers"][layer]["train_mse"]
             runs = {lr: train_gradient(store, layer, method, args.rank, lr, args.batch_size, args.epochs,
-                                       args.time_budget, optimum, device=args.device)
+                                       args.time_budget, optimum, args.evals_per_epoch, device=args.device)
                     for lr in (float(v) for v in args.lrs.split(","))}
             # credit Adam with its best learning rate: first to 1%, else the lowest final loss
             lr, run = min(runs.items(), key=lambda kv: (kv[1].time_to[0.01] is None,

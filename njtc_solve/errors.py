@@ -1,4 +1,4 @@
-"""User-facing errors and the command-line wrapper that turns them into one-line messages."""
+"""User-facing errors, the command-line wrapper that prints them on one line, and safe file I/O."""
 
 from __future__ import annotations
 
@@ -74,3 +74,24 @@ def atomic_output(path, overwrite: bool = True):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_safetensors(path, what: str, fmt: str):
+    """Read all tensors and the metadata of a safetensors file of format ``fmt``.
+
+    A missing, unreadable or foreign file is an :class:`NJTCError` naming ``what`` it should be.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NJTCError(f"{what} file {path} not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises several error types for a bad header
+        raise NJTCError(f"{path} is not a readable safetensors file") from err
+    if meta.get("format") != fmt:
+        raise NJTCError(f"{path} is not an njtc {what} file")
+    return tensors, meta

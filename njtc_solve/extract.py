@@ -204,8 +204,14 @@ def _open_for_resume(path, attrs):
     return f
 
 
+def _rows(t: torch.Tensor, pick) -> torch.Tensor:
+    """Rows of a (batch, seq, ...) tensor: all positions as a view, or ``t[pick]``."""
+    return t.reshape(-1, *t.shape[2:]) if pick is None else t[pick]
+
+
 def _check_values(layer, values: torch.Tensor, dtype):
-    if not bool(torch.isfinite(values).all()):
+    # one reduction, no boolean temporary: a float64 sum is NaN/Inf iff an element is
+    if not bool(torch.isfinite(values.sum(dtype=torch.float64))):
         raise NJTCError(f"layer {layer} has NaN or Inf activations; the model's forward pass is broken")
     if dtype == "float16":
         peak = float(values.abs().max())
@@ -334,21 +340,19 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
                 seqs = slice(b * batch_size, min((b + 1) * batch_size, len(plan.sequence)))
                 ids = torch.as_tensor(plan.token_ids[seqs], device=device)
                 logits = model(input_ids=ids).logits
-                positions_ = torch.as_tensor(plan.row_positions(seqs), device=device)
-                batch_index = torch.arange(ids.shape[0], device=device).repeat_interleave(plan.rows_per_sequence)
+                # rows of this batch: every position (a view), or one per sequence (a gather)
+                pick = None if plan.position is None else (
+                    torch.arange(ids.shape[0], device=device),
+                    torch.as_tensor(plan.row_positions(seqs), device=device))
                 r0 = seqs.start * plan.rows_per_sequence
-                r1 = r0 + len(positions_)
+                r1 = r0 + ids.shape[0] * plan.rows_per_sequence
                 for layer, hidden in enumerate(captured):
-                    if plan.position is None:  # every position: a view, no gather
-                        values = hidden.reshape(-1, hidden.shape[-1])
-                    else:
-                        values = hidden[batch_index, positions_]
-                    values = values.float()
+                    values = _rows(hidden, pick).float()
                     _check_values(layer, values, dtype)
                     f[f"hidden/{layer}"].write_direct(np.ascontiguousarray(values.cpu().numpy(), dtype=dtype),
                                                      dest_sel=np.s_[r0:r1])
-                f["tokens"][r0:r1] = ids[batch_index, positions_].cpu().numpy()
-                row_logits = logits[batch_index, positions_]
+                row_logits = _rows(logits, pick)
+                f["tokens"][r0:r1] = _rows(ids, pick).cpu().numpy()
                 f["final_top1"][r0:r1] = row_logits.argmax(-1).cpu().numpy()
                 if sample is None:  # the head check compares against the model's own logits
                     sample = (r0, row_logits[:64].float().cpu().clone())

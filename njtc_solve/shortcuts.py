@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import NJTCError, atomic_output
+from .errors import NJTCError, atomic_output, read_safetensors
 from .stats import normalize_rows
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ShortcutMap", "Shortcuts"]
@@ -154,17 +152,7 @@ class Shortcuts:
     @classmethod
     def load(cls, path) -> Shortcuts:
         """Read a shortcut file; a missing, foreign or damaged file is a clear error."""
-        path = Path(path)
-        if not path.is_file():
-            raise NJTCError(f"shortcut file {path} not found")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises several error types for bad headers
-            raise NJTCError(f"{path} is not a readable safetensors file") from err
-        if meta.get("format") != FORMAT:
-            raise NJTCError(f"{path} is not an njtc shortcut file")
+        tensors, meta = read_safetensors(path, "shortcut", FORMAT)
         if int(meta.get("format_version", -1)) != FORMAT_VERSION:
             raise NJTCError(f"{path} has shortcut format version {meta.get('format_version')}; "
                             f"this library reads {FORMAT_VERSION}")

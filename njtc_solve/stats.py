@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .errors import NJTCError, atomic_output
+from .errors import NJTCError, atomic_output, read_safetensors
 
 __all__ = ["NORMALIZATIONS", "LayerMoments", "MomentAccumulator", "Statistics", "normalize_rows"]
 
@@ -122,19 +121,7 @@ class Statistics:
     @classmethod
     def load(cls, path) -> Statistics:
         """Read statistics written by :meth:`save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise NJTCError(f"statistics file {path} not found")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(path)
-        except Exception as err:  # safetensors raises several types for a bad header
-            raise NJTCError(f"{path} is not a readable safetensors file") from err
-        if meta.get("format") != "njtc-statistics":
-            raise NJTCError(f"{path} is not an njtc statistics file")
+        tensors, meta = read_safetensors(path, "statistics", "njtc-statistics")
         keys = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("layers.")})
         layers = {k: LayerMoments(tensors[f"layers.{k}.mean_x"], tensors[f"layers.{k}.cxx"],
                                   tensors[f"layers.{k}.cxy"]) for k in keys}
