@@ -38,10 +38,12 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check njtc_solve tests benchmarks
 
+# Needs the demo's store (made by `make demo` when missing). About 15 minutes on 2 cores.
 bench: setup
-	$(PY) benchmarks/throughput.py
-	$(PY) benchmarks/extract.py
-	$(PY) benchmarks/closed_vs_gradient.py
+	test -f $(RUN)/activations.h5 || $(MAKE) demo
+	$(PY) benchmarks/throughput.py --store $(RUN)/activations.h5
+	$(PY) benchmarks/extract.py --repeats 3
+	$(PY) benchmarks/closed_vs_gradient.py --store $(RUN)/activations.h5
 
 clean:
 	rm -rf runs
