@@ -23,9 +23,9 @@ setup: $(VENV)/.installed
 demo: setup
 	mkdir -p $(RUN)
 	$(PY) -m njtc_solve.extract --out $(RUN)/activations.h5 --max-tokens 28672 --overwrite
-	$(PY) -m njtc_solve.fit --store $(RUN)/activations.h5 --method jtc --save-stats $(RUN)/stats-raw.pt --out $(RUN)/jtc.safetensors
-	$(PY) -m njtc_solve.fit --store $(RUN)/activations.h5 --method njtc --rank 8,16,32,64 --stats $(RUN)/stats-raw.pt --out $(RUN)/njtc.safetensors
-	$(PY) -m njtc_solve.fit --store $(RUN)/activations.h5 --method njtc --rank 32 --residual --stats $(RUN)/stats-raw.pt --out $(RUN)/njtc-residual.safetensors
+	$(PY) -m njtc_solve.fit --store $(RUN)/activations.h5 --method jtc --save-stats $(RUN)/stats-raw.safetensors --out $(RUN)/jtc.safetensors
+	$(PY) -m njtc_solve.fit --store $(RUN)/activations.h5 --method njtc --rank 8,16,32,64 --stats $(RUN)/stats-raw.safetensors --out $(RUN)/njtc.safetensors
+	$(PY) -m njtc_solve.fit --store $(RUN)/activations.h5 --method njtc --rank 32 --residual --stats $(RUN)/stats-raw.safetensors --out $(RUN)/njtc-residual.safetensors
 	$(PY) -m njtc_solve.fit --store $(RUN)/activations.h5 --method nnjtc --rank 32 --out $(RUN)/nnjtc.safetensors
 	$(PY) -m njtc_solve.evaluate --store $(RUN)/activations.h5 --max-rows 1024 --out $(RUN)/report \
 		--shortcuts $(RUN)/jtc.safetensors $(RUN)/njtc-r8.safetensors $(RUN)/njtc-r16.safetensors \

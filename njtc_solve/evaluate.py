@@ -271,7 +271,7 @@ def main(argv=None) -> int:
         raise NJTCError(f"--out {out} exists and is not a folder")
     loaded = _load_all(files)
     with ActivationStore(args.store) as store:
-        result = evaluate_shortcuts(store, loaded, parse_layers(args.layers, store.n_layers), args.max_rows,
+        result = evaluate_shortcuts(store, loaded, parse_layers(args.layers), args.max_rows,
                                     args.chunk_rows, args.device, not args.no_progress)
     paths, summary = write_report(result, out)
     print(summary)

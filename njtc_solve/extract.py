@@ -419,15 +419,15 @@ def main(argv=None) -> int:
         raise NJTCError("--max-tokens must be positive")
     comm = Communicator.from_environment(args.device)
     try:
-        corpus_name, documents = load_corpus(args.corpus, args.text_field)
         start = time.perf_counter()
         device = comm.device if comm is not None else args.device
         shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
         out = Path(args.out) if comm is None else shard_path(args.out, *shard)
-        if comm is not None and Path(args.out).exists() and not args.overwrite:
-            raise NJTCError(f"{args.out} exists; pass --overwrite to replace it")
         ok = False
-        try:
+        try:  # every process votes on the way out, so none waits for a failed peer
+            if comm is not None and Path(args.out).exists() and not args.overwrite:
+                raise NJTCError(f"{args.out} exists; pass --overwrite to replace it")
+            corpus_name, documents = load_corpus(args.corpus, args.text_field)
             model, tokenizer, model_name = load_model(args.model, device)
             out = extract_activations(
                 model, tokenizer, documents, out, model_name=model_name, corpus_name=corpus_name,

@@ -272,7 +272,7 @@ def fit_shortcuts(store, method: str = "nnjtc", ranks=(32,), layers=None, normal
             store.close()
 
 
-def parse_layers(text: str | None, n_layers: int):
+def parse_layers(text: str | None):
     """Parse ``"all"``, ``"3"``, ``"1,5,9"`` or ``"0-29"`` into source layer indices."""
     if text is None or text == "all":
         return None
@@ -385,7 +385,7 @@ def _run(args, comm) -> int:
     start = time.perf_counter()
     with ActivationStore(args.store) as store:
         shortcuts = fit_shortcuts(
-            store, args.method, parse_ranks(args.rank), parse_layers(args.layers, store.n_layers),
+            store, args.method, parse_ranks(args.rank), parse_layers(args.layers),
             args.normalize, args.residual, args.weight, not args.no_intercept, _parse_alpha(args.alpha),
             device, args.stats, args.save_stats, args.chunk_rows, args.float64,
             not args.no_progress and (comm is None or comm.rank == 0), comm)
