@@ -160,8 +160,8 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
             for sc in methods:
                 for l in layers:
                     if l in sc.maps:
-                        y_hat = sc.predict(l, torch.from_numpy(chunk[l]).to(device))
-                        tallies[sc.name, l].add(head.logits(y_hat), y_hat, y, final)
+                        y_hat, logits = sc.maps[l].predict_with_logits(torch.from_numpy(chunk[l]).to(device), head)
+                        tallies[sc.name, l].add(logits, y_hat, y, final)
             bar.update(len(y))
     n = next(iter(tallies.values())).n
     sst = sum_y2 - float((sum_y**2).sum()) / n

@@ -107,6 +107,32 @@ class Head:
         out = self.normalize(h) @ self.unembed.T
         return out if self.unembed_bias is None else out + self.unembed_bias
 
+    def low_rank_logits(self, a: torch.Tensor, V: torch.Tensor, bias, y: torch.Tensor) -> torch.Tensor:
+        """Logits of ``y = a @ V + bias`` through the rank-r factor, without ``y @ W_Uᵀ``.
+
+        The final norm's centring (LayerNorm) and gain are linear, so the logits are
+        ``[a/σ, 1/σ, 1] @ [M; c; const]`` with ``M = (V - mean) diag(g) W_Uᵀ``: one
+        ``rows × (r+2) × vocab`` product instead of ``rows × d × vocab``, written once.
+        ``y`` (already computed by the caller) supplies only the per-row scale ``σ``.
+        """
+        a, V, y = a.to(torch.float32), V.to(torch.float32), y.to(torch.float32)
+        bias = torch.zeros(V.shape[1], dtype=torch.float32, device=V.device) if bias is None else bias.float()
+        if self.norm == "layernorm":
+            V, bias = V - V.mean(1, keepdim=True), bias - bias.mean()
+            inv_sigma = torch.rsqrt(y.var(-1, unbiased=False, keepdim=True) + self.eps)
+        elif self.norm == "rmsnorm":
+            inv_sigma = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            raise NJTCError(f"unknown norm kind {self.norm!r}")
+        const = torch.zeros_like(self.unembed[:, 0])
+        if self.norm_bias is not None:
+            const = const + self.unembed @ self.norm_bias
+        if self.unembed_bias is not None:
+            const = const + self.unembed_bias
+        factor = torch.cat([V * self.norm_weight, (bias * self.norm_weight)[None]]) @ self.unembed.T
+        rows = torch.cat([a * inv_sigma, inv_sigma, torch.ones_like(inv_sigma)], dim=1)
+        return rows @ torch.cat([factor, const[None]])
+
     def logit_weight_factor(self) -> torch.Tensor:
         """Matrix ``F`` (d×V) whose Gram ``F Fᵀ`` weights errors in h by their effect on logits.
 

@@ -55,12 +55,25 @@ class ShortcutMap:
             return self.U.numel() + self.V.numel()
         return 0
 
+    def _normalized(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float32)
+        if self.normalize == "batch":
+            return x, (x - self.norm_mean) * self.norm_scale
+        return x, normalize_rows(x, self.normalize)
+
+    def predict_with_logits(self, x, head):
+        """``(y_hat, head logits of y_hat)``; narrow non-residual maps take the low-rank route."""
+        if self.U is None or self.residual:
+            y = self.predict(x)
+            return y, head.logits(y)
+        _, z = self._normalized(x)
+        a = z @ self.U
+        y = a @ self.V if self.bias is None else a @ self.V + self.bias
+        return y, head.low_rank_logits(a, self.V, self.bias, y)
+
     def predict(self, x) -> torch.Tensor:
         """Map source rows ``x`` (n, d) to estimates of the target layer (float32)."""
-        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float32)
-        z = normalize_rows(x, self.normalize)
-        if self.normalize == "batch":
-            z = (x - self.norm_mean) * self.norm_scale
+        x, z = self._normalized(x)
         if self.weight is not None:
             y = z @ self.weight
         elif self.U is not None:

@@ -14,6 +14,7 @@ from conftest import run_module
 from njtc_solve.evaluate import early_exit_curve, evaluate_shortcuts
 from njtc_solve.fit import fit_shortcuts
 from njtc_solve.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.store import ActivationStore
 from test_extract import _one_line_exit_2
 
 V = D = 12
@@ -154,3 +155,21 @@ def test_cli_bad_inputs(tiny_store, hand_store, tmp_path):
     _one_line_exit_2(run_module("njtc_solve.evaluate", "--store", str(no_val), "--shortcuts",
                                 "--out", str(tmp_path / "r")), "no validation rows")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_low_rank_logits_equal_the_direct_path(tiny_models, tmp_path, kind):
+    """Narrow maps go through the head in rank-r form; it must equal head.logits(ŷ)."""
+    from test_extract import _extract
+
+    store = _extract(tiny_models[kind], tmp_path / "s.h5")
+    with ActivationStore(store) as s:
+        head = s.head()
+        x = torch.from_numpy(s.file["hidden/1"][:200])
+    for kw in (dict(method="njtc"), dict(method="nnjtc", normalize="batch"), dict(method="nnjtc"),
+               dict(method="njtc", fit_intercept=False)):
+        [sc] = fit_shortcuts(store, ranks=[4], layers=[1], progress=False, **kw)
+        y_hat, logits = sc.maps[1].predict_with_logits(x, head)
+        direct = head.logits(sc.predict(1, x))
+        assert torch.allclose(y_hat, sc.predict(1, x))
+        assert (logits - direct).abs().max() <= 1e-4 * direct.abs().max(), kw
