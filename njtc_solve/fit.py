@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .errors import NJTCError, run_cli
 from .shortcuts import ShortcutMap, Shortcuts
-from .solvers import gcv_alpha, solve_reduced_rank, sum_squared_error
+from .solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, symmetric_sqrt
 from .stats import MomentAccumulator, Statistics
 from .store import ActivationStore
 
@@ -40,9 +40,16 @@ __all__ = [
 METHODS = ("jtc", "njtc", "nnjtc")
 
 
+def _inverse_norm_scale(norm: str, eps: float, y) -> torch.Tensor:
+    """``1/σ²`` of each target row under the model's final norm (its logit-space scale)."""
+    y = torch.as_tensor(y).double()
+    var = y.var(-1, unbiased=False) if norm == "layernorm" else y.pow(2).mean(-1)
+    return 1.0 / (var + eps)
+
+
 def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "none", device="cpu",
                           chunk_rows: int = 4096, float64: bool = False, progress: bool = True,
-                          comm=None) -> Statistics:
+                          comm=None, row_weight: str = "none") -> Statistics:
     """Stream the training rows once and accumulate statistics of all ``layers`` against L.
 
     Parameters
@@ -58,6 +65,10 @@ def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "non
         Rows per chunk; memory is ``O(chunk_rows × d × layers + layers × d²)``.
     comm : njtc_solve.distributed.Communicator, optional
         Process group for a sharded pass (each process reads its share of the chunks).
+    row_weight : {"none", "inv_sigma2"}
+        ``inv_sigma2`` weights each row by ``1/σ²`` of its target under the final norm
+        (normalised by the first training chunk's mean), so that errors count as they do
+        after the norm: the row weights of ``--weight logits``.
 
     Returns
     -------
@@ -77,10 +88,16 @@ def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "non
         # every process shifts by the first training chunk's mean, as a single process would
         _, first = next(store.iter_chunks(reading, split="train", chunk_rows=chunk_rows))
         acc.shift_from_chunk({l: first[l] for l in layers}, first[target])
+        weigh = None
+        if row_weight == "inv_sigma2":
+            norm = (str(store.file["head"].attrs["norm"]), float(store.file["head"].attrs["eps"]))
+            scale = float(_inverse_norm_scale(*norm, first[target]).mean())  # the same in every process
+            weigh = lambda y: _inverse_norm_scale(*norm, y) / scale
         with tqdm(total=total, unit="row", unit_scale=True, desc="statistics", leave=False,
                   disable=not progress) as bar:
             for _, chunk in store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, shard=shard):
-                acc.update({l: chunk[l] for l in layers}, chunk[target])
+                acc.update({l: chunk[l] for l in layers}, chunk[target],
+                           None if weigh is None else weigh(chunk[target]))
                 bar.update(len(chunk[target]))
     except Exception as err:  # in a distributed run, tell the peers before failing
         if comm is None:
@@ -100,6 +117,7 @@ def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "non
     d = store.d_model
     flops = 2.0 * acc.n * d * d * (2 * len(layers) + 1)
     meta = {"target_layer": target, "model_sha256": store.model_sha256, "store": str(store.path),
+            "row_weight": row_weight,
             "seconds": seconds, "rows_per_s": acc.n / seconds, "gflops": flops / seconds / 1e9,
             "device": str(device)}
     stats = acc.finalize(meta)
@@ -169,6 +187,8 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
     if residual and normalize in ("layer", "rms"):
         raise NJTCError("--residual works with --normalize none or batch")
     layers = sorted(stats.layers) if layers is None else layers
+    if weight_factor is not None:  # only G Gᵀ matters: reduce the d×vocab factor to d×d once
+        weight_factor = symmetric_sqrt(weight_factor.double() @ weight_factor.double().T)[0]
     missing = [l for l in layers if l not in stats.layers]
     if missing:
         raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
@@ -256,12 +276,17 @@ def fit_shortcuts(store, method: str = "nnjtc", ranks=(32,), layers=None, normal
             raise NJTCError("--device cuda was asked for but CUDA is not available")
         layers = list(range(store.n_layers)) if layers is None else store.check_layers(layers)
         input_norm = normalize if normalize in ("layer", "rms") else "none"
+        row_weight = "inv_sigma2" if weight == "logits" else "none"
         if statistics is None:
-            stats = accumulate_statistics(store, layers, input_norm, device, chunk_rows, float64, progress, comm)
+            stats = accumulate_statistics(store, layers, input_norm, device, chunk_rows, float64, progress, comm,
+                                          row_weight)
         else:
             stats = statistics if isinstance(statistics, Statistics) else Statistics.load(statistics)
             if stats.meta.get("model_sha256") != store.model_sha256:
                 raise NJTCError("the statistics were accumulated from another model's store (model_sha256 differs)")
+            if stats.meta.get("row_weight", "none") != row_weight:
+                raise NJTCError(f"--weight {weight} needs statistics with row weights {row_weight!r} "
+                                f"(these have {stats.meta.get('row_weight', 'none')!r})")
         stats.meta["d_model"] = store.d_model
         if save_stats is not None and (comm is None or comm.rank == 0):
             stats.save(save_stats)

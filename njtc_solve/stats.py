@@ -54,8 +54,8 @@ class Statistics:
 
     Attributes
     ----------
-    n : int
-        Rows accumulated.
+    n : int or float
+        Rows accumulated (the total row weight for weighted statistics).
     mean_y, cyy : Tensor
         Target mean and centred Gram matrix ``Σ (y-ȳ)ᵀ(y-ȳ)``.
     layers : dict of int to LayerMoments
@@ -66,7 +66,7 @@ class Statistics:
         Provenance (``target_layer``, ``model_sha256``, store path ...).
     """
 
-    n: int
+    n: int | float
     mean_y: torch.Tensor
     cyy: torch.Tensor
     layers: dict[int, LayerMoments]
@@ -109,7 +109,7 @@ class Statistics:
 
     def save(self, path) -> None:
         """Write to a safetensors file (atomically)."""
-        tensors = {"n": torch.tensor([self.n], dtype=torch.int64), "mean_y": self.mean_y, "cyy": self.cyy}
+        tensors = {"n": torch.tensor([self.n], dtype=torch.float64), "mean_y": self.mean_y, "cyy": self.cyy}
         for key, m in self.layers.items():
             tensors.update({f"layers.{key}.mean_x": m.mean_x, f"layers.{key}.cxx": m.cxx,
                             f"layers.{key}.cxy": m.cxy})
@@ -125,7 +125,8 @@ class Statistics:
         keys = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("layers.")})
         layers = {k: LayerMoments(tensors[f"layers.{k}.mean_x"], tensors[f"layers.{k}.cxx"],
                                   tensors[f"layers.{k}.cxy"]) for k in keys}
-        return cls(int(tensors["n"][0]), tensors["mean_y"], tensors["cyy"], layers, meta["input_norm"],
+        n = float(tensors["n"][0])
+        return cls(int(n) if n.is_integer() else n, tensors["mean_y"], tensors["cyy"], layers, meta["input_norm"],
                    json.loads(meta.get("meta", "{}")))
 
 
@@ -176,31 +177,38 @@ class MomentAccumulator:
         self.set_shift({k: normalize_rows(self._as_tensor(xs[k]), self.input_norm).mean(0) for k in self.keys},
                        self._as_tensor(y).mean(0))
 
-    def update(self, xs: dict, y) -> None:
-        """Add a chunk: ``xs[key]`` of shape (rows, d_x) and ``y`` of shape (rows, d_y)."""
+    def update(self, xs: dict, y, weight=None) -> None:
+        """Add a chunk: ``xs[key]`` of shape (rows, d_x), ``y`` of shape (rows, d_y).
+
+        ``weight`` (rows,), optional: fixed row weights; the statistics are then weighted
+        sums and ``n`` the total weight.
+        """
         prev = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
         try:
-            self._update(xs, y)
+            self._update(xs, y, None if weight is None else self._as_tensor(weight))
         finally:
             torch.set_float32_matmul_precision(prev)
 
-    def _update(self, xs, y):
+    def _update(self, xs, y, weight):
         y = self._as_tensor(y)
         xs = {k: normalize_rows(self._as_tensor(xs[k]), self.input_norm) for k in self.keys}
         if y.shape[0] == 0:
             return
         if self.shift_y is None:
             self.set_shift({k: x.mean(0) for k, x in xs.items()}, y.mean(0))
+        root = None if weight is None else weight.sqrt()[:, None]
         ys = y - self.shift_y
-        self._add("sum_y", ys.sum(0))
-        self._add("syy", ys.T @ ys)
+        ys_w = ys if root is None else ys * root  # rows scaled by √w: the GEMMs give Σ w·(…)
+        self._add("sum_y", (ys_w if root is None else ys_w * root).sum(0))
+        self._add("syy", ys_w.T @ ys_w)
         for k, x in xs.items():
             x = x - self.shift_x[k]
-            self._add(f"sum_x.{k}", x.sum(0))
-            self._add(f"sxx.{k}", x.T @ x)
-            self._add(f"sxy.{k}", x.T @ ys)
-        self.n += y.shape[0]
+            x_w = x if root is None else x * root
+            self._add(f"sum_x.{k}", (x_w if root is None else x_w * root).sum(0))
+            self._add(f"sxx.{k}", x_w.T @ x_w)
+            self._add(f"sxy.{k}", x_w.T @ ys_w)
+        self.n += y.shape[0] if weight is None else float(weight.double().sum())
 
     def _add(self, name, value):
         value = value.to(torch.float64)
@@ -217,7 +225,8 @@ class MomentAccumulator:
 
     def unpack(self, buffer: torch.Tensor) -> None:
         """Replace the sums by those of a (reduced) buffer made by :meth:`pack`."""
-        self.n = int(round(buffer[0].item()))
+        total = buffer[0].item()  # a row count, or a total row weight
+        self.n = int(total) if float(total).is_integer() else total
         offset = 1
         for name in sorted(self.sums):
             size = self.sums[name].numel()

@@ -153,3 +153,16 @@ def test_cli_bad_inputs(tiny_store, tmp_path):
         f["hidden/1"][5, 3] = np.nan
     _one_line_exit_2(run_module("njtc_solve.fit", "--store", str(nan), *out), "NaN")
     assert not list(tmp_path.glob("*.safetensors*"))
+
+
+def test_logit_weighting_uses_inverse_norm_scale_row_weights(tiny_store, tmp_path):
+    """--weight logits: rows weighted by 1/σ² of their target, errors weighted by the head."""
+    [weighted] = fit_shortcuts(tiny_store, "jtc", None, layers=[1], weight="logits",
+                               save_stats=tmp_path / "w.safetensors", progress=False)
+    x, y = _train_rows(tiny_store, 1)
+    w = 1.0 / ((y.astype(np.float64) ** 2).mean(1) + 1e-6)  # the tiny Llama's RMS norm (eps 1e-6)
+    ref = LinearRegression().fit(x.astype(np.float64), y.astype(np.float64), sample_weight=w)
+    pred = weighted.predict(1, x).double().numpy()  # a full-rank map: the weighting by G drops out
+    assert np.linalg.norm(pred - ref.predict(x)) / np.linalg.norm(ref.predict(x)) <= 1e-5
+    with pytest.raises(Exception, match="row weights"):
+        fit_shortcuts(tiny_store, "njtc", [2], statistics=tmp_path / "w.safetensors", progress=False)

@@ -275,3 +275,18 @@ def test_bad_method_arguments():
     s.layers[0].cxy[0, 0] = float("nan")
     with pytest.raises(NJTCError, match="NaN"):
         fit_from_statistics(s, "njtc", [4])
+
+
+def test_row_weighted_statistics_equal_sklearn_sample_weight():
+    x, y = make_data(n=500, offset=7.0)
+    w = np.random.default_rng(3).uniform(0.1, 5.0, size=500)
+    acc = MomentAccumulator([0], float64=True)
+    for i in range(0, 500, 64):
+        acc.update({0: x[i:i + 64]}, y[i:i + 64], w[i:i + 64])
+    s = acc.finalize({"target_layer": 1, "d_model": 12})
+    assert s.n == pytest.approx(w.sum())
+    coef, bias = full_map(s)
+    ref = LinearRegression().fit(x, y, sample_weight=w)
+    assert rel(coef, ref.coef_.T) <= 1e-6 and rel(bias, ref.intercept_) <= 1e-6  # float32 file maps
+    exact = solve_reduced_rank(s.layers[0].cxx, s.layers[0].cxy).coef.numpy()
+    assert rel(exact, ref.coef_.T) <= 1e-8
