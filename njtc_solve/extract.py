@@ -361,11 +361,13 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
                 f.flush()
                 bar.update(ids.numel())
         err, rel, agreement = _head_check(head, f, sample or _sample_logits(model, plan, device))
-        tolerance = 1e-4 if dtype == "float32" else 2e-2
+        # float16 rounding may flip a near-tie top-1 among the 64 sampled rows; a wrong head
+        # shows in the relative error long before that
+        tolerance, min_agreement = (1e-4, 0.99) if dtype == "float32" else (2e-2, 0.9)
         f.attrs["head_check_max_abs_err"] = err
         f.attrs["head_check_rel_err"] = rel
         f.attrs["head_check_top1_agreement"] = agreement
-        if rel > tolerance or agreement < 0.99:
+        if rel > tolerance or agreement < min_agreement:
             raise NJTCError(
                 f"head(hidden/{n_layers}) does not reproduce the model's logits (relative error {rel:.2e}, "
                 f"top-1 agreement {agreement:.3f}); the architecture table is wrong for this model"
