@@ -2,14 +2,14 @@
 
 All work is float64 ``torch.linalg``. One symmetric eigendecomposition of ``C_xx`` whitens
 the inputs (a pseudo-inverse: exactly singular inputs such as LayerNorm outputs, whose rows
-sum to zero, are handled without a bare Cholesky), and one SVD of the whitened
-cross-covariance ``K = (C_xx + αI)^{-1/2} C_xy`` then yields reduced-rank solutions of every
+sum to zero, are handled without a bare Cholesky), and the right singular vectors of the whitened
+cross-covariance ``K = (C_xx + αI)^{-1/2} C_xy`` (from ``eigh(KᵀK)``) yield reduced-rank solutions of every
 rank at once (design.md §6):
 
 * ``B = (C_xx + αI)^+ C_xy`` (least squares / ridge),
 * ``B_r = B V_r V_rᵀ`` with ``V_r`` the top right singular vectors of ``K`` (the eigenvectors
   of the fitted values' Gram matrix), and training loss ``loss(B) + Σ_{i>r} s_i²`` for α = 0,
-* weighted by ``Γ = F Fᵀ``: ``B_Γ,r = B F Q_r Q_rᵀ F^{-1}`` with ``Q_r`` from the SVD of ``K F``.
+* weighted by ``Γ = F Fᵀ``: ``B_Γ,r = B F Q_r Q_rᵀ F^{-1}`` with ``Q_r`` the top right singular vectors of ``K F``.
 """
 
 from __future__ import annotations
