@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .errors import NJTCError, run_cli
 from .shortcuts import ShortcutMap, Shortcuts
-from .solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, symmetric_sqrt
+from .solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, weight_root
 from .stats import MomentAccumulator, Statistics
 from .store import ActivationStore
 
@@ -187,8 +187,7 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
     if residual and normalize in ("layer", "rms"):
         raise NJTCError("--residual works with --normalize none or batch")
     layers = sorted(stats.layers) if layers is None else layers
-    if weight_factor is not None:  # only G Gᵀ matters: reduce the d×vocab factor to d×d once
-        weight_factor = symmetric_sqrt(weight_factor.double() @ weight_factor.double().T)[0]
+    weight = None if weight_factor is None else weight_root(weight_factor)  # once, for every layer
     missing = [l for l in layers if l not in stats.layers]
     if missing:
         raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
@@ -202,7 +201,7 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
         gxx, gxt, gtt, mean_x, mean_t, norm_mean, norm_scale = _prepare(stats, layer, normalize, residual,
                                                                          fit_intercept)
         layer_alpha = gcv_alpha(gxx, gxt, gtt, stats.n)[0] if alpha == "auto" else float(alpha)
-        solution = solve_reduced_rank(gxx, gxt, layer_alpha, weight_factor)
+        solution = solve_reduced_rank(gxx, gxt, layer_alpha, weight)
         solve_s = time.perf_counter() - start
         for rank in ranks:
             u, v = solution.factors(rank)

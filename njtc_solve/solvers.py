@@ -35,6 +35,13 @@ def symmetric_sqrt(gram: torch.Tensor, ridge: float = 1e-8):
     return (q * lam.sqrt()) @ q.T, (q / lam.sqrt()) @ q.T
 
 
+def weight_root(g: torch.Tensor):
+    """``(F, F⁻¹)`` for errors measured as ``‖e G‖²``: only ``G Gᵀ`` matters, so ``F`` is its
+    symmetric square root (d×d, whatever G's width). Compute once, reuse for every layer."""
+    g = g.to(torch.float64)
+    return symmetric_sqrt(g @ g.T)
+
+
 @dataclass
 class ReducedRankSolution:
     """Every reduced-rank solution of one regression, from one decomposition.
@@ -84,7 +91,7 @@ def _whitener(cxx: torch.Tensor, alpha: float, rcond: float | None):
     return q[:, keep] / lam[keep].sqrt()  # no column at all when every row is identical
 
 
-def solve_reduced_rank(cxx, cxy, alpha: float = 0.0, weight_factor=None, rcond=None) -> ReducedRankSolution:
+def solve_reduced_rank(cxx, cxy, alpha: float = 0.0, weight=None, rcond=None) -> ReducedRankSolution:
     """Solve least squares and every reduced-rank regression of ``y ≈ x B``.
 
     Parameters
@@ -94,9 +101,9 @@ def solve_reduced_rank(cxx, cxy, alpha: float = 0.0, weight_factor=None, rcond=N
     alpha : float
         Ridge penalty ``α‖B‖²``; the reduced-rank solutions then minimise the penalised loss
         under the rank constraint (reduced-rank ridge regression).
-    weight_factor : Tensor (d_y, m), optional
-        ``G`` such that errors are measured as ``‖(y - xB) G‖²`` (e.g. in logit space). Only
-        ``G Gᵀ`` matters; a symmetric square root of it is used.
+    weight : (F, F⁻¹), optional
+        From :func:`weight_root` of ``G``: errors are measured as ``‖(y - xB) G‖²`` (e.g. in
+        logit space).
     rcond : float, optional
         Relative eigenvalue cut-off of the pseudo-inverse (default ``d × eps``).
 
@@ -114,11 +121,10 @@ def solve_reduced_rank(cxx, cxy, alpha: float = 0.0, weight_factor=None, rcond=N
     if k.shape[0] == 0:  # constant inputs: the minimum-norm solution is the zero map
         empty = cxy.new_zeros(cxy.shape[1], 0)
         return ReducedRankSolution(coef, cxy.new_zeros(0), empty, empty.T)
-    if weight_factor is None:
+    if weight is None:
         s, v = _top_right_singular(k)
         return ReducedRankSolution(coef, s, v, v.T)
-    g = weight_factor.to(torch.float64)
-    f, f_inv = symmetric_sqrt(g @ g.T)
+    f, f_inv = weight
     s, q = _top_right_singular(k @ f)
     return ReducedRankSolution(coef, s, f @ q, q.T @ f_inv)
 

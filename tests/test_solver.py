@@ -9,7 +9,7 @@ from sklearn.linear_model import LinearRegression, Ridge
 
 from njtc_solve.errors import NJTCError
 from njtc_solve.fit import fit_from_statistics
-from njtc_solve.solvers import gcv_alpha, solve_reduced_rank, sum_squared_error
+from njtc_solve.solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, weight_root
 from njtc_solve.stats import MomentAccumulator, Statistics, normalize_rows
 
 
@@ -229,7 +229,7 @@ def test_weighted_rrr_equals_brute_force_in_the_weighted_metric():
     g = rng.normal(size=(8, 30))  # like diag(gain) @ unembedding.T
     s = stats_of(x, y)
     m = s.layers[0]
-    sol = solve_reduced_rank(m.cxx, m.cxy, weight_factor=torch.tensor(g))
+    sol = solve_reduced_rank(m.cxx, m.cxy, weight=weight_root(torch.tensor(g)))
     coef = sol.coef_of_rank(2).numpy()
     # brute force: f = sqrt(G Gᵀ); regress Y f on X, truncate the fitted values, map back
     lam, q = np.linalg.eigh(g @ g.T)
