@@ -10,7 +10,7 @@ sequence plan into its own shard file, and rank 0 joins them (``store.combine_sh
 
 Communication per fit: one buffer of ``layers × (2d² + d) + d² + d + 1`` float64 values,
 about one pair of d×d float64 matrices per source layer (5.3 MB per layer at d = 576,
-268 MB per layer at d = 4096), plus one broadcast of the shift.
+268 MB per layer at d = 4096), plus the one-integer vote.
 """
 
 from __future__ import annotations

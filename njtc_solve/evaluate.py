@@ -157,10 +157,11 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
             sum_y += y.double().sum(0).cpu()
             sum_y2 += float((y.double() ** 2).sum())
             own_surprisal += float(-logp.max(-1).values.sum())
+            xs = {l: torch.from_numpy(chunk[l]).to(device) for l in layers}  # once per chunk, for every method
             for sc in methods:
                 for l in layers:
                     if l in sc.maps:
-                        y_hat, logits = sc.maps[l].predict_with_logits(torch.from_numpy(chunk[l]).to(device), head)
+                        y_hat, logits = sc.maps[l].predict_with_logits(xs[l], head)
                         tallies[sc.name, l].add(logits, y_hat, y, final)
             bar.update(len(y))
     n = next(iter(tallies.values())).n

@@ -197,17 +197,17 @@ class MomentAccumulator:
             return
         if self.shift_y is None:
             self.set_shift({k: x.mean(0) for k, x in xs.items()}, y.mean(0))
-        root = None if weight is None else weight.sqrt()[:, None]
-        ys = y - self.shift_y
-        ys_w = ys if root is None else ys * root  # rows scaled by √w: the GEMMs give Σ w·(…)
-        self._add("sum_y", (ys_w if root is None else ys_w * root).sum(0))
-        self._add("syy", ys_w.T @ ys_w)
+        # weighted rows: scale by √w so the GEMMs give Σ w·(…); the sums take w itself
+        sqrt_w = None if weight is None else weight.sqrt()[:, None]
+        root = (lambda t: t) if sqrt_w is None else (lambda t: t * sqrt_w)
+        ys = root(y - self.shift_y)
+        self._add("sum_y", root(ys).sum(0))
+        self._add("syy", ys.T @ ys)
         for k, x in xs.items():
-            x = x - self.shift_x[k]
-            x_w = x if root is None else x * root
-            self._add(f"sum_x.{k}", (x_w if root is None else x_w * root).sum(0))
-            self._add(f"sxx.{k}", x_w.T @ x_w)
-            self._add(f"sxy.{k}", x_w.T @ ys_w)
+            x = root(x - self.shift_x[k])
+            self._add(f"sum_x.{k}", root(x).sum(0))
+            self._add(f"sxx.{k}", x.T @ x)
+            self._add(f"sxy.{k}", x.T @ ys)
         self.n += y.shape[0] if weight is None else float(weight.double().sum())
 
     def _add(self, name, value):
