@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import NJTCError
 
-__all__ = ["ARCHITECTURES", "ArchitectureSpec", "architecture_of", "resolve_parts"]
+__all__ = ["ARCHITECTURES", "ArchitectureSpec", "architecture_of", "check_supported", "resolve_parts"]
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,18 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 }
 
 
-def architecture_of(model: nn.Module) -> ArchitectureSpec:
-    """Look up the model's architecture in :data:`ARCHITECTURES`; raise if it is not there."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def check_supported(model_type: str | None) -> ArchitectureSpec:
+    """The table entry of ``model_type``; an architecture missing from it is an error."""
     if model_type not in ARCHITECTURES:
         raise NJTCError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     return ARCHITECTURES[model_type]
+
+
+def architecture_of(model: nn.Module) -> ArchitectureSpec:
+    """Look up the model's architecture in :data:`ARCHITECTURES`; raise if it is not there."""
+    return check_supported(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def _get(model: nn.Module, path: str):

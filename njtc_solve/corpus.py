@@ -1,4 +1,9 @@
-"""Text corpora for extraction: CPython's ``pydoc_data.topics``, text files, or JSON lines."""
+"""Text corpora for extraction: CPython's ``pydoc_data.topics``, text files, or JSON lines.
+
+A corpus is a list of documents, the unit of the train/validation split: a pydoc topic, a
+non-empty line of a ``.txt`` file, a file of a folder of ``.txt`` files, or a record of a
+``.jsonl`` file.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ def load_corpus(spec: str | None = None, text_field: str = "text") -> tuple[str,
     ----------
     spec : str, optional
         ``"pydoc_data.topics"`` (the default: CPython's own documentation topics, real
-        English every Python ships), a ``.txt`` file, a folder of ``.txt`` files, or a
-        ``.jsonl`` file.
+        English every Python ships; one document per topic), a ``.txt`` file (one document
+        per non-empty line), a folder of ``.txt`` files (one document per file), or a
+        ``.jsonl`` file (one document per record).
     text_field : str
         Field holding the text in each JSON line.
 
@@ -48,7 +54,7 @@ def load_corpus(spec: str | None = None, text_field: str = "text") -> tuple[str,
     elif path.suffix == ".jsonl":
         docs = _read_jsonl(path, text_field)
     elif path.suffix == ".txt":
-        docs = [_read_text(path)]
+        docs = _read_text(path).splitlines()
     else:
         raise NJTCError(f"corpus {path} must be a .txt file, a folder of .txt files or a .jsonl file")
     docs = [d for d in docs if d.strip()]

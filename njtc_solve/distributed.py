@@ -2,10 +2,11 @@
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) each process reads every ``world_size``-th chunk of the
 training rows and accumulates with the shift a single process would use (the mean of the
-store's first training chunk, which every process reads for itself). Then exactly two
-collectives: a vote that every process succeeded, and one all-reduce of a packed float64
-buffer that gives the global statistics; rank 0 solves and writes. A single process needs
-none of this. Sharded extraction: each process extracts a contiguous block of the same
+store's first training chunk, which every process reads for itself). Then a vote that every
+process succeeded, and one in-place all-reduce of the accumulator's float64 buffer (no copy)
+that gives every process the global statistics. Each process solves its share of the layers
+on its own device, and rank 0 gathers the maps and writes. A single process needs none of
+this. Sharded extraction: each process extracts a contiguous block of the same
 sequence plan into its own shard file, and rank 0 joins them (``store.combine_shards``).
 
 Communication per fit: one buffer of ``layers × (2d² + d) + d² + d + 1`` float64 values,
@@ -40,11 +41,17 @@ class Communicator:
     def __init__(self, device="cpu", timeout_s: float | None = None):
         cuda = torch.device(device).type == "cuda"
         timeout_s = timeout_s or float(os.environ.get("NJTC_DIST_TIMEOUT", 600))
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
+        if cuda:  # NCCL binds each process to its current device: set it before the group exists
+            if not torch.cuda.is_available() or self.device.index >= torch.cuda.device_count():
+                raise NJTCError(f"--device cuda: process {os.environ.get('RANK', 0)} has no GPU {self.device}")
+            torch.cuda.set_device(self.device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            kwargs = {"device_id": self.device} if cuda else {}
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                    **kwargs)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
         self.voted = False
 
     @classmethod
@@ -62,10 +69,15 @@ class Communicator:
                             "no output written") from err
 
     def all_reduce(self, acc) -> None:
-        """Sum every process's accumulator (row count included) in one float64 all-reduce."""
-        buffer = acc.pack().to(self.device)
-        self._collective(dist.all_reduce, buffer)
-        acc.unpack(buffer)
+        """Sum every process's accumulator (row counts included) in one in-place float64 all-reduce."""
+        self._collective(dist.all_reduce, acc.packed())
+        acc.unpacked()
+
+    def gather_to_root(self, item):
+        """Every process's ``item`` (picklable, on the CPU) as a list on rank 0; ``None`` elsewhere."""
+        out = [None] * self.world_size if self.rank == 0 else None
+        self._collective(dist.gather_object, item, out, 0)
+        return out
 
     def vote(self, ok: bool) -> bool:
         """Whether every process reports success: a collective that every process calls once.

@@ -4,13 +4,19 @@ Command line::
 
     python -m njtc_solve.evaluate --shortcuts jtc.safetensors nnjtc.safetensors --out report
 
-Metrics (design.md §5), per source layer and method, on validation rows only:
-Precision@k (the shortcut's top-1 is among the model's top-k), surprisal
-``-log p_final(argmax shortcut)``, ``KL(p_final ‖ p_shortcut)``, MSE and R² of the mapped
-vector against ``h_L``. The identity map ("logit lens") is always included. Logits are
-computed in row chunks and never held for all rows at once. Confidence-based early exit
+Metrics (design.md §5), per source layer and method, on validation rows only (leaving out
+the first ``--skip-positions`` positions, the BOS / attention-sink row by default):
+Precision@k (the shortcut's top-1 is among the model's own top-k: the stored ``final_topk``
+or ``final_top1`` from the model's forward pass), surprisal ``-log p_final(argmax shortcut)``,
+``KL(p_final ‖ p_shortcut)`` (``p_final`` from the stored last layer through the model's
+head, which reproduces the model's logits to 1e-4 in a float32 store), MSE and R² of the
+mapped vector against ``h_L``. The identity map ("logit lens") is always included. Logits
+are computed in row chunks and never held for all rows at once. Confidence-based early exit
 ("Jump to Conclusions"): exit at the first layer whose top-1 minus top-2 probability
 reaches a threshold.
+
+A shortcut fitted on some of the rows evaluated is refused: same corpus, but a different
+document split (see :func:`check_unseen`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from .errors import NJTCError, run_cli
 from .shortcuts import Shortcuts
 from .store import ActivationStore
 
-__all__ = ["EvaluationResult", "evaluate_shortcuts", "early_exit_curve", "main"]
+__all__ = ["EvaluationResult", "check_unseen", "evaluate_shortcuts", "early_exit_curve", "main"]
 
 KS = (1, 5, 10)
 
@@ -91,8 +97,37 @@ def _load_all(shortcuts) -> list[Shortcuts]:
     return [s if isinstance(s, Shortcuts) else Shortcuts.load(s) for s in shortcuts]
 
 
+def check_unseen(store: ActivationStore, sc: Shortcuts, skip_positions: int = 0) -> None:
+    """Refuse to evaluate ``sc`` on validation rows of ``store`` that it was fitted on.
+
+    Rows from another corpus, or from the same corpus under the same split (the store a
+    shortcut was fitted on, or one extracted with the same seed and validation fraction),
+    are unseen. Under another split of the same corpus, the rows overlap when any validation
+    document of ``store`` was a training document of the fit (exact for stores split by
+    document); a format-1 store split by sequence cannot tell, so that is refused too.
+    """
+    fitted, here = sc.provenance, store.provenance
+    if not fitted:
+        raise NJTCError(f"{sc.name} records no provenance (fitted by an older version?), so its training rows "
+                        "cannot be told apart from the evaluation rows; refit it, or pass --allow-overlap")
+    if fitted.get("corpus_sha256") != here["corpus_sha256"] or fitted.get("split_id") == here["split_id"]:
+        return
+    if fitted.get("split_by") == here["split_by"] == "document":
+        evaluated = set(np.unique(store.read("document")[store.selection("validation", skip_positions)]).tolist())
+        seen = evaluated - set(fitted["validation_documents"])
+        if not seen:
+            return
+        raise NJTCError(f"{sc.name} was fitted on {len(seen)} of the {len(evaluated)} documents in the validation "
+                        f"rows of {store.path} (another split of the same corpus); evaluate on its own store, one "
+                        "extracted with the same --seed and --val-fraction, or pass --allow-overlap")
+    raise NJTCError(f"{sc.name} was fitted on another split of the same corpus as {store.path}, which is split by "
+                    "sequence, so its training rows may be among the evaluation rows; pass --allow-overlap to "
+                    "evaluate anyway")
+
+
 def evaluate_shortcuts(store, shortcuts=(), layers=None, max_rows: int | None = None, chunk_rows: int = 256,
-                       device="cpu", progress: bool = True, thresholds=None) -> EvaluationResult:
+                       device="cpu", progress: bool = True, thresholds=None, skip_positions: int | None = None,
+                       allow_overlap: bool = False) -> EvaluationResult:
     """Evaluate shortcut maps (and the identity baseline) on the store's validation rows.
 
     Parameters
@@ -108,6 +143,11 @@ def evaluate_shortcuts(store, shortcuts=(), layers=None, max_rows: int | None = 
         Rows per chunk; memory holds a few ``chunk_rows × vocab`` logit matrices.
     thresholds : sequence of float, optional
         Early-exit confidence thresholds (default 0, 0.02, ..., 1).
+    skip_positions : int, optional
+        Leave out rows at positions ``< skip_positions`` (default: the store's first position).
+    allow_overlap : bool
+        Evaluate even where :func:`check_unseen` finds (or cannot rule out) training rows
+        among the evaluation rows.
 
     Returns
     -------
@@ -116,25 +156,39 @@ def evaluate_shortcuts(store, shortcuts=(), layers=None, max_rows: int | None = 
     own = not isinstance(store, ActivationStore)
     store = ActivationStore(store) if own else store
     try:
+        skip = store.default_skip_positions if skip_positions is None else int(skip_positions)
         return _evaluate(store, _load_all(shortcuts), layers, max_rows, chunk_rows, torch.device(device),
-                         progress, thresholds)
+                         progress, thresholds, skip, allow_overlap)
     finally:
         if own:
             store.close()
 
 
-def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thresholds):
+def _model_topk(store, head_topk, rows):
+    """The model's own top-k at ``rows``: stored ``final_topk``, else the head's top-k from the
+    stored last layer with its first column replaced by the stored ``final_top1``."""
+    if "final_topk" in store.file:
+        return torch.from_numpy(store.file["final_topk"][rows[0]: rows[-1] + 1][rows - rows[0], :max(KS)]
+                                .astype(np.int64)).to(head_topk.device)
+    top1 = torch.from_numpy(store.read("final_top1", rows).astype(np.int64)).to(head_topk.device)
+    return torch.cat([top1[:, None], head_topk[:, 1:]], dim=1)
+
+
+def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thresholds, skip, allow_overlap):
     target = store.n_layers
     for sc in loaded:
         if sc.model_sha256 != store.model_sha256:
             raise NJTCError(f"shortcuts {sc.name} were fitted on another model's store (model_sha256 differs)")
         if sc.target_layer != target:
             raise NJTCError(f"shortcuts {sc.name} target layer {sc.target_layer}, the store's last is {target}")
+        if not allow_overlap:
+            check_unseen(store, sc, skip)
     names = [sc.name for sc in loaded]
     if len(set(names)) != len(names):
         raise NJTCError(f"two shortcut files have the same method and settings: {names}")
-    if store.count("validation") == 0:
-        raise NJTCError(f"{store.path} has no validation rows (extract with --val-fraction > 0)")
+    if store.count("validation", skip) == 0:
+        raise NJTCError(f"{store.path} has no validation rows at positions >= {skip} "
+                        "(extract with --val-fraction > 0)")
     if layers is None:
         layers = sorted({l for sc in loaded for l in sc.maps}) or list(range(target))
     layers = [l for l in store.check_layers(layers) if l < target]
@@ -144,16 +198,17 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
     tallies = {(sc.name, l): _Tally() for sc in methods for l in layers if l in sc.maps}
     sum_y = torch.zeros(store.d_model, dtype=torch.float64)
     sum_y2 = own_surprisal = 0.0
-    n_rows = min(store.count("validation"), max_rows or np.inf)
+    n_rows = min(store.count("validation", skip), max_rows or np.inf)
     start = time.perf_counter()
     with torch.no_grad(), tqdm(total=n_rows, unit="row", desc="evaluate", leave=False, disable=not progress) as bar:
-        for _, chunk in store.iter_chunks(layers + [target], "validation", chunk_rows, max_rows):
+        for rows, chunk in store.iter_chunks(layers + [target], "validation", chunk_rows, max_rows,
+                                             skip_positions=skip):
             y = torch.from_numpy(chunk[target]).to(device)
             final_logits = head.logits(y)
             logp = torch.log_softmax(final_logits, -1)
             p = logp.exp()
             final = {"logp": logp, "p": p, "neg_entropy": torch.einsum("rv,rv->r", p, logp),
-                     "topk": final_logits.topk(max(KS), -1).indices}
+                     "topk": _model_topk(store, final_logits.topk(max(KS), -1).indices, rows)}
             sum_y += y.double().sum(0).cpu()
             sum_y2 += float((y.double() ** 2).sum())
             own_surprisal += float(-logp.max(-1).values.sum())
@@ -188,7 +243,7 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
         correct = np.stack([np.concatenate(tallies[sc.name, l].correct) for l in own_layers])
         early[sc.name] = early_exit_curve(margins, correct, own_layers, target, thresholds)
     meta = {"store": str(store.path), "model": store.attrs.get("model"), "n_layers": target, "d_model": d,
-            "validation_rows": n, "seconds": time.perf_counter() - start, "layers": layers,
+            "validation_rows": n, "skip_positions": skip, "seconds": time.perf_counter() - start, "layers": layers,
             "model_surprisal": own_surprisal / n}  # the full model's surprisal of its own top-1
     return EvaluationResult(records, early, meta)
 
@@ -249,6 +304,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", help="output folder (default: report)")
     p.add_argument("--max-rows", type=int, help="evaluate on at most this many validation rows")
     p.add_argument("--chunk-rows", type=int, default=256, help="rows per chunk (default: 256)")
+    p.add_argument("--skip-positions", type=int, help="leave out rows at positions below this "
+                   "(default: 1, the BOS row, or the first token's attention sink where there is no BOS)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate even if a shortcut was fitted on another split of this store's corpus")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -267,13 +326,16 @@ def main(argv=None) -> int:
         raise NJTCError("--max-rows must be positive")
     if args.chunk_rows <= 0:
         raise NJTCError("--chunk-rows must be positive")
+    if args.skip_positions is not None and args.skip_positions < 0:
+        raise NJTCError("--skip-positions must be 0 or more")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NJTCError(f"--out {out} exists and is not a folder")
     loaded = _load_all(files)
     with ActivationStore(args.store) as store:
         result = evaluate_shortcuts(store, loaded, parse_layers(args.layers), args.max_rows,
-                                    args.chunk_rows, args.device, not args.no_progress)
+                                    args.chunk_rows, args.device, not args.no_progress,
+                                    skip_positions=args.skip_positions, allow_overlap=args.allow_overlap)
     paths, summary = write_report(result, out)
     print(summary)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -30,7 +30,7 @@ from .corpus import DEFAULT_CORPUS, corpus_sha256, load_corpus
 from .errors import NJTCError, run_cli, temporary_path
 from .head import Head
 from .models import load_model, model_sha256
-from .store import FORMAT, FORMAT_VERSION, TRAIN, VALIDATION
+from .store import FINAL_TOPK, FORMAT, FORMAT_VERSION, TRAIN, VALIDATION
 
 __all__ = ["ExtractionPlan", "capture_residual_stream", "extract_activations", "main", "plan_extraction"]
 
@@ -43,14 +43,18 @@ class ExtractionPlan:
 
     Everything here follows from the corpus, the tokenizer and the seed alone, so a resumed
     or sharded run sees exactly the same plan as a single uninterrupted one. Rows are ordered
-    training sequences first, then validation sequences.
+    training sequences first, then validation sequences. The split is by document: every
+    sequence is cut from the documents of one split only.
     """
 
     token_ids: np.ndarray  # (n_sequences, seq_len) int64, in row order
-    sequence: np.ndarray  # (n_sequences,) index of each sequence in the corpus
+    sequence: np.ndarray  # (n_sequences,) index of each sequence among the windows of the corpus
     split: np.ndarray  # (n_sequences,) uint8
     position: np.ndarray | None  # (n_sequences,) chosen position, one-per-sequence only
     seq_len: int
+    document: np.ndarray  # (n_sequences, seq_len) document of each token (a BOS takes the next token's)
+    validation_documents: np.ndarray  # every document assigned to validation, sorted
+    bos: bool = False  # each sequence starts with the tokenizer's BOS token
 
     @property
     def rows_per_sequence(self) -> int:
@@ -65,7 +69,8 @@ class ExtractionPlan:
         n = len(self.sequence)
         part = slice(rank * n // world, (rank + 1) * n // world)
         return ExtractionPlan(self.token_ids[part], self.sequence[part], self.split[part],
-                              None if self.position is None else self.position[part], self.seq_len)
+                              None if self.position is None else self.position[part], self.seq_len,
+                              self.document[part], self.validation_documents, self.bos)
 
     def row_positions(self, seqs: slice) -> np.ndarray:
         """Positions of the rows of sequences ``seqs`` (a slice of row-ordered sequences)."""
@@ -74,14 +79,59 @@ class ExtractionPlan:
             return np.tile(np.arange(self.seq_len), n)
         return self.position[seqs]
 
+    def row_documents(self) -> np.ndarray:
+        """The document of every row, in row order."""
+        if self.position is None:
+            return self.document.reshape(-1)
+        return self.document[np.arange(len(self.sequence)), self.position]
+
+
+def bos_token(tokenizer, bos: str = "auto") -> int | None:
+    """The BOS token id to start every sequence with, or ``None``.
+
+    ``auto`` adds it where the tokenizer itself would (``add_special_tokens=True`` puts it
+    first: Llama-2, Mistral …; SmolLM2 and GPT-2 have none), ``always`` wherever the tokenizer
+    has one, ``never`` not at all.
+    """
+    if bos not in ("auto", "always", "never"):
+        raise NJTCError(f"--bos must be auto, always or never, not {bos!r}")
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos == "never":
+        return None
+    if bos == "always":
+        if bos_id is None:
+            raise NJTCError("--bos always: the tokenizer has no BOS token")
+        return bos_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos_id if bos_id is not None and list(ids[:1]) == [bos_id] else None
+
+
+def _split_documents(lengths: np.ndarray, val_fraction: float, rng) -> np.ndarray:
+    """Which documents are validation: whole documents in a seeded random order until they
+    hold ``val_fraction`` of the tokens (at least one document each way)."""
+    is_val = np.zeros(len(lengths), dtype=bool)
+    if val_fraction == 0:
+        return is_val
+    if len(lengths) < 2:
+        raise NJTCError("the split is by document and the corpus holds one; use more documents "
+                        "(e.g. one per line of a .txt) or --val-fraction 0")
+    order = rng.permutation(len(lengths))
+    cumulative = np.cumsum(lengths[order])
+    n_val = int(np.searchsorted(cumulative, val_fraction * cumulative[-1])) + 1
+    is_val[order[:min(max(n_val, 1), len(lengths) - 1)]] = True
+    return is_val
+
 
 def plan_extraction(tokenizer, documents, seq_len=128, positions="all", max_tokens=None,
-                    val_fraction=0.25, seed=0) -> ExtractionPlan:
+                    val_fraction=0.25, seed=0, bos="auto") -> ExtractionPlan:
     """Tokenise documents into sequences and fix the split and sampled positions.
 
-    Documents are tokenised without special tokens, joined with the end-of-text token and
-    cut into non-overlapping sequences of ``seq_len``. ``max_tokens`` bounds the rows
-    written, keeping a seeded random subset of whole sequences.
+    The documents are split first, whole (a seeded random set holding ``val_fraction`` of the
+    tokens is held out), so no document is on both sides. Each split's documents are then
+    tokenised without special tokens, joined with the end-of-text token and cut into
+    non-overlapping windows; with a BOS token (see :func:`bos_token`) each sequence is the BOS
+    followed by ``seq_len - 1`` tokens. ``max_tokens`` bounds the rows written, keeping a
+    seeded random subset of whole sequences of each split in proportion.
     """
     if seq_len < 2:
         raise NJTCError("--seq-len must be at least 2")
@@ -89,6 +139,7 @@ def plan_extraction(tokenizer, documents, seq_len=128, positions="all", max_toke
         raise NJTCError("--positions must be 'all' or 'one-per-sequence'")
     if not 0.0 <= val_fraction < 1.0:
         raise NJTCError("--val-fraction must be in [0, 1)")
+    bos_id = bos_token(tokenizer, bos)
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -98,31 +149,48 @@ def plan_extraction(tokenizer, documents, seq_len=128, positions="all", max_toke
     finally:
         hf_logging.set_verbosity(verbosity)
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream = np.fromiter((t for ids in encoded for t in list(ids) + separator), dtype=np.int64)
-    n_available = len(stream) // seq_len
-    if n_available == 0:
-        raise NJTCError(f"the corpus has {len(stream)} tokens, fewer than one sequence of {seq_len}")
+    lengths = np.array([len(ids) + len(separator) for ids in encoded])
+    rng = np.random.default_rng(seed)
+    is_val_doc = _split_documents(lengths, val_fraction, rng)
+    body = seq_len - (bos_id is not None)
+    windows = {}
+    for code, wanted in ((TRAIN, False), (VALIDATION, True)):
+        docs = np.flatnonzero(is_val_doc == wanted)
+        stream = np.fromiter((t for d in docs for t in list(encoded[d]) + separator), dtype=np.int64)
+        owner = np.repeat(docs, lengths[docs])
+        n_windows = len(stream) // body
+        windows[code] = (stream[: n_windows * body].reshape(n_windows, body),
+                         owner[: n_windows * body].reshape(n_windows, body))
+    n_train, n_val = len(windows[TRAIN][0]), len(windows[VALIDATION][0])
+    if n_train + n_val == 0:
+        raise NJTCError(f"the corpus has {lengths.sum()} tokens, fewer than one sequence of {seq_len}")
+    if val_fraction > 0 and n_val == 0:
+        raise NJTCError(f"the validation documents hold fewer tokens than one sequence of {seq_len}; "
+                        "lower --seq-len or raise --val-fraction")
     rows_per_sequence = seq_len if positions == "all" else 1
-    n_sequences = n_available
+    take_train, take_val = n_train, n_val
     if max_tokens is not None:
         if max_tokens < rows_per_sequence:
             raise NJTCError(f"--max-tokens {max_tokens} is below one sequence ({rows_per_sequence} rows)")
-        n_sequences = min(n_available, max_tokens // rows_per_sequence)
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(n_available, size=n_sequences, replace=False))
-    n_val = int(round(val_fraction * n_sequences))
-    if val_fraction > 0 and n_sequences >= 2:
-        n_val = min(max(n_val, 1), n_sequences - 1)
-    is_val = np.zeros(n_sequences, dtype=bool)
-    is_val[rng.choice(n_sequences, size=n_val, replace=False)] = True
-    order = np.concatenate([np.flatnonzero(~is_val), np.flatnonzero(is_val)])
-    sequence = chosen[order]
+        total = max_tokens // rows_per_sequence
+        take_val = min(n_val, int(round(val_fraction * total)))
+        if val_fraction > 0 and total >= 2:
+            take_val = max(take_val, 1)
+        take_train = min(n_train, total - take_val)
+    chosen = {TRAIN: np.sort(rng.choice(n_train, size=take_train, replace=False)),
+              VALIDATION: np.sort(rng.choice(n_val, size=take_val, replace=False))}
+    tokens = np.concatenate([windows[c][0][chosen[c]] for c in (TRAIN, VALIDATION)])
+    document = np.concatenate([windows[c][1][chosen[c]] for c in (TRAIN, VALIDATION)])
+    if bos_id is not None:
+        tokens = np.concatenate([np.full((len(tokens), 1), bos_id, np.int64), tokens], axis=1)
+        document = np.concatenate([document[:, :1], document], axis=1)
+    sequence = np.concatenate([chosen[TRAIN], n_train + chosen[VALIDATION]])
+    split = np.repeat(np.array([TRAIN, VALIDATION], np.uint8), [take_train, take_val])
     position = None
-    if positions == "one-per-sequence":
-        position = rng.integers(0, seq_len, size=n_available)[sequence]
-    token_ids = stream[: n_available * seq_len].reshape(n_available, seq_len)[sequence]
-    split = np.where(is_val[order], VALIDATION, TRAIN).astype(np.uint8)
-    return ExtractionPlan(token_ids, sequence, split, position, seq_len)
+    if positions == "one-per-sequence":  # never the BOS row
+        position = rng.integers(int(bos_id is not None), seq_len, size=len(sequence))
+    return ExtractionPlan(tokens, sequence, split, position, seq_len, document,
+                          np.flatnonzero(is_val_doc), bos_id is not None)
 
 
 @contextmanager
@@ -180,14 +248,17 @@ def _create_store(path, plan, head, n_layers, d_model, dtype, attrs):
     f.create_dataset("sequence", data=np.repeat(plan.sequence, repeat).astype(np.int32))
     f.create_dataset("position", data=plan.row_positions(slice(None)).astype(np.int32))
     f.create_dataset("split", data=np.repeat(plan.split, repeat).astype(np.uint8))
+    f.create_dataset("document", data=plan.row_documents().astype(np.int32))
+    f.create_dataset("validation_documents", data=plan.validation_documents.astype(np.int32))
     f.create_dataset("final_top1", data=np.zeros(n, np.int32))
+    f.create_dataset("final_topk", data=np.zeros((n, FINAL_TOPK), np.int32), chunks=(min(n, 65536), FINAL_TOPK))
     head.write_group(f.create_group("head"))
     f.flush()
     return f
 
 
 _RESUME_KEYS = ("model_sha256", "corpus_sha256", "seq_len", "positions", "seed", "val_fraction",
-                "batch_size", "dtype", "n_rows", "shard")
+                "batch_size", "dtype", "n_rows", "shard", "bos")
 
 
 def _open_for_resume(path, attrs):
@@ -222,20 +293,45 @@ def _check_values(layer, values: torch.Tensor, dtype):
             )
 
 
-def _head_check(head, f, sample):
+def head_check_tolerance(model_dtype: torch.dtype, store_dtype: str) -> tuple[float, float]:
+    """``(max relative logit error, min top-1 agreement)`` that the head check accepts.
+
+    A float32 model and store reproduce the logits to rounding (1e-4). float16 storage, or a
+    half-precision model whose own head runs in 16 bits, rounds the last layer or the logits
+    at 1e-3…1e-2 and may flip a near-tie top-1 among the sampled rows; a wrong head (a norm
+    missing or applied twice) is off by far more.
+    """
+    if model_dtype == torch.bfloat16:
+        return 5e-2, 0.9
+    if model_dtype == torch.float16 or store_dtype != "float32":
+        return 2e-2, 0.9
+    return 1e-4, 0.99
+
+
+def _head_check(head, f, sample, model_dtype) -> None:
     """Compare ``head(hidden/L)`` as stored with the model's own logits on a sample of rows.
 
     ``sample`` is ``(first_row, model_logits)`` for consecutive rows, taken from the
-    extraction's own forward pass. Returns ``(max_abs_err, rel_err, top1_agreement)``, with
-    ``rel_err`` the max absolute error over the largest absolute logit.
+    extraction's own forward pass. Records ``head_check_max_abs_err``, ``head_check_rel_err``
+    (the max absolute error over the largest absolute logit) and ``head_check_top1_agreement``,
+    and raises when they are beyond :func:`head_check_tolerance`.
     """
     start, model_logits = sample
-    stored = f[f"hidden/{int(f.attrs['n_layers'])}"][start: start + len(model_logits)]
+    n_layers = int(f.attrs["n_layers"])
+    stored = f[f"hidden/{n_layers}"][start: start + len(model_logits)]
     head_logits = head.logits(torch.from_numpy(stored.astype(np.float32)))
     err = (head_logits - model_logits).abs().max().item()
     rel = err / max(model_logits.abs().max().item(), 1e-30)
     agreement = float((head_logits.argmax(-1) == model_logits.argmax(-1)).float().mean())
-    return err, rel, agreement
+    f.attrs["head_check_max_abs_err"] = err
+    f.attrs["head_check_rel_err"] = rel
+    f.attrs["head_check_top1_agreement"] = agreement
+    tolerance, min_agreement = head_check_tolerance(model_dtype, str(f.attrs["dtype"]))
+    if rel > tolerance or agreement < min_agreement:
+        raise NJTCError(
+            f"head(hidden/{n_layers}) does not reproduce the model's logits (relative error {rel:.2e}, "
+            f"top-1 agreement {agreement:.3f}); the architecture table is wrong for this model"
+        )
 
 
 def _sample_logits(model, plan, device, rows=64):
@@ -249,7 +345,7 @@ def _sample_logits(model, plan, device, rows=64):
 def extract_activations(model, tokenizer, documents, out, *, model_name="", corpus_name="",
                         seq_len=128, positions="all", max_tokens=None, val_fraction=0.25, seed=0,
                         dtype="float32", batch_size=8, resume=False, overwrite=False,
-                        progress=True, corpus_sha=None, weights_sha=None, shard=(0, 1)) -> Path:
+                        progress=True, corpus_sha=None, weights_sha=None, shard=(0, 1), bos="auto") -> Path:
     """Cache a model's residual stream at every layer, its head and its own predictions.
 
     Parameters
@@ -261,8 +357,9 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         The corpus (see :func:`njtc_solve.corpus.load_corpus`).
     out : path
         The HDF5 store to write (written as ``out.partial``, renamed when complete).
-    seq_len, positions, max_tokens, val_fraction, seed
-        See :func:`plan_extraction`.
+    seq_len, positions, max_tokens, val_fraction, seed, bos
+        See :func:`plan_extraction` (the split is by document; ``bos`` is ``auto``, ``always``
+        or ``never``).
     dtype : {"float32", "float16"}
         Storage type of the activations; float16 refuses values beyond its range.
     batch_size : int
@@ -305,7 +402,7 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
     head = Head.from_model(model)
     device = next(model.parameters()).device
     n_layers = len(resolve_parts(model)[1])
-    plan = plan_extraction(tokenizer, documents, seq_len, positions, max_tokens, val_fraction, seed)
+    plan = plan_extraction(tokenizer, documents, seq_len, positions, max_tokens, val_fraction, seed, bos)
     if shard[1] > 1:
         plan = plan.block(*shard)
         if len(plan.sequence) == 0:
@@ -319,7 +416,7 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         "val_fraction": float(val_fraction), "batch_size": batch_size,
         "max_tokens": -1 if max_tokens is None else int(max_tokens), "n_rows": plan.n_rows,
         "n_sequences": len(plan.sequence), "rows_written": 0, "complete": False,
-        "shard": f"{shard[0]}/{shard[1]}",
+        "shard": f"{shard[0]}/{shard[1]}", "bos": plan.bos, "split_by": "document", "n_documents": len(documents),
     }
     if resume:
         f = _open_for_resume(partial, attrs)
@@ -328,7 +425,8 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         f = _create_store(partial, plan, head, n_layers, head.d_model, dtype, attrs)
 
     per_batch = batch_size * plan.rows_per_sequence
-    sample = None
+    model_dtype = next(model.parameters()).dtype
+    checked = False
     rows_written = int(f.attrs["rows_written"])
     first_batch = rows_written // per_batch
     n_batches = -(-len(plan.sequence) // batch_size)
@@ -353,25 +451,17 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
                                                      dest_sel=np.s_[r0:r1])
                 row_logits = _rows(logits, pick)
                 f["tokens"][r0:r1] = _rows(ids, pick).cpu().numpy()
+                f["final_topk"][r0:r1] = row_logits.topk(FINAL_TOPK, -1).indices.cpu().numpy()
                 f["final_top1"][r0:r1] = row_logits.argmax(-1).cpu().numpy()
-                if sample is None:  # the head check compares against the model's own logits
-                    sample = (r0, row_logits[:64].float().cpu().clone())
                 f.flush()
+                if not checked:  # before the long pass: the head must reproduce the model's own logits
+                    _head_check(head, f, (r0, row_logits[:64].float().cpu()), model_dtype)
+                    checked = True
                 f.attrs["rows_written"] = r1
                 f.flush()
                 bar.update(ids.numel())
-        err, rel, agreement = _head_check(head, f, sample or _sample_logits(model, plan, device))
-        # float16 rounding may flip a near-tie top-1 among the 64 sampled rows; a wrong head
-        # shows in the relative error long before that
-        tolerance, min_agreement = (1e-4, 0.99) if dtype == "float32" else (2e-2, 0.9)
-        f.attrs["head_check_max_abs_err"] = err
-        f.attrs["head_check_rel_err"] = rel
-        f.attrs["head_check_top1_agreement"] = agreement
-        if rel > tolerance or agreement < min_agreement:
-            raise NJTCError(
-                f"head(hidden/{n_layers}) does not reproduce the model's logits (relative error {rel:.2e}, "
-                f"top-1 agreement {agreement:.3f}); the architecture table is wrong for this model"
-            )
+        if not checked:
+            _head_check(head, f, _sample_logits(model, plan, device), model_dtype)
         f.attrs["complete"] = True
         f.close()
     except NJTCError:
@@ -399,8 +489,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="record every position, or one random position per sequence (JTC protocol)")
     p.add_argument("--max-tokens", type=int, help="bound on the rows written")
     p.add_argument("--val-fraction", type=float, default=0.25,
-                   help="fraction of sequences held out for validation (default: 0.25)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sequence sample, split and positions")
+                   help="fraction of the tokens held out for validation, as whole documents (default: 0.25)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document split, sequence sample and positions")
+    p.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
+                   help="start each sequence with the tokenizer's BOS token: auto (default: where the tokenizer "
+                   "adds one itself), always or never")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="storage type (float16 refuses activations beyond its range)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
@@ -436,7 +529,7 @@ def main(argv=None) -> int:
                 seq_len=args.seq_len, positions=args.positions, max_tokens=args.max_tokens,
                 val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
                 batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
-                progress=not args.no_progress and shard[0] == 0, shard=shard,
+                progress=not args.no_progress and shard[0] == 0, shard=shard, bos=args.bos,
             )
             ok = True
         finally:
@@ -449,7 +542,9 @@ def main(argv=None) -> int:
         with h5py.File(out, "r") as f:
             a = f.attrs
             print(f"wrote {out}: {a['n_rows']} rows x {a['n_layers'] + 1} layers x d={a['d_model']} "
-                  f"({int((f['split'][...] == VALIDATION).sum())} validation rows); head check: "
+                  f"({int((f['split'][...] == VALIDATION).sum())} validation rows from "
+                  f"{len(f['validation_documents'])} of {a['n_documents']} documents; "
+                  f"{'a BOS token' if a['bos'] else 'no BOS token'} at position 0); head check: "
                   f"relative error {a['head_check_rel_err']:.2e}, top-1 agreement "
                   f"{a['head_check_top1_agreement']:.3f}; {time.perf_counter() - start:.1f}s")
         return 0

@@ -49,7 +49,7 @@ def _inverse_norm_scale(norm: str, eps: float, y) -> torch.Tensor:
 
 def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "none", device="cpu",
                           chunk_rows: int = 4096, float64: bool = False, progress: bool = True,
-                          comm=None, row_weight: str = "none") -> Statistics:
+                          comm=None, row_weight: str = "none", skip_positions: int | None = None) -> Statistics:
     """Stream the training rows once and accumulate statistics of all ``layers`` against L.
 
     Parameters
@@ -60,7 +60,7 @@ def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "non
     input_norm : {"none", "layer", "rms"}
         Per-token normalisation of the source rows (N-NJTC with LayerNorm or RMS norm).
     device : str
-        Where the chunk GEMMs run.
+        Where the chunk GEMMs run and the statistics stay (the solve runs there too).
     chunk_rows : int
         Rows per chunk; memory is ``O(chunk_rows × d × layers + layers × d²)``.
     comm : njtc_solve.distributed.Communicator, optional
@@ -69,24 +69,29 @@ def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "non
         ``inv_sigma2`` weights each row by ``1/σ²`` of its target under the final norm
         (normalised by the first training chunk's mean), so that errors count as they do
         after the norm: the row weights of ``--weight logits``.
+    skip_positions : int, optional
+        Leave out rows at positions ``< skip_positions`` (default: the store's
+        :attr:`~njtc_solve.store.ActivationStore.default_skip_positions`, the first position).
 
     Returns
     -------
     Statistics
-        Also holds the pass's timing in ``meta`` (``seconds``, ``rows_per_s``, ``gflops``).
+        Also holds the pass's timing in ``meta`` (``seconds``, ``rows_per_s``, ``gflops``) and
+        the provenance that evaluation checks (``provenance``).
     """
     target = store.n_layers
+    skip = store.default_skip_positions if skip_positions is None else int(skip_positions)
     acc = MomentAccumulator(layers, input_norm, device, float64)
     shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
-    total = store.count("train") if comm is None else None
+    total = store.count("train", skip) if comm is None else None
     reading = sorted(set(layers) | {target})
     start = time.perf_counter()
     failure = None
     try:
-        if store.count("train") == 0:
-            raise NJTCError(f"{store.path} has no training rows")
+        if store.count("train", skip) == 0:
+            raise NJTCError(f"{store.path} has no training rows at positions >= {skip}")
         # every process shifts by the first training chunk's mean, as a single process would
-        _, first = next(store.iter_chunks(reading, split="train", chunk_rows=chunk_rows))
+        _, first = next(store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, skip_positions=skip))
         acc.shift_from_chunk({l: first[l] for l in layers}, first[target])
         weigh = None
         if row_weight == "inv_sigma2":
@@ -95,7 +100,8 @@ def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "non
             weigh = lambda y: _inverse_norm_scale(*norm, y) / scale
         with tqdm(total=total, unit="row", unit_scale=True, desc="statistics", leave=False,
                   disable=not progress) as bar:
-            for _, chunk in store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, shard=shard):
+            for _, chunk in store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, shard=shard,
+                                              skip_positions=skip):
                 acc.update({l: chunk[l] for l in layers}, chunk[target],
                            None if weigh is None else weigh(chunk[target]))
                 bar.update(len(chunk[target]))
@@ -108,17 +114,17 @@ def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "non
             if failure is not None:
                 raise failure
             raise NJTCError("another process failed during the statistics pass; no output written")
-        if acc.n == 0:  # this process's share held no training rows
-            acc.zero_like({l: store.d_model for l in layers}, store.d_model)
+        if acc.buffer is None:  # this process's share held no training rows
+            acc.allocate({l: store.d_model for l in layers}, store.d_model)
         comm.all_reduce(acc)
-    if device != "cpu" and torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     d = store.d_model
-    flops = 2.0 * acc.n * d * d * (2 * len(layers) + 1)
+    flops = 2.0 * acc.n_rows * d * d * (2 * len(layers) + 1)
     meta = {"target_layer": target, "model_sha256": store.model_sha256, "store": str(store.path),
-            "row_weight": row_weight,
-            "seconds": seconds, "rows_per_s": acc.n / seconds, "gflops": flops / seconds / 1e9,
+            "row_weight": row_weight, "provenance": {**store.provenance, "skip_positions": skip},
+            "seconds": seconds, "rows_per_s": acc.n_rows / seconds, "gflops": flops / seconds / 1e9,
             "device": str(device)}
     stats = acc.finalize(meta)
     stats.check_finite()
@@ -187,7 +193,8 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
     if residual and normalize in ("layer", "rms"):
         raise NJTCError("--residual works with --normalize none or batch")
     layers = sorted(stats.layers) if layers is None else layers
-    weight = None if weight_factor is None else weight_root(weight_factor)  # once, for every layer
+    # once, for every layer, where the statistics are
+    weight = None if weight_factor is None else weight_root(weight_factor.to(stats.cyy.device))
     missing = [l for l in layers if l not in stats.layers]
     if missing:
         raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
@@ -200,8 +207,9 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
         start = time.perf_counter()
         gxx, gxt, gtt, mean_x, mean_t, norm_mean, norm_scale = _prepare(stats, layer, normalize, residual,
                                                                          fit_intercept)
-        layer_alpha = gcv_alpha(gxx, gxt, gtt, stats.n)[0] if alpha == "auto" else float(alpha)
-        solution = solve_reduced_rank(gxx, gxt, layer_alpha, weight)
+        layer_alpha = (gcv_alpha(gxx, gxt, gtt, stats.n_rows, fit_intercept=fit_intercept)[0] if alpha == "auto"
+                       else float(alpha))
+        solution = solve_reduced_rank(gxx, gxt, layer_alpha, weight, rcond=stats.rcond)
         solve_s = time.perf_counter() - start
         for rank in ranks:
             u, v = solution.factors(rank)
@@ -217,14 +225,16 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
             records[rank][layer] = {
                 "train_mse": sse / (stats.n * d), "train_sse": sse, "r2": 1 - sse / total_var if total_var else 0.0,
                 "params": params, "reduction": 1 - params / (d * d), "alpha": layer_alpha,
-                "rank": None if v is None else u.shape[1], "solve_s": solve_s, "n_train": stats.n,
+                "rank": None if v is None else u.shape[1], "solve_s": solve_s, "n_train": stats.n_rows,
             }
     return [Shortcuts(method, outputs[r], int(stats.meta.get("target_layer", -1)),
                       stats.meta.get("model_sha256", ""), r, normalize, residual, fit_intercept,
                       alpha if alpha == "auto" else float(alpha),
                       "none" if weight_factor is None else "logits",
                       {"layers": records[r], "accumulation": {k: stats.meta.get(k) for k in
-                                                              ("seconds", "rows_per_s", "gflops", "device")}})
+                                                              ("seconds", "rows_per_s", "gflops", "device",
+                                                               "accumulation")}},
+                      provenance=stats.meta.get("provenance", {}))
             for r in ranks]
 
 
@@ -254,11 +264,15 @@ def _check_method(method, ranks, normalize, d=None):
 def fit_shortcuts(store, method: str = "nnjtc", ranks=(32,), layers=None, normalize=None,
                   residual: bool = False, weight: str = "none", fit_intercept: bool = True, alpha=0.0,
                   device="cpu", statistics=None, save_stats=None, chunk_rows: int = 4096,
-                  float64: bool = False, progress: bool = True, comm=None) -> list[Shortcuts]:
+                  float64: bool = False, progress: bool = True, comm=None,
+                  skip_positions: int | None = None) -> list[Shortcuts]:
     """Fit shortcuts of ``method`` from an activation store; one :class:`Shortcuts` per rank.
 
-    Reads the store once (or not at all when ``statistics`` is given). See
-    :func:`fit_from_statistics` for the parameters of the solve.
+    Reads the store once (or not at all when ``statistics`` is given); the solve runs on
+    ``device`` in float64. See :func:`accumulate_statistics` for the pass and
+    :func:`fit_from_statistics` for the parameters of the solve. Under a distributed run
+    (``comm``) each process solves its share of the layers and rank 0 returns them all
+    (the other processes return an empty list).
 
     Examples
     --------
@@ -271,29 +285,62 @@ def fit_shortcuts(store, method: str = "nnjtc", ranks=(32,), layers=None, normal
         method, ranks, normalize = _check_method(method, ranks, normalize, store.d_model)
         if weight not in ("none", "logits"):
             raise NJTCError("--weight must be none or logits")
-        if device != "cpu" and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise NJTCError("--device cuda was asked for but CUDA is not available")
+        if skip_positions is not None and skip_positions < 0:
+            raise NJTCError("--skip-positions must be 0 or more")
         layers = list(range(store.n_layers)) if layers is None else store.check_layers(layers)
         input_norm = normalize if normalize in ("layer", "rms") else "none"
         row_weight = "inv_sigma2" if weight == "logits" else "none"
         if statistics is None:
             stats = accumulate_statistics(store, layers, input_norm, device, chunk_rows, float64, progress, comm,
-                                          row_weight)
+                                          row_weight, skip_positions)
         else:
             stats = statistics if isinstance(statistics, Statistics) else Statistics.load(statistics)
+            stats = stats.to(device)
             if stats.meta.get("model_sha256") != store.model_sha256:
                 raise NJTCError("the statistics were accumulated from another model's store (model_sha256 differs)")
             if stats.meta.get("row_weight", "none") != row_weight:
                 raise NJTCError(f"--weight {weight} needs statistics with row weights {row_weight!r} "
                                 f"(these have {stats.meta.get('row_weight', 'none')!r})")
+            stored_skip = stats.meta.get("provenance", {}).get("skip_positions")
+            if skip_positions is not None and stored_skip is not None and skip_positions != stored_skip:
+                raise NJTCError(f"the statistics leave out positions < {stored_skip}, not < {skip_positions}")
         stats.meta["d_model"] = store.d_model
-        if save_stats is not None and (comm is None or comm.rank == 0):
-            stats.save(save_stats)
         factor = store.head().logit_weight_factor() if weight == "logits" else None
-        return fit_from_statistics(stats, method, ranks, layers, normalize, residual, factor, fit_intercept, alpha)
+
+        def solve(share):
+            if save_stats is not None and (comm is None or comm.rank == 0):
+                stats.save(save_stats)
+            return fit_from_statistics(stats, method, ranks, share, normalize, residual, factor, fit_intercept, alpha)
+
+        return solve(layers) if comm is None else _solve_shared(comm, solve, layers)
     finally:
         if own:
             store.close()
+
+
+def _solve_shared(comm, solve, layers) -> list[Shortcuts]:
+    """Each process solves every ``world_size``-th layer; rank 0 gathers and merges the maps."""
+    share, failure = [], None
+    try:
+        share = [sc.to("cpu") for sc in solve(layers[comm.rank::comm.world_size])]
+    except Exception as err:  # tell the peers before failing
+        failure = err
+    if not comm.vote(failure is None):
+        raise failure or NJTCError("another process failed while solving; no output written")
+    parts = comm.gather_to_root(share)
+    if comm.rank != 0:
+        return []
+    merged = parts[0]
+    for part in parts[1:]:
+        for into, sc in zip(merged, part):
+            into.maps.update(sc.maps)
+            into.stats["layers"].update(sc.stats["layers"])
+    for sc in merged:
+        sc.maps = dict(sorted(sc.maps.items()))
+        sc.stats["layers"] = dict(sorted(sc.stats["layers"].items()))
+    return merged
 
 
 def parse_layers(text: str | None):
@@ -351,12 +398,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--residual", action="store_true", help="fit identity plus a low-rank correction")
     p.add_argument("--weight", default="none", help="none (default) or logits: minimise the error in logit space")
     p.add_argument("--no-intercept", action="store_true", help="fit without a bias")
-    p.add_argument("--alpha", default="0", help="ridge penalty, or auto (generalised cross-validation)")
+    p.add_argument("--alpha", default="0", help="ridge penalty, or auto: generalised cross-validation per layer (one alpha serves every rank)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--out", default="shortcuts.safetensors", help="output file (default: shortcuts.safetensors; "
                    "several ranks give NAME-r{rank}.safetensors)")
     p.add_argument("--save-stats", help="also write the sufficient statistics here")
     p.add_argument("--stats", help="solve from saved statistics instead of reading the activations")
+    p.add_argument("--skip-positions", type=int, help="leave out rows at positions below this (default: 1, the "
+                   "BOS row, or the first token's attention sink where there is no BOS)")
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows per streamed chunk (default: 4096)")
     p.add_argument("--float64", action="store_true", help="accumulate with float64 GEMMs (slower)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -412,7 +461,7 @@ def _run(args, comm) -> int:
             store, args.method, parse_ranks(args.rank), parse_layers(args.layers),
             args.normalize, args.residual, args.weight, not args.no_intercept, _parse_alpha(args.alpha),
             device, args.stats, args.save_stats, args.chunk_rows, args.float64,
-            not args.no_progress and (comm is None or comm.rank == 0), comm)
+            not args.no_progress and (comm is None or comm.rank == 0), comm, args.skip_positions)
     if comm is not None and comm.rank != 0:
         return 0
     for sc, path in zip(shortcuts, output_paths(out, shortcuts)):

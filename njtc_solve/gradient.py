@@ -86,10 +86,15 @@ class GradientRun:
         return self.curve[-1][1]
 
 
-def load_training_rows(store: ActivationStore, layer: int, device="cpu"):
-    """The training rows of ``layer`` and of the target layer, as float32 tensors."""
+def load_training_rows(store: ActivationStore, layer: int, device="cpu", skip_positions: int | None = None):
+    """The training rows of ``layer`` and of the target layer, as float32 tensors.
+
+    The rows a closed-form fit uses: positions before ``skip_positions`` (default: the
+    store's first position) are left out.
+    """
+    skip = store.default_skip_positions if skip_positions is None else skip_positions
     xs, ys = [], []
-    for _, chunk in store.iter_chunks([layer, store.n_layers], split="train", chunk_rows=8192):
+    for _, chunk in store.iter_chunks([layer, store.n_layers], split="train", chunk_rows=8192, skip_positions=skip):
         xs.append(chunk[layer])
         ys.append(chunk[store.n_layers])
     if not xs:
@@ -170,4 +175,5 @@ def as_shortcuts(run: GradientRun, layer: int, store: ActivationStore, method: s
     """Wrap a trained module as a one-layer :class:`Shortcuts` labelled ``{method}-adam``."""
     m = run.module.to_shortcut_map()
     return Shortcuts(method, {layer: m}, store.n_layers, store.model_sha256, run.module.rank,
-                     m.normalize, label=f"{method}-adam")
+                     m.normalize, label=f"{method}-adam",
+                     provenance={**store.provenance, "skip_positions": store.default_skip_positions})

@@ -137,9 +137,12 @@ class Head:
         """Matrix ``F`` (d×V) whose Gram ``F Fᵀ`` weights errors in h by their effect on logits.
 
         The error ``e`` in the final-norm input changes the centred logits by approximately
-        ``(e / σ) diag(g) W_Uᵀ`` (σ the token's norm scale). Centring over the vocabulary
-        drops the direction that softmax ignores.
+        ``(e P / σ) diag(g) W_Uᵀ`` (σ the token's norm scale), where ``P = I - 11ᵀ/d`` is the
+        centring of a LayerNorm (``P = I`` for an RMS norm): a LayerNorm head never sees the
+        all-ones direction of its input, so neither does the weight. Centring over the
+        vocabulary drops the direction that softmax ignores.
         """
         w_u = self.unembed.to(torch.float64)
         w_u = w_u - w_u.mean(0, keepdim=True)
-        return self.norm_weight.to(torch.float64)[:, None] * w_u.T
+        factor = self.norm_weight.to(torch.float64)[:, None] * w_u.T
+        return factor - factor.mean(0, keepdim=True) if self.norm == "layernorm" else factor

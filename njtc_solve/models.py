@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .architectures import check_supported
 from .errors import NJTCError
 
 __all__ = ["DEFAULT_MODEL_PACKAGE", "default_model_path", "load_model", "model_sha256"]
@@ -48,6 +49,9 @@ def load_model(name: str | None = None, device: str = "cpu"):
     Returns
     -------
     model, tokenizer, name : the model, its tokenizer and the name recorded in the store.
+
+    An architecture missing from :data:`njtc_solve.architectures.ARCHITECTURES` is refused from
+    its configuration, before any weight is read.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,13 +75,32 @@ def load_model(name: str | None = None, device: str = "cpu"):
     else:
         source = name
     try:
+        check_supported(_model_type(source, kwargs.get("gguf_file")))
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NJTCError(f"cannot load model {name!r}: {first}") from err
     model.eval().to(device)
     return model, tokenizer, str(name)
+
+
+def _model_type(source: str, gguf_file: str | None) -> str:
+    """The ``model_type`` of a model from its configuration alone (no weights are read)."""
+    if gguf_file is None:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source).model_type
+    from gguf import GGUFReader
+
+    reader = GGUFReader(Path(source) / gguf_file)
+    field = reader.fields["general.architecture"]
+    architecture = bytes(field.parts[field.data[0]]).decode()
+    return _GGUF_MODEL_TYPES.get(architecture, architecture)
+
+
+# GGUF architecture names that differ from transformers' model_type
+_GGUF_MODEL_TYPES = {"gptneox": "gpt_neox", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 
 
 def model_sha256(model: torch.nn.Module) -> str:

@@ -107,6 +107,7 @@ class Shortcuts:
     weight: str = "none"
     stats: dict = field(default_factory=dict)
     label: str = ""  # overrides the derived name (e.g. "njtc-adam" for a gradient-trained map)
+    provenance: dict = field(default_factory=dict)  # the fit store's identity and split (store.provenance)
 
     @classmethod
     def identity(cls, layers, target_layer: int, model_sha256: str = "") -> Shortcuts:
@@ -158,6 +159,7 @@ class Shortcuts:
             "residual": b(self.residual), "fit_intercept": b(self.fit_intercept), "alpha": str(self.alpha),
             "weight": self.weight, "target_layer": str(self.target_layer), "model_sha256": self.model_sha256,
             "layers": json.dumps(sorted(self.maps)), "stats": json.dumps(self.stats), "label": self.label,
+            "provenance": json.dumps(self.provenance),
         }
         with atomic_output(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -178,7 +180,8 @@ class Shortcuts:
         return cls(meta["method"], maps, int(meta["target_layer"]), meta.get("model_sha256", ""),
                    None if meta["rank"] == "none" else int(meta["rank"]), normalize, residual,
                    meta["fit_intercept"] == "true", _alpha(meta["alpha"]), meta.get("weight", "none"),
-                   json.loads(meta.get("stats", "{}")), meta.get("label", ""))
+                   json.loads(meta.get("stats", "{}")), meta.get("label", ""),
+                   json.loads(meta.get("provenance", "{}")))
 
 
 def _alpha(text: str) -> float | str:

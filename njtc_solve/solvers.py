@@ -9,7 +9,22 @@ rank at once (design.md §6):
 * ``B = (C_xx + αI)^+ C_xy`` (least squares / ridge),
 * ``B_r = B V_r V_rᵀ`` with ``V_r`` the top right singular vectors of ``K`` (the eigenvectors
   of the fitted values' Gram matrix), and training loss ``loss(B) + Σ_{i>r} s_i²`` for α = 0,
-* weighted by ``Γ = F Fᵀ``: ``B_Γ,r = B F Q_r Q_rᵀ F^{-1}`` with ``Q_r`` the top right singular vectors of ``K F``.
+* weighted by ``Γ = F Fᵀ``: ``B_Γ,r = B F Q_r Q_rᵀ F⁺`` with ``Q_r`` the top right singular vectors of ``K F``.
+  Where ``Γ`` is singular (a LayerNorm head ignores the all-ones direction of its input), the
+  loss does not see the null directions ``N`` of the target; the rank-r map fits them by least
+  squares on its own r features (``V_r += C_r Nᵀ``), so they cost no extra rank.
+
+Examples
+--------
+>>> import torch
+>>> from njtc_solve.solvers import solve_reduced_rank
+>>> g = torch.Generator().manual_seed(0)
+>>> x = torch.randn(500, 6, generator=g, dtype=torch.float64)
+>>> y = x @ torch.randn(6, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 5, generator=g, dtype=torch.float64)
+>>> solution = solve_reduced_rank(x.T @ x, x.T @ y)
+>>> u, v = solution.factors(2)
+>>> bool(torch.allclose(x @ u @ v, y))
+True
 """
 
 from __future__ import annotations
@@ -28,15 +43,21 @@ def sum_squared_error(B: torch.Tensor, cxx: torch.Tensor, cxy: torch.Tensor, cyy
     return float(torch.trace(cyy) - 2 * (B * cxy).sum() + (B * (cxx @ B)).sum())
 
 
-def symmetric_sqrt(gram: torch.Tensor, ridge: float = 1e-8):
-    """Symmetric square root ``F`` of a PSD matrix and its inverse (``F Fᵀ = Γ + ε I``)."""
+def symmetric_sqrt(gram: torch.Tensor, rcond: float | None = None):
+    """Symmetric square root of a PSD matrix, its pseudo-inverse and its null space.
+
+    Returns ``(F, F⁺, N)`` with ``F F = Γ`` on the directions whose eigenvalue exceeds
+    ``rcond × λ_max`` (default ``d × eps``) and ``N`` (d × k) an orthonormal basis of the rest.
+    """
     lam, q = torch.linalg.eigh(gram)
-    lam = lam.clamp_min(0) + ridge * lam.max().clamp_min(1e-300)
-    return (q * lam.sqrt()) @ q.T, (q / lam.sqrt()) @ q.T
+    rcond = gram.shape[0] * torch.finfo(gram.dtype).eps if rcond is None else rcond
+    keep = lam > rcond * lam.max().clamp_min(1e-300)
+    root, qk = lam[keep].sqrt(), q[:, keep]
+    return (qk * root) @ qk.T, (qk / root) @ qk.T, q[:, ~keep]
 
 
 def weight_root(g: torch.Tensor):
-    """``(F, F⁻¹)`` for errors measured as ``‖e G‖²``: only ``G Gᵀ`` matters, so ``F`` is its
+    """``(F, F⁺, N)`` for errors measured as ``‖e G‖²``: only ``G Gᵀ`` matters, so ``F`` is its
     symmetric square root (d×d, whatever G's width). Compute once, reuse for every layer."""
     g = g.to(torch.float64)
     return symmetric_sqrt(g @ g.T)
@@ -54,9 +75,10 @@ class ReducedRankSolution:
         Singular values of the (weighted) whitened cross-covariance, descending; their
         squares are the loss reductions of successive ranks.
     basis : Tensor (d_y, k)
-        Right singular vectors ``V`` (or ``F Q`` when weighted), columns by importance.
+        Right singular vectors ``V`` (or ``F Q`` when weighted), columns by importance, each
+        signed so that its largest entry is positive (the factors are then reproducible).
     inverse_basis : Tensor (k, d_y)
-        ``Vᵀ`` (or ``Qᵀ F^{-1}``): the second factor of the rank-r map.
+        ``Vᵀ`` (or ``Qᵀ F⁺ + C Nᵀ``): the second factor of the rank-r map.
     """
 
     coef: torch.Tensor
@@ -101,11 +123,13 @@ def solve_reduced_rank(cxx, cxy, alpha: float = 0.0, weight=None, rcond=None) ->
     alpha : float
         Ridge penalty ``α‖B‖²``; the reduced-rank solutions then minimise the penalised loss
         under the rank constraint (reduced-rank ridge regression).
-    weight : (F, F⁻¹), optional
+    weight : (F, F⁺, N), optional
         From :func:`weight_root` of ``G``: errors are measured as ``‖(y - xB) G‖²`` (e.g. in
-        logit space).
+        logit space); target directions ``N`` that ``G`` ignores are fitted by least squares
+        on the rank-r features.
     rcond : float, optional
-        Relative eigenvalue cut-off of the pseudo-inverse (default ``d × eps``).
+        Relative eigenvalue cut-off of the pseudo-inverse of ``C_xx`` (default ``d × eps``;
+        :attr:`njtc_solve.stats.Statistics.rcond` matches it to the accumulation's precision).
 
     Returns
     -------
@@ -124,28 +148,40 @@ def solve_reduced_rank(cxx, cxy, alpha: float = 0.0, weight=None, rcond=None) ->
     if weight is None:
         s, v = _top_right_singular(k)
         return ReducedRankSolution(coef, s, v, v.T)
-    f, f_inv = weight
+    f, f_pinv, null = weight
     s, q = _top_right_singular(k @ f)
-    return ReducedRankSolution(coef, s, f @ q, q.T @ f_inv)
+    basis = f @ q
+    # least squares of the ignored target directions on the features a = x·coef·basis, whose
+    # Gram Σ aᵀa = diag(s²) (the whitening makes them orthogonal): C = diag(1/s²) basisᵀ KᵀK N
+    inv_s2 = torch.where(s > 0, 1.0 / s.clamp_min(1e-300) ** 2, torch.zeros_like(s))
+    null_coef = inv_s2[:, None] * (basis.T @ (k.T @ (k @ null)))
+    return ReducedRankSolution(coef, s, basis, q.T @ f_pinv + null_coef @ null.T)
 
 
 def _top_right_singular(k: torch.Tensor):
     """Singular values (descending) and right singular vectors of ``k``, from ``eigh(kᵀk)``.
 
     Twice as fast as an SVD at d = 576; the leading vectors, the only ones a reduced-rank
-    map uses, are as accurate (checked against a float64 SVD in the tests).
+    map uses, are as accurate (checked against a float64 SVD in the tests). Each vector is
+    signed so that its entry of largest magnitude is positive.
     """
     lam, v = torch.linalg.eigh(k.T @ k)
     lam, v = lam.flip(0).clamp_min(0), v.flip(1)
     n = min(k.shape)
-    return lam[:n].sqrt(), v[:, :n]
+    v = v[:, :n]
+    peak = v.abs().argmax(0)
+    sign = torch.sign(v[peak, torch.arange(n, device=v.device)])
+    v = v * torch.where(sign == 0, 1.0, sign)
+    return lam[:n].sqrt(), v
 
 
-def gcv_alpha(cxx, cxy, cyy, n: int, grid=None) -> tuple[float, dict]:
+def gcv_alpha(cxx, cxy, cyy, n: int, grid=None, fit_intercept: bool = True) -> tuple[float, dict]:
     """Choose the ridge penalty by generalised cross-validation, from statistics alone.
 
-    ``GCV(α) = (SSE(α)/n) / (1 - df(α)/n)²`` with ``df(α) = Σ λ_i/(λ_i + α)``; both terms
-    follow from the eigendecomposition of ``C_xx`` without touching the data again.
+    ``GCV(α) = (SSE(α)/n) / (1 - df(α)/n)²`` with ``df(α) = Σ λ_i/(λ_i + α)``, plus one for
+    the intercept when there is one; both terms follow from the eigendecomposition of ``C_xx``
+    without touching the data again. ``n`` is the number of rows (not a total row weight).
+    One α serves every rank: it is chosen for the full-rank ridge fit.
 
     Returns
     -------
@@ -165,7 +201,7 @@ def gcv_alpha(cxx, cxy, cyy, n: int, grid=None) -> tuple[float, dict]:
         denom = lam + alpha
         ok = denom > lam.max() * cxx.shape[0] * torch.finfo(torch.float64).eps
         sse = float(torch.trace(cyy) - ((2 / denom[ok] - lam[ok] / denom[ok] ** 2) * p2[ok]).sum())
-        df = float((lam[ok] / denom[ok]).sum())
+        df = float((lam[ok] / denom[ok]).sum()) + (1 if fit_intercept else 0)
         if df < n:
             scores[float(alpha)] = (max(sse, 0.0) / n) / (1 - df / n) ** 2
     if not scores:

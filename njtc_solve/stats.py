@@ -8,7 +8,22 @@ ranks, ridge penalties and methods fitted afterwards.
 Numerics (design.md §6): each chunk is shifted by a fixed vector (the first chunk's mean),
 multiplied in float32 with ``torch.set_float32_matmul_precision("highest")`` and added into
 float64 accumulators. Plain float32 accumulation of transformer activations, whose outlier
-features reach 1e3–1e5, gives visibly wrong maps over 1e5 rows.
+features reach 1e3–1e5, gives visibly wrong maps over 1e5 rows. LayerNorm-normalised inputs
+are orthogonal to the all-ones vector, so that direction is projected out of their
+statistics exactly: float32 rounding would otherwise leave it at ±1e-9 of the largest
+eigenvalue, where a pseudo-inverse may keep it.
+
+Examples
+--------
+>>> import torch
+>>> from njtc_solve.stats import MomentAccumulator
+>>> x, y = torch.randn(1000, 8), torch.randn(1000, 4)
+>>> acc = MomentAccumulator([3])
+>>> for i in range(0, 1000, 256):
+...     acc.update({3: x[i:i + 256]}, y[i:i + 256])
+>>> stats = acc.finalize()
+>>> stats.n, tuple(stats.layers[3].cxy.shape), stats.layers[3].cxy.dtype
+(1000, (8, 4), torch.float64)
 """
 
 from __future__ import annotations
@@ -22,10 +37,20 @@ from safetensors.torch import save_file
 
 from .errors import NJTCError, atomic_output, read_safetensors
 
-__all__ = ["NORMALIZATIONS", "LayerMoments", "MomentAccumulator", "Statistics", "normalize_rows"]
+__all__ = ["NORMALIZATIONS", "LayerMoments", "MomentAccumulator", "Statistics", "normalize_rows",
+           "project_out_ones"]
 
 NORMALIZATIONS = ("none", "batch", "layer", "rms")
 ROW_NORM_EPS = 1e-5
+# Rows per GEMM: the float32 sum inside one GEMM is the dominant rounding error (it grows like
+# √rows), so long chunks are multiplied in blocks of this many rows, each added into float64.
+# 1024 halves the error of 4096-row GEMMs on SmolLM2's activations at a few % of throughput.
+GEMM_ROWS = 1024
+# Relative eigenvalue cut-off of the pseudo-inverse, by the precision of the chunk GEMMs.
+# float32: its unit roundoff (~6e-8), well above the ~1e-10…1e-9 rounding noise that shifted
+# float32 accumulation leaves on the eigenvalues (measured in the tests), so a direction is
+# kept only where the statistics resolve it. float64: d × its machine epsilon.
+RCOND = {"float32": float(np.finfo(np.float32).eps) / 2, "float64": None}
 
 
 def normalize_rows(x: torch.Tensor, kind: str, eps: float = ROW_NORM_EPS) -> torch.Tensor:
@@ -37,6 +62,18 @@ def normalize_rows(x: torch.Tensor, kind: str, eps: float = ROW_NORM_EPS) -> tor
     elif kind != "rms":
         raise NJTCError(f"unknown normalization {kind!r}; choose from {', '.join(NORMALIZATIONS)}")
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def project_out_ones(m: LayerMoments) -> LayerMoments:
+    """Moments of inputs orthogonal to the all-ones vector, with that direction removed exactly.
+
+    ``P = I - 11ᵀ/d``: returns ``P x̄``, ``P C_xx P`` and ``P C_xy``. LayerNorm outputs satisfy
+    ``x·1 = 0``, so this changes only rounding noise, and a solve then sees ``1`` as an exact
+    null direction of ``C_xx`` with no component in ``C_xy``.
+    """
+    cxx = m.cxx - m.cxx.mean(0, keepdim=True)
+    return LayerMoments(m.mean_x - m.mean_x.mean(), cxx - cxx.mean(1, keepdim=True),
+                        m.cxy - m.cxy.mean(0, keepdim=True))
 
 
 @dataclass
@@ -63,7 +100,9 @@ class Statistics:
     input_norm : str
         Per-token normalisation applied to the source rows before accumulation.
     meta : dict
-        Provenance (``target_layer``, ``model_sha256``, store path ...).
+        Provenance (``target_layer``, ``model_sha256``, store path, ``accumulation`` dtype ...).
+    n_rows : int, optional
+        Rows accumulated, whatever their weights (defaults to ``n``).
     """
 
     n: int | float
@@ -72,6 +111,16 @@ class Statistics:
     layers: dict[int, LayerMoments]
     input_norm: str = "none"
     meta: dict = field(default_factory=dict)
+    n_rows: int | None = None
+
+    def __post_init__(self):
+        if self.n_rows is None:
+            self.n_rows = int(round(self.n))
+
+    @property
+    def rcond(self) -> float | None:
+        """Relative eigenvalue cut-off that matches the precision the statistics were summed in."""
+        return RCOND[self.meta.get("accumulation", "float64")]
 
     def raw(self, layer: int):
         """Uncentred Gram matrices ``(XᵀX, XᵀY, YᵀY)`` for fits without an intercept."""
@@ -79,6 +128,12 @@ class Statistics:
         return (m.cxx + self.n * torch.outer(m.mean_x, m.mean_x),
                 m.cxy + self.n * torch.outer(m.mean_x, self.mean_y),
                 self.cyy + self.n * torch.outer(self.mean_y, self.mean_y))
+
+    def to(self, device) -> Statistics:
+        """The same statistics with every tensor on ``device``."""
+        layers = {k: LayerMoments(*(t.to(device) for t in vars(m).values())) for k, m in self.layers.items()}
+        return Statistics(self.n, self.mean_y.to(device), self.cyy.to(device), layers, self.input_norm,
+                          dict(self.meta), self.n_rows)
 
     def __add__(self, other: Statistics) -> Statistics:
         """Combine statistics of disjoint row sets (Chan et al.'s pairwise update)."""
@@ -97,19 +152,20 @@ class Statistics:
                                        a.cxx + b.cxx + n * wa * wb * torch.outer(dx, dx),
                                        a.cxy + b.cxy + n * wa * wb * torch.outer(dx, dy))
         return Statistics(n, self.mean_y + wb * dy, self.cyy + other.cyy + n * wa * wb * torch.outer(dy, dy),
-                          layers, self.input_norm, dict(self.meta))
+                          layers, self.input_norm, dict(self.meta), self.n_rows + other.n_rows)
 
     def check_finite(self) -> None:
         """Raise when any statistic holds NaN or Inf (corrupt activations)."""
         tensors = [self.mean_y, self.cyy] + [t for m in self.layers.values() for t in vars(m).values()]
         if not all(torch.isfinite(t).all() for t in tensors):
             raise NJTCError("the statistics contain NaN or Inf; the activations are corrupt")
-        if self.n < 2:
-            raise NJTCError(f"only {self.n} training rows; a fit needs at least 2")
+        if self.n_rows < 2:
+            raise NJTCError(f"only {self.n_rows} training rows; a fit needs at least 2")
 
     def save(self, path) -> None:
         """Write to a safetensors file (atomically)."""
-        tensors = {"n": torch.tensor([self.n], dtype=torch.float64), "mean_y": self.mean_y, "cyy": self.cyy}
+        tensors = {"n": torch.tensor([self.n], dtype=torch.float64),
+                   "n_rows": torch.tensor([self.n_rows], dtype=torch.int64), "mean_y": self.mean_y, "cyy": self.cyy}
         for key, m in self.layers.items():
             tensors.update({f"layers.{key}.mean_x": m.mean_x, f"layers.{key}.cxx": m.cxx,
                             f"layers.{key}.cxy": m.cxy})
@@ -126,12 +182,22 @@ class Statistics:
         layers = {k: LayerMoments(tensors[f"layers.{k}.mean_x"], tensors[f"layers.{k}.cxx"],
                                   tensors[f"layers.{k}.cxy"]) for k in keys}
         n = float(tensors["n"][0])
+        n_rows = int(tensors["n_rows"][0]) if "n_rows" in tensors else None
         return cls(int(n) if n.is_integer() else n, tensors["mean_y"], tensors["cyy"], layers, meta["input_norm"],
-                   json.loads(meta.get("meta", "{}")))
+                   json.loads(meta.get("meta", "{}")), n_rows)
+
+
+def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``total += aᵀb``, one GEMM per :data:`GEMM_ROWS` rows, each added into ``total`` (float64)."""
+    for start in range(0, a.shape[0], GEMM_ROWS):
+        total += a[start:start + GEMM_ROWS].T @ b[start:start + GEMM_ROWS]
 
 
 class MomentAccumulator:
     """Streaming shifted sums of several source blocks against one shared target.
+
+    Every sum lives in one flat float64 buffer on ``device`` (the row counts in its first
+    two entries), so a distributed fit all-reduces it in place, without a copy.
 
     Parameters
     ----------
@@ -140,32 +206,43 @@ class MomentAccumulator:
     input_norm : {"none", "layer", "rms"}
         Per-token normalisation applied to each source row before accumulating.
     device : str
-        Where the chunk GEMMs run (``"cpu"`` or ``"cuda"``).
+        Where the chunk GEMMs run and the sums live (``"cpu"`` or ``"cuda"``).
     float64 : bool
         Do the chunk GEMMs in float64 too (slower; float32 with a shift is accurate).
-
-    Examples
-    --------
-    >>> acc = MomentAccumulator([3, 7])                       # doctest: +SKIP
-    >>> for rows, chunk in store.iter_chunks([3, 7, 30]):     # doctest: +SKIP
-    ...     acc.update({3: chunk[3], 7: chunk[7]}, chunk[30])
-    >>> stats = acc.finalize()                                # doctest: +SKIP
     """
 
     def __init__(self, keys, input_norm: str = "none", device="cpu", float64: bool = False):
+        if input_norm not in ("none", "layer", "rms"):
+            raise NJTCError(f"unknown input normalization {input_norm!r}; choose none, layer or rms")
         self.keys = list(keys)
         self.input_norm = input_norm
         self.device = torch.device(device)
         self.dtype = torch.float64 if float64 else torch.float32
-        self.n = 0
+        self.n: int | float = 0
+        self.n_rows = 0
         self.shift_x: dict | None = None
         self.shift_y: torch.Tensor | None = None
+        self.buffer: torch.Tensor | None = None
         self.sums: dict[str, torch.Tensor] = {}
 
     def _as_tensor(self, a) -> torch.Tensor:
         if isinstance(a, np.ndarray):
             a = torch.from_numpy(a if a.flags.writeable else a.copy())
         return a.to(self.device, self.dtype)
+
+    def _normalized(self, a) -> torch.Tensor:
+        """Source rows after the input normalisation, in the GEMM dtype."""
+        return normalize_rows(self._as_tensor(a), self.input_norm)
+
+    def allocate(self, d_x: dict, d_y: int) -> None:
+        """Create the zeroed buffer and its named views (done by the first chunk, or by hand)."""
+        shapes = {"sum_y": (d_y,), "syy": (d_y, d_y)}
+        for k in self.keys:
+            shapes.update({f"sum_x.{k}": (d_x[k],), f"sxx.{k}": (d_x[k], d_x[k]), f"sxy.{k}": (d_x[k], d_y)})
+        sizes = [int(np.prod(s)) for s in shapes.values()]
+        self.buffer = torch.zeros(2 + sum(sizes), dtype=torch.float64, device=self.device)
+        parts = self.buffer[2:].split(sizes)
+        self.sums = {name: part.view(shape) for (name, shape), part in zip(shapes.items(), parts)}
 
     def set_shift(self, shift_x: dict, shift_y: torch.Tensor) -> None:
         """Fix the shift (all processes of a distributed fit must use the same one)."""
@@ -174,7 +251,7 @@ class MomentAccumulator:
 
     def shift_from_chunk(self, xs: dict, y) -> None:
         """Use a chunk's means (after the input normalisation) as the fixed shift."""
-        self.set_shift({k: normalize_rows(self._as_tensor(xs[k]), self.input_norm).mean(0) for k in self.keys},
+        self.set_shift({k: self._normalized(xs[k]).mean(0) for k in self.keys},
                        self._as_tensor(y).mean(0))
 
     def update(self, xs: dict, y, weight=None) -> None:
@@ -192,66 +269,50 @@ class MomentAccumulator:
 
     def _update(self, xs, y, weight):
         y = self._as_tensor(y)
-        xs = {k: normalize_rows(self._as_tensor(xs[k]), self.input_norm) for k in self.keys}
+        xs = {k: self._normalized(xs[k]) for k in self.keys}
         if y.shape[0] == 0:
             return
         if self.shift_y is None:
             self.set_shift({k: x.mean(0) for k, x in xs.items()}, y.mean(0))
+        if self.buffer is None:
+            self.allocate({k: x.shape[1] for k, x in xs.items()}, y.shape[1])
         # weighted rows: scale by √w so the GEMMs give Σ w·(…); the sums take w itself
         sqrt_w = None if weight is None else weight.sqrt()[:, None]
         root = (lambda t: t) if sqrt_w is None else (lambda t: t * sqrt_w)
         ys = root(y - self.shift_y)
-        self._add("sum_y", root(ys).sum(0))
-        self._add("syy", ys.T @ ys)
+        self.sums["sum_y"] += root(ys).sum(0)
+        _add_gram(self.sums["syy"], ys, ys)
         for k, x in xs.items():
             x = root(x - self.shift_x[k])
-            self._add(f"sum_x.{k}", root(x).sum(0))
-            self._add(f"sxx.{k}", x.T @ x)
-            self._add(f"sxy.{k}", x.T @ ys)
+            self.sums[f"sum_x.{k}"] += root(x).sum(0)
+            _add_gram(self.sums[f"sxx.{k}"], x, x)
+            _add_gram(self.sums[f"sxy.{k}"], x, ys)
         self.n += y.shape[0] if weight is None else float(weight.double().sum())
+        self.n_rows += y.shape[0]
 
-    def _add(self, name, value):
-        value = value.to(torch.float64)
-        if name in self.sums:
-            self.sums[name] += value
-        else:
-            self.sums[name] = value.clone()
+    def packed(self) -> torch.Tensor:
+        """The buffer itself, row counts included: all-reduce it in place, then :meth:`unpacked`."""
+        self.buffer[0], self.buffer[1] = float(self.n), float(self.n_rows)
+        return self.buffer
 
-    def pack(self) -> torch.Tensor:
-        """All sums and the row count in one float64 buffer (for one all-reduce)."""
-        parts = [torch.tensor([float(self.n)], dtype=torch.float64, device=self.device)]
-        parts += [self.sums[name].reshape(-1) for name in sorted(self.sums)]
-        return torch.cat(parts)
-
-    def unpack(self, buffer: torch.Tensor) -> None:
-        """Replace the sums by those of a (reduced) buffer made by :meth:`pack`."""
-        total = buffer[0].item()  # a row count, or a total row weight
-        self.n = int(total) if float(total).is_integer() else total
-        offset = 1
-        for name in sorted(self.sums):
-            size = self.sums[name].numel()
-            self.sums[name] = buffer[offset: offset + size].reshape(self.sums[name].shape).clone()
-            offset += size
-
-    def zero_like(self, d_x: dict, d_y: int) -> None:
-        """Create zero sums of the right shapes (for a process that received no rows)."""
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=self.device)
-        self.sums = {"sum_y": z(d_y), "syy": z(d_y, d_y)}
-        for k in self.keys:
-            self.sums.update({f"sum_x.{k}": z(d_x[k]), f"sxx.{k}": z(d_x[k], d_x[k]), f"sxy.{k}": z(d_x[k], d_y)})
+    def unpacked(self) -> None:
+        """Read the row counts back from a (reduced) buffer."""
+        total = float(self.buffer[0])  # a row count, or a total row weight
+        self.n = int(total) if total.is_integer() else total
+        self.n_rows = int(self.buffer[1])
 
     def finalize(self, meta: dict | None = None) -> Statistics:
-        """Convert the shifted sums into centred float64 statistics (on the CPU)."""
-        if self.n == 0:
+        """Convert the shifted sums into centred float64 statistics (on the accumulator's device)."""
+        if self.n_rows == 0:
             raise NJTCError("no rows were accumulated (the store has no training rows?)")
-        n = self.n
-        cpu = {k: v.cpu() for k, v in self.sums.items()}
-        my = cpu["sum_y"] / n
-        cyy = cpu["syy"] - n * torch.outer(my, my)
+        n, s = self.n, self.sums
+        my = s["sum_y"] / n
+        cyy = s["syy"] - n * torch.outer(my, my)
         layers = {}
         for k in self.keys:
-            mx = cpu[f"sum_x.{k}"] / n
-            layers[k] = LayerMoments(mx + self.shift_x[k].cpu().double(),
-                                     cpu[f"sxx.{k}"] - n * torch.outer(mx, mx),
-                                     cpu[f"sxy.{k}"] - n * torch.outer(mx, my))
-        return Statistics(n, my + self.shift_y.cpu().double(), cyy, layers, self.input_norm, dict(meta or {}))
+            mx = s[f"sum_x.{k}"] / n
+            m = LayerMoments(mx + self.shift_x[k].double(), s[f"sxx.{k}"] - n * torch.outer(mx, mx),
+                             s[f"sxy.{k}"] - n * torch.outer(mx, my))
+            layers[k] = project_out_ones(m) if self.input_norm == "layer" else m
+        meta = {**(meta or {}), "accumulation": "float64" if self.dtype == torch.float64 else "float32"}
+        return Statistics(n, my + self.shift_y.double(), cyy, layers, self.input_norm, meta, self.n_rows)

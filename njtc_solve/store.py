@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -10,11 +13,16 @@ import numpy as np
 from .errors import NJTCError, atomic_output
 from .head import Head
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "TRAIN", "VALIDATION", "ActivationStore", "combine_shards", "shard_path"]
+__all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "TRAIN", "VALIDATION", "ActivationStore",
+           "combine_shards", "shard_path"]
 
 FORMAT = "njtc-activations"
 FORMAT_VERSION = 1
 TRAIN, VALIDATION = 0, 1
+FINAL_TOPK = 10  # the model's own top-k stored per row (`/final_topk`)
+# Fits and evaluation leave out rows before this position by default: position 0 is the BOS
+# token where the model has one, else the first token, an attention sink with a huge norm.
+DEFAULT_SKIP_POSITIONS = 1
 _SPLITS = {"train": TRAIN, "validation": VALIDATION, "val": VALIDATION}
 
 
@@ -61,6 +69,7 @@ class ActivationStore:
             raise NJTCError(f"{self.path} lacks {missing[0] if missing else 'split or head'}; the file is damaged")
         self.n_rows = int(attrs["rows_written"]) if allow_incomplete else int(self.file["tokens"].shape[0])
         self._split = self.file["split"][: self.n_rows]
+        self._position = self.file["position"][: self.n_rows] if "position" in self.file else None
 
     # -- metadata -------------------------------------------------------------------------
     @property
@@ -76,6 +85,34 @@ class ActivationStore:
     def split(self) -> np.ndarray:
         """Per-row split codes: 0 train, 1 validation."""
         return self._split
+
+    default_skip_positions = DEFAULT_SKIP_POSITIONS
+
+    @cached_property
+    def validation_documents(self) -> np.ndarray | None:
+        """Every document the extraction assigned to validation (``None`` for a store split by sequence)."""
+        if "validation_documents" not in self.file:
+            return None
+        return np.asarray(self.file["validation_documents"][...], dtype=np.int64)
+
+    @cached_property
+    def provenance(self) -> dict:
+        """What identifies this store's rows and split; fits record it, evaluation compares it.
+
+        ``split_by`` is ``"document"`` (with the full list of ``validation_documents``) for
+        stores split by document, ``"sequence"`` for format-1 stores made before that.
+        """
+        a = self.attrs
+        out = {"store": str(self.path), "corpus_sha256": a.get("corpus_sha256"), "seed": a.get("seed"),
+               "val_fraction": a.get("val_fraction"), "seq_len": a.get("seq_len"), "positions": a.get("positions"),
+               "max_tokens": a.get("max_tokens"), "bos": a.get("bos", False)}
+        if self.validation_documents is not None:
+            out.update(split_by="document", validation_documents=self.validation_documents.tolist())
+        else:
+            out["split_by"] = "sequence"
+        key = json.dumps({k: out[k] for k in sorted(out) if k not in ("store", "bos")}, default=str)
+        out["split_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return out
 
     def head(self) -> Head:
         """The model's final norm and unembedding."""
@@ -94,10 +131,18 @@ class ActivationStore:
             raise NJTCError(f"unknown split {split!r}; use 'train' or 'validation'")
         return _SPLITS[split]
 
-    def count(self, split=None) -> int:
-        """Number of rows in a split (all rows for ``None``)."""
+    def selection(self, split=None, skip_positions: int = 0, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Boolean mask of the rows ``start:stop`` in ``split`` at positions ``>= skip_positions``."""
         code = self.split_code(split)
-        return self.n_rows if code is None else int((self._split == code).sum())
+        stop = self.n_rows if stop is None else stop
+        keep = np.ones(stop - start, bool) if code is None else self._split[start:stop] == code
+        if skip_positions > 0 and self._position is not None:
+            keep &= self._position[start:stop] >= skip_positions
+        return keep
+
+    def count(self, split=None, skip_positions: int = 0) -> int:
+        """Number of rows in a split (all rows for ``None``), leaving out positions ``< skip_positions``."""
+        return int(self.selection(split, skip_positions).sum())
 
     def check_layers(self, layers) -> list[int]:
         """Validate layer indices against the store; returns them as a list of ints."""
@@ -109,7 +154,7 @@ class ActivationStore:
 
     # -- streaming ------------------------------------------------------------------------
     def iter_chunks(self, layers, split=None, chunk_rows: int = 4096, max_rows: int | None = None,
-                    shard: tuple[int, int] = (0, 1)):
+                    shard: tuple[int, int] = (0, 1), skip_positions: int = 0):
         """Yield ``(row_indices, {layer: float32 array (rows, d)})`` in row order.
 
         Parameters
@@ -124,26 +169,27 @@ class ActivationStore:
             Stop after this many selected rows.
         shard : (rank, world)
             Read only every ``world``-th window, starting at ``rank`` (for scale-out).
+        skip_positions : int
+            Leave out rows at positions ``< skip_positions`` (the BOS / attention-sink row).
         """
         layers = self.check_layers(layers)
-        code = self.split_code(split)
+        self.split_code(split)  # an unknown split is an error before any read
         rank, world = shard
         taken = 0
         for number, start in enumerate(range(0, self.n_rows, chunk_rows)):
             if number % world != rank:
                 continue
             stop = min(start + chunk_rows, self.n_rows)
-            mask = slice(None) if code is None else self._split[start:stop] == code
-            rows = np.arange(start, stop)[mask]
+            rows = np.arange(start, stop)[self.selection(split, skip_positions, start, stop)]
             if rows.size == 0:
                 continue
             if max_rows is not None and taken + rows.size > max_rows:
                 rows = rows[: max_rows - taken]
-                mask = rows - start
+            pick = slice(None) if rows.size == stop - start else rows - start
             chunk = {}
             for layer in layers:
                 data = self.file[f"hidden/{layer}"][start:stop]
-                chunk[layer] = np.asarray(data[mask], dtype=np.float32)
+                chunk[layer] = np.asarray(data[pick], dtype=np.float32)
             taken += rows.size
             yield rows, chunk
             if max_rows is not None and taken >= max_rows:
@@ -173,7 +219,7 @@ def shard_path(out, rank: int, world: int) -> Path:
 
 _SAME_ACROSS_SHARDS = ("format", "format_version", "model", "architecture", "n_layers", "d_model", "vocab_size",
                        "dtype", "seq_len", "positions", "corpus", "corpus_sha256", "model_sha256", "seed",
-                       "val_fraction", "max_tokens")
+                       "val_fraction", "max_tokens", "bos")
 
 
 def combine_shards(out, shards, overwrite: bool = True) -> Path:
@@ -195,6 +241,7 @@ def combine_shards(out, shards, overwrite: bool = True) -> Path:
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         names = ["hidden/" + str(l) for l in range(opened[0].n_layers + 1)]
         names += ["tokens", "sequence", "position", "split", "final_top1"]
+        names += [name for name in ("document", "final_topk") if name in first]
         with atomic_output(out, overwrite) as tmp, h5py.File(tmp, "w") as f:
             for key, value in first.attrs.items():
                 f.attrs[key] = value
@@ -210,6 +257,8 @@ def combine_shards(out, shards, overwrite: bool = True) -> Path:
                     layout[int(a):int(b)] = source
                 f.create_virtual_dataset(name, layout)
             first.copy("head", f)
+            if "validation_documents" in first:
+                first.copy("validation_documents", f)
     finally:
         for store in opened:
             store.close()

@@ -58,7 +58,7 @@ def test_two_process_fit_equals_single_process(tiny_store, tmp_path):
                               rtol=1e-5, atol=1e-6)
 
 
-def _failing_worker(rank, world, port, store, out, fail_rank, results):
+def _failing_worker(rank, world, port, store, out, fail_rank, results, marker):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       NJTC_DIST_TIMEOUT="60")
     from njtc_solve import fit, stats
@@ -68,11 +68,13 @@ def _failing_worker(rank, world, port, store, out, fail_rank, results):
         original = stats.MomentAccumulator.update
         calls = {"n": 0}
 
-        def update(self, xs, y):
+        def update(self, xs, y, weight=None):  # the signature of MomentAccumulator.update
             calls["n"] += 1
             if calls["n"] > 1:
+                with open(marker, "w") as f:  # proof that the fault ran, after a successful chunk
+                    f.write(str(calls["n"]))
                 raise OSError("disk read failed")
-            return original(self, xs, y)
+            return original(self, xs, y, weight)
 
         stats.MomentAccumulator.update = update
     try:
@@ -84,11 +86,13 @@ def _failing_worker(rank, world, port, store, out, fail_rank, results):
 
 def test_a_failing_process_fails_the_run_and_writes_nothing(tiny_store, tmp_path):
     out = tmp_path / "never.safetensors"
+    marker = tmp_path / "fault-ran"
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
         port = _free_port()
-        procs = [ctx.Process(target=_failing_worker, args=(r, 2, port, str(tiny_store), str(out), 1, results))
+        procs = [ctx.Process(target=_failing_worker,
+                             args=(r, 2, port, str(tiny_store), str(out), 1, results, str(marker)))
                  for r in range(2)]
         for p in procs:
             p.start()
@@ -96,7 +100,9 @@ def test_a_failing_process_fails_the_run_and_writes_nothing(tiny_store, tmp_path
             p.join(120)
             assert not p.is_alive(), "a process hung after its peer failed"
         outcome = dict(results)
-    assert outcome[0] != 0 and outcome[1] != 0, outcome
+    assert marker.read_text() == "2", "the injected fault did not run on the second chunk"
+    assert outcome[1] not in (0, 2), outcome  # the OSError itself, not a one-line user error
+    assert outcome[0] == 2, outcome  # the peer: "another process failed", exit 2
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
 
 

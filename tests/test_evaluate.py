@@ -28,8 +28,9 @@ def _softmax(z):
 def write_store(path, hidden, split, sha="abc"):
     """An activation store written by hand from design.md §3 (not by our extractor).
 
-    Head: RMS norm with unit gain and a negligible epsilon, identity unembedding, so the
-    logits are ``h / rms(h)``.
+    Head: RMS norm with a random gain ``g`` and a negligible epsilon, unembedding
+    ``diag(1/g)``, so the logits are ``h / rms(h)`` while a norm applied twice (or a gain
+    dropped) changes them. Every row is at position 1, past the skipped first position.
     """
     n = len(split)
     with h5py.File(path, "w") as f:
@@ -42,11 +43,12 @@ def write_store(path, hidden, split, sha="abc"):
             f[f"hidden/{layer}"] = np.asarray(rows, np.float32)
         f["tokens"] = np.zeros(n, np.int32)
         f["sequence"] = np.arange(n, dtype=np.int32)
-        f["position"] = np.zeros(n, np.int32)
+        f["position"] = np.ones(n, np.int32)
         f["split"] = np.asarray(split, np.uint8)
         f["final_top1"] = np.asarray(hidden[len(hidden) - 1], np.float32).argmax(1).astype(np.int32)
-        f["head/norm_weight"] = np.ones(D, np.float32)
-        f["head/unembed"] = np.eye(V, D, dtype=np.float32)
+        gain = np.random.default_rng(0).uniform(0.5, 1.5, D).astype(np.float32)
+        f["head/norm_weight"] = gain
+        f["head/unembed"] = np.diag(1 / gain).astype(np.float32)
         f["head"].attrs.update({"norm": "rmsnorm", "eps": 1e-12})
     return path
 
@@ -66,8 +68,16 @@ def _exact(layers=(0, 1)):
     return Shortcuts("jtc", {l: ShortcutMap(weight=torch.eye(D)) for l in layers}, 2, "abc")
 
 
+def test_the_hand_store_head_exposes_a_double_norm(hand_store):
+    with ActivationStore(hand_store) as store:
+        head, h = store.head(), torch.from_numpy(store.file["hidden/2"][...])
+    once = head.logits(h)
+    assert torch.allclose(once, h / h.pow(2).mean(1, keepdim=True).sqrt(), atol=1e-5)
+    assert (head.logits(head.normalize(h)) - once).abs().max() > 1e-2
+
+
 def test_a_perfect_shortcut_scores_one_and_zero_kl(hand_store):
-    result = evaluate_shortcuts(hand_store, [_exact()], progress=False)
+    result = evaluate_shortcuts(hand_store, [_exact()], progress=False, allow_overlap=True)
     p1 = {(r["method"], r["layer"]): r for r in result.records}
     rec = p1["jtc", 1]
     with h5py.File(hand_store) as f:

@@ -21,9 +21,35 @@ from njtc_solve.store import ActivationStore
 
 
 def _train_rows(store_path, layer):
+    """The rows a fit uses, read independently of the fit: training split, position >= 1."""
     with ActivationStore(store_path) as store:
-        rows = np.flatnonzero(store.split == 0)
+        rows = np.flatnonzero((store.split == 0) & (store.read("position") >= 1))
         return store.file[f"hidden/{layer}"][...][rows], store.file[f"hidden/{store.n_layers}"][...][rows]
+
+
+def brute_force_rrr(x, y, rank, row_weight=None, g=None):
+    """Reduced-rank regression with intercept by SVD of the fitted values (numpy, float64).
+
+    Rows weighted by ``row_weight``; errors measured as ``‖e g‖²`` when ``g`` is given (the
+    target is mapped by ``f = sqrt(g gᵀ)`` and back; ``g gᵀ`` must be invertible here).
+    Returns ``(coef, bias)`` of ``y ≈ x coef + bias``.
+    """
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    w = np.ones(len(x)) if row_weight is None else row_weight
+    mx, my = w @ x / w.sum(), w @ y / w.sum()
+    xc, yc = (x - mx) * np.sqrt(w)[:, None], (y - my) * np.sqrt(w)[:, None]
+    f = np.eye(y.shape[1])
+    if g is not None:
+        lam, q = np.linalg.eigh(g @ g.T)
+        f = (q * np.sqrt(lam)) @ q.T
+    b = np.linalg.lstsq(xc, yc @ f, rcond=None)[0]
+    _, _, vt = np.linalg.svd(xc @ b, full_matrices=False)
+    coef = b @ vt[:rank].T @ vt[:rank] @ np.linalg.inv(f)
+    return coef, my - mx @ coef
+
+
+def _rel(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def test_cli_writes_one_file_per_rank_with_the_contract_metadata(tiny_store, tmp_path):
@@ -90,6 +116,40 @@ def test_every_variant_fits_and_roundtrips(tiny_store, tmp_path):
         assert torch.allclose(back.predict(2, x[:50]), sc.predict(2, x[:50]))
         r2 = sc.stats["layers"][2]["r2"]
         assert 0 < r2 <= 1, (kw, r2)
+
+
+def test_rms_nnjtc_equals_brute_force_on_normalised_rows(tiny_store):
+    [sc] = fit_shortcuts(tiny_store, "nnjtc", [4], layers=[2], normalize="rms", progress=False)
+    x, y = _train_rows(tiny_store, 2)
+    x64 = x.astype(np.float64)
+    z = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-5)
+    coef, bias = brute_force_rrr(z, y, 4)
+    pred = sc.predict(2, x).double().numpy()
+    assert _rel(pred, z @ coef + bias) <= 1e-5
+    assert _rel((sc.maps[2].U @ sc.maps[2].V).double().numpy(), coef) <= 1e-5
+
+
+def test_residual_map_equals_brute_force_on_the_difference(tiny_store):
+    [sc] = fit_shortcuts(tiny_store, "njtc", [4], layers=[1], residual=True, progress=False)
+    x, y = _train_rows(tiny_store, 1)
+    coef, bias = brute_force_rrr(x, y - x, 4)
+    assert _rel((sc.maps[1].U @ sc.maps[1].V).double().numpy(), coef) <= 1e-5
+    assert _rel(sc.predict(1, x).double().numpy(), x + x @ coef + bias) <= 1e-5
+
+
+def test_logit_weighted_map_equals_brute_force_with_row_and_error_weights(tiny_store):
+    """--weight logits on an RMS-norm head: rows weighted by 1/σ², errors by diag(g)·W_Uᵀ."""
+    [sc] = fit_shortcuts(tiny_store, "njtc", [3], layers=[1], weight="logits", progress=False)
+    x, y = _train_rows(tiny_store, 1)
+    y64 = y.astype(np.float64)
+    w = 1.0 / ((y64 ** 2).mean(1) + 1e-6)
+    with ActivationStore(tiny_store) as store:
+        head = store.head()
+    w_u = head.unembed.double().numpy()
+    g = head.norm_weight.double().numpy()[:, None] * (w_u - w_u.mean(0)).T
+    coef, bias = brute_force_rrr(x, y, 3, row_weight=w, g=g)
+    assert _rel((sc.maps[1].U @ sc.maps[1].V).double().numpy(), coef) <= 1e-5
+    assert _rel(sc.maps[1].bias.double().numpy(), bias) <= 1e-5
 
 
 def test_logit_weighting_lowers_the_logit_space_error(tiny_store):

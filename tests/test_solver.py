@@ -89,14 +89,24 @@ def test_rank_r_equals_brute_force_svd_and_loss_identity(rank):
     assert np.allclose(sol.singular_values.numpy(), sv, rtol=1e-9)
 
 
-def test_ranks_are_nested_and_loss_decreases():
+def test_every_rank_of_one_decomposition_equals_its_own_brute_force_solution():
+    """One decomposition serves every rank: each rank's map against an independent SVD per rank."""
     x, y = make_data()
     s = stats_of(x, y)
-    fits = fit_from_statistics(s, "njtc", [1, 2, 4, 8, 12])
-    losses = [f.stats["layers"][0]["train_sse"] for f in fits]
+    ranks = [1, 2, 4, 8, 12]
+    fits = fit_from_statistics(s, "njtc", ranks)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    b_ols = np.linalg.lstsq(xc, yc, rcond=None)[0]
+    losses = []
+    for rank, fit in zip(ranks, fits):
+        _, _, vt = np.linalg.svd(xc @ b_ols, full_matrices=False)
+        brute = b_ols @ vt[:rank].T @ vt[:rank]
+        m = fit.maps[0]
+        assert m.U.shape == (12, rank) and m.V.shape == (rank, 12)
+        assert rel((m.U @ m.V).double().numpy(), brute) <= 1e-6, rank  # float32 file maps
+        losses.append(fit.stats["layers"][0]["train_sse"])
+        assert losses[-1] == pytest.approx(((yc - xc @ brute) ** 2).sum(), rel=1e-6)
     assert all(a > b for a, b in zip(losses, losses[1:]))
-    u8, u4 = fits[3].maps[0].V, fits[2].maps[0].V
-    assert torch.allclose(u8[:4], u4, atol=1e-6), "rank-4 directions are the first four of rank 8"
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -213,6 +223,54 @@ def test_layernorm_inputs_are_exactly_singular_and_still_solved():
     assert rel(full.predict(0, x).double(), ref.predict(xn)) <= 1e-5
 
 
+def _llm_like(seed, n=40_000, d=256):
+    """Residual-stream-like rows: a decaying spectrum, an offset and one massive feature; a target
+    of rank-24 structure plus noise (float32, as a store holds them)."""
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    x = (rng.normal(size=(n, d)) * np.logspace(0, -1.5, d)) @ q.T + rng.normal(size=d)
+    x[:, 7] += 60.0 + 10.0 * rng.normal(size=n)
+    y = x @ rng.normal(size=(d, 24)) @ rng.normal(size=(24, d)) / d + 0.3 * rng.normal(size=(n, d))
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_float32_layernorm_nnjtc_maps_equal_a_float64_accumulation(seed):
+    """The default float32 path against float64 GEMMs, in the factors and the maps themselves.
+
+    Before the all-ones direction was projected out, float32 rounding left it at ±1e-9 of the
+    largest eigenvalue; 2 of these 8 seeds then gave maps 70–320% away from float64.
+    """
+    x, y = _llm_like(seed)
+    s32 = stats_of(x, y, chunk=4096, input_norm="layer", float64=False)
+    s64 = stats_of(x, y, chunk=4096, input_norm="layer", float64=True)
+    assert s32.meta["accumulation"] == "float32" and s64.meta["accumulation"] == "float64"
+    [a], [b] = (fit_from_statistics(s, "nnjtc", [16], normalize="layer") for s in (s32, s64))
+    [ja], [jb] = (fit_from_statistics(s, "jtc", None, normalize="layer") for s in (s32, s64))
+    A, B = a.maps[0], b.maps[0]
+    assert rel(A.U, B.U) <= 1e-5 and rel(A.V, B.V) <= 1e-5
+    assert rel(A.U @ A.V, B.U @ B.V) <= 1e-5 and rel(A.bias, B.bias) <= 1e-5
+    assert rel(ja.maps[0].weight, jb.maps[0].weight) <= 1e-5
+    # no component along the all-ones input direction, which LayerNorm outputs never have
+    assert float(A.U.double().sum(0).norm()) <= 1e-6 * float(A.U.double().norm())
+    # so bf16-rounded inputs (not exactly normalised) get the same predictions
+    rounded = torch.from_numpy(x[:2000]).bfloat16().float()
+    assert rel(a.predict(0, rounded), b.predict(0, rounded)) <= 1e-5
+
+
+def test_projection_removes_the_ones_direction_that_float32_rounding_leaves():
+    """Without the projection, float32 accumulation leaves ±1e-10…1e-9 on the all-ones direction."""
+    from njtc_solve.stats import project_out_ones
+
+    x, y = _llm_like(4)
+    s32 = stats_of(x, y, chunk=4096, input_norm="layer", float64=False)
+    ones = torch.ones(256, dtype=torch.float64) / 16
+    m = s32.layers[0]
+    assert abs(float(ones @ m.cxx @ ones)) <= 1e-14 * float(torch.linalg.eigvalsh(m.cxx)[-1])
+    assert float((ones @ m.cxy).norm()) <= 1e-14 * float(m.cxy.norm())
+    assert project_out_ones(m).cxx.sub(m.cxx).abs().max() <= 1e-12 * m.cxx.abs().max()  # idempotent
+
+
 def test_residual_map_is_rrr_on_the_difference():
     x, y = make_data()
     s = stats_of(x, y)
@@ -244,20 +302,83 @@ def test_weighted_rrr_equals_brute_force_in_the_weighted_metric():
     assert weighted(coef) < weighted(unweighted)
 
 
-def test_gcv_matches_explicit_hat_matrix():
-    x, y = make_data(n=80, d=10, noise=2.0)
+def test_weighted_rrr_with_an_ignored_direction_fits_it_on_its_own_features():
+    """A LayerNorm head ignores the all-ones direction of its input (Γ singular): the weighted
+    loss is minimised exactly, and that direction is fitted by least squares on the rank-r
+    features, so the map keeps rank r."""
+    x, y = make_data(d=8)
+    rng = np.random.default_rng(6)
+    g = rng.normal(size=(8, 30))
+    g -= g.mean(0)  # P·G: the centring of a LayerNorm
+    s = stats_of(x, y)
+    m = s.layers[0]
+    sol = solve_reduced_rank(m.cxx, m.cxy, weight=weight_root(torch.tensor(g)))
+    coef = sol.coef_of_rank(2).numpy()
+    assert np.linalg.matrix_rank(coef, tol=1e-8) == 2
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    lam, q = np.linalg.eigh(g @ g.T)
+    keep = lam > 1e-10 * lam.max()
+    f, f_pinv, u = (q[:, keep] * np.sqrt(lam[keep])) @ q[:, keep].T, (q[:, keep] / np.sqrt(lam[keep])) @ q[:, keep].T, \
+        q[:, ~keep]
+    assert u.shape == (8, 1) and abs(abs(u[:, 0]).mean() - 8 ** -0.5) < 1e-8  # the all-ones direction
+    b = np.linalg.lstsq(xc, yc @ f, rcond=None)[0]
+    _, _, vt = np.linalg.svd(xc @ b, full_matrices=False)
+    features = xc @ (b @ vt[:2].T)
+    visible = b @ vt[:2].T @ vt[:2] @ f_pinv
+    ignored = (b @ vt[:2].T) @ np.linalg.lstsq(features, yc @ u, rcond=None)[0] @ u.T
+    assert rel(coef, visible + ignored) <= 1e-8
+    weighted = lambda c: (((yc - xc @ c) @ g) ** 2).sum()
+    assert weighted(coef) == pytest.approx(weighted(visible), rel=1e-10)
+
+
+def test_logit_weight_factor_of_a_layernorm_head_ignores_the_ones_direction():
+    from njtc_solve.head import Head
+
+    rng = torch.Generator().manual_seed(0)
+    kw = dict(eps=1e-5, norm_weight=torch.rand(6, generator=rng) + 0.5, unembed=torch.randn(20, 6, generator=rng))
+    ln, rms = Head("layernorm", **kw).logit_weight_factor(), Head("rmsnorm", **kw).logit_weight_factor()
+    assert float(ln.sum(0).abs().max()) <= 1e-12 and float(rms.sum(0).abs().max()) > 1e-3
+    # an error along the ones direction does not change a LayerNorm head's logits at all
+    head = Head("layernorm", **kw)
+    h = torch.randn(4, 6, generator=rng)
+    assert torch.allclose(head.logits(h + 3.0), head.logits(h), atol=1e-4)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_gcv_matches_explicit_hat_matrix(fit_intercept):
+    """GCV against the hat matrix of the design itself: the unpenalised intercept is a column of
+    ones and counts as one degree of freedom."""
+    x, y = make_data(n=80, d=10, noise=2.0, offset=1.0)
     s = stats_of(x, y)
     grid = [0.1, 1.0, 10.0, 100.0]
-    best, scores = gcv_alpha(s.layers[0].cxx, s.layers[0].cxy, s.cyy, s.n, grid)
-    xc, yc = x - x.mean(0), y - y.mean(0)
+    cxx, cxy, cyy = (s.layers[0].cxx, s.layers[0].cxy, s.cyy) if fit_intercept else s.raw(0)
+    best, scores = gcv_alpha(cxx, cxy, cyy, s.n_rows, grid, fit_intercept=fit_intercept)
+    design = np.hstack([x, np.ones((80, 1))]) if fit_intercept else x
     for alpha in grid:
-        h = xc @ np.linalg.solve(xc.T @ xc + alpha * np.eye(10), xc.T)
-        resid = yc - h @ yc
+        penalty = alpha * np.eye(design.shape[1])
+        if fit_intercept:
+            penalty[-1, -1] = 0.0
+        h = design @ np.linalg.solve(design.T @ design + penalty, design.T)
+        resid = y - h @ y
         explicit = ((resid ** 2).sum() / 80) / (1 - np.trace(h) / 80) ** 2
         assert scores[alpha] == pytest.approx(explicit, rel=1e-9)
     assert best == min(scores, key=scores.get)
     [auto] = fit_from_statistics(s, "jtc", None, alpha="auto")
     assert auto.stats["layers"][0]["alpha"] > 0
+
+
+def test_gcv_counts_rows_not_total_weight():
+    x, y = make_data(n=200, d=10, noise=2.0)
+    w = np.full(200, 0.25)  # weights that sum to 50 rows' worth
+    acc = MomentAccumulator([0], float64=True)
+    acc.update({0: x}, y, w)
+    s = acc.finalize()
+    assert s.n == pytest.approx(50.0) and s.n_rows == 200
+    grid = [1.0]
+    _, by_rows = gcv_alpha(s.layers[0].cxx, s.layers[0].cxy, s.cyy, s.n_rows, grid)
+    plain = stats_of(x, y)  # the same rows unweighted: the weighted SSE is a quarter of it
+    _, unweighted = gcv_alpha(plain.layers[0].cxx, plain.layers[0].cxy, plain.cyy, plain.n_rows, [4.0])
+    assert by_rows[1.0] == pytest.approx(unweighted[4.0] / 4, rel=1e-9)
 
 
 def test_bad_method_arguments():
