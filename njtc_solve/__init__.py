@@ -2,8 +2,12 @@
 
 Examples
 --------
->>> from njtc_solve import extract_activations, fit_shortcuts, evaluate_shortcuts   # doctest: +SKIP
->>> fit_shortcuts("activations.h5", method="nnjtc", ranks=[32])                     # doctest: +SKIP
+>>> from njtc_solve import fit_shortcuts, evaluate_shortcuts
+>>> [nnjtc] = fit_shortcuts("activations.h5", method="nnjtc", ranks=[4], progress=False)
+>>> nnjtc.save("nnjtc.safetensors")
+>>> result = evaluate_shortcuts("activations.h5", ["nnjtc.safetensors"], progress=False)
+>>> sorted({record["method"] for record in result.records})
+['identity', 'nnjtc-layer-r4']
 """
 
 from importlib import import_module
@@ -21,6 +25,8 @@ _API = {
     "accumulate_statistics": "fit",
     "fit_from_statistics": "fit",
     "fit_shortcuts": "fit",
+    "evaluate_shortcuts": "evaluate",
+    "EvaluationResult": "evaluate",
     "Statistics": "stats",
     "MomentAccumulator": "stats",
     "solve_reduced_rank": "solvers",

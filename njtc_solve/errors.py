@@ -54,8 +54,10 @@ def atomic_output(path, overwrite: bool = True):
 
     Examples
     --------
-    >>> with atomic_output("maps.safetensors") as tmp:   # doctest: +SKIP
-    ...     save_file(tensors, tmp)
+    >>> with atomic_output("notes.txt") as tmp:
+    ...     _ = tmp.write_text("complete")
+    >>> Path("notes.txt").read_text(), tmp.exists()
+    ('complete', False)
     """
     path = Path(path)
     if path.exists() and not overwrite:

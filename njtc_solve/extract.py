@@ -377,8 +377,10 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
 
     Examples
     --------
-    >>> model, tok, name = load_model(None)                          # doctest: +SKIP
-    >>> extract_activations(model, tok, docs, "activations.h5")      # doctest: +SKIP
+    >>> out = extract_activations(model, tokenizer, documents, "small.h5", seq_len=32, max_tokens=512,
+    ...                           progress=False)
+    >>> out.name
+    'small.h5'
     """
     out = Path(out)
     partial = temporary_path(out)

@@ -276,8 +276,10 @@ def fit_shortcuts(store, method: str = "nnjtc", ranks=(32,), layers=None, normal
 
     Examples
     --------
-    >>> [nnjtc] = fit_shortcuts("activations.h5", method="nnjtc", ranks=[32])    # doctest: +SKIP
-    >>> nnjtc.save("shortcuts.safetensors")                                      # doctest: +SKIP
+    >>> fits = fit_shortcuts("activations.h5", method="njtc", ranks=[2, 8], progress=False)
+    >>> [sc.name for sc in fits], tuple(fits[1].maps[1].U.shape)
+    (['njtc-r2', 'njtc-r8'], (32, 8))
+    >>> fits[1].save("njtc-r8.safetensors")
     """
     own = not isinstance(store, ActivationStore)
     store = ActivationStore(store) if own else store

@@ -23,8 +23,14 @@ class Head:
 
     Examples
     --------
-    >>> head = Head.from_model(model)                     # doctest: +SKIP
-    >>> logits = head.logits(hidden_L)                    # doctest: +SKIP
+    >>> import torch
+    >>> from njtc_solve.extract import capture_residual_stream
+    >>> head = Head.from_model(model)
+    >>> ids = torch.tensor([[5, 17, 42]])
+    >>> with capture_residual_stream(model) as hidden, torch.no_grad():
+    ...     own = model(input_ids=ids).logits[0]
+    >>> bool(torch.allclose(head.logits(hidden[-1][0]), own, atol=1e-4))   # last block's output
+    True
     """
 
     norm: str

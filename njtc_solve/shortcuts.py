@@ -30,7 +30,10 @@ class ShortcutMap:
 
     Examples
     --------
-    >>> y_hat = shortcuts.maps[10].predict(x)        # doctest: +SKIP
+    >>> import torch
+    >>> narrow = ShortcutMap(U=torch.ones(4, 1), V=torch.ones(1, 4), bias=torch.zeros(4))
+    >>> narrow.predict(torch.eye(4)[:1]), narrow.n_params
+    (tensor([[1., 1., 1., 1.]]), 8)
     """
 
     weight: torch.Tensor | None = None  # (d, d) full map
@@ -91,8 +94,14 @@ class Shortcuts:
 
     Examples
     --------
-    >>> sc = Shortcuts.load("shortcuts.safetensors")       # doctest: +SKIP
-    >>> y_hat = sc.predict(10, hidden_10)                  # doctest: +SKIP
+    >>> from njtc_solve import ActivationStore, fit_shortcuts
+    >>> [jtc] = fit_shortcuts("activations.h5", method="jtc", ranks=None, progress=False)
+    >>> jtc.save("jtc.safetensors")
+    >>> sc = Shortcuts.load("jtc.safetensors")
+    >>> with ActivationStore("activations.h5") as store:
+    ...     hidden_1 = store.file["hidden/1"][:5]
+    >>> sc.name, tuple(sc.predict(1, hidden_1).shape)
+    ('jtc', (5, 32))
     """
 
     method: str

@@ -34,9 +34,11 @@ class ActivationStore:
 
     Examples
     --------
-    >>> with ActivationStore("activations.h5") as store:          # doctest: +SKIP
-    ...     for rows, chunk in store.iter_chunks([3, store.n_layers], split="train"):
-    ...         x, y = chunk[3], chunk[store.n_layers]
+    >>> with ActivationStore("activations.h5") as store:
+    ...     for rows, chunk in store.iter_chunks([1, store.n_layers], split="train", skip_positions=1):
+    ...         x, y = chunk[1], chunk[store.n_layers]
+    ...     print(store.n_layers, store.d_model, x.shape == y.shape)
+    3 32 True
     """
 
     def __init__(self, path, allow_incomplete: bool = False):

