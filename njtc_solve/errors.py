@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 __all__ = ["NJTCError", "atomic_output", "run_cli"]
 
@@ -52,6 +55,10 @@ def temporary_path(path: Path) -> Path:
 def atomic_output(path, overwrite: bool = True):
     """Yield a temporary path that replaces ``path`` only when the block succeeds.
 
+    A failure to write (an :class:`OSError`, or a safetensors error wrapping one, such as a
+    full disk) becomes the one-line :class:`NJTCError` ``cannot write PATH: reason``; on any
+    exception the temporary file is removed and ``path`` is left as it was.
+
     Examples
     --------
     >>> with atomic_output("notes.txt") as tmp:
@@ -70,12 +77,26 @@ def atomic_output(path, overwrite: bool = True):
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise NJTCError(f"cannot write {path}: {err.strerror or err}") from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        reason = _write_failure(err)
+        if reason is None:
+            raise
+        raise NJTCError(f"cannot write {path}: {reason}") from err
+
+
+def _write_failure(err: BaseException) -> str | None:
+    """The OS's reason when ``err`` is a failure to write, else None.
+
+    safetensors reports one as ``SafetensorError("Error while serializing: I/O error: No space
+    left on device (os error 28)")`` (older versions: ``IoError(Os { code: 28, ..., message: "..." })``).
+    """
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    if isinstance(err, SafetensorError):
+        found = re.search(r'([^:]*\(os error \d+\))|Os \{.*message: "([^"]*)"', str(err))
+        return found and (found[1] or found[2]).strip()
+    return None
 
 
 def read_safetensors(path, what: str, fmt: str):

@@ -9,6 +9,9 @@ narrow maps, ``norm`` one of ``none``, ``batch`` (``(x - norm_mean) * norm_scale
 from __future__ import annotations
 
 import json
+import math
+import re
+import reprlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +25,9 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "ShortcutMap", "Shortcuts"]
 
 FORMAT = "njtc-shortcuts"
 FORMAT_VERSION = 1
+# each map tensor and its shape: d the width, r the rank
+_SHAPES = {"weight": "dd", "U": "dr", "V": "rd", "bias": "d", "norm_mean": "d", "norm_scale": "d"}
+_TENSOR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(" + "|".join(_SHAPES) + ")")
 
 
 @dataclass
@@ -154,13 +160,20 @@ class Shortcuts:
         return self
 
     def save(self, path) -> None:
-        """Write the file atomically (temporary name, then rename)."""
+        """Write the file atomically (temporary name, then rename).
+
+        A narrow map with fewer directions than ``rank`` (its inputs span fewer, e.g. LayerNorm
+        outputs at ``rank = d``) is written with zero directions added, so that its ``U`` has
+        ``rank`` columns as :meth:`load` requires; its predictions are unchanged.
+        """
         tensors = {}
         for layer, m in self.maps.items():
-            for key in ("weight", "U", "V", "bias", "norm_mean", "norm_scale"):
-                value = getattr(m, key)
-                if value is not None:
-                    tensors[f"layers.{layer}.{key}"] = value.to(torch.float32).contiguous().cpu()
+            parts = {key: getattr(m, key) for key in _SHAPES if getattr(m, key) is not None}
+            if m.U is not None and self.rank is not None and m.rank < self.rank:
+                parts["U"] = torch.nn.functional.pad(m.U, (0, self.rank - m.rank))
+                parts["V"] = torch.nn.functional.pad(m.V, (0, 0, 0, self.rank - m.rank))
+            for key, value in parts.items():
+                tensors[f"layers.{layer}.{key}"] = value.to(torch.float32).contiguous().cpu()
         b = lambda v: "true" if v else "false"
         metadata = {
             "format": FORMAT, "format_version": str(FORMAT_VERSION), "method": self.method,
@@ -175,23 +188,137 @@ class Shortcuts:
 
     @classmethod
     def load(cls, path) -> Shortcuts:
-        """Read a shortcut file; a missing, foreign or damaged file is a clear error."""
+        """Read a shortcut file; a missing, foreign, damaged or inconsistent file is a clear error."""
         tensors, meta = read_safetensors(path, "shortcut", FORMAT)
-        if int(meta.get("format_version", -1)) != FORMAT_VERSION:
-            raise NJTCError(f"{path} has shortcut format version {meta.get('format_version')}; "
-                            f"this library reads {FORMAT_VERSION}")
-        normalize, residual = meta["normalize"], meta["residual"] == "true"
-        maps = {}
-        for layer in json.loads(meta["layers"]):
-            parts = [tensors.get(f"layers.{layer}.{key}")
-                     for key in ("weight", "U", "V", "bias", "norm_mean", "norm_scale")]
-            maps[int(layer)] = ShortcutMap(*parts, normalize, residual)
-        return cls(meta["method"], maps, int(meta["target_layer"]), meta.get("model_sha256", ""),
-                   None if meta["rank"] == "none" else int(meta["rank"]), normalize, residual,
-                   meta["fit_intercept"] == "true", _alpha(meta["alpha"]), meta.get("weight", "none"),
-                   json.loads(meta.get("stats", "{}")), meta.get("label", ""),
-                   json.loads(meta.get("provenance", "{}")))
+        f, parts = _checked(path, tensors, meta)
+        maps = {l: ShortcutMap(**p, normalize=f["normalize"], residual=f["residual"]) for l, p in parts.items()}
+        return cls(f["method"], maps, f["target_layer"], f["model_sha256"], f["rank"], f["normalize"],
+                   f["residual"], f["fit_intercept"], f["alpha"], f["weight"], f["stats"], f["label"],
+                   f["provenance"])
+
+
+def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
+    """Parse a shortcut file's metadata and check it against the file's tensors (design.md §4).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file, named in the error.
+    tensors : dict of str to Tensor
+        The file's tensors, named ``layers.{l}.{part}``.
+    meta : dict of str to str
+        The file's metadata.
+
+    Returns
+    -------
+    fields : dict
+        The metadata parsed (``rank`` an int or None, booleans as bool, ``alpha`` a float or
+        ``"auto"``, ``stats`` and ``provenance`` dicts), absent optional keys at their defaults.
+    parts : dict of int to dict
+        For each listed layer, its tensors by part (``weight``, ``U``, ``V``, ``bias``, ...).
+
+    Raises
+    ------
+    NJTCError
+        One line naming ``path`` and the first disagreement: a metadata value missing or not
+        parseable, a listed layer without its map, a tensor of an unlisted layer, a shape that
+        disagrees with the width ``d`` of the other tensors or with ``rank``, normalisation
+        tensors present without ``normalize = "batch"`` (or absent with it), a tensor that is not
+        finite float32.
+    """
+    def bad(problem: str) -> NJTCError:
+        return NJTCError(f"{path} is not a valid shortcut file: {problem}")
+
+    def field(key, parse, must_be, default=None):
+        text = meta.get(key, default)
+        if text is None:
+            raise bad(f"its metadata has no {key!r}")
+        try:
+            return parse(text)
+        except (ValueError, KeyError):  # json.JSONDecodeError is a ValueError
+            raise bad(f"metadata {key}={reprlib.repr(text)} is not {must_be}") from None
+
+    version = field("format_version", int, "an integer")
+    if version != FORMAT_VERSION:
+        raise NJTCError(f"{path} has shortcut format version {version}; this library reads {FORMAT_VERSION}")
+    boolean = {"true": True, "false": False}.__getitem__
+    f = {
+        "method": field("method", str, "a string"),
+        "layers": field("layers", _layer_list, "a JSON list of distinct layer numbers"),
+        "rank": field("rank", _rank, '"none" or a positive integer'),
+        "normalize": field("normalize", _one_of("none", "batch", "layer", "rms"), "none, batch, layer or rms"),
+        "residual": field("residual", boolean, "true or false"),
+        "fit_intercept": field("fit_intercept", boolean, "true or false"),
+        "alpha": field("alpha", _alpha, 'a non-negative number or "auto"'),
+        "target_layer": field("target_layer", int, "an integer"),
+        "weight": field("weight", _one_of("none", "logits"), "none or logits", "none"),
+        "model_sha256": meta.get("model_sha256", ""),
+        "label": meta.get("label", ""),
+        "stats": field("stats", _json_object, "a JSON object", "{}"),
+        "provenance": field("provenance", _json_object, "a JSON object", "{}"),
+    }
+    parts = {l: {} for l in f["layers"]}
+    for name, t in tensors.items():
+        match = _TENSOR_NAME.fullmatch(name)
+        if match is None:
+            raise bad(f"unexpected tensor {name!r}")
+        if int(match[1]) not in parts:
+            raise bad(f"tensor {name} is for a layer that its metadata's layers {f['layers']} omit")
+        parts[int(match[1])][match[2]] = t
+    needed = {"weight"} if f["rank"] is None else {"U", "V"}
+    needed |= {"norm_mean", "norm_scale"} if f["normalize"] == "batch" else set()
+    sizes = {"r": (f["rank"], "its metadata's rank")}  # symbol: (size, its source); d from the first tensor
+    for layer, got in parts.items():
+        if not got:
+            raise bad(f"layer {layer} is listed in its metadata but has no tensors")
+        if not needed <= got.keys() <= needed | {"bias"}:
+            raise bad(f"layer {layer} has {', '.join(got)}; rank={meta['rank']} and normalize={f['normalize']} "
+                      f"need {', '.join(sorted(needed))} (and optionally bias)")
+        for part, t in got.items():
+            name, dims = f"layers.{layer}.{part}", _SHAPES[part]
+            if t.dim() == len(dims):
+                for s, n in zip(dims, t.shape):
+                    sizes.setdefault(s, (n, name))
+            expected = [sizes.get(s, (s,))[0] for s in dims]
+            if list(t.shape) != expected:
+                known = ", ".join(f"{s}={sizes[s][0]} from {sizes[s][1]}" for s in sorted(set(dims)) if s in sizes)
+                raise bad(f"tensor {name} has shape {tuple(t.shape)}, not {' × '.join(map(str, expected))} ({known})")
+            if t.dtype != torch.float32 or not torch.isfinite(t).all():
+                raise bad(f"tensor {name} is not finite float32")
+    return f, parts
+
+
+def _layer_list(text: str) -> list[int]:
+    layers = json.loads(text)
+    if not isinstance(layers, list) or any(type(l) is not int for l in layers) or len(set(layers)) < len(layers):
+        raise ValueError(text)
+    return layers
+
+
+def _rank(text: str) -> int | None:
+    rank = None if text == "none" else int(text)
+    if rank is not None and rank < 1:
+        raise ValueError(text)
+    return rank
 
 
 def _alpha(text: str) -> float | str:
-    return text if text == "auto" else float(text)
+    alpha = text if text == "auto" else float(text)
+    if alpha != "auto" and not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(text)
+    return alpha
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+def _one_of(*options: str):
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(text)
+        return text
+    return parse
