@@ -160,18 +160,10 @@ class Shortcuts:
         return self
 
     def save(self, path) -> None:
-        """Write the file atomically (temporary name, then rename).
-
-        A narrow map with fewer directions than ``rank`` (its inputs span fewer, e.g. LayerNorm
-        outputs at ``rank = d``) is written with zero directions added, so that its ``U`` has
-        ``rank`` columns as :meth:`load` requires; its predictions are unchanged.
-        """
+        """Write the file atomically (temporary name, then rename)."""
         tensors = {}
         for layer, m in self.maps.items():
             parts = {key: getattr(m, key) for key in _SHAPES if getattr(m, key) is not None}
-            if m.U is not None and self.rank is not None and m.rank < self.rank:
-                parts["U"] = torch.nn.functional.pad(m.U, (0, self.rank - m.rank))
-                parts["V"] = torch.nn.functional.pad(m.V, (0, 0, 0, self.rank - m.rank))
             for key, value in parts.items():
                 tensors[f"layers.{layer}.{key}"] = value.to(torch.float32).contiguous().cpu()
         b = lambda v: "true" if v else "false"

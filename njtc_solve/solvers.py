@@ -91,11 +91,16 @@ class ReducedRankSolution:
         return self.basis.shape[1]
 
     def factors(self, rank: int | None):
-        """``(U, V)`` with ``U V`` the best map of rank ``rank`` (``None``: full, ``V = None``)."""
+        """``(U, V)`` with ``U V`` the best map of rank ``rank`` (``None``: full, ``V = None``).
+
+        ``U`` always has ``rank`` columns: beyond the directions the inputs span (``max_rank``;
+        ``d - 1`` for LayerNorm inputs, say) they are zero, and the map is the full one.
+        """
         if rank is None:
             return self.coef, None
-        rank = min(rank, self.max_rank)
-        return self.coef @ self.basis[:, :rank], self.inverse_basis[:rank]
+        kept = min(rank, self.max_rank)
+        u, v = self.coef @ self.basis[:, :kept], self.inverse_basis[:kept]
+        return (torch.nn.functional.pad(u, (0, rank - kept)), torch.nn.functional.pad(v, (0, 0, 0, rank - kept)))
 
     def coef_of_rank(self, rank: int | None) -> torch.Tensor:
         """The rank-``rank`` map as one ``d_x × d_y`` matrix."""

@@ -112,7 +112,10 @@ def test_files_the_library_writes_still_load(tmp_path):
 
 def test_a_fit_with_fewer_directions_than_its_rank_saves_a_file_that_loads(tiny_store, tmp_path):
     [sc] = fit_shortcuts(tiny_store, "nnjtc", [32], layers=[1], normalize="layer", progress=False)
-    assert sc.maps[1].rank == 31  # LayerNorm outputs span d - 1 = 31 directions
+    # LayerNorm outputs span d - 1 = 31 directions: the 32nd is zero, so U keeps its rank's shape
+    assert sc.maps[1].rank == 32 and not sc.maps[1].U[:, 31].any() and sc.maps[1].U[:, 30].any()
+    [full] = fit_shortcuts(tiny_store, "jtc", None, layers=[1], normalize="layer", progress=False)
+    torch.testing.assert_close(sc.maps[1].U @ sc.maps[1].V, full.maps[1].weight, rtol=1e-4, atol=1e-4)
     sc.save(tmp_path / "sc.safetensors")
     loaded = Shortcuts.load(tmp_path / "sc.safetensors")
     with ActivationStore(tiny_store) as store:
