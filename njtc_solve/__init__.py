@@ -10,6 +10,7 @@ Examples
 ['identity', 'nnjtc-layer-r4']
 """
 
+import sys
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -37,6 +38,11 @@ _API = {
 }
 
 __all__ = list(_API)
+
+if sys.argv[:1] == ["-m"]:  # `python -m njtc_solve.<stage>`: no traceback for Ctrl-C while torch imports
+    from .errors import quiet_start
+
+    quiet_start()
 
 
 def __getattr__(name):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError
 
-__all__ = ["NJTCError", "atomic_output", "run_cli"]
+__all__ = ["NJTCError", "atomic_output", "output_lock", "quiet_start", "run_cli"]
 
 
 class NJTCError(Exception):
@@ -20,8 +22,36 @@ class NJTCError(Exception):
     """
 
 
-def run_cli(main, argv=None) -> int:
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a command: raised so that every ``finally`` runs."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _exit_at_start(signum, frame):
+    sys.stderr.write("error: interrupted\n")
+    os._exit(128 + signum)
+
+
+def quiet_start() -> None:
+    """Exit with one line, not a traceback, on Ctrl-C or SIGTERM while a command imports its
+    libraries (seconds for torch); the package calls it when run as ``python -m njtc_solve.…``.
+    Nothing is open yet, so exiting at once is safe; :func:`run_cli` takes over from there."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_at_start)
+
+
+def run_cli(main, argv=None, interrupted: str = "") -> int:
     """Run a command-line ``main(argv)`` and map :class:`NJTCError` to exit code 2.
+
+    SIGINT and SIGTERM raise :class:`Interrupted`, so the command's clean-up runs, and end in
+    one line (``error: interrupted``, then ``interrupted``'s advice) and exit code 128 + signal.
 
     Parameters
     ----------
@@ -29,21 +59,60 @@ def run_cli(main, argv=None) -> int:
         Takes the argument list, returns ``None`` or an exit code.
     argv : list of str, optional
         Arguments; ``sys.argv[1:]`` when omitted.
+    interrupted : str
+        Advice after an interruption, e.g. ``"resume with --resume"``.
 
     Returns
     -------
     int
         The process exit status.
     """
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except NJTCError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print("error: interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
+        return 128 + getattr(err, "signum", signal.SIGINT)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return int(code or 0)
+
+
+@contextmanager
+def output_lock(path):
+    """Hold an exclusive lock on writing ``path`` for the block (a lock file beside it).
+
+    A second process that asks for the same output while the first holds it is refused at
+    once with a one-line :class:`NJTCError`; the lock is released on every path out.
+    """
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise NJTCError(f"cannot write {path}: {err.strerror}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NJTCError(f"{path} is being written by another process (it holds {lock.name}); "
+                            "wait for it to finish or choose another --out") from None
+        try:  # the holder before us may have removed the file it locked: then lock the new one
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def temporary_path(path: Path) -> Path:

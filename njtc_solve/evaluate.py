@@ -170,8 +170,7 @@ def _model_topk(store, head_topk, rows):
     """The model's own top-k at ``rows``: stored ``final_topk``, else the head's top-k from the
     stored last layer with its first column replaced by the stored ``final_top1``."""
     if "final_topk" in store.file:
-        return torch.from_numpy(store.file["final_topk"][rows[0]: rows[-1] + 1][rows - rows[0], :max(KS)]
-                                .astype(np.int64)).to(head_topk.device)
+        return torch.from_numpy(store.read("final_topk", rows)[:, :max(KS)].astype(np.int64)).to(head_topk.device)
     top1 = torch.from_numpy(store.read("final_top1", rows).astype(np.int64)).to(head_topk.device)
     return torch.cat([top1[:, None], head_topk[:, 1:]], dim=1)
 

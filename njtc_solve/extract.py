@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,10 +30,10 @@ from tqdm.auto import tqdm
 
 from .architectures import resolve_parts
 from .corpus import DEFAULT_CORPUS, corpus_sha256, load_corpus
-from .errors import NJTCError, run_cli, temporary_path
+from .errors import NJTCError, output_lock, run_cli, temporary_path
 from .head import Head
 from .models import load_model, model_sha256
-from .store import FINAL_TOPK, FORMAT, FORMAT_VERSION, TRAIN, VALIDATION
+from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, FORMAT, FORMAT_VERSION, TRAIN, VALIDATION
 
 __all__ = ["ExtractionPlan", "capture_residual_stream", "extract_activations", "main", "plan_extraction"]
 
@@ -117,8 +120,8 @@ def _split_documents(lengths: np.ndarray, val_fraction: float, rng) -> np.ndarra
                         "(e.g. one per line of a .txt) or --val-fraction 0")
     order = rng.permutation(len(lengths))
     cumulative = np.cumsum(lengths[order])
-    n_val = int(np.searchsorted(cumulative, val_fraction * cumulative[-1])) + 1
-    is_val[order[:min(max(n_val, 1), len(lengths) - 1)]] = True
+    n_val = int(np.abs(cumulative - val_fraction * cumulative[-1]).argmin()) + 1  # nearest the fraction
+    is_val[order[:min(n_val, len(lengths) - 1)]] = True
     return is_val
 
 
@@ -167,16 +170,20 @@ def plan_extraction(tokenizer, documents, seq_len=128, positions="all", max_toke
     if val_fraction > 0 and n_val == 0:
         raise NJTCError(f"the validation documents hold fewer tokens than one sequence of {seq_len}; "
                         "lower --seq-len or raise --val-fraction")
+    if n_train == 0:
+        raise NJTCError(f"the training documents hold fewer tokens than one sequence of {seq_len}; "
+                        "lower --seq-len or --val-fraction, or use more documents")
     rows_per_sequence = seq_len if positions == "all" else 1
     take_train, take_val = n_train, n_val
     if max_tokens is not None:
         if max_tokens < rows_per_sequence:
             raise NJTCError(f"--max-tokens {max_tokens} is below one sequence ({rows_per_sequence} rows)")
         total = max_tokens // rows_per_sequence
-        take_val = min(n_val, int(round(val_fraction * total)))
-        if val_fraction > 0 and total >= 2:
-            take_val = max(take_val, 1)
+        take_val = min(n_val, max(1, int(round(val_fraction * total)))) if val_fraction > 0 else 0
         take_train = min(n_train, total - take_val)
+        if take_train == 0:
+            raise NJTCError(f"--max-tokens {max_tokens} leaves no training sequence beside the validation one; "
+                            "raise it")
     chosen = {TRAIN: np.sort(rng.choice(n_train, size=take_train, replace=False)),
               VALIDATION: np.sort(rng.choice(n_val, size=take_val, replace=False))}
     tokens = np.concatenate([windows[c][0][chosen[c]] for c in (TRAIN, VALIDATION)])
@@ -187,8 +194,8 @@ def plan_extraction(tokenizer, documents, seq_len=128, positions="all", max_toke
     sequence = np.concatenate([chosen[TRAIN], n_train + chosen[VALIDATION]])
     split = np.repeat(np.array([TRAIN, VALIDATION], np.uint8), [take_train, take_val])
     position = None
-    if positions == "one-per-sequence":  # never the BOS row
-        position = rng.integers(int(bos_id is not None), seq_len, size=len(sequence))
+    if positions == "one-per-sequence":  # never the BOS row, nor rows that fits skip by default
+        position = rng.integers(max(int(bos_id is not None), DEFAULT_SKIP_POSITIONS), seq_len, size=len(sequence))
     return ExtractionPlan(tokens, sequence, split, position, seq_len, document,
                           np.flatnonzero(is_val_doc), bos_id is not None)
 
@@ -228,9 +235,24 @@ def _chunk_rows(rows_per_batch: int, n: int, row_bytes: int, limit: int = 4 << 2
     return max(1, rows)
 
 
+# No chunk cache while writing: a chunk is written (and fails, on a full disk) inside the call
+# that writes it, never later from a cache flushed where HDF5 can only print the error.
+_WRITE_CACHE = {"rdcc_nbytes": 0}
+
+
 def _create_store(path, plan, head, n_layers, d_model, dtype, attrs):
-    """Create the pre-allocated store file with its index datasets and head."""
-    f = h5py.File(path, "w", rdcc_nbytes=16 << 20)
+    """Create the pre-allocated store file with its index datasets and head, every dataset
+    chunked with a fletcher32 checksum (a flipped byte is then a read error, not a wrong value)."""
+    f = h5py.File(path, "w", **_WRITE_CACHE)
+    try:
+        _layout(f, plan, head, n_layers, d_model, dtype, attrs)
+    except BaseException:
+        _close_quietly(f)  # never leave a half-created file to h5py's garbage collection
+        raise
+    return f
+
+
+def _layout(f, plan, head, n_layers, d_model, dtype, attrs):
     for key, value in attrs.items():
         f.attrs[key] = value
     n = plan.n_rows
@@ -239,22 +261,23 @@ def _create_store(path, plan, head, n_layers, d_model, dtype, attrs):
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # a kill mid-run only leaves raw data behind
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every row is written before the file is complete
+    dcpl.set_fletcher32()
     hidden = f.create_group("hidden")
     for layer in range(n_layers + 1):
         hidden.create_dataset(str(layer), shape=(n, d_model), dtype=dtype, chunks=(chunk_rows, d_model),
                               dcpl=dcpl.copy())
     repeat = plan.rows_per_sequence
-    f.create_dataset("tokens", data=np.zeros(n, np.int32))
-    f.create_dataset("sequence", data=np.repeat(plan.sequence, repeat).astype(np.int32))
-    f.create_dataset("position", data=plan.row_positions(slice(None)).astype(np.int32))
-    f.create_dataset("split", data=np.repeat(plan.split, repeat).astype(np.uint8))
-    f.create_dataset("document", data=plan.row_documents().astype(np.int32))
-    f.create_dataset("validation_documents", data=plan.validation_documents.astype(np.int32))
-    f.create_dataset("final_top1", data=np.zeros(n, np.int32))
-    f.create_dataset("final_topk", data=np.zeros((n, FINAL_TOPK), np.int32), chunks=(min(n, 65536), FINAL_TOPK))
+    index = {"tokens": np.zeros(n, np.int32), "sequence": np.repeat(plan.sequence, repeat).astype(np.int32),
+             "position": plan.row_positions(slice(None)).astype(np.int32),
+             "split": np.repeat(plan.split, repeat).astype(np.uint8),
+             "document": plan.row_documents().astype(np.int32),
+             "validation_documents": plan.validation_documents.astype(np.int32),
+             "final_top1": np.zeros(n, np.int32), "final_topk": np.zeros((n, FINAL_TOPK), np.int32)}
+    for name, data in index.items():
+        f.create_dataset(name, data=data, chunks=(max(1, min(len(data), 65536)),) + data.shape[1:],
+                         fletcher32=True)
     head.write_group(f.create_group("head"))
     f.flush()
-    return f
 
 
 _RESUME_KEYS = ("model_sha256", "corpus_sha256", "seq_len", "positions", "seed", "val_fraction",
@@ -263,7 +286,7 @@ _RESUME_KEYS = ("model_sha256", "corpus_sha256", "seq_len", "positions", "seed",
 
 def _open_for_resume(path, attrs):
     try:
-        f = h5py.File(path, "r+", rdcc_nbytes=16 << 20)
+        f = h5py.File(path, "r+", **_WRITE_CACHE)
     except OSError as err:
         raise NJTCError(f"cannot resume: {path} is not a readable HDF5 file; start again with --overwrite") from err
     for key in _RESUME_KEYS:
@@ -334,6 +357,34 @@ def _head_check(head, f, sample, model_dtype) -> None:
         )
 
 
+def _sync(f) -> None:
+    """Flush the store and have the operating system put it on disk (raises where that fails)."""
+    f.flush()
+    os.fsync(f.id.get_vfd_handle())
+
+
+def _close_quietly(f) -> None:
+    """Close a store whose writes may have failed; the failure has already been reported."""
+    try:
+        f.close()
+    except Exception:  # closing a broken file may fail again; the first error is the one reported
+        pass
+
+
+_WRITE_ERRORS = (OSError, ValueError, RuntimeError)  # what h5py raises when the file system refuses a write
+
+
+def _write_failure(err: Exception) -> str | None:
+    """The operating system's words when ``err`` is a failed write (an OSError, or HDF5's long
+    message naming an errno), else ``None``: then it is no write failure and is not disguised."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    found = re.search(r"errno = \d+, error message = '([^']+)'", str(err))
+    if found:
+        return found.group(1)
+    return (str(err).strip().splitlines() or [type(err).__name__])[0] if isinstance(err, OSError) else None
+
+
 def _sample_logits(model, plan, device, rows=64):
     """Model logits of the first rows, for a run that had no batch left to extract."""
     with torch.no_grad():
@@ -365,7 +416,8 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
     batch_size : int
         Sequences per forward pass (part of the resume contract).
     resume, overwrite : bool
-        Continue ``out.partial`` from ``rows_written``; replace an existing output.
+        Continue ``out.partial`` from ``rows_written`` (start afresh when there is none);
+        replace an existing output.
     shard : (rank, world)
         Extract only the ``rank``-th contiguous block of the sequences (scale-out; see
         :func:`combine_shards`).
@@ -396,8 +448,8 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         raise NJTCError(f"{out} exists; pass --overwrite to replace it")
     if partial.exists() and not (resume or overwrite):
         raise NJTCError(f"{partial} is left from an interrupted run; pass --resume or --overwrite")
-    if resume and not partial.exists():
-        raise NJTCError(f"nothing to resume: {partial} does not exist")
+    if resume and not partial.exists():  # a script may always pass --resume: start afresh
+        resume = False
     if not os.access(out.parent, os.W_OK):
         raise NJTCError(f"cannot write {out}: folder {out.parent} is not writable")
 
@@ -420,13 +472,31 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         "n_sequences": len(plan.sequence), "rows_written": 0, "complete": False,
         "shard": f"{shard[0]}/{shard[1]}", "bos": plan.bos, "split_by": "document", "n_documents": len(documents),
     }
+    written = 0
     if resume:
         f = _open_for_resume(partial, attrs)
-    else:
-        partial.unlink(missing_ok=True)
-        f = _create_store(partial, plan, head, n_layers, head.d_model, dtype, attrs)
+        written = int(f.attrs["rows_written"])
+        f.close()
+    row_bytes = (n_layers + 1) * head.d_model * np.dtype(dtype).itemsize + 4 * (6 + FINAL_TOPK)
+    needed = (plan.n_rows - written) * row_bytes + (0 if resume else head.unembed.numel() * 4)
+    free = shutil.disk_usage(out.parent).free
+    if needed > free:
+        raise NJTCError(f"{out} needs about {needed / 1e9:.2f} GB more, and {out.parent} has {free / 1e9:.2f} GB free")
+    try:
+        if resume:
+            f = _open_for_resume(partial, attrs)
+        else:
+            partial.unlink(missing_ok=True)
+            f = _create_store(partial, plan, head, n_layers, head.d_model, dtype, attrs)
+    except _WRITE_ERRORS as err:
+        if _write_failure(err) is None:
+            raise
+        if not resume:  # a half-created file holds nothing to resume
+            partial.unlink(missing_ok=True)
+        raise NJTCError(f"cannot write {partial}: {_write_failure(err)}") from err
 
     per_batch = batch_size * plan.rows_per_sequence
+    hidden_sets = [f[f"hidden/{layer}"] for layer in range(n_layers + 1)]  # open for the whole run
     model_dtype = next(model.parameters()).dtype
     checked = False
     rows_written = int(f.attrs["rows_written"])
@@ -449,8 +519,8 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
                 for layer, hidden in enumerate(captured):
                     values = _rows(hidden, pick).float()
                     _check_values(layer, values, dtype)
-                    f[f"hidden/{layer}"].write_direct(np.ascontiguousarray(values.cpu().numpy(), dtype=dtype),
-                                                     dest_sel=np.s_[r0:r1])
+                    hidden_sets[layer].write_direct(np.ascontiguousarray(values.cpu().numpy(), dtype=dtype),
+                                                    dest_sel=np.s_[r0:r1])
                 row_logits = _rows(logits, pick)
                 f["tokens"][r0:r1] = _rows(ids, pick).cpu().numpy()
                 f["final_topk"][r0:r1] = row_logits.topk(FINAL_TOPK, -1).indices.cpu().numpy()
@@ -464,14 +534,25 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
                 bar.update(ids.numel())
         if not checked:
             _head_check(head, f, _sample_logits(model, plan, device), model_dtype)
+        if int(f.attrs["rows_written"]) != plan.n_rows:
+            raise NJTCError(f"{partial} holds {int(f.attrs['rows_written'])} of {plan.n_rows} rows")
+        _sync(f)  # every row on disk before the file says it is complete
         f.attrs["complete"] = True
+        _sync(f)
         f.close()
     except NJTCError:
-        f.close()
+        _close_quietly(f)
         partial.unlink(missing_ok=True)
         raise
+    except _WRITE_ERRORS as err:
+        _close_quietly(f)
+        if _write_failure(err) is None:
+            raise
+        # a write failed (disk full, quota, I/O error): rows_written counts only flushed batches
+        raise NJTCError(f"cannot write {partial}: {_write_failure(err)}; the partial file is kept: free space, "
+                        "then run again with --resume") from err
     except BaseException:
-        f.close()  # keep the partial file: --resume continues it
+        _close_quietly(f)  # keep the partial file: --resume continues it
         raise
     os.replace(partial, out)
     return out
@@ -524,15 +605,21 @@ def main(argv=None) -> int:
         try:  # every process votes on the way out, so none waits for a failed peer
             if comm is not None and Path(args.out).exists() and not args.overwrite:
                 raise NJTCError(f"{args.out} exists; pass --overwrite to replace it")
-            corpus_name, documents = load_corpus(args.corpus, args.text_field)
-            model, tokenizer, model_name = load_model(args.model, device)
-            out = extract_activations(
-                model, tokenizer, documents, out, model_name=model_name, corpus_name=corpus_name,
-                seq_len=args.seq_len, positions=args.positions, max_tokens=args.max_tokens,
-                val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
-                batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
-                progress=not args.no_progress and shard[0] == 0, shard=shard, bos=args.bos,
-            )
+            if not out.parent.is_dir():
+                raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
+            with output_lock(out):  # before any work: a second run to the same output refuses
+                if args.resume and not temporary_path(out).exists():
+                    print(f"note: nothing to resume ({temporary_path(out)} does not exist); starting afresh",
+                          file=sys.stderr)
+                corpus_name, documents = load_corpus(args.corpus, args.text_field)
+                model, tokenizer, model_name = load_model(args.model, device, progress=not args.no_progress)
+                out = extract_activations(
+                    model, tokenizer, documents, out, model_name=model_name, corpus_name=corpus_name,
+                    seq_len=args.seq_len, positions=args.positions, max_tokens=args.max_tokens,
+                    val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
+                    batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
+                    progress=not args.no_progress and shard[0] == 0, shard=shard, bos=args.bos,
+                )
             ok = True
         finally:
             if comm is not None and not comm.vote(ok) and ok:
@@ -556,4 +643,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_cli(main, interrupted="the partial store is kept: resume with --resume"))

@@ -209,7 +209,7 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
                                                                          fit_intercept)
         layer_alpha = (gcv_alpha(gxx, gxt, gtt, stats.n_rows, fit_intercept=fit_intercept)[0] if alpha == "auto"
                        else float(alpha))
-        solution = solve_reduced_rank(gxx, gxt, layer_alpha, weight, rcond=stats.rcond)
+        solution = solve_reduced_rank(gxx, gxt, layer_alpha, weight)
         solve_s = time.perf_counter() - start
         for rank in ranks:
             u, v = solution.factors(rank)
@@ -463,7 +463,9 @@ def _run(args, comm) -> int:
             store, args.method, parse_ranks(args.rank), parse_layers(args.layers),
             args.normalize, args.residual, args.weight, not args.no_intercept, _parse_alpha(args.alpha),
             device, args.stats, args.save_stats, args.chunk_rows, args.float64,
-            not args.no_progress and (comm is None or comm.rank == 0), comm, args.skip_positions)
+            not args.no_progress and (comm is None or comm.rank == 0),
+            None if args.stats is not None else comm,  # from saved statistics rank 0 solves alone
+            args.skip_positions)
     if comm is not None and comm.rank != 0:
         return 0
     for sc, path in zip(shortcuts, output_paths(out, shortcuts)):

@@ -83,7 +83,7 @@ class Head:
         for name in ("norm_weight", "norm_bias", "unembed", "unembed_bias"):
             value = getattr(self, name)
             if value is not None:
-                group.create_dataset(name, data=value.numpy())
+                group.create_dataset(name, data=value.numpy(), fletcher32=True)  # chunked, checksummed
 
     @property
     def d_model(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,7 +36,7 @@ def default_model_path() -> Path:
     return files[0]
 
 
-def load_model(name: str | None = None, device: str = "cpu"):
+def load_model(name: str | None = None, device: str = "cpu", progress: bool = True):
     """Load a causal LM and its tokenizer in float32, in evaluation mode.
 
     Parameters
@@ -45,6 +47,8 @@ def load_model(name: str | None = None, device: str = "cpu"):
         reachable). ``None`` is the default SmolLM2-135M.
     device : str
         Torch device for the model.
+    progress : bool
+        Show transformers' own progress bars (weight loading, GGUF conversion).
 
     Returns
     -------
@@ -76,13 +80,34 @@ def load_model(name: str | None = None, device: str = "cpu"):
         source = name
     try:
         check_supported(_model_type(source, kwargs.get("gguf_file")))
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        with _progress_bars(progress):
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NJTCError(f"cannot load model {name!r}: {first}") from err
     model.eval().to(device)
     return model, tokenizer, str(name)
+
+
+@contextmanager
+def _progress_bars(enabled: bool):
+    """transformers' bars on or off (its GGUF conversion uses plain tqdm: ``TQDM_DISABLE``)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, env = hf_logging.is_progress_bar_enabled(), os.environ.get("TQDM_DISABLE")
+    if not enabled:
+        hf_logging.disable_progress_bar()
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        if env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = env
 
 
 def _model_type(source: str, gguf_file: str | None) -> str:

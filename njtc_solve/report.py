@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -132,6 +134,9 @@ def _write_text(path, text):
 def write_report(result, out) -> tuple[dict, str]:
     """Write ``results.json``, ``results.csv``, ``report.md`` and PNG plots into folder ``out``.
 
+    The files are written into ``out.partial`` first, which replaces ``out`` only once all of
+    them are written: a failure (a full disk, say) leaves ``out`` as it was.
+
     Returns
     -------
     paths : dict
@@ -140,10 +145,30 @@ def write_report(result, out) -> tuple[dict, str]:
         The Markdown summary (Precision@1 by layer and method, early exit), also in report.md.
     """
     out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        paths, summary = _write_files(result, tmp)
+        if out.exists():  # swap the folders, then drop the old one
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except OSError as err:
-        raise NJTCError(f"cannot create report folder {out}: {err.strerror}") from err
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise NJTCError(f"cannot write report folder {out}: {err.strerror or err}") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {key: out / path.name for key, path in paths.items()}, summary
+
+
+def _write_files(result, out: Path) -> tuple[dict, str]:
+    """The report's files, written into the (temporary) folder ``out``."""
     paths = {k: out / v for k, v in [("json", "results.json"), ("csv", "results.csv"), ("markdown", "report.md"),
                                       ("precision_plot", "precision_at_1.png"), ("surprisal_plot", "surprisal.png"),
                                       ("early_exit_plot", "early_exit.png")]}

@@ -133,8 +133,10 @@ def solve_reduced_rank(cxx, cxy, alpha: float = 0.0, weight=None, rcond=None) ->
         logit space); target directions ``N`` that ``G`` ignores are fitted by least squares
         on the rank-r features.
     rcond : float, optional
-        Relative eigenvalue cut-off of the pseudo-inverse of ``C_xx`` (default ``d × eps``;
-        :attr:`njtc_solve.stats.Statistics.rcond` matches it to the accumulation's precision).
+        Relative eigenvalue cut-off of the pseudo-inverse of ``C_xx`` (default ``d × eps``). A
+        cut-off at float32 precision relative to ``λ_max`` would drop well-resolved directions
+        where one massive feature inflates ``λ_max``; the exactly singular direction of
+        LayerNorm inputs is projected out of the statistics instead (:mod:`njtc_solve.stats`).
 
     Returns
     -------

@@ -46,11 +46,6 @@ ROW_NORM_EPS = 1e-5
 # √rows), so long chunks are multiplied in blocks of this many rows, each added into float64.
 # 1024 halves the error of 4096-row GEMMs on SmolLM2's activations at a few % of throughput.
 GEMM_ROWS = 1024
-# Relative eigenvalue cut-off of the pseudo-inverse, by the precision of the chunk GEMMs.
-# float32: its unit roundoff (~6e-8), well above the ~1e-10…1e-9 rounding noise that shifted
-# float32 accumulation leaves on the eigenvalues (measured in the tests), so a direction is
-# kept only where the statistics resolve it. float64: d × its machine epsilon.
-RCOND = {"float32": float(np.finfo(np.float32).eps) / 2, "float64": None}
 
 
 def normalize_rows(x: torch.Tensor, kind: str, eps: float = ROW_NORM_EPS) -> torch.Tensor:
@@ -116,11 +111,6 @@ class Statistics:
     def __post_init__(self):
         if self.n_rows is None:
             self.n_rows = int(round(self.n))
-
-    @property
-    def rcond(self) -> float | None:
-        """Relative eigenvalue cut-off that matches the precision the statistics were summed in."""
-        return RCOND[self.meta.get("accumulation", "float64")]
 
     def raw(self, layer: int):
         """Uncentred Gram matrices ``(XᵀX, XᵀY, YᵀY)`` for fits without an intercept."""

@@ -49,17 +49,24 @@ class ActivationStore:
             self.file = h5py.File(self.path, "r")
         except OSError as err:
             raise NJTCError(f"{self.path} is not a readable HDF5 file (truncated or corrupt?)") from err
+        try:
+            self._open(allow_incomplete)
+        except NJTCError:
+            self.close()
+            raise
+        except _DAMAGE as err:  # a corrupt object header, chunk index or checksum
+            self.close()
+            raise NJTCError(f"{self.path} is damaged ({_first_line(err)}); extract it again") from err
+
+    def _open(self, allow_incomplete: bool) -> None:
         attrs = self.file.attrs
         if attrs.get("format") != FORMAT:
-            self.close()
             raise NJTCError(f"{self.path} is not an njtc activation store (format attribute missing)")
         if int(attrs.get("format_version", -1)) != FORMAT_VERSION:
             version = attrs.get("format_version")
-            self.close()
             raise NJTCError(f"{self.path} has store format version {version}; this library reads {FORMAT_VERSION}")
         if not allow_incomplete and not bool(attrs.get("complete", False)):
             written, total = int(attrs.get("rows_written", 0)), int(self.file["tokens"].shape[0])
-            self.close()
             raise NJTCError(
                 f"{self.path} is incomplete ({written} of {total} rows written); finish it with extract --resume"
             )
@@ -67,11 +74,16 @@ class ActivationStore:
         self.d_model = int(attrs["d_model"])
         missing = [f"hidden/{l}" for l in range(self.n_layers + 1) if f"hidden/{l}" not in self.file]
         if missing or "split" not in self.file or "head" not in self.file:
-            self.close()
             raise NJTCError(f"{self.path} lacks {missing[0] if missing else 'split or head'}; the file is damaged")
-        self.n_rows = int(attrs["rows_written"]) if allow_incomplete else int(self.file["tokens"].shape[0])
-        self._split = self.file["split"][: self.n_rows]
-        self._position = self.file["position"][: self.n_rows] if "position" in self.file else None
+        total = int(self.file["tokens"].shape[0])
+        wrong = [name for name in [f"hidden/{l}" for l in range(self.n_layers + 1)] + ["split", "position"]
+                 if name in self.file and self.file[name].shape[0] != total]
+        wrong += [f"hidden/{l}" for l in range(self.n_layers + 1) if self.file[f"hidden/{l}"].shape[1:] != (self.d_model,)]
+        if wrong:
+            raise NJTCError(f"{self.path}: {wrong[0]} has the wrong shape; the file is damaged")
+        self.n_rows = int(attrs["rows_written"]) if allow_incomplete else total
+        self._split = self._read("split", slice(0, self.n_rows))
+        self._position = self._read("position", slice(0, self.n_rows)) if "position" in self.file else None
 
     # -- metadata -------------------------------------------------------------------------
     @property
@@ -95,7 +107,7 @@ class ActivationStore:
         """Every document the extraction assigned to validation (``None`` for a store split by sequence)."""
         if "validation_documents" not in self.file:
             return None
-        return np.asarray(self.file["validation_documents"][...], dtype=np.int64)
+        return np.asarray(self._read("validation_documents", slice(None)), dtype=np.int64)
 
     @cached_property
     def provenance(self) -> dict:
@@ -118,12 +130,35 @@ class ActivationStore:
 
     def head(self) -> Head:
         """The model's final norm and unembedding."""
-        return Head.from_group(self.file["head"])
+        try:
+            return Head.from_group(self.file["head"])
+        except _DAMAGE as err:
+            raise NJTCError(f"cannot read the head from {self.path} ({_first_line(err)}); the file is damaged") from err
 
     def read(self, name: str, rows=None) -> np.ndarray:
-        """Read a whole 1-D dataset such as ``"tokens"`` or ``"final_top1"`` (optionally some rows)."""
-        data = self.file[name][: self.n_rows]
-        return data if rows is None else data[rows]
+        """Read a per-row dataset such as ``"tokens"``, ``"final_top1"`` or ``"final_topk"``.
+
+        ``rows``: all rows (``None``), a slice, a boolean mask or an array of row indices.
+        """
+        if rows is None:
+            return self._read(name, slice(0, self.n_rows))
+        if isinstance(rows, slice):
+            return self._read(name, rows)
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            return self._read(name, slice(0, self.n_rows))[rows]
+        if rows.size == 0:
+            return self._read(name, slice(0, 0))
+        low = int(rows.min())
+        return self._read(name, slice(low, int(rows.max()) + 1))[rows - low]
+
+    def _read(self, name: str, rows: slice) -> np.ndarray:
+        """``file[name][rows]``; a failed checksum or a corrupt header becomes a one-line error."""
+        try:
+            return self.file[name][rows]
+        except _DAMAGE as err:
+            raise NJTCError(f"cannot read {name} rows {rows.start}-{rows.stop} from {self.path} "
+                            f"({_first_line(err)}); the file is damaged: extract it again") from err
 
     def split_code(self, split) -> int | None:
         """Translate ``"train"``/``"validation"``/``None`` to a split code."""
@@ -190,7 +225,7 @@ class ActivationStore:
             pick = slice(None) if rows.size == stop - start else rows - start
             chunk = {}
             for layer in layers:
-                data = self.file[f"hidden/{layer}"][start:stop]
+                data = self._read(f"hidden/{layer}", slice(start, stop))
                 chunk[layer] = np.asarray(data[pick], dtype=np.float32)
             taken += rows.size
             yield rows, chunk
@@ -211,6 +246,13 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.path)!r}, rows={self.n_rows}, layers=0..{self.n_layers}, d={self.d_model})"
+
+
+_DAMAGE = (KeyError, OSError, ValueError, RuntimeError, TypeError)  # what h5py raises for a damaged file
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def shard_path(out, rank: int, world: int) -> Path:

@@ -56,6 +56,13 @@ def test_two_process_fit_equals_single_process(tiny_store, tmp_path):
     for layer in range(3):
         assert torch.allclose(dist.maps[layer].U @ dist.maps[layer].V, single.maps[layer].U @ single.maps[layer].V,
                               rtol=1e-5, atol=1e-6)
+    # from the saved statistics, under torchrun too: rank 0 solves alone
+    result = torchrun("njtc_solve.fit", "--store", str(tiny_store), "--method", "njtc", "--rank", "4",
+                      "--stats", str(tmp_path / "stats.safetensors"), "--out", str(tmp_path / "again.safetensors"),
+                      "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = Shortcuts.load(tmp_path / "again.safetensors")
+    assert all(torch.equal(again.maps[l].U, dist.maps[l].U) for l in range(3))
 
 
 def _failing_worker(rank, world, port, store, out, fail_rank, results, marker):
@@ -117,8 +124,9 @@ def test_sharded_extraction_equals_single_process(tiny_models, tmp_path):
         "sharded.h5", "sharded.shard0-of-2.h5", "sharded.shard1-of-2.h5"]
     with ActivationStore(tmp_path / "sharded.h5") as a, ActivationStore(tmp_path / "single.h5") as b:
         assert a.n_rows == b.n_rows == 3200
-        for name in ("tokens", "sequence", "position", "split", "final_top1"):
+        for name in ("tokens", "sequence", "position", "split", "final_top1", "document", "final_topk"):
             assert np.array_equal(a.read(name), b.read(name)), name
+        assert np.array_equal(a.validation_documents, b.validation_documents)
         for layer in range(a.n_layers + 1):
             np.testing.assert_allclose(a.file[f"hidden/{layer}"][...], b.file[f"hidden/{layer}"][...],
                                        rtol=1e-5, atol=1e-5)

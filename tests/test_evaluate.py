@@ -229,3 +229,18 @@ def test_evaluating_on_rows_a_shortcut_was_fitted_on_is_refused(tiny_models, tmp
     result = run_module("njtc_solve.evaluate", "--store", str(other_split), "--shortcuts", str(path),
                         "--out", str(tmp_path / "r"), "--no-progress")
     _one_line_exit_2(result, "was fitted on")
+
+
+def test_a_shortcut_without_provenance_or_from_a_sequence_split_store_is_refused(tiny_store, tmp_path):
+    [sc] = fit_shortcuts(tiny_store, "njtc", [2], layers=[1], progress=False)
+    bare = Shortcuts(sc.method, sc.maps, sc.target_layer, sc.model_sha256, sc.rank)
+    with pytest.raises(NJTCError, match="records no provenance"):
+        evaluate_shortcuts(tiny_store, [bare], progress=False)
+    old = tmp_path / "old.h5"  # a store split by sequence, as the first release wrote them
+    shutil.copy(tiny_store, old)
+    with h5py.File(old, "r+") as f:
+        del f["validation_documents"], f["document"]
+        f.attrs["seed"] = 7
+    with pytest.raises(NJTCError, match="split by sequence"):
+        evaluate_shortcuts(old, [sc], progress=False)
+    assert evaluate_shortcuts(old, [sc], progress=False, allow_overlap=True).records

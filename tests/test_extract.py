@@ -136,11 +136,12 @@ def _datasets(path):
         return out
 
 
-def _kill_once_past(cmd, env, fraction=0.2, timeout=120):
-    """Run ``cmd`` with its progress bar on stderr and SIGKILL it once that shows ``fraction`` done.
+def _kill_once_past(cmd, env, fraction=0.2, sig=signal.SIGKILL, timeout=120, action=None):
+    """Run ``cmd`` with its progress bar on stderr and send ``sig`` once that shows ``fraction`` done
+    (or call ``action(proc)`` instead).
 
-    Reading the bar makes the kill land mid-run whatever the machine's speed; returns the
-    percentage last seen before the kill.
+    Reading the bar makes the signal land mid-run whatever the machine's speed. Returns the
+    percentage last seen before the signal, the exit code and everything written to stderr.
     """
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen, deadline = "", time.time() + timeout
@@ -152,9 +153,10 @@ def _kill_once_past(cmd, env, fraction=0.2, timeout=120):
             seen += data.decode(errors="replace")
             percents = re.findall(r"extract:\s*(\d+)%\|", seen[-400:])
             if percents and int(percents[-1]) >= 100 * fraction:
-                proc.send_signal(signal.SIGKILL)
-                return int(percents[-1])
-        raise AssertionError(f"the run ended before it could be killed: {seen[-500:]}")
+                proc.send_signal(sig) if action is None else action(proc)
+                seen += proc.stderr.read().decode(errors="replace")
+                return int(percents[-1]), proc.wait(timeout=60), seen
+        raise AssertionError(f"the run ended before it could be signalled: {seen[-500:]}")
     finally:
         proc.kill()
         proc.wait()
@@ -168,8 +170,8 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_models, tmp_path):
     killed = tmp_path / "killed.h5"
     partial = tmp_path / "killed.h5.partial"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    percent = _kill_once_past([sys.executable, "-m", "njtc_solve.extract", *args, "--out", str(killed)], env)
-    assert 20 <= percent < 100
+    percent, code, _ = _kill_once_past([sys.executable, "-m", "njtc_solve.extract", *args, "--out", str(killed)], env)
+    assert 20 <= percent < 100 and code == -signal.SIGKILL
     assert partial.exists() and not killed.exists()
     with h5py.File(partial, "r") as f:
         written, total = int(f.attrs["rows_written"]), int(f.attrs["n_rows"])
@@ -256,8 +258,6 @@ def test_cli_bad_inputs(tiny_models, tmp_path):
                                 "--out", str(tmp_path / "a.h5")), "bad.jsonl:2")
     _one_line_exit_2(run_module("njtc_solve.extract", "--model", model, "--val-fraction", "1.5", *base,
                                 "--out", str(tmp_path / "a.h5")), "--val-fraction")
-    _one_line_exit_2(run_module("njtc_solve.extract", "--model", model, *base, "--resume",
-                                "--out", str(tmp_path / "a.h5")), "nothing to resume")
     _one_line_exit_2(run_module("njtc_solve.extract", "--model", model, *base,
                                 "--out", str(tmp_path / "missing" / "a.h5")), "does not exist")
     existing = tmp_path / "exists.h5"
@@ -412,3 +412,20 @@ def test_iter_chunks_streams_a_split(tiny_store):
         assert np.array_equal(c[2], store.file["hidden/2"][r[0]: r[-1] + 1])
         with pytest.raises(NJTCError, match="layer 9"):
             next(store.iter_chunks([9]))
+
+
+def test_a_split_that_leaves_no_training_text_is_refused(tiny_models):
+    _, tok, _ = load_model(str(tiny_models["gpt2"]))
+    long_line = " ".join(load_corpus()[1][0].split()[:300])
+    for seed in range(3):  # the long document is held out (nearest the fraction), "x" alone is too short
+        with pytest.raises(NJTCError, match="training documents hold fewer tokens"):
+            plan_extraction(tok, [long_line, "x"], seq_len=8, val_fraction=0.25, seed=seed)
+    with pytest.raises(NJTCError, match="no training sequence"):
+        plan_extraction(tok, load_corpus()[1], seq_len=16, max_tokens=16, val_fraction=0.5)
+    plan = plan_extraction(tok, load_corpus()[1], seq_len=16, max_tokens=32, val_fraction=0.5)
+    assert list(plan.split) == [TRAIN, VALIDATION]
+    share = plan_extraction(tok, load_corpus()[1], seq_len=64, val_fraction=0.25)
+    tokens = {code: (share.split == code).sum() for code in (TRAIN, VALIDATION)}
+    assert abs(tokens[VALIDATION] / (tokens[TRAIN] + tokens[VALIDATION]) - 0.25) < 0.05
+    one = plan_extraction(tok, load_corpus()[1], seq_len=16, positions="one-per-sequence", max_tokens=400)
+    assert (one.position >= 1).all(), "one-per-sequence never samples the position fits skip"

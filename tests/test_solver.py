@@ -411,3 +411,33 @@ def test_row_weighted_statistics_equal_sklearn_sample_weight():
     assert rel(coef, ref.coef_.T) <= 1e-6 and rel(bias, ref.intercept_) <= 1e-6  # float32 file maps
     exact = solve_reduced_rank(s.layers[0].cxx, s.layers[0].cxy).coef.numpy()
     assert rel(exact, ref.coef_.T) <= 1e-8
+
+
+def test_a_massive_sparse_feature_keeps_every_resolved_direction_in_float32():
+    """One feature at 3000 on 2% of rows (a "massive activation") puts λ_min/λ_max near 5e-8; a
+    cut-off at float32 precision relative to λ_max would drop resolved directions (an 18% error)."""
+    rng = np.random.default_rng(0)
+    x = (0.1 * rng.normal(size=(40_000, 64))).astype(np.float32)
+    x[rng.random(40_000) < 0.02, 5] = 3000.0
+    y = (x @ rng.normal(size=(64, 64)) / 8 + 0.1 * rng.normal(size=(40_000, 64))).astype(np.float32)
+    s32, s64 = stats_of(x, y, chunk=4096, float64=False), stats_of(x, y, chunk=4096, float64=True)
+    lam = torch.linalg.eigvalsh(s64.layers[0].cxx)
+    assert lam[0] / lam[-1] < 1e-7
+    b32 = solve_reduced_rank(s32.layers[0].cxx, s32.layers[0].cxy).coef
+    b64 = solve_reduced_rank(s64.layers[0].cxx, s64.layers[0].cxy).coef
+    assert rel(b32, b64) <= 1e-5
+
+
+def test_fit_passes_the_row_count_and_the_intercept_to_gcv():
+    x, y = make_data(n=30, d=10, noise=3.0)
+    w = np.random.default_rng(1).uniform(0.2, 0.6, size=30)
+    acc = MomentAccumulator([0], float64=True)
+    acc.update({0: x}, y, w)
+    s = acc.finalize({"target_layer": 1, "d_model": 10})
+    for fit_intercept in (True, False):
+        [auto] = fit_from_statistics(s, "jtc", None, alpha="auto", fit_intercept=fit_intercept)
+        cxx, cxy, cyy = (s.layers[0].cxx, s.layers[0].cxy, s.cyy) if fit_intercept else s.raw(0)
+        expected, _ = gcv_alpha(cxx, cxy, cyy, 30, fit_intercept=fit_intercept)
+        wrong, _ = gcv_alpha(cxx, cxy, cyy, s.n, fit_intercept=not fit_intercept)
+        assert auto.stats["layers"][0]["alpha"] == expected
+        assert expected != wrong, "the check must tell the right call from the wrong one"

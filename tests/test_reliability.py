@@ -1,0 +1,226 @@
+"""Faults a careless user or a hostile machine brings: a full disk, flipped bytes, two runs at
+once, signals. Each must end in one line and a non-zero exit, never a traceback or a store
+that says it is complete when it is not."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+from conftest import ROOT, run_module
+from test_extract import _kill_once_past, _one_line_exit_2
+
+from njtc_solve.errors import NJTCError, output_lock
+from njtc_solve.fit import fit_shortcuts
+from njtc_solve.store import ActivationStore
+
+
+def _limited(limit_bytes):
+    """A preexec_fn: files may grow to ``limit_bytes``; beyond, writes fail with EFBIG."""
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return apply
+
+
+def _run_limited(limit_bytes, module, *args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300, preexec_fn=_limited(limit_bytes))
+
+
+def test_a_file_size_limit_at_creation_is_one_line(tiny_models, tmp_path):
+    out = tmp_path / "a.h5"
+    result = _run_limited(400_000, "njtc_solve.extract", "--model", str(tiny_models["llama"]), "--seq-len", "32",
+                          "--max-tokens", "4096", "--no-progress", "--out", str(out))  # needs about 2.5 MB
+    _one_line_exit_2(result, "File too large")
+    assert not out.exists() and not (tmp_path / "a.h5.partial").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs (needs the right to mount, as root in this project's sandbox and CI)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_write_that_fails_mid_run_stops_it_and_resume_finishes(tiny_models, tmp_path, monkeypatch, capsys):
+    """The disk refuses a write after 30 batches (a checksummed store claims its space when it is
+    created, so a real disk fills up there, before the long pass; this is the same failure later)."""
+    from njtc_solve import extract
+    from njtc_solve.errors import run_cli
+
+    args = ["--model", str(tiny_models["llama"]), "--seq-len", "16", "--batch-size", "1", "--max-tokens", "1600",
+            "--no-progress"]
+    out, partial = tmp_path / "a.h5", tmp_path / "a.h5.partial"
+    real, calls = h5py.Dataset.write_direct, []
+
+    def failing(self, *args, **kwargs):  # passes everything through to the real write_direct
+        calls.append(1)
+        if len(calls) > 30 * 4:  # 4 layers a batch
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Dataset, "write_direct", failing)
+    assert run_cli(extract.main, [*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot write") and "No space left on device" in err[-1] and "--resume" in err[-1]
+    assert len([line for line in err if line.startswith("error:")]) == 1
+    assert not out.exists(), "a store that was not fully written must never get its final name"
+    with h5py.File(partial, "r") as f:
+        assert not f.attrs["complete"] and f.attrs["rows_written"] == 30 * 16
+    monkeypatch.setattr(h5py.Dataset, "write_direct", real)
+    assert run_cli(extract.main, [*args, "--resume", "--out", str(out)]) == 0
+    assert run_cli(extract.main, [*args, "--out", str(tmp_path / "reference.h5")]) == 0
+    with h5py.File(out, "r") as a, h5py.File(tmp_path / "reference.h5", "r") as b:
+        assert a.attrs["complete"]
+        for name in ("tokens", "final_top1", "hidden/0", "hidden/3"):
+            assert (a[name][...] == b[name][...]).all(), name
+
+
+def test_too_little_free_space_is_refused_before_the_work(tiny_models, small_disk):
+    result = run_module("njtc_solve.extract", "--model", str(tiny_models["llama"]), "--seq-len", "32",
+                        "--max-tokens", "65536", "--no-progress", "--out", str(small_disk / "a.h5"))
+    _one_line_exit_2(result, "GB free")
+    assert not list(small_disk.iterdir())
+
+
+def test_a_full_disk_while_writing_the_report_leaves_no_report(tiny_store, tmp_path):
+    out = tmp_path / "report"
+    result = _run_limited(20_000, "njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts",
+                          "--out", str(out), "--max-rows", "64", "--no-progress")
+    _one_line_exit_2(result, "cannot write")
+    assert not out.exists() and not list(tmp_path.glob("report*"))
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x5A]))
+
+
+def test_a_flipped_data_byte_is_a_checksum_error(tiny_store, tmp_path):
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(tiny_store, damaged)
+    with h5py.File(damaged, "r") as f:
+        chunk = f["hidden/2"].id.get_chunk_info(1)
+    _flip_byte(damaged, chunk.byte_offset + chunk.size // 2)
+    with pytest.raises(NJTCError, match=r"cannot read hidden/2 rows .* the file is damaged"):
+        fit_shortcuts(damaged, "njtc", [2], layers=[2], progress=False)
+    result = run_module("njtc_solve.fit", "--store", str(damaged), "--method", "njtc", "--rank", "2",
+                        "--out", str(tmp_path / "o.safetensors"), "--no-progress")
+    _one_line_exit_2(result, "the file is damaged")
+    assert not list(tmp_path.glob("o.safetensors*"))
+
+
+def test_a_flipped_split_byte_is_refused_on_opening(tiny_store, tmp_path):
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(tiny_store, damaged)
+    with h5py.File(damaged, "r") as f:
+        chunk = f["split"].id.get_chunk_info(0)
+    _flip_byte(damaged, chunk.byte_offset + 10)
+    with pytest.raises(NJTCError, match="damaged"):
+        ActivationStore(damaged)
+
+
+def test_a_corrupt_object_header_is_one_line(tiny_store, tmp_path):
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(tiny_store, damaged)
+    with h5py.File(damaged, "r") as f:
+        header = h5py.h5o.get_info(f["hidden/2"].id).addr
+    _flip_byte(damaged, header + 20)
+    result = run_module("njtc_solve.fit", "--store", str(damaged), "--method", "njtc", "--rank", "2",
+                        "--out", str(tmp_path / "o.safetensors"), "--no-progress")
+    _one_line_exit_2(result, "damaged")
+
+
+def test_two_extractions_to_one_output_one_refuses(tiny_models, tmp_path):
+    out = tmp_path / "a.h5"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "njtc_solve.extract", "--model", str(tiny_models["gpt2"]), "--seq-len", "32",
+           "--max-tokens", "2048", "--no-progress", "--out", str(out)]
+    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    codes = sorted(code for _, _, code in results)
+    assert codes == [0, 2], results
+    [(_, refused, _)] = [r for r in results if r[2] == 2]
+    errors = [line for line in refused.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "being written by another process" in errors[0] and "Traceback" not in refused
+    with ActivationStore(out) as store:
+        assert store.n_rows == 2048
+    assert not (tmp_path / "a.h5.lock").exists(), "the lock is released"
+
+
+def test_the_output_lock_refuses_a_second_holder_and_is_released(tmp_path):
+    out = tmp_path / "x.h5"
+    with output_lock(out):
+        with pytest.raises(NJTCError, match="another process"):
+            with output_lock(out):
+                pass
+    with output_lock(out):  # released on the way out, also after an error
+        pass
+    with pytest.raises(ValueError), output_lock(out):
+        raise ValueError
+    with output_lock(out):
+        pass
+
+
+def test_sigterm_during_extraction_says_how_to_resume(tiny_models, tmp_path):
+    out = tmp_path / "a.h5"
+    cmd = [sys.executable, "-m", "njtc_solve.extract", "--model", str(tiny_models["llama"]), "--seq-len", "16",
+           "--batch-size", "1", "--max-tokens", "8000", "--out", str(out)]
+    percent, code, stderr = _kill_once_past(cmd, dict(os.environ, PYTHONPATH=str(ROOT)), 0.2, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].endswith("error: interrupted; the partial store is kept: "
+                                                    "resume with --resume")
+    assert (tmp_path / "a.h5.partial").exists() and not out.exists()
+
+
+def test_ctrl_c_while_torch_imports_is_one_line(tiny_store, tmp_path):
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc to see the import under way")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "njtc_solve.fit", "--store", str(tiny_store), "--out",
+                             str(tmp_path / "o.safetensors")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if "torch" in Path(f"/proc/{proc.pid}/maps").read_text():  # torch's libraries are loading
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines() == ["error: interrupted"]
+
+
+def test_resume_with_nothing_to_resume_starts_afresh(tiny_models, tmp_path):
+    out = tmp_path / "a.h5"
+    result = run_module("njtc_solve.extract", "--model", str(tiny_models["gpt2"]), "--seq-len", "32",
+                        "--max-tokens", "1024", "--no-progress", "--resume", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "nothing to resume" in result.stderr and "starting afresh" in result.stderr
+    assert "Loading weights" not in result.stderr, "--no-progress silences transformers' bars too"
+    with ActivationStore(out) as store:
+        assert store.n_rows == 1024
