@@ -39,7 +39,13 @@ _API = {
 
 __all__ = list(_API)
 
-if sys.argv[:1] == ["-m"]:  # `python -m njtc_solve.<stage>`: no traceback for Ctrl-C while torch imports
+def _run_as_a_stage() -> bool:
+    """Whether this process is ``python [options] -m njtc_solve[.stage]`` (not a library import)."""
+    argv = getattr(sys, "orig_argv", [])
+    return sys.argv[:1] == ["-m"] and "-m" in argv[:-1] and argv[argv.index("-m") + 1].split(".")[0] == __name__
+
+
+if _run_as_a_stage():  # no traceback for Ctrl-C while torch imports
     from .errors import quiet_start
 
     quiet_start()

@@ -246,13 +246,17 @@ def _create_store(path, plan, head, n_layers, d_model, dtype, attrs):
     f = h5py.File(path, "w", **_WRITE_CACHE)
     try:
         _layout(f, plan, head, n_layers, d_model, dtype, attrs)
-    except BaseException:
-        _close_quietly(f)  # never leave a half-created file to h5py's garbage collection
+    except BaseException:  # a failed write, an interruption: a half-created file holds nothing to resume
+        _close_quietly(f)  # never leave it to h5py's garbage collection
+        Path(path).unlink(missing_ok=True)
         raise
     return f
 
 
 def _layout(f, plan, head, n_layers, d_model, dtype, attrs):
+    # every attribute written later exists from the start, so later writes never grow the file
+    for key in ("head_check_max_abs_err", "head_check_rel_err", "head_check_top1_agreement"):
+        f.attrs[key] = float("nan")
     for key, value in attrs.items():
         f.attrs[key] = value
     n = plan.n_rows
@@ -274,8 +278,10 @@ def _layout(f, plan, head, n_layers, d_model, dtype, attrs):
              "validation_documents": plan.validation_documents.astype(np.int32),
              "final_top1": np.zeros(n, np.int32), "final_topk": np.zeros((n, FINAL_TOPK), np.int32)}
     for name, data in index.items():
-        f.create_dataset(name, data=data, chunks=(max(1, min(len(data), 65536)),) + data.shape[1:],
-                         fletcher32=True)
+        if len(data) == 0:  # no validation documents (--val-fraction 0): nothing to chunk or checksum
+            f.create_dataset(name, data=data)
+        else:
+            f.create_dataset(name, data=data, chunks=(min(len(data), 65536),) + data.shape[1:], fletcher32=True)
     head.write_group(f.create_group("head"))
     f.flush()
 
@@ -377,12 +383,12 @@ _WRITE_ERRORS = (OSError, ValueError, RuntimeError)  # what h5py raises when the
 def _write_failure(err: Exception) -> str | None:
     """The operating system's words when ``err`` is a failed write (an OSError, or HDF5's long
     message naming an errno), else ``None``: then it is no write failure and is not disguised."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
     found = re.search(r"errno = \d+, error message = '([^']+)'", str(err))
     if found:
         return found.group(1)
-    return (str(err).strip().splitlines() or [type(err).__name__])[0] if isinstance(err, OSError) else None
+    if isinstance(err, OSError):
+        return (str(err.strerror or err).strip().splitlines() or [type(err).__name__])[0]
+    return None
 
 
 def _sample_logits(model, plan, device, rows=64):
@@ -491,8 +497,6 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
     except _WRITE_ERRORS as err:
         if _write_failure(err) is None:
             raise
-        if not resume:  # a half-created file holds nothing to resume
-            partial.unlink(missing_ok=True)
         raise NJTCError(f"cannot write {partial}: {_write_failure(err)}") from err
 
     per_batch = batch_size * plan.rows_per_sequence
@@ -540,6 +544,7 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         f.attrs["complete"] = True
         _sync(f)
         f.close()
+        os.replace(partial, out)
     except NJTCError:
         _close_quietly(f)
         partial.unlink(missing_ok=True)
@@ -554,7 +559,6 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
     except BaseException:
         _close_quietly(f)  # keep the partial file: --resume continues it
         raise
-    os.replace(partial, out)
     return out
 
 

@@ -67,6 +67,8 @@ class Head:
         def read(name):
             return torch.from_numpy(group[name][...].astype(np.float32)) if name in group else None
 
+        if "norm_weight" not in group or "unembed" not in group:
+            raise NJTCError("the head has no norm_weight or unembed; the file is damaged")
         return cls(
             norm=str(group.attrs["norm"]),
             eps=float(group.attrs["eps"]),

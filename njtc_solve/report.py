@@ -134,8 +134,9 @@ def _write_text(path, text):
 def write_report(result, out) -> tuple[dict, str]:
     """Write ``results.json``, ``results.csv``, ``report.md`` and PNG plots into folder ``out``.
 
-    The files are written into ``out.partial`` first, which replaces ``out`` only once all of
-    them are written: a failure (a full disk, say) leaves ``out`` as it was.
+    The files are written into a temporary folder beside ``out`` first and moved into ``out``
+    (created if needed; nothing else in it is touched) only once all of them are written: a
+    failure (a full disk, say) leaves ``out`` as it was.
 
     Returns
     -------
@@ -144,20 +145,16 @@ def write_report(result, out) -> tuple[dict, str]:
     summary : str
         The Markdown summary (Precision@1 by layer and method, early exit), also in report.md.
     """
-    out = Path(out)
+    out = Path(out).resolve()
     tmp = out.with_name(out.name + ".partial")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         paths, summary = _write_files(result, tmp)
-        if out.exists():  # swap the folders, then drop the old one
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in paths.values():  # only the report's own files are replaced
+            os.replace(path, out / path.name)
+        tmp.rmdir()
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise NJTCError(f"cannot write report folder {out}: {err.strerror or err}") from err

@@ -59,7 +59,9 @@ class ActivationStore:
             raise NJTCError(f"{self.path} is damaged ({_first_line(err)}); extract it again") from err
 
     def _open(self, allow_incomplete: bool) -> None:
-        attrs = self.file.attrs
+        # every root attribute read here, once, where damage is caught
+        self._attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.file.attrs.items()}
+        attrs = self._attrs
         if attrs.get("format") != FORMAT:
             raise NJTCError(f"{self.path} is not an njtc activation store (format attribute missing)")
         if int(attrs.get("format_version", -1)) != FORMAT_VERSION:
@@ -89,11 +91,11 @@ class ActivationStore:
     @property
     def attrs(self) -> dict:
         """Root attributes as plain Python values."""
-        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.file.attrs.items()}
+        return dict(self._attrs)
 
     @property
     def model_sha256(self) -> str:
-        return str(self.file.attrs["model_sha256"])
+        return str(self._attrs["model_sha256"])
 
     @property
     def split(self) -> np.ndarray:

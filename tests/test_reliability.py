@@ -150,19 +150,14 @@ def test_a_corrupt_object_header_is_one_line(tiny_store, tmp_path):
     _one_line_exit_2(result, "damaged")
 
 
-def test_two_extractions_to_one_output_one_refuses(tiny_models, tmp_path):
+def test_an_extraction_to_an_output_being_written_refuses(tiny_models, tmp_path):
     out = tmp_path / "a.h5"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "njtc_solve.extract", "--model", str(tiny_models["gpt2"]), "--seq-len", "32",
-           "--max-tokens", "2048", "--no-progress", "--out", str(out)]
-    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
-    codes = sorted(code for _, _, code in results)
-    assert codes == [0, 2], results
-    [(_, refused, _)] = [r for r in results if r[2] == 2]
-    errors = [line for line in refused.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "being written by another process" in errors[0] and "Traceback" not in refused
+    args = ["--model", str(tiny_models["gpt2"]), "--seq-len", "32", "--max-tokens", "2048", "--no-progress",
+            "--out", str(out)]
+    with output_lock(out):  # another run holds the output
+        _one_line_exit_2(run_module("njtc_solve.extract", *args), "being written by another process")
+    assert not list(tmp_path.glob("a.h5.partial"))
+    assert run_module("njtc_solve.extract", *args).returncode == 0  # released: the next run goes ahead
     with ActivationStore(out) as store:
         assert store.n_rows == 2048
     assert not (tmp_path / "a.h5.lock").exists(), "the lock is released"
@@ -224,3 +219,56 @@ def test_resume_with_nothing_to_resume_starts_afresh(tiny_models, tmp_path):
     assert "Loading weights" not in result.stderr, "--no-progress silences transformers' bars too"
     with ActivationStore(out) as store:
         assert store.n_rows == 1024
+
+
+def test_the_report_replaces_only_its_own_files(tiny_store, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "results.json").write_text("old")
+    result = run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts", "--out", str(out),
+                        "--max-rows", "64", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert (out / "notes.txt").read_text() == "mine" and (out / "results.json").read_text() != "old"
+    assert not list(tmp_path.glob("results.*"))
+    here = tmp_path / "here"
+    here.mkdir()
+    result = subprocess.run([sys.executable, "-m", "njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts",
+                             "--out", ".", "--max-rows", "64", "--no-progress"], capture_output=True, text=True,
+                            cwd=here, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert result.returncode == 0 and (here / "report.md").exists(), result.stderr
+
+
+def test_no_validation_split_extracts(tiny_models, tmp_path):
+    result = run_module("njtc_solve.extract", "--model", str(tiny_models["gpt2"]), "--seq-len", "32",
+                        "--max-tokens", "512", "--val-fraction", "0", "--no-progress", "--out", str(tmp_path / "a.h5"))
+    assert result.returncode == 0, result.stderr
+    with ActivationStore(tmp_path / "a.h5") as store:
+        assert store.count("validation") == 0 and len(store.validation_documents) == 0
+
+
+def test_an_interruption_while_the_store_is_created_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    from njtc_solve.corpus import load_corpus
+    from njtc_solve.extract import extract_activations
+    from njtc_solve.head import Head
+    from njtc_solve.models import load_model
+
+    def interrupted(self, group):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Head, "write_group", interrupted)
+    model, tok, _ = load_model(str(tiny_models["gpt2"]))
+    with pytest.raises(KeyboardInterrupt):
+        extract_activations(model, tok, load_corpus()[1], tmp_path / "a.h5", seq_len=32, max_tokens=512,
+                            progress=False)
+    assert not list(tmp_path.iterdir()), "a half-created store must not look resumable"
+
+
+def test_a_multi_line_hdf5_write_error_is_reported_on_one_line():
+    from njtc_solve.extract import _write_failure
+
+    err = OSError("Can't synchronously write data (file write failed: time = now\n, filename = 'a.h5', "
+                  "file descriptor = 4, errno = 28, error message = 'No space left on device', buf = 0x1)")
+    assert _write_failure(err) == "No space left on device"
+    assert _write_failure(OSError("two\nlines")) == "two"
+    assert _write_failure(ValueError("a shape mismatch")) is None
