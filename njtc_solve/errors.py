@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-__all__ = ["NJTCError", "atomic_output", "output_lock", "quiet_start", "run_cli"]
+__all__ = ["NJTCError", "atomic_output", "output_lock", "quiet_start", "run_cli", "write_failure"]
 
 
 class NJTCError(Exception):
@@ -148,20 +148,25 @@ def atomic_output(path, overwrite: bool = True):
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        reason = _write_failure(err)
+        reason = write_failure(err)
         if reason is None:
             raise
         raise NJTCError(f"cannot write {path}: {reason}") from err
 
 
-def _write_failure(err: BaseException) -> str | None:
-    """The OS's reason when ``err`` is a failure to write, else None.
+def write_failure(err: BaseException) -> str | None:
+    """The operating system's reason, on one line, when ``err`` is a failure to write, else None.
 
-    safetensors reports one as ``SafetensorError("Error while serializing: I/O error: No space
-    left on device (os error 28)")`` (older versions: ``IoError(Os { code: 28, ..., message: "..." })``).
+    An :class:`OSError`; HDF5's long, multi-line message naming an errno (which h5py raises as
+    OSError, ValueError or RuntimeError); or ``SafetensorError("Error while serializing: I/O
+    error: No space left on device (os error 28)")`` (older versions: ``IoError(Os { code: 28,
+    ..., message: "..." })``). Anything else is no write failure and is not disguised as one.
     """
+    found = re.search(r"errno = \d+, error message = '([^']+)'", str(err))
+    if found:
+        return found[1]
     if isinstance(err, OSError):
-        return err.strerror or str(err)
+        return (str(err.strerror or err).strip().splitlines() or [type(err).__name__])[0]
     if isinstance(err, SafetensorError):
         found = re.search(r'([^:]*\(os error \d+\))|Os \{.*message: "([^"]*)"', str(err))
         return found and (found[1] or found[2]).strip()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 import time
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .architectures import resolve_parts
 from .corpus import DEFAULT_CORPUS, corpus_sha256, load_corpus
-from .errors import NJTCError, output_lock, run_cli, temporary_path
+from .errors import NJTCError, output_lock, run_cli, temporary_path, write_failure
 from .head import Head
 from .models import load_model, model_sha256
 from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, FORMAT, FORMAT_VERSION, TRAIN, VALIDATION
@@ -380,17 +379,6 @@ def _close_quietly(f) -> None:
 _WRITE_ERRORS = (OSError, ValueError, RuntimeError)  # what h5py raises when the file system refuses a write
 
 
-def _write_failure(err: Exception) -> str | None:
-    """The operating system's words when ``err`` is a failed write (an OSError, or HDF5's long
-    message naming an errno), else ``None``: then it is no write failure and is not disguised."""
-    found = re.search(r"errno = \d+, error message = '([^']+)'", str(err))
-    if found:
-        return found.group(1)
-    if isinstance(err, OSError):
-        return (str(err.strerror or err).strip().splitlines() or [type(err).__name__])[0]
-    return None
-
-
 def _sample_logits(model, plan, device, rows=64):
     """Model logits of the first rows, for a run that had no batch left to extract."""
     with torch.no_grad():
@@ -495,9 +483,9 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
             partial.unlink(missing_ok=True)
             f = _create_store(partial, plan, head, n_layers, head.d_model, dtype, attrs)
     except _WRITE_ERRORS as err:
-        if _write_failure(err) is None:
+        if write_failure(err) is None:
             raise
-        raise NJTCError(f"cannot write {partial}: {_write_failure(err)}") from err
+        raise NJTCError(f"cannot write {partial}: {write_failure(err)}") from err
 
     per_batch = batch_size * plan.rows_per_sequence
     hidden_sets = [f[f"hidden/{layer}"] for layer in range(n_layers + 1)]  # open for the whole run
@@ -551,10 +539,10 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         raise
     except _WRITE_ERRORS as err:
         _close_quietly(f)
-        if _write_failure(err) is None:
+        if write_failure(err) is None:
             raise
         # a write failed (disk full, quota, I/O error): rows_written counts only flushed batches
-        raise NJTCError(f"cannot write {partial}: {_write_failure(err)}; the partial file is kept: free space, "
+        raise NJTCError(f"cannot write {partial}: {write_failure(err)}; the partial file is kept: free space, "
                         "then run again with --resume") from err
     except BaseException:
         _close_quietly(f)  # keep the partial file: --resume continues it

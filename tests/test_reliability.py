@@ -265,7 +265,7 @@ def test_an_interruption_while_the_store_is_created_leaves_nothing(tiny_models, 
 
 
 def test_a_multi_line_hdf5_write_error_is_reported_on_one_line():
-    from njtc_solve.extract import _write_failure
+    from njtc_solve.errors import write_failure as _write_failure
 
     err = OSError("Can't synchronously write data (file write failed: time = now\n, filename = 'a.h5', "
                   "file descriptor = 4, errno = 28, error message = 'No space left on device', buf = 0x1)")
