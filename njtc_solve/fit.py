@@ -444,7 +444,7 @@ def main(argv=None, comm=None) -> int:
 
 
 def _run(args, comm) -> int:
-    """The fit itself: every process accumulates its share, rank 0 solves and writes."""
+    """The fit itself: every process accumulates its share and solves its layers; rank 0 writes."""
     device = args.device
     if comm is not None:
         device = str(comm.device)  # each process on its own GPU under torchrun
