@@ -466,26 +466,23 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         "n_sequences": len(plan.sequence), "rows_written": 0, "complete": False,
         "shard": f"{shard[0]}/{shard[1]}", "bos": plan.bos, "split_by": "document", "n_documents": len(documents),
     }
-    written = 0
-    if resume:
-        f = _open_for_resume(partial, attrs)
-        written = int(f.attrs["rows_written"])
-        f.close()
+    f = _open_for_resume(partial, attrs) if resume else None  # opened once, kept open for the run
+    written = 0 if f is None else int(f.attrs["rows_written"])
     row_bytes = (n_layers + 1) * head.d_model * np.dtype(dtype).itemsize + 4 * (6 + FINAL_TOPK)
     needed = (plan.n_rows - written) * row_bytes + (0 if resume else head.unembed.numel() * 4)
     free = shutil.disk_usage(out.parent).free
     if needed > free:
+        if f is not None:
+            f.close()
         raise NJTCError(f"{out} needs about {needed / 1e9:.2f} GB more, and {out.parent} has {free / 1e9:.2f} GB free")
-    try:
-        if resume:
-            f = _open_for_resume(partial, attrs)
-        else:
+    if f is None:
+        try:
             partial.unlink(missing_ok=True)
             f = _create_store(partial, plan, head, n_layers, head.d_model, dtype, attrs)
-    except _WRITE_ERRORS as err:
-        if write_failure(err) is None:
-            raise
-        raise NJTCError(f"cannot write {partial}: {write_failure(err)}") from err
+        except _WRITE_ERRORS as err:
+            if write_failure(err) is None:
+                raise
+            raise NJTCError(f"cannot write {partial}: {write_failure(err)}") from err
 
     per_batch = batch_size * plan.rows_per_sequence
     hidden_sets = [f[f"hidden/{layer}"] for layer in range(n_layers + 1)]  # open for the whole run
