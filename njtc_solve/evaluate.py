@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NJTCError, run_cli
+from .metrics import Reference, hits_at_k, kl_divergence, surprisal
 from .shortcuts import Shortcuts
 from .store import ActivationStore
 
@@ -78,20 +79,17 @@ class _Tally:
         self.surprisal = self.kl = self.sse = 0.0
         self.margins, self.correct = [], []
 
-    def add(self, logits, y_hat, y, final):
-        # KL(p_f ‖ p) = Σ p_f log p_f - Σ p_f logits + logsumexp(logits), without a log-softmax copy
-        lse = torch.logsumexp(logits, -1)
+    def add(self, logits, y_hat, y, final: Reference, model_topk):
         top2 = logits.topk(2, -1)
         pred = top2.indices[:, 0]
         for k in KS:
-            self.hits[k] += int((final["topk"][:, :k] == pred[:, None]).any(1).sum())
-        self.surprisal += float(-final["logp"].gather(1, pred[:, None]).sum())
-        expected_logit = torch.einsum("rv,rv->r", final["p"], logits)
-        self.kl += float((final["neg_entropy"] - expected_logit + lse).sum())
+            self.hits[k] += int(hits_at_k(model_topk, pred, k).sum())
+        self.surprisal += float(surprisal(final, pred).sum())
+        self.kl += float(kl_divergence(final, logits).sum())
         self.sse += float(((y_hat.double() - y.double()) ** 2).sum())
-        probs = (top2.values - lse[:, None]).exp()
+        probs = (top2.values - torch.logsumexp(logits, -1)[:, None]).exp()
         self.margins.append((probs[:, 0] - probs[:, 1]).cpu().numpy())
-        self.correct.append((pred == final["topk"][:, 0]).cpu().numpy())
+        self.correct.append((pred == model_topk[:, 0]).cpu().numpy())
         self.n += len(pred)
 
 
@@ -206,19 +204,17 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
                                              skip_positions=skip):
             y = torch.from_numpy(chunk[target]).to(device)
             final_logits = head.logits(y)
-            logp = torch.log_softmax(final_logits, -1)
-            p = logp.exp()
-            final = {"logp": logp, "p": p, "neg_entropy": torch.einsum("rv,rv->r", p, logp),
-                     "topk": _model_topk(store, final_logits.topk(max(KS), -1).indices, rows)}
+            final = Reference.from_logits(final_logits)
+            model_topk = _model_topk(store, final_logits.topk(max(KS), -1).indices, rows)
             sum_y += y.double().sum(0).cpu()
             sum_y2 += float((y.double() ** 2).sum())
-            own_surprisal += float(-logp.max(-1).values.sum())
+            own_surprisal += float(-final.logp.max(-1).values.sum())
             xs = {l: torch.from_numpy(chunk[l]).to(device) for l in layers}  # once per chunk, for every method
             for sc in methods:
                 for l in layers:
                     if l in sc.maps:
                         y_hat, logits = sc.maps[l].predict_with_logits(xs[l], head)
-                        tallies[sc.name, l].add(logits, y_hat, y, final)
+                        tallies[sc.name, l].add(logits, y_hat, y, final, model_topk)
             bar.update(len(y))
     n = next(iter(tallies.values())).n
     sst = sum_y2 - float((sum_y**2).sum()) / n

@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import resolve_parts
+from .capture import forward_batches
 from .corpus import DEFAULT_CORPUS, corpus_sha256, load_corpus
 from .errors import NJTCError, output_lock, run_cli, temporary_path, write_failure
 from .head import Head
 from .models import load_model, model_sha256
 from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, FORMAT, FORMAT_VERSION, TRAIN, VALIDATION
 
-__all__ = ["ExtractionPlan", "capture_residual_stream", "extract_activations", "main", "plan_extraction"]
+__all__ = ["ExtractionPlan", "bos_token", "extract_activations", "main", "plan_extraction"]
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -199,33 +199,6 @@ def plan_extraction(tokenizer, documents, seq_len=128, positions="all", max_toke
                           np.flatnonzero(is_val_doc), bos_id is not None)
 
 
-@contextmanager
-def capture_residual_stream(model):
-    """Hook a model so each forward pass records the residual stream at every layer.
-
-    Yields a list that, after a forward pass, holds ``L + 1`` tensors of shape
-    ``(batch, seq, d)``: the first block's input, then each block's output (the last one
-    before the final norm).
-    """
-    _, blocks, _, _ = resolve_parts(model)
-    captured: list[torch.Tensor] = []
-
-    def before_first(module, args, kwargs):
-        captured.clear()
-        captured.append(args[0] if args else kwargs["hidden_states"])
-
-    def after_block(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
-    handles += [block.register_forward_hook(after_block) for block in blocks]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _chunk_rows(rows_per_batch: int, n: int, row_bytes: int, limit: int = 4 << 20) -> int:
     """Rows per HDF5 chunk: a divisor of a batch's rows (each write fills whole chunks), ≤ 4 MiB."""
     rows = min(rows_per_batch, n)
@@ -301,11 +274,6 @@ def _open_for_resume(path, attrs):
             f.close()
             raise NJTCError(f"cannot resume: {key} differs (file has {stored!r}, this run {attrs[key]!r})")
     return f
-
-
-def _rows(t: torch.Tensor, pick) -> torch.Tensor:
-    """Rows of a (batch, seq, ...) tensor: all positions as a view, or ``t[pick]``."""
-    return t.reshape(-1, *t.shape[2:]) if pick is None else t[pick]
 
 
 def _check_values(layer, values: torch.Tensor, dtype):
@@ -490,37 +458,27 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
     checked = False
     rows_written = int(f.attrs["rows_written"])
     first_batch = rows_written // per_batch
-    n_batches = -(-len(plan.sequence) // batch_size)
     bar = tqdm(leave=False, total=len(plan.sequence) * seq_len, initial=first_batch * batch_size * seq_len,
                unit="tok", unit_scale=True, desc="extract", disable=not progress)
     try:
-        with bar, capture_residual_stream(model) as captured, torch.no_grad():
-            for b in range(first_batch, n_batches):
-                seqs = slice(b * batch_size, min((b + 1) * batch_size, len(plan.sequence)))
-                ids = torch.as_tensor(plan.token_ids[seqs], device=device)
-                logits = model(input_ids=ids).logits
-                # rows of this batch: every position (a view), or one per sequence (a gather)
-                pick = None if plan.position is None else (
-                    torch.arange(ids.shape[0], device=device),
-                    torch.as_tensor(plan.row_positions(seqs), device=device))
-                r0 = seqs.start * plan.rows_per_sequence
-                r1 = r0 + ids.shape[0] * plan.rows_per_sequence
-                for layer, hidden in enumerate(captured):
-                    values = _rows(hidden, pick).float()
+        with bar:
+            for batch in forward_batches(model, plan, batch_size, first_batch):
+                r0, r1 = batch.rows.start, batch.rows.stop
+                for layer, values in enumerate(batch.hidden):
+                    values = values.float()
                     _check_values(layer, values, dtype)
                     hidden_sets[layer].write_direct(np.ascontiguousarray(values.cpu().numpy(), dtype=dtype),
                                                     dest_sel=np.s_[r0:r1])
-                row_logits = _rows(logits, pick)
-                f["tokens"][r0:r1] = _rows(ids, pick).cpu().numpy()
-                f["final_topk"][r0:r1] = row_logits.topk(FINAL_TOPK, -1).indices.cpu().numpy()
-                f["final_top1"][r0:r1] = row_logits.argmax(-1).cpu().numpy()
+                f["tokens"][r0:r1] = batch.tokens.cpu().numpy()
+                f["final_topk"][r0:r1] = batch.logits.topk(FINAL_TOPK, -1).indices.cpu().numpy()
+                f["final_top1"][r0:r1] = batch.logits.argmax(-1).cpu().numpy()
                 f.flush()
                 if not checked:  # before the long pass: the head must reproduce the model's own logits
-                    _head_check(head, f, (r0, row_logits[:64].float().cpu()), model_dtype)
+                    _head_check(head, f, (r0, batch.logits[:64].float().cpu()), model_dtype)
                     checked = True
                 f.attrs["rows_written"] = r1
                 f.flush()
-                bar.update(ids.numel())
+                bar.update(batch.tokens.numel() if plan.position is None else len(batch.tokens) * seq_len)
         if not checked:
             _head_check(head, f, _sample_logits(model, plan, device), model_dtype)
         if int(f.attrs["rows_written"]) != plan.n_rows:

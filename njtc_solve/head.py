@@ -24,7 +24,7 @@ class Head:
     Examples
     --------
     >>> import torch
-    >>> from njtc_solve.extract import capture_residual_stream
+    >>> from njtc_solve.capture import capture_residual_stream
     >>> head = Head.from_model(model)
     >>> ids = torch.tensor([[5, 17, 42]])
     >>> with capture_residual_stream(model) as hidden, torch.no_grad():

@@ -1,0 +1,71 @@
+"""The metrics of a shortcut's logits against the model's own: pure functions over row chunks.
+
+One place for each formula: evaluation tallies them, the lens reports them per position and
+the KL trainer uses :func:`kl_divergence` as its loss. Every function takes logits of shape
+``(rows, vocab)`` and returns one value per row, computed in the logits' dtype.
+
+Examples
+--------
+>>> import torch
+>>> final = torch.tensor([[2.0, 0.0, -1.0]])
+>>> float(kl_divergence(final, final))
+0.0
+>>> bool(kl_divergence(final, torch.zeros(1, 3)) > 0)
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Reference", "entropy", "hits_at_k", "kl_divergence", "surprisal"]
+
+
+@dataclass
+class Reference:
+    """The model's own distribution over a chunk of rows, computed once for many shortcuts.
+
+    ``logp`` the log-probabilities, ``p`` the probabilities, ``neg_entropy`` ``Σ p log p``
+    per row.
+    """
+
+    logp: torch.Tensor
+    p: torch.Tensor
+    neg_entropy: torch.Tensor
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor) -> Reference:
+        """The reference distribution of the model's final ``logits``."""
+        logp = torch.log_softmax(logits, -1)
+        p = logp.exp()
+        return cls(logp, p, torch.einsum("rv,rv->r", p, logp))
+
+
+def kl_divergence(reference, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(p_ref ‖ softmax(logits))`` per row.
+
+    ``reference`` is the model's final logits or a :class:`Reference` made from them. The
+    sum is ``Σ p log p − Σ p·logits + logsumexp(logits)``: no log-softmax copy of ``logits``,
+    and differentiable in ``logits`` (the KL trainer's loss).
+    """
+    if not isinstance(reference, Reference):
+        reference = Reference.from_logits(reference)
+    expected_logit = torch.einsum("rv,rv->r", reference.p, logits)
+    return reference.neg_entropy - expected_logit + torch.logsumexp(logits, -1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of ``softmax(logits)`` per row."""
+    return -Reference.from_logits(logits).neg_entropy
+
+
+def surprisal(reference: Reference, predicted: torch.Tensor) -> torch.Tensor:
+    """``-log p_ref(predicted)`` per row: how surprised the model is by the shortcut's top-1."""
+    return -reference.logp.gather(1, predicted[:, None])[:, 0]
+
+
+def hits_at_k(model_topk: torch.Tensor, predicted: torch.Tensor, k: int) -> torch.Tensor:
+    """Whether the shortcut's top-1 ``predicted`` is among the model's own top-``k`` (per row)."""
+    return (model_topk[:, :k] == predicted[:, None]).any(1)
