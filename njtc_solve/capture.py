@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from .architectures import resolve_parts
+from .errors import NJTCError
 
-__all__ = ["CapturedBatch", "capture_residual_stream", "forward_batches"]
+__all__ = ["CapturedBatch", "capture_residual_stream", "check_head", "forward_batches", "head_check_tolerance"]
 
 
 @contextmanager
@@ -102,3 +103,43 @@ def forward_batches(model, plan, batch_size: int, first_batch: int = 0) -> Itera
             rows = slice(r0, r0 + ids.shape[0] * plan.rows_per_sequence)
             yield CapturedBatch(seqs, rows, [_rows(h, pick) for h in captured], _rows(logits, pick),
                                 _rows(ids, pick))
+
+
+def head_check_tolerance(model_dtype: torch.dtype, store_dtype: str = "float32") -> tuple[float, float]:
+    """``(max relative logit error, min top-1 agreement)`` that the head check accepts.
+
+    A float32 model and store reproduce the logits to rounding (1e-4). 16-bit storage, or a
+    half-precision model whose own head runs in 16 bits, rounds the last layer or the logits
+    at 1e-3…1e-2 and may flip a near-tie top-1 among the sampled rows; a wrong head (a norm
+    missing or applied twice) is off by far more.
+    """
+    if model_dtype == torch.bfloat16 or store_dtype == "bfloat16":
+        return 5e-2, 0.9
+    if model_dtype == torch.float16 or store_dtype != "float32":
+        return 2e-2, 0.9
+    return 1e-4, 0.99
+
+
+def check_head(head, last_layer: torch.Tensor, model_logits: torch.Tensor, model_dtype=torch.float32,
+               store_dtype: str = "float32", record: dict | None = None) -> dict:
+    """Check that ``head(last_layer)`` reproduces the model's own logits on a sample of rows.
+
+    Every path that reads a live model runs it on its first batch, before the long work:
+    a wrong architecture entry (a norm missing or applied twice, a lost logit scale) fails
+    here instead of giving wrong shortcuts. Returns ``max_abs_err``, ``rel_err`` (over the
+    largest absolute logit) and ``top1_agreement``; raises when they are beyond
+    :func:`head_check_tolerance`, having first put them into ``record`` when one is given.
+    """
+    model_logits = model_logits.float().cpu()
+    head_logits = head.logits(last_layer.float().cpu())
+    err = (head_logits - model_logits).abs().max().item()
+    rel = err / max(model_logits.abs().max().item(), 1e-30)
+    agreement = float((head_logits.argmax(-1) == model_logits.argmax(-1)).float().mean())
+    figures = {"max_abs_err": err, "rel_err": rel, "top1_agreement": agreement}
+    if record is not None:
+        record.update(figures)
+    tolerance, min_agreement = head_check_tolerance(model_dtype, store_dtype)
+    if rel > tolerance or agreement < min_agreement:
+        raise NJTCError(f"the head does not reproduce the model's logits (relative error {rel:.2e}, top-1 "
+                        f"agreement {agreement:.3f}); the architecture table is wrong for this model")
+    return figures

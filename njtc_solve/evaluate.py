@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NJTCError, run_cli
+from .extract import add_plan_arguments
 from .metrics import Reference, hits_at_k, kl_divergence, surprisal
 from .shortcuts import Shortcuts
+from .sources import live_source_from_args
 from .store import ActivationStore
 
 __all__ = ["EvaluationResult", "check_unseen", "evaluate_shortcuts", "early_exit_curve", "main"]
@@ -97,7 +100,7 @@ def _load_all(shortcuts) -> list[Shortcuts]:
     return [s if isinstance(s, Shortcuts) else Shortcuts.load(s) for s in shortcuts]
 
 
-def check_unseen(store: ActivationStore, sc: Shortcuts, skip_positions: int = 0) -> None:
+def check_unseen(store, sc: Shortcuts, skip_positions: int = 0) -> None:
     """Refuse to evaluate ``sc`` on validation rows of ``store`` that it was fitted on.
 
     Rows from another corpus, or from the same corpus under the same split (the store a
@@ -113,7 +116,7 @@ def check_unseen(store: ActivationStore, sc: Shortcuts, skip_positions: int = 0)
     if fitted.get("corpus_sha256") != here["corpus_sha256"] or fitted.get("split_id") == here["split_id"]:
         return
     if fitted.get("split_by") == here["split_by"] == "document":
-        evaluated = set(np.unique(store.read("document")[store.selection("validation", skip_positions)]).tolist())
+        evaluated = set(store.evaluated_documents(skip_positions).tolist())
         seen = evaluated - set(fitted["validation_documents"])
         if not seen:
             return
@@ -132,7 +135,9 @@ def evaluate_shortcuts(store, shortcuts=(), layers=None, max_rows: int | None = 
 
     Parameters
     ----------
-    store : str, Path or ActivationStore
+    store : str, Path, ActivationStore or LiveSource
+        The rows: a store's path or reader, or a live model's forward pass
+        (:class:`njtc_solve.sources.LiveSource`, evaluated on its held-out documents).
     shortcuts : list of paths or Shortcuts
         Fitted maps; each must come from the store's model (``model_sha256``).
     layers : list of int, optional
@@ -153,7 +158,7 @@ def evaluate_shortcuts(store, shortcuts=(), layers=None, max_rows: int | None = 
     -------
     EvaluationResult
     """
-    own = not isinstance(store, ActivationStore)
+    own = isinstance(store, (str, Path))
     store = ActivationStore(store) if own else store
     try:
         skip = store.default_skip_positions if skip_positions is None else int(skip_positions)
@@ -164,9 +169,20 @@ def evaluate_shortcuts(store, shortcuts=(), layers=None, max_rows: int | None = 
             store.close()
 
 
-def _model_topk(store, head_topk, rows):
-    """The model's own top-k at ``rows``: stored ``final_topk``, else the head's top-k from the
-    stored last layer with its first column replaced by the stored ``final_top1``."""
+def _pieces(chunks, chunk_rows: int):
+    """Split chunks of a source into pieces of at most ``chunk_rows`` rows (a live source
+    yields a whole forward pass at once; the logits of every piece are ``rows × vocab``)."""
+    for rows, chunk in chunks:
+        for start in range(0, len(rows), chunk_rows):
+            yield rows[start:start + chunk_rows], {k: v[start:start + chunk_rows] for k, v in chunk.items()}
+
+
+def _model_topk(store, head_topk, rows, chunk):
+    """The model's own top-k at ``rows``: from a live forward pass or the stored ``final_topk``,
+    else the head's top-k from the stored last layer with its first column replaced by the
+    stored ``final_top1``."""
+    if "final_topk" in chunk:
+        return torch.as_tensor(chunk["final_topk"])[:, :max(KS)].to(head_topk.device)
     if "final_topk" in store.file:
         return torch.from_numpy(store.read("final_topk", rows)[:, :max(KS)].astype(np.int64)).to(head_topk.device)
     top1 = torch.from_numpy(store.read("final_top1", rows).astype(np.int64)).to(head_topk.device)
@@ -200,16 +216,16 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
     n_rows = min(store.count("validation", skip), max_rows or np.inf)
     start = time.perf_counter()
     with torch.no_grad(), tqdm(total=n_rows, unit="row", desc="evaluate", leave=False, disable=not progress) as bar:
-        for rows, chunk in store.iter_chunks(layers + [target], "validation", chunk_rows, max_rows,
-                                             skip_positions=skip):
-            y = torch.from_numpy(chunk[target]).to(device)
+        for rows, chunk in _pieces(store.iter_chunks(layers + [target], "validation", chunk_rows, max_rows,
+                                                     skip_positions=skip), chunk_rows):
+            y = torch.as_tensor(chunk[target]).to(device, torch.float32)
             final_logits = head.logits(y)
             final = Reference.from_logits(final_logits)
-            model_topk = _model_topk(store, final_logits.topk(max(KS), -1).indices, rows)
+            model_topk = _model_topk(store, final_logits.topk(max(KS), -1).indices, rows, chunk)
             sum_y += y.double().sum(0).cpu()
             sum_y2 += float((y.double() ** 2).sum())
             own_surprisal += float(-final.logp.max(-1).values.sum())
-            xs = {l: torch.from_numpy(chunk[l]).to(device) for l in layers}  # once per chunk, for every method
+            xs = {l: torch.as_tensor(chunk[l]).to(device, torch.float32) for l in layers}  # once per chunk, for every method
             for sc in methods:
                 for l in layers:
                     if l in sc.maps:
@@ -239,7 +255,7 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
         margins = np.stack([np.concatenate(tallies[sc.name, l].margins) for l in own_layers])
         correct = np.stack([np.concatenate(tallies[sc.name, l].correct) for l in own_layers])
         early[sc.name] = early_exit_curve(margins, correct, own_layers, target, thresholds)
-    meta = {"store": str(store.path), "model": store.attrs.get("model"), "n_layers": target, "d_model": d,
+    meta = {"store": str(store.path), "model": getattr(store, "attrs", {}).get("model", store.path), "n_layers": target, "d_model": d,
             "validation_rows": n, "skip_positions": skip, "seconds": time.perf_counter() - start, "layers": layers,
             "model_surprisal": own_surprisal / n}  # the full model's surprisal of its own top-1
     return EvaluationResult(records, early, meta)
@@ -294,7 +310,12 @@ def early_exit_curve(margins: np.ndarray, correct: np.ndarray, layers, n_layers:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m njtc_solve.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default="activations.h5", help="activation store (default: activations.h5)")
+    p.add_argument("--store", help="activation store (default: activations.h5, unless --model is given)")
+    p.add_argument("--model", help="evaluate on the model's forward pass instead of a store: a .gguf file, a "
+                   "Hugging Face folder or hub name")
+    live = p.add_argument_group("live evaluation (with --model): the corpus and plan; unset values come from the "
+                                "first shortcut's provenance, so its held-out documents are evaluated")
+    add_plan_arguments(live, inherit=True)
     p.add_argument("--shortcuts", nargs="*", default=None,
                    help="shortcut files (default: shortcuts.safetensors when present); identity is always included")
     p.add_argument("--layers", help="source layers: all (default), 3, 1,5,9 or 0-29")
@@ -308,6 +329,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+@contextmanager
+def _source(args, loaded):
+    """The evaluated rows: a store, or the model's forward pass over the shortcuts' held-out documents."""
+    if args.model is None:
+        with ActivationStore(args.store or "activations.h5") as store:
+            yield store
+        return
+    if args.store is not None:
+        raise NJTCError("--model and --store exclude each other: evaluate on the model or on a store")
+    if args.batch_size < 1:
+        raise NJTCError("--batch-size must be positive")
+    provenance = next((sc.provenance for sc in loaded if sc.provenance), None)
+    yield live_source_from_args(args, args.device, not args.no_progress, provenance)
 
 
 def main(argv=None) -> int:
@@ -329,7 +365,7 @@ def main(argv=None) -> int:
     if out.exists() and not out.is_dir():
         raise NJTCError(f"--out {out} exists and is not a folder")
     loaded = _load_all(files)
-    with ActivationStore(args.store) as store:
+    with _source(args, loaded) as store:
         result = evaluate_shortcuts(store, loaded, parse_layers(args.layers), args.max_rows,
                                     args.chunk_rows, args.device, not args.no_progress,
                                     skip_positions=args.skip_positions, allow_overlap=args.allow_overlap)

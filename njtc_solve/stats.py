@@ -152,8 +152,12 @@ class Statistics:
         if self.n_rows < 2:
             raise NJTCError(f"only {self.n_rows} training rows; a fit needs at least 2")
 
-    def save(self, path) -> None:
-        """Write to a safetensors file (atomically)."""
+    def save(self, path, head=None) -> None:
+        """Write to a safetensors file (atomically), with the model's ``head`` when given.
+
+        With the head (and the provenance already in ``meta``), the file is all that later
+        fits of other ranks, methods or ridge penalties need: no activation is read again.
+        """
         tensors = {"n": torch.tensor([self.n], dtype=torch.float64),
                    "n_rows": torch.tensor([self.n_rows], dtype=torch.int64), "mean_y": self.mean_y, "cyy": self.cyy}
         for key, m in self.layers.items():
@@ -161,6 +165,10 @@ class Statistics:
                             f"layers.{key}.cxy": m.cxy})
         meta = {"format": "njtc-statistics", "format_version": "1", "input_norm": self.input_norm,
                 "meta": json.dumps(self.meta)}
+        if head is not None:  # every field of the head: tensors as tensors, the description as JSON
+            fields = {k: v for k, v in vars(head).items() if v is not None}
+            tensors.update({f"head.{k}": v for k, v in fields.items() if isinstance(v, torch.Tensor)})
+            meta["head"] = json.dumps({k: v for k, v in fields.items() if not isinstance(v, torch.Tensor)})
         with atomic_output(path) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
 
@@ -175,6 +183,21 @@ class Statistics:
         n_rows = int(tensors["n_rows"][0]) if "n_rows" in tensors else None
         return cls(int(n) if n.is_integer() else n, tensors["mean_y"], tensors["cyy"], layers, meta["input_norm"],
                    json.loads(meta.get("meta", "{}")), n_rows)
+
+
+    @staticmethod
+    def load_head(path):
+        """The model's head saved with the statistics, or ``None`` where it was not."""
+        from .head import Head
+
+        tensors, meta = read_safetensors(path, "statistics", "njtc-statistics")
+        if "head" not in meta:
+            return None
+        fields = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+        try:
+            return Head(**json.loads(meta["head"]), **fields)
+        except (TypeError, ValueError) as err:
+            raise NJTCError(f"the head saved in {path} cannot be read ({err})") from err
 
 
 def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

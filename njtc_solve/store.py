@@ -14,7 +14,7 @@ from .errors import NJTCError, atomic_output
 from .head import Head
 
 __all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "TRAIN", "VALIDATION", "ActivationStore",
-           "combine_shards", "shard_path"]
+           "combine_shards", "shard_path", "split_provenance"]
 
 FORMAT = "njtc-activations"
 FORMAT_VERSION = 1
@@ -115,20 +115,13 @@ class ActivationStore:
     def provenance(self) -> dict:
         """What identifies this store's rows and split; fits record it, evaluation compares it.
 
-        ``split_by`` is ``"document"`` (with the full list of ``validation_documents``) for
-        stores split by document, ``"sequence"`` for format-1 stores made before that.
+        See :func:`split_provenance`.
         """
-        a = self.attrs
-        out = {"store": str(self.path), "corpus_sha256": a.get("corpus_sha256"), "seed": a.get("seed"),
-               "val_fraction": a.get("val_fraction"), "seq_len": a.get("seq_len"), "positions": a.get("positions"),
-               "max_tokens": a.get("max_tokens"), "bos": a.get("bos", False)}
-        if self.validation_documents is not None:
-            out.update(split_by="document", validation_documents=self.validation_documents.tolist())
-        else:
-            out["split_by"] = "sequence"
-        key = json.dumps({k: out[k] for k in sorted(out) if k not in ("store", "bos")}, default=str)
-        out["split_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return out
+        return split_provenance(self.attrs, self.validation_documents, str(self.path))
+
+    def evaluated_documents(self, skip_positions: int = 0) -> np.ndarray:
+        """The documents of the validation rows at positions ``>= skip_positions``."""
+        return np.unique(self.read("document")[self.selection("validation", skip_positions)])
 
     def head(self) -> Head:
         """The model's final norm and unembedding."""
@@ -251,6 +244,29 @@ class ActivationStore:
 
 
 _DAMAGE = (KeyError, OSError, ValueError, RuntimeError, TypeError)  # what h5py raises for a damaged file
+
+
+def split_provenance(attrs: dict, validation_documents, where: str) -> dict:
+    """What identifies a set of rows and their split, for a store or a live model alike.
+
+    ``attrs`` holds the extraction's settings (``corpus_sha256``, ``seed``, ``val_fraction``,
+    ``seq_len``, ``positions``, ``max_tokens``, ``bos``). ``split_by`` is ``"document"``
+    (with the full list of ``validation_documents``) for rows split by document,
+    ``"sequence"`` for format-1 stores made before that. ``split_id`` hashes all of it but
+    ``where`` the rows come from, so a live run and a store extracted with the same settings
+    share it.
+    """
+    a = attrs
+    out = {"store": where, "corpus_sha256": a.get("corpus_sha256"), "seed": a.get("seed"),
+           "val_fraction": a.get("val_fraction"), "seq_len": a.get("seq_len"), "positions": a.get("positions"),
+           "max_tokens": a.get("max_tokens"), "bos": a.get("bos", False)}
+    if validation_documents is not None:
+        out.update(split_by="document", validation_documents=[int(d) for d in validation_documents])
+    else:
+        out["split_by"] = "sequence"
+    key = json.dumps({k: out[k] for k in sorted(out) if k not in ("store", "bos")}, default=str)
+    out["split_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return out
 
 
 def _first_line(err: Exception) -> str:
