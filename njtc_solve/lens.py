@@ -1,0 +1,479 @@
+"""The lens: fitted shortcuts read on a live model, for any prompt, layer by layer.
+
+Command line::
+
+    python -m njtc_solve.lens --shortcuts jtc.safetensors --prompt "The capital of France is" --out lens
+
+prints a per-layer table and writes ``trajectory.png`` (the prediction-trajectory heatmap:
+layers × positions, each cell the top-1 token, coloured by KL to the model's final
+distribution or by the top-1 probability; the logit lens beside the shortcut),
+``trajectory.json`` and ``trajectory.csv`` into ``--out``.
+
+:class:`ShortcutLens` follows tuned-lens's ``Lens`` conventions (``forward(h, idx) -> logits``,
+``transform_hidden(h, idx)``), so code written for one runs with the other. Its metrics are
+those of evaluation, computed by the same code: the map's ``predict_with_logits`` through the
+model's :class:`~njtc_solve.head.Head`, and :mod:`njtc_solve.metrics` against the reference
+distribution ``head(h_L)``; agreement is with the model's own top-1 from its forward pass.
+Maps and head compute in float32 whatever the model's dtype (bf16 hidden states are read
+exactly), on the model's device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .architectures import resolve_parts
+from .capture import capture_residual_stream
+from .errors import NJTCError, atomic_output, run_cli
+from .head import Head
+from .metrics import Reference, entropy, kl_divergence
+from .shortcuts import ShortcutMap, Shortcuts
+
+__all__ = ["ShortcutLens", "Trajectory", "main", "plot_trajectory"]
+
+IDENTITY = "identity"  # the logit lens, named as in evaluation
+
+
+class ShortcutLens(nn.Module):
+    """Decode hidden states of any layer into logits through fitted shortcut maps.
+
+    Built with :meth:`from_model` from a Hugging Face model and its shortcut file; the maps and
+    the model's head are buffers (``.to(device)`` and ``state_dict()`` work as for any module).
+
+    Examples
+    --------
+    >>> from njtc_solve import fit_shortcuts
+    >>> [jtc] = fit_shortcuts("activations.h5", method="jtc", ranks=None, progress=False)
+    >>> lens = ShortcutLens.from_model(model, jtc, tokenizer)
+    >>> traj = lens.trajectory("The lens reads every layer.", k=3)
+    >>> df = traj.to_pandas()
+    >>> sorted(df.method.unique()), int(df.layer.max()) == model.config.num_hidden_layers
+    (['identity', 'jtc'], True)
+    >>> import torch
+    >>> tuple(lens(torch.zeros(2, 5, 32), 1).shape)      # forward(h, idx), as tuned-lens
+    (2, 5, 300)
+    """
+
+    def __init__(self, head: Head, shortcuts: Shortcuts):
+        super().__init__()
+        self.n_layers = int(shortcuts.target_layer)
+        self.name, self.method = shortcuts.name, shortcuts.method
+        self._head_fields = {}
+        for f in dataclasses.fields(head):
+            value = getattr(head, f.name)
+            if isinstance(value, torch.Tensor) or value is None:
+                self.register_buffer(f"head_{f.name}", None if value is None else value.float())
+            else:
+                self._head_fields[f.name] = value
+        self._map_fields = {}
+        for layer, m in shortcuts.maps.items():
+            self._map_fields[int(layer)] = {}
+            for f in dataclasses.fields(m):
+                value = getattr(m, f.name)
+                if isinstance(value, torch.Tensor) or value is None:
+                    self.register_buffer(f"map{layer}_{f.name}", None if value is None else value.float())
+                else:
+                    self._map_fields[int(layer)][f.name] = value
+        self.__dict__.update(model=None, tokenizer=None)  # not submodules: the lens's state is its maps
+
+    @classmethod
+    def from_model(cls, model, shortcuts=None, tokenizer=None, model_sha256: str | None = None) -> ShortcutLens:
+        """The lens of ``shortcuts`` on ``model`` (placed on the model's device).
+
+        Parameters
+        ----------
+        model : transformers causal LM
+            A supported architecture (:data:`njtc_solve.architectures.ARCHITECTURES`).
+        shortcuts : path or Shortcuts, optional
+            A shortcut file or fitted maps; ``None`` is the logit lens alone.
+        tokenizer : optional
+            The model's tokenizer, to read prompts and decode tokens in :meth:`trajectory`.
+        model_sha256 : str, optional
+            The weights' hash the maps must have been fitted on; by default
+            :func:`njtc_solve.models.model_sha256` of ``model`` (pass the hash of the float32
+            weights when ``model`` has been cast to another dtype since).
+
+        Raises
+        ------
+        NJTCError
+            When the maps were fitted on another model (``model_sha256`` differs), target
+            another layer than the model's last, or have another width.
+        """
+        from .models import model_sha256 as weights_sha256
+
+        _, blocks, _, _ = resolve_parts(model)
+        n_layers, d = len(blocks), model.get_output_embeddings().weight.shape[1]
+        if shortcuts is None:
+            shortcuts = Shortcuts.identity(range(n_layers), n_layers)
+        elif not isinstance(shortcuts, Shortcuts):
+            shortcuts = Shortcuts.load(shortcuts)
+        if shortcuts.method != IDENTITY:
+            expected = model_sha256 or weights_sha256(model)
+            if shortcuts.model_sha256 != expected:
+                raise NJTCError(f"shortcuts {shortcuts.name} were fitted on another model (model_sha256 "
+                                f"{shortcuts.model_sha256[:12] or 'none'}…, this model's {expected[:12]}…)")
+        check_maps(shortcuts, n_layers, d)
+        device = next(model.parameters()).device
+        lens = cls(Head.from_model(model), shortcuts).to(device)
+        lens.__dict__.update(model=model, tokenizer=tokenizer)
+        return lens
+
+    # -- tuned-lens's Lens interface ---------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        """Source layers with a map (the last layer, ``n_layers``, needs none)."""
+        return sorted(self._map_fields)
+
+    def head(self) -> Head:
+        """The model's final norm and unembedding, as stored in this module."""
+        tensors = {f.name: getattr(self, f"head_{f.name}") for f in dataclasses.fields(Head)
+                   if f.name not in self._head_fields}
+        return Head(**tensors, **self._head_fields)
+
+    def shortcut(self, idx: int) -> ShortcutMap:
+        """The map of source layer ``idx`` (the identity for the last layer)."""
+        if idx == self.n_layers:
+            return ShortcutMap()
+        if idx not in self._map_fields:
+            raise NJTCError(f"{self.name} has no map for layer {idx} (it has {self.layers})")
+        tensors = {f.name: getattr(self, f"map{idx}_{f.name}") for f in dataclasses.fields(ShortcutMap)
+                   if f.name not in self._map_fields[idx]}
+        return ShortcutMap(**tensors, **self._map_fields[idx])
+
+    def transform_hidden(self, h: torch.Tensor, idx: int) -> torch.Tensor:
+        """Map hidden states ``h`` (..., d) of layer ``idx`` to estimates of the last layer (float32)."""
+        rows = h.reshape(-1, h.shape[-1])
+        return self.shortcut(idx).predict(rows).reshape(*h.shape[:-1], -1)
+
+    def forward(self, h: torch.Tensor, idx: int) -> torch.Tensor:
+        """Logits (..., vocab) of hidden states ``h`` (..., d) of layer ``idx``, through its map and the head."""
+        rows = h.reshape(-1, h.shape[-1])
+        _, logits = self.shortcut(idx).predict_with_logits(rows, self.head())
+        return logits.reshape(*h.shape[:-1], -1)
+
+    # -- a prompt, layer by layer ------------------------------------------------------------
+    def trajectory(self, inputs, k: int = 5, batch_size: int = 8, chunk_rows: int = 256) -> Trajectory:
+        """Run the model once over ``inputs`` and read every layer × position through the lens.
+
+        Parameters
+        ----------
+        inputs : str, list of str, list of int, list of lists of int, or a 2-d tensor of ids
+            Prompts (tokenised as the tokenizer does by default, special tokens included) or
+            token ids; several are run ``batch_size`` at a time, padded on the right.
+        k : int
+            Top tokens kept per cell.
+
+        Returns
+        -------
+        Trajectory
+            For the logit lens (``identity``) and this lens's maps, per prompt, layer
+            ``0..L`` (``L`` is the model's own output) and position: top-``k`` tokens and
+            probabilities, entropy, ``KL(p_final ‖ p_lens)`` and agreement of the top-1 with
+            the model's own.
+        """
+        if self.model is None:
+            raise NJTCError("this lens has no model; build it with ShortcutLens.from_model(model, ...)")
+        if k < 1:
+            raise NJTCError("k (--top-k) must be at least 1")
+        ids = self._token_ids(inputs)
+        methods = [IDENTITY] if self.method == IDENTITY else [IDENTITY, self.name]
+        logit_lens = ShortcutLens(self.head(), Shortcuts.identity(range(self.n_layers), self.n_layers))
+        lenses = {IDENTITY: logit_lens, self.name: self}
+        n_b, n_l, n_t = len(ids), self.n_layers + 1, max(map(len, ids))
+        shape = (len(methods), n_b, n_l, n_t)
+        out = {"topk_ids": np.full((*shape, k), -1, np.int64), "topk_probs": np.full((*shape, k), np.nan, np.float32),
+               "entropy": np.full(shape, np.nan), "kl": np.full(shape, np.nan), "agrees": np.zeros(shape, bool),
+               "valid": np.zeros(shape, bool), "final_top1": np.full((n_b, n_t), -1, np.int64)}
+        device = next(self.model.parameters()).device
+        head = self.head()
+        with capture_residual_stream(self.model) as hidden, torch.no_grad():
+            for b0 in range(0, n_b, batch_size):
+                batch = ids[b0:b0 + batch_size]
+                lengths = [len(s) for s in batch]
+                width = max(lengths)
+                padded = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+                mask = torch.zeros_like(padded)
+                for i, s in enumerate(batch):
+                    padded[i, :len(s)] = torch.as_tensor(s)
+                    mask[i, :len(s)] = 1
+                kwargs = {} if min(lengths) == width else {"attention_mask": mask}
+                model_logits = self.model(input_ids=padded, **kwargs).logits
+                keep = mask.bool()  # rows: valid positions of the batch, in row-major order
+                where = keep.nonzero().cpu().numpy()
+                prompt_of, position_of = where[:, 0] + b0, where[:, 1]
+                own_top1 = model_logits[keep].argmax(-1)
+                out["final_top1"][prompt_of, position_of] = own_top1.cpu().numpy()
+                rows_of = [h[keep] for h in hidden]
+                for r0 in range(0, len(where), chunk_rows):
+                    part = slice(r0, r0 + chunk_rows)
+                    final = Reference.from_logits(head.logits(rows_of[-1][part]))
+                    p_, t_ = prompt_of[part], position_of[part]
+                    for m, name in enumerate(methods):
+                        for layer in range(n_l):
+                            if layer < self.n_layers and layer not in lenses[name]._map_fields:
+                                continue
+                            logits = lenses[name](rows_of[layer][part], layer)
+                            top = torch.log_softmax(logits, -1).topk(k, -1)
+                            out["topk_ids"][m, p_, layer, t_] = top.indices.cpu().numpy()
+                            out["topk_probs"][m, p_, layer, t_] = top.values.exp().cpu().numpy()
+                            out["entropy"][m, p_, layer, t_] = entropy(logits).cpu().numpy()
+                            out["kl"][m, p_, layer, t_] = kl_divergence(final, logits).cpu().numpy()
+                            out["agrees"][m, p_, layer, t_] = (top.indices[:, 0] == own_top1[part]).cpu().numpy()
+                            out["valid"][m, p_, layer, t_] = True
+        return Trajectory(methods, ids, **out, tokenizer=self.tokenizer)
+
+    def _token_ids(self, inputs) -> list[list[int]]:
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.tolist()
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, int) for t in inputs):
+            inputs = [list(inputs)]
+        if not isinstance(inputs, (list, tuple)) or not inputs:
+            raise NJTCError("give a prompt, a list of prompts or token ids")
+        ids = []
+        for item in inputs:
+            if isinstance(item, str):
+                if self.tokenizer is None:
+                    raise NJTCError("a text prompt needs the tokenizer: ShortcutLens.from_model(model, s, tokenizer)")
+                item = self.tokenizer(item)["input_ids"]
+            item = [int(t) for t in item]
+            if not item:
+                raise NJTCError("a prompt has no tokens")
+            vocab = self.head_unembed.shape[0]
+            if min(item) < 0 or max(item) >= vocab:
+                raise NJTCError(f"token ids must be in [0, {vocab})")
+            ids.append(item)
+        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        if limit is not None and max(map(len, ids)) > limit:
+            raise NJTCError(f"a prompt has {max(map(len, ids))} tokens; the model reads at most {limit}")
+        return ids
+
+
+def check_maps(shortcuts: Shortcuts, n_layers: int, d: int) -> None:
+    """Refuse maps that target another layer than the model's last, or have another width."""
+    if shortcuts.target_layer != n_layers:
+        raise NJTCError(f"shortcuts {shortcuts.name} target layer {shortcuts.target_layer}; the model's last is "
+                        f"{n_layers}")
+    bad = sorted(l for l in shortcuts.maps if not 0 <= l < n_layers)
+    if bad:
+        raise NJTCError(f"shortcuts {shortcuts.name} have maps for layers {bad}, outside 0..{n_layers - 1}")
+    for layer, m in shortcuts.maps.items():
+        for t in (m.weight, m.V, m.bias):
+            if t is not None and t.shape[-1] != d:
+                raise NJTCError(f"shortcuts {shortcuts.name} map layer {layer} to width {t.shape[-1]}; the model's "
+                                f"is {d}")
+
+
+@dataclass
+class Trajectory:
+    """What each lens reads at every layer × position of one or more prompts.
+
+    Arrays are indexed ``[method, prompt, layer, position]`` (``topk_*`` have a last axis
+    of ``k``); ``valid`` is False on padding and at layers a method has no map for.
+    ``final_top1[prompt, position]`` is the model's own top-1.
+    """
+
+    methods: list[str]
+    token_ids: list[list[int]]
+    topk_ids: np.ndarray
+    topk_probs: np.ndarray
+    entropy: np.ndarray
+    kl: np.ndarray
+    agrees: np.ndarray
+    valid: np.ndarray
+    final_top1: np.ndarray
+    tokenizer: object = None
+
+    @property
+    def n_layers(self) -> int:
+        """``L``: rows are layers ``0..L``, ``L`` being the model's own output."""
+        return self.kl.shape[2] - 1
+
+    def decode(self, ids) -> list[str]:
+        """Token strings of ``ids`` (the ids themselves without a tokenizer)."""
+        ids = [int(i) for i in ids]
+        if self.tokenizer is None:
+            return [str(i) for i in ids]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def records(self) -> list[dict]:
+        """One record per method, prompt, layer and position (the rows of :meth:`to_pandas`)."""
+        vocab = {}
+        every = np.unique(np.concatenate([self.topk_ids[self.valid].ravel(), self.final_top1.ravel(),
+                                          np.concatenate([np.asarray(s) for s in self.token_ids])]))
+        for i, text in zip(every[every >= 0], self.decode(every[every >= 0])):
+            vocab[int(i)] = text
+        out = []
+        for m, p, layer, t in zip(*np.nonzero(self.valid)):
+            ids, probs = self.topk_ids[m, p, layer, t], self.topk_probs[m, p, layer, t]
+            out.append({
+                "method": self.methods[m], "prompt": int(p), "layer": int(layer), "position": int(t),
+                "input_token": vocab[self.token_ids[p][t]], "top1_token": vocab[int(ids[0])],
+                "top1_prob": float(probs[0]), "entropy": float(self.entropy[m, p, layer, t]),
+                "kl": float(self.kl[m, p, layer, t]), "agrees": bool(self.agrees[m, p, layer, t]),
+                "final_token": vocab[int(self.final_top1[p, t])],
+                "topk_tokens": [vocab[int(i)] for i in ids], "topk_probs": [float(x) for x in probs],
+            })
+        return out
+
+    def to_pandas(self):
+        """A tidy table: one row per method, prompt, layer and position (needs pandas)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.records())
+
+    def summary(self, prompt: int = 0) -> str:
+        """A compact per-layer table: mean KL, top-1 agreement and the top-1 at the last position."""
+        n = len(self.token_ids[prompt])
+        last = n - 1
+        heads = "".join(f" | {name[:22]:>22} {'KL':>6} {'agree':>5} {'top-1 at end':<14}" for name in self.methods)
+        lines = [f"{n} tokens; last: {self.decode([self.token_ids[prompt][last]])[0]!r}, model's next: "
+                 f"{self.decode([self.final_top1[prompt, last]])[0]!r}", f"{'layer':>5}{heads}"]
+        for layer in range(self.n_layers + 1):
+            cells = []
+            for m in range(len(self.methods)):
+                ok = self.valid[m, prompt, layer, :n]
+                if not ok.any():
+                    cells.append(f" | {'':>22} {'-':>6} {'-':>5} {'-':<14}")
+                    continue
+                top = self.decode([self.topk_ids[m, prompt, layer, last, 0]])[0]
+                cells.append(f" | {'':>22} {self.kl[m, prompt, layer, :n][ok].mean():6.3f} "
+                             f"{self.agrees[m, prompt, layer, :n][ok].mean():5.2f} {_cell(top, 14):<14}")
+            lines.append(f"{layer if layer < self.n_layers else 'out':>5}" + "".join(cells))
+        return "\n".join(lines)
+
+
+def _cell(token: str, width: int = 7) -> str:
+    """A token as shown in a cell: whitespace visible, at most ``width`` characters."""
+    text = token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "␣")
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def plot_trajectory(traj: Trajectory, prompt: int = 0, color: str = "kl", max_positions: int = 24):
+    """The prediction-trajectory heatmap of one prompt: logit lens beside the shortcut.
+
+    Rows are layers (the model's output on top), columns positions (labelled with their input
+    token), each cell the lens's top-1 token, coloured by ``KL(p_final ‖ p_lens)`` (``color="kl"``)
+    or the top-1 probability (``"prob"``). Only the last ``max_positions`` positions are drawn;
+    the title says so when a prompt is longer.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if color not in ("kl", "prob"):
+        raise NJTCError("color must be kl or prob")
+    n = len(traj.token_ids[prompt])
+    first = max(0, n - max_positions)
+    cols = range(first, n)
+    layers = traj.n_layers + 1
+    values = traj.kl if color == "kl" else traj.topk_probs[..., 0]
+    shown = values[:, prompt, :, first:n]
+    finite = shown[np.isfinite(shown)]
+    vmax = (float(np.percentile(finite, 99)) if finite.size else 1.0) if color == "kl" else 1.0
+    cmap = "viridis_r" if color == "kl" else "viridis"
+    width = len(cols)
+    fig, axes = plt.subplots(1, len(traj.methods), figsize=(1.5 + len(traj.methods) * (0.62 * width + 0.8),
+                                                             1.6 + 0.28 * layers), squeeze=False, sharey=True)
+    for m, ax in enumerate(axes[0]):
+        data = np.ma.masked_invalid(np.where(traj.valid[m, prompt, :, first:n], shown[m], np.nan))
+        image = ax.imshow(data, origin="lower", aspect="auto", cmap=cmap, vmin=0, vmax=vmax)
+        for layer in range(layers):
+            for j, t in enumerate(cols):
+                if traj.valid[m, prompt, layer, t]:
+                    token = traj.decode([traj.topk_ids[m, prompt, layer, t, 0]])[0]
+                    ax.text(j, layer, _cell(token), ha="center", va="center", fontsize=6,
+                            color="white" if (shown[m, layer, j] > vmax / 2) == (color == "kl") else "black")
+        ax.set_title("logit lens (identity)" if traj.methods[m] == IDENTITY else traj.methods[m], fontsize=10)
+        ax.set_xticks(range(width), [_cell(traj.decode([traj.token_ids[prompt][t]])[0], 10) for t in cols],
+                      rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel("input token")
+        ax.set_yticks(range(layers), [str(l) for l in range(layers - 1)] + ["out"], fontsize=6)
+    axes[0][0].set_ylabel("layer")
+    label = "KL(final ‖ lens), nats" if color == "kl" else "top-1 probability"
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label=label)
+    note = f"; positions {first}–{n - 1} of {n} shown" if first else ""
+    fig.suptitle(f"top-1 token per layer and position{note}", fontsize=10)
+    return fig
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m njtc_solve.lens", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model: .gguf file, Hugging Face folder or hub name (default: SmolLM2-135M)")
+    p.add_argument("--shortcuts", help="shortcut file fitted on this model (default: the logit lens alone)")
+    p.add_argument("--prompt", required=True, help="the text to read")
+    p.add_argument("--out", help="folder for trajectory.png, .json and .csv (default: print the table only)")
+    p.add_argument("--top-k", type=int, default=5, help="top tokens kept per cell (default: 5)")
+    p.add_argument("--color", choices=("kl", "prob"), default="kl",
+                   help="cell colour: KL to the final distribution (default) or top-1 probability")
+    p.add_argument("--max-positions", type=int, default=24, help="positions drawn in the figure (the last; default 24)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="run the model in this dtype (the maps are checked against its float32 weights)")
+    return p
+
+
+def main(argv=None) -> int:
+    """Command-line entry point of ``python -m njtc_solve.lens``."""
+    from .models import load_model, model_sha256
+
+    args = _parser().parse_args(argv)
+    if not args.prompt.strip():
+        raise NJTCError("--prompt is empty")
+    if args.top_k < 1:
+        raise NJTCError("--top-k must be at least 1")
+    if args.max_positions < 1:
+        raise NJTCError("--max-positions must be at least 1")
+    out = None if args.out is None else Path(args.out)
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise NJTCError(f"--out {out} exists and is not a folder")
+        if not out.parent.is_dir():
+            raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise NJTCError("--device cuda was asked for but CUDA is not available")
+    shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)
+    model, tokenizer, name = load_model(args.model, progress=False)
+    sha = model_sha256(model)  # of the float32 weights the maps were fitted on
+    model.to(device=args.device, dtype=getattr(torch, args.dtype))
+    lens = ShortcutLens.from_model(model, shortcuts, tokenizer, model_sha256=sha)
+    traj = lens.trajectory(args.prompt, k=args.top_k)
+    print(f"model: {name}\n{traj.summary()}")
+    n = len(traj.token_ids[0])
+    if n > args.max_positions:
+        print(f"the figure shows the last {args.max_positions} of {n} positions (--max-positions)")
+    if out is None:
+        return 0
+    out.mkdir(exist_ok=True)
+    records = traj.records()
+    meta = {"model": name, "shortcuts": args.shortcuts, "prompt": args.prompt, "methods": traj.methods,
+            "n_layers": traj.n_layers, "dtype": args.dtype}
+    paths = {"png": out / "trajectory.png", "json": out / "trajectory.json", "csv": out / "trajectory.csv"}
+    fig = plot_trajectory(traj, color=args.color, max_positions=args.max_positions)
+    with atomic_output(paths["png"]) as tmp:
+        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+    with atomic_output(paths["json"]) as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "records": records}, ensure_ascii=False, indent=1))
+    with atomic_output(paths["csv"]) as tmp:
+        traj.to_pandas().to_csv(tmp, index=False)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
