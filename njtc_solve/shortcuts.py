@@ -123,6 +123,8 @@ class Shortcuts:
     stats: dict = field(default_factory=dict)
     label: str = ""  # overrides the derived name (e.g. "njtc-adam" for a gradient-trained map)
     provenance: dict = field(default_factory=dict)  # the fit store's identity and split (store.provenance)
+    head: dict = field(default_factory=dict)  # Head.describe() of the head the maps were fitted for
+    head_sha256: str = ""  # Head.fingerprint() of that head ("" in files written before it was recorded)
 
     @classmethod
     def identity(cls, layers, target_layer: int, model_sha256: str = "") -> Shortcuts:
@@ -173,7 +175,7 @@ class Shortcuts:
             "residual": b(self.residual), "fit_intercept": b(self.fit_intercept), "alpha": str(self.alpha),
             "weight": self.weight, "target_layer": str(self.target_layer), "model_sha256": self.model_sha256,
             "layers": json.dumps(sorted(self.maps)), "stats": json.dumps(self.stats), "label": self.label,
-            "provenance": json.dumps(self.provenance),
+            "provenance": json.dumps(self.provenance), "head": json.dumps(self.head), "head_sha256": self.head_sha256,
         }
         with atomic_output(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -186,7 +188,7 @@ class Shortcuts:
         maps = {l: ShortcutMap(**p, normalize=f["normalize"], residual=f["residual"]) for l, p in parts.items()}
         return cls(f["method"], maps, f["target_layer"], f["model_sha256"], f["rank"], f["normalize"],
                    f["residual"], f["fit_intercept"], f["alpha"], f["weight"], f["stats"], f["label"],
-                   f["provenance"])
+                   f["provenance"], f["head"], f["head_sha256"])
 
 
 def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
@@ -248,6 +250,8 @@ def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
         "label": meta.get("label", ""),
         "stats": field("stats", _json_object, "a JSON object", "{}"),
         "provenance": field("provenance", _json_object, "a JSON object", "{}"),
+        "head": field("head", _json_object, "a JSON object", "{}"),
+        "head_sha256": meta.get("head_sha256", ""),
     }
     parts = {l: {} for l in f["layers"]}
     for name, t in tensors.items():

@@ -17,7 +17,8 @@ __all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "
            "combine_shards", "shard_path", "split_provenance"]
 
 FORMAT = "njtc-activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the head group describes a logit scale, a soft-cap and a norm without gain
+READABLE_VERSIONS = (1, 2)  # a format-1 head has none of those (see Head.from_group)
 TRAIN, VALIDATION = 0, 1
 FINAL_TOPK = 10  # the model's own top-k stored per row (`/final_topk`)
 # Fits and evaluation leave out rows before this position by default: position 0 is the BOS
@@ -64,9 +65,10 @@ class ActivationStore:
         attrs = self._attrs
         if attrs.get("format") != FORMAT:
             raise NJTCError(f"{self.path} is not an njtc activation store (format attribute missing)")
-        if int(attrs.get("format_version", -1)) != FORMAT_VERSION:
+        if int(attrs.get("format_version", -1)) not in READABLE_VERSIONS:
             version = attrs.get("format_version")
-            raise NJTCError(f"{self.path} has store format version {version}; this library reads {FORMAT_VERSION}")
+            raise NJTCError(f"{self.path} has store format version {version}; this library reads "
+                            f"{' and '.join(map(str, READABLE_VERSIONS))}")
         if not allow_incomplete and not bool(attrs.get("complete", False)):
             written, total = int(attrs.get("rows_written", 0)), int(self.file["tokens"].shape[0])
             raise NJTCError(

@@ -43,7 +43,7 @@ def test_layout_and_attributes(store_of):
     kind, path = store_of
     with h5py.File(path, "r") as f:
         a = f.attrs
-        assert a["format"] == "njtc-activations" and a["format_version"] == 1
+        assert a["format"] == "njtc-activations" and a["format_version"] == 2
         assert a["architecture"] == kind and a["n_layers"] == 3 and a["d_model"] == 32
         assert a["complete"] and a["rows_written"] == f["tokens"].shape[0] == 2048
         for key in ("model", "vocab_size", "dtype", "seq_len", "positions", "corpus", "corpus_sha256",
@@ -268,11 +268,11 @@ def test_cli_bad_inputs(tiny_models, tmp_path):
 
 
 def test_unknown_architecture_is_an_error(tiny_models, tmp_path):
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import XGLMConfig, XGLMForCausalLM
 
-    folder = tmp_path / "opt"
-    OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
-                             num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(folder)
+    folder = tmp_path / "xglm"
+    XGLMForCausalLM(XGLMConfig(vocab_size=300, d_model=16, num_layers=2, ffn_dim=32,
+                               attention_heads=2)).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_models["gpt2"] / name, folder / name)
     weights = list(folder.glob("*.safetensors"))
@@ -281,7 +281,7 @@ def test_unknown_architecture_is_an_error(tiny_models, tmp_path):
         path.unlink()
     result = run_module("njtc_solve.extract", "--model", str(folder), "--seq-len", "32", "--max-tokens",
                         "256", "--out", str(tmp_path / "a.h5"))
-    _one_line_exit_2(result, "unsupported architecture 'opt'")
+    _one_line_exit_2(result, "unsupported architecture 'xglm'")
 
 
 def test_split_is_by_document_and_recorded_per_row(store_of):
@@ -396,8 +396,8 @@ def test_store_reader_refuses_bad_files(tiny_store, tmp_path):
     newer = tmp_path / "newer.h5"
     shutil.copy(tiny_store, newer)
     with h5py.File(newer, "r+") as f:
-        f.attrs["format_version"] = 2
-    with pytest.raises(NJTCError, match="version 2"):
+        f.attrs["format_version"] = 3
+    with pytest.raises(NJTCError, match="version 3"):
         ActivationStore(newer)
 
 
