@@ -196,7 +196,7 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
             raise NJTCError(f"shortcuts {sc.name} were fitted on another model's store (model_sha256 differs)")
         if sc.target_layer != target:
             raise NJTCError(f"shortcuts {sc.name} target layer {sc.target_layer}, the store's last is {target}")
-        if not allow_overlap:
+        if not allow_overlap and sc.method != "tuned-lens":  # a tuned-lens folder records no training rows
             check_unseen(store, sc, skip)
     names = [sc.name for sc in loaded]
     if len(set(names)) != len(names):
@@ -318,6 +318,8 @@ def _parser() -> argparse.ArgumentParser:
     add_plan_arguments(live, inherit=True)
     p.add_argument("--shortcuts", nargs="*", default=None,
                    help="shortcut files (default: shortcuts.safetensors when present); identity is always included")
+    p.add_argument("--tuned-lens", nargs="+", default=[], metavar="DIR",
+                   help="tuned-lens folders (config.json, params.pt) evaluated beside the shortcuts, as tuned-lens")
     p.add_argument("--layers", help="source layers: all (default), 3, 1,5,9 or 0-29")
     p.add_argument("--out", default="report", help="output folder (default: report)")
     p.add_argument("--max-rows", type=int, help="evaluate on at most this many validation rows")
@@ -348,6 +350,7 @@ def _source(args, loaded):
 
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m njtc_solve.evaluate``."""
+    from .export import read_tuned_lens
     from .fit import parse_layers
     from .report import write_report
 
@@ -366,6 +369,7 @@ def main(argv=None) -> int:
         raise NJTCError(f"--out {out} exists and is not a folder")
     loaded = _load_all(files)
     with _source(args, loaded) as store:
+        loaded += [read_tuned_lens(d, store.head(), store.model_sha256) for d in args.tuned_lens]
         result = evaluate_shortcuts(store, loaded, parse_layers(args.layers), args.max_rows,
                                     args.chunk_rows, args.device, not args.no_progress,
                                     skip_positions=args.skip_positions, allow_overlap=args.allow_overlap)

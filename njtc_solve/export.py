@@ -1,0 +1,293 @@
+"""Carry fitted maps to tuned-lens, and read a tuned-lens folder as maps for evaluation.
+
+Command line::
+
+    python -m njtc_solve.export --format tuned-lens --shortcuts jtc.safetensors --out jtc-lens
+
+writes ``jtc-lens/config.json`` and ``jtc-lens/params.pt``, which the ``tuned-lens`` package
+(0.2.0) loads with ``TunedLens.from_model_and_pretrained(model, "jtc-lens")``, giving the
+logits of :class:`njtc_solve.lens.ShortcutLens` with the same maps.
+
+tuned-lens applies ``h + translator(h)`` for layers ``0..L-1``, then the model's own final
+norm and unembedding. A map is exported when it is affine in ``h``: ``y = h·A + b`` becomes
+the translator ``weight = (A − I)ᵀ``, ``bias = b``. Full (JTC), narrow (NJTC, ``A = U·V``),
+residual (``A = I + W``) and batch-normalised maps (``(h − μ)·s`` folds into ``A`` and ``b``)
+are affine; maps behind a per-token layer or RMS norm (N-NJTC with ``normalize`` ``layer`` or
+``rms``) are not, and are refused. Layers without a map get a zero translator: the identity,
+as tuned-lens's own untrained lens.
+
+The reverse, :func:`read_tuned_lens`, turns a tuned-lens folder into residual maps
+``h + h·Wᵀ + b`` (method ``tuned-lens``), so ``python -m njtc_solve.evaluate --tuned-lens DIR``
+compares a lens trained by gradient with closed-form maps on the same held-out rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import NJTCError, atomic_output, run_cli
+from .shortcuts import ShortcutMap, Shortcuts
+
+__all__ = ["TUNED_LENS_ARCHITECTURES", "affine_form", "export_tuned_lens", "main", "read_tuned_lens",
+           "translator_state", "unembed_hash"]
+
+METHOD = "tuned-lens"
+SIDECAR = "njtc.json"  # beside config.json: the weights' hash, which tuned-lens's config has no key for
+# model types whose final norm tuned-lens 0.2.0 finds (model_surgery.get_final_norm), among ours
+TUNED_LENS_ARCHITECTURES = ("gpt2", "gpt_neox", "llama")
+
+
+def affine_form(m: ShortcutMap, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Δ, b)`` in float64 with ``m.predict(h) = h + h·Δ + b``: the map as a tuned-lens translator.
+
+    Raises
+    ------
+    NJTCError
+        For maps behind a per-token norm (``normalize`` ``layer`` or ``rms``), which no affine
+        map reproduces.
+
+    Examples
+    --------
+    >>> import torch
+    >>> m = ShortcutMap(weight=2 * torch.eye(3), bias=torch.ones(3))
+    >>> delta, b = affine_form(m, 3)
+    >>> h = torch.randn(4, 3, dtype=torch.float64)
+    >>> bool(torch.allclose(h + h @ delta + b, m.predict(h).double()))
+    True
+    """
+    if m.normalize in ("layer", "rms"):
+        raise NJTCError(f"a map behind a per-token {m.normalize} norm is not affine in h, so no tuned-lens "
+                        "translator reproduces it; export full (jtc), narrow (njtc), residual or batch-normalised "
+                        "maps")
+    f64 = lambda t: None if t is None else t.to(torch.float64).cpu()
+    weight = f64(m.weight) if m.weight is not None else (f64(m.U) @ f64(m.V) if m.U is not None else None)
+    bias = torch.zeros(d, dtype=torch.float64) if m.bias is None else f64(m.bias)
+    if m.normalize == "batch":  # ((h - μ)·s)·W = h·(diag(s)W) - (μ·s)·W; the identity map reads (h - μ)·s
+        scale, mean = f64(m.norm_scale), f64(m.norm_mean)
+        weight = torch.diag(scale) if weight is None else scale[:, None] * weight
+        bias = bias - mean @ weight
+    if weight is None:  # the identity: h (+ h when residual)
+        delta = torch.eye(d, dtype=torch.float64) if m.residual else torch.zeros(d, d, dtype=torch.float64)
+    else:
+        delta = weight if m.residual else weight - torch.eye(d, dtype=torch.float64)
+    return delta, bias
+
+
+def translator_state(shortcuts: Shortcuts) -> dict[str, torch.Tensor]:
+    """tuned-lens's ``params.pt``: ``{i}.weight`` (``Δᵀ``) and ``{i}.bias`` for ``i`` in ``0..L-1``."""
+    d = _width(shortcuts)
+    state = {}
+    for i in range(shortcuts.target_layer):
+        if i in shortcuts.maps:
+            delta, bias = affine_form(shortcuts.maps[i], d)
+        else:
+            delta, bias = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+        state[f"{i}.weight"] = delta.T.to(torch.float32).contiguous()
+        state[f"{i}.bias"] = bias.to(torch.float32)
+    return state
+
+
+def unembed_hash(unembed: torch.Tensor) -> str:
+    """tuned-lens's hash of an unembedding matrix (``tuned_lens.utils.tensor_hash``)."""
+    text = np.array_str(unembed.detach().cpu().float().numpy(), precision=1)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Path:
+    """Write ``shortcuts`` as a tuned-lens folder (``config.json`` and ``params.pt``).
+
+    Parameters
+    ----------
+    shortcuts : path or Shortcuts
+    out : path
+        The folder (created; its parent must exist).
+    model : transformers causal LM, optional
+        The model the maps were fitted on: checked (weights' hash, an architecture tuned-lens
+        can load, a plain head), and its name and unembedding hash recorded in the config.
+    overwrite : bool
+        Replace a lens already in ``out``.
+
+    Returns
+    -------
+    Path
+        ``out``.
+
+    Examples
+    --------
+    >>> from njtc_solve import fit_shortcuts
+    >>> [jtc] = fit_shortcuts("activations.h5", method="jtc", ranks=None, progress=False)
+    >>> folder = export_tuned_lens(jtc, "jtc-lens", model=model)
+    >>> sorted(p.name for p in folder.iterdir())
+    ['config.json', 'njtc.json', 'params.pt']
+    >>> from tuned_lens.nn.lenses import TunedLens                   # the real package
+    >>> tuned = TunedLens.from_model_and_pretrained(model, folder)
+    >>> len(tuned), tuned.config.d_model
+    (3, 32)
+    """
+    shortcuts = shortcuts if isinstance(shortcuts, Shortcuts) else Shortcuts.load(shortcuts)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NJTCError(f"{out} exists and is not a folder")
+    if not out.parent.is_dir():
+        raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
+    if (out / "params.pt").exists() and not overwrite:
+        raise NJTCError(f"{out} already holds a lens; pass --overwrite to replace it")
+    if shortcuts.method == "identity":
+        raise NJTCError("the identity is tuned-lens's LogitLens; there is nothing to export")
+    state = translator_state(shortcuts)  # refuses what is not affine, before anything is written
+    name, hashed = "", None
+    if model is not None:
+        name, hashed = _check_model(shortcuts, model)
+    config = {"base_model_name_or_path": name, "d_model": _width(shortcuts),
+              "num_hidden_layers": shortcuts.target_layer, "bias": True, "base_model_revision": None,
+              "unembed_hash": hashed, "lens_type": "linear_tuned_lens"}
+    sidecar = {"format": "njtc-tuned-lens", "method": shortcuts.method, "name": shortcuts.name,
+               "model_sha256": shortcuts.model_sha256, "layers": sorted(shortcuts.maps)}
+    out.mkdir(exist_ok=True)
+    with atomic_output(out / "params.pt") as tmp:
+        torch.save(state, tmp)
+    for file, content in (("config.json", config), (SIDECAR, sidecar)):
+        with atomic_output(out / file) as tmp:
+            tmp.write_text(json.dumps(content, indent=1) + "\n")
+    return out
+
+
+def _check_model(shortcuts: Shortcuts, model) -> tuple[str, str]:
+    """The model's name and unembedding hash, once it is known to be the maps' and loadable by tuned-lens."""
+    from .architectures import resolve_parts
+    from .head import Head
+    from .models import model_sha256
+
+    if shortcuts.model_sha256 != model_sha256(model):
+        raise NJTCError(f"shortcuts {shortcuts.name} were fitted on another model (model_sha256 differs)")
+    model_type = model.config.model_type
+    if model_type not in TUNED_LENS_ARCHITECTURES:
+        raise NJTCError(f"tuned-lens 0.2.0 cannot find the final norm of {model_type!r} models; it loads "
+                        f"{', '.join(TUNED_LENS_ARCHITECTURES)}")
+    head = Head.from_model(model)
+    if getattr(head, "logit_scale", 1.0) != 1.0 or getattr(head, "softcap", None) is not None:
+        raise NJTCError("this model scales or soft-caps its logits, which tuned-lens's unembedding leaves out")
+    return model.config.name_or_path, unembed_hash(resolve_parts(model)[3].weight)
+
+
+def _width(shortcuts: Shortcuts) -> int:
+    for m in shortcuts.maps.values():
+        for t in (m.weight, m.V, m.bias, m.norm_mean):
+            if t is not None:
+                return int(t.shape[-1])
+    raise NJTCError(f"shortcuts {shortcuts.name} hold no tensor to tell their width from")
+
+
+def read_tuned_lens(folder, head=None, model_sha256: str = "") -> Shortcuts:
+    """Read a tuned-lens folder as residual maps ``h + h·Wᵀ + b`` (method ``tuned-lens``).
+
+    Parameters
+    ----------
+    folder : path
+        Holds ``config.json`` and ``params.pt`` (tuned-lens's ``TunedLens.save`` layout).
+    head : Head, optional
+        The head of the model (or store) the lens will be read against: its width must be the
+        lens's, and its unembedding must have the lens's ``unembed_hash`` when the config has one.
+    model_sha256 : str
+        The weights' hash of that model, recorded in the returned maps; a folder written by
+        :func:`export_tuned_lens` records the hash it was fitted on, and another one is refused.
+
+    Returns
+    -------
+    Shortcuts
+        One residual full map per layer ``0..L-1``, target layer ``L``.
+
+    Examples
+    --------
+    >>> from njtc_solve import fit_shortcuts
+    >>> [jtc] = fit_shortcuts("activations.h5", method="jtc", ranks=None, progress=False)
+    >>> back = read_tuned_lens(export_tuned_lens(jtc, "jtc-lens"), model_sha256=jtc.model_sha256)
+    >>> import torch
+    >>> h = torch.randn(4, 32)
+    >>> back.name, bool(torch.allclose(back.predict(1, h), jtc.predict(1, h), atol=1e-4))
+    ('tuned-lens', True)
+    """
+    folder = Path(folder)
+    config_path, params_path = folder / "config.json", folder / "params.pt"
+    if not config_path.is_file() or not params_path.is_file():
+        raise NJTCError(f"{folder} is not a tuned-lens folder (it needs config.json and params.pt)")
+
+    def bad(problem: str) -> NJTCError:
+        return NJTCError(f"{folder} is not a tuned-lens folder this library reads: {problem}")
+
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError:
+        raise bad("config.json is not JSON") from None
+    if not isinstance(config, dict) or config.get("lens_type", "linear_tuned_lens") != "linear_tuned_lens":
+        raise bad(f"lens_type {config.get('lens_type') if isinstance(config, dict) else None!r}, "
+                  "not linear_tuned_lens")
+    d, n_layers = config.get("d_model"), config.get("num_hidden_layers")
+    if type(d) is not int or type(n_layers) is not int or d < 1 or n_layers < 1:
+        raise bad("config.json needs positive integers d_model and num_hidden_layers")
+    try:
+        state = torch.load(params_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike
+        raise bad(f"params.pt cannot be read ({type(err).__name__})") from None
+    weights = {f"{i}.weight" for i in range(n_layers)}
+    if not isinstance(state, dict) or not weights <= set(state) <= weights | {f"{i}.bias" for i in range(n_layers)}:
+        raise bad(f"params.pt must hold {{i}}.weight (and {{i}}.bias) for i in 0..{n_layers - 1}")
+    maps = {}
+    for i in range(n_layers):
+        weight, bias = state[f"{i}.weight"], state.get(f"{i}.bias")
+        if tuple(weight.shape) != (d, d) or (bias is not None and tuple(bias.shape) != (d,)):
+            raise bad(f"translator {i} has shape {tuple(weight.shape)}, not {d} × {d}")
+        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+            raise bad(f"translator {i} is not finite")
+        maps[i] = ShortcutMap(weight=weight.T.float().contiguous(), residual=True,
+                              bias=None if bias is None else bias.float())
+    sidecar = folder / SIDECAR
+    recorded = json.loads(sidecar.read_text()).get("model_sha256", "") if sidecar.is_file() else ""
+    if recorded and model_sha256 and recorded != model_sha256:
+        raise NJTCError(f"the tuned lens in {folder} was fitted on another model (model_sha256 differs)")
+    if head is not None:
+        if head.d_model != d:
+            raise NJTCError(f"the tuned lens in {folder} has width {d}; the model's is {head.d_model}")
+        if config.get("unembed_hash") and config["unembed_hash"] != unembed_hash(head.unembed):
+            raise NJTCError(f"the tuned lens in {folder} was trained with another unembedding (unembed_hash "
+                            "differs): another model")
+    return Shortcuts(METHOD, maps, n_layers, model_sha256 or recorded, residual=True, label=METHOD,
+                     provenance={"tuned_lens": str(folder), "base_model": config.get("base_model_name_or_path")})
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m njtc_solve.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", required=True, choices=["tuned-lens"], help="the format to write")
+    p.add_argument("--shortcuts", required=True, help="shortcut file to export")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", help="the model the maps were fitted on (checked; its name and unembedding hash go "
+                   "into config.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a lens already in --out")
+    return p
+
+
+def main(argv=None) -> int:
+    """Command-line entry point of ``python -m njtc_solve.export``."""
+    args = _parser().parse_args(argv)
+    shortcuts = Shortcuts.load(args.shortcuts)
+    translator_state(shortcuts)  # what cannot be exported is refused before a model is loaded
+    model = None
+    if args.model is not None:
+        from .models import load_model
+
+        model = load_model(args.model, progress=False)[0]
+    out = export_tuned_lens(shortcuts, args.out, model=model, overwrite=args.overwrite)
+    print(f"wrote {out}/config.json and params.pt: {shortcuts.name}, {len(shortcuts.maps)} of "
+          f"{shortcuts.target_layer} layers (the others are identity translators)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
