@@ -46,7 +46,7 @@ class ArchitectureSpec:
         The final norm's kind: ``layernorm`` is mean-centred (its gain and bias may be absent:
         OLMo has neither, Cohere no bias), ``rmsnorm`` is not.
     gain : {"w", "1+w"}
-        How the norm stores its gain: the gain itself, or its offset from 1 (Gemma).
+        How the norm stores its gain: the gain itself, or its offset from 1 (Gemma, Nemotron).
     eps : float, optional
         The norm's epsilon where the module has no attribute for it (OLMo's is fixed).
     projection : str, optional
@@ -83,10 +83,13 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "codegen": _GPT2_LIKE,
     "bloom": _GPT2_LIKE,
     "falcon": _GPT2_LIKE,
+    "gpt_bigcode": _GPT2_LIKE,
     "gpt_neox": ArchitectureSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "layernorm"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "mixtral": _LLAMA_LIKE,
+    "qwen2_moe": _LLAMA_LIKE,
+    "qwen3_moe": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
@@ -94,6 +97,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "phi": ArchitectureSpec("model.layers", "model.final_layernorm", "layernorm"),
     "stablelm": _LAYERNORM_MODEL,
     "starcoder2": _LAYERNORM_MODEL,
+    "nemotron": ArchitectureSpec("model.layers", "model.norm", "layernorm", gain="1+w"),
     "olmo": ArchitectureSpec("model.layers", "model.norm", "layernorm", eps=1e-5),
     "cohere": ArchitectureSpec("model.layers", "model.norm", "layernorm", logit_scale="logit_scale"),
     "granite": ArchitectureSpec("model.layers", "model.norm", "rmsnorm", logit_divisor="logits_scaling"),

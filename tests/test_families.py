@@ -48,11 +48,17 @@ def _config(family: str, vocab: int, u: torch.Tensor):
                                            n_head=4, rotary_dim=4),
         "bloom": lambda: T.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2, n_head=4),
         "falcon": lambda: T.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        "gpt_bigcode": lambda: T.GPTBigCodeConfig(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4),
         "gpt_neox": lambda: T.GPTNeoXConfig(**common),
         "llama": lambda: T.LlamaConfig(**common, num_key_value_heads=2),
         "mistral": lambda: T.MistralConfig(**common, num_key_value_heads=2),
         "mixtral": lambda: T.MixtralConfig(**common, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
         "qwen2": lambda: T.Qwen2Config(**common, num_key_value_heads=2),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(**common, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=32, shared_expert_intermediate_size=32),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=32),
+        "nemotron": lambda: T.NemotronConfig(**common, num_key_value_heads=2),
         "qwen3": lambda: T.Qwen3Config(**common, num_key_value_heads=2, head_dim=8),
         "phi3": lambda: T.Phi3Config(**common, num_key_value_heads=2),
         "phi": lambda: T.PhiConfig(**common, partial_rotary_factor=0.5),
@@ -75,9 +81,9 @@ def _config(family: str, vocab: int, u: torch.Tensor):
     return makers[family]()
 
 
-FAMILIES = ["gpt2", "gpt_neo", "gptj", "codegen", "bloom", "falcon", "gpt_neox", "llama", "mistral", "mixtral",
-            "qwen2", "qwen3", "phi3", "phi", "stablelm", "starcoder2", "olmo", "olmo2", "opt", "opt-project-out",
-            "gemma", "gemma2", "gemma3_text", "granite", "cohere"]
+FAMILIES = ["gpt2", "gpt_neo", "gptj", "codegen", "bloom", "falcon", "gpt_bigcode", "gpt_neox", "llama", "mistral",
+            "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "phi", "stablelm", "starcoder2", "olmo",
+            "olmo2", "nemotron", "opt", "opt-project-out", "gemma", "gemma2", "gemma3_text", "granite", "cohere"]
 
 
 def test_every_table_entry_has_a_family_test():
@@ -176,6 +182,7 @@ def _without_gain_offset(head, model):
 
 _FAULTS = {
     "gemma": ("the 1+w gain read as w", _without_gain_offset),
+    "nemotron": ("the 1+w LayerNorm gain read as w", _without_gain_offset),
     "gemma2": ("no soft-cap", lambda head, model: dataclasses.replace(head, softcap=None)),
     "gemma3_text": ("no soft-cap", lambda head, model: dataclasses.replace(head, softcap=None)),
     "granite": ("no logits_scaling", lambda head, model: dataclasses.replace(head, logit_scale=1.0)),
