@@ -147,6 +147,15 @@ class Shortcuts:
             parts.append(f"w{self.weight}")
         return "-".join(parts)
 
+    def check_head(self, head) -> None:
+        """Refuse to apply these maps through another head than the one they were fitted for.
+
+        Files that record no head (``head_sha256`` empty, written before it was recorded) pass.
+        """
+        if self.head_sha256 and self.head_sha256 != head.fingerprint():
+            raise NJTCError(f"shortcuts {self.name} were fitted for another head (head_sha256 {self.head_sha256[:12]}…, "
+                            f"this head's {head.fingerprint()[:12]}…: {json.dumps(head.describe())})")
+
     def predict(self, layer: int, x) -> torch.Tensor:
         """Apply the map of source ``layer`` to rows ``x``."""
         if layer not in self.maps:

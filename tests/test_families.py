@@ -340,10 +340,35 @@ def test_named_parts_are_guarded_by_the_head_check(tmp_path, tokenizer_folder, d
         load_model(str(folder), progress=False, blocks="model.layers")
 
 
-def test_the_cli_takes_named_parts_and_a_model_dtype(tmp_path, tokenizer_folder):
+def test_the_cli_takes_named_parts_a_model_dtype_and_a_device_map(tmp_path, tokenizer_folder):
     folder = build_family("gpt2", tmp_path / "gpt2", tokenizer_folder)
     result = run_module("njtc_solve.extract", "--model", str(folder), "--out", str(tmp_path / "a.h5"),
                         "--no-progress", "--seq-len", "16", "--max-tokens", "128", "--trust-remote-code",
-                        "--blocks", "transformer.h", "--final-norm", "transformer.ln_f", "--model-dtype", "float32")
+                        "--blocks", "transformer.h", "--final-norm", "transformer.ln_f", "--model-dtype", "float32",
+                        "--device-map", "cpu")
     assert result.returncode == 0, result.stderr
     assert "head check: relative error" in result.stdout
+
+
+def test_shortcut_files_record_the_head(tmp_path):
+    """A shortcut file keeps the head's description and hash; files without them still load."""
+    from safetensors.torch import load_file, save_file
+
+    from njtc_solve.shortcuts import ShortcutMap, Shortcuts
+
+    head = _random_head()
+    maps = {1: ShortcutMap(weight=torch.eye(6), bias=torch.zeros(6))}
+    Shortcuts("jtc", maps, 2, head=head.describe(), head_sha256=head.fingerprint()).save(tmp_path / "s.safetensors")
+    loaded = Shortcuts.load(tmp_path / "s.safetensors")
+    assert loaded.head == head.describe() and loaded.head_sha256 == head.fingerprint()
+    loaded.check_head(head)
+    with pytest.raises(NJTCError, match="fitted for another head"):
+        loaded.check_head(_random_head(softcap=None))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k not in ("head", "head_sha256")}
+    save_file(load_file(tmp_path / "s.safetensors"), str(tmp_path / "old.safetensors"), metadata=meta)
+    old = Shortcuts.load(tmp_path / "old.safetensors")
+    assert old.head == {} and old.head_sha256 == ""
+    old.check_head(_random_head(softcap=None))  # nothing recorded: nothing to refuse
