@@ -1,7 +1,8 @@
 """Gradient training of the same shortcut maps, as the papers train them (the baseline).
 
 JTC (full d×d map), NJTC (``U·V``) and N-NJTC (``BatchNorm1d`` then ``U·V``), all with a bias,
-trained with Adam on minibatch MSE over the same training rows of the same store. Used by
+trained with Adam on minibatch MSE over the same training rows of the same store, by the
+package's one trainer (:func:`njtc_solve.train.train_maps`). Used by
 ``benchmarks/closed_vs_gradient.py`` and by tests that check gradient descent never gets
 below the closed-form optimum.
 """
@@ -11,13 +12,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from .errors import NJTCError
 from .shortcuts import ShortcutMap, Shortcuts
 from .store import ActivationStore
+from .train import StoreRows, train_maps
 
 __all__ = ["GradientShortcut", "GradientRun", "load_training_rows", "train_gradient"]
 
@@ -70,45 +71,41 @@ class GradientShortcut(nn.Module):
             return ShortcutMap(weight=self.W.detach().clone(), bias=bias)
         return ShortcutMap(U=self.U.detach().clone(), V=self.V.detach().clone(), bias=bias)
 
+    to_map = to_shortcut_map  # the trainer's name for it
+
 
 @dataclass
 class GradientRun:
-    """Outcome of one gradient-training run."""
+    """Outcome of one gradient-training run.
+
+    ``module`` holds the best state seen (lowest full training MSE, :func:`train.train_maps`
+    keeps it); ``curve`` one ``(training seconds, full training MSE, epoch)`` per check.
+    """
 
     module: GradientShortcut
-    curve: list = field(default_factory=list)  # (training seconds, full training MSE, epoch)
+    curve: list = field(default_factory=list)
     seconds: float = 0.0
     load_seconds: float = 0.0
     time_to: dict = field(default_factory=dict)  # relative gap (0.01, 0.001) -> seconds or None
+    best_mse: float = float("nan")
 
     @property
     def final_mse(self) -> float:
-        return self.curve[-1][1]
+        """Full training MSE of the returned module (its best state)."""
+        return self.best_mse
 
 
 def load_training_rows(store: ActivationStore, layer: int, device="cpu", skip_positions: int | None = None):
-    """The training rows of ``layer`` and of the target layer, as float32 tensors.
+    """The training rows of ``layer`` and of the target layer, as float32 tensors, all in memory.
 
     The rows a closed-form fit uses: positions before ``skip_positions`` (default: the
-    store's first position) are left out.
+    store's first position) are left out. (Training itself streams them: :class:`StoreRows`.)
     """
     skip = store.default_skip_positions if skip_positions is None else skip_positions
-    xs, ys = [], []
-    for _, chunk in store.iter_chunks([layer, store.n_layers], split="train", chunk_rows=8192, skip_positions=skip):
-        xs.append(chunk[layer])
-        ys.append(chunk[store.n_layers])
-    if not xs:
+    chunks = list(StoreRows(store, [layer], "train", chunk_rows=8192, skip_positions=skip))
+    if not chunks:
         raise NJTCError(f"{store.path} has no training rows")
-    return torch.from_numpy(np.concatenate(xs)).to(device), torch.from_numpy(np.concatenate(ys)).to(device)
-
-
-def _full_mse(module, x, y, batch=8192) -> float:
-    module.eval()
-    with torch.no_grad():
-        sse = sum(float(((module(x[i:i + batch]) - y[i:i + batch]).double() ** 2).sum())
-                  for i in range(0, len(x), batch))
-    module.train()
-    return sse / y.numel()
+    return (torch.cat([x[layer] for x, _ in chunks]).to(device), torch.cat([y for _, y in chunks]).to(device))
 
 
 def train_gradient(store: ActivationStore, layer: int, method: str = "njtc", rank: int | None = 32,
@@ -117,8 +114,11 @@ def train_gradient(store: ActivationStore, layer: int, method: str = "njtc", ran
                    device="cpu") -> GradientRun:
     """Train one layer's shortcut with Adam on minibatch MSE; record full training MSE over time.
 
-    The clock counts optimisation steps only: loading the rows and the periodic evaluation
-    of the full training loss are excluded (both favour the gradient baseline).
+    The package's one trainer (:func:`njtc_solve.train.train_maps`, objective ``"mse"``)
+    runs it: rows stream from the store in chunks (kept in memory after the first read, which
+    is timed apart as ``load_seconds``), shuffled within chunks every epoch; the full training
+    MSE is the held-out check (so the best state on the training loss is kept). The clock
+    counts the steps and the reading of rows, not the checks (which favours the baseline).
 
     Parameters
     ----------
@@ -130,44 +130,30 @@ def train_gradient(store: ActivationStore, layer: int, method: str = "njtc", ran
     """
     torch.manual_seed(seed)
     start = time.perf_counter()
-    x, y = load_training_rows(store, layer, device)
+    rows = StoreRows(store, [layer], "train", chunk_rows=8192, seed=seed, in_memory=True)
+    chunks = list(rows)  # the first pass reads and keeps the rows
     load_seconds = time.perf_counter() - start
-    module = GradientShortcut(store.d_model, None if method == "jtc" else rank, method == "nnjtc",
-                              y.mean(0)).to(device)
-    opt = torch.optim.Adam(module.parameters(), lr=lr)
-    n = len(x)
-    steps_per_epoch = max(1, n // batch_size)
-    eval_every = max(1, steps_per_epoch // evals_per_epoch)
+    n = len(rows)
+    y_mean = sum(y.double().sum(0) for _, y in chunks) / n
+    module = GradientShortcut(store.d_model, None if method == "jtc" else rank, method == "nnjtc", y_mean.float())
+    steps_per_epoch = sum(-(-len(y) // batch_size) for _, y in chunks)
     run = GradientRun(module, load_seconds=load_seconds, time_to={0.01: None, 0.001: None})
-    run.curve.append((0.0, _full_mse(module, x, y), 0.0))
-    clock = 0.0
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        for step in range(steps_per_epoch):
-            t0 = time.perf_counter()
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            loss = ((module(x[idx]) - y[idx]) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if device != "cpu" and torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
-            clock += time.perf_counter() - t0
-            if (step + 1) % eval_every == 0 or step == steps_per_epoch - 1:
-                mse = _full_mse(module, x, y)
-                run.curve.append((clock, mse, epoch + (step + 1) / steps_per_epoch))
-                if optimum is not None:
-                    for gap in run.time_to:
-                        if run.time_to[gap] is None and mse <= optimum * (1 + gap):
-                            run.time_to[gap] = clock
-                    if run.time_to[0.001] is not None:
-                        run.seconds = clock
-                        return run
-                if clock >= time_budget:
-                    run.seconds = clock
-                    return run
-    run.seconds = clock
+
+    def on_check(record) -> bool:
+        mse = record["layers"][layer]["loss"]
+        run.curve.append((record["seconds"], mse, record["step"] / steps_per_epoch))
+        if optimum is None:
+            return False
+        for gap in run.time_to:
+            if run.time_to[gap] is None and mse <= optimum * (1 + gap):
+                run.time_to[gap] = record["seconds"]
+        return run.time_to[0.001] is not None
+
+    result = train_maps({layer: module}, store.head(), rows, chunks, "mse", steps=epochs * steps_per_epoch, lr=lr,
+                        batch_rows=batch_size, check_every=max(1, steps_per_epoch // evals_per_epoch), patience=0,
+                        time_budget=time_budget, device=device, progress=False, on_check=on_check, seed=seed)
+    run.curve.insert(0, (0.0, result.start[layer]["loss"], 0.0))  # the check at step 0 precedes on_check
+    run.module, run.seconds, run.best_mse = result.modules[layer], result.seconds, result.best[layer]["loss"]
     return run
 
 

@@ -1,0 +1,403 @@
+"""The one trainer of the package: shortcut maps optimised by gradient on KL or MSE, streaming.
+
+Closed-form fits are exact for the squared error of the mapped vector; what a lens user
+finally cares about is the distribution the shortcut predicts. :func:`train_maps` starts from
+any maps (a closed-form fit, or a fresh module) and minimises, per source layer,
+
+- ``"kl"``: ``KL(p_model ‖ p_shortcut)``, ``p_model`` the model's head on the target row and
+  ``p_shortcut`` the same head on the mapped row (the loss is :func:`metrics.kl_divergence`,
+  the function evaluation reports);
+- ``"mse"``: the mean squared error of the mapped row (the gradient baseline of the papers).
+
+Rows come from any *row source*: an iterable whose every pass yields chunks ``(x, y)``, ``x``
+a dict ``{layer: (rows, d) tensor}`` and ``y`` the target layer's ``(rows, d)`` tensor. Each
+pass is an epoch; :class:`StoreRows` reads an activation store, and a live model can plug in
+the same way. A second source of held-out rows is checked every ``check_every`` steps; each
+layer keeps its best state, stops when ``patience`` checks bring no improvement, and the
+run ends when every layer has stopped (or after ``steps``).
+
+Narrow maps stay narrow: their factors ``U`` and ``V`` are the parameters, and their logits go
+through the rank-r route of :meth:`Head.low_rank_logits`.
+
+Examples
+--------
+>>> from njtc_solve import ActivationStore, fit_shortcuts
+>>> with ActivationStore("activations.h5") as store:
+...     [njtc] = fit_shortcuts(store, "njtc", [4], layers=[1], progress=False)
+...     train = StoreRows(store, [1], "train", seed=0)
+...     check = StoreRows(store, [1], "validation", max_rows=256)
+...     result = train_maps(njtc.maps, store.head(), train, check, steps=20, check_every=5, progress=False)
+>>> result.best[1]["loss"] <= result.start[1]["loss"], result.maps()[1].rank
+(True, 4)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import NJTCError
+from .metrics import Reference, kl_divergence, surprisal
+from .shortcuts import ShortcutMap
+
+__all__ = ["OBJECTIVES", "OPTIMIZERS", "StoreRows", "TrainResult", "TrainableMap", "check_metrics", "train_maps"]
+
+OBJECTIVES = ("kl", "mse")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class TrainableMap(nn.Module):
+    """A :class:`ShortcutMap` whose tensors are parameters, for the trainer.
+
+    ``weight`` (full maps) or ``U`` and ``V`` (narrow maps) and ``bias`` are trained; the
+    batch normalisation's ``norm_mean`` and ``norm_scale`` stay fixed. Prediction is the
+    map's own code, applied to the live parameters, so a trained map predicts exactly as
+    the file it is saved to.
+
+    Examples
+    --------
+    >>> import torch
+    >>> m = TrainableMap(ShortcutMap(U=torch.ones(4, 1), V=torch.ones(1, 4), bias=torch.zeros(4)))
+    >>> sorted(name for name, _ in m.named_parameters()), m(torch.eye(4)[:1]).requires_grad
+    (['U', 'V', 'bias'], True)
+    """
+
+    def __init__(self, m: ShortcutMap):
+        super().__init__()
+        if m.weight is None and m.U is None:
+            raise NJTCError("the identity map has no parameters to train; start from a fitted map")
+        for name in ("weight", "U", "V", "bias"):
+            value = getattr(m, name)
+            self.register_parameter(name, None if value is None else nn.Parameter(value.detach().float().clone()))
+        for name in ("norm_mean", "norm_scale"):
+            value = getattr(m, name)
+            self.register_buffer(name, None if value is None else value.detach().float().clone())
+        self.normalize, self.residual = m.normalize, m.residual
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.U is None else self.U.shape[1]
+
+    def as_map(self) -> ShortcutMap:
+        """A :class:`ShortcutMap` over the live parameters (differentiable)."""
+        return ShortcutMap(weight=self.weight, U=self.U, V=self.V, bias=self.bias, norm_mean=self.norm_mean,
+                           norm_scale=self.norm_scale, normalize=self.normalize, residual=self.residual)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The mapped rows ``y_hat`` of source rows ``x``."""
+        return self.as_map().predict(x)
+
+    def predict_with_logits(self, x: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y_hat, logits)``; narrow maps take the rank-r route to the logits."""
+        return self.as_map().predict_with_logits(x, head)
+
+    def to_map(self) -> ShortcutMap:
+        """The trained map as a detached :class:`ShortcutMap` on the CPU."""
+        m = self.as_map()
+        for key, value in vars(m).items():
+            if isinstance(value, torch.Tensor):
+                setattr(m, key, value.detach().cpu().clone())
+        return m
+
+
+class StoreRows:
+    """Training chunks ``({layer: x}, y)`` of one split of an activation store or a live source.
+
+    Every iteration is one pass (an epoch). ``seed`` shuffles the rows within each chunk,
+    differently on every pass; ``in_memory`` keeps the rows after the first pass (for
+    sources that fit in memory and are read many times).
+
+    Parameters
+    ----------
+    store : ActivationStore or LiveSource
+        Anything with the row-source protocol (``iter_chunks``, ``count``, ``n_layers``, ...).
+    layers : list of int
+        Source layers; the target (the store's last layer) is read as well.
+    split : {"train", "validation"}
+    chunk_rows : int
+        Rows per chunk read.
+    start, max_rows : int
+        Keep the split's selected rows ``start .. start + max_rows`` only (in row order).
+    skip_positions : int, optional
+        Leave out rows at positions below this (default: the store's first position).
+    seed : int, optional
+        Shuffle within chunks (``None``: row order).
+    in_memory : bool
+        Keep the rows read by the first pass for later passes.
+    """
+
+    def __init__(self, store, layers, split: str = "train", chunk_rows: int = 4096, start: int = 0,
+                 max_rows: int | None = None, skip_positions: int | None = None, seed: int | None = None,
+                 in_memory: bool = False):
+        self.store, self.layers, self.split = store, store.check_layers(layers), split
+        self.target = store.n_layers
+        self.chunk_rows, self.start, self.max_rows = int(chunk_rows), int(start), max_rows
+        self.skip = store.default_skip_positions if skip_positions is None else int(skip_positions)
+        if self.chunk_rows <= 0 or self.start < 0 or (max_rows is not None and max_rows <= 0):
+            raise NJTCError("chunk_rows and max_rows must be positive and start must be 0 or more")
+        available = store.count(split, self.skip) - self.start
+        if available <= 0:
+            raise NJTCError(f"{getattr(store, 'path', 'the source')} has no {split} rows from row {self.start} at positions >= {self.skip}")
+        self.n_rows = available if max_rows is None else min(available, max_rows)
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.in_memory, self._cached = in_memory, None
+
+    def __len__(self) -> int:
+        """Rows per pass."""
+        return self.n_rows
+
+    def _read(self):
+        stop = self.start + self.n_rows
+        seen = 0
+        for _, chunk in self.store.iter_chunks(self.layers + [self.target], self.split, self.chunk_rows, stop,
+                                               skip_positions=self.skip):
+            n = len(chunk[self.target])
+            keep = slice(max(0, self.start - seen), n)
+            seen += n
+            if keep.start >= n:
+                continue
+            yield ({l: torch.from_numpy(chunk[l][keep]) for l in self.layers},
+                   torch.from_numpy(chunk[self.target][keep]))
+
+    def __iter__(self):
+        chunks = self._cached if self._cached is not None else self._read()
+        kept = [] if self.in_memory and self._cached is None else None
+        for x, y in chunks:
+            if kept is not None:
+                kept.append((x, y))
+            if self.generator is not None:
+                order = torch.randperm(len(y), generator=self.generator)
+                x, y = {l: v[order] for l, v in x.items()}, y[order]
+            yield x, y
+        if kept is not None:
+            self._cached = kept
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train_maps`.
+
+    ``modules`` hold each layer's best state; ``history`` one record per check
+    (``step``, ``seconds`` of training so far, ``layers``: metrics per layer still training);
+    ``start`` and ``best`` each layer's check metrics at step 0 and at its best step
+    (``best[l]["step"]``); ``stopped`` why the run ended: ``"steps"``, ``"converged"``
+    (no layer improving any more), ``"time"`` or ``"callback"``.
+    """
+
+    modules: dict
+    history: list = field(default_factory=list)
+    start: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+    stopped: str = "steps"
+
+    def maps(self) -> dict[int, ShortcutMap]:
+        """Each layer's best map as a :class:`ShortcutMap` (what a shortcut file saves)."""
+        return {l: m.to_map() for l, m in self.modules.items()}
+
+
+def _logits(module, x, head):
+    if hasattr(module, "predict_with_logits"):
+        return module.predict_with_logits(x, head)
+    y_hat = module(x)
+    return y_hat, head.logits(y_hat)
+
+
+def _loss(objective, module, x, y, head, reference):
+    """Mean loss of one layer's ``module`` on rows ``x`` against target rows ``y``."""
+    if objective == "mse":
+        return ((module(x) - y) ** 2).mean()
+    return kl_divergence(reference, _logits(module, x, head)[1]).mean()
+
+
+def check_metrics(objective: str, modules: dict, head, chunks) -> dict[int, dict]:
+    """Held-out metrics of each layer's module over ``chunks`` (a list of ``(x, y, reference)``).
+
+    ``loss`` is the objective's mean over the rows (the figure that early stopping follows);
+    the KL objective also reports ``precision@1`` (agreement with the model's top-1) and
+    ``surprisal`` (nats, :func:`metrics.surprisal`).
+    """
+    totals = {l: np.zeros(3) for l in modules}
+    n = 0
+    with torch.no_grad():
+        for x, y, reference in chunks:
+            n += len(y)
+            for l, module in modules.items():
+                if objective == "mse":
+                    totals[l][0] += float(((module(x[l]).double() - y.double()) ** 2).mean(1).sum())
+                    continue
+                logits = _logits(module, x[l], head)[1]
+                predicted = logits.argmax(-1)
+                totals[l] += [float(kl_divergence(reference, logits).sum()),
+                              float((predicted == reference.logp.argmax(-1)).sum()),
+                              float(surprisal(reference, predicted).sum())]
+    if objective == "mse":
+        return {l: {"loss": float(t[0]) / n} for l, t in totals.items()}
+    return {l: {"loss": float(t[0]) / n, "kl": float(t[0]) / n, "precision@1": float(t[1]) / n,
+                "surprisal": float(t[2]) / n} for l, t in totals.items()}
+
+
+def _batches(source, batch_rows):
+    """Minibatches ``(x, y)`` of ``batch_rows`` rows, pass after pass over ``source``."""
+    while True:
+        empty = True
+        for x, y in source:
+            for i in range(0, len(y), batch_rows):
+                empty = False
+                yield {l: v[i:i + batch_rows] for l, v in x.items()}, y[i:i + batch_rows]
+        if empty:
+            raise NJTCError("the training rows are empty")
+
+
+def _optimizer(name, params, lr, weight_decay, momentum):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+
+
+def train_maps(maps: dict, head, train, check, objective: str = "kl", steps: int = 1000, lr: float = 1e-4,
+               optimizer: str = "adam", batch_rows: int = 256, check_every: int = 50, patience: int = 5,
+               time_budget: float | None = None, weight_decay: float = 0.0, momentum: float = 0.9,
+               grad_clip: float | None = None, schedule: str = "constant", device="cpu", progress: bool = True,
+               on_check=None, seed: int = 0) -> TrainResult:
+    """Train shortcut maps by gradient on KL or MSE, keeping each layer's best held-out state.
+
+    Parameters
+    ----------
+    maps : dict of int to ShortcutMap or nn.Module
+        Starting maps by source layer. A :class:`ShortcutMap` is trained as a
+        :class:`TrainableMap` (a copy; the input is left unchanged); any other module
+        (``module(x) -> y_hat``) is trained in place.
+    head : Head
+        The model's final norm and unembedding (used by the KL objective and its metrics).
+    train, check : row source
+        Iterables whose every pass yields ``(x, y)`` chunks (see :class:`StoreRows`):
+        training rows, read pass after pass, and held-out rows, read once and kept on
+        ``device`` (with the model's logits for the KL objective: ``rows × vocab`` floats).
+    objective : {"kl", "mse"}
+    steps : int
+        Most optimisation steps (one minibatch of ``batch_rows`` rows each).
+    lr, optimizer, weight_decay, momentum : float, {"adam", "sgd"}, float, float
+        ``"sgd"`` is Nesterov momentum SGD (tuned-lens's optimizer).
+    check_every, patience : int
+        Check held-out rows every ``check_every`` steps; a layer stops after ``patience``
+        checks without a new best (``0``: never stops early).
+    time_budget : float, optional
+        Stop once this many seconds of training have passed (checks excluded).
+    grad_clip : float, optional
+        Clip each layer's gradient norm.
+    schedule : {"constant", "linear"}
+        ``"linear"`` decays the learning rate to 0 at ``steps`` (tuned-lens's schedule).
+    on_check : callable, optional
+        ``on_check(record) -> bool`` after every check; ``True`` ends the run.
+
+    Returns
+    -------
+    TrainResult
+        The training clock counts reading rows and the steps, not the checks.
+    """
+    if objective not in OBJECTIVES:
+        raise NJTCError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    if optimizer not in OPTIMIZERS:
+        raise NJTCError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if schedule not in ("constant", "linear"):
+        raise NJTCError(f"unknown schedule {schedule!r}; use constant or linear")
+    if steps < 0 or batch_rows <= 0 or check_every <= 0 or patience < 0 or not lr > 0:
+        raise NJTCError("steps and patience must be 0 or more; batch_rows, check_every and lr positive")
+    if not maps:
+        raise NJTCError("no maps to train")
+    torch.manual_seed(seed)
+    device = torch.device(device)
+    head = head.to(device)
+    modules = {int(l): (TrainableMap(m) if isinstance(m, ShortcutMap) else m).to(device) for l, m in maps.items()}
+    opt = _optimizer(optimizer, [p for m in modules.values() for p in m.parameters()], lr, weight_decay, momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda s: max(0.0, 1 - s / max(steps, 1))) if schedule == "linear" else (lambda s: 1.0))
+
+    def on_device(x, y):
+        y = y.to(device)
+        reference = None if objective == "mse" else Reference.from_logits(head.logits(y))
+        return {l: x[l].to(device) for l in modules}, y, reference
+
+    with torch.no_grad():
+        held_out = [on_device(x, y) for x, y in check]
+    if not held_out:
+        raise NJTCError("the held-out rows are empty")
+
+    def run_check(step, clock, layers):
+        for m in modules.values():
+            m.eval()
+        metrics = check_metrics(objective, {l: modules[l] for l in layers}, head, held_out)
+        for m in modules.values():
+            m.train()
+        record = {"step": step, "seconds": clock, "layers": metrics}
+        result.history.append(record)
+        return record
+
+    result = TrainResult(modules)
+    record = run_check(0, 0.0, list(modules))
+    result.start = {l: dict(v, step=0) for l, v in record["layers"].items()}
+    result.best = {l: dict(v, step=0) for l, v in record["layers"].items()}
+    best_state = {l: copy.deepcopy(m.state_dict()) for l, m in modules.items()}
+    waited = dict.fromkeys(modules, 0)
+    active = set(modules)
+    clock, step = 0.0, 0
+    batches = _batches(train, batch_rows)
+    bar = tqdm(total=steps, unit="step", desc=f"train {objective}", leave=False, disable=not progress)
+    stopped = "steps"
+    try:
+        while step < steps:
+            t0 = time.perf_counter()
+            x, y = next(batches)
+            x, y = {l: x[l].to(device) for l in active}, y.to(device)
+            with torch.no_grad():
+                reference = None if objective == "mse" else Reference.from_logits(head.logits(y))
+            opt.zero_grad(set_to_none=True)
+            loss = sum(_loss(objective, modules[l], x[l], y, head, reference) for l in sorted(active))
+            loss.backward()
+            if grad_clip is not None:
+                for l in active:
+                    torch.nn.utils.clip_grad_norm_(modules[l].parameters(), grad_clip)
+            opt.step()
+            scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            clock += time.perf_counter() - t0
+            step += 1
+            bar.update(1)
+            if step % check_every and step < steps and not (time_budget is not None and clock >= time_budget):
+                continue
+            record = run_check(step, clock, sorted(active))
+            for l, metrics in record["layers"].items():
+                if metrics["loss"] < result.best[l]["loss"]:
+                    result.best[l] = dict(metrics, step=step)
+                    best_state[l] = copy.deepcopy(modules[l].state_dict())
+                    waited[l] = 0
+                else:
+                    waited[l] += 1
+                    if patience and waited[l] >= patience:
+                        active.discard(l)
+            bar.set_postfix({f"L{l}": f"{v['loss']:.4g}" for l, v in record["layers"].items()})
+            if on_check is not None and on_check(record):
+                stopped = "callback"
+                break
+            if not active:
+                stopped = "converged"
+                break
+            if time_budget is not None and clock >= time_budget:
+                stopped = "time"
+                break
+    finally:
+        bar.close()
+    for l, m in modules.items():
+        m.load_state_dict(best_state[l])
+        m.eval()
+    result.steps, result.seconds, result.stopped = step, clock, stopped
+    return result
