@@ -179,6 +179,8 @@ def _check_source(source: str, kwargs: dict, custom: bool) -> None:
     """Refuse a model from its configuration alone (no weights are read)."""
     if "gguf_file" in kwargs:
         kind = _model_type(source, kwargs["gguf_file"])
+        if kind in _GGUF_ENCODER_DECODER:
+            raise NJTCError(f"{kind} is an encoder-decoder model; only decoder-only causal language models are supported")
         if not custom:
             check_supported(kind)
         return
@@ -198,7 +200,9 @@ def _model_type(source: str, gguf_file: str) -> str:
 
 
 # GGUF architecture names that differ from transformers' model_type
-_GGUF_MODEL_TYPES = {"gptneox": "gpt_neox", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_GGUF_MODEL_TYPES = {"gptneox": "gpt_neox", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text",
+                     "command-r": "cohere"}
+_GGUF_ENCODER_DECODER = ("t5", "t5encoder", "umt5")
 
 
 def model_sha256(model: torch.nn.Module) -> str:
