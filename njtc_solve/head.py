@@ -36,6 +36,23 @@ __all__ = ["Head"]
 _TENSORS = ("norm_weight", "norm_bias", "unembed", "unembed_bias")
 
 
+def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(torch.float32).cpu().clone()
+
+
+def _fold_projection(w_u: torch.Tensor, b_u: torch.Tensor | None, projection) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unembedding and bias with a linear map ``n ↦ n Pᵀ + p`` before them folded in (float64 product).
+
+    ``(n Pᵀ + p) W_Uᵀ + b = n (W_U P)ᵀ + (W_U p + b)``.
+    """
+    w_u64 = w_u.double()
+    p_bias = getattr(projection, "bias", None)
+    if p_bias is not None:
+        extra = (w_u64 @ p_bias.detach().cpu().double()).float()
+        b_u = extra if b_u is None else b_u + extra
+    return (w_u64 @ projection.weight.detach().cpu().double()).float(), b_u
+
+
 def _width(final_norm, weight) -> int | None:
     """The width of the final norm's output, where the module says it."""
     if weight is not None:
@@ -105,29 +122,26 @@ class Head:
     # -- construction -----------------------------------------------------------------------
     @classmethod
     def from_model(cls, model) -> Head:
-        """Copy the head of a supported causal language model (float32, on the CPU)."""
+        """Copy the head of a supported causal language model (float32, on the CPU).
+
+        Gemma's ``1 + w`` gain and OPT's ``project_out`` are folded into plain tensors (and
+        listed in ``folded``); the logit scale and soft-cap come from the model's config.
+        """
         spec, _, final_norm, unembed = resolve_parts(model)
-        eps = spec.eps if spec.eps is not None else getattr(final_norm, "eps", getattr(final_norm, "variance_epsilon",
-                                                                                         None))
+        eps = spec.eps
+        if eps is None:
+            eps = getattr(final_norm, "eps", getattr(final_norm, "variance_epsilon", None))
         if eps is None:
             raise NJTCError(f"cannot find the epsilon of {type(final_norm).__name__}")
-
-        def copy(t):
-            return None if t is None else t.detach().to(torch.float32).cpu().clone()
-
         folded = []
-        weight = copy(getattr(final_norm, "weight", None))
+        weight = _copy(getattr(final_norm, "weight", None))
         if spec.gain == "1+w":
             weight, folded = 1.0 + weight, folded + ["1+w gain"]
-        w_u, b_u = copy(unembed.weight), copy(getattr(unembed, "bias", None))
+        w_u, b_u = _copy(unembed.weight), _copy(getattr(unembed, "bias", None))
         projection = projection_of(model, spec)
-        if projection is not None:  # logits = (n Pᵀ + p) W_Uᵀ + b = n (W_U P)ᵀ + (W_U p + b)
-            p = projection.weight.detach().cpu().double()
-            w_u64 = w_u.double()
-            if getattr(projection, "bias", None) is not None:
-                extra = (w_u64 @ projection.bias.detach().cpu().double()).float()
-                b_u = extra if b_u is None else b_u + extra
-            w_u, folded = (w_u64 @ p).float(), folded + ["output projection"]
+        if projection is not None:
+            w_u, b_u = _fold_projection(w_u, b_u, projection)
+            folded.append("output projection")
         width = _width(final_norm, weight)
         if width is not None and w_u.shape[1] != width:
             raise NJTCError(f"the unembedding takes vectors of width {w_u.shape[1]}, the final norm gives {width}: "
@@ -139,7 +153,7 @@ class Head:
         if spec.logit_divisor is not None and getattr(config, spec.logit_divisor, None) is not None:
             scale /= float(getattr(config, spec.logit_divisor))
         cap = getattr(config, spec.softcap, None) if spec.softcap is not None else None
-        return cls(norm=spec.norm, eps=float(eps), norm_weight=weight, norm_bias=copy(getattr(final_norm, "bias", None)),
+        return cls(norm=spec.norm, eps=float(eps), norm_weight=weight, norm_bias=_copy(getattr(final_norm, "bias", None)),
                    unembed=w_u, unembed_bias=b_u, logit_scale=scale, softcap=None if cap is None else float(cap),
                    folded=tuple(folded))
 
