@@ -106,6 +106,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "gemma": _GEMMA,
     "gemma2": _GEMMA_CAPPED,
     "gemma3_text": _GEMMA_CAPPED,
+    # the multimodal Gemma 3 checkpoints, read as language models (text in, no image); their
+    # forward applies no final soft-cap (Gemma3ForConditionalGeneration)
+    "gemma3": ArchitectureSpec("model.language_model.layers", "model.language_model.norm", "rmsnorm", gain="1+w"),
 }
 
 

@@ -73,6 +73,12 @@ def _config(family: str, vocab: int, u: torch.Tensor):
                                          query_pre_attn_scalar=8),
         "gemma3_text": lambda: T.Gemma3TextConfig(**gemma, final_logit_softcapping=0.3 + 0.3 * float(u[0]),
                                                   sliding_window=8, query_pre_attn_scalar=8),
+        "gemma3": lambda: T.Gemma3Config(  # image tokens beyond the tokenizer's vocabulary
+            text_config=dict(gemma, vocab_size=vocab + 3, sliding_window=8, query_pre_attn_scalar=8,
+                             model_type="gemma3_text"),
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14, model_type="siglip_vision_model"),
+            mm_tokens_per_image=4, image_token_index=vocab, boi_token_index=vocab + 1, eoi_token_index=vocab + 2),
         "granite": lambda: T.GraniteConfig(**common, logits_scaling=2.0 + 6.0 * float(u[0]),
                                            embedding_multiplier=1.0 + float(u[1]), residual_multiplier=0.5,
                                            attention_multiplier=0.2),
@@ -83,7 +89,7 @@ def _config(family: str, vocab: int, u: torch.Tensor):
 
 FAMILIES = ["gpt2", "gpt_neo", "gptj", "codegen", "bloom", "falcon", "gpt_bigcode", "gpt_neox", "llama", "mistral",
             "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "phi", "stablelm", "starcoder2", "olmo",
-            "olmo2", "nemotron", "opt", "opt-project-out", "gemma", "gemma2", "gemma3_text", "granite", "cohere"]
+            "olmo2", "nemotron", "opt", "opt-project-out", "gemma", "gemma2", "gemma3_text", "gemma3", "granite", "cohere"]
 
 
 def test_every_table_entry_has_a_family_test():
@@ -143,8 +149,8 @@ def _rel_err(a, b) -> float:
 
 def test_head_reproduces_the_logits_and_layers_match(family_model):
     """(a) head(h_L) is the model's logits; (b) layers 0..L-1 are HF's hidden states, L is before the norm."""
-    family, _, model, _ = family_model
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    family, _, model, tok = family_model
+    ids = torch.randint(0, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
     hidden, out = _forward(model, ids)
     spec, blocks, final_norm, _ = resolve_parts(model)
     n_layers = len(blocks)
@@ -200,8 +206,8 @@ _FAULTS = {
 def test_a_head_missing_a_piece_does_not_match(case, tmp_path, tokenizer_folder):
     family = case.split("-")[0]
     _, fault = _FAULTS[case]
-    model, _, _ = load_model(str(build_family(family, tmp_path / family, tokenizer_folder)), progress=False)
-    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    model, tok, _ = load_model(str(build_family(family, tmp_path / family, tokenizer_folder)), progress=False)
+    ids = torch.randint(0, len(tok), (1, 12), generator=torch.Generator().manual_seed(0))
     hidden, out = _forward(model, ids)
     head = Head.from_model(model)
     own = out.logits[0]
