@@ -332,29 +332,32 @@ class Trajectory:
         return pd.DataFrame(self.records())
 
     def summary(self, prompt: int = 0) -> str:
-        """A compact per-layer table: mean KL, top-1 agreement and the top-1 at the last position."""
+        """A compact per-layer table: mean KL and top-1 agreement over positions, and the top-1 at the end."""
         n = len(self.token_ids[prompt])
         last = n - 1
-        heads = "".join(f" | {name[:22]:>22} {'KL':>6} {'agree':>5} {'top-1 at end':<14}" for name in self.methods)
-        lines = [f"{n} tokens; last: {self.decode([self.token_ids[prompt][last]])[0]!r}, model's next: "
-                 f"{self.decode([self.final_top1[prompt, last]])[0]!r}", f"{'layer':>5}{heads}"]
+        lines = [f"{n} tokens; the last is {self.decode([self.token_ids[prompt][last]])[0]!r}, the model's next "
+                 f"{self.decode([self.final_top1[prompt, last]])[0]!r}",
+                 f"{'':5}" + "".join(f"   {name[:28]:<28}" for name in self.methods),
+                 f"{'layer':>5}" + f"   {'KL':>7} {'agree':>5} {'top-1 at end':<14}" * len(self.methods)]
         for layer in range(self.n_layers + 1):
-            cells = []
+            line = f"{layer if layer < self.n_layers else 'out':>5}"
             for m in range(len(self.methods)):
                 ok = self.valid[m, prompt, layer, :n]
                 if not ok.any():
-                    cells.append(f" | {'':>22} {'-':>6} {'-':>5} {'-':<14}")
+                    line += f"   {'-':>7} {'-':>5} {'-':<14}"
                     continue
                 top = self.decode([self.topk_ids[m, prompt, layer, last, 0]])[0]
-                cells.append(f" | {'':>22} {self.kl[m, prompt, layer, :n][ok].mean():6.3f} "
-                             f"{self.agrees[m, prompt, layer, :n][ok].mean():5.2f} {_cell(top, 14):<14}")
-            lines.append(f"{layer if layer < self.n_layers else 'out':>5}" + "".join(cells))
+                line += (f"   {self.kl[m, prompt, layer, :n][ok].mean():7.3f} "
+                         f"{self.agrees[m, prompt, layer, :n][ok].mean():5.2f} {_cell(top, 14):<14}")
+            lines.append(line.rstrip())
         return "\n".join(lines)
 
 
 def _cell(token: str, width: int = 7) -> str:
-    """A token as shown in a cell: whitespace visible, at most ``width`` characters."""
-    text = token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "␣")
+    """A token as shown in a cell: spaces as ``␣``, other whitespace and control characters escaped,
+    ``∅`` for one that decodes to nothing, at most ``width`` characters."""
+    shown = (c if c.isprintable() and not c.isspace() else "␣" if c == " " else repr(c)[1:-1] for c in token)
+    text = "".join(shown) or "∅"
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -362,9 +365,9 @@ def plot_trajectory(traj: Trajectory, prompt: int = 0, color: str = "kl", max_po
     """The prediction-trajectory heatmap of one prompt: logit lens beside the shortcut.
 
     Rows are layers (the model's output on top), columns positions (labelled with their input
-    token), each cell the lens's top-1 token, coloured by ``KL(p_final ‖ p_lens)`` (``color="kl"``)
-    or the top-1 probability (``"prob"``). Only the last ``max_positions`` positions are drawn;
-    the title says so when a prompt is longer.
+    token), each cell the lens's top-1 token, coloured by ``KL(p_final ‖ p_lens)`` (``color="kl"``,
+    log scale, floored at 0.01 nats) or by the top-1 probability (``"prob"``). Only the last
+    ``max_positions`` positions are drawn; the title says so when a prompt is longer.
 
     Returns
     -------
@@ -374,6 +377,7 @@ def plot_trajectory(traj: Trajectory, prompt: int = 0, color: str = "kl", max_po
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm, Normalize
 
     if color not in ("kl", "prob"):
         raise NJTCError("color must be kl or prob")
@@ -382,22 +386,25 @@ def plot_trajectory(traj: Trajectory, prompt: int = 0, color: str = "kl", max_po
     cols = range(first, n)
     layers = traj.n_layers + 1
     values = traj.kl if color == "kl" else traj.topk_probs[..., 0]
-    shown = values[:, prompt, :, first:n]
-    finite = shown[np.isfinite(shown)]
-    vmax = (float(np.percentile(finite, 99)) if finite.size else 1.0) if color == "kl" else 1.0
-    cmap = "viridis_r" if color == "kl" else "viridis"
+    shown = np.where(traj.valid[:, prompt, :, first:n], values[:, prompt, :, first:n], np.nan)
+    if color == "kl":  # KL spans 1e-3 to 1e2 nats: a log scale, floored at 0.01
+        top = np.nanmax(shown) if np.isfinite(shown).any() else 1.0
+        norm, cmap = LogNorm(vmin=1e-2, vmax=max(float(top), 1.0), clip=True), "viridis_r"
+    else:
+        norm, cmap = Normalize(vmin=0.0, vmax=1.0), "viridis"
     width = len(cols)
     fig, axes = plt.subplots(1, len(traj.methods), figsize=(1.5 + len(traj.methods) * (0.62 * width + 0.8),
-                                                             1.6 + 0.28 * layers), squeeze=False, sharey=True)
+                                                             1.6 + 0.28 * layers), squeeze=False, sharey=True,
+                             layout="constrained")
     for m, ax in enumerate(axes[0]):
-        data = np.ma.masked_invalid(np.where(traj.valid[m, prompt, :, first:n], shown[m], np.nan))
-        image = ax.imshow(data, origin="lower", aspect="auto", cmap=cmap, vmin=0, vmax=vmax)
+        image = ax.imshow(np.ma.masked_invalid(shown[m]), origin="lower", aspect="auto", cmap=cmap, norm=norm)
         for layer in range(layers):
             for j, t in enumerate(cols):
                 if traj.valid[m, prompt, layer, t]:
                     token = traj.decode([traj.topk_ids[m, prompt, layer, t, 0]])[0]
+                    dark = (norm(shown[m, layer, j]) > 0.5) == (color == "kl")
                     ax.text(j, layer, _cell(token), ha="center", va="center", fontsize=6,
-                            color="white" if (shown[m, layer, j] > vmax / 2) == (color == "kl") else "black")
+                            color="white" if dark else "black")
         ax.set_title("logit lens (identity)" if traj.methods[m] == IDENTITY else traj.methods[m], fontsize=10)
         ax.set_xticks(range(width), [_cell(traj.decode([traj.token_ids[prompt][t]])[0], 10) for t in cols],
                       rotation=60, ha="right", fontsize=7)
@@ -405,7 +412,8 @@ def plot_trajectory(traj: Trajectory, prompt: int = 0, color: str = "kl", max_po
         ax.set_yticks(range(layers), [str(l) for l in range(layers - 1)] + ["out"], fontsize=6)
     axes[0][0].set_ylabel("layer")
     label = "KL(final ‖ lens), nats" if color == "kl" else "top-1 probability"
-    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label=label)
+    extend = "min" if color == "kl" else "neither"
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label=label, extend=extend)
     note = f"; positions {first}–{n - 1} of {n} shown" if first else ""
     fig.suptitle(f"top-1 token per layer and position{note}", fontsize=10)
     return fig
@@ -466,7 +474,7 @@ def main(argv=None) -> int:
     paths = {"png": out / "trajectory.png", "json": out / "trajectory.json", "csv": out / "trajectory.csv"}
     fig = plot_trajectory(traj, color=args.color, max_positions=args.max_positions)
     with atomic_output(paths["png"]) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=120)
     with atomic_output(paths["json"]) as tmp:
         tmp.write_text(json.dumps({"meta": meta, "records": records}, ensure_ascii=False, indent=1))
     with atomic_output(paths["csv"]) as tmp:

@@ -166,9 +166,9 @@ def test_cli_writes_figure_json_and_csv(tiny_models, fitted, tmp_path):
                       "--prompt", prompt, "--out", str(out), "--max-positions", "6", "--top-k", "3")
     assert done.returncode == 0, done.stderr
     assert "the figure shows the last 6 of" in done.stdout
-    table = done.stdout.splitlines()
-    assert any(line.strip().startswith("out |") for line in table) and any(line.strip().startswith("0 |")
-                                                                           for line in table)
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.strip()}
+    assert len(rows["0"]) == len(rows["out"]) == 6  # KL, agreement and top-1 of the logit lens and of jtc
+    assert float(rows["out"][0]) < 1e-3 and float(rows["out"][1]) == 1.0
     assert (out / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "trajectory.json").read_text())
     import pandas as pd
