@@ -35,6 +35,9 @@ _API = {
     "Shortcuts": "shortcuts",
     "ShortcutMap": "shortcuts",
     "ReducedRankRegressor": "estimator",
+    "ShortcutLens": "lens",
+    "export_tuned_lens": "export",
+    "read_tuned_lens": "export",
 }
 
 __all__ = list(_API)

@@ -424,6 +424,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model: .gguf file, Hugging Face folder or hub name (default: SmolLM2-135M)")
     p.add_argument("--shortcuts", help="shortcut file fitted on this model (default: the logit lens alone)")
+    p.add_argument("--tuned-lens", metavar="DIR", help="a tuned-lens folder to read instead of a shortcut file")
     p.add_argument("--prompt", required=True, help="the text to read")
     p.add_argument("--out", help="folder for trajectory.png, .json and .csv (default: print the table only)")
     p.add_argument("--top-k", type=int, default=5, help="top tokens kept per cell (default: 5)")
@@ -455,9 +456,17 @@ def main(argv=None) -> int:
             raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise NJTCError("--device cuda was asked for but CUDA is not available")
+    if args.shortcuts is not None and args.tuned_lens is not None:
+        raise NJTCError("--shortcuts and --tuned-lens exclude each other: read one lens beside the logit lens")
     shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)
+    if args.tuned_lens is not None and not (Path(args.tuned_lens) / "params.pt").is_file():
+        raise NJTCError(f"{args.tuned_lens} is not a tuned-lens folder (it needs config.json and params.pt)")
     model, tokenizer, name = load_model(args.model, progress=False)
     sha = model_sha256(model)  # of the float32 weights the maps were fitted on
+    if args.tuned_lens is not None:
+        from .export import read_tuned_lens
+
+        shortcuts = read_tuned_lens(args.tuned_lens, Head.from_model(model), sha)
     model.to(device=args.device, dtype=getattr(torch, args.dtype))
     lens = ShortcutLens.from_model(model, shortcuts, tokenizer, model_sha256=sha)
     traj = lens.trajectory(args.prompt, k=args.top_k)
@@ -469,7 +478,7 @@ def main(argv=None) -> int:
         return 0
     out.mkdir(exist_ok=True)
     records = traj.records()
-    meta = {"model": name, "shortcuts": args.shortcuts, "prompt": args.prompt, "methods": traj.methods,
+    meta = {"model": name, "shortcuts": args.shortcuts, "tuned_lens": args.tuned_lens, "prompt": args.prompt, "methods": traj.methods,
             "n_layers": traj.n_layers, "dtype": args.dtype}
     paths = {"png": out / "trajectory.png", "json": out / "trajectory.json", "csv": out / "trajectory.csv"}
     fig = plot_trajectory(traj, color=args.color, max_positions=args.max_positions)

@@ -195,3 +195,35 @@ def test_cli_refuses_a_foreign_shortcut_file(tiny_models, fitted):
                       str(fitted[1] / "jtc.safetensors"), "--prompt", "x")
     assert done.returncode == 2
     assert done.stderr.startswith("error: shortcuts jtc were fitted on another model") and done.stderr.count("\n") == 1
+
+
+def test_cli_reads_a_tuned_lens_folder(tiny_models, fitted, tmp_path):
+    from njtc_solve.export import export_tuned_lens
+
+    folder = export_tuned_lens(fitted[0]["njtc-r4"], tmp_path / "lens")
+    done = run_module("njtc_solve.lens", "--model", str(tiny_models["llama"]), "--tuned-lens", str(folder),
+                      "--prompt", "import os", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    import pandas as pd
+
+    csv = pd.read_csv(tmp_path / "out" / "trajectory.csv")
+    assert set(csv.method) == {"identity", "tuned-lens"}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_bfloat16_model_on_the_gpu(llama, fitted):
+    model, tokenizer = llama
+    from njtc_solve.models import model_sha256
+
+    sha = model_sha256(model)
+    gpu = type(model)(model.config)
+    gpu.load_state_dict(model.state_dict())
+    gpu = gpu.to("cuda", torch.bfloat16)
+    lens = ShortcutLens.from_model(gpu, fitted[0]["njtc-r4"], tokenizer, model_sha256=sha)
+    assert lens.head_unembed.device.type == "cuda"
+    prompts = ["for i in range(3):", "import os"]
+    traj = lens.trajectory(prompts, k=2)
+    cpu = ShortcutLens.from_model(model, fitted[0]["njtc-r4"], tokenizer).trajectory(prompts, k=2)
+    assert np.isfinite(traj.kl[traj.valid]).all()
+    assert (traj.topk_ids[..., 0] == cpu.topk_ids[..., 0])[traj.valid].mean() > 0.8
