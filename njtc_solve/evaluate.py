@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .errors import NJTCError, run_cli
 from .extract import add_plan_arguments
+from .models import add_model_arguments
 from .metrics import Reference, hits_at_k, kl_divergence, surprisal
 from .shortcuts import Shortcuts
 from .sources import live_source_from_args
@@ -205,7 +206,7 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
         raise NJTCError(f"{store.path} has no validation rows at positions >= {skip} "
                         "(extract with --val-fraction > 0)")
     if layers is None:
-        layers = sorted({l for sc in loaded for l in sc.maps}) or list(range(target))
+        layers = sorted({l for sc in loaded for l in sc.maps}) or store.source_layers
     layers = [l for l in store.check_layers(layers) if l < target]
     methods = [Shortcuts.identity(layers, target, store.model_sha256)] + loaded
     methods = [sc.to(device) for sc in methods]
@@ -311,8 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m njtc_solve.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="activation store (default: activations.h5, unless --model is given)")
-    p.add_argument("--model", help="evaluate on the model's forward pass instead of a store: a .gguf file, a "
-                   "Hugging Face folder or hub name")
+    add_model_arguments(p)  # --model: read the rows from its forward pass instead of a store
     live = p.add_argument_group("live evaluation (with --model): the corpus and plan; unset values come from the "
                                 "first shortcut's provenance, so its held-out documents are evaluated")
     add_plan_arguments(live, inherit=True)

@@ -32,7 +32,8 @@ from .corpus import DEFAULT_CORPUS, corpus_sha256, load_corpus
 from .errors import NJTCError, output_lock, run_cli, temporary_path, write_failure
 from .head import Head
 from .models import add_model_arguments, load_model_from_args, model_sha256
-from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, FORMAT, FORMAT_VERSION, TRAIN, VALIDATION
+from .store import (DEFAULT_SKIP_POSITIONS, FINAL_TOPK, FORMAT, FORMAT_VERSION, STORE_DTYPES, TRAIN, VALIDATION,
+                    decode_rows, encode_rows)
 
 __all__ = ["PLAN_DEFAULTS", "ExtractionPlan", "add_plan_arguments", "bos_token", "extract_activations",
            "head_check_tolerance", "main", "plan_extraction", "plan_settings"]
@@ -216,12 +217,12 @@ def _chunk_rows(rows_per_batch: int, n: int, row_bytes: int, limit: int = 4 << 2
 _WRITE_CACHE = {"rdcc_nbytes": 0}
 
 
-def _create_store(path, plan, head, n_layers, d_model, dtype, attrs):
+def _create_store(path, plan, head, stored, d_model, dtype, attrs):
     """Create the pre-allocated store file with its index datasets and head, every dataset
     chunked with a fletcher32 checksum (a flipped byte is then a read error, not a wrong value)."""
     f = h5py.File(path, "w", **_WRITE_CACHE)
     try:
-        _layout(f, plan, head, n_layers, d_model, dtype, attrs)
+        _layout(f, plan, head, stored, d_model, dtype, attrs)
     except BaseException:  # a failed write, an interruption: a half-created file holds nothing to resume
         _close_quietly(f)  # never leave it to h5py's garbage collection
         Path(path).unlink(missing_ok=True)
@@ -229,22 +230,22 @@ def _create_store(path, plan, head, n_layers, d_model, dtype, attrs):
     return f
 
 
-def _layout(f, plan, head, n_layers, d_model, dtype, attrs):
+def _layout(f, plan, head, stored, d_model, dtype, attrs):
     # every attribute written later exists from the start, so later writes never grow the file
     for key in ("head_check_max_abs_err", "head_check_rel_err", "head_check_top1_agreement"):
         f.attrs[key] = float("nan")
     for key, value in attrs.items():
         f.attrs[key] = value
     n = plan.n_rows
-    itemsize = np.dtype(dtype).itemsize
+    itemsize = STORE_DTYPES[dtype].itemsize
     chunk_rows = _chunk_rows(attrs["batch_size"] * plan.rows_per_sequence, n, d_model * itemsize)
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # a kill mid-run only leaves raw data behind
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every row is written before the file is complete
     dcpl.set_fletcher32()
     hidden = f.create_group("hidden")
-    for layer in range(n_layers + 1):
-        hidden.create_dataset(str(layer), shape=(n, d_model), dtype=dtype, chunks=(chunk_rows, d_model),
+    for layer in stored:
+        hidden.create_dataset(str(layer), shape=(n, d_model), dtype=STORE_DTYPES[dtype], chunks=(chunk_rows, d_model),
                               dcpl=dcpl.copy())
     repeat = plan.rows_per_sequence
     index = {"tokens": np.zeros(n, np.int32), "sequence": np.repeat(plan.sequence, repeat).astype(np.int32),
@@ -263,7 +264,7 @@ def _layout(f, plan, head, n_layers, d_model, dtype, attrs):
 
 
 _RESUME_KEYS = ("model_sha256", "corpus_sha256", "seq_len", "positions", "seed", "val_fraction",
-                "batch_size", "dtype", "n_rows", "shard", "bos")
+                "batch_size", "dtype", "n_rows", "shard", "bos", "layers")
 
 
 def _open_for_resume(path, attrs):
@@ -274,22 +275,40 @@ def _open_for_resume(path, attrs):
     for key in _RESUME_KEYS:
         stored = f.attrs.get(key)
         stored = stored.item() if isinstance(stored, np.generic) else stored
+        if isinstance(stored, np.ndarray):
+            stored = stored.tolist()
         if stored != attrs[key]:
             f.close()
             raise NJTCError(f"cannot resume: {key} differs (file has {stored!r}, this run {attrs[key]!r})")
     return f
 
 
+def stored_layers(layers, n_layers: int) -> list[int]:
+    """The layers a store keeps: the source ``layers`` asked for (all by default) and always ``L``."""
+    if layers is None:
+        return list(range(n_layers + 1))
+    layers = sorted({int(l) for l in layers})
+    bad = [l for l in layers if not 0 <= l <= n_layers]
+    if bad:
+        raise NJTCError(f"--layers: layer {bad[0]} is not in the model (layers 0..{n_layers})")
+    return sorted(set(layers) | {n_layers})
+
+
+def bytes_per_token(n_stored: int, d_model: int, dtype: str = "float32") -> int:
+    """Bytes a store takes per token: ``n_stored`` layers of ``d_model`` values plus the row index."""
+    return n_stored * d_model * STORE_DTYPES[dtype].itemsize + 4 * (6 + FINAL_TOPK)
+
+
 def _check_values(layer, values: torch.Tensor, dtype):
     # one reduction, no boolean temporary: a float64 sum is NaN/Inf iff an element is
     if not bool(torch.isfinite(values.sum(dtype=torch.float64))):
         raise NJTCError(f"layer {layer} has NaN or Inf activations; the model's forward pass is broken")
-    if dtype == "float16":
+    if dtype == "float16":  # bfloat16 has float32's range
         peak = float(values.abs().max())
         if peak > _FLOAT16_MAX:
             raise NJTCError(
                 f"layer {layer} has an activation of {peak:.4g}, beyond float16's range (65504); "
-                "use --dtype float32"
+                "use --store-dtype bfloat16 or float32"
             )
 
 
@@ -302,7 +321,8 @@ def _head_check(head, f, sample, model_dtype) -> None:
     """
     start, model_logits = sample
     n_layers = int(f.attrs["n_layers"])
-    stored = torch.from_numpy(f[f"hidden/{n_layers}"][start: start + len(model_logits)].astype(np.float32))
+    stored = torch.from_numpy(decode_rows(f[f"hidden/{n_layers}"][start: start + len(model_logits)],
+                                          str(f.attrs["dtype"])))
     figures = {}
     try:
         check_head(head, stored, model_logits, model_dtype, str(f.attrs["dtype"]), record=figures)
@@ -339,7 +359,8 @@ def _sample_logits(model, plan, device, rows=64):
 def extract_activations(model, tokenizer, documents, out, *, model_name="", corpus_name="",
                         seq_len=128, positions="all", max_tokens=None, val_fraction=0.25, seed=0,
                         dtype="float32", batch_size=8, resume=False, overwrite=False,
-                        progress=True, corpus_sha=None, weights_sha=None, shard=(0, 1), bos="auto") -> Path:
+                        progress=True, corpus_sha=None, weights_sha=None, shard=(0, 1), bos="auto",
+                        layers=None) -> Path:
     """Cache a model's residual stream at every layer, its head and its own predictions.
 
     Parameters
@@ -354,8 +375,12 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
     seq_len, positions, max_tokens, val_fraction, seed, bos
         See :func:`plan_extraction` (the split is by document; ``bos`` is ``auto``, ``always``
         or ``never``).
-    dtype : {"float32", "float16"}
-        Storage type of the activations; float16 refuses values beyond its range.
+    dtype : {"float32", "float16", "bfloat16"}
+        Storage type of the activations: 4, 2 or 2 bytes per value (see :data:`STORE_DTYPES`);
+        float16 refuses values beyond its range, bfloat16 keeps float32's range with 8 bits of
+        mantissa. Readers upcast to float32.
+    layers : list of int, optional
+        Source layers to store (default: all, 0..L-1); the target layer ``L`` is always kept.
     batch_size : int
         Sequences per forward pass (part of the resume contract).
     resume, overwrite : bool
@@ -379,8 +404,8 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
     """
     out = Path(out)
     partial = temporary_path(out)
-    if dtype not in ("float32", "float16"):
-        raise NJTCError("--dtype must be float32 or float16")
+    if dtype not in STORE_DTYPES:
+        raise NJTCError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
     if batch_size < 1:
         raise NJTCError("--batch-size must be positive")
     if resume and overwrite:
@@ -399,6 +424,7 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
     head = Head.from_model(model)
     device = next(model.parameters()).device
     n_layers = len(resolve_parts(model)[1])
+    stored = stored_layers(layers, n_layers)
     plan = plan_extraction(tokenizer, documents, seq_len, positions, max_tokens, val_fraction, seed, bos)
     if shard[1] > 1:
         plan = plan.block(*shard)
@@ -413,11 +439,11 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         "val_fraction": float(val_fraction), "batch_size": batch_size,
         "max_tokens": -1 if max_tokens is None else int(max_tokens), "n_rows": plan.n_rows,
         "n_sequences": len(plan.sequence), "rows_written": 0, "complete": False,
-        "shard": f"{shard[0]}/{shard[1]}", "bos": plan.bos, "split_by": "document", "n_documents": len(documents),
+        "shard": f"{shard[0]}/{shard[1]}", "bos": plan.bos, "layers": stored, "split_by": "document", "n_documents": len(documents),
     }
     f = _open_for_resume(partial, attrs) if resume else None  # opened once, kept open for the run
     written = 0 if f is None else int(f.attrs["rows_written"])
-    row_bytes = (n_layers + 1) * head.d_model * np.dtype(dtype).itemsize + 4 * (6 + FINAL_TOPK)
+    row_bytes = bytes_per_token(len(stored), head.d_model, dtype)
     needed = (plan.n_rows - written) * row_bytes + (0 if resume else head.unembed.numel() * 4)
     free = shutil.disk_usage(out.parent).free
     if needed > free:
@@ -427,14 +453,14 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
     if f is None:
         try:
             partial.unlink(missing_ok=True)
-            f = _create_store(partial, plan, head, n_layers, head.d_model, dtype, attrs)
+            f = _create_store(partial, plan, head, stored, head.d_model, dtype, attrs)
         except _WRITE_ERRORS as err:
             if write_failure(err) is None:
                 raise
             raise NJTCError(f"cannot write {partial}: {write_failure(err)}") from err
 
     per_batch = batch_size * plan.rows_per_sequence
-    hidden_sets = [f[f"hidden/{layer}"] for layer in range(n_layers + 1)]  # open for the whole run
+    hidden_sets = {layer: f[f"hidden/{layer}"] for layer in stored}  # open for the whole run
     model_dtype = next(model.parameters()).dtype
     checked = False
     rows_written = int(f.attrs["rows_written"])
@@ -445,11 +471,10 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         with bar:
             for batch in forward_batches(model, plan, batch_size, first_batch):
                 r0, r1 = batch.rows.start, batch.rows.stop
-                for layer, values in enumerate(batch.hidden):
-                    values = values.float()
+                for layer, dataset in hidden_sets.items():
+                    values = batch.hidden[layer].float()
                     _check_values(layer, values, dtype)
-                    hidden_sets[layer].write_direct(np.ascontiguousarray(values.cpu().numpy(), dtype=dtype),
-                                                    dest_sel=np.s_[r0:r1])
+                    dataset.write_direct(encode_rows(values, dtype), dest_sel=np.s_[r0:r1])
                 f["tokens"][r0:r1] = batch.tokens.cpu().numpy()
                 f["final_topk"][r0:r1] = batch.logits.topk(FINAL_TOPK, -1).indices.cpu().numpy()
                 f["final_top1"][r0:r1] = batch.logits.argmax(-1).cpu().numpy()
@@ -543,14 +568,25 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_plan_arguments(p)
     p.add_argument("--out", default="activations.h5", help="output store (default: activations.h5)")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                   help="storage type (float16 refuses activations beyond its range)")
+    p.add_argument("--store-dtype", "--dtype", dest="dtype", choices=list(STORE_DTYPES), default="float32",
+                   help="storage type of the activations: float32 (default), float16 (half the disk; refuses "
+                   "activations beyond its range) or bfloat16 (half the disk, float32's range, 8-bit mantissa); "
+                   "a store takes (stored layers) x d x 4 bytes per token in float32, x 2 in 16 bits: 71 kB "
+                   "per token for SmolLM2-135M's 31 layers at d=576, 528 kB for Llama-2-7B's 33 at d=4096")
+    p.add_argument("--layers", help="source layers to store: all (default), 3, 1,5,9 or 0-29; the last layer "
+                   "(the target) is always stored")
     p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from rows_written")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(p)
     return p
+
+
+def _parse_layers(text):
+    from .fit import parse_layers  # the one parser of layer lists
+
+    return parse_layers(text)
 
 
 def main(argv=None) -> int:
@@ -585,6 +621,7 @@ def main(argv=None) -> int:
                     val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
                     batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.no_progress and shard[0] == 0, shard=shard, bos=args.bos,
+                    layers=_parse_layers(args.layers),
                 )
             ok = True
         finally:

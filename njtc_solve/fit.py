@@ -1,10 +1,12 @@
-"""Stage 2: fit shortcut maps in closed form from one streaming pass over a store.
+"""Stage 2: fit shortcut maps in closed form from one streaming pass over a store or a model.
 
 Command line::
 
     python -m njtc_solve.fit --rank 32                       # N-NJTC (LayerNorm), all layers
     python -m njtc_solve.fit --method njtc --rank 8,16,32,64 # one file per rank, one pass
     python -m njtc_solve.fit --method jtc --alpha auto       # full maps, ridge by GCV
+    python -m njtc_solve.fit --model gpt2-xl --max-tokens 1000000 --save-stats s.safetensors  # no store
+    python -m njtc_solve.fit --stats s.safetensors --method njtc --rank 64                 # no rows at all
 
 Methods: ``jtc`` (full least squares), ``njtc`` (reduced rank), ``nnjtc`` (reduced rank on
 normalised inputs: ``--normalize layer`` (default), ``rms`` or ``batch``). ``--residual`` fits
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import NJTCError, run_cli
 from .extract import add_plan_arguments
+from .models import add_model_arguments
 from .shortcuts import ShortcutMap, Shortcuts
 from .sources import live_source_from_args
 from .solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, weight_root
@@ -312,7 +315,7 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
             layers = sorted(stats.layers) if layers is None else layers
         else:
             d_model, head = store.d_model, store.head()
-            layers = list(range(store.n_layers)) if layers is None else store.check_layers(layers)
+            layers = store.source_layers if layers is None else store.check_layers(layers)
         method, ranks, normalize = _check_method(method, ranks, normalize, d_model)
         input_norm = normalize if normalize in ("layer", "rms") else "none"
         if store is not None and statistics is None:
@@ -330,8 +333,12 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
         def solve(share):
             if save_stats is not None and (comm is None or comm.rank == 0):
                 stats.save(save_stats, head)
-            return fit_from_statistics(stats, method, ranks, share, normalize, residual, factor, fit_intercept, alpha,
+            fits = fit_from_statistics(stats, method, ranks, share, normalize, residual, factor, fit_intercept, alpha,
                                        progress and (comm is None or comm.rank == 0))
+            for sc in fits:  # the head the maps are for: the lens and evaluation refuse another
+                if head is not None:
+                    sc.head, sc.head_sha256 = head.describe(), head.fingerprint()
+            return fits
 
         return solve(layers) if comm is None else _solve_shared(comm, solve, layers)
     finally:
@@ -425,8 +432,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m njtc_solve.fit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="activation store (default: activations.h5, unless --model or --stats is given)")
-    p.add_argument("--model", help="fit from the model's forward pass instead of a store: a .gguf file, a "
-                   "Hugging Face folder or hub name (statistics only; no activation is written)")
+    add_model_arguments(p)  # --model: read the rows from its forward pass instead of a store
     live = p.add_argument_group("live fit (with --model): the corpus and plan, as in python -m njtc_solve.extract")
     add_plan_arguments(live)
     p.add_argument("--method", default="nnjtc", help="jtc, njtc or nnjtc (default: nnjtc)")

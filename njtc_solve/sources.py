@@ -87,6 +87,11 @@ class LiveSource:
         """The model's final norm and unembedding (float32, on the CPU)."""
         return self._head
 
+    @property
+    def source_layers(self) -> list[int]:
+        """Every layer a shortcut can start from, 0..L-1."""
+        return list(range(self.n_layers))
+
     def check_layers(self, layers) -> list[int]:
         """Validate layer indices against the model; returns them as a list of ints."""
         layers = [int(l) for l in layers]
@@ -165,10 +170,10 @@ def live_source_from_args(args, device, progress: bool = True, provenance: dict 
     """
     from .corpus import load_corpus
     from .extract import PLAN_DEFAULTS, plan_settings
-    from .models import load_model
+    from .models import load_model_from_args
 
     settings = plan_settings(args, provenance)  # bad settings fail before the model loads
     corpus = args.corpus if args.corpus is not None else PLAN_DEFAULTS["corpus"]
     _, documents = load_corpus(corpus, args.text_field or PLAN_DEFAULTS["text_field"])
-    model, tokenizer, name = load_model(args.model, device, progress=progress)
+    model, tokenizer, name = load_model_from_args(args, device, progress=progress)
     return LiveSource(model, tokenizer, documents, model_name=name, batch_size=args.batch_size, **settings)

@@ -165,10 +165,9 @@ class Statistics:
                             f"layers.{key}.cxy": m.cxy})
         meta = {"format": "njtc-statistics", "format_version": "1", "input_norm": self.input_norm,
                 "meta": json.dumps(self.meta)}
-        if head is not None:  # every field of the head: tensors as tensors, the description as JSON
-            fields = {k: v for k, v in vars(head).items() if v is not None}
-            tensors.update({f"head.{k}": v for k, v in fields.items() if isinstance(v, torch.Tensor)})
-            meta["head"] = json.dumps({k: v for k, v in fields.items() if not isinstance(v, torch.Tensor)})
+        if head is not None:
+            tensors.update(head.to_tensors("head."))
+            meta["head"] = json.dumps(head.describe())
         with atomic_output(path) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
 
@@ -193,11 +192,11 @@ class Statistics:
         tensors, meta = read_safetensors(path, "statistics", "njtc-statistics")
         if "head" not in meta:
             return None
-        fields = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
         try:
-            return Head(**json.loads(meta["head"]), **fields)
-        except (TypeError, ValueError) as err:
+            description = json.loads(meta["head"])
+        except ValueError as err:
             raise NJTCError(f"the head saved in {path} cannot be read ({err})") from err
+        return Head.from_tensors(tensors, description, "head.")
 
 
 def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -248,14 +247,20 @@ class MomentAccumulator:
         return normalize_rows(self._as_tensor(a), self.input_norm)
 
     def allocate(self, d_x: dict, d_y: int) -> None:
-        """Create the zeroed buffer and its named views (done by the first chunk, or by hand)."""
+        """Create the zeroed buffer and its named views (done by the first chunk, or by hand).
+
+        Each source block's ``[XᵀX | XᵀY]`` is one ``d_x × (d_x + d_y)`` view (``sxxy``), filled
+        by one GEMM per row block; ``sxx`` and ``sxy`` are its two halves.
+        """
         shapes = {"sum_y": (d_y,), "syy": (d_y, d_y)}
         for k in self.keys:
-            shapes.update({f"sum_x.{k}": (d_x[k],), f"sxx.{k}": (d_x[k], d_x[k]), f"sxy.{k}": (d_x[k], d_y)})
+            shapes.update({f"sum_x.{k}": (d_x[k],), f"sxxy.{k}": (d_x[k], d_x[k] + d_y)})
         sizes = [int(np.prod(s)) for s in shapes.values()]
         self.buffer = torch.zeros(2 + sum(sizes), dtype=torch.float64, device=self.device)
         parts = self.buffer[2:].split(sizes)
         self.sums = {name: part.view(shape) for (name, shape), part in zip(shapes.items(), parts)}
+        for k in self.keys:
+            self.sums[f"sxx.{k}"], self.sums[f"sxy.{k}"] = self.sums[f"sxxy.{k}"].split([d_x[k], d_y], dim=1)
 
     def set_shift(self, shift_x: dict, shift_y: torch.Tensor) -> None:
         """Fix the shift (all processes of a distributed fit must use the same one)."""
@@ -291,15 +296,25 @@ class MomentAccumulator:
             self.allocate({k: x.shape[1] for k, x in xs.items()}, y.shape[1])
         # weighted rows: scale by √w so the GEMMs give Σ w·(…); the sums take w itself
         sqrt_w = None if weight is None else weight.sqrt()[:, None]
-        root = (lambda t: t) if sqrt_w is None else (lambda t: t * sqrt_w)
-        ys = root(y - self.shift_y)
-        self.sums["sum_y"] += root(ys).sum(0)
-        _add_gram(self.sums["syy"], ys, ys)
+        root = (lambda t: t) if sqrt_w is None else (lambda t: t.mul_(sqrt_w))
+        d_y = y.shape[1]
+        blocks, ys = {}, None  # one [x | y] block per source width; each x is written into its left part
         for k, x in xs.items():
-            x = root(x - self.shift_x[k])
-            self.sums[f"sum_x.{k}"] += root(x).sum(0)
-            _add_gram(self.sums[f"sxx.{k}"], x, x)
-            _add_gram(self.sums[f"sxy.{k}"], x, ys)
+            width = x.shape[1]
+            if width not in blocks:
+                blocks[width] = torch.empty(y.shape[0], width + d_y, dtype=self.dtype, device=self.device)
+                if ys is None:
+                    ys = root(torch.sub(y, self.shift_y, out=blocks[width][:, width:]))
+                else:
+                    blocks[width][:, width:] = ys
+            xy = blocks[width]
+            x = root(torch.sub(x, self.shift_x[k], out=xy[:, :width]))
+            self.sums[f"sum_x.{k}"] += (x if sqrt_w is None else x * sqrt_w).sum(0)
+            _add_gram(self.sums[f"sxxy.{k}"], x, xy)
+        if ys is None:
+            ys = root(y - self.shift_y)
+        self.sums["sum_y"] += (ys if sqrt_w is None else ys * sqrt_w).sum(0)
+        _add_gram(self.sums["syy"], ys, ys)
         self.n += y.shape[0] if weight is None else float(weight.double().sum())
         self.n_rows += y.shape[0]
 

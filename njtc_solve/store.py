@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -14,12 +16,14 @@ from .errors import NJTCError, atomic_output
 from .head import Head
 
 __all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "TRAIN", "VALIDATION", "ActivationStore",
-           "combine_shards", "shard_path", "split_provenance"]
+           "combine_shards", "prefetched", "shard_path", "split_provenance"]
 
 FORMAT = "njtc-activations"
 FORMAT_VERSION = 2  # 2: the head group describes a logit scale, a soft-cap and a norm without gain
 READABLE_VERSIONS = (1, 2)  # a format-1 head has none of those (see Head.from_group)
 TRAIN, VALIDATION = 0, 1
+# how the activations are stored; bfloat16 (which HDF5 lacks) as its 16 bits, in uint16
+STORE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
 FINAL_TOPK = 10  # the model's own top-k stored per row (`/final_topk`)
 # Fits and evaluation leave out rows before this position by default: position 0 is the BOS
 # token where the model has one, else the first token, an attention sink with a huge norm.
@@ -61,7 +65,8 @@ class ActivationStore:
 
     def _open(self, allow_incomplete: bool) -> None:
         # every root attribute read here, once, where damage is caught
-        self._attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.file.attrs.items()}
+        self._attrs = {k: (v.item() if isinstance(v, np.generic) else v.tolist() if isinstance(v, np.ndarray) else v)
+                       for k, v in self.file.attrs.items()}
         attrs = self._attrs
         if attrs.get("format") != FORMAT:
             raise NJTCError(f"{self.path} is not an njtc activation store (format attribute missing)")
@@ -76,13 +81,18 @@ class ActivationStore:
             )
         self.n_layers = int(attrs["n_layers"])
         self.d_model = int(attrs["d_model"])
-        missing = [f"hidden/{l}" for l in range(self.n_layers + 1) if f"hidden/{l}" not in self.file]
+        # a store of some source layers (extract --layers) lists them; older stores hold all
+        self.layers = [int(l) for l in attrs.get("layers", range(self.n_layers + 1))]
+        self.dtype = str(attrs.get("dtype", "float32"))
+        if self.dtype not in STORE_DTYPES:
+            raise NJTCError(f"{self.path} stores its activations as {self.dtype!r}, which this library cannot read")
+        missing = [f"hidden/{l}" for l in self.layers if f"hidden/{l}" not in self.file]
         if missing or "split" not in self.file or "head" not in self.file:
             raise NJTCError(f"{self.path} lacks {missing[0] if missing else 'split or head'}; the file is damaged")
         total = int(self.file["tokens"].shape[0])
-        wrong = [name for name in [f"hidden/{l}" for l in range(self.n_layers + 1)] + ["split", "position"]
+        wrong = [name for name in [f"hidden/{l}" for l in self.layers] + ["split", "position"]
                  if name in self.file and self.file[name].shape[0] != total]
-        wrong += [f"hidden/{l}" for l in range(self.n_layers + 1) if self.file[f"hidden/{l}"].shape[1:] != (self.d_model,)]
+        wrong += [f"hidden/{l}" for l in self.layers if self.file[f"hidden/{l}"].shape[1:] != (self.d_model,)]
         if wrong:
             raise NJTCError(f"{self.path}: {wrong[0]} has the wrong shape; the file is damaged")
         self.n_rows = int(attrs["rows_written"]) if allow_incomplete else total
@@ -184,11 +194,20 @@ class ActivationStore:
         bad = [l for l in layers if not 0 <= l <= self.n_layers]
         if bad:
             raise NJTCError(f"layer {bad[0]} is not in the store (layers 0..{self.n_layers})")
+        absent = [l for l in layers if l not in self.layers]
+        if absent:
+            raise NJTCError(f"layer {absent[0]} was not extracted into {self.path} (it holds layers "
+                            f"{','.join(map(str, self.layers))})")
         return layers
+
+    @property
+    def source_layers(self) -> list[int]:
+        """The stored layers a shortcut can start from (every stored layer but the last)."""
+        return [l for l in self.layers if l < self.n_layers]
 
     # -- streaming ------------------------------------------------------------------------
     def iter_chunks(self, layers, split=None, chunk_rows: int = 4096, max_rows: int | None = None,
-                    shard: tuple[int, int] = (0, 1), skip_positions: int = 0):
+                    shard: tuple[int, int] = (0, 1), skip_positions: int = 0, prefetch: bool = True):
         """Yield ``(row_indices, {layer: float32 array (rows, d)})`` in row order.
 
         Parameters
@@ -205,9 +224,16 @@ class ActivationStore:
             Read only every ``world``-th window, starting at ``rank`` (for scale-out).
         skip_positions : int
             Leave out rows at positions ``< skip_positions`` (the BOS / attention-sink row).
+        prefetch : bool
+            Read the next chunk in a background thread while the caller works on this one
+            (the caller's GEMMs release the GIL, so reading and computing overlap).
         """
         layers = self.check_layers(layers)
         self.split_code(split)  # an unknown split is an error before any read
+        chunks = self._chunks(layers, split, chunk_rows, max_rows, shard, skip_positions)
+        return prefetched(chunks) if prefetch else chunks
+
+    def _chunks(self, layers, split, chunk_rows, max_rows, shard, skip_positions):
         rank, world = shard
         taken = 0
         for number, start in enumerate(range(0, self.n_rows, chunk_rows)):
@@ -223,7 +249,7 @@ class ActivationStore:
             chunk = {}
             for layer in layers:
                 data = self._read(f"hidden/{layer}", slice(start, stop))
-                chunk[layer] = np.asarray(data[pick], dtype=np.float32)
+                chunk[layer] = decode_rows(data[pick], self.dtype)
             taken += rows.size
             yield rows, chunk
             if max_rows is not None and taken >= max_rows:
@@ -246,6 +272,71 @@ class ActivationStore:
 
 
 _DAMAGE = (KeyError, OSError, ValueError, RuntimeError, TypeError)  # what h5py raises for a damaged file
+
+
+def prefetched(items, depth: int = 1):
+    """Iterate over ``items`` produced ``depth`` ahead by a background thread.
+
+    An exception in the producer is raised here, in the consumer, unchanged. Closing the
+    iterator early (``break``, an error in the consumer) stops the producer and waits for it,
+    so nothing reads a file after its owner has moved on.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand_over(kind, value) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put((kind, value), timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not hand_over("item", item):
+                    return
+            hand_over("end", None)
+        except BaseException as err:  # handed to the consumer, raised there
+            hand_over("error", err)
+
+    worker = threading.Thread(target=produce, name="njtc-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join()
+
+
+def encode_rows(values, dtype: str) -> np.ndarray:
+    """Rows (a float32 tensor) as stored in ``dtype`` (see :data:`STORE_DTYPES`), rounded to nearest."""
+    import torch
+
+    if dtype == "bfloat16":
+        return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return np.ascontiguousarray(values.cpu().numpy(), dtype=STORE_DTYPES[dtype])
+
+
+def decode_rows(data: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows back as float32 (exact: every stored value is a float32 value).
+
+    >>> import torch
+    >>> x = torch.tensor([[1.0, -2.5, 0.1]])
+    >>> decode_rows(encode_rows(x, "bfloat16"), "bfloat16").tolist()
+    [[1.0, -2.5, 0.10009765625]]
+    """
+    if dtype == "bfloat16":
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(data, dtype=np.float32)
 
 
 def split_provenance(attrs: dict, validation_documents, where: str) -> dict:
@@ -303,7 +394,7 @@ def combine_shards(out, shards, overwrite: bool = True) -> Path:
                     raise NJTCError(f"shard {store.path} differs from {opened[0].path} in {key}")
         sizes = [s.n_rows for s in opened]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        names = ["hidden/" + str(l) for l in range(opened[0].n_layers + 1)]
+        names = ["hidden/" + str(l) for l in opened[0].layers]
         names += ["tokens", "sequence", "position", "split", "final_top1"]
         names += [name for name in ("document", "final_topk") if name in first]
         with atomic_output(out, overwrite) as tmp, h5py.File(tmp, "w") as f:

@@ -150,3 +150,27 @@ def test_single_process_needs_no_process_group(tiny_store, tmp_path):
     assert result.returncode == 0, result.stderr
     with h5py.File(tiny_store) as f:
         assert f.attrs["shard"] == "0/1"
+
+
+def test_two_process_live_fit_equals_single_process(tiny_models, tmp_path):
+    """Under torchrun each process runs the model over its share of the training documents,
+    and one all-reduce joins the statistics: the same as one process over all of them."""
+    plan = ["--model", str(tiny_models["llama"]), "--seq-len", "32", "--max-tokens", "2048", "--seed", "2"]
+    result = torchrun("njtc_solve.fit", *plan, "--method", "njtc", "--rank", "4",
+                      "--save-stats", str(tmp_path / "dist-stats.safetensors"),
+                      "--out", str(tmp_path / "dist.safetensors"), "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    single = subprocess.run([sys.executable, "-m", "njtc_solve.fit", *plan, "--method", "njtc", "--rank", "4",
+                             "--save-stats", str(tmp_path / "single-stats.safetensors"),
+                             "--out", str(tmp_path / "single.safetensors"), "--no-progress"],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    assert single.returncode == 0, single.stderr[-2000:]
+    a, b = (Statistics.load(tmp_path / f"{n}-stats.safetensors") for n in ("dist", "single"))
+    assert a.n_rows == b.n_rows > 1000
+    for layer in range(3):
+        assert ((a.layers[layer].cxy - b.layers[layer].cxy).norm() / b.layers[layer].cxy.norm()) <= 1e-6
+    dist, one = (Shortcuts.load(tmp_path / f"{n}.safetensors") for n in ("dist", "single"))
+    assert dist.provenance == one.provenance
+    for layer in range(3):
+        assert torch.allclose(dist.maps[layer].U @ dist.maps[layer].V, one.maps[layer].U @ one.maps[layer].V,
+                              rtol=1e-4, atol=1e-5)

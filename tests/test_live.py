@@ -127,3 +127,17 @@ def test_fit_and_evaluate_from_the_model_on_the_command_line(tiny_models, tmp_pa
                                 str(tmp_path / "b.safetensors"), "--seed", "4", "--out", str(report)),
                      "fitted on")
 
+
+
+def test_a_bfloat16_model_fits_live_with_its_rows_upcast(tiny_models, live_and_store):
+    """A bf16 model passes its head check (bf16 tolerance); its rows are upcast to float32
+    before the shifted accumulation, and its maps are the float32 model's to bf16 precision."""
+    live, path = live_and_store
+    model, tokenizer, name = load_model(str(tiny_models["llama"]), dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    half = LiveSource(model, tokenizer, live.documents, model_name=name, batch_size=3, **PLAN)
+    [from_half] = fit_shortcuts(half, "jtc", layers=[2], progress=False)
+    with ActivationStore(path) as store:
+        [exact] = fit_shortcuts(store, "jtc", layers=[2], progress=False)
+    assert from_half.model_sha256 != exact.model_sha256  # another model: its own weights' hash
+    assert _relative(from_half.maps[2].weight, exact.maps[2].weight) < 0.1
