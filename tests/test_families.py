@@ -378,3 +378,18 @@ def test_shortcut_files_record_the_head(tmp_path):
     old = Shortcuts.load(tmp_path / "old.safetensors")
     assert old.head == {} and old.head_sha256 == ""
     old.check_head(_random_head(softcap=None))  # nothing recorded: nothing to refuse
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite", "opt-project-out"])
+def test_half_precision_models_pass_the_head_check(family, tmp_path, tokenizer_folder, documents):
+    """``--model-dtype``: the weights load in bfloat16 / float16 and the float32 head still matches."""
+    folder = build_family(family, tmp_path / family, tokenizer_folder)
+    for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        model, tok, _ = load_model(str(folder), progress=False, dtype=dtype)
+        assert next(model.parameters()).dtype == torch_dtype
+        out = extract_activations(model, tok, documents, tmp_path / f"{dtype}.h5", seq_len=16, max_tokens=128,
+                                  progress=False)
+        with ActivationStore(out) as store:
+            assert store.attrs["head_check_rel_err"] < 2e-2
+    with pytest.raises(NJTCError, match="--model-dtype must be one of"):
+        load_model(str(folder), progress=False, dtype="float64")
