@@ -393,3 +393,81 @@ def test_half_precision_models_pass_the_head_check(family, tmp_path, tokenizer_f
             assert store.attrs["head_check_rel_err"] < 2e-2
     with pytest.raises(NJTCError, match="--model-dtype must be one of"):
         load_model(str(folder), progress=False, dtype="float64")
+
+
+_REMOTE_CONFIG = '''from transformers import LlamaConfig
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "tiny_remote"
+
+    def __init__(self, logit_multiplier=1.0, **kwargs):
+        self.logit_multiplier = logit_multiplier
+        super().__init__(**kwargs)
+'''
+
+_REMOTE_MODEL = '''from transformers import LlamaForCausalLM
+
+from .configuration_tiny_remote import TinyRemoteConfig
+
+
+class TinyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = TinyRemoteConfig
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * self.config.logit_multiplier  # a head the table cannot know about
+        return out
+'''
+
+
+def _remote_code_model(folder, tokenizer_folder, logit_multiplier: float):
+    """A model whose code lives in its folder (``auto_map``), of a type no table knows."""
+    import importlib.util
+    import json
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True)
+    (folder / "configuration_tiny_remote.py").write_text(_REMOTE_CONFIG)
+    (folder / "modeling_tiny_remote.py").write_text(_REMOTE_MODEL)
+    package = types.ModuleType(f"remote_{folder.name}")  # build the model once here, from the same files
+    package.__path__ = [str(folder)]
+    sys.modules[package.__name__] = package
+    modules = {}
+    for name in ("configuration_tiny_remote", "modeling_tiny_remote"):
+        spec = importlib.util.spec_from_file_location(f"{package.__name__}.{name}", folder / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = modules[name]
+        spec.loader.exec_module(modules[name])
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config = modules["configuration_tiny_remote"].TinyRemoteConfig(
+        logit_multiplier=logit_multiplier, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id, **_SIZES, num_key_value_heads=2)
+    torch.manual_seed(0)
+    modules["modeling_tiny_remote"].TinyRemoteForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    saved["auto_map"] = {"AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+                         "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(saved))
+    return folder
+
+
+def test_trust_remote_code_with_named_parts(tmp_path, tokenizer_folder, documents):
+    """Remote code runs only with its parts named, and the head check still stops a head it cannot see."""
+    plain = _remote_code_model(tmp_path / "plain", tokenizer_folder, 1.0)
+    with pytest.raises(NJTCError, match="--trust-remote-code runs code"):
+        load_model(str(plain), progress=False, trust_remote_code=True)
+    with pytest.raises(NJTCError, match="cannot load model"):  # transformers asks for trust_remote_code
+        load_model(str(plain), progress=False, blocks="model.layers", final_norm="model.norm")
+    parts = dict(trust_remote_code=True, blocks="model.layers", final_norm="model.norm")
+    model, tok, _ = load_model(str(plain), progress=False, **parts)
+    assert type(model).__name__ == "TinyRemoteForCausalLM" and model.config.model_type == "tiny_remote"
+    extract_activations(model, tok, documents, tmp_path / "ok.h5", seq_len=16, max_tokens=128, progress=False)
+    scaled = _remote_code_model(tmp_path / "scaled", tokenizer_folder, 2.0)
+    model, tok, _ = load_model(str(scaled), progress=False, **parts)
+    with pytest.raises(NJTCError, match="does not reproduce the model's logits"):
+        extract_activations(model, tok, documents, tmp_path / "bad.h5", seq_len=16, max_tokens=128, progress=False)
