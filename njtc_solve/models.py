@@ -89,6 +89,8 @@ def load_model(name: str | None = None, device: str = "cpu", progress: bool = Tr
     custom = blocks is not None or final_norm is not None
     if custom and (blocks is None or final_norm is None):
         raise NJTCError("name both parts of the model: --blocks and --final-norm")
+    if norm is not None and not custom:
+        raise NJTCError("--norm describes named parts: give it with --blocks and --final-norm")
     if trust_remote_code and not custom:
         raise NJTCError("--trust-remote-code runs code the architecture table does not know; name its parts "
                         "with --blocks and --final-norm (attribute paths, e.g. model.layers and model.norm)")

@@ -344,6 +344,8 @@ def test_named_parts_are_guarded_by_the_head_check(tmp_path, tokenizer_folder, d
         extract_activations(wrong, tok, documents, tmp_path / "bad.h5", seq_len=16, max_tokens=128, progress=False)
     with pytest.raises(NJTCError, match="name both parts"):
         load_model(str(folder), progress=False, blocks="model.layers")
+    with pytest.raises(NJTCError, match="--norm describes named parts"):
+        load_model(str(folder), progress=False, norm="rmsnorm")
 
 
 def test_the_cli_takes_named_parts_a_model_dtype_and_a_device_map(tmp_path, tokenizer_folder):
