@@ -171,6 +171,7 @@ def _check_model(shortcuts: Shortcuts, model) -> tuple[str, str]:
         raise NJTCError(f"tuned-lens 0.2.0 cannot find the final norm of {model_type!r} models; it loads "
                         f"{', '.join(TUNED_LENS_ARCHITECTURES)}")
     head = Head.from_model(model)
+    shortcuts.check_head(head)
     if getattr(head, "logit_scale", 1.0) != 1.0 or getattr(head, "softcap", None) is not None:
         raise NJTCError("this model scales or soft-caps its logits, which tuned-lens's unembedding leaves out")
     return model.config.name_or_path, unembed_hash(resolve_parts(model)[3].weight)

@@ -104,8 +104,10 @@ class ShortcutLens(nn.Module):
         Raises
         ------
         NJTCError
-            When the maps were fitted on another model (``model_sha256`` differs), target
-            another layer than the model's last, or have another width.
+            When the maps were fitted on another model (``model_sha256`` differs) or for another
+            head (:meth:`~njtc_solve.shortcuts.Shortcuts.check_head`; with ``model_sha256`` given,
+            only the head's description is compared), target another layer than the model's
+            last, or have another width.
         """
         from .models import model_sha256 as weights_sha256
 
@@ -121,8 +123,14 @@ class ShortcutLens(nn.Module):
                 raise NJTCError(f"shortcuts {shortcuts.name} were fitted on another model (model_sha256 "
                                 f"{shortcuts.model_sha256[:12] or 'none'}…, this model's {expected[:12]}…)")
         check_maps(shortcuts, n_layers, d)
+        head = Head.from_model(model)
+        if model_sha256 is None:
+            shortcuts.check_head(head)
+        elif shortcuts.head and shortcuts.head != head.describe():  # another dtype: the same kind of head
+            raise NJTCError(f"shortcuts {shortcuts.name} were fitted for another head ({json.dumps(shortcuts.head)}; "
+                            f"this model's: {json.dumps(head.describe())})")
         device = next(model.parameters()).device
-        lens = cls(Head.from_model(model), shortcuts).to(device)
+        lens = cls(head, shortcuts).to(device)
         lens.__dict__.update(model=model, tokenizer=tokenizer)
         return lens
 

@@ -3,6 +3,7 @@ refusals and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -151,6 +152,9 @@ def test_refuses_maps_of_another_model_or_layer(tiny_models, fitted, llama):
     shifted = Shortcuts(sc.method, {0: sc.maps[0]}, sc.target_layer - 1, sc.model_sha256)
     with pytest.raises(NJTCError, match="target layer 2; the model's last is 3"):
         ShortcutLens.from_model(model, shifted, tokenizer)
+    other_head = dataclasses.replace(sc, head_sha256="0" * 64)
+    with pytest.raises(NJTCError, match="shortcuts jtc were fitted for another head"):
+        ShortcutLens.from_model(model, other_head, tokenizer)
     lens = ShortcutLens.from_model(model, sc, tokenizer)
     with pytest.raises(NJTCError, match=r"token ids must be in \[0, "):
         lens.trajectory([[1, 10_000]])
