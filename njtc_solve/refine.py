@@ -4,12 +4,15 @@ Command line::
 
     python -m njtc_solve.refine --shortcuts jtc.safetensors --store activations.h5 \\
         --objective kl --steps 500 --out jtc-kl.safetensors
+    python -m njtc_solve.refine --shortcuts jtc.safetensors --model M --out jtc-kl.safetensors  # no store
 
 The closed form is the exact least-squares map; refinement minimises what a lens user cares
 about, ``KL(p_model ‖ p_shortcut)`` through the model's own head, on the store's training
 rows, from that exact start (:func:`njtc_solve.train.train_maps`). Narrow maps stay narrow
 (their factors are trained). Held-out rows (the *last* ``--check-rows`` validation rows, so
 that an evaluation of the first rows, ``evaluate --max-rows``, stays disjoint from them)
+With ``--model`` the rows come from the model's forward pass over the plan the shortcuts were
+fitted with (:class:`~njtc_solve.sources.LiveSource`), an epoch per pass; nothing is cached.
 are checked as it goes: each layer keeps its best step, and training stops when no layer
 improves any more. The result is an ordinary shortcut file, labelled ``{name}-{objective}``,
 that records in its metadata what it was refined from and how.
@@ -18,10 +21,14 @@ that records in its metadata what it was refined from and how.
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import NJTCError, run_cli
+from .extract import add_plan_arguments
+from .models import add_model_arguments
 from .shortcuts import Shortcuts
+from .sources import live_source_from_args
 from .store import ActivationStore
 from .train import OBJECTIVES, OPTIMIZERS, StoreRows, TrainResult, train_maps
 
@@ -36,7 +43,7 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
 
     Parameters
     ----------
-    store : ActivationStore
+    store : ActivationStore or LiveSource
         Rows of the model the maps were fitted for, under the same document split.
     shortcuts : Shortcuts or path
         The starting maps (any method; the identity has nothing to train).
@@ -72,13 +79,14 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
     if not isinstance(shortcuts, Shortcuts):
         start_file, shortcuts = str(shortcuts), Shortcuts.load(shortcuts)
     sc = shortcuts
+    where = getattr(store, "path", "the model's rows")
     if sc.model_sha256 != store.model_sha256:
-        raise NJTCError(f"{sc.name} was fitted on another model's store than {store.path} (model_sha256 differs)")
+        raise NJTCError(f"{sc.name} was fitted on another model than {where} (model_sha256 differs)")
     if sc.target_layer != store.n_layers:
-        raise NJTCError(f"{sc.name} targets layer {sc.target_layer}; the last layer of {store.path} is {store.n_layers}")
+        raise NJTCError(f"{sc.name} targets layer {sc.target_layer}; the last layer of {where} is {store.n_layers}")
     if sc.provenance.get("split_id") != store.provenance["split_id"]:
-        raise NJTCError(f"{sc.name} was fitted under another document split than {store.path}'s; refine it on the "
-                        "store it was fitted on, so that its validation rows stay unseen")
+        raise NJTCError(f"{sc.name} was fitted under another document split than {where}; refine it on the rows "
+                        "it was fitted on (same store, or the same plan), so that its validation rows stay unseen")
     layers = sorted(sc.maps) if layers is None else store.check_layers(layers)
     missing = [l for l in layers if l not in sc.maps]
     if missing:
@@ -87,7 +95,7 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
         raise NJTCError("check_rows must be positive")
     n_val = store.count("validation", store.default_skip_positions)
     if n_val == 0:
-        raise NJTCError(f"{store.path} has no validation rows to check refinement on")
+        raise NJTCError(f"{where} has no validation rows to check refinement on")
     check_start = max(0, n_val - check_rows)
     train = StoreRows(store, layers, "train", seed=seed)
     check = StoreRows(store, layers, "validation", start=check_start)
@@ -109,7 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m njtc_solve.refine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shortcuts", required=True, help="the fitted shortcut file to start from")
-    p.add_argument("--store", default="activations.h5", help="activation store (default: activations.h5)")
+    p.add_argument("--store", help="activation store (default: activations.h5, unless --model is given)")
+    add_model_arguments(p)  # --model: read the rows from its forward pass instead of a store
+    live = p.add_argument_group("live refinement (with --model): the corpus and plan; unset values come from the "
+                                "shortcut file's provenance, so it trains on its own training documents")
+    add_plan_arguments(live, inherit=True)
     p.add_argument("--objective", default="kl", help="kl (default) or mse")
     p.add_argument("--steps", type=int, default=500, help="most optimisation steps (default: 500)")
     p.add_argument("--layers", help="source layers to refine: all of the file's (default), 3, 1,5,9 or 0-29")
@@ -122,10 +134,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=4,
                    help="checks without improvement before a layer stops; 0: never (default: 4)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed of the row order")
+    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the training rows' order (default: 0)")
     p.add_argument("--out", required=True, help="output shortcut file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+@contextmanager
+def _source(args, start: Shortcuts):
+    """The rows: a store, or the model's forward pass over the plan the shortcuts were fitted with."""
+    if args.model is None:
+        with ActivationStore(args.store or "activations.h5") as store:
+            yield store
+        return
+    if args.store is not None:
+        raise NJTCError("--model and --store exclude each other: refine on the model or on a store")
+    if args.batch_size < 1:
+        raise NJTCError("--batch-size must be positive")
+    yield live_source_from_args(args, args.device, not args.no_progress, start.provenance or None)
 
 
 def main(argv=None) -> int:
@@ -145,11 +171,11 @@ def main(argv=None) -> int:
     if not args.lr > 0:
         raise NJTCError("--lr must be positive")
     start = Shortcuts.load(args.shortcuts)
-    with ActivationStore(args.store) as store:
+    with _source(args, start) as store:
         refined, result = refine_shortcuts(store, start, args.objective, args.steps, parse_layers(args.layers),
                                            args.lr, args.optimizer, args.batch_rows, args.check_rows,
                                            args.check_every, args.patience, args.device, not args.no_progress,
-                                           args.seed)
+                                           args.shuffle_seed)
     refined.stats["refined"]["from_file"] = str(Path(args.shortcuts))
     refined.save(args.out)
     for l in sorted(result.best):

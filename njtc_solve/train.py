@@ -162,8 +162,8 @@ class StoreRows:
             seen += n
             if keep.start >= n:
                 continue
-            yield ({l: torch.from_numpy(chunk[l][keep]) for l in self.layers},
-                   torch.from_numpy(chunk[self.target][keep]))
+            rows = {l: torch.as_tensor(chunk[l][keep]).to("cpu", torch.float32) for l in self.layers + [self.target]}
+            yield {l: rows[l] for l in self.layers}, rows[self.target]
 
     def __iter__(self):
         chunks = self._cached if self._cached is not None else self._read()
@@ -360,8 +360,9 @@ def train_maps(maps: dict, head, train, check, objective: str = "kl", steps: int
             with torch.no_grad():
                 reference = None if objective == "mse" else Reference.from_logits(head.logits(y))
             opt.zero_grad(set_to_none=True)
-            loss = sum(_loss(objective, modules[l], x[l], y, head, reference) for l in sorted(active))
-            loss.backward()
+            with torch.enable_grad():  # a source's generator may hold no_grad across its yields (a live model's)
+                loss = sum(_loss(objective, modules[l], x[l], y, head, reference) for l in sorted(active))
+                loss.backward()
             if grad_clip is not None:
                 for l in active:
                     torch.nn.utils.clip_grad_norm_(modules[l].parameters(), grad_clip)

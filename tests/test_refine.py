@@ -147,3 +147,21 @@ def test_bad_input_is_one_line(tiny_store, tmp_path):
                       str(tiny_store), "--objective", "ce", "--out", str(tmp_path / "x.safetensors"))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "objective" in proc.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_refine_from_a_live_model_reads_the_rows_of_its_store(tiny_store, tiny_models, tmp_path):
+    """--model instead of --store: the model's forward pass over the fit's plan gives the store's rows."""
+    with ActivationStore(tiny_store) as store:
+        [jtc] = fit_shortcuts(store, "jtc", None, layers=[1], progress=False)
+        _, from_store = refine_shortcuts(store, jtc, steps=1, check_every=1, check_rows=64, progress=False)
+    jtc.save(tmp_path / "jtc.safetensors")
+    out = tmp_path / "jtc-kl.safetensors"
+    proc = run_module("njtc_solve.refine", "--shortcuts", str(tmp_path / "jtc.safetensors"), "--model",
+                      str(tiny_models["llama"]), "--steps", "1", "--check-every", "1", "--check-rows", "64",
+                      "--out", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    live = Shortcuts.load(out).stats["refined"]["layers"]["1"]["start"]["loss"]
+    assert live == pytest.approx(from_store.start[1]["loss"], rel=1e-4)
+    both = run_module("njtc_solve.refine", "--shortcuts", str(tmp_path / "jtc.safetensors"), "--model",
+                      str(tiny_models["llama"]), "--store", str(tiny_store), "--out", str(out))
+    assert both.returncode == 2 and "exclude each other" in both.stderr
