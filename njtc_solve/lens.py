@@ -122,7 +122,7 @@ class ShortcutLens(nn.Module):
             if shortcuts.model_sha256 != expected:
                 raise NJTCError(f"shortcuts {shortcuts.name} were fitted on another model (model_sha256 "
                                 f"{shortcuts.model_sha256[:12] or 'none'}…, this model's {expected[:12]}…)")
-        check_maps(shortcuts, n_layers, d)
+        _check_maps(shortcuts, n_layers, d)
         head = Head.from_model(model)
         if model_sha256 is None:
             shortcuts.check_head(head)
@@ -200,7 +200,7 @@ class ShortcutLens(nn.Module):
         out = {"topk_ids": np.full((*shape, k), -1, np.int64), "topk_probs": np.full((*shape, k), np.nan, np.float32),
                "entropy": np.full(shape, np.nan), "kl": np.full(shape, np.nan), "agrees": np.zeros(shape, bool),
                "valid": np.zeros(shape, bool), "final_top1": np.full((n_b, n_t), -1, np.int64)}
-        device = next(self.model.parameters()).device
+        device, here = next(self.model.parameters()).device, self.head_unembed.device
         head = self.head()
         with capture_residual_stream(self.model) as hidden, torch.no_grad():
             for b0 in range(0, n_b, batch_size):
@@ -213,13 +213,13 @@ class ShortcutLens(nn.Module):
                     padded[i, :len(s)] = torch.as_tensor(s)
                     mask[i, :len(s)] = 1
                 kwargs = {} if min(lengths) == width else {"attention_mask": mask}
-                model_logits = self.model(input_ids=padded, **kwargs).logits
+                model_logits = self.model(input_ids=padded, use_cache=False, **kwargs).logits
                 keep = mask.bool()  # rows: valid positions of the batch, in row-major order
                 where = keep.nonzero().cpu().numpy()
                 prompt_of, position_of = where[:, 0] + b0, where[:, 1]
-                own_top1 = model_logits[keep].argmax(-1)
+                own_top1 = _valid_rows(model_logits, keep, here).argmax(-1)
                 out["final_top1"][prompt_of, position_of] = own_top1.cpu().numpy()
-                rows_of = [h[keep] for h in hidden]
+                rows_of = [_valid_rows(h, keep, here) for h in hidden]
                 for r0 in range(0, len(where), chunk_rows):
                     part = slice(r0, r0 + chunk_rows)
                     final = Reference.from_logits(head.logits(rows_of[-1][part]))
@@ -266,7 +266,12 @@ class ShortcutLens(nn.Module):
         return ids
 
 
-def check_maps(shortcuts: Shortcuts, n_layers: int, d: int) -> None:
+def _valid_rows(t: torch.Tensor, keep: torch.Tensor, device) -> torch.Tensor:
+    """The rows ``t[keep]`` of a (batch, seq, ...) tensor, moved to ``device`` (for a model spread over devices)."""
+    return t[keep.to(t.device)].to(device)
+
+
+def _check_maps(shortcuts: Shortcuts, n_layers: int, d: int) -> None:
     """Refuse maps that target another layer than the model's last, or have another width."""
     if shortcuts.target_layer != n_layers:
         raise NJTCError(f"shortcuts {shortcuts.name} target layer {shortcuts.target_layer}; the model's last is "
