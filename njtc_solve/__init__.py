@@ -27,6 +27,8 @@ _API = {
     "fit_from_statistics": "fit",
     "fit_shortcuts": "fit",
     "evaluate_shortcuts": "evaluate",
+    "refine_shortcuts": "refine",
+    "train_maps": "train",
     "EvaluationResult": "evaluate",
     "Statistics": "stats",
     "MomentAccumulator": "stats",
