@@ -165,3 +165,16 @@ def test_refine_from_a_live_model_reads_the_rows_of_its_store(tiny_store, tiny_m
     both = run_module("njtc_solve.refine", "--shortcuts", str(tmp_path / "jtc.safetensors"), "--model",
                       str(tiny_models["llama"]), "--store", str(tiny_store), "--out", str(out))
     assert both.returncode == 2 and "exclude each other" in both.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_refinement_on_the_gpu_follows_the_cpu(tiny_store):
+    with ActivationStore(tiny_store) as store:
+        [njtc] = fit_shortcuts(store, "njtc", [4], layers=[1], progress=False)
+        runs = {device: refine_shortcuts(store, njtc, steps=10, check_every=5, check_rows=10**6, patience=0,
+                                         device=device, progress=False)[1] for device in ("cpu", "cuda")}
+    cpu, gpu = runs["cpu"], runs["cuda"]
+    assert gpu.modules[1].U.device.type == "cuda"
+    for a, b in zip(cpu.history, gpu.history):
+        assert b["layers"][1]["loss"] == pytest.approx(a["layers"][1]["loss"], rel=1e-3)
