@@ -210,7 +210,10 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
     layers = [l for l in store.check_layers(layers) if l < target]
     methods = [Shortcuts.identity(layers, target, store.model_sha256)] + loaded
     methods = [sc.to(device) for sc in methods]
-    head = store.head().to(device)
+    head = store.head()
+    for sc in loaded:
+        sc.check_head(head)  # maps fitted through one head are never judged through another
+    head = head.to(device)
     tallies = {(sc.name, l): _Tally() for sc in methods for l in layers if l in sc.maps}
     sum_y = torch.zeros(store.d_model, dtype=torch.float64)
     sum_y2 = own_surprisal = 0.0

@@ -435,7 +435,7 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         "architecture": model.config.model_type, "n_layers": n_layers, "d_model": head.d_model,
         "vocab_size": head.vocab_size, "dtype": dtype, "seq_len": seq_len, "positions": positions,
         "corpus": corpus_name, "corpus_sha256": corpus_sha or corpus_sha256(documents),
-        "model_sha256": weights_sha or model_sha256(model), "seed": seed,
+        "model_sha256": weights_sha or model_sha256(model, progress), "seed": seed,
         "val_fraction": float(val_fraction), "batch_size": batch_size,
         "max_tokens": -1 if max_tokens is None else int(max_tokens), "n_rows": plan.n_rows,
         "n_sequences": len(plan.sequence), "rows_written": 0, "complete": False,

@@ -48,6 +48,8 @@ class LiveSource:
         Sequences per forward pass.
     weights_sha : str, optional
         The model's :func:`~njtc_solve.models.model_sha256` when already known.
+    progress : bool
+        Show a bar while the weights are hashed.
 
     Examples
     --------
@@ -62,7 +64,8 @@ class LiveSource:
 
     def __init__(self, model, tokenizer, documents, *, model_name: str = "", seq_len: int = 128,
                  positions: str = "all", max_tokens: int | None = None, val_fraction: float = 0.25,
-                 seed: int = 0, bos: str = "auto", batch_size: int = 8, weights_sha: str | None = None):
+                 seed: int = 0, bos: str = "auto", batch_size: int = 8, weights_sha: str | None = None,
+                 progress: bool = False):
         if batch_size < 1:
             raise NJTCError("--batch-size must be positive")
         self.model = model
@@ -72,7 +75,7 @@ class LiveSource:
         self.n_layers = len(resolve_parts(model)[1])
         self._head = Head.from_model(model)
         self.d_model = self._head.d_model
-        self.model_sha256 = weights_sha or model_sha256(model)
+        self.model_sha256 = weights_sha or model_sha256(model, progress)
         self.path = f"live:{model_name or type(model).__name__}"
         attrs = {"corpus_sha256": corpus_sha256(documents), "seed": seed, "val_fraction": float(val_fraction),
                  "seq_len": seq_len, "positions": positions, "max_tokens": -1 if max_tokens is None else max_tokens,
@@ -176,4 +179,5 @@ def live_source_from_args(args, device, progress: bool = True, provenance: dict 
     corpus = args.corpus if args.corpus is not None else PLAN_DEFAULTS["corpus"]
     _, documents = load_corpus(corpus, args.text_field or PLAN_DEFAULTS["text_field"])
     model, tokenizer, name = load_model_from_args(args, device, progress=progress)
-    return LiveSource(model, tokenizer, documents, model_name=name, batch_size=args.batch_size, **settings)
+    return LiveSource(model, tokenizer, documents, model_name=name, batch_size=args.batch_size, progress=progress,
+                      **settings)

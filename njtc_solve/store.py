@@ -15,7 +15,8 @@ import numpy as np
 from .errors import NJTCError, atomic_output
 from .head import Head
 
-__all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "TRAIN", "VALIDATION", "ActivationStore",
+__all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "STORE_DTYPES",
+           "TRAIN", "VALIDATION", "ActivationStore", "decode_rows", "encode_rows",
            "combine_shards", "prefetched", "shard_path", "split_provenance"]
 
 FORMAT = "njtc-activations"

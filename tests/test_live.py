@@ -141,3 +141,13 @@ def test_a_bfloat16_model_fits_live_with_its_rows_upcast(tiny_models, live_and_s
         [exact] = fit_shortcuts(store, "jtc", layers=[2], progress=False)
     assert from_half.model_sha256 != exact.model_sha256  # another model: its own weights' hash
     assert _relative(from_half.maps[2].weight, exact.maps[2].weight) < 0.1
+
+
+def test_fits_record_their_head_and_evaluation_refuses_another(live_and_store):
+    live, path = live_and_store
+    with ActivationStore(path) as store:
+        [sc] = fit_shortcuts(store, "njtc", [4], layers=[1], progress=False)
+        assert sc.head_sha256 == store.head().fingerprint() == live.head().fingerprint()  # store and model agree
+        sc.head_sha256 = "0" * 64
+        with pytest.raises(Exception, match="fitted for another head"):
+            evaluate_shortcuts(store, [sc], progress=False)
