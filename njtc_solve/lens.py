@@ -34,7 +34,7 @@ from .architectures import resolve_parts
 from .capture import capture_residual_stream
 from .errors import NJTCError, atomic_output, run_cli
 from .head import Head
-from .metrics import Reference, entropy, kl_divergence
+from .metrics import Reference, kl_divergence
 from .shortcuts import ShortcutMap, Shortcuts
 
 __all__ = ["ShortcutLens", "Trajectory", "main", "plot_trajectory"]
@@ -229,10 +229,11 @@ class ShortcutLens(nn.Module):
                             if layer < self.n_layers and layer not in lenses[name]._map_fields:
                                 continue
                             logits = lenses[name](rows_of[layer][part], layer)
-                            top = torch.log_softmax(logits, -1).topk(k, -1)
+                            own = Reference.from_logits(logits)  # one softmax for top-k and entropy
+                            top = own.logp.topk(k, -1)
                             out["topk_ids"][m, p_, layer, t_] = top.indices.cpu().numpy()
                             out["topk_probs"][m, p_, layer, t_] = top.values.exp().cpu().numpy()
-                            out["entropy"][m, p_, layer, t_] = entropy(logits).cpu().numpy()
+                            out["entropy"][m, p_, layer, t_] = (-own.neg_entropy).cpu().numpy()
                             out["kl"][m, p_, layer, t_] = kl_divergence(final, logits).cpu().numpy()
                             out["agrees"][m, p_, layer, t_] = (top.indices[:, 0] == own_top1[part]).cpu().numpy()
                             out["valid"][m, p_, layer, t_] = True

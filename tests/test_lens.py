@@ -14,7 +14,7 @@ from njtc_solve.errors import NJTCError
 from njtc_solve.evaluate import evaluate_shortcuts
 from njtc_solve.fit import fit_shortcuts
 from njtc_solve.lens import ShortcutLens
-from njtc_solve.metrics import Reference, kl_divergence
+from njtc_solve.metrics import Reference, entropy, kl_divergence
 from njtc_solve.models import load_model
 from njtc_solve.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.store import ActivationStore
@@ -75,6 +75,9 @@ def test_trajectory_equals_evaluation_on_a_store_of_the_same_text(llama, fitted,
                 _, logits = sc.maps[layer].predict_with_logits(x, head)
                 np.testing.assert_array_equal(traj.topk_ids[m, p, layer, :, 0], logits.argmax(-1).numpy())
                 np.testing.assert_allclose(traj.kl[m, p, layer], kl_divergence(final, logits).numpy(), atol=1e-5)
+                np.testing.assert_allclose(traj.entropy[m, p, layer], entropy(logits).numpy(), atol=1e-5)
+                np.testing.assert_allclose(traj.topk_probs[m, p, layer, :, 0],
+                                           torch.softmax(logits, -1).max(-1).values.numpy(), atol=1e-6)
         # per layer: the evaluation loop's figures over the same rows (positions >= 1)
         result = evaluate_shortcuts(store, [sc], skip_positions=1, progress=False)
     for method in ("identity", name):
