@@ -79,3 +79,21 @@ def test_nccl_fit_equals_a_single_process(tiny_store, world):
     for layer, m in single.maps.items():
         assert _rel(outcome[0][layer], m.U @ m.V) <= 1e-4
     assert all(outcome[r] == {} for r in range(1, world))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_live_fit_on_the_gpu_equals_the_cpu(tiny_models, dtype):
+    """The model on the GPU (bf16 too), its rows upcast and accumulated there, the solve there."""
+    from njtc_solve.corpus import load_corpus
+    from njtc_solve.models import load_model
+    from njtc_solve.sources import LiveSource
+
+    documents = load_corpus()[1]
+    fits = {}
+    for device in ("cpu", "cuda"):
+        model, tokenizer, name = load_model(str(tiny_models["llama"]), device, dtype=dtype)
+        live = LiveSource(model, tokenizer, documents, seq_len=32, max_tokens=2048, model_name=name)
+        [fits[device]] = fit_shortcuts(live, "njtc", [4], device=device, progress=False)
+    for layer, m in fits["cpu"].maps.items():
+        g = fits["cuda"].maps[layer]
+        assert _rel(g.U @ g.V, m.U @ m.V) <= (1e-4 if dtype == "float32" else 0.1)
