@@ -44,16 +44,16 @@ class Reference:
 
 
 def kl_divergence(reference, logits: torch.Tensor) -> torch.Tensor:
-    """``KL(p_ref ‖ softmax(logits))`` per row.
+    """``KL(p_ref ‖ softmax(logits))`` per row, differentiable in ``logits`` (the KL trainer's loss).
 
-    ``reference`` is the model's final logits or a :class:`Reference` made from them. The
-    sum is ``Σ p log p − Σ p·logits + logsumexp(logits)``: no log-softmax copy of ``logits``,
-    and differentiable in ``logits`` (the KL trainer's loss).
+    ``reference`` is the model's final logits or a :class:`Reference` made from them. The sum
+    is ``Σ p (log p − log q)`` over terms that are each small: the shorter form
+    ``Σ p log p − Σ p·logits + logsumexp(logits)`` subtracts sums of size ~|logits| and, in
+    float32 over a 49k vocabulary, overstated every KL by ~2.5e-3 nats.
     """
     if not isinstance(reference, Reference):
         reference = Reference.from_logits(reference)
-    expected_logit = torch.einsum("rv,rv->r", reference.p, logits)
-    return reference.neg_entropy - expected_logit + torch.logsumexp(logits, -1)
+    return (reference.p * (reference.logp - torch.log_softmax(logits, -1))).sum(-1)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

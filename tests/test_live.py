@@ -151,3 +151,17 @@ def test_fits_record_their_head_and_evaluation_refuses_another(live_and_store):
         sc.head_sha256 = "0" * 64
         with pytest.raises(Exception, match="fitted for another head"):
             evaluate_shortcuts(store, [sc], progress=False)
+
+
+def test_one_position_per_sequence_live_equals_store(live_and_store, tmp_path):
+    """The JTC protocol (one random position per sequence) picks the same rows live."""
+    live, _ = live_and_store
+    plan = dict(PLAN, positions="one-per-sequence", max_tokens=None)
+    path = extract_activations(live.model, live.tokenizer, live.documents, tmp_path / "one.h5", progress=False,
+                               **plan)
+    one = LiveSource(live.model, live.tokenizer, live.documents, batch_size=7, **plan)
+    with ActivationStore(path) as store:
+        a = accumulate_statistics(store, [1], float64=True, progress=False)
+    b = accumulate_statistics(one, [1], float64=True, progress=False)
+    assert a.n_rows == b.n_rows == one.count("train", 1) > 50
+    assert _relative(b.layers[1].cxy, a.layers[1].cxy) < 1e-10
