@@ -112,7 +112,8 @@ class ShortcutLens(nn.Module):
         from .models import model_sha256 as weights_sha256
 
         _, blocks, _, _ = resolve_parts(model)
-        n_layers, d = len(blocks), model.get_output_embeddings().weight.shape[1]
+        head = Head.from_model(model)  # its width is the residual stream's (OPT's project_out is folded in)
+        n_layers, d = len(blocks), head.d_model
         if shortcuts is None:
             shortcuts = Shortcuts.identity(range(n_layers), n_layers)
         elif not isinstance(shortcuts, Shortcuts):
@@ -123,7 +124,6 @@ class ShortcutLens(nn.Module):
                 raise NJTCError(f"shortcuts {shortcuts.name} were fitted on another model (model_sha256 "
                                 f"{shortcuts.model_sha256[:12] or 'none'}…, this model's {expected[:12]}…)")
         _check_maps(shortcuts, n_layers, d)
-        head = Head.from_model(model)
         if model_sha256 is None:
             shortcuts.check_head(head)
         elif shortcuts.head and shortcuts.head != head.describe():  # another dtype: the same kind of head

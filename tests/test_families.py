@@ -473,3 +473,20 @@ def test_trust_remote_code_with_named_parts(tmp_path, tokenizer_folder, document
     model, tok, _ = load_model(str(scaled), progress=False, **parts)
     with pytest.raises(NJTCError, match="does not reproduce the model's logits"):
         extract_activations(model, tok, documents, tmp_path / "bad.h5", seq_len=16, max_tokens=128, progress=False)
+
+
+def test_a_live_fit_and_the_lens_on_opt_with_project_out(tmp_path, tokenizer_folder, documents):
+    """The residual stream is wider than the unembedding's input here (project_out folded into the
+    head): a live fit and the lens both work at the residual stream's width."""
+    from njtc_solve.fit import fit_shortcuts
+    from njtc_solve.lens import ShortcutLens
+    from njtc_solve.sources import LiveSource
+
+    model, tok, name = load_model(str(build_family("opt-project-out", tmp_path / "opt", tokenizer_folder)),
+                                  progress=False)
+    live = LiveSource(model, tok, documents, seq_len=16, max_tokens=640, model_name=name)
+    assert live.d_model == model.config.hidden_size == 32 != model.get_output_embeddings().weight.shape[1]
+    [sc] = fit_shortcuts(live, "njtc", [2], progress=False)
+    lens = ShortcutLens.from_model(model, sc, tok)
+    traj = lens.trajectory("The for statement")
+    assert traj.kl.shape[2] == model.config.num_hidden_layers + 1
