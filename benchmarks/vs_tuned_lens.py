@@ -210,7 +210,12 @@ def plot(records, rank, path):
                 ax.plot([p["seconds"] for p in c], [p[metric] for p in c], color=color, label=f"{name} + KL")
                 ax.scatter([cf["seconds"]], [cf[metric]], color=color, marker="o", zorder=3,
                            label=f"{name} closed form")
+                final = r[name]["refined"]["final"]
+                ax.scatter([final["seconds"]], [final[metric]], color=color, marker="*", s=80, zorder=3,
+                           label=f"{name} + KL, kept (best on check rows)")
             ax.set_xscale("log")
+            if metric == "kl":
+                ax.set_yscale("log")
             ax.set_title(f"layer {r['layer']}: {metric}", fontsize=9)
             ax.set_xlabel("seconds")
     axes[0][0].legend(fontsize=7)
@@ -237,7 +242,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--replot", help="redraw the table and plot from a result JSON, without racing")
     args = p.parse_args(argv)
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        plot(saved["records"], saved["args"]["rank"], Path(args.out) / "vs_tuned_lens.png")
+        print("\n".join(table(saved["records"], saved["args"]["rank"])))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)

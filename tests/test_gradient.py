@@ -16,7 +16,7 @@ def test_adam_on_the_store_never_beats_the_closed_form(tiny_store, method, norma
         [closed] = fit_shortcuts(store, method, None if method == "jtc" else [4], layers=[2], normalize=normalize,
                                  progress=False)
         optimum = closed.stats["layers"][2]["train_mse"]
-        run = train_gradient(store, 2, method, 4, lr=3e-3, batch_size=128, epochs=30, time_budget=20,
+        run = train_gradient(store, 2, method, 4, lr=3e-3, batch_size=128, epochs=30, time_budget=60,
                              optimum=optimum, seed=1)
         x, y = load_training_rows(store, 2)
         grad = as_shortcuts(run, 2, store, method)
