@@ -160,6 +160,8 @@ def train_gradient(store: ActivationStore, layer: int, method: str = "njtc", ran
 def as_shortcuts(run: GradientRun, layer: int, store: ActivationStore, method: str) -> Shortcuts:
     """Wrap a trained module as a one-layer :class:`Shortcuts` labelled ``{method}-adam``."""
     m = run.module.to_shortcut_map()
+    head = store.head()
     return Shortcuts(method, {layer: m}, store.n_layers, store.model_sha256, run.module.rank,
                      m.normalize, label=f"{method}-adam",
-                     provenance={**store.provenance, "skip_positions": store.default_skip_positions})
+                     provenance={**store.provenance, "skip_positions": store.default_skip_positions},
+                     head=head.describe(), head_sha256=head.fingerprint())

@@ -21,6 +21,7 @@ that records in its metadata what it was refined from and how.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -101,9 +102,8 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
     check = StoreRows(store, layers, "validation", start=check_start)
     result = train_maps({l: sc.maps[l] for l in layers}, store.head(), train, check, objective, steps, lr, optimizer,
                         batch_rows, check_every, patience, device=device, progress=progress, seed=seed)
-    refined = Shortcuts(
-        sc.method, result.maps(), sc.target_layer, sc.model_sha256, sc.rank, sc.normalize, sc.residual,
-        sc.fit_intercept, sc.alpha, sc.weight, label=f"{sc.name}-{objective}", provenance=sc.provenance,
+    refined = dataclasses.replace(  # every field of the start (head, provenance, ...) but the maps
+        sc, maps=result.maps(), label=f"{sc.name}-{objective}",
         stats={"refined": {
             "from": sc.name, "from_file": start_file, "objective": objective, "optimizer": optimizer, "lr": lr,
             "batch_rows": batch_rows, "steps": result.steps, "max_steps": steps, "seconds": result.seconds,

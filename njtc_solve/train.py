@@ -221,7 +221,8 @@ def check_metrics(objective: str, modules: dict, head, chunks) -> dict[int, dict
     """Held-out metrics of each layer's module over ``chunks`` (a list of ``(x, y, reference)``).
 
     ``loss`` is the objective's mean over the rows (the figure that early stopping follows);
-    the KL objective also reports ``precision@1`` (agreement with the model's top-1) and
+    the KL objective also reports ``precision@1`` (agreement with the top-1 of the model's head on
+    the target row, which the stored top-1 equals in a float32 store) and
     ``surprisal`` (nats, :func:`metrics.surprisal`).
     """
     totals = {l: np.zeros(3) for l in modules}
