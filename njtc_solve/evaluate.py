@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .errors import NJTCError, run_cli
 from .extract import add_plan_arguments
-from .models import add_model_arguments
+from .models import add_model_arguments, check_device
 from .metrics import Reference, hits_at_k, kl_divergence, surprisal
 from .shortcuts import Shortcuts
 from .sources import live_source_from_args
@@ -370,6 +370,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NJTCError(f"--out {out} exists and is not a folder")
+    check_device(args.device)
     loaded = _load_all(files)
     with _source(args, loaded) as store:
         loaded += [read_tuned_lens(d, store.head(), store.model_sha256) for d in args.tuned_lens]

@@ -40,7 +40,7 @@ __all__ = ["TUNED_LENS_ARCHITECTURES", "affine_form", "export_tuned_lens", "main
 METHOD = "tuned-lens"
 SIDECAR = "njtc.json"  # beside config.json: the weights' hash, which tuned-lens's config has no key for
 # model types whose final norm tuned-lens 0.2.0 finds (model_surgery.get_final_norm), among ours
-TUNED_LENS_ARCHITECTURES = ("gpt2", "gpt_neox", "llama")
+TUNED_LENS_ARCHITECTURES = ("bloom", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "opt")
 
 
 def affine_form(m: ShortcutMap, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +141,7 @@ def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Pa
     if shortcuts.method == "identity":
         raise NJTCError("the identity is tuned-lens's LogitLens; there is nothing to export")
     state = translator_state(shortcuts)  # refuses what is not affine, before anything is written
+    _check_head_description(shortcuts.head)
     name, hashed = "", None
     if model is not None:
         name, hashed = _check_model(shortcuts, model)
@@ -158,6 +159,20 @@ def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Pa
     return out
 
 
+def _check_head_description(head: dict) -> None:
+    """Refuse maps whose recorded head has a part that tuned-lens's unembedding leaves out.
+
+    tuned-lens applies the model's final norm module and output embedding only: a logit scale,
+    a soft-cap or an output projection between them (OPT's ``project_out``) would be lost.
+    """
+    if head.get("logit_scale", 1.0) != 1.0 or head.get("softcap") is not None:
+        raise NJTCError("these maps are for a head that scales or soft-caps its logits, which tuned-lens's "
+                        "unembedding leaves out")
+    if "output projection" in head.get("folded", []):
+        raise NJTCError("these maps are for a head with an output projection (OPT's project_out), which "
+                        "tuned-lens's unembedding leaves out")
+
+
 def _check_model(shortcuts: Shortcuts, model) -> tuple[str, str]:
     """The model's name and unembedding hash, once it is known to be the maps' and loadable by tuned-lens."""
     from .architectures import resolve_parts
@@ -172,8 +187,7 @@ def _check_model(shortcuts: Shortcuts, model) -> tuple[str, str]:
                         f"{', '.join(TUNED_LENS_ARCHITECTURES)}")
     head = Head.from_model(model)
     shortcuts.check_head(head)
-    if getattr(head, "logit_scale", 1.0) != 1.0 or getattr(head, "softcap", None) is not None:
-        raise NJTCError("this model scales or soft-caps its logits, which tuned-lens's unembedding leaves out")
+    _check_head_description(head.describe())
     return model.config.name_or_path, unembed_hash(resolve_parts(model)[3].weight)
 
 

@@ -31,7 +31,7 @@ from .capture import check_head, forward_batches, head_check_tolerance
 from .corpus import DEFAULT_CORPUS, corpus_sha256, load_corpus
 from .errors import NJTCError, output_lock, run_cli, temporary_path, write_failure
 from .head import Head
-from .models import add_model_arguments, load_model_from_args, model_sha256
+from .models import add_model_arguments, check_device, load_model_from_args, model_sha256
 from .store import (DEFAULT_SKIP_POSITIONS, FINAL_TOPK, FORMAT, FORMAT_VERSION, STORE_DTYPES, TRAIN, VALIDATION,
                     decode_rows, encode_rows)
 
@@ -277,6 +277,8 @@ def _open_for_resume(path, attrs):
         stored = stored.item() if isinstance(stored, np.generic) else stored
         if isinstance(stored, np.ndarray):
             stored = stored.tolist()
+        if key == "layers" and stored is None:  # a partial store begun before --layers kept every layer
+            stored = list(range(attrs["n_layers"] + 1))
         if stored != attrs[key]:
             f.close()
             raise NJTCError(f"cannot resume: {key} differs (file has {stored!r}, this run {attrs[key]!r})")
@@ -291,6 +293,8 @@ def stored_layers(layers, n_layers: int) -> list[int]:
     bad = [l for l in layers if not 0 <= l <= n_layers]
     if bad:
         raise NJTCError(f"--layers: layer {bad[0]} is not in the model (layers 0..{n_layers})")
+    if not [l for l in layers if l < n_layers]:
+        raise NJTCError(f"--layers: no source layer below the target layer {n_layers}; a shortcut needs one")
     return sorted(set(layers) | {n_layers})
 
 
@@ -597,6 +601,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise NJTCError("--max-tokens must be positive")
+    check_device(args.device)
     comm = Communicator.from_environment(args.device)
     try:
         start = time.perf_counter()
@@ -633,7 +638,8 @@ def main(argv=None) -> int:
             out = combine_shards(args.out, [shard_path(args.out, r, shard[1]) for r in range(shard[1])])
         with h5py.File(out, "r") as f:
             a = f.attrs
-            print(f"wrote {out}: {a['n_rows']} rows x {a['n_layers'] + 1} layers x d={a['d_model']} "
+            print(f"wrote {out}: {a['n_rows']} rows x {len(a.get('layers', range(a['n_layers'] + 1)))} layers "
+                  f"x d={a['d_model']} "
                   f"({int((f['split'][...] == VALIDATION).sum())} validation rows from "
                   f"{len(f['validation_documents'])} of {a['n_documents']} documents; "
                   f"{'a BOS token' if a['bos'] else 'no BOS token'} at position 0); head check: "

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import NJTCError, run_cli
 from .extract import add_plan_arguments
-from .models import add_model_arguments
+from .models import add_model_arguments, check_device
 from .shortcuts import ShortcutMap, Shortcuts
 from .sources import live_source_from_args
 from .solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, weight_root
@@ -317,6 +317,8 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
             d_model, head = store.d_model, store.head()
             layers = store.source_layers if layers is None else store.check_layers(layers)
         method, ranks, normalize = _check_method(method, ranks, normalize, d_model)
+        if not layers:
+            raise NJTCError("no source layer to fit (the store holds the target layer alone?)")
         input_norm = normalize if normalize in ("layer", "rms") else "none"
         if store is not None and statistics is None:
             stats = accumulate_statistics(store, layers, input_norm, device, chunk_rows, float64, progress, comm,
@@ -518,6 +520,9 @@ def _run(args, comm) -> int:
         raise NJTCError("--chunk-rows must be positive")
     if args.batch_size < 1:
         raise NJTCError("--batch-size must be positive")
+    if args.save_stats is not None and not Path(args.save_stats).parent.is_dir():
+        raise NJTCError(f"cannot write {args.save_stats}: folder {Path(args.save_stats).parent} does not exist")
+    check_device(device)  # before a model loads
     start = time.perf_counter()
     with _source(args, device, comm) as store:
         shortcuts = fit_shortcuts(

@@ -19,8 +19,8 @@ import torch
 from .architectures import check_config, check_supported, custom_architecture
 from .errors import NJTCError
 
-__all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "add_model_arguments", "default_model_path", "load_model",
-           "load_model_from_args", "model_sha256"]
+__all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "add_model_arguments", "check_device", "default_model_path",
+           "load_model", "load_model_from_args", "model_sha256"]
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -130,6 +130,12 @@ def load_model(name: str | None = None, device: str = "cpu", progress: bool = Tr
     if custom:
         custom_architecture(model, blocks, final_norm, norm)
     return model, tokenizer, str(name)
+
+
+def check_device(device) -> None:
+    """Refuse a CUDA device where there is none, in one line, before any long work."""
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise NJTCError(f"--device {device} was asked for but CUDA is not available")
 
 
 def add_model_arguments(parser) -> None:

@@ -11,11 +11,11 @@ about, ``KL(p_model ‖ p_shortcut)`` through the model's own head, on the store
 rows, from that exact start (:func:`njtc_solve.train.train_maps`). Narrow maps stay narrow
 (their factors are trained). Held-out rows (the *last* ``--check-rows`` validation rows, so
 that an evaluation of the first rows, ``evaluate --max-rows``, stays disjoint from them)
-With ``--model`` the rows come from the model's forward pass over the plan the shortcuts were
-fitted with (:class:`~njtc_solve.sources.LiveSource`), an epoch per pass; nothing is cached.
 are checked as it goes: each layer keeps its best step, and training stops when no layer
 improves any more. The result is an ordinary shortcut file, labelled ``{name}-{objective}``,
-that records in its metadata what it was refined from and how.
+that records in its metadata what it was refined from and how. With ``--model`` the rows come
+from the model's forward pass over the plan the shortcuts were fitted with
+(:class:`~njtc_solve.sources.LiveSource`), an epoch per pass; nothing is cached.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .errors import NJTCError, run_cli
 from .extract import add_plan_arguments
-from .models import add_model_arguments
+from .models import add_model_arguments, check_device
 from .shortcuts import Shortcuts
 from .sources import live_source_from_args
 from .store import ActivationStore
@@ -83,6 +83,7 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
     where = getattr(store, "path", "the model's rows")
     if sc.model_sha256 != store.model_sha256:
         raise NJTCError(f"{sc.name} was fitted on another model than {where} (model_sha256 differs)")
+    sc.check_head(store.head())
     if sc.target_layer != store.n_layers:
         raise NJTCError(f"{sc.name} targets layer {sc.target_layer}; the last layer of {where} is {store.n_layers}")
     if sc.provenance.get("split_id") != store.provenance["split_id"]:
@@ -170,6 +171,10 @@ def main(argv=None) -> int:
         raise NJTCError("--patience must be 0 or more")
     if not args.lr > 0:
         raise NJTCError("--lr must be positive")
+    out = Path(args.out)
+    if not out.parent.is_dir():  # before the training, not after it
+        raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
+    check_device(args.device)
     start = Shortcuts.load(args.shortcuts)
     with _source(args, start) as store:
         refined, result = refine_shortcuts(store, start, args.objective, args.steps, parse_layers(args.layers),

@@ -178,6 +178,10 @@ def live_source_from_args(args, device, progress: bool = True, provenance: dict 
     settings = plan_settings(args, provenance)  # bad settings fail before the model loads
     corpus = args.corpus if args.corpus is not None else PLAN_DEFAULTS["corpus"]
     _, documents = load_corpus(corpus, args.text_field or PLAN_DEFAULTS["text_field"])
+    fitted_on = (provenance or {}).get("corpus_sha256")
+    if args.corpus is None and fitted_on and fitted_on != corpus_sha256(documents):
+        raise NJTCError(f"the shortcut was fitted on another corpus than {corpus} (corpus_sha256 {fitted_on[:12]}…); "
+                        "pass --corpus to name its corpus, or another to evaluate on")
     model, tokenizer, name = load_model_from_args(args, device, progress=progress)
     return LiveSource(model, tokenizer, documents, model_name=name, batch_size=args.batch_size, progress=progress,
                       **settings)

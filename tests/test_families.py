@@ -490,3 +490,46 @@ def test_a_live_fit_and_the_lens_on_opt_with_project_out(tmp_path, tokenizer_fol
     lens = ShortcutLens.from_model(model, sc, tok)
     traj = lens.trajectory("The for statement")
     assert traj.kl.shape[2] == model.config.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "gptj", "bloom", "opt"])
+def test_tuned_lens_loads_exported_maps_of_the_families_it_knows(family, tmp_path, tokenizer_folder):
+    """The families whose final norm tuned-lens 0.2.0 finds: its logits through our exported
+    translators equal our lens's."""
+    from tuned_lens.nn.lenses import TunedLens
+
+    from njtc_solve.capture import capture_residual_stream
+    from njtc_solve.export import export_tuned_lens
+    from njtc_solve.lens import ShortcutLens
+    from njtc_solve.models import model_sha256
+    from njtc_solve.shortcuts import ShortcutMap, Shortcuts
+
+    model, tok, _ = load_model(str(build_family(family, tmp_path / family, tokenizer_folder)), progress=False)
+    head, n = Head.from_model(model), model.config.num_hidden_layers
+    g = torch.Generator().manual_seed(0)
+    maps = {l: ShortcutMap(weight=torch.eye(head.d_model) + 0.3 * torch.randn(head.d_model, head.d_model, generator=g),
+                           bias=0.1 * torch.randn(head.d_model, generator=g)) for l in range(n)}
+    sc = Shortcuts("jtc", maps, n, model_sha256(model))
+    tuned = TunedLens.from_model_and_pretrained(model, str(export_tuned_lens(sc, tmp_path / "lens", model=model)))
+    ours = ShortcutLens.from_model(model, sc)
+    with capture_residual_stream(model) as hidden, torch.no_grad():
+        model(input_ids=torch.tensor([tok("The lens reads every layer.")["input_ids"]]))
+        for layer in range(n):
+            torch.testing.assert_close(tuned(hidden[layer][0], layer), ours(hidden[layer][0], layer), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["opt-project-out", "gemma2", "granite"])
+def test_export_refuses_maps_for_a_head_tuned_lens_cannot_apply(family, tmp_path, tokenizer_folder):
+    """Without the model at hand the recorded head still tells: a projection, soft-cap or scale."""
+    from njtc_solve.errors import NJTCError
+    from njtc_solve.export import export_tuned_lens
+    from njtc_solve.shortcuts import ShortcutMap, Shortcuts
+
+    model, _, _ = load_model(str(build_family(family, tmp_path / family, tokenizer_folder)), progress=False)
+    head = Head.from_model(model)
+    sc = Shortcuts("jtc", {0: ShortcutMap(weight=torch.eye(head.d_model), bias=torch.zeros(head.d_model))},
+                   model.config.num_hidden_layers, "x" * 64)
+    sc.head, sc.head_sha256 = head.describe(), head.fingerprint()
+    with pytest.raises(NJTCError, match="leaves out"):
+        export_tuned_lens(sc, tmp_path / "lens")
+    assert not (tmp_path / "lens").exists()

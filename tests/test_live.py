@@ -8,6 +8,7 @@ from conftest import run_module
 from test_extract import _one_line_exit_2
 
 from njtc_solve.corpus import load_corpus
+from njtc_solve.errors import NJTCError
 from njtc_solve.evaluate import evaluate_shortcuts
 from njtc_solve.extract import extract_activations
 from njtc_solve.fit import accumulate_statistics, fit_shortcuts
@@ -90,7 +91,7 @@ def test_live_source_checks_the_head_before_the_pass(live_and_store, monkeypatch
     calls = []
     original = live.model.forward
     monkeypatch.setattr(live.model, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
-    with pytest.raises(Exception, match="does not reproduce the model's logits"):
+    with pytest.raises(NJTCError, match="does not reproduce the model.s logits"):
         accumulate_statistics(broken, [1], progress=False)
     assert len(calls) == 1
 
@@ -149,7 +150,7 @@ def test_fits_record_their_head_and_evaluation_refuses_another(live_and_store):
         [sc] = fit_shortcuts(store, "njtc", [4], layers=[1], progress=False)
         assert sc.head_sha256 == store.head().fingerprint() == live.head().fingerprint()  # store and model agree
         sc.head_sha256 = "0" * 64
-        with pytest.raises(Exception, match="fitted for another head"):
+        with pytest.raises(NJTCError, match="fitted for another head"):
             evaluate_shortcuts(store, [sc], progress=False)
 
 
@@ -165,3 +166,25 @@ def test_one_position_per_sequence_live_equals_store(live_and_store, tmp_path):
     b = accumulate_statistics(one, [1], float64=True, progress=False)
     assert a.n_rows == b.n_rows == one.count("train", 1) > 50
     assert _relative(b.layers[1].cxy, a.layers[1].cxy) < 1e-10
+
+
+def test_evaluating_live_on_another_corpus_than_the_fit_needs_it_named(tiny_models, tmp_path):
+    """The plan comes from the shortcut's provenance; its corpus cannot, so the default corpus is
+    refused when the fit read another (a silent evaluation on other text is the failure)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Line {i} of a small corpus, about the numbers {i} and {i + 1}." for i in range(300)))
+    model = str(tiny_models["llama"])
+    fitted = run_module("njtc_solve.fit", "--model", model, "--corpus", str(corpus), "--seq-len", "32",
+                        "--method", "njtc", "--rank", "2", "--out", str(tmp_path / "c.safetensors"), "--no-progress")
+    assert fitted.returncode == 0, fitted.stderr
+    _one_line_exit_2(run_module("njtc_solve.evaluate", "--model", model, "--shortcuts", str(tmp_path / "c.safetensors"),
+                                "--out", str(tmp_path / "report")), "pass --corpus")
+    named = run_module("njtc_solve.evaluate", "--model", model, "--corpus", str(corpus), "--shortcuts",
+                       str(tmp_path / "c.safetensors"), "--out", str(tmp_path / "report"), "--no-progress")
+    assert named.returncode == 0, named.stderr
+
+
+def test_a_store_without_a_source_layer_is_refused(tiny_models, tmp_path):
+    done = run_module("njtc_solve.extract", "--model", str(tiny_models["llama"]), "--layers", "3",
+                      "--out", str(tmp_path / "a.h5"))
+    _one_line_exit_2(done, "no source layer")
