@@ -576,7 +576,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="storage type of the activations: float32 (default), float16 (half the disk; refuses "
                    "activations beyond its range) or bfloat16 (half the disk, float32's range, 8-bit mantissa); "
                    "a store takes (stored layers) x d x 4 bytes per token in float32, x 2 in 16 bits: 71 kB "
-                   "per token for SmolLM2-135M's 31 layers at d=576, 528 kB for Llama-2-7B's 33 at d=4096")
+                   "per token for SmolLM2-135M's 31 layers at d=576, 541 kB for Llama-2-7B's 33 at d=4096 (kB = 1000 bytes)")
     p.add_argument("--layers", help="source layers to store: all (default), 3, 1,5,9 or 0-29; the last layer "
                    "(the target) is always stored")
     p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")

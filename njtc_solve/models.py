@@ -1,9 +1,11 @@
 """Loading causal language models: the default SmolLM2-135M GGUF, local folders, hub names.
 
-Every command that loads a model takes the same arguments (:func:`add_model_arguments`) and
-loads through :func:`load_model_from_args`: ``--model``, ``--model-dtype``, ``--device-map``,
-and for models the architecture table does not know, ``--trust-remote-code`` with the parts
-named (``--blocks``, ``--final-norm``, ``--norm``).
+The commands that run a model over a corpus (extract, fit, evaluate, refine) take the same
+arguments (:func:`add_model_arguments`) and load through :func:`load_model_from_args`:
+``--model``, ``--model-dtype``, ``--device-map``, and for models the architecture table does
+not know, ``--trust-remote-code`` with the parts named (``--blocks``, ``--final-norm``,
+``--norm``). The lens and export load ``--model`` in float32 to check the weights' hash
+(the lens then casts it to ``--dtype``).
 """
 
 from __future__ import annotations
