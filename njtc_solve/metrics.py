@@ -53,7 +53,11 @@ def kl_divergence(reference, logits: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(reference, Reference):
         reference = Reference.from_logits(reference)
-    return (reference.p * (reference.logp - torch.log_softmax(logits, -1))).sum(-1)
+    log_q = torch.log_softmax(logits, -1)
+    if log_q.requires_grad:  # the trainer: log_softmax's backward needs its output untouched
+        return (reference.p * (reference.logp - log_q)).sum(-1)
+    # evaluation: one vocabulary-sized temporary, reused in place, and a fused reduction
+    return torch.einsum("rv,rv->r", reference.p, log_q.neg_().add_(reference.logp))
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
