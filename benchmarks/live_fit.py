@@ -68,10 +68,11 @@ def peak_rss_of_live_fit(model: str | None, max_tokens: int, device: str) -> dic
         "from njtc_solve.sources import LiveSource\n"
         "name = sys.argv[1] or None\n"
         "model, tok, name = load_model(name, sys.argv[3], progress=False)\n"
+        "loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "live = LiveSource(model, tok, load_corpus()[1], max_tokens=int(sys.argv[2]), model_name=name)\n"
         "fit_shortcuts(live, 'njtc', [32], device=sys.argv[3], progress=False)\n"
         "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
-        " 'train_tokens': live.count('train', 1)}))\n")
+        " 'peak_rss_after_loading_mb': loaded, 'train_tokens': live.count('train', 1)}))\n")
     done = subprocess.run([sys.executable, "-c", code, model or "", str(max_tokens), device],
                           capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     return {"max_tokens": max_tokens, **json.loads(done.stdout.strip().splitlines()[-1])}
@@ -153,7 +154,8 @@ def main(argv=None):
     if "memory" not in skip:
         sweep = [peak_rss_of_live_fit(args.model, k * args.max_tokens, args.device) for k in (1, 2, 4)]
         result["memory"] = sweep
-        print("live fit peak RSS: " + ", ".join(f"{m['train_tokens']} train tokens {m['peak_rss_mb']:.0f} MB"
+        print("live fit peak RSS: " + ", ".join(f"{m['train_tokens']} train tokens {m['peak_rss_mb']:.0f} MB "
+                                                f"(loading the model alone: {m['peak_rss_after_loading_mb']:.0f} MB)"
                                                 for m in sweep), flush=True)
 
     # Llama-2-7B at 1M tokens, from this machine's measured rates

@@ -16,6 +16,7 @@ identity plus a low-rank correction; ``--weight logits`` measures the error in l
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import time
 from contextlib import contextmanager
@@ -96,8 +97,12 @@ def accumulate_statistics(store, layers, input_norm: str = "none", device="cpu",
     try:
         if store.count("train", skip) == 0:
             raise NJTCError(f"{store.path} has no training rows at positions >= {skip}")
-        # every process shifts by the first training chunk's mean, as a single process would
-        _, first = next(store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, skip_positions=skip))
+        chunks = store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, shard=shard, skip_positions=skip)
+        if shard == (0, 1):  # the first chunk serves the shift and is accumulated too: read (or run) once
+            first_chunk = next(chunks)
+            chunks, first = itertools.chain([first_chunk], chunks), first_chunk[1]
+        else:  # every process shifts by the first training chunk's mean, as a single process would
+            _, first = next(store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, skip_positions=skip))
         acc.shift_from_chunk({l: first[l] for l in layers}, first[target])
         weigh = None
         if row_weight == "inv_sigma2":
@@ -107,8 +112,7 @@ def accumulate_statistics(store, layers, input_norm: str = "none", device="cpu",
             weigh = lambda y: _inverse_norm_scale(*norm, y) / scale
         with tqdm(total=total, unit="row", unit_scale=True, desc="statistics", leave=False,
                   disable=not progress) as bar:
-            for _, chunk in store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, shard=shard,
-                                              skip_positions=skip):
+            for _, chunk in chunks:
                 acc.update({l: chunk[l] for l in layers}, chunk[target],
                            None if weigh is None else weigh(chunk[target]))
                 bar.update(len(chunk[target]))

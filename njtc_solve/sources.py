@@ -8,7 +8,7 @@ and ``iter_chunks(layers, split, chunk_rows, max_rows, shard, skip_positions)`` 
 reading a cache; :class:`LiveSource` is the other, running the model over the same
 extraction plan (same split, seed, positions and row order as ``python -m
 njtc_solve.extract``) and never writing an activation. Its chunks also hold the model's own
-top-k at every row under ``"final_topk"``.
+top-k at every validation row under ``"final_topk"``.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ class LiveSource:
 
         Yields ``(row_indices, chunk)`` like :meth:`ActivationStore.iter_chunks`, with
         ``chunk[layer]`` a float32 tensor on the model's device (of that layer, under a
-        device map) and ``chunk["final_topk"]`` the model's own top-k. ``chunk_rows`` is not
+        device map) and, outside the training split, ``chunk["final_topk"]`` the model's own
+        top-k. ``chunk_rows`` is not
         used: a chunk is one forward pass of ``batch_size`` sequences. ``shard`` gives each
         process a contiguous block of the split's sequences. The first batch checks the
         head against the model's own logits (:func:`njtc_solve.capture.check_head`).
@@ -156,7 +157,8 @@ class LiveSource:
                 continue
             index = torch.as_tensor(np.flatnonzero(pick), device=batch.logits.device)
             chunk = {l: batch.hidden[l][index.to(batch.hidden[l].device)].float() for l in layers}
-            chunk["final_topk"] = batch.logits[index].topk(FINAL_TOPK, -1).indices
+            if code != TRAIN:  # what evaluation compares with; a fit needs no top-k of its rows
+                chunk["final_topk"] = batch.logits[index].topk(FINAL_TOPK, -1).indices
             taken += int(pick.sum())
             yield rows[pick], chunk
             if max_rows is not None and taken >= max_rows:
