@@ -46,6 +46,8 @@ bench: setup
 	$(PY) benchmarks/throughput.py --store $(RUN)/activations.h5
 	$(PY) benchmarks/extract.py --repeats 3
 	$(PY) benchmarks/closed_vs_gradient.py --store $(RUN)/activations.h5
+	$(PY) benchmarks/store_pass.py --store $(RUN)/activations.h5
+	$(PY) benchmarks/live_fit.py
 
 clean:
 	rm -rf runs
