@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from .extract import add_plan_arguments
 from .models import add_model_arguments, check_device
 from .metrics import Reference, hits_at_k, kl_divergence, surprisal
 from .shortcuts import Shortcuts
-from .sources import live_source_from_args
+from .sources import rows_from_args
 from .store import ActivationStore
 
 __all__ = ["EvaluationResult", "check_unseen", "evaluate_shortcuts", "early_exit_curve", "main"]
@@ -336,21 +335,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@contextmanager
-def _source(args, loaded):
-    """The evaluated rows: a store, or the model's forward pass over the shortcuts' held-out documents."""
-    if args.model is None:
-        with ActivationStore(args.store or "activations.h5") as store:
-            yield store
-        return
-    if args.store is not None:
-        raise NJTCError("--model and --store exclude each other: evaluate on the model or on a store")
-    if args.batch_size < 1:
-        raise NJTCError("--batch-size must be positive")
-    provenance = next((sc.provenance for sc in loaded if sc.provenance), None)
-    yield live_source_from_args(args, args.device, not args.no_progress, provenance)
-
-
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m njtc_solve.evaluate``."""
     from .export import read_tuned_lens
@@ -372,7 +356,8 @@ def main(argv=None) -> int:
         raise NJTCError(f"--out {out} exists and is not a folder")
     check_device(args.device)
     loaded = _load_all(files)
-    with _source(args, loaded) as store:
+    provenance = next((sc.provenance for sc in loaded if sc.provenance), None)  # the held-out documents
+    with rows_from_args(args, provenance, "evaluate") as store:
         loaded += [read_tuned_lens(d, store.head(), store.model_sha256) for d in args.tuned_lens]
         result = evaluate_shortcuts(store, loaded, parse_layers(args.layers), args.max_rows,
                                     args.chunk_rows, args.device, not args.no_progress,

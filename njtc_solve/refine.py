@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import NJTCError, run_cli
 from .extract import add_plan_arguments
 from .models import add_model_arguments, check_device
 from .shortcuts import Shortcuts
-from .sources import live_source_from_args
+from .sources import rows_from_args
 from .store import ActivationStore
 from .train import OBJECTIVES, OPTIMIZERS, StoreRows, TrainResult, train_maps
 
@@ -141,20 +140,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@contextmanager
-def _source(args, start: Shortcuts):
-    """The rows: a store, or the model's forward pass over the plan the shortcuts were fitted with."""
-    if args.model is None:
-        with ActivationStore(args.store or "activations.h5") as store:
-            yield store
-        return
-    if args.store is not None:
-        raise NJTCError("--model and --store exclude each other: refine on the model or on a store")
-    if args.batch_size < 1:
-        raise NJTCError("--batch-size must be positive")
-    yield live_source_from_args(args, args.device, not args.no_progress, start.provenance or None)
-
-
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m njtc_solve.refine``."""
     from .fit import parse_layers
@@ -176,7 +161,7 @@ def main(argv=None) -> int:
         raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
     check_device(args.device)
     start = Shortcuts.load(args.shortcuts)
-    with _source(args, start) as store:
+    with rows_from_args(args, start.provenance or None, "refine") as store:
         refined, result = refine_shortcuts(store, start, args.objective, args.steps, parse_layers(args.layers),
                                            args.lr, args.optimizer, args.batch_rows, args.check_rows,
                                            args.check_every, args.patience, args.device, not args.no_progress,

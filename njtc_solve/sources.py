@@ -13,6 +13,8 @@ top-k at every validation row under ``"final_topk"``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -23,9 +25,9 @@ from .errors import NJTCError
 from .extract import ExtractionPlan, plan_extraction
 from .head import Head
 from .models import model_sha256
-from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, TRAIN, VALIDATION, split_provenance
+from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, TRAIN, VALIDATION, ActivationStore, split_provenance
 
-__all__ = ["LiveSource", "live_source_from_args"]
+__all__ = ["LiveSource", "live_source_from_args", "rows_from_args"]
 
 _SPLITS = {"train": TRAIN, "validation": VALIDATION, "val": VALIDATION}
 
@@ -164,6 +166,22 @@ class LiveSource:
             if max_rows is not None and taken >= max_rows:
                 return
 
+
+
+@contextmanager
+def rows_from_args(args, provenance: dict | None = None, verb: str = "read"):
+    """The rows a command reads: the store of ``--store`` (default ``activations.h5``), or with
+    ``--model`` the model's forward pass over the plan of ``provenance`` (see
+    :func:`live_source_from_args`)."""
+    if args.model is None:
+        with ActivationStore(args.store or "activations.h5") as store:
+            yield store
+        return
+    if args.store is not None:
+        raise NJTCError(f"--model and --store exclude each other: {verb} on the model or on a store")
+    if args.batch_size < 1:
+        raise NJTCError("--batch-size must be positive")
+    yield live_source_from_args(args, args.device, not args.no_progress, provenance)
 
 
 def live_source_from_args(args, device, progress: bool = True, provenance: dict | None = None) -> LiveSource:
