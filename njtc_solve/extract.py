@@ -36,7 +36,7 @@ from .store import (DEFAULT_SKIP_POSITIONS, FINAL_TOPK, FORMAT, FORMAT_VERSION, 
                     decode_rows, encode_rows)
 
 __all__ = ["PLAN_DEFAULTS", "ExtractionPlan", "add_plan_arguments", "bos_token", "extract_activations",
-           "head_check_tolerance", "main", "plan_extraction", "plan_settings"]
+           "head_check_tolerance", "main", "parse_layers", "plan_extraction", "plan_settings"]
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -587,10 +587,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_layers(text):
-    from .fit import parse_layers  # the one parser of layer lists
-
-    return parse_layers(text)
+def parse_layers(text: str | None):
+    """Parse ``"all"``, ``"3"``, ``"1,5,9"`` or ``"0-29"`` into source layer indices."""
+    if text is None or text == "all":
+        return None
+    layers = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                layers.extend(range(int(a), int(b) + 1))
+            else:
+                layers.append(int(part))
+    except ValueError as err:
+        raise NJTCError(f"cannot parse --layers {text!r}; use e.g. 3 or 1,5,9 or 0-29") from err
+    return layers
 
 
 def main(argv=None) -> int:
@@ -626,7 +637,7 @@ def main(argv=None) -> int:
                     val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
                     batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.no_progress and shard[0] == 0, shard=shard, bos=args.bos,
-                    layers=_parse_layers(args.layers),
+                    layers=parse_layers(args.layers),
                 )
             ok = True
         finally:

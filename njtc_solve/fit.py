@@ -26,10 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NJTCError, run_cli
-from .extract import add_plan_arguments
+from .extract import add_plan_arguments, parse_layers
 from .models import add_model_arguments, check_device
 from .shortcuts import ShortcutMap, Shortcuts
-from .sources import live_source_from_args
+from .sources import rows_from_args
 from .solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, weight_root
 from .stats import MomentAccumulator, Statistics
 from .store import ActivationStore
@@ -391,23 +391,6 @@ def _solve_shared(comm, solve, layers) -> list[Shortcuts]:
     return merged
 
 
-def parse_layers(text: str | None):
-    """Parse ``"all"``, ``"3"``, ``"1,5,9"`` or ``"0-29"`` into source layer indices."""
-    if text is None or text == "all":
-        return None
-    layers = []
-    try:
-        for part in text.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                layers.extend(range(int(a), int(b) + 1))
-            else:
-                layers.append(int(part))
-    except ValueError as err:
-        raise NJTCError(f"cannot parse --layers {text!r}; use e.g. 3 or 1,5,9 or 0-29") from err
-    return layers
-
-
 def parse_ranks(text: str | None):
     """Parse ``"32"`` or ``"8,16,32"``; ``None`` stays ``None``."""
     if text is None:
@@ -495,17 +478,13 @@ def main(argv=None, comm=None) -> int:
 @contextmanager
 def _source(args, device, comm):
     """Where the fit reads its rows: a store, the model's forward pass, or none (``--stats``)."""
-    if args.model is not None and args.store is not None:
-        raise NJTCError("--model and --store exclude each other: fit from the model or from a store")
-    if args.model is not None:
-        if args.stats is not None:
-            raise NJTCError("--model and --stats exclude each other: saved statistics need no model")
-        yield live_source_from_args(args, device, progress=not args.no_progress and (comm is None or comm.rank == 0))
-    elif args.stats is not None and args.store is None:
+    if args.model is not None and args.stats is not None:
+        raise NJTCError("--model and --stats exclude each other: saved statistics need no model")
+    if args.stats is not None and args.store is None and args.model is None:
         yield None
-    else:
-        with ActivationStore(args.store or "activations.h5") as store:
-            yield store
+        return
+    with rows_from_args(args, None, "fit", device, not args.no_progress and (comm is None or comm.rank == 0)) as rows:
+        yield rows
 
 
 def _run(args, comm) -> int:
@@ -522,8 +501,6 @@ def _run(args, comm) -> int:
         raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
     if args.chunk_rows <= 0:
         raise NJTCError("--chunk-rows must be positive")
-    if args.batch_size < 1:
-        raise NJTCError("--batch-size must be positive")
     if args.save_stats is not None and not Path(args.save_stats).parent.is_dir():
         raise NJTCError(f"cannot write {args.save_stats}: folder {Path(args.save_stats).parent} does not exist")
     check_device(device)  # before a model loads

@@ -25,12 +25,9 @@ from .errors import NJTCError
 from .extract import ExtractionPlan, plan_extraction
 from .head import Head
 from .models import model_sha256
-from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, TRAIN, VALIDATION, ActivationStore, split_provenance
+from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, SPLITS, TRAIN, ActivationStore, split_provenance
 
 __all__ = ["LiveSource", "live_source_from_args", "rows_from_args"]
-
-_SPLITS = {"train": TRAIN, "validation": VALIDATION, "val": VALIDATION}
-
 
 class LiveSource:
     """Training or validation rows of a live model over a corpus, one forward pass per batch.
@@ -106,10 +103,10 @@ class LiveSource:
         return layers
 
     def _selection(self, split, skip_positions: int) -> np.ndarray:
-        if split is not None and split not in _SPLITS:
+        if split is not None and split not in SPLITS:
             raise NJTCError(f"unknown split {split!r}; use 'train' or 'validation'")
         keep = self._row_position >= skip_positions
-        return keep if split is None else keep & (self._row_split == _SPLITS[split])
+        return keep if split is None else keep & (self._row_split == SPLITS[split])
 
     def count(self, split=None, skip_positions: int = 0) -> int:
         """Rows of ``split`` at positions ``>= skip_positions``."""
@@ -133,7 +130,7 @@ class LiveSource:
         """
         layers = self.check_layers(layers)
         keep = self._selection(split, skip_positions)
-        code = None if split is None else _SPLITS[split]
+        code = None if split is None else SPLITS[split]
         sequences = np.flatnonzero(self.plan.split == code) if code is not None else np.arange(len(self.plan.split))
         rank, world = shard
         sequences = sequences[rank * len(sequences) // world: (rank + 1) * len(sequences) // world]
@@ -169,10 +166,10 @@ class LiveSource:
 
 
 @contextmanager
-def rows_from_args(args, provenance: dict | None = None, verb: str = "read"):
+def rows_from_args(args, provenance: dict | None = None, verb: str = "read", device=None, progress=None):
     """The rows a command reads: the store of ``--store`` (default ``activations.h5``), or with
     ``--model`` the model's forward pass over the plan of ``provenance`` (see
-    :func:`live_source_from_args`)."""
+    :func:`live_source_from_args`), on ``device`` (default ``--device``)."""
     if args.model is None:
         with ActivationStore(args.store or "activations.h5") as store:
             yield store
@@ -181,7 +178,8 @@ def rows_from_args(args, provenance: dict | None = None, verb: str = "read"):
         raise NJTCError(f"--model and --store exclude each other: {verb} on the model or on a store")
     if args.batch_size < 1:
         raise NJTCError("--batch-size must be positive")
-    yield live_source_from_args(args, args.device, not args.no_progress, provenance)
+    yield live_source_from_args(args, args.device if device is None else device,
+                                not args.no_progress if progress is None else progress, provenance)
 
 
 def live_source_from_args(args, device, progress: bool = True, provenance: dict | None = None) -> LiveSource:

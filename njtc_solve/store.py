@@ -15,7 +15,7 @@ import numpy as np
 from .errors import NJTCError, atomic_output
 from .head import Head
 
-__all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "STORE_DTYPES",
+__all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "SPLITS", "STORE_DTYPES",
            "TRAIN", "VALIDATION", "ActivationStore", "decode_rows", "encode_rows",
            "combine_shards", "prefetched", "shard_path", "split_provenance"]
 
@@ -29,7 +29,7 @@ FINAL_TOPK = 10  # the model's own top-k stored per row (`/final_topk`)
 # Fits and evaluation leave out rows before this position by default: position 0 is the BOS
 # token where the model has one, else the first token, an attention sink with a huge norm.
 DEFAULT_SKIP_POSITIONS = 1
-_SPLITS = {"train": TRAIN, "validation": VALIDATION, "val": VALIDATION}
+SPLITS = {"train": TRAIN, "validation": VALIDATION, "val": VALIDATION}  # split names and their codes
 
 
 class ActivationStore:
@@ -172,9 +172,9 @@ class ActivationStore:
         """Translate ``"train"``/``"validation"``/``None`` to a split code."""
         if split is None:
             return None
-        if split not in _SPLITS:
+        if split not in SPLITS:
             raise NJTCError(f"unknown split {split!r}; use 'train' or 'validation'")
-        return _SPLITS[split]
+        return SPLITS[split]
 
     def selection(self, split=None, skip_positions: int = 0, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Boolean mask of the rows ``start:stop`` in ``split`` at positions ``>= skip_positions``."""
