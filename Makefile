@@ -34,8 +34,9 @@ demo: setup
 		$(RUN)/njtc-r32.safetensors $(RUN)/njtc-r64.safetensors $(RUN)/njtc-residual.safetensors $(RUN)/nnjtc.safetensors
 	@echo "report: $(RUN)/report/report.md"
 
+# one pytest-xdist worker per core; the real-model run is scheduled first
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: setup
 	$(VENV)/bin/ruff check njtc_solve tests benchmarks

@@ -28,6 +28,7 @@ from njtc_solve.evaluate import evaluate_shortcuts
 from njtc_solve.fit import fit_shortcuts
 from njtc_solve.gradient import as_shortcuts, train_gradient
 from njtc_solve.store import ActivationStore
+from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -106,7 +107,7 @@ def main(argv=None):
             "speedup_all_layers": per_layer_adam * store.n_layers / all_layers_s,
             "note": f"Adam's all-layer time is the mean over the measured layers ({args.layers}) × {store.n_layers}"}
     payload = {"args": vars(args), "records": records, "all_layers": full}
-    (out / "closed_vs_gradient.json").write_text(json.dumps(payload, indent=1))
+    (out / "closed_vs_gradient.json").write_text(json.dumps({"measured_at": measured_at(), **payload}, indent=1))
 
     cols = ["method", "layer", "closed_form_s", "adam_lr", "adam_s_to_1pct", "adam_s_to_0.1pct", "speedup_to_1pct",
             "adam_gap", "closed_form_val_p1", "adam_val_p1"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from njtc_solve.fit import fit_from_statistics, accumulate_statistics
 from njtc_solve.store import ActivationStore
+from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,7 +54,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = {"store": args.store, "rank": args.rank, "layers": rows, "seconds_float32": seconds[False],
            "seconds_float64": seconds[True], "rows": stats.n_rows}
-    (RESULTS / "exactness.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / "exactness.json").write_text(json.dumps({"measured_at": measured_at(), **out}, indent=1))
     worst = {k: max(r[k] for r in rows) for k in ("U", "V", "UV", "jtc")}
     above = [r["layer"] for r in rows if max(r["U"], r["V"], r["UV"]) > 1e-5]
     print(f"pass: float32 {seconds[False]:.1f}s, float64 {seconds[True]:.1f}s over {stats.n_rows} rows")

@@ -23,6 +23,7 @@ import torch
 from njtc_solve.corpus import corpus_sha256, load_corpus
 from njtc_solve.extract import extract_activations, plan_extraction
 from njtc_solve.models import load_model, model_sha256
+from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,6 +65,7 @@ def main(argv=None):
               "extract_tok_per_s": tokens / min(extract), "overhead": min(extract) / min(bare) - 1}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    result = {"measured_at": measured_at(), **result}
     (out / "extract.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     print(f"HEADLINE: extraction {result['extract_tok_per_s']:.0f} tok/s vs bare forward "

@@ -35,6 +35,7 @@ from njtc_solve.extract import bytes_per_token, extract_activations
 from njtc_solve.fit import accumulate_statistics, fit_shortcuts
 from njtc_solve.models import load_model, model_sha256
 from njtc_solve.sources import LiveSource
+from provenance import measured_at
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -178,7 +179,7 @@ def main(argv=None):
           f"measured here (the forward pass itself: {q['forward_gflop'] / 1e6:.1f} PFLOP)")
     out = Path(args.out or RESULTS / f"live_fit-{torch.device(args.device).type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps({"measured_at": measured_at(), **result}, indent=1))
     print(f"wrote {out}")
 
 

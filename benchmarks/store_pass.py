@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from provenance import measured_at
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -88,7 +90,7 @@ def main(argv=None):
     if "before" in result:
         print(f"speed-up: {result['before']['seconds'] / result['after']['seconds']:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps({"measured_at": measured_at(), **result}, indent=1))
 
 
 if __name__ == "__main__":

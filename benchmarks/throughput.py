@@ -25,6 +25,7 @@ from njtc_solve.fit import accumulate_statistics
 from njtc_solve.solvers import solve_reduced_rank
 from njtc_solve.stats import MomentAccumulator
 from njtc_solve.store import ActivationStore
+from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -140,7 +141,7 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"throughput-{device.type}.json").write_text(json.dumps(result, indent=1))
+    (out / f"throughput-{device.type}.json").write_text(json.dumps({"measured_at": measured_at(), **result}, indent=1))
     print(f"time per row varies {result['time_per_row_spread']:.2f}x over a 4x range of n (1.00 = linear)")
     print(f"HEADLINE: accumulation at {100 * head['fraction_of_float32_peak']:.0f}% of the measured float32 GEMM "
           f"peak ({head['gflops']:.1f} of {result['peak_gflops_float32']:.1f} GFLOP/s) on {result['device']}")

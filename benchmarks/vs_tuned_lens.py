@@ -42,6 +42,7 @@ from njtc_solve.fit import fit_shortcuts
 from njtc_solve.metrics import Reference
 from njtc_solve.store import ActivationStore
 from njtc_solve.train import StoreRows, TrainableMap, check_metrics, train_maps
+from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("kl", "precision@1", "surprisal")
@@ -258,7 +259,7 @@ def main(argv=None):
         for layer in store.check_layers(args.layers.split(",")):
             records.append(race_layer(store, layer, args, head, device))
             payload = {"args": vars(args), "torch_threads": torch.get_num_threads(), "records": records}
-            (out / "vs_tuned_lens.json").write_text(json.dumps(payload, indent=1))  # after every layer
+            (out / "vs_tuned_lens.json").write_text(json.dumps({"measured_at": measured_at(), **payload}, indent=1))  # after every layer
     lines = table(records, args.rank)
     (out / "vs_tuned_lens.md").write_text("\n".join(lines) + "\n")
     plot(records, args.rank, out / "vs_tuned_lens.png")

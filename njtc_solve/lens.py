@@ -35,6 +35,7 @@ from .capture import capture_residual_stream
 from .errors import NJTCError, atomic_output, run_cli
 from .head import Head
 from .metrics import Reference, kl_divergence
+from .report import write_csv
 from .shortcuts import ShortcutMap, Shortcuts
 
 __all__ = ["ShortcutLens", "Trajectory", "main", "plot_trajectory"]
@@ -387,11 +388,8 @@ def plot_trajectory(traj: Trajectory, prompt: int = 0, color: str = "kl", max_po
     -------
     matplotlib.figure.Figure
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     if color not in ("kl", "prob"):
         raise NJTCError("color must be kl or prob")
@@ -407,9 +405,8 @@ def plot_trajectory(traj: Trajectory, prompt: int = 0, color: str = "kl", max_po
     else:
         norm, cmap = Normalize(vmin=0.0, vmax=1.0), "viridis"
     width = len(cols)
-    fig, axes = plt.subplots(1, len(traj.methods), figsize=(1.5 + len(traj.methods) * (0.62 * width + 0.8),
-                                                             1.6 + 0.28 * layers), squeeze=False, sharey=True,
-                             layout="constrained")
+    fig = Figure(figsize=(1.5 + len(traj.methods) * (0.62 * width + 0.8), 1.6 + 0.28 * layers), layout="constrained")
+    axes = fig.subplots(1, len(traj.methods), squeeze=False, sharey=True)
     for m, ax in enumerate(axes[0]):
         image = ax.imshow(np.ma.masked_invalid(shown[m]), origin="lower", aspect="auto", cmap=cmap, norm=norm)
         for layer in range(layers):
@@ -501,7 +498,7 @@ def main(argv=None) -> int:
     with atomic_output(paths["json"]) as tmp:
         tmp.write_text(json.dumps({"meta": meta, "records": records}, ensure_ascii=False, indent=1))
     with atomic_output(paths["csv"]) as tmp:
-        traj.to_pandas().to_csv(tmp, index=False)
+        write_csv(tmp, records)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 

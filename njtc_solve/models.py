@@ -10,9 +10,9 @@ not know, ``--trust-remote-code`` with the parts named (``--blocks``, ``--final-
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -167,22 +167,26 @@ def load_model_from_args(args, device: str = "cpu", progress: bool = True):
 
 @contextmanager
 def _progress_bars(enabled: bool):
-    """transformers' bars on or off (its GGUF conversion uses plain tqdm: ``TQDM_DISABLE``)."""
+    """transformers' bars on or off, its GGUF conversion's too.
+
+    That conversion calls plain ``tqdm`` without ``disable=``, and tqdm reads ``TQDM_DISABLE``
+    once, when it is imported, so the module's own ``tqdm`` is swapped for a disabled one.
+    """
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    was_enabled, env = hf_logging.is_progress_bar_enabled(), os.environ.get("TQDM_DISABLE")
+    was_enabled, bar = hf_logging.is_progress_bar_enabled(), getattr(gguf_utils, "tqdm", None)
     if not enabled:
         hf_logging.disable_progress_bar()
-        os.environ["TQDM_DISABLE"] = "1"
+        if bar is not None:
+            gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-        if env is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = env
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
 
 def _check_source(source: str, kwargs: dict, custom: bool) -> None:

@@ -9,14 +9,11 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure  # no pyplot: a notebook's plotting backend stays as it is
 
 from .errors import NJTCError, atomic_output
 
-__all__ = ["write_report", "markdown_table", "summary_table"]
+__all__ = ["write_report", "write_csv", "markdown_table", "summary_table"]
 
 _COLUMNS = ["method", "layer", "rank", "params", "reduction", "precision@1", "precision@5", "precision@10",
             "surprisal", "kl", "mse", "r2", "n_rows"]
@@ -58,7 +55,8 @@ def _by_method(records):
 
 
 def _line_plot(result, metric, ylabel, path, reference=None):
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     for method, rows in _by_method(result.records).items():
         rows = sorted(rows, key=lambda r: r["layer"])
         style = "--" if method == "identity" else "-"
@@ -84,7 +82,8 @@ def _rank_sweep(result, path) -> bool:
             families[family].append((rows[0]["params"], mean_p1, rows[0]["rank"]))
     if not any(len(points) > 1 for points in families.values()):
         return False
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     for family, points in families.items():
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
@@ -108,7 +107,8 @@ def _rank_sweep(result, path) -> bool:
 
 
 def _early_exit_plot(result, path):
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     for method, curve in result.early_exit.items():
         ax.plot([100 * s for s in curve["saved"]], curve["agreement"], marker=".", label=method)
     ax.set_xlabel("layers saved (%)")
@@ -123,7 +123,26 @@ def _early_exit_plot(result, path):
 def _save(fig, path):
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+
+
+def write_csv(path, records: list[dict]) -> None:
+    """Write ``records`` (dicts with the same keys) as a CSV table with a header row.
+
+    Lists and dicts in a cell are written as JSON, so a reader gets them back with ``json.loads``;
+    no pandas needed.
+
+    Examples
+    --------
+    >>> write_csv("t.csv", [{"method": "jtc", "layer": 3, "topk": ["a", "b"]}])
+    >>> print(open("t.csv").read().strip())
+    method,layer,topk
+    jtc,3,"[""a"", ""b""]"
+    """
+    cell = lambda v: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, tuple, dict)) else v
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else [], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: cell(v) for k, v in r.items()} for r in records)
 
 
 def _write_text(path, text):
@@ -171,10 +190,8 @@ def _write_files(result, out: Path) -> tuple[dict, str]:
                                       ("early_exit_plot", "early_exit.png")]}
     _write_text(paths["json"], json.dumps({"meta": result.meta, "records": result.records,
                                            "early_exit": result.early_exit}, indent=1))
-    with atomic_output(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result.records[0]), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(result.records)
+    with atomic_output(paths["csv"]) as tmp:
+        write_csv(tmp, result.records)
     _line_plot(result, "precision@1", "Precision@1", paths["precision_plot"])
     _line_plot(result, "surprisal", "surprisal (nats)", paths["surprisal_plot"], result.meta.get("model_surprisal"))
     _early_exit_plot(result, paths["early_exit_plot"])

@@ -14,6 +14,14 @@ from njtc_solve.corpus import load_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-model run first, so that under pytest-xdist it overlaps the rest instead of trailing it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 def _tokenizer(folder: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

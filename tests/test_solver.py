@@ -29,6 +29,12 @@ def stats_of(x, y, chunk=None, input_norm="none", float64=True):
     return acc.finalize({"target_layer": 1, "d_model": x.shape[1]})
 
 
+# The float32 path's promise against float64 GEMMs (design.md §6, error model): the worst seen on
+# these synthetic tests is 8.0e-6 (JTC) and 7.3e-6 (U), the same under MKL_CBWR=AVX2 and COMPATIBLE
+# and ATEN_CPU_CAPABILITY=default and avx2; on SmolLM2 1.15e-5 (layer 1, MKL AVX2). ≥ 5× margin.
+FLOAT32_PATH = 1e-4
+
+
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
@@ -194,7 +200,7 @@ def test_shifted_float32_accumulation_is_accurate_where_plain_float32_fails():
     ours_err = rel(our_coef, ref_coef)
     naive_err = rel(_naive_float32_map(x, y), ref_coef)
     print(f"relative map error: shifted float32 {ours_err:.2e}, plain float32 {naive_err:.2e}")
-    assert ours_err <= 1e-6
+    assert ours_err <= 5e-6  # worst seen 4.8e-7 (MKL AVX2, COMPATIBLE; ATen default, avx2)
     assert naive_err > 1e-2
 
 
@@ -248,14 +254,14 @@ def test_float32_layernorm_nnjtc_maps_equal_a_float64_accumulation(seed):
     [a], [b] = (fit_from_statistics(s, "nnjtc", [16], normalize="layer") for s in (s32, s64))
     [ja], [jb] = (fit_from_statistics(s, "jtc", None, normalize="layer") for s in (s32, s64))
     A, B = a.maps[0], b.maps[0]
-    assert rel(A.U, B.U) <= 1e-5 and rel(A.V, B.V) <= 1e-5
-    assert rel(A.U @ A.V, B.U @ B.V) <= 1e-5 and rel(A.bias, B.bias) <= 1e-5
-    assert rel(ja.maps[0].weight, jb.maps[0].weight) <= 1e-5
+    assert rel(A.U, B.U) <= FLOAT32_PATH and rel(A.V, B.V) <= FLOAT32_PATH
+    assert rel(A.U @ A.V, B.U @ B.V) <= FLOAT32_PATH and rel(A.bias, B.bias) <= FLOAT32_PATH
+    assert rel(ja.maps[0].weight, jb.maps[0].weight) <= FLOAT32_PATH
     # no component along the all-ones input direction, which LayerNorm outputs never have
     assert float(A.U.double().sum(0).norm()) <= 1e-6 * float(A.U.double().norm())
     # so bf16-rounded inputs (not exactly normalised) get the same predictions
     rounded = torch.from_numpy(x[:2000]).bfloat16().float()
-    assert rel(a.predict(0, rounded), b.predict(0, rounded)) <= 1e-5
+    assert rel(a.predict(0, rounded), b.predict(0, rounded)) <= FLOAT32_PATH
 
 
 def test_projection_removes_the_ones_direction_that_float32_rounding_leaves():
@@ -425,7 +431,7 @@ def test_a_massive_sparse_feature_keeps_every_resolved_direction_in_float32():
     assert lam[0] / lam[-1] < 1e-7
     b32 = solve_reduced_rank(s32.layers[0].cxx, s32.layers[0].cxy).coef
     b64 = solve_reduced_rank(s64.layers[0].cxx, s64.layers[0].cxy).coef
-    assert rel(b32, b64) <= 1e-5
+    assert rel(b32, b64) <= FLOAT32_PATH  # worst seen 7.6e-6
 
 
 def test_fit_passes_the_row_count_and_the_intercept_to_gcv():

@@ -1,0 +1,104 @@
+"""Every command does its real work after a plain ``pip install .``: each installed package
+that the project's core dependencies do not bring (pandas, tuned-lens, gguf, accelerate,
+pytest, …) is made unimportable, and every command runs on a tiny model in one process.
+
+An import the commands use but ``pyproject.toml`` does not declare fails here, in CI, rather
+than on a user's machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from conftest import ROOT
+
+# Runs in a fresh interpreter: computes what `pip install .` installs (the closure of the
+# core requirements, extras excluded), blocks every other installed top-level module, then
+# runs each command's main() as `python -m njtc_solve.<command>` would.
+_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from importlib import metadata
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name as canon
+
+    def declared(dist):
+        seen, todo = set(), [dist]
+        while todo:
+            name = canon(todo.pop())
+            if name in seen:
+                continue
+            seen.add(name)
+            try:
+                requires = metadata.distribution(name).requires or []
+            except metadata.PackageNotFoundError:
+                continue
+            for text in requires:
+                req = Requirement(text)
+                if req.marker is None or req.marker.evaluate({"extra": ""}):
+                    todo.append(req.name)
+        return seen
+
+    keep = declared("njtc_solve")
+    blocked = sorted(module for module, dists in metadata.packages_distributions().items()
+                     if module != "njtc_solve" and not module.startswith("_")
+                     and not any(canon(d) in keep for d in dists))
+    for module in blocked:
+        sys.modules[module] = None  # `import module` raises ModuleNotFoundError, find_spec gives None
+    from importlib import import_module
+    from njtc_solve.errors import run_cli
+
+    codes = {}
+    for label, command, argv in json.loads(sys.argv[1]):
+        try:
+            codes[label] = run_cli(import_module(f"njtc_solve.{command}").main, argv)
+        except SystemExit as stop:  # argparse's usage error
+            codes[label] = stop.code
+    loaded = sorted(set(blocked) & {name.split(".")[0] for name, m in sys.modules.items() if m is not None})
+    print(json.dumps({"codes": codes, "blocked": blocked, "loaded_anyway": loaded}))
+''')
+
+
+def _commands(model: str, tmp) -> list:
+    plan = ["--seq-len", "16", "--max-tokens", "1200"]
+    store, stats, maps = str(tmp / "a.h5"), str(tmp / "stats.safetensors"), str(tmp / "maps.safetensors")
+    quiet = ["--no-progress"]
+    return [
+        ("extract", "extract", ["--model", model, "--out", store, *plan, *quiet]),
+        ("fit --store", "fit", ["--store", store, "--method", "njtc", "--rank", "4", "--out", maps,
+                                "--save-stats", stats, *quiet]),
+        ("fit --stats", "fit", ["--stats", stats, "--method", "jtc", "--out", str(tmp / "jtc.safetensors"), *quiet]),
+        ("fit --model", "fit", ["--model", model, *plan, "--method", "nnjtc", "--rank", "4",
+                                "--out", str(tmp / "live.safetensors"), *quiet]),
+        ("evaluate --store", "evaluate", ["--store", store, "--shortcuts", maps, "--out", str(tmp / "report"), *quiet]),
+        ("evaluate --model", "evaluate", ["--model", model, "--shortcuts", maps, "--corpus", "pydoc_data.topics",
+                                          "--max-rows", "64", *quiet]),
+        ("refine", "refine", ["--store", store, "--shortcuts", maps, "--steps", "2", "--check-rows", "32",
+                              "--out", str(tmp / "refined.safetensors"), *quiet]),
+        ("export", "export", ["--format", "tuned-lens", "--shortcuts", maps, "--out", str(tmp / "tuned"), "--model", model]),
+        ("lens", "lens", ["--model", model, "--shortcuts", maps, "--prompt", "def f(x): return x", "--top-k", "3",
+                          "--out", str(tmp / "lens")]),
+        ("lens --tuned-lens", "lens", ["--model", model, "--tuned-lens", str(tmp / "tuned"), "--prompt", "a b c"]),
+    ]
+
+
+def run_without_optional_packages(model: str, tmp) -> tuple[dict, subprocess.CompletedProcess]:
+    commands = _commands(model, tmp)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(commands)], capture_output=True, text=True,
+                          env=env, cwd=tmp, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
+
+def test_every_command_runs_with_only_the_declared_dependencies(tiny_models, tmp_path):
+    result, proc = run_without_optional_packages(str(tiny_models["llama"]), tmp_path)
+    # the blocker is real: what the dev extra and the optional extras install is blocked
+    assert {"pandas", "pytest", "tuned_lens"} <= set(result["blocked"]), result["blocked"]
+    assert not result["loaded_anyway"]
+    failed = {label: code for label, code in result["codes"].items() if code != 0}
+    assert not failed, f"{failed}\n{proc.stderr[-3000:]}"
+    assert (tmp_path / "lens" / "trajectory.csv").is_file() and (tmp_path / "report" / "report.md").is_file()
