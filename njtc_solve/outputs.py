@@ -13,12 +13,19 @@ Every command calls these on its outputs before it loads a model or reads a row,
 
 Examples
 --------
+>>> import os
 >>> from pathlib import Path
 >>> _ = Path("stats.safetensors").write_bytes(b"x")
->>> check_not_inputs([("--out", "stats.safetensors")], [("--stats", "./stats.safetensors")])
+>>> os.link("stats.safetensors", "other-name.safetensors")      # one file, two names
+>>> check_not_inputs([("--out", "fit.safetensors")], [("--stats", "stats.safetensors")])  # fine
+>>> check_not_inputs([("--out", "other-name.safetensors")], [("--stats", "stats.safetensors")])
 Traceback (most recent call last):
 ...
-njtc_solve.errors.NJTCError: --out stats.safetensors is --stats ./stats.safetensors: an output never replaces an input; choose another --out
+njtc_solve.errors.NJTCError: --out other-name.safetensors is --stats stats.safetensors: an output never replaces an input; choose another --out
+>>> check_file_output("activations.h5", "--out", ["njtc-shortcuts"], "a shortcut file")
+Traceback (most recent call last):
+...
+njtc_solve.errors.NJTCError: --out activations.h5 exists and is not a shortcut file this project wrote; remove it or choose another --out
 """
 
 from __future__ import annotations
