@@ -393,7 +393,7 @@ def main(argv=None) -> int:
                          "store": None if args.model is not None else "activations.h5"})
                      + [("--shortcuts", f) for f in files] + lens_files,
                      replaced_folders=[("--out", temporary_path(out.resolve()))])
-    check_folder_output(out, "--out", REPORT_FILES, _is_report)
+    check_folder_output(out, "--out", REPORT_FILES, _is_report, parents=True)  # write_report creates parents
     check_device(args.device)
     loaded = _load_all(files)
     for d in args.tuned_lens:  # a bad folder is refused before a model loads or a row is read

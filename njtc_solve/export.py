@@ -35,8 +35,8 @@ from .errors import NJTCError, atomic_output, run_cli
 from .outputs import check_folder_output, check_not_inputs, command_inputs
 from .shortcuts import ShortcutMap, Shortcuts
 
-__all__ = ["TUNED_LENS_ARCHITECTURES", "TUNED_LENS_FILES", "affine_form", "check_output_folder", "export_tuned_lens", "main", "read_tuned_lens",
-           "translator_state", "unembed_hash"]
+__all__ = ["TUNED_LENS_ARCHITECTURES", "TUNED_LENS_FILES", "affine_form", "check_output_folder", "export_tuned_lens",
+           "main", "read_tuned_lens", "translator_state", "unembed_hash"]
 
 METHOD = "tuned-lens"
 SIDECAR = "njtc.json"  # beside config.json: the weights' hash, which tuned-lens's config has no key for

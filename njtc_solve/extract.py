@@ -582,6 +582,8 @@ def plan_settings(args, provenance: dict | None = None) -> dict:
         settings[key] = PLAN_DEFAULTS[key] if value is None else value
     if settings["max_tokens"] is not None and settings["max_tokens"] <= 0:
         raise NJTCError("--max-tokens must be positive")
+    if settings["seed"] < 0:
+        raise NJTCError(f"--seed must be 0 or more, not {settings['seed']}")
     if settings["seq_len"] < 2:  # what plan_extraction refuses, here before a model loads
         raise NJTCError(f"--seq-len must be at least 2, not {settings['seq_len']}")
     if not 0 <= settings["val_fraction"] < 1:

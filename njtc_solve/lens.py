@@ -493,7 +493,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m njtc_solve.lens``."""
-    from .models import load_model, model_sha256
+    from .models import check_device, load_model, model_sha256
 
     args = _parser().parse_args(argv)
     args.prompt = _prompt_text(args)
@@ -503,16 +503,15 @@ def main(argv=None) -> int:
         raise NJTCError("--max-positions must be at least 1")
     out = None
     if args.out is not None:  # before the model loads
+        from .export import TUNED_LENS_FILES
         from .outputs import check_folder_output, check_not_inputs, command_inputs
 
         out = Path(args.out)
-        lens_files = [("--tuned-lens", Path(args.tuned_lens) / n) for n in ("config.json", "params.pt", "njtc.json")
-                      ] if args.tuned_lens else []
+        lens_files = [("--tuned-lens", Path(args.tuned_lens) / n) for n in TUNED_LENS_FILES] if args.tuned_lens else []
         check_not_inputs([("--out", out / name) for name in LENS_FILES],
                          command_inputs(args, "model", "shortcuts", "prompt_file") + lens_files)
         check_folder_output(out, "--out", LENS_FILES, _is_lens_output)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise NJTCError("--device cuda was asked for but CUDA is not available")
+    check_device(args.device)
     if args.shortcuts is not None and args.tuned_lens is not None:
         raise NJTCError("--shortcuts and --tuned-lens exclude each other: read one lens beside the logit lens")
     shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)

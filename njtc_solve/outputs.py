@@ -174,7 +174,7 @@ def check_file_output(path, label: str, formats, what: str, overwrite: bool = Fa
 
 
 def check_folder_output(folder, label: str, names, is_own, overwrite: bool = False,
-                        advice: str = "") -> Path:
+                        advice: str = "", parents: bool = False) -> Path:
     """Refuse an output folder that cannot be written, or whose files the command would replace
     though this project did not write them.
 
@@ -192,11 +192,18 @@ def check_folder_output(folder, label: str, names, is_own, overwrite: bool = Fal
         Replace foreign files anyway.
     advice : str
         The end of the refusal (default: choose another folder).
+    parents : bool
+        The command creates missing parent folders too: the nearest existing one must be writable.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NJTCError(f"{label} {folder} exists and is not a folder")
-    check_writable(folder if folder.is_dir() else folder.parent, folder)
+    base = folder if folder.is_dir() else folder.parent
+    while parents and not base.exists() and base != base.parent:
+        base = base.parent
+    if base.exists() and not base.is_dir():
+        raise NJTCError(f"cannot write {folder}: {base} is not a folder")
+    check_writable(base, folder)
     if folder.is_dir() and not overwrite:
         clashing = [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
         if clashing and not is_own(folder):

@@ -84,6 +84,9 @@ class ActivationStore:
             raise NJTCError(f"{self.path} has store format version {version}; this library reads "
                             f"{' and '.join(map(str, READABLE_VERSIONS))}")
         if not allow_incomplete and not bool(attrs.get("complete", False)):
+            if being_written(self.path):
+                raise NJTCError(f"{self.path} is being written by another process (it holds "
+                                f"{self.path.name}.lock); wait for it to finish, then try again")
             written, total = int(attrs.get("rows_written", 0)), int(self.file["tokens"].shape[0])
             raise NJTCError(
                 f"{self.path} is incomplete ({written} of {total} rows written); finish it with extract --resume"
@@ -317,6 +320,24 @@ def _datasets(group):
             yield item
 
 
+def _chunk_coverage(ds, file_size: int | None) -> tuple[int, int, list]:
+    """``(grid points indexed, grid points, offsets of chunks out of place or indexed twice)`` of a dataset."""
+    grid = [-(-n // c) for n, c in zip(ds.shape, ds.chunks)]
+    found, bad = set(), []
+
+    def visit(info):
+        offset = tuple(o // c for o, c in zip(info.chunk_offset, ds.chunks))
+        if (info.byte_offset is None or info.size == 0
+                or (file_size is not None and info.byte_offset + info.size > file_size)
+                or any(o % c for o, c in zip(info.chunk_offset, ds.chunks))
+                or any(not 0 <= o < g for o, g in zip(offset, grid)) or offset in found):
+            bad.append(info.chunk_offset)
+        found.add(offset)
+
+    ds.id.chunk_iter(visit)
+    return len(found), int(np.prod(grid)), bad
+
+
 def check_chunk_index(file) -> None:
     """Refuse a store whose chunk index does not cover every chunked dataset's extent.
 
@@ -334,22 +355,10 @@ def check_chunk_index(file) -> None:
     for ds in _datasets(file):
         if ds.chunks is None or ds.is_virtual or ds.size == 0:
             continue
-        grid = [-(-n // c) for n, c in zip(ds.shape, ds.chunks)]
-        expected = int(np.prod(grid))
-        found, bad = set(), []
-
-        def visit(info, found=found, bad=bad):
-            offset = tuple(o // c for o, c in zip(info.chunk_offset, ds.chunks))
-            if (info.byte_offset is None or info.size == 0 or (size is not None and info.byte_offset + info.size > size)
-                    or any(o % c for o, c in zip(info.chunk_offset, ds.chunks))
-                    or any(not 0 <= o < g for o, g in zip(offset, grid))):
-                bad.append(info.chunk_offset)
-            found.add(offset)
-
-        ds.id.chunk_iter(visit)
-        if bad or len(found) != expected:
-            what = (f"a chunk at {tuple(bad[0])} lies outside the dataset or the file" if bad else
-                    f"covers {len(found)} of its {expected} chunks")
+        found, expected, bad = _chunk_coverage(ds, size)
+        if bad or found != expected:
+            what = (f"has a chunk at {tuple(bad[0])} outside the dataset or the file, or twice" if bad else
+                    f"covers {found} of its {expected} chunks")
             raise NJTCError(f"{file.filename} is damaged: the chunk index of {ds.name.lstrip('/')} {what} (rows "
                             "would read as zeros); extract it again")
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -97,6 +96,9 @@ def test_an_output_never_destroys_an_input_or_a_file_it_did_not_write(files, cap
     out = tmp_path / "x.safetensors"
     refused(capsys, fit.main, ["--store", store, "--method", "jtc", "--save-stats", out, "--out", out, "--no-progress"],
             "two outputs are one file", [store], [out])
+    # one rank twice: two files of one name
+    refused(capsys, fit.main, ["--stats", stats, "--method", "njtc", "--rank", "2,2", "--out", tmp_path / "n.safetensors"],
+            r"--out .*n-r2.safetensors is --out .*n-r2.safetensors: two outputs are one file", [stats])
     # a store, a shortcut file as the output of the command that reads them
     refused(capsys, fit.main, ["--store", store, "--method", "jtc", "--out", store, "--no-progress"],
             "is --store", [store])
@@ -221,6 +223,12 @@ def test_checks_run_before_the_long_work_and_before_the_model_loads(files, capsy
                 "--seq-len must be at least 2", outputs=[out])
     refused(capsys, fit.main, ["--model", NO_MODEL, "--val-fraction", "1.5", "--out", tmp_path / "o.safetensors"],
             r"--val-fraction must be in \[0, 1\)")
+    refused(capsys, extract.main, ["--model", NO_MODEL, "--seed", "-1", "--out", tmp_path / "a.h5"],
+            "--seed must be 0 or more")
+    for command in (fit.main, evaluate.main, refine.main, lens.main):
+        argv = {lens.main: ["--prompt", "x"], refine.main: ["--shortcuts", jtc, "--out", tmp_path / "r.safetensors"]}
+        refused(capsys, command, ["--model", NO_MODEL, "--device", "gpu0"] + argv.get(command, []),
+                "--device 'gpu0' is not a device")
     # an output folder that cannot be written, before the model loads (a read-only file system,
     # as root sees one: os.access says yes to root, so the check creates a file)
     read_only = tmp_path / "read-only"
