@@ -147,11 +147,12 @@ def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Pa
     sidecar = {"format": "njtc-tuned-lens", "method": shortcuts.method, "name": shortcuts.name,
                "model_sha256": shortcuts.model_sha256, "layers": sorted(shortcuts.maps)}
     out.mkdir(exist_ok=True)
+    with atomic_output(out / SIDECAR) as tmp:  # first: a failure after it leaves files marked as ours
+        tmp.write_text(json.dumps(sidecar, indent=1) + "\n")
     with atomic_output(out / "params.pt") as tmp:
         torch.save(state, tmp)
-    for file, content in (("config.json", config), (SIDECAR, sidecar)):
-        with atomic_output(out / file) as tmp:
-            tmp.write_text(json.dumps(content, indent=1) + "\n")
+    with atomic_output(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=1) + "\n")
     return out
 
 
