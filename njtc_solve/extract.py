@@ -36,7 +36,7 @@ from .outputs import check_not_inputs, command_inputs
 from .store import (DEFAULT_SKIP_POSITIONS, FINAL_TOPK, FORMAT, FORMAT_VERSION, STORE_DTYPES, TRAIN, VALIDATION,
                     decode_rows, encode_rows)
 
-__all__ = ["PLAN_DEFAULTS", "ExtractionPlan", "add_plan_arguments", "bos_token", "extract_activations",
+__all__ = ["PLAN_DEFAULTS", "ExtractionPlan", "add_plan_arguments", "bos_token", "check_output", "extract_activations",
            "head_check_tolerance", "main", "parse_layers", "plan_extraction", "plan_settings"]
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -373,6 +373,24 @@ def _sample_logits(model, plan, device, rows=64):
     return 0, logits[torch.as_tensor(positions)].float().cpu()
 
 
+def check_output(out, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse a store output that cannot be written or would replace a file without ``overwrite``
+    (run before the model loads, and again by :func:`extract_activations`)."""
+    from .outputs import check_writable
+
+    out = Path(out)
+    partial = temporary_path(out)
+    if resume and overwrite:
+        raise NJTCError("--resume and --overwrite exclude each other")
+    if out.is_dir():
+        raise NJTCError(f"{out} is a folder; give a file name")
+    if out.exists() and not overwrite:
+        raise NJTCError(f"{out} exists; pass --overwrite to replace it")
+    if partial.exists() and not (resume or overwrite):
+        raise NJTCError(f"{partial} is left from an interrupted run; pass --resume or --overwrite")
+    check_writable(out.parent, out)
+
+
 def extract_activations(model, tokenizer, documents, out, *, model_name="", corpus_name="",
                         seq_len=128, positions="all", max_tokens=None, val_fraction=0.25, seed=0,
                         dtype="float32", batch_size=8, resume=False, overwrite=False,
@@ -425,18 +443,9 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         raise NJTCError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
     if batch_size < 1:
         raise NJTCError("--batch-size must be positive")
-    if resume and overwrite:
-        raise NJTCError("--resume and --overwrite exclude each other")
-    if not out.parent.is_dir():
-        raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
-    if out.exists() and not overwrite:
-        raise NJTCError(f"{out} exists; pass --overwrite to replace it")
-    if partial.exists() and not (resume or overwrite):
-        raise NJTCError(f"{partial} is left from an interrupted run; pass --resume or --overwrite")
+    check_output(out, resume, overwrite)
     if resume and not partial.exists():  # a script may always pass --resume: start afresh
         resume = False
-    if not os.access(out.parent, os.W_OK):
-        raise NJTCError(f"cannot write {out}: folder {out.parent} is not writable")
 
     head = Head.from_model(model)
     device = next(model.parameters()).device
@@ -655,6 +664,7 @@ def main(argv=None) -> int:
             if not out.parent.is_dir():
                 raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
             with output_lock(out):  # before any work: a second run to the same output refuses
+                check_output(out, args.resume, args.overwrite)  # before the model loads
                 if args.resume and not temporary_path(out).exists():
                     print(f"note: nothing to resume ({temporary_path(out)} does not exist); starting afresh",
                           file=sys.stderr)

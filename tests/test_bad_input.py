@@ -247,6 +247,10 @@ def test_checks_run_before_the_long_work_and_before_the_model_loads(files, capsy
                                   "--out", read_only], "is not writable", [jtc])
     refused(capsys, fit.main, ["--stats", files["stats"], "--method", "njtc", "--rank", "2",
                                "--out", read_only / "x.safetensors"], "is not writable", [files["stats"]])
+    refused(capsys, extract.main, ["--model", NO_MODEL, "--out", read_only / "a.h5"],
+            r"cannot write .*a\.h5: .*Read-only file system")
+    refused(capsys, extract.main, ["--model", NO_MODEL, "--out", jtc], r"jtc\.safetensors exists; pass --overwrite",
+            [jtc])
     monkeypatch.undo()
     if os.geteuid() != 0:  # a folder without write permission, where that binds
         read_only.chmod(0o555)
