@@ -312,6 +312,9 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
         if skip_positions is not None and skip_positions < 0:
             raise NJTCError("--skip-positions must be 0 or more")
         row_weight = "inv_sigma2" if weight == "logits" else "none"
+        if save_stats is not None:  # the library's callers are held to what the command checks
+            check_not_inputs([("save_stats", save_stats)], [("statistics", statistics if isinstance(
+                statistics, (str, Path)) else None), ("store", getattr(store, "path", None))])
         if store is None:
             if statistics is None:
                 raise NJTCError("nothing to fit from: give a store, a model or saved statistics")
