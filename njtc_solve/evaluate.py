@@ -22,6 +22,8 @@ document split (see :func:`check_unseen`).
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +32,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import NJTCError, run_cli
-from .extract import add_plan_arguments
+from .errors import NJTCError, run_cli, temporary_path
+from .extract import add_plan_arguments, plan_settings
 from .models import add_model_arguments, check_device
+from .outputs import check_folder_output, check_not_inputs, command_inputs
 from .metrics import Reference, hits_at_k, kl_divergence, surprisal
 from .shortcuts import Shortcuts
 from .sources import rows_from_args
 from .store import ActivationStore
 
-__all__ = ["EvaluationResult", "check_unseen", "evaluate_shortcuts", "early_exit_curve", "main"]
+__all__ = ["EvaluationResult", "check_rows_overlap", "check_unseen", "evaluate_shortcuts", "early_exit_curve", "main"]
 
 KS = (1, 5, 10)
 
@@ -128,6 +131,19 @@ def check_unseen(store, sc: Shortcuts, skip_positions: int = 0) -> None:
                     "evaluate anyway")
 
 
+def check_rows_overlap(sc: Shortcuts, n_rows: int, skip: int) -> str | None:
+    """A warning when the first ``n_rows`` validation rows evaluated include rows that refinement of
+    ``sc`` used for early stopping (``stats["refined"]["check_rows"]``), else ``None``."""
+    refined = (sc.stats or {}).get("refined") or {}
+    if refined.get("check_split", "validation") != "validation" or "check_rows" not in refined:
+        return None
+    first, last = refined["check_rows"]
+    if refined.get("check_skip_positions", skip) == skip and n_rows <= first:
+        return None
+    return (f"{sc.name} was refined with early stopping on held-out rows {first}-{last - 1}, and the evaluation reads "
+            f"rows 0-{n_rows - 1}: they overlap, so its figures are not fully held out (use --max-rows {first})")
+
+
 def evaluate_shortcuts(store, shortcuts=(), layers=None, max_rows: int | None = None, chunk_rows: int = 256,
                        device="cpu", progress: bool = True, thresholds=None, skip_positions: int | None = None,
                        allow_overlap: bool = False) -> EvaluationResult:
@@ -198,6 +214,10 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
             raise NJTCError(f"shortcuts {sc.name} target layer {sc.target_layer}, the store's last is {target}")
         if not allow_overlap and sc.method != "tuned-lens":  # a tuned-lens folder records no training rows
             check_unseen(store, sc, skip)
+        fitted_skip = (sc.provenance or {}).get("skip_positions")
+        if fitted_skip is not None and int(fitted_skip) != skip:
+            raise NJTCError(f"{sc.name} was fitted leaving out positions < {fitted_skip}, and this evaluation leaves "
+                            f"out positions < {skip}; evaluate it with --skip-positions {fitted_skip}")
     names = [sc.name for sc in loaded]
     if len(set(names)) != len(names):
         raise NJTCError(f"two shortcut files have the same method and settings: {names}")
@@ -260,7 +280,8 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
         early[sc.name] = early_exit_curve(margins, correct, own_layers, target, thresholds)
     meta = {"store": str(store.path), "model": getattr(store, "attrs", {}).get("model", store.path), "n_layers": target, "d_model": d,
             "validation_rows": n, "skip_positions": skip, "seconds": time.perf_counter() - start, "layers": layers,
-            "model_surprisal": own_surprisal / n}  # the full model's surprisal of its own top-1
+            "model_surprisal": own_surprisal / n,  # the full model's surprisal of its own top-1
+            "warnings": [w for sc in loaded if (w := check_rows_overlap(sc, n, skip))]}
     return EvaluationResult(records, early, meta)
 
 
@@ -310,6 +331,20 @@ def early_exit_curve(margins: np.ndarray, correct: np.ndarray, layers, n_layers:
             "saved": saved, "saved_at_95": best(0.95), "saved_at_99": best(0.99)}
 
 
+# what write_report puts into --out; results.json (its meta and records) marks a folder as a report
+REPORT_FILES = ("results.json", "results.csv", "report.md", "precision_at_1.png", "surprisal.png", "early_exit.png",
+                "rank_sweep.png")
+
+
+def _is_report(folder: Path) -> bool:
+    """Whether ``folder`` holds a report this project wrote (its ``results.json``)."""
+    try:
+        data = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"meta", "records", "early_exit"} <= set(data)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m njtc_solve.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -337,7 +372,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m njtc_solve.evaluate``."""
-    from .export import read_tuned_lens
+    from .export import TUNED_LENS_FILES, read_tuned_lens
     from .fit import parse_layers
     from .report import write_report
 
@@ -352,17 +387,28 @@ def main(argv=None) -> int:
     if args.skip_positions is not None and args.skip_positions < 0:
         raise NJTCError("--skip-positions must be 0 or more")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise NJTCError(f"--out {out} exists and is not a folder")
+    lens_files = [("--tuned-lens", Path(d) / name) for d in args.tuned_lens for name in TUNED_LENS_FILES]
+    check_not_inputs([("--out", out / name) for name in REPORT_FILES],
+                     command_inputs(args, "store", "model", "corpus", defaults={
+                         "store": None if args.model is not None else "activations.h5"})
+                     + [("--shortcuts", f) for f in files] + lens_files,
+                     replaced_folders=[("--out", temporary_path(out.resolve()))])
+    check_folder_output(out, "--out", REPORT_FILES, _is_report, parents=True)  # write_report creates parents
     check_device(args.device)
     loaded = _load_all(files)
+    for d in args.tuned_lens:  # a bad folder is refused before a model loads or a row is read
+        read_tuned_lens(d)
     provenance = next((sc.provenance for sc in loaded if sc.provenance), None)  # the held-out documents
+    if args.model is not None:
+        plan_settings(args, provenance)  # a bad plan is refused before the model loads
     with rows_from_args(args, provenance, "evaluate") as store:
         loaded += [read_tuned_lens(d, store.head(), store.model_sha256) for d in args.tuned_lens]
         result = evaluate_shortcuts(store, loaded, parse_layers(args.layers), args.max_rows,
                                     args.chunk_rows, args.device, not args.no_progress,
                                     skip_positions=args.skip_positions, allow_overlap=args.allow_overlap)
     paths, summary = write_report(result, out)
+    for warning in result.meta["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(summary)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

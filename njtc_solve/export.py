@@ -32,13 +32,15 @@ import numpy as np
 import torch
 
 from .errors import NJTCError, atomic_output, run_cli
+from .outputs import check_folder_output, check_not_inputs, command_inputs
 from .shortcuts import ShortcutMap, Shortcuts
 
-__all__ = ["TUNED_LENS_ARCHITECTURES", "affine_form", "export_tuned_lens", "main", "read_tuned_lens",
-           "translator_state", "unembed_hash"]
+__all__ = ["TUNED_LENS_ARCHITECTURES", "TUNED_LENS_FILES", "affine_form", "check_output_folder", "export_tuned_lens",
+           "main", "read_tuned_lens", "translator_state", "unembed_hash"]
 
 METHOD = "tuned-lens"
 SIDECAR = "njtc.json"  # beside config.json: the weights' hash, which tuned-lens's config has no key for
+TUNED_LENS_FILES = ("config.json", "params.pt", SIDECAR)  # what an export writes
 # model types whose final norm tuned-lens 0.2.0 finds (model_surgery.get_final_norm), among ours
 TUNED_LENS_ARCHITECTURES = ("bloom", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "opt")
 
@@ -131,13 +133,7 @@ def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Pa
     (3, 32)
     """
     shortcuts = shortcuts if isinstance(shortcuts, Shortcuts) else Shortcuts.load(shortcuts)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NJTCError(f"{out} exists and is not a folder")
-    if not out.parent.is_dir():
-        raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
-    if (out / "params.pt").exists() and not overwrite:
-        raise NJTCError(f"{out} already holds a lens; pass --overwrite to replace it")
+    out = check_output_folder(out, overwrite)
     if shortcuts.method == "identity":
         raise NJTCError("the identity is tuned-lens's LogitLens; there is nothing to export")
     state = translator_state(shortcuts)  # refuses what is not affine, before anything is written
@@ -151,12 +147,33 @@ def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Pa
     sidecar = {"format": "njtc-tuned-lens", "method": shortcuts.method, "name": shortcuts.name,
                "model_sha256": shortcuts.model_sha256, "layers": sorted(shortcuts.maps)}
     out.mkdir(exist_ok=True)
+    with atomic_output(out / SIDECAR) as tmp:  # first: a failure after it leaves files marked as ours
+        tmp.write_text(json.dumps(sidecar, indent=1) + "\n")
     with atomic_output(out / "params.pt") as tmp:
         torch.save(state, tmp)
-    for file, content in (("config.json", config), (SIDECAR, sidecar)):
-        with atomic_output(out / file) as tmp:
-            tmp.write_text(json.dumps(content, indent=1) + "\n")
+    with atomic_output(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=1) + "\n")
     return out
+
+
+def _is_own_lens(folder: Path) -> bool:
+    """Whether ``folder`` holds a lens this project exported (its ``njtc.json``)."""
+    try:
+        sidecar = json.loads((Path(folder) / SIDECAR).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(sidecar, dict) and sidecar.get("format") == "njtc-tuned-lens"
+
+
+def check_output_folder(out, overwrite: bool = False) -> Path:
+    """Refuse an export folder that cannot be written, or whose files export would replace
+    without ``overwrite``: a lens exported before, or files this project did not write (a
+    model's ``config.json``, say)."""
+    out = Path(out)
+    if not overwrite and (out / "params.pt").is_file() and _is_own_lens(out):
+        raise NJTCError(f"{out} already holds a lens; pass --overwrite to replace it")
+    return check_folder_output(out, "--out", TUNED_LENS_FILES, _is_own_lens, overwrite,
+                               advice="pass --overwrite to replace it, or choose another --out")
 
 
 def _check_head_description(head: dict) -> None:
@@ -237,12 +254,15 @@ def read_tuned_lens(folder, head=None, model_sha256: str = "") -> Shortcuts:
         return NJTCError(f"{folder} is not a tuned-lens folder this library reads: {problem}")
 
     try:
-        config = json.loads(config_path.read_text())
-    except ValueError:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         raise bad("config.json is not JSON") from None
-    if not isinstance(config, dict) or config.get("lens_type", "linear_tuned_lens") != "linear_tuned_lens":
-        raise bad(f"lens_type {config.get('lens_type') if isinstance(config, dict) else None!r}, "
-                  "not linear_tuned_lens")
+    if not isinstance(config, dict):
+        raise bad(f"config.json holds a JSON {type(config).__name__}, not an object")
+    if config.get("lens_type", "linear_tuned_lens") != "linear_tuned_lens":
+        raise bad(f"lens_type {config.get('lens_type')!r}, not linear_tuned_lens")
+    if config.get("unembed_hash") is not None and not isinstance(config["unembed_hash"], str):
+        raise bad(f"config.json's unembed_hash is a {type(config['unembed_hash']).__name__}, not a string")
     d, n_layers = config.get("d_model"), config.get("num_hidden_layers")
     if type(d) is not int or type(n_layers) is not int or d < 1 or n_layers < 1:
         raise bad("config.json needs positive integers d_model and num_hidden_layers")
@@ -251,19 +271,33 @@ def read_tuned_lens(folder, head=None, model_sha256: str = "") -> Shortcuts:
     except Exception as err:  # pickle, zip and torch errors alike
         raise bad(f"params.pt cannot be read ({type(err).__name__})") from None
     weights = {f"{i}.weight" for i in range(n_layers)}
-    if not isinstance(state, dict) or not weights <= set(state) <= weights | {f"{i}.bias" for i in range(n_layers)}:
+    if not isinstance(state, dict):
+        raise bad(f"params.pt holds a {type(state).__name__}, not a state dict")
+    if not weights <= set(state) <= weights | {f"{i}.bias" for i in range(n_layers)}:
         raise bad(f"params.pt must hold {{i}}.weight (and {{i}}.bias) for i in 0..{n_layers - 1}")
+    for name, value in state.items():
+        expected = (d, d) if name.endswith(".weight") else (d,)
+        if not isinstance(value, torch.Tensor):
+            raise bad(f"params.pt entry {name} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != expected:
+            raise bad(f"params.pt entry {name} has shape {tuple(value.shape)}, expected {expected}")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise bad(f"params.pt entry {name} is not finite floating point")
     maps = {}
     for i in range(n_layers):
         weight, bias = state[f"{i}.weight"], state.get(f"{i}.bias")
-        if tuple(weight.shape) != (d, d) or (bias is not None and tuple(bias.shape) != (d,)):
-            raise bad(f"translator {i} has shape {tuple(weight.shape)}, not {d} × {d}")
-        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
-            raise bad(f"translator {i} is not finite")
         maps[i] = ShortcutMap(weight=weight.T.float().contiguous(), residual=True,
                               bias=None if bias is None else bias.float())
     sidecar = folder / SIDECAR
-    recorded = json.loads(sidecar.read_text()).get("model_sha256", "") if sidecar.is_file() else ""
+    recorded = ""
+    if sidecar.is_file():
+        try:
+            content = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise bad(f"{SIDECAR} is not JSON") from None
+        if not isinstance(content, dict) or not isinstance(content.get("model_sha256", ""), str):
+            raise bad(f"{SIDECAR} is not a JSON object with a string model_sha256")
+        recorded = content.get("model_sha256", "")
     if recorded and model_sha256 and recorded != model_sha256:
         raise NJTCError(f"the tuned lens in {folder} was fitted on another model (model_sha256 differs)")
     if head is not None:
@@ -291,8 +325,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m njtc_solve.export``."""
     args = _parser().parse_args(argv)
+    check_not_inputs([("--out", Path(args.out) / name) for name in TUNED_LENS_FILES],
+                     command_inputs(args, "shortcuts", "model"))
+    out = check_output_folder(args.out, args.overwrite)  # before a model is loaded
     shortcuts = Shortcuts.load(args.shortcuts)
     translator_state(shortcuts)  # what cannot be exported is refused before a model is loaded
+    _check_head_description(shortcuts.head)
     model = None
     if args.model is not None:
         from .models import load_model

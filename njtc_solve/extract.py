@@ -32,10 +32,11 @@ from .corpus import DEFAULT_CORPUS, corpus_sha256, load_corpus
 from .errors import NJTCError, output_lock, run_cli, temporary_path, write_failure
 from .head import Head
 from .models import add_model_arguments, check_device, load_model_from_args, model_sha256
+from .outputs import check_not_inputs, command_inputs
 from .store import (DEFAULT_SKIP_POSITIONS, FINAL_TOPK, FORMAT, FORMAT_VERSION, STORE_DTYPES, TRAIN, VALIDATION,
                     decode_rows, encode_rows)
 
-__all__ = ["PLAN_DEFAULTS", "ExtractionPlan", "add_plan_arguments", "bos_token", "extract_activations",
+__all__ = ["PLAN_DEFAULTS", "ExtractionPlan", "add_plan_arguments", "bos_token", "check_output", "extract_activations",
            "head_check_tolerance", "main", "parse_layers", "plan_extraction", "plan_settings"]
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -335,10 +336,22 @@ def _head_check(head, f, sample, model_dtype) -> None:
             f.attrs[f"head_check_{key}"] = value
 
 
+class _Untrusted(Exception):
+    """A failed fsync: the kernel may have dropped pages the file's counters already count."""
+
+
 def _sync(f) -> None:
-    """Flush the store and have the operating system put it on disk (raises where that fails)."""
-    f.flush()
-    os.fsync(f.id.get_vfd_handle())
+    """Flush the store and have the operating system put it on disk.
+
+    A failure is :class:`_Untrusted`: after a failed fsync the pages it could not write may be
+    dropped from the cache, so ``rows_written`` may count rows that are not on disk, and the
+    file must not be resumed.
+    """
+    try:
+        f.flush()
+        os.fsync(f.id.get_vfd_handle())
+    except _WRITE_ERRORS as err:
+        raise _Untrusted(write_failure(err) or str(err)) from err
 
 
 def _close_quietly(f) -> None:
@@ -358,6 +371,24 @@ def _sample_logits(model, plan, device, rows=64):
         logits = model(input_ids=torch.as_tensor(plan.token_ids[:1], device=device)).logits[0]
     positions = plan.row_positions(slice(0, 1))[:rows]
     return 0, logits[torch.as_tensor(positions)].float().cpu()
+
+
+def check_output(out, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse a store output that cannot be written or would replace a file without ``overwrite``
+    (run before the model loads, and again by :func:`extract_activations`)."""
+    from .outputs import check_writable
+
+    out = Path(out)
+    partial = temporary_path(out)
+    if resume and overwrite:
+        raise NJTCError("--resume and --overwrite exclude each other")
+    if out.is_dir():
+        raise NJTCError(f"{out} is a folder; give a file name")
+    if out.exists() and not overwrite:
+        raise NJTCError(f"{out} exists; pass --overwrite to replace it")
+    if partial.exists() and not (resume or overwrite):
+        raise NJTCError(f"{partial} is left from an interrupted run; pass --resume or --overwrite")
+    check_writable(out.parent, out)
 
 
 def extract_activations(model, tokenizer, documents, out, *, model_name="", corpus_name="",
@@ -412,18 +443,9 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         raise NJTCError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
     if batch_size < 1:
         raise NJTCError("--batch-size must be positive")
-    if resume and overwrite:
-        raise NJTCError("--resume and --overwrite exclude each other")
-    if not out.parent.is_dir():
-        raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
-    if out.exists() and not overwrite:
-        raise NJTCError(f"{out} exists; pass --overwrite to replace it")
-    if partial.exists() and not (resume or overwrite):
-        raise NJTCError(f"{partial} is left from an interrupted run; pass --resume or --overwrite")
+    check_output(out, resume, overwrite)
     if resume and not partial.exists():  # a script may always pass --resume: start afresh
         resume = False
-    if not os.access(out.parent, os.W_OK):
-        raise NJTCError(f"cannot write {out}: folder {out.parent} is not writable")
 
     head = Head.from_model(model)
     device = next(model.parameters()).device
@@ -498,6 +520,11 @@ def extract_activations(model, tokenizer, documents, out, *, model_name="", corp
         _sync(f)
         f.close()
         os.replace(partial, out)
+    except _Untrusted as err:  # after a failed fsync, what the file holds on disk is unknown: never resume it
+        _close_quietly(f)
+        partial.unlink(missing_ok=True)
+        raise NJTCError(f"cannot write {partial}: {err} (fsync failed); what was written cannot be trusted, so "
+                        "the partial file is removed: run again without --resume") from err.__cause__
     except NJTCError:
         _close_quietly(f)
         partial.unlink(missing_ok=True)
@@ -564,6 +591,14 @@ def plan_settings(args, provenance: dict | None = None) -> dict:
         settings[key] = PLAN_DEFAULTS[key] if value is None else value
     if settings["max_tokens"] is not None and settings["max_tokens"] <= 0:
         raise NJTCError("--max-tokens must be positive")
+    if settings["seed"] < 0:
+        raise NJTCError(f"--seed must be 0 or more, not {settings['seed']}")
+    if settings["seq_len"] < 2:  # what plan_extraction refuses, here before a model loads
+        raise NJTCError(f"--seq-len must be at least 2, not {settings['seq_len']}")
+    if not 0 <= settings["val_fraction"] < 1:
+        raise NJTCError(f"--val-fraction must be in [0, 1), not {settings['val_fraction']}")
+    if getattr(args, "batch_size", 1) < 1:
+        raise NJTCError("--batch-size must be positive")
     return settings
 
 
@@ -610,8 +645,9 @@ def main(argv=None) -> int:
     from .store import combine_shards, shard_path
 
     args = _parser().parse_args(argv)
-    if args.max_tokens is not None and args.max_tokens <= 0:
-        raise NJTCError("--max-tokens must be positive")
+    plan_settings(args)  # a bad plan is refused before the corpus and the model load
+    if args.dtype not in STORE_DTYPES:
+        raise NJTCError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
     check_device(args.device)
     comm = Communicator.from_environment(args.device)
     try:
@@ -621,11 +657,14 @@ def main(argv=None) -> int:
         out = Path(args.out) if comm is None else shard_path(args.out, *shard)
         ok = False
         try:  # every process votes on the way out, so none waits for a failed peer
+            check_not_inputs([("--out", args.out), ("--out", None if comm is None else out)],
+                             command_inputs(args, "corpus", "model"))
             if comm is not None and Path(args.out).exists() and not args.overwrite:
                 raise NJTCError(f"{args.out} exists; pass --overwrite to replace it")
             if not out.parent.is_dir():
                 raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
             with output_lock(out):  # before any work: a second run to the same output refuses
+                check_output(out, args.resume, args.overwrite)  # before the model loads
                 if args.resume and not temporary_path(out).exists():
                     print(f"note: nothing to resume ({temporary_path(out)} does not exist); starting afresh",
                           file=sys.stderr)
@@ -646,7 +685,8 @@ def main(argv=None) -> int:
         if comm is not None:
             if comm.rank != 0:
                 return 0
-            out = combine_shards(args.out, [shard_path(args.out, r, shard[1]) for r in range(shard[1])])
+            with output_lock(Path(args.out)):  # a second run to the same output refuses, as for one process
+                out = combine_shards(args.out, [shard_path(args.out, r, shard[1]) for r in range(shard[1])])
         with h5py.File(out, "r") as f:
             a = f.attrs
             print(f"wrote {out}: {a['n_rows']} rows x {len(a.get('layers', range(a['n_layers'] + 1)))} layers "

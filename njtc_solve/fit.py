@@ -26,12 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NJTCError, run_cli
-from .extract import add_plan_arguments, parse_layers
+from .extract import add_plan_arguments, parse_layers, plan_settings
 from .models import add_model_arguments, check_device
-from .shortcuts import ShortcutMap, Shortcuts
+from .outputs import check_file_output, check_not_inputs, command_inputs
+from .shortcuts import FORMAT as SHORTCUT_FORMAT, ShortcutMap, Shortcuts
 from .sources import rows_from_args
 from .solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, weight_root
-from .stats import MomentAccumulator, Statistics
+from .stats import FORMAT as STATISTICS_FORMAT, MomentAccumulator, Statistics
 from .store import ActivationStore
 
 __all__ = [
@@ -311,6 +312,9 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
         if skip_positions is not None and skip_positions < 0:
             raise NJTCError("--skip-positions must be 0 or more")
         row_weight = "inv_sigma2" if weight == "logits" else "none"
+        if save_stats is not None:  # the library's callers are held to what the command checks
+            check_not_inputs([("save_stats", save_stats)], [("statistics", statistics if isinstance(
+                statistics, (str, Path)) else None), ("store", getattr(store, "path", None))])
         if store is None:
             if statistics is None:
                 raise NJTCError("nothing to fit from: give a store, a model or saved statistics")
@@ -358,6 +362,9 @@ def _saved_statistics(statistics, row_weight: str, skip_positions, device):
         stats, head = statistics, None
     else:
         stats, head = Statistics.load(statistics), Statistics.load_head(statistics)
+        if head is not None and head.d_model != stats.cyy.shape[0]:
+            raise NJTCError(f"{statistics} is not a valid statistics file: head.unembed has width {head.d_model}, "
+                            f"expected the statistics' {stats.cyy.shape[0]}")
     stats = stats.to(device)
     if stats.meta.get("row_weight", "none") != row_weight:
         raise NJTCError(f"--weight {'logits' if row_weight != 'none' else 'none'} needs statistics with row "
@@ -487,6 +494,21 @@ def _source(args, device, comm):
         yield rows
 
 
+def _check_outputs(args, out: Path) -> None:
+    """Before any work: the shortcut files and the statistics can be written, replace no input,
+    no other output and no file this project did not write."""
+    ranks = parse_ranks(args.rank)
+    names = [out] if ranks is None or len(ranks) == 1 else [out.with_name(f"{out.stem}-r{r}{out.suffix}")
+                                                            for r in ranks]
+    store = args.store or (None if args.model is not None or args.stats is not None else "activations.h5")
+    check_not_inputs([("--out", p) for p in names] + [("--save-stats", args.save_stats)],
+                     [("--store", store)] + command_inputs(args, "stats", "model", "corpus"))
+    for path in names:
+        check_file_output(path, "--out", [SHORTCUT_FORMAT], "a shortcut file")
+    if args.save_stats is not None:
+        check_file_output(args.save_stats, "--save-stats", [STATISTICS_FORMAT], "a statistics file")
+
+
 def _run(args, comm) -> int:
     """The fit itself: every process accumulates its share and solves its layers; rank 0 writes."""
     device = args.device
@@ -497,12 +519,11 @@ def _run(args, comm) -> int:
             if comm.rank != 0:
                 return 0
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
     if args.chunk_rows <= 0:
         raise NJTCError("--chunk-rows must be positive")
-    if args.save_stats is not None and not Path(args.save_stats).parent.is_dir():
-        raise NJTCError(f"cannot write {args.save_stats}: folder {Path(args.save_stats).parent} does not exist")
+    _check_outputs(args, out)
+    if args.model is not None:
+        plan_settings(args)  # a bad plan (--seq-len 1, ...) is refused before the model loads
     check_device(device)  # before a model loads
     start = time.perf_counter()
     with _source(args, device, comm) as store:

@@ -192,6 +192,8 @@ class ShortcutLens(nn.Module):
             raise NJTCError("this lens has no model; build it with ShortcutLens.from_model(model, ...)")
         if k < 1:
             raise NJTCError("k (--top-k) must be at least 1")
+        if k > self.head().vocab_size:
+            raise NJTCError(f"k (--top-k) is {k}, above the vocabulary's {self.head().vocab_size} tokens")
         ids = self._token_ids(inputs)
         methods = [IDENTITY] if self.method == IDENTITY else [IDENTITY, self.name]
         logit_lens = ShortcutLens(self.head(), Shortcuts.identity(range(self.n_layers), self.n_layers))
@@ -430,13 +432,51 @@ def plot_trajectory(traj: Trajectory, prompt: int = 0, color: str = "kl", max_po
     return fig
 
 
+LENS_FILES = ("trajectory.png", "trajectory.json", "trajectory.csv")  # what --out receives
+
+
+def _is_lens_output(folder: Path) -> bool:
+    """Whether ``folder`` holds a lens output this project wrote (its ``trajectory.json``)."""
+    try:
+        data = json.loads((folder / "trajectory.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"meta", "records"} <= set(data)
+
+
+def _prompt_text(args) -> str:
+    """The prompt of ``--prompt`` or ``--prompt-file``, checked to be non-empty UTF-8 text."""
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise NJTCError(f"--prompt-file {path} not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise NJTCError(f"--prompt-file {path} is not UTF-8 text") from None
+        except OSError as err:
+            raise NJTCError(f"cannot read --prompt-file {path}: {err.strerror}") from None
+        where = f"--prompt-file {path}"
+    else:
+        text, where = args.prompt, "--prompt"
+        try:  # undecodable bytes in the command line arrive as lone surrogates
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise NJTCError("--prompt is not UTF-8 text") from None
+    if not text.strip():
+        raise NJTCError(f"{where} is empty")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m njtc_solve.lens", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model: .gguf file, Hugging Face folder or hub name (default: SmolLM2-135M)")
     p.add_argument("--shortcuts", help="shortcut file fitted on this model (default: the logit lens alone)")
     p.add_argument("--tuned-lens", metavar="DIR", help="a tuned-lens folder to read instead of a shortcut file")
-    p.add_argument("--prompt", required=True, help="the text to read")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to read")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the text from this UTF-8 file instead")
     p.add_argument("--out", help="folder for trajectory.png, .json and .csv (default: print the table only)")
     p.add_argument("--top-k", type=int, default=5, help="top tokens kept per cell (default: 5)")
     p.add_argument("--color", choices=("kl", "prob"), default="kl",
@@ -450,33 +490,38 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Command-line entry point of ``python -m njtc_solve.lens``."""
-    from .models import load_model, model_sha256
+    from .models import check_device, load_model, model_sha256
 
     args = _parser().parse_args(argv)
-    if not args.prompt.strip():
-        raise NJTCError("--prompt is empty")
+    args.prompt = _prompt_text(args)
     if args.top_k < 1:
         raise NJTCError("--top-k must be at least 1")
     if args.max_positions < 1:
         raise NJTCError("--max-positions must be at least 1")
-    out = None if args.out is None else Path(args.out)
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            raise NJTCError(f"--out {out} exists and is not a folder")
-        if not out.parent.is_dir():
-            raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise NJTCError("--device cuda was asked for but CUDA is not available")
+    out = None
+    if args.out is not None:  # before the model loads
+        from .export import TUNED_LENS_FILES
+        from .outputs import check_folder_output, check_not_inputs, command_inputs
+
+        out = Path(args.out)
+        lens_files = [("--tuned-lens", Path(args.tuned_lens) / n) for n in TUNED_LENS_FILES] if args.tuned_lens else []
+        check_not_inputs([("--out", out / name) for name in LENS_FILES],
+                         command_inputs(args, "model", "shortcuts", "prompt_file") + lens_files)
+        check_folder_output(out, "--out", LENS_FILES, _is_lens_output)
+    check_device(args.device)
     if args.shortcuts is not None and args.tuned_lens is not None:
         raise NJTCError("--shortcuts and --tuned-lens exclude each other: read one lens beside the logit lens")
     shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)
-    if args.tuned_lens is not None and not (Path(args.tuned_lens) / "params.pt").is_file():
-        raise NJTCError(f"{args.tuned_lens} is not a tuned-lens folder (it needs config.json and params.pt)")
-    model, tokenizer, name = load_model(args.model, progress=False)
-    sha = model_sha256(model)  # of the float32 weights the maps were fitted on
+    vocab = (shortcuts.head or {}).get("vocab_size") if shortcuts is not None else None
+    if isinstance(vocab, int) and args.top_k > vocab:
+        raise NJTCError(f"--top-k {args.top_k} is above the vocabulary of the maps' model ({vocab} tokens)")
     if args.tuned_lens is not None:
         from .export import read_tuned_lens
 
+        read_tuned_lens(args.tuned_lens)  # a bad folder is refused before the model loads
+    model, tokenizer, name = load_model(args.model, progress=False)
+    sha = model_sha256(model)  # of the float32 weights the maps were fitted on
+    if args.tuned_lens is not None:
         shortcuts = read_tuned_lens(args.tuned_lens, Head.from_model(model), sha)
     model.to(device=args.device, dtype=getattr(torch, args.dtype))
     lens = ShortcutLens.from_model(model, shortcuts, tokenizer, model_sha256=sha)

@@ -136,8 +136,16 @@ def load_model(name: str | None = None, device: str = "cpu", progress: bool = Tr
 
 def check_device(device) -> None:
     """Refuse a CUDA device where there is none, in one line, before any long work."""
-    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise NJTCError(f"--device {device!r} is not a device (cpu, cuda or cuda:N)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise NJTCError(f"--device {device} was asked for but CUDA is not available")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise NJTCError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
 
 
 def add_model_arguments(parser) -> None:

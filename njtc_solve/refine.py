@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import sys
 from pathlib import Path
 
 from .errors import NJTCError, run_cli
-from .extract import add_plan_arguments
+from .extract import add_plan_arguments, plan_settings
 from .models import add_model_arguments, check_device
-from .shortcuts import Shortcuts
+from .outputs import check_file_output, check_not_inputs, command_inputs
+from .shortcuts import FORMAT as SHORTCUT_FORMAT, Shortcuts
 from .sources import rows_from_args
 from .store import ActivationStore
 from .train import OBJECTIVES, OPTIMIZERS, StoreRows, TrainResult, train_maps
@@ -94,6 +97,8 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
         raise NJTCError(f"{sc.name} has no map for layer {missing[0]} (it has {sorted(sc.maps)})")
     if check_rows <= 0:
         raise NJTCError("check_rows must be positive")
+    if not 0 < lr < math.inf:
+        raise NJTCError(f"lr must be a positive finite number, not {lr}")
     n_val = store.count("validation", store.default_skip_positions)
     if n_val == 0:
         raise NJTCError(f"{where} has no validation rows to check refinement on")
@@ -108,6 +113,8 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
             "from": sc.name, "from_file": start_file, "objective": objective, "optimizer": optimizer, "lr": lr,
             "batch_rows": batch_rows, "steps": result.steps, "max_steps": steps, "seconds": result.seconds,
             "stopped": result.stopped, "check_rows": [check_start, n_val], "check_split": "validation",
+            "check_skip_positions": store.default_skip_positions,
+            "improved": [l for l in layers if result.best[l]["loss"] < result.start[l]["loss"]],
             "layers": {str(l): {"start": result.start[l], "best": result.best[l]} for l in layers}},
             "fit": sc.stats})
     return refined, result
@@ -154,24 +161,41 @@ def main(argv=None) -> int:
             raise NJTCError(f"--{name.replace('_', '-')} must be positive")
     if args.patience < 0:
         raise NJTCError("--patience must be 0 or more")
-    if not args.lr > 0:
-        raise NJTCError("--lr must be positive")
-    out = Path(args.out)
-    if not out.parent.is_dir():  # before the training, not after it
-        raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
+    if not 0 < args.lr < math.inf:
+        raise NJTCError(f"--lr must be a positive finite number, not {args.lr}")
+    check_not_inputs([("--out", args.out)], command_inputs(args, "shortcuts", "store", "model", "corpus", defaults={
+        "store": None if args.model is not None else "activations.h5"}))
+    out = check_file_output(args.out, "--out", [SHORTCUT_FORMAT], "a shortcut file")  # before the training
     check_device(args.device)
     start = Shortcuts.load(args.shortcuts)
+    if args.model is not None:
+        plan_settings(args, start.provenance or None)  # a bad plan is refused before the model loads
     with rows_from_args(args, start.provenance or None, "refine") as store:
         refined, result = refine_shortcuts(store, start, args.objective, args.steps, parse_layers(args.layers),
                                            args.lr, args.optimizer, args.batch_rows, args.check_rows,
                                            args.check_every, args.patience, args.device, not args.no_progress,
                                            args.shuffle_seed)
-    refined.stats["refined"]["from_file"] = str(Path(args.shortcuts))
-    refined.save(args.out)
+    info = refined.stats["refined"]
+    info["from_file"] = str(Path(args.shortcuts))
+    if not info["improved"]:  # never an unchanged file labelled as refined
+        raise NJTCError(f"no layer improved on its held-out {args.objective} in {result.steps} steps (--lr {args.lr:g}, "
+                        f"{args.optimizer}); the maps are unchanged, so nothing was written: try a smaller --lr")
+    refined.save(out)
     for l in sorted(result.best):
         s, b = result.start[l], result.best[l]
-        print(f"layer {l}: held-out {args.objective} {s['loss']:.4g} -> {b['loss']:.4g} (best at step {b['step']})")
-    print(f"{result.steps} steps in {result.seconds:.1f}s ({result.stopped}); wrote {args.out} ({refined.name})")
+        if l in info["improved"]:
+            print(f"layer {l}: held-out {args.objective} {s['loss']:.4g} -> {b['loss']:.4g} (best at step {b['step']})")
+        else:
+            print(f"layer {l}: held-out {args.objective} {s['loss']:.4g}, not improved: the start map is kept")
+    print(f"{result.steps} steps in {result.seconds:.1f}s ({result.stopped}); wrote {args.out} ({refined.name}: "
+          f"{len(info['improved'])} of {len(result.best)} layers refined)")
+    first, n_val = info["check_rows"]
+    if first == 0:
+        print(f"warning: early stopping used all {n_val} held-out rows (--check-rows {args.check_rows}), so no "
+              "evaluation of this file is independent of it; use a smaller --check-rows", file=sys.stderr)
+    else:
+        print(f"early stopping used held-out rows {first}-{n_val - 1}; evaluate with --max-rows {first} or fewer "
+              "to keep evaluation apart from them")
     return 0
 
 

@@ -37,9 +37,10 @@ from safetensors.torch import save_file
 
 from .errors import NJTCError, atomic_output, read_safetensors
 
-__all__ = ["NORMALIZATIONS", "LayerMoments", "MomentAccumulator", "Statistics", "normalize_rows",
+__all__ = ["FORMAT", "NORMALIZATIONS", "LayerMoments", "MomentAccumulator", "Statistics", "normalize_rows",
            "project_out_ones"]
 
+FORMAT = "njtc-statistics"  # the ``format`` metadata of a statistics file
 NORMALIZATIONS = ("none", "batch", "layer", "rms")
 ROW_NORM_EPS = 1e-5
 # Rows per GEMM: the float32 sum inside one GEMM is the dominant rounding error (it grows like
@@ -166,7 +167,7 @@ class Statistics:
         for key, m in self.layers.items():
             tensors.update({f"layers.{key}.mean_x": m.mean_x, f"layers.{key}.cxx": m.cxx,
                             f"layers.{key}.cxy": m.cxy})
-        meta = {"format": "njtc-statistics", "format_version": "1", "input_norm": self.input_norm,
+        meta = {"format": FORMAT, "format_version": "1", "input_norm": self.input_norm,
                 "meta": json.dumps(self.meta)}
         if head is not None:
             tensors.update(head.to_tensors("head."))
@@ -176,30 +177,107 @@ class Statistics:
 
     @classmethod
     def load(cls, path) -> Statistics:
-        """Read statistics written by :meth:`save`."""
-        tensors, meta = read_safetensors(path, "statistics", "njtc-statistics")
-        keys = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("layers.")})
-        layers = {k: LayerMoments(tensors[f"layers.{k}.mean_x"], tensors[f"layers.{k}.cxx"],
-                                  tensors[f"layers.{k}.cxy"]) for k in keys}
-        n = float(tensors["n"][0])
-        n_rows = int(tensors["n_rows"][0]) if "n_rows" in tensors else None
-        return cls(int(n) if n.is_integer() else n, tensors["mean_y"], tensors["cyy"], layers, meta["input_norm"],
-                   json.loads(meta.get("meta", "{}")), n_rows)
+        """Read statistics written by :meth:`save`, every tensor and metadata key checked.
 
+        A missing tensor or key, a shape that disagrees with the others, ``n`` not positive or
+        a value that is not finite is a one-line :class:`NJTCError` naming the file, the
+        entry and, for a shape, the real and the expected one.
+        """
+        tensors, meta = read_safetensors(path, "statistics", FORMAT)
+        fields, layers = _checked(path, tensors, meta)
+        return cls(fields["n"], tensors["mean_y"], tensors["cyy"], layers, fields["input_norm"], fields["meta"],
+                   fields["n_rows"])
 
     @staticmethod
     def load_head(path):
         """The model's head saved with the statistics, or ``None`` where it was not."""
         from .head import Head
 
-        tensors, meta = read_safetensors(path, "statistics", "njtc-statistics")
+        tensors, meta = read_safetensors(path, "statistics", FORMAT)
         if "head" not in meta:
             return None
         try:
             description = json.loads(meta["head"])
         except ValueError as err:
             raise NJTCError(f"the head saved in {path} cannot be read ({err})") from err
-        return Head.from_tensors(tensors, description, "head.")
+        if not isinstance(description, dict):
+            raise NJTCError(f"{path} is not a valid statistics file: metadata head is not a JSON object")
+        try:
+            head = Head.from_tensors(tensors, description, "head.")
+        except NJTCError as err:
+            raise NJTCError(f"{path} is not a valid statistics file: {err}") from None
+        for name, t in tensors.items():
+            if name.startswith("head.") and t.is_floating_point() and not torch.isfinite(t).all():
+                raise NJTCError(f"{path} is not a valid statistics file: {name} holds NaN or Inf")
+        return head
+
+
+def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
+    """Check a statistics file's tensors and metadata against each other (see :meth:`Statistics.load`).
+
+    Returns the parsed fields (``n``, ``n_rows``, ``input_norm``, ``meta``) and the layers'
+    :class:`LayerMoments`.
+    """
+    def bad(problem: str) -> NJTCError:
+        return NJTCError(f"{path} is not a valid statistics file: {problem}")
+
+    def tensor(name: str, shape: tuple) -> torch.Tensor:
+        if name not in tensors:
+            raise bad(f"it has no tensor {name}")
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise bad(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+        if not t.is_floating_point() and name != "n_rows":
+            raise bad(f"{name} has dtype {t.dtype}, expected a float")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise bad(f"{name} holds NaN or Inf")
+        return t
+
+    input_norm = meta.get("input_norm")
+    if input_norm not in ("none", "layer", "rms"):
+        raise bad("its metadata has no 'input_norm'" if input_norm is None else
+                  f"metadata input_norm={input_norm!r} is not none, layer or rms")
+    try:
+        extra = json.loads(meta.get("meta", "{}"))
+    except ValueError:
+        raise bad("metadata meta is not JSON") from None
+    if not isinstance(extra, dict):
+        raise bad("metadata meta is not a JSON object")
+    d = int(tensors["mean_y"].shape[0]) if "mean_y" in tensors and tensors["mean_y"].dim() == 1 else "d"
+    tensor("mean_y", (d,))  # names a missing tensor, or its shape
+    tensor("cyy", (d, d))
+    n = float(tensor("n", (1,))[0])
+    if not n > 0:
+        raise bad(f"n = {n:g}: it holds no rows")
+    n_rows = None
+    if "n_rows" in tensors:
+        n_rows = int(tensor("n_rows", (1,))[0])
+        if n_rows < 1:
+            raise bad(f"n_rows = {n_rows}: it holds no rows")
+    for key in ("d_model", "target_layer"):
+        if key in extra and not (type(extra[key]) is int and extra[key] >= 0):
+            raise bad(f"metadata meta.{key}={extra[key]!r} is not a non-negative integer")
+    if extra.get("d_model", d) != d:
+        raise bad(f"metadata meta.d_model={extra['d_model']} disagrees with mean_y's width {d}")
+    if "provenance" in extra and not isinstance(extra["provenance"], dict):
+        raise bad("metadata meta.provenance is not a JSON object")
+    keys = set()
+    for name in tensors:
+        parts = name.split(".")
+        if name in ("n", "n_rows", "mean_y", "cyy") or parts[0] == "head":
+            continue
+        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in ("mean_x", "cxx", "cxy"):
+            raise bad(f"it holds an unexpected tensor {name}")
+        keys.add(int(parts[1]))
+    if not keys:
+        raise bad("it holds no layer (no layers.{l}.cxx tensors)")
+    layers = {}
+    for k in sorted(keys):
+        name = f"layers.{k}.mean_x"
+        dx = int(tensors[name].shape[0]) if name in tensors and tensors[name].dim() == 1 else "d_x"
+        mean_x = tensor(name, (dx,))
+        layers[k] = LayerMoments(mean_x, tensor(f"layers.{k}.cxx", (dx, dx)), tensor(f"layers.{k}.cxy", (dx, d)))
+    return {"n": int(n) if n.is_integer() else n, "n_rows": n_rows, "input_norm": input_norm, "meta": extra}, layers
 
 
 def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

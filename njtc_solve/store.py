@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import queue
 import threading
 from functools import cached_property
@@ -12,11 +14,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import NJTCError, atomic_output
+from .errors import NJTCError, atomic_output, temporary_path
 from .head import Head
 
 __all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "SPLITS", "STORE_DTYPES",
-           "TRAIN", "VALIDATION", "ActivationStore", "decode_rows", "encode_rows",
+           "TRAIN", "VALIDATION", "ActivationStore", "being_written", "check_chunk_index", "decode_rows", "encode_rows",
            "combine_shards", "prefetched", "shard_path", "split_provenance"]
 
 FORMAT = "njtc-activations"
@@ -50,10 +52,16 @@ class ActivationStore:
     def __init__(self, path, allow_incomplete: bool = False):
         self.path = Path(path)
         if not self.path.is_file():
+            if temporary_path(self.path).is_file():
+                raise NJTCError(f"store {self.path} not found: {temporary_path(self.path).name} is being written by "
+                                "extract (or was left by an interrupted run: finish it with extract --resume)")
             raise NJTCError(f"store {self.path} not found (create it with python -m njtc_solve.extract)")
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as err:
+            if being_written(self.path, err):
+                raise NJTCError(f"{self.path} is being written by another process (it holds the file open); wait "
+                                "for it to finish, then try again") from None
             raise NJTCError(f"{self.path} is not a readable HDF5 file (truncated or corrupt?)") from err
         try:
             self._open(allow_incomplete)
@@ -76,6 +84,9 @@ class ActivationStore:
             raise NJTCError(f"{self.path} has store format version {version}; this library reads "
                             f"{' and '.join(map(str, READABLE_VERSIONS))}")
         if not allow_incomplete and not bool(attrs.get("complete", False)):
+            if being_written(self.path):
+                raise NJTCError(f"{self.path} is being written by another process (it holds "
+                                f"{self.path.name}.lock); wait for it to finish, then try again")
             written, total = int(attrs.get("rows_written", 0)), int(self.file["tokens"].shape[0])
             raise NJTCError(
                 f"{self.path} is incomplete ({written} of {total} rows written); finish it with extract --resume"
@@ -96,6 +107,8 @@ class ActivationStore:
         wrong += [f"hidden/{l}" for l in self.layers if self.file[f"hidden/{l}"].shape[1:] != (self.d_model,)]
         if wrong:
             raise NJTCError(f"{self.path}: {wrong[0]} has the wrong shape; the file is damaged")
+        if not allow_incomplete:
+            check_chunk_index(self.file)
         self.n_rows = int(attrs["rows_written"]) if allow_incomplete else total
         self._split = self._read("split", slice(0, self.n_rows))
         self._position = self._read("position", slice(0, self.n_rows)) if "position" in self.file else None
@@ -273,6 +286,81 @@ class ActivationStore:
 
 
 _DAMAGE = (KeyError, OSError, ValueError, RuntimeError, TypeError)  # what h5py raises for a damaged file
+
+
+def being_written(path, err: OSError | None = None) -> bool:
+    """Whether another process is writing the HDF5 file ``path``.
+
+    HDF5 refuses to open a file that a writer holds (``unable to lock file``, errno 11), and
+    the commands hold ``PATH.lock`` while they write ``PATH``
+    (:func:`njtc_solve.errors.output_lock`).
+    """
+    if err is not None and (isinstance(err, BlockingIOError) or "unable to lock file" in str(err)):
+        return True
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _datasets(group):
+    """Every dataset under ``group``, depth first."""
+    for item in group.values():
+        if isinstance(item, h5py.Group):
+            yield from _datasets(item)
+        else:
+            yield item
+
+
+def _chunk_coverage(ds, file_size: int | None) -> tuple[int, int, list]:
+    """``(grid points indexed, grid points, offsets of chunks out of place or indexed twice)`` of a dataset."""
+    grid = [-(-n // c) for n, c in zip(ds.shape, ds.chunks)]
+    found, bad = set(), []
+
+    def visit(info):
+        offset = tuple(o // c for o, c in zip(info.chunk_offset, ds.chunks))
+        if (info.byte_offset is None or info.size == 0
+                or (file_size is not None and info.byte_offset + info.size > file_size)
+                or any(o % c for o, c in zip(info.chunk_offset, ds.chunks))
+                or any(not 0 <= o < g for o, g in zip(offset, grid)) or offset in found):
+            bad.append(info.chunk_offset)
+        found.add(offset)
+
+    ds.id.chunk_iter(visit)
+    return len(found), int(np.prod(grid)), bad
+
+
+def check_chunk_index(file) -> None:
+    """Refuse a store whose chunk index does not cover every chunked dataset's extent.
+
+    HDF5 checksums chunks (fletcher32) but not the index that finds them: a damaged index
+    entry drops a chunk, or moves it, and its rows then read as fill values without an error.
+    Every chunked dataset must have exactly one allocated chunk at each point of its chunk
+    grid, each inside the file. Costs one walk of each index (see the README for a timing).
+
+    Raises
+    ------
+    NJTCError
+        ``PATH is damaged: the chunk index of hidden/3 covers 27 of its 28 chunks; ...``
+    """
+    size = os.fstat(file.id.get_vfd_handle()).st_size if file.driver == "sec2" else None
+    for ds in _datasets(file):
+        if ds.chunks is None or ds.is_virtual or ds.size == 0:
+            continue
+        found, expected, bad = _chunk_coverage(ds, size)
+        if bad or found != expected:
+            what = (f"has a chunk at {tuple(bad[0])} outside the dataset or the file, or twice" if bad else
+                    f"covers {found} of its {expected} chunks")
+            raise NJTCError(f"{file.filename} is damaged: the chunk index of {ds.name.lstrip('/')} {what} (rows "
+                            "would read as zeros); extract it again")
 
 
 def prefetched(items, depth: int = 1):

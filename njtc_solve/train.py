@@ -34,6 +34,7 @@ Examples
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -310,8 +311,8 @@ def train_maps(maps: dict, head, train, check, objective: str = "kl", steps: int
         raise NJTCError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if schedule not in ("constant", "linear"):
         raise NJTCError(f"unknown schedule {schedule!r}; use constant or linear")
-    if steps < 0 or batch_rows <= 0 or check_every <= 0 or patience < 0 or not lr > 0:
-        raise NJTCError("steps and patience must be 0 or more; batch_rows, check_every and lr positive")
+    if steps < 0 or batch_rows <= 0 or check_every <= 0 or patience < 0 or not 0 < lr < math.inf:
+        raise NJTCError("steps and patience must be 0 or more; batch_rows, check_every and lr positive (lr finite)")
     if not maps:
         raise NJTCError("no maps to train")
     torch.manual_seed(seed)

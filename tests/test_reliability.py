@@ -226,9 +226,14 @@ def test_the_report_replaces_only_its_own_files(tiny_store, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "results.json").write_text("old")
-    result = run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts", "--out", str(out),
-                        "--max-rows", "64", "--no-progress")
-    assert result.returncode == 0, result.stderr
+    argv = ["--store", str(tiny_store), "--shortcuts", "--out", str(out), "--max-rows", "64", "--no-progress"]
+    result = run_module("njtc_solve.evaluate", *argv)  # a results.json it did not write is not replaced (issue 19)
+    assert result.returncode == 2 and "holds results.json, which this project did not write" in result.stderr
+    assert (out / "results.json").read_text() == "old"
+    (out / "results.json").unlink()
+    for _ in range(2):  # into a folder of other files, then over its own report
+        result = run_module("njtc_solve.evaluate", *argv)
+        assert result.returncode == 0, result.stderr
     assert (out / "notes.txt").read_text() == "mine" and (out / "results.json").read_text() != "old"
     assert not list(tmp_path.glob("results.*"))
     here = tmp_path / "here"
