@@ -536,12 +536,12 @@ def main(argv=None) -> int:
     records = traj.records()
     meta = {"model": name, "shortcuts": args.shortcuts, "tuned_lens": args.tuned_lens, "prompt": args.prompt, "methods": traj.methods,
             "n_layers": traj.n_layers, "dtype": args.dtype}
-    paths = {"png": out / "trajectory.png", "json": out / "trajectory.json", "csv": out / "trajectory.csv"}
+    paths = {"json": out / "trajectory.json", "png": out / "trajectory.png", "csv": out / "trajectory.csv"}
     fig = plot_trajectory(traj, color=args.color, max_positions=args.max_positions)
+    with atomic_output(paths["json"]) as tmp:  # first: the marker by which a rerun knows the folder is ours
+        tmp.write_text(json.dumps({"meta": meta, "records": records}, ensure_ascii=False, indent=1))
     with atomic_output(paths["png"]) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    with atomic_output(paths["json"]) as tmp:
-        tmp.write_text(json.dumps({"meta": meta, "records": records}, ensure_ascii=False, indent=1))
     with atomic_output(paths["csv"]) as tmp:
         write_csv(tmp, records)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
