@@ -173,9 +173,9 @@ def replaced_stream(held: HeldOut, replacement: Replacement, seqs: slice) -> tor
         return h
     m = held.mlp[s - 1][seqs].double()
     eye = torch.eye(m.shape[-1], dtype=torch.float64)
-    out = h.double() + m @ (replacement.T.double() - eye)
+    out = h.double() + m @ (replacement.T.double().cpu() - eye)
     if replacement.c is not None:
-        out = out + replacement.c.double()
+        out = out + replacement.c.double().cpu()
     return out.float()
 
 
@@ -331,7 +331,7 @@ def prune_model(model, tokenizer, documents, *, remove: int, start: int | None =
     with tqdm(total=train_plan.n_rows + score_plan.n_rows, unit="tok", unit_scale=True, desc="prune: pass",
               leave=False, disable=not progress) as bar:
         stats = replacement_statistics(model, train_plan, {s: [remove] for s in starts}, weightings=weightings,
-                                       batch_size=batch_size, bar=bar)
+                                       batch_size=batch_size, device=next(model.parameters()).device, bar=bar)
         timings["train_pass_s"] = time.perf_counter() - t0
         held = collect_held_out(model, score_plan, batch_size=batch_size)
         bar.update(score_plan.n_rows)

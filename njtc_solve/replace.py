@@ -374,7 +374,7 @@ def fold_replacement(model, replacement: Replacement) -> None:
     """
     spec = check_foldable(model.config)
     proj = _projections(model, spec)[replacement.start - 1]
-    T = replacement.T.double()
+    T = replacement.T.double().cpu()
     with torch.no_grad():
         w = proj.weight
         new_w = (T.T @ w.double().cpu()) if spec.kind == "linear" else (w.double().cpu() @ T)
