@@ -379,3 +379,10 @@ def test_check_removal_library_messages():
         check_removal(4, 0)
     with pytest.raises(NJTCError, match="last start is 2"):
         check_removal(4, 2, 3)
+
+
+def test_missing_model_refused_before_loading(tmp_path, capsys):
+    code, err = _bad(["--model", str(tmp_path / "missing.gguf"), "--remove", "1", "--start", "1", "--out",
+                      str(tmp_path / "o")], capsys)
+    assert code == 2 and err == f"error: model file {tmp_path / 'missing.gguf'} not found"
+    assert not (tmp_path / "o").exists()
