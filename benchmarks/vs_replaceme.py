@@ -88,6 +88,12 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--gen-repeats", type=int, default=2)
+    p.add_argument("--start-stride", type=int, default=1,
+                   help="score every n-th start only (1: every start, as prune --auto does)")
+    p.add_argument("--intercepts", default="none,mlp_bias", help="intercept candidates of ours")
+    p.add_argument("--forward-tokens", type=int, default=None,
+                   help="tokens of the bare forward pass that is timed (default: the training tokens)")
     p.add_argument("--out", default=str(RESULTS / "vs_replaceme.json"))
     args = p.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
@@ -110,10 +116,11 @@ def main() -> None:
 
     # the bare forward pass over the training sequences, then the pass with every statistic
     t = time.perf_counter()
+    n_fwd = len(train_plan.token_ids) if args.forward_tokens is None else -(-args.forward_tokens // args.seq_len)
     with torch.no_grad():
-        for b in range(0, len(train_plan.token_ids), 8):
-            model(input_ids=torch.as_tensor(train_plan.token_ids[b:b + 8]))
-    forward_s = time.perf_counter() - t
+        for b in range(0, n_fwd, 8):
+            model(input_ids=torch.as_tensor(train_plan.token_ids[b:min(b + 8, n_fwd)]))
+    forward_s = (time.perf_counter() - t) * len(train_plan.token_ids) / n_fwd  # scaled to the training tokens
     pairs = {s: [k for k in ks if s + k <= n_blocks] for s in range(1, n_blocks)}
     pairs = {s: v for s, v in pairs.items() if v}
     t = time.perf_counter()
@@ -128,27 +135,29 @@ def main() -> None:
     full = eval_set.full_metrics()
     full_params = n_params(model)
     prompt = torch.as_tensor(eval_plan.token_ids[:1, :16])
-    speed_full = [generation_speed(model, prompt, args.gen_tokens)]
+    speed_full = [generation_speed(model, prompt, args.gen_tokens, args.gen_repeats)]
     rows, choices = [], {}
     for k in ks:
         starts = sorted(s for s, v in pairs.items() if k in v)
+        cos_start = min(starts, key=lambda s: stats.cosine[(s, k)]["angular_last"])
+        scored = sorted(set(starts[::args.start_stride]) | {cos_start})
         t = time.perf_counter()
-        ours, candidates = choose_replacement(model, stats, score_set, remove=k, starts=starts,
-                                              intercepts=("none", "mlp_bias"))
+        ours, candidates = choose_replacement(model, stats, score_set, remove=k, starts=scored,
+                                              intercepts=tuple(args.intercepts.split(",")))
         choose_s = time.perf_counter() - t
         drops = [c for c in candidates if c["name"] == "drop"]
         drop_start = min(drops, key=lambda c: c["kl"])["start"]
-        cos_start = min(starts, key=lambda s: stats.cosine[(s, k)]["angular_last"])
         maps = {"drop": Replacement.drop(drop_start, k, stats.moments[(drop_start, k, "plain")]["cxx"].shape[0]),
                 "ReplaceMe": replaceme_map(stats, cos_start, k), "ours": ours}
         choices[k] = {"ours": ours.describe(), "replaceme_start": cos_start, "drop_start": drop_start,
+                      "scored_starts": scored,
                       "choose_s": choose_s, "candidates": candidates,
                       "cosine": {s: stats.cosine[(s, k)] for s in starts}}
         for method, rep in maps.items():
             score = score_replacement(model, eval_set, rep)
             pruned = copy.deepcopy(model)
             apply_replacement(pruned, rep)
-            speed = generation_speed(pruned, prompt, args.gen_tokens)
+            speed = generation_speed(pruned, prompt, args.gen_tokens, args.gen_repeats)
             rows.append({"k": k, "method": method, "start": rep.start, "map": rep.name, **score,
                          "params": n_params(pruned), "gen_tok_s": speed})
             if method == "ours":  # the folded model itself against the cached tail evaluation
@@ -160,7 +169,7 @@ def main() -> None:
             del pruned
             print(f"K={k} {method:>9} start {rep.start:>2} {rep.name:<18} ppl {score['ppl']:8.2f} "
                   f"KL {score['kl']:.4f} top-1 {score['top1']:.3f} {speed:.1f} tok/s", flush=True)
-    speed_full.append(generation_speed(model, prompt, args.gen_tokens))
+    speed_full.append(generation_speed(model, prompt, args.gen_tokens, args.gen_repeats))
     full_speed = float(np.mean(speed_full))
     for r in rows:
         r["gen_speedup"] = r["gen_tok_s"] / full_speed
@@ -168,7 +177,9 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"model": name, "n_blocks": n_blocks, "commit": commit, "corpus": "pydoc_data.topics",
               "budgets": {"train_tokens": train_plan.n_rows, "score_tokens": score_plan.n_rows,
-                          "eval_tokens": eval_plan.n_rows, "seq_len": args.seq_len, "gen_tokens": args.gen_tokens},
+                          "eval_tokens": eval_plan.n_rows, "seq_len": args.seq_len, "gen_tokens": args.gen_tokens,
+                          "gen_repeats": args.gen_repeats, "start_stride": args.start_stride,
+                          "intercepts": args.intercepts, "bare_forward_tokens_timed": n_fwd * args.seq_len},
               "full": {**full, "params": full_params, "gen_tok_s": speed_full},
               "timings_s": {"load_model": load_s, "bare_forward_train": forward_s, "statistics_pass": stats_pass_s,
                             "held_out_cache": cache_s},
