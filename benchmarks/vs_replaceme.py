@@ -22,7 +22,9 @@ forward pass over the training sequences gives the statistics of every start and
 ReplaceMe's raw Grams are formed from the same float64 statistics (``C + n x̄x̄ᵀ``; its own
 code accumulates them with float64 GEMMs: the two differ by float32 rounding, ~1e-7).
 
-    python benchmarks/vs_replaceme.py            # ~10 min on 2 CPU cores
+    python benchmarks/vs_replaceme.py            # every start; over an hour on a loaded 2-core CPU
+    python benchmarks/vs_replaceme.py --train-tokens 4096 --score-tokens 128 --eval-tokens 512 \
+        --gen-tokens 8 --gen-repeats 1 --start-stride 4 --forward-tokens 1024   # the README's run: 19 min
 
 Writes ``benchmarks/results/vs_replaceme.json`` and ``docs/prune/vs_replaceme.png``.
 """

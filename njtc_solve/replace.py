@@ -239,7 +239,7 @@ class ReplacementAccumulator:
             for weighting in self.weightings:
                 w = None if weighting == "plain" else 1.0 / h_s.pow(2).mean(-1).clamp_min(1e-30)
                 self._add(start, weighting, block, w, len(ks), x.shape[1])
-            for j, k in enumerate(ks):
+            for k in ks:
                 h_e = hidden[start + k]
                 cos = torch.nn.functional.cosine_similarity(hidden[start].float(), h_e.float(), dim=-1).double()
                 angle = torch.acos(cos[:, last].clamp(-1, 1)) / torch.pi  # ReplaceMe's angular distance

@@ -175,7 +175,9 @@ def _states(model, ids, batch_size: int = 8):
     finally:
         for h in hooks:
             h.remove()
-    flat = lambda name: torch.cat(got[name]).reshape(-1, ids.shape[-1] and got[name][0].shape[-1]).numpy()  # noqa: E731
+    def flat(name):
+        return torch.cat(got[name]).reshape(-1, got[name][0].shape[-1]).numpy()
+
     return [flat(f"h{l}") for l in range(len(blocks) + 1)], [flat(f"m{i}") for i in range(len(blocks))]
 
 
