@@ -442,6 +442,7 @@ def save_pruned(model, tokenizer, out, record: dict, *, overwrite: bool = False)
     """
     out = Path(out)
     check_output_folder(out, overwrite=overwrite)
+    _drop_gguf_quantizer(model)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
@@ -465,6 +466,21 @@ def save_pruned(model, tokenizer, out, record: dict, *, overwrite: bool = False)
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A model read from a GGUF file holds dequantized weights but still names GGUF as its quantizer,
+    which transformers refuses to save: it is saved as the plain model it is (in its loaded dtype)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", None)
+    method = str(getattr(method, "value", method))
+    if method != "gguf":
+        raise NJTCError(f"a model quantized with {method} cannot be saved pruned; load it unquantized")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def check_output_folder(out, *, overwrite: bool = False, inputs=()) -> None:

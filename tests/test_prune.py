@@ -388,3 +388,17 @@ def test_missing_model_refused_before_loading(tmp_path, capsys):
                       str(tmp_path / "o")], capsys)
     assert code == 2 and err == f"error: model file {tmp_path / 'missing.gguf'} not found"
     assert not (tmp_path / "o").exists()
+
+
+def test_gguf_loaded_model_is_saved_as_the_plain_model(tmp_path):
+    """A model read from a GGUF file (dequantized weights, GGUF still named as its quantizer) is saved."""
+    from types import SimpleNamespace
+
+    model = _family_model("gpt2")
+    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))
+    save_pruned(model, None, tmp_path / "m", {})
+    assert model.hf_quantizer is None and (tmp_path / "m" / "model.safetensors").is_file()
+    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="bitsandbytes"))
+    with pytest.raises(NJTCError, match="quantized with bitsandbytes cannot be saved"):
+        save_pruned(model, None, tmp_path / "n", {})
+    assert not (tmp_path / "n").exists()
