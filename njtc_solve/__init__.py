@@ -40,6 +40,12 @@ _API = {
     "ShortcutLens": "lens",
     "export_tuned_lens": "export",
     "read_tuned_lens": "export",
+    "prune_model": "pruning",
+    "Replacement": "replace",
+    "ReplacementAccumulator": "replace",
+    "solve_replacement": "replace",
+    "apply_replacement": "replace",
+    "save_pruned": "replace",
 }
 
 __all__ = list(_API)
