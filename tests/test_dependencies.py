@@ -82,6 +82,8 @@ def _commands(model: str, tmp) -> list:
         ("lens", "lens", ["--model", model, "--shortcuts", maps, "--prompt", "def f(x): return x", "--top-k", "3",
                           "--out", str(tmp / "lens")]),
         ("lens --tuned-lens", "lens", ["--model", model, "--tuned-lens", str(tmp / "tuned"), "--prompt", "a b c"]),
+        ("prune", "prune", ["--model", model, "--remove", "1", "--start", "1", "--out", str(tmp / "pruned"),
+                            *plan, "--score-tokens", "32", *quiet]),
     ]
 
 
