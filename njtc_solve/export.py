@@ -131,6 +131,10 @@ def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Pa
     (3, 32)
     """
     shortcuts = shortcuts if isinstance(shortcuts, Shortcuts) else Shortcuts.load(shortcuts)
+    last = shortcuts.stats.get("n_layers", shortcuts.target_layer)  # files from before it was recorded: the last
+    if last != shortcuts.target_layer:
+        raise NJTCError(f"tuned-lens export needs maps to the last layer ({last}); shortcuts {shortcuts.name} "
+                        f"target layer {shortcuts.target_layer}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NJTCError(f"{out} exists and is not a folder")

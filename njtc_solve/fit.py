@@ -253,7 +253,8 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
                       "none" if weight_factor is None else "logits",
                       {"layers": records[r], "accumulation": {k: stats.meta.get(k) for k in
                                                               ("seconds", "rows_per_s", "gflops", "device",
-                                                               "accumulation")}},
+                                                               "accumulation")},
+                       **({"n_layers": int(stats.meta["n_layers"])} if "n_layers" in stats.meta else {})},
                       provenance=stats.meta.get("provenance", {}))
             for r in ranks]
 
