@@ -49,12 +49,13 @@ def tiny_live(tiny_models):
 
 
 @pytest.mark.parametrize("where", ["store", "live"])
-def test_intermediate_target_equals_float64_least_squares(tiny_store, tiny_live, where):
+def test_intermediate_target_equals_float64_least_squares(tiny_store, tiny_live, where, tmp_path):
     """JTC factors (the map and bias) and NJTC factors (U·V and the row space Vᵀ V) of a pair
     l -> 2, against numpy float64 least squares / reduced-rank regression of the pair's rows."""
     source = str(tiny_store) if where == "store" else tiny_live
-    [jtc] = fit_shortcuts(source, "jtc", None, progress=False, target_layer=2)
-    [njtc] = fit_shortcuts(source, "njtc", [4], progress=False, target_layer=2)
+    stats = tmp_path / "stats.safetensors"  # one pass (a live one runs the model) serves both methods
+    [jtc] = fit_shortcuts(source, "jtc", None, progress=False, target_layer=2, save_stats=stats)
+    [njtc] = fit_shortcuts(None, "njtc", [4], statistics=stats, target_layer=2)
     assert jtc.target_layer == njtc.target_layer == 2 and sorted(jtc.maps) == [0, 1]
     for layer in (0, 1):
         x, y = _pair_rows(tiny_store, layer, 2)
@@ -107,11 +108,21 @@ def test_all_targets_float32_and_saved_pair_statistics(tiny_store, tmp_path):
         fit_shortcuts(None, "jtc", statistics=stats, target_layer=5)
 
 
-def _fit(*args):
-    return run_module("njtc_solve.fit", *args, "--no-progress")
+def _in_process(capsys, main, *args):
+    """A command run in this process (no interpreter start-up): exit status and stderr."""
+    from types import SimpleNamespace
+
+    from njtc_solve.errors import run_cli
+
+    capsys.readouterr()
+    code = run_cli(main, [*args, "--no-progress"])
+    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
-def test_bad_targets_one_line_before_the_pass(tiny_store, tmp_path):
+def test_bad_targets_one_line_before_the_pass(tiny_store, tmp_path, capsys):
+    from njtc_solve.fit import main
+
+    _fit = lambda *args: _in_process(capsys, main, *args)  # noqa: E731
     store, out = str(tiny_store), str(tmp_path / "x.safetensors")
     _one_line_exit_2(_fit("--store", store, "--method", "jtc", "--layers", "1,2", "--target-layer", "2", "--out", out),
                      "source layer 2 is not below the target layer 2")
@@ -121,8 +132,8 @@ def test_bad_targets_one_line_before_the_pass(tiny_store, tmp_path):
                      "cannot parse --target-layer 'x'")
     _one_line_exit_2(_fit("--store", store, "--method", "njtc", "--target-layer", "2", "--weight", "logits",
                           "--out", out), "weight logits needs the last layer (3) as the target")
-    # refused before the model would load: the model path does not exist
-    _one_line_exit_2(_fit("--model", str(tmp_path / "no-model"), "--target-layer", "all", "--weight", "logits",
+    # refused before the model would load: the model path does not exist (one real command line)
+    _one_line_exit_2(run_module("njtc_solve.fit", "--no-progress", "--model", str(tmp_path / "no-model"), "--target-layer", "all", "--weight", "logits",
                           "--method", "njtc", "--out", out), "--weight logits needs the last layer as the target")
     _one_line_exit_2(_fit("--model", str(tmp_path / "no-model"), "--target-layer", "all", "--method", "jtc",
                           "--rank", "4", "--out", out), "jtc fits full-rank maps")
@@ -135,10 +146,12 @@ def test_bad_targets_one_line_before_the_pass(tiny_store, tmp_path):
     assert not list(tmp_path.glob("x*"))
 
 
-def test_cli_all_writes_one_file_per_target(tiny_store, tmp_path):
+def test_cli_all_writes_one_file_per_target(tiny_store, tmp_path, capsys):
+    from njtc_solve.fit import main
+
     out = tmp_path / "n.safetensors"
-    result = _fit("--store", str(tiny_store), "--method", "njtc", "--rank", "2,4", "--target-layer", "all",
-                  "--out", str(out))
+    result = _in_process(capsys, main, "--store", str(tiny_store), "--method", "njtc", "--rank", "2,4",
+                         "--target-layer", "all", "--out", str(out))
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in tmp_path.glob("n-t*.safetensors"))
     assert names == [f"n-t{t}-r{r}.safetensors" for t in (1, 2, 3) for r in (2, 4)]
@@ -154,7 +167,7 @@ def test_skip_with_the_true_blocks_reproduces_the_model(tiny_models, kind):
     runner.record(ids)
     with torch.no_grad():
         reference = model(input_ids=ids).logits  # a plain forward pass, no hooks
-    for start, end in [(0, 1), (1, 3), (0, 3)]:
+    for start, end in [(0, 1), (1, 3)]:
         exact = runner.logits(start, end, lambda h: runner.run_blocks(h, start, end))
         assert (exact - reference).abs().max() < 1e-5 * reference.abs().max(), (start, end)  # observed: 0
         dropped = runner.logits(start, end, lambda h: h)  # a wrong replacement: the blocks removed
@@ -186,7 +199,7 @@ def test_pairwise_evaluation_store_and_live(tiny_store, tiny_live, tmp_path):
     assert lr["skip_rows"] >= 64 and 0 <= lr["skip_top1"] <= 1 and 0 <= lr["skip_kl"] < lr["drop_kl"] * 10
 
 
-def test_consumers_refuse_an_intermediate_target(tiny_store, tiny_models, tmp_path):
+def test_consumers_refuse_an_intermediate_target(tiny_store, tmp_path, capsys):
     from njtc_solve.export import export_tuned_lens
     from njtc_solve.lens import ShortcutLens
 
@@ -198,6 +211,8 @@ def test_consumers_refuse_an_intermediate_target(tiny_store, tiny_models, tmp_pa
     with ActivationStore(tiny_store) as store:
         with pytest.raises(NJTCError, match="the lens reads maps to the last layer"):
             ShortcutLens(store.head(), Shortcuts.load(path))
-    _one_line_exit_2(run_module("njtc_solve.refine", "--shortcuts", str(path), "--store", str(tiny_store),
-                                "--out", str(tmp_path / "r.safetensors"), "--no-progress"),
+    from njtc_solve.refine import main
+
+    _one_line_exit_2(_in_process(capsys, main, "--shortcuts", str(path), "--store", str(tiny_store),
+                                 "--out", str(tmp_path / "r.safetensors")),
                      "targets layer 2; the last layer")
