@@ -17,6 +17,12 @@ reaches a threshold.
 
 A shortcut fitted on some of the rows evaluated is refused: same corpus, but a different
 document split (see :func:`check_unseen`).
+
+Maps to an intermediate layer (``fit --target-layer T`` or ``all``) have no head to judge them
+through: they get a pairwise table instead (``pairwise.md``, ``pairwise.json``; see
+:mod:`njtc_solve.pairwise`): relative error and R² per (source, target) pair beside the
+identity, and with ``--model`` the skip KL and top-1 agreement of the model run with the
+blocks between the two layers replaced by the map (and dropped, for comparison).
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ class SkipRunner:
         self.hidden: list[torch.Tensor] = []  # layer 0..L: block inputs, then the last block's output
         self.calls: list[tuple[tuple, dict]] = []  # per block: its arguments other than the hidden state
         self.model_logits: torch.Tensor | None = None
+        self._references: dict = {}  # (from_position, chunk_rows) -> the full model's distributions
 
     def record(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Run the model once on a batch and keep every block's input and call arguments."""
@@ -81,6 +82,20 @@ class SkipRunner:
             raise NJTCError(f"recorded {len(hidden)} hidden states for {self.n_layers} blocks; "
                             "the model does not call its blocks once each")
         self.hidden, self.calls, self.model_logits = hidden, calls, out.logits
+        self._references = {}
+
+    def references(self, from_position: int = 0, chunk_rows: int = 256) -> list:
+        """The full model's distributions (:class:`~njtc_solve.metrics.Reference`) at positions
+        ``>= from_position`` of the recorded batch, in chunks of ``chunk_rows`` rows; computed once
+        per batch and shared by every pair scored on it."""
+        key = (from_position, chunk_rows)
+        if key not in self._references:
+            full = self.hidden[-1][:, from_position:].reshape(-1, self.hidden[-1].shape[-1])
+            head = self.head.to(full.device)
+            with torch.no_grad():
+                self._references[key] = [Reference.from_logits(head.logits(full[i:i + chunk_rows].float()))
+                                         for i in range(0, len(full), chunk_rows)]
+        return self._references[key]
 
     def run_blocks(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Run the model's own blocks ``start..end-1`` on ``h`` (batch, seq, d), with the recorded arguments."""
@@ -124,19 +139,13 @@ def skip_scores(runner: SkipRunner, start: int, end: int, replace: Callable, *, 
     recorded last layer. Logits are made ``chunk_rows`` rows at a time. Returns
     ``{"kl": sum, "agree": count, "n": rows}``.
     """
-    last = runner.last_layer(start, end, replace, keep_positions)[:, from_position:].reshape(-1, last_width(runner))
-    full = runner.hidden[-1][:, from_position:].reshape(-1, last_width(runner))
+    last = runner.last_layer(start, end, replace, keep_positions)[:, from_position:]
+    last = last.reshape(-1, last.shape[-1])
     head = runner.head.to(last.device)
     kl = agree = 0.0
     with torch.no_grad():
-        for i in range(0, len(last), chunk_rows):
-            ref = head.logits(full[i:i + chunk_rows].float())
+        for i, ref in zip(range(0, len(last), chunk_rows), runner.references(from_position, chunk_rows)):
             got = head.logits(last[i:i + chunk_rows].float())
-            kl += float(kl_divergence(Reference.from_logits(ref), got).sum())
-            agree += float((ref.argmax(-1) == got.argmax(-1)).sum())
+            kl += float(kl_divergence(ref, got).sum())
+            agree += float((ref.logp.argmax(-1) == got.argmax(-1)).sum())
     return {"kl": kl, "agree": agree, "n": len(last)}
-
-
-def last_width(runner: SkipRunner) -> int:
-    """The residual stream's width."""
-    return runner.hidden[-1].shape[-1]
