@@ -90,7 +90,7 @@ def plot(records, skip_records, n_layers, path: Path, meta: dict) -> None:
     im = axes[2].imshow(grid, cmap="magma_r", extent=extent,
                         norm=LogNorm(vmin=max(finite.min(), 1e-3), vmax=finite.max()))
     axes[2].set(title=f"JTC replacing blocks l..l'-1: KL to the full model (nats)\n"
-                      f"every {meta['skip_stride']}th layer, {meta['skip_rows']} tokens",
+                      f"layers 0, {meta['skip_stride']}, {2 * meta['skip_stride']}, ..., {meta['skip_rows']} held-out tokens",
                 xlabel="source layer l", ylabel="target layer l'")
     fig.colorbar(im, ax=axes[2], shrink=0.85)
     fig.suptitle(f"SmolLM2-135M, every pair l < l' from one pass ({meta['train_rows']} training tokens; "
