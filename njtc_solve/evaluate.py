@@ -17,6 +17,12 @@ reaches a threshold.
 
 A shortcut fitted on some of the rows evaluated is refused: same corpus, but a different
 document split (see :func:`check_unseen`).
+
+Maps to an intermediate layer (``fit --target-layer T`` or ``all``) have no head to judge them
+through: they get a pairwise table instead (``pairwise.md``, ``pairwise.json``; see
+:mod:`njtc_solve.pairwise`): relative error and R² per (source, target) pair beside the
+identity, and with ``--model`` the skip KL and top-1 agreement of the model run with the
+blocks between the two layers replaced by the map (and dropped, for comparison).
 """
 
 from __future__ import annotations
@@ -402,15 +408,32 @@ def main(argv=None) -> int:
     if args.model is not None:
         plan_settings(args, provenance)  # a bad plan is refused before the model loads
     with rows_from_args(args, provenance, "evaluate") as store:
+        # maps to an intermediate layer: per-pair errors (and skip scores with --model), no logit metrics
+        pairwise = [sc for sc in loaded if sc.target_layer != store.n_layers]
+        loaded = [sc for sc in loaded if sc.target_layer == store.n_layers]
+        if pairwise:
+            from .pairwise import evaluate_pairs, write_pairwise_report
+
+            if args.layers is not None:
+                raise NJTCError("--layers applies to maps to the last layer; maps to other layers are evaluated whole")
+            pairs = evaluate_pairs(store, pairwise, max_rows=args.max_rows, device=args.device,
+                                   progress=not args.no_progress, skip_positions=args.skip_positions,
+                                   allow_overlap=args.allow_overlap)
         loaded += [read_tuned_lens(d, store.head(), store.model_sha256) for d in args.tuned_lens]
-        result = evaluate_shortcuts(store, loaded, parse_layers(args.layers), args.max_rows,
-                                    args.chunk_rows, args.device, not args.no_progress,
-                                    skip_positions=args.skip_positions, allow_overlap=args.allow_overlap)
-    paths, summary = write_report(result, out)
-    for warning in result.meta["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(summary)
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        if loaded or not pairwise:
+            result = evaluate_shortcuts(store, loaded, parse_layers(args.layers), args.max_rows,
+                                        args.chunk_rows, args.device, not args.no_progress,
+                                        skip_positions=args.skip_positions, allow_overlap=args.allow_overlap)
+    if pairwise:
+        paths, summary = write_pairwise_report(pairs, out)
+        print(summary)
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if loaded or not pairwise:
+        paths, summary = write_report(result, out)
+        for warning in result.meta["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(summary)
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
 

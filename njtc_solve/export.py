@@ -133,6 +133,10 @@ def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Pa
     (3, 32)
     """
     shortcuts = shortcuts if isinstance(shortcuts, Shortcuts) else Shortcuts.load(shortcuts)
+    last = shortcuts.stats.get("n_layers", shortcuts.target_layer)  # files from before it was recorded: the last
+    if last != shortcuts.target_layer:
+        raise NJTCError(f"tuned-lens export needs maps to the last layer ({last}); shortcuts {shortcuts.name} "
+                        f"target layer {shortcuts.target_layer}")
     out = check_output_folder(out, overwrite)
     if shortcuts.method == "identity":
         raise NJTCError("the identity is tuned-lens's LogitLens; there is nothing to export")

@@ -38,6 +38,9 @@ from .store import ActivationStore
 __all__ = [
     "METHODS",
     "accumulate_statistics",
+    "check_sources",
+    "check_target",
+    "fit_all_targets",
     "fit_from_statistics",
     "fit_shortcuts",
     "main",
@@ -57,7 +60,8 @@ def _inverse_norm_scale(norm: str, eps: float, y) -> torch.Tensor:
 
 def accumulate_statistics(store, layers, input_norm: str = "none", device="cpu",
                           chunk_rows: int = 4096, float64: bool = False, progress: bool = True,
-                          comm=None, row_weight: str = "none", skip_positions: int | None = None) -> Statistics:
+                          comm=None, row_weight: str = "none", skip_positions: int | None = None, *,
+                          target_layer: int | None = None) -> Statistics:
     """Stream the training rows once and accumulate statistics of all ``layers`` against L.
 
     Parameters
@@ -80,6 +84,8 @@ def accumulate_statistics(store, layers, input_norm: str = "none", device="cpu",
     skip_positions : int, optional
         Leave out rows at positions ``< skip_positions`` (default: the store's
         :attr:`~njtc_solve.store.ActivationStore.default_skip_positions`, the first position).
+    target_layer : int, optional
+        The layer the maps predict (default: the last, ``L``); every source must be below it.
 
     Returns
     -------
@@ -87,7 +93,7 @@ def accumulate_statistics(store, layers, input_norm: str = "none", device="cpu",
         Also holds the pass's timing in ``meta`` (``seconds``, ``rows_per_s``, ``gflops``) and
         the provenance that evaluation checks (``provenance``).
     """
-    target = store.n_layers
+    target = store.n_layers if target_layer is None else int(target_layer)
     skip = store.default_skip_positions if skip_positions is None else int(skip_positions)
     acc = MomentAccumulator(layers, input_norm, device, float64)
     shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
@@ -134,7 +140,8 @@ def accumulate_statistics(store, layers, input_norm: str = "none", device="cpu",
     seconds = time.perf_counter() - start
     d = store.d_model
     flops = 2.0 * acc.n_rows * d * d * (2 * len(layers) + 1)
-    meta = {"target_layer": target, "model_sha256": store.model_sha256, "store": str(store.path),
+    meta = {"target_layer": target, "n_layers": store.n_layers, "model_sha256": store.model_sha256,
+            "store": str(store.path),
             "row_weight": row_weight, "provenance": {**store.provenance, "skip_positions": skip},
             "seconds": seconds, "rows_per_s": acc.n_rows / seconds, "gflops": flops / seconds / 1e9,
             "device": str(device)}
@@ -247,7 +254,8 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
                       "none" if weight_factor is None else "logits",
                       {"layers": records[r], "accumulation": {k: stats.meta.get(k) for k in
                                                               ("seconds", "rows_per_s", "gflops", "device",
-                                                               "accumulation")}},
+                                                               "accumulation")},
+                       **({"n_layers": int(stats.meta["n_layers"])} if "n_layers" in stats.meta else {})},
                       provenance=stats.meta.get("provenance", {}))
             for r in ranks]
 
@@ -279,7 +287,7 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
                   residual: bool = False, weight: str = "none", fit_intercept: bool = True, alpha=0.0,
                   device="cpu", statistics=None, save_stats=None, chunk_rows: int = 4096,
                   float64: bool = False, progress: bool = True, comm=None,
-                  skip_positions: int | None = None) -> list[Shortcuts]:
+                  skip_positions: int | None = None, *, target_layer: int | None = None) -> list[Shortcuts]:
     """Fit shortcuts of ``method`` in closed form; one :class:`Shortcuts` per rank.
 
     The rows come from ``store``: an activation store (its path or reader) or a live
@@ -289,7 +297,9 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
     float64. See :func:`accumulate_statistics` for the pass and :func:`fit_from_statistics`
     for the parameters of the solve. Under a distributed run (``comm``) each process reads
     its share of the rows and solves its share of the layers, and rank 0 returns them all
-    (the other processes return an empty list).
+    (the other processes return an empty list). ``target_layer`` (default: the last layer)
+    is the layer the maps predict; every source layer must be below it (see
+    :func:`fit_all_targets` for every target at once).
 
     Examples
     --------
@@ -318,21 +328,29 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
         if store is None:
             if statistics is None:
                 raise NJTCError("nothing to fit from: give a store, a model or saved statistics")
-            stats, head = _saved_statistics(statistics, row_weight, skip_positions, device)
+            stats, head = _saved_statistics(statistics, row_weight, skip_positions, device, target_layer)
             d_model = int(stats.meta.get("d_model", stats.cyy.shape[0]))
-            layers = sorted(stats.layers) if layers is None else layers
+            target = int(stats.meta.get("target_layer", -1))
+            layers = sorted(stats.layers) if layers is None else check_sources(layers, target)
+            last = int(stats.meta.get("n_layers", target))
         else:
-            d_model, head = store.d_model, store.head()
-            layers = store.source_layers if layers is None else store.check_layers(layers)
+            d_model, head, last = store.d_model, store.head(), store.n_layers
+            target = check_target(target_layer, store.n_layers)
+            store.check_layers([target])
+            layers = ([l for l in store.source_layers if l < target] if layers is None
+                      else check_sources(store.check_layers(layers), target))
+        if weight == "logits" and target != last:
+            raise NJTCError(f"weight logits needs the last layer ({last}) as the target: only it has a head "
+                            f"(the target here is {target})")
         method, ranks, normalize = _check_method(method, ranks, normalize, d_model)
         if not layers:
             raise NJTCError("no source layer to fit (the store holds the target layer alone?)")
         input_norm = normalize if normalize in ("layer", "rms") else "none"
         if store is not None and statistics is None:
             stats = accumulate_statistics(store, layers, input_norm, device, chunk_rows, float64, progress, comm,
-                                          row_weight, skip_positions)
+                                          row_weight, skip_positions, target_layer=target)
         elif store is not None:
-            stats, _ = _saved_statistics(statistics, row_weight, skip_positions, device)
+            stats, _ = _saved_statistics(statistics, row_weight, skip_positions, device, target)
             if stats.meta.get("model_sha256") != store.model_sha256:
                 raise NJTCError("the statistics were accumulated from another model's store (model_sha256 differs)")
         stats.meta["d_model"] = d_model
@@ -356,12 +374,149 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
             store.close()
 
 
-def _saved_statistics(statistics, row_weight: str, skip_positions, device):
+def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=None, normalize=None,
+                    residual: bool = False, fit_intercept: bool = True, alpha=0.0, device="cpu", statistics=None,
+                    save_stats=None, chunk_rows: int = 4096, float64: bool = False, progress: bool = True,
+                    skip_positions: int | None = None):
+    """Fit maps from every source layer to every later layer from ONE pass; solved target by target.
+
+    The pass (:func:`njtc_solve.pairs.accumulate_pairs`) keeps ``C_xx`` per source, ``C_yy``
+    per target and one ``C_xy`` per pair (memory: :func:`njtc_solve.pairs.pair_memory_bytes`,
+    1.39 GB for SmolLM2-135M's 465 pairs), then the solves stream: each target is solved,
+    yielded and its cross moments freed. Validation and the pass run when this is called;
+    the solves run as the returned iterator is consumed.
+
+    Parameters
+    ----------
+    store : ActivationStore, LiveSource, path or None
+        The rows; ``None`` with ``statistics``, an all-pairs statistics file (``save_stats`` of
+        an earlier call), to solve without reading a row.
+    layers : list of int, optional
+        Source layers (default: every stored layer but the last). Targets are every stored
+        layer above the lowest source.
+    method, ranks, normalize, residual, fit_intercept, alpha, device, chunk_rows, float64, progress, skip_positions
+        As in :func:`fit_shortcuts`. The logit-space weight is refused: only the last layer has a head.
+
+    Returns
+    -------
+    iterator of (int, list of Shortcuts)
+        Per target layer, in ascending order: one :class:`Shortcuts` per rank.
+
+    Examples
+    --------
+    >>> fits = dict(fit_all_targets("activations.h5", method="jtc", progress=False))
+    >>> sorted(fits), sorted(fits[2][0].maps), fits[2][0].target_layer
+    ([1, 2, 3], [0, 1], 2)
+    """
+    from .pairs import accumulate_pairs, iter_fit_targets, load_head, statistics_targets
+
+    own = isinstance(store, (str, Path))
+    store = ActivationStore(store) if own else store
+    try:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise NJTCError("--device cuda was asked for but CUDA is not available")
+        if skip_positions is not None and skip_positions < 0:
+            raise NJTCError("--skip-positions must be 0 or more")
+        if store is None:
+            if statistics is None:
+                raise NJTCError("nothing to fit from: give a store, a model or saved statistics")
+            held = statistics_targets(statistics)
+            from .pairs import _header
+
+            info, meta = _header(statistics)
+            if info.get("kind") != "pairs":
+                raise NJTCError(f"{statistics} holds target layer {held[0]} only; target layer all needs statistics "
+                                "saved by a fit of every target")
+            if skip_positions is not None and meta.get("provenance", {}).get("skip_positions", skip_positions) \
+                    != skip_positions:
+                raise NJTCError(f"the statistics leave out positions < {meta['provenance']['skip_positions']}, "
+                                f"not < {skip_positions}")
+            stored, d_model, head = meta["sources"], int(meta["d_model"]), load_head(statistics)
+            sources = stored if layers is None else [int(l) for l in layers]
+            absent = [l for l in sources if l not in stored]
+            if absent:
+                raise NJTCError(f"the statistics have no source layer {absent[0]} (they have {stored})")
+        else:
+            d_model, head = store.d_model, store.head()
+            held = list(getattr(store, "layers", range(store.n_layers + 1)))
+            sources = store.source_layers if layers is None else store.check_layers(layers)
+            check_sources(sources, store.n_layers)
+        method, ranks, normalize = _check_method(method, ranks, normalize, d_model)
+        if residual and normalize in ("layer", "rms"):
+            raise NJTCError("--residual works with --normalize none or batch")
+        if not sources:
+            raise NJTCError("no source layer to fit")
+        targets = sorted(t for t in held if t > min(sources))
+        input_norm = normalize if normalize in ("layer", "rms") else "none"
+        if store is None and info["input_norm"] != input_norm:
+            raise NJTCError(f"--normalize {normalize} needs statistics of {input_norm!r} inputs "
+                            f"(these are of {info['input_norm']!r})")
+        if store is not None:
+            pairs = accumulate_pairs(store, sources=sources, targets=targets, input_norm=input_norm, device=device,
+                                     chunk_rows=chunk_rows, float64=float64, progress=progress,
+                                     skip_positions=skip_positions)
+            if save_stats is not None:
+                pairs.save(save_stats, head)
+        else:
+            pairs = statistics
+    finally:
+        if own:
+            store.close()
+
+    def solve(stats):
+        stats = stats.to(device)
+        if stats.input_norm != input_norm:
+            raise NJTCError(f"--normalize {normalize} needs statistics of {input_norm!r} inputs "
+                            f"(these are of {stats.input_norm!r})")
+        target = stats.meta["target_layer"]
+        fits = fit_from_statistics(stats, method, ranks, [l for l in sources if l < target], normalize, residual,
+                                   None, fit_intercept, alpha)
+        for sc in fits:
+            if head is not None:
+                sc.head, sc.head_sha256 = head.describe(), head.fingerprint()
+        return fits
+
+    def solved():
+        yield from tqdm(iter_fit_targets(pairs, targets=targets, solve=solve), total=len(targets), desc="solve",
+                        unit="target", leave=False, disable=not progress)
+
+    return solved()
+
+
+def check_target(target_layer, n_layers: int) -> int:
+    """The target layer asked for (``None``: the last, ``n_layers``), refused when out of range."""
+    if target_layer is None:
+        return n_layers
+    target = int(target_layer)
+    if target > n_layers:
+        raise NJTCError(f"target layer {target} is beyond the last layer {n_layers}")
+    if target < 1:
+        raise NJTCError(f"target layer {target} has no source layer below it (targets are 1..{n_layers})")
+    return target
+
+
+def check_sources(layers, target: int) -> list[int]:
+    """Source layers, each of which must be below ``target``."""
+    layers = [int(l) for l in layers]
+    bad = [l for l in layers if l >= target]
+    if bad:
+        raise NJTCError(f"source layer {bad[0]} is not below the target layer {target}")
+    return layers
+
+
+def _saved_statistics(statistics, row_weight: str, skip_positions, device, target_layer=None):
     """Statistics (and the head saved with them, else ``None``) checked against the fit asked for."""
+    from .pairs import load_head, load_target_statistics, statistics_targets
+
     if isinstance(statistics, Statistics):
         stats, head = statistics, None
+        held = int(stats.meta.get("target_layer", -1))
+        if target_layer is not None and int(target_layer) != held:
+            raise NJTCError(f"the statistics hold target layer {held}, not {target_layer}")
     else:
-        stats, head = Statistics.load(statistics), Statistics.load_head(statistics)
+        held = statistics_targets(statistics)
+        target = max(held) if target_layer is None else int(target_layer)
+        stats, head = load_target_statistics(statistics, target), load_head(statistics)
         if head is not None and head.d_model != stats.cyy.shape[0]:
             raise NJTCError(f"{statistics} is not a valid statistics file: head.unembed has width {head.d_model}, "
                             f"expected the statistics' {stats.cyy.shape[0]}")
@@ -408,11 +563,25 @@ def parse_ranks(text: str | None):
         raise NJTCError(f"cannot parse --rank {text!r}; use e.g. 32 or 8,16,32,64") from err
 
 
-def output_paths(out: Path, shortcuts: list[Shortcuts]) -> list[Path]:
-    """One file per rank: ``out`` itself for one rank, ``stem-r{rank}.suffix`` for several."""
+def output_paths(out: Path, shortcuts: list[Shortcuts], target: int | None = None) -> list[Path]:
+    """One file per rank: ``out`` itself for one rank, ``stem-r{rank}.suffix`` for several.
+
+    With ``target`` (a fit of every target), ``stem-t{target}`` and ``stem-t{target}-r{rank}``.
+    """
+    stem = out.stem if target is None else f"{out.stem}-t{target}"
     if len(shortcuts) == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-r{s.rank}{out.suffix}") for s in shortcuts]
+        return [out if target is None else out.with_name(f"{stem}{out.suffix}")]
+    return [out.with_name(f"{stem}-r{s.rank}{out.suffix}") for s in shortcuts]
+
+
+def parse_target(text: str | None):
+    """Parse ``--target-layer``: ``None`` (the last layer), ``"all"`` or a layer number."""
+    if text is None or text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError as err:
+        raise NJTCError(f"cannot parse --target-layer {text!r}; use a layer number or all") from err
 
 
 def _summary(sc: Shortcuts) -> str:
@@ -433,6 +602,11 @@ def _parser() -> argparse.ArgumentParser:
     add_plan_arguments(live)
     p.add_argument("--method", default="nnjtc", help="jtc, njtc or nnjtc (default: nnjtc)")
     p.add_argument("--layers", help="source layers: all (default), 3, 1,5,9 or 0-29")
+    p.add_argument("--target-layer", help="the layer the maps predict: a number (every source layer below it), "
+                   "or all: every pair l < l' from one pass, one file per target, OUT-t{target}.safetensors; "
+                   "all keeps one d x d float64 C_xy per pair, C_xx per source and C_yy per target "
+                   "(SmolLM2-135M, d = 576: 465 pairs, 1.39 GB; twice that with --save-stats) "
+                   "(default: the last layer)")
     p.add_argument("--rank", help="rank of the narrow maps, or a comma list fitted from one decomposition "
                    "(default: 32; not for jtc)")
     p.add_argument("--normalize", help="input normalization: none, batch, layer (N-NJTC default) or rms")
@@ -525,6 +699,9 @@ def _run(args, comm) -> int:
     if args.model is not None:
         plan_settings(args)  # a bad plan (--seq-len 1, ...) is refused before the model loads
     check_device(device)  # before a model loads
+    target = parse_target(args.target_layer)
+    if target == "all":
+        return _run_all_targets(args, comm, device, out)
     start = time.perf_counter()
     with _source(args, device, comm) as store:
         shortcuts = fit_shortcuts(
@@ -533,7 +710,7 @@ def _run(args, comm) -> int:
             device, args.stats, args.save_stats, args.chunk_rows, args.float64,
             not args.no_progress and (comm is None or comm.rank == 0),
             None if args.stats is not None else comm,  # from saved statistics rank 0 solves alone
-            args.skip_positions)
+            args.skip_positions, target_layer=target)
     if comm is not None and comm.rank != 0:
         return 0
     for sc, path in zip(shortcuts, output_paths(out, shortcuts)):
@@ -544,6 +721,32 @@ def _run(args, comm) -> int:
     if acc.get("seconds") is not None and args.stats is None:
         print(f"statistics: {acc['seconds']:.2f}s, {acc['rows_per_s']:.0f} rows/s, {acc['gflops']:.1f} GFLOP/s "
               f"on {acc['device']}; total {time.perf_counter() - start:.2f}s")
+    return 0
+
+
+def _run_all_targets(args, comm, device, out) -> int:
+    """``--target-layer all``: one pass, then one file per target, each written as soon as it is solved."""
+    if args.weight != "none":
+        raise NJTCError("--weight logits needs the last layer as the target (only it has a head); "
+                        "--target-layer all fits intermediate targets too")
+    if comm is not None and comm.world_size > 1:
+        raise NJTCError("--target-layer all runs in one process (not under torchrun)")
+    _check_method(args.method, parse_ranks(args.rank), args.normalize)  # before a model loads
+    start = time.perf_counter()
+    with _source(args, device, None) as store:
+        solved = fit_all_targets(
+            store, method=args.method, ranks=parse_ranks(args.rank), layers=parse_layers(args.layers),
+            normalize=args.normalize, residual=args.residual, fit_intercept=not args.no_intercept,
+            alpha=_parse_alpha(args.alpha), device=device, statistics=args.stats, save_stats=args.save_stats,
+            chunk_rows=args.chunk_rows, float64=args.float64, progress=not args.no_progress,
+            skip_positions=args.skip_positions)
+    for target, fits in solved:
+        for sc, path in zip(fits, output_paths(out, fits, target)):
+            sc.save(path)
+            r2 = [rec["r2"] for rec in sc.stats["layers"].values()]
+            print(f"target {target}: {sc.name}, {len(sc.maps)} source layers, train R2 {min(r2):.4f}..{max(r2):.4f}; "
+                  f"wrote {path}")
+    print(f"total {time.perf_counter() - start:.2f}s")
     return 0
 
 

@@ -65,6 +65,10 @@ class ShortcutLens(nn.Module):
 
     def __init__(self, head: Head, shortcuts: Shortcuts):
         super().__init__()
+        last = shortcuts.stats.get("n_layers", shortcuts.target_layer)  # recorded by fits since issue 22
+        if last != shortcuts.target_layer:  # the head reads the last layer only
+            raise NJTCError(f"the lens reads maps to the last layer ({last}); shortcuts {shortcuts.name} "
+                            f"target layer {shortcuts.target_layer} (evaluate them with python -m njtc_solve.evaluate)")
         self.n_layers = int(shortcuts.target_layer)
         self.name, self.method = shortcuts.name, shortcuts.method
         self._head_fields = {}

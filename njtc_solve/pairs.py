@@ -1,0 +1,392 @@
+"""Statistics of every (source, target) layer pair from one streaming pass: the JTC paper's full picture.
+
+A map from layer ``l`` to any later layer ``l'`` needs ``C_xx`` of its source, ``C_yy`` of its
+target and one cross moment ``C_xy`` per pair. One pass over the rows accumulates them for
+every pair at once: ``C_xx`` per source and ``C_yy`` per target are shared, and each target
+``T`` keeps one block ``[x_l for l < T]ᵀ x_T`` (``k_T·d × d`` float64, ``k_T`` the sources
+below it), filled by one GEMM per row block. The numerics are those of
+:mod:`njtc_solve.stats` (design.md §6): every row is shifted by the first chunk's mean,
+multiplied in float32 in GEMMs of at most :data:`~njtc_solve.stats.GEMM_ROWS` rows with
+``"highest"`` matmul precision, and added into float64.
+
+Memory: ``(P + S + T)·d²`` float64 values for ``P`` pairs, ``S`` sources and ``T`` targets;
+every pair of SmolLM2-135M's 31 layers (d = 576, 465 pairs) is 525·d²·8 B = 1.39 GB, against
+61·d²·8 B = 0.16 GB for the single-target fit. After the pass the solves stream target by
+target (:func:`iter_fit_targets`): each target's statistics are centred, solved, handed to the
+caller (who writes them) and its cross block is freed, so the solve adds one target's working
+set, not another copy of all pairs.
+
+Examples
+--------
+>>> import torch
+>>> from njtc_solve.pairs import PairAccumulator
+>>> rows = {l: torch.randn(500, 8) for l in range(4)}
+>>> acc = PairAccumulator(sources=[0, 1, 2], targets=[1, 2, 3])
+>>> acc.update(rows)
+>>> pairs = acc.finalize()
+>>> stats = pairs.for_target(2)                        # an ordinary single-target Statistics
+>>> sorted(stats.layers), stats.meta["target_layer"], tuple(stats.layers[1].cxy.shape)
+([0, 1], 2, (8, 8))
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .errors import NJTCError, atomic_output
+from .stats import GEMM_ROWS, LayerMoments, Statistics, normalize_rows, project_out_ones
+
+__all__ = ["PairAccumulator", "PairStatistics", "accumulate_pairs", "iter_fit_targets", "pair_layers",
+           "pair_memory_bytes", "statistics_targets", "load_head", "load_target_statistics"]
+
+PAIRS_KIND = "pairs"
+
+
+def pair_layers(*, sources, targets) -> list[tuple[int, int]]:
+    """Every ``(source, target)`` pair with the source below the target."""
+    return [(l, t) for t in sorted(targets) for l in sorted(sources) if l < t]
+
+
+def pair_memory_bytes(*, n_sources: int, n_targets: int, n_pairs: int, d: int) -> int:
+    """Bytes of float64 statistics an all-pairs pass keeps (``C_xy`` per pair, ``C_xx``, ``C_yy``).
+
+    >>> round(pair_memory_bytes(n_sources=30, n_targets=30, n_pairs=465, d=576) / 1e9, 2)
+    1.39
+    """
+    return 8 * d * d * (n_pairs + n_sources + n_targets) + 8 * d * (n_sources + n_targets)
+
+
+def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    for start in range(0, a.shape[0], GEMM_ROWS):
+        total += a[start:start + GEMM_ROWS].T @ b[start:start + GEMM_ROWS]
+
+
+class PairAccumulator:
+    """Streaming shifted sums of every source layer against every later target layer.
+
+    Parameters
+    ----------
+    sources, targets : iterable of int
+        Source layers (inputs of the maps) and target layers; a pair is accumulated for each
+        source below each target.
+    input_norm : {"none", "layer", "rms"}
+        Per-token normalisation of the source rows (targets stay raw).
+    device : str
+        Where the GEMMs run and the sums live.
+    float64 : bool
+        Do the GEMMs in float64 too.
+    """
+
+    def __init__(self, *, sources, targets, input_norm: str = "none", device="cpu", float64: bool = False):
+        if input_norm not in ("none", "layer", "rms"):
+            raise NJTCError(f"unknown input normalization {input_norm!r}; choose none, layer or rms")
+        self.sources = sorted(int(l) for l in sources)
+        self.targets = sorted(int(t) for t in targets if any(l < t for l in sources))
+        if not self.targets:
+            raise NJTCError("no target layer is above a source layer")
+        self.input_norm = input_norm
+        self.device = torch.device(device)
+        self.dtype = torch.float64 if float64 else torch.float32
+        self.below = {t: sum(l < t for l in self.sources) for t in self.targets}  # sources of each target
+        self.n, self.n_rows = 0, 0
+        self.shift_x: dict | None = None
+        self.shift_y: dict | None = None
+        self.sum_x: dict = {}
+        self.sum_y: dict = {}
+        self.sxx: dict = {}
+        self.syy: dict = {}
+        self.sxy: dict = {}
+
+    def _rows(self, a) -> torch.Tensor:
+        if isinstance(a, np.ndarray):
+            a = torch.from_numpy(a if a.flags.writeable else a.copy())
+        return a.to(self.device, self.dtype)
+
+    def _allocate(self, d: int) -> None:
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)
+        self.sum_x = {l: z(d) for l in self.sources}
+        self.sxx = {l: z(d, d) for l in self.sources}
+        self.sum_y = {t: z(d) for t in self.targets}
+        self.syy = {t: z(d, d) for t in self.targets}
+        self.sxy = {t: z(self.below[t] * d, d) for t in self.targets}
+
+    def update(self, chunk: dict) -> None:
+        """Add a chunk: ``chunk[layer]`` rows ``(n, d)`` for every source and target layer."""
+        prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            self._update(chunk)
+        finally:
+            torch.set_float32_matmul_precision(prev)
+
+    def _update(self, chunk):
+        n = len(chunk[self.targets[0]])
+        if n == 0:
+            return
+        xs = {l: normalize_rows(self._rows(chunk[l]), self.input_norm) for l in self.sources}
+        if self.shift_x is None:  # the first chunk's means: a fixed shift for the whole pass
+            self.shift_x = {l: x.mean(0) for l, x in xs.items()}
+            self.shift_y = {t: self._rows(chunk[t]).mean(0) for t in self.targets}
+            self._allocate(xs[self.sources[0]].shape[1])
+        d = xs[self.sources[0]].shape[1]
+        z = torch.empty(n, len(self.sources) * d, dtype=self.dtype, device=self.device)  # [x_0 | x_1 | ...]
+        for i, l in enumerate(self.sources):
+            x = torch.sub(xs[l], self.shift_x[l], out=z[:, i * d:(i + 1) * d])
+            self.sum_x[l] += x.sum(0)
+            _add_gram(self.sxx[l], x, x)
+        for t in self.targets:
+            y = self._rows(chunk[t]) - self.shift_y[t]
+            self.sum_y[t] += y.sum(0)
+            _add_gram(self.syy[t], y, y)
+            _add_gram(self.sxy[t], z[:, :self.below[t] * d], y)  # every source below t in one GEMM
+        self.n += n
+        self.n_rows += n
+
+    def finalize(self, meta: dict | None = None) -> PairStatistics:
+        """Centre the sums in place (no copy of the pairs) and return them as :class:`PairStatistics`."""
+        if self.n_rows == 0:
+            raise NJTCError("no rows were accumulated (the source has no training rows?)")
+        n = self.n
+        mx = {l: self.sum_x[l] / n for l in self.sources}
+        my = {t: self.sum_y[t] / n for t in self.targets}
+        for l in self.sources:
+            self.sxx[l] -= n * torch.outer(mx[l], mx[l])
+        for t in self.targets:
+            self.syy[t] -= n * torch.outer(my[t], my[t])
+            d = my[t].shape[0]
+            for i, l in enumerate(self.sources[:self.below[t]]):
+                self.sxy[t][i * d:(i + 1) * d] -= n * torch.outer(mx[l], my[t])
+        meta = {**(meta or {}), "accumulation": "float64" if self.dtype == torch.float64 else "float32"}
+        pairs = PairStatistics(
+            n, self.n_rows, {l: mx[l] + self.shift_x[l].double() for l in self.sources}, self.sxx,
+            {t: my[t] + self.shift_y[t].double() for t in self.targets}, self.syy, self.sxy, self.input_norm, meta)
+        self.sxx, self.syy, self.sxy = {}, {}, {}  # now owned by the statistics
+        return pairs
+
+
+@dataclass
+class PairStatistics:
+    """Centred float64 statistics of every (source, target) pair, served target by target.
+
+    ``cxy[t]`` stacks ``C_xy`` of every source below ``t`` (in ascending order) in one
+    ``(k·d, d)`` tensor. :meth:`for_target` gives a target's :class:`~njtc_solve.stats.Statistics`
+    (views, no copy), :meth:`release` frees its cross block once solved.
+    """
+
+    n: int
+    n_rows: int
+    mean_x: dict
+    cxx: dict
+    mean_y: dict
+    cyy: dict
+    cxy: dict
+    input_norm: str = "none"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def sources(self) -> list[int]:
+        return sorted(self.mean_x)
+
+    @property
+    def targets(self) -> list[int]:
+        return sorted(self.mean_y)
+
+    def for_target(self, target: int) -> Statistics:
+        """The statistics of every source below ``target`` against it (ready for the solvers)."""
+        if target not in self.cxy:
+            raise NJTCError(f"the statistics hold no target layer {target} (they hold {self.targets})"
+                            if target not in self.mean_y else f"target layer {target} was already released")
+        d = self.mean_y[target].shape[0]
+        layers = {}
+        for i, l in enumerate(l for l in self.sources if l < target):
+            m = LayerMoments(self.mean_x[l], self.cxx[l], self.cxy[target][i * d:(i + 1) * d])
+            layers[l] = project_out_ones(m) if self.input_norm == "layer" else m
+        meta = {**self.meta, "target_layer": int(target)}
+        meta.pop("targets", None)
+        return Statistics(self.n, self.mean_y[target], self.cyy[target], layers, self.input_norm, meta, self.n_rows)
+
+    def release(self, target: int) -> None:
+        """Free ``target``'s cross moments (its maps are solved)."""
+        self.cxy.pop(target, None)
+
+    def nbytes(self) -> int:
+        """Bytes held now (the cross blocks not yet released included)."""
+        tensors = [*self.cxx.values(), *self.cyy.values(), *self.cxy.values(), *self.mean_x.values(),
+                   *self.mean_y.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def save(self, path, head=None) -> None:
+        """Write every pair to one safetensors file (atomically): ``fit --stats`` reads any target back.
+
+        Tensors: ``layers.{l}.mean_x``/``cxx`` per source, ``targets.{t}.mean_y``/``cyy`` and
+        ``targets.{t}.cxy`` (the stacked cross block) per target; the metadata's ``meta`` JSON
+        records ``target_layer = "all"``, ``targets`` and ``sources``. Writing builds the file
+        in memory once more (safetensors), so the peak is twice the statistics.
+        """
+        tensors = {"n": torch.tensor([self.n], dtype=torch.float64),
+                   "n_rows": torch.tensor([self.n_rows], dtype=torch.int64)}
+        for l in self.sources:
+            tensors.update({f"layers.{l}.mean_x": self.mean_x[l], f"layers.{l}.cxx": self.cxx[l]})
+        for t in self.targets:
+            if t not in self.cxy:
+                raise NJTCError(f"target layer {t} was released before the statistics were saved")
+            tensors.update({f"targets.{t}.mean_y": self.mean_y[t], f"targets.{t}.cyy": self.cyy[t],
+                            f"targets.{t}.cxy": self.cxy[t]})
+        meta = {**self.meta, "target_layer": "all", "targets": self.targets, "sources": self.sources}
+        info = {"format": "njtc-statistics", "format_version": "1", "kind": PAIRS_KIND,
+                "input_norm": self.input_norm, "meta": json.dumps(meta)}
+        if head is not None:
+            tensors.update(head.to_tensors("head."))
+            info["head"] = json.dumps(head.describe())
+        with atomic_output(path) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=info)
+
+
+def _header(path):
+    from safetensors import safe_open
+
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise NJTCError(f"statistics file {path} not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            info = f.metadata() or {}
+    except Exception as err:
+        raise NJTCError(f"{path} is not a readable safetensors file") from err
+    if info.get("format") != "njtc-statistics":
+        raise NJTCError(f"{path} is not an njtc statistics file")
+    try:
+        meta = json.loads(info.get("meta", "{}"))
+    except ValueError as err:
+        raise NJTCError(f"the metadata of {path} cannot be read ({err})") from err
+    return info, meta
+
+
+def statistics_targets(path) -> list[int]:
+    """The target layers a statistics file holds: every target of an all-pairs file, else its one.
+
+    A single-target file records ``target_layer`` in its metadata (every fit writes it); a
+    file without it is refused in one line.
+    """
+    info, meta = _header(path)
+    if info.get("kind") == PAIRS_KIND:
+        return [int(t) for t in meta.get("targets", [])]
+    if "target_layer" not in meta:
+        raise NJTCError(f"{path} records no target layer; refit with --save-stats to record it")
+    return [int(meta["target_layer"])]
+
+
+def load_head(path):
+    """The model's head saved with a statistics file (``None`` where it was not), reading nothing else."""
+    info, _ = _header(path)
+    if info.get("kind") != PAIRS_KIND:
+        return Statistics.load_head(path)
+    if "head" not in info:
+        return None
+    from safetensors import safe_open
+
+    from .head import Head
+
+    try:
+        description = json.loads(info["head"])
+    except ValueError as err:
+        raise NJTCError(f"the head saved in {path} cannot be read ({err})") from err
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith("head.")}
+    return Head.from_tensors(tensors, description, "head.")
+
+
+def load_target_statistics(path, target: int) -> Statistics:
+    """One target's :class:`~njtc_solve.stats.Statistics` from a statistics file.
+
+    From an all-pairs file only that target's tensors (and its sources') are read.
+    """
+    info, meta = _header(path)
+    held = statistics_targets(path)
+    if int(target) not in held:
+        raise NJTCError(f"{path} holds statistics for target layer{'s' if len(held) > 1 else ''} "
+                        f"{','.join(map(str, held))}, not {target}")
+    if info.get("kind") != PAIRS_KIND:
+        return Statistics.load(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        get = f.get_tensor
+        sources = [l for l in meta["sources"] if l < target]
+        cxy = get(f"targets.{target}.cxy")
+        d = cxy.shape[1]
+        pairs = PairStatistics(
+            None, int(get("n_rows")[0]), {l: get(f"layers.{l}.mean_x") for l in sources},
+            {l: get(f"layers.{l}.cxx") for l in sources}, {target: get(f"targets.{target}.mean_y")},
+            {target: get(f"targets.{target}.cyy")}, {target: cxy}, info["input_norm"], meta)
+        n = float(get("n")[0])
+        pairs.n = int(n) if n.is_integer() else n
+    if cxy.shape[0] != len(sources) * d:
+        raise NJTCError(f"{path} is inconsistent: target {target}'s cross block has {cxy.shape[0]} rows, "
+                        f"expected {len(sources) * d}")
+    return pairs.for_target(target)
+
+
+def accumulate_pairs(source, *, sources, targets, input_norm: str = "none", device="cpu", chunk_rows: int = 4096,
+                     float64: bool = False, progress: bool = True, skip_positions: int | None = None) -> PairStatistics:
+    """One pass over ``source``'s training rows: the statistics of every pair ``l < t``.
+
+    Parameters
+    ----------
+    source : ActivationStore or LiveSource
+        The rows (a store or a live model's forward pass).
+    sources, targets : list of int
+        Source and target layers; every source below every target is a pair.
+    input_norm, device, chunk_rows, float64, progress, skip_positions
+        As in :func:`njtc_solve.fit.accumulate_statistics`.
+    """
+    skip = source.default_skip_positions if skip_positions is None else int(skip_positions)
+    if source.count("train", skip) == 0:
+        raise NJTCError(f"{source.path} has no training rows at positions >= {skip}")
+    acc = PairAccumulator(sources=sources, targets=targets, input_norm=input_norm, device=device, float64=float64)
+    reading = sorted(set(acc.sources) | set(acc.targets))
+    start = time.perf_counter()
+    with tqdm(total=source.count("train", skip), unit="row", unit_scale=True, desc="pair statistics", leave=False,
+              disable=not progress) as bar:
+        for _, chunk in source.iter_chunks(reading, split="train", chunk_rows=chunk_rows, skip_positions=skip):
+            acc.update(chunk)
+            bar.update(len(chunk[reading[-1]]))
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    d = source.d_model
+    n_pairs = len(pair_layers(sources=acc.sources, targets=acc.targets))
+    flops = 2.0 * acc.n_rows * d * d * (n_pairs + len(acc.sources) + len(acc.targets))
+    meta = {"model_sha256": source.model_sha256, "store": str(source.path), "row_weight": "none",
+            "provenance": {**source.provenance, "skip_positions": skip}, "n_layers": source.n_layers,
+            "seconds": seconds, "rows_per_s": acc.n_rows / seconds, "gflops": flops / seconds / 1e9,
+            "device": str(device), "d_model": d}
+    pairs = acc.finalize(meta)
+    tensors = [*pairs.cxx.values(), *pairs.cyy.values(), *pairs.cxy.values()]
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise NJTCError("the statistics contain NaN or Inf; the activations are corrupt")
+    return pairs
+
+
+def iter_fit_targets(pairs, *, targets, solve, release: bool = True):
+    """Solve target by target: yields ``(target, solve(statistics_of_target))``, freeing each target after.
+
+    ``pairs`` is a :class:`PairStatistics` or the path of a statistics file (read one target at
+    a time). ``solve`` maps a :class:`~njtc_solve.stats.Statistics` to the fitted shortcuts.
+    """
+    for t in targets:
+        stats = load_target_statistics(pairs, t) if not isinstance(pairs, PairStatistics) else pairs.for_target(t)
+        stats.check_finite()
+        fits = solve(stats)
+        del stats
+        if release and isinstance(pairs, PairStatistics):
+            pairs.release(t)
+        yield t, fits
