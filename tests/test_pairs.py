@@ -122,7 +122,7 @@ def _in_process(capsys, main, *args):
 def test_bad_targets_one_line_before_the_pass(tiny_store, tmp_path, capsys):
     from njtc_solve.fit import main
 
-    _fit = lambda *args: _in_process(capsys, main, *args)  # noqa: E731
+    _fit = lambda *args: _in_process(capsys, main, *args)
     store, out = str(tiny_store), str(tmp_path / "x.safetensors")
     _one_line_exit_2(_fit("--store", store, "--method", "jtc", "--layers", "1,2", "--target-layer", "2", "--out", out),
                      "source layer 2 is not below the target layer 2")
@@ -168,7 +168,7 @@ def test_skip_with_the_true_blocks_reproduces_the_model(tiny_models, kind):
     with torch.no_grad():
         reference = model(input_ids=ids).logits  # a plain forward pass, no hooks
     for start, end in [(0, 1), (1, 3)]:
-        exact = runner.logits(start, end, lambda h: runner.run_blocks(h, start, end))
+        exact = runner.logits(start, end, lambda h, s=start, e=end: runner.run_blocks(h, s, e))
         assert (exact - reference).abs().max() < 1e-5 * reference.abs().max(), (start, end)  # observed: 0
         dropped = runner.logits(start, end, lambda h: h)  # a wrong replacement: the blocks removed
         assert (dropped - reference).abs().max() > 1e-2, (start, end)
