@@ -41,7 +41,8 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check njtc_solve tests benchmarks
 
-# Needs the demo's store (made by `make demo` when missing). About 15 minutes on 2 cores.
+# Needs the demo's store (made by `make demo` when missing). About an hour on 2 cores (the pairwise
+# heatmap and the pruning race take most of it).
 bench: setup
 	test -f $(RUN)/activations.h5 || $(MAKE) demo
 	$(PY) benchmarks/throughput.py --store $(RUN)/activations.h5
@@ -49,6 +50,10 @@ bench: setup
 	$(PY) benchmarks/closed_vs_gradient.py --store $(RUN)/activations.h5
 	$(PY) benchmarks/store_pass.py --store $(RUN)/activations.h5
 	$(PY) benchmarks/live_fit.py
+	$(PY) benchmarks/chunk_index.py
+	$(PY) benchmarks/pairs.py --max-tokens 8192 --eval-tokens 1024 --skip-tokens 256 --skip-stride 3
+	$(PY) benchmarks/vs_replaceme.py --train-tokens 4096 --score-tokens 128 --eval-tokens 512 --gen-tokens 8 \
+		--gen-repeats 1 --start-stride 4 --forward-tokens 1024
 
 clean:
 	rm -rf runs
