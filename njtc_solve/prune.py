@@ -87,7 +87,10 @@ def _check(args, settings) -> tuple[list, list]:
                                                                     else None, corpus])
     if args.blocks is None:  # a model the table knows: refuse the removal from its config alone
         kind, n_blocks, config = model_blocks(args.model)
-        check_foldable(config if config is not None else SimpleNamespace(model_type=kind))
+        spec = check_foldable(config if config is not None else SimpleNamespace(model_type=kind))
+        if args.intercept == "bias" and not spec.has_bias and spec.bias_option is None:
+            raise NJTCError(f"--intercept bias: {kind}'s MLP output projection has no bias and its config no option "
+                            "for one; use --intercept none or auto")
         try:
             check_removal(n_blocks, args.remove, args.start)
         except NJTCError as err:
@@ -131,7 +134,9 @@ def main(argv=None) -> int:
     for c in sorted(result.candidates, key=lambda c: (c["start"], c["kl"])):
         if args.start is not None or c["name"] == "drop" or c is result.best(c["start"], fitted_only=True):
             print(f"{c['start']:>5}  {c['name']:<24} {c['kl']:8.4f} {c['top1']:6.3f} {c['ppl']:9.3f}")
-    print(f"full model: perplexity {result.full['ppl']:.3f} on {result.record['plan']['score_rows']} held-out tokens")
+    print(f"full model: perplexity {result.full['ppl']:.3f} on {result.record['plan']['score_rows']} held-out tokens "
+          "(the tokens that chose among the candidates, so the chosen one's figures are optimistic; "
+          "benchmarks/vs_replaceme.py measures on tokens no choice saw)")
     if args.auto:
         print(f"cosine distance would choose start {result.cosine_choice['all']} (every position) / "
               f"{result.cosine_choice['angular_last']} (angular distance at the last positions, ReplaceMe's rule); "
