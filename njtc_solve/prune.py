@@ -120,8 +120,10 @@ def main(argv=None) -> int:
     chosen = result.chosen
     drop = next(c for c in result.candidates if c["start"] == chosen.start and c["name"] == "drop")
     fitted = result.best(chosen.start, fitted_only=True)
+    params_before = sum(p.numel() for p in model.parameters())
     apply_replacement(model, chosen)
-    record = {"format": "njtc-prune", "format_version": 1, "model": name, "model_sha256": weights_sha,
+    params = {"before": params_before, "after": sum(p.numel() for p in model.parameters())}  # mlp_bias adds some
+    record = {"parameters": params, "format": "njtc-prune", "format_version": 1, "model": name, "model_sha256": weights_sha,
               "architecture": model.config.model_type, "corpus": corpus_name, "start": chosen.start,
               "removed_blocks": [chosen.start, chosen.start + chosen.remove - 1], "method": chosen.name,
               "replacement": chosen.describe(), "full_model": result.full,
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
         print(f"chose {chosen.name} at start {chosen.start}: KL {chosen_score['kl']:.4f} vs {drop['kl']:.4f} "
               f"dropping")
     print(f"wrote {out}: blocks {chosen.start}..{chosen.start + chosen.remove - 1} removed "
-          f"({record['n_blocks_before']} -> {record['n_blocks_after']} blocks), {chosen.name}; "
+          f"({record['n_blocks_before']} -> {record['n_blocks_after']} blocks, {params['before']:,} -> "
+          f"{params['after']:,} parameters), {chosen.name}; "
           f"{time.perf_counter() - start:.1f}s")
     return 0
 
