@@ -337,18 +337,22 @@ def early_exit_curve(margins: np.ndarray, correct: np.ndarray, layers, n_layers:
             "saved": saved, "saved_at_95": best(0.95), "saved_at_99": best(0.99)}
 
 
-# what write_report puts into --out; results.json (its meta and records) marks a folder as a report
+# what write_report and write_pairwise_report put into --out; results.json or pairwise.json (their
+# meta and records) marks a folder as a report
 REPORT_FILES = ("results.json", "results.csv", "report.md", "precision_at_1.png", "surprisal.png", "early_exit.png",
-                "rank_sweep.png")
+                "rank_sweep.png", "pairwise.json", "pairwise.md")
 
 
 def _is_report(folder: Path) -> bool:
-    """Whether ``folder`` holds a report this project wrote (its ``results.json``)."""
-    try:
-        data = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and {"meta", "records", "early_exit"} <= set(data)
+    """Whether ``folder`` holds a report this project wrote (its ``results.json`` or ``pairwise.json``)."""
+    for marker, keys in (("results.json", {"meta", "records", "early_exit"}), ("pairwise.json", {"meta", "records"})):
+        try:
+            data = json.loads((folder / marker).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and keys <= set(data):
+            return True
+    return False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -404,6 +408,8 @@ def main(argv=None) -> int:
     loaded = _load_all(files)
     for d in args.tuned_lens:  # a bad folder is refused before a model loads or a row is read
         read_tuned_lens(d)
+    if args.layers is not None and any(sc.stats.get("n_layers", sc.target_layer) != sc.target_layer for sc in loaded):
+        raise NJTCError("--layers applies to maps to the last layer; maps to other layers are evaluated whole")
     provenance = next((sc.provenance for sc in loaded if sc.provenance), None)  # the held-out documents
     if args.model is not None:
         plan_settings(args, provenance)  # a bad plan is refused before the model loads

@@ -21,7 +21,7 @@ import torch
 from .architectures import check_config, check_supported, custom_architecture
 from .errors import NJTCError
 
-__all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "add_model_arguments", "check_device", "default_model_path",
+__all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "add_model_arguments", "check_device", "default_model_path", "gguf_reader",
            "load_model", "load_model_from_args", "model_sha256"]
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -211,11 +211,19 @@ def _check_source(source: str, kwargs: dict, custom: bool) -> None:
     check_config(AutoConfig.from_pretrained(source, **kwargs), custom=custom)
 
 
-def _model_type(source: str, gguf_file: str) -> str:
-    """The ``model_type`` of a GGUF model from its metadata alone."""
+def gguf_reader(path):
+    """A ``gguf.GGUFReader`` of ``path`` (its metadata; tensors are read lazily), or a one-line error
+    where the ``gguf`` extra is not installed."""
+    if importlib.util.find_spec("gguf") is None:
+        raise NJTCError("loading a .gguf model needs `pip install gguf` (the [gguf] extra)")
     from gguf import GGUFReader
 
-    reader = GGUFReader(Path(source) / gguf_file)
+    return GGUFReader(path)
+
+
+def _model_type(source: str, gguf_file: str) -> str:
+    """The ``model_type`` of a GGUF model from its metadata alone."""
+    reader = gguf_reader(Path(source) / gguf_file)
     field = reader.fields["general.architecture"]
     architecture = bytes(field.parts[field.data[0]]).decode()
     return _GGUF_MODEL_TYPES.get(architecture, architecture)

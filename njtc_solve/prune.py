@@ -87,7 +87,10 @@ def _check(args, settings) -> tuple[list, list]:
                                                                     else None, corpus])
     if args.blocks is None:  # a model the table knows: refuse the removal from its config alone
         kind, n_blocks, config = model_blocks(args.model)
-        check_foldable(config if config is not None else SimpleNamespace(model_type=kind))
+        spec = check_foldable(config if config is not None else SimpleNamespace(model_type=kind))
+        if args.intercept == "bias" and not spec.has_bias and spec.bias_option is None:
+            raise NJTCError(f"--intercept bias: {kind}'s MLP output projection has no bias and its config no option "
+                            "for one; use --intercept none or auto")
         try:
             check_removal(n_blocks, args.remove, args.start)
         except NJTCError as err:
@@ -117,8 +120,10 @@ def main(argv=None) -> int:
     chosen = result.chosen
     drop = next(c for c in result.candidates if c["start"] == chosen.start and c["name"] == "drop")
     fitted = result.best(chosen.start, fitted_only=True)
+    params_before = sum(p.numel() for p in model.parameters())
     apply_replacement(model, chosen)
-    record = {"format": "njtc-prune", "format_version": 1, "model": name, "model_sha256": weights_sha,
+    params = {"before": params_before, "after": sum(p.numel() for p in model.parameters())}  # mlp_bias adds some
+    record = {"parameters": params, "format": "njtc-prune", "format_version": 1, "model": name, "model_sha256": weights_sha,
               "architecture": model.config.model_type, "corpus": corpus_name, "start": chosen.start,
               "removed_blocks": [chosen.start, chosen.start + chosen.remove - 1], "method": chosen.name,
               "replacement": chosen.describe(), "full_model": result.full,
@@ -131,7 +136,9 @@ def main(argv=None) -> int:
     for c in sorted(result.candidates, key=lambda c: (c["start"], c["kl"])):
         if args.start is not None or c["name"] == "drop" or c is result.best(c["start"], fitted_only=True):
             print(f"{c['start']:>5}  {c['name']:<24} {c['kl']:8.4f} {c['top1']:6.3f} {c['ppl']:9.3f}")
-    print(f"full model: perplexity {result.full['ppl']:.3f} on {result.record['plan']['score_rows']} held-out tokens")
+    print(f"full model: perplexity {result.full['ppl']:.3f} on {result.record['plan']['score_rows']} held-out tokens "
+          "(the tokens that chose among the candidates, so the chosen one's figures are optimistic; "
+          "benchmarks/vs_replaceme.py measures on tokens no choice saw)")
     if args.auto:
         print(f"cosine distance would choose start {result.cosine_choice['all']} (every position) / "
               f"{result.cosine_choice['angular_last']} (angular distance at the last positions, ReplaceMe's rule); "
@@ -143,7 +150,8 @@ def main(argv=None) -> int:
         print(f"chose {chosen.name} at start {chosen.start}: KL {chosen_score['kl']:.4f} vs {drop['kl']:.4f} "
               f"dropping")
     print(f"wrote {out}: blocks {chosen.start}..{chosen.start + chosen.remove - 1} removed "
-          f"({record['n_blocks_before']} -> {record['n_blocks_after']} blocks), {chosen.name}; "
+          f"({record['n_blocks_before']} -> {record['n_blocks_after']} blocks, {params['before']:,} -> "
+          f"{params['after']:,} parameters), {chosen.name}; "
           f"{time.perf_counter() - start:.1f}s")
     return 0
 

@@ -43,15 +43,13 @@ def model_blocks(name: str | None) -> tuple[str, int, object]:
     """
     from pathlib import Path
 
-    from .models import _GGUF_MODEL_TYPES, default_model_path
+    from .models import _GGUF_MODEL_TYPES, default_model_path, gguf_reader
 
     path = default_model_path() if name in (None, "default") else Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise NJTCError(f"model file {path} not found")
-        from gguf import GGUFReader
-
-        reader = GGUFReader(path)
+        reader = gguf_reader(path)
         arch_field = reader.fields["general.architecture"]
         arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
         count = reader.fields.get(f"{arch}.block_count")

@@ -69,12 +69,15 @@ class FoldSpec:
         intercept where the projection has none.
     bias_modules : tuple of str
         The projections that flag adds a bias to (all of them must exist in the checkpoint).
+    has_bias : bool
+        The projection always has a bias of its own (the intercept folds into it).
     """
 
     projection: str
     kind: str = "linear"
     bias_option: str | None = None
     bias_modules: tuple[str, ...] = ()
+    has_bias: bool = False
 
 
 _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -83,8 +86,8 @@ FOLDABLE: dict[str, FoldSpec] = {
     "llama": FoldSpec("mlp.down_proj", bias_option="mlp_bias", bias_modules=_LLAMA_MLP),
     "mistral": FoldSpec("mlp.down_proj"),
     "qwen2": FoldSpec("mlp.down_proj"),
-    "gpt2": FoldSpec("mlp.c_proj", kind="conv1d"),
-    "gpt_neox": FoldSpec("mlp.dense_4h_to_h"),
+    "gpt2": FoldSpec("mlp.c_proj", kind="conv1d", has_bias=True),
+    "gpt_neox": FoldSpec("mlp.dense_4h_to_h", has_bias=True),
 }
 
 

@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -347,11 +346,9 @@ def test_damaged_chunk_index_and_write_failures(files, capsys, tmp_path, monkeyp
     out = tmp_path / "fit.safetensors"
     refused(capsys, fit.main, ["--store", damaged, "--method", "jtc", "--out", out, "--no-progress"],
             r"damaged\.h5 is damaged: the chunk index of hidden/1 covers (\d+) of its (\d+) chunks", [damaged], [out])
-    # a healthy store opens, and the check costs little
-    start = time.perf_counter()
+    # a healthy store opens (what the check costs is measured by benchmarks/chunk_index.py, not timed here)
     with ActivationStore(store) as s:
         assert s.n_rows > 0
-    assert time.perf_counter() - start < 5
     # an fsync failure at the end of an extraction leaves no partial file to resume
     from njtc_solve.corpus import load_corpus
     from njtc_solve.models import load_model

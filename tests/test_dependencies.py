@@ -96,6 +96,30 @@ def run_without_optional_packages(model: str, tmp) -> tuple[dict, subprocess.Com
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc
 
 
+def test_a_gguf_model_without_the_gguf_extra_is_one_line(tmp_path):
+    """The default model is a .gguf file: without the [gguf] extra, each command says so in one line."""
+    from njtc_solve.errors import NJTCError
+    from njtc_solve.models import default_model_path
+
+    try:
+        model = str(default_model_path())
+    except NJTCError:  # the default model's package is not installed here
+        model = str(tmp_path / "model.gguf")
+        (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    commands = [("extract", "extract", ["--model", model, "--out", str(tmp_path / "a.h5"), "--no-progress"]),
+                ("prune", "prune", ["--model", model, "--remove", "1", "--start", "1", "--out", str(tmp_path / "p"),
+                                    "--no-progress"])]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(commands)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "gguf" in result["blocked"]
+    assert result["codes"] == {"extract": 2, "prune": 2}, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and all("needs `pip install gguf`" in line for line in lines), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_every_command_runs_with_only_the_declared_dependencies(tiny_models, tmp_path):
     result, proc = run_without_optional_packages(str(tiny_models["llama"]), tmp_path)
     # the blocker is real: what the dev extra and the optional extras install is blocked

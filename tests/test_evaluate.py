@@ -257,3 +257,33 @@ def test_kl_is_accurate_in_float32_at_a_large_vocabulary():
     exact = kl_divergence(final.double(), other.double())
     assert (kl_divergence(final, other).double() - exact).abs().max() < 1e-5
     assert kl_divergence(final, final).abs().max() < 1e-6
+
+
+def test_maps_to_an_intermediate_layer_checked_before_the_model_loads(tiny_store, tmp_path, capsys):
+    """`--layers` with maps to an intermediate layer is refused from the files alone (the model path
+    does not exist, so a later check would name it instead), and a foreign pairwise.json in --out is
+    never replaced."""
+    from njtc_solve.errors import run_cli
+    from njtc_solve.evaluate import main
+
+    [jtc] = fit_shortcuts(tiny_store, "jtc", progress=False, target_layer=2)
+    maps = tmp_path / "t2.safetensors"
+    jtc.save(maps)
+    capsys.readouterr()
+    argv = ["--model", str(tmp_path / "no-model"), "--shortcuts", str(maps), "--layers", "1", "--no-progress",
+            "--out", str(tmp_path / "report")]
+    assert run_cli(main, argv) == 2
+    assert capsys.readouterr().err.strip() == ("error: --layers applies to maps to the last layer; maps to other "
+                                               "layers are evaluated whole")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "pairwise.json").write_text('{"mine": 1}')
+    assert run_cli(main, ["--store", str(tiny_store), "--shortcuts", str(maps), "--out", str(mine),
+                          "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds pairwise.json, which this project did not write" in err and "\n" not in err
+    assert (mine / "pairwise.json").read_text() == '{"mine": 1}'
+    # its own pairwise report is replaced by a rerun
+    own = tmp_path / "own"
+    assert run_cli(main, ["--store", str(tiny_store), "--shortcuts", str(maps), "--out", str(own), "--no-progress"]) == 0
+    assert run_cli(main, ["--store", str(tiny_store), "--shortcuts", str(maps), "--out", str(own), "--no-progress"]) == 0

@@ -376,6 +376,19 @@ def test_unfoldable_family_refused(tmp_path, capsys):
         check_foldable(GPT2Config(scale_attn_by_inverse_layer_idx=True))
 
 
+def test_intercept_bias_without_a_bias_refused_before_loading(tmp_path, capsys):
+    """Mistral's down_proj has no bias and its config no option for one: refused from the config alone
+    (the folder holds no weights, so a load would fail differently)."""
+    from transformers import MistralConfig
+
+    folder = tmp_path / "mistral"
+    MistralConfig(**_SIZES, num_key_value_heads=2).save_pretrained(folder)
+    argv = ["--model", str(folder), "--remove", "1", "--start", "1", "--out", str(tmp_path / "o")]
+    code, err = _bad([*argv, "--intercept", "bias"], capsys)
+    assert code == 2 and err.startswith("error: --intercept bias: mistral's MLP output projection has no bias"), err
+    assert not (tmp_path / "o").exists()
+
+
 def test_check_removal_library_messages():
     with pytest.raises(NJTCError, match="remove must be at least 1"):
         check_removal(4, 0)
