@@ -265,7 +265,8 @@ class Shortcuts(nn.Module):
         if name == "head" and isinstance(value, dict):  # before, ``head`` was the recorded description
             warnings.warn("Shortcuts.head is the attached Head; the recorded description is head_description",
                           DeprecationWarning, 2)
-            name, value = "head_description", value
+            super().__setattr__("head_description", value)
+            value = None
         super().__setattr__(name, value)
 
     _RECORDED = ("method", "maps", "target_layer", "model_sha256", "rank", "normalize", "residual", "fit_intercept",
@@ -332,11 +333,14 @@ class Shortcuts(nn.Module):
         return self
 
     def _apply(self, fn, *args, **kwargs):
-        """``.to``, ``.cuda``, ``.double`` ... move the attached head with the maps."""
+        """``.to``, ``.cuda`` ... move the attached head with the maps; the head keeps its dtype (float32).
+
+        The head computes in float32 whatever the maps' dtype, as the model's own head is read.
+        """
         super()._apply(fn, *args, **kwargs)
         if self.head is not None:
-            moved = {f.name: fn(getattr(self.head, f.name)) for f in dataclasses.fields(Head)
-                     if isinstance(getattr(self.head, f.name), torch.Tensor)}
+            moved = {f.name: fn(t).to(t.dtype) for f in dataclasses.fields(Head)
+                     if isinstance(t := getattr(self.head, f.name), torch.Tensor)}
             self.head = dataclasses.replace(self.head, **moved)
         return self
 
