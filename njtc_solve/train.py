@@ -216,6 +216,11 @@ def _batches(source, batch_rows):
             raise NJTCError("the training rows are empty")
 
 
+def _fitted(m) -> bool:
+    """Whether ``m`` is a fitted :class:`ShortcutMap` (buffers only), which is trained as a copy."""
+    return isinstance(m, ShortcutMap) and next(m.parameters(), None) is None
+
+
 def _optimizer(name, params, lr, weight_decay, momentum):
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -232,9 +237,10 @@ def train_maps(maps: dict, head, train, check, objective: str = "kl", steps: int
     Parameters
     ----------
     maps : dict of int to ShortcutMap or nn.Module
-        Starting maps by source layer. A :class:`ShortcutMap` is trained as its
-        :meth:`~ShortcutMap.trainable` copy (the input is left unchanged); any other module
-        (``module(x) -> y_hat``) is trained in place.
+        Starting maps by source layer. A fitted :class:`ShortcutMap` (its tensors buffers) is
+        trained as its :meth:`~ShortcutMap.trainable` copy (the input is left unchanged); a
+        module with parameters (a map's ``trainable()`` copy, or any other module with
+        ``module(x) -> y_hat``) is trained in place.
     head : Head
         The model's final norm and unembedding (used by the KL objective and its metrics).
     train, check : row source
@@ -276,7 +282,7 @@ def train_maps(maps: dict, head, train, check, objective: str = "kl", steps: int
     torch.manual_seed(seed)
     device = torch.device(device)
     head = head.to(device)
-    modules = {int(l): (m.trainable() if isinstance(m, ShortcutMap) else m).to(device) for l, m in maps.items()}
+    modules = {int(l): (m.trainable() if _fitted(m) else m).to(device) for l, m in maps.items()}
     opt = _optimizer(optimizer, [p for m in modules.values() for p in m.parameters()], lr, weight_decay, momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda s: max(0.0, 1 - s / max(steps, 1))) if schedule == "linear" else (lambda s: 1.0))

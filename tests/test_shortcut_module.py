@@ -122,7 +122,12 @@ def test_the_trainer_trains_the_map_module_itself(tiny_store):
         rows = StoreRows(store, [1], "train", in_memory=True, max_rows=512)
         result = train_maps(njtc.maps, store.head(), rows, rows, "mse", steps=3, lr=1e-3, check_every=3,
                             progress=False)
+        own = njtc.maps[1].trainable()  # a map with parameters is trained in place
+        again = train_maps({1: own}, store.head(), rows, rows, "mse", steps=3, lr=1e-3, check_every=3,
+                           progress=False)
     assert type(result.modules[1]) is ShortcutMap and result.modules[1].U.requires_grad
+    assert result.modules[1] is not njtc.maps[1] and again.modules[1] is own
+    assert own.U.grad is not None and not njtc.maps[1].U.requires_grad  # the gradients reached `own`
     saved = result.maps()[1]
     assert type(saved) is ShortcutMap and list(saved.parameters()) == [] and saved.rank == 4
 
