@@ -22,11 +22,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from gradient import as_shortcuts, train_gradient
 
 from njtc_solve.errors import NJTCError
 from njtc_solve.evaluate import evaluate_shortcuts
 from njtc_solve.fit import fit_shortcuts
-from njtc_solve.gradient import as_shortcuts, train_gradient
 from njtc_solve.store import ActivationStore
 from provenance import measured_at
 

@@ -41,7 +41,7 @@ from njtc_solve.errors import NJTCError
 from njtc_solve.fit import fit_shortcuts
 from njtc_solve.metrics import Reference
 from njtc_solve.store import ActivationStore
-from njtc_solve.train import StoreRows, TrainableMap, check_metrics, train_maps
+from njtc_solve.train import StoreRows, check_metrics, train_maps
 from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -149,8 +149,8 @@ def race_layer(store, layer, args, head, device):
     for name, (method, rank, residual) in {"jtc": ("jtc", None, False),
                                            f"residual-r{args.rank}": ("njtc", args.rank, True)}.items():
         sc, seconds = closed_form(store, layer, method, rank, residual, device)
-        point = {"seconds": seconds, **score(TrainableMap(sc.maps[layer]).to(device), layer, head, eval_rows)}
-        module = TrainableMap(sc.maps[layer]).to(device)
+        point = {"seconds": seconds, **score(sc.maps[layer].to(device), layer, head, eval_rows)}
+        module = sc.maps[layer].trainable().to(device)  # trained in place by train_maps
         result, curve = run_trainer(module, layer, head, train, check_rows, eval_rows, seconds,
                                     steps=args.refine_steps, lr=args.refine_lr, batch_rows=args.refine_batch,
                                     check_every=args.refine_check_every, patience=args.patience, device=device,

@@ -141,7 +141,7 @@ def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Pa
     if shortcuts.method == "identity":
         raise NJTCError("the identity is tuned-lens's LogitLens; there is nothing to export")
     state = translator_state(shortcuts)  # refuses what is not affine, before anything is written
-    _check_head_description(shortcuts.head)
+    _check_head_description(shortcuts.head_description)
     name, hashed = "", None
     if model is not None:
         name, hashed = _check_model(shortcuts, model)
@@ -246,7 +246,7 @@ def read_tuned_lens(folder, head=None, model_sha256: str = "") -> Shortcuts:
     >>> back = read_tuned_lens(export_tuned_lens(jtc, "jtc-lens"), model_sha256=jtc.model_sha256)
     >>> import torch
     >>> h = torch.randn(4, 32)
-    >>> back.name, bool(torch.allclose(back.predict(1, h), jtc.predict(1, h), atol=1e-4))
+    >>> back.name, bool(torch.allclose(back.transform_hidden(h, 1), jtc.transform_hidden(h, 1), atol=1e-4))
     ('tuned-lens', True)
     """
     folder = Path(folder)
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     out = check_output_folder(args.out, args.overwrite)  # before a model is loaded
     shortcuts = Shortcuts.load(args.shortcuts)
     translator_state(shortcuts)  # what cannot be exported is refused before a model is loaded
-    _check_head_description(shortcuts.head)
+    _check_head_description(shortcuts.head_description)
     model = None
     if args.model is not None:
         from .models import load_model

@@ -365,7 +365,7 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
                                        progress and (comm is None or comm.rank == 0))
             for sc in fits:  # the head the maps are for: the lens and evaluation refuse another
                 if head is not None:
-                    sc.head, sc.head_sha256 = head.describe(), head.fingerprint()
+                    sc.head_description, sc.head_sha256 = head.describe(), head.fingerprint()
             return fits
 
         return solve(layers) if comm is None else _solve_shared(comm, solve, layers)
@@ -473,7 +473,7 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=Non
                                    None, fit_intercept, alpha)
         for sc in fits:
             if head is not None:
-                sc.head, sc.head_sha256 = head.describe(), head.fingerprint()
+                sc.head_description, sc.head_sha256 = head.describe(), head.fingerprint()
         return fits
 
     def solved():

@@ -21,7 +21,7 @@ exactly), on the model's device.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +46,9 @@ IDENTITY = "identity"  # the logit lens, named as in evaluation
 class ShortcutLens(nn.Module):
     """Decode hidden states of any layer into logits through fitted shortcut maps.
 
-    Built with :meth:`from_model` from a Hugging Face model and its shortcut file; the maps and
-    the model's head are buffers (``.to(device)`` and ``state_dict()`` work as for any module).
+    Built with :meth:`from_model` from a Hugging Face model and its shortcut file; it wraps the
+    :class:`~njtc_solve.shortcuts.Shortcuts` module (:attr:`shortcuts`, the model's head attached),
+    so ``.to(device)`` and ``state_dict()`` work as for any module.
 
     Examples
     --------
@@ -69,24 +70,9 @@ class ShortcutLens(nn.Module):
         if last != shortcuts.target_layer:  # the head reads the last layer only
             raise NJTCError(f"the lens reads maps to the last layer ({last}); shortcuts {shortcuts.name} "
                             f"target layer {shortcuts.target_layer} (evaluate them with python -m njtc_solve.evaluate)")
+        self.shortcuts = shortcuts.replace(head=head)  # the maps' module, shared; the model's head attached
         self.n_layers = int(shortcuts.target_layer)
         self.name, self.method = shortcuts.name, shortcuts.method
-        self._head_fields = {}
-        for f in dataclasses.fields(head):
-            value = getattr(head, f.name)
-            if isinstance(value, torch.Tensor) or value is None:
-                self.register_buffer(f"head_{f.name}", None if value is None else value.float())
-            else:
-                self._head_fields[f.name] = value
-        self._map_fields = {}
-        for layer, m in shortcuts.maps.items():
-            self._map_fields[int(layer)] = {}
-            for f in dataclasses.fields(m):
-                value = getattr(m, f.name)
-                if isinstance(value, torch.Tensor) or value is None:
-                    self.register_buffer(f"map{layer}_{f.name}", None if value is None else value.float())
-                else:
-                    self._map_fields[int(layer)][f.name] = value
         self.__dict__.update(model=None, tokenizer=None)  # not submodules: the lens's state is its maps
 
     @classmethod
@@ -119,6 +105,7 @@ class ShortcutLens(nn.Module):
         _, blocks, _, _ = resolve_parts(model)
         head = Head.from_model(model)  # its width is the residual stream's (OPT's project_out is folded in)
         n_layers, d = len(blocks), head.d_model
+        given = isinstance(shortcuts, Shortcuts)  # the caller's object, not one made here
         if shortcuts is None:
             shortcuts = Shortcuts.identity(range(n_layers), n_layers)
         elif not isinstance(shortcuts, Shortcuts):
@@ -131,10 +118,13 @@ class ShortcutLens(nn.Module):
         _check_maps(shortcuts, n_layers, d)
         if model_sha256 is None:
             shortcuts.check_head(head)
-        elif shortcuts.head and shortcuts.head != head.describe():  # another dtype: the same kind of head
-            raise NJTCError(f"shortcuts {shortcuts.name} were fitted for another head ({json.dumps(shortcuts.head)}; "
+        elif shortcuts.head_description and shortcuts.head_description != head.describe():  # another dtype
+            raise NJTCError(f"shortcuts {shortcuts.name} were fitted for another head "
+                            f"({json.dumps(shortcuts.head_description)}; "
                             f"this model's: {json.dumps(head.describe())})")
         device = next(model.parameters()).device
+        if given and any(t.device != device for t in shortcuts.buffers()):
+            shortcuts = copy.deepcopy(shortcuts)  # moving the caller's maps would move them under its feet
         lens = cls(head, shortcuts).to(device)
         lens.__dict__.update(model=model, tokenizer=tokenizer)
         return lens
@@ -143,34 +133,23 @@ class ShortcutLens(nn.Module):
     @property
     def layers(self) -> list[int]:
         """Source layers with a map (the last layer, ``n_layers``, needs none)."""
-        return sorted(self._map_fields)
+        return sorted(self.shortcuts.maps)
 
     def head(self) -> Head:
-        """The model's final norm and unembedding, as stored in this module."""
-        tensors = {f.name: getattr(self, f"head_{f.name}") for f in dataclasses.fields(Head)
-                   if f.name not in self._head_fields}
-        return Head(**tensors, **self._head_fields)
+        """The model's final norm and unembedding, as attached to :attr:`shortcuts`."""
+        return self.shortcuts.head
 
     def shortcut(self, idx: int) -> ShortcutMap:
         """The map of source layer ``idx`` (the identity for the last layer)."""
-        if idx == self.n_layers:
-            return ShortcutMap()
-        if idx not in self._map_fields:
-            raise NJTCError(f"{self.name} has no map for layer {idx} (it has {self.layers})")
-        tensors = {f.name: getattr(self, f"map{idx}_{f.name}") for f in dataclasses.fields(ShortcutMap)
-                   if f.name not in self._map_fields[idx]}
-        return ShortcutMap(**tensors, **self._map_fields[idx])
+        return self.shortcuts._map(idx)
 
     def transform_hidden(self, h: torch.Tensor, idx: int) -> torch.Tensor:
         """Map hidden states ``h`` (..., d) of layer ``idx`` to estimates of the last layer (float32)."""
-        rows = h.reshape(-1, h.shape[-1])
-        return self.shortcut(idx).predict(rows).reshape(*h.shape[:-1], -1)
+        return self.shortcuts.transform_hidden(h, idx)
 
     def forward(self, h: torch.Tensor, idx: int) -> torch.Tensor:
         """Logits (..., vocab) of hidden states ``h`` (..., d) of layer ``idx``, through its map and the head."""
-        rows = h.reshape(-1, h.shape[-1])
-        _, logits = self.shortcut(idx).predict_with_logits(rows, self.head())
-        return logits.reshape(*h.shape[:-1], -1)
+        return self.shortcuts(h, idx)
 
     # -- a prompt, layer by layer ------------------------------------------------------------
     def trajectory(self, inputs, k: int = 5, batch_size: int = 8, chunk_rows: int = 256) -> Trajectory:
@@ -207,7 +186,7 @@ class ShortcutLens(nn.Module):
         out = {"topk_ids": np.full((*shape, k), -1, np.int64), "topk_probs": np.full((*shape, k), np.nan, np.float32),
                "entropy": np.full(shape, np.nan), "kl": np.full(shape, np.nan), "agrees": np.zeros(shape, bool),
                "valid": np.zeros(shape, bool), "final_top1": np.full((n_b, n_t), -1, np.int64)}
-        device, here = next(self.model.parameters()).device, self.head_unembed.device
+        device, here = next(self.model.parameters()).device, self.head().unembed.device
         head = self.head()
         with capture_residual_stream(self.model) as hidden, torch.no_grad():
             for b0 in range(0, n_b, batch_size):
@@ -233,7 +212,7 @@ class ShortcutLens(nn.Module):
                     p_, t_ = prompt_of[part], position_of[part]
                     for m, name in enumerate(methods):
                         for layer in range(n_l):
-                            if layer < self.n_layers and layer not in lenses[name]._map_fields:
+                            if layer < self.n_layers and layer not in lenses[name].shortcuts.maps:
                                 continue
                             logits = lenses[name](rows_of[layer][part], layer)
                             own = Reference.from_logits(logits)  # one softmax for top-k and entropy
@@ -264,7 +243,7 @@ class ShortcutLens(nn.Module):
             item = [int(t) for t in item]
             if not item:
                 raise NJTCError("a prompt has no tokens")
-            vocab = self.head_unembed.shape[0]
+            vocab = self.head().vocab_size
             if min(item) < 0 or max(item) >= vocab:
                 raise NJTCError(f"token ids must be in [0, {vocab})")
             ids.append(item)
@@ -516,7 +495,7 @@ def main(argv=None) -> int:
     if args.shortcuts is not None and args.tuned_lens is not None:
         raise NJTCError("--shortcuts and --tuned-lens exclude each other: read one lens beside the logit lens")
     shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)
-    vocab = (shortcuts.head or {}).get("vocab_size") if shortcuts is not None else None
+    vocab = shortcuts.head_description.get("vocab_size") if shortcuts is not None else None
     if isinstance(vocab, int) and args.top_k > vocab:
         raise NJTCError(f"--top-k {args.top_k} is above the vocabulary of the maps' model ({vocab} tokens)")
     if args.tuned_lens is not None:

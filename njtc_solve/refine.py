@@ -21,7 +21,6 @@ from the model's forward pass over the plan the shortcuts were fitted with
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -107,8 +106,8 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
     check = StoreRows(store, layers, "validation", start=check_start)
     result = train_maps({l: sc.maps[l] for l in layers}, store.head(), train, check, objective, steps, lr, optimizer,
                         batch_rows, check_every, patience, device=device, progress=progress, seed=seed)
-    refined = dataclasses.replace(  # every field of the start (head, provenance, ...) but the maps
-        sc, maps=result.maps(), label=f"{sc.name}-{objective}",
+    refined = sc.replace(  # every field of the start (head, provenance, ...) but the maps
+        maps=result.maps(), label=f"{sc.name}-{objective}",
         stats={"refined": {
             "from": sc.name, "from_file": start_file, "objective": objective, "optimizer": optimizer, "lr": lr,
             "batch_rows": batch_rows, "steps": result.steps, "max_steps": steps, "seconds": result.seconds,

@@ -1,24 +1,34 @@
-"""Shortcut files (safetensors, design.md §4): save, load and apply fitted maps.
+"""Shortcut maps as torch modules, and their files (safetensors, design.md §4).
 
 A file holds one method's maps for many source layers. Prediction is
 ``y = norm(x) @ W + bias`` (plus ``x`` when the map is residual), with ``W = U @ V`` for
 narrow maps, ``norm`` one of ``none``, ``batch`` (``(x - norm_mean) * norm_scale``),
 ``layer`` or ``rms`` (per token, no affine parameters).
+
+:class:`ShortcutMap` (one layer) and :class:`Shortcuts` (every layer, with provenance) are
+``torch.nn.Module`` objects following tuned-lens's ``Lens`` conventions: ``transform_hidden(h, idx)``
+estimates the target layer's hidden state from layer ``idx``, ``sc(h, idx)`` returns logits
+through the attached :class:`~njtc_solve.head.Head`. Their tensors are buffers (parameters
+once :meth:`ShortcutMap.trainable`), so ``state_dict``, ``.to`` and autograd work as for any
+module; a map computes in the dtype of its own tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import reprlib
-from dataclasses import dataclass, field
+import warnings
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from .errors import NJTCError, atomic_output, read_safetensors
+from .head import Head
 from .stats import normalize_rows
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ShortcutMap", "Shortcuts"]
@@ -27,32 +37,54 @@ FORMAT = "njtc-shortcuts"
 FORMAT_VERSION = 1
 # each map tensor and its shape: d the width, r the rank
 _SHAPES = {"weight": "dd", "U": "dr", "V": "rd", "bias": "d", "norm_mean": "d", "norm_scale": "d"}
+_TRAINED = ("weight", "U", "V", "bias")  # what training changes; the batch norm's statistics stay fixed
 _TENSOR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(" + "|".join(_SHAPES) + ")")
 
 
-@dataclass
-class ShortcutMap:
-    """One source layer's map to the target layer.
+class ShortcutMap(nn.Module):
+    """One source layer's map to the target layer, as a module (``forward(x)`` maps rows ``x``).
+
+    Parameters
+    ----------
+    weight : Tensor, optional
+        ``(d, d)`` full map (JTC).
+    U, V : Tensor, optional
+        ``(d, r)`` and ``(r, d)`` factors of a narrow map (NJTC, N-NJTC).
+    bias, norm_mean, norm_scale : Tensor, optional
+        ``(d,)`` intercept and the batch normalisation's mean and scale.
+    normalize : {"none", "batch", "layer", "rms"}
+    residual : bool
+        Add the input to the mapped row (Tuned Lens's parameterisation).
+
+    Without ``weight`` and ``U`` the map is the identity (the logit lens). The tensors are
+    buffers, kept in the dtype and on the device given; :meth:`trainable` gives a copy whose
+    ``weight``, ``U``, ``V`` and ``bias`` are parameters (``nn.Parameter``).
 
     Examples
     --------
     >>> import torch
     >>> narrow = ShortcutMap(U=torch.ones(4, 1), V=torch.ones(1, 4), bias=torch.zeros(4))
-    >>> narrow.predict(torch.eye(4)[:1]), narrow.n_params
+    >>> narrow(torch.eye(4)[:1]), narrow.n_params
     (tensor([[1., 1., 1., 1.]]), 8)
+    >>> sorted(narrow.state_dict()), sorted(n for n, _ in narrow.trainable().named_parameters())
+    (['U', 'V', 'bias'], ['U', 'V', 'bias'])
     """
 
-    weight: torch.Tensor | None = None  # (d, d) full map
-    U: torch.Tensor | None = None  # (d, r)
-    V: torch.Tensor | None = None  # (r, d)
-    bias: torch.Tensor | None = None
-    norm_mean: torch.Tensor | None = None
-    norm_scale: torch.Tensor | None = None
-    normalize: str = "none"
-    residual: bool = False
+    def __init__(self, weight=None, U=None, V=None, bias=None, norm_mean=None, norm_scale=None,
+                 normalize: str = "none", residual: bool = False):
+        super().__init__()
+        given = {"weight": weight, "U": U, "V": V, "bias": bias, "norm_mean": norm_mean, "norm_scale": norm_scale}
+        for name, value in given.items():
+            self.register_buffer(name, value)
+        self.normalize, self.residual = normalize, bool(residual)
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """The map's six tensors by name (``None`` where absent), parameters or buffers alike."""
+        return {name: getattr(self, name) for name in _SHAPES}
 
     @property
     def rank(self) -> int | None:
+        """``r`` of a narrow map, ``None`` for a full map or the identity."""
         return None if self.U is None else self.U.shape[1]
 
     @property
@@ -64,13 +96,49 @@ class ShortcutMap:
             return self.U.numel() + self.V.numel()
         return 0
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the map computes in: its tensors' (float32 for the identity)."""
+        return next((t.dtype for t in self.tensors().values() if t is not None), torch.float32)
+
+    @property
+    def width(self) -> int | None:
+        """``d`` of the rows the map writes (``None`` for the identity without a bias)."""
+        return next((int(t.shape[-1]) for t in (self.weight, self.V, self.bias, self.norm_mean) if t is not None), None)
+
+    def extra_repr(self) -> str:
+        kind = "full" if self.weight is not None else f"rank={self.rank}" if self.U is not None else "identity"
+        return f"{kind}, normalize={self.normalize!r}, residual={self.residual}"
+
+    def trainable(self) -> ShortcutMap:
+        """A copy whose ``weight`` (or ``U`` and ``V``) and ``bias`` are parameters, for the trainer.
+
+        Raises
+        ------
+        NJTCError
+            For the identity map, which has nothing to train.
+        """
+        if self.weight is None and self.U is None:
+            raise NJTCError("the identity map has no parameters to train; start from a fitted map")
+        copy = self.to_map(device=None)
+        for name in _TRAINED:
+            value = copy._buffers.pop(name)
+            copy.register_parameter(name, None if value is None else nn.Parameter(value))
+        return copy
+
+    def to_map(self, device="cpu") -> ShortcutMap:
+        """A detached copy with buffers only (what a shortcut file saves), on ``device`` (``None``: here)."""
+        copy = lambda t: None if t is None else t.detach().to(device).clone()
+        return ShortcutMap(**{k: copy(t) for k, t in self.tensors().items()}, normalize=self.normalize,
+                           residual=self.residual)
+
     def _normalized(self, x) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float32)
+        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(self.dtype)
         if self.normalize == "batch":
             return x, (x - self.norm_mean) * self.norm_scale
         return x, normalize_rows(x, self.normalize)
 
-    def predict_with_logits(self, x, head):
+    def predict_with_logits(self, x, head: Head) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y_hat, head logits of y_hat)``; narrow non-residual maps take the low-rank route."""
         if self.U is None or self.residual:
             y = self.predict(x)
@@ -80,8 +148,8 @@ class ShortcutMap:
         y = a @ self.V if self.bias is None else a @ self.V + self.bias
         return y, head.low_rank_logits(a, self.V, self.bias, y)
 
-    def predict(self, x) -> torch.Tensor:
-        """Map source rows ``x`` (n, d) to estimates of the target layer (float32)."""
+    def forward(self, x) -> torch.Tensor:
+        """Map source rows ``x`` (n, d) to estimates of the target layer (in the map's dtype)."""
         x, z = self._normalized(x)
         if self.weight is not None:
             y = z @ self.weight
@@ -93,38 +161,120 @@ class ShortcutMap:
             y = y + self.bias
         return y + x if self.residual else y
 
+    predict = forward
 
-@dataclass
-class Shortcuts:
-    """Maps of one method for many source layers, with their provenance.
+
+class _LayerMaps(nn.ModuleDict):
+    """The maps of :class:`Shortcuts`, keyed by source layer (an int; state_dict names ``maps.{l}.*``)."""
+
+    def __init__(self, maps=None):
+        super().__init__()
+        for layer, m in sorted(dict(maps or {}).items()):
+            self[layer] = m
+
+    def __setitem__(self, layer, m: ShortcutMap) -> None:
+        super().__setitem__(str(int(layer)), m)
+
+    def __getitem__(self, layer) -> ShortcutMap:
+        return self._modules[str(int(layer))]
+
+    def __delitem__(self, layer) -> None:
+        del self._modules[str(int(layer))]
+
+    def __contains__(self, layer) -> bool:
+        return isinstance(layer, (int, np.integer)) and str(int(layer)) in self._modules
+
+    def __iter__(self):
+        return (int(k) for k in self._modules)
+
+    def keys(self):
+        return list(self)
+
+    def items(self):
+        return [(int(k), m) for k, m in self._modules.items()]
+
+    def values(self):
+        return list(self._modules.values())
+
+    def get(self, layer, default=None):
+        return self[layer] if layer in self else default
+
+    def update(self, maps) -> None:
+        for layer, m in dict(maps).items():
+            self[layer] = m
+
+
+def _as_head(head) -> Head:
+    """``head`` as a :class:`Head`: a Head, an activation store's or live source's, or a model's."""
+    if isinstance(head, Head):
+        return head
+    if callable(getattr(head, "head", None)) and not isinstance(head, nn.Module):
+        return head.head()  # ActivationStore, LiveSource
+    if isinstance(head, nn.Module):
+        return Head.from_model(head)
+    raise NJTCError(f"head must be a Head, an ActivationStore or a model, not {type(head).__name__}")
+
+
+class Shortcuts(nn.Module):
+    """Maps of one method for many source layers, with their provenance: a tuned-lens-style lens.
+
+    Parameters
+    ----------
+    method : str
+    maps : dict of int to ShortcutMap
+        By source layer (``sc.maps``, a module dict keyed by int).
+    target_layer : int
+        The layer every map estimates.
+    model_sha256, rank, normalize, residual, fit_intercept, alpha, weight, stats, label, provenance
+        What a shortcut file records (design.md §4).
+    head : Head, optional
+        The head :meth:`forward` applies (attached, not checked; :meth:`attach_head` checks).
+    head_sha256 : str
+        :meth:`Head.fingerprint` of the head the maps were fitted for (``""``: not recorded).
+    head_description : dict
+        :meth:`Head.describe` of that head, as recorded in the file (its ``head`` entry).
 
     Examples
     --------
     >>> from njtc_solve import ActivationStore, fit_shortcuts
     >>> [jtc] = fit_shortcuts("activations.h5", method="jtc", ranks=None, progress=False)
     >>> jtc.save("jtc.safetensors")
-    >>> sc = Shortcuts.load("jtc.safetensors")
     >>> with ActivationStore("activations.h5") as store:
-    ...     hidden_1 = store.file["hidden/1"][:5]
-    >>> sc.name, tuple(sc.predict(1, hidden_1).shape)
-    ('jtc', (5, 32))
+    ...     sc = Shortcuts.load("jtc.safetensors", head=store)
+    ...     hidden_1 = torch.as_tensor(store.file["hidden/1"][:5])
+    >>> sc.name, tuple(sc.transform_hidden(hidden_1, 1).shape), tuple(sc(hidden_1, 1).shape)
+    ('jtc', (5, 32), (5, 300))
     """
 
-    method: str
-    maps: dict[int, ShortcutMap]
-    target_layer: int
-    model_sha256: str = ""
-    rank: int | None = None
-    normalize: str = "none"
-    residual: bool = False
-    fit_intercept: bool = True
-    alpha: float | str = 0.0  # "auto": chosen per layer by GCV (values in stats)
-    weight: str = "none"
-    stats: dict = field(default_factory=dict)
-    label: str = ""  # overrides the derived name (e.g. "njtc-adam" for a gradient-trained map)
-    provenance: dict = field(default_factory=dict)  # the fit store's identity and split (store.provenance)
-    head: dict = field(default_factory=dict)  # Head.describe() of the head the maps were fitted for
-    head_sha256: str = ""  # Head.fingerprint() of that head ("" in files written before it was recorded)
+    def __init__(self, method: str, maps: dict, target_layer: int, model_sha256: str = "", rank: int | None = None,
+                 normalize: str = "none", residual: bool = False, fit_intercept: bool = True,
+                 alpha: float | str = 0.0, weight: str = "none", stats: dict | None = None, label: str = "",
+                 provenance: dict | None = None, head: Head | None = None, head_sha256: str = "",
+                 head_description: dict | None = None):
+        super().__init__()
+        self.method, self.maps, self.target_layer, self.model_sha256 = method, maps, int(target_layer), model_sha256
+        self.rank, self.normalize, self.residual, self.fit_intercept = rank, normalize, residual, fit_intercept
+        self.alpha, self.weight, self.label = alpha, weight, label  # alpha "auto": chosen per layer by GCV
+        self.stats, self.provenance = dict(stats or {}), dict(provenance or {})  # provenance: the fit store's
+        self.head_sha256, self.head_description = head_sha256, dict(head_description or {})
+        self.head = head
+
+    def __setattr__(self, name, value):
+        if name == "maps" and not isinstance(value, _LayerMaps):
+            value = _LayerMaps(value)
+        if name == "head" and isinstance(value, dict):  # before, ``head`` was the recorded description
+            warnings.warn("Shortcuts.head is the attached Head; the recorded description is head_description",
+                          DeprecationWarning, 2)
+            super().__setattr__("head_description", value)
+            value = None
+        super().__setattr__(name, value)
+
+    _RECORDED = ("method", "maps", "target_layer", "model_sha256", "rank", "normalize", "residual", "fit_intercept",
+                 "alpha", "weight", "stats", "label", "provenance", "head", "head_sha256", "head_description")
+
+    def replace(self, **changes) -> Shortcuts:
+        """A new :class:`Shortcuts` with every field of this one (sharing its maps) but ``changes``."""
+        return type(self)(**{**{k: getattr(self, k) for k in self._RECORDED}, **changes})
 
     @classmethod
     def identity(cls, layers, target_layer: int, model_sha256: str = "") -> Shortcuts:
@@ -147,6 +297,9 @@ class Shortcuts:
             parts.append(f"w{self.weight}")
         return "-".join(parts)
 
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, target_layer={self.target_layer}, head={'attached' if self.head else None}"
+
     def check_head(self, head) -> None:
         """Refuse to apply these maps through another head than the one they were fitted for.
 
@@ -156,27 +309,75 @@ class Shortcuts:
             raise NJTCError(f"shortcuts {self.name} were fitted for another head (head_sha256 {self.head_sha256[:12]}…, "
                             f"this head's {head.fingerprint()[:12]}…: {json.dumps(head.describe())})")
 
-    def predict(self, layer: int, x) -> torch.Tensor:
-        """Apply the map of source ``layer`` to rows ``x``."""
-        if layer not in self.maps:
-            raise NJTCError(f"{self.name} has no map for layer {layer} (it has {sorted(self.maps)})")
-        return self.maps[layer].predict(x)
+    def attach_head(self, head) -> Shortcuts:
+        """Attach the head :meth:`forward` applies, once it is checked to be the one the maps were fitted for.
 
-    def to(self, device) -> Shortcuts:
-        """Move every map's tensors to ``device``."""
-        for m in self.maps.values():
-            for key, value in vars(m).items():
-                if isinstance(value, torch.Tensor):
-                    setattr(m, key, value.to(device))
+        Parameters
+        ----------
+        head : Head, ActivationStore or model
+            A :class:`Head`, a store's (``store.head()``) or a model's (:meth:`Head.from_model`).
+
+        Raises
+        ------
+        NJTCError
+            When ``head`` is another model's (:meth:`check_head`) or has another width than the maps.
+        """
+        head = _as_head(head)
+        self.check_head(head)
+        widths = {m.width for m in self.maps.values()} - {None}
+        if widths - {head.d_model}:
+            raise NJTCError(f"shortcuts {self.name} map to width {max(widths - {head.d_model})}; the head's is "
+                            f"{head.d_model}")
+        device = next((t.device for t in self.buffers()), None) or next((t.device for t in self.parameters()), None)
+        self.head = head if device is None else head.to(device)
         return self
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to``, ``.cuda`` ... move the attached head with the maps; the head keeps its dtype (float32).
+
+        The head computes in float32 whatever the maps' dtype, as the model's own head is read.
+        """
+        super()._apply(fn, *args, **kwargs)
+        if self.head is not None:
+            moved = {f.name: fn(t).to(t.dtype) for f in dataclasses.fields(Head)
+                     if isinstance(t := getattr(self.head, f.name), torch.Tensor)}
+            self.head = dataclasses.replace(self.head, **moved)
+        return self
+
+    def _map(self, idx: int) -> ShortcutMap:
+        if idx in self.maps:
+            return self.maps[idx]
+        if idx == self.target_layer:
+            return ShortcutMap()  # the target layer needs no map
+        raise NJTCError(f"{self.name} has no map for layer idx={idx} (it has {sorted(self.maps)})")
+
+    def transform_hidden(self, h, idx: int) -> torch.Tensor:
+        """Estimate the target layer's hidden states from hidden states ``h`` (..., d) of layer ``idx``."""
+        h = torch.as_tensor(h if isinstance(h, torch.Tensor) else np.asarray(h))
+        return self._map(idx)(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], -1)
+
+    def forward(self, h, idx: int) -> torch.Tensor:
+        """Logits (..., vocab) of hidden states ``h`` (..., d) of layer ``idx``: its map, then the attached head."""
+        if self.head is None:
+            raise NJTCError(f"shortcuts {self.name} have no head to make logits with: "
+                            "Shortcuts.load(path, head=store or model) or sc.attach_head(head)")
+        h = torch.as_tensor(h if isinstance(h, torch.Tensor) else np.asarray(h))
+        _, logits = self._map(idx).predict_with_logits(h.reshape(-1, h.shape[-1]), self.head)
+        return logits.reshape(*h.shape[:-1], -1)
+
+    def predict(self, layer: int, x) -> torch.Tensor:
+        """Deprecated: ``transform_hidden(x, layer)`` (the arguments in tuned-lens's order)."""
+        warnings.warn("Shortcuts.predict(layer, h) is deprecated: use transform_hidden(h, layer)",
+                      DeprecationWarning, 2)
+        return self.transform_hidden(x, layer)
 
     def save(self, path) -> None:
         """Write the file atomically (temporary name, then rename)."""
         tensors = {}
         for layer, m in self.maps.items():
-            parts = {key: getattr(m, key) for key in _SHAPES if getattr(m, key) is not None}
-            for key, value in parts.items():
-                tensors[f"layers.{layer}.{key}"] = value.to(torch.float32).contiguous().cpu()
+            for key, value in m.tensors().items():
+                if value is not None:
+                    tensors[f"layers.{layer}.{key}"] = value.detach().to(torch.float32).contiguous().cpu()
         b = lambda v: "true" if v else "false"
         metadata = {
             "format": FORMAT, "format_version": str(FORMAT_VERSION), "method": self.method,
@@ -184,20 +385,29 @@ class Shortcuts:
             "residual": b(self.residual), "fit_intercept": b(self.fit_intercept), "alpha": str(self.alpha),
             "weight": self.weight, "target_layer": str(self.target_layer), "model_sha256": self.model_sha256,
             "layers": json.dumps(sorted(self.maps)), "stats": json.dumps(self.stats), "label": self.label,
-            "provenance": json.dumps(self.provenance), "head": json.dumps(self.head), "head_sha256": self.head_sha256,
+            "provenance": json.dumps(self.provenance), "head": json.dumps(self.head_description),
+            "head_sha256": self.head_sha256,
         }
         with atomic_output(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
     @classmethod
-    def load(cls, path) -> Shortcuts:
-        """Read a shortcut file; a missing, foreign, damaged or inconsistent file is a clear error."""
+    def load(cls, path, head=None) -> Shortcuts:
+        """Read a shortcut file, and attach ``head`` (a Head, a store or a model) when given.
+
+        Raises
+        ------
+        NJTCError
+            A missing, foreign, damaged or inconsistent file; a ``head`` of another model
+            (:meth:`attach_head`).
+        """
         tensors, meta = read_safetensors(path, "shortcut", FORMAT)
         f, parts = _checked(path, tensors, meta)
         maps = {l: ShortcutMap(**p, normalize=f["normalize"], residual=f["residual"]) for l, p in parts.items()}
-        return cls(f["method"], maps, f["target_layer"], f["model_sha256"], f["rank"], f["normalize"],
-                   f["residual"], f["fit_intercept"], f["alpha"], f["weight"], f["stats"], f["label"],
-                   f["provenance"], f["head"], f["head_sha256"])
+        sc = cls(f["method"], maps, f["target_layer"], f["model_sha256"], f["rank"], f["normalize"], f["residual"],
+                 f["fit_intercept"], f["alpha"], f["weight"], f["stats"], f["label"], f["provenance"],
+                 head_sha256=f["head_sha256"], head_description=f["head"])
+        return sc if head is None else sc.attach_head(head)
 
 
 def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:

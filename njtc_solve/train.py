@@ -16,8 +16,10 @@ the same way. A second source of held-out rows is checked every ``check_every`` 
 layer keeps its best state, stops when ``patience`` checks bring no improvement, and the
 run ends when every layer has stopped (or after ``steps``).
 
-Narrow maps stay narrow: their factors ``U`` and ``V`` are the parameters, and their logits go
-through the rank-r route of :meth:`Head.low_rank_logits`.
+The module trained is the :class:`ShortcutMap` itself (its :meth:`~ShortcutMap.trainable`
+copy, whose tensors are parameters), so a trained map predicts exactly as the file it is saved
+to. Narrow maps stay narrow: their factors ``U`` and ``V`` are the parameters, and their logits
+go through the rank-r route of :meth:`Head.low_rank_logits`.
 
 Examples
 --------
@@ -36,11 +38,11 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import NJTCError
@@ -53,58 +55,14 @@ OBJECTIVES = ("kl", "mse")
 OPTIMIZERS = ("adam", "sgd")
 
 
-class TrainableMap(nn.Module):
-    """A :class:`ShortcutMap` whose tensors are parameters, for the trainer.
+def TrainableMap(m: ShortcutMap) -> ShortcutMap:
+    """Deprecated: ``m.trainable()``, the map itself with its tensors as parameters.
 
-    ``weight`` (full maps) or ``U`` and ``V`` (narrow maps) and ``bias`` are trained; the
-    batch normalisation's ``norm_mean`` and ``norm_scale`` stay fixed. Prediction is the
-    map's own code, applied to the live parameters, so a trained map predicts exactly as
-    the file it is saved to.
-
-    Examples
-    --------
-    >>> import torch
-    >>> m = TrainableMap(ShortcutMap(U=torch.ones(4, 1), V=torch.ones(1, 4), bias=torch.zeros(4)))
-    >>> sorted(name for name, _ in m.named_parameters()), m(torch.eye(4)[:1]).requires_grad
-    (['U', 'V', 'bias'], True)
+    The trainer trains :class:`ShortcutMap` modules directly; this name is kept for callers of
+    the previous release.
     """
-
-    def __init__(self, m: ShortcutMap):
-        super().__init__()
-        if m.weight is None and m.U is None:
-            raise NJTCError("the identity map has no parameters to train; start from a fitted map")
-        for name in ("weight", "U", "V", "bias"):
-            value = getattr(m, name)
-            self.register_parameter(name, None if value is None else nn.Parameter(value.detach().float().clone()))
-        for name in ("norm_mean", "norm_scale"):
-            value = getattr(m, name)
-            self.register_buffer(name, None if value is None else value.detach().float().clone())
-        self.normalize, self.residual = m.normalize, m.residual
-
-    @property
-    def rank(self) -> int | None:
-        return None if self.U is None else self.U.shape[1]
-
-    def as_map(self) -> ShortcutMap:
-        """A :class:`ShortcutMap` over the live parameters (differentiable)."""
-        return ShortcutMap(weight=self.weight, U=self.U, V=self.V, bias=self.bias, norm_mean=self.norm_mean,
-                           norm_scale=self.norm_scale, normalize=self.normalize, residual=self.residual)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The mapped rows ``y_hat`` of source rows ``x``."""
-        return self.as_map().predict(x)
-
-    def predict_with_logits(self, x: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y_hat, logits)``; narrow maps take the rank-r route to the logits."""
-        return self.as_map().predict_with_logits(x, head)
-
-    def to_map(self) -> ShortcutMap:
-        """The trained map as a detached :class:`ShortcutMap` on the CPU."""
-        m = self.as_map()
-        for key, value in vars(m).items():
-            if isinstance(value, torch.Tensor):
-                setattr(m, key, value.detach().cpu().clone())
-        return m
+    warnings.warn("TrainableMap(m) is deprecated: use m.trainable()", DeprecationWarning, 2)
+    return m.trainable()
 
 
 class StoreRows:
@@ -258,6 +216,11 @@ def _batches(source, batch_rows):
             raise NJTCError("the training rows are empty")
 
 
+def _fitted(m) -> bool:
+    """Whether ``m`` is a fitted :class:`ShortcutMap` (buffers only), which is trained as a copy."""
+    return isinstance(m, ShortcutMap) and next(m.parameters(), None) is None
+
+
 def _optimizer(name, params, lr, weight_decay, momentum):
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -274,9 +237,10 @@ def train_maps(maps: dict, head, train, check, objective: str = "kl", steps: int
     Parameters
     ----------
     maps : dict of int to ShortcutMap or nn.Module
-        Starting maps by source layer. A :class:`ShortcutMap` is trained as a
-        :class:`TrainableMap` (a copy; the input is left unchanged); any other module
-        (``module(x) -> y_hat``) is trained in place.
+        Starting maps by source layer. A fitted :class:`ShortcutMap` (its tensors buffers) is
+        trained as its :meth:`~ShortcutMap.trainable` copy (the input is left unchanged); a
+        module with parameters (a map's ``trainable()`` copy, or any other module with
+        ``module(x) -> y_hat``) is trained in place.
     head : Head
         The model's final norm and unembedding (used by the KL objective and its metrics).
     train, check : row source
@@ -318,7 +282,7 @@ def train_maps(maps: dict, head, train, check, objective: str = "kl", steps: int
     torch.manual_seed(seed)
     device = torch.device(device)
     head = head.to(device)
-    modules = {int(l): (TrainableMap(m) if isinstance(m, ShortcutMap) else m).to(device) for l, m in maps.items()}
+    modules = {int(l): (m.trainable() if _fitted(m) else m).to(device) for l, m in maps.items()}
     opt = _optimizer(optimizer, [p for m in modules.values() for p in m.parameters()], lr, weight_decay, momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda s: max(0.0, 1 - s / max(steps, 1))) if schedule == "linear" else (lambda s: 1.0))

@@ -366,9 +366,9 @@ def test_shortcut_files_record_the_head(tmp_path):
 
     head = _random_head()
     maps = {1: ShortcutMap(weight=torch.eye(6), bias=torch.zeros(6))}
-    Shortcuts("jtc", maps, 2, head=head.describe(), head_sha256=head.fingerprint()).save(tmp_path / "s.safetensors")
+    Shortcuts("jtc", maps, 2, head_description=head.describe(), head_sha256=head.fingerprint()).save(tmp_path / "s.safetensors")
     loaded = Shortcuts.load(tmp_path / "s.safetensors")
-    assert loaded.head == head.describe() and loaded.head_sha256 == head.fingerprint()
+    assert loaded.head_description == head.describe() and loaded.head_sha256 == head.fingerprint()
     loaded.check_head(head)
     with pytest.raises(NJTCError, match="fitted for another head"):
         loaded.check_head(_random_head(softcap=None))
@@ -378,7 +378,7 @@ def test_shortcut_files_record_the_head(tmp_path):
         meta = {k: v for k, v in f.metadata().items() if k not in ("head", "head_sha256")}
     save_file(load_file(tmp_path / "s.safetensors"), str(tmp_path / "old.safetensors"), metadata=meta)
     old = Shortcuts.load(tmp_path / "old.safetensors")
-    assert old.head == {} and old.head_sha256 == ""
+    assert old.head_description == {} and old.head_sha256 == ""
     old.check_head(_random_head(softcap=None))  # nothing recorded: nothing to refuse
 
 
@@ -529,7 +529,7 @@ def test_export_refuses_maps_for_a_head_tuned_lens_cannot_apply(family, tmp_path
     head = Head.from_model(model)
     sc = Shortcuts("jtc", {0: ShortcutMap(weight=torch.eye(head.d_model), bias=torch.zeros(head.d_model))},
                    model.config.num_hidden_layers, "x" * 64)
-    sc.head, sc.head_sha256 = head.describe(), head.fingerprint()
+    sc.head_description, sc.head_sha256 = head.describe(), head.fingerprint()
     with pytest.raises(NJTCError, match="leaves out"):
         export_tuned_lens(sc, tmp_path / "lens")
     assert not (tmp_path / "lens").exists()

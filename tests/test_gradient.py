@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import benchmark_module
 
 from njtc_solve.fit import fit_shortcuts
-from njtc_solve.gradient import GradientShortcut, as_shortcuts, load_training_rows, train_gradient
 from njtc_solve.store import ActivationStore
+
+gradient = benchmark_module("gradient")  # benchmarks/gradient.py: the baseline, not part of the library
+GradientShortcut, as_shortcuts = gradient.GradientShortcut, gradient.as_shortcuts
+load_training_rows, train_gradient = gradient.load_training_rows, gradient.train_gradient
 
 
 @pytest.mark.parametrize("method,normalize", [("njtc", None), ("nnjtc", "batch"), ("jtc", None)])

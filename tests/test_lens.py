@@ -3,7 +3,6 @@ refusals and the command line."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -127,7 +126,8 @@ def test_forward_follows_tuned_lens_conventions(llama, fitted):
     assert y.shape == h.shape
     torch.testing.assert_close(lens(h, 1), lens.head().logits(y.reshape(-1, 32)).reshape(2, 7, -1))
     torch.testing.assert_close(lens.transform_hidden(h, lens.n_layers), h)  # the last layer needs no map
-    assert {k.split("_")[0] for k in lens.state_dict()} >= {"head", "map0", "map1", "map2"}
+    # the state is the Shortcuts module's maps (the head is the model's, identified by its fingerprint)
+    assert {k.rsplit(".", 1)[0] for k in lens.state_dict()} == {"shortcuts.maps.0", "shortcuts.maps.1", "shortcuts.maps.2"}
 
 
 def test_a_bfloat16_model_is_read_in_its_dtype(llama, fitted):
@@ -155,7 +155,7 @@ def test_refuses_maps_of_another_model_or_layer(tiny_models, fitted, llama):
     shifted = Shortcuts(sc.method, {0: sc.maps[0]}, sc.target_layer - 1, sc.model_sha256)
     with pytest.raises(NJTCError, match="target layer 2; the model's last is 3"):
         ShortcutLens.from_model(model, shifted, tokenizer)
-    other_head = dataclasses.replace(sc, head_sha256="0" * 64)
+    other_head = sc.replace(head_sha256="0" * 64)
     with pytest.raises(NJTCError, match="shortcuts jtc were fitted for another head"):
         ShortcutLens.from_model(model, other_head, tokenizer)
     lens = ShortcutLens.from_model(model, sc, tokenizer)
@@ -228,7 +228,7 @@ def test_a_bfloat16_model_on_the_gpu(llama, fitted):
     gpu.load_state_dict(model.state_dict())
     gpu = gpu.to("cuda", torch.bfloat16)
     lens = ShortcutLens.from_model(gpu, fitted[0]["njtc-r4"], tokenizer, model_sha256=sha)
-    assert lens.head_unembed.device.type == "cuda"
+    assert lens.head().unembed.device.type == "cuda" and lens.shortcuts.maps[1].U.device.type == "cuda"
     prompts = ["for i in range(3):", "import os"]
     traj = lens.trajectory(prompts, k=2)
     cpu = ShortcutLens.from_model(model, fitted[0]["njtc-r4"], tokenizer).trajectory(prompts, k=2)

@@ -89,7 +89,8 @@ def test_a_refined_file_loads_and_evaluates_like_any_other(tiny_store, tmp_path)
     refined = Shortcuts.load(out)
     assert refined.name == "njtc-r4-kl" and refined.rank == 4 and sorted(refined.maps) == [1, 2]
     assert refined.maps[1].U.shape == (32, 4), "a narrow map stays narrow"
-    assert refined.head == njtc.head and refined.head_sha256 == njtc.head_sha256 and njtc.head_sha256
+    assert refined.head_description == njtc.head_description and njtc.head_description
+    assert refined.head_sha256 == njtc.head_sha256 and njtc.head_sha256
     assert refined.provenance == njtc.provenance
     info = refined.stats["refined"]
     assert info["from"] == "njtc-r4" and info["from_file"].endswith("njtc.safetensors")

@@ -12,14 +12,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_module
+from conftest import ROOT, benchmark_module, run_module
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from test_extract import _one_line_exit_2
 
 from njtc_solve.errors import NJTCError, atomic_output
 from njtc_solve.fit import fit_shortcuts
-from njtc_solve.gradient import GradientShortcut
 from njtc_solve.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.store import ActivationStore
 
@@ -103,7 +102,7 @@ def test_files_the_library_writes_still_load(tmp_path):
     again = Shortcuts.load(tmp_path / "full.safetensors")
     assert (again.name, again.rank, again.alpha, again.fit_intercept, again.stats) == (
         "jtc", None, "auto", False, {"layers": {"0": {"alpha": 1.0}}})
-    trained = GradientShortcut(4, rank=2, batch_norm=True).to_shortcut_map()  # as gradient.as_shortcuts wraps it
+    trained = benchmark_module("gradient").GradientShortcut(4, rank=2, batch_norm=True).to_shortcut_map()  # as gradient.as_shortcuts wraps it
     Shortcuts("nnjtc", {1: trained}, 3, "x", 2, "batch", label="nnjtc-adam").save(tmp_path / "adam.safetensors")
     adam = Shortcuts.load(tmp_path / "adam.safetensors")
     x = torch.randn(5, 4)

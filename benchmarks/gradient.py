@@ -2,9 +2,12 @@
 
 JTC (full d×d map), NJTC (``U·V``) and N-NJTC (``BatchNorm1d`` then ``U·V``), all with a bias,
 trained with Adam on minibatch MSE over the same training rows of the same store, by the
-package's one trainer (:func:`njtc_solve.train.train_maps`). Used by
-``benchmarks/closed_vs_gradient.py`` and by tests that check gradient descent never gets
-below the closed-form optimum.
+package's one trainer (:func:`njtc_solve.train.train_maps`). A benchmark's baseline, not part
+of the library: used by ``benchmarks/closed_vs_gradient.py`` and by tests that check gradient
+descent never gets below the closed-form optimum (``tests/test_gradient.py`` loads it by path).
+Its ``BatchNorm1d`` with affine parameters is the paper's, which the library's
+:class:`~njtc_solve.shortcuts.ShortcutMap` folds into ``norm_mean``/``norm_scale`` and ``bias``
+(:meth:`GradientShortcut.to_shortcut_map`).
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import NJTCError
-from .shortcuts import ShortcutMap, Shortcuts
-from .store import ActivationStore
-from .train import StoreRows, train_maps
+from njtc_solve.errors import NJTCError
+from njtc_solve.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.store import ActivationStore
+from njtc_solve.train import StoreRows, train_maps
 
 __all__ = ["GradientShortcut", "GradientRun", "load_training_rows", "train_gradient"]
 
@@ -164,4 +167,4 @@ def as_shortcuts(run: GradientRun, layer: int, store: ActivationStore, method: s
     return Shortcuts(method, {layer: m}, store.n_layers, store.model_sha256, run.module.rank,
                      m.normalize, label=f"{method}-adam",
                      provenance={**store.provenance, "skip_positions": store.default_skip_positions},
-                     head=head.describe(), head_sha256=head.fingerprint())
+                     head_description=head.describe(), head_sha256=head.fingerprint())
