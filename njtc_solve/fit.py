@@ -377,7 +377,7 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
 def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=None, normalize=None,
                     residual: bool = False, fit_intercept: bool = True, alpha=0.0, device="cpu", statistics=None,
                     save_stats=None, chunk_rows: int = 4096, float64: bool = False, progress: bool = True,
-                    skip_positions: int | None = None):
+                    skip_positions: int | None = None, check_outputs=None):
     """Fit maps from every source layer to every later layer from ONE pass; solved target by target.
 
     The pass (:func:`njtc_solve.pairs.accumulate_pairs`) keeps ``C_xx`` per source, ``C_yy``
@@ -396,6 +396,9 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=Non
         layer above the lowest source.
     method, ranks, normalize, residual, fit_intercept, alpha, device, chunk_rows, float64, progress, skip_positions
         As in :func:`fit_shortcuts`. The logit-space weight is refused: only the last layer has a head.
+    check_outputs : callable, optional
+        Called with the list of target layers once they are known, before the pass and before
+        ``save_stats`` is written (the command checks its output files there).
 
     Returns
     -------
@@ -451,6 +454,8 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=Non
         if store is None and info["input_norm"] != input_norm:
             raise NJTCError(f"--normalize {normalize} needs statistics of {input_norm!r} inputs "
                             f"(these are of {info['input_norm']!r})")
+        if check_outputs is not None:
+            check_outputs(targets)
         if store is not None:
             pairs = accumulate_pairs(store, sources=sources, targets=targets, input_norm=input_norm, device=device,
                                      chunk_rows=chunk_rows, float64=float64, progress=progress,
@@ -568,10 +573,16 @@ def output_paths(out: Path, shortcuts: list[Shortcuts], target: int | None = Non
 
     With ``target`` (a fit of every target), ``stem-t{target}`` and ``stem-t{target}-r{rank}``.
     """
+    return rank_paths(out, [s.rank for s in shortcuts], target)
+
+
+def rank_paths(out: Path, ranks, target: int | None = None) -> list[Path]:
+    """The files :func:`output_paths` gives for ``ranks`` (``None``: one file), known before the fit."""
+    ranks = [None] if not ranks else list(ranks)
     stem = out.stem if target is None else f"{out.stem}-t{target}"
-    if len(shortcuts) == 1:
+    if len(ranks) == 1:
         return [out if target is None else out.with_name(f"{stem}{out.suffix}")]
-    return [out.with_name(f"{stem}-r{s.rank}{out.suffix}") for s in shortcuts]
+    return [out.with_name(f"{stem}-r{r}{out.suffix}") for r in ranks]
 
 
 def parse_target(text: str | None):
@@ -668,12 +679,15 @@ def _source(args, device, comm):
         yield rows
 
 
-def _check_outputs(args, out: Path) -> None:
+def _check_outputs(args, out: Path, targets=None) -> None:
     """Before any work: the shortcut files and the statistics can be written, replace no input,
-    no other output and no file this project did not write."""
+    no other output and no file this project did not write.
+
+    ``targets`` (``--target-layer all``): the target layers, whose files ``OUT-t{t}…`` are
+    checked instead of ``OUT`` (which that fit never writes); ``[]`` checks ``--save-stats`` alone.
+    """
     ranks = parse_ranks(args.rank)
-    names = [out] if ranks is None or len(ranks) == 1 else [out.with_name(f"{out.stem}-r{r}{out.suffix}")
-                                                            for r in ranks]
+    names = rank_paths(out, ranks) if targets is None else [p for t in targets for p in rank_paths(out, ranks, t)]
     store = args.store or (None if args.model is not None or args.stats is not None else "activations.h5")
     check_not_inputs([("--out", p) for p in names] + [("--save-stats", args.save_stats)],
                      [("--store", store)] + command_inputs(args, "stats", "model", "corpus"))
@@ -695,7 +709,7 @@ def _run(args, comm) -> int:
     out = Path(args.out)
     if args.chunk_rows <= 0:
         raise NJTCError("--chunk-rows must be positive")
-    _check_outputs(args, out)
+    _check_outputs(args, out, [] if args.target_layer == "all" else None)  # all: its files once the targets are known
     if args.model is not None:
         plan_settings(args)  # a bad plan (--seq-len 1, ...) is refused before the model loads
     check_device(device)  # before a model loads
@@ -739,7 +753,7 @@ def _run_all_targets(args, comm, device, out) -> int:
             normalize=args.normalize, residual=args.residual, fit_intercept=not args.no_intercept,
             alpha=_parse_alpha(args.alpha), device=device, statistics=args.stats, save_stats=args.save_stats,
             chunk_rows=args.chunk_rows, float64=args.float64, progress=not args.no_progress,
-            skip_positions=args.skip_positions)
+            skip_positions=args.skip_positions, check_outputs=lambda targets: _check_outputs(args, out, targets))
     for target, fits in solved:
         for sc, path in zip(fits, output_paths(out, fits, target)):
             sc.save(path)

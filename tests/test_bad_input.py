@@ -366,3 +366,43 @@ def test_damaged_chunk_index_and_write_failures(files, capsys, tmp_path, monkeyp
         extract.extract_activations(model, tokenizer, load_corpus()[1], target, seq_len=32, max_tokens=512,
                                     progress=False)
     assert not target.exists() and not target.with_name("new.h5.partial").exists()
+
+
+def test_target_all_checks_every_file_it_writes(files, capsys, tmp_path):
+    """``--target-layer all`` writes OUT-t{t}[-r{r}].safetensors, never OUT: those files are checked."""
+    store = files["store"]
+    out = tmp_path / "fits.safetensors"
+    # a foreign file where target 2's shortcuts would go
+    foreign = tmp_path / "fits-t2.safetensors"
+    foreign.write_text("not ours\n")
+    refused(capsys, fit.main, ["--store", store, "--method", "jtc", "--target-layer", "all", "--out", out,
+                               "--no-progress"],
+            r"--out .*fits-t2\.safetensors exists and is not a shortcut file this project wrote",
+            [store, foreign], [out, tmp_path / "fits-t1.safetensors", tmp_path / "fits-t3.safetensors"])
+    foreign.unlink()
+    # the same with several ranks: OUT-t{t}-r{r}
+    foreign = tmp_path / "fits-t3-r4.safetensors"
+    foreign.write_text("not ours\n")
+    refused(capsys, fit.main, ["--store", store, "--method", "njtc", "--rank", "2,4", "--target-layer", "all",
+                               "--out", out, "--no-progress"],
+            r"--out .*fits-t3-r4\.safetensors exists and is not a shortcut file",
+            [store, foreign], [tmp_path / f"fits-t{t}-r{r}.safetensors" for t in (1, 2, 3) for r in (2, 4)
+                               if (t, r) != (3, 4)])
+    foreign.unlink()
+    # --save-stats is one of the shortcut files: the statistics would be overwritten by target 3's maps
+    saved = tmp_path / "fits-t3.safetensors"
+    refused(capsys, fit.main, ["--store", store, "--method", "jtc", "--target-layer", "all", "--save-stats", saved,
+                               "--out", out, "--no-progress"],
+            r"fits-t3\.safetensors is --(out|save-stats) .*: two outputs are one file",
+            [store], [saved, tmp_path / "fits-t1.safetensors", tmp_path / "fits-t2.safetensors"])
+    # --stats is one of the shortcut files: the fit would destroy its own input
+    pairs = tmp_path / "pairs.safetensors"
+    assert run_cli(fit.main, ["--store", str(store), "--method", "jtc", "--target-layer", "all",
+                              "--save-stats", str(pairs), "--out", str(tmp_path / "p.safetensors"),
+                              "--no-progress"]) == 0
+    inside = tmp_path / "fits-t3.safetensors"
+    shutil.copy(pairs, inside)
+    refused(capsys, fit.main, ["--stats", inside, "--method", "jtc", "--target-layer", "all", "--out", out],
+            r"--out .*fits-t3\.safetensors is --stats .*: an output never replaces an input",
+            [inside], [tmp_path / "fits-t1.safetensors", tmp_path / "fits-t2.safetensors"])
+
