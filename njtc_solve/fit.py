@@ -411,7 +411,7 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=Non
     >>> sorted(fits), sorted(fits[2][0].maps), fits[2][0].target_layer
     ([1, 2, 3], [0, 1], 2)
     """
-    from .pairs import accumulate_pairs, iter_fit_targets, load_head, statistics_targets
+    from .pairs import accumulate_pairs, check_pair_statistics, iter_fit_targets, load_head, statistics_targets
 
     own = isinstance(store, (str, Path))
     store = ActivationStore(store) if own else store
@@ -434,7 +434,7 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=Non
                     != skip_positions:
                 raise NJTCError(f"the statistics leave out positions < {meta['provenance']['skip_positions']}, "
                                 f"not < {skip_positions}")
-            stored, d_model, head = meta["sources"], int(meta["d_model"]), load_head(statistics)
+            stored, d_model, head = meta["sources"], meta["d_model"], load_head(statistics)
             sources = stored if layers is None else [int(l) for l in layers]
             absent = [l for l in sources if l not in stored]
             if absent:
@@ -454,6 +454,8 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=Non
         if store is None and info["input_norm"] != input_norm:
             raise NJTCError(f"--normalize {normalize} needs statistics of {input_norm!r} inputs "
                             f"(these are of {info['input_norm']!r})")
+        if store is None:  # every tensor the solves will read, before the first file is written
+            check_pair_statistics(statistics, targets)
         if check_outputs is not None:
             check_outputs(targets)
         if store is not None:

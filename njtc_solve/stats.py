@@ -191,25 +191,87 @@ class Statistics:
     @staticmethod
     def load_head(path):
         """The model's head saved with the statistics, or ``None`` where it was not."""
-        from .head import Head
-
         tensors, meta = read_safetensors(path, "statistics", FORMAT)
-        if "head" not in meta:
-            return None
-        try:
-            description = json.loads(meta["head"])
-        except ValueError as err:
-            raise NJTCError(f"the head saved in {path} cannot be read ({err})") from err
-        if not isinstance(description, dict):
-            raise NJTCError(f"{path} is not a valid statistics file: metadata head is not a JSON object")
-        try:
-            head = Head.from_tensors(tensors, description, "head.")
-        except NJTCError as err:
-            raise NJTCError(f"{path} is not a valid statistics file: {err}") from None
-        for name, t in tensors.items():
-            if name.startswith("head.") and t.is_floating_point() and not torch.isfinite(t).all():
-                raise NJTCError(f"{path} is not a valid statistics file: {name} holds NaN or Inf")
-        return head
+        return checked_head(path, tensors, meta)
+
+
+def invalid(path, problem: str) -> NJTCError:
+    """The one-line error for a damaged statistics file: ``PATH is not a valid statistics file: PROBLEM``."""
+    return NJTCError(f"{path} is not a valid statistics file: {problem}")
+
+
+def checked_tensor(path, tensors, name: str, shape: tuple) -> torch.Tensor:
+    """``tensors[name]``, refused when missing, of another shape (real and expected named), not a
+    float (``n_rows`` excepted) or not finite. ``tensors`` is any mapping with ``in`` and ``[]``."""
+    if name not in tensors:
+        raise invalid(path, f"it has no tensor {name}")
+    t = tensors[name]
+    if tuple(t.shape) != shape:
+        raise invalid(path, f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if not t.is_floating_point() and name != "n_rows":
+        raise invalid(path, f"{name} has dtype {t.dtype}, expected a float")
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise invalid(path, f"{name} holds NaN or Inf")
+    return t
+
+
+def checked_header(path, meta: dict, d: int | None = None) -> tuple[str, dict]:
+    """The ``input_norm`` and the parsed ``meta`` JSON object of a statistics file's metadata, checked
+    (``d_model`` and ``target_layer`` non-negative integers, ``d_model`` equal to ``d`` when given)."""
+    input_norm = meta.get("input_norm")
+    if input_norm not in ("none", "layer", "rms"):
+        raise invalid(path, "its metadata has no 'input_norm'" if input_norm is None else
+                      f"metadata input_norm={input_norm!r} is not none, layer or rms")
+    try:
+        extra = json.loads(meta.get("meta", "{}"))
+    except ValueError:
+        raise invalid(path, "metadata meta is not JSON") from None
+    if not isinstance(extra, dict):
+        raise invalid(path, "metadata meta is not a JSON object")
+    for key in ("d_model", "target_layer"):
+        if key in extra and not (type(extra[key]) is int and extra[key] >= 0) and extra[key] != "all":
+            raise invalid(path, f"metadata meta.{key}={extra[key]!r} is not a non-negative integer")
+    if d is not None and extra.get("d_model", d) != d:
+        raise invalid(path, f"metadata meta.d_model={extra['d_model']} disagrees with mean_y's width {d}")
+    if "provenance" in extra and not isinstance(extra["provenance"], dict):
+        raise invalid(path, "metadata meta.provenance is not a JSON object")
+    return input_norm, extra
+
+
+def checked_counts(path, tensors) -> tuple:
+    """``n`` (positive) and ``n_rows`` (positive, ``None`` when absent) of a statistics file."""
+    n = float(checked_tensor(path, tensors, "n", (1,))[0])
+    if not n > 0:
+        raise invalid(path, f"n = {n:g}: it holds no rows")
+    n_rows = None
+    if "n_rows" in tensors:
+        n_rows = int(checked_tensor(path, tensors, "n_rows", (1,))[0])
+        if n_rows < 1:
+            raise invalid(path, f"n_rows = {n_rows}: it holds no rows")
+    return (int(n) if n.is_integer() else n), n_rows
+
+
+def checked_head(path, tensors, meta: dict):
+    """The head saved in a statistics file (``None`` where none was), checked: its description,
+    its shapes and finite values."""
+    from .head import Head
+
+    if "head" not in meta:
+        return None
+    try:
+        description = json.loads(meta["head"])
+    except ValueError as err:
+        raise NJTCError(f"the head saved in {path} cannot be read ({err})") from err
+    if not isinstance(description, dict):
+        raise invalid(path, "metadata head is not a JSON object")
+    try:
+        head = Head.from_tensors(tensors, description, "head.")
+    except NJTCError as err:
+        raise invalid(path, str(err)) from None
+    for name, t in tensors.items():
+        if name.startswith("head.") and t.is_floating_point() and not torch.isfinite(t).all():
+            raise invalid(path, f"{name} holds NaN or Inf")
+    return head
 
 
 def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
@@ -219,48 +281,18 @@ def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
     :class:`LayerMoments`.
     """
     def bad(problem: str) -> NJTCError:
-        return NJTCError(f"{path} is not a valid statistics file: {problem}")
+        return invalid(path, problem)
 
     def tensor(name: str, shape: tuple) -> torch.Tensor:
-        if name not in tensors:
-            raise bad(f"it has no tensor {name}")
-        t = tensors[name]
-        if tuple(t.shape) != shape:
-            raise bad(f"{name} has shape {tuple(t.shape)}, expected {shape}")
-        if not t.is_floating_point() and name != "n_rows":
-            raise bad(f"{name} has dtype {t.dtype}, expected a float")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise bad(f"{name} holds NaN or Inf")
-        return t
+        return checked_tensor(path, tensors, name, shape)
 
-    input_norm = meta.get("input_norm")
-    if input_norm not in ("none", "layer", "rms"):
-        raise bad("its metadata has no 'input_norm'" if input_norm is None else
-                  f"metadata input_norm={input_norm!r} is not none, layer or rms")
-    try:
-        extra = json.loads(meta.get("meta", "{}"))
-    except ValueError:
-        raise bad("metadata meta is not JSON") from None
-    if not isinstance(extra, dict):
-        raise bad("metadata meta is not a JSON object")
     d = int(tensors["mean_y"].shape[0]) if "mean_y" in tensors and tensors["mean_y"].dim() == 1 else "d"
+    input_norm, extra = checked_header(path, meta, d if isinstance(d, int) else None)
+    if extra.get("target_layer") == "all":
+        raise bad("metadata meta.target_layer='all' is not a non-negative integer")
     tensor("mean_y", (d,))  # names a missing tensor, or its shape
     tensor("cyy", (d, d))
-    n = float(tensor("n", (1,))[0])
-    if not n > 0:
-        raise bad(f"n = {n:g}: it holds no rows")
-    n_rows = None
-    if "n_rows" in tensors:
-        n_rows = int(tensor("n_rows", (1,))[0])
-        if n_rows < 1:
-            raise bad(f"n_rows = {n_rows}: it holds no rows")
-    for key in ("d_model", "target_layer"):
-        if key in extra and not (type(extra[key]) is int and extra[key] >= 0):
-            raise bad(f"metadata meta.{key}={extra[key]!r} is not a non-negative integer")
-    if extra.get("d_model", d) != d:
-        raise bad(f"metadata meta.d_model={extra['d_model']} disagrees with mean_y's width {d}")
-    if "provenance" in extra and not isinstance(extra["provenance"], dict):
-        raise bad("metadata meta.provenance is not a JSON object")
+    n, n_rows = checked_counts(path, tensors)
     keys = set()
     for name in tensors:
         parts = name.split(".")
@@ -277,7 +309,7 @@ def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
         dx = int(tensors[name].shape[0]) if name in tensors and tensors[name].dim() == 1 else "d_x"
         mean_x = tensor(name, (dx,))
         layers[k] = LayerMoments(mean_x, tensor(f"layers.{k}.cxx", (dx, dx)), tensor(f"layers.{k}.cxy", (dx, d)))
-    return {"n": int(n) if n.is_integer() else n, "n_rows": n_rows, "input_norm": input_norm, "meta": extra}, layers
+    return {"n": n, "n_rows": n_rows, "input_norm": input_norm, "meta": extra}, layers
 
 
 def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
