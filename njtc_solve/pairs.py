@@ -41,8 +41,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import NJTCError, atomic_output
-from .stats import (GEMM_ROWS, LayerMoments, Statistics, checked_counts, checked_head, checked_header, checked_tensor,
-                    invalid, normalize_rows, project_out_ones)
+from .stats import (GEMM_ROWS, NORM_BINS, LayerMoments, Statistics, checked_counts, checked_head, checked_header, checked_tensor,
+                    count_row_norms, invalid, normalize_rows, project_out_ones, row_norm_summary)
 
 __all__ = ["PairAccumulator", "PairStatistics", "accumulate_pairs", "iter_fit_targets", "pair_layers",
            "pair_memory_bytes", "statistics_targets", "load_head", "load_target_statistics"]
@@ -117,6 +117,7 @@ class PairAccumulator:
         self.sum_y = {t: z(d) for t in self.targets}
         self.syy = {t: z(d, d) for t in self.targets}
         self.sxy = {t: z(self.below[t] * d, d) for t in self.targets}
+        self.norm_y = {t: z(NORM_BINS) for t in self.targets}  # row-norm histograms (attention sinks)
 
     def update(self, chunk: dict) -> None:
         """Add a chunk: ``chunk[layer]`` rows ``(n, d)`` for every source and target layer."""
@@ -143,6 +144,7 @@ class PairAccumulator:
             self.sum_x[l] += x.sum(0)
             _add_gram(self.sxx[l], x, x)
         for t in self.targets:
+            count_row_norms(self.norm_y[t], self._rows(chunk[t]))
             y = self._rows(chunk[t]) - self.shift_y[t]
             self.sum_y[t] += y.sum(0)
             _add_gram(self.syy[t], y, y)
@@ -164,7 +166,8 @@ class PairAccumulator:
             d = my[t].shape[0]
             for i, l in enumerate(self.sources[:self.below[t]]):
                 self.sxy[t][i * d:(i + 1) * d] -= n * torch.outer(mx[l], my[t])
-        meta = {**(meta or {}), "accumulation": "float64" if self.dtype == torch.float64 else "float32"}
+        meta = {**(meta or {}), "accumulation": "float64" if self.dtype == torch.float64 else "float32",
+                "target_row_norms": {str(t): row_norm_summary(self.norm_y[t]) for t in self.targets}}
         pairs = PairStatistics(
             n, self.n_rows, {l: mx[l] + self.shift_x[l].double() for l in self.sources}, self.sxx,
             {t: my[t] + self.shift_y[t].double() for t in self.targets}, self.syy, self.sxy, self.input_norm, meta)
@@ -211,6 +214,9 @@ class PairStatistics:
             layers[l] = project_out_ones(m) if self.input_norm == "layer" else m
         meta = {**self.meta, "target_layer": int(target)}
         meta.pop("targets", None)
+        norms = meta.pop("target_row_norms", None)
+        if isinstance(norms, dict) and isinstance(norms.get(str(target)), dict):
+            meta["target_row_norms"] = norms[str(target)]
         return Statistics(self.n, self.mean_y[target], self.cyy[target], layers, self.input_norm, meta, self.n_rows)
 
     def release(self, target: int) -> None:

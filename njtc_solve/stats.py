@@ -312,6 +312,44 @@ def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
     return {"n": n, "n_rows": n_rows, "input_norm": input_norm, "meta": extra}, layers
 
 
+NORM_EDGES = 10.0 ** torch.linspace(-4, 8, 2801, dtype=torch.float64)  # row-norm bins 1% wide
+NORM_BINS = len(NORM_EDGES) + 1  # with one below and one above the edges
+OUTLIER_RATIO = 20.0  # rows whose norm is this many times the median are reported
+
+
+def count_row_norms(counts: torch.Tensor, rows: torch.Tensor) -> None:
+    """Add the Euclidean norms of ``rows`` (n, d) to the log-spaced histogram ``counts`` (float64,
+    :data:`NORM_BINS`): one norm per row, on the rows' device, no synchronisation."""
+    norms = torch.linalg.vector_norm(rows, dim=1).double()
+    bins = torch.bucketize(norms, NORM_EDGES.to(norms.device))
+    counts += torch.bincount(bins, minlength=NORM_BINS).to(counts.dtype)
+
+
+def row_norm_summary(counts) -> dict:
+    """Median and largest training-row norm from a :func:`count_row_norms` histogram (1% bins).
+
+    Returns ``median``, ``max``, ``max_over_median`` and ``rows_above``: rows whose norm is at
+    least :data:`OUTLIER_RATIO` times the median (an attention sink's massive activation is
+    hundreds of times the typical row, e.g. 23,852 against ~70 in SmolLM2-135M's layer 12).
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
+    total = float(counts.sum())
+    if total == 0:
+        return {}
+    edges = NORM_EDGES
+
+    def centre(i: int) -> float:  # bin i holds edges[i-1] < norm <= edges[i]
+        return float(edges[0] if i == 0 else edges[-1] if i >= len(edges) else (edges[i - 1] * edges[i]).sqrt())
+
+    cum = counts.cumsum(0)
+    median = centre(int(torch.searchsorted(cum, total / 2)))
+    top = int(torch.nonzero(counts).max())
+    largest = centre(top)
+    above = float(counts[int(torch.bucketize(torch.tensor(OUTLIER_RATIO * median, dtype=torch.float64), edges)):].sum())
+    return {"median": median, "max": largest, "max_over_median": largest / median if median > 0 else float("inf"),
+            "rows_above": int(above), "ratio": OUTLIER_RATIO}
+
+
 def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``total += aᵀb``, one GEMM per :data:`GEMM_ROWS` rows, each added into ``total`` (float64)."""
     for start in range(0, a.shape[0], GEMM_ROWS):
@@ -365,7 +403,7 @@ class MomentAccumulator:
         Each source block's ``[XᵀX | XᵀY]`` is one ``d_x × (d_x + d_y)`` view (``sxxy``), filled
         by one GEMM per row block; ``sxx`` and ``sxy`` are its two halves.
         """
-        shapes = {"sum_y": (d_y,), "syy": (d_y, d_y)}
+        shapes = {"sum_y": (d_y,), "syy": (d_y, d_y), "norm_y": (NORM_BINS,)}  # all sums: one all-reduce
         for k in self.keys:
             shapes.update({f"sum_x.{k}": (d_x[k],), f"sxxy.{k}": (d_x[k], d_x[k] + d_y)})
         sizes = [int(np.prod(s)) for s in shapes.values()]
@@ -426,6 +464,7 @@ class MomentAccumulator:
             _add_gram(self.sums[f"sxxy.{k}"], x, xy)
         if ys is None:
             ys = root(y - self.shift_y)
+        count_row_norms(self.sums["norm_y"], y)  # raw target rows: an attention sink stands out
         self.sums["sum_y"] += (ys if sqrt_w is None else ys * sqrt_w).sum(0)
         _add_gram(self.sums["syy"], ys, ys)
         self.n += y.shape[0] if weight is None else float(weight.double().sum())
@@ -455,5 +494,6 @@ class MomentAccumulator:
             m = LayerMoments(mx + self.shift_x[k].double(), s[f"sxx.{k}"] - n * torch.outer(mx, mx),
                              s[f"sxy.{k}"] - n * torch.outer(mx, my))
             layers[k] = project_out_ones(m) if self.input_norm == "layer" else m
-        meta = {**(meta or {}), "accumulation": "float64" if self.dtype == torch.float64 else "float32"}
+        meta = {**(meta or {}), "accumulation": "float64" if self.dtype == torch.float64 else "float32",
+                "target_row_norms": row_norm_summary(s["norm_y"])}
         return Statistics(n, my + self.shift_y.double(), cyy, layers, self.input_norm, meta, self.n_rows)

@@ -263,3 +263,43 @@ def test_consumers_refuse_an_intermediate_target(tiny_store, tmp_path, capsys):
     _one_line_exit_2(_in_process(capsys, main, "--shortcuts", str(path), "--store", str(tiny_store),
                                  "--out", str(tmp_path / "r.safetensors")),
                      "targets layer 2; the last layer")
+
+
+def test_fit_warns_of_attention_sink_like_training_rows(tiny_store, tmp_path, capsys):
+    """Two training rows whose target state is ~1000x the rest: the fit records the row norms and
+    warns in one line, with one target and with all; the unmodified store gives no warning."""
+    import shutil
+
+    import h5py
+
+    from njtc_solve.fit import main
+
+    spiked = tmp_path / "spiked.h5"
+    shutil.copy(tiny_store, spiked)
+    with h5py.File(spiked, "r+") as f:
+        rows = np.flatnonzero((f["split"][...] == 0) & (f["position"][...] >= 1))[[3, 40]]
+        for layer in ("2", "3"):
+            h = f[f"hidden/{layer}"]
+            for r in rows:
+                h[r] = h[r] * 1000
+    for store, warned in ((tiny_store, False), (spiked, True)):
+        for target, out in (("3", "one.safetensors"), ("all", "all.safetensors")):
+            result = _in_process(capsys, main, "--store", str(store), "--method", "jtc", "--target-layer", target,
+                                 "--out", str(tmp_path / out))
+            assert result.returncode == 0, result.stderr
+            lines = [l for l in result.stderr.splitlines() if l.startswith("warning:")]
+            if warned:  # targets 2 and 3 carry the spike (target 1 does not)
+                assert len(lines) == (1 if target == "3" else 2), result.stderr
+                assert all(l.startswith("warning: 2 training rows have a hidden state at target layer") for l in lines)
+                assert "attention-sink-like" in lines[0]
+            else:
+                assert not lines, result.stderr
+        sc = Shortcuts.load(tmp_path / "one.safetensors")
+        norms = sc.stats["target_row_norms"]
+        with h5py.File(store) as f:
+            train = (f["split"][...] == 0) & (f["position"][...] >= 1)
+            true = np.linalg.norm(f["hidden/3"][...][train].astype(np.float64), axis=1)
+        # 1% bins: within 2% of the exact figures
+        assert norms["median"] == pytest.approx(np.median(true), rel=0.02)
+        assert norms["max"] == pytest.approx(true.max(), rel=0.02)
+        assert norms["rows_above"] == (2 if warned else 0)
