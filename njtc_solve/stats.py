@@ -146,7 +146,9 @@ class Statistics:
                                        a.cxx + b.cxx + n * wa * wb * torch.outer(dx, dx),
                                        a.cxy + b.cxy + n * wa * wb * torch.outer(dx, dy))
         return Statistics(n, self.mean_y + wb * dy, self.cyy + other.cyy + n * wa * wb * torch.outer(dy, dy),
-                          layers, self.input_norm, dict(self.meta), self.n_rows + other.n_rows)
+                          layers, self.input_norm,
+                          {k: v for k, v in self.meta.items() if k != "target_row_norms"},  # self's rows only
+                          self.n_rows + other.n_rows)
 
     def check_finite(self) -> None:
         """Raise when any statistic holds NaN or Inf (corrupt activations)."""
