@@ -82,9 +82,15 @@ def plot(records, skip_records, n_layers, path: Path, meta: dict) -> None:
     extent = (-0.5, n_layers + 0.5, n_layers + 0.5, -0.5)
     for ax, key, title in [(axes[0], "r2", "JTC map: held-out R²"), (axes[1], "identity_r2",
                                                                       "identity (blocks removed): R²")]:
-        im = ax.imshow(_grid(records, key, n_layers), vmin=0, vmax=1, cmap="viridis", extent=extent)
+        grid = _grid(records, key, n_layers)
+        cmap = plt.get_cmap("viridis").copy()
+        cmap.set_under("red")  # R² < 0 (worse than the mean) is not the colour of 0
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap=cmap, extent=extent)
+        negative = grid[np.isfinite(grid) & (grid < 0)]
+        if len(negative):
+            title += f"\nred: {len(negative)} pairs with R² < 0 (down to {negative.min():.3g})"
         ax.set(title=title, xlabel="source layer l", ylabel="target layer l'")
-        fig.colorbar(im, ax=ax, shrink=0.85)
+        fig.colorbar(im, ax=ax, shrink=0.85, extend="min" if len(negative) else "neither")
     grid = _grid(skip_records, "skip_kl", n_layers)
     finite = grid[np.isfinite(grid)]
     im = axes[2].imshow(grid, cmap="magma_r", extent=extent,

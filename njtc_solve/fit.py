@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -255,7 +256,9 @@ def fit_from_statistics(stats: Statistics, method: str = "nnjtc", ranks=(32,), l
                       {"layers": records[r], "accumulation": {k: stats.meta.get(k) for k in
                                                               ("seconds", "rows_per_s", "gflops", "device",
                                                                "accumulation")},
-                       **({"n_layers": int(stats.meta["n_layers"])} if "n_layers" in stats.meta else {})},
+                       **({"n_layers": int(stats.meta["n_layers"])} if "n_layers" in stats.meta else {}),
+                       **({"target_row_norms": stats.meta["target_row_norms"]}
+                          if isinstance(stats.meta.get("target_row_norms"), dict) else {})},
                       provenance=stats.meta.get("provenance", {}))
             for r in ranks]
 
@@ -377,7 +380,7 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
 def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=None, normalize=None,
                     residual: bool = False, fit_intercept: bool = True, alpha=0.0, device="cpu", statistics=None,
                     save_stats=None, chunk_rows: int = 4096, float64: bool = False, progress: bool = True,
-                    skip_positions: int | None = None):
+                    skip_positions: int | None = None, check_outputs=None):
     """Fit maps from every source layer to every later layer from ONE pass; solved target by target.
 
     The pass (:func:`njtc_solve.pairs.accumulate_pairs`) keeps ``C_xx`` per source, ``C_yy``
@@ -396,6 +399,9 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=Non
         layer above the lowest source.
     method, ranks, normalize, residual, fit_intercept, alpha, device, chunk_rows, float64, progress, skip_positions
         As in :func:`fit_shortcuts`. The logit-space weight is refused: only the last layer has a head.
+    check_outputs : callable, optional
+        Called with the list of target layers once they are known, before the pass and before
+        ``save_stats`` is written (the command checks its output files there).
 
     Returns
     -------
@@ -408,7 +414,7 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=Non
     >>> sorted(fits), sorted(fits[2][0].maps), fits[2][0].target_layer
     ([1, 2, 3], [0, 1], 2)
     """
-    from .pairs import accumulate_pairs, iter_fit_targets, load_head, statistics_targets
+    from .pairs import accumulate_pairs, check_pair_statistics, iter_fit_targets, load_head, statistics_targets
 
     own = isinstance(store, (str, Path))
     store = ActivationStore(store) if own else store
@@ -431,7 +437,7 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=Non
                     != skip_positions:
                 raise NJTCError(f"the statistics leave out positions < {meta['provenance']['skip_positions']}, "
                                 f"not < {skip_positions}")
-            stored, d_model, head = meta["sources"], int(meta["d_model"]), load_head(statistics)
+            stored, d_model, head = meta["sources"], meta["d_model"], load_head(statistics)
             sources = stored if layers is None else [int(l) for l in layers]
             absent = [l for l in sources if l not in stored]
             if absent:
@@ -451,6 +457,10 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=Non
         if store is None and info["input_norm"] != input_norm:
             raise NJTCError(f"--normalize {normalize} needs statistics of {input_norm!r} inputs "
                             f"(these are of {info['input_norm']!r})")
+        if store is None:  # every tensor the solves will read, before the first file is written
+            check_pair_statistics(statistics, targets)
+        if check_outputs is not None:
+            check_outputs(targets)
         if store is not None:
             pairs = accumulate_pairs(store, sources=sources, targets=targets, input_norm=input_norm, device=device,
                                      chunk_rows=chunk_rows, float64=float64, progress=progress,
@@ -568,10 +578,16 @@ def output_paths(out: Path, shortcuts: list[Shortcuts], target: int | None = Non
 
     With ``target`` (a fit of every target), ``stem-t{target}`` and ``stem-t{target}-r{rank}``.
     """
+    return rank_paths(out, [s.rank for s in shortcuts], target)
+
+
+def rank_paths(out: Path, ranks, target: int | None = None) -> list[Path]:
+    """The files :func:`output_paths` gives for ``ranks`` (``None``: one file), known before the fit."""
+    ranks = [None] if not ranks else list(ranks)
     stem = out.stem if target is None else f"{out.stem}-t{target}"
-    if len(shortcuts) == 1:
+    if len(ranks) == 1:
         return [out if target is None else out.with_name(f"{stem}{out.suffix}")]
-    return [out.with_name(f"{stem}-r{s.rank}{out.suffix}") for s in shortcuts]
+    return [out.with_name(f"{stem}-r{r}{out.suffix}") for r in ranks]
 
 
 def parse_target(text: str | None):
@@ -582,6 +598,23 @@ def parse_target(text: str | None):
         return int(text)
     except ValueError as err:
         raise NJTCError(f"cannot parse --target-layer {text!r}; use a layer number or all") from err
+
+
+def row_norm_warning(sc: Shortcuts) -> str | None:
+    """A one-line warning when the fit's training rows hold target states far above the rest.
+
+    Reads ``stats["target_row_norms"]`` (the largest and median row norm of the target layer
+    in the training rows, see :func:`njtc_solve.stats.row_norm_summary`). A few such rows, an
+    attention sink the plan did not skip, can dominate a least-squares fit: in SmolLM2-135M two
+    rows of 6,096 turned a held-out R² of 0.92 into −9.4.
+    """
+    norms = sc.stats.get("target_row_norms") or {}
+    ratio = norms.get("max_over_median")
+    if not isinstance(ratio, (int, float)) or not ratio > norms.get("ratio", 20.0):
+        return None
+    return (f"warning: {norms.get('rows_above', '?')} training rows have a hidden state at target layer "
+            f"{sc.target_layer} far above the rest (largest row norm {ratio:.0f}x the median; attention-sink-like); "
+            "they can dominate the fit: consider --skip-positions or a BOS token")
 
 
 def _summary(sc: Shortcuts) -> str:
@@ -668,12 +701,15 @@ def _source(args, device, comm):
         yield rows
 
 
-def _check_outputs(args, out: Path) -> None:
+def _check_outputs(args, out: Path, targets=None) -> None:
     """Before any work: the shortcut files and the statistics can be written, replace no input,
-    no other output and no file this project did not write."""
+    no other output and no file this project did not write.
+
+    ``targets`` (``--target-layer all``): the target layers, whose files ``OUT-t{t}…`` are
+    checked instead of ``OUT`` (which that fit never writes); ``[]`` checks ``--save-stats`` alone.
+    """
     ranks = parse_ranks(args.rank)
-    names = [out] if ranks is None or len(ranks) == 1 else [out.with_name(f"{out.stem}-r{r}{out.suffix}")
-                                                            for r in ranks]
+    names = rank_paths(out, ranks) if targets is None else [p for t in targets for p in rank_paths(out, ranks, t)]
     store = args.store or (None if args.model is not None or args.stats is not None else "activations.h5")
     check_not_inputs([("--out", p) for p in names] + [("--save-stats", args.save_stats)],
                      [("--store", store)] + command_inputs(args, "stats", "model", "corpus"))
@@ -695,7 +731,7 @@ def _run(args, comm) -> int:
     out = Path(args.out)
     if args.chunk_rows <= 0:
         raise NJTCError("--chunk-rows must be positive")
-    _check_outputs(args, out)
+    _check_outputs(args, out, [] if args.target_layer == "all" else None)  # all: its files once the targets are known
     if args.model is not None:
         plan_settings(args)  # a bad plan (--seq-len 1, ...) is refused before the model loads
     check_device(device)  # before a model loads
@@ -717,6 +753,9 @@ def _run(args, comm) -> int:
         sc.save(path)
         print(_summary(sc))
         print(f"wrote {path}")
+    warning = row_norm_warning(shortcuts[0])
+    if warning:
+        print(warning, file=sys.stderr)
     acc = shortcuts[0].stats["accumulation"]
     if acc.get("seconds") is not None and args.stats is None:
         print(f"statistics: {acc['seconds']:.2f}s, {acc['rows_per_s']:.0f} rows/s, {acc['gflops']:.1f} GFLOP/s "
@@ -739,13 +778,16 @@ def _run_all_targets(args, comm, device, out) -> int:
             normalize=args.normalize, residual=args.residual, fit_intercept=not args.no_intercept,
             alpha=_parse_alpha(args.alpha), device=device, statistics=args.stats, save_stats=args.save_stats,
             chunk_rows=args.chunk_rows, float64=args.float64, progress=not args.no_progress,
-            skip_positions=args.skip_positions)
+            skip_positions=args.skip_positions, check_outputs=lambda targets: _check_outputs(args, out, targets))
     for target, fits in solved:
         for sc, path in zip(fits, output_paths(out, fits, target)):
             sc.save(path)
             r2 = [rec["r2"] for rec in sc.stats["layers"].values()]
             print(f"target {target}: {sc.name}, {len(sc.maps)} source layers, train R2 {min(r2):.4f}..{max(r2):.4f}; "
                   f"wrote {path}")
+        warning = row_norm_warning(fits[0])
+        if warning:
+            print(warning, file=sys.stderr)
     print(f"total {time.perf_counter() - start:.2f}s")
     return 0
 

@@ -41,7 +41,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import NJTCError, atomic_output
-from .stats import GEMM_ROWS, LayerMoments, Statistics, normalize_rows, project_out_ones
+from .stats import (GEMM_ROWS, NORM_BINS, LayerMoments, Statistics, checked_counts, checked_head, checked_header, checked_tensor,
+                    count_row_norms, invalid, normalize_rows, project_out_ones, row_norm_summary)
 
 __all__ = ["PairAccumulator", "PairStatistics", "accumulate_pairs", "iter_fit_targets", "pair_layers",
            "pair_memory_bytes", "statistics_targets", "load_head", "load_target_statistics"]
@@ -116,6 +117,7 @@ class PairAccumulator:
         self.sum_y = {t: z(d) for t in self.targets}
         self.syy = {t: z(d, d) for t in self.targets}
         self.sxy = {t: z(self.below[t] * d, d) for t in self.targets}
+        self.norm_y = {t: z(NORM_BINS) for t in self.targets}  # row-norm histograms (attention sinks)
 
     def update(self, chunk: dict) -> None:
         """Add a chunk: ``chunk[layer]`` rows ``(n, d)`` for every source and target layer."""
@@ -142,6 +144,7 @@ class PairAccumulator:
             self.sum_x[l] += x.sum(0)
             _add_gram(self.sxx[l], x, x)
         for t in self.targets:
+            count_row_norms(self.norm_y[t], self._rows(chunk[t]))
             y = self._rows(chunk[t]) - self.shift_y[t]
             self.sum_y[t] += y.sum(0)
             _add_gram(self.syy[t], y, y)
@@ -163,7 +166,8 @@ class PairAccumulator:
             d = my[t].shape[0]
             for i, l in enumerate(self.sources[:self.below[t]]):
                 self.sxy[t][i * d:(i + 1) * d] -= n * torch.outer(mx[l], my[t])
-        meta = {**(meta or {}), "accumulation": "float64" if self.dtype == torch.float64 else "float32"}
+        meta = {**(meta or {}), "accumulation": "float64" if self.dtype == torch.float64 else "float32",
+                "target_row_norms": {str(t): row_norm_summary(self.norm_y[t]) for t in self.targets}}
         pairs = PairStatistics(
             n, self.n_rows, {l: mx[l] + self.shift_x[l].double() for l in self.sources}, self.sxx,
             {t: my[t] + self.shift_y[t].double() for t in self.targets}, self.syy, self.sxy, self.input_norm, meta)
@@ -210,6 +214,9 @@ class PairStatistics:
             layers[l] = project_out_ones(m) if self.input_norm == "layer" else m
         meta = {**self.meta, "target_layer": int(target)}
         meta.pop("targets", None)
+        norms = meta.pop("target_row_norms", None)
+        if isinstance(norms, dict) and isinstance(norms.get(str(target)), dict):
+            meta["target_row_norms"] = norms[str(target)]
         return Statistics(self.n, self.mean_y[target], self.cyy[target], layers, self.input_norm, meta, self.n_rows)
 
     def release(self, target: int) -> None:
@@ -250,6 +257,8 @@ class PairStatistics:
 
 
 def _header(path):
+    """The metadata of a statistics file and its ``meta`` JSON, checked; for an all-pairs file
+    also ``sources``, ``targets`` and ``d_model``, which name every tensor it must hold."""
     from safetensors import safe_open
 
     from pathlib import Path
@@ -263,11 +272,70 @@ def _header(path):
         raise NJTCError(f"{path} is not a readable safetensors file") from err
     if info.get("format") != "njtc-statistics":
         raise NJTCError(f"{path} is not an njtc statistics file")
-    try:
-        meta = json.loads(info.get("meta", "{}"))
-    except ValueError as err:
-        raise NJTCError(f"the metadata of {path} cannot be read ({err})") from err
+    _, meta = checked_header(path, info)
+    if info.get("kind") == PAIRS_KIND:
+        for key in ("sources", "targets", "d_model"):
+            if key not in meta:
+                raise invalid(path, f"metadata meta has no '{key}'")
+        if type(meta["d_model"]) is not int or meta["d_model"] < 1:
+            raise invalid(path, f"metadata meta.d_model={meta['d_model']!r} is not a positive integer")
+        for key in ("sources", "targets"):
+            value = meta[key]
+            if not (isinstance(value, list) and value and all(type(l) is int and l >= 0 for l in value)):
+                raise invalid(path, f"metadata meta.{key}={value!r} is not a list of layer numbers")
     return info, meta
+
+
+class _Lazy:
+    """The tensors of an open safetensors file, read one at a time as they are checked."""
+
+    def __init__(self, f):
+        self.f, self.names = f, set(f.keys())
+
+    def __contains__(self, name):
+        return name in self.names
+
+    def __getitem__(self, name):
+        return self.f.get_tensor(name)
+
+    def items(self):
+        return ((name, self.f.get_tensor(name)) for name in sorted(self.names))
+
+
+def _check_names(path, names, meta) -> None:
+    """Every tensor of an all-pairs file is one its metadata names."""
+    expected = {"n", "n_rows"} | {f"layers.{l}.{k}" for l in meta["sources"] for k in ("mean_x", "cxx")} \
+        | {f"targets.{t}.{k}" for t in meta["targets"] for k in ("mean_y", "cyy", "cxy")}
+    for name in sorted(names):
+        if name not in expected and not name.startswith("head."):
+            raise invalid(path, f"it holds an unexpected tensor {name}")
+
+
+def check_pair_statistics(path, targets=None) -> None:
+    """Check an all-pairs statistics file as :meth:`Statistics.load` checks a single-target one.
+
+    Every tensor of the ``targets`` asked for (default: all) and of their sources: present,
+    of the shape the metadata implies, finite; ``n`` and ``n_rows`` positive. Tensors are read
+    one at a time, so the peak is one ``C_xy`` block. A problem is a one-line
+    :class:`NJTCError` naming the file, the entry and, for a shape, the real and expected one.
+    """
+    from safetensors import safe_open
+
+    info, meta = _header(path)
+    d, sources = meta["d_model"], meta["sources"]
+    targets = meta["targets"] if targets is None else [int(t) for t in targets]
+    with safe_open(str(path), "pt") as f:
+        tensors = _Lazy(f)
+        _check_names(path, tensors.names, meta)
+        checked_counts(path, tensors)
+        for l in sorted({l for l in sources if any(l < t for t in targets)}):
+            checked_tensor(path, tensors, f"layers.{l}.mean_x", (d,))
+            checked_tensor(path, tensors, f"layers.{l}.cxx", (d, d))
+        for t in targets:
+            k = sum(l < t for l in sources)
+            checked_tensor(path, tensors, f"targets.{t}.mean_y", (d,))
+            checked_tensor(path, tensors, f"targets.{t}.cyy", (d, d))
+            checked_tensor(path, tensors, f"targets.{t}.cxy", (k * d, d))
 
 
 def statistics_targets(path) -> list[int]:
@@ -278,7 +346,7 @@ def statistics_targets(path) -> list[int]:
     """
     info, meta = _header(path)
     if info.get("kind") == PAIRS_KIND:
-        return [int(t) for t in meta.get("targets", [])]
+        return [int(t) for t in meta["targets"]]
     if "target_layer" not in meta:
         raise NJTCError(f"{path} records no target layer; refit with --save-stats to record it")
     return [int(meta["target_layer"])]
@@ -293,21 +361,16 @@ def load_head(path):
         return None
     from safetensors import safe_open
 
-    from .head import Head
-
-    try:
-        description = json.loads(info["head"])
-    except ValueError as err:
-        raise NJTCError(f"the head saved in {path} cannot be read ({err})") from err
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith("head.")}
-    return Head.from_tensors(tensors, description, "head.")
+    return checked_head(path, tensors, info)
 
 
 def load_target_statistics(path, target: int) -> Statistics:
     """One target's :class:`~njtc_solve.stats.Statistics` from a statistics file.
 
-    From an all-pairs file only that target's tensors (and its sources') are read.
+    From an all-pairs file only that target's tensors (and its sources') are read, each
+    checked (:func:`check_pair_statistics`).
     """
     info, meta = _header(path)
     held = statistics_targets(path)
@@ -318,20 +381,18 @@ def load_target_statistics(path, target: int) -> Statistics:
         return Statistics.load(path)
     from safetensors import safe_open
 
+    target = int(target)
+    d, sources = meta["d_model"], [l for l in meta["sources"] if l < target]
     with safe_open(str(path), "pt") as f:
-        get = f.get_tensor
-        sources = [l for l in meta["sources"] if l < target]
-        cxy = get(f"targets.{target}.cxy")
-        d = cxy.shape[1]
+        tensors = _Lazy(f)
+        _check_names(path, tensors.names, meta)
+        n, n_rows = checked_counts(path, tensors)
+        get = lambda name, shape: checked_tensor(path, tensors, name, shape)
         pairs = PairStatistics(
-            None, int(get("n_rows")[0]), {l: get(f"layers.{l}.mean_x") for l in sources},
-            {l: get(f"layers.{l}.cxx") for l in sources}, {target: get(f"targets.{target}.mean_y")},
-            {target: get(f"targets.{target}.cyy")}, {target: cxy}, info["input_norm"], meta)
-        n = float(get("n")[0])
-        pairs.n = int(n) if n.is_integer() else n
-    if cxy.shape[0] != len(sources) * d:
-        raise NJTCError(f"{path} is inconsistent: target {target}'s cross block has {cxy.shape[0]} rows, "
-                        f"expected {len(sources) * d}")
+            n, n_rows if n_rows is not None else int(n), {l: get(f"layers.{l}.mean_x", (d,)) for l in sources},
+            {l: get(f"layers.{l}.cxx", (d, d)) for l in sources}, {target: get(f"targets.{target}.mean_y", (d,))},
+            {target: get(f"targets.{target}.cyy", (d, d))},
+            {target: get(f"targets.{target}.cxy", (len(sources) * d, d))}, info["input_norm"], meta)
     return pairs.for_target(target)
 
 

@@ -146,7 +146,9 @@ class Statistics:
                                        a.cxx + b.cxx + n * wa * wb * torch.outer(dx, dx),
                                        a.cxy + b.cxy + n * wa * wb * torch.outer(dx, dy))
         return Statistics(n, self.mean_y + wb * dy, self.cyy + other.cyy + n * wa * wb * torch.outer(dy, dy),
-                          layers, self.input_norm, dict(self.meta), self.n_rows + other.n_rows)
+                          layers, self.input_norm,
+                          {k: v for k, v in self.meta.items() if k != "target_row_norms"},  # self's rows only
+                          self.n_rows + other.n_rows)
 
     def check_finite(self) -> None:
         """Raise when any statistic holds NaN or Inf (corrupt activations)."""
@@ -191,25 +193,87 @@ class Statistics:
     @staticmethod
     def load_head(path):
         """The model's head saved with the statistics, or ``None`` where it was not."""
-        from .head import Head
-
         tensors, meta = read_safetensors(path, "statistics", FORMAT)
-        if "head" not in meta:
-            return None
-        try:
-            description = json.loads(meta["head"])
-        except ValueError as err:
-            raise NJTCError(f"the head saved in {path} cannot be read ({err})") from err
-        if not isinstance(description, dict):
-            raise NJTCError(f"{path} is not a valid statistics file: metadata head is not a JSON object")
-        try:
-            head = Head.from_tensors(tensors, description, "head.")
-        except NJTCError as err:
-            raise NJTCError(f"{path} is not a valid statistics file: {err}") from None
-        for name, t in tensors.items():
-            if name.startswith("head.") and t.is_floating_point() and not torch.isfinite(t).all():
-                raise NJTCError(f"{path} is not a valid statistics file: {name} holds NaN or Inf")
-        return head
+        return checked_head(path, tensors, meta)
+
+
+def invalid(path, problem: str) -> NJTCError:
+    """The one-line error for a damaged statistics file: ``PATH is not a valid statistics file: PROBLEM``."""
+    return NJTCError(f"{path} is not a valid statistics file: {problem}")
+
+
+def checked_tensor(path, tensors, name: str, shape: tuple) -> torch.Tensor:
+    """``tensors[name]``, refused when missing, of another shape (real and expected named), not a
+    float (``n_rows`` excepted) or not finite. ``tensors`` is any mapping with ``in`` and ``[]``."""
+    if name not in tensors:
+        raise invalid(path, f"it has no tensor {name}")
+    t = tensors[name]
+    if tuple(t.shape) != shape:
+        raise invalid(path, f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if not t.is_floating_point() and name != "n_rows":
+        raise invalid(path, f"{name} has dtype {t.dtype}, expected a float")
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise invalid(path, f"{name} holds NaN or Inf")
+    return t
+
+
+def checked_header(path, meta: dict, d: int | None = None) -> tuple[str, dict]:
+    """The ``input_norm`` and the parsed ``meta`` JSON object of a statistics file's metadata, checked
+    (``d_model`` and ``target_layer`` non-negative integers, ``d_model`` equal to ``d`` when given)."""
+    input_norm = meta.get("input_norm")
+    if input_norm not in ("none", "layer", "rms"):
+        raise invalid(path, "its metadata has no 'input_norm'" if input_norm is None else
+                      f"metadata input_norm={input_norm!r} is not none, layer or rms")
+    try:
+        extra = json.loads(meta.get("meta", "{}"))
+    except ValueError:
+        raise invalid(path, "metadata meta is not JSON") from None
+    if not isinstance(extra, dict):
+        raise invalid(path, "metadata meta is not a JSON object")
+    for key in ("d_model", "target_layer"):
+        if key in extra and not (type(extra[key]) is int and extra[key] >= 0) and extra[key] != "all":
+            raise invalid(path, f"metadata meta.{key}={extra[key]!r} is not a non-negative integer")
+    if d is not None and extra.get("d_model", d) != d:
+        raise invalid(path, f"metadata meta.d_model={extra['d_model']} disagrees with mean_y's width {d}")
+    if "provenance" in extra and not isinstance(extra["provenance"], dict):
+        raise invalid(path, "metadata meta.provenance is not a JSON object")
+    return input_norm, extra
+
+
+def checked_counts(path, tensors) -> tuple:
+    """``n`` (positive) and ``n_rows`` (positive, ``None`` when absent) of a statistics file."""
+    n = float(checked_tensor(path, tensors, "n", (1,))[0])
+    if not n > 0:
+        raise invalid(path, f"n = {n:g}: it holds no rows")
+    n_rows = None
+    if "n_rows" in tensors:
+        n_rows = int(checked_tensor(path, tensors, "n_rows", (1,))[0])
+        if n_rows < 1:
+            raise invalid(path, f"n_rows = {n_rows}: it holds no rows")
+    return (int(n) if n.is_integer() else n), n_rows
+
+
+def checked_head(path, tensors, meta: dict):
+    """The head saved in a statistics file (``None`` where none was), checked: its description,
+    its shapes and finite values."""
+    from .head import Head
+
+    if "head" not in meta:
+        return None
+    try:
+        description = json.loads(meta["head"])
+    except ValueError as err:
+        raise NJTCError(f"the head saved in {path} cannot be read ({err})") from err
+    if not isinstance(description, dict):
+        raise invalid(path, "metadata head is not a JSON object")
+    try:
+        head = Head.from_tensors(tensors, description, "head.")
+    except NJTCError as err:
+        raise invalid(path, str(err)) from None
+    for name, t in tensors.items():
+        if name.startswith("head.") and t.is_floating_point() and not torch.isfinite(t).all():
+            raise invalid(path, f"{name} holds NaN or Inf")
+    return head
 
 
 def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
@@ -219,48 +283,18 @@ def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
     :class:`LayerMoments`.
     """
     def bad(problem: str) -> NJTCError:
-        return NJTCError(f"{path} is not a valid statistics file: {problem}")
+        return invalid(path, problem)
 
     def tensor(name: str, shape: tuple) -> torch.Tensor:
-        if name not in tensors:
-            raise bad(f"it has no tensor {name}")
-        t = tensors[name]
-        if tuple(t.shape) != shape:
-            raise bad(f"{name} has shape {tuple(t.shape)}, expected {shape}")
-        if not t.is_floating_point() and name != "n_rows":
-            raise bad(f"{name} has dtype {t.dtype}, expected a float")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise bad(f"{name} holds NaN or Inf")
-        return t
+        return checked_tensor(path, tensors, name, shape)
 
-    input_norm = meta.get("input_norm")
-    if input_norm not in ("none", "layer", "rms"):
-        raise bad("its metadata has no 'input_norm'" if input_norm is None else
-                  f"metadata input_norm={input_norm!r} is not none, layer or rms")
-    try:
-        extra = json.loads(meta.get("meta", "{}"))
-    except ValueError:
-        raise bad("metadata meta is not JSON") from None
-    if not isinstance(extra, dict):
-        raise bad("metadata meta is not a JSON object")
     d = int(tensors["mean_y"].shape[0]) if "mean_y" in tensors and tensors["mean_y"].dim() == 1 else "d"
+    input_norm, extra = checked_header(path, meta, d if isinstance(d, int) else None)
+    if extra.get("target_layer") == "all":
+        raise bad("metadata meta.target_layer='all' is not a non-negative integer")
     tensor("mean_y", (d,))  # names a missing tensor, or its shape
     tensor("cyy", (d, d))
-    n = float(tensor("n", (1,))[0])
-    if not n > 0:
-        raise bad(f"n = {n:g}: it holds no rows")
-    n_rows = None
-    if "n_rows" in tensors:
-        n_rows = int(tensor("n_rows", (1,))[0])
-        if n_rows < 1:
-            raise bad(f"n_rows = {n_rows}: it holds no rows")
-    for key in ("d_model", "target_layer"):
-        if key in extra and not (type(extra[key]) is int and extra[key] >= 0):
-            raise bad(f"metadata meta.{key}={extra[key]!r} is not a non-negative integer")
-    if extra.get("d_model", d) != d:
-        raise bad(f"metadata meta.d_model={extra['d_model']} disagrees with mean_y's width {d}")
-    if "provenance" in extra and not isinstance(extra["provenance"], dict):
-        raise bad("metadata meta.provenance is not a JSON object")
+    n, n_rows = checked_counts(path, tensors)
     keys = set()
     for name in tensors:
         parts = name.split(".")
@@ -277,7 +311,45 @@ def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
         dx = int(tensors[name].shape[0]) if name in tensors and tensors[name].dim() == 1 else "d_x"
         mean_x = tensor(name, (dx,))
         layers[k] = LayerMoments(mean_x, tensor(f"layers.{k}.cxx", (dx, dx)), tensor(f"layers.{k}.cxy", (dx, d)))
-    return {"n": int(n) if n.is_integer() else n, "n_rows": n_rows, "input_norm": input_norm, "meta": extra}, layers
+    return {"n": n, "n_rows": n_rows, "input_norm": input_norm, "meta": extra}, layers
+
+
+NORM_EDGES = 10.0 ** torch.linspace(-4, 8, 2801, dtype=torch.float64)  # row-norm bins 1% wide
+NORM_BINS = len(NORM_EDGES) + 1  # with one below and one above the edges
+OUTLIER_RATIO = 20.0  # rows whose norm is this many times the median are reported
+
+
+def count_row_norms(counts: torch.Tensor, rows: torch.Tensor) -> None:
+    """Add the Euclidean norms of ``rows`` (n, d) to the log-spaced histogram ``counts`` (float64,
+    :data:`NORM_BINS`): one norm per row, on the rows' device, no synchronisation."""
+    norms = torch.linalg.vector_norm(rows, dim=1).double()
+    bins = torch.bucketize(norms, NORM_EDGES.to(norms.device))
+    counts += torch.bincount(bins, minlength=NORM_BINS).to(counts.dtype)
+
+
+def row_norm_summary(counts) -> dict:
+    """Median and largest training-row norm from a :func:`count_row_norms` histogram (1% bins).
+
+    Returns ``median``, ``max``, ``max_over_median`` and ``rows_above``: rows whose norm is at
+    least :data:`OUTLIER_RATIO` times the median (an attention sink's massive activation is
+    hundreds of times the typical row, e.g. 23,852 against ~70 in SmolLM2-135M's layer 12).
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
+    total = float(counts.sum())
+    if total == 0:
+        return {}
+    edges = NORM_EDGES
+
+    def centre(i: int) -> float:  # bin i holds edges[i-1] < norm <= edges[i]
+        return float(edges[0] if i == 0 else edges[-1] if i >= len(edges) else (edges[i - 1] * edges[i]).sqrt())
+
+    cum = counts.cumsum(0)
+    median = centre(int(torch.searchsorted(cum, total / 2)))
+    top = int(torch.nonzero(counts).max())
+    largest = centre(top)
+    above = float(counts[int(torch.bucketize(torch.tensor(OUTLIER_RATIO * median, dtype=torch.float64), edges)):].sum())
+    return {"median": median, "max": largest, "max_over_median": largest / median if median > 0 else float("inf"),
+            "rows_above": int(above), "ratio": OUTLIER_RATIO}
 
 
 def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -333,7 +405,7 @@ class MomentAccumulator:
         Each source block's ``[XᵀX | XᵀY]`` is one ``d_x × (d_x + d_y)`` view (``sxxy``), filled
         by one GEMM per row block; ``sxx`` and ``sxy`` are its two halves.
         """
-        shapes = {"sum_y": (d_y,), "syy": (d_y, d_y)}
+        shapes = {"sum_y": (d_y,), "syy": (d_y, d_y), "norm_y": (NORM_BINS,)}  # all sums: one all-reduce
         for k in self.keys:
             shapes.update({f"sum_x.{k}": (d_x[k],), f"sxxy.{k}": (d_x[k], d_x[k] + d_y)})
         sizes = [int(np.prod(s)) for s in shapes.values()]
@@ -394,6 +466,7 @@ class MomentAccumulator:
             _add_gram(self.sums[f"sxxy.{k}"], x, xy)
         if ys is None:
             ys = root(y - self.shift_y)
+        count_row_norms(self.sums["norm_y"], y)  # raw target rows: an attention sink stands out
         self.sums["sum_y"] += (ys if sqrt_w is None else ys * sqrt_w).sum(0)
         _add_gram(self.sums["syy"], ys, ys)
         self.n += y.shape[0] if weight is None else float(weight.double().sum())
@@ -423,5 +496,6 @@ class MomentAccumulator:
             m = LayerMoments(mx + self.shift_x[k].double(), s[f"sxx.{k}"] - n * torch.outer(mx, mx),
                              s[f"sxy.{k}"] - n * torch.outer(mx, my))
             layers[k] = project_out_ones(m) if self.input_norm == "layer" else m
-        meta = {**(meta or {}), "accumulation": "float64" if self.dtype == torch.float64 else "float32"}
+        meta = {**(meta or {}), "accumulation": "float64" if self.dtype == torch.float64 else "float32",
+                "target_row_norms": row_norm_summary(s["norm_y"])}
         return Statistics(n, my + self.shift_y.double(), cyy, layers, self.input_norm, meta, self.n_rows)

@@ -363,3 +363,80 @@ def test_damaged_chunk_index_and_write_failures(files, capsys, tmp_path, monkeyp
         extract.extract_activations(model, tokenizer, load_corpus()[1], target, seq_len=32, max_tokens=512,
                                     progress=False)
     assert not target.exists() and not target.with_name("new.h5.partial").exists()
+
+
+def test_target_all_checks_every_file_it_writes(files, capsys, tmp_path):
+    """``--target-layer all`` writes OUT-t{t}[-r{r}].safetensors, never OUT: those files are checked."""
+    store = files["store"]
+    out = tmp_path / "fits.safetensors"
+    # a foreign file where target 2's shortcuts would go
+    foreign = tmp_path / "fits-t2.safetensors"
+    foreign.write_text("not ours\n")
+    refused(capsys, fit.main, ["--store", store, "--method", "jtc", "--target-layer", "all", "--out", out,
+                               "--no-progress"],
+            r"--out .*fits-t2\.safetensors exists and is not a shortcut file this project wrote",
+            [store, foreign], [out, tmp_path / "fits-t1.safetensors", tmp_path / "fits-t3.safetensors"])
+    foreign.unlink()
+    # the same with several ranks: OUT-t{t}-r{r}
+    foreign = tmp_path / "fits-t3-r4.safetensors"
+    foreign.write_text("not ours\n")
+    refused(capsys, fit.main, ["--store", store, "--method", "njtc", "--rank", "2,4", "--target-layer", "all",
+                               "--out", out, "--no-progress"],
+            r"--out .*fits-t3-r4\.safetensors exists and is not a shortcut file",
+            [store, foreign], [tmp_path / f"fits-t{t}-r{r}.safetensors" for t in (1, 2, 3) for r in (2, 4)
+                               if (t, r) != (3, 4)])
+    foreign.unlink()
+    # --save-stats is one of the shortcut files: the statistics would be overwritten by target 3's maps
+    saved = tmp_path / "fits-t3.safetensors"
+    refused(capsys, fit.main, ["--store", store, "--method", "jtc", "--target-layer", "all", "--save-stats", saved,
+                               "--out", out, "--no-progress"],
+            r"fits-t3\.safetensors is --(out|save-stats) .*: two outputs are one file",
+            [store], [saved, tmp_path / "fits-t1.safetensors", tmp_path / "fits-t2.safetensors"])
+    # --stats is one of the shortcut files: the fit would destroy its own input
+    pairs = tmp_path / "pairs.safetensors"
+    assert run_cli(fit.main, ["--store", str(store), "--method", "jtc", "--target-layer", "all",
+                              "--save-stats", str(pairs), "--out", str(tmp_path / "p.safetensors"),
+                              "--no-progress"]) == 0
+    inside = tmp_path / "fits-t3.safetensors"
+    shutil.copy(pairs, inside)
+    refused(capsys, fit.main, ["--stats", inside, "--method", "jtc", "--target-layer", "all", "--out", out],
+            r"--out .*fits-t3\.safetensors is --stats .*: an output never replaces an input",
+            [inside], [tmp_path / "fits-t1.safetensors", tmp_path / "fits-t2.safetensors"])
+
+
+
+def test_damaged_pair_statistics_are_one_line(files, capsys, tmp_path):
+    """An all-pairs statistics file is checked like a single-target one: file, entry, shapes."""
+    store = files["store"]
+    pairs = tmp_path / "pairs.safetensors"
+    assert run_cli(fit.main, ["--store", str(store), "--method", "jtc", "--target-layer", "all",
+                              "--save-stats", str(pairs), "--out", str(tmp_path / "p.safetensors"),
+                              "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def meta_without(key):
+        def change(t, m):
+            extra = json.loads(m["meta"])
+            extra.pop(key)
+            m["meta"] = json.dumps(extra)
+        return change
+
+    cases = {  # name: (change, message)
+        "no-cxy": (lambda t, m: t.pop("targets.2.cxy"), r"it has no tensor targets\.2\.cxy"),
+        "no-cxx": (lambda t, m: t.pop("layers.1.cxx"), r"it has no tensor layers\.1\.cxx"),
+        "wrong-shape": (lambda t, m: t.update({"targets.2.cxy": t["targets.2.cxy"][:, :16].contiguous()}),
+                        r"targets\.2\.cxy has shape \(64, 16\), expected \(64, 32\)"),
+        # the last target damaged: with all, refused before target 1's and 2's files are written
+        "last-shape": (lambda t, m: t.update({"targets.3.cxy": t["targets.3.cxy"][:64].contiguous()}),
+                       r"targets\.3\.cxy has shape \(64, 32\), expected \(96, 32\)"),
+        "no-sources": (meta_without("sources"), r"metadata meta has no 'sources'"),
+        "no-d-model": (meta_without("d_model"), r"metadata meta has no 'd_model'"),
+        "nan": (lambda t, m: t["targets.2.cyy"].__setitem__((0, 0), float("nan")), r"targets\.2\.cyy holds NaN or Inf"),
+    }
+    for name, (change, message) in cases.items():
+        bad = _variant(pairs, tmp_path / f"pairs-{name}.safetensors", change)
+        out = tmp_path / f"o-{name}.safetensors"
+        for target in ("all",) if name == "last-shape" else ("all", "2"):
+            refused(capsys, fit.main, ["--stats", bad, "--method", "jtc", "--target-layer", target, "--out", out],
+                    rf"pairs-{name}\.safetensors is not a valid statistics file: {message}", [bad],
+                    [out, *(tmp_path / f"o-{name}-t{t}.safetensors" for t in (1, 2, 3))])
