@@ -54,6 +54,7 @@ bench: setup
 	$(PY) benchmarks/pairs.py --max-tokens 8192 --eval-tokens 1024 --skip-tokens 256 --skip-stride 3
 	$(PY) benchmarks/vs_replaceme.py --train-tokens 4096 --score-tokens 128 --eval-tokens 512 --gen-tokens 8 \
 		--gen-repeats 1 --start-stride 4 --forward-tokens 1024
+	$(PY) benchmarks/prune_speed.py --new-tokens 64 --repeats 3
 
 clean:
 	rm -rf runs
