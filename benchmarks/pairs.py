@@ -62,9 +62,7 @@ def _measured(fn):
 
 
 def _subset(sc: Shortcuts, sources) -> Shortcuts:
-    return Shortcuts(sc.method, {l: m for l, m in sc.maps.items() if l in sources}, sc.target_layer,
-                     sc.model_sha256, sc.rank, sc.normalize, sc.residual, sc.fit_intercept, sc.alpha, sc.weight,
-                     sc.stats, sc.label, sc.provenance, sc.head, sc.head_sha256)
+    return sc.replace(maps={l: m for l, m in sc.maps.items() if l in sources})
 
 
 def _grid(records, key, n):

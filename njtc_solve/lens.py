@@ -21,7 +21,6 @@ exactly), on the model's device.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +69,10 @@ class ShortcutLens(nn.Module):
         if last != shortcuts.target_layer:  # the head reads the last layer only
             raise NJTCError(f"the lens reads maps to the last layer ({last}); shortcuts {shortcuts.name} "
                             f"target layer {shortcuts.target_layer} (evaluate them with python -m njtc_solve.evaluate)")
-        self.shortcuts = shortcuts.replace(head=head)  # the maps' module, shared; the model's head attached
+        # new map modules over the same tensors (no copy): moving or casting the lens never moves the caller's maps
+        own = {l: ShortcutMap(**{k: None if t is None else t.detach() for k, t in m.tensors().items()},
+                              normalize=m.normalize, residual=m.residual) for l, m in shortcuts.maps.items()}
+        self.shortcuts = shortcuts.replace(head=head, maps=own)  # the model's head attached
         self.n_layers = int(shortcuts.target_layer)
         self.name, self.method = shortcuts.name, shortcuts.method
         self.__dict__.update(model=None, tokenizer=None)  # not submodules: the lens's state is its maps
@@ -105,7 +107,6 @@ class ShortcutLens(nn.Module):
         _, blocks, _, _ = resolve_parts(model)
         head = Head.from_model(model)  # its width is the residual stream's (OPT's project_out is folded in)
         n_layers, d = len(blocks), head.d_model
-        given = isinstance(shortcuts, Shortcuts)  # the caller's object, not one made here
         if shortcuts is None:
             shortcuts = Shortcuts.identity(range(n_layers), n_layers)
         elif not isinstance(shortcuts, Shortcuts):
@@ -123,9 +124,7 @@ class ShortcutLens(nn.Module):
                             f"({json.dumps(shortcuts.head_description)}; "
                             f"this model's: {json.dumps(head.describe())})")
         device = next(model.parameters()).device
-        if given and any(t.device != device for t in shortcuts.buffers()):
-            shortcuts = copy.deepcopy(shortcuts)  # moving the caller's maps would move them under its feet
-        lens = cls(head, shortcuts).to(device)
+        lens = cls(head, shortcuts).to(device)  # the lens's own map modules move, not the caller's
         lens.__dict__.update(model=model, tokenizer=tokenizer)
         return lens
 

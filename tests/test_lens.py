@@ -146,6 +146,20 @@ def test_a_bfloat16_model_is_read_in_its_dtype(llama, fitted):
         ShortcutLens.from_model(half, fitted[0]["jtc"], tokenizer)
 
 
+def test_moving_or_casting_the_lens_leaves_the_callers_maps_alone(llama, fitted):
+    """The lens holds its own map modules over the caller's tensors: `.double()` on the lens casts
+    its maps, not the caller's (which would then no longer match the caller's attached head)."""
+    model, tokenizer = llama
+    sc = fitted[0]["njtc-r4"]
+    before = {l: (m.U.dtype, m.U.data_ptr()) for l, m in sc.maps.items()}
+    lens = ShortcutLens.from_model(model, sc, tokenizer)
+    assert lens.shortcuts.maps[1].U.data_ptr() == sc.maps[1].U.data_ptr()  # shared tensors, no copy
+    lens.double()
+    assert lens.shortcuts.maps[1].U.dtype == torch.float64
+    assert {l: (m.U.dtype, m.U.data_ptr()) for l, m in sc.maps.items()} == before
+    assert lens.shortcuts.maps[1] is not sc.maps[1]
+
+
 def test_refuses_maps_of_another_model_or_layer(tiny_models, fitted, llama):
     gpt2, tok, _ = load_model(str(tiny_models["gpt2"]), progress=False)
     with pytest.raises(NJTCError, match=r"shortcuts jtc were fitted on another model \(model_sha256"):
