@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import NJTCError, atomic_output
-from .stats import (GEMM_ROWS, NORM_BINS, LayerMoments, Statistics, checked_counts, checked_head, checked_header, checked_tensor,
+from .stats import (add_gram, highest_float32_matmul, NORM_BINS, LayerMoments, Statistics, checked_counts, checked_head, checked_header, checked_tensor,
                     count_row_norms, invalid, normalize_rows, project_out_ones, row_norm_summary)
 
 __all__ = ["PairAccumulator", "PairStatistics", "accumulate_pairs", "iter_fit_targets", "pair_layers",
@@ -62,11 +62,6 @@ def pair_memory_bytes(*, n_sources: int, n_targets: int, n_pairs: int, d: int) -
     1.39
     """
     return 8 * d * d * (n_pairs + n_sources + n_targets) + 8 * d * (n_sources + n_targets)
-
-
-def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    for start in range(0, a.shape[0], GEMM_ROWS):
-        total += a[start:start + GEMM_ROWS].T @ b[start:start + GEMM_ROWS]
 
 
 class PairAccumulator:
@@ -121,12 +116,8 @@ class PairAccumulator:
 
     def update(self, chunk: dict) -> None:
         """Add a chunk: ``chunk[layer]`` rows ``(n, d)`` for every source and target layer."""
-        prev = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
+        with highest_float32_matmul():
             self._update(chunk)
-        finally:
-            torch.set_float32_matmul_precision(prev)
 
     def _update(self, chunk):
         n = len(chunk[self.targets[0]])
@@ -142,13 +133,13 @@ class PairAccumulator:
         for i, l in enumerate(self.sources):
             x = torch.sub(xs[l], self.shift_x[l], out=z[:, i * d:(i + 1) * d])
             self.sum_x[l] += x.sum(0)
-            _add_gram(self.sxx[l], x, x)
+            add_gram(self.sxx[l], x, x)
         for t in self.targets:
             count_row_norms(self.norm_y[t], self._rows(chunk[t]))
             y = self._rows(chunk[t]) - self.shift_y[t]
             self.sum_y[t] += y.sum(0)
-            _add_gram(self.syy[t], y, y)
-            _add_gram(self.sxy[t], z[:, :self.below[t] * d], y)  # every source below t in one GEMM
+            add_gram(self.syy[t], y, y)
+            add_gram(self.sxy[t], z[:, :self.below[t] * d], y)  # every source below t in one GEMM
         self.n += n
         self.n_rows += n
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from .architectures import _get, resolve_parts
 from .errors import NJTCError
-from .stats import GEMM_ROWS
+from .stats import add_gram, highest_float32_matmul
 
 __all__ = ["FOLDABLE", "FoldSpec", "PRUNE_RECORD", "Replacement", "ReplacementAccumulator", "ReplacementStatistics",
            "WEIGHTINGS", "apply_replacement", "capture_mlp_outputs", "check_foldable", "check_removal",
@@ -217,12 +217,8 @@ class ReplacementAccumulator:
 
     def update(self, hidden, mlp) -> None:
         """Add one forward pass: ``hidden[l]`` (batch, seq, d) for layers 0..L, ``mlp[i]`` block i's MLP output."""
-        prev = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
+        with highest_float32_matmul():
             self._update(hidden, mlp)
-        finally:
-            torch.set_float32_matmul_precision(prev)
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1]).to(self.device, torch.float32)
@@ -268,8 +264,7 @@ class ReplacementAccumulator:
         s.sx += (root[:, None] * xc).double().sum(0)
         s.st += (root[:, None, None] * t_part).double().sum(0)
         s.stt += t_part.double().pow(2).sum((0, 2))
-        for r in range(0, block.shape[0], GEMM_ROWS):
-            s.sxxt += xc[r:r + GEMM_ROWS].T @ block[r:r + GEMM_ROWS]
+        add_gram(s.sxxt, xc, block)
 
     def finalize(self, meta: dict | None = None) -> ReplacementStatistics:
         """Centred float64 moments of every start, K and weighting."""

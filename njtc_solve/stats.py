@@ -28,6 +28,8 @@ Examples
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 from dataclasses import dataclass, field
 
@@ -37,7 +39,8 @@ from safetensors.torch import save_file
 
 from .errors import NJTCError, atomic_output, read_safetensors
 
-__all__ = ["FORMAT", "NORMALIZATIONS", "LayerMoments", "MomentAccumulator", "Statistics", "normalize_rows",
+__all__ = ["FORMAT", "NORMALIZATIONS", "LayerMoments", "MomentAccumulator", "Statistics", "add_gram",
+           "highest_float32_matmul", "normalize_rows",
            "project_out_ones"]
 
 FORMAT = "njtc-statistics"  # the ``format`` metadata of a statistics file
@@ -352,7 +355,18 @@ def row_norm_summary(counts) -> dict:
             "rows_above": int(above), "ratio": OUTLIER_RATIO}
 
 
-def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+@contextmanager
+def highest_float32_matmul():
+    """Float32 GEMMs at full float32 precision inside the block (no TF32), the caller's setting after."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``total += aᵀb``, one GEMM per :data:`GEMM_ROWS` rows, each added into ``total`` (float64)."""
     for start in range(0, a.shape[0], GEMM_ROWS):
         total += a[start:start + GEMM_ROWS].T @ b[start:start + GEMM_ROWS]
@@ -431,12 +445,8 @@ class MomentAccumulator:
         ``weight`` (rows,), optional: fixed row weights; the statistics are then weighted
         sums and ``n`` the total weight.
         """
-        prev = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
+        with highest_float32_matmul():
             self._update(xs, y, None if weight is None else self._as_tensor(weight))
-        finally:
-            torch.set_float32_matmul_precision(prev)
 
     def _update(self, xs, y, weight):
         y = self._as_tensor(y)
@@ -463,12 +473,12 @@ class MomentAccumulator:
             xy = blocks[width]
             x = root(torch.sub(x, self.shift_x[k], out=xy[:, :width]))
             self.sums[f"sum_x.{k}"] += (x if sqrt_w is None else x * sqrt_w).sum(0)
-            _add_gram(self.sums[f"sxxy.{k}"], x, xy)
+            add_gram(self.sums[f"sxxy.{k}"], x, xy)
         if ys is None:
             ys = root(y - self.shift_y)
         count_row_norms(self.sums["norm_y"], y)  # raw target rows: an attention sink stands out
         self.sums["sum_y"] += (ys if sqrt_w is None else ys * sqrt_w).sum(0)
-        _add_gram(self.sums["syy"], ys, ys)
+        add_gram(self.sums["syy"], ys, ys)
         self.n += y.shape[0] if weight is None else float(weight.double().sum())
         self.n_rows += y.shape[0]
 
