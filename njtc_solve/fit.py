@@ -320,8 +320,7 @@ def fit_shortcuts(store=None, method: str = "nnjtc", ranks=None, layers=None, no
     try:
         if weight not in ("none", "logits"):
             raise NJTCError("--weight must be none or logits")
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise NJTCError("--device cuda was asked for but CUDA is not available")
+        check_device(device)
         if skip_positions is not None and skip_positions < 0:
             raise NJTCError("--skip-positions must be 0 or more")
         row_weight = "inv_sigma2" if weight == "logits" else "none"
@@ -419,8 +418,7 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks=None, layers=Non
     own = isinstance(store, (str, Path))
     store = ActivationStore(store) if own else store
     try:
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise NJTCError("--device cuda was asked for but CUDA is not available")
+        check_device(device)
         if skip_positions is not None and skip_positions < 0:
             raise NJTCError("--skip-positions must be 0 or more")
         if store is None:
