@@ -1,3 +1,5 @@
-"""``python -m njtc_solve`` lists the stages."""
+"""``python -m njtc_solve`` lists the commands."""
 
-print("njtc_solve stages: python -m njtc_solve.extract | njtc_solve.fit | njtc_solve.evaluate  (--help on each)")
+from njtc_solve.cli import COMMANDS
+
+print("njtc_solve commands: " + " | ".join(f"python -m njtc_solve.{c}" for c in COMMANDS) + "  (--help on each)")

@@ -1,4 +1,5 @@
-"""User-facing errors, the command-line wrapper that prints them on one line, and safe file I/O."""
+"""User-facing errors, interruption as an exception, and safe file I/O (the command layer,
+:mod:`njtc_solve.cli`, prints the errors on one line)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-__all__ = ["NJTCError", "atomic_output", "output_lock", "quiet_start", "run_cli", "write_failure"]
+__all__ = ["Interrupted", "NJTCError", "atomic_output", "interruptible", "output_lock", "quiet_start", "read_safetensors",
+           "temporary_path", "write_failure"]
 
 
 class NJTCError(Exception):
     """Bad input or a failed check that the user can act on.
 
-    The command-line tools print its message on one line and exit with status 2.
+    The command-line tools print its message on one line and exit with status 2. A message
+    names the parameters of the function that raised it in backticks (`` `seq_len` must be at
+    least 2``); the command layer rewrites them as its flags (``--seq-len``).
     """
 
 
@@ -42,44 +46,22 @@ def _exit_at_start(signum, frame):
 def quiet_start() -> None:
     """Exit with one line, not a traceback, on Ctrl-C or SIGTERM while a command imports its
     libraries (seconds for torch); the package calls it when run as ``python -m njtc_solve.…``.
-    Nothing is open yet, so exiting at once is safe; :func:`run_cli` takes over from there."""
+    Nothing is open yet, so exiting at once is safe; :func:`interruptible` takes over from there."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_at_start)
 
 
-def run_cli(main, argv=None, interrupted: str = "") -> int:
-    """Run a command-line ``main(argv)`` and map :class:`NJTCError` to exit code 2.
-
-    SIGINT and SIGTERM raise :class:`Interrupted`, so the command's clean-up runs, and end in
-    one line (``error: interrupted``, then ``interrupted``'s advice) and exit code 128 + signal.
-
-    Parameters
-    ----------
-    main : callable
-        Takes the argument list, returns ``None`` or an exit code.
-    argv : list of str, optional
-        Arguments; ``sys.argv[1:]`` when omitted.
-    interrupted : str
-        Advice after an interruption, e.g. ``"resume with --resume"``.
-
-    Returns
-    -------
-    int
-        The process exit status.
-    """
+@contextmanager
+def interruptible():
+    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted`, so that every
+    ``finally`` (a partial file's clean-up, a lock's release) runs; the handlers before are
+    restored after it."""
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = main(sys.argv[1:] if argv is None else argv)
-    except NJTCError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        print("error: interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
-        return 128 + getattr(err, "signum", signal.SIGINT)
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return int(code or 0)
 
 
 @contextmanager
@@ -101,7 +83,7 @@ def output_lock(path):
         except BlockingIOError:
             os.close(fd)
             raise NJTCError(f"{path} is being written by another process (it holds {lock.name}); "
-                            "wait for it to finish or choose another --out") from None
+                            "wait for it to finish or choose another output") from None
         try:  # the holder before us may have removed the file it locked: then lock the new one
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break
@@ -137,7 +119,7 @@ def atomic_output(path, overwrite: bool = True):
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise NJTCError(f"{path} exists; pass --overwrite to replace it")
+        raise NJTCError(f"{path} exists; pass `overwrite=True` to replace it")
     if not path.parent.exists():
         raise NJTCError(f"cannot write {path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
@@ -192,3 +174,14 @@ def read_safetensors(path, what: str, fmt: str):
     if meta.get("format") != fmt:
         raise NJTCError(f"{path} is not an njtc {what} file")
     return tensors, meta
+
+
+def __getattr__(name):
+    if name == "run_cli":  # moved to the command layer
+        import warnings
+
+        warnings.warn("njtc_solve.errors.run_cli moved to njtc_solve.cli.run_cli", DeprecationWarning, stacklevel=2)
+        from .cli import run_cli
+
+        return run_cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

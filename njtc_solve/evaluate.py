@@ -27,9 +27,7 @@ blocks between the two layers replaced by the map (and dropped, for comparison).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +36,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import NJTCError, run_cli, temporary_path
-from .extract import add_plan_arguments, plan_settings
-from .models import add_model_arguments, check_device
-from .outputs import check_folder_output, check_not_inputs, command_inputs
+from .errors import NJTCError
 from .metrics import Reference, hits_at_k, kl_divergence, surprisal
 from .shortcuts import Shortcuts
-from .sources import rows_from_args
 from .store import ActivationStore
 
-__all__ = ["EvaluationResult", "check_rows_overlap", "check_unseen", "evaluate_shortcuts", "early_exit_curve", "main"]
+__all__ = ["EvaluationResult", "check_rows_overlap", "check_unseen", "evaluate_shortcuts", "early_exit_curve"]
 
 KS = (1, 5, 10)
 
@@ -355,93 +349,7 @@ def _is_report(folder: Path) -> bool:
     return False
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", help="activation store (default: activations.h5, unless --model is given)")
-    add_model_arguments(p)  # --model: read the rows from its forward pass instead of a store
-    live = p.add_argument_group("live evaluation (with --model): the corpus and plan; unset values come from the "
-                                "first shortcut's provenance, so its held-out documents are evaluated")
-    add_plan_arguments(live, inherit=True)
-    p.add_argument("--shortcuts", nargs="*", default=None,
-                   help="shortcut files (default: shortcuts.safetensors when present); identity is always included")
-    p.add_argument("--tuned-lens", nargs="+", default=[], metavar="DIR",
-                   help="tuned-lens folders (config.json, params.pt) evaluated beside the shortcuts, as tuned-lens")
-    p.add_argument("--layers", help="source layers: all (default), 3, 1,5,9 or 0-29")
-    p.add_argument("--out", default="report", help="output folder (default: report)")
-    p.add_argument("--max-rows", type=int, help="evaluate on at most this many validation rows")
-    p.add_argument("--chunk-rows", type=int, default=256, help="rows per chunk (default: 256)")
-    p.add_argument("--skip-positions", type=int, help="leave out rows at positions below this "
-                   "(default: 1, the BOS row, or the first token's attention sink where there is no BOS)")
-    p.add_argument("--allow-overlap", action="store_true",
-                   help="evaluate even if a shortcut was fitted on another split of this store's corpus")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+if __name__ == "__main__":  # `python -m njtc_solve.evaluate` is the command njtc_solve.cli.evaluate
+    from njtc_solve.cli.evaluate import run
 
-
-def main(argv=None) -> int:
-    """Command-line entry point of ``python -m njtc_solve.evaluate``."""
-    from .export import TUNED_LENS_FILES, read_tuned_lens
-    from .fit import parse_layers
-    from .report import write_report
-
-    args = _parser().parse_args(argv)
-    files = args.shortcuts
-    if files is None:
-        files = ["shortcuts.safetensors"] if Path("shortcuts.safetensors").is_file() else []
-    if args.max_rows is not None and args.max_rows <= 0:
-        raise NJTCError("--max-rows must be positive")
-    if args.chunk_rows <= 0:
-        raise NJTCError("--chunk-rows must be positive")
-    if args.skip_positions is not None and args.skip_positions < 0:
-        raise NJTCError("--skip-positions must be 0 or more")
-    out = Path(args.out)
-    lens_files = [("--tuned-lens", Path(d) / name) for d in args.tuned_lens for name in TUNED_LENS_FILES]
-    check_not_inputs([("--out", out / name) for name in REPORT_FILES],
-                     command_inputs(args, "store", "model", "corpus", defaults={
-                         "store": None if args.model is not None else "activations.h5"})
-                     + [("--shortcuts", f) for f in files] + lens_files,
-                     replaced_folders=[("--out", temporary_path(out.resolve()))])
-    check_folder_output(out, "--out", REPORT_FILES, _is_report, parents=True)  # write_report creates parents
-    check_device(args.device)
-    loaded = _load_all(files)
-    for d in args.tuned_lens:  # a bad folder is refused before a model loads or a row is read
-        read_tuned_lens(d)
-    if args.layers is not None and any(sc.stats.get("n_layers", sc.target_layer) != sc.target_layer for sc in loaded):
-        raise NJTCError("--layers applies to maps to the last layer; maps to other layers are evaluated whole")
-    provenance = next((sc.provenance for sc in loaded if sc.provenance), None)  # the held-out documents
-    if args.model is not None:
-        plan_settings(args, provenance)  # a bad plan is refused before the model loads
-    with rows_from_args(args, provenance, "evaluate") as store:
-        # maps to an intermediate layer: per-pair errors (and skip scores with --model), no logit metrics
-        pairwise = [sc for sc in loaded if sc.target_layer != store.n_layers]
-        loaded = [sc for sc in loaded if sc.target_layer == store.n_layers]
-        if pairwise:
-            from .pairwise import evaluate_pairs, write_pairwise_report
-
-            if args.layers is not None:
-                raise NJTCError("--layers applies to maps to the last layer; maps to other layers are evaluated whole")
-            pairs = evaluate_pairs(store, pairwise, max_rows=args.max_rows, device=args.device,
-                                   progress=not args.no_progress, skip_positions=args.skip_positions,
-                                   allow_overlap=args.allow_overlap)
-        loaded += [read_tuned_lens(d, store.head(), store.model_sha256) for d in args.tuned_lens]
-        if loaded or not pairwise:
-            result = evaluate_shortcuts(store, loaded, parse_layers(args.layers), args.max_rows,
-                                        args.chunk_rows, args.device, not args.no_progress,
-                                        skip_positions=args.skip_positions, allow_overlap=args.allow_overlap)
-    if pairwise:
-        paths, summary = write_pairwise_report(pairs, out)
-        print(summary)
-        print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    if loaded or not pairwise:
-        paths, summary = write_report(result, out)
-        for warning in result.meta["warnings"]:
-            print(f"warning: {warning}", file=sys.stderr)
-        print(summary)
-        print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run())

@@ -23,7 +23,6 @@ compares a lens trained by gradient with closed-form maps on the same held-out r
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -31,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import NJTCError, atomic_output, run_cli
-from .outputs import check_folder_output, check_not_inputs, command_inputs
+from .errors import NJTCError, atomic_output
+from .outputs import check_folder_output
 from .shortcuts import ShortcutMap, Shortcuts
 
 __all__ = ["TUNED_LENS_ARCHITECTURES", "TUNED_LENS_FILES", "affine_form", "check_output_folder", "export_tuned_lens",
-           "main", "read_tuned_lens", "translator_state", "unembed_hash"]
+           "read_tuned_lens", "translator_state", "unembed_hash"]
 
 METHOD = "tuned-lens"
 SIDECAR = "njtc.json"  # beside config.json: the weights' hash, which tuned-lens's config has no key for
@@ -314,37 +313,7 @@ def read_tuned_lens(folder, head=None, model_sha256: str = "") -> Shortcuts:
                      provenance={"tuned_lens": str(folder), "base_model": config.get("base_model_name_or_path")})
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", required=True, choices=["tuned-lens"], help="the format to write")
-    p.add_argument("--shortcuts", required=True, help="shortcut file to export")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", help="the model the maps were fitted on (checked; its name and unembedding hash go "
-                   "into config.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace a lens already in --out")
-    return p
+if __name__ == "__main__":  # `python -m njtc_solve.export` is the command njtc_solve.cli.export
+    from njtc_solve.cli.export import run
 
-
-def main(argv=None) -> int:
-    """Command-line entry point of ``python -m njtc_solve.export``."""
-    args = _parser().parse_args(argv)
-    check_not_inputs([("--out", Path(args.out) / name) for name in TUNED_LENS_FILES],
-                     command_inputs(args, "shortcuts", "model"))
-    out = check_output_folder(args.out, args.overwrite)  # before a model is loaded
-    shortcuts = Shortcuts.load(args.shortcuts)
-    translator_state(shortcuts)  # what cannot be exported is refused before a model is loaded
-    _check_head_description(shortcuts.head_description)
-    model = None
-    if args.model is not None:
-        from .models import load_model
-
-        model = load_model(args.model, progress=False)[0]
-    out = export_tuned_lens(shortcuts, args.out, model=model, overwrite=args.overwrite)
-    print(f"wrote {out}/config.json and params.pt: {shortcuts.name}, {len(shortcuts.maps)} of "
-          f"{shortcuts.target_layer} layers (the others are identity translators)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run())

@@ -13,11 +13,8 @@ continues with ``--resume``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +25,15 @@ from tqdm.auto import tqdm
 
 from .architectures import resolve_parts
 from .capture import check_head, forward_batches, head_check_tolerance
-from .corpus import DEFAULT_CORPUS, corpus_sha256, load_corpus
-from .errors import NJTCError, output_lock, run_cli, temporary_path, write_failure
+from .corpus import DEFAULT_CORPUS, corpus_sha256
+from .errors import NJTCError, temporary_path, write_failure
 from .head import Head
-from .models import add_model_arguments, check_device, load_model_from_args, model_sha256
-from .outputs import check_not_inputs, command_inputs
+from .models import model_sha256
 from .store import (DEFAULT_SKIP_POSITIONS, FINAL_TOPK, FORMAT, FORMAT_VERSION, STORE_DTYPES, TRAIN, VALIDATION,
                     decode_rows, encode_rows)
 
-__all__ = ["PLAN_DEFAULTS", "ExtractionPlan", "add_plan_arguments", "bos_token", "check_output", "extract_activations",
-           "head_check_tolerance", "main", "parse_layers", "plan_extraction", "plan_settings"]
+__all__ = ["PLAN_DEFAULTS", "ExtractionPlan", "bos_token", "check_output", "extract_activations",
+           "head_check_tolerance", "plan_extraction"]
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -546,161 +542,7 @@ PLAN_DEFAULTS = {"corpus": DEFAULT_CORPUS, "text_field": "text", "seq_len": 128,
                  "max_tokens": None, "val_fraction": 0.25, "seed": 0, "bos": "auto", "batch_size": 8}
 
 
-def add_plan_arguments(p: argparse.ArgumentParser, inherit: bool = False) -> None:
-    """The corpus and plan arguments of every command that runs a model over a corpus.
+if __name__ == "__main__":  # `python -m njtc_solve.extract` is the command njtc_solve.cli.extract
+    from njtc_solve.cli.extract import run
 
-    With ``inherit`` the defaults are ``None``: the command takes them from a shortcut's
-    provenance (see :func:`plan_settings`).
-    """
-    default = (lambda key: None) if inherit else PLAN_DEFAULTS.get
-    p.add_argument("--corpus", default=default("corpus"),
-                   help="pydoc_data.topics (default), a .txt file (a document per line), a folder of .txt files or "
-                   "a .jsonl file")
-    p.add_argument("--text-field", default=default("text_field"), help="text field of each .jsonl record (default: text)")
-    p.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per sequence (default: 128)")
-    p.add_argument("--positions", choices=["all", "one-per-sequence"], default=default("positions"),
-                   help="every position, or one random position per sequence (JTC protocol)")
-    p.add_argument("--max-tokens", type=int, help="bound on the rows (tokens) read from the corpus")
-    p.add_argument("--val-fraction", type=float, default=default("val_fraction"),
-                   help="fraction of the tokens held out for validation, as whole documents (default: 0.25)")
-    p.add_argument("--seed", type=int, default=default("seed"),
-                   help="seed of the document split, sequence sample and positions")
-    p.add_argument("--bos", choices=["auto", "always", "never"], default=default("bos"),
-                   help="start each sequence with the tokenizer's BOS token: auto (default: where the tokenizer "
-                   "adds one itself), always or never")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
-
-
-def plan_settings(args, provenance: dict | None = None) -> dict:
-    """The plan's keyword arguments from parsed arguments; unset ones from ``provenance``.
-
-    ``provenance`` is a shortcut's (:attr:`Shortcuts.provenance`): evaluating a live model
-    with the plan its shortcut was fitted with holds out exactly the documents it never saw.
-    """
-    inherited = {}
-    if provenance:
-        inherited = {"seq_len": provenance.get("seq_len"), "positions": provenance.get("positions"),
-                     "val_fraction": provenance.get("val_fraction"), "seed": provenance.get("seed"),
-                     "max_tokens": None if provenance.get("max_tokens") in (None, -1) else provenance["max_tokens"],
-                     "bos": None if "bos" not in provenance else ("always" if provenance["bos"] else "never")}
-    settings = {}
-    for key in ("seq_len", "positions", "max_tokens", "val_fraction", "seed", "bos"):
-        value = getattr(args, key)
-        if value is None:
-            value = inherited.get(key)
-        settings[key] = PLAN_DEFAULTS[key] if value is None else value
-    if settings["max_tokens"] is not None and settings["max_tokens"] <= 0:
-        raise NJTCError("--max-tokens must be positive")
-    if settings["seed"] < 0:
-        raise NJTCError(f"--seed must be 0 or more, not {settings['seed']}")
-    if settings["seq_len"] < 2:  # what plan_extraction refuses, here before a model loads
-        raise NJTCError(f"--seq-len must be at least 2, not {settings['seq_len']}")
-    if not 0 <= settings["val_fraction"] < 1:
-        raise NJTCError(f"--val-fraction must be in [0, 1), not {settings['val_fraction']}")
-    if getattr(args, "batch_size", 1) < 1:
-        raise NJTCError("--batch-size must be positive")
-    return settings
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.extract", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_plan_arguments(p)
-    p.add_argument("--out", default="activations.h5", help="output store (default: activations.h5)")
-    p.add_argument("--store-dtype", "--dtype", dest="dtype", choices=list(STORE_DTYPES), default="float32",
-                   help="storage type of the activations: float32 (default), float16 (half the disk; refuses "
-                   "activations beyond its range) or bfloat16 (half the disk, float32's range, 8-bit mantissa); "
-                   "a store takes (stored layers) x d x 4 bytes per token in float32, x 2 in 16 bits: 71 kB "
-                   "per token for SmolLM2-135M's 31 layers at d=576, 541 kB for Llama-2-7B's 33 at d=4096 (kB = 1000 bytes)")
-    p.add_argument("--layers", help="source layers to store: all (default), 3, 1,5,9 or 0-29; the last layer "
-                   "(the target) is always stored")
-    p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from rows_written")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_arguments(p)
-    return p
-
-
-def parse_layers(text: str | None):
-    """Parse ``"all"``, ``"3"``, ``"1,5,9"`` or ``"0-29"`` into source layer indices."""
-    if text is None or text == "all":
-        return None
-    layers = []
-    try:
-        for part in text.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                layers.extend(range(int(a), int(b) + 1))
-            else:
-                layers.append(int(part))
-    except ValueError as err:
-        raise NJTCError(f"cannot parse --layers {text!r}; use e.g. 3 or 1,5,9 or 0-29") from err
-    return layers
-
-
-def main(argv=None) -> int:
-    """Command-line entry point of ``python -m njtc_solve.extract`` (also under torchrun)."""
-    from .distributed import Communicator
-    from .store import combine_shards, shard_path
-
-    args = _parser().parse_args(argv)
-    plan_settings(args)  # a bad plan is refused before the corpus and the model load
-    if args.dtype not in STORE_DTYPES:
-        raise NJTCError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
-    check_device(args.device)
-    comm = Communicator.from_environment(args.device)
-    try:
-        start = time.perf_counter()
-        device = comm.device if comm is not None else args.device
-        shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
-        out = Path(args.out) if comm is None else shard_path(args.out, *shard)
-        ok = False
-        try:  # every process votes on the way out, so none waits for a failed peer
-            check_not_inputs([("--out", args.out), ("--out", None if comm is None else out)],
-                             command_inputs(args, "corpus", "model"))
-            if comm is not None and Path(args.out).exists() and not args.overwrite:
-                raise NJTCError(f"{args.out} exists; pass --overwrite to replace it")
-            if not out.parent.is_dir():
-                raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
-            with output_lock(out):  # before any work: a second run to the same output refuses
-                check_output(out, args.resume, args.overwrite)  # before the model loads
-                if args.resume and not temporary_path(out).exists():
-                    print(f"note: nothing to resume ({temporary_path(out)} does not exist); starting afresh",
-                          file=sys.stderr)
-                corpus_name, documents = load_corpus(args.corpus, args.text_field)
-                model, tokenizer, model_name = load_model_from_args(args, device, progress=not args.no_progress)
-                out = extract_activations(
-                    model, tokenizer, documents, out, model_name=model_name, corpus_name=corpus_name,
-                    seq_len=args.seq_len, positions=args.positions, max_tokens=args.max_tokens,
-                    val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
-                    batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
-                    progress=not args.no_progress and shard[0] == 0, shard=shard, bos=args.bos,
-                    layers=parse_layers(args.layers),
-                )
-            ok = True
-        finally:
-            if comm is not None and not comm.vote(ok) and ok:
-                raise NJTCError("another process failed; the combined store was not written")
-        if comm is not None:
-            if comm.rank != 0:
-                return 0
-            with output_lock(Path(args.out)):  # a second run to the same output refuses, as for one process
-                out = combine_shards(args.out, [shard_path(args.out, r, shard[1]) for r in range(shard[1])])
-        with h5py.File(out, "r") as f:
-            a = f.attrs
-            print(f"wrote {out}: {a['n_rows']} rows x {len(a.get('layers', range(a['n_layers'] + 1)))} layers "
-                  f"x d={a['d_model']} "
-                  f"({int((f['split'][...] == VALIDATION).sum())} validation rows from "
-                  f"{len(f['validation_documents'])} of {a['n_documents']} documents; "
-                  f"{'a BOS token' if a['bos'] else 'no BOS token'} at position 0); head check: "
-                  f"relative error {a['head_check_rel_err']:.2e}, top-1 agreement "
-                  f"{a['head_check_top1_agreement']:.3f}; {time.perf_counter() - start:.1f}s")
-        return 0
-    finally:
-        if comm is not None:
-            comm.close()
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main, interrupted="the partial store is kept: resume with --resume"))
+    raise SystemExit(run())

@@ -15,25 +15,19 @@ identity plus a low-rank correction; ``--weight logits`` measures the error in l
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import math
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import NJTCError, run_cli
-from .extract import add_plan_arguments, parse_layers, plan_settings
-from .models import add_model_arguments, check_device
-from .outputs import check_file_output, check_not_inputs, command_inputs
-from .shortcuts import FORMAT as SHORTCUT_FORMAT, ShortcutMap, Shortcuts
-from .sources import rows_from_args
+from .errors import NJTCError
+from .models import check_device
+from .outputs import check_not_inputs
+from .shortcuts import ShortcutMap, Shortcuts
 from .solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, weight_root
-from .stats import FORMAT as STATISTICS_FORMAT, MomentAccumulator, Statistics
+from .stats import MomentAccumulator, Statistics
 from .store import ActivationStore
 
 __all__ = [
@@ -44,9 +38,7 @@ __all__ = [
     "fit_all_targets",
     "fit_from_statistics",
     "fit_shortcuts",
-    "main",
-    "parse_layers",
-    "parse_ranks",
+    "row_norm_warning",
 ]
 
 METHODS = ("jtc", "njtc", "nnjtc")
@@ -561,43 +553,6 @@ def _solve_shared(comm, solve, layers) -> list[Shortcuts]:
     return merged
 
 
-def parse_ranks(text: str | None):
-    """Parse ``"32"`` or ``"8,16,32"``; ``None`` stays ``None``."""
-    if text is None:
-        return None
-    try:
-        return [int(r) for r in text.split(",")]
-    except ValueError as err:
-        raise NJTCError(f"cannot parse --rank {text!r}; use e.g. 32 or 8,16,32,64") from err
-
-
-def output_paths(out: Path, shortcuts: list[Shortcuts], target: int | None = None) -> list[Path]:
-    """One file per rank: ``out`` itself for one rank, ``stem-r{rank}.suffix`` for several.
-
-    With ``target`` (a fit of every target), ``stem-t{target}`` and ``stem-t{target}-r{rank}``.
-    """
-    return rank_paths(out, [s.rank for s in shortcuts], target)
-
-
-def rank_paths(out: Path, ranks, target: int | None = None) -> list[Path]:
-    """The files :func:`output_paths` gives for ``ranks`` (``None``: one file), known before the fit."""
-    ranks = [None] if not ranks else list(ranks)
-    stem = out.stem if target is None else f"{out.stem}-t{target}"
-    if len(ranks) == 1:
-        return [out if target is None else out.with_name(f"{stem}{out.suffix}")]
-    return [out.with_name(f"{stem}-r{r}{out.suffix}") for r in ranks]
-
-
-def parse_target(text: str | None):
-    """Parse ``--target-layer``: ``None`` (the last layer), ``"all"`` or a layer number."""
-    if text is None or text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError as err:
-        raise NJTCError(f"cannot parse --target-layer {text!r}; use a layer number or all") from err
-
-
 def row_norm_warning(sc: Shortcuts) -> str | None:
     """A one-line warning when the fit's training rows hold target states far above the rest.
 
@@ -615,180 +570,7 @@ def row_norm_warning(sc: Shortcuts) -> str | None:
             "they can dominate the fit: consider --skip-positions or a BOS token")
 
 
-def _summary(sc: Shortcuts) -> str:
-    lines = [f"{sc.name}: layer  rank   train MSE       R2    params  reduction  solve ms"]
-    for layer, rec in sorted(sc.stats["layers"].items(), key=lambda kv: int(kv[0])):
-        rank = "full" if rec["rank"] is None else rec["rank"]
-        lines.append(f"{'':>{len(sc.name) + 2}}{layer:>5}  {rank:>4}  {rec['train_mse']:10.4g}  {rec['r2']:7.4f}  "
-                     f"{rec['params']:>8}  {100 * rec['reduction']:8.2f}%  {1e3 * rec['solve_s']:8.1f}")
-    return "\n".join(lines)
+if __name__ == "__main__":  # `python -m njtc_solve.fit` is the command njtc_solve.cli.fit
+    from njtc_solve.cli.fit import run
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.fit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", help="activation store (default: activations.h5, unless --model or --stats is given)")
-    add_model_arguments(p)  # --model: read the rows from its forward pass instead of a store
-    live = p.add_argument_group("live fit (with --model): the corpus and plan, as in python -m njtc_solve.extract")
-    add_plan_arguments(live)
-    p.add_argument("--method", default="nnjtc", help="jtc, njtc or nnjtc (default: nnjtc)")
-    p.add_argument("--layers", help="source layers: all (default), 3, 1,5,9 or 0-29")
-    p.add_argument("--target-layer", help="the layer the maps predict: a number (every source layer below it), "
-                   "or all: every pair l < l' from one pass, one file per target, OUT-t{target}.safetensors; "
-                   "all keeps one d x d float64 C_xy per pair, C_xx per source and C_yy per target "
-                   "(SmolLM2-135M, d = 576: 465 pairs, 1.39 GB; twice that with --save-stats) "
-                   "(default: the last layer)")
-    p.add_argument("--rank", help="rank of the narrow maps, or a comma list fitted from one decomposition "
-                   "(default: 32; not for jtc)")
-    p.add_argument("--normalize", help="input normalization: none, batch, layer (N-NJTC default) or rms")
-    p.add_argument("--residual", action="store_true", help="fit identity plus a low-rank correction")
-    p.add_argument("--weight", default="none", help="none (default) or logits: minimise the error in logit space")
-    p.add_argument("--no-intercept", action="store_true", help="fit without a bias")
-    p.add_argument("--alpha", default="0", help="ridge penalty, or auto: generalised cross-validation per layer (one alpha serves every rank)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--out", default="shortcuts.safetensors", help="output file (default: shortcuts.safetensors; "
-                   "several ranks give NAME-r{rank}.safetensors)")
-    p.add_argument("--save-stats", help="also write the sufficient statistics here")
-    p.add_argument("--stats", help="solve from saved statistics instead of reading the activations")
-    p.add_argument("--skip-positions", type=int, help="leave out rows at positions below this (default: 1, the "
-                   "BOS row, or the first token's attention sink where there is no BOS)")
-    p.add_argument("--chunk-rows", type=int, default=4096, help="rows per streamed chunk (default: 4096)")
-    p.add_argument("--float64", action="store_true", help="accumulate with float64 GEMMs (slower)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def _parse_alpha(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise NJTCError(f"--alpha must be a number or auto, not {text!r}") from err
-    if not math.isfinite(value) or value < 0:
-        raise NJTCError("--alpha must be a non-negative number")
-    return value
-
-
-def main(argv=None, comm=None) -> int:
-    """Command-line entry point of ``python -m njtc_solve.fit``."""
-    args = _parser().parse_args(argv)
-    from .distributed import Communicator
-
-    comm = comm or Communicator.from_environment(args.device)
-    try:
-        return _run(args, comm)
-    except BaseException:
-        if comm is not None and not comm.voted:
-            comm.vote(False)  # release the peers waiting for this process
-        raise
-    finally:
-        if comm is not None:
-            comm.close()
-
-
-@contextmanager
-def _source(args, device, comm):
-    """Where the fit reads its rows: a store, the model's forward pass, or none (``--stats``)."""
-    if args.model is not None and args.stats is not None:
-        raise NJTCError("--model and --stats exclude each other: saved statistics need no model")
-    if args.stats is not None and args.store is None and args.model is None:
-        yield None
-        return
-    with rows_from_args(args, None, "fit", device, not args.no_progress and (comm is None or comm.rank == 0)) as rows:
-        yield rows
-
-
-def _check_outputs(args, out: Path, targets=None) -> None:
-    """Before any work: the shortcut files and the statistics can be written, replace no input,
-    no other output and no file this project did not write.
-
-    ``targets`` (``--target-layer all``): the target layers, whose files ``OUT-t{t}…`` are
-    checked instead of ``OUT`` (which that fit never writes); ``[]`` checks ``--save-stats`` alone.
-    """
-    ranks = parse_ranks(args.rank)
-    names = rank_paths(out, ranks) if targets is None else [p for t in targets for p in rank_paths(out, ranks, t)]
-    store = args.store or (None if args.model is not None or args.stats is not None else "activations.h5")
-    check_not_inputs([("--out", p) for p in names] + [("--save-stats", args.save_stats)],
-                     [("--store", store)] + command_inputs(args, "stats", "model", "corpus"))
-    for path in names:
-        check_file_output(path, "--out", [SHORTCUT_FORMAT], "a shortcut file")
-    if args.save_stats is not None:
-        check_file_output(args.save_stats, "--save-stats", [STATISTICS_FORMAT], "a statistics file")
-
-
-def _run(args, comm) -> int:
-    """The fit itself: every process accumulates its share and solves its layers; rank 0 writes."""
-    device = args.device
-    if comm is not None:
-        device = str(comm.device)  # each process on its own GPU under torchrun
-        if args.stats is not None:  # nothing to accumulate: no collectives, rank 0 alone solves
-            comm.voted = True
-            if comm.rank != 0:
-                return 0
-    out = Path(args.out)
-    if args.chunk_rows <= 0:
-        raise NJTCError("--chunk-rows must be positive")
-    _check_outputs(args, out, [] if args.target_layer == "all" else None)  # all: its files once the targets are known
-    if args.model is not None:
-        plan_settings(args)  # a bad plan (--seq-len 1, ...) is refused before the model loads
-    check_device(device)  # before a model loads
-    target = parse_target(args.target_layer)
-    if target == "all":
-        return _run_all_targets(args, comm, device, out)
-    start = time.perf_counter()
-    with _source(args, device, comm) as store:
-        shortcuts = fit_shortcuts(
-            store, args.method, parse_ranks(args.rank), parse_layers(args.layers),
-            args.normalize, args.residual, args.weight, not args.no_intercept, _parse_alpha(args.alpha),
-            device, args.stats, args.save_stats, args.chunk_rows, args.float64,
-            not args.no_progress and (comm is None or comm.rank == 0),
-            None if args.stats is not None else comm,  # from saved statistics rank 0 solves alone
-            args.skip_positions, target_layer=target)
-    if comm is not None and comm.rank != 0:
-        return 0
-    for sc, path in zip(shortcuts, output_paths(out, shortcuts)):
-        sc.save(path)
-        print(_summary(sc))
-        print(f"wrote {path}")
-    warning = row_norm_warning(shortcuts[0])
-    if warning:
-        print(warning, file=sys.stderr)
-    acc = shortcuts[0].stats["accumulation"]
-    if acc.get("seconds") is not None and args.stats is None:
-        print(f"statistics: {acc['seconds']:.2f}s, {acc['rows_per_s']:.0f} rows/s, {acc['gflops']:.1f} GFLOP/s "
-              f"on {acc['device']}; total {time.perf_counter() - start:.2f}s")
-    return 0
-
-
-def _run_all_targets(args, comm, device, out) -> int:
-    """``--target-layer all``: one pass, then one file per target, each written as soon as it is solved."""
-    if args.weight != "none":
-        raise NJTCError("--weight logits needs the last layer as the target (only it has a head); "
-                        "--target-layer all fits intermediate targets too")
-    if comm is not None and comm.world_size > 1:
-        raise NJTCError("--target-layer all runs in one process (not under torchrun)")
-    _check_method(args.method, parse_ranks(args.rank), args.normalize)  # before a model loads
-    start = time.perf_counter()
-    with _source(args, device, None) as store:
-        solved = fit_all_targets(
-            store, method=args.method, ranks=parse_ranks(args.rank), layers=parse_layers(args.layers),
-            normalize=args.normalize, residual=args.residual, fit_intercept=not args.no_intercept,
-            alpha=_parse_alpha(args.alpha), device=device, statistics=args.stats, save_stats=args.save_stats,
-            chunk_rows=args.chunk_rows, float64=args.float64, progress=not args.no_progress,
-            skip_positions=args.skip_positions, check_outputs=lambda targets: _check_outputs(args, out, targets))
-    for target, fits in solved:
-        for sc, path in zip(fits, output_paths(out, fits, target)):
-            sc.save(path)
-            r2 = [rec["r2"] for rec in sc.stats["layers"].values()]
-            print(f"target {target}: {sc.name}, {len(sc.maps)} source layers, train R2 {min(r2):.4f}..{max(r2):.4f}; "
-                  f"wrote {path}")
-        warning = row_norm_warning(fits[0])
-        if warning:
-            print(warning, file=sys.stderr)
-    print(f"total {time.perf_counter() - start:.2f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run())

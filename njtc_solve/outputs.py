@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .errors import NJTCError, temporary_path
 
-__all__ = ["check_file_output", "check_folder_output", "check_not_inputs", "check_writable", "command_inputs",
+__all__ = ["check_file_output", "check_folder_output", "check_not_inputs", "check_writable",
            "file_format", "same_file"]
 
 
@@ -210,18 +210,3 @@ def check_folder_output(folder, label: str, names, is_own, overwrite: bool = Fal
             raise NJTCError(f"{label} {folder} holds {clashing[0]}, which this project did not write; "
                             f"{advice or f'choose another {label}'}")
     return folder
-
-
-def command_inputs(args, *names, defaults: dict | None = None) -> list[tuple[str, Path]]:
-    """``(flag, path)`` for each input argument ``names`` of parsed ``args`` that is set (a list
-    argument gives one pair per element); ``defaults`` gives the path an unset one stands for."""
-    pairs = []
-    for name in names:
-        value = getattr(args, name, None)
-        if value is None and defaults:
-            value = defaults.get(name)
-        flag = "--" + name.replace("_", "-")
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if item is not None and str(item) not in ("", "default", "pydoc_data.topics"):
-                pairs.append((flag, Path(item)))
-    return pairs

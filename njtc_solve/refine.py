@@ -20,21 +20,14 @@ from the model's forward pass over the plan the shortcuts were fitted with
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
-from pathlib import Path
 
-from .errors import NJTCError, run_cli
-from .extract import add_plan_arguments, plan_settings
-from .models import add_model_arguments, check_device
-from .outputs import check_file_output, check_not_inputs, command_inputs
-from .shortcuts import FORMAT as SHORTCUT_FORMAT, Shortcuts
-from .sources import rows_from_args
+from .errors import NJTCError
+from .shortcuts import Shortcuts
 from .store import ActivationStore
-from .train import OBJECTIVES, OPTIMIZERS, StoreRows, TrainResult, train_maps
+from .train import StoreRows, TrainResult, train_maps
 
-__all__ = ["main", "refine_shortcuts"]
+__all__ = ["refine_shortcuts"]
 
 
 def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", steps: int = 500, layers=None,
@@ -119,84 +112,7 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
     return refined, result
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.refine", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shortcuts", required=True, help="the fitted shortcut file to start from")
-    p.add_argument("--store", help="activation store (default: activations.h5, unless --model is given)")
-    add_model_arguments(p)  # --model: read the rows from its forward pass instead of a store
-    live = p.add_argument_group("live refinement (with --model): the corpus and plan; unset values come from the "
-                                "shortcut file's provenance, so it trains on its own training documents")
-    add_plan_arguments(live, inherit=True)
-    p.add_argument("--objective", default="kl", help="kl (default) or mse")
-    p.add_argument("--steps", type=int, default=500, help="most optimisation steps (default: 500)")
-    p.add_argument("--layers", help="source layers to refine: all of the file's (default), 3, 1,5,9 or 0-29")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: 1e-3)")
-    p.add_argument("--optimizer", default="adam", help="adam (default) or sgd (Nesterov, momentum 0.9)")
-    p.add_argument("--batch-rows", type=int, default=256, help="training rows per step (default: 256)")
-    p.add_argument("--check-rows", type=int, default=512,
-                   help="held-out rows for early stopping: the last N validation rows (default: 512)")
-    p.add_argument("--check-every", type=int, default=25, help="steps between checks (default: 25)")
-    p.add_argument("--patience", type=int, default=4,
-                   help="checks without improvement before a layer stops; 0: never (default: 4)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the training rows' order (default: 0)")
-    p.add_argument("--out", required=True, help="output shortcut file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+if __name__ == "__main__":  # `python -m njtc_solve.refine` is the command njtc_solve.cli.refine
+    from njtc_solve.cli.refine import run
 
-
-def main(argv=None) -> int:
-    """Command-line entry point of ``python -m njtc_solve.refine``."""
-    from .fit import parse_layers
-
-    args = _parser().parse_args(argv)
-    if args.objective not in OBJECTIVES:
-        raise NJTCError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {args.objective!r}")
-    if args.optimizer not in OPTIMIZERS:
-        raise NJTCError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {args.optimizer!r}")
-    for name in ("steps", "batch_rows", "check_rows", "check_every"):
-        if getattr(args, name) <= 0:
-            raise NJTCError(f"--{name.replace('_', '-')} must be positive")
-    if args.patience < 0:
-        raise NJTCError("--patience must be 0 or more")
-    if not 0 < args.lr < math.inf:
-        raise NJTCError(f"--lr must be a positive finite number, not {args.lr}")
-    check_not_inputs([("--out", args.out)], command_inputs(args, "shortcuts", "store", "model", "corpus", defaults={
-        "store": None if args.model is not None else "activations.h5"}))
-    out = check_file_output(args.out, "--out", [SHORTCUT_FORMAT], "a shortcut file")  # before the training
-    check_device(args.device)
-    start = Shortcuts.load(args.shortcuts)
-    if args.model is not None:
-        plan_settings(args, start.provenance or None)  # a bad plan is refused before the model loads
-    with rows_from_args(args, start.provenance or None, "refine") as store:
-        refined, result = refine_shortcuts(store, start, args.objective, args.steps, parse_layers(args.layers),
-                                           args.lr, args.optimizer, args.batch_rows, args.check_rows,
-                                           args.check_every, args.patience, args.device, not args.no_progress,
-                                           args.shuffle_seed)
-    info = refined.stats["refined"]
-    info["from_file"] = str(Path(args.shortcuts))
-    if not info["improved"]:  # never an unchanged file labelled as refined
-        raise NJTCError(f"no layer improved on its held-out {args.objective} in {result.steps} steps (--lr {args.lr:g}, "
-                        f"{args.optimizer}); the maps are unchanged, so nothing was written: try a smaller --lr")
-    refined.save(out)
-    for l in sorted(result.best):
-        s, b = result.start[l], result.best[l]
-        if l in info["improved"]:
-            print(f"layer {l}: held-out {args.objective} {s['loss']:.4g} -> {b['loss']:.4g} (best at step {b['step']})")
-        else:
-            print(f"layer {l}: held-out {args.objective} {s['loss']:.4g}, not improved: the start map is kept")
-    print(f"{result.steps} steps in {result.seconds:.1f}s ({result.stopped}); wrote {args.out} ({refined.name}: "
-          f"{len(info['improved'])} of {len(result.best)} layers refined)")
-    first, n_val = info["check_rows"]
-    if first == 0:
-        print(f"warning: early stopping used all {n_val} held-out rows (--check-rows {args.check_rows}), so no "
-              "evaluation of this file is independent of it; use a smaller --check-rows", file=sys.stderr)
-    else:
-        print(f"early stopping used held-out rows {first}-{n_val - 1}; evaluate with --max-rows {first} or fewer "
-              "to keep evaluation apart from them")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run())

@@ -13,7 +13,6 @@ top-k at every validation row under ``"final_topk"``.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -25,9 +24,9 @@ from .errors import NJTCError
 from .extract import ExtractionPlan, plan_extraction
 from .head import Head
 from .models import model_sha256
-from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, SPLITS, TRAIN, ActivationStore, split_provenance
+from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, SPLITS, TRAIN, split_provenance
 
-__all__ = ["LiveSource", "live_source_from_args", "rows_from_args"]
+__all__ = ["LiveSource"]
 
 class LiveSource:
     """Training or validation rows of a live model over a corpus, one forward pass per batch.
@@ -162,44 +161,3 @@ class LiveSource:
             yield rows[pick], chunk
             if max_rows is not None and taken >= max_rows:
                 return
-
-
-
-@contextmanager
-def rows_from_args(args, provenance: dict | None = None, verb: str = "read", device=None, progress=None):
-    """The rows a command reads: the store of ``--store`` (default ``activations.h5``), or with
-    ``--model`` the model's forward pass over the plan of ``provenance`` (see
-    :func:`live_source_from_args`), on ``device`` (default ``--device``)."""
-    if args.model is None:
-        with ActivationStore(args.store or "activations.h5") as store:
-            yield store
-        return
-    if args.store is not None:
-        raise NJTCError(f"--model and --store exclude each other: {verb} on the model or on a store")
-    if args.batch_size < 1:
-        raise NJTCError("--batch-size must be positive")
-    yield live_source_from_args(args, args.device if device is None else device,
-                                not args.no_progress if progress is None else progress, provenance)
-
-
-def live_source_from_args(args, device, progress: bool = True, provenance: dict | None = None) -> LiveSource:
-    """The live source a command's parsed arguments describe: model, corpus and plan.
-
-    Arguments left unset take their value from ``provenance`` (a shortcut's), so that
-    evaluation runs the plan the shortcut was fitted with (see
-    :func:`njtc_solve.extract.plan_settings`).
-    """
-    from .corpus import load_corpus
-    from .extract import PLAN_DEFAULTS, plan_settings
-    from .models import load_model_from_args
-
-    settings = plan_settings(args, provenance)  # bad settings fail before the model loads
-    corpus = args.corpus if args.corpus is not None else PLAN_DEFAULTS["corpus"]
-    _, documents = load_corpus(corpus, args.text_field or PLAN_DEFAULTS["text_field"])
-    fitted_on = (provenance or {}).get("corpus_sha256")
-    if args.corpus is None and fitted_on and fitted_on != corpus_sha256(documents):
-        raise NJTCError(f"the shortcut was fitted on another corpus than {corpus} (corpus_sha256 {fitted_on[:12]}…); "
-                        "pass --corpus to name its corpus, or another to evaluate on")
-    model, tokenizer, name = load_model_from_args(args, device, progress=progress)
-    return LiveSource(model, tokenizer, documents, model_name=name, batch_size=args.batch_size, progress=progress,
-                      **settings)

@@ -49,12 +49,12 @@ _SCRIPT = textwrap.dedent('''
     for module in blocked:
         sys.modules[module] = None  # `import module` raises ModuleNotFoundError, find_spec gives None
     from importlib import import_module
-    from njtc_solve.errors import run_cli
+    from njtc_solve.cli import run_cli
 
     codes = {}
     for label, command, argv in json.loads(sys.argv[1]):
         try:
-            codes[label] = run_cli(import_module(f"njtc_solve.{command}").main, argv)
+            codes[label] = run_cli(import_module(f"njtc_solve.cli.{command}").main, argv)
         except SystemExit as stop:  # argparse's usage error
             codes[label] = stop.code
     loaded = sorted(set(blocked) & {name.split(".")[0] for name, m in sys.modules.items() if m is not None})

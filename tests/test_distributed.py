@@ -68,8 +68,8 @@ def test_two_process_fit_equals_single_process(tiny_store, tmp_path):
 def _failing_worker(rank, world, port, store, out, fail_rank, results, marker):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       NJTC_DIST_TIMEOUT="60")
-    from njtc_solve import fit, stats
-    from njtc_solve.errors import run_cli
+    from njtc_solve import stats
+    from njtc_solve.cli import fit, run_cli
 
     if rank == fail_rank:  # a real mid-run failure: the second chunk's accumulation raises
         original = stats.MomentAccumulator.update

@@ -263,8 +263,8 @@ def test_maps_to_an_intermediate_layer_checked_before_the_model_loads(tiny_store
     """`--layers` with maps to an intermediate layer is refused from the files alone (the model path
     does not exist, so a later check would name it instead), and a foreign pairwise.json in --out is
     never replaced."""
-    from njtc_solve.errors import run_cli
-    from njtc_solve.evaluate import main
+    from njtc_solve.cli import run_cli
+    from njtc_solve.cli.evaluate import main
 
     [jtc] = fit_shortcuts(tiny_store, "jtc", progress=False, target_layer=2)
     maps = tmp_path / "t2.safetensors"

@@ -112,7 +112,7 @@ def _in_process(capsys, main, *args):
     """A command run in this process (no interpreter start-up): exit status and stderr."""
     from types import SimpleNamespace
 
-    from njtc_solve.errors import run_cli
+    from njtc_solve.cli import run_cli
 
     capsys.readouterr()
     code = run_cli(main, [*args, "--no-progress"])
@@ -120,7 +120,7 @@ def _in_process(capsys, main, *args):
 
 
 def test_bad_targets_one_line_before_the_pass(tiny_store, tmp_path, capsys):
-    from njtc_solve.fit import main
+    from njtc_solve.cli.fit import main
 
     _fit = lambda *args: _in_process(capsys, main, *args)
     store, out = str(tiny_store), str(tmp_path / "x.safetensors")
@@ -147,7 +147,7 @@ def test_bad_targets_one_line_before_the_pass(tiny_store, tmp_path, capsys):
 
 
 def test_cli_all_writes_one_file_per_target(tiny_store, tmp_path, capsys):
-    from njtc_solve.fit import main
+    from njtc_solve.cli.fit import main
 
     out = tmp_path / "n.safetensors"
     result = _in_process(capsys, main, "--store", str(tiny_store), "--method", "njtc", "--rank", "2,4",
@@ -258,7 +258,7 @@ def test_consumers_refuse_an_intermediate_target(tiny_store, tmp_path, capsys):
     with ActivationStore(tiny_store) as store:
         with pytest.raises(NJTCError, match="the lens reads maps to the last layer"):
             ShortcutLens(store.head(), Shortcuts.load(path))
-    from njtc_solve.refine import main
+    from njtc_solve.cli.refine import main
 
     _one_line_exit_2(_in_process(capsys, main, "--shortcuts", str(path), "--store", str(tiny_store),
                                  "--out", str(tmp_path / "r.safetensors")),
@@ -272,7 +272,7 @@ def test_fit_warns_of_attention_sink_like_training_rows(tiny_store, tmp_path, ca
 
     import h5py
 
-    from njtc_solve.fit import main
+    from njtc_solve.cli.fit import main
 
     spiked = tmp_path / "spiked.h5"
     shutil.copy(tiny_store, spiked)

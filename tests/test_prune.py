@@ -19,7 +19,8 @@ import torch
 
 from njtc_solve.architectures import resolve_parts
 from njtc_solve.corpus import load_corpus
-from njtc_solve.errors import NJTCError, run_cli
+from njtc_solve.cli import run_cli
+from njtc_solve.errors import NJTCError
 from njtc_solve.extract import plan_extraction
 from njtc_solve.models import load_model
 from njtc_solve.replace import (PRUNE_RECORD, Replacement, apply_replacement, check_removal, save_pruned,
@@ -279,7 +280,7 @@ def test_never_worse_than_dropping(tiny_models, corpus, monkeypatch):
 
 
 def test_prune_command_writes_a_loadable_model(tiny_models, tmp_path, capsys):
-    from njtc_solve.prune import main
+    from njtc_solve.cli.prune import main
 
     out = tmp_path / "pruned"
     argv = ["--model", str(tiny_models["llama"]), "--remove", "1", "--auto", "--out", str(out), "--seq-len", "32",
@@ -316,7 +317,7 @@ def test_save_pruned_replaces_only_its_own_output(tmp_path):
 
 
 def _bad(argv, capsys):
-    from njtc_solve.prune import main
+    from njtc_solve.cli.prune import main
 
     code = run_cli(main, argv)
     err = capsys.readouterr().err.strip()

@@ -61,8 +61,7 @@ def small_disk(tmp_path):
 def test_a_write_that_fails_mid_run_stops_it_and_resume_finishes(tiny_models, tmp_path, monkeypatch, capsys):
     """The disk refuses a write after 30 batches (a checksummed store claims its space when it is
     created, so a real disk fills up there, before the long pass; this is the same failure later)."""
-    from njtc_solve import extract
-    from njtc_solve.errors import run_cli
+    from njtc_solve.cli import extract, run_cli
 
     args = ["--model", str(tiny_models["llama"]), "--seq-len", "16", "--batch-size", "1", "--max-tokens", "1600",
             "--no-progress"]

@@ -1,0 +1,120 @@
+"""The command layer: argparse lives only in njtc_solve.cli, library errors speak in parameters and
+the commands in flags, and every ``python -m njtc_solve.<command>`` hands over to its command."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from njtc_solve.cli import COMMANDS, command, flags_of, run_cli, translate
+from njtc_solve.errors import NJTCError
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "njtc_solve"
+
+
+def argument_glue(source: str) -> list[str]:
+    """What ties a module to the command line: an argparse import, a parser, a parsed namespace."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import) and any(a.name == "argparse" for a in node.names):
+            found.append(f"line {node.lineno}: import argparse")
+        elif isinstance(node, ast.ImportFrom) and node.module == "argparse":
+            found.append(f"line {node.lineno}: from argparse import")
+        elif isinstance(node, ast.Attribute) and node.attr in ("parse_args", "add_argument", "Namespace"):
+            found.append(f"line {node.lineno}: .{node.attr}")
+    return found
+
+
+def test_no_module_outside_the_command_layer_sees_argparse():
+    outside = [p for p in PACKAGE.rglob("*.py") if PACKAGE / "cli" not in p.parents]
+    assert len(outside) > 20
+    glue = {str(p.relative_to(ROOT)): argument_glue(p.read_text()) for p in outside}
+    assert {path: found for path, found in glue.items() if found} == {}
+    # the check finds what it looks for (it would fail on the commands' own modules)
+    assert argument_glue((PACKAGE / "cli" / "fit.py").read_text())
+    assert argument_glue("import argparse\n") and argument_glue("def f(p):\n    p.add_argument('--x')\n")
+
+
+def _toy_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="toy")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--rank")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _library_function(seq_len: int, overwrite: bool = False) -> None:
+    """A library function as the library writes them: its errors name its parameters."""
+    raise NJTCError(f"`seq_len` must be at least 2, not {seq_len}; `ranks` [0] is below 1; "
+                    f"pass `overwrite={not overwrite}` or `progress=False`; `chunk_rows` is not this command's")
+
+
+@command(_toy_parser, ranks="--rank", **{"progress=False": "--no-progress"})
+def _toy_main(args) -> int:
+    _library_function(args.seq_len, args.overwrite)
+    return 0
+
+
+def test_a_library_error_names_parameters_and_the_command_names_flags(capsys):
+    with pytest.raises(NJTCError, match=r"^`seq_len` must be at least 2, not 1;"):  # called from Python
+        _library_function(1)
+    assert run_cli(_toy_main, ["--seq-len", "1"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == ("error: --seq-len must be at least 2, not 1; --rank [0] is below 1; pass --overwrite or "
+                    "--no-progress; `chunk_rows` is not this command's")
+    with pytest.raises(NJTCError) as raised:  # the library's error stays the cause, for a traceback's reader
+        _toy_main(["--seq-len", "1"])
+    assert isinstance(raised.value.__cause__, NJTCError) and "`seq_len`" in str(raised.value.__cause__)
+
+
+def test_flags_of_reads_each_destination_and_takes_renames():
+    flags = flags_of(_toy_parser(), ranks="--rank")
+    assert flags["seq_len"] == "--seq-len" and flags["overwrite"] == "--overwrite" and flags["ranks"] == "--rank"
+    assert "help" in flags and "rank" in flags  # every destination, renamed ones too
+    assert translate("`seq_len=0` and `rank`", flags) == "--seq-len 0 and --rank"
+    assert translate("no `parameter` here", {}) == "no `parameter` here"
+
+
+def test_every_command_is_run_as_python_m_njtc_solve_dot_command(tmp_path):
+    """``python -m njtc_solve.<command>`` hands its ``__main__`` over to ``njtc_solve.cli.<command>``."""
+    script = """
+import json, runpy, sys
+from contextlib import redirect_stdout
+from io import StringIO
+progs = {}
+for name in json.loads(sys.argv[1]):
+    sys.argv = [name, "--help"]
+    out = StringIO()
+    try:
+        with redirect_stdout(out):
+            runpy.run_module(f"njtc_solve.{name}", run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+        progs[name] = [stop.code, out.getvalue().startswith(f"usage: python -m njtc_solve.{name} ")]
+print(json.dumps(progs))
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(COMMANDS)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    progs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert progs == {name: [0, True] for name in COMMANDS}, progs
+    listing = subprocess.run([sys.executable, "-m", "njtc_solve"], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, timeout=120)
+    assert all(f"python -m njtc_solve.{name}" in listing.stdout for name in COMMANDS)
+
+
+def test_the_old_run_cli_name_still_works_and_warns():
+    import njtc_solve.errors as errors
+
+    with pytest.warns(DeprecationWarning, match="njtc_solve.cli.run_cli"):
+        assert errors.run_cli is run_cli
