@@ -36,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def closed_form(store, layer, method, rank, device):
     """Fit one layer in closed form, timing the pass over the data and the solve."""
     start = time.perf_counter()
-    [sc] = fit_shortcuts(store, method, None if method == "jtc" else [rank], layers=[layer],
+    [sc] = fit_shortcuts(store, method=method, ranks=None if method == "jtc" else [rank], layers=[layer],
                          normalize="batch" if method == "nnjtc" else None, device=device, progress=False)
     return sc, time.perf_counter() - start
 
@@ -97,7 +97,7 @@ def main(argv=None):
 
     # the whole fit: every source layer in one shared pass, against the gradient runs it replaces
     start = time.perf_counter()
-    fit_shortcuts(store, "njtc", [args.rank], device=args.device, progress=False)
+    fit_shortcuts(store, method="njtc", ranks=[args.rank], device=args.device, progress=False)
     all_layers_s = time.perf_counter() - start
     njtc = [r for r in records if r["method"] == "njtc"]
     per_layer_adam = sum((r["adam_s_to_1pct"] or r["adam_s"]) for r in njtc) / len(njtc)

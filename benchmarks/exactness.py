@@ -38,10 +38,10 @@ def main() -> None:
         layers = list(range(store.n_layers))
         for f64 in (False, True):
             start = time.perf_counter()
-            stats = accumulate_statistics(store, layers, "layer", float64=f64, progress=False)
+            stats = accumulate_statistics(store, layers, input_norm="layer", float64=f64, progress=False)
             seconds[f64] = time.perf_counter() - start
-            [narrow] = fit_from_statistics(stats, "nnjtc", [args.rank], normalize="layer")
-            [full] = fit_from_statistics(stats, "jtc", None, normalize="layer")
+            [narrow] = fit_from_statistics(stats, method="nnjtc", ranks=[args.rank], normalize="layer")
+            [full] = fit_from_statistics(stats, method="jtc", ranks=None, normalize="layer")
             fits[f64] = (narrow, full)
     rows = []
     print("layer  U          V          U·V        JTC")

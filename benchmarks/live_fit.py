@@ -68,10 +68,10 @@ def peak_rss_of_live_fit(model: str | None, max_tokens: int, device: str) -> dic
         "from njtc_solve.models import load_model\n"
         "from njtc_solve.sources import LiveSource\n"
         "name = sys.argv[1] or None\n"
-        "model, tok, name = load_model(name, sys.argv[3], progress=False)\n"
+        "model, tok, name = load_model(name, device=sys.argv[3], progress=False)\n"
         "loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "live = LiveSource(model, tok, load_corpus()[1], max_tokens=int(sys.argv[2]), model_name=name)\n"
-        "fit_shortcuts(live, 'njtc', [32], device=sys.argv[3], progress=False)\n"
+        "fit_shortcuts(live, method='njtc', ranks=[32], device=sys.argv[3], progress=False)\n"
         "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
         " 'peak_rss_after_loading_mb': loaded, 'train_tokens': live.count('train', 1)}))\n")
     done = subprocess.run([sys.executable, "-c", code, model or "", str(max_tokens), device],
@@ -104,7 +104,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
-    model, tokenizer, name = load_model(args.model, args.device, progress=False)
+    model, tokenizer, name = load_model(args.model, device=args.device, progress=False)
     _, documents = load_corpus()
     weights = model_sha256(model)
     live = LiveSource(model, tokenizer, documents, model_name=name, max_tokens=args.max_tokens, weights_sha=weights)
@@ -135,13 +135,13 @@ def main(argv=None):
     if "e2e" not in skip:
         with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as tmp:
             start = time.perf_counter()
-            fit_shortcuts(live, args.method, [32], device=args.device, progress=False)
+            fit_shortcuts(live, method=args.method, ranks=[32], device=args.device, progress=False)
             live_s = time.perf_counter() - start
             start = time.perf_counter()
             store = extract_activations(model, tokenizer, documents, Path(tmp) / "a.h5", model_name=name,
                                         max_tokens=args.max_tokens, weights_sha=weights, progress=False)
             extract_s = time.perf_counter() - start
-            fit_shortcuts(store, args.method, [32], device=args.device, progress=False)
+            fit_shortcuts(store, method=args.method, ranks=[32], device=args.device, progress=False)
             stored_s = time.perf_counter() - start
             written = store.stat().st_size
         result["end_to_end"] = {"live_seconds": live_s, "extract_seconds": extract_s,

@@ -124,7 +124,7 @@ def main() -> None:
     live = LiveSource(model, tokenizer, load_corpus()[1], model_name=name, max_tokens=args.max_tokens)
     n, d = live.n_layers, live.d_model
 
-    [single], single_s, single_peak = _measured(lambda: fit_shortcuts(live, "jtc", progress=False))
+    [single], single_s, single_peak = _measured(lambda: fit_shortcuts(live, method="jtc", progress=False))
     solved, pass_s, pass_peak = _measured(lambda: fit_all_targets(live, method="jtc", progress=False))
     fits, solve_s, solve_peak = _measured(lambda: [sc for _, scs in solved for sc in scs])
     n_pairs = sum(len(sc.maps) for sc in fits)

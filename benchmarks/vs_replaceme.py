@@ -166,7 +166,7 @@ def main() -> None:
                 ids = torch.as_tensor(eval_plan.token_ids[:1])
                 with torch.no_grad():
                     folded = pruned(input_ids=ids).logits
-                tail = tail_logits(model, ids, replaced_stream(eval_set, rep, slice(0, 1)), rep.start + k)
+                tail = tail_logits(model, ids, replaced_stream(eval_set, rep, slice(0, 1)), first_block=rep.start + k)
                 choices[k]["folded_vs_tail_max_abs"] = float((folded - tail).abs().max())
             del pruned
             print(f"K={k} {method:>9} start {rep.start:>2} {rep.name:<18} ppl {score['ppl']:8.2f} "

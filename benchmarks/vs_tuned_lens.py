@@ -100,8 +100,8 @@ def score(module, layer, head, rows):
 
 def closed_form(store, layer, method, rank, residual, device):
     start = time.perf_counter()
-    [sc] = fit_shortcuts(store, method, None if rank is None else [rank], layers=[layer], residual=residual,
-                         device=device, progress=False)
+    [sc] = fit_shortcuts(store, method=method, ranks=None if rank is None else [rank], layers=[layer],
+                         residual=residual, device=device, progress=False)
     return sc, time.perf_counter() - start
 
 

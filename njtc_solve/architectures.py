@@ -128,7 +128,7 @@ def check_supported(model_type: str | None) -> ArchitectureSpec:
     if model_type not in ARCHITECTURES:
         raise NJTCError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))} "
-            "(or name the parts of a trust_remote_code model with --blocks and --final-norm)"
+            "(or name the parts of a `trust_remote_code=True` model with `blocks` and `final_norm`)"
         )
     return ARCHITECTURES[model_type]
 
@@ -174,9 +174,9 @@ def custom_architecture(model: nn.Module, blocks: str, final_norm: str, norm: st
     if norm is None:
         norm = "rmsnorm" if "rms" in name else "layernorm" if "layernorm" in name else None
         if norm is None:
-            raise NJTCError(f"cannot tell the kind of final norm {type(module).__name__}; pass --norm layernorm or rmsnorm")
+            raise NJTCError(f"cannot tell the kind of final norm {type(module).__name__}; pass `norm` layernorm or rmsnorm")
     if norm not in ("layernorm", "rmsnorm"):
-        raise NJTCError(f"--norm must be layernorm or rmsnorm, not {norm!r}")
+        raise NJTCError(f"`norm` must be layernorm or rmsnorm, not {norm!r}")
     if not isinstance(_get(model, blocks), nn.ModuleList):
         raise NJTCError(f"{blocks!r} is not a list of blocks (an nn.ModuleList)")
     spec = ArchitectureSpec(blocks, final_norm, norm)

@@ -18,7 +18,7 @@ __all__ = ["DEFAULT_CORPUS", "corpus_sha256", "load_corpus"]
 DEFAULT_CORPUS = "pydoc_data.topics"
 
 
-def load_corpus(spec: str | None = None, text_field: str = "text") -> tuple[str, list[str]]:
+def load_corpus(spec: str | None = None, *, text_field: str = "text") -> tuple[str, list[str]]:
     """Load a corpus as a list of documents.
 
     Parameters
@@ -80,7 +80,7 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
         except json.JSONDecodeError as err:
             raise NJTCError(f"{path}:{number}: invalid JSON ({err.msg})") from err
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise NJTCError(f"{path}:{number}: no string field {text_field!r} (see --text-field)")
+            raise NJTCError(f"{path}:{number}: no string field {text_field!r} (see `text_field`)")
         docs.append(record[text_field])
     return docs
 

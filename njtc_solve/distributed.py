@@ -44,7 +44,7 @@ class Communicator:
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
         if cuda:  # NCCL binds each process to its current device: set it before the group exists
             if not torch.cuda.is_available() or self.device.index >= torch.cuda.device_count():
-                raise NJTCError(f"--device cuda: process {os.environ.get('RANK', 0)} has no GPU {self.device}")
+                raise NJTCError(f"`device` cuda: process {os.environ.get('RANK', 0)} has no GPU {self.device}")
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             kwargs = {"device_id": self.device} if cuda else {}

@@ -45,8 +45,7 @@ def default_model_path() -> Path:
     return files[0]
 
 
-def load_model(name: str | None = None, device: str = "cpu", progress: bool = True, *,
-               dtype: str = "float32", device_map: str | None = None, trust_remote_code: bool = False,
+def load_model(name: str | None = None, *, device: str = "cpu", progress: bool = True, dtype: str = "float32", device_map: str | None = None, trust_remote_code: bool = False,
                blocks: str | None = None, final_norm: str | None = None, norm: str | None = None):
     """Load a causal LM and its tokenizer, in evaluation mode.
 
@@ -84,37 +83,9 @@ def load_model(name: str | None = None, device: str = "cpu", progress: bool = Tr
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in MODEL_DTYPES:
-        raise NJTCError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, not {dtype!r}")
-    custom = blocks is not None or final_norm is not None
-    if custom and (blocks is None or final_norm is None):
-        raise NJTCError("name both parts of the model: --blocks and --final-norm")
-    if norm is not None and not custom:
-        raise NJTCError("--norm describes named parts: give it with --blocks and --final-norm")
-    if trust_remote_code and not custom:
-        raise NJTCError("--trust-remote-code runs code the architecture table does not know; name its parts "
-                        "with --blocks and --final-norm (attribute paths, e.g. model.layers and model.norm)")
-    if device_map is not None and importlib.util.find_spec("accelerate") is None:
-        raise NJTCError("--device-map needs `pip install accelerate`")
-    if name in (None, "default"):
-        path = default_model_path()
-        name = f"SmolLM2-135M-Instruct ({path.name})"
-    else:
-        path = Path(name)
-    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise NJTCError(f"model file {path} not found")
-        for module in ("gguf", "accelerate"):
-            if importlib.util.find_spec(module) is None:
-                raise NJTCError(f"loading a .gguf model needs `pip install {module}`")
-        source, kwargs["gguf_file"] = str(path.parent), path.name
-    elif path.exists():
-        if not (path / "config.json").is_file():
-            raise NJTCError(f"{path} is not a Hugging Face model folder (no config.json)")
-        source = str(path)
-    else:
-        source = name
+    custom = _check_load_options(dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+                                 blocks=blocks, final_norm=final_norm, norm=norm)
+    name, source, kwargs = _model_source(name, trust_remote_code)
     try:
         _check_source(source, kwargs, custom)
         with _progress_bars(progress):
@@ -132,6 +103,45 @@ def load_model(name: str | None = None, device: str = "cpu", progress: bool = Tr
     return model, tokenizer, str(name)
 
 
+def _check_load_options(*, dtype, device_map, trust_remote_code, blocks, final_norm, norm) -> bool:
+    """Refuse options of :func:`load_model` that do not go together; whether the parts are named."""
+    if dtype not in MODEL_DTYPES:
+        raise NJTCError(f"`dtype` must be one of {', '.join(MODEL_DTYPES)}, not {dtype!r}")
+    custom = blocks is not None or final_norm is not None
+    if custom and (blocks is None or final_norm is None):
+        raise NJTCError("name both parts of the model: `blocks` and `final_norm`")
+    if norm is not None and not custom:
+        raise NJTCError("`norm` describes named parts: give it with `blocks` and `final_norm`")
+    if trust_remote_code and not custom:
+        raise NJTCError("`trust_remote_code=True` runs code the architecture table does not know; name its parts "
+                        "with `blocks` and `final_norm` (attribute paths, e.g. model.layers and model.norm)")
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise NJTCError("`device_map` needs `pip install accelerate`")
+    return custom
+
+
+def _model_source(name: str | None, trust_remote_code: bool) -> tuple[str, str, dict]:
+    """``(name recorded, what from_pretrained reads, its keyword arguments)`` of a model name."""
+    if name in (None, "default"):
+        path = default_model_path()
+        name = f"SmolLM2-135M-Instruct ({path.name})"
+    else:
+        path = Path(name)
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise NJTCError(f"model file {path} not found")
+        for module in ("gguf", "accelerate"):
+            if importlib.util.find_spec(module) is None:
+                raise NJTCError(f"loading a .gguf model needs `pip install {module}`")
+        return name, str(path.parent), {**kwargs, "gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise NJTCError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return name, str(path), kwargs
+    return name, name, kwargs
+
+
 def check_device(device) -> None:
     """Refuse a CUDA device where there is none, in one line, before any long work."""
     if device is None:
@@ -139,11 +149,11 @@ def check_device(device) -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise NJTCError(f"--device {device!r} is not a device (cpu, cuda or cuda:N)") from None
+        raise NJTCError(f"`device` {device!r} is not a device (cpu, cuda or cuda:N)") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise NJTCError(f"--device {device} was asked for but CUDA is not available")
+        raise NJTCError(f"`device` {device} was asked for but CUDA is not available")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise NJTCError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+        raise NJTCError(f"`device` {device}: there are {torch.cuda.device_count()} CUDA devices")
 
 
 @contextmanager

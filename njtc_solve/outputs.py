@@ -1,7 +1,9 @@
 """Output paths checked before the work: writable, never an input, never a file the project did not write.
 
 Every command calls these on its outputs before it loads a model or reads a row, so a bad
-``--out`` costs nothing and destroys nothing:
+``--out`` costs nothing and destroys nothing; library functions that write files call them too.
+Each output and input carries a label that names it in the message: the parameter in backticks
+from library code (``"`save_stats`"``), the flag from a command (``"--out"``):
 
 - :func:`check_not_inputs`: no output (nor its ``.partial`` or ``.lock`` file beside it, nor a
   folder that would be replaced) is one of the command's inputs, comparing resolved paths
@@ -26,6 +28,10 @@ njtc_solve.errors.NJTCError: --out other-name.safetensors is --stats stats.safet
 Traceback (most recent call last):
 ...
 njtc_solve.errors.NJTCError: --out activations.h5 exists and is not a shortcut file this project wrote; remove it or choose another --out
+>>> check_not_inputs([("`save_stats`", "other-name.safetensors")], [("`statistics`", "stats.safetensors")])
+Traceback (most recent call last):
+...
+njtc_solve.errors.NJTCError: `save_stats` other-name.safetensors is `statistics` stats.safetensors: an output never replaces an input; choose another `save_stats`
 """
 
 from __future__ import annotations
@@ -67,9 +73,11 @@ def check_not_inputs(outputs, inputs, replaced_folders=()) -> None:
     ----------
     outputs : iterable of (label, path)
         The files a command writes (``None`` paths are skipped). Each is written through
-        ``PATH.partial`` and guarded by ``PATH.lock``, which must not be inputs either.
+        ``PATH.partial`` and guarded by ``PATH.lock``, which must not be inputs either. The
+        label names the output in the message: ``"--out"`` (a command's flag) or ``"`out`"``
+        (a library function's parameter).
     inputs : iterable of (label, path)
-        What the command reads (``None`` paths are skipped).
+        What the command reads (``None`` paths are skipped), labelled alike.
     replaced_folders : iterable of (label, path)
         Folders the command deletes or replaces as a whole (a report's temporary folder):
         no input may lie inside one.
@@ -155,7 +163,8 @@ def check_file_output(path, label: str, formats, what: str, overwrite: bool = Fa
     path : path
         The output file.
     label : str
-        How the command names it (``"--out"``), for the message.
+        How the caller names it, for the message: ``"--out"`` (a command's flag) or ``"`out`"``
+        (a library function's parameter).
     formats : iterable of str
         The ``format`` values (see :func:`file_format`) of files it may replace.
     what : str
@@ -183,7 +192,7 @@ def check_folder_output(folder, label: str, names, is_own, overwrite: bool = Fal
     folder : path
         The output folder (created later if missing; its parent must exist).
     label : str
-        How the command names it (``"--out"``).
+        How the caller names it: ``"--out"`` (a command's flag) or ``"`out`"`` (a parameter).
     names : iterable of str
         The files the command writes into it.
     is_own : callable

@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .errors import NJTCError, atomic_output
-from .stats import (add_gram, highest_float32_matmul, NORM_BINS, LayerMoments, Statistics, checked_counts, checked_head, checked_header, checked_tensor,
-                    count_row_norms, invalid, normalize_rows, project_out_ones, row_norm_summary)
+from .errors import NJTCError
+from .stats import (NORM_BINS, LayerMoments, Statistics, add_gram, checked_counts, checked_head, checked_header,
+                    checked_tensor, count_row_norms, count_tensors, highest_float32_matmul, invalid, normalize_rows,
+                    pass_meta, project_out_ones, row_norm_summary, write_statistics)
 
 __all__ = ["PairAccumulator", "PairStatistics", "accumulate_pairs", "iter_fit_targets", "pair_layers",
            "pair_memory_bytes", "statistics_targets", "load_head", "load_target_statistics"]
@@ -228,8 +228,7 @@ class PairStatistics:
         records ``target_layer = "all"``, ``targets`` and ``sources``. Writing builds the file
         in memory once more (safetensors), so the peak is twice the statistics.
         """
-        tensors = {"n": torch.tensor([self.n], dtype=torch.float64),
-                   "n_rows": torch.tensor([self.n_rows], dtype=torch.int64)}
+        tensors = count_tensors(self.n, self.n_rows)
         for l in self.sources:
             tensors.update({f"layers.{l}.mean_x": self.mean_x[l], f"layers.{l}.cxx": self.cxx[l]})
         for t in self.targets:
@@ -238,13 +237,8 @@ class PairStatistics:
             tensors.update({f"targets.{t}.mean_y": self.mean_y[t], f"targets.{t}.cyy": self.cyy[t],
                             f"targets.{t}.cxy": self.cxy[t]})
         meta = {**self.meta, "target_layer": "all", "targets": self.targets, "sources": self.sources}
-        info = {"format": "njtc-statistics", "format_version": "1", "kind": PAIRS_KIND,
-                "input_norm": self.input_norm, "meta": json.dumps(meta)}
-        if head is not None:
-            tensors.update(head.to_tensors("head."))
-            info["head"] = json.dumps(head.describe())
-        with atomic_output(path) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=info)
+        write_statistics(path, tensors, {"kind": PAIRS_KIND, "input_norm": self.input_norm, "meta": json.dumps(meta)},
+                         head)
 
 
 def _header(path):
@@ -339,7 +333,7 @@ def statistics_targets(path) -> list[int]:
     if info.get("kind") == PAIRS_KIND:
         return [int(t) for t in meta["targets"]]
     if "target_layer" not in meta:
-        raise NJTCError(f"{path} records no target layer; refit with --save-stats to record it")
+        raise NJTCError(f"{path} records no target layer; refit with `save_stats` to record it")
     return [int(meta["target_layer"])]
 
 
@@ -411,16 +405,10 @@ def accumulate_pairs(source, *, sources, targets, input_norm: str = "none", devi
         for _, chunk in source.iter_chunks(reading, split="train", chunk_rows=chunk_rows, skip_positions=skip):
             acc.update(chunk)
             bar.update(len(chunk[reading[-1]]))
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    d = source.d_model
     n_pairs = len(pair_layers(sources=acc.sources, targets=acc.targets))
-    flops = 2.0 * acc.n_rows * d * d * (n_pairs + len(acc.sources) + len(acc.targets))
-    meta = {"model_sha256": source.model_sha256, "store": str(source.path), "row_weight": "none",
-            "provenance": {**source.provenance, "skip_positions": skip}, "n_layers": source.n_layers,
-            "seconds": seconds, "rows_per_s": acc.n_rows / seconds, "gflops": flops / seconds / 1e9,
-            "device": str(device), "d_model": d}
+    meta = {**pass_meta(source, device=device, start=start, n_rows=acc.n_rows,
+                        products=n_pairs + len(acc.sources) + len(acc.targets), skip_positions=skip),
+            "d_model": source.d_model}
     pairs = acc.finalize(meta)
     tensors = [*pairs.cxx.values(), *pairs.cyy.values(), *pairs.cxy.values()]
     if not all(torch.isfinite(t).all() for t in tensors):

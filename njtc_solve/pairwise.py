@@ -33,7 +33,13 @@ from .errors import NJTCError, atomic_output
 from .shortcuts import ShortcutMap, Shortcuts
 from .store import VALIDATION, ActivationStore
 
-__all__ = ["PairwiseResult", "evaluate_pairs", "write_pairwise_report"]
+__all__ = ["SKIP_ROWS", "PairwiseResult", "evaluate_pairs", "write_pairwise_report"]
+
+# Held-out tokens the skip scores run over when neither ``skip_rows`` nor ``max_rows`` bounds them:
+# each pair reruns the model's blocks after its target on every scored sequence (465 pairs for
+# SmolLM2-135M), so an unbounded default would run the tail of the model hundreds of times over
+# the whole validation split. 8192 tokens is what benchmarks/pairs.py scores the default model on.
+SKIP_ROWS = 8192
 
 
 @dataclass
@@ -75,9 +81,10 @@ def _check(source, loaded, allow_overlap, skip):
             check_unseen(source, sc, skip)
 
 
-def evaluate_pairs(source, shortcuts, *, max_rows: int | None = None, chunk_rows: int = 1024, device="cpu",
+def evaluate_pairs(source, shortcuts, *, max_rows: int | None = None, chunk_rows: int = 1024, device: str = "cpu",
                    progress: bool = True, skip_positions: int | None = None, allow_overlap: bool = False,
-                   skip_model=None, skip_rows: int | None = None, batch_size: int = 8) -> PairwiseResult:
+                   skip_model: bool | None = None, skip_rows: int | None = None,
+                   batch_size: int = 8) -> PairwiseResult:
     """Relative error and R² per (source, target) pair on held-out rows, and skip KL / top-1 with a model.
 
     Parameters
@@ -91,7 +98,8 @@ def evaluate_pairs(source, shortcuts, *, max_rows: int | None = None, chunk_rows
     skip_model : bool, optional
         Score the skips (default: when ``source`` is a live model; needs one).
     skip_rows : int, optional
-        Held-out tokens for the skip scores (default ``max_rows``; whole sequences are run).
+        Held-out tokens for the skip scores (whole sequences are run); default ``max_rows``,
+        or :data:`SKIP_ROWS` (8192) when that is ``None`` too.
     batch_size : int
         Sequences per forward pass of the skip scores.
     """
@@ -106,14 +114,14 @@ def evaluate_pairs(source, shortcuts, *, max_rows: int | None = None, chunk_rows
         if skip_model is None:
             skip_model = model is not None
         if skip_model and model is None:
-            raise NJTCError("skip scores need the model (--model), not a store")
+            raise NJTCError("skip scores (`skip_model=True`) need a live model as `source`, not a store")
         _check(source, loaded, allow_overlap, skip)
         if source.count("validation", skip) == 0:
             raise NJTCError(f"{source.path} has no validation rows at positions >= {skip}")
         loaded = [sc.to(device) for sc in loaded]
         records = _errors(source, loaded, max_rows, chunk_rows, device, progress, skip)
         if skip_model:
-            _skips(source, loaded, records, skip_rows or max_rows, skip, batch_size, progress)
+            _skips(source, loaded, records, skip_rows or max_rows or SKIP_ROWS, skip, batch_size, progress)
         meta = {"store": str(source.path), "n_layers": source.n_layers, "d_model": source.d_model,
                 "skip_positions": skip, "validation_rows": records[0]["n_rows"] if records else 0}
         return PairwiseResult(records, meta)

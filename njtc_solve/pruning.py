@@ -131,7 +131,7 @@ def collect_held_out(model, plan, *, batch_size: int = 8) -> HeldOut:
                    torch.cat(logps))
 
 
-def tail_logits(model, token_ids: torch.Tensor, stream: torch.Tensor, first_block: int) -> torch.Tensor:
+def tail_logits(model, token_ids: torch.Tensor, stream: torch.Tensor, *, first_block: int) -> torch.Tensor:
     """The model's logits when ``stream`` enters block ``first_block`` and only the blocks after it run.
 
     Blocks before ``first_block`` are taken out of the model for the call (their output is
@@ -189,7 +189,7 @@ def score_replacement(model, held: HeldOut, replacement: Replacement, *, chunk_s
     for s0 in range(0, len(held.token_ids), chunk_sequences):
         seqs = slice(s0, s0 + chunk_sequences)
         ids = held.token_ids[seqs]
-        logq = torch.log_softmax(tail_logits(model, ids, replaced_stream(held, replacement, seqs), first).float(),
+        logq = torch.log_softmax(tail_logits(model, ids, replaced_stream(held, replacement, seqs), first_block=first).float(),
                                  -1).cpu()
         logp = held.logp[seqs]
         kl += float(torch.einsum("bsv,bsv->", logp.exp(), logp - logq))
@@ -306,25 +306,14 @@ def prune_model(model, tokenizer, documents, *, remove: int, start: int | None =
     _, blocks, _, _ = resolve_parts(model)
     n_blocks = len(blocks)
     check_removal(n_blocks, remove, start)
-    if intercept not in ("auto", "none", "bias"):
-        raise NJTCError(f"intercept must be auto, none or bias, not {intercept!r}")
-    ridge = [float(a) for a in ridge]
-    if any(not (a > 0 and math.isfinite(a)) for a in ridge):
-        raise NJTCError(f"ridge penalties must be positive numbers, not {ridge!r}")
-    if score_tokens < 1:
-        raise NJTCError(f"score_tokens must be positive, not {score_tokens}")
-    if val_fraction <= 0:
-        raise NJTCError("val_fraction must be above 0: candidates are scored on held-out documents")
+    ridge = _check_prune_settings(intercept=intercept, ridge=ridge, score_tokens=score_tokens,
+                                  val_fraction=val_fraction)
     intercepts = _intercepts(model, spec, intercept)
     starts = [start] if start is not None else list(range(1, n_blocks - remove + 1))
     timings = {}
     t0 = time.perf_counter()
     plan = plan_extraction(tokenizer, documents, seq_len, "all", max_tokens, val_fraction, seed, bos)
-    train = np.flatnonzero(plan.split == TRAIN)
-    val = np.flatnonzero(plan.split == VALIDATION)
-    n_score = min(len(val), max(1, -(-score_tokens // seq_len)))
-    train_plan = plan.sequences(slice(int(train[0]), int(train[-1]) + 1))
-    score_plan = plan.sequences(slice(int(val[0]), int(val[0]) + n_score))
+    train_plan, score_plan = _train_and_score_plans(plan, score_tokens)
 
     with tqdm(total=train_plan.n_rows + score_plan.n_rows, unit="tok", unit_scale=True, desc="prune: pass",
               leave=False, disable=not progress) as bar:
@@ -351,3 +340,26 @@ def prune_model(model, tokenizer, documents, *, remove: int, start: int | None =
                        "positions": "all (position 0 included)",
                        "validation_documents": plan.validation_documents.tolist()}}
     return PruneResult(chosen, candidates, held.full_metrics(), cosine, cosine_choice, record, timings)
+
+
+def _check_prune_settings(*, intercept: str, ridge, score_tokens: int, val_fraction: float) -> list[float]:
+    """Refuse settings of :func:`prune_model` that cannot work; the ridge penalties as floats."""
+    if intercept not in ("auto", "none", "bias"):
+        raise NJTCError(f"`intercept` must be auto, none or bias, not {intercept!r}")
+    ridge = [float(a) for a in ridge]
+    if any(not (a > 0 and math.isfinite(a)) for a in ridge):
+        raise NJTCError(f"`ridge` penalties must be positive numbers, not {ridge!r}")
+    if score_tokens < 1:
+        raise NJTCError(f"`score_tokens` must be positive, not {score_tokens}")
+    if val_fraction <= 0:
+        raise NJTCError("`val_fraction` must be above 0: candidates are scored on held-out documents")
+    return ridge
+
+
+def _train_and_score_plans(plan, score_tokens: int):
+    """The plan's training sequences, and its first validation sequences holding ``score_tokens`` tokens."""
+    train = np.flatnonzero(plan.split == TRAIN)
+    val = np.flatnonzero(plan.split == VALIDATION)
+    n_score = min(len(val), max(1, -(-score_tokens // plan.seq_len)))
+    return (plan.sequences(slice(int(train[0]), int(train[-1]) + 1)),
+            plan.sequences(slice(int(val[0]), int(val[0]) + n_score)))

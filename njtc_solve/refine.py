@@ -64,7 +64,7 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
     --------
     >>> from njtc_solve import fit_shortcuts
     >>> with ActivationStore("activations.h5") as store:
-    ...     [jtc] = fit_shortcuts(store, "jtc", None, layers=[1], progress=False)
+    ...     [jtc] = fit_shortcuts(store, method="jtc", ranks=None, layers=[1], progress=False)
     ...     refined, result = refine_shortcuts(store, jtc, steps=10, check_every=5, check_rows=128,
     ...                                        progress=False)
     >>> refined.name, refined.stats["refined"]["from"], sorted(refined.maps)

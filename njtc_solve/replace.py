@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from torch import nn
 
 from .architectures import _get, resolve_parts
 from .errors import NJTCError
+from .outputs import check_writable
 from .stats import add_gram, highest_float32_matmul
 
 __all__ = ["FOLDABLE", "FoldSpec", "PRUNE_RECORD", "Replacement", "ReplacementAccumulator", "ReplacementStatistics",
@@ -112,17 +113,17 @@ def check_removal(n_blocks: int, remove: int, start: int | None = None) -> None:
     so the first start is 1. ``None`` (every start) only checks ``remove``.
     """
     if remove < 1:
-        raise NJTCError(f"remove must be at least 1 block, not {remove}")
+        raise NJTCError(f"`remove` must be at least 1 block, not {remove}")
     if remove > n_blocks - 1:
-        raise NJTCError(f"remove={remove} leaves no block before the removed ones to fold the map into: the model "
+        raise NJTCError(f"`remove` {remove} leaves no block before the removed ones to fold the map into: the model "
                         f"has {n_blocks} blocks, so at most {n_blocks - 1} can be removed")
     if start is None:
         return
     if start < 1:
-        raise NJTCError(f"start={start}: the map folds into the block before the first removed one, and block 0 "
+        raise NJTCError(f"`start` {start}: the map folds into the block before the first removed one, and block 0 "
                         "has none; the first start is 1")
     if start + remove > n_blocks:
-        raise NJTCError(f"start={start} with remove={remove} runs past the last block: the model has blocks "
+        raise NJTCError(f"`start` {start} with `remove` {remove} runs past the last block: the model has blocks "
                         f"0..{n_blocks - 1}, so the last start is {n_blocks - remove}")
 
 
@@ -140,14 +141,10 @@ def capture_mlp_outputs(model):
     """
     spec = check_foldable(model.config)
     outputs: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, proj in enumerate(_projections(model, spec)):
-        handles.append(proj.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out)))
-    try:
+    with ExitStack() as hooks:  # every hook removed on the way out
+        for i, proj in enumerate(_projections(model, spec)):
+            hooks.callback(proj.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out)).remove)
         yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass
@@ -205,7 +202,7 @@ class ReplacementAccumulator:
     def __init__(self, pairs: dict, *, weightings=WEIGHTINGS, device="cpu"):
         bad = [w for w in weightings if w not in WEIGHTINGS]
         if bad or not weightings:
-            raise NJTCError(f"weightings must be among {', '.join(WEIGHTINGS)}, not {list(weightings)!r}")
+            raise NJTCError(f"`weightings` must be among {', '.join(WEIGHTINGS)}, not {list(weightings)!r}")
         self.pairs = {int(s): sorted({int(k) for k in ks}) for s, ks in pairs.items()}
         self.weightings = tuple(weightings)
         self.device = torch.device(device)
@@ -342,7 +339,7 @@ def solve_replacement(stats: ReplacementStatistics, *, start: int, remove: int, 
     if key not in stats.moments:
         raise NJTCError(f"the statistics hold no start={start}, remove={remove} with weighting {weighting!r}")
     if alpha < 0:
-        raise NJTCError(f"alpha must be non-negative, not {alpha}")
+        raise NJTCError(f"`alpha` must be non-negative, not {alpha}")
     m = stats.moments[key]
     if intercept:
         gxx, gxt = m["cxx"], m["cxt"]
@@ -431,12 +428,12 @@ def apply_replacement(model, replacement: Replacement) -> None:
     remove_blocks(model, replacement.start, replacement.remove)
 
 
-def save_pruned(model, tokenizer, out, record: dict, *, overwrite: bool = False) -> Path:
+def save_pruned(model, tokenizer, out: str | Path, *, record: dict, overwrite: bool = False) -> Path:
     """Write a pruned model as a standard checkpoint folder, atomically, with ``njtc_prune.json``.
 
     The folder is written under a temporary name beside ``out`` and renamed when complete.
     An existing ``out`` is replaced only with ``overwrite`` and only when this function wrote
-    it (it holds ``njtc_prune.json``); a failure leaves ``out`` as it was.
+    it (it holds ``njtc_prune.json``, whose content is ``record``); a failure leaves ``out`` as it was.
     """
     out = Path(out)
     check_output_folder(out, overwrite=overwrite)
@@ -488,10 +485,7 @@ def check_output_folder(out, *, overwrite: bool = False, inputs=()) -> None:
     nor a folder holding one.
     """
     out = Path(out)
-    if not out.parent.is_dir():
-        raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise NJTCError(f"cannot write {out}: folder {out.parent} is not writable")
+    check_writable(out.parent, out)
     target = out.resolve()
     for path in inputs:
         if path is None:
@@ -501,7 +495,7 @@ def check_output_folder(out, *, overwrite: bool = False, inputs=()) -> None:
             raise NJTCError(f"the output {out} is an input ({path}); choose another folder")
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise NJTCError(f"{out} exists; pass --overwrite to replace it")
+            raise NJTCError(f"{out} exists; pass `overwrite=True` to replace it")
         if not out.is_dir() or not (out / PRUNE_RECORD).is_file():
             raise NJTCError(f"{out} exists and is not a pruned model written by njtc_solve (no {PRUNE_RECORD}); "
                             "it is not replaced")

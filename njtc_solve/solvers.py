@@ -35,7 +35,8 @@ import torch
 
 from .errors import NJTCError
 
-__all__ = ["ReducedRankSolution", "gcv_alpha", "solve_reduced_rank", "sum_squared_error", "symmetric_sqrt"]
+__all__ = ["ReducedRankSolution", "gcv_alpha", "gram_eigh", "solve_reduced_rank", "sum_squared_error",
+           "symmetric_sqrt", "weight_root"]
 
 
 def sum_squared_error(B: torch.Tensor, cxx: torch.Tensor, cxy: torch.Tensor, cyy: torch.Tensor) -> float:
@@ -108,9 +109,19 @@ class ReducedRankSolution:
         return u if v is None else u @ v
 
 
-def _whitener(cxx: torch.Tensor, alpha: float, rcond: float | None):
+def gram_eigh(cxx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(λ, Q)``, the symmetric eigendecomposition of an input Gram matrix in float64.
+
+    The one decomposition of ``C_xx`` that :func:`solve_reduced_rank` and :func:`gcv_alpha`
+    need: a caller that solves one source layer against several targets computes it once and
+    passes it to both as ``eigh`` (the same numbers as computing it again).
+    """
+    return torch.linalg.eigh(cxx.to(torch.float64))
+
+
+def _whitener(cxx: torch.Tensor, alpha: float, rcond: float | None, eigh=None):
     """``W`` with ``W Wᵀ = (C_xx + αI)^+``, dropping directions below ``rcond × λ_max``."""
-    lam, q = torch.linalg.eigh(cxx)
+    lam, q = gram_eigh(cxx) if eigh is None else eigh
     lam = lam + alpha
     if rcond is None:
         rcond = cxx.shape[0] * torch.finfo(torch.float64).eps
@@ -118,7 +129,8 @@ def _whitener(cxx: torch.Tensor, alpha: float, rcond: float | None):
     return q[:, keep] / lam[keep].sqrt()  # no column at all when every row is identical
 
 
-def solve_reduced_rank(cxx, cxy, alpha: float = 0.0, weight=None, rcond=None) -> ReducedRankSolution:
+def solve_reduced_rank(cxx: torch.Tensor, cxy: torch.Tensor, alpha: float = 0.0, *, weight=None,
+                       rcond: float | None = None, eigh=None) -> ReducedRankSolution:
     """Solve least squares and every reduced-rank regression of ``y ≈ x B``.
 
     Parameters
@@ -137,6 +149,8 @@ def solve_reduced_rank(cxx, cxy, alpha: float = 0.0, weight=None, rcond=None) ->
         cut-off at float32 precision relative to ``λ_max`` would drop well-resolved directions
         where one massive feature inflates ``λ_max``; the exactly singular direction of
         LayerNorm inputs is projected out of the statistics instead (:mod:`njtc_solve.stats`).
+    eigh : (Tensor, Tensor), optional
+        :func:`gram_eigh` of ``cxx``, when the caller already has it.
 
     Returns
     -------
@@ -146,7 +160,7 @@ def solve_reduced_rank(cxx, cxy, alpha: float = 0.0, weight=None, rcond=None) ->
     cxy = cxy.to(torch.float64)
     if alpha < 0:
         raise NJTCError("ridge alpha must be non-negative")
-    w = _whitener(cxx, alpha, rcond)
+    w = _whitener(cxx, alpha, rcond, eigh)
     k = w.T @ cxy
     coef = w @ k
     if k.shape[0] == 0:  # constant inputs: the minimum-norm solution is the zero map
@@ -182,13 +196,15 @@ def _top_right_singular(k: torch.Tensor):
     return lam[:n].sqrt(), v
 
 
-def gcv_alpha(cxx, cxy, cyy, n: int, grid=None, fit_intercept: bool = True) -> tuple[float, dict]:
+def gcv_alpha(cxx: torch.Tensor, cxy: torch.Tensor, cyy: torch.Tensor, n: int, *, grid=None,
+              fit_intercept: bool = True, eigh=None) -> tuple[float, dict]:
     """Choose the ridge penalty by generalised cross-validation, from statistics alone.
 
     ``GCV(α) = (SSE(α)/n) / (1 - df(α)/n)²`` with ``df(α) = Σ λ_i/(λ_i + α)``, plus one for
     the intercept when there is one; both terms follow from the eigendecomposition of ``C_xx``
     without touching the data again. ``n`` is the number of rows (not a total row weight).
-    One α serves every rank: it is chosen for the full-rank ridge fit.
+    One α serves every rank: it is chosen for the full-rank ridge fit. ``eigh``, optional:
+    :func:`gram_eigh` of ``cxx``, when the caller already has it.
 
     Returns
     -------
@@ -198,7 +214,7 @@ def gcv_alpha(cxx, cxy, cyy, n: int, grid=None, fit_intercept: bool = True) -> t
         ``{alpha: gcv}`` for the whole grid.
     """
     cxx, cxy, cyy = (t.to(torch.float64) for t in (cxx, cxy, cyy))
-    lam, q = torch.linalg.eigh(cxx)
+    lam, q = gram_eigh(cxx) if eigh is None else eigh
     lam = lam.clamp_min(0)
     p2 = ((q.T @ cxy) ** 2).sum(1)  # squared norms of the projected cross-covariance rows
     scale = float(lam.mean())

@@ -28,9 +28,9 @@ Examples
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import json
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,8 +40,8 @@ from safetensors.torch import save_file
 from .errors import NJTCError, atomic_output, read_safetensors
 
 __all__ = ["FORMAT", "NORMALIZATIONS", "LayerMoments", "MomentAccumulator", "Statistics", "add_gram",
-           "highest_float32_matmul", "normalize_rows",
-           "project_out_ones"]
+           "count_tensors", "highest_float32_matmul", "normalize_rows", "pass_meta", "project_out_ones",
+           "write_statistics"]
 
 FORMAT = "njtc-statistics"  # the ``format`` metadata of a statistics file
 NORMALIZATIONS = ("none", "batch", "layer", "rms")
@@ -167,18 +167,11 @@ class Statistics:
         With the head (and the provenance already in ``meta``), the file is all that later
         fits of other ranks, methods or ridge penalties need: no activation is read again.
         """
-        tensors = {"n": torch.tensor([self.n], dtype=torch.float64),
-                   "n_rows": torch.tensor([self.n_rows], dtype=torch.int64), "mean_y": self.mean_y, "cyy": self.cyy}
+        tensors = {**count_tensors(self.n, self.n_rows), "mean_y": self.mean_y, "cyy": self.cyy}
         for key, m in self.layers.items():
             tensors.update({f"layers.{key}.mean_x": m.mean_x, f"layers.{key}.cxx": m.cxx,
                             f"layers.{key}.cxy": m.cxy})
-        meta = {"format": FORMAT, "format_version": "1", "input_norm": self.input_norm,
-                "meta": json.dumps(self.meta)}
-        if head is not None:
-            tensors.update(head.to_tensors("head."))
-            meta["head"] = json.dumps(head.describe())
-        with atomic_output(path) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        write_statistics(path, tensors, {"input_norm": self.input_norm, "meta": json.dumps(self.meta)}, head)
 
     @classmethod
     def load(cls, path) -> Statistics:
@@ -370,6 +363,57 @@ def add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``total += aᵀb``, one GEMM per :data:`GEMM_ROWS` rows, each added into ``total`` (float64)."""
     for start in range(0, a.shape[0], GEMM_ROWS):
         total += a[start:start + GEMM_ROWS].T @ b[start:start + GEMM_ROWS]
+
+
+def count_tensors(n, n_rows: int) -> dict[str, torch.Tensor]:
+    """The row count ``n`` (a total row weight for weighted statistics) and ``n_rows`` as a
+    statistics file stores them."""
+    return {"n": torch.tensor([n], dtype=torch.float64), "n_rows": torch.tensor([n_rows], dtype=torch.int64)}
+
+
+def write_statistics(path, tensors: dict, info: dict, head=None) -> None:
+    """Write a statistics file atomically: ``tensors`` and the metadata ``info`` (after the
+    ``format`` keys), with the model's ``head`` (tensors ``head.*`` and its description) when given.
+
+    The one writer of :meth:`Statistics.save` and of the all-pairs statistics
+    (:meth:`njtc_solve.pairs.PairStatistics.save`).
+    """
+    info = {"format": FORMAT, "format_version": "1", **info}
+    if head is not None:
+        tensors = {**tensors, **head.to_tensors("head.")}
+        info["head"] = json.dumps(head.describe())
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=info)
+
+
+def pass_meta(source, *, device, start: float, n_rows: int, products: int, skip_positions: int,
+              row_weight: str = "none") -> dict:
+    """Provenance and timing of one pass over ``source``'s training rows, for a statistics' ``meta``.
+
+    Parameters
+    ----------
+    source : ActivationStore or LiveSource
+        What the rows came from (its model hash, path, provenance and layer count are recorded).
+    device : str
+        Where the GEMMs ran (a CUDA device is synchronised before the clock stops).
+    start : float
+        ``time.perf_counter()`` when the pass began.
+    n_rows : int
+        Rows accumulated.
+    products : int
+        ``d × d`` Gram products per row (sources, targets and cross moments), for the GFLOP/s.
+    skip_positions : int
+        The positions left out, recorded in the provenance.
+    row_weight : str
+        The row weighting of the statistics.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    flops = 2.0 * n_rows * source.d_model ** 2 * products
+    return {"model_sha256": source.model_sha256, "store": str(source.path), "row_weight": row_weight,
+            "provenance": {**source.provenance, "skip_positions": skip_positions}, "n_layers": source.n_layers,
+            "seconds": seconds, "rows_per_s": n_rows / seconds, "gflops": flops / seconds / 1e9, "device": str(device)}
 
 
 class MomentAccumulator:

@@ -25,7 +25,7 @@ Examples
 --------
 >>> from njtc_solve import ActivationStore, fit_shortcuts
 >>> with ActivationStore("activations.h5") as store:
-...     [njtc] = fit_shortcuts(store, "njtc", [4], layers=[1], progress=False)
+...     [njtc] = fit_shortcuts(store, method="njtc", ranks=[4], layers=[1], progress=False)
 ...     train = StoreRows(store, [1], "train", seed=0)
 ...     check = StoreRows(store, [1], "validation", max_rows=256)
 ...     result = train_maps(njtc.maps, store.head(), train, check, steps=20, check_every=5, progress=False)

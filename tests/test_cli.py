@@ -59,7 +59,7 @@ def _library_function(seq_len: int, overwrite: bool = False) -> None:
                     f"pass `overwrite={not overwrite}` or `progress=False`; `chunk_rows` is not this command's")
 
 
-@command(_toy_parser, ranks="--rank", **{"progress=False": "--no-progress"})
+@command(_toy_parser, ranks="--rank")
 def _toy_main(args) -> int:
     _library_function(args.seq_len, args.overwrite)
     return 0
@@ -80,6 +80,7 @@ def test_a_library_error_names_parameters_and_the_command_names_flags(capsys):
 def test_flags_of_reads_each_destination_and_takes_renames():
     flags = flags_of(_toy_parser(), ranks="--rank")
     assert flags["seq_len"] == "--seq-len" and flags["overwrite"] == "--overwrite" and flags["ranks"] == "--rank"
+    assert flags["progress=False"] == "--no-progress"  # a --no-NAME switch is NAME=False
     assert "help" in flags and "rank" in flags  # every destination, renamed ones too
     assert translate("`seq_len=0` and `rank`", flags) == "--seq-len 0 and --rank"
     assert translate("no `parameter` here", {}) == "no `parameter` here"

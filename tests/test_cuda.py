@@ -22,8 +22,8 @@ def _rel(a, b):
 
 def test_statistics_stay_on_the_gpu_and_equal_the_cpu(tiny_store):
     with ActivationStore(tiny_store) as store:
-        cpu = accumulate_statistics(store, [0, 2], "layer", "cpu", progress=False)
-        gpu = accumulate_statistics(store, [0, 2], "layer", "cuda", progress=False)
+        cpu = accumulate_statistics(store, [0, 2], input_norm="layer", device="cpu", progress=False)
+        gpu = accumulate_statistics(store, [0, 2], input_norm="layer", device="cuda", progress=False)
     assert gpu.cyy.device.type == "cuda" and gpu.layers[2].cxx.dtype == torch.float64
     assert gpu.n_rows == cpu.n_rows
     for layer in (0, 2):
@@ -49,7 +49,7 @@ def _nccl_worker(rank, world, port, store, results):
 
     comm = Communicator("cuda")
     try:
-        fits = fit_shortcuts(store, "njtc", [4], device=str(comm.device), progress=False, comm=comm)
+        fits = fit_shortcuts(store, method="njtc", ranks=[4], device=str(comm.device), progress=False, comm=comm)
         results[rank] = {l: (m.U @ m.V).cpu() for l, m in fits[0].maps.items()} if fits else {}
     finally:
         comm.close()
@@ -62,7 +62,7 @@ def test_nccl_fit_equals_a_single_process(tiny_store, world):
         pytest.skip(f"needs {world} GPUs")
     from test_distributed import _free_port
 
-    [single] = fit_shortcuts(tiny_store, "njtc", [4], progress=False)
+    [single] = fit_shortcuts(tiny_store, method="njtc", ranks=[4], progress=False)
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
@@ -91,9 +91,9 @@ def test_a_live_fit_on_the_gpu_equals_the_cpu(tiny_models, dtype):
     documents = load_corpus()[1]
     fits = {}
     for device in ("cpu", "cuda"):
-        model, tokenizer, name = load_model(str(tiny_models["llama"]), device, dtype=dtype)
+        model, tokenizer, name = load_model(str(tiny_models["llama"]), device=device, dtype=dtype)
         live = LiveSource(model, tokenizer, documents, seq_len=32, max_tokens=2048, model_name=name)
-        [fits[device]] = fit_shortcuts(live, "njtc", [4], device=device, progress=False)
+        [fits[device]] = fit_shortcuts(live, method="njtc", ranks=[4], device=device, progress=False)
     for layer, m in fits["cpu"].maps.items():
         g = fits["cuda"].maps[layer]
         assert _rel(g.U @ g.V, m.U @ m.V) <= (1e-4 if dtype == "float32" else 0.1)

@@ -40,7 +40,7 @@ def test_two_process_fit_equals_single_process(tiny_store, tmp_path):
                       "--out", str(tmp_path / "dist.safetensors"), "--no-progress")
     assert result.returncode == 0, result.stderr[-2000:]
     with ActivationStore(tiny_store) as store:
-        [single] = fit_shortcuts(store, "njtc", [4], chunk_rows=300, progress=False,
+        [single] = fit_shortcuts(store, method="njtc", ranks=[4], chunk_rows=300, progress=False,
                                  save_stats=tmp_path / "single.safetensors")
     dist_stats = Statistics.load(tmp_path / "stats.safetensors")
     single_stats = Statistics.load(tmp_path / "single.safetensors")

@@ -119,8 +119,8 @@ def test_early_exit_by_hand():
 
 
 def test_cli_report_on_a_tiny_model(tiny_store, tmp_path):
-    [jtc] = fit_shortcuts(tiny_store, "jtc", None, progress=False)
-    fits = fit_shortcuts(tiny_store, "njtc", [2, 8], progress=False)
+    [jtc] = fit_shortcuts(tiny_store, method="jtc", ranks=None, progress=False)
+    fits = fit_shortcuts(tiny_store, method="njtc", ranks=[2, 8], progress=False)
     files = []
     for sc in [jtc, *fits]:
         files.append(str(tmp_path / f"{sc.name}.safetensors"))
@@ -146,8 +146,8 @@ def test_cli_report_on_a_tiny_model(tiny_store, tmp_path):
 
 
 def test_jtc_beats_low_rank_on_its_training_distribution(tiny_store):
-    [jtc] = fit_shortcuts(tiny_store, "jtc", None, layers=[2], progress=False)
-    [r1] = fit_shortcuts(tiny_store, "njtc", [1], layers=[2], progress=False)
+    [jtc] = fit_shortcuts(tiny_store, method="jtc", ranks=None, layers=[2], progress=False)
+    [r1] = fit_shortcuts(tiny_store, method="njtc", ranks=[1], layers=[2], progress=False)
     result = evaluate_shortcuts(tiny_store, [jtc, r1], progress=False)
     assert result.value("jtc", 2, "r2") > result.value("njtc-r1", 2, "r2")
 
@@ -188,7 +188,7 @@ def test_low_rank_logits_equal_the_direct_path(tiny_models, tmp_path, kind):
 
 def test_precision_is_against_the_models_own_prediction(tiny_store, tmp_path):
     """P@k follows the stored final_top1/final_topk (the model's forward pass), KL the head of h_L."""
-    [jtc] = fit_shortcuts(tiny_store, "jtc", None, layers=[2], progress=False)
+    [jtc] = fit_shortcuts(tiny_store, method="jtc", ranks=None, layers=[2], progress=False)
     changed = tmp_path / "changed.h5"
     shutil.copy(tiny_store, changed)
     with h5py.File(changed, "r+") as f:
@@ -215,7 +215,7 @@ def test_evaluating_on_rows_a_shortcut_was_fitted_on_is_refused(tiny_models, tmp
     a = _extract(tiny_models["llama"], tmp_path / "a.h5", seed=0)
     other_split = _extract(tiny_models["llama"], tmp_path / "b.h5", seed=1)
     same_split = _extract(tiny_models["llama"], tmp_path / "c.h5", seed=0, max_tokens=1024)
-    [sc] = fit_shortcuts(a, "njtc", [2], layers=[1], progress=False)
+    [sc] = fit_shortcuts(a, method="njtc", ranks=[2], layers=[1], progress=False)
     with ActivationStore(a) as fitted, ActivationStore(other_split) as evaluated:
         docs = set(evaluated.read("document")[evaluated.selection("validation", 1)].tolist())
         seen = docs - set(fitted.file["validation_documents"][...].tolist())
@@ -232,7 +232,7 @@ def test_evaluating_on_rows_a_shortcut_was_fitted_on_is_refused(tiny_models, tmp
 
 
 def test_a_shortcut_without_provenance_or_from_a_sequence_split_store_is_refused(tiny_store, tmp_path):
-    [sc] = fit_shortcuts(tiny_store, "njtc", [2], layers=[1], progress=False)
+    [sc] = fit_shortcuts(tiny_store, method="njtc", ranks=[2], layers=[1], progress=False)
     bare = Shortcuts(sc.method, sc.maps, sc.target_layer, sc.model_sha256, sc.rank)
     with pytest.raises(NJTCError, match="records no provenance"):
         evaluate_shortcuts(tiny_store, [bare], progress=False)
@@ -266,7 +266,7 @@ def test_maps_to_an_intermediate_layer_checked_before_the_model_loads(tiny_store
     from njtc_solve.cli import run_cli
     from njtc_solve.cli.evaluate import main
 
-    [jtc] = fit_shortcuts(tiny_store, "jtc", progress=False, target_layer=2)
+    [jtc] = fit_shortcuts(tiny_store, method="jtc", progress=False, target_layer=2)
     maps = tmp_path / "t2.safetensors"
     jtc.save(maps)
     capsys.readouterr()

@@ -344,7 +344,7 @@ def test_named_parts_are_guarded_by_the_head_check(tmp_path, tokenizer_folder, d
         extract_activations(wrong, tok, documents, tmp_path / "bad.h5", seq_len=16, max_tokens=128, progress=False)
     with pytest.raises(NJTCError, match="name both parts"):
         load_model(str(folder), progress=False, blocks="model.layers")
-    with pytest.raises(NJTCError, match="--norm describes named parts"):
+    with pytest.raises(NJTCError, match="`norm` describes named parts"):
         load_model(str(folder), progress=False, norm="rmsnorm")
 
 
@@ -393,7 +393,7 @@ def test_half_precision_models_pass_the_head_check(family, tmp_path, tokenizer_f
                                   progress=False)
         with ActivationStore(out) as store:
             assert store.attrs["head_check_rel_err"] < 2e-2
-    with pytest.raises(NJTCError, match="--model-dtype must be one of"):
+    with pytest.raises(NJTCError, match="`dtype` must be one of"):
         load_model(str(folder), progress=False, dtype="float64")
 
 
@@ -461,7 +461,7 @@ def _remote_code_model(folder, tokenizer_folder, logit_multiplier: float):
 def test_trust_remote_code_with_named_parts(tmp_path, tokenizer_folder, documents):
     """Remote code runs only with its parts named, and the head check still stops a head it cannot see."""
     plain = _remote_code_model(tmp_path / "plain", tokenizer_folder, 1.0)
-    with pytest.raises(NJTCError, match="--trust-remote-code runs code"):
+    with pytest.raises(NJTCError, match="`trust_remote_code=True` runs code"):
         load_model(str(plain), progress=False, trust_remote_code=True)
     with pytest.raises(NJTCError, match="cannot load model"):  # transformers asks for trust_remote_code
         load_model(str(plain), progress=False, blocks="model.layers", final_norm="model.norm")
@@ -486,7 +486,7 @@ def test_a_live_fit_and_the_lens_on_opt_with_project_out(tmp_path, tokenizer_fol
                                   progress=False)
     live = LiveSource(model, tok, documents, seq_len=16, max_tokens=640, model_name=name)
     assert live.d_model == model.config.hidden_size == 32 != model.get_output_embeddings().weight.shape[1]
-    [sc] = fit_shortcuts(live, "njtc", [2], progress=False)
+    [sc] = fit_shortcuts(live, method="njtc", ranks=[2], progress=False)
     lens = ShortcutLens.from_model(model, sc, tok)
     traj = lens.trajectory("The for statement")
     assert traj.kl.shape[2] == model.config.num_hidden_layers + 1

@@ -74,7 +74,7 @@ def test_cli_writes_one_file_per_rank_with_the_contract_metadata(tiny_store, tmp
 
 
 def test_jtc_from_store_equals_sklearn_on_the_same_rows(tiny_store):
-    [jtc] = fit_shortcuts(tiny_store, "jtc", None, layers=[1], progress=False)
+    [jtc] = fit_shortcuts(tiny_store, method="jtc", ranks=None, layers=[1], progress=False)
     x, y = _train_rows(tiny_store, 1)
     ref = LinearRegression().fit(x.astype(np.float64), y.astype(np.float64))
     pred = jtc.predict(1, x).double().numpy()
@@ -92,13 +92,13 @@ def test_store_streaming_with_small_chunks_equals_one_chunk(tiny_store):
 
 def test_saved_statistics_resolve_without_reading_activations(tiny_store, tmp_path):
     stats_path = tmp_path / "stats.safetensors"
-    [first] = fit_shortcuts(tiny_store, "njtc", [4], save_stats=stats_path, progress=False)
-    [again] = fit_shortcuts(tiny_store, "njtc", [4], statistics=stats_path, progress=False)
+    [first] = fit_shortcuts(tiny_store, method="njtc", ranks=[4], save_stats=stats_path, progress=False)
+    [again] = fit_shortcuts(tiny_store, method="njtc", ranks=[4], statistics=stats_path, progress=False)
     assert torch.equal(first.maps[2].U, again.maps[2].U)
-    [jtc] = fit_shortcuts(tiny_store, "jtc", None, statistics=stats_path, progress=False)
+    [jtc] = fit_shortcuts(tiny_store, method="jtc", ranks=None, statistics=stats_path, progress=False)
     assert jtc.maps[2].weight.shape == (32, 32)
     with pytest.raises(Exception, match="layer-normalised"):
-        fit_shortcuts(tiny_store, "nnjtc", [4], statistics=stats_path, progress=False)
+        fit_shortcuts(tiny_store, method="nnjtc", ranks=[4], statistics=stats_path, progress=False)
 
 
 def test_every_variant_fits_and_roundtrips(tiny_store, tmp_path):
@@ -119,7 +119,7 @@ def test_every_variant_fits_and_roundtrips(tiny_store, tmp_path):
 
 
 def test_rms_nnjtc_equals_brute_force_on_normalised_rows(tiny_store):
-    [sc] = fit_shortcuts(tiny_store, "nnjtc", [4], layers=[2], normalize="rms", progress=False)
+    [sc] = fit_shortcuts(tiny_store, method="nnjtc", ranks=[4], layers=[2], normalize="rms", progress=False)
     x, y = _train_rows(tiny_store, 2)
     x64 = x.astype(np.float64)
     z = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-5)
@@ -130,7 +130,7 @@ def test_rms_nnjtc_equals_brute_force_on_normalised_rows(tiny_store):
 
 
 def test_residual_map_equals_brute_force_on_the_difference(tiny_store):
-    [sc] = fit_shortcuts(tiny_store, "njtc", [4], layers=[1], residual=True, progress=False)
+    [sc] = fit_shortcuts(tiny_store, method="njtc", ranks=[4], layers=[1], residual=True, progress=False)
     x, y = _train_rows(tiny_store, 1)
     coef, bias = brute_force_rrr(x, y - x, 4)
     assert _rel((sc.maps[1].U @ sc.maps[1].V).double().numpy(), coef) <= 1e-5
@@ -139,7 +139,7 @@ def test_residual_map_equals_brute_force_on_the_difference(tiny_store):
 
 def test_logit_weighted_map_equals_brute_force_with_row_and_error_weights(tiny_store):
     """--weight logits on an RMS-norm head: rows weighted by 1/σ², errors by diag(g)·W_Uᵀ."""
-    [sc] = fit_shortcuts(tiny_store, "njtc", [3], layers=[1], weight="logits", progress=False)
+    [sc] = fit_shortcuts(tiny_store, method="njtc", ranks=[3], layers=[1], weight="logits", progress=False)
     x, y = _train_rows(tiny_store, 1)
     y64 = y.astype(np.float64)
     w = 1.0 / ((y64 ** 2).mean(1) + 1e-6)
@@ -153,8 +153,8 @@ def test_logit_weighted_map_equals_brute_force_with_row_and_error_weights(tiny_s
 
 
 def test_logit_weighting_lowers_the_logit_space_error(tiny_store):
-    [plain] = fit_shortcuts(tiny_store, "njtc", [2], layers=[1], progress=False)
-    [weighted] = fit_shortcuts(tiny_store, "njtc", [2], layers=[1], weight="logits", progress=False)
+    [plain] = fit_shortcuts(tiny_store, method="njtc", ranks=[2], layers=[1], progress=False)
+    [weighted] = fit_shortcuts(tiny_store, method="njtc", ranks=[2], layers=[1], weight="logits", progress=False)
     x, y = _train_rows(tiny_store, 1)
     with ActivationStore(tiny_store) as store:
         g = store.head().logit_weight_factor().float()
@@ -217,7 +217,7 @@ def test_cli_bad_inputs(tiny_store, tmp_path):
 
 def test_logit_weighting_uses_inverse_norm_scale_row_weights(tiny_store, tmp_path):
     """--weight logits: rows weighted by 1/σ² of their target, errors weighted by the head."""
-    [weighted] = fit_shortcuts(tiny_store, "jtc", None, layers=[1], weight="logits",
+    [weighted] = fit_shortcuts(tiny_store, method="jtc", ranks=None, layers=[1], weight="logits",
                                save_stats=tmp_path / "w.safetensors", progress=False)
     x, y = _train_rows(tiny_store, 1)
     w = 1.0 / ((y.astype(np.float64) ** 2).mean(1) + 1e-6)  # the tiny Llama's RMS norm (eps 1e-6)
@@ -225,4 +225,4 @@ def test_logit_weighting_uses_inverse_norm_scale_row_weights(tiny_store, tmp_pat
     pred = weighted.predict(1, x).double().numpy()  # a full-rank map: the weighting by G drops out
     assert np.linalg.norm(pred - ref.predict(x)) / np.linalg.norm(ref.predict(x)) <= 1e-5
     with pytest.raises(Exception, match="row weights"):
-        fit_shortcuts(tiny_store, "njtc", [2], statistics=tmp_path / "w.safetensors", progress=False)
+        fit_shortcuts(tiny_store, method="njtc", ranks=[2], statistics=tmp_path / "w.safetensors", progress=False)

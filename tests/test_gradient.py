@@ -17,8 +17,8 @@ load_training_rows, train_gradient = gradient.load_training_rows, gradient.train
 @pytest.mark.parametrize("method,normalize", [("njtc", None), ("nnjtc", "batch"), ("jtc", None)])
 def test_adam_on_the_store_never_beats_the_closed_form(tiny_store, method, normalize):
     with ActivationStore(tiny_store) as store:
-        [closed] = fit_shortcuts(store, method, None if method == "jtc" else [4], layers=[2], normalize=normalize,
-                                 progress=False)
+        [closed] = fit_shortcuts(store, method=method, ranks=None if method == "jtc" else [4], layers=[2],
+                                 normalize=normalize, progress=False)
         optimum = closed.stats["layers"][2]["train_mse"]
         run = train_gradient(store, 2, method, 4, lr=3e-3, batch_size=128, epochs=30, time_budget=60,
                              optimum=optimum, seed=1)

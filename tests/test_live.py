@@ -43,8 +43,9 @@ def test_live_maps_equal_store_maps(live_and_store, method, ranks, normalize):
     """The must-show: float64 maps from the live pass within 1e-8 of extract-then-fit's."""
     live, path = live_and_store
     with ActivationStore(path) as store:
-        [from_store] = fit_shortcuts(store, method, ranks, normalize=normalize, float64=True, progress=False)
-    [from_live] = fit_shortcuts(live, method, ranks, normalize=normalize, float64=True, progress=False)
+        [from_store] = fit_shortcuts(store, method=method, ranks=ranks, normalize=normalize, float64=True,
+                                     progress=False)
+    [from_live] = fit_shortcuts(live, method=method, ranks=ranks, normalize=normalize, float64=True, progress=False)
     assert from_live.provenance["split_id"] == from_store.provenance["split_id"]
     assert from_live.stats["layers"][1]["n_train"] == from_store.stats["layers"][1]["n_train"] > 1000
     for layer, m in from_store.maps.items():
@@ -72,7 +73,7 @@ def test_live_statistics_are_the_store_statistics(live_and_store):
 
 def test_live_evaluation_equals_store_evaluation(live_and_store):
     live, path = live_and_store
-    [sc] = fit_shortcuts(live, "njtc", [4], progress=False)
+    [sc] = fit_shortcuts(live, method="njtc", ranks=[4], progress=False)
     with ActivationStore(path) as store:  # the live fit's held-out rows are the store's: no overlap
         on_store = evaluate_shortcuts(store, [sc], progress=False)
     on_live = evaluate_shortcuts(live, [sc], chunk_rows=50, progress=False)
@@ -137,9 +138,9 @@ def test_a_bfloat16_model_fits_live_with_its_rows_upcast(tiny_models, live_and_s
     model, tokenizer, name = load_model(str(tiny_models["llama"]), dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
     half = LiveSource(model, tokenizer, live.documents, model_name=name, batch_size=3, **PLAN)
-    [from_half] = fit_shortcuts(half, "jtc", layers=[2], progress=False)
+    [from_half] = fit_shortcuts(half, method="jtc", layers=[2], progress=False)
     with ActivationStore(path) as store:
-        [exact] = fit_shortcuts(store, "jtc", layers=[2], progress=False)
+        [exact] = fit_shortcuts(store, method="jtc", layers=[2], progress=False)
     assert from_half.model_sha256 != exact.model_sha256  # another model: its own weights' hash
     assert _relative(from_half.maps[2].weight, exact.maps[2].weight) < 0.1
 
@@ -147,7 +148,7 @@ def test_a_bfloat16_model_fits_live_with_its_rows_upcast(tiny_models, live_and_s
 def test_fits_record_their_head_and_evaluation_refuses_another(live_and_store):
     live, path = live_and_store
     with ActivationStore(path) as store:
-        [sc] = fit_shortcuts(store, "njtc", [4], layers=[1], progress=False)
+        [sc] = fit_shortcuts(store, method="njtc", ranks=[4], layers=[1], progress=False)
         assert sc.head_sha256 == store.head().fingerprint() == live.head().fingerprint()  # store and model agree
         sc.head_sha256 = "0" * 64
         with pytest.raises(NJTCError, match="fitted for another head"):

@@ -54,8 +54,8 @@ def test_intermediate_target_equals_float64_least_squares(tiny_store, tiny_live,
     l -> 2, against numpy float64 least squares / reduced-rank regression of the pair's rows."""
     source = str(tiny_store) if where == "store" else tiny_live
     stats = tmp_path / "stats.safetensors"  # one pass (a live one runs the model) serves both methods
-    [jtc] = fit_shortcuts(source, "jtc", None, progress=False, target_layer=2, save_stats=stats)
-    [njtc] = fit_shortcuts(None, "njtc", [4], statistics=stats, target_layer=2)
+    [jtc] = fit_shortcuts(source, method="jtc", ranks=None, progress=False, target_layer=2, save_stats=stats)
+    [njtc] = fit_shortcuts(None, method="njtc", ranks=[4], statistics=stats, target_layer=2)
     assert jtc.target_layer == njtc.target_layer == 2 and sorted(jtc.maps) == [0, 1]
     for layer in (0, 1):
         x, y = _pair_rows(tiny_store, layer, 2)
@@ -90,22 +90,43 @@ def test_all_targets_equal_each_target_fitted_alone(tiny_store, method, ranks, n
                 assert _rel(mine.bias, m.bias) < 1e-9, (target, layer)
 
 
+@pytest.mark.parametrize("alpha", [0.0, "auto"])
+def test_all_targets_decompose_each_source_once(tiny_store, monkeypatch, alpha):
+    """Each source layer's input Gram matrix is decomposed once for every target above it, not
+    once per target, and the maps are the same to the bit as each target solved on its own."""
+    from njtc_solve.fit import fit_from_statistics
+    from njtc_solve.pairs import accumulate_pairs
+
+    with ActivationStore(tiny_store) as store:
+        pairs = accumulate_pairs(store, sources=[0, 1, 2], targets=[1, 2, 3], progress=False)
+    alone = {t: fit_from_statistics(pairs.for_target(t), method="jtc", ranks=None, alpha=alpha)[0] for t in (1, 2, 3)}
+    calls, eigh = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(a.shape) or eigh(a))
+    every = dict(fit_all_targets(str(tiny_store), method="jtc", alpha=alpha, progress=False))
+    # one eigh of C_xx per source (3), one of KᵀK per pair (6); alpha="auto" reuses C_xx's too
+    assert len(calls) == 3 + 6
+    for target in (1, 2, 3):
+        for layer in range(target):
+            mine, ref = every[target][0].maps[layer], alone[target].maps[layer]
+            assert torch.equal(mine.weight, ref.weight) and torch.equal(mine.bias, ref.bias), (target, layer)
+
+
 def test_all_targets_float32_and_saved_pair_statistics(tiny_store, tmp_path):
     """Default float32 pass: within float32 rounding of the single-target fit; its saved statistics
     give any target's fit with no rows read, and say which targets they hold."""
     stats = tmp_path / "pairs.safetensors"
     every = dict(fit_all_targets(str(tiny_store), method="jtc", progress=False, save_stats=stats))
     for target in (1, 2, 3):
-        [alone] = fit_shortcuts(str(tiny_store), "jtc", progress=False, target_layer=target)
-        [saved] = fit_shortcuts(None, "jtc", statistics=stats, target_layer=target)
+        [alone] = fit_shortcuts(str(tiny_store), method="jtc", progress=False, target_layer=target)
+        [saved] = fit_shortcuts(None, method="jtc", statistics=stats, target_layer=target)
         for layer in range(target):
             assert _rel(every[target][0].maps[layer].weight, alone.maps[layer].weight) < 1e-4
             assert _rel(saved.maps[layer].weight, every[target][0].maps[layer].weight) < 1e-12
-    [default] = fit_shortcuts(None, "jtc", statistics=stats)  # default: the last layer, as without pairs
+    [default] = fit_shortcuts(None, method="jtc", statistics=stats)  # default: the last layer, as without pairs
     assert default.target_layer == 3
     assert sorted(dict(fit_all_targets(None, method="jtc", statistics=stats, progress=False))) == [1, 2, 3]
     with pytest.raises(NJTCError, match="holds statistics for target layers 1,2,3, not 5"):
-        fit_shortcuts(None, "jtc", statistics=stats, target_layer=5)
+        fit_shortcuts(None, method="jtc", statistics=stats, target_layer=5)
 
 
 def _in_process(capsys, main, *args):
@@ -138,7 +159,7 @@ def test_bad_targets_one_line_before_the_pass(tiny_store, tmp_path, capsys):
     _one_line_exit_2(_fit("--model", str(tmp_path / "no-model"), "--target-layer", "all", "--method", "jtc",
                           "--rank", "4", "--out", out), "jtc fits full-rank maps")
     single = tmp_path / "single.safetensors"
-    fit_shortcuts(store, "jtc", progress=False, save_stats=single)
+    fit_shortcuts(store, method="jtc", progress=False, save_stats=single)
     _one_line_exit_2(_fit("--stats", str(single), "--target-layer", "all", "--method", "jtc", "--out", out),
                      "holds target layer 3 only; target layer all needs statistics saved by a fit of every target")
     _one_line_exit_2(_fit("--stats", str(single), "--target-layer", "2", "--method", "jtc", "--out", out),
@@ -183,7 +204,7 @@ def test_skip_with_the_true_blocks_reproduces_the_model(tiny_models, kind):
 def test_pairwise_evaluation_store_and_live(tiny_store, tiny_live, tmp_path):
     """R² and relative error against an independent numpy computation; live adds skip scores and
     gives the same errors on the same rows."""
-    [jtc] = fit_shortcuts(str(tiny_store), "jtc", progress=False, target_layer=2)
+    [jtc] = fit_shortcuts(str(tiny_store), method="jtc", progress=False, target_layer=2)
     result = evaluate_pairs(str(tiny_store), [jtc], max_rows=600, progress=False)
     x, y = _pair_rows(tiny_store, 1, 2, split=1)
     x, y = x[:600], y[:600]
@@ -204,6 +225,18 @@ def test_pairwise_evaluation_store_and_live(tiny_store, tiny_live, tmp_path):
     assert n == lr["skip_rows"]
     assert lr["skip_kl"] == pytest.approx(kl, rel=1e-4)  # observed: 1.1e-5 relative (3.7e-4 nats)
     assert lr["skip_top1"] == pytest.approx(agree, abs=0.5 / n)  # the same argmax on every row
+
+
+def test_skip_scores_are_bounded_by_default(tiny_store, tiny_live, monkeypatch):
+    """Without ``max_rows`` or ``skip_rows`` the skip scores run over at most SKIP_ROWS held-out
+    tokens (whole sequences), not the whole validation split."""
+    from njtc_solve import pairwise
+
+    monkeypatch.setattr(pairwise, "SKIP_ROWS", 40)
+    [jtc] = fit_shortcuts(str(tiny_store), method="jtc", layers=[1], progress=False, target_layer=2)
+    r = evaluate_pairs(tiny_live, [jtc], progress=False).record("jtc", 1, 2)
+    per_sequence = tiny_live.plan.seq_len - 1  # positions >= 1 of each sequence
+    assert r["skip_rows"] == 2 * per_sequence < r["n_rows"]  # 40 tokens: two sequences of 31
 
 
 def _independent_skip(live, predict, source, target, max_tokens, keep):
@@ -250,7 +283,7 @@ def test_consumers_refuse_an_intermediate_target(tiny_store, tmp_path, capsys):
     from njtc_solve.export import export_tuned_lens
     from njtc_solve.lens import ShortcutLens
 
-    [jtc] = fit_shortcuts(str(tiny_store), "jtc", progress=False, target_layer=2)
+    [jtc] = fit_shortcuts(str(tiny_store), method="jtc", progress=False, target_layer=2)
     path = tmp_path / "t2.safetensors"
     jtc.save(path)
     with pytest.raises(NJTCError, match="tuned-lens export needs maps to the last layer"):

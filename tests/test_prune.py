@@ -122,7 +122,7 @@ def folded(tmp_path_factory):
         assert torch.equal(gen, gen_nocache), family
         layer_idx = [m.layer_idx for b in resolve_parts(model)[1] for m in b.modules() if hasattr(m, "layer_idx")]
         assert layer_idx and sorted(set(layer_idx)) == list(range(4 - remove)), (family, layer_idx)
-        folder = save_pruned(model, None, root / f"case{n}", {"case": family})
+        folder = save_pruned(model, None, root / f"case{n}", record={"case": family})
         torch.save(ids, folder / "ids.pt")
         jobs[f"case{n}"] = str(folder)
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -237,7 +237,7 @@ def test_scoring_path_equals_the_folded_model(llama_stats, start, remove):
     held = collect_held_out(model, train.sequences(slice(0, 2)))
     rep = solve_replacement(stats, start=start, remove=remove, weighting="rms", intercept=True,
                             intercept_name="mlp_bias")
-    tail = tail_logits(model, held.token_ids, replaced_stream(held, rep, slice(0, 2)), start + remove)
+    tail = tail_logits(model, held.token_ids, replaced_stream(held, rep, slice(0, 2)), first_block=start + remove)
     pruned = copy.deepcopy(model)
     apply_replacement(pruned, rep)
     with torch.no_grad():
@@ -308,10 +308,10 @@ def test_prune_command_writes_a_loadable_model(tiny_models, tmp_path, capsys):
 
 def test_save_pruned_replaces_only_its_own_output(tmp_path):
     model = _family_model("gpt2")
-    out = save_pruned(model, None, tmp_path / "m", {"run": 1})
-    with pytest.raises(NJTCError, match="exists; pass --overwrite"):
-        save_pruned(model, None, out, {"run": 2})
-    save_pruned(model, None, out, {"run": 2}, overwrite=True)
+    out = save_pruned(model, None, tmp_path / "m", record={"run": 1})
+    with pytest.raises(NJTCError, match="exists; pass `overwrite=True`"):
+        save_pruned(model, None, out, record={"run": 2})
+    save_pruned(model, None, out, record={"run": 2}, overwrite=True)
     assert json.loads((out / PRUNE_RECORD).read_text()) == {"run": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left
 
@@ -391,7 +391,7 @@ def test_intercept_bias_without_a_bias_refused_before_loading(tmp_path, capsys):
 
 
 def test_check_removal_library_messages():
-    with pytest.raises(NJTCError, match="remove must be at least 1"):
+    with pytest.raises(NJTCError, match="`remove` must be at least 1"):
         check_removal(4, 0)
     with pytest.raises(NJTCError, match="last start is 2"):
         check_removal(4, 2, 3)
@@ -410,9 +410,9 @@ def test_gguf_loaded_model_is_saved_as_the_plain_model(tmp_path):
 
     model = _family_model("gpt2")
     model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))
-    save_pruned(model, None, tmp_path / "m", {})
+    save_pruned(model, None, tmp_path / "m", record={})
     assert model.hf_quantizer is None and (tmp_path / "m" / "model.safetensors").is_file()
     model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="bitsandbytes"))
     with pytest.raises(NJTCError, match="quantized with bitsandbytes cannot be saved"):
-        save_pruned(model, None, tmp_path / "n", {})
+        save_pruned(model, None, tmp_path / "n", record={})
     assert not (tmp_path / "n").exists()

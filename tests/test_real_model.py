@@ -34,7 +34,7 @@ def test_extract_fit_evaluate_on_smollm2(tmp_path):
 
     # the default float32 accumulation against float64 GEMMs, LayerNorm N-NJTC on real activations
     with ActivationStore(store) as s:
-        fits = {f64: fit_shortcuts(s, "nnjtc", [16], layers=[1, 15, 29], float64=f64, progress=False)[0]
+        fits = {f64: fit_shortcuts(s, method="nnjtc", ranks=[16], layers=[1, 15, 29], float64=f64, progress=False)[0]
                 for f64 in (False, True)}
     rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
     for layer in (1, 15, 29):

@@ -79,7 +79,7 @@ def test_refinement_never_ends_above_its_start(tiny_store, name):
 
 def test_a_refined_file_loads_and_evaluates_like_any_other(tiny_store, tmp_path):
     with ActivationStore(tiny_store) as store:
-        [njtc] = fit_shortcuts(store, "njtc", [4], layers=[1, 2], progress=False)
+        [njtc] = fit_shortcuts(store, method="njtc", ranks=[4], layers=[1, 2], progress=False)
     njtc.save(tmp_path / "njtc.safetensors")
     out = tmp_path / "njtc-kl.safetensors"
     proc = run_module("njtc_solve.refine", "--shortcuts", str(tmp_path / "njtc.safetensors"), "--store",
@@ -105,7 +105,7 @@ def test_a_refined_file_loads_and_evaluates_like_any_other(tiny_store, tmp_path)
 def test_the_trainer_takes_any_iterable_of_row_chunks(tiny_store):
     """A live model will be a row source too: a plain list of ``(x, y)`` chunks trains the same maps."""
     with ActivationStore(tiny_store) as store:
-        [njtc] = fit_shortcuts(store, "njtc", [4], layers=[1], progress=False)
+        [njtc] = fit_shortcuts(store, method="njtc", ranks=[4], layers=[1], progress=False)
         train = list(StoreRows(store, [1], "train"))
         check = list(StoreRows(store, [1], "validation"))
         head = store.head()
@@ -120,7 +120,7 @@ def test_the_trainer_takes_any_iterable_of_row_chunks(tiny_store):
 def test_mse_objective_keeps_the_closed_form_at_its_optimum(tiny_store):
     """From the exact least-squares start, MSE training finds nothing better on its own training rows."""
     with ActivationStore(tiny_store) as store:
-        [njtc] = fit_shortcuts(store, "njtc", [4], layers=[2], progress=False)
+        [njtc] = fit_shortcuts(store, method="njtc", ranks=[4], layers=[2], progress=False)
         rows = StoreRows(store, [2], "train", in_memory=True)
         result = train_maps(njtc.maps, store.head(), rows, rows, "mse", steps=20, lr=1e-3, check_every=5,
                             patience=0, progress=False)
@@ -135,7 +135,7 @@ def test_bad_input_is_one_line(tiny_store, tmp_path):
         identity.provenance = store.provenance
         with pytest.raises(NJTCError, match="identity map has no parameters"):
             refine_shortcuts(store, identity, steps=1, progress=False)
-        [jtc] = fit_shortcuts(store, "jtc", None, layers=[1], progress=False)
+        [jtc] = fit_shortcuts(store, method="jtc", ranks=None, layers=[1], progress=False)
         with pytest.raises(NJTCError, match="no map for layer 2"):
             refine_shortcuts(store, jtc, layers=[2], steps=1, progress=False)
         with pytest.raises(NJTCError, match="unknown objective"):
@@ -155,7 +155,7 @@ def test_bad_input_is_one_line(tiny_store, tmp_path):
 def test_refine_from_a_live_model_reads_the_rows_of_its_store(tiny_store, tiny_models, tmp_path):
     """--model instead of --store: the model's forward pass over the fit's plan gives the store's rows."""
     with ActivationStore(tiny_store) as store:
-        [jtc] = fit_shortcuts(store, "jtc", None, layers=[1], progress=False)
+        [jtc] = fit_shortcuts(store, method="jtc", ranks=None, layers=[1], progress=False)
         _, from_store = refine_shortcuts(store, jtc, steps=1, check_every=1, check_rows=10**6, progress=False)
     jtc.save(tmp_path / "jtc.safetensors")
     out = tmp_path / "jtc-kl.safetensors"
@@ -175,7 +175,7 @@ def test_refine_from_a_live_model_reads_the_rows_of_its_store(tiny_store, tiny_m
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_refinement_on_the_gpu_follows_the_cpu(tiny_store):
     with ActivationStore(tiny_store) as store:
-        [njtc] = fit_shortcuts(store, "njtc", [4], layers=[1], progress=False)
+        [njtc] = fit_shortcuts(store, method="njtc", ranks=[4], layers=[1], progress=False)
         runs = {device: refine_shortcuts(store, njtc, steps=10, check_every=5, check_rows=10**6, patience=0,
                                          device=device, progress=False)[1] for device in ("cpu", "cuda")}
     cpu, gpu = runs["cpu"], runs["cuda"]

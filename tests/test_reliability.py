@@ -121,7 +121,7 @@ def test_a_flipped_data_byte_is_a_checksum_error(tiny_store, tmp_path):
         chunk = f["hidden/2"].id.get_chunk_info(1)
     _flip_byte(damaged, chunk.byte_offset + chunk.size // 2)
     with pytest.raises(NJTCError, match=r"cannot read hidden/2 rows .* the file is damaged"):
-        fit_shortcuts(damaged, "njtc", [2], layers=[2], progress=False)
+        fit_shortcuts(damaged, method="njtc", ranks=[2], layers=[2], progress=False)
     result = run_module("njtc_solve.fit", "--store", str(damaged), "--method", "njtc", "--rank", "2",
                         "--out", str(tmp_path / "o.safetensors"), "--no-progress")
     _one_line_exit_2(result, "the file is damaged")

@@ -110,10 +110,10 @@ def test_files_the_library_writes_still_load(tmp_path):
 
 
 def test_a_fit_with_fewer_directions_than_its_rank_saves_a_file_that_loads(tiny_store, tmp_path):
-    [sc] = fit_shortcuts(tiny_store, "nnjtc", [32], layers=[1], normalize="layer", progress=False)
+    [sc] = fit_shortcuts(tiny_store, method="nnjtc", ranks=[32], layers=[1], normalize="layer", progress=False)
     # LayerNorm outputs span d - 1 = 31 directions: the 32nd is zero, so U keeps its rank's shape
     assert sc.maps[1].rank == 32 and not sc.maps[1].U[:, 31].any() and sc.maps[1].U[:, 30].any()
-    [full] = fit_shortcuts(tiny_store, "jtc", None, layers=[1], normalize="layer", progress=False)
+    [full] = fit_shortcuts(tiny_store, method="jtc", ranks=None, layers=[1], normalize="layer", progress=False)
     torch.testing.assert_close(sc.maps[1].U @ sc.maps[1].V, full.maps[1].weight, rtol=1e-4, atol=1e-4)
     sc.save(tmp_path / "sc.safetensors")
     loaded = Shortcuts.load(tmp_path / "sc.safetensors")
@@ -124,7 +124,7 @@ def test_a_fit_with_fewer_directions_than_its_rank_saves_a_file_that_loads(tiny_
 
 
 def test_evaluate_refuses_an_inconsistent_file_on_one_line(tiny_store, tmp_path):
-    [sc] = fit_shortcuts(tiny_store, "njtc", [2], layers=[1], progress=False)
+    [sc] = fit_shortcuts(tiny_store, method="njtc", ranks=[2], layers=[1], progress=False)
     sc.save(tmp_path / "bad.safetensors")  # layer 2 listed without tensors was scored as the identity map
     bad = _tamper(tmp_path / "bad.safetensors", {"layers": "[1, 2]"})
     result = run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts", str(bad),

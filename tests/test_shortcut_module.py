@@ -21,8 +21,8 @@ def files(tiny_store, tmp_path_factory):
     """A narrow (NJTC r4, the low-rank route to the logits) and a full residual map file, and some rows."""
     folder = tmp_path_factory.mktemp("module")
     with ActivationStore(tiny_store) as store:
-        [njtc] = fit_shortcuts(store, "njtc", [4], layers=[0, 1], progress=False)
-        [jtc] = fit_shortcuts(store, "jtc", None, layers=[1], residual=True, progress=False)
+        [njtc] = fit_shortcuts(store, method="njtc", ranks=[4], layers=[0, 1], progress=False)
+        [jtc] = fit_shortcuts(store, method="jtc", ranks=None, layers=[1], residual=True, progress=False)
         rows = {l: torch.as_tensor(store.file[f"hidden/{l}"][:14]).float() for l in (0, 1, store.n_layers)}
     paths = {"njtc": folder / "njtc.safetensors", "jtc": folder / "jtc.safetensors"}
     njtc.save(paths["njtc"])
@@ -118,7 +118,7 @@ def test_autograd_reaches_a_trainable_copy_and_leaves_the_map_alone(files):
 
 def test_the_trainer_trains_the_map_module_itself(tiny_store):
     with ActivationStore(tiny_store) as store:
-        [njtc] = fit_shortcuts(store, "njtc", [4], layers=[1], progress=False)
+        [njtc] = fit_shortcuts(store, method="njtc", ranks=[4], layers=[1], progress=False)
         rows = StoreRows(store, [1], "train", in_memory=True, max_rows=512)
         result = train_maps(njtc.maps, store.head(), rows, rows, "mse", steps=3, lr=1e-3, check_every=3,
                             progress=False)

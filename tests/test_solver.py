@@ -41,7 +41,7 @@ def rel(a, b):
 
 
 def full_map(stats, **kw):
-    [sc] = fit_from_statistics(stats, "jtc", None, **kw)
+    [sc] = fit_from_statistics(stats, method="jtc", ranks=None, **kw)
     m = sc.maps[0]
     return m.weight.double().numpy(), None if m.bias is None else m.bias.double().numpy()
 
@@ -100,7 +100,7 @@ def test_every_rank_of_one_decomposition_equals_its_own_brute_force_solution():
     x, y = make_data()
     s = stats_of(x, y)
     ranks = [1, 2, 4, 8, 12]
-    fits = fit_from_statistics(s, "njtc", ranks)
+    fits = fit_from_statistics(s, method="njtc", ranks=ranks)
     xc, yc = x - x.mean(0), y - y.mean(0)
     b_ols = np.linalg.lstsq(xc, yc, rcond=None)[0]
     losses = []
@@ -208,11 +208,11 @@ def test_batch_standardised_nnjtc_equals_njtc_with_intercept():
     x, y = make_data(offset=4.0)
     x[:, 2] *= 50.0  # very different feature scales
     s = stats_of(x, y)
-    [njtc] = fit_from_statistics(s, "njtc", [3])
-    [batch] = fit_from_statistics(s, "nnjtc", [3], normalize="batch")
+    [njtc] = fit_from_statistics(s, method="njtc", ranks=[3])
+    [batch] = fit_from_statistics(s, method="nnjtc", ranks=[3], normalize="batch")
     assert rel(batch.predict(0, x).double(), njtc.predict(0, x).double()) <= 1e-5
     ln = stats_of(x, y, input_norm="layer")
-    [layer] = fit_from_statistics(ln, "nnjtc", [3], normalize="layer")
+    [layer] = fit_from_statistics(ln, method="nnjtc", ranks=[3], normalize="layer")
     assert rel(layer.predict(0, x).double(), njtc.predict(0, x).double()) > 1e-3
 
 
@@ -221,11 +221,11 @@ def test_layernorm_inputs_are_exactly_singular_and_still_solved():
     s = stats_of(x, y, input_norm="layer")
     lam = torch.linalg.eigvalsh(s.layers[0].cxx)
     assert lam[0] / lam[-1] < 1e-12, "LayerNorm outputs sum to zero: C_xx is singular"
-    [fit] = fit_from_statistics(s, "nnjtc", [4], normalize="layer")
+    [fit] = fit_from_statistics(s, method="nnjtc", ranks=[4], normalize="layer")
     assert torch.isfinite(fit.maps[0].U).all()
     xn = normalize_rows(torch.tensor(x), "layer").numpy()
     ref = LinearRegression().fit(xn, y)
-    [full] = fit_from_statistics(s, "jtc", None, normalize="layer")
+    [full] = fit_from_statistics(s, method="jtc", ranks=None, normalize="layer")
     assert rel(full.predict(0, x).double(), ref.predict(xn)) <= 1e-5
 
 
@@ -251,8 +251,8 @@ def test_float32_layernorm_nnjtc_maps_equal_a_float64_accumulation(seed):
     s32 = stats_of(x, y, chunk=4096, input_norm="layer", float64=False)
     s64 = stats_of(x, y, chunk=4096, input_norm="layer", float64=True)
     assert s32.meta["accumulation"] == "float32" and s64.meta["accumulation"] == "float64"
-    [a], [b] = (fit_from_statistics(s, "nnjtc", [16], normalize="layer") for s in (s32, s64))
-    [ja], [jb] = (fit_from_statistics(s, "jtc", None, normalize="layer") for s in (s32, s64))
+    [a], [b] = (fit_from_statistics(s, method="nnjtc", ranks=[16], normalize="layer") for s in (s32, s64))
+    [ja], [jb] = (fit_from_statistics(s, method="jtc", ranks=None, normalize="layer") for s in (s32, s64))
     A, B = a.maps[0], b.maps[0]
     assert rel(A.U, B.U) <= FLOAT32_PATH and rel(A.V, B.V) <= FLOAT32_PATH
     assert rel(A.U @ A.V, B.U @ B.V) <= FLOAT32_PATH and rel(A.bias, B.bias) <= FLOAT32_PATH
@@ -280,7 +280,7 @@ def test_projection_removes_the_ones_direction_that_float32_rounding_leaves():
 def test_residual_map_is_rrr_on_the_difference():
     x, y = make_data()
     s = stats_of(x, y)
-    [res] = fit_from_statistics(s, "njtc", [2], residual=True)
+    [res] = fit_from_statistics(s, method="njtc", ranks=[2], residual=True)
     coef, bias, _, _ = solve64(x, y - x, rank=2)
     assert rel(res.predict(0, x).double(), x + x @ coef + bias) <= 1e-5
     sse = ((y - res.predict(0, x).double().numpy()) ** 2).sum()
@@ -358,7 +358,7 @@ def test_gcv_matches_explicit_hat_matrix(fit_intercept):
     s = stats_of(x, y)
     grid = [0.1, 1.0, 10.0, 100.0]
     cxx, cxy, cyy = (s.layers[0].cxx, s.layers[0].cxy, s.cyy) if fit_intercept else s.raw(0)
-    best, scores = gcv_alpha(cxx, cxy, cyy, s.n_rows, grid, fit_intercept=fit_intercept)
+    best, scores = gcv_alpha(cxx, cxy, cyy, s.n_rows, grid=grid, fit_intercept=fit_intercept)
     design = np.hstack([x, np.ones((80, 1))]) if fit_intercept else x
     for alpha in grid:
         penalty = alpha * np.eye(design.shape[1])
@@ -369,7 +369,7 @@ def test_gcv_matches_explicit_hat_matrix(fit_intercept):
         explicit = ((resid ** 2).sum() / 80) / (1 - np.trace(h) / 80) ** 2
         assert scores[alpha] == pytest.approx(explicit, rel=1e-9)
     assert best == min(scores, key=scores.get)
-    [auto] = fit_from_statistics(s, "jtc", None, alpha="auto")
+    [auto] = fit_from_statistics(s, method="jtc", ranks=None, alpha="auto")
     assert auto.stats["layers"][0]["alpha"] > 0
 
 
@@ -381,27 +381,27 @@ def test_gcv_counts_rows_not_total_weight():
     s = acc.finalize()
     assert s.n == pytest.approx(50.0) and s.n_rows == 200
     grid = [1.0]
-    _, by_rows = gcv_alpha(s.layers[0].cxx, s.layers[0].cxy, s.cyy, s.n_rows, grid)
+    _, by_rows = gcv_alpha(s.layers[0].cxx, s.layers[0].cxy, s.cyy, s.n_rows, grid=grid)
     plain = stats_of(x, y)  # the same rows unweighted: the weighted SSE is a quarter of it
-    _, unweighted = gcv_alpha(plain.layers[0].cxx, plain.layers[0].cxy, plain.cyy, plain.n_rows, [4.0])
+    _, unweighted = gcv_alpha(plain.layers[0].cxx, plain.layers[0].cxy, plain.cyy, plain.n_rows, grid=[4.0])
     assert by_rows[1.0] == pytest.approx(unweighted[4.0] / 4, rel=1e-9)
 
 
 def test_bad_method_arguments():
     s = stats_of(*make_data())
     with pytest.raises(NJTCError, match="rank 0"):
-        fit_from_statistics(s, "njtc", [0])
+        fit_from_statistics(s, method="njtc", ranks=[0])
     with pytest.raises(NJTCError, match="rank 13"):
-        fit_from_statistics(s, "njtc", [13])
-    with pytest.raises(NJTCError, match="drop --rank"):
-        fit_from_statistics(s, "jtc", [4])
+        fit_from_statistics(s, method="njtc", ranks=[13])
+    with pytest.raises(NJTCError, match="drop `ranks`"):
+        fit_from_statistics(s, method="jtc", ranks=[4])
     with pytest.raises(NJTCError, match="statistics of layer-normalised"):
-        fit_from_statistics(s, "nnjtc", [4])
+        fit_from_statistics(s, method="nnjtc", ranks=[4])
     with pytest.raises(NJTCError, match="no layer 3"):
-        fit_from_statistics(s, "njtc", [4], layers=[3])
+        fit_from_statistics(s, method="njtc", ranks=[4], layers=[3])
     s.layers[0].cxy[0, 0] = float("nan")
     with pytest.raises(NJTCError, match="NaN"):
-        fit_from_statistics(s, "njtc", [4])
+        fit_from_statistics(s, method="njtc", ranks=[4])
 
 
 def test_row_weighted_statistics_equal_sklearn_sample_weight():
@@ -441,7 +441,7 @@ def test_fit_passes_the_row_count_and_the_intercept_to_gcv():
     acc.update({0: x}, y, w)
     s = acc.finalize({"target_layer": 1, "d_model": 10})
     for fit_intercept in (True, False):
-        [auto] = fit_from_statistics(s, "jtc", None, alpha="auto", fit_intercept=fit_intercept)
+        [auto] = fit_from_statistics(s, method="jtc", ranks=None, alpha="auto", fit_intercept=fit_intercept)
         cxx, cxy, cyy = (s.layers[0].cxx, s.layers[0].cxy, s.cyy) if fit_intercept else s.raw(0)
         expected, _ = gcv_alpha(cxx, cxy, cyy, 30, fit_intercept=fit_intercept)
         wrong, _ = gcv_alpha(cxx, cxy, cyy, s.n, fit_intercept=not fit_intercept)

@@ -50,14 +50,14 @@ def test_sixteen_bit_stores_hold_the_rounded_rows_of_the_chosen_layers(stores, d
 
 def test_a_subset_store_fits_and_evaluates_its_layers_only(stores):
     with ActivationStore(stores["bfloat16"]) as store:
-        [sc] = fit_shortcuts(store, "njtc", [4], progress=False)
+        [sc] = fit_shortcuts(store, method="njtc", ranks=[4], progress=False)
         assert sorted(sc.maps) == [1]
         with pytest.raises(Exception, match="layer 2 was not extracted"):
-            fit_shortcuts(store, "njtc", [4], layers=[2], progress=False)
+            fit_shortcuts(store, method="njtc", ranks=[4], layers=[2], progress=False)
         result = evaluate_shortcuts(store, [sc], progress=False)
         assert {r["layer"] for r in result.records} == {1}
     with ActivationStore(stores["float32"]) as full:  # 16-bit inputs barely move the map
-        [exact] = fit_shortcuts(full, "njtc", [4], layers=[1], progress=False)
+        [exact] = fit_shortcuts(full, method="njtc", ranks=[4], layers=[1], progress=False)
     product = lambda m: m.U @ m.V
     assert float((product(sc.maps[1]) - product(exact.maps[1])).norm() / product(exact.maps[1]).norm()) < 0.05
 

@@ -40,14 +40,17 @@ _PARAMETER = re.compile(r"`([A-Za-z_]\w*)(?:=([^`\s]*))?`")
 def flags_of(parser: argparse.ArgumentParser, **renames: str) -> dict[str, str]:
     """The flag that sets each parameter: a destination's first long option, then ``renames``.
 
+    A switch ``--no-NAME`` also stands for ``NAME=False`` (``progress=False`` is ``--no-progress``).
     ``renames`` maps a library parameter (or ``parameter=value``) that is spelt otherwise on
-    the command line to its flag, e.g. ``ranks="--rank"`` or ``**{"progress=False": "--no-progress"}``.
+    the command line to its flag, e.g. ``ranks="--rank"`` or ``**{"fit_intercept=False": "--no-intercept"}``.
     """
     flags = {}
     for action in parser._actions:  # argparse has no public list of its actions
         longs = [s for s in action.option_strings if s.startswith("--")]
         if longs:
             flags.setdefault(action.dest, longs[0])
+            if action.dest.startswith("no_") and action.const is True:
+                flags.setdefault(f"{action.dest[3:]}=False", longs[0])
     flags.update(renames)
     return flags
 

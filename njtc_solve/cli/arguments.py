@@ -49,7 +49,7 @@ def load_model_from_args(args, device: str = "cpu", progress: bool = True):
     """:func:`njtc_solve.models.load_model` with the arguments of :func:`add_model_arguments`."""
     from ..models import load_model
 
-    return load_model(args.model, device, progress, dtype=args.model_dtype, device_map=args.device_map,
+    return load_model(args.model, device=device, progress=progress, dtype=args.model_dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code, blocks=args.blocks, final_norm=args.final_norm,
                       norm=args.norm)
 
@@ -140,7 +140,7 @@ def live_source_from_args(args, device, progress: bool = True, provenance: dict 
 
     settings = plan_settings(args, provenance)  # bad settings fail before the model loads
     corpus = args.corpus if args.corpus is not None else PLAN_DEFAULTS["corpus"]
-    _, documents = load_corpus(corpus, args.text_field or PLAN_DEFAULTS["text_field"])
+    _, documents = load_corpus(corpus, text_field=args.text_field or PLAN_DEFAULTS["text_field"])
     fitted_on = (provenance or {}).get("corpus_sha256")
     if args.corpus is None and fitted_on and fitted_on != corpus_sha256(documents):
         raise NJTCError(f"the shortcut was fitted on another corpus than {corpus} (corpus_sha256 {fitted_on[:12]}…); "

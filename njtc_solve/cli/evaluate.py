@@ -65,7 +65,7 @@ def _check_arguments(args, files: list[str]) -> Path:
     return out
 
 
-@command(build_parser, **{"progress=False": "--no-progress"})
+@command(build_parser)
 def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.evaluate``."""
     from ..export import read_tuned_lens

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@command(build_parser, **{"progress=False": "--no-progress"})
+@command(build_parser)
 def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.extract`` (also under torchrun)."""
     import h5py
@@ -75,7 +75,7 @@ def main(args) -> int:
                 if args.resume and not temporary_path(out).exists():
                     print(f"note: nothing to resume ({temporary_path(out)} does not exist); starting afresh",
                           file=sys.stderr)
-                corpus_name, documents = load_corpus(args.corpus, args.text_field)
+                corpus_name, documents = load_corpus(args.corpus, text_field=args.text_field)
                 model, tokenizer, model_name = load_model_from_args(args, device, progress=not args.no_progress)
                 out = library.extract_activations(
                     model, tokenizer, documents, out, model_name=model_name, corpus_name=corpus_name,

@@ -54,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # library parameters that the command spells otherwise
-RENAMES = {"ranks": "--rank", "statistics": "--stats", "fit_intercept=False": "--no-intercept",
-           "progress=False": "--no-progress", "target_layer": "--target-layer"}
+RENAMES = {"ranks": "--rank", "statistics": "--stats", "fit_intercept=False": "--no-intercept"}
 
 
 @command(build_parser, **RENAMES)

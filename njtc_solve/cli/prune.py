@@ -92,14 +92,11 @@ def _check(args, settings) -> tuple[list, list]:
         if args.intercept == "bias" and not spec.has_bias and spec.bias_option is None:
             raise NJTCError(f"--intercept bias: {kind}'s MLP output projection has no bias and its config no option "
                             "for one; use --intercept none or auto")
-        try:
-            check_removal(n_blocks, args.remove, args.start)
-        except NJTCError as err:
-            raise NJTCError(str(err).replace("remove=", "--remove ").replace("start=", "--start ")) from None
+        check_removal(n_blocks, remove=args.remove, start=args.start)
     return weightings, ridge
 
 
-@command(build_parser, **{"progress=False": "--no-progress"})
+@command(build_parser, weightings="--weighting")
 def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.prune``."""
     settings = plan_settings(args)
@@ -113,7 +110,7 @@ def main(args) -> int:
     from ..pruning import prune_model
     from ..replace import apply_replacement, save_pruned
 
-    corpus_name, documents = load_corpus(args.corpus, args.text_field)
+    corpus_name, documents = load_corpus(args.corpus, text_field=args.text_field)
     model, tokenizer, name = load_model_from_args(args, args.device, progress=not args.no_progress)
     weights_sha = model_sha256(model)
     result = prune_model(model, tokenizer, documents, remove=args.remove, start=args.start, weightings=weightings,
@@ -133,7 +130,7 @@ def main(args) -> int:
               "cosine_choice": result.cosine_choice,
               "cosine": {str(s): v for s, v in result.cosine.items()}, "candidates": result.candidates,
               "timings_s": result.timings, **result.record}
-    out = save_pruned(model, tokenizer, args.out, record, overwrite=args.overwrite)
+    out = save_pruned(model, tokenizer, args.out, record=record, overwrite=args.overwrite)
     chosen_score = result.best(chosen.start)
     print(f"{'start':>5}  {'method':<24} {'KL':>8} {'top-1':>6} {'ppl':>9}")
     for c in sorted(result.candidates, key=lambda c: (c["start"], c["kl"])):

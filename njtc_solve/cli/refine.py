@@ -69,7 +69,7 @@ def _check_arguments(args) -> Path:
     return out
 
 
-@command(build_parser, **{"progress=False": "--no-progress"})
+@command(build_parser)
 def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.refine``."""
     from ..shortcuts import Shortcuts
