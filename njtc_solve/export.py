@@ -30,8 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from .compatibility import check_compatible
 from .errors import NJTCError, atomic_output, run_cli
+from .head import Head
 from .outputs import check_folder_output, check_not_inputs, command_inputs
 from .shortcuts import ShortcutMap, Shortcuts
 
@@ -101,7 +104,8 @@ def unembed_hash(unembed: torch.Tensor) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Path:
+def export_tuned_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, model: nn.Module | None = None,
+                      overwrite: bool = False) -> Path:
     """Write ``shortcuts`` as a tuned-lens folder (``config.json`` and ``params.pt``).
 
     Parameters
@@ -133,11 +137,8 @@ def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Pa
     (3, 32)
     """
     shortcuts = shortcuts if isinstance(shortcuts, Shortcuts) else Shortcuts.load(shortcuts)
-    last = shortcuts.stats.get("n_layers", shortcuts.target_layer)  # files from before it was recorded: the last
-    if last != shortcuts.target_layer:
-        raise NJTCError(f"tuned-lens export needs maps to the last layer ({last}); shortcuts {shortcuts.name} "
-                        f"target layer {shortcuts.target_layer}")
-    out = check_output_folder(out, overwrite)
+    check_compatible(shortcuts)  # tuned-lens reads maps to the last layer only
+    out = check_output_folder(out, overwrite=overwrite)
     if shortcuts.method == "identity":
         raise NJTCError("the identity is tuned-lens's LogitLens; there is nothing to export")
     state = translator_state(shortcuts)  # refuses what is not affine, before anything is written
@@ -169,15 +170,15 @@ def _is_own_lens(folder: Path) -> bool:
     return isinstance(sidecar, dict) and sidecar.get("format") == "njtc-tuned-lens"
 
 
-def check_output_folder(out, overwrite: bool = False) -> Path:
+def check_output_folder(out: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse an export folder that cannot be written, or whose files export would replace
     without ``overwrite``: a lens exported before, or files this project did not write (a
     model's ``config.json``, say)."""
     out = Path(out)
     if not overwrite and (out / "params.pt").is_file() and _is_own_lens(out):
-        raise NJTCError(f"{out} already holds a lens; pass --overwrite to replace it")
-    return check_folder_output(out, "--out", TUNED_LENS_FILES, _is_own_lens, overwrite,
-                               advice="pass --overwrite to replace it, or choose another --out")
+        raise NJTCError(f"{out} already holds a lens; pass `overwrite=True` to replace it")
+    return check_folder_output(out, "`out`", TUNED_LENS_FILES, _is_own_lens, overwrite,
+                               advice="pass `overwrite=True` to replace it, or choose another `out`")
 
 
 def _check_head_description(head: dict) -> None:
@@ -197,17 +198,12 @@ def _check_head_description(head: dict) -> None:
 def _check_model(shortcuts: Shortcuts, model) -> tuple[str, str]:
     """The model's name and unembedding hash, once it is known to be the maps' and loadable by tuned-lens."""
     from .architectures import resolve_parts
-    from .head import Head
-    from .models import model_sha256
 
-    if shortcuts.model_sha256 != model_sha256(model):
-        raise NJTCError(f"shortcuts {shortcuts.name} were fitted on another model (model_sha256 differs)")
+    head = check_compatible(shortcuts, model)
     model_type = model.config.model_type
     if model_type not in TUNED_LENS_ARCHITECTURES:
         raise NJTCError(f"tuned-lens 0.2.0 cannot find the final norm of {model_type!r} models; it loads "
                         f"{', '.join(TUNED_LENS_ARCHITECTURES)}")
-    head = Head.from_model(model)
-    shortcuts.check_head(head)
     _check_head_description(head.describe())
     return model.config.name_or_path, unembed_hash(resolve_parts(model)[3].weight)
 
@@ -220,7 +216,7 @@ def _width(shortcuts: Shortcuts) -> int:
     raise NJTCError(f"shortcuts {shortcuts.name} hold no tensor to tell their width from")
 
 
-def read_tuned_lens(folder, head=None, model_sha256: str = "") -> Shortcuts:
+def read_tuned_lens(folder: str | Path, *, head: Head | None = None, model_sha256: str = "") -> Shortcuts:
     """Read a tuned-lens folder as residual maps ``h + h·Wᵀ + b`` (method ``tuned-lens``).
 
     Parameters

@@ -253,16 +253,16 @@ def test_consumers_refuse_an_intermediate_target(tiny_store, tmp_path, capsys):
     [jtc] = fit_shortcuts(str(tiny_store), "jtc", progress=False, target_layer=2)
     path = tmp_path / "t2.safetensors"
     jtc.save(path)
-    with pytest.raises(NJTCError, match="tuned-lens export needs maps to the last layer"):
+    with pytest.raises(NJTCError, match=r"target layer 2, not the last layer of their model \(3\)"):
         export_tuned_lens(path, tmp_path / "lens")
     with ActivationStore(tiny_store) as store:
-        with pytest.raises(NJTCError, match="the lens reads maps to the last layer"):
+        with pytest.raises(NJTCError, match=r"target layer 2, not the last layer of their model \(3\)"):
             ShortcutLens(store.head(), Shortcuts.load(path))
     from njtc_solve.refine import main
 
     _one_line_exit_2(_in_process(capsys, main, "--shortcuts", str(path), "--store", str(tiny_store),
                                  "--out", str(tmp_path / "r.safetensors")),
-                     "targets layer 2; the last layer")
+                     "target layer 2, not the last layer of")
 
 
 def test_fit_warns_of_attention_sink_like_training_rows(tiny_store, tmp_path, capsys):
