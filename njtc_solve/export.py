@@ -246,58 +246,17 @@ def read_tuned_lens(folder: str | Path, *, head: Head | None = None, model_sha25
     ('tuned-lens', True)
     """
     folder = Path(folder)
-    config_path, params_path = folder / "config.json", folder / "params.pt"
-    if not config_path.is_file() or not params_path.is_file():
+    if not (folder / "config.json").is_file() or not (folder / "params.pt").is_file():
         raise NJTCError(f"{folder} is not a tuned-lens folder (it needs config.json and params.pt)")
-
-    def bad(problem: str) -> NJTCError:
-        return NJTCError(f"{folder} is not a tuned-lens folder this library reads: {problem}")
-
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
-        raise bad("config.json is not JSON") from None
-    if not isinstance(config, dict):
-        raise bad(f"config.json holds a JSON {type(config).__name__}, not an object")
-    if config.get("lens_type", "linear_tuned_lens") != "linear_tuned_lens":
-        raise bad(f"lens_type {config.get('lens_type')!r}, not linear_tuned_lens")
-    if config.get("unembed_hash") is not None and not isinstance(config["unembed_hash"], str):
-        raise bad(f"config.json's unembed_hash is a {type(config['unembed_hash']).__name__}, not a string")
-    d, n_layers = config.get("d_model"), config.get("num_hidden_layers")
-    if type(d) is not int or type(n_layers) is not int or d < 1 or n_layers < 1:
-        raise bad("config.json needs positive integers d_model and num_hidden_layers")
-    try:
-        state = torch.load(params_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors alike
-        raise bad(f"params.pt cannot be read ({type(err).__name__})") from None
-    weights = {f"{i}.weight" for i in range(n_layers)}
-    if not isinstance(state, dict):
-        raise bad(f"params.pt holds a {type(state).__name__}, not a state dict")
-    if not weights <= set(state) <= weights | {f"{i}.bias" for i in range(n_layers)}:
-        raise bad(f"params.pt must hold {{i}}.weight (and {{i}}.bias) for i in 0..{n_layers - 1}")
-    for name, value in state.items():
-        expected = (d, d) if name.endswith(".weight") else (d,)
-        if not isinstance(value, torch.Tensor):
-            raise bad(f"params.pt entry {name} is a {type(value).__name__}, not a tensor")
-        if tuple(value.shape) != expected:
-            raise bad(f"params.pt entry {name} has shape {tuple(value.shape)}, expected {expected}")
-        if not value.is_floating_point() or not torch.isfinite(value).all():
-            raise bad(f"params.pt entry {name} is not finite floating point")
+    config = _read_config(folder)
+    d, n_layers = config["d_model"], config["num_hidden_layers"]
+    state = _read_params(folder, d, n_layers)
     maps = {}
     for i in range(n_layers):
         weight, bias = state[f"{i}.weight"], state.get(f"{i}.bias")
         maps[i] = ShortcutMap(weight=weight.T.float().contiguous(), residual=True,
                               bias=None if bias is None else bias.float())
-    sidecar = folder / SIDECAR
-    recorded = ""
-    if sidecar.is_file():
-        try:
-            content = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise bad(f"{SIDECAR} is not JSON") from None
-        if not isinstance(content, dict) or not isinstance(content.get("model_sha256", ""), str):
-            raise bad(f"{SIDECAR} is not a JSON object with a string model_sha256")
-        recorded = content.get("model_sha256", "")
+    recorded = _recorded_sha256(folder)
     if recorded and model_sha256 and recorded != model_sha256:
         raise NJTCError(f"the tuned lens in {folder} was fitted on another model (model_sha256 differs)")
     if head is not None:
@@ -308,6 +267,65 @@ def read_tuned_lens(folder: str | Path, *, head: Head | None = None, model_sha25
                             "differs): another model")
     return Shortcuts(METHOD, maps, n_layers, model_sha256 or recorded, residual=True, label=METHOD,
                      provenance={"tuned_lens": str(folder), "base_model": config.get("base_model_name_or_path")})
+
+
+def _unreadable(folder: Path, problem: str) -> NJTCError:
+    return NJTCError(f"{folder} is not a tuned-lens folder this library reads: {problem}")
+
+
+def _read_config(folder: Path) -> dict:
+    """``config.json`` of a tuned-lens folder, checked: a linear lens of positive ``d_model`` and layer count."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        raise _unreadable(folder, "config.json is not JSON") from None
+    if not isinstance(config, dict):
+        raise _unreadable(folder, f"config.json holds a JSON {type(config).__name__}, not an object")
+    if config.get("lens_type", "linear_tuned_lens") != "linear_tuned_lens":
+        raise _unreadable(folder, f"lens_type {config.get('lens_type')!r}, not linear_tuned_lens")
+    if config.get("unembed_hash") is not None and not isinstance(config["unembed_hash"], str):
+        raise _unreadable(folder, f"config.json's unembed_hash is a {type(config['unembed_hash']).__name__}, "
+                                  "not a string")
+    d, n_layers = config.get("d_model"), config.get("num_hidden_layers")
+    if type(d) is not int or type(n_layers) is not int or d < 1 or n_layers < 1:
+        raise _unreadable(folder, "config.json needs positive integers d_model and num_hidden_layers")
+    return config
+
+
+def _read_params(folder: Path, d: int, n_layers: int) -> dict:
+    """``params.pt`` of a tuned-lens folder, checked: ``{i}.weight`` (d, d) and optional ``{i}.bias`` (d,), finite."""
+    try:
+        state = torch.load(folder / "params.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike
+        raise _unreadable(folder, f"params.pt cannot be read ({type(err).__name__})") from None
+    weights = {f"{i}.weight" for i in range(n_layers)}
+    if not isinstance(state, dict):
+        raise _unreadable(folder, f"params.pt holds a {type(state).__name__}, not a state dict")
+    if not weights <= set(state) <= weights | {f"{i}.bias" for i in range(n_layers)}:
+        raise _unreadable(folder, f"params.pt must hold {{i}}.weight (and {{i}}.bias) for i in 0..{n_layers - 1}")
+    for name, value in state.items():
+        expected = (d, d) if name.endswith(".weight") else (d,)
+        if not isinstance(value, torch.Tensor):
+            raise _unreadable(folder, f"params.pt entry {name} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != expected:
+            raise _unreadable(folder, f"params.pt entry {name} has shape {tuple(value.shape)}, expected {expected}")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise _unreadable(folder, f"params.pt entry {name} is not finite floating point")
+    return state
+
+
+def _recorded_sha256(folder: Path) -> str:
+    """The weights' hash an export recorded beside the lens (``njtc.json``); ``""`` for a lens without one."""
+    sidecar = folder / SIDECAR
+    if not sidecar.is_file():
+        return ""
+    try:
+        content = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise _unreadable(folder, f"{SIDECAR} is not JSON") from None
+    if not isinstance(content, dict) or not isinstance(content.get("model_sha256", ""), str):
+        raise _unreadable(folder, f"{SIDECAR} is not a JSON object with a string model_sha256")
+    return content.get("model_sha256", "")
 
 
 def _parser() -> argparse.ArgumentParser:
