@@ -152,7 +152,7 @@ def train_gradient(store: ActivationStore, layer: int, method: str = "njtc", ran
                 run.time_to[gap] = record["seconds"]
         return run.time_to[0.001] is not None
 
-    result = train_maps({layer: module}, store.head(), rows, chunks, "mse", steps=epochs * steps_per_epoch, lr=lr,
+    result = train_maps({layer: module}, store.head(), rows, check=chunks, objective="mse", steps=epochs * steps_per_epoch, lr=lr,
                         batch_rows=batch_size, check_every=max(1, steps_per_epoch // evals_per_epoch), patience=0,
                         time_budget=time_budget, device=device, progress=False, on_check=on_check, seed=seed)
     run.curve.insert(0, (0.0, result.start[layer]["loss"], 0.0))  # the check at step 0 precedes on_check

@@ -93,7 +93,7 @@ def held_out(store, layer, start, rows, device, head):
 
 def score(module, layer, head, rows):
     module.eval()
-    out = check_metrics("kl", {layer: module}, head, rows)[layer]
+    out = check_metrics({layer: module}, head, rows, objective="kl")[layer]
     module.train()
     return {k: out[k] for k in METRICS}
 
@@ -115,7 +115,7 @@ def run_trainer(module, layer, head, train, check, eval_rows, offset, **kwargs):
         return False
 
     curve.append({"seconds": offset, "step": 0, **score(module, layer, head, eval_rows)})
-    result = train_maps({layer: module}, head, train, check, "kl", progress=False, on_check=on_check, **kwargs)
+    result = train_maps({layer: module}, head, train, check=check, objective="kl", progress=False, on_check=on_check, **kwargs)
     return result, curve
 
 

@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 _API = {
     "NJTCError": "errors",
     "ActivationStore": "store",
+    "RowSource": "rows",
+    "check_compatible": "compatibility",
     "Head": "head",
     "load_model": "models",
     "load_corpus": "corpus",

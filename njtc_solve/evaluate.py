@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +37,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .compatibility import check_compatible
 from .errors import NJTCError
+from .head import Head
 from .metrics import Reference, hits_at_k, kl_divergence, surprisal
+from .rows import RowSource
 from .shortcuts import Shortcuts
 from .store import ActivationStore
 
@@ -103,31 +107,33 @@ def _load_all(shortcuts) -> list[Shortcuts]:
     return [s if isinstance(s, Shortcuts) else Shortcuts.load(s) for s in shortcuts]
 
 
-def check_unseen(store, sc: Shortcuts, skip_positions: int = 0) -> None:
-    """Refuse to evaluate ``sc`` on validation rows of ``store`` that it was fitted on.
+def check_unseen(source: RowSource, sc: Shortcuts, *, skip_positions: int = 0) -> None:
+    """Refuse to evaluate ``sc`` on validation rows of ``source`` that it was fitted on.
 
     Rows from another corpus, or from the same corpus under the same split (the store a
     shortcut was fitted on, or one extracted with the same seed and validation fraction),
     are unseen. Under another split of the same corpus, the rows overlap when any validation
-    document of ``store`` was a training document of the fit (exact for stores split by
+    document of ``source`` was a training document of the fit (exact for stores split by
     document); a format-1 store split by sequence cannot tell, so that is refused too.
+    The advice in its errors names the callers' ``allow_overlap`` (evaluation evaluates
+    anyway with ``allow_overlap=True``).
     """
-    fitted, here = sc.provenance, store.provenance
+    fitted, here = sc.provenance, source.provenance
     if not fitted:
         raise NJTCError(f"{sc.name} records no provenance (fitted by an older version?), so its training rows "
-                        "cannot be told apart from the evaluation rows; refit it, or pass --allow-overlap")
+                        "cannot be told apart from the evaluation rows; refit it, or pass `allow_overlap=True`")
     if fitted.get("corpus_sha256") != here["corpus_sha256"] or fitted.get("split_id") == here["split_id"]:
         return
     if fitted.get("split_by") == here["split_by"] == "document":
-        evaluated = set(store.evaluated_documents(skip_positions).tolist())
+        evaluated = set(source.evaluated_documents(skip_positions).tolist())
         seen = evaluated - set(fitted["validation_documents"])
         if not seen:
             return
         raise NJTCError(f"{sc.name} was fitted on {len(seen)} of the {len(evaluated)} documents in the validation "
-                        f"rows of {store.path} (another split of the same corpus); evaluate on its own store, one "
-                        "extracted with the same --seed and --val-fraction, or pass --allow-overlap")
-    raise NJTCError(f"{sc.name} was fitted on another split of the same corpus as {store.path}, which is split by "
-                    "sequence, so its training rows may be among the evaluation rows; pass --allow-overlap to "
+                        f"rows of {source.path} (another split of the same corpus); evaluate on its own store, one "
+                        "extracted with the same seed and validation fraction, or pass `allow_overlap=True`")
+    raise NJTCError(f"{sc.name} was fitted on another split of the same corpus as {source.path}, which is split by "
+                    "sequence, so its training rows may be among the evaluation rows; pass `allow_overlap=True` to "
                     "evaluate anyway")
 
 
@@ -141,21 +147,23 @@ def check_rows_overlap(sc: Shortcuts, n_rows: int, skip: int) -> str | None:
     if refined.get("check_skip_positions", skip) == skip and n_rows <= first:
         return None
     return (f"{sc.name} was refined with early stopping on held-out rows {first}-{last - 1}, and the evaluation reads "
-            f"rows 0-{n_rows - 1}: they overlap, so its figures are not fully held out (use --max-rows {first})")
+            f"rows 0-{n_rows - 1}: they overlap, so its figures are not fully held out (use `max_rows` {first})")
 
 
-def evaluate_shortcuts(store, shortcuts=(), layers=None, max_rows: int | None = None, chunk_rows: int = 256,
-                       device="cpu", progress: bool = True, thresholds=None, skip_positions: int | None = None,
+def evaluate_shortcuts(store: str | Path | RowSource, shortcuts: Sequence[str | Path | Shortcuts] = (), *,
+                       layers: Sequence[int] | None = None, max_rows: int | None = None, chunk_rows: int = 256,
+                       device: str | torch.device = "cpu", progress: bool = True,
+                       thresholds: Sequence[float] | None = None, skip_positions: int | None = None,
                        allow_overlap: bool = False) -> EvaluationResult:
     """Evaluate shortcut maps (and the identity baseline) on the store's validation rows.
 
     Parameters
     ----------
-    store : str, Path, ActivationStore or LiveSource
+    store : str, Path or RowSource
         The rows: a store's path or reader, or a live model's forward pass
         (:class:`njtc_solve.sources.LiveSource`, evaluated on its held-out documents).
     shortcuts : list of paths or Shortcuts
-        Fitted maps; each must come from the store's model (``model_sha256``).
+        Fitted maps; each must belong to the store's model (:func:`~njtc_solve.compatibility.check_compatible`).
     layers : list of int, optional
         Source layers (default: every layer any shortcut file has, else ``0..L-1``).
     max_rows : int, optional
@@ -178,8 +186,20 @@ def evaluate_shortcuts(store, shortcuts=(), layers=None, max_rows: int | None = 
     store = ActivationStore(store) if own else store
     try:
         skip = store.default_skip_positions if skip_positions is None else int(skip_positions)
-        return _evaluate(store, _load_all(shortcuts), layers, max_rows, chunk_rows, torch.device(device),
-                         progress, thresholds, skip, allow_overlap)
+        loaded = _load_all(shortcuts)
+        head = _check_loaded(store, loaded, skip, allow_overlap)
+        layers = _layers(store, loaded, layers)
+        methods = [sc.to(device) for sc in [Shortcuts.identity(layers, store.n_layers, store.model_sha256)] + loaded]
+        start = time.perf_counter()
+        tallies, n, sst, own_surprisal = _tally(store, methods, layers, head.to(device), skip=skip, max_rows=max_rows,
+                                                chunk_rows=chunk_rows, device=torch.device(device), progress=progress)
+        early = {sc.name: _early_exit(tallies, sc, layers, store.n_layers, thresholds) for sc in methods}
+        meta = {"store": str(store.path), "model": getattr(store, "attrs", {}).get("model", store.path),
+                "n_layers": store.n_layers, "d_model": store.d_model, "validation_rows": n, "skip_positions": skip,
+                "seconds": time.perf_counter() - start, "layers": layers,
+                "model_surprisal": own_surprisal / n,  # the full model's surprisal of its own top-1
+                "warnings": [w for sc in loaded if (w := check_rows_overlap(sc, n, skip))]}
+        return EvaluationResult(_records(tallies, methods, layers, store.d_model, sst), early, meta)
     finally:
         if own:
             store.close()
@@ -205,42 +225,48 @@ def _model_topk(store, head_topk, rows, chunk):
     return torch.cat([top1[:, None], head_topk[:, 1:]], dim=1)
 
 
-def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thresholds, skip, allow_overlap):
-    target = store.n_layers
+def _check_loaded(store: RowSource, loaded: list[Shortcuts], skip: int, allow_overlap: bool) -> Head:
+    """Refuse maps that cannot be judged on these rows; returns the store's head, read once."""
+    head = store.head()
     for sc in loaded:
-        if sc.model_sha256 != store.model_sha256:
-            raise NJTCError(f"shortcuts {sc.name} were fitted on another model's store (model_sha256 differs)")
-        if sc.target_layer != target:
-            raise NJTCError(f"shortcuts {sc.name} target layer {sc.target_layer}, the store's last is {target}")
+        check_compatible(sc, store, head=head)  # maps fitted through one head are never judged through another
         if not allow_overlap and sc.method != "tuned-lens":  # a tuned-lens folder records no training rows
-            check_unseen(store, sc, skip)
+            check_unseen(store, sc, skip_positions=skip)
         fitted_skip = (sc.provenance or {}).get("skip_positions")
         if fitted_skip is not None and int(fitted_skip) != skip:
             raise NJTCError(f"{sc.name} was fitted leaving out positions < {fitted_skip}, and this evaluation leaves "
-                            f"out positions < {skip}; evaluate it with --skip-positions {fitted_skip}")
+                            f"out positions < {skip}; evaluate it with `skip_positions` {fitted_skip}")
     names = [sc.name for sc in loaded]
     if len(set(names)) != len(names):
         raise NJTCError(f"two shortcut files have the same method and settings: {names}")
     if store.count("validation", skip) == 0:
         raise NJTCError(f"{store.path} has no validation rows at positions >= {skip} "
-                        "(extract with --val-fraction > 0)")
+                        "(extract with a validation fraction above 0)")
+    return head
+
+
+def _layers(store: RowSource, loaded: list[Shortcuts], layers) -> list[int]:
+    """The source layers evaluated: those asked for, else every layer of any map, else the store's."""
     if layers is None:
         layers = sorted({l for sc in loaded for l in sc.maps}) or store.source_layers
-    layers = [l for l in store.check_layers(layers) if l < target]
-    methods = [Shortcuts.identity(layers, target, store.model_sha256)] + loaded
-    methods = [sc.to(device) for sc in methods]
-    head = store.head()
-    for sc in loaded:
-        sc.check_head(head)  # maps fitted through one head are never judged through another
-    head = head.to(device)
+    return [l for l in store.check_layers(layers) if l < store.n_layers]
+
+
+def _tally(store: RowSource, methods: list[Shortcuts], layers: list[int], head: Head, *, skip: int,
+           max_rows: int | None, chunk_rows: int, device: torch.device, progress: bool):
+    """Read the validation rows once and tally every method's metrics at every layer.
+
+    Returns ``(tallies, rows, sst, model_surprisal_sum)``: the tallies by ``(name, layer)``,
+    the rows read, the total sum of squares of the last layer and the model's own surprisal summed.
+    """
+    target = store.n_layers
     tallies = {(sc.name, l): _Tally() for sc in methods for l in layers if l in sc.maps}
     sum_y = torch.zeros(store.d_model, dtype=torch.float64)
     sum_y2 = own_surprisal = 0.0
     n_rows = min(store.count("validation", skip), max_rows or np.inf)
-    start = time.perf_counter()
+    chunks = store.iter_chunks(layers + [target], "validation", chunk_rows, max_rows, skip_positions=skip)
     with torch.no_grad(), tqdm(total=n_rows, unit="row", desc="evaluate", leave=False, disable=not progress) as bar:
-        for rows, chunk in _pieces(store.iter_chunks(layers + [target], "validation", chunk_rows, max_rows,
-                                                     skip_positions=skip), chunk_rows):
+        for rows, chunk in _pieces(chunks, chunk_rows):
             y = torch.as_tensor(chunk[target]).to(device, torch.float32)
             final_logits = head.logits(y)
             final = Reference.from_logits(final_logits)
@@ -256,8 +282,11 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
                         tallies[sc.name, l].add(logits, y_hat, y, final, model_topk)
             bar.update(len(y))
     n = next(iter(tallies.values())).n
-    sst = sum_y2 - float((sum_y**2).sum()) / n
-    d = store.d_model
+    return tallies, n, sum_y2 - float((sum_y**2).sum()) / n, own_surprisal
+
+
+def _records(tallies: dict, methods: list[Shortcuts], layers: list[int], d: int, sst: float) -> list[dict]:
+    """One record of figures per (method, layer) tallied."""
     records = []
     for sc in methods:
         for l in layers:
@@ -272,20 +301,19 @@ def _evaluate(store, loaded, layers, max_rows, chunk_rows, device, progress, thr
                 "surprisal": t.surprisal / t.n, "kl": t.kl / t.n, "mse": t.sse / (t.n * d),
                 "r2": 1 - t.sse / sst if sst > 0 else float("nan"), "n_rows": t.n,
             })
-    early = {}
-    for sc in methods:
-        own_layers = [l for l in layers if l in sc.maps]
-        margins = np.stack([np.concatenate(tallies[sc.name, l].margins) for l in own_layers])
-        correct = np.stack([np.concatenate(tallies[sc.name, l].correct) for l in own_layers])
-        early[sc.name] = early_exit_curve(margins, correct, own_layers, target, thresholds)
-    meta = {"store": str(store.path), "model": getattr(store, "attrs", {}).get("model", store.path), "n_layers": target, "d_model": d,
-            "validation_rows": n, "skip_positions": skip, "seconds": time.perf_counter() - start, "layers": layers,
-            "model_surprisal": own_surprisal / n,  # the full model's surprisal of its own top-1
-            "warnings": [w for sc in loaded if (w := check_rows_overlap(sc, n, skip))]}
-    return EvaluationResult(records, early, meta)
+    return records
 
 
-def early_exit_curve(margins: np.ndarray, correct: np.ndarray, layers, n_layers: int, thresholds=None) -> dict:
+def _early_exit(tallies: dict, sc: Shortcuts, layers: list[int], n_layers: int, thresholds) -> dict:
+    """The early-exit curve of one method over the layers it has maps for."""
+    own_layers = [l for l in layers if l in sc.maps]
+    margins = np.stack([np.concatenate(tallies[sc.name, l].margins) for l in own_layers])
+    correct = np.stack([np.concatenate(tallies[sc.name, l].correct) for l in own_layers])
+    return early_exit_curve(margins, correct, layers=own_layers, n_layers=n_layers, thresholds=thresholds)
+
+
+def early_exit_curve(margins: np.ndarray, correct: np.ndarray, *, layers: Sequence[int], n_layers: int,
+                     thresholds: Sequence[float] | None = None) -> dict:
     """Confidence-based early exit for one method over a threshold sweep.
 
     Each row exits at the first layer (in ``layers`` order) whose top-1 minus top-2

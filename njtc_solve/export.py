@@ -29,8 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from .compatibility import check_compatible
 from .errors import NJTCError, atomic_output
+from .head import Head
 from .outputs import check_folder_output
 from .shortcuts import ShortcutMap, Shortcuts
 
@@ -100,7 +103,8 @@ def unembed_hash(unembed: torch.Tensor) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Path:
+def export_tuned_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, model: nn.Module | None = None,
+                      overwrite: bool = False) -> Path:
     """Write ``shortcuts`` as a tuned-lens folder (``config.json`` and ``params.pt``).
 
     Parameters
@@ -132,11 +136,8 @@ def export_tuned_lens(shortcuts, out, model=None, overwrite: bool = False) -> Pa
     (3, 32)
     """
     shortcuts = shortcuts if isinstance(shortcuts, Shortcuts) else Shortcuts.load(shortcuts)
-    last = shortcuts.stats.get("n_layers", shortcuts.target_layer)  # files from before it was recorded: the last
-    if last != shortcuts.target_layer:
-        raise NJTCError(f"tuned-lens export needs maps to the last layer ({last}); shortcuts {shortcuts.name} "
-                        f"target layer {shortcuts.target_layer}")
-    out = check_output_folder(out, overwrite)
+    check_compatible(shortcuts)  # tuned-lens reads maps to the last layer only
+    out = check_output_folder(out, overwrite=overwrite)
     if shortcuts.method == "identity":
         raise NJTCError("the identity is tuned-lens's LogitLens; there is nothing to export")
     state = translator_state(shortcuts)  # refuses what is not affine, before anything is written
@@ -168,15 +169,15 @@ def _is_own_lens(folder: Path) -> bool:
     return isinstance(sidecar, dict) and sidecar.get("format") == "njtc-tuned-lens"
 
 
-def check_output_folder(out, overwrite: bool = False) -> Path:
+def check_output_folder(out: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse an export folder that cannot be written, or whose files export would replace
     without ``overwrite``: a lens exported before, or files this project did not write (a
     model's ``config.json``, say)."""
     out = Path(out)
     if not overwrite and (out / "params.pt").is_file() and _is_own_lens(out):
-        raise NJTCError(f"{out} already holds a lens; pass --overwrite to replace it")
-    return check_folder_output(out, "--out", TUNED_LENS_FILES, _is_own_lens, overwrite,
-                               advice="pass --overwrite to replace it, or choose another --out")
+        raise NJTCError(f"{out} already holds a lens; pass `overwrite=True` to replace it")
+    return check_folder_output(out, "`out`", TUNED_LENS_FILES, _is_own_lens, overwrite,
+                               advice="pass `overwrite=True` to replace it, or choose another `out`")
 
 
 def _check_head_description(head: dict) -> None:
@@ -196,17 +197,12 @@ def _check_head_description(head: dict) -> None:
 def _check_model(shortcuts: Shortcuts, model) -> tuple[str, str]:
     """The model's name and unembedding hash, once it is known to be the maps' and loadable by tuned-lens."""
     from .architectures import resolve_parts
-    from .head import Head
-    from .models import model_sha256
 
-    if shortcuts.model_sha256 != model_sha256(model):
-        raise NJTCError(f"shortcuts {shortcuts.name} were fitted on another model (model_sha256 differs)")
+    head = check_compatible(shortcuts, model)
     model_type = model.config.model_type
     if model_type not in TUNED_LENS_ARCHITECTURES:
         raise NJTCError(f"tuned-lens 0.2.0 cannot find the final norm of {model_type!r} models; it loads "
                         f"{', '.join(TUNED_LENS_ARCHITECTURES)}")
-    head = Head.from_model(model)
-    shortcuts.check_head(head)
     _check_head_description(head.describe())
     return model.config.name_or_path, unembed_hash(resolve_parts(model)[3].weight)
 
@@ -219,7 +215,7 @@ def _width(shortcuts: Shortcuts) -> int:
     raise NJTCError(f"shortcuts {shortcuts.name} hold no tensor to tell their width from")
 
 
-def read_tuned_lens(folder, head=None, model_sha256: str = "") -> Shortcuts:
+def read_tuned_lens(folder: str | Path, *, head: Head | None = None, model_sha256: str = "") -> Shortcuts:
     """Read a tuned-lens folder as residual maps ``h + h·Wᵀ + b`` (method ``tuned-lens``).
 
     Parameters
@@ -249,58 +245,17 @@ def read_tuned_lens(folder, head=None, model_sha256: str = "") -> Shortcuts:
     ('tuned-lens', True)
     """
     folder = Path(folder)
-    config_path, params_path = folder / "config.json", folder / "params.pt"
-    if not config_path.is_file() or not params_path.is_file():
+    if not (folder / "config.json").is_file() or not (folder / "params.pt").is_file():
         raise NJTCError(f"{folder} is not a tuned-lens folder (it needs config.json and params.pt)")
-
-    def bad(problem: str) -> NJTCError:
-        return NJTCError(f"{folder} is not a tuned-lens folder this library reads: {problem}")
-
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
-        raise bad("config.json is not JSON") from None
-    if not isinstance(config, dict):
-        raise bad(f"config.json holds a JSON {type(config).__name__}, not an object")
-    if config.get("lens_type", "linear_tuned_lens") != "linear_tuned_lens":
-        raise bad(f"lens_type {config.get('lens_type')!r}, not linear_tuned_lens")
-    if config.get("unembed_hash") is not None and not isinstance(config["unembed_hash"], str):
-        raise bad(f"config.json's unembed_hash is a {type(config['unembed_hash']).__name__}, not a string")
-    d, n_layers = config.get("d_model"), config.get("num_hidden_layers")
-    if type(d) is not int or type(n_layers) is not int or d < 1 or n_layers < 1:
-        raise bad("config.json needs positive integers d_model and num_hidden_layers")
-    try:
-        state = torch.load(params_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors alike
-        raise bad(f"params.pt cannot be read ({type(err).__name__})") from None
-    weights = {f"{i}.weight" for i in range(n_layers)}
-    if not isinstance(state, dict):
-        raise bad(f"params.pt holds a {type(state).__name__}, not a state dict")
-    if not weights <= set(state) <= weights | {f"{i}.bias" for i in range(n_layers)}:
-        raise bad(f"params.pt must hold {{i}}.weight (and {{i}}.bias) for i in 0..{n_layers - 1}")
-    for name, value in state.items():
-        expected = (d, d) if name.endswith(".weight") else (d,)
-        if not isinstance(value, torch.Tensor):
-            raise bad(f"params.pt entry {name} is a {type(value).__name__}, not a tensor")
-        if tuple(value.shape) != expected:
-            raise bad(f"params.pt entry {name} has shape {tuple(value.shape)}, expected {expected}")
-        if not value.is_floating_point() or not torch.isfinite(value).all():
-            raise bad(f"params.pt entry {name} is not finite floating point")
+    config = _read_config(folder)
+    d, n_layers = config["d_model"], config["num_hidden_layers"]
+    state = _read_params(folder, d, n_layers)
     maps = {}
     for i in range(n_layers):
         weight, bias = state[f"{i}.weight"], state.get(f"{i}.bias")
         maps[i] = ShortcutMap(weight=weight.T.float().contiguous(), residual=True,
                               bias=None if bias is None else bias.float())
-    sidecar = folder / SIDECAR
-    recorded = ""
-    if sidecar.is_file():
-        try:
-            content = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise bad(f"{SIDECAR} is not JSON") from None
-        if not isinstance(content, dict) or not isinstance(content.get("model_sha256", ""), str):
-            raise bad(f"{SIDECAR} is not a JSON object with a string model_sha256")
-        recorded = content.get("model_sha256", "")
+    recorded = _recorded_sha256(folder)
     if recorded and model_sha256 and recorded != model_sha256:
         raise NJTCError(f"the tuned lens in {folder} was fitted on another model (model_sha256 differs)")
     if head is not None:
@@ -311,6 +266,65 @@ def read_tuned_lens(folder, head=None, model_sha256: str = "") -> Shortcuts:
                             "differs): another model")
     return Shortcuts(METHOD, maps, n_layers, model_sha256 or recorded, residual=True, label=METHOD,
                      provenance={"tuned_lens": str(folder), "base_model": config.get("base_model_name_or_path")})
+
+
+def _unreadable(folder: Path, problem: str) -> NJTCError:
+    return NJTCError(f"{folder} is not a tuned-lens folder this library reads: {problem}")
+
+
+def _read_config(folder: Path) -> dict:
+    """``config.json`` of a tuned-lens folder, checked: a linear lens of positive ``d_model`` and layer count."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        raise _unreadable(folder, "config.json is not JSON") from None
+    if not isinstance(config, dict):
+        raise _unreadable(folder, f"config.json holds a JSON {type(config).__name__}, not an object")
+    if config.get("lens_type", "linear_tuned_lens") != "linear_tuned_lens":
+        raise _unreadable(folder, f"lens_type {config.get('lens_type')!r}, not linear_tuned_lens")
+    if config.get("unembed_hash") is not None and not isinstance(config["unembed_hash"], str):
+        raise _unreadable(folder, f"config.json's unembed_hash is a {type(config['unembed_hash']).__name__}, "
+                                  "not a string")
+    d, n_layers = config.get("d_model"), config.get("num_hidden_layers")
+    if type(d) is not int or type(n_layers) is not int or d < 1 or n_layers < 1:
+        raise _unreadable(folder, "config.json needs positive integers d_model and num_hidden_layers")
+    return config
+
+
+def _read_params(folder: Path, d: int, n_layers: int) -> dict:
+    """``params.pt`` of a tuned-lens folder, checked: ``{i}.weight`` (d, d) and optional ``{i}.bias`` (d,), finite."""
+    try:
+        state = torch.load(folder / "params.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike
+        raise _unreadable(folder, f"params.pt cannot be read ({type(err).__name__})") from None
+    weights = {f"{i}.weight" for i in range(n_layers)}
+    if not isinstance(state, dict):
+        raise _unreadable(folder, f"params.pt holds a {type(state).__name__}, not a state dict")
+    if not weights <= set(state) <= weights | {f"{i}.bias" for i in range(n_layers)}:
+        raise _unreadable(folder, f"params.pt must hold {{i}}.weight (and {{i}}.bias) for i in 0..{n_layers - 1}")
+    for name, value in state.items():
+        expected = (d, d) if name.endswith(".weight") else (d,)
+        if not isinstance(value, torch.Tensor):
+            raise _unreadable(folder, f"params.pt entry {name} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != expected:
+            raise _unreadable(folder, f"params.pt entry {name} has shape {tuple(value.shape)}, expected {expected}")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise _unreadable(folder, f"params.pt entry {name} is not finite floating point")
+    return state
+
+
+def _recorded_sha256(folder: Path) -> str:
+    """The weights' hash an export recorded beside the lens (``njtc.json``); ``""`` for a lens without one."""
+    sidecar = folder / SIDECAR
+    if not sidecar.is_file():
+        return ""
+    try:
+        content = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise _unreadable(folder, f"{SIDECAR} is not JSON") from None
+    if not isinstance(content, dict) or not isinstance(content.get("model_sha256", ""), str):
+        raise _unreadable(folder, f"{SIDECAR} is not a JSON object with a string model_sha256")
+    return content.get("model_sha256", "")
 
 
 if __name__ == "__main__":  # `python -m njtc_solve.export` is the command njtc_solve.cli.export

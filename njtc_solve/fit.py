@@ -644,9 +644,9 @@ def row_norm_warning(sc: Shortcuts) -> str | None:
     ratio = norms.get("max_over_median")
     if not isinstance(ratio, (int, float)) or not ratio > norms.get("ratio", 20.0):
         return None
-    return (f"warning: {norms.get('rows_above', '?')} training rows have a hidden state at target layer "
+    return (f"{norms.get('rows_above', '?')} training rows have a hidden state at target layer "
             f"{sc.target_layer} far above the rest (largest row norm {ratio:.0f}x the median; attention-sink-like); "
-            "they can dominate the fit: consider --skip-positions or a BOS token")
+            "they can dominate the fit: consider `skip_positions` or a BOS token")
 
 
 if __name__ == "__main__":  # `python -m njtc_solve.fit` is the command njtc_solve.cli.fit

@@ -30,6 +30,7 @@ from torch import nn
 
 from .architectures import resolve_parts
 from .capture import capture_residual_stream
+from .compatibility import check_compatible
 from .errors import NJTCError, atomic_output
 from .head import Head
 from .metrics import Reference, kl_divergence
@@ -64,10 +65,7 @@ class ShortcutLens(nn.Module):
 
     def __init__(self, head: Head, shortcuts: Shortcuts):
         super().__init__()
-        last = shortcuts.stats.get("n_layers", shortcuts.target_layer)  # recorded by fits since issue 22
-        if last != shortcuts.target_layer:  # the head reads the last layer only
-            raise NJTCError(f"the lens reads maps to the last layer ({last}); shortcuts {shortcuts.name} "
-                            f"target layer {shortcuts.target_layer} (evaluate them with python -m njtc_solve.evaluate)")
+        check_compatible(shortcuts)  # the head reads the last layer only
         # new map modules over the same tensors (no copy): moving or casting the lens never moves the caller's maps
         own = {l: ShortcutMap(**{k: None if t is None else t.detach() for k, t in m.tensors().items()},
                               normalize=m.normalize, residual=m.residual) for l, m in shortcuts.maps.items()}
@@ -77,7 +75,8 @@ class ShortcutLens(nn.Module):
         self.__dict__.update(model=None, tokenizer=None)  # not submodules: the lens's state is its maps
 
     @classmethod
-    def from_model(cls, model, shortcuts=None, tokenizer=None, model_sha256: str | None = None) -> ShortcutLens:
+    def from_model(cls, model: nn.Module, shortcuts: Shortcuts | str | Path | None = None, tokenizer=None, *,
+                   model_sha256: str | None = None) -> ShortcutLens:
         """The lens of ``shortcuts`` on ``model`` (placed on the model's device).
 
         Parameters
@@ -96,32 +95,18 @@ class ShortcutLens(nn.Module):
         Raises
         ------
         NJTCError
-            When the maps were fitted on another model (``model_sha256`` differs) or for another
-            head (:meth:`~njtc_solve.shortcuts.Shortcuts.check_head`; with ``model_sha256`` given,
-            only the head's description is compared), target another layer than the model's
-            last, or have another width.
+            When the maps do not belong to the model
+            (:func:`~njtc_solve.compatibility.check_compatible`): fitted on another model
+            (``model_sha256`` differs) or for another head (with ``model_sha256`` given, only
+            the head's description is compared), targeting another layer than the model's
+            last, or of another width.
         """
-        from .models import model_sha256 as weights_sha256
-
-        _, blocks, _, _ = resolve_parts(model)
-        head = Head.from_model(model)  # its width is the residual stream's (OPT's project_out is folded in)
-        n_layers, d = len(blocks), head.d_model
         if shortcuts is None:
+            n_layers = len(resolve_parts(model)[1])
             shortcuts = Shortcuts.identity(range(n_layers), n_layers)
         elif not isinstance(shortcuts, Shortcuts):
             shortcuts = Shortcuts.load(shortcuts)
-        if shortcuts.method != IDENTITY:
-            expected = model_sha256 or weights_sha256(model)
-            if shortcuts.model_sha256 != expected:
-                raise NJTCError(f"shortcuts {shortcuts.name} were fitted on another model (model_sha256 "
-                                f"{shortcuts.model_sha256[:12] or 'none'}…, this model's {expected[:12]}…)")
-        _check_maps(shortcuts, n_layers, d)
-        if model_sha256 is None:
-            shortcuts.check_head(head)
-        elif shortcuts.head_description and shortcuts.head_description != head.describe():  # another dtype
-            raise NJTCError(f"shortcuts {shortcuts.name} were fitted for another head "
-                            f"({json.dumps(shortcuts.head_description)}; "
-                            f"this model's: {json.dumps(head.describe())})")
+        head = check_compatible(shortcuts, model, model_sha256=model_sha256)
         device = next(model.parameters()).device
         lens = cls(head, shortcuts).to(device)  # the lens's own map modules move, not the caller's
         lens.__dict__.update(model=model, tokenizer=tokenizer)
@@ -150,7 +135,7 @@ class ShortcutLens(nn.Module):
         return self.shortcuts(h, idx)
 
     # -- a prompt, layer by layer ------------------------------------------------------------
-    def trajectory(self, inputs, k: int = 5, batch_size: int = 8, chunk_rows: int = 256) -> Trajectory:
+    def trajectory(self, inputs, *, k: int = 5, batch_size: int = 8, chunk_rows: int = 256) -> Trajectory:
         """Run the model once over ``inputs`` and read every layer × position through the lens.
 
         Parameters
@@ -172,9 +157,9 @@ class ShortcutLens(nn.Module):
         if self.model is None:
             raise NJTCError("this lens has no model; build it with ShortcutLens.from_model(model, ...)")
         if k < 1:
-            raise NJTCError("k (--top-k) must be at least 1")
+            raise NJTCError(f"`k` must be at least 1, not {k}")
         if k > self.head().vocab_size:
-            raise NJTCError(f"k (--top-k) is {k}, above the vocabulary's {self.head().vocab_size} tokens")
+            raise NJTCError(f"`k` is {k}, above the vocabulary's {self.head().vocab_size} tokens")
         ids = self._token_ids(inputs)
         methods = [IDENTITY] if self.method == IDENTITY else [IDENTITY, self.name]
         logit_lens = ShortcutLens(self.head(), Shortcuts.identity(range(self.n_layers), self.n_layers))
@@ -254,21 +239,6 @@ class ShortcutLens(nn.Module):
 def _valid_rows(t: torch.Tensor, keep: torch.Tensor, device) -> torch.Tensor:
     """The rows ``t[keep]`` of a (batch, seq, ...) tensor, moved to ``device`` (for a model spread over devices)."""
     return t[keep.to(t.device)].to(device)
-
-
-def _check_maps(shortcuts: Shortcuts, n_layers: int, d: int) -> None:
-    """Refuse maps that target another layer than the model's last, or have another width."""
-    if shortcuts.target_layer != n_layers:
-        raise NJTCError(f"shortcuts {shortcuts.name} target layer {shortcuts.target_layer}; the model's last is "
-                        f"{n_layers}")
-    bad = sorted(l for l in shortcuts.maps if not 0 <= l < n_layers)
-    if bad:
-        raise NJTCError(f"shortcuts {shortcuts.name} have maps for layers {bad}, outside 0..{n_layers - 1}")
-    for layer, m in shortcuts.maps.items():
-        for t in (m.weight, m.V, m.bias):
-            if t is not None and t.shape[-1] != d:
-                raise NJTCError(f"shortcuts {shortcuts.name} map layer {layer} to width {t.shape[-1]}; the model's "
-                                f"is {d}")
 
 
 @dataclass
@@ -359,7 +329,7 @@ def _cell(token: str, width: int = 7) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def plot_trajectory(traj: Trajectory, prompt: int = 0, color: str = "kl", max_positions: int = 24):
+def plot_trajectory(traj: Trajectory, *, prompt: int = 0, color: str = "kl", max_positions: int = 24):
     """The prediction-trajectory heatmap of one prompt: logit lens beside the shortcut.
 
     Rows are layers (the model's output on top), columns positions (labelled with their input
@@ -375,7 +345,7 @@ def plot_trajectory(traj: Trajectory, prompt: int = 0, color: str = "kl", max_po
     from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     if color not in ("kl", "prob"):
-        raise NJTCError("color must be kl or prob")
+        raise NJTCError(f"`color` must be kl or prob, not {color!r}")
     n = len(traj.token_ids[prompt])
     first = max(0, n - max_positions)
     cols = range(first, n)

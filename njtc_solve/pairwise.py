@@ -66,19 +66,17 @@ class PairwiseResult:
 
 
 def _check(source, loaded, allow_overlap, skip):
+    from .compatibility import check_compatible
     from .evaluate import check_unseen
 
     seen = set()
     for sc in loaded:
-        if sc.model_sha256 != source.model_sha256:
-            raise NJTCError(f"shortcuts {sc.name} were fitted on another model (model_sha256 differs)")
-        if not 0 < sc.target_layer <= source.n_layers:
-            raise NJTCError(f"shortcuts {sc.name} target layer {sc.target_layer}, not in 1..{source.n_layers}")
+        check_compatible(sc, source, target="any", head=False)  # maps between layers: no head reads them
         if (sc.name, sc.target_layer) in seen:
             raise NJTCError(f"two shortcut files are {sc.name} to target layer {sc.target_layer}")
         seen.add((sc.name, sc.target_layer))
         if not allow_overlap:
-            check_unseen(source, sc, skip)
+            check_unseen(source, sc, skip_positions=skip)
 
 
 def evaluate_pairs(source, shortcuts, *, max_rows: int | None = None, chunk_rows: int = 1024, device: str = "cpu",

@@ -21,25 +21,32 @@ from the model's forward pass over the plan the shortcuts were fitted with
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 
+import torch
+
+from .compatibility import check_compatible
 from .errors import NJTCError
+from .rows import RowSource
 from .shortcuts import Shortcuts
-from .store import ActivationStore
 from .train import StoreRows, TrainResult, train_maps
 
 __all__ = ["refine_shortcuts"]
 
 
-def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", steps: int = 500, layers=None,
-                     lr: float = 1e-3, optimizer: str = "adam", batch_rows: int = 256, check_rows: int = 512,
-                     check_every: int = 25, patience: int = 4, device="cpu", progress: bool = True,
+def refine_shortcuts(store: RowSource, shortcuts: Shortcuts | str | Path, *, objective: str = "kl", steps: int = 500,
+                     layers: Sequence[int] | None = None, lr: float = 1e-3, optimizer: str = "adam",
+                     batch_rows: int = 256, check_rows: int = 512, check_every: int = 25, patience: int = 4,
+                     device: str | torch.device = "cpu", progress: bool = True,
                      seed: int = 0) -> tuple[Shortcuts, TrainResult]:
     """Train fitted maps further on the store's training rows; keep each layer's best held-out state.
 
     Parameters
     ----------
-    store : ActivationStore or LiveSource
-        Rows of the model the maps were fitted for, under the same document split.
+    store : RowSource
+        Rows of the model the maps were fitted for (an activation store or a live model's),
+        under the same document split.
     shortcuts : Shortcuts or path
         The starting maps (any method; the identity has nothing to train).
     objective : {"kl", "mse"}
@@ -62,7 +69,7 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
 
     Examples
     --------
-    >>> from njtc_solve import fit_shortcuts
+    >>> from njtc_solve import ActivationStore, fit_shortcuts
     >>> with ActivationStore("activations.h5") as store:
     ...     [jtc] = fit_shortcuts(store, method="jtc", ranks=None, layers=[1], progress=False)
     ...     refined, result = refine_shortcuts(store, jtc, steps=10, check_every=5, check_rows=128,
@@ -74,31 +81,21 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
     if not isinstance(shortcuts, Shortcuts):
         start_file, shortcuts = str(shortcuts), Shortcuts.load(shortcuts)
     sc = shortcuts
-    where = getattr(store, "path", "the model's rows")
-    if sc.model_sha256 != store.model_sha256:
-        raise NJTCError(f"{sc.name} was fitted on another model than {where} (model_sha256 differs)")
-    sc.check_head(store.head())
-    if sc.target_layer != store.n_layers:
-        raise NJTCError(f"{sc.name} targets layer {sc.target_layer}; the last layer of {where} is {store.n_layers}")
-    if sc.provenance.get("split_id") != store.provenance["split_id"]:
-        raise NJTCError(f"{sc.name} was fitted under another document split than {where}; refine it on the rows "
-                        "it was fitted on (same store, or the same plan), so that its validation rows stay unseen")
-    layers = sorted(sc.maps) if layers is None else store.check_layers(layers)
-    missing = [l for l in layers if l not in sc.maps]
-    if missing:
-        raise NJTCError(f"{sc.name} has no map for layer {missing[0]} (it has {sorted(sc.maps)})")
+    head = check_compatible(sc, store, same_split=True)  # its validation rows must stay unseen
+    layers = _refined_layers(store, sc, layers)
     if check_rows <= 0:
-        raise NJTCError("check_rows must be positive")
+        raise NJTCError(f"`check_rows` must be positive, not {check_rows}")
     if not 0 < lr < math.inf:
-        raise NJTCError(f"lr must be a positive finite number, not {lr}")
+        raise NJTCError(f"`lr` must be a positive finite number, not {lr}")
     n_val = store.count("validation", store.default_skip_positions)
     if n_val == 0:
-        raise NJTCError(f"{where} has no validation rows to check refinement on")
+        raise NJTCError(f"{store.path} has no validation rows to check refinement on")
     check_start = max(0, n_val - check_rows)
     train = StoreRows(store, layers, "train", seed=seed)
     check = StoreRows(store, layers, "validation", start=check_start)
-    result = train_maps({l: sc.maps[l] for l in layers}, store.head(), train, check, objective, steps, lr, optimizer,
-                        batch_rows, check_every, patience, device=device, progress=progress, seed=seed)
+    result = train_maps({l: sc.maps[l] for l in layers}, head, train, check=check, objective=objective, steps=steps, lr=lr,
+                        optimizer=optimizer, batch_rows=batch_rows, check_every=check_every, patience=patience,
+                        device=device, progress=progress, seed=seed)
     refined = sc.replace(  # every field of the start (head, provenance, ...) but the maps
         maps=result.maps(), label=f"{sc.name}-{objective}",
         stats={"refined": {
@@ -110,6 +107,15 @@ def refine_shortcuts(store: ActivationStore, shortcuts, objective: str = "kl", s
             "layers": {str(l): {"start": result.start[l], "best": result.best[l]} for l in layers}},
             "fit": sc.stats})
     return refined, result
+
+
+def _refined_layers(store: RowSource, sc: Shortcuts, layers) -> list[int]:
+    """The layers to refine: those asked for (each with a map), else every layer of ``sc``."""
+    layers = sorted(sc.maps) if layers is None else store.check_layers(layers)
+    missing = [l for l in layers if l not in sc.maps]
+    if missing:
+        raise NJTCError(f"{sc.name} has no map for layer {missing[0]} (it has {sorted(sc.maps)})")
+    return layers
 
 
 if __name__ == "__main__":  # `python -m njtc_solve.refine` is the command njtc_solve.cli.refine

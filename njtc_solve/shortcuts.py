@@ -204,6 +204,9 @@ class _LayerMaps(nn.ModuleDict):
             self[layer] = m
 
 
+_HEAD_RENAMED = "Shortcuts.head is the attached Head; the recorded description is head_description"
+
+
 def _as_head(head) -> Head:
     """``head`` as a :class:`Head`: a Head, an activation store's or live source's, or a model's."""
     if isinstance(head, Head):
@@ -252,6 +255,9 @@ class Shortcuts(nn.Module):
                  provenance: dict | None = None, head: Head | None = None, head_sha256: str = "",
                  head_description: dict | None = None):
         super().__init__()
+        if isinstance(head, dict):  # before, ``head`` was the recorded description
+            warnings.warn(_HEAD_RENAMED, DeprecationWarning, stacklevel=2)  # at the caller's line, not this one
+            head_description, head = head, None
         self.method, self.maps, self.target_layer, self.model_sha256 = method, maps, int(target_layer), model_sha256
         self.rank, self.normalize, self.residual, self.fit_intercept = rank, normalize, residual, fit_intercept
         self.alpha, self.weight, self.label = alpha, weight, label  # alpha "auto": chosen per layer by GCV
@@ -263,8 +269,7 @@ class Shortcuts(nn.Module):
         if name == "maps" and not isinstance(value, _LayerMaps):
             value = _LayerMaps(value)
         if name == "head" and isinstance(value, dict):  # before, ``head`` was the recorded description
-            warnings.warn("Shortcuts.head is the attached Head; the recorded description is head_description",
-                          DeprecationWarning, 2)
+            warnings.warn(_HEAD_RENAMED, DeprecationWarning, stacklevel=2)
             super().__setattr__("head_description", value)
             value = None
         super().__setattr__(name, value)
@@ -404,9 +409,9 @@ class Shortcuts(nn.Module):
         tensors, meta = read_safetensors(path, "shortcut", FORMAT)
         f, parts = _checked(path, tensors, meta)
         maps = {l: ShortcutMap(**p, normalize=f["normalize"], residual=f["residual"]) for l, p in parts.items()}
-        sc = cls(f["method"], maps, f["target_layer"], f["model_sha256"], f["rank"], f["normalize"], f["residual"],
-                 f["fit_intercept"], f["alpha"], f["weight"], f["stats"], f["label"], f["provenance"],
-                 head_sha256=f["head_sha256"], head_description=f["head"])
+        recorded = {k: f[k] for k in ("model_sha256", "rank", "normalize", "residual", "fit_intercept", "alpha",
+                                      "weight", "stats", "label", "provenance", "head_sha256")}
+        sc = cls(f["method"], maps, f["target_layer"], **recorded, head_description=f["head"])
         return sc if head is None else sc.attach_head(head)
 
 
@@ -439,23 +444,32 @@ def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
         tensors present without ``normalize = "batch"`` (or absent with it), a tensor that is not
         finite float32.
     """
-    def bad(problem: str) -> NJTCError:
-        return NJTCError(f"{path} is not a valid shortcut file: {problem}")
+    f = _fields(path, meta)
+    parts = _layer_parts(path, f, tensors)
+    _check_parts(path, f, parts, meta)
+    return f, parts
 
+
+def _invalid(path, problem: str) -> NJTCError:
+    return NJTCError(f"{path} is not a valid shortcut file: {problem}")
+
+
+def _fields(path, meta: dict) -> dict:
+    """The metadata of a shortcut file parsed, absent optional keys at their defaults."""
     def field(key, parse, must_be, default=None):
         text = meta.get(key, default)
         if text is None:
-            raise bad(f"its metadata has no {key!r}")
+            raise _invalid(path, f"its metadata has no {key!r}")
         try:
             return parse(text)
         except (ValueError, KeyError):  # json.JSONDecodeError is a ValueError
-            raise bad(f"metadata {key}={reprlib.repr(text)} is not {must_be}") from None
+            raise _invalid(path, f"metadata {key}={reprlib.repr(text)} is not {must_be}") from None
 
     version = field("format_version", int, "an integer")
     if version != FORMAT_VERSION:
         raise NJTCError(f"{path} has shortcut format version {version}; this library reads {FORMAT_VERSION}")
     boolean = {"true": True, "false": False}.__getitem__
-    f = {
+    return {
         "method": field("method", str, "a string"),
         "layers": field("layers", _layer_list, "a JSON list of distinct layer numbers"),
         "rank": field("rank", _rank, '"none" or a positive integer'),
@@ -472,23 +486,32 @@ def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
         "head": field("head", _json_object, "a JSON object", "{}"),
         "head_sha256": meta.get("head_sha256", ""),
     }
+
+
+def _layer_parts(path, f: dict, tensors: dict) -> dict[int, dict]:
+    """The file's tensors grouped by listed layer and part; a tensor of another name or layer is refused."""
     parts = {l: {} for l in f["layers"]}
     for name, t in tensors.items():
         match = _TENSOR_NAME.fullmatch(name)
         if match is None:
-            raise bad(f"unexpected tensor {name!r}")
+            raise _invalid(path, f"unexpected tensor {name!r}")
         if int(match[1]) not in parts:
-            raise bad(f"tensor {name} is for a layer that its metadata's layers {f['layers']} omit")
+            raise _invalid(path, f"tensor {name} is for a layer that its metadata's layers {f['layers']} omit")
         parts[int(match[1])][match[2]] = t
+    return parts
+
+
+def _check_parts(path, f: dict, parts: dict, meta: dict) -> None:
+    """Each layer holds the parts its rank and normalisation need, of one width ``d`` and rank, finite float32."""
     needed = {"weight"} if f["rank"] is None else {"U", "V"}
     needed |= {"norm_mean", "norm_scale"} if f["normalize"] == "batch" else set()
     sizes = {"r": (f["rank"], "its metadata's rank")}  # symbol: (size, its source); d from the first tensor
     for layer, got in parts.items():
         if not got:
-            raise bad(f"layer {layer} is listed in its metadata but has no tensors")
+            raise _invalid(path, f"layer {layer} is listed in its metadata but has no tensors")
         if not needed <= got.keys() <= needed | {"bias"}:
-            raise bad(f"layer {layer} has {', '.join(got)}; rank={meta['rank']} and normalize={f['normalize']} "
-                      f"need {', '.join(sorted(needed))} (and optionally bias)")
+            raise _invalid(path, f"layer {layer} has {', '.join(got)}; rank={meta['rank']} and "
+                                 f"normalize={f['normalize']} need {', '.join(sorted(needed))} (and optionally bias)")
         for part, t in got.items():
             name, dims = f"layers.{layer}.{part}", _SHAPES[part]
             if t.dim() == len(dims):
@@ -497,10 +520,10 @@ def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
             expected = [sizes.get(s, (s,))[0] for s in dims]
             if list(t.shape) != expected:
                 known = ", ".join(f"{s}={sizes[s][0]} from {sizes[s][1]}" for s in sorted(set(dims)) if s in sizes)
-                raise bad(f"tensor {name} has shape {tuple(t.shape)}, not {' × '.join(map(str, expected))} ({known})")
+                raise _invalid(path, f"tensor {name} has shape {tuple(t.shape)}, not "
+                                     f"{' × '.join(map(str, expected))} ({known})")
             if t.dtype != torch.float32 or not torch.isfinite(t).all():
-                raise bad(f"tensor {name} is not finite float32")
-    return f, parts
+                raise _invalid(path, f"tensor {name} is not finite float32")
 
 
 def _layer_list(text: str) -> list[int]:

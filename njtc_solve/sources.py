@@ -1,11 +1,8 @@
 """Rows straight from a model's forward pass: the live counterpart of an activation store.
 
-A row source is what the fit, evaluation and the trainer read: ``n_layers``, ``d_model``,
-``model_sha256``, ``provenance``, ``default_skip_positions``, ``head()``,
-``check_layers(layers)``, ``count(split, skip_positions)``, ``evaluated_documents(skip)``
-and ``iter_chunks(layers, split, chunk_rows, max_rows, shard, skip_positions)`` yielding
-``(row_indices, {layer: rows (n, d)})``. :class:`~njtc_solve.store.ActivationStore` is one,
-reading a cache; :class:`LiveSource` is the other, running the model over the same
+A row source (:class:`~njtc_solve.rows.RowSource`) is what the fit, evaluation and the
+trainer read. :class:`~njtc_solve.store.ActivationStore` is one, reading a cache;
+:class:`LiveSource` is the other, running the model over the same
 extraction plan (same split, seed, positions and row order as ``python -m
 njtc_solve.extract``) and never writing an activation. Its chunks also hold the model's own
 top-k at every validation row under ``"final_topk"``.
@@ -24,12 +21,15 @@ from .errors import NJTCError
 from .extract import ExtractionPlan, plan_extraction
 from .head import Head
 from .models import model_sha256
-from .store import DEFAULT_SKIP_POSITIONS, FINAL_TOPK, SPLITS, TRAIN, split_provenance
+from .rows import RowSourceBase, split_code
+from .store import FINAL_TOPK, TRAIN, split_provenance
 
 __all__ = ["LiveSource"]
 
-class LiveSource:
+class LiveSource(RowSourceBase):
     """Training or validation rows of a live model over a corpus, one forward pass per batch.
+
+    A :class:`~njtc_solve.rows.RowSource`, as an activation store is.
 
     Parameters
     ----------
@@ -58,7 +58,7 @@ class LiveSource:
     ([0, 1, 2], True)
     """
 
-    default_skip_positions = DEFAULT_SKIP_POSITIONS
+    _held_by = "model"  # how the shared checks of RowSourceBase speak of it
 
     def __init__(self, model, tokenizer, documents, *, model_name: str = "", seq_len: int = 128,
                  positions: str = "all", max_tokens: int | None = None, val_fraction: float = 0.25,
@@ -89,31 +89,19 @@ class LiveSource:
         return self._head
 
     @property
-    def source_layers(self) -> list[int]:
-        """Every layer a shortcut can start from, 0..L-1."""
-        return list(range(self.n_layers))
+    def layers(self) -> list[int]:
+        """Every layer of the model, 0..L: a forward pass reads them all."""
+        return list(range(self.n_layers + 1))
 
-    def check_layers(self, layers) -> list[int]:
-        """Validate layer indices against the model; returns them as a list of ints."""
-        layers = [int(l) for l in layers]
-        bad = [l for l in layers if not 0 <= l <= self.n_layers]
-        if bad:
-            raise NJTCError(f"layer {bad[0]} is not in the model (layers 0..{self.n_layers})")
-        return layers
-
-    def _selection(self, split, skip_positions: int) -> np.ndarray:
-        if split is not None and split not in SPLITS:
-            raise NJTCError(f"unknown split {split!r}; use 'train' or 'validation'")
+    def selection(self, split=None, skip_positions: int = 0) -> np.ndarray:
+        """Boolean mask of the plan's rows in ``split`` at positions ``>= skip_positions``."""
+        code = split_code(split)
         keep = self._row_position >= skip_positions
-        return keep if split is None else keep & (self._row_split == SPLITS[split])
-
-    def count(self, split=None, skip_positions: int = 0) -> int:
-        """Rows of ``split`` at positions ``>= skip_positions``."""
-        return int(self._selection(split, skip_positions).sum())
+        return keep if code is None else keep & (self._row_split == code)
 
     def evaluated_documents(self, skip_positions: int = 0) -> np.ndarray:
         """The documents of the validation rows at positions ``>= skip_positions``."""
-        return np.unique(self._row_document[self._selection("validation", skip_positions)])
+        return np.unique(self._row_document[self.selection("validation", skip_positions)])
 
     def iter_chunks(self, layers, split=None, chunk_rows: int = 4096, max_rows: int | None = None,
                     shard: tuple[int, int] = (0, 1), skip_positions: int = 0):
@@ -128,8 +116,8 @@ class LiveSource:
         head against the model's own logits (:func:`njtc_solve.capture.check_head`).
         """
         layers = self.check_layers(layers)
-        keep = self._selection(split, skip_positions)
-        code = None if split is None else SPLITS[split]
+        keep = self.selection(split, skip_positions)
+        code = split_code(split)
         sequences = np.flatnonzero(self.plan.split == code) if code is not None else np.arange(len(self.plan.split))
         rank, world = shard
         sequences = sequences[rank * len(sequences) // world: (rank + 1) * len(sequences) // world]

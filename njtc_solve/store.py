@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import NJTCError, atomic_output, temporary_path
 from .head import Head
+from .rows import DEFAULT_SKIP_POSITIONS, SPLITS, TRAIN, VALIDATION, RowSourceBase, split_code
 
 __all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "SPLITS", "STORE_DTYPES",
            "TRAIN", "VALIDATION", "ActivationStore", "being_written", "check_chunk_index", "decode_rows", "encode_rows",
@@ -24,20 +25,16 @@ __all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "
 FORMAT = "njtc-activations"
 FORMAT_VERSION = 2  # 2: the head group describes a logit scale, a soft-cap and a norm without gain
 READABLE_VERSIONS = (1, 2)  # a format-1 head has none of those (see Head.from_group)
-TRAIN, VALIDATION = 0, 1
 # how the activations are stored; bfloat16 (which HDF5 lacks) as its 16 bits, in uint16
 STORE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
 FINAL_TOPK = 10  # the model's own top-k stored per row (`/final_topk`)
-# Fits and evaluation leave out rows before this position by default: position 0 is the BOS
-# token where the model has one, else the first token, an attention sink with a huge norm.
-DEFAULT_SKIP_POSITIONS = 1
-SPLITS = {"train": TRAIN, "validation": VALIDATION, "val": VALIDATION}  # split names and their codes
+# TRAIN, VALIDATION, SPLITS and DEFAULT_SKIP_POSITIONS: what every row source shares (see .rows)
 
 
-class ActivationStore:
+class ActivationStore(RowSourceBase):
     """Read-only view of an activation store that streams row chunks of any set of layers.
 
-    Opening validates the format and version and refuses a missing, truncated, foreign or
+    A :class:`~njtc_solve.rows.RowSource`, as a live model's rows are. Opening validates the format and version and refuses a missing, truncated, foreign or
     incomplete file with a one-line :class:`NJTCError`.
 
     Examples
@@ -128,7 +125,7 @@ class ActivationStore:
         """Per-row split codes: 0 train, 1 validation."""
         return self._split
 
-    default_skip_positions = DEFAULT_SKIP_POSITIONS
+    _held_by = "store"  # how the shared checks of RowSourceBase speak of it
 
     @cached_property
     def validation_documents(self) -> np.ndarray | None:
@@ -182,12 +179,8 @@ class ActivationStore:
                             f"({_first_line(err)}); the file is damaged: extract it again") from err
 
     def split_code(self, split) -> int | None:
-        """Translate ``"train"``/``"validation"``/``None`` to a split code."""
-        if split is None:
-            return None
-        if split not in SPLITS:
-            raise NJTCError(f"unknown split {split!r}; use 'train' or 'validation'")
-        return SPLITS[split]
+        """Translate ``"train"``/``"validation"``/``None`` to a split code (:func:`njtc_solve.rows.split_code`)."""
+        return split_code(split)
 
     def selection(self, split=None, skip_positions: int = 0, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Boolean mask of the rows ``start:stop`` in ``split`` at positions ``>= skip_positions``."""
@@ -197,27 +190,6 @@ class ActivationStore:
         if skip_positions > 0 and self._position is not None:
             keep &= self._position[start:stop] >= skip_positions
         return keep
-
-    def count(self, split=None, skip_positions: int = 0) -> int:
-        """Number of rows in a split (all rows for ``None``), leaving out positions ``< skip_positions``."""
-        return int(self.selection(split, skip_positions).sum())
-
-    def check_layers(self, layers) -> list[int]:
-        """Validate layer indices against the store; returns them as a list of ints."""
-        layers = [int(l) for l in layers]
-        bad = [l for l in layers if not 0 <= l <= self.n_layers]
-        if bad:
-            raise NJTCError(f"layer {bad[0]} is not in the store (layers 0..{self.n_layers})")
-        absent = [l for l in layers if l not in self.layers]
-        if absent:
-            raise NJTCError(f"layer {absent[0]} was not extracted into {self.path} (it holds layers "
-                            f"{','.join(map(str, self.layers))})")
-        return layers
-
-    @property
-    def source_layers(self) -> list[int]:
-        """The stored layers a shortcut can start from (every stored layer but the last)."""
-        return [l for l in self.layers if l < self.n_layers]
 
     # -- streaming ------------------------------------------------------------------------
     def iter_chunks(self, layers, split=None, chunk_rows: int = 4096, max_rows: int | None = None,

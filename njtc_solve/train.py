@@ -28,7 +28,7 @@ Examples
 ...     [njtc] = fit_shortcuts(store, method="njtc", ranks=[4], layers=[1], progress=False)
 ...     train = StoreRows(store, [1], "train", seed=0)
 ...     check = StoreRows(store, [1], "validation", max_rows=256)
-...     result = train_maps(njtc.maps, store.head(), train, check, steps=20, check_every=5, progress=False)
+...     result = train_maps(njtc.maps, store.head(), train, check=check, steps=20, check_every=5, progress=False)
 >>> result.best[1]["loss"] <= result.start[1]["loss"], result.maps()[1].rank
 (True, 4)
 """
@@ -39,6 +39,7 @@ import copy
 import math
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,23 +47,25 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NJTCError
+from .head import Head
 from .metrics import Reference, kl_divergence, surprisal
+from .rows import RowSource
 from .shortcuts import ShortcutMap
 
-__all__ = ["OBJECTIVES", "OPTIMIZERS", "StoreRows", "TrainResult", "TrainableMap", "check_metrics", "train_maps"]
+__all__ = ["OBJECTIVES", "OPTIMIZERS", "SCHEDULES", "StoreRows", "TrainResult", "check_metrics", "train_maps"]
 
 OBJECTIVES = ("kl", "mse")
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "linear")
 
 
-def TrainableMap(m: ShortcutMap) -> ShortcutMap:
-    """Deprecated: ``m.trainable()``, the map itself with its tensors as parameters.
-
-    The trainer trains :class:`ShortcutMap` modules directly; this name is kept for callers of
-    the previous release.
-    """
-    warnings.warn("TrainableMap(m) is deprecated: use m.trainable()", DeprecationWarning, 2)
-    return m.trainable()
+def __getattr__(name: str):
+    """Deprecated names: ``TrainableMap`` is :class:`ShortcutMap` (trained as ``m.trainable()``)."""
+    if name == "TrainableMap":
+        warnings.warn("njtc_solve.train.TrainableMap is deprecated: the trainer trains ShortcutMap modules "
+                      "(m.trainable() gives one with parameters)", DeprecationWarning, 2)
+        return ShortcutMap
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class StoreRows:
@@ -74,8 +77,8 @@ class StoreRows:
 
     Parameters
     ----------
-    store : ActivationStore or LiveSource
-        Anything with the row-source protocol (``iter_chunks``, ``count``, ``n_layers``, ...).
+    store : RowSource
+        An activation store or a live model's rows (:class:`~njtc_solve.rows.RowSource`).
     layers : list of int
         Source layers; the target (the store's last layer) is read as well.
     split : {"train", "validation"}
@@ -91,18 +94,18 @@ class StoreRows:
         Keep the rows read by the first pass for later passes.
     """
 
-    def __init__(self, store, layers, split: str = "train", chunk_rows: int = 4096, start: int = 0,
-                 max_rows: int | None = None, skip_positions: int | None = None, seed: int | None = None,
-                 in_memory: bool = False):
+    def __init__(self, store: RowSource, layers: Sequence[int], split: str = "train", *, chunk_rows: int = 4096,
+                 start: int = 0, max_rows: int | None = None, skip_positions: int | None = None,
+                 seed: int | None = None, in_memory: bool = False):
         self.store, self.layers, self.split = store, store.check_layers(layers), split
         self.target = store.n_layers
         self.chunk_rows, self.start, self.max_rows = int(chunk_rows), int(start), max_rows
         self.skip = store.default_skip_positions if skip_positions is None else int(skip_positions)
         if self.chunk_rows <= 0 or self.start < 0 or (max_rows is not None and max_rows <= 0):
-            raise NJTCError("chunk_rows and max_rows must be positive and start must be 0 or more")
+            raise NJTCError("`chunk_rows` and `max_rows` must be positive and `start` must be 0 or more")
         available = store.count(split, self.skip) - self.start
         if available <= 0:
-            raise NJTCError(f"{getattr(store, 'path', 'the source')} has no {split} rows from row {self.start} at positions >= {self.skip}")
+            raise NJTCError(f"{store.path} has no {split} rows from row {self.start} at positions >= {self.skip}")
         self.n_rows = available if max_rows is None else min(available, max_rows)
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.in_memory, self._cached = in_memory, None
@@ -176,7 +179,7 @@ def _loss(objective, module, x, y, head, reference):
     return kl_divergence(reference, _logits(module, x, head)[1]).mean()
 
 
-def check_metrics(objective: str, modules: dict, head, chunks) -> dict[int, dict]:
+def check_metrics(modules: dict, head: Head, chunks, *, objective: str = "kl") -> dict[int, dict]:
     """Held-out metrics of each layer's module over ``chunks`` (a list of ``(x, y, reference)``).
 
     ``loss`` is the objective's mean over the rows (the figure that early stopping follows);
@@ -227,11 +230,11 @@ def _optimizer(name, params, lr, weight_decay, momentum):
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
 
 
-def train_maps(maps: dict, head, train, check, objective: str = "kl", steps: int = 1000, lr: float = 1e-4,
+def train_maps(maps: dict, head: Head, train, *, check, objective: str = "kl", steps: int = 1000, lr: float = 1e-4,
                optimizer: str = "adam", batch_rows: int = 256, check_every: int = 50, patience: int = 5,
                time_budget: float | None = None, weight_decay: float = 0.0, momentum: float = 0.9,
-               grad_clip: float | None = None, schedule: str = "constant", device="cpu", progress: bool = True,
-               on_check=None, seed: int = 0) -> TrainResult:
+               grad_clip: float | None = None, schedule: str = "constant", device: str | torch.device = "cpu",
+               progress: bool = True, on_check: Callable[[dict], bool] | None = None, seed: int = 0) -> TrainResult:
     """Train shortcut maps by gradient on KL or MSE, keeping each layer's best held-out state.
 
     Parameters
@@ -243,10 +246,10 @@ def train_maps(maps: dict, head, train, check, objective: str = "kl", steps: int
         ``module(x) -> y_hat``) is trained in place.
     head : Head
         The model's final norm and unembedding (used by the KL objective and its metrics).
-    train, check : row source
-        Iterables whose every pass yields ``(x, y)`` chunks (see :class:`StoreRows`):
-        training rows, read pass after pass, and held-out rows, read once and kept on
-        ``device`` (with the model's logits for the KL objective: ``rows × vocab`` floats).
+    train, check : iterables of ``(x, y)`` chunks
+        Every pass yields ``(x, y)`` chunks (see :class:`StoreRows`): training rows, read pass
+        after pass, and held-out rows, read once and kept on ``device`` (with the model's
+        logits for the KL objective: ``rows × vocab`` floats).
     objective : {"kl", "mse"}
     steps : int
         Most optimisation steps (one minibatch of ``batch_rows`` rows each).
@@ -269,16 +272,10 @@ def train_maps(maps: dict, head, train, check, objective: str = "kl", steps: int
     TrainResult
         The training clock counts reading rows and the steps, not the checks.
     """
-    if objective not in OBJECTIVES:
-        raise NJTCError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
-    if optimizer not in OPTIMIZERS:
-        raise NJTCError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
-    if schedule not in ("constant", "linear"):
-        raise NJTCError(f"unknown schedule {schedule!r}; use constant or linear")
-    if steps < 0 or batch_rows <= 0 or check_every <= 0 or patience < 0 or not 0 < lr < math.inf:
-        raise NJTCError("steps and patience must be 0 or more; batch_rows, check_every and lr positive (lr finite)")
+    _check_settings(objective, optimizer, schedule, steps=steps, batch_rows=batch_rows, check_every=check_every,
+                    patience=patience, lr=lr)
     if not maps:
-        raise NJTCError("no maps to train")
+        raise NJTCError("`maps` is empty: no maps to train")
     torch.manual_seed(seed)
     device = torch.device(device)
     head = head.to(device)
@@ -286,85 +283,118 @@ def train_maps(maps: dict, head, train, check, objective: str = "kl", steps: int
     opt = _optimizer(optimizer, [p for m in modules.values() for p in m.parameters()], lr, weight_decay, momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda s: max(0.0, 1 - s / max(steps, 1))) if schedule == "linear" else (lambda s: 1.0))
-
-    def on_device(x, y):
-        y = y.to(device)
-        reference = None if objective == "mse" else Reference.from_logits(head.logits(y))
-        return {l: x[l].to(device) for l in modules}, y, reference
-
-    with torch.no_grad():
-        held_out = [on_device(x, y) for x, y in check]
-    if not held_out:
-        raise NJTCError("the held-out rows are empty")
-
-    def run_check(step, clock, layers):
-        for m in modules.values():
-            m.eval()
-        metrics = check_metrics(objective, {l: modules[l] for l in layers}, head, held_out)
-        for m in modules.values():
-            m.train()
-        record = {"step": step, "seconds": clock, "layers": metrics}
-        result.history.append(record)
-        return record
-
-    result = TrainResult(modules)
-    record = run_check(0, 0.0, list(modules))
-    result.start = {l: dict(v, step=0) for l, v in record["layers"].items()}
-    result.best = {l: dict(v, step=0) for l, v in record["layers"].items()}
-    best_state = {l: copy.deepcopy(m.state_dict()) for l, m in modules.items()}
-    waited = dict.fromkeys(modules, 0)
-    active = set(modules)
-    clock, step = 0.0, 0
+    run = _Run(objective, modules, head, _held_out(check, modules, head, objective, device), patience)
     batches = _batches(train, batch_rows)
+    clock, step = 0.0, 0
     bar = tqdm(total=steps, unit="step", desc=f"train {objective}", leave=False, disable=not progress)
-    stopped = "steps"
     try:
         while step < steps:
             t0 = time.perf_counter()
-            x, y = next(batches)
-            x, y = {l: x[l].to(device) for l in active}, y.to(device)
-            with torch.no_grad():
-                reference = None if objective == "mse" else Reference.from_logits(head.logits(y))
-            opt.zero_grad(set_to_none=True)
-            with torch.enable_grad():  # a source's generator may hold no_grad across its yields (a live model's)
-                loss = sum(_loss(objective, modules[l], x[l], y, head, reference) for l in sorted(active))
-                loss.backward()
-            if grad_clip is not None:
-                for l in active:
-                    torch.nn.utils.clip_grad_norm_(modules[l].parameters(), grad_clip)
-            opt.step()
-            scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _step(run, next(batches), opt, scheduler, device, grad_clip)
             clock += time.perf_counter() - t0
             step += 1
             bar.update(1)
-            if step % check_every and step < steps and not (time_budget is not None and clock >= time_budget):
+            out_of_time = time_budget is not None and clock >= time_budget
+            if step % check_every and step < steps and not out_of_time:
                 continue
-            record = run_check(step, clock, sorted(active))
-            for l, metrics in record["layers"].items():
-                if metrics["loss"] < result.best[l]["loss"]:
-                    result.best[l] = dict(metrics, step=step)
-                    best_state[l] = copy.deepcopy(modules[l].state_dict())
-                    waited[l] = 0
-                else:
-                    waited[l] += 1
-                    if patience and waited[l] >= patience:
-                        active.discard(l)
+            record = run.check(step, clock)
             bar.set_postfix({f"L{l}": f"{v['loss']:.4g}" for l, v in record["layers"].items()})
-            if on_check is not None and on_check(record):
-                stopped = "callback"
-                break
-            if not active:
-                stopped = "converged"
-                break
-            if time_budget is not None and clock >= time_budget:
-                stopped = "time"
+            stopped = ("callback" if on_check is not None and on_check(record) else "converged" if not run.active
+                       else "time" if out_of_time else None)
+            if stopped:
+                run.result.stopped = stopped
                 break
     finally:
         bar.close()
-    for l, m in modules.items():
-        m.load_state_dict(best_state[l])
-        m.eval()
-    result.steps, result.seconds, result.stopped = step, clock, stopped
-    return result
+    return run.finish(step, clock)
+
+
+def _check_settings(objective: str, optimizer: str, schedule: str, **numbers) -> None:
+    """Refuse unknown choices and out-of-range numbers of :func:`train_maps`, naming its parameters."""
+    for name, value, options in (("objective", objective, OBJECTIVES), ("optimizer", optimizer, OPTIMIZERS),
+                                 ("schedule", schedule, SCHEDULES)):
+        if value not in options:
+            raise NJTCError(f"`{name}` must be one of {', '.join(options)}, not {value!r}")
+    n = numbers
+    if n["steps"] < 0 or n["batch_rows"] <= 0 or n["check_every"] <= 0 or n["patience"] < 0 or not 0 < n["lr"] < math.inf:
+        raise NJTCError("`steps` and `patience` must be 0 or more; `batch_rows`, `check_every` and `lr` positive "
+                        "(`lr` finite)")
+
+
+def _held_out(check, modules: dict, head: Head, objective: str, device: torch.device) -> list:
+    """The held-out chunks on ``device``: ``(x, y, reference)``, the reference the model's distribution (KL)."""
+    held_out = []
+    with torch.no_grad():
+        for x, y in check:
+            y = y.to(device)
+            reference = None if objective == "mse" else Reference.from_logits(head.logits(y))
+            held_out.append(({l: x[l].to(device) for l in modules}, y, reference))
+    if not held_out:
+        raise NJTCError("the held-out rows are empty")
+    return held_out
+
+
+class _Run:
+    """The state of one training run: each layer's best state, its patience and the layers still training."""
+
+    def __init__(self, objective: str, modules: dict, head: Head, held_out: list, patience: int):
+        self.objective, self.modules, self.head, self.held_out, self.patience = objective, modules, head, held_out, patience
+        self.result = TrainResult(modules)
+        self.active = set(modules)
+        self.waited = dict.fromkeys(modules, 0)
+        self.best_state = {l: copy.deepcopy(m.state_dict()) for l, m in modules.items()}
+        record = self._measure(0, 0.0, list(modules))
+        self.result.start = {l: dict(v, step=0) for l, v in record["layers"].items()}
+        self.result.best = {l: dict(v, step=0) for l, v in record["layers"].items()}
+
+    def _measure(self, step: int, clock: float, layers: list[int]) -> dict:
+        for m in self.modules.values():
+            m.eval()
+        metrics = check_metrics({l: self.modules[l] for l in layers}, self.head, self.held_out,
+                                objective=self.objective)
+        for m in self.modules.values():
+            m.train()
+        record = {"step": step, "seconds": clock, "layers": metrics}
+        self.result.history.append(record)
+        return record
+
+    def check(self, step: int, clock: float) -> dict:
+        """Measure the active layers on the held-out rows; keep new bests, retire layers out of patience."""
+        record = self._measure(step, clock, sorted(self.active))
+        for l, metrics in record["layers"].items():
+            if metrics["loss"] < self.result.best[l]["loss"]:
+                self.result.best[l] = dict(metrics, step=step)
+                self.best_state[l] = copy.deepcopy(self.modules[l].state_dict())
+                self.waited[l] = 0
+            else:
+                self.waited[l] += 1
+                if self.patience and self.waited[l] >= self.patience:
+                    self.active.discard(l)
+        return record
+
+    def finish(self, step: int, clock: float) -> TrainResult:
+        """Every layer back at its best state; the result."""
+        for l, m in self.modules.items():
+            m.load_state_dict(self.best_state[l])
+            m.eval()
+        self.result.steps, self.result.seconds = step, clock
+        return self.result
+
+
+def _step(run: _Run, batch, opt, scheduler, device: torch.device, grad_clip: float | None) -> None:
+    """One optimisation step of every active layer on a minibatch ``(x, y)``."""
+    x, y = batch
+    x, y = {l: x[l].to(device) for l in run.active}, y.to(device)
+    with torch.no_grad():
+        reference = None if run.objective == "mse" else Reference.from_logits(run.head.logits(y))
+    opt.zero_grad(set_to_none=True)
+    with torch.enable_grad():  # a source's generator may hold no_grad across its yields (a live model's)
+        loss = sum(_loss(run.objective, run.modules[l], x[l], y, run.head, reference) for l in sorted(run.active))
+        loss.backward()
+    if grad_clip is not None:
+        for l in run.active:
+            torch.nn.utils.clip_grad_norm_(run.modules[l].parameters(), grad_clip)
+    opt.step()
+    scheduler.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

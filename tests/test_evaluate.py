@@ -111,7 +111,7 @@ def test_precision_at_k_counts_the_kth_choice(hand_store):
 def test_early_exit_by_hand():
     margins = np.array([[0.9, 0.1], [0.95, 0.99]])
     correct = np.array([[True, False], [True, True]])
-    curve = early_exit_curve(margins, correct, [5, 10], 20, thresholds=[0.05, 0.5, 1.0])
+    curve = early_exit_curve(margins, correct, layers=[5, 10], n_layers=20, thresholds=[0.05, 0.5, 1.0])
     assert curve["agreement"] == [0.5, 1.0, 1.0]
     assert curve["mean_exit_layer"] == [5.0, 7.5, 20.0]
     assert curve["saved"] == pytest.approx([0.75, 0.625, 0.0])

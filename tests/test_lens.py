@@ -167,7 +167,7 @@ def test_refuses_maps_of_another_model_or_layer(tiny_models, fitted, llama):
     model, tokenizer = llama
     sc = fitted[0]["jtc"]
     shifted = Shortcuts(sc.method, {0: sc.maps[0]}, sc.target_layer - 1, sc.model_sha256)
-    with pytest.raises(NJTCError, match="target layer 2; the model's last is 3"):
+    with pytest.raises(NJTCError, match=r"target layer 2, not the last layer of this model \(3\)"):
         ShortcutLens.from_model(model, shifted, tokenizer)
     other_head = sc.replace(head_sha256="0" * 64)
     with pytest.raises(NJTCError, match="shortcuts jtc were fitted for another head"):

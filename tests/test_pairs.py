@@ -286,16 +286,16 @@ def test_consumers_refuse_an_intermediate_target(tiny_store, tmp_path, capsys):
     [jtc] = fit_shortcuts(str(tiny_store), method="jtc", progress=False, target_layer=2)
     path = tmp_path / "t2.safetensors"
     jtc.save(path)
-    with pytest.raises(NJTCError, match="tuned-lens export needs maps to the last layer"):
+    with pytest.raises(NJTCError, match=r"target layer 2, not the last layer of their model \(3\)"):
         export_tuned_lens(path, tmp_path / "lens")
     with ActivationStore(tiny_store) as store:
-        with pytest.raises(NJTCError, match="the lens reads maps to the last layer"):
+        with pytest.raises(NJTCError, match=r"target layer 2, not the last layer of their model \(3\)"):
             ShortcutLens(store.head(), Shortcuts.load(path))
     from njtc_solve.cli.refine import main
 
     _one_line_exit_2(_in_process(capsys, main, "--shortcuts", str(path), "--store", str(tiny_store),
                                  "--out", str(tmp_path / "r.safetensors")),
-                     "targets layer 2; the last layer")
+                     "target layer 2, not the last layer of")
 
 
 def test_fit_warns_of_attention_sink_like_training_rows(tiny_store, tmp_path, capsys):
@@ -324,7 +324,7 @@ def test_fit_warns_of_attention_sink_like_training_rows(tiny_store, tmp_path, ca
             if warned:  # targets 2 and 3 carry the spike (target 1 does not)
                 assert len(lines) == (1 if target == "3" else 2), result.stderr
                 assert all(l.startswith("warning: 2 training rows have a hidden state at target layer") for l in lines)
-                assert "attention-sink-like" in lines[0]
+                assert "attention-sink-like" in lines[0] and "consider --skip-positions" in lines[0]  # a flag here
             else:
                 assert not lines, result.stderr
         sc = Shortcuts.load(tmp_path / "one.safetensors")

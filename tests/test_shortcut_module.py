@@ -13,7 +13,8 @@ from njtc_solve.fit import fit_shortcuts
 from njtc_solve.models import load_model
 from njtc_solve.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.store import ActivationStore
-from njtc_solve.train import StoreRows, TrainableMap, train_maps
+from njtc_solve import train
+from njtc_solve.train import StoreRows, train_maps
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +121,10 @@ def test_the_trainer_trains_the_map_module_itself(tiny_store):
     with ActivationStore(tiny_store) as store:
         [njtc] = fit_shortcuts(store, method="njtc", ranks=[4], layers=[1], progress=False)
         rows = StoreRows(store, [1], "train", in_memory=True, max_rows=512)
-        result = train_maps(njtc.maps, store.head(), rows, rows, "mse", steps=3, lr=1e-3, check_every=3,
+        result = train_maps(njtc.maps, store.head(), rows, check=rows, objective="mse", steps=3, lr=1e-3, check_every=3,
                             progress=False)
         own = njtc.maps[1].trainable()  # a map with parameters is trained in place
-        again = train_maps({1: own}, store.head(), rows, rows, "mse", steps=3, lr=1e-3, check_every=3,
+        again = train_maps({1: own}, store.head(), rows, check=rows, objective="mse", steps=3, lr=1e-3, check_every=3,
                            progress=False)
     assert type(result.modules[1]) is ShortcutMap and result.modules[1].U.requires_grad
     assert result.modules[1] is not njtc.maps[1] and again.modules[1] is own
@@ -139,8 +140,23 @@ def test_deprecated_names_warn_and_still_work(files):
         old = sc.predict(1, rows[1])
     assert torch.equal(old, sc.transform_hidden(rows[1], 1))
     with pytest.warns(DeprecationWarning, match="trainable"):
-        trained = TrainableMap(sc.maps[1])
-    assert type(trained) is ShortcutMap and trained.weight.requires_grad
+        alias = train.TrainableMap
+    assert alias is ShortcutMap and isinstance(sc.maps[1].trainable(), alias)  # the trainer's modules are maps
     with pytest.warns(DeprecationWarning, match="head_description"):
         renamed = Shortcuts("jtc", {}, 3, head={"norm": "rmsnorm"})
     assert renamed.head is None and renamed.head_description == {"norm": "rmsnorm"}
+
+
+def test_deprecation_warnings_point_at_the_callers_line():
+    """Python shows a DeprecationWarning by default only where it is attributed to __main__'s code:
+    attributed inside njtc_solve, users would never see it."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Shortcuts("jtc", {}, 3, head={"norm": "rmsnorm"})
+        sc = Shortcuts("jtc", {}, 3)
+        sc.head = {"norm": "rmsnorm"}
+        from njtc_solve.train import TrainableMap  # noqa: F401
+    assert [(w.category, w.filename) for w in caught] == [(DeprecationWarning, __file__)] * 3
+    assert sc.head is None and sc.head_description == {"norm": "rmsnorm"}

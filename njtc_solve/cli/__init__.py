@@ -29,7 +29,7 @@ import sys
 
 from ..errors import NJTCError, interruptible
 
-__all__ = ["COMMANDS", "command", "flags_of", "run_cli", "translate"]
+__all__ = ["COMMANDS", "command", "flags_of", "run_cli", "translate", "warn"]
 
 COMMANDS = ("extract", "fit", "evaluate", "refine", "export", "lens", "prune")
 
@@ -102,6 +102,11 @@ def command(build_parser, **renames: str):
         return main
 
     return wrap
+
+
+def warn(message: str, build_parser, **renames: str) -> None:
+    """Print a library warning on one line of standard error, its parameters as the command's flags."""
+    print(f"warning: {translate(message, flags_of(build_parser(), **renames))}", file=sys.stderr)
 
 
 def run_cli(main, argv=None, interrupted: str = "") -> int:

@@ -4,12 +4,11 @@ written as a report (tables, figures, CSV and JSON)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from .. import evaluate as library
 from ..errors import NJTCError, temporary_path
-from . import command, run_cli
+from . import command, run_cli, warn
 from .arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args
 
 __all__ = ["build_parser", "main", "run"]
@@ -96,11 +95,12 @@ def main(args) -> int:
             pairs = evaluate_pairs(store, pairwise, max_rows=args.max_rows, device=args.device,
                                    progress=not args.no_progress, skip_positions=args.skip_positions,
                                    allow_overlap=args.allow_overlap)
-        loaded += [read_tuned_lens(d, store.head(), store.model_sha256) for d in args.tuned_lens]
+        loaded += [read_tuned_lens(d, head=store.head(), model_sha256=store.model_sha256) for d in args.tuned_lens]
         if loaded or not pairwise:
-            result = library.evaluate_shortcuts(store, loaded, parse_layers(args.layers), args.max_rows,
-                                                args.chunk_rows, args.device, not args.no_progress,
-                                                skip_positions=args.skip_positions, allow_overlap=args.allow_overlap)
+            result = library.evaluate_shortcuts(
+                store, loaded, layers=parse_layers(args.layers), max_rows=args.max_rows, chunk_rows=args.chunk_rows,
+                device=args.device, progress=not args.no_progress, skip_positions=args.skip_positions,
+                allow_overlap=args.allow_overlap)
     if pairwise:
         paths, summary = write_pairwise_report(pairs, out)
         print(summary)
@@ -108,7 +108,7 @@ def main(args) -> int:
     if loaded or not pairwise:
         paths, summary = write_report(result, out)
         for warning in result.meta["warnings"]:
-            print(f"warning: {warning}", file=sys.stderr)
+            warn(warning, build_parser)
         print(summary)
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

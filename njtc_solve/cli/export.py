@@ -33,7 +33,7 @@ def main(args) -> int:
 
     check_not_inputs([("--out", Path(args.out) / name) for name in library.TUNED_LENS_FILES],
                      command_inputs(args, "shortcuts", "model"))
-    library.check_output_folder(args.out, args.overwrite)  # before a model is loaded
+    library.check_output_folder(args.out, overwrite=args.overwrite)  # before a model is loaded
     shortcuts = Shortcuts.load(args.shortcuts)
     library.translator_state(shortcuts)  # what cannot be exported is refused before a model is loaded
     library._check_head_description(shortcuts.head_description)

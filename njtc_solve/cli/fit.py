@@ -4,14 +4,13 @@ statistics, one file per rank (and per target with ``--target-layer all``)."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from .. import fit as library
 from ..errors import NJTCError
-from . import command, run_cli
+from . import command, run_cli, warn
 from .arguments import (add_model_arguments, add_plan_arguments, command_inputs, parse_alpha, parse_layers, parse_ranks,
                         parse_target, plan_settings, rows_from_args)
 
@@ -178,7 +177,7 @@ def _run(args, comm) -> int:
         print(f"wrote {path}")
     warning = library.row_norm_warning(shortcuts[0])
     if warning:
-        print(warning, file=sys.stderr)
+        warn(warning, build_parser, **RENAMES)
     acc = shortcuts[0].stats["accumulation"]
     if acc.get("seconds") is not None and args.stats is None:
         print(f"statistics: {acc['seconds']:.2f}s, {acc['rows_per_s']:.0f} rows/s, {acc['gflops']:.1f} GFLOP/s "
@@ -207,7 +206,7 @@ def _run_all_targets(args, comm, device, out) -> int:
                   f"wrote {path}")
         warning = library.row_norm_warning(fits[0])
         if warning:
-            print(warning, file=sys.stderr)
+            warn(warning, build_parser, **RENAMES)
     print(f"total {time.perf_counter() - start:.2f}s")
     return 0
 

@@ -104,7 +104,7 @@ def main(args) -> int:
     model, tokenizer, name = load_model(args.model, progress=False)
     sha = model_sha256(model)  # of the float32 weights the maps were fitted on
     if args.tuned_lens is not None:
-        shortcuts = read_tuned_lens(args.tuned_lens, Head.from_model(model), sha)
+        shortcuts = read_tuned_lens(args.tuned_lens, head=Head.from_model(model), model_sha256=sha)
     model.to(device=args.device, dtype=getattr(torch, args.dtype))
     lens = library.ShortcutLens.from_model(model, shortcuts, tokenizer, model_sha256=sha)
     traj = lens.trajectory(args.prompt, k=args.top_k)

@@ -79,10 +79,11 @@ def main(args) -> int:
     if args.model is not None:
         plan_settings(args, start.provenance or None)  # a bad plan is refused before the model loads
     with rows_from_args(args, start.provenance or None, "refine") as store:
-        refined, result = library.refine_shortcuts(store, start, args.objective, args.steps, parse_layers(args.layers),
-                                                   args.lr, args.optimizer, args.batch_rows, args.check_rows,
-                                                   args.check_every, args.patience, args.device, not args.no_progress,
-                                                   args.shuffle_seed)
+        refined, result = library.refine_shortcuts(
+            store, start, objective=args.objective, steps=args.steps, layers=parse_layers(args.layers), lr=args.lr,
+            optimizer=args.optimizer, batch_rows=args.batch_rows, check_rows=args.check_rows,
+            check_every=args.check_every, patience=args.patience, device=args.device, progress=not args.no_progress,
+            seed=args.shuffle_seed)
     info = refined.stats["refined"]
     info["from_file"] = str(Path(args.shortcuts))
     if not info["improved"]:  # never an unchanged file labelled as refined

@@ -1,0 +1,134 @@
+"""The row-source protocol: what a fit, evaluation, refinement and the trainer read rows from.
+
+A *row source* yields ``(row_indices, {layer: rows (n, d)})`` for a split of its rows, and
+says where they come from (model identity, head, split, documents). Two implement it: the
+activation store (:class:`njtc_solve.store.ActivationStore`, a cache on disk) and a live
+model's forward pass (:class:`njtc_solve.sources.LiveSource`). :class:`RowSource` states the
+protocol; :class:`RowSourceBase` holds the checks both implementations share.
+
+Examples
+--------
+>>> from njtc_solve.store import ActivationStore
+>>> with ActivationStore("activations.h5") as store:
+...     isinstance(store, RowSource), store.check_layers([0, "3"]), store.source_layers
+(True, [0, 3], [0, 1, 2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import NJTCError
+
+if TYPE_CHECKING:
+    from .head import Head
+
+__all__ = ["DEFAULT_SKIP_POSITIONS", "SPLITS", "TRAIN", "VALIDATION", "RowSource", "RowSourceBase", "split_code"]
+
+TRAIN, VALIDATION = 0, 1
+SPLITS = {"train": TRAIN, "validation": VALIDATION, "val": VALIDATION}  # split names and their codes
+# Fits and evaluation leave out rows before this position by default: position 0 is the BOS
+# token where the model has one, else the first token, an attention sink with a huge norm.
+DEFAULT_SKIP_POSITIONS = 1
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """What every consumer of rows reads: the surface an activation store and a live model share.
+
+    Attributes
+    ----------
+    n_layers : int
+        ``L``: layers ``0..L`` (``L`` the last, before the final norm).
+    d_model : int
+        Width of a row.
+    path : str or Path
+        Where the rows come from (a store's file, ``live:MODEL`` for a model).
+    provenance : dict
+        What identifies the rows and their split (:func:`njtc_solve.store.split_provenance`).
+    model_sha256 : str
+        The weights' hash (:func:`njtc_solve.models.model_sha256`).
+    default_skip_positions : int
+        Rows at positions below this are left out unless a caller says otherwise.
+    layers : list of int
+        The layers whose rows the source can yield.
+    """
+
+    n_layers: int
+    d_model: int
+    path: str | Path
+    provenance: dict
+    model_sha256: str
+    default_skip_positions: int
+    layers: list[int]
+
+    @property
+    def source_layers(self) -> list[int]:
+        """The layers a shortcut can start from (every layer held but the last)."""
+
+    def head(self) -> Head:
+        """The model's final norm and unembedding."""
+
+    def check_layers(self, layers: Iterable[int]) -> list[int]:
+        """``layers`` as a list of ints, once each is known to be held; else a one-line error."""
+
+    def count(self, split: str | None = None, skip_positions: int = 0) -> int:
+        """Rows of ``split`` (all rows for ``None``) at positions ``>= skip_positions``."""
+
+    def evaluated_documents(self, skip_positions: int = 0) -> np.ndarray:
+        """The documents of the validation rows at positions ``>= skip_positions``."""
+
+    def iter_chunks(self, layers: Iterable[int], split: str | None = None, chunk_rows: int = 4096,
+                    max_rows: int | None = None, shard: tuple[int, int] = (0, 1),
+                    skip_positions: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
+        """Yield ``(row_indices, {layer: rows (n, d)})`` in row order."""
+
+
+def split_code(split: str | None) -> int | None:
+    """The code of a split name (``"train"``, ``"validation"`` or ``"val"``); ``None`` for all rows.
+
+    >>> split_code("validation"), split_code(None)
+    (1, None)
+    """
+    if split is None:
+        return None
+    if split not in SPLITS:
+        raise NJTCError(f"unknown split {split!r}; use 'train' or 'validation'")
+    return SPLITS[split]
+
+
+class RowSourceBase:
+    """The checks every :class:`RowSource` shares, written once.
+
+    A subclass sets ``n_layers``, ``layers`` and ``path``, names itself in ``_held_by`` (how
+    errors speak of it: ``"store"``, ``"model"``), and provides ``selection(split,
+    skip_positions)``, the boolean mask of the rows :meth:`count` counts.
+    """
+
+    default_skip_positions = DEFAULT_SKIP_POSITIONS
+    _held_by = "source"
+
+    @property
+    def source_layers(self) -> list[int]:
+        """The layers a shortcut can start from (every layer held but the last)."""
+        return [l for l in self.layers if l < self.n_layers]
+
+    def check_layers(self, layers: Iterable[int]) -> list[int]:
+        """Validate layer indices against the layers held; returns them as a list of ints."""
+        layers = [int(l) for l in layers]
+        bad = [l for l in layers if not 0 <= l <= self.n_layers]
+        if bad:
+            raise NJTCError(f"layer {bad[0]} is not in the {self._held_by} (layers 0..{self.n_layers})")
+        absent = [l for l in layers if l not in self.layers]
+        if absent:
+            raise NJTCError(f"layer {absent[0]} was not extracted into {self.path} (it holds layers "
+                            f"{','.join(map(str, self.layers))})")
+        return layers
+
+    def count(self, split: str | None = None, skip_positions: int = 0) -> int:
+        """Rows of ``split`` (all rows for ``None``) at positions ``>= skip_positions``."""
+        return int(self.selection(split, skip_positions).sum())
