@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .architectures import _get, resolve_parts
 from .capture import forward_batches
 from .errors import NJTCError
-from .extract import plan_extraction
+from .plan import plan_extraction
 from .replace import (WEIGHTINGS, Replacement, ReplacementAccumulator, capture_mlp_outputs,
                       check_foldable, check_removal, solve_replacement)
 from .store import TRAIN, VALIDATION
@@ -296,7 +296,7 @@ def prune_model(model, tokenizer, documents, *, remove: int, start: int | None =
         ``auto``: into the projection's bias where it has one, else candidates without an
         intercept and with the config's bias option (Llama's ``mlp_bias``), scored side by side.
     seq_len, max_tokens, val_fraction, seed, bos, batch_size
-        The corpus plan (:func:`njtc_solve.extract.plan_extraction`, every position).
+        The corpus plan (:func:`njtc_solve.plan.plan_extraction`, every position).
     score_tokens : int
         Held-out tokens the candidates are scored on.
     progress : bool
@@ -319,7 +319,8 @@ def prune_model(model, tokenizer, documents, *, remove: int, start: int | None =
     starts = [start] if start is not None else list(range(1, n_blocks - remove + 1))
     timings = {}
     t0 = time.perf_counter()
-    plan = plan_extraction(tokenizer, documents, seq_len, "all", max_tokens, val_fraction, seed, bos)
+    plan = plan_extraction(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens, val_fraction=val_fraction,
+                           seed=seed, bos=bos)
     train = np.flatnonzero(plan.split == TRAIN)
     val = np.flatnonzero(plan.split == VALIDATION)
     n_score = min(len(val), max(1, -(-score_tokens // seq_len)))

@@ -20,8 +20,9 @@ from conftest import ROOT, run_module
 
 from njtc_solve.corpus import load_corpus
 from njtc_solve.errors import NJTCError
-from njtc_solve.extract import bos_token, extract_activations, head_check_tolerance, plan_extraction
+from njtc_solve.extract import extract_activations, head_check_tolerance
 from njtc_solve.models import load_model
+from njtc_solve.plan import bos_token, plan_extraction
 from njtc_solve.store import TRAIN, VALIDATION, ActivationStore
 
 
@@ -111,7 +112,7 @@ def test_one_per_sequence_positions(tiny_models, tmp_path):
     out = _extract(tiny_models["llama"], tmp_path / "one.h5", positions="one-per-sequence",
                    max_tokens=100, seed=3)
     model, tok, _ = load_model(str(tiny_models["llama"]))
-    plan = plan_extraction(tok, load_corpus()[1], 32, "one-per-sequence", 100, 0.25, 3)
+    plan = plan_extraction(tok, load_corpus()[1], seq_len=32, positions="one-per-sequence", max_tokens=100, seed=3)
     with ActivationStore(out) as store:
         assert store.n_rows == 100 == len(np.unique(store.read("sequence")))
         pos = store.read("position")
@@ -314,7 +315,7 @@ def test_bos_auto_always_never(tiny_models):
     adds = _with_bos_template(tok)
     assert bos_token(adds, "auto") == adds.bos_token_id == bos_token(adds, "always")
     assert bos_token(adds, "never") is None
-    plan = plan_extraction(adds, docs, 32, "one-per-sequence", 640, 0.25, 0, "auto")
+    plan = plan_extraction(adds, docs, seq_len=32, positions="one-per-sequence", max_tokens=640, bos="auto")
     assert plan.bos and (plan.token_ids[:, 0] == adds.bos_token_id).all()
     assert (plan.token_ids[:, 1:] != adds.bos_token_id).mean() > 0.9  # only separators elsewhere
     assert (plan.position >= 1).all(), "one-per-sequence never picks the BOS row"
