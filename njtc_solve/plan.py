@@ -114,7 +114,7 @@ def check_plan_settings(*, seq_len: int = 128, positions: str = "all", max_token
     Raises
     ------
     NJTCError
-        Naming the setting, e.g. ``\\`seq_len\\` must be at least 2, not 1``.
+        Naming the setting in backticks, e.g. "`seq_len` must be at least 2, not 1".
     """
     if seq_len < 2:
         raise NJTCError(f"`seq_len` must be at least 2, not {seq_len}")

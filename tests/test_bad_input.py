@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from njtc_solve import evaluate, export, extract, fit, lens, refine, store
+from njtc_solve import evaluate, export, extract, fit, lens, refine
 from njtc_solve.errors import run_cli
 from njtc_solve.export import export_tuned_lens
 from njtc_solve.fit import fit_shortcuts
@@ -357,7 +357,7 @@ def test_damaged_chunk_index_and_write_failures(files, capsys, tmp_path, monkeyp
         raise OSError(errno.EIO, "Input/output error")
 
     model, tokenizer, name = load_model(str(tiny_models["llama"]))
-    monkeypatch.setattr(store.os, "fsync", failing_fsync)  # the writer syncs
+    monkeypatch.setattr("njtc_solve.store.os.fsync", failing_fsync)  # the store writer syncs
     target = tmp_path / "new.h5"
     with pytest.raises(extract.NJTCError, match=r"Input/output error \(fsync failed\).*partial file is removed"):
         extract.extract_activations(model, tokenizer, load_corpus()[1], target, seq_len=32, max_tokens=512,
