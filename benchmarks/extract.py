@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from njtc_solve.corpus import corpus_sha256, load_corpus
-from njtc_solve.extract import extract_activations, plan_extraction
+from njtc_solve.extract import extract_activations
 from njtc_solve.models import load_model, model_sha256
+from njtc_solve.plan import plan_extraction
 from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,7 +48,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     model, tok, name = load_model(args.model)
     _, docs = load_corpus()
-    plan = plan_extraction(tok, docs, args.seq_len, "all", args.tokens)
+    plan = plan_extraction(tok, docs, seq_len=args.seq_len, max_tokens=args.tokens)
     sha, corpus_sha = model_sha256(model), corpus_sha256(docs)
     tokens = plan.token_ids.size
     bare_forward(model, plan, args.batch_size)  # warm-up

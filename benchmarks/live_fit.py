@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 
 from njtc_solve.corpus import load_corpus
-from njtc_solve.extract import bytes_per_token, extract_activations
+from njtc_solve.extract import extract_activations
 from njtc_solve.fit import accumulate_statistics, fit_shortcuts
 from njtc_solve.models import load_model, model_sha256
 from njtc_solve.sources import LiveSource
+from njtc_solve.store import bytes_per_token
 from provenance import measured_at
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -46,8 +46,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from njtc_solve.corpus import load_corpus
-from njtc_solve.extract import plan_extraction
 from njtc_solve.models import load_model
+from njtc_solve.plan import plan_extraction
 from njtc_solve.pruning import (choose_replacement, collect_held_out, replacement_statistics, score_replacement,
                                 tail_logits, replaced_stream)
 from njtc_solve.replace import Replacement, apply_replacement
@@ -107,7 +107,7 @@ def main() -> None:
     n_blocks = model.config.num_hidden_layers
     n_val = -(-(args.score_tokens + args.eval_tokens) // args.seq_len)
     budget = args.train_tokens + n_val * args.seq_len
-    plan = plan_extraction(tok, docs, args.seq_len, "all", budget, n_val * args.seq_len / budget, 0, "auto")
+    plan = plan_extraction(tok, docs, seq_len=args.seq_len, max_tokens=budget, val_fraction=n_val * args.seq_len / budget)
     train, val = np.flatnonzero(plan.split == TRAIN), np.flatnonzero(plan.split == VALIDATION)
     n_score = -(-args.score_tokens // args.seq_len)
     train_plan = plan.sequences(slice(int(train[0]), int(train[-1]) + 1))

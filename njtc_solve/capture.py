@@ -84,7 +84,7 @@ def _rows(t: torch.Tensor, pick) -> torch.Tensor:
 def forward_batches(model, plan, batch_size: int, first_batch: int = 0) -> Iterator[CapturedBatch]:
     """Run the model over ``plan``'s sequences, ``batch_size`` at a time, yielding their rows.
 
-    ``plan`` is an :class:`njtc_solve.extract.ExtractionPlan` (or one process's block of
+    ``plan`` is an :class:`njtc_solve.plan.ExtractionPlan` (or one process's block of
     it). The caller consumes each batch before asking for the next: the hidden states are
     the model's own tensors, valid until the next forward pass.
     """

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .architectures import _get, resolve_parts
 from .capture import forward_batches
 from .errors import NJTCError
-from .extract import plan_extraction
+from .plan import plan_extraction
 from .replace import (WEIGHTINGS, Replacement, ReplacementAccumulator, capture_mlp_outputs,
                       check_foldable, check_removal, solve_replacement)
 from .store import TRAIN, VALIDATION
@@ -296,7 +296,7 @@ def prune_model(model, tokenizer, documents, *, remove: int, start: int | None =
         ``auto``: into the projection's bias where it has one, else candidates without an
         intercept and with the config's bias option (Llama's ``mlp_bias``), scored side by side.
     seq_len, max_tokens, val_fraction, seed, bos, batch_size
-        The corpus plan (:func:`njtc_solve.extract.plan_extraction`, every position).
+        The corpus plan (:func:`njtc_solve.plan.plan_extraction`, every position).
     score_tokens : int
         Held-out tokens the candidates are scored on.
     progress : bool
@@ -312,7 +312,8 @@ def prune_model(model, tokenizer, documents, *, remove: int, start: int | None =
     starts = [start] if start is not None else list(range(1, n_blocks - remove + 1))
     timings = {}
     t0 = time.perf_counter()
-    plan = plan_extraction(tokenizer, documents, seq_len, "all", max_tokens, val_fraction, seed, bos)
+    plan = plan_extraction(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens, val_fraction=val_fraction,
+                           seed=seed, bos=bos)
     train_plan, score_plan = _train_and_score_plans(plan, score_tokens)
 
     with tqdm(total=train_plan.n_rows + score_plan.n_rows, unit="tok", unit_scale=True, desc="prune: pass",

@@ -18,9 +18,9 @@ from .architectures import resolve_parts
 from .capture import check_head, forward_batches
 from .corpus import corpus_sha256
 from .errors import NJTCError
-from .extract import ExtractionPlan, plan_extraction
 from .head import Head
 from .models import model_sha256
+from .plan import ExtractionPlan, plan_extraction
 from .rows import RowSourceBase, split_code
 from .store import FINAL_TOPK, TRAIN, split_provenance
 
@@ -40,7 +40,7 @@ class LiveSource(RowSourceBase):
     model_name : str
         Recorded in the provenance of what is fitted.
     seq_len, positions, max_tokens, val_fraction, seed, bos
-        The extraction plan (see :func:`njtc_solve.extract.plan_extraction`); the same values
+        The extraction plan (see :func:`njtc_solve.plan.plan_extraction`); the same values
         give the same rows as a store extracted with them.
     batch_size : int
         Sequences per forward pass.
@@ -65,10 +65,11 @@ class LiveSource(RowSourceBase):
                  seed: int = 0, bos: str = "auto", batch_size: int = 8, weights_sha: str | None = None,
                  progress: bool = False):
         if batch_size < 1:
-            raise NJTCError("--batch-size must be positive")
+            raise NJTCError(f"`batch_size` must be positive, not {batch_size}")
         self.model = model
-        self.plan: ExtractionPlan = plan_extraction(tokenizer, documents, seq_len, positions, max_tokens,
-                                                    val_fraction, seed, bos)
+        self.plan: ExtractionPlan = plan_extraction(tokenizer, documents, seq_len=seq_len, positions=positions,
+                                                    max_tokens=max_tokens, val_fraction=val_fraction, seed=seed,
+                                                    bos=bos)
         self.batch_size = batch_size
         self.n_layers = len(resolve_parts(model)[1])
         self._head = Head.from_model(model)

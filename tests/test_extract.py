@@ -20,8 +20,9 @@ from conftest import ROOT, run_module
 
 from njtc_solve.corpus import load_corpus
 from njtc_solve.errors import NJTCError
-from njtc_solve.extract import bos_token, extract_activations, head_check_tolerance, plan_extraction
+from njtc_solve.extract import extract_activations, head_check_tolerance
 from njtc_solve.models import load_model
+from njtc_solve.plan import bos_token, check_plan_settings, plan_extraction
 from njtc_solve.store import TRAIN, VALIDATION, ActivationStore
 
 
@@ -111,7 +112,7 @@ def test_one_per_sequence_positions(tiny_models, tmp_path):
     out = _extract(tiny_models["llama"], tmp_path / "one.h5", positions="one-per-sequence",
                    max_tokens=100, seed=3)
     model, tok, _ = load_model(str(tiny_models["llama"]))
-    plan = plan_extraction(tok, load_corpus()[1], 32, "one-per-sequence", 100, 0.25, 3)
+    plan = plan_extraction(tok, load_corpus()[1], seq_len=32, positions="one-per-sequence", max_tokens=100, seed=3)
     with ActivationStore(out) as store:
         assert store.n_rows == 100 == len(np.unique(store.read("sequence")))
         pos = store.read("position")
@@ -314,7 +315,7 @@ def test_bos_auto_always_never(tiny_models):
     adds = _with_bos_template(tok)
     assert bos_token(adds, "auto") == adds.bos_token_id == bos_token(adds, "always")
     assert bos_token(adds, "never") is None
-    plan = plan_extraction(adds, docs, 32, "one-per-sequence", 640, 0.25, 0, "auto")
+    plan = plan_extraction(adds, docs, seq_len=32, positions="one-per-sequence", max_tokens=640, bos="auto")
     assert plan.bos and (plan.token_ids[:, 0] == adds.bos_token_id).all()
     assert (plan.token_ids[:, 1:] != adds.bos_token_id).mean() > 0.9  # only separators elsewhere
     assert (plan.position >= 1).all(), "one-per-sequence never picks the BOS row"
@@ -429,3 +430,29 @@ def test_a_split_that_leaves_no_training_text_is_refused(tiny_models):
     assert abs(tokens[VALIDATION] / (tokens[TRAIN] + tokens[VALIDATION]) - 0.25) < 0.05
     one = plan_extraction(tok, load_corpus()[1], seq_len=16, positions="one-per-sequence", max_tokens=400)
     assert (one.position >= 1).all(), "one-per-sequence never samples the position fits skip"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"seq_len": 1}, "`seq_len` must be at least 2, not 1"),
+    ({"positions": "some"}, "`positions` must be 'all' or 'one-per-sequence', not 'some'"),
+    ({"val_fraction": 1.0}, r"`val_fraction` must be in \[0, 1\), not 1.0"),
+    ({"seed": -1}, "`seed` must be 0 or more, not -1"),
+    ({"bos": "maybe"}, "`bos` must be auto, always or never"),
+    ({"max_tokens": 100}, r"`max_tokens` 100 is below one sequence \(128 rows\)"),
+])
+def test_plan_settings_are_refused_naming_the_parameter(settings, message):
+    with pytest.raises(NJTCError, match=message):
+        check_plan_settings(**settings)
+
+
+def test_the_plan_lives_apart_from_the_writer_and_the_old_names_warn():
+    code = "import sys, njtc_solve.plan, njtc_solve.sources; print('njtc_solve.extract' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.stdout.strip() == "False", result.stderr  # a live fit never imports the HDF5 writer
+    from njtc_solve import extract, plan, store
+
+    for name, module in (("plan_extraction", plan), ("bos_token", plan), ("ExtractionPlan", plan),
+                         ("stored_layers", store), ("bytes_per_token", store)):
+        with pytest.warns(DeprecationWarning, match=f"moved to {module.__name__}.{name}"):
+            assert getattr(extract, name) is getattr(module, name)

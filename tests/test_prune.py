@@ -21,8 +21,8 @@ from njtc_solve.architectures import resolve_parts
 from njtc_solve.corpus import load_corpus
 from njtc_solve.cli import run_cli
 from njtc_solve.errors import NJTCError
-from njtc_solve.extract import plan_extraction
 from njtc_solve.models import load_model
+from njtc_solve.plan import plan_extraction
 from njtc_solve.replace import (PRUNE_RECORD, Replacement, apply_replacement, check_removal, save_pruned,
                                 solve_replacement)
 

@@ -276,3 +276,47 @@ def test_a_multi_line_hdf5_write_error_is_reported_on_one_line():
     assert _write_failure(err) == "No space left on device"
     assert _write_failure(OSError("two\nlines")) == "two"
     assert _write_failure(ValueError("a shape mismatch")) is None
+
+
+def test_the_store_writer_holds_the_lock_and_ends_as_extraction_needs(tiny_models, tmp_path):
+    """An interruption keeps the partial file to resume, a failed check removes it, the lock is held
+    throughout, and a command's reservation of the output is the writer's own hold."""
+    from njtc_solve.capture import forward_batches
+    from njtc_solve.corpus import load_corpus
+    from njtc_solve.head import Head
+    from njtc_solve.models import load_model
+    from njtc_solve.plan import plan_extraction
+    from njtc_solve.store import StoreWriter
+
+    model, tok, _ = load_model(str(tiny_models["llama"]))
+    docs = load_corpus()[1]
+    plan = plan_extraction(tok, docs, seq_len=16, max_tokens=256)
+    provenance = {"model": "tiny", "architecture": "llama", "n_layers": 3, "corpus": "", "corpus_sha256": "",
+                  "model_sha256": "", "seed": 0, "val_fraction": 0.25, "max_tokens": 256, "n_documents": len(docs)}
+    out, partial, lock = tmp_path / "a.h5", tmp_path / "a.h5.partial", tmp_path / "a.h5.lock"
+
+    def writer(**kwargs):
+        return StoreWriter(out, plan, Head.from_model(model), provenance=provenance, batch_size=2, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt), writer() as w:
+        with pytest.raises(NJTCError, match="another process"), output_lock(out):
+            pass
+        batch = next(forward_batches(model, plan, 2))
+        w.write(batch.rows, batch.hidden, batch.tokens, batch.logits)
+        raise KeyboardInterrupt
+    assert partial.exists() and not lock.exists() and not out.exists()
+    with pytest.raises(NJTCError, match="is left from an interrupted run; pass `resume=True` or `overwrite=True`"):
+        writer()
+    with pytest.raises(NJTCError, match="stop"), writer(resume=True) as w:
+        assert w.rows_written == 2 * 16 and w.head_checked is False
+        raise NJTCError("stop")  # a failed check: nothing to resume
+    assert not partial.exists() and not lock.exists()
+    with StoreWriter.reserve(out) as reserved, writer() as w:  # a command's hold, then the writer's
+        for batch in forward_batches(model, plan, 2):
+            w.write(batch.rows, batch.hidden, batch.tokens, batch.logits)
+        assert w.finish() == out == reserved
+        with pytest.raises(NJTCError, match="another process"), output_lock(out):
+            pass  # still the reservation's
+    assert not lock.exists()
+    with ActivationStore(out) as store:
+        assert store.n_rows == plan.n_rows and store.attrs["head_check_top1_agreement"] == 1.0

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import NJTCError
-from ..extract import PLAN_DEFAULTS  # MERGE-TODO: ..plan
+from ..plan import PLAN_DEFAULTS, check_plan_settings
 
 __all__ = ["add_model_arguments", "add_plan_arguments", "command_inputs", "live_source_from_args",
            "load_model_from_args", "parse_alpha", "parse_layers", "parse_ranks", "parse_target", "plan_settings",
@@ -99,12 +99,7 @@ def plan_settings(args, provenance: dict | None = None) -> dict:
         settings[key] = PLAN_DEFAULTS[key] if value is None else value
     if settings["max_tokens"] is not None and settings["max_tokens"] <= 0:
         raise NJTCError("--max-tokens must be positive")
-    if settings["seed"] < 0:
-        raise NJTCError(f"--seed must be 0 or more, not {settings['seed']}")
-    if settings["seq_len"] < 2:  # what plan_extraction refuses, here before a model loads
-        raise NJTCError(f"--seq-len must be at least 2, not {settings['seq_len']}")
-    if not 0 <= settings["val_fraction"] < 1:
-        raise NJTCError(f"--val-fraction must be in [0, 1), not {settings['val_fraction']}")
+    check_plan_settings(**settings)  # what plan_extraction refuses, here before a model loads
     if getattr(args, "batch_size", 1) < 1:
         raise NJTCError("--batch-size must be positive")
     return settings

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import extract as library
 from ..errors import NJTCError, output_lock, temporary_path
+from ..store import StoreWriter
 from . import command, run_cli
 from .arguments import add_model_arguments, add_plan_arguments, command_inputs, load_model_from_args, parse_layers, plan_settings
 
@@ -50,11 +51,10 @@ def main(args) -> int:
     from ..distributed import Communicator
     from ..models import check_device
     from ..outputs import check_not_inputs
-    from ..store import STORE_DTYPES, VALIDATION, combine_shards, shard_path
+    from ..store import VALIDATION, combine_shards, shard_path
 
     plan_settings(args)  # a bad plan is refused before the corpus and the model load
-    if args.dtype not in STORE_DTYPES:
-        raise NJTCError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
+    StoreWriter.check_settings(dtype=args.dtype, batch_size=args.batch_size)
     check_device(args.device)
     comm = Communicator.from_environment(args.device)
     try:
@@ -70,8 +70,8 @@ def main(args) -> int:
                 raise NJTCError(f"{args.out} exists; pass --overwrite to replace it")
             if not out.parent.is_dir():
                 raise NJTCError(f"cannot write {out}: folder {out.parent} does not exist")
-            with output_lock(out):  # before any work: a second run to the same output refuses
-                library.check_output(out, args.resume, args.overwrite)  # before the model loads
+            # the output checked and locked before any work: a second run to the same output refuses
+            with StoreWriter.reserve(out, resume=args.resume, overwrite=args.overwrite):
                 if args.resume and not temporary_path(out).exists():
                     print(f"note: nothing to resume ({temporary_path(out)} does not exist); starting afresh",
                           file=sys.stderr)
