@@ -43,7 +43,7 @@ from .head import Head
 from .metrics import Reference, hits_at_k, kl_divergence, surprisal
 from .rows import RowSource
 from .shortcuts import Shortcuts
-from .store import ActivationStore
+from .store import opened
 
 __all__ = ["EvaluationResult", "check_rows_overlap", "check_unseen", "evaluate_shortcuts", "early_exit_curve"]
 
@@ -182,9 +182,7 @@ def evaluate_shortcuts(store: str | Path | RowSource, shortcuts: Sequence[str | 
     -------
     EvaluationResult
     """
-    own = isinstance(store, (str, Path))
-    store = ActivationStore(store) if own else store
-    try:
+    with opened(store) as store:
         skip = store.default_skip_positions if skip_positions is None else int(skip_positions)
         loaded = _load_all(shortcuts)
         head = _check_loaded(store, loaded, skip, allow_overlap)
@@ -200,9 +198,6 @@ def evaluate_shortcuts(store: str | Path | RowSource, shortcuts: Sequence[str | 
                 "model_surprisal": own_surprisal / n,  # the full model's surprisal of its own top-1
                 "warnings": [w for sc in loaded if (w := check_rows_overlap(sc, n, skip))]}
         return EvaluationResult(_records(tallies, methods, layers, store.d_model, sst), early, meta)
-    finally:
-        if own:
-            store.close()
 
 
 def _pieces(chunks, chunk_rows: int):

@@ -28,7 +28,7 @@ from .outputs import check_not_inputs
 from .shortcuts import ShortcutMap, Shortcuts
 from .solvers import gcv_alpha, gram_eigh, solve_reduced_rank, sum_squared_error, weight_root
 from .stats import MomentAccumulator, Statistics, pass_meta
-from .store import ActivationStore
+from .store import opened
 
 __all__ = [
     "METHODS",
@@ -360,9 +360,7 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
     >>> r4.provenance == fits[0].provenance
     True
     """
-    own = isinstance(store, (str, Path))
-    store = ActivationStore(store) if own else store
-    try:
+    with opened(store) as store:
         row_weight = _check_fit_inputs(store, weight=weight, device=device, skip_positions=skip_positions,
                                        statistics=statistics, save_stats=save_stats)
         if store is None:
@@ -402,9 +400,6 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
             return _for_head(fits, head)
 
         return solve(layers) if comm is None else _solve_shared(comm, solve, layers)
-    finally:
-        if own:
-            store.close()
 
 
 def _check_fit_inputs(store, *, weight: str, device, skip_positions, statistics, save_stats) -> str:
@@ -491,9 +486,7 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks: list[int] | Non
     """
     from .pairs import accumulate_pairs, check_pair_statistics, iter_fit_targets
 
-    own = isinstance(store, (str, Path))
-    store = ActivationStore(store) if own else store
-    try:
+    with opened(store) as store:
         _check_device_and_skip(device, skip_positions)
         if store is None:
             held, sources, d_model, head, saved_norm = _pair_file(statistics, layers, skip_positions)
@@ -518,9 +511,6 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks: list[int] | Non
             float64=float64, progress=progress, skip_positions=skip_positions)
         if store is not None and save_stats is not None:
             pairs.save(save_stats, head)
-    finally:
-        if own:
-            store.close()
     decompositions = {}  # each source's input Gram is the same for every target: decomposed once
 
     def solve(stats):

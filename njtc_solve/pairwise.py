@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .errors import NJTCError, atomic_output
 from .shortcuts import ShortcutMap, Shortcuts
-from .store import VALIDATION, ActivationStore
+from .store import VALIDATION, opened
 
 __all__ = ["SKIP_ROWS", "PairwiseResult", "evaluate_pairs", "write_pairwise_report"]
 
@@ -101,9 +101,7 @@ def evaluate_pairs(source, shortcuts, *, max_rows: int | None = None, chunk_rows
     batch_size : int
         Sequences per forward pass of the skip scores.
     """
-    own = isinstance(source, (str, Path))
-    source = ActivationStore(source) if own else source
-    try:
+    with opened(source) as source:
         loaded = [s if isinstance(s, Shortcuts) else Shortcuts.load(s) for s in shortcuts]
         if not loaded:
             raise NJTCError("no shortcut file to evaluate")
@@ -123,9 +121,6 @@ def evaluate_pairs(source, shortcuts, *, max_rows: int | None = None, chunk_rows
         meta = {"store": str(source.path), "n_layers": source.n_layers, "d_model": source.d_model,
                 "skip_positions": skip, "validation_rows": records[0]["n_rows"] if records else 0}
         return PairwiseResult(records, meta)
-    finally:
-        if own:
-            source.close()
 
 
 def _errors(source, loaded, max_rows, chunk_rows, device, progress, skip) -> list[dict]:

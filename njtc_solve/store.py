@@ -25,7 +25,7 @@ from .rows import DEFAULT_SKIP_POSITIONS, SPLITS, TRAIN, VALIDATION, RowSourceBa
 
 __all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "SPLITS", "STORE_DTYPES",
            "TRAIN", "VALIDATION", "ActivationStore", "StoreWriter", "being_written", "bytes_per_token",
-           "check_chunk_index", "check_output", "decode_rows", "encode_rows", "combine_shards", "prefetched",
+           "check_chunk_index", "check_output", "decode_rows", "encode_rows", "combine_shards", "opened", "prefetched",
            "shard_path", "split_provenance", "stored_layers"]
 
 FORMAT = "njtc-activations"
@@ -57,7 +57,8 @@ class ActivationStore(RowSourceBase):
         if not self.path.is_file():
             if temporary_path(self.path).is_file():
                 raise NJTCError(f"store {self.path} not found: {temporary_path(self.path).name} is being written by "
-                                "extract (or was left by an interrupted run: finish it with extract --resume)")
+                                "extract (or was left by an interrupted run: finish it with extract --resume, "
+                                "or extract_activations(..., resume=True))")
             raise NJTCError(f"store {self.path} not found (create it with python -m njtc_solve.extract)")
         try:
             self.file = h5py.File(self.path, "r")
@@ -92,7 +93,8 @@ class ActivationStore(RowSourceBase):
                                 f"{self.path.name}.lock); wait for it to finish, then try again")
             written, total = int(attrs.get("rows_written", 0)), int(self.file["tokens"].shape[0])
             raise NJTCError(
-                f"{self.path} is incomplete ({written} of {total} rows written); finish it with extract --resume"
+                f"{self.path} is incomplete ({written} of {total} rows written); finish it with extract --resume "
+                "(extract_activations(..., resume=True) in Python)"
             )
         self.n_layers = int(attrs["n_layers"])
         self.d_model = int(attrs["d_model"])
@@ -264,6 +266,24 @@ class ActivationStore(RowSourceBase):
 
 
 _DAMAGE = (KeyError, OSError, ValueError, RuntimeError, TypeError)  # what h5py raises for a damaged file
+
+
+@contextmanager
+def opened(source):
+    """``source`` as a row source for the block: a path opens an :class:`ActivationStore`,
+    closed after it; a row source (or ``None``) is used as it is, and left open.
+
+    Examples
+    --------
+    >>> with opened("activations.h5") as store:
+    ...     store.n_layers
+    3
+    """
+    if not isinstance(source, (str, Path)):
+        yield source
+        return
+    with ActivationStore(source) as store:
+        yield store
 
 
 def being_written(path, err: OSError | None = None) -> bool:
