@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,8 +28,8 @@ from .architectures import _get, resolve_parts
 from .capture import forward_batches
 from .errors import NJTCError
 from .plan import plan_extraction
-from .replace import (WEIGHTINGS, Replacement, ReplacementAccumulator, capture_mlp_outputs,
-                      check_foldable, check_removal, solve_replacement)
+from .replace import (WEIGHTINGS, Replacement, ReplacementAccumulator, apply_replacement, capture_mlp_outputs,
+                      check_foldable, check_removal, save_pruned, solve_replacement)
 from .store import TRAIN, VALIDATION
 
 __all__ = ["HeldOut", "PruneResult", "candidate_replacements", "choose_replacement", "collect_held_out", "model_blocks", "prune_model", "replacement_statistics",
@@ -224,6 +225,30 @@ class PruneResult:
         pool = [c for c in self.candidates if c["start"] == start and not (fitted_only and c["name"] == "drop")]
         return min(pool, key=lambda c: c["kl"])
 
+    def save(self, model, tokenizer, out, *, model_name: str = "", corpus_name: str = "",
+             model_sha256: str | None = None, overwrite: bool = False) -> tuple[Path, dict]:
+        """Apply the chosen replacement to ``model`` (in place) and write the smaller checkpoint.
+
+        ``out`` becomes a standard checkpoint folder (see :func:`njtc_solve.replace.save_pruned`)
+        with ``njtc_prune.json``: the choice, every candidate's held-out scores, the plan, the
+        parameter counts before and after, and the provenance given here (``model_sha256`` of
+        the full model's weights, hashed now when not given). Returns the folder and that record.
+        """
+        from .models import model_sha256 as weights_sha256
+
+        chosen = self.chosen
+        sha = model_sha256 or weights_sha256(model)
+        before = sum(p.numel() for p in model.parameters())
+        apply_replacement(model, chosen)
+        params = {"before": before, "after": sum(p.numel() for p in model.parameters())}  # mlp_bias adds some
+        record = {"parameters": params, "format": "njtc-prune", "format_version": 1, "model": model_name,
+                  "model_sha256": sha, "architecture": model.config.model_type, "corpus": corpus_name,
+                  "start": chosen.start, "removed_blocks": [chosen.start, chosen.start + chosen.remove - 1],
+                  "method": chosen.name, "replacement": chosen.describe(), "full_model": self.full,
+                  "cosine_choice": self.cosine_choice, "cosine": {str(s): v for s, v in self.cosine.items()},
+                  "candidates": self.candidates, "timings_s": self.timings, **self.record}
+        return save_pruned(model, tokenizer, out, record=record, overwrite=overwrite), record
+
 
 def _intercepts(model, spec, intercept: str) -> list[str]:
     """Where an intercept can go: ``"none"``, ``"bias"`` (the projection's own) or the config's option."""
@@ -301,6 +326,23 @@ def prune_model(model, tokenizer, documents, *, remove: int, start: int | None =
         Held-out tokens the candidates are scored on.
     progress : bool
         Show progress bars.
+
+    Returns
+    -------
+    PruneResult
+        The choice and every candidate's held-out scores; :meth:`PruneResult.save` applies it
+        and writes the smaller checkpoint.
+
+    Examples
+    --------
+    >>> import copy
+    >>> result = prune_model(model, tokenizer, documents, remove=1, start=1, seq_len=32, max_tokens=1024,
+    ...                      score_tokens=64, progress=False)
+    >>> result.chosen.start, sorted({c["name"] for c in result.candidates})[:1]
+    (1, ['drop'])
+    >>> out, record = result.save(copy.deepcopy(model), tokenizer, "pruned", model_name="tiny-llama")
+    >>> record["n_blocks_before"] - record["n_blocks_after"], (out / "njtc_prune.json").is_file()
+    (1, True)
     """
     spec = check_foldable(model.config)
     _, blocks, _, _ = resolve_parts(model)

@@ -108,7 +108,6 @@ def main(args) -> int:
     from ..corpus import load_corpus
     from ..models import model_sha256
     from ..pruning import prune_model
-    from ..replace import apply_replacement, save_pruned
 
     corpus_name, documents = load_corpus(args.corpus, text_field=args.text_field)
     model, tokenizer, name = load_model_from_args(args, args.device, progress=not args.no_progress)
@@ -120,17 +119,9 @@ def main(args) -> int:
     chosen = result.chosen
     drop = next(c for c in result.candidates if c["start"] == chosen.start and c["name"] == "drop")
     fitted = result.best(chosen.start, fitted_only=True)
-    params_before = sum(p.numel() for p in model.parameters())
-    apply_replacement(model, chosen)
-    params = {"before": params_before, "after": sum(p.numel() for p in model.parameters())}  # mlp_bias adds some
-    record = {"parameters": params, "format": "njtc-prune", "format_version": 1, "model": name, "model_sha256": weights_sha,
-              "architecture": model.config.model_type, "corpus": corpus_name, "start": chosen.start,
-              "removed_blocks": [chosen.start, chosen.start + chosen.remove - 1], "method": chosen.name,
-              "replacement": chosen.describe(), "full_model": result.full,
-              "cosine_choice": result.cosine_choice,
-              "cosine": {str(s): v for s, v in result.cosine.items()}, "candidates": result.candidates,
-              "timings_s": result.timings, **result.record}
-    out = save_pruned(model, tokenizer, args.out, record=record, overwrite=args.overwrite)
+    out, record = result.save(model, tokenizer, args.out, model_name=name, corpus_name=corpus_name,
+                              model_sha256=weights_sha, overwrite=args.overwrite)
+    params = record["parameters"]
     chosen_score = result.best(chosen.start)
     print(f"{'start':>5}  {'method':<24} {'KL':>8} {'top-1':>6} {'ppl':>9}")
     for c in sorted(result.candidates, key=lambda c: (c["start"], c["kl"])):
