@@ -19,6 +19,9 @@ __version__ = "0.1.0"
 _API = {
     "NJTCError": "errors",
     "ActivationStore": "store",
+    "StoreWriter": "store",
+    "LiveSource": "sources",
+    "plan_extraction": "plan",
     "RowSource": "rows",
     "check_compatible": "compatibility",
     "Head": "head",
@@ -43,6 +46,7 @@ _API = {
     "export_tuned_lens": "export",
     "read_tuned_lens": "export",
     "prune_model": "pruning",
+    "PruneResult": "pruning",
     "Replacement": "replace",
     "ReplacementAccumulator": "replace",
     "solve_replacement": "replace",

@@ -119,3 +119,18 @@ def test_the_old_run_cli_name_still_works_and_warns():
 
     with pytest.warns(DeprecationWarning, match="njtc_solve.cli.run_cli"):
         assert errors.run_cli is run_cli
+
+
+def test_the_readme_error_example_from_python_and_from_the_command_line(tiny_store, tmp_path, capsys):
+    """The same refusal, worded for each caller (README, Python API section)."""
+    from njtc_solve import fit_shortcuts
+    from njtc_solve.cli import fit
+
+    with pytest.raises(NJTCError) as raised:
+        fit_shortcuts(tiny_store, method="jtc", ranks=[8])
+    assert str(raised.value) == "jtc fits full-rank maps; drop `ranks` (or use `method` njtc)"
+    out = tmp_path / "jtc.safetensors"
+    assert run_cli(fit.main, ["--store", str(tiny_store), "--method", "jtc", "--rank", "8", "--out", str(out),
+                              "--no-progress"]) == 2
+    assert capsys.readouterr().err == "error: jtc fits full-rank maps; drop --rank (or use --method njtc)\n"
+    assert not out.exists()
