@@ -20,7 +20,7 @@ import numpy as np
 
 from .corpus import DEFAULT_CORPUS
 from .errors import NJTCError
-from .store import DEFAULT_SKIP_POSITIONS, TRAIN, VALIDATION
+from .rows import DEFAULT_SKIP_POSITIONS, TRAIN, VALIDATION
 
 __all__ = ["PLAN_DEFAULTS", "POSITIONS", "ExtractionPlan", "bos_token", "check_plan_settings", "plan_extraction"]
 

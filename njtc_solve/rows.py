@@ -16,6 +16,8 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -27,13 +29,15 @@ from .errors import NJTCError
 if TYPE_CHECKING:
     from .head import Head
 
-__all__ = ["DEFAULT_SKIP_POSITIONS", "SPLITS", "TRAIN", "VALIDATION", "RowSource", "RowSourceBase", "split_code"]
+__all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "SPLITS", "TRAIN", "VALIDATION", "RowSource", "RowSourceBase",
+           "split_code", "split_provenance"]
 
 TRAIN, VALIDATION = 0, 1
 SPLITS = {"train": TRAIN, "validation": VALIDATION, "val": VALIDATION}  # split names and their codes
 # Fits and evaluation leave out rows before this position by default: position 0 is the BOS
 # token where the model has one, else the first token, an attention sink with a huge norm.
 DEFAULT_SKIP_POSITIONS = 1
+FINAL_TOPK = 10  # the model's own top-k kept per row (a store's `/final_topk`)
 
 
 @runtime_checkable
@@ -49,7 +53,7 @@ class RowSource(Protocol):
     path : str or Path
         Where the rows come from (a store's file, ``live:MODEL`` for a model).
     provenance : dict
-        What identifies the rows and their split (:func:`njtc_solve.store.split_provenance`).
+        What identifies the rows and their split (:func:`split_provenance`).
     model_sha256 : str
         The weights' hash (:func:`njtc_solve.models.model_sha256`).
     default_skip_positions : int
@@ -132,3 +136,26 @@ class RowSourceBase:
     def count(self, split: str | None = None, skip_positions: int = 0) -> int:
         """Rows of ``split`` (all rows for ``None``) at positions ``>= skip_positions``."""
         return int(self.selection(split, skip_positions).sum())
+
+
+def split_provenance(attrs: dict, validation_documents, where: str) -> dict:
+    """What identifies a set of rows and their split, for a store or a live model alike.
+
+    ``attrs`` holds the extraction's settings (``corpus_sha256``, ``seed``, ``val_fraction``,
+    ``seq_len``, ``positions``, ``max_tokens``, ``bos``). ``split_by`` is ``"document"``
+    (with the full list of ``validation_documents``) for rows split by document,
+    ``"sequence"`` for format-1 stores made before that. ``split_id`` hashes all of it but
+    ``where`` the rows come from, so a live run and a store extracted with the same settings
+    share it.
+    """
+    a = attrs
+    out = {"store": where, "corpus_sha256": a.get("corpus_sha256"), "seed": a.get("seed"),
+           "val_fraction": a.get("val_fraction"), "seq_len": a.get("seq_len"), "positions": a.get("positions"),
+           "max_tokens": a.get("max_tokens"), "bos": a.get("bos", False)}
+    if validation_documents is not None:
+        out.update(split_by="document", validation_documents=[int(d) for d in validation_documents])
+    else:
+        out["split_by"] = "sequence"
+    key = json.dumps({k: out[k] for k in sorted(out) if k not in ("store", "bos")}, default=str)
+    out["split_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return out

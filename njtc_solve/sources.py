@@ -21,8 +21,7 @@ from .errors import NJTCError
 from .head import Head
 from .models import model_sha256
 from .plan import ExtractionPlan, plan_extraction
-from .rows import RowSourceBase, split_code
-from .store import FINAL_TOPK, TRAIN, split_provenance
+from .rows import FINAL_TOPK, TRAIN, RowSourceBase, split_code, split_provenance
 
 __all__ = ["LiveSource"]
 

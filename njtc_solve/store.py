@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import os
 import queue
 import shutil
@@ -21,7 +19,8 @@ import torch
 from .capture import check_head
 from .errors import NJTCError, atomic_output, output_lock, temporary_path, write_failure
 from .head import Head
-from .rows import DEFAULT_SKIP_POSITIONS, SPLITS, TRAIN, VALIDATION, RowSourceBase, split_code
+from .rows import (DEFAULT_SKIP_POSITIONS, FINAL_TOPK, SPLITS, TRAIN, VALIDATION, RowSourceBase, split_code,
+                   split_provenance)
 
 __all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "SPLITS", "STORE_DTYPES",
            "TRAIN", "VALIDATION", "ActivationStore", "StoreWriter", "being_written", "bytes_per_token",
@@ -33,7 +32,6 @@ FORMAT_VERSION = 2  # 2: the head group describes a logit scale, a soft-cap and 
 READABLE_VERSIONS = (1, 2)  # a format-1 head has none of those (see Head.from_group)
 # how the activations are stored; bfloat16 (which HDF5 lacks) as its 16 bits, in uint16
 STORE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
-FINAL_TOPK = 10  # the model's own top-k stored per row (`/final_topk`)
 # TRAIN, VALIDATION, SPLITS and DEFAULT_SKIP_POSITIONS: what every row source shares (see .rows)
 
 
@@ -422,29 +420,6 @@ def decode_rows(data: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return (data.astype(np.uint32) << 16).view(np.float32)
     return np.asarray(data, dtype=np.float32)
-
-
-def split_provenance(attrs: dict, validation_documents, where: str) -> dict:
-    """What identifies a set of rows and their split, for a store or a live model alike.
-
-    ``attrs`` holds the extraction's settings (``corpus_sha256``, ``seed``, ``val_fraction``,
-    ``seq_len``, ``positions``, ``max_tokens``, ``bos``). ``split_by`` is ``"document"``
-    (with the full list of ``validation_documents``) for rows split by document,
-    ``"sequence"`` for format-1 stores made before that. ``split_id`` hashes all of it but
-    ``where`` the rows come from, so a live run and a store extracted with the same settings
-    share it.
-    """
-    a = attrs
-    out = {"store": where, "corpus_sha256": a.get("corpus_sha256"), "seed": a.get("seed"),
-           "val_fraction": a.get("val_fraction"), "seq_len": a.get("seq_len"), "positions": a.get("positions"),
-           "max_tokens": a.get("max_tokens"), "bos": a.get("bos", False)}
-    if validation_documents is not None:
-        out.update(split_by="document", validation_documents=[int(d) for d in validation_documents])
-    else:
-        out["split_by"] = "sequence"
-    key = json.dumps({k: out[k] for k in sorted(out) if k not in ("store", "bos")}, default=str)
-    out["split_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return out
 
 
 def _first_line(err: Exception) -> str:
