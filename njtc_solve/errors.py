@@ -13,8 +13,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-__all__ = ["Interrupted", "NJTCError", "atomic_output", "interruptible", "output_lock", "quiet_start", "read_safetensors",
-           "temporary_path", "write_failure"]
+__all__ = ["Interrupted", "NJTCError", "atomic_output", "interruptible", "output_lock", "quiet_start", "moved_names",
+           "read_safetensors", "temporary_path", "write_failure"]
 
 
 class NJTCError(Exception):
@@ -83,7 +83,7 @@ def output_lock(path):
         except BlockingIOError:
             os.close(fd)
             raise NJTCError(f"{path} is being written by another process (it holds {lock.name}); "
-                            "wait for it to finish or choose another output") from None
+                            "wait for it to finish or choose another `out`") from None
         try:  # the holder before us may have removed the file it locked: then lock the new one
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break
@@ -176,12 +176,34 @@ def read_safetensors(path, what: str, fmt: str):
     return tensors, meta
 
 
-def __getattr__(name):
-    if name == "run_cli":  # moved to the command layer
+
+def moved_names(module: str, moved: dict[str, str]):
+    """A module ``__getattr__`` that serves names moved elsewhere, with a DeprecationWarning.
+
+    ``moved`` maps each old name to ``"package.module"`` (the same name there) or
+    ``"package.module:name"`` (renamed), imported on first use.
+
+    Examples
+    --------
+    >>> __getattr__ = moved_names("old", {"run_cli": "njtc_solve.cli", "Map": "njtc_solve.shortcuts:ShortcutMap"})
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     __getattr__("Map").__name__, str(caught[0].message)
+    ('ShortcutMap', 'old.Map moved to njtc_solve.shortcuts.ShortcutMap')
+    """
+    from importlib import import_module
+
+    def __getattr__(name: str):
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        where, _, new = moved[name].partition(":")
         import warnings
 
-        warnings.warn("njtc_solve.errors.run_cli moved to njtc_solve.cli.run_cli", DeprecationWarning, stacklevel=2)
-        from .cli import run_cli
+        warnings.warn(f"{module}.{name} moved to {where}.{new or name}", DeprecationWarning, stacklevel=2)
+        return getattr(import_module(where), new or name)
 
-        return run_cli
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return __getattr__
+
+
+__getattr__ = moved_names(__name__, {"run_cli": "njtc_solve.cli"})

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .compatibility import check_compatible
-from .errors import NJTCError
+from .errors import NJTCError, moved_names
 from .head import Head
 from .metrics import Reference, hits_at_k, kl_divergence, surprisal
 from .rows import RowSource
@@ -46,6 +46,9 @@ from .shortcuts import Shortcuts
 from .store import opened
 
 __all__ = ["EvaluationResult", "check_rows_overlap", "check_unseen", "evaluate_shortcuts", "early_exit_curve"]
+
+# moved to the command layer: the old names still work, with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"main": "njtc_solve.cli.evaluate"})
 
 KS = (1, 5, 10)
 

@@ -32,13 +32,16 @@ import torch
 from torch import nn
 
 from .compatibility import check_compatible
-from .errors import NJTCError, atomic_output
+from .errors import NJTCError, atomic_output, moved_names
 from .head import Head
 from .outputs import check_folder_output
 from .shortcuts import ShortcutMap, Shortcuts
 
 __all__ = ["TUNED_LENS_ARCHITECTURES", "TUNED_LENS_FILES", "affine_form", "check_output_folder", "export_tuned_lens",
            "read_tuned_lens", "translator_state", "unembed_hash"]
+
+# moved to the command layer: the old names still work, with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"main": "njtc_solve.cli.export"})
 
 METHOD = "tuned-lens"
 SIDECAR = "njtc.json"  # beside config.json: the weights' hash, which tuned-lens's config has no key for

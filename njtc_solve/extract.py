@@ -10,14 +10,12 @@ head and its own top-1 prediction per row are stored too, so later stages never 
 model. Output is written to ``OUT.partial`` and renamed when complete; an interrupted run
 continues with ``--resume``.
 
-The plan (which sequences, split, positions) is :mod:`njtc_solve.plan`'s, the file
-:class:`njtc_solve.store.StoreWriter`'s; this module runs the model between them.
+The plan (which sequences, split, positions) comes from njtc_solve.plan, the file from
+njtc_solve.store.StoreWriter; this module runs the model between them.
 """
 
 from __future__ import annotations
 
-import warnings
-from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +25,7 @@ from tqdm.auto import tqdm
 from .architectures import resolve_parts
 from .capture import forward_batches, head_check_tolerance
 from .corpus import corpus_sha256
-from .errors import NJTCError
+from .errors import NJTCError, moved_names
 from .head import Head
 from .models import model_sha256
 from .plan import PLAN_DEFAULTS
@@ -41,16 +39,11 @@ if TYPE_CHECKING:
 __all__ = ["PLAN_DEFAULTS", "extract_activations", "head_check_tolerance"]
 
 # moved: the old names still work, with a DeprecationWarning
-_MOVED = {"ExtractionPlan": "plan", "bos_token": "plan", "plan_extraction": "plan", "bytes_per_token": "store",
-          "check_output": "store", "stored_layers": "store"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        warnings.warn(f"njtc_solve.extract.{name} moved to njtc_solve.{_MOVED[name]}.{name}", DeprecationWarning,
-                      stacklevel=2)
-        return getattr(import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_names(__name__, {
+    "ExtractionPlan": "njtc_solve.plan", "bos_token": "njtc_solve.plan", "plan_extraction": "njtc_solve.plan",
+    "bytes_per_token": "njtc_solve.store", "check_output": "njtc_solve.store", "stored_layers": "njtc_solve.store",
+    "main": "njtc_solve.cli.extract", "add_plan_arguments": "njtc_solve.cli.arguments",
+    "parse_layers": "njtc_solve.cli.arguments", "plan_settings": "njtc_solve.cli.arguments"})
 
 
 def _sample_logits(model, plan: ExtractionPlan, rows: int = 64) -> tuple[int, torch.Tensor]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import NJTCError
+from .errors import NJTCError, moved_names
 from .models import check_device
 from .outputs import check_not_inputs
 from .shortcuts import ShortcutMap, Shortcuts
@@ -33,6 +33,7 @@ from .store import opened
 __all__ = [
     "METHODS",
     "accumulate_statistics",
+    "check_method",
     "check_sources",
     "check_target",
     "fit_all_targets",
@@ -40,6 +41,9 @@ __all__ = [
     "fit_shortcuts",
     "row_norm_warning",
 ]
+
+# moved to the command layer: the old names still work, with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"main": "njtc_solve.cli.fit", "output_paths": "njtc_solve.cli.fit", "rank_paths": "njtc_solve.cli.fit", "parse_layers": "njtc_solve.cli.arguments", "parse_ranks": "njtc_solve.cli.arguments"})
 
 METHODS = ("jtc", "njtc", "nnjtc")
 
@@ -220,7 +224,7 @@ def _fit_statistics(stats: Statistics, *, method, ranks, layers, normalize, resi
     """:func:`fit_from_statistics`; ``decompositions`` (a dict, filled as the layers are solved)
     keeps each source layer's :func:`~njtc_solve.solvers.gram_eigh` for later calls that solve
     the same source's inputs again (another target of the same pass, same settings)."""
-    method, ranks, normalize = _check_method(method, ranks, normalize, stats.meta.get("d_model"))
+    method, ranks, normalize = check_method(method, ranks, normalize, stats.meta.get("d_model"))
     _check_input_norm(stats.input_norm, normalize, residual)
     layers = sorted(stats.layers) if layers is None else layers
     # once, for every layer, where the statistics are
@@ -306,7 +310,18 @@ def _shortcuts(stats: Statistics, *, method, rank, maps, records, normalize, res
                      provenance=meta.get("provenance", {}))
 
 
-def _check_method(method, ranks, normalize, d=None):
+def check_method(method: str, ranks, normalize: str | None, d: int | None = None) -> tuple[str, list, str]:
+    """Refuse a method, rank list or normalization that cannot be fitted; return them completed.
+
+    ``ranks`` defaults to ``[32]`` for the narrow methods and is ``[None]`` (full) for ``jtc``;
+    ``normalize`` defaults to ``"layer"`` for ``nnjtc``. With ``d`` (the width) each rank is
+    checked to lie in ``1..d``. Runs before any row is read.
+
+    Examples
+    --------
+    >>> check_method("nnjtc", None, None)
+    ('nnjtc', [32], 'layer')
+    """
     if method not in METHODS:
         raise NJTCError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method == "jtc":
@@ -378,7 +393,7 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
         if weight == "logits" and target != last:
             raise NJTCError(f"`weight` logits needs the last layer ({last}) as the target: only it has a head "
                             f"(the target here is {target})")
-        method, ranks, normalize = _check_method(method, ranks, normalize, d_model)
+        method, ranks, normalize = check_method(method, ranks, normalize, d_model)
         if not layers:
             raise NJTCError("no source layer to fit (the store holds the target layer alone?)")
         if store is not None:
@@ -495,7 +510,7 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks: list[int] | Non
             held = list(getattr(store, "layers", range(store.n_layers + 1)))
             sources = check_sources(store.source_layers if layers is None else store.check_layers(layers),
                                     store.n_layers)
-        method, ranks, normalize = _check_method(method, ranks, normalize, d_model)
+        method, ranks, normalize = check_method(method, ranks, normalize, d_model)
         _check_residual(normalize, residual)
         if not sources:
             raise NJTCError("no source layer to fit")

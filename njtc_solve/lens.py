@@ -31,13 +31,16 @@ from torch import nn
 from .architectures import resolve_parts
 from .capture import capture_residual_stream
 from .compatibility import check_compatible
-from .errors import NJTCError, atomic_output
+from .errors import NJTCError, atomic_output, moved_names
 from .head import Head
 from .metrics import Reference, kl_divergence
 from .report import write_csv
 from .shortcuts import ShortcutMap, Shortcuts
 
 __all__ = ["LENS_FILES", "ShortcutLens", "Trajectory", "plot_trajectory", "write_trajectory"]
+
+# moved to the command layer: the old names still work, with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"main": "njtc_solve.cli.lens"})
 
 IDENTITY = "identity"  # the logit lens, named as in evaluation
 

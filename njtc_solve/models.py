@@ -17,10 +17,13 @@ from pathlib import Path
 import torch
 
 from .architectures import check_config, check_supported, custom_architecture
-from .errors import NJTCError
+from .errors import NJTCError, moved_names
 
 __all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "check_device", "default_model_path", "gguf_reader",
            "load_model", "model_sha256"]
+
+# moved to the command layer: the old names still work, with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"add_model_arguments": "njtc_solve.cli.arguments", "load_model_from_args": "njtc_solve.cli.arguments"})
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

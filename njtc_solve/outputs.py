@@ -41,10 +41,13 @@ import os
 import uuid
 from pathlib import Path
 
-from .errors import NJTCError, temporary_path
+from .errors import NJTCError, moved_names, temporary_path
 
 __all__ = ["check_file_output", "check_folder_output", "check_not_inputs", "check_writable",
            "file_format", "same_file"]
+
+# moved to the command layer: the old names still work, with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"command_inputs": "njtc_solve.cli.arguments"})
 
 
 def same_file(a, b) -> bool:

@@ -5,6 +5,12 @@ The command is :mod:`njtc_solve.cli.prune`; the library behind it is :mod:`njtc_
 checkpoint).
 """
 
+from .errors import moved_names
+
+__all__: list[str] = []
+
+__getattr__ = moved_names(__name__, {"main": "njtc_solve.cli.prune"})
+
 if __name__ == "__main__":
     from njtc_solve.cli.prune import run
 

@@ -27,12 +27,15 @@ from pathlib import Path
 import torch
 
 from .compatibility import check_compatible
-from .errors import NJTCError
+from .errors import NJTCError, moved_names
 from .rows import RowSource
 from .shortcuts import Shortcuts
 from .train import StoreRows, TrainResult, train_maps
 
 __all__ = ["refine_shortcuts"]
+
+# moved to the command layer: the old names still work, with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"main": "njtc_solve.cli.refine"})
 
 
 def refine_shortcuts(store: RowSource, shortcuts: Shortcuts | str | Path, *, objective: str = "kl", steps: int = 500,

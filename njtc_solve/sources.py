@@ -17,13 +17,16 @@ import torch
 from .architectures import resolve_parts
 from .capture import check_head, forward_batches
 from .corpus import corpus_sha256
-from .errors import NJTCError
+from .errors import NJTCError, moved_names
 from .head import Head
 from .models import model_sha256
 from .plan import ExtractionPlan, plan_extraction
 from .rows import FINAL_TOPK, TRAIN, RowSourceBase, split_code, split_provenance
 
 __all__ = ["LiveSource"]
+
+# moved to the command layer: the old names still work, with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"rows_from_args": "njtc_solve.cli.arguments", "live_source_from_args": "njtc_solve.cli.arguments"})
 
 class LiveSource(RowSourceBase):
     """Training or validation rows of a live model over a corpus, one forward pass per batch.

@@ -707,7 +707,7 @@ class StoreWriter:
     @staticmethod
     @contextmanager
     def reserve(out, *, resume: bool = False, overwrite: bool = False):
-        """Check ``out`` can be written (:func:`check_output`) and hold its lock for the block.
+        """Hold the lock of ``out`` for the block, and check it can be written (:func:`check_output`).
 
         What a command does before it loads a model, so that a second run to the same output,
         or one that would replace a file, is refused before any work. A :class:`StoreWriter`
@@ -719,8 +719,8 @@ class StoreWriter:
         ...     Path("new.h5.lock").exists()
         True
         """
-        check_output(out, resume=resume, overwrite=overwrite)
-        with StoreWriter.lock(out):
+        with StoreWriter.lock(out):  # first: a run writing `out` now is named as such, not as a leftover
+            check_output(out, resume=resume, overwrite=overwrite)
             yield Path(out)
 
     def _attributes(self, provenance: dict, batch_size: int, shard: tuple[int, int]) -> dict:

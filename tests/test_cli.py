@@ -134,3 +134,63 @@ def test_the_readme_error_example_from_python_and_from_the_command_line(tiny_sto
                               "--no-progress"]) == 2
     assert capsys.readouterr().err == "error: jtc fits full-rank maps; drop --rank (or use --method njtc)\n"
     assert not out.exists()
+
+
+def test_a_store_being_written_is_named_so_not_as_a_leftover_to_resume(tmp_path, capsys):
+    """The output lock is taken before the output is checked: a second run is told another process
+    writes the store, in flags, not that a leftover .partial wants --resume."""
+    from njtc_solve.cli import extract
+    from njtc_solve.errors import output_lock
+
+    out = tmp_path / "a.h5"
+    (tmp_path / "a.h5.partial").write_bytes(b"being written")
+    with output_lock(out):  # another writer (flock: another open file is another holder, even in-process)
+        for extra in ([], ["--resume"]):
+            assert run_cli(extract.main, ["--model", str(tmp_path / "no-model"), "--out", str(out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {out} is being written by another process"), err
+            assert err.endswith("wait for it to finish or choose another --out\n"), err
+    assert (tmp_path / "a.h5.partial").read_bytes() == b"being written"
+
+
+def test_evaluate_writes_its_warnings_with_flags_into_the_report(tiny_store, tmp_path, capsys):
+    """A warning of the library (in parameters) reaches the command's stderr and results.json in flags."""
+    from njtc_solve import Shortcuts, fit_shortcuts
+    from njtc_solve.cli import evaluate
+
+    [jtc] = fit_shortcuts(tiny_store, method="jtc", layers=[1], progress=False)
+    refined = jtc.replace(stats={**jtc.stats, "refined": {"check_rows": [4, 20], "check_split": "validation"}})
+    refined.save(tmp_path / "refined.safetensors")
+    assert "use `max_rows` 4" in str(__import__("njtc_solve.evaluate", fromlist=["x"]).check_rows_overlap(
+        Shortcuts.load(tmp_path / "refined.safetensors"), 64, 1))  # the library's wording
+    out = tmp_path / "report"
+    assert run_cli(evaluate.main, ["--store", str(tiny_store), "--shortcuts", str(tmp_path / "refined.safetensors"),
+                                   "--max-rows", "64", "--out", str(out), "--no-progress"]) == 0
+    warnings = json.loads((out / "results.json").read_text())["meta"]["warnings"]
+    assert len(warnings) == 1 and warnings[0].endswith("(use --max-rows 4)"), warnings
+    assert f"warning: {warnings[0]}" in capsys.readouterr().err
+
+
+def test_names_that_moved_to_the_command_layer_still_work_and_warn():
+    import njtc_solve.fit as fit_library
+    import njtc_solve.models as models
+    import njtc_solve.prune as prune
+    from njtc_solve.cli import arguments
+    from njtc_solve.cli import fit as fit_command
+    from njtc_solve.cli import prune as prune_command
+
+    for module, name, new in ((fit_library, "main", fit_command.main), (fit_library, "parse_ranks", arguments.parse_ranks),
+                              (models, "load_model_from_args", arguments.load_model_from_args),
+                              (prune, "main", prune_command.main)):
+        with pytest.warns(DeprecationWarning, match=f"{module.__name__}.{name} moved to njtc_solve.cli"):
+            assert getattr(module, name) is new
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        fit_library.nothing
+
+
+def test_evaluate_refuses_a_skip_bound_below_one(tiny_store, tmp_path, capsys):
+    from njtc_solve.cli import evaluate
+
+    assert run_cli(evaluate.main, ["--store", str(tiny_store), "--skip-rows", "0", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == "error: --skip-rows must be positive\n"
+    assert not (tmp_path / "r").exists()

@@ -4,11 +4,12 @@ written as a report (tables, figures, CSV and JSON)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .. import evaluate as library
 from ..errors import NJTCError, temporary_path
-from . import command, run_cli, warn
+from . import command, flags_of, run_cli, translate
 from .arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args
 
 __all__ = ["build_parser", "main", "run"]
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="source layers: all (default), 3, 1,5,9 or 0-29")
     p.add_argument("--out", default="report", help="output folder (default: report)")
     p.add_argument("--max-rows", type=int, help="evaluate on at most this many validation rows")
+    p.add_argument("--skip-rows", type=int, help="with --model, maps to an intermediate layer: held-out tokens the "
+                   "skip scores run the model over (default: --max-rows, else 8192)")
     p.add_argument("--chunk-rows", type=int, default=256, help="rows per chunk (default: 256)")
     p.add_argument("--skip-positions", type=int, help="leave out rows at positions below this "
                    "(default: 1, the BOS row, or the first token's attention sink where there is no BOS)")
@@ -48,6 +51,8 @@ def _check_arguments(args, files: list[str]) -> Path:
 
     if args.max_rows is not None and args.max_rows <= 0:
         raise NJTCError("--max-rows must be positive")
+    if args.skip_rows is not None and args.skip_rows <= 0:
+        raise NJTCError("--skip-rows must be positive")
     if args.chunk_rows <= 0:
         raise NJTCError("--chunk-rows must be positive")
     if args.skip_positions is not None and args.skip_positions < 0:
@@ -92,7 +97,7 @@ def main(args) -> int:
 
             if args.layers is not None:
                 raise NJTCError("--layers applies to maps to the last layer; maps to other layers are evaluated whole")
-            pairs = evaluate_pairs(store, pairwise, max_rows=args.max_rows, device=args.device,
+            pairs = evaluate_pairs(store, pairwise, max_rows=args.max_rows, skip_rows=args.skip_rows, device=args.device,
                                    progress=not args.no_progress, skip_positions=args.skip_positions,
                                    allow_overlap=args.allow_overlap)
         loaded += [read_tuned_lens(d, head=store.head(), model_sha256=store.model_sha256) for d in args.tuned_lens]
@@ -106,9 +111,10 @@ def main(args) -> int:
         print(summary)
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
     if loaded or not pairwise:
-        paths, summary = write_report(result, out)
+        result.meta["warnings"] = [translate(w, flags_of(build_parser())) for w in result.meta["warnings"]]
+        paths, summary = write_report(result, out)  # the report, as the command's output, speaks of flags
         for warning in result.meta["warnings"]:
-            warn(warning, build_parser)
+            print(f"warning: {warning}", file=sys.stderr)
         print(summary)
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -192,7 +192,7 @@ def _run_all_targets(args, comm, device, out) -> int:
                         "--target-layer all fits intermediate targets too")
     if comm is not None and comm.world_size > 1:
         raise NJTCError("--target-layer all runs in one process (not under torchrun)")
-    library._check_method(args.method, parse_ranks(args.rank), args.normalize)  # before a model loads
+    library.check_method(args.method, parse_ranks(args.rank), args.normalize)  # before a model loads
     start = time.perf_counter()
     with _source(args, device, None) as store:
         solved = library.fit_all_targets(
