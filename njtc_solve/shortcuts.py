@@ -278,8 +278,13 @@ class Shortcuts(nn.Module):
                  "alpha", "weight", "stats", "label", "provenance", "head", "head_sha256", "head_description")
 
     def replace(self, **changes) -> Shortcuts:
-        """A new :class:`Shortcuts` with every field of this one (sharing its maps) but ``changes``."""
-        return type(self)(**{**{k: getattr(self, k) for k in self._RECORDED}, **changes})
+        """A new :class:`Shortcuts` with every field of this one (sharing its maps) but ``changes``.
+
+        An attached head follows the new maps to their device.
+        """
+        new = type(self)(**{**{k: getattr(self, k) for k in self._RECORDED}, **changes})
+        new.head = new._on_maps_device(new.head)
+        return new
 
     @classmethod
     def identity(cls, layers, target_layer: int, model_sha256: str = "") -> Shortcuts:
@@ -333,9 +338,13 @@ class Shortcuts(nn.Module):
         if widths - {head.d_model}:
             raise NJTCError(f"shortcuts {self.name} map to width {max(widths - {head.d_model})}; the head's is "
                             f"{head.d_model}")
-        device = next((t.device for t in self.buffers()), None) or next((t.device for t in self.parameters()), None)
-        self.head = head if device is None else head.to(device)
+        self.head = self._on_maps_device(head)
         return self
+
+    def _on_maps_device(self, head: Head | None) -> Head | None:
+        """``head`` on the device of the maps' tensors (as it is, for maps without tensors)."""
+        device = next((t.device for t in self.buffers()), None) or next((t.device for t in self.parameters()), None)
+        return head if head is None or device is None else head.to(device)
 
     def _apply(self, fn, *args, **kwargs):
         """``.to``, ``.cuda`` ... move the attached head with the maps; the head keeps its dtype (float32).

@@ -103,6 +103,20 @@ def test_to_keeps_the_callers_dtype_and_moves_the_head(tiny_store, files):
         assert sc.to("cuda").head.unembed.device.type == "cuda"
 
 
+def test_replace_moves_the_attached_head_to_the_new_maps(tiny_store, files):
+    """``replace(maps=...)`` with maps elsewhere (here the meta device, which needs no GPU) takes the head along."""
+    paths, _ = files
+    with ActivationStore(tiny_store) as store:
+        sc = Shortcuts.load(paths["njtc"], head=store)
+    import copy
+
+    moved = sc.replace(maps={l: copy.deepcopy(m).to("meta") for l, m in sc.maps.items()}, label="moved")
+    assert moved.name == "moved" and moved.head.unembed.device.type == "meta"
+    assert sc.head.unembed.device.type == "cpu"  # the original keeps its own
+    assert sc.replace(label="same").head.unembed.device.type == "cpu"
+    assert Shortcuts.load(paths["njtc"]).replace(label="x").head is None
+
+
 def test_autograd_reaches_a_trainable_copy_and_leaves_the_map_alone(files):
     paths, rows = files
     sc = Shortcuts.load(paths["njtc"])

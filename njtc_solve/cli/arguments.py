@@ -118,8 +118,6 @@ def rows_from_args(args, provenance: dict | None = None, verb: str = "read", dev
         return
     if args.store is not None:
         raise NJTCError(f"--model and --store exclude each other: {verb} on the model or on a store")
-    if args.batch_size < 1:
-        raise NJTCError("--batch-size must be positive")
     yield live_source_from_args(args, args.device if device is None else device,
                                 not args.no_progress if progress is None else progress, provenance)
 
