@@ -128,3 +128,23 @@ def test_every_command_runs_with_only_the_declared_dependencies(tiny_models, tmp
     failed = {label: code for label, code in result["codes"].items() if code != 0}
     assert not failed, f"{failed}\n{proc.stderr[-3000:]}"
     assert (tmp_path / "lens" / "trajectory.csv").is_file() and (tmp_path / "report" / "report.md").is_file()
+
+
+def test_the_wheel_holds_every_module_of_the_package(tmp_path):
+    """``pip install .`` installs what the wheel holds: every module of njtc_solve, the command layer
+    (njtc_solve/cli) too. Built from a copy, so the tree gets no build/ or egg-info."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "njtc_solve", source / "njtc_solve", ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path / "wheel"), str(source)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [wheel] = (tmp_path / "wheel").glob("*.whl")
+    packaged = set(zipfile.ZipFile(wheel).namelist())
+    modules = {p.relative_to(source).as_posix() for p in (source / "njtc_solve").rglob("*.py")}
+    assert "njtc_solve/cli/fit.py" in modules and not modules - packaged, sorted(modules - packaged)
