@@ -37,8 +37,8 @@ from .head import Head
 from .outputs import check_folder_output
 from .shortcuts import ShortcutMap, Shortcuts
 
-__all__ = ["TUNED_LENS_ARCHITECTURES", "TUNED_LENS_FILES", "affine_form", "check_output_folder", "export_tuned_lens",
-           "read_tuned_lens", "translator_state", "unembed_hash"]
+__all__ = ["TUNED_LENS_ARCHITECTURES", "TUNED_LENS_FILES", "affine_form", "check_exportable", "check_output_folder",
+           "export_tuned_lens", "read_tuned_lens", "translator_state", "unembed_hash"]
 
 # moved to the command layer: the old names still work, with a DeprecationWarning
 __getattr__ = moved_names(__name__, {"main": "njtc_solve.cli.export"})
@@ -139,12 +139,8 @@ def export_tuned_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, mod
     (3, 32)
     """
     shortcuts = shortcuts if isinstance(shortcuts, Shortcuts) else Shortcuts.load(shortcuts)
-    check_compatible(shortcuts)  # tuned-lens reads maps to the last layer only
     out = check_output_folder(out, overwrite=overwrite)
-    if shortcuts.method == "identity":
-        raise NJTCError("the identity is tuned-lens's LogitLens; there is nothing to export")
-    state = translator_state(shortcuts)  # refuses what is not affine, before anything is written
-    _check_head_description(shortcuts.head_description)
+    state = check_exportable(shortcuts)  # before anything is written
     name, hashed = "", None
     if model is not None:
         name, hashed = _check_model(shortcuts, model)
@@ -181,6 +177,22 @@ def check_output_folder(out: str | Path, *, overwrite: bool = False) -> Path:
         raise NJTCError(f"{out} already holds a lens; pass `overwrite=True` to replace it")
     return check_folder_output(out, "`out`", TUNED_LENS_FILES, _is_own_lens, overwrite,
                                advice="pass `overwrite=True` to replace it, or choose another `out`")
+
+
+def check_exportable(shortcuts: Shortcuts) -> dict[str, torch.Tensor]:
+    """Refuse maps tuned-lens cannot hold; their translators (:func:`translator_state`) when it can.
+
+    tuned-lens reads maps to the last layer (:func:`~njtc_solve.compatibility.check_compatible`
+    against the maps' own record), affine in ``h`` (not behind a per-token norm), through a
+    plain head (no logit scale, soft-cap or output projection); the identity is its
+    ``LogitLens`` already. Needs no model: the command runs it before one loads.
+    """
+    check_compatible(shortcuts)
+    if shortcuts.method == "identity":
+        raise NJTCError("the identity is tuned-lens's LogitLens; there is nothing to export")
+    state = translator_state(shortcuts)
+    _check_head_description(shortcuts.head_description)
+    return state
 
 
 def _check_head_description(head: dict) -> None:

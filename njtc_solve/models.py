@@ -23,7 +23,8 @@ __all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "check_device", "default_mod
            "load_model", "model_sha256"]
 
 # moved to the command layer: the old names still work, with a DeprecationWarning
-__getattr__ = moved_names(__name__, {"add_model_arguments": "njtc_solve.cli.arguments", "load_model_from_args": "njtc_solve.cli.arguments"})
+__getattr__ = moved_names(__name__, {
+    "add_model_arguments": "njtc_solve.cli.arguments", "load_model_from_args": "njtc_solve.cli.arguments"})
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,8 +49,9 @@ def default_model_path() -> Path:
     return files[0]
 
 
-def load_model(name: str | None = None, *, device: str = "cpu", progress: bool = True, dtype: str = "float32", device_map: str | None = None, trust_remote_code: bool = False,
-               blocks: str | None = None, final_norm: str | None = None, norm: str | None = None):
+def load_model(name: str | None = None, *, device: str = "cpu", progress: bool = True, dtype: str = "float32",
+               device_map: str | None = None, trust_remote_code: bool = False, blocks: str | None = None,
+               final_norm: str | None = None, norm: str | None = None):
     """Load a causal LM and its tokenizer, in evaluation mode.
 
     Parameters

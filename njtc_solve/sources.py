@@ -26,7 +26,8 @@ from .rows import FINAL_TOPK, TRAIN, RowSourceBase, split_code, split_provenance
 __all__ = ["LiveSource"]
 
 # moved to the command layer: the old names still work, with a DeprecationWarning
-__getattr__ = moved_names(__name__, {"rows_from_args": "njtc_solve.cli.arguments", "live_source_from_args": "njtc_solve.cli.arguments"})
+__getattr__ = moved_names(__name__, {
+    "rows_from_args": "njtc_solve.cli.arguments", "live_source_from_args": "njtc_solve.cli.arguments"})
 
 class LiveSource(RowSourceBase):
     """Training or validation rows of a live model over a corpus, one forward pass per batch.

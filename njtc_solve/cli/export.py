@@ -35,8 +35,7 @@ def main(args) -> int:
                      command_inputs(args, "shortcuts", "model"))
     library.check_output_folder(args.out, overwrite=args.overwrite)  # before a model is loaded
     shortcuts = Shortcuts.load(args.shortcuts)
-    library.translator_state(shortcuts)  # what cannot be exported is refused before a model is loaded
-    library._check_head_description(shortcuts.head_description)
+    library.check_exportable(shortcuts)  # what cannot be exported is refused before a model is loaded
     model = None
     if args.model is not None:
         from ..models import load_model
