@@ -176,7 +176,6 @@ def read_safetensors(path, what: str, fmt: str):
     return tensors, meta
 
 
-
 def moved_names(module: str, moved: dict[str, str]):
     """A module ``__getattr__`` that serves names moved elsewhere, with a DeprecationWarning.
 

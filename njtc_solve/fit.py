@@ -45,7 +45,8 @@ __all__ = [
 # moved to the command layer: the old names still work, with a DeprecationWarning
 __getattr__ = moved_names(__name__, {
     "main": "njtc_solve.cli.fit", "output_paths": "njtc_solve.cli.fit", "rank_paths": "njtc_solve.cli.fit",
-    "parse_layers": "njtc_solve.cli.arguments", "parse_ranks": "njtc_solve.cli.arguments"})
+    "parse_layers": "njtc_solve.cli.arguments", "parse_ranks": "njtc_solve.cli.arguments",
+    "parse_target": "njtc_solve.cli.arguments"})
 
 METHODS = ("jtc", "njtc", "nnjtc")
 

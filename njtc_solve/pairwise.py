@@ -101,6 +101,9 @@ def evaluate_pairs(source, shortcuts, *, max_rows: int | None = None, chunk_rows
     batch_size : int
         Sequences per forward pass of the skip scores.
     """
+    for name, bound in (("max_rows", max_rows), ("skip_rows", skip_rows)):
+        if bound is not None and bound < 1:
+            raise NJTCError(f"`{name}` must be positive, not {bound}")
     with opened(source) as source:
         loaded = [s if isinstance(s, Shortcuts) else Shortcuts.load(s) for s in shortcuts]
         if not loaded:

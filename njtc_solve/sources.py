@@ -29,6 +29,7 @@ __all__ = ["LiveSource"]
 __getattr__ = moved_names(__name__, {
     "rows_from_args": "njtc_solve.cli.arguments", "live_source_from_args": "njtc_solve.cli.arguments"})
 
+
 class LiveSource(RowSourceBase):
     """Training or validation rows of a live model over a corpus, one forward pass per batch.
 

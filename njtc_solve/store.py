@@ -719,6 +719,8 @@ class StoreWriter:
         ...     Path("new.h5.lock").exists()
         True
         """
+        if not Path(out).parent.is_dir():  # the lock file goes beside `out`
+            raise NJTCError(f"cannot write {out}: folder {Path(out).parent} does not exist")
         with StoreWriter.lock(out):  # first: a run writing `out` now is named as such, not as a leftover
             check_output(out, resume=resume, overwrite=overwrite)
             yield Path(out)

@@ -179,6 +179,7 @@ def test_names_that_moved_to_the_command_layer_still_work_and_warn():
     from njtc_solve.cli import prune as prune_command
 
     for module, name, new in ((fit_library, "main", fit_command.main), (fit_library, "parse_ranks", arguments.parse_ranks),
+                              (fit_library, "parse_target", arguments.parse_target),
                               (models, "load_model_from_args", arguments.load_model_from_args),
                               (prune, "main", prune_command.main)):
         with pytest.warns(DeprecationWarning, match=f"{module.__name__}.{name} moved to njtc_solve.cli"):
@@ -193,3 +194,39 @@ def test_evaluate_refuses_a_skip_bound_below_one(tiny_store, tmp_path, capsys):
     assert run_cli(evaluate.main, ["--store", str(tiny_store), "--skip-rows", "0", "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err == "error: --skip-rows must be positive\n"
     assert not (tmp_path / "r").exists()
+
+
+def test_export_refuses_what_tuned_lens_cannot_hold_before_the_model_loads(tiny_store, tmp_path, capsys):
+    """Maps to an intermediate layer, and the identity, are refused by check_exportable; the command
+    says so before it loads the model (here a model path that does not exist: loading it would fail)."""
+    from njtc_solve import Shortcuts, fit_shortcuts
+    from njtc_solve.cli import export
+    from njtc_solve.export import check_exportable
+
+    [to_2] = fit_shortcuts(tiny_store, method="jtc", target_layer=2, progress=False)
+    to_2.save(tmp_path / "t2.safetensors")
+    assert run_cli(export.main, ["--format", "tuned-lens", "--shortcuts", str(tmp_path / "t2.safetensors"),
+                                 "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "lens")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: shortcuts jtc target layer 2, not the last layer of their model (3)"), err
+    assert not (tmp_path / "lens").exists()
+    with pytest.raises(NJTCError, match="identity is tuned-lens's LogitLens"):
+        check_exportable(Shortcuts.identity([0, 1, 2], 3))
+    [jtc] = fit_shortcuts(tiny_store, method="jtc", progress=False)
+    assert sorted(check_exportable(jtc)) == [f"{i}.{kind}" for i in range(3) for kind in ("bias", "weight")]
+
+
+def test_a_store_in_a_missing_folder_is_named_so(tmp_path):
+    from njtc_solve.store import StoreWriter
+
+    with pytest.raises(NJTCError, match=r"a\.h5: folder .*missing does not exist$"):
+        with StoreWriter.reserve(tmp_path / "missing" / "a.h5"):
+            pass
+
+
+def test_pairwise_bounds_must_be_positive(tiny_store):
+    from njtc_solve.pairwise import evaluate_pairs
+
+    for bounds, name in (({"skip_rows": 0}, "skip_rows"), ({"max_rows": -1}, "max_rows")):
+        with pytest.raises(NJTCError, match=f"^`{name}` must be positive"):
+            evaluate_pairs(tiny_store, [], **bounds)
