@@ -19,8 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from njtc_solve.fit import accumulate_statistics
-from njtc_solve.store import ActivationStore
+from njtc_solve.solve.fit import accumulate_statistics
+from njtc_solve.data.store import ActivationStore
 
 
 def write(path, rows, d, layers, checksum) -> float:

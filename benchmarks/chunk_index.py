@@ -1,7 +1,7 @@
 """Cost of the chunk-index check that opening a store runs (issue 19).
 
-HDF5 does not checksum its chunk index, so :class:`njtc_solve.store.ActivationStore` walks
-every chunked dataset's index on opening (:func:`njtc_solve.store.check_chunk_index`). This
+HDF5 does not checksum its chunk index, so :class:`njtc_solve.data.store.ActivationStore` walks
+every chunked dataset's index on opening (:func:`njtc_solve.data.store.check_chunk_index`). This
 times that walk on a store (``--store``) and on synthetic stores with the chunk grid of the
 demo store (28,672 rows x 31 layers, 1,024-row chunks) and of Llama-2-7B at 1M tokens
 (33 layers, 256-row chunks; d = 1, since the cost is per chunk, not per byte).
@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from njtc_solve.store import check_chunk_index
+from njtc_solve.data.store import check_chunk_index
 
 
 def _synthetic(path: Path, n: int, d: int, layers: int, chunk_rows: int) -> None:

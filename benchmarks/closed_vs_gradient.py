@@ -24,10 +24,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from gradient import as_shortcuts, train_gradient
 
-from njtc_solve.errors import NJTCError
-from njtc_solve.evaluate import evaluate_shortcuts
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.store import ActivationStore
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.eval.evaluate import evaluate_shortcuts
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.data.store import ActivationStore
 from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"

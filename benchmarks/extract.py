@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from njtc_solve.corpus import corpus_sha256, load_corpus
-from njtc_solve.extract import extract_activations
-from njtc_solve.models import load_model, model_sha256
-from njtc_solve.plan import plan_extraction
+from njtc_solve.data.corpus import corpus_sha256, load_corpus
+from njtc_solve.data.extract import extract_activations
+from njtc_solve.core.models import load_model, model_sha256
+from njtc_solve.data.plan import plan_extraction
 from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -2,11 +2,11 @@
 
 JTC (full d×d map), NJTC (``U·V``) and N-NJTC (``BatchNorm1d`` then ``U·V``), all with a bias,
 trained with Adam on minibatch MSE over the same training rows of the same store, by the
-package's one trainer (:func:`njtc_solve.train.train_maps`). A benchmark's baseline, not part
+package's one trainer (:func:`njtc_solve.solve.training.train_maps`). A benchmark's baseline, not part
 of the library: used by ``benchmarks/closed_vs_gradient.py`` and by tests that check gradient
 descent never gets below the closed-form optimum (``tests/test_gradient.py`` loads it by path).
 Its ``BatchNorm1d`` with affine parameters is the paper's, which the library's
-:class:`~njtc_solve.shortcuts.ShortcutMap` folds into ``norm_mean``/``norm_scale`` and ``bias``
+:class:`~njtc_solve.maps.shortcuts.ShortcutMap` folds into ``norm_mean``/``norm_scale`` and ``bias``
 (:meth:`GradientShortcut.to_shortcut_map`).
 """
 
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from njtc_solve.errors import NJTCError
-from njtc_solve.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.store import ActivationStore
-from njtc_solve.train import StoreRows, train_maps
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.data.store import ActivationStore
+from njtc_solve.solve.training import StoreRows, train_maps
 
 __all__ = ["GradientShortcut", "GradientRun", "load_training_rows", "train_gradient"]
 
@@ -117,7 +117,7 @@ def train_gradient(store: ActivationStore, layer: int, method: str = "njtc", ran
                    device="cpu") -> GradientRun:
     """Train one layer's shortcut with Adam on minibatch MSE; record full training MSE over time.
 
-    The package's one trainer (:func:`njtc_solve.train.train_maps`, objective ``"mse"``)
+    The package's one trainer (:func:`njtc_solve.solve.training.train_maps`, objective ``"mse"``)
     runs it: rows stream from the store in chunks (kept in memory after the first read, which
     is timed apart as ``load_seconds``), shuffled within chunks every epoch; the full training
     MSE is the held-out check (so the best state on the training loss is kept). The clock
@@ -164,7 +164,7 @@ def as_shortcuts(run: GradientRun, layer: int, store: ActivationStore, method: s
     """Wrap a trained module as a one-layer :class:`Shortcuts` labelled ``{method}-adam``."""
     m = run.module.to_shortcut_map()
     head = store.head()
-    return Shortcuts(method, {layer: m}, store.n_layers, store.model_sha256, run.module.rank,
-                     m.normalize, label=f"{method}-adam",
+    return Shortcuts(method, {layer: m}, store.n_layers, model_sha256=store.model_sha256, rank=run.module.rank,
+                     normalize=m.normalize, label=f"{method}-adam",
                      provenance={**store.provenance, "skip_positions": store.default_skip_positions},
                      head_description=head.describe(), head_sha256=head.fingerprint())

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from njtc_solve.corpus import load_corpus
-from njtc_solve.extract import extract_activations
-from njtc_solve.fit import accumulate_statistics, fit_shortcuts
-from njtc_solve.models import load_model, model_sha256
-from njtc_solve.sources import LiveSource
-from njtc_solve.store import bytes_per_token
+from njtc_solve.data.corpus import load_corpus
+from njtc_solve.data.extract import extract_activations
+from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.core.models import load_model, model_sha256
+from njtc_solve.data.live import LiveSource
+from njtc_solve.data.store import bytes_per_token
 from provenance import measured_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,10 +64,10 @@ def peak_rss_of_live_fit(model: str | None, max_tokens: int, device: str) -> dic
     """Peak resident memory (MB) of a fresh process running a live fit on ``max_tokens`` tokens."""
     code = (
         "import json, resource, sys\n"
-        "from njtc_solve.corpus import load_corpus\n"
-        "from njtc_solve.fit import fit_shortcuts\n"
-        "from njtc_solve.models import load_model\n"
-        "from njtc_solve.sources import LiveSource\n"
+        "from njtc_solve.data.corpus import load_corpus\n"
+        "from njtc_solve.solve.fit import fit_shortcuts\n"
+        "from njtc_solve.core.models import load_model\n"
+        "from njtc_solve.data.live import LiveSource\n"
         "name = sys.argv[1] or None\n"
         "model, tok, name = load_model(name, device=sys.argv[3], progress=False)\n"
         "loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"

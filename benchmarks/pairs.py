@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from njtc_solve.corpus import load_corpus
-from njtc_solve.fit import fit_all_targets, fit_shortcuts
-from njtc_solve.models import load_model
-from njtc_solve.pairs import pair_memory_bytes
-from njtc_solve.pairwise import evaluate_pairs
-from njtc_solve.shortcuts import Shortcuts
-from njtc_solve.sources import LiveSource
+from njtc_solve.data.corpus import load_corpus
+from njtc_solve.solve.fit import fit_all_targets, fit_shortcuts
+from njtc_solve.core.models import load_model
+from njtc_solve.solve.pair_statistics import pair_memory_bytes
+from njtc_solve.eval.layer_pairs import evaluate_pairs
+from njtc_solve.maps.shortcuts import Shortcuts
+from njtc_solve.data.live import LiveSource
 
 ROOT = Path(__file__).resolve().parents[1]
 

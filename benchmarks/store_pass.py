@@ -26,8 +26,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 # one timed pass, run in a fresh interpreter against the tree on sys.path[0]
 _PASS = """
 import json, sys, time, torch
-from njtc_solve.fit import accumulate_statistics
-from njtc_solve.store import ActivationStore
+from njtc_solve.solve.fit import accumulate_statistics
+from njtc_solve.data.store import ActivationStore
 with ActivationStore(sys.argv[1]) as store:
     layers = [l for l in range(store.n_layers)]
     stats = accumulate_statistics(store, layers, device=sys.argv[2], progress=False)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from njtc_solve.fit import accumulate_statistics
-from njtc_solve.solvers import solve_reduced_rank
-from njtc_solve.stats import MomentAccumulator
-from njtc_solve.store import ActivationStore
+from njtc_solve.solve.fit import accumulate_statistics
+from njtc_solve.solve.solvers import solve_reduced_rank
+from njtc_solve.solve.stats import MomentAccumulator
+from njtc_solve.data.store import ActivationStore
 from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"

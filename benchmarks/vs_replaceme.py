@@ -45,13 +45,13 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from njtc_solve.corpus import load_corpus
-from njtc_solve.models import load_model
-from njtc_solve.plan import plan_extraction
-from njtc_solve.pruning import (choose_replacement, collect_held_out, replacement_statistics, score_replacement,
+from njtc_solve.data.corpus import load_corpus
+from njtc_solve.core.models import load_model
+from njtc_solve.data.plan import plan_extraction
+from njtc_solve.prune.selection import (choose_replacement, collect_held_out, replacement_statistics, score_replacement,
                                 tail_logits, replaced_stream)
-from njtc_solve.replace import Replacement, apply_replacement
-from njtc_solve.store import TRAIN, VALIDATION
+from njtc_solve.prune.folding import Replacement, apply_replacement
+from njtc_solve.data.store import TRAIN, VALIDATION
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

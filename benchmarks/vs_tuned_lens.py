@@ -9,10 +9,10 @@ Side by side, per source layer, on the same rows of one store and the same devic
    to 1, linear decay to 0 over ``num_steps = 250``, ``tokens_per_step = 2**18`` (scaled down
    here: ``--tl-tokens-per-step``);
 2. the closed-form JTC and residual (identity + rank-r) maps, timed with their pass over the data;
-3. the same closed-form maps refined on KL (:func:`njtc_solve.train.train_maps`, Adam), the
+3. the same closed-form maps refined on KL (:func:`njtc_solve.solve.training.train_maps`, Adam), the
    refinement's time added to the closed form's.
 
-Every contestant is scored by the same pure functions (:mod:`njtc_solve.metrics`) on the same
+Every contestant is scored by the same pure functions (:mod:`njtc_solve.core.metrics`) on the same
 validation rows (the first ``--eval-rows``); refinement stops early on other validation rows
 (the next ``--check-rows``), so its selection does not flatter the reported figures. Clocks
 count training (reading rows included) and exclude the scoring.
@@ -37,11 +37,11 @@ from torch import nn
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from njtc_solve.errors import NJTCError
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.metrics import Reference
-from njtc_solve.store import ActivationStore
-from njtc_solve.train import StoreRows, check_metrics, train_maps
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.core.metrics import Reference
+from njtc_solve.data.store import ActivationStore
+from njtc_solve.solve.training import StoreRows, check_metrics, train_maps
 from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"

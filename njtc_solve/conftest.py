@@ -21,9 +21,9 @@ def _test_support():
 
 @pytest.fixture(scope="session")
 def _doctest_store(tmp_path_factory):
-    from njtc_solve.corpus import load_corpus
-    from njtc_solve.extract import extract_activations
-    from njtc_solve.models import load_model
+    from njtc_solve.data.corpus import load_corpus
+    from njtc_solve.data.extract import extract_activations
+    from njtc_solve.core.models import load_model
 
     root = tmp_path_factory.mktemp("doctest")
     folder = _test_support().build_tiny_model("llama", root / "model")

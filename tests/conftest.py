@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from njtc_solve.corpus import load_corpus
+from njtc_solve.data.corpus import load_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,8 +84,8 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_store(tiny_models, tmp_path_factory) -> Path:
     """An activation store of the tiny Llama model over the default corpus (all positions)."""
-    from njtc_solve.extract import extract_activations
-    from njtc_solve.models import load_model
+    from njtc_solve.data.extract import extract_activations
+    from njtc_solve.core.models import load_model
 
     out = tmp_path_factory.mktemp("store") / "activations.h5"
     model, tok, name = load_model(str(tiny_models["llama"]))

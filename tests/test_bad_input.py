@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from njtc_solve.cli import evaluate, export, extract, fit, lens, refine, run_cli
-from njtc_solve.errors import NJTCError
-from njtc_solve.export import export_tuned_lens
-from njtc_solve.extract import extract_activations
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.store import ActivationStore
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.maps.tuned_lens import export_tuned_lens
+from njtc_solve.data.extract import extract_activations
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.data.store import ActivationStore
 
 from conftest import ROOT
 
@@ -351,14 +351,14 @@ def test_damaged_chunk_index_and_write_failures(files, capsys, tmp_path, monkeyp
     with ActivationStore(store) as s:
         assert s.n_rows > 0
     # an fsync failure at the end of an extraction leaves no partial file to resume
-    from njtc_solve.corpus import load_corpus
-    from njtc_solve.models import load_model
+    from njtc_solve.data.corpus import load_corpus
+    from njtc_solve.core.models import load_model
 
     def failing_fsync(fd):
         raise OSError(errno.EIO, "Input/output error")
 
     model, tokenizer, name = load_model(str(tiny_models["llama"]))
-    monkeypatch.setattr("njtc_solve.store.os.fsync", failing_fsync)  # os.fsync itself, which the store writer calls
+    monkeypatch.setattr("njtc_solve.data.store.os.fsync", failing_fsync)  # os.fsync itself, which the store writer calls
     target = tmp_path / "new.h5"
     with pytest.raises(NJTCError, match=r"Input/output error \(fsync failed\).*partial file is removed"):
         extract_activations(model, tokenizer, load_corpus()[1], target, seq_len=32, max_tokens=512,

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from njtc_solve.cli import COMMANDS, command, flags_of, run_cli, translate
-from njtc_solve.errors import NJTCError
+from njtc_solve.core.errors import NJTCError
 
 from conftest import ROOT
 
@@ -113,12 +113,6 @@ print(json.dumps(progs))
     assert all(f"python -m njtc_solve.{name}" in listing.stdout for name in COMMANDS)
 
 
-def test_the_old_run_cli_name_still_works_and_warns():
-    import njtc_solve.errors as errors
-
-    with pytest.warns(DeprecationWarning, match="njtc_solve.cli.run_cli"):
-        assert errors.run_cli is run_cli
-
 
 def test_the_readme_error_example_from_python_and_from_the_command_line(tiny_store, tmp_path, capsys):
     """The same refusal, worded for each caller (README, Python API section)."""
@@ -139,7 +133,7 @@ def test_a_store_being_written_is_named_so_not_as_a_leftover_to_resume(tmp_path,
     """The output lock is taken before the output is checked: a second run is told another process
     writes the store, in flags, not that a leftover .partial wants --resume."""
     from njtc_solve.cli import extract
-    from njtc_solve.errors import output_lock
+    from njtc_solve.core.errors import output_lock
 
     out = tmp_path / "a.h5"
     (tmp_path / "a.h5.partial").write_bytes(b"being written")
@@ -160,7 +154,7 @@ def test_evaluate_writes_its_warnings_with_flags_into_the_report(tiny_store, tmp
     [jtc] = fit_shortcuts(tiny_store, method="jtc", layers=[1], progress=False)
     refined = jtc.replace(stats={**jtc.stats, "refined": {"check_rows": [4, 20], "check_split": "validation"}})
     refined.save(tmp_path / "refined.safetensors")
-    assert "use `max_rows` 4" in str(__import__("njtc_solve.evaluate", fromlist=["x"]).check_rows_overlap(
+    assert "use `max_rows` 4" in str(__import__("njtc_solve.eval.evaluate", fromlist=["x"]).check_rows_overlap(
         Shortcuts.load(tmp_path / "refined.safetensors"), 64, 1))  # the library's wording
     out = tmp_path / "report"
     assert run_cli(evaluate.main, ["--store", str(tiny_store), "--shortcuts", str(tmp_path / "refined.safetensors"),
@@ -169,23 +163,6 @@ def test_evaluate_writes_its_warnings_with_flags_into_the_report(tiny_store, tmp
     assert len(warnings) == 1 and warnings[0].endswith("(use --max-rows 4)"), warnings
     assert f"warning: {warnings[0]}" in capsys.readouterr().err
 
-
-def test_names_that_moved_to_the_command_layer_still_work_and_warn():
-    import njtc_solve.fit as fit_library
-    import njtc_solve.models as models
-    import njtc_solve.prune as prune
-    from njtc_solve.cli import arguments
-    from njtc_solve.cli import fit as fit_command
-    from njtc_solve.cli import prune as prune_command
-
-    for module, name, new in ((fit_library, "main", fit_command.main), (fit_library, "parse_ranks", arguments.parse_ranks),
-                              (fit_library, "parse_target", arguments.parse_target),
-                              (models, "load_model_from_args", arguments.load_model_from_args),
-                              (prune, "main", prune_command.main)):
-        with pytest.warns(DeprecationWarning, match=f"{module.__name__}.{name} moved to njtc_solve.cli"):
-            assert getattr(module, name) is new
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        getattr(fit_library, "nothing")  # noqa: B009 (the attribute access is what is tested)
 
 
 def test_evaluate_refuses_a_skip_bound_below_one(tiny_store, tmp_path, capsys):
@@ -201,7 +178,7 @@ def test_export_refuses_what_tuned_lens_cannot_hold_before_the_model_loads(tiny_
     says so before it loads the model (here a model path that does not exist: loading it would fail)."""
     from njtc_solve import Shortcuts, fit_shortcuts
     from njtc_solve.cli import export
-    from njtc_solve.export import check_exportable
+    from njtc_solve.maps.tuned_lens import check_exportable
 
     [to_2] = fit_shortcuts(tiny_store, method="jtc", target_layer=2, progress=False)
     to_2.save(tmp_path / "t2.safetensors")
@@ -217,7 +194,7 @@ def test_export_refuses_what_tuned_lens_cannot_hold_before_the_model_loads(tiny_
 
 
 def test_a_store_in_a_missing_folder_is_named_so(tmp_path):
-    from njtc_solve.store import StoreWriter
+    from njtc_solve.data.store import StoreWriter
 
     with pytest.raises(NJTCError, match=r"a\.h5: folder .*missing does not exist$"):
         with StoreWriter.reserve(tmp_path / "missing" / "a.h5"):
@@ -225,7 +202,7 @@ def test_a_store_in_a_missing_folder_is_named_so(tmp_path):
 
 
 def test_pairwise_bounds_must_be_positive(tiny_store):
-    from njtc_solve.pairwise import evaluate_pairs
+    from njtc_solve.eval.layer_pairs import evaluate_pairs
 
     for bounds, name in (({"skip_rows": 0}, "skip_rows"), ({"max_rows": -1}, "max_rows")):
         with pytest.raises(NJTCError, match=f"^`{name}` must be positive"):

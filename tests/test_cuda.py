@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from njtc_solve.fit import accumulate_statistics, fit_shortcuts
-from njtc_solve.store import ActivationStore
+from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.data.store import ActivationStore
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -45,7 +45,7 @@ def test_the_solve_on_the_gpu_equals_the_cpu(tiny_store, kw):
 def _nccl_worker(rank, world, port, store, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from njtc_solve.distributed import Communicator
+    from njtc_solve.core.distributed import Communicator
 
     comm = Communicator("cuda")
     try:
@@ -84,9 +84,9 @@ def test_nccl_fit_equals_a_single_process(tiny_store, world):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_live_fit_on_the_gpu_equals_the_cpu(tiny_models, dtype):
     """The model on the GPU (bf16 too), its rows upcast and accumulated there, the solve there."""
-    from njtc_solve.corpus import load_corpus
-    from njtc_solve.models import load_model
-    from njtc_solve.sources import LiveSource
+    from njtc_solve.data.corpus import load_corpus
+    from njtc_solve.core.models import load_model
+    from njtc_solve.data.live import LiveSource
 
     documents = load_corpus()[1]
     fits = {}

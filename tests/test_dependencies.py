@@ -98,8 +98,8 @@ def run_without_optional_packages(model: str, tmp) -> tuple[dict, subprocess.Com
 
 def test_a_gguf_model_without_the_gguf_extra_is_one_line(tmp_path):
     """The default model is a .gguf file: without the [gguf] extra, each command says so in one line."""
-    from njtc_solve.errors import NJTCError
-    from njtc_solve.models import default_model_path
+    from njtc_solve.core.errors import NJTCError
+    from njtc_solve.core.models import default_model_path
 
     try:
         model = str(default_model_path())

@@ -14,11 +14,11 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import ROOT
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.shortcuts import Shortcuts
-from njtc_solve.solvers import solve_reduced_rank
-from njtc_solve.stats import Statistics
-from njtc_solve.store import ActivationStore
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.maps.shortcuts import Shortcuts
+from njtc_solve.solve.solvers import solve_reduced_rank
+from njtc_solve.solve.stats import Statistics
+from njtc_solve.data.store import ActivationStore
 
 
 def _free_port() -> int:
@@ -68,7 +68,7 @@ def test_two_process_fit_equals_single_process(tiny_store, tmp_path):
 def _failing_worker(rank, world, port, store, out, fail_rank, results, marker):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       NJTC_DIST_TIMEOUT="60")
-    from njtc_solve import stats
+    from njtc_solve.solve import stats
     from njtc_solve.cli import fit, run_cli
 
     if rank == fail_rank:  # a real mid-run failure: the second chunk's accumulation raises

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import run_module
-from njtc_solve.errors import NJTCError
-from njtc_solve.evaluate import early_exit_curve, evaluate_shortcuts
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.store import ActivationStore
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.eval.evaluate import early_exit_curve, evaluate_shortcuts
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.data.store import ActivationStore
 from test_extract import _one_line_exit_2
 
 V = D = 12
@@ -66,7 +66,7 @@ def hand_store(tmp_path):
 
 
 def _exact(layers=(0, 1)):
-    return Shortcuts("jtc", {l: ShortcutMap(weight=torch.eye(D)) for l in layers}, 2, "abc")
+    return Shortcuts("jtc", {l: ShortcutMap(weight=torch.eye(D)) for l in layers}, 2, model_sha256="abc")
 
 
 def test_the_hand_store_head_exposes_a_double_norm(hand_store):
@@ -153,7 +153,7 @@ def test_jtc_beats_low_rank_on_its_training_distribution(tiny_store):
 
 
 def test_cli_bad_inputs(tiny_store, hand_store, tmp_path):
-    other = Shortcuts("jtc", {0: ShortcutMap(weight=torch.eye(32))}, 3, "another-model")
+    other = Shortcuts("jtc", {0: ShortcutMap(weight=torch.eye(32))}, 3, model_sha256="another-model")
     other.save(tmp_path / "other.safetensors")
     _one_line_exit_2(run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts",
                                 str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "r")), "another model")
@@ -181,8 +181,8 @@ def test_low_rank_logits_equal_the_direct_path(tiny_models, tmp_path, kind):
                dict(method="njtc", fit_intercept=False)):
         [sc] = fit_shortcuts(store, ranks=[4], layers=[1], progress=False, **kw)
         y_hat, logits = sc.maps[1].predict_with_logits(x, head)
-        direct = head.logits(sc.predict(1, x))
-        assert torch.allclose(y_hat, sc.predict(1, x))
+        direct = head.logits(sc.transform_hidden(x, 1))
+        assert torch.allclose(y_hat, sc.transform_hidden(x, 1))
         assert (logits - direct).abs().max() <= 1e-4 * direct.abs().max(), kw
 
 
@@ -200,7 +200,7 @@ def test_precision_is_against_the_models_own_prediction(tiny_store, tmp_path):
     with ActivationStore(changed) as store:  # P@1 recomputed independently from the stored rows
         rows = np.flatnonzero(store.selection("validation", 1))
         x = torch.from_numpy(store.file["hidden/2"][...][rows])
-        pred = store.head().logits(jtc.predict(2, x)).argmax(-1).numpy()
+        pred = store.head().logits(jtc.transform_hidden(x, 2)).argmax(-1).numpy()
         expected = float((pred == store.read("final_top1")[rows]).mean())
         expected5 = float((store.file["final_topk"][...][rows][:, :5] == pred[:, None]).any(1).mean())
     assert moved.value("jtc", 2, "precision@1") == pytest.approx(expected)
@@ -233,7 +233,7 @@ def test_evaluating_on_rows_a_shortcut_was_fitted_on_is_refused(tiny_models, tmp
 
 def test_a_shortcut_without_provenance_or_from_a_sequence_split_store_is_refused(tiny_store, tmp_path):
     [sc] = fit_shortcuts(tiny_store, method="njtc", ranks=[2], layers=[1], progress=False)
-    bare = Shortcuts(sc.method, sc.maps, sc.target_layer, sc.model_sha256, sc.rank)
+    bare = Shortcuts(sc.method, sc.maps, sc.target_layer, model_sha256=sc.model_sha256, rank=sc.rank)
     with pytest.raises(NJTCError, match="records no provenance"):
         evaluate_shortcuts(tiny_store, [bare], progress=False)
     old = tmp_path / "old.h5"  # a store split by sequence, as the first release wrote them
@@ -249,7 +249,7 @@ def test_a_shortcut_without_provenance_or_from_a_sequence_split_store_is_refused
 def test_kl_is_accurate_in_float32_at_a_large_vocabulary():
     """Over 49k logits of size ~30 the float32 KL stays within 1e-5 of float64's, and KL(p‖p) is 0
     (the shorter Σp·log p − Σp·z + logsumexp(z) form was 2.5e-3 off)."""
-    from njtc_solve.metrics import kl_divergence
+    from njtc_solve.core.metrics import kl_divergence
 
     gen = torch.Generator().manual_seed(0)
     final = 30 * torch.randn(16, 49152, generator=gen).tanh() + 5 * torch.randn(16, 49152, generator=gen)

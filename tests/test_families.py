@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from conftest import _tokenizer, run_module
-from njtc_solve import architectures
-from njtc_solve.architectures import ARCHITECTURES, resolve_parts
-from njtc_solve.capture import capture_residual_stream
-from njtc_solve.corpus import load_corpus
-from njtc_solve.errors import NJTCError
-from njtc_solve.extract import extract_activations
-from njtc_solve.head import Head
-from njtc_solve.models import load_model
-from njtc_solve.store import ActivationStore
+from njtc_solve.core import architectures
+from njtc_solve.core.architectures import ARCHITECTURES, resolve_parts
+from njtc_solve.data.capture import capture_residual_stream
+from njtc_solve.data.corpus import load_corpus
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.data.extract import extract_activations
+from njtc_solve.core.head import Head
+from njtc_solve.core.models import load_model
+from njtc_solve.data.store import ActivationStore
 
 _SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=64)
@@ -362,7 +362,7 @@ def test_shortcut_files_record_the_head(tmp_path):
     """A shortcut file keeps the head's description and hash; files without them still load."""
     from safetensors.torch import load_file, save_file
 
-    from njtc_solve.shortcuts import ShortcutMap, Shortcuts
+    from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
     head = _random_head()
     maps = {1: ShortcutMap(weight=torch.eye(6), bias=torch.zeros(6))}
@@ -478,9 +478,9 @@ def test_trust_remote_code_with_named_parts(tmp_path, tokenizer_folder, document
 def test_a_live_fit_and_the_lens_on_opt_with_project_out(tmp_path, tokenizer_folder, documents):
     """The residual stream is wider than the unembedding's input here (project_out folded into the
     head): a live fit and the lens both work at the residual stream's width."""
-    from njtc_solve.fit import fit_shortcuts
-    from njtc_solve.lens import ShortcutLens
-    from njtc_solve.sources import LiveSource
+    from njtc_solve.solve.fit import fit_shortcuts
+    from njtc_solve.eval.lens import ShortcutLens
+    from njtc_solve.data.live import LiveSource
 
     model, tok, name = load_model(str(build_family("opt-project-out", tmp_path / "opt", tokenizer_folder)),
                                   progress=False)
@@ -498,18 +498,18 @@ def test_tuned_lens_loads_exported_maps_of_the_families_it_knows(family, tmp_pat
     translators equal our lens's."""
     from tuned_lens.nn.lenses import TunedLens
 
-    from njtc_solve.capture import capture_residual_stream
-    from njtc_solve.export import export_tuned_lens
-    from njtc_solve.lens import ShortcutLens
-    from njtc_solve.models import model_sha256
-    from njtc_solve.shortcuts import ShortcutMap, Shortcuts
+    from njtc_solve.data.capture import capture_residual_stream
+    from njtc_solve.maps.tuned_lens import export_tuned_lens
+    from njtc_solve.eval.lens import ShortcutLens
+    from njtc_solve.core.models import model_sha256
+    from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
     model, tok, _ = load_model(str(build_family(family, tmp_path / family, tokenizer_folder)), progress=False)
     head, n = Head.from_model(model), model.config.num_hidden_layers
     g = torch.Generator().manual_seed(0)
     maps = {l: ShortcutMap(weight=torch.eye(head.d_model) + 0.3 * torch.randn(head.d_model, head.d_model, generator=g),
                            bias=0.1 * torch.randn(head.d_model, generator=g)) for l in range(n)}
-    sc = Shortcuts("jtc", maps, n, model_sha256(model))
+    sc = Shortcuts("jtc", maps, n, model_sha256=model_sha256(model))
     tuned = TunedLens.from_model_and_pretrained(model, str(export_tuned_lens(sc, tmp_path / "lens", model=model)))
     ours = ShortcutLens.from_model(model, sc)
     with capture_residual_stream(model) as hidden, torch.no_grad():
@@ -521,14 +521,14 @@ def test_tuned_lens_loads_exported_maps_of_the_families_it_knows(family, tmp_pat
 @pytest.mark.parametrize("family", ["opt-project-out", "gemma2", "granite"])
 def test_export_refuses_maps_for_a_head_tuned_lens_cannot_apply(family, tmp_path, tokenizer_folder):
     """Without the model at hand the recorded head still tells: a projection, soft-cap or scale."""
-    from njtc_solve.errors import NJTCError
-    from njtc_solve.export import export_tuned_lens
-    from njtc_solve.shortcuts import ShortcutMap, Shortcuts
+    from njtc_solve.core.errors import NJTCError
+    from njtc_solve.maps.tuned_lens import export_tuned_lens
+    from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
     model, _, _ = load_model(str(build_family(family, tmp_path / family, tokenizer_folder)), progress=False)
     head = Head.from_model(model)
     sc = Shortcuts("jtc", {0: ShortcutMap(weight=torch.eye(head.d_model), bias=torch.zeros(head.d_model))},
-                   model.config.num_hidden_layers, "x" * 64)
+                   model.config.num_hidden_layers, model_sha256="x" * 64)
     sc.head_description, sc.head_sha256 = head.describe(), head.fingerprint()
     with pytest.raises(NJTCError, match="leaves out"):
         export_tuned_lens(sc, tmp_path / "lens")

@@ -14,10 +14,10 @@ from sklearn.linear_model import LinearRegression
 from sklearn.utils.estimator_checks import check_estimator
 from test_extract import _one_line_exit_2
 
-from njtc_solve.estimator import ReducedRankRegressor
-from njtc_solve.fit import accumulate_statistics, fit_shortcuts
-from njtc_solve.shortcuts import Shortcuts
-from njtc_solve.store import ActivationStore
+from njtc_solve.solve.estimator import ReducedRankRegressor
+from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.maps.shortcuts import Shortcuts
+from njtc_solve.data.store import ActivationStore
 
 
 def _train_rows(store_path, layer):
@@ -77,7 +77,7 @@ def test_jtc_from_store_equals_sklearn_on_the_same_rows(tiny_store):
     [jtc] = fit_shortcuts(tiny_store, method="jtc", ranks=None, layers=[1], progress=False)
     x, y = _train_rows(tiny_store, 1)
     ref = LinearRegression().fit(x.astype(np.float64), y.astype(np.float64))
-    pred = jtc.predict(1, x).double().numpy()
+    pred = jtc.transform_hidden(x, 1).double().numpy()
     assert np.linalg.norm(pred - ref.predict(x)) / np.linalg.norm(ref.predict(x)) <= 1e-5
 
 
@@ -113,7 +113,7 @@ def test_every_variant_fits_and_roundtrips(tiny_store, tmp_path):
         sc.save(path)
         back = Shortcuts.load(path)
         assert back.name == sc.name and back.residual == sc.residual and back.normalize == sc.normalize
-        assert torch.allclose(back.predict(2, x[:50]), sc.predict(2, x[:50]))
+        assert torch.allclose(back.transform_hidden(x[:50], 2), sc.transform_hidden(x[:50], 2))
         r2 = sc.stats["layers"][2]["r2"]
         assert 0 < r2 <= 1, (kw, r2)
 
@@ -124,7 +124,7 @@ def test_rms_nnjtc_equals_brute_force_on_normalised_rows(tiny_store):
     x64 = x.astype(np.float64)
     z = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-5)
     coef, bias = brute_force_rrr(z, y, 4)
-    pred = sc.predict(2, x).double().numpy()
+    pred = sc.transform_hidden(x, 2).double().numpy()
     assert _rel(pred, z @ coef + bias) <= 1e-5
     assert _rel((sc.maps[2].U @ sc.maps[2].V).double().numpy(), coef) <= 1e-5
 
@@ -134,7 +134,7 @@ def test_residual_map_equals_brute_force_on_the_difference(tiny_store):
     x, y = _train_rows(tiny_store, 1)
     coef, bias = brute_force_rrr(x, y - x, 4)
     assert _rel((sc.maps[1].U @ sc.maps[1].V).double().numpy(), coef) <= 1e-5
-    assert _rel(sc.predict(1, x).double().numpy(), x + x @ coef + bias) <= 1e-5
+    assert _rel(sc.transform_hidden(x, 1).double().numpy(), x + x @ coef + bias) <= 1e-5
 
 
 def test_logit_weighted_map_equals_brute_force_with_row_and_error_weights(tiny_store):
@@ -158,7 +158,7 @@ def test_logit_weighting_lowers_the_logit_space_error(tiny_store):
     x, y = _train_rows(tiny_store, 1)
     with ActivationStore(tiny_store) as store:
         g = store.head().logit_weight_factor().float()
-    err = lambda sc: float((((sc.predict(1, x) - torch.from_numpy(y)) @ g) ** 2).sum())
+    err = lambda sc: float((((sc.transform_hidden(x, 1) - torch.from_numpy(y)) @ g) ** 2).sum())
     assert err(weighted) < err(plain)
 
 
@@ -222,7 +222,7 @@ def test_logit_weighting_uses_inverse_norm_scale_row_weights(tiny_store, tmp_pat
     x, y = _train_rows(tiny_store, 1)
     w = 1.0 / ((y.astype(np.float64) ** 2).mean(1) + 1e-6)  # the tiny Llama's RMS norm (eps 1e-6)
     ref = LinearRegression().fit(x.astype(np.float64), y.astype(np.float64), sample_weight=w)
-    pred = weighted.predict(1, x).double().numpy()  # a full-rank map: the weighting by G drops out
+    pred = weighted.transform_hidden(x, 1).double().numpy()  # a full-rank map: the weighting by G drops out
     assert np.linalg.norm(pred - ref.predict(x)) / np.linalg.norm(ref.predict(x)) <= 1e-5
     with pytest.raises(Exception, match="row weights"):
         fit_shortcuts(tiny_store, method="njtc", ranks=[2], statistics=tmp_path / "w.safetensors", progress=False)

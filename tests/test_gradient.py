@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import benchmark_module
 
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.store import ActivationStore
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.data.store import ActivationStore
 
 gradient = benchmark_module("gradient")  # benchmarks/gradient.py: the baseline, not part of the library
 GradientShortcut, as_shortcuts = gradient.GradientShortcut, gradient.as_shortcuts
@@ -25,8 +25,8 @@ def test_adam_on_the_store_never_beats_the_closed_form(tiny_store, method, norma
         x, y = load_training_rows(store, 2)
         grad = as_shortcuts(run, 2, store, method)
         # the trained map's own training loss, computed independently of the training loop
-        mse = float(((grad.predict(2, x).double() - y.double()) ** 2).mean())
-        closed_mse = float(((closed.predict(2, x).double() - y.double()) ** 2).mean())
+        mse = float(((grad.transform_hidden(x, 2).double() - y.double()) ** 2).mean())
+        closed_mse = float(((closed.transform_hidden(x, 2).double() - y.double()) ** 2).mean())
     assert closed_mse == pytest.approx(optimum, rel=1e-4)
     assert mse >= optimum * (1 - 1e-4)
     assert run.final_mse == pytest.approx(mse, rel=1e-4)

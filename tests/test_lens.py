@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from njtc_solve.errors import NJTCError
-from njtc_solve.evaluate import evaluate_shortcuts
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.lens import ShortcutLens
-from njtc_solve.metrics import Reference, entropy, kl_divergence
-from njtc_solve.models import load_model
-from njtc_solve.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.store import ActivationStore
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.eval.evaluate import evaluate_shortcuts
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.eval.lens import ShortcutLens
+from njtc_solve.core.metrics import Reference, entropy, kl_divergence
+from njtc_solve.core.models import load_model
+from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.data.store import ActivationStore
 
 from conftest import run_module
 
@@ -34,7 +34,7 @@ def fitted(tiny_store, tmp_path_factory):
     [njtc] = fit_shortcuts(tiny_store, method="njtc", ranks=[4], progress=False)
     # the narrow maps read through a per-token layer norm (the lens need not know how they were fitted)
     layer_normed = {l: ShortcutMap(U=m.U, V=m.V, bias=m.bias, normalize="layer") for l, m in njtc.maps.items()}
-    nnjtc = Shortcuts("nnjtc", layer_normed, njtc.target_layer, njtc.model_sha256, rank=4, normalize="layer",
+    nnjtc = Shortcuts("nnjtc", layer_normed, njtc.target_layer, model_sha256=njtc.model_sha256, rank=4, normalize="layer",
                       provenance=njtc.provenance)
     folder = tmp_path_factory.mktemp("shortcuts")
     for sc in (jtc, njtc, nnjtc):
@@ -132,7 +132,7 @@ def test_forward_follows_tuned_lens_conventions(llama, fitted):
 
 def test_a_bfloat16_model_is_read_in_its_dtype(llama, fitted):
     model, tokenizer = llama
-    from njtc_solve.models import model_sha256
+    from njtc_solve.core.models import model_sha256
 
     sha = model_sha256(model)
     half = type(model)(model.config).to(torch.bfloat16)
@@ -166,7 +166,7 @@ def test_refuses_maps_of_another_model_or_layer(tiny_models, fitted, llama):
         ShortcutLens.from_model(gpt2, fitted[0]["jtc"], tok)
     model, tokenizer = llama
     sc = fitted[0]["jtc"]
-    shifted = Shortcuts(sc.method, {0: sc.maps[0]}, sc.target_layer - 1, sc.model_sha256)
+    shifted = Shortcuts(sc.method, {0: sc.maps[0]}, sc.target_layer - 1, model_sha256=sc.model_sha256)
     with pytest.raises(NJTCError, match=r"target layer 2, not the last layer of this model \(3\)"):
         ShortcutLens.from_model(model, shifted, tokenizer)
     other_head = sc.replace(head_sha256="0" * 64)
@@ -219,7 +219,7 @@ def test_cli_refuses_a_foreign_shortcut_file(tiny_models, fitted):
 
 
 def test_cli_reads_a_tuned_lens_folder(tiny_models, fitted, tmp_path):
-    from njtc_solve.export import export_tuned_lens
+    from njtc_solve.maps.tuned_lens import export_tuned_lens
 
     folder = export_tuned_lens(fitted[0]["njtc-r4"], tmp_path / "lens")
     done = run_module("njtc_solve.lens", "--model", str(tiny_models["llama"]), "--tuned-lens", str(folder),
@@ -235,7 +235,7 @@ def test_cli_reads_a_tuned_lens_folder(tiny_models, fitted, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_bfloat16_model_on_the_gpu(llama, fitted):
     model, tokenizer = llama
-    from njtc_solve.models import model_sha256
+    from njtc_solve.core.models import model_sha256
 
     sha = model_sha256(model)
     gpu = type(model)(model.config)

@@ -7,16 +7,16 @@ import torch
 from conftest import run_module
 from test_extract import _one_line_exit_2
 
-from njtc_solve.corpus import load_corpus
-from njtc_solve.errors import NJTCError
-from njtc_solve.evaluate import evaluate_shortcuts
-from njtc_solve.extract import extract_activations
-from njtc_solve.fit import accumulate_statistics, fit_shortcuts
-from njtc_solve.models import load_model
-from njtc_solve.shortcuts import Shortcuts
-from njtc_solve.sources import LiveSource
-from njtc_solve.stats import Statistics
-from njtc_solve.store import ActivationStore
+from njtc_solve.data.corpus import load_corpus
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.eval.evaluate import evaluate_shortcuts
+from njtc_solve.data.extract import extract_activations
+from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.core.models import load_model
+from njtc_solve.maps.shortcuts import Shortcuts
+from njtc_solve.data.live import LiveSource
+from njtc_solve.solve.stats import Statistics
+from njtc_solve.data.store import ActivationStore
 
 PLAN = {"seq_len": 32, "max_tokens": 3072, "val_fraction": 0.25, "seed": 3}
 

@@ -9,15 +9,15 @@ from conftest import run_module
 from test_extract import _one_line_exit_2
 from test_fit import brute_force_rrr
 
-from njtc_solve.corpus import load_corpus
-from njtc_solve.errors import NJTCError
-from njtc_solve.fit import fit_all_targets, fit_shortcuts
-from njtc_solve.models import load_model
-from njtc_solve.pairwise import evaluate_pairs
-from njtc_solve.shortcuts import Shortcuts
-from njtc_solve.skip import SkipRunner, skip_scores
-from njtc_solve.sources import LiveSource
-from njtc_solve.store import ActivationStore
+from njtc_solve.data.corpus import load_corpus
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.solve.fit import fit_all_targets, fit_shortcuts
+from njtc_solve.core.models import load_model
+from njtc_solve.eval.layer_pairs import evaluate_pairs
+from njtc_solve.maps.shortcuts import Shortcuts
+from njtc_solve.eval.block_skip import SkipRunner, skip_scores
+from njtc_solve.data.live import LiveSource
+from njtc_solve.data.store import ActivationStore
 
 
 def _pair_rows(store_path, source, target, split=0):
@@ -94,8 +94,8 @@ def test_all_targets_equal_each_target_fitted_alone(tiny_store, method, ranks, n
 def test_all_targets_decompose_each_source_once(tiny_store, monkeypatch, alpha):
     """Each source layer's input Gram matrix is decomposed once for every target above it, not
     once per target, and the maps are the same to the bit as each target solved on its own."""
-    from njtc_solve.fit import fit_from_statistics
-    from njtc_solve.pairs import accumulate_pairs
+    from njtc_solve.solve.fit import fit_from_statistics
+    from njtc_solve.solve.pair_statistics import accumulate_pairs
 
     with ActivationStore(tiny_store) as store:
         pairs = accumulate_pairs(store, sources=[0, 1, 2], targets=[1, 2, 3], progress=False)
@@ -230,7 +230,7 @@ def test_pairwise_evaluation_store_and_live(tiny_store, tiny_live, tmp_path):
 def test_skip_scores_are_bounded_by_default(tiny_store, tiny_live, monkeypatch):
     """Without ``max_rows`` or ``skip_rows`` the skip scores run over at most SKIP_ROWS held-out
     tokens (whole sequences), not the whole validation split."""
-    from njtc_solve import pairwise
+    from njtc_solve.eval import layer_pairs as pairwise
 
     monkeypatch.setattr(pairwise, "SKIP_ROWS", 40)
     [jtc] = fit_shortcuts(str(tiny_store), method="jtc", layers=[1], progress=False, target_layer=2)
@@ -241,10 +241,10 @@ def test_skip_scores_are_bounded_by_default(tiny_store, tiny_live, monkeypatch):
 
 def _independent_skip(live, predict, source, target, max_tokens, keep):
     """Mean KL(full ‖ skipped) and top-1 agreement of replacing blocks ``[source, target)`` by
-    ``predict``, from ``model(...).logits`` with two hooks (not :mod:`njtc_solve.skip`): float64
+    ``predict``, from ``model(...).logits`` with two hooks (not :mod:`njtc_solve.eval.block_skip`): float64
     softmax, the validation sequences and positions that :func:`evaluate_pairs` scores; positions
     below ``keep`` keep the model's own state, as in the skip surgery."""
-    from njtc_solve.store import VALIDATION
+    from njtc_solve.data.store import VALIDATION
 
     model, plan, skip = live.model, live.plan, live.default_skip_positions
     sequences = np.flatnonzero(plan.split == VALIDATION)
@@ -280,8 +280,8 @@ def _independent_skip(live, predict, source, target, max_tokens, keep):
 
 
 def test_consumers_refuse_an_intermediate_target(tiny_store, tmp_path, capsys):
-    from njtc_solve.export import export_tuned_lens
-    from njtc_solve.lens import ShortcutLens
+    from njtc_solve.maps.tuned_lens import export_tuned_lens
+    from njtc_solve.eval.lens import ShortcutLens
 
     [jtc] = fit_shortcuts(str(tiny_store), method="jtc", progress=False, target_layer=2)
     path = tmp_path / "t2.safetensors"

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from njtc_solve.architectures import resolve_parts
-from njtc_solve.corpus import load_corpus
+from njtc_solve.core.architectures import resolve_parts
+from njtc_solve.data.corpus import load_corpus
 from njtc_solve.cli import run_cli
-from njtc_solve.errors import NJTCError
-from njtc_solve.models import load_model
-from njtc_solve.plan import plan_extraction
-from njtc_solve.replace import (PRUNE_RECORD, Replacement, apply_replacement, check_removal, save_pruned,
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.models import load_model
+from njtc_solve.data.plan import plan_extraction
+from njtc_solve.prune.folding import (PRUNE_RECORD, Replacement, apply_replacement, check_removal, save_pruned,
                                 solve_replacement)
 
 _SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -193,7 +193,7 @@ def _lstsq(x, y, w, intercept: bool):
 @pytest.fixture(scope="module")
 def llama_stats(tiny_models):
     """Statistics of the tiny Llama (3 blocks) over a plan, and the same rows read independently."""
-    from njtc_solve.pruning import replacement_statistics
+    from njtc_solve.prune.selection import replacement_statistics
 
     model, tok, _ = load_model(str(tiny_models["llama"]))
     _, docs = load_corpus()
@@ -231,7 +231,7 @@ def test_scoring_path_equals_the_folded_model(llama_stats, start, remove):
     """Candidates are scored by running only the tail on the cached stream: that must be the folded model."""
     import copy
 
-    from njtc_solve.pruning import collect_held_out, replaced_stream, tail_logits
+    from njtc_solve.prune.selection import collect_held_out, replaced_stream, tail_logits
 
     stats, _, _, train, model = llama_stats
     held = collect_held_out(model, train.sequences(slice(0, 2)))
@@ -263,7 +263,7 @@ def corpus():
 
 def test_never_worse_than_dropping(tiny_models, corpus, monkeypatch):
     """Per start the lowest held-out KL wins, dropping included; if dropping scores best, it is what is chosen."""
-    from njtc_solve import pruning
+    from njtc_solve.prune import selection as pruning
 
     model, tok, _ = load_model(str(tiny_models["llama"]))
     kwargs = dict(remove=1, seq_len=32, max_tokens=1600, score_tokens=128, progress=False)
@@ -335,7 +335,7 @@ def _bad(argv, capsys):
     (["--remove", "1", "--auto", "--val-fraction", "0"], "--val-fraction must be above 0"),
 ])
 def test_bad_input_before_the_model_loads(tiny_models, tmp_path, capsys, monkeypatch, extra, message):
-    import njtc_solve.models as models
+    import njtc_solve.core.models as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
@@ -372,7 +372,7 @@ def test_unfoldable_family_refused(tmp_path, capsys):
     with pytest.raises(NJTCError, match="scale_attn_by_inverse_layer_idx"):
         from transformers import GPT2Config
 
-        from njtc_solve.replace import check_foldable
+        from njtc_solve.prune.folding import check_foldable
 
         check_foldable(GPT2Config(scale_attn_by_inverse_layer_idx=True))
 

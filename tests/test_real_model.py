@@ -9,8 +9,8 @@ import os
 import pytest
 
 from conftest import run_module
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.store import ActivationStore
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.data.store import ActivationStore
 
 pytestmark = pytest.mark.slow
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from njtc_solve.errors import NJTCError
-from njtc_solve.evaluate import evaluate_shortcuts
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.metrics import Reference, kl_divergence
-from njtc_solve.refine import refine_shortcuts
-from njtc_solve.shortcuts import Shortcuts
-from njtc_solve.store import ActivationStore
-from njtc_solve.train import StoreRows, train_maps
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.eval.evaluate import evaluate_shortcuts
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.core.metrics import Reference, kl_divergence
+from njtc_solve.solve.refine import refine_shortcuts
+from njtc_solve.maps.shortcuts import Shortcuts
+from njtc_solve.data.store import ActivationStore
+from njtc_solve.solve.training import StoreRows, train_maps
 
 from conftest import run_module
 

@@ -18,9 +18,9 @@ import pytest
 from conftest import ROOT, run_module
 from test_extract import _kill_once_past, _one_line_exit_2
 
-from njtc_solve.errors import NJTCError, output_lock
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.store import ActivationStore
+from njtc_solve.core.errors import NJTCError, output_lock
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.data.store import ActivationStore
 
 
 def _limited(limit_bytes):
@@ -252,10 +252,10 @@ def test_no_validation_split_extracts(tiny_models, tmp_path):
 
 
 def test_an_interruption_while_the_store_is_created_leaves_nothing(tiny_models, tmp_path, monkeypatch):
-    from njtc_solve.corpus import load_corpus
-    from njtc_solve.extract import extract_activations
-    from njtc_solve.head import Head
-    from njtc_solve.models import load_model
+    from njtc_solve.data.corpus import load_corpus
+    from njtc_solve.data.extract import extract_activations
+    from njtc_solve.core.head import Head
+    from njtc_solve.core.models import load_model
 
     def interrupted(self, group):
         raise KeyboardInterrupt
@@ -269,7 +269,7 @@ def test_an_interruption_while_the_store_is_created_leaves_nothing(tiny_models, 
 
 
 def test_a_multi_line_hdf5_write_error_is_reported_on_one_line():
-    from njtc_solve.errors import write_failure as _write_failure
+    from njtc_solve.core.errors import write_failure as _write_failure
 
     err = OSError("Can't synchronously write data (file write failed: time = now\n, filename = 'a.h5', "
                   "file descriptor = 4, errno = 28, error message = 'No space left on device', buf = 0x1)")
@@ -281,12 +281,12 @@ def test_a_multi_line_hdf5_write_error_is_reported_on_one_line():
 def test_the_store_writer_holds_the_lock_and_ends_as_extraction_needs(tiny_models, tmp_path):
     """An interruption keeps the partial file to resume, a failed check removes it, the lock is held
     throughout, and a command's reservation of the output is the writer's own hold."""
-    from njtc_solve.capture import forward_batches
-    from njtc_solve.corpus import load_corpus
-    from njtc_solve.head import Head
-    from njtc_solve.models import load_model
-    from njtc_solve.plan import plan_extraction
-    from njtc_solve.store import StoreWriter
+    from njtc_solve.data.capture import forward_batches
+    from njtc_solve.data.corpus import load_corpus
+    from njtc_solve.core.head import Head
+    from njtc_solve.core.models import load_model
+    from njtc_solve.data.plan import plan_extraction
+    from njtc_solve.data.store import StoreWriter
 
     model, tok, _ = load_model(str(tiny_models["llama"]))
     docs = load_corpus()[1]

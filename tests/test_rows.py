@@ -7,15 +7,15 @@ import inspect
 import pytest
 import torch
 
-from njtc_solve.compatibility import check_compatible
-from njtc_solve.corpus import load_corpus
-from njtc_solve.errors import NJTCError
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.models import load_model, model_sha256
-from njtc_solve.rows import RowSource, RowSourceBase
-from njtc_solve.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.sources import LiveSource
-from njtc_solve.store import ActivationStore
+from njtc_solve.maps.compatibility import check_compatible
+from njtc_solve.data.corpus import load_corpus
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.core.models import load_model, model_sha256
+from njtc_solve.data.rows import RowSource, RowSourceBase
+from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.data.live import LiveSource
+from njtc_solve.data.store import ActivationStore
 
 METHODS = ("head", "check_layers", "count", "evaluated_documents", "iter_chunks")
 

@@ -17,10 +17,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from test_extract import _one_line_exit_2
 
-from njtc_solve.errors import NJTCError, atomic_output
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.store import ActivationStore
+from njtc_solve.core.errors import NJTCError, atomic_output
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.data.store import ActivationStore
 
 
 def _narrow(path):
@@ -103,10 +103,10 @@ def test_files_the_library_writes_still_load(tmp_path):
     assert (again.name, again.rank, again.alpha, again.fit_intercept, again.stats) == (
         "jtc", None, "auto", False, {"layers": {"0": {"alpha": 1.0}}})
     trained = benchmark_module("gradient").GradientShortcut(4, rank=2, batch_norm=True).to_shortcut_map()  # as gradient.as_shortcuts wraps it
-    Shortcuts("nnjtc", {1: trained}, 3, "x", 2, "batch", label="nnjtc-adam").save(tmp_path / "adam.safetensors")
+    Shortcuts("nnjtc", {1: trained}, 3, model_sha256="x", rank=2, normalize="batch", label="nnjtc-adam").save(tmp_path / "adam.safetensors")
     adam = Shortcuts.load(tmp_path / "adam.safetensors")
     x = torch.randn(5, 4)
-    assert adam.name == "nnjtc-adam" and torch.equal(adam.predict(1, x), trained.predict(x))
+    assert adam.name == "nnjtc-adam" and torch.equal(adam.transform_hidden(x, 1), trained.predict(x))
 
 
 def test_a_fit_with_fewer_directions_than_its_rank_saves_a_file_that_loads(tiny_store, tmp_path):
@@ -120,7 +120,7 @@ def test_a_fit_with_fewer_directions_than_its_rank_saves_a_file_that_loads(tiny_
     with ActivationStore(tiny_store) as store:
         x = store.file["hidden/1"][:20]
     assert loaded.name == "nnjtc-layer-r32" and loaded.maps[1].rank == 32
-    torch.testing.assert_close(loaded.predict(1, x), sc.predict(1, x))
+    torch.testing.assert_close(loaded.transform_hidden(x, 1), sc.transform_hidden(x, 1))
 
 
 def test_evaluate_refuses_an_inconsistent_file_on_one_line(tiny_store, tmp_path):

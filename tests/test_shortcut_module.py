@@ -1,5 +1,5 @@
 """Shortcut maps as torch modules: tuned-lens's conventions, the attached head, state_dict, dtype,
-autograd, and the deprecated names that still work."""
+and autograd."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import io
 import pytest
 import torch
 
-from njtc_solve.errors import NJTCError
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.models import load_model
-from njtc_solve.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.store import ActivationStore
-from njtc_solve import train
-from njtc_solve.train import StoreRows, train_maps
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.core.models import load_model
+from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.data.store import ActivationStore
+from njtc_solve.solve.training import StoreRows, train_maps
 
 
 @pytest.fixture(scope="module")
@@ -146,31 +145,3 @@ def test_the_trainer_trains_the_map_module_itself(tiny_store):
     saved = result.maps()[1]
     assert type(saved) is ShortcutMap and list(saved.parameters()) == [] and saved.rank == 4
 
-
-def test_deprecated_names_warn_and_still_work(files):
-    paths, rows = files
-    sc = Shortcuts.load(paths["jtc"])
-    with pytest.warns(DeprecationWarning, match="transform_hidden"):
-        old = sc.predict(1, rows[1])
-    assert torch.equal(old, sc.transform_hidden(rows[1], 1))
-    with pytest.warns(DeprecationWarning, match="trainable"):
-        alias = train.TrainableMap
-    assert alias is ShortcutMap and isinstance(sc.maps[1].trainable(), alias)  # the trainer's modules are maps
-    with pytest.warns(DeprecationWarning, match="head_description"):
-        renamed = Shortcuts("jtc", {}, 3, head={"norm": "rmsnorm"})
-    assert renamed.head is None and renamed.head_description == {"norm": "rmsnorm"}
-
-
-def test_deprecation_warnings_point_at_the_callers_line():
-    """Python shows a DeprecationWarning by default only where it is attributed to __main__'s code:
-    attributed inside njtc_solve, users would never see it."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        Shortcuts("jtc", {}, 3, head={"norm": "rmsnorm"})
-        sc = Shortcuts("jtc", {}, 3)
-        sc.head = {"norm": "rmsnorm"}
-        from njtc_solve.train import TrainableMap  # noqa: F401
-    assert [(w.category, w.filename) for w in caught] == [(DeprecationWarning, __file__)] * 3
-    assert sc.head is None and sc.head_description == {"norm": "rmsnorm"}

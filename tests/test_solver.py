@@ -7,10 +7,11 @@ import pytest
 import torch
 from sklearn.linear_model import LinearRegression, Ridge
 
-from njtc_solve.errors import NJTCError
-from njtc_solve.fit import fit_from_statistics
-from njtc_solve.solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, weight_root
-from njtc_solve.stats import MomentAccumulator, Statistics, normalize_rows
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.solve.fit import fit_from_statistics
+from njtc_solve.solve.solvers import gcv_alpha, solve_reduced_rank, sum_squared_error, weight_root
+from njtc_solve.maps.shortcuts import normalize_rows
+from njtc_solve.solve.stats import MomentAccumulator, Statistics
 
 
 def make_data(n=400, d=12, seed=0, offset=0.0, noise=0.3):
@@ -210,10 +211,10 @@ def test_batch_standardised_nnjtc_equals_njtc_with_intercept():
     s = stats_of(x, y)
     [njtc] = fit_from_statistics(s, method="njtc", ranks=[3])
     [batch] = fit_from_statistics(s, method="nnjtc", ranks=[3], normalize="batch")
-    assert rel(batch.predict(0, x).double(), njtc.predict(0, x).double()) <= 1e-5
+    assert rel(batch.transform_hidden(x, 0).double(), njtc.transform_hidden(x, 0).double()) <= 1e-5
     ln = stats_of(x, y, input_norm="layer")
     [layer] = fit_from_statistics(ln, method="nnjtc", ranks=[3], normalize="layer")
-    assert rel(layer.predict(0, x).double(), njtc.predict(0, x).double()) > 1e-3
+    assert rel(layer.transform_hidden(x, 0).double(), njtc.transform_hidden(x, 0).double()) > 1e-3
 
 
 def test_layernorm_inputs_are_exactly_singular_and_still_solved():
@@ -226,7 +227,7 @@ def test_layernorm_inputs_are_exactly_singular_and_still_solved():
     xn = normalize_rows(torch.tensor(x), "layer").numpy()
     ref = LinearRegression().fit(xn, y)
     [full] = fit_from_statistics(s, method="jtc", ranks=None, normalize="layer")
-    assert rel(full.predict(0, x).double(), ref.predict(xn)) <= 1e-5
+    assert rel(full.transform_hidden(x, 0).double(), ref.predict(xn)) <= 1e-5
 
 
 def _llm_like(seed, n=40_000, d=256):
@@ -261,12 +262,12 @@ def test_float32_layernorm_nnjtc_maps_equal_a_float64_accumulation(seed):
     assert float(A.U.double().sum(0).norm()) <= 1e-6 * float(A.U.double().norm())
     # so bf16-rounded inputs (not exactly normalised) get the same predictions
     rounded = torch.from_numpy(x[:2000]).bfloat16().float()
-    assert rel(a.predict(0, rounded), b.predict(0, rounded)) <= FLOAT32_PATH
+    assert rel(a.transform_hidden(rounded, 0), b.transform_hidden(rounded, 0)) <= FLOAT32_PATH
 
 
 def test_projection_removes_the_ones_direction_that_float32_rounding_leaves():
     """Without the projection, float32 accumulation leaves ±1e-10…1e-9 on the all-ones direction."""
-    from njtc_solve.stats import project_out_ones
+    from njtc_solve.solve.stats import project_out_ones
 
     x, y = _llm_like(4)
     s32 = stats_of(x, y, chunk=4096, input_norm="layer", float64=False)
@@ -282,8 +283,8 @@ def test_residual_map_is_rrr_on_the_difference():
     s = stats_of(x, y)
     [res] = fit_from_statistics(s, method="njtc", ranks=[2], residual=True)
     coef, bias, _, _ = solve64(x, y - x, rank=2)
-    assert rel(res.predict(0, x).double(), x + x @ coef + bias) <= 1e-5
-    sse = ((y - res.predict(0, x).double().numpy()) ** 2).sum()
+    assert rel(res.transform_hidden(x, 0).double(), x + x @ coef + bias) <= 1e-5
+    sse = ((y - res.transform_hidden(x, 0).double().numpy()) ** 2).sum()
     assert res.stats["layers"][0]["train_sse"] == pytest.approx(sse, rel=1e-4)
 
 
@@ -338,7 +339,7 @@ def test_weighted_rrr_with_an_ignored_direction_fits_it_on_its_own_features():
 
 
 def test_logit_weight_factor_of_a_layernorm_head_ignores_the_ones_direction():
-    from njtc_solve.head import Head
+    from njtc_solve.core.head import Head
 
     rng = torch.Generator().manual_seed(0)
     kw = dict(eps=1e-5, norm_weight=torch.rand(6, generator=rng) + 0.5, unembed=torch.randn(20, 6, generator=rng))

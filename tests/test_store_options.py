@@ -8,12 +8,12 @@ import torch
 from conftest import run_module
 from test_extract import _one_line_exit_2
 
-from njtc_solve.corpus import load_corpus
-from njtc_solve.evaluate import evaluate_shortcuts
-from njtc_solve.extract import extract_activations
-from njtc_solve.fit import fit_shortcuts
-from njtc_solve.models import load_model
-from njtc_solve.store import ActivationStore
+from njtc_solve.data.corpus import load_corpus
+from njtc_solve.eval.evaluate import evaluate_shortcuts
+from njtc_solve.data.extract import extract_activations
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.core.models import load_model
+from njtc_solve.data.store import ActivationStore
 
 PLAN = {"seq_len": 32, "max_tokens": 1024, "seed": 1}
 

@@ -14,7 +14,7 @@ prune      a smaller checkpoint: K blocks removed, a closed-form map folded in
 =========  ==================================================================
 
 No module outside this package imports :mod:`argparse` or reads a parsed namespace. Library
-errors name the library's parameters in backticks (:class:`~njtc_solve.errors.NJTCError`);
+errors name the library's parameters in backticks (:class:`~njtc_solve.core.errors.NJTCError`);
 :func:`command` rewrites them as the command's flags, so a command-line user reads
 ``--seq-len must be at least 2`` where a Python caller reads `` `seq_len` must be at least 2``.
 """
@@ -27,7 +27,7 @@ import re
 import signal
 import sys
 
-from ..errors import NJTCError, interruptible
+from njtc_solve.core.errors import NJTCError, interruptible
 
 __all__ = ["COMMANDS", "command", "flags_of", "run_cli", "translate", "warn"]
 
@@ -82,7 +82,7 @@ def command(build_parser, **renames: str):
     """Turn ``body(args, **extra)`` into the command's ``main(argv=None, **extra) -> int``.
 
     ``main`` parses ``argv`` with ``build_parser()`` and runs ``body``; an
-    :class:`~njtc_solve.errors.NJTCError` from the library leaves it with its parameters
+    :class:`~njtc_solve.core.errors.NJTCError` from the library leaves it with its parameters
     rewritten as this command's flags (see :func:`flags_of` for ``renames``).
     """
 
@@ -110,9 +110,9 @@ def warn(message: str, build_parser, **renames: str) -> None:
 
 
 def run_cli(main, argv=None, interrupted: str = "") -> int:
-    """Run a command-line ``main(argv)`` and map :class:`~njtc_solve.errors.NJTCError` to exit code 2.
+    """Run a command-line ``main(argv)`` and map :class:`~njtc_solve.core.errors.NJTCError` to exit code 2.
 
-    SIGINT and SIGTERM raise :class:`~njtc_solve.errors.Interrupted`, so the command's
+    SIGINT and SIGTERM raise :class:`~njtc_solve.core.errors.Interrupted`, so the command's
     clean-up runs, and end in one line (``error: interrupted``, then ``interrupted``'s advice)
     and exit code 128 + signal.
 

@@ -17,8 +17,8 @@ import math
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import NJTCError
-from ..plan import PLAN_DEFAULTS, check_plan_settings
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.data.plan import PLAN_DEFAULTS, check_plan_settings
 
 __all__ = ["add_model_arguments", "add_plan_arguments", "command_inputs", "live_source_from_args",
            "load_model_from_args", "parse_alpha", "parse_layers", "parse_ranks", "parse_target", "plan_settings",
@@ -27,7 +27,7 @@ __all__ = ["add_model_arguments", "add_plan_arguments", "command_inputs", "live_
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the model-loading arguments every command shares (read by :func:`load_model_from_args`)."""
-    from ..models import MODEL_DTYPES
+    from njtc_solve.core.models import MODEL_DTYPES
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", help="a .gguf file, a local Hugging Face folder or a hub name "
@@ -46,8 +46,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_from_args(args, device: str = "cpu", progress: bool = True):
-    """:func:`njtc_solve.models.load_model` with the arguments of :func:`add_model_arguments`."""
-    from ..models import load_model
+    """:func:`njtc_solve.core.models.load_model` with the arguments of :func:`add_model_arguments`."""
+    from njtc_solve.core.models import load_model
 
     return load_model(args.model, device=device, progress=progress, dtype=args.model_dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code, blocks=args.blocks, final_norm=args.final_norm,
@@ -110,7 +110,7 @@ def rows_from_args(args, provenance: dict | None = None, verb: str = "read", dev
     """The rows a command reads: the store of ``--store`` (default ``activations.h5``), or with
     ``--model`` the model's forward pass over the plan of ``provenance`` (see
     :func:`live_source_from_args`), on ``device`` (default ``--device``)."""
-    from ..store import ActivationStore
+    from njtc_solve.data.store import ActivationStore
 
     if args.model is None:
         with ActivationStore(args.store or "activations.h5") as store:
@@ -123,13 +123,13 @@ def rows_from_args(args, provenance: dict | None = None, verb: str = "read", dev
 
 
 def live_source_from_args(args, device, progress: bool = True, provenance: dict | None = None):
-    """The :class:`~njtc_solve.sources.LiveSource` a command's parsed arguments describe.
+    """The :class:`~njtc_solve.data.live.LiveSource` a command's parsed arguments describe.
 
     Arguments left unset take their value from ``provenance`` (a shortcut's), so that
     evaluation runs the plan the shortcut was fitted with (see :func:`plan_settings`).
     """
-    from ..corpus import corpus_sha256, load_corpus
-    from ..sources import LiveSource
+    from njtc_solve.data.corpus import corpus_sha256, load_corpus
+    from njtc_solve.data.live import LiveSource
 
     settings = plan_settings(args, provenance)  # bad settings fail before the model loads
     corpus = args.corpus if args.corpus is not None else PLAN_DEFAULTS["corpus"]

@@ -7,10 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import evaluate as library
-from ..errors import NJTCError, temporary_path
-from . import command, flags_of, run_cli, translate
-from .arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args
+from njtc_solve.eval import evaluate as library
+from njtc_solve.core.errors import NJTCError, temporary_path
+from njtc_solve.cli import command, flags_of, run_cli, translate
+from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_arguments(args, files: list[str]) -> Path:
     """Every check that reads no row: the numbers, and the report folder against the inputs."""
-    from ..export import TUNED_LENS_FILES
-    from ..models import check_device
-    from ..outputs import check_folder_output, check_not_inputs
+    from njtc_solve.maps.tuned_lens import TUNED_LENS_FILES
+    from njtc_solve.core.models import check_device
+    from njtc_solve.core.outputs import check_folder_output, check_not_inputs
 
     if args.max_rows is not None and args.max_rows <= 0:
         raise NJTCError("--max-rows must be positive")
@@ -72,9 +72,9 @@ def _check_arguments(args, files: list[str]) -> Path:
 @command(build_parser)
 def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.evaluate``."""
-    from ..export import read_tuned_lens
-    from ..report import write_report
-    from ..shortcuts import Shortcuts
+    from njtc_solve.maps.tuned_lens import read_tuned_lens
+    from njtc_solve.eval.report import write_report
+    from njtc_solve.maps.shortcuts import Shortcuts
 
     files = args.shortcuts
     if files is None:
@@ -93,7 +93,7 @@ def main(args) -> int:
         pairwise = [sc for sc in loaded if sc.target_layer != store.n_layers]
         loaded = [sc for sc in loaded if sc.target_layer == store.n_layers]
         if pairwise:
-            from ..pairwise import evaluate_pairs, write_pairwise_report
+            from njtc_solve.eval.layer_pairs import evaluate_pairs, write_pairwise_report
 
             if args.layers is not None:
                 raise NJTCError("--layers applies to maps to the last layer; maps to other layers are evaluated whole")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import export as library
-from . import command, run_cli
-from .arguments import command_inputs
+from njtc_solve.maps import tuned_lens as library
+from njtc_solve.cli import command, run_cli
+from njtc_solve.cli.arguments import command_inputs
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 @command(build_parser)
 def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.export``."""
-    from ..outputs import check_not_inputs
-    from ..shortcuts import Shortcuts
+    from njtc_solve.core.outputs import check_not_inputs
+    from njtc_solve.maps.shortcuts import Shortcuts
 
     check_not_inputs([("--out", Path(args.out) / name) for name in library.TUNED_LENS_FILES],
                      command_inputs(args, "shortcuts", "model"))
@@ -38,7 +38,7 @@ def main(args) -> int:
     library.check_exportable(shortcuts)  # what cannot be exported is refused before a model is loaded
     model = None
     if args.model is not None:
-        from ..models import load_model
+        from njtc_solve.core.models import load_model
 
         model = load_model(args.model, progress=False)[0]
     out = library.export_tuned_lens(shortcuts, args.out, model=model, overwrite=args.overwrite)

@@ -8,11 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from .. import extract as library
-from ..errors import NJTCError, output_lock, temporary_path
-from ..store import StoreWriter
-from . import command, run_cli
-from .arguments import add_model_arguments, add_plan_arguments, command_inputs, load_model_from_args, parse_layers, plan_settings
+from njtc_solve.data import extract as library
+from njtc_solve.core.errors import NJTCError, output_lock, temporary_path
+from njtc_solve.data.store import StoreWriter
+from njtc_solve.cli import command, run_cli
+from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, load_model_from_args, parse_layers, plan_settings
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -21,7 +21,7 @@ INTERRUPTED = "the partial store is kept: resume with --resume"
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    from ..store import STORE_DTYPES
+    from njtc_solve.data.store import STORE_DTYPES
 
     p = argparse.ArgumentParser(prog="python -m njtc_solve.extract", description=library.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,11 +47,11 @@ def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.extract`` (also under torchrun)."""
     import h5py
 
-    from ..corpus import load_corpus
-    from ..distributed import Communicator
-    from ..models import check_device
-    from ..outputs import check_not_inputs
-    from ..store import VALIDATION, combine_shards, shard_path
+    from njtc_solve.data.corpus import load_corpus
+    from njtc_solve.core.distributed import Communicator
+    from njtc_solve.core.models import check_device
+    from njtc_solve.core.outputs import check_not_inputs
+    from njtc_solve.data.store import VALIDATION, combine_shards, shard_path
 
     plan_settings(args)  # a bad plan is refused before the corpus and the model load
     StoreWriter.check_settings(dtype=args.dtype, batch_size=args.batch_size)

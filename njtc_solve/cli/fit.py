@@ -8,10 +8,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .. import fit as library
-from ..errors import NJTCError
-from . import command, run_cli, warn
-from .arguments import (add_model_arguments, add_plan_arguments, command_inputs, parse_alpha, parse_layers, parse_ranks,
+from njtc_solve.solve import fit as library
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.cli import command, run_cli, warn
+from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, parse_alpha, parse_layers, parse_ranks,
                         parse_target, plan_settings, rows_from_args)
 
 __all__ = ["build_parser", "main", "output_paths", "rank_paths", "run"]
@@ -59,7 +59,7 @@ RENAMES = {"ranks": "--rank", "statistics": "--stats", "fit_intercept=False": "-
 @command(build_parser, **RENAMES)
 def main(args, comm=None) -> int:
     """Command-line entry point of ``python -m njtc_solve.fit`` (also under torchrun)."""
-    from ..distributed import Communicator
+    from njtc_solve.core.distributed import Communicator
 
     comm = comm or Communicator.from_environment(args.device)
     try:
@@ -118,9 +118,9 @@ def _check_outputs(args, out: Path, targets=None) -> None:
     ``targets`` (``--target-layer all``): the target layers, whose files ``OUT-t{t}…`` are
     checked instead of ``OUT`` (which that fit never writes); ``[]`` checks ``--save-stats`` alone.
     """
-    from ..outputs import check_file_output, check_not_inputs
-    from ..shortcuts import FORMAT as SHORTCUT_FORMAT
-    from ..stats import FORMAT as STATISTICS_FORMAT
+    from njtc_solve.core.outputs import check_file_output, check_not_inputs
+    from njtc_solve.maps.shortcuts import FORMAT as SHORTCUT_FORMAT
+    from njtc_solve.solve.stats import FORMAT as STATISTICS_FORMAT
 
     ranks = parse_ranks(args.rank)
     names = rank_paths(out, ranks) if targets is None else [p for t in targets for p in rank_paths(out, ranks, t)]
@@ -143,7 +143,7 @@ def _fit_settings(args) -> dict:
 
 def _run(args, comm) -> int:
     """The fit itself: every process accumulates its share and solves its layers; rank 0 writes."""
-    from ..models import check_device
+    from njtc_solve.core.models import check_device
 
     device = args.device
     if comm is not None:

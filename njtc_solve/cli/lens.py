@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import lens as library
-from ..errors import NJTCError
-from . import command, run_cli
-from .arguments import command_inputs
+from njtc_solve.eval import lens as library
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.cli import command, run_cli
+from njtc_solve.cli.arguments import command_inputs
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -61,7 +61,7 @@ def _prompt_text(args) -> str:
 
 def _check_arguments(args) -> Path | None:
     """Every check before the model loads: the numbers, the output folder, the lens files."""
-    from ..models import check_device
+    from njtc_solve.core.models import check_device
 
     if args.top_k < 1:
         raise NJTCError("--top-k must be at least 1")
@@ -69,8 +69,8 @@ def _check_arguments(args) -> Path | None:
         raise NJTCError("--max-positions must be at least 1")
     out = None
     if args.out is not None:
-        from ..export import TUNED_LENS_FILES
-        from ..outputs import check_folder_output, check_not_inputs
+        from njtc_solve.maps.tuned_lens import TUNED_LENS_FILES
+        from njtc_solve.core.outputs import check_folder_output, check_not_inputs
 
         out = Path(args.out)
         lens_files = [("--tuned-lens", Path(args.tuned_lens) / n) for n in TUNED_LENS_FILES] if args.tuned_lens else []
@@ -88,10 +88,10 @@ def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.lens``."""
     import torch
 
-    from ..export import read_tuned_lens
-    from ..head import Head
-    from ..models import load_model, model_sha256
-    from ..shortcuts import Shortcuts
+    from njtc_solve.maps.tuned_lens import read_tuned_lens
+    from njtc_solve.core.head import Head
+    from njtc_solve.core.models import load_model, model_sha256
+    from njtc_solve.maps.shortcuts import Shortcuts
 
     args.prompt = _prompt_text(args)
     out = _check_arguments(args)

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..errors import NJTCError
-from . import command, run_cli
-from .arguments import add_model_arguments, add_plan_arguments, load_model_from_args, plan_settings
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.cli import command, run_cli
+from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, load_model_from_args, plan_settings
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -63,8 +63,8 @@ def _list(text: str, flag: str, kind=str) -> list:
 
 def _check(args, settings) -> tuple[list, list]:
     """Every check that needs no model weights: flags, the removal against the model's block count, --out."""
-    from ..replace import WEIGHTINGS, check_foldable, check_output_folder, check_removal
-    from ..pruning import model_blocks
+    from njtc_solve.prune.folding import WEIGHTINGS, check_foldable, check_output_folder, check_removal
+    from njtc_solve.prune.selection import model_blocks
 
     if args.remove < 1:
         raise NJTCError(f"--remove must be at least 1, not {args.remove}")
@@ -100,14 +100,14 @@ def _check(args, settings) -> tuple[list, list]:
 def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.prune``."""
     settings = plan_settings(args)
-    from ..models import check_device
+    from njtc_solve.core.models import check_device
 
     check_device(args.device)
     weightings, ridge = _check(args, settings)
     start = time.perf_counter()
-    from ..corpus import load_corpus
-    from ..models import model_sha256
-    from ..pruning import prune_model
+    from njtc_solve.data.corpus import load_corpus
+    from njtc_solve.core.models import model_sha256
+    from njtc_solve.prune.selection import prune_model
 
     corpus_name, documents = load_corpus(args.corpus, text_field=args.text_field)
     model, tokenizer, name = load_model_from_args(args, args.device, progress=not args.no_progress)

@@ -8,10 +8,10 @@ import math
 import sys
 from pathlib import Path
 
-from .. import refine as library
-from ..errors import NJTCError
-from . import command, run_cli
-from .arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args
+from njtc_solve.solve import refine as library
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.cli import command, run_cli
+from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -46,10 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_arguments(args) -> Path:
     """Every check that reads no row: the settings, and the output file against the inputs."""
-    from ..models import check_device
-    from ..outputs import check_file_output, check_not_inputs
-    from ..shortcuts import FORMAT as SHORTCUT_FORMAT
-    from ..train import OBJECTIVES, OPTIMIZERS
+    from njtc_solve.core.models import check_device
+    from njtc_solve.core.outputs import check_file_output, check_not_inputs
+    from njtc_solve.maps.shortcuts import FORMAT as SHORTCUT_FORMAT
+    from njtc_solve.solve.training import OBJECTIVES, OPTIMIZERS
 
     if args.objective not in OBJECTIVES:
         raise NJTCError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {args.objective!r}")
@@ -72,7 +72,7 @@ def _check_arguments(args) -> Path:
 @command(build_parser)
 def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.refine``."""
-    from ..shortcuts import Shortcuts
+    from njtc_solve.maps.shortcuts import Shortcuts
 
     out = _check_arguments(args)
     start = Shortcuts.load(args.shortcuts)

@@ -1,0 +1,233 @@
+"""Where each supported architecture keeps its blocks, final norm and unembedding.
+
+An explicit table, as in tuned-lens: an architecture missing from it is an error, never
+a guess, because a wrong final norm silently gives wrong shortcuts. Each entry also says
+how the family turns the final norm's output into logits: a gain stored as ``w`` or as
+``1 + w``, an output projection before the unembedding, a logit scale, a final soft-cap.
+
+Refusals come from the configuration alone (:func:`check_config`), before any weight is
+read: encoder-decoder models, post-norm models (OPT-350m), unknown model types.
+
+Examples
+--------
+>>> ARCHITECTURES["gemma2"].softcap, ARCHITECTURES["granite"].logit_divisor
+('final_logit_softcapping', 'logits_scaling')
+>>> from transformers import OPTConfig
+>>> check_config(OPTConfig(do_layer_norm_before=False))
+Traceback (most recent call last):
+...
+njtc_solve.core.errors.NJTCError: opt with do_layer_norm_before=False (e.g. OPT-350m) is a post-norm model: its blocks' outputs are normalised inside the block, so there is no pre-norm residual stream to map
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from njtc_solve.core.errors import NJTCError
+
+__all__ = ["ARCHITECTURES", "ArchitectureSpec", "architecture_of", "check_config", "check_supported",
+           "custom_architecture", "projection_of", "resolve_parts"]
+
+# the attribute of a model that carries parts named by the user (trust_remote_code models)
+_CUSTOM = "_njtc_architecture"
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Attribute paths, from the ``*ForCausalLM`` model, of the parts a shortcut needs.
+
+    Attributes
+    ----------
+    blocks, final_norm : str
+        Dotted paths of the block list and of the final norm.
+    norm : {"layernorm", "rmsnorm"}
+        The final norm's kind: ``layernorm`` is mean-centred (its gain and bias may be absent:
+        OLMo has neither, Cohere no bias), ``rmsnorm`` is not.
+    gain : {"w", "1+w"}
+        How the norm stores its gain: the gain itself, or its offset from 1 (Gemma, Nemotron).
+    eps : float, optional
+        The norm's epsilon where the module has no attribute for it (OLMo's is fixed).
+    projection : str, optional
+        Path of a bias-free linear map applied between the norm and the unembedding (OPT's
+        ``project_out``); a path that resolves to ``None`` means the model has none.
+    logit_scale, logit_divisor, softcap : str, optional
+        Config attributes: a factor multiplying the logits (Cohere), a divisor of the logits
+        (Granite's ``logits_scaling``), a final soft-cap ``c·tanh(z/c)`` (Gemma 2/3); a value
+        of ``None`` in the config means the model does not apply it.
+    """
+
+    blocks: str
+    final_norm: str
+    norm: str
+    gain: str = "w"
+    eps: float | None = None
+    projection: str | None = None
+    logit_scale: str | None = None
+    logit_divisor: str | None = None
+    softcap: str | None = None
+
+
+_LLAMA_LIKE = ArchitectureSpec("model.layers", "model.norm", "rmsnorm")
+_GPT2_LIKE = ArchitectureSpec("transformer.h", "transformer.ln_f", "layernorm")
+_LAYERNORM_MODEL = ArchitectureSpec("model.layers", "model.norm", "layernorm")
+_GEMMA = ArchitectureSpec("model.layers", "model.norm", "rmsnorm", gain="1+w")
+_GEMMA_CAPPED = ArchitectureSpec("model.layers", "model.norm", "rmsnorm", gain="1+w",
+                                 softcap="final_logit_softcapping")
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "gpt2": _GPT2_LIKE,
+    "gpt_neo": _GPT2_LIKE,
+    "gptj": _GPT2_LIKE,
+    "codegen": _GPT2_LIKE,
+    "bloom": _GPT2_LIKE,
+    "falcon": _GPT2_LIKE,
+    "gpt_bigcode": _GPT2_LIKE,
+    "gpt_neox": ArchitectureSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "layernorm"),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "mixtral": _LLAMA_LIKE,
+    "qwen2_moe": _LLAMA_LIKE,
+    "qwen3_moe": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "phi": ArchitectureSpec("model.layers", "model.final_layernorm", "layernorm"),
+    "stablelm": _LAYERNORM_MODEL,
+    "starcoder2": _LAYERNORM_MODEL,
+    "nemotron": ArchitectureSpec("model.layers", "model.norm", "layernorm", gain="1+w"),
+    "olmo": ArchitectureSpec("model.layers", "model.norm", "layernorm", eps=1e-5),
+    "cohere": ArchitectureSpec("model.layers", "model.norm", "layernorm", logit_scale="logit_scale"),
+    "granite": ArchitectureSpec("model.layers", "model.norm", "rmsnorm", logit_divisor="logits_scaling"),
+    "opt": ArchitectureSpec("model.decoder.layers", "model.decoder.final_layer_norm", "layernorm",
+                            projection="model.decoder.project_out"),
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA_CAPPED,
+    "gemma3_text": _GEMMA_CAPPED,
+    # the multimodal Gemma 3 checkpoints, read as language models (text in, no image); their
+    # forward applies no final soft-cap (Gemma3ForConditionalGeneration)
+    "gemma3": ArchitectureSpec("model.language_model.layers", "model.language_model.norm", "rmsnorm", gain="1+w"),
+}
+
+
+def _refusal(config) -> str | None:
+    """Why a known architecture's configuration cannot be lensed, or ``None``."""
+    kind = getattr(config, "model_type", None)
+    if kind == "opt" and not getattr(config, "do_layer_norm_before", True):
+        return ("opt with do_layer_norm_before=False (e.g. OPT-350m) is a post-norm model: its blocks' outputs "
+                "are normalised inside the block, so there is no pre-norm residual stream to map")
+    if kind == "opt" and getattr(config, "_remove_final_layer_norm", False):
+        return "opt with _remove_final_layer_norm=True has no final norm to apply after a shortcut"
+    return None
+
+
+def check_supported(model_type: str | None) -> ArchitectureSpec:
+    """The table entry of ``model_type``; an architecture missing from it is an error."""
+    if model_type not in ARCHITECTURES:
+        raise NJTCError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))} "
+            "(or name the parts of a `trust_remote_code=True` model with `blocks` and `final_norm`)"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def check_config(config, custom: bool = False) -> ArchitectureSpec | None:
+    """Refuse a model from its configuration alone; return its table entry.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig
+        The model's configuration (no weights are read).
+    custom : bool
+        The user names the parts (see :func:`custom_architecture`): an unknown model type is
+        then accepted (``None`` is returned), an encoder-decoder model still is not.
+
+    Raises
+    ------
+    NJTCError
+        One line saying why: an encoder-decoder model, a post-norm model, an unknown type.
+    """
+    kind = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise NJTCError(f"{kind} is an encoder-decoder model; only decoder-only causal language models are supported")
+    if custom:
+        return ARCHITECTURES.get(kind)
+    spec = check_supported(kind)
+    reason = _refusal(config)
+    if reason is not None:
+        raise NJTCError(reason)
+    return spec
+
+
+def custom_architecture(model: nn.Module, blocks: str, final_norm: str, norm: str | None = None) -> ArchitectureSpec:
+    """Name the parts of a model the table does not know (``trust_remote_code`` models).
+
+    The spec is attached to ``model`` and wins over the table. ``norm`` is inferred from the
+    final norm's class name (``LayerNorm`` / ``RMSNorm``) where not given. Nothing else of
+    the head (a logit scale, a soft-cap) is known, so the extraction's head check, which
+    compares the head with the model's own logits, is what guards such a model.
+    """
+    module = _get(model, final_norm)
+    name = type(module).__name__.lower()
+    if norm is None:
+        norm = "rmsnorm" if "rms" in name else "layernorm" if "layernorm" in name else None
+        if norm is None:
+            raise NJTCError(f"cannot tell the kind of final norm {type(module).__name__}; pass `norm` layernorm or rmsnorm")
+    if norm not in ("layernorm", "rmsnorm"):
+        raise NJTCError(f"`norm` must be layernorm or rmsnorm, not {norm!r}")
+    if not isinstance(_get(model, blocks), nn.ModuleList):
+        raise NJTCError(f"{blocks!r} is not a list of blocks (an nn.ModuleList)")
+    spec = ArchitectureSpec(blocks, final_norm, norm)
+    object.__setattr__(model, _CUSTOM, spec)  # a plain attribute, not a submodule
+    return spec
+
+
+def architecture_of(model: nn.Module) -> ArchitectureSpec:
+    """The model's parts: those named by :func:`custom_architecture`, else the table's entry."""
+    custom = getattr(model, _CUSTOM, None)
+    if custom is not None:
+        return custom
+    config = getattr(model, "config", None)
+    return check_config(config) if config is not None else check_supported(None)
+
+
+def _get(model: nn.Module, path: str, optional: bool = False):
+    obj = model
+    for name in path.split("."):
+        if not hasattr(obj, name):
+            if optional:
+                return None
+            raise NJTCError(f"model has no attribute {path!r} (architecture table is out of date?)")
+        obj = getattr(obj, name)
+    return obj
+
+
+def resolve_parts(model: nn.Module):
+    """Return ``(spec, blocks, final_norm, unembedding)`` of a causal language model.
+
+    The final norm's class must match the table's norm kind, so that a layer norm is never
+    applied as an RMS norm or the other way round.
+    """
+    spec = architecture_of(model)
+    blocks = _get(model, spec.blocks)
+    final_norm = _get(model, spec.final_norm)
+    if final_norm is None:
+        raise NJTCError(f"{spec.final_norm} is None: the model has no final norm")
+    name = type(final_norm).__name__.lower()
+    is_layernorm = isinstance(final_norm, nn.LayerNorm) or "layernorm" in name
+    is_rms = "rmsnorm" in name
+    if (spec.norm == "layernorm" and not is_layernorm) or (spec.norm == "rmsnorm" and not is_rms):
+        raise NJTCError(
+            f"final norm {type(final_norm).__name__} does not match the expected {spec.norm}"
+        )
+    unembed = model.get_output_embeddings()
+    if unembed is None:
+        raise NJTCError("model has no output embedding (unembedding)")
+    return spec, blocks, final_norm, unembed
+
+
+def projection_of(model: nn.Module, spec: ArchitectureSpec):
+    """The linear map between the final norm and the unembedding, or ``None``."""
+    return None if spec.projection is None else _get(model, spec.projection, optional=True)

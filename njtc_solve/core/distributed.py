@@ -1,0 +1,99 @@
+"""Scale-out with ``torch.distributed``: every statistic is a sum, so one all-reduce suffices.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) each process reads every ``world_size``-th chunk of the
+training rows and accumulates with the shift a single process would use (the mean of the
+store's first training chunk, which every process reads for itself). Then a vote that every
+process succeeded, and one in-place all-reduce of the accumulator's float64 buffer (no copy)
+that gives every process the global statistics. Each process solves its share of the layers
+on its own device, and rank 0 gathers the maps and writes. A single process needs none of
+this. Sharded extraction: each process extracts a contiguous block of the same
+sequence plan into its own shard file, and rank 0 joins them (``store.combine_shards``).
+
+Communication per fit: one buffer of ``layers × (2d² + d) + d² + d + 1`` float64 values,
+about one pair of d×d float64 matrices per source layer (5.3 MB per layer at d = 576,
+268 MB per layer at d = 4096), plus the one-integer vote.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from njtc_solve.core.errors import NJTCError
+
+__all__ = ["Communicator"]
+
+
+class Communicator:
+    """A ``torch.distributed`` process group as the fit uses it.
+
+    Parameters
+    ----------
+    device : str
+        ``"cpu"`` uses gloo, ``"cuda"`` uses nccl (each process on ``LOCAL_RANK``'s GPU).
+    timeout_s : float
+        How long a collective waits for a peer before the run fails.
+    """
+
+    def __init__(self, device="cpu", timeout_s: float | None = None):
+        cuda = torch.device(device).type == "cuda"
+        timeout_s = timeout_s or float(os.environ.get("NJTC_DIST_TIMEOUT", 600))
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
+        if cuda:  # NCCL binds each process to its current device: set it before the group exists
+            if not torch.cuda.is_available() or self.device.index >= torch.cuda.device_count():
+                raise NJTCError(f"`device` cuda: process {os.environ.get('RANK', 0)} has no GPU {self.device}")
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            kwargs = {"device_id": self.device} if cuda else {}
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                    **kwargs)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.voted = False
+
+    @classmethod
+    def from_environment(cls, device="cpu"):
+        """A communicator when launched by torchrun with several processes, else ``None``."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return cls(device)
+        return None
+
+    def _collective(self, fn, *args):
+        try:
+            return fn(*args)
+        except (RuntimeError, dist.DistError) as err:
+            raise NJTCError(f"process {self.rank}: a peer process failed or left the run ({type(err).__name__}); "
+                            "no output written") from err
+
+    def all_reduce(self, acc) -> None:
+        """Sum every process's accumulator (row counts included) in one in-place float64 all-reduce."""
+        self._collective(dist.all_reduce, acc.packed())
+        acc.unpacked()
+
+    def gather_to_root(self, item):
+        """Every process's ``item`` (picklable, on the CPU) as a list on rank 0; ``None`` elsewhere."""
+        out = [None] * self.world_size if self.rank == 0 else None
+        self._collective(dist.gather_object, item, out, 0)
+        return out
+
+    def vote(self, ok: bool) -> bool:
+        """Whether every process reports success: a collective that every process calls once.
+
+        A process that fails before its vote still votes (``False``) on its way out, so no
+        peer waits for it; a peer that died makes the vote fail.
+        """
+        self.voted = True
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        try:
+            dist.all_reduce(flag, dist.ReduceOp.MIN)
+        except (RuntimeError, dist.DistError):
+            return False
+        return bool(flag.item())
+
+    def close(self) -> None:
+        """Leave the process group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,145 @@
+"""Reading the residual stream of a live model: the one capture that every consumer uses.
+
+Extraction (to a store), the live fit and live evaluation (statistics straight from the
+forward pass) and the lens (a prompt) all read the model's hidden states through
+:func:`capture_residual_stream`, and the first three walk an extraction plan through
+:func:`forward_batches`, so that rows, positions and splits are the same on every path.
+
+Layer 0 is the input of the first block (the embedding output, after any scaling or
+projection the model applies), layer ``l`` the output of block ``l``, and layer ``L`` the
+last block's output *before* the final norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from njtc_solve.core.architectures import resolve_parts
+from njtc_solve.core.errors import NJTCError
+
+__all__ = ["CapturedBatch", "capture_residual_stream", "check_head", "forward_batches", "head_check_tolerance"]
+
+
+@contextmanager
+def capture_residual_stream(model):
+    """Hook a model so each forward pass records the residual stream at every layer.
+
+    Yields a list that, after a forward pass, holds ``L + 1`` tensors of shape
+    ``(batch, seq, d)``: the first block's input, then each block's output (the last one
+    before the final norm), in the model's dtype and on its device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> with capture_residual_stream(model) as hidden, torch.no_grad():
+    ...     _ = model(input_ids=torch.tensor([[5, 17, 42]]))
+    >>> len(hidden) == model.config.num_hidden_layers + 1, tuple(hidden[0].shape)
+    (True, (1, 3, 32))
+    """
+    _, blocks, _, _ = resolve_parts(model)
+    captured: list[torch.Tensor] = []
+
+    def before_first(module, args, kwargs):
+        captured.clear()
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    def after_block(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
+    handles += [block.register_forward_hook(after_block) for block in blocks]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class CapturedBatch:
+    """The rows of one forward pass over a batch of a plan's sequences.
+
+    ``hidden[l]`` holds layer ``l``'s rows ``(rows, d)`` in the model's dtype and device
+    (every position of the batch, or the plan's one position per sequence), ``logits`` the
+    model's own logits at those rows, ``tokens`` the input token at each row, and
+    ``rows`` the rows' slice in the plan's row order.
+    """
+
+    sequences: slice
+    rows: slice
+    hidden: list[torch.Tensor]
+    logits: torch.Tensor
+    tokens: torch.Tensor
+
+
+def _rows(t: torch.Tensor, pick) -> torch.Tensor:
+    """Rows of a (batch, seq, ...) tensor: all positions as a view, or ``t[pick]``."""
+    return t.reshape(-1, *t.shape[2:]) if pick is None else t[pick]
+
+
+def forward_batches(model, plan, batch_size: int, first_batch: int = 0) -> Iterator[CapturedBatch]:
+    """Run the model over ``plan``'s sequences, ``batch_size`` at a time, yielding their rows.
+
+    ``plan`` is an :class:`njtc_solve.data.plan.ExtractionPlan` (or one process's block of
+    it). The caller consumes each batch before asking for the next: the hidden states are
+    the model's own tensors, valid until the next forward pass.
+    """
+    device = next(model.parameters()).device
+    n_batches = -(-len(plan.sequence) // batch_size)
+    with capture_residual_stream(model) as captured, torch.no_grad():
+        for b in range(first_batch, n_batches):
+            seqs = slice(b * batch_size, min((b + 1) * batch_size, len(plan.sequence)))
+            ids = torch.as_tensor(plan.token_ids[seqs], device=device)
+            logits = model(input_ids=ids).logits
+            # rows of this batch: every position (a view), or one per sequence (a gather)
+            pick = None if plan.position is None else (
+                torch.arange(ids.shape[0], device=device),
+                torch.as_tensor(plan.row_positions(seqs), device=device))
+            r0 = seqs.start * plan.rows_per_sequence
+            rows = slice(r0, r0 + ids.shape[0] * plan.rows_per_sequence)
+            yield CapturedBatch(seqs, rows, [_rows(h, pick) for h in captured], _rows(logits, pick),
+                                _rows(ids, pick))
+
+
+def head_check_tolerance(model_dtype: torch.dtype, store_dtype: str = "float32") -> tuple[float, float]:
+    """``(max relative logit error, min top-1 agreement)`` that the head check accepts.
+
+    A float32 model and store reproduce the logits to rounding (1e-4). 16-bit storage, or a
+    half-precision model whose own head runs in 16 bits, rounds the last layer or the logits
+    at 1e-3…1e-2 and may flip a near-tie top-1 among the sampled rows; a wrong head (a norm
+    missing or applied twice) is off by far more.
+    """
+    if model_dtype == torch.bfloat16 or store_dtype == "bfloat16":
+        return 5e-2, 0.9
+    if model_dtype == torch.float16 or store_dtype != "float32":
+        return 2e-2, 0.9
+    return 1e-4, 0.99
+
+
+def check_head(head, last_layer: torch.Tensor, model_logits: torch.Tensor, model_dtype=torch.float32,
+               store_dtype: str = "float32", record: dict | None = None) -> dict:
+    """Check that ``head(last_layer)`` reproduces the model's own logits on a sample of rows.
+
+    Every path that reads a live model runs it on its first batch, before the long work:
+    a wrong architecture entry (a norm missing or applied twice, a lost logit scale) fails
+    here instead of giving wrong shortcuts. Returns ``max_abs_err``, ``rel_err`` (over the
+    largest absolute logit) and ``top1_agreement``; raises when they are beyond
+    :func:`head_check_tolerance`, having first put them into ``record`` when one is given.
+    """
+    model_logits = model_logits.float().cpu()
+    head_logits = head.logits(last_layer.float().cpu())
+    err = (head_logits - model_logits).abs().max().item()
+    rel = err / max(model_logits.abs().max().item(), 1e-30)
+    agreement = float((head_logits.argmax(-1) == model_logits.argmax(-1)).float().mean())
+    figures = {"max_abs_err": err, "rel_err": rel, "top1_agreement": agreement}
+    if record is not None:
+        record.update(figures)
+    tolerance, min_agreement = head_check_tolerance(model_dtype, store_dtype)
+    if rel > tolerance or agreement < min_agreement:
+        raise NJTCError(f"the head does not reproduce the model's logits (relative error {rel:.2e}, top-1 "
+                        f"agreement {agreement:.3f}); the architecture table is wrong for this model")
+    return figures

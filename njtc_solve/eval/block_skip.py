@@ -1,0 +1,151 @@
+"""Model surgery: run a decoder with blocks ``[start, end)`` replaced by a map on the residual stream.
+
+The unfolded block replacement of design.md §9: ``h_end ≈ f(h_start)``, then the model's own
+blocks ``end..L-1``, final norm and unembedding. One ordinary forward pass per batch records,
+at every block, its input hidden state and the other arguments the model passed it
+(attention mask, rotary position embeddings, cache position …, which do not depend on the
+hidden state); each replacement then reruns only the blocks after ``end`` from those
+recorded arguments. The prefix up to ``start`` is never recomputed: every pair of a batch
+shares the one pass (:meth:`SkipRunner.record`).
+
+Examples
+--------
+>>> import torch
+>>> from njtc_solve.eval.block_skip import SkipRunner
+>>> runner = SkipRunner(model)
+>>> ids = torch.tensor([[5, 17, 42, 7]])
+>>> runner.record(ids)
+>>> exact = runner.logits(1, 2, lambda h: runner.run_blocks(h, 1, 2))   # the true block as the map
+>>> bool(torch.allclose(exact, model(input_ids=ids).logits, atol=1e-5))
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from njtc_solve.core.architectures import resolve_parts
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.head import Head
+from njtc_solve.core.metrics import Reference, kl_divergence
+
+__all__ = ["SkipRunner", "skip_scores"]
+
+
+class SkipRunner:
+    """A decoder whose blocks ``[start, end)`` can be replaced by a callable on the residual stream.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+        Any family of :mod:`njtc_solve.core.architectures`; its parts come from
+        :func:`~njtc_solve.core.architectures.resolve_parts`.
+    """
+
+    def __init__(self, model):
+        _, self.blocks, _, _ = resolve_parts(model)
+        self.model = model
+        self.n_layers = len(self.blocks)
+        self.head = Head.from_model(model)
+        self.hidden: list[torch.Tensor] = []  # layer 0..L: block inputs, then the last block's output
+        self.calls: list[tuple[tuple, dict]] = []  # per block: its arguments other than the hidden state
+        self.model_logits: torch.Tensor | None = None
+        self._references: dict = {}  # (from_position, chunk_rows) -> the full model's distributions
+
+    def record(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Run the model once on a batch and keep every block's input and call arguments."""
+        hidden, calls = [], []
+
+        def before(module, args, kwargs):
+            if args:
+                hidden.append(args[0])
+                calls.append((args[1:], dict(kwargs)))
+            else:
+                kwargs = dict(kwargs)
+                hidden.append(kwargs.pop("hidden_states"))
+                calls.append(((), kwargs))
+
+        def after_last(module, args, output):
+            hidden.append(output[0] if isinstance(output, tuple) else output)
+
+        handles = [block.register_forward_pre_hook(before, with_kwargs=True) for block in self.blocks]
+        handles.append(self.blocks[-1].register_forward_hook(after_last))
+        try:
+            with torch.no_grad():
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(hidden) != self.n_layers + 1:
+            raise NJTCError(f"recorded {len(hidden)} hidden states for {self.n_layers} blocks; "
+                            "the model does not call its blocks once each")
+        self.hidden, self.calls, self.model_logits = hidden, calls, out.logits
+        self._references = {}
+
+    def references(self, from_position: int = 0, chunk_rows: int = 256) -> list:
+        """The full model's distributions (:class:`~njtc_solve.core.metrics.Reference`) at positions
+        ``>= from_position`` of the recorded batch, in chunks of ``chunk_rows`` rows; computed once
+        per batch and shared by every pair scored on it."""
+        key = (from_position, chunk_rows)
+        if key not in self._references:
+            full = self.hidden[-1][:, from_position:].reshape(-1, self.hidden[-1].shape[-1])
+            head = self.head.to(full.device)
+            with torch.no_grad():
+                self._references[key] = [Reference.from_logits(head.logits(full[i:i + chunk_rows].float()))
+                                         for i in range(0, len(full), chunk_rows)]
+        return self._references[key]
+
+    def run_blocks(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Run the model's own blocks ``start..end-1`` on ``h`` (batch, seq, d), with the recorded arguments."""
+        if not self.calls:
+            raise NJTCError("call record() first")
+        with torch.no_grad():
+            for i in range(start, end):
+                args, kwargs = self.calls[i]
+                out = self.blocks[i](h, *args, **kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def last_layer(self, start: int, end: int, replace: Callable, keep_positions: int = 0) -> torch.Tensor:
+        """Layer ``L`` with blocks ``[start, end)`` replaced: ``replace(h_start)`` stands for ``h_end``.
+
+        ``replace`` takes and returns ``(batch, seq, d)`` tensors. The first ``keep_positions``
+        positions keep the model's own ``h_end`` (e.g. an attention sink the map was not fitted on).
+        """
+        if not 0 <= start < end <= self.n_layers:
+            raise NJTCError(f"cannot replace blocks [{start}, {end}): need 0 <= start < end <= {self.n_layers}")
+        if not self.hidden:
+            raise NJTCError("call record() first")
+        with torch.no_grad():
+            h = replace(self.hidden[start]).to(self.hidden[end].dtype)
+            if keep_positions > 0:
+                h = torch.cat([self.hidden[end][:, :keep_positions], h[:, keep_positions:]], dim=1)
+            return self.run_blocks(h, end, self.n_layers)
+
+    def logits(self, start: int, end: int, replace: Callable, keep_positions: int = 0) -> torch.Tensor:
+        """The model's logits with blocks ``[start, end)`` replaced (float32, through :class:`Head`)."""
+        h = self.last_layer(start, end, replace, keep_positions)
+        head = self.head.to(h.device)
+        return head.logits(h.float())
+
+
+def skip_scores(runner: SkipRunner, start: int, end: int, replace: Callable, *, keep_positions: int = 0,
+                from_position: int = 0, chunk_rows: int = 256) -> dict:
+    """Summed KL(full ‖ skipped) and top-1 agreements of a replacement over the recorded batch.
+
+    Scores positions ``>= from_position``; the full model's distribution is its head on the
+    recorded last layer. Logits are made ``chunk_rows`` rows at a time. Returns
+    ``{"kl": sum, "agree": count, "n": rows}``.
+    """
+    last = runner.last_layer(start, end, replace, keep_positions)[:, from_position:]
+    last = last.reshape(-1, last.shape[-1])
+    head = runner.head.to(last.device)
+    kl = agree = 0.0
+    with torch.no_grad():
+        for i, ref in zip(range(0, len(last), chunk_rows), runner.references(from_position, chunk_rows)):
+            got = head.logits(last[i:i + chunk_rows].float())
+            kl += float(kl_divergence(ref, got).sum())
+            agree += float((ref.logp.argmax(-1) == got.argmax(-1)).sum())
+    return {"kl": kl, "agree": agree, "n": len(last)}

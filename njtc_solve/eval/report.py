@@ -1,0 +1,212 @@
+"""Tables and plots of an evaluation: JSON, CSV, Markdown and PNG figures in the papers' style."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+from matplotlib.figure import Figure  # no pyplot: a notebook's plotting backend stays as it is
+
+from njtc_solve.core.errors import NJTCError, atomic_output
+
+__all__ = ["write_report", "write_csv", "markdown_table", "summary_table"]
+
+_COLUMNS = ["method", "layer", "rank", "params", "reduction", "precision@1", "precision@5", "precision@10",
+            "surprisal", "kl", "mse", "r2", "n_rows"]
+
+
+def _fmt(value, column):
+    if value is None:
+        return "—"
+    if column == "reduction":
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{value:.4g}" if column in ("mse",) else f"{value:.3f}"
+    return str(value)
+
+
+def markdown_table(records, columns=_COLUMNS) -> str:
+    """All records as one Markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c), c) for c in columns) + " |" for r in records]
+    return "\n".join(lines)
+
+
+def summary_table(result, metric="precision@1", layers=None) -> str:
+    """Layers as rows, methods as columns, one metric in the cells (Markdown)."""
+    methods = list(dict.fromkeys(r["method"] for r in result.records))
+    cell = {(r["method"], r["layer"]): r[metric] for r in result.records}
+    layers = layers or sorted({r["layer"] for r in result.records})
+    lines = ["| layer | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for l in layers:
+        lines.append(f"| {l} | " + " | ".join(_fmt(cell.get((m, l)), metric) for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def _by_method(records):
+    groups = defaultdict(list)
+    for r in records:
+        groups[r["method"]].append(r)
+    return groups
+
+
+def _line_plot(result, metric, ylabel, path, reference=None):
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for method, rows in _by_method(result.records).items():
+        rows = sorted(rows, key=lambda r: r["layer"])
+        style = "--" if method == "identity" else "-"
+        ax.plot([r["layer"] for r in rows], [r[metric] for r in rows], style, marker=".", label=method)
+    if reference is not None:
+        ax.axhline(reference, color="black", lw=0.8, ls=":", label="full model")
+    ax.set_xlabel("source layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} against source layer ({result.meta.get('validation_rows')} held-out tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _rank_sweep(result, path) -> bool:
+    """Mean Precision@1 over layers against parameters per layer, one line per family."""
+    families = defaultdict(list)
+    for method, rows in _by_method(result.records).items():
+        if rows[0]["rank"] is not None:
+            family = "-".join(p for p in method.split("-") if not (p.startswith("r") and p[1:].isdigit()))
+            mean_p1 = sum(r["precision@1"] for r in rows) / len(rows)
+            families[family].append((rows[0]["params"], mean_p1, rows[0]["rank"]))
+    if not any(len(points) > 1 for points in families.values()):
+        return False
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    for family, points in families.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
+        for params, p1, rank in points:
+            ax.annotate(f"r={rank}", (params, p1), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    for method, rows in _by_method(result.records).items():
+        mean_p1 = sum(r["precision@1"] for r in rows) / len(rows)
+        if method == "identity":
+            ax.axhline(mean_p1, color="gray", ls="--", lw=1, label="identity (0 params)")
+        elif rows[0]["rank"] is None:
+            ax.scatter([rows[0]["params"]], [mean_p1], marker="s", color="black", zorder=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters per layer")
+    ax.set_ylabel("Precision@1 (mean over layers)")
+    ax.set_title("Rank sweep")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def _early_exit_plot(result, path):
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    for method, curve in result.early_exit.items():
+        ax.plot([100 * s for s in curve["saved"]], curve["agreement"], marker=".", label=method)
+    ax.set_xlabel("layers saved (%)")
+    ax.set_ylabel("agreement with the full model's top-1")
+    ax.set_title("Confidence-based early exit (threshold sweep)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path):
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def write_csv(path, records: list[dict]) -> None:
+    """Write ``records`` (dicts with the same keys) as a CSV table with a header row.
+
+    Lists and dicts in a cell are written as JSON, so a reader gets them back with ``json.loads``;
+    no pandas needed.
+
+    Examples
+    --------
+    >>> write_csv("t.csv", [{"method": "jtc", "layer": 3, "topk": ["a", "b"]}])
+    >>> print(open("t.csv").read().strip())
+    method,layer,topk
+    jtc,3,"[""a"", ""b""]"
+    """
+    cell = lambda v: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, tuple, dict)) else v
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else [], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: cell(v) for k, v in r.items()} for r in records)
+
+
+def _write_text(path, text):
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_report(result, out) -> tuple[dict, str]:
+    """Write ``results.json``, ``results.csv``, ``report.md`` and PNG plots into folder ``out``.
+
+    The files are written into a temporary folder beside ``out`` first and moved into ``out``
+    (created if needed; nothing else in it is touched) only once all of them are written: a
+    failure (a full disk, say) leaves ``out`` as it was.
+
+    Returns
+    -------
+    paths : dict
+        Name to path of each file written.
+    summary : str
+        The Markdown summary (Precision@1 by layer and method, early exit), also in report.md.
+    """
+    out = Path(out).resolve()
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        paths, summary = _write_files(result, tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in paths.values():  # only the report's own files are replaced
+            os.replace(path, out / path.name)
+        tmp.rmdir()
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise NJTCError(f"cannot write report folder {out}: {err.strerror or err}") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {key: out / path.name for key, path in paths.items()}, summary
+
+
+def _write_files(result, out: Path) -> tuple[dict, str]:
+    """The report's files, written into the (temporary) folder ``out``."""
+    paths = {k: out / v for k, v in [("json", "results.json"), ("csv", "results.csv"), ("markdown", "report.md"),
+                                      ("precision_plot", "precision_at_1.png"), ("surprisal_plot", "surprisal.png"),
+                                      ("early_exit_plot", "early_exit.png")]}
+    _write_text(paths["json"], json.dumps({"meta": result.meta, "records": result.records,
+                                           "early_exit": result.early_exit}, indent=1))
+    with atomic_output(paths["csv"]) as tmp:
+        write_csv(tmp, result.records)
+    _line_plot(result, "precision@1", "Precision@1", paths["precision_plot"])
+    _line_plot(result, "surprisal", "surprisal (nats)", paths["surprisal_plot"], result.meta.get("model_surprisal"))
+    _early_exit_plot(result, paths["early_exit_plot"])
+    if _rank_sweep(result, out / "rank_sweep.png"):
+        paths["rank_sweep_plot"] = out / "rank_sweep.png"
+    meta = result.meta
+    exit_rows = ["| method | layers saved at ≥95% agreement | at ≥99% |", "|---|---|---|"]
+    exit_rows += [f"| {m} | {100 * c['saved_at_95']:.1f}% | {100 * c['saved_at_99']:.1f}% |"
+                  for m, c in result.early_exit.items()]
+    summary = "\n\n".join([
+        f"Precision@1 against the model's own top-1 ({meta['validation_rows']} held-out tokens, "
+        f"model {meta.get('model')}):", summary_table(result),
+        "Surprisal (nats; the full model's own: " f"{meta.get('model_surprisal', float('nan')):.3f}):",
+        summary_table(result, "surprisal"), "Early exit:", "\n".join(exit_rows)])
+    images = "\n".join(f"![{p.stem}]({p.name})" for k, p in paths.items() if k.endswith("plot"))
+    _write_text(paths["markdown"], f"# Shortcut evaluation\n\n{summary}\n\n{images}\n\n## All figures\n\n"
+                f"{markdown_table(result.records)}\n")
+    return paths, summary

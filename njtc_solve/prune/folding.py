@@ -1,0 +1,509 @@
+"""Training-free block replacement: remove K consecutive blocks, fold a linear map into the block before.
+
+Removing blocks ``S .. S+K-1`` (0-based) of a pre-norm decoder turns ``h_S`` (the stream
+entering block ``S``) into ``h_{S+K}``. Block ``S-1`` writes ``h_S = r + m``, ``m`` its MLP
+output. A map fitted so that ``r + m·T + c ≈ h_{S+K}`` (least squares of ``m`` onto
+``y = h_{S+K} - h_S + m``) folds into the MLP's output projection (``W ← Tᵀ W``, bias
+``b ← b·T + c``), so the pruned model is an ordinary checkpoint with K fewer blocks
+(ReplaceMe, arXiv 2505.02819; design.md §9).
+
+This module holds the mechanics: which families fold (:data:`FOLDABLE`), the capture of every
+block's MLP output, the sufficient statistics of every start and K from one pass
+(:class:`ReplacementAccumulator`: shifted float32 GEMMs added into float64, plain and
+row-weighted by ``1 / mean(h_S²)``), the closed-form solve (:func:`solve_replacement`), the
+fold and the block removal (:func:`apply_replacement`) and the atomic save
+(:func:`save_pruned`). Every position is in the statistics, position 0 included: it is the
+attention sink every later position reads.
+
+Examples
+--------
+>>> import torch
+>>> acc = ReplacementAccumulator({1: [1]}, weightings=("plain",))
+>>> g = torch.Generator().manual_seed(0)
+>>> h = [torch.randn(2, 5, 8, generator=g) for _ in range(4)]      # layers 0..3, (batch, seq, d)
+>>> m = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]      # MLP outputs of blocks 0..2
+>>> acc.update(h, m)
+>>> stats = acc.finalize()
+>>> rep = solve_replacement(stats, start=1, remove=1, weighting="plain", intercept=True)
+>>> tuple(rep.T.shape), rep.c is not None, stats.n_rows
+((8, 8), True, 10)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from njtc_solve.core.architectures import _get, resolve_parts
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.outputs import check_writable
+from njtc_solve.solve.stats import add_gram, highest_float32_matmul
+
+__all__ = ["FOLDABLE", "FoldSpec", "PRUNE_RECORD", "Replacement", "ReplacementAccumulator", "ReplacementStatistics",
+           "WEIGHTINGS", "apply_replacement", "capture_mlp_outputs", "check_foldable", "check_removal",
+           "fold_replacement", "remove_blocks", "save_pruned", "solve_replacement"]
+
+PRUNE_RECORD = "njtc_prune.json"
+WEIGHTINGS = ("plain", "rms")  # rms: each row weighted by 1 / mean(h_S²), its squared RMS
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """Where a family's MLP output projection is, relative to a block, and how it stores its weight.
+
+    Attributes
+    ----------
+    projection : str
+        Dotted path of the MLP output projection inside a block.
+    kind : {"linear", "conv1d"}
+        ``nn.Linear`` (weight ``out × in``, ``y = a Wᵀ + b``) or GPT-2's ``Conv1D``
+        (weight ``in × out``, ``y = a W + b``).
+    bias_option : str, optional
+        A config flag that gives the MLP projections biases (Llama's ``mlp_bias``), for an
+        intercept where the projection has none.
+    bias_modules : tuple of str
+        The projections that flag adds a bias to (all of them must exist in the checkpoint).
+    has_bias : bool
+        The projection always has a bias of its own (the intercept folds into it).
+    """
+
+    projection: str
+    kind: str = "linear"
+    bias_option: str | None = None
+    bias_modules: tuple[str, ...] = ()
+    has_bias: bool = False
+
+
+_LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+FOLDABLE: dict[str, FoldSpec] = {
+    "llama": FoldSpec("mlp.down_proj", bias_option="mlp_bias", bias_modules=_LLAMA_MLP),
+    "mistral": FoldSpec("mlp.down_proj"),
+    "qwen2": FoldSpec("mlp.down_proj"),
+    "gpt2": FoldSpec("mlp.c_proj", kind="conv1d", has_bias=True),
+    "gpt_neox": FoldSpec("mlp.dense_4h_to_h", has_bias=True),
+}
+
+
+def check_foldable(config) -> FoldSpec:
+    """The fold of ``config``'s family; a family (or an option) that cannot fold is refused in one line."""
+    kind = getattr(config, "model_type", None)
+    if kind not in FOLDABLE:
+        raise NJTCError(f"{kind} cannot be pruned by folding: its MLP output projection is not in the fold table "
+                        f"(foldable: {', '.join(sorted(FOLDABLE))})")
+    if kind == "gpt2" and getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        raise NJTCError("gpt2 with scale_attn_by_inverse_layer_idx=True scales attention by the block's index, "
+                        "which removing blocks changes; it cannot be pruned")
+    if getattr(config, "add_cross_attention", False):
+        raise NJTCError(f"{kind} with cross-attention is not a decoder-only model; it cannot be pruned")
+    return FOLDABLE[kind]
+
+
+def check_removal(n_blocks: int, remove: int, start: int | None = None) -> None:
+    """Refuse a removal that is empty, leaves no block to fold into, or runs past the last block.
+
+    ``start`` is the first removed block (0-based); the map folds into block ``start - 1``,
+    so the first start is 1. ``None`` (every start) only checks ``remove``.
+    """
+    if remove < 1:
+        raise NJTCError(f"`remove` must be at least 1 block, not {remove}")
+    if remove > n_blocks - 1:
+        raise NJTCError(f"`remove` {remove} leaves no block before the removed ones to fold the map into: the model "
+                        f"has {n_blocks} blocks, so at most {n_blocks - 1} can be removed")
+    if start is None:
+        return
+    if start < 1:
+        raise NJTCError(f"`start` {start}: the map folds into the block before the first removed one, and block 0 "
+                        "has none; the first start is 1")
+    if start + remove > n_blocks:
+        raise NJTCError(f"`start` {start} with `remove` {remove} runs past the last block: the model has blocks "
+                        f"0..{n_blocks - 1}, so the last start is {n_blocks - remove}")
+
+
+def _projections(model, spec: FoldSpec) -> list[nn.Module]:
+    _, blocks, _, _ = resolve_parts(model)
+    return [_get(block, spec.projection) for block in blocks]
+
+
+@contextmanager
+def capture_mlp_outputs(model):
+    """Hook every block's MLP output projection; yields a dict ``block index → its latest output``.
+
+    The output is what the block adds to the residual stream as its MLP part (the projection's
+    bias included), ``(batch, seq, d)`` in the model's dtype, overwritten by each forward pass.
+    """
+    spec = check_foldable(model.config)
+    outputs: dict[int, torch.Tensor] = {}
+    with ExitStack() as hooks:  # every hook removed on the way out
+        for i, proj in enumerate(_projections(model, spec)):
+            hooks.callback(proj.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out)).remove)
+        yield outputs
+
+
+@dataclass
+class _Moments:
+    """Weighted shifted sums for one start and one weighting (float64)."""
+
+    w: torch.Tensor  # total weight (scalar)
+    sx: torch.Tensor  # (d,) Σ w (x - s_x)
+    st: torch.Tensor  # (nK, d) Σ w (t_K - s_t)
+    stt: torch.Tensor  # (nK,) Σ w ‖t_K - s_t‖²
+    sxxt: torch.Tensor  # (d, d + nK·d) Σ w (x - s_x)ᵀ [x - s_x | t_K1 - s_t | ...]
+
+
+@dataclass
+class ReplacementStatistics:
+    """Centred (and raw) moments of ``x = m_{S-1}`` against ``t_K = h_{S+K} - h_S`` per start, K and weighting.
+
+    ``moments[(start, k, weighting)]`` is a dict with ``n`` (total weight), ``mean_x``,
+    ``mean_t``, ``cxx``, ``cxt`` (centred) and ``tr_ctt`` (float64); ``cosine[(start, k)]``
+    the mean cosine similarity of ``h_S`` and ``h_{S+K}`` over every row (``all``) and over
+    the last position of each sequence (``last``), and ReplaceMe's angular distance
+    ``acos(cos)/π`` over the last positions (``angular_last``). ``n_rows`` counts the rows, every position included.
+    """
+
+    moments: dict
+    cosine: dict
+    n_rows: int
+    meta: dict = field(default_factory=dict)
+
+    def raw(self, start: int, k: int, weighting: str):
+        """Uncentred ``(Σ w xᵀx, Σ w xᵀt)`` for fits without an intercept."""
+        m = self.moments[(start, k, weighting)]
+        n = m["n"]
+        return (m["cxx"] + n * torch.outer(m["mean_x"], m["mean_x"]),
+                m["cxt"] + n * torch.outer(m["mean_x"], m["mean_t"]))
+
+
+class ReplacementAccumulator:
+    """Streaming sufficient statistics of block replacements, for many starts and K in one pass.
+
+    Parameters
+    ----------
+    pairs : dict of int to list of int
+        ``start → [K, ...]``: for each first removed block ``S``, the numbers of blocks removed.
+        The input rows are block ``S-1``'s MLP output, the targets ``h_{S+K} - h_S``.
+    weightings : tuple of {"plain", "rms"}
+        ``rms`` weights each row by ``1 / mean(h_S²)``.
+    device : str
+        Where the GEMMs run and the sums live.
+
+    Each chunk is shifted by the first chunk's means, multiplied in float32 (``highest``
+    precision) in blocks of :data:`njtc_solve.solve.stats.GEMM_ROWS` rows and added into float64.
+    """
+
+    def __init__(self, pairs: dict, *, weightings=WEIGHTINGS, device="cpu"):
+        bad = [w for w in weightings if w not in WEIGHTINGS]
+        if bad or not weightings:
+            raise NJTCError(f"`weightings` must be among {', '.join(WEIGHTINGS)}, not {list(weightings)!r}")
+        self.pairs = {int(s): sorted({int(k) for k in ks}) for s, ks in pairs.items()}
+        self.weightings = tuple(weightings)
+        self.device = torch.device(device)
+        self.sums: dict = {}
+        self.shift: dict = {}
+        self.cos: dict = {}
+        self.n_rows = 0
+        self.n_last = 0
+
+    def update(self, hidden, mlp) -> None:
+        """Add one forward pass: ``hidden[l]`` (batch, seq, d) for layers 0..L, ``mlp[i]`` block i's MLP output."""
+        with highest_float32_matmul():
+            self._update(hidden, mlp)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1]).to(self.device, torch.float32)
+
+    def _update(self, hidden, mlp):
+        last = hidden[0].shape[1] - 1
+        n = hidden[0].shape[0] * hidden[0].shape[1]
+        for start, ks in self.pairs.items():
+            x = self._rows(mlp[start - 1])
+            h_s = self._rows(hidden[start])
+            ts = [self._rows(hidden[start + k]) - h_s for k in ks]
+            if start not in self.shift:
+                self.shift[start] = (x.mean(0), torch.stack([t.mean(0) for t in ts]))
+            s_x, s_t = self.shift[start]
+            xc = x - s_x
+            block = torch.cat([xc] + [t - s_t[j] for j, t in enumerate(ts)], dim=1)
+            for weighting in self.weightings:
+                w = None if weighting == "plain" else 1.0 / h_s.pow(2).mean(-1).clamp_min(1e-30)
+                self._add(start, weighting, block, w, len(ks), x.shape[1])
+            for k in ks:
+                h_e = hidden[start + k]
+                cos = torch.nn.functional.cosine_similarity(hidden[start].float(), h_e.float(), dim=-1).double()
+                angle = torch.acos(cos[:, last].clamp(-1, 1)) / torch.pi  # ReplaceMe's angular distance
+                sums = self.cos.get((start, k), (0.0, 0.0, 0.0))
+                self.cos[(start, k)] = (sums[0] + float(cos.sum()), sums[1] + float(cos[:, last].sum()),
+                                        sums[2] + float(angle.sum()))
+        self.n_rows += n
+        self.n_last += hidden[0].shape[0]
+
+    def _add(self, start, weighting, block, w, n_k, d):
+        key = (start, weighting)
+        if key not in self.sums:
+            f64 = dict(dtype=torch.float64, device=self.device)
+            self.sums[key] = _Moments(torch.zeros((), **f64), torch.zeros(d, **f64), torch.zeros(n_k, d, **f64),
+                                      torch.zeros(n_k, **f64), torch.zeros(d, block.shape[1], **f64))
+        s = self.sums[key]
+        if w is not None:
+            block = block * w.sqrt()[:, None]  # the GEMMs then give Σ w (…)
+        xc = block[:, :d]
+        t_part = block[:, d:].reshape(block.shape[0], n_k, d)
+        root = torch.ones(block.shape[0], device=self.device) if w is None else w.sqrt()
+        s.w += root.double().pow(2).sum()
+        s.sx += (root[:, None] * xc).double().sum(0)
+        s.st += (root[:, None, None] * t_part).double().sum(0)
+        s.stt += t_part.double().pow(2).sum((0, 2))
+        add_gram(s.sxxt, xc, block)
+
+    def finalize(self, meta: dict | None = None) -> ReplacementStatistics:
+        """Centred float64 moments of every start, K and weighting."""
+        if self.n_rows == 0:
+            raise NJTCError("no rows were accumulated (the plan has no training sequences?)")
+        moments = {}
+        for (start, weighting), s in self.sums.items():
+            s_x, s_t = (v.double() for v in self.shift[start])
+            d = s.sx.shape[0]
+            n = float(s.w)
+            mx = s.sx / n
+            cxx = s.sxxt[:, :d] - n * torch.outer(mx, mx)
+            for j, k in enumerate(self.pairs[start]):
+                mt = s.st[j] / n
+                cxt = s.sxxt[:, d * (j + 1):d * (j + 2)] - n * torch.outer(mx, mt)
+                moments[(start, k, weighting)] = {"n": n, "mean_x": mx + s_x, "mean_t": mt + s_t[j], "cxx": cxx,
+                                                  "cxt": cxt, "tr_ctt": float(s.stt[j] - n * mt.dot(mt))}
+        cosine = {key: {"all": a / self.n_rows, "last": b / self.n_last, "angular_last": c / self.n_last}
+                  for key, (a, b, c) in self.cos.items()}
+        return ReplacementStatistics(moments, cosine, self.n_rows, dict(meta or {}))
+
+
+@dataclass
+class Replacement:
+    """The folded map of one removal: ``m ↦ m·T + c`` on block ``start - 1``'s MLP output.
+
+    ``T`` (d × d, float64), ``c`` (d,) or ``None`` without an intercept; ``T = I`` and
+    ``c = None`` is plain dropping. ``train_loss`` and ``drop_loss`` are the weighted squared
+    errors on the training rows of this map and of dropping (``T = I``), when known.
+    """
+
+    start: int
+    remove: int
+    T: torch.Tensor
+    c: torch.Tensor | None
+    name: str = "drop"
+    weighting: str | None = None
+    alpha: float = 0.0
+    intercept: str = "none"  # "none", "bias" (the projection's own) or the config option's name
+    train_loss: float | None = None
+    drop_loss: float | None = None
+
+    @classmethod
+    def drop(cls, start: int, remove: int, d: int) -> Replacement:
+        """Remove the blocks with no replacement."""
+        return cls(start, remove, torch.eye(d, dtype=torch.float64), None)
+
+    def describe(self) -> dict:
+        """The replacement's settings, for ``njtc_prune.json``."""
+        return {"name": self.name, "start": self.start, "remove": self.remove, "weighting": self.weighting,
+                "alpha_relative": self.alpha, "intercept": self.intercept, "train_loss": self.train_loss,
+                "drop_train_loss": self.drop_loss}
+
+
+def _psd_solve(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(a + αI)^+ b`` for a symmetric PSD ``a`` (eigendecomposition, cut-off at d × eps × λ_max)."""
+    lam, q = torch.linalg.eigh(a)
+    lam = lam + alpha
+    keep = lam > a.shape[0] * torch.finfo(torch.float64).eps * lam.max().clamp_min(1e-300)
+    qk = q[:, keep]
+    return qk @ ((qk.T @ b) / lam[keep][:, None])
+
+
+def solve_replacement(stats: ReplacementStatistics, *, start: int, remove: int, weighting: str = "plain",
+                      alpha: float = 0.0, intercept: bool = True, intercept_name: str = "bias") -> Replacement:
+    """Least-squares (or ridge) map of one removal from the statistics, solved in float64.
+
+    The fit is ``y ≈ x·T + c`` with ``x = m_{S-1}``, ``y = h_{S+K} - h_S + m_{S-1}``, written
+    ``T = I + Δ`` with ``Δ = (C_xx + αI)^+ C_xt`` (``t = h_{S+K} - h_S``): the ridge penalty
+    ``α‖T - I‖²`` shrinks the map towards plain dropping (``T = I``), and ``α`` is relative,
+    in units of ``tr C_xx / d``. Without ``intercept`` the raw (uncentred) Grams are used and
+    ``c`` is ``None``; ``intercept_name`` records where the intercept goes.
+    """
+    key = (start, remove, weighting)
+    if key not in stats.moments:
+        raise NJTCError(f"the statistics hold no start={start}, remove={remove} with weighting {weighting!r}")
+    if alpha < 0:
+        raise NJTCError(f"`alpha` must be non-negative, not {alpha}")
+    m = stats.moments[key]
+    if intercept:
+        gxx, gxt = m["cxx"], m["cxt"]
+    else:
+        gxx, gxt = stats.raw(start, remove, weighting)
+    d = gxx.shape[0]
+    a = alpha * float(torch.trace(gxx)) / d
+    delta = _psd_solve(gxx, gxt, a)
+    c = (m["mean_t"] - m["mean_x"] @ delta) if intercept else None
+    # training loss: Σ w ‖t - xΔ - c‖² (centred, or raw without intercept), against dropping: Σ w ‖t‖²
+    tr_tt = m["tr_ctt"] + (0.0 if intercept else m["n"] * float(m["mean_t"].dot(m["mean_t"])))
+    loss = tr_tt - 2 * float((delta * gxt).sum()) + float((delta * (gxx @ delta)).sum())
+    drop = m["tr_ctt"] + m["n"] * float(m["mean_t"].dot(m["mean_t"]))
+    name = "lsq" + ("-rms" if weighting == "rms" else "") + (f"-ridge{alpha:g}" if alpha else "")
+    name += f"+{intercept_name}" if intercept else ""
+    return Replacement(start, remove, torch.eye(d, dtype=torch.float64) + delta, c, name, weighting, alpha,
+                       intercept_name if intercept else "none", loss, drop)
+
+
+def fold_replacement(model, replacement: Replacement) -> None:
+    """Fold ``m ↦ m·T + c`` into block ``start - 1``'s MLP output projection, in place.
+
+    ``Linear``: ``W ← Tᵀ W``, ``b ← b·T + c``; ``Conv1D`` (weight ``in × out``): ``W ← W T``.
+    Products in float64, stored in the weight's dtype. Where the projection has no bias and
+    the replacement has an intercept, the family's bias option (Llama's ``mlp_bias``) is
+    switched on in the config and zero biases are given to every projection it covers.
+    """
+    spec = check_foldable(model.config)
+    proj = _projections(model, spec)[replacement.start - 1]
+    T = replacement.T.double().cpu()
+    with torch.no_grad():
+        w = proj.weight
+        new_w = (T.T @ w.double().cpu()) if spec.kind == "linear" else (w.double().cpu() @ T)
+        w.copy_(new_w.to(w.dtype))
+        bias = getattr(proj, "bias", None)
+        if bias is not None:
+            b = bias.double().cpu() @ T + (0 if replacement.c is None else replacement.c.double().cpu())
+            bias.copy_(b.to(bias.dtype))
+        elif replacement.c is not None:
+            if spec.bias_option is None or replacement.intercept != spec.bias_option:
+                raise NJTCError(f"{model.config.model_type}'s MLP output projection has no bias for the intercept")
+            _enable_bias_option(model, spec)
+            proj.bias.copy_(replacement.c.to(proj.bias.dtype))
+
+
+def _enable_bias_option(model, spec: FoldSpec) -> None:
+    """Switch on the config's MLP bias option, adding zero biases where it puts them."""
+    setattr(model.config, spec.bias_option, True)
+    _, blocks, _, _ = resolve_parts(model)
+    for block in blocks:
+        for path in spec.bias_modules:
+            lin = _get(block, path)
+            if lin.bias is None:
+                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                                                    device=lin.weight.device))
+
+
+def remove_blocks(model, start: int, remove: int) -> None:
+    """Delete blocks ``start .. start+remove-1`` in place and make the model consistent again.
+
+    The remaining blocks' attention ``layer_idx`` (which the KV cache indexes by) is
+    renumbered, the config's layer count set and per-layer config lists (``layer_types``)
+    shortened.
+    """
+    spec, blocks, _, _ = resolve_parts(model)
+    n = len(blocks)
+    check_removal(n, remove, start)
+    kept = [b for i, b in enumerate(blocks) if not start <= i < start + remove]
+    parent_path, _, name = spec.blocks.rpartition(".")
+    setattr(_get(model, parent_path) if parent_path else model, name, nn.ModuleList(kept))
+    for new_index, block in enumerate(kept):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    config = model.config
+    config.num_hidden_layers = len(kept)
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == n and key.startswith("layer"):
+            setattr(config, key, [v for i, v in enumerate(value) if not start <= i < start + remove])
+
+
+def apply_replacement(model, replacement: Replacement) -> None:
+    """Fold the replacement (unless it is plain dropping) and remove its blocks, in place."""
+    if replacement.name != "drop":
+        fold_replacement(model, replacement)
+    remove_blocks(model, replacement.start, replacement.remove)
+
+
+def save_pruned(model, tokenizer, out: str | Path, *, record: dict, overwrite: bool = False) -> Path:
+    """Write a pruned model as a standard checkpoint folder, atomically, with ``njtc_prune.json``.
+
+    The folder is written under a temporary name beside ``out`` and renamed when complete.
+    An existing ``out`` is replaced only with ``overwrite`` and only when this function wrote
+    it (it holds ``njtc_prune.json``, whose content is ``record``); a failure leaves ``out`` as it was.
+    """
+    out = Path(out)
+    check_output_folder(out, overwrite=overwrite)
+    _drop_gguf_quantizer(model)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / PRUNE_RECORD).write_text(json.dumps(record, indent=1, default=_jsonable))
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise NJTCError(f"cannot write {out}: {err.strerror or err}") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A model read from a GGUF file holds dequantized weights but still names GGUF as its quantizer,
+    which transformers refuses to save: it is saved as the plain model it is (in its loaded dtype)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", None)
+    method = str(getattr(method, "value", method))
+    if method != "gguf":
+        raise NJTCError(f"a model quantized with {method} cannot be saved pruned; load it unquantized")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def check_output_folder(out, *, overwrite: bool = False, inputs=()) -> None:
+    """Refuse an output folder that exists (unless ``overwrite`` and written by us) or is an input.
+
+    ``inputs`` are paths the run reads (the model, the corpus): the output may be none of them
+    nor a folder holding one.
+    """
+    out = Path(out)
+    check_writable(out.parent, out)
+    target = out.resolve()
+    for path in inputs:
+        if path is None:
+            continue
+        p = Path(path).resolve()
+        if p == target or target in p.parents:
+            raise NJTCError(f"the output {out} is an input ({path}); choose another folder")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise NJTCError(f"{out} exists; pass `overwrite=True` to replace it")
+        if not out.is_dir() or not (out / PRUNE_RECORD).is_file():
+            raise NJTCError(f"{out} exists and is not a pruned model written by njtc_solve (no {PRUNE_RECORD}); "
+                            "it is not replaced")
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)

@@ -1,0 +1,653 @@
+"""Stage 2: fit shortcut maps in closed form from one streaming pass over a store or a model.
+
+Command line::
+
+    python -m njtc_solve.fit --rank 32                       # N-NJTC (LayerNorm), all layers
+    python -m njtc_solve.fit --method njtc --rank 8,16,32,64 # one file per rank, one pass
+    python -m njtc_solve.fit --method jtc --alpha auto       # full maps, ridge by GCV
+    python -m njtc_solve.fit --model gpt2-xl --max-tokens 1000000 --save-stats s.safetensors  # no store
+    python -m njtc_solve.fit --stats s.safetensors --method njtc --rank 64                 # no rows at all
+
+Methods: ``jtc`` (full least squares), ``njtc`` (reduced rank), ``nnjtc`` (reduced rank on
+normalised inputs: ``--normalize layer`` (default), ``rms`` or ``batch``). ``--residual`` fits
+identity plus a low-rank correction; ``--weight logits`` measures the error in logit space.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.models import check_device
+from njtc_solve.core.outputs import check_not_inputs
+from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.solve.solvers import gcv_alpha, gram_eigh, solve_reduced_rank, sum_squared_error, weight_root
+from njtc_solve.solve.stats import MomentAccumulator, Statistics, pass_meta
+from njtc_solve.data.store import opened
+
+__all__ = [
+    "METHODS",
+    "accumulate_statistics",
+    "check_method",
+    "check_sources",
+    "check_target",
+    "fit_all_targets",
+    "fit_from_statistics",
+    "fit_shortcuts",
+    "row_norm_warning",
+]
+
+
+METHODS = ("jtc", "njtc", "nnjtc")
+
+
+def _inverse_norm_scale(norm: str, eps: float, y) -> torch.Tensor:
+    """``1/σ²`` of each target row under the model's final norm (its logit-space scale)."""
+    y = torch.as_tensor(y).double()
+    var = y.var(-1, unbiased=False) if norm == "layernorm" else y.pow(2).mean(-1)
+    return 1.0 / (var + eps)
+
+
+def accumulate_statistics(store, layers: list[int], *, input_norm: str = "none", device: str = "cpu",
+                          chunk_rows: int = 4096, float64: bool = False, progress: bool = True, comm=None,
+                          row_weight: str = "none", skip_positions: int | None = None,
+                          target_layer: int | None = None) -> Statistics:
+    """Stream the training rows once and accumulate statistics of all ``layers`` against L.
+
+    Parameters
+    ----------
+    store : ActivationStore or LiveSource
+        The rows.
+    layers : list of int
+        Source layers; the target layer ``L`` is read once per chunk and shared.
+    input_norm : {"none", "layer", "rms"}
+        Per-token normalisation of the source rows (N-NJTC with LayerNorm or RMS norm).
+    device : str
+        Where the chunk GEMMs run and the statistics stay (the solve runs there too).
+    chunk_rows : int
+        Rows per chunk; memory is ``O(chunk_rows × d × layers + layers × d²)``.
+    float64 : bool
+        Do the chunk GEMMs in float64 too (slower).
+    progress : bool
+        Show a bar over the rows.
+    comm : njtc_solve.core.distributed.Communicator, optional
+        Process group for a sharded pass (each process reads its share of the chunks).
+    row_weight : {"none", "inv_sigma2"}
+        ``inv_sigma2`` weights each row by ``1/σ²`` of its target under the final norm
+        (normalised by the first training chunk's mean), so that errors count as they do
+        after the norm: the row weights of :func:`fit_shortcuts`'s ``weight="logits"``.
+    skip_positions : int, optional
+        Leave out rows at positions ``< skip_positions`` (default: the store's
+        :attr:`~njtc_solve.data.store.ActivationStore.default_skip_positions`, the first position).
+    target_layer : int, optional
+        The layer the maps predict (default: the last, ``L``); every source must be below it.
+
+    Returns
+    -------
+    Statistics
+        Also holds the pass's timing in ``meta`` (``seconds``, ``rows_per_s``, ``gflops``) and
+        the provenance that evaluation checks (``provenance``).
+    """
+    target = store.n_layers if target_layer is None else int(target_layer)
+    skip = store.default_skip_positions if skip_positions is None else int(skip_positions)
+    acc = MomentAccumulator(layers, input_norm, device, float64)
+    start = time.perf_counter()
+    failure = None
+    try:
+        _stream(store, acc, layers, target, skip=skip, chunk_rows=chunk_rows, comm=comm, row_weight=row_weight,
+                progress=progress)
+    except Exception as err:  # in a distributed run, tell the peers before failing
+        if comm is None:
+            raise
+        failure = err
+    if comm is not None:
+        _reduce(comm, acc, failure, {l: store.d_model for l in layers}, store.d_model)
+    meta = {"target_layer": target, **pass_meta(store, device=device, start=start, n_rows=acc.n_rows,
+                                                products=2 * len(layers) + 1, skip_positions=skip,
+                                                row_weight=row_weight)}
+    stats = acc.finalize(meta)
+    stats.check_finite()
+    return stats
+
+
+def _stream(store, acc: MomentAccumulator, layers, target: int, *, skip: int, chunk_rows: int, comm,
+            row_weight: str, progress: bool) -> None:
+    """This process's share of the training chunks into ``acc``, shifted by the first chunk's means."""
+    if store.count("train", skip) == 0:
+        raise NJTCError(f"{store.path} has no training rows at positions >= {skip}")
+    shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
+    reading = sorted(set(layers) | {target})
+    chunks = store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, shard=shard, skip_positions=skip)
+    if shard == (0, 1):  # the first chunk serves the shift and is accumulated too: read (or run) once
+        first_chunk = next(chunks)
+        chunks, first = itertools.chain([first_chunk], chunks), first_chunk[1]
+    else:  # every process shifts by the first training chunk's mean, as a single process would
+        _, first = next(store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, skip_positions=skip))
+    acc.shift_from_chunk({l: first[l] for l in layers}, first[target])
+    weigh = _row_weights(store, first[target]) if row_weight == "inv_sigma2" else None
+    with tqdm(total=store.count("train", skip) if comm is None else None, unit="row", unit_scale=True,
+              desc="statistics", leave=False, disable=not progress) as bar:
+        for _, chunk in chunks:
+            acc.update({l: chunk[l] for l in layers}, chunk[target], None if weigh is None else weigh(chunk[target]))
+            bar.update(len(chunk[target]))
+
+
+def _row_weights(store, first_target):
+    """``y ↦ 1/σ²(y)`` under the model's final norm, over its mean on the first training chunk
+    (the same in every process)."""
+    head = store.head()
+    norm = (head.norm, head.eps)
+    scale = float(_inverse_norm_scale(*norm, first_target).mean())
+    return lambda y: _inverse_norm_scale(*norm, y) / scale
+
+
+def _reduce(comm, acc: MomentAccumulator, failure, d_x: dict, d_y: int) -> None:
+    """Sum every process's share into ``acc`` once all agree that they succeeded."""
+    if not comm.vote(failure is None):
+        if failure is not None:
+            raise failure
+        raise NJTCError("another process failed during the statistics pass; no output written")
+    if acc.buffer is None:  # this process's share held no training rows
+        acc.allocate(d_x, d_y)
+    comm.all_reduce(acc)
+
+
+def _prepare(stats: Statistics, layer: int, normalize: str, residual: bool, fit_intercept: bool):
+    """Gram matrices of the regression actually solved, and what is needed to undo it.
+
+    Returns ``(gxx, gxt, gtt, mean_x, mean_t, norm_mean, norm_scale)`` where ``t`` is the
+    target (``y`` or ``y - x`` for residual maps) and ``x`` the normalised input.
+    """
+    m = stats.layers[layer]
+    n = stats.n
+    cxx, cxy, mean_x = m.cxx, m.cxy, m.mean_x
+    cov_x_raw = cxx  # covariance of the normalised input with the raw input (residual maps)
+    norm_mean = norm_scale = None
+    if normalize == "batch":
+        std = (torch.diagonal(cxx) / n).clamp_min(0).sqrt()
+        scale = torch.where(std > 1e-12 * std.max(), 1.0 / std, torch.zeros_like(std))
+        cov_x_raw = scale[:, None] * cxx
+        cxx, cxy = cov_x_raw * scale[None, :], scale[:, None] * cxy
+        norm_mean, norm_scale, mean_x = m.mean_x, scale, torch.zeros_like(mean_x)
+    cxt, ctt, mean_t = cxy, stats.cyy, stats.mean_y
+    if residual:
+        cxt = cxy - cov_x_raw
+        ctt = stats.cyy - m.cxy - m.cxy.T + m.cxx
+        mean_t = stats.mean_y - m.mean_x
+    if not fit_intercept:
+        cxx = cxx + n * torch.outer(mean_x, mean_x)
+        cxt = cxt + n * torch.outer(mean_x, mean_t)
+        ctt = ctt + n * torch.outer(mean_t, mean_t)
+    return cxx, cxt, ctt, mean_x, mean_t, norm_mean, norm_scale
+
+
+def fit_from_statistics(stats: Statistics, *, method: str = "nnjtc", ranks: list[int] | None = (32,),
+                        layers: list[int] | None = None, normalize: str | None = None, residual: bool = False,
+                        weight_factor: torch.Tensor | None = None, fit_intercept: bool = True,
+                        alpha: float | str = 0.0, progress: bool = False) -> list[Shortcuts]:
+    """Solve shortcut maps from statistics; one :class:`Shortcuts` per rank.
+
+    Parameters
+    ----------
+    stats : Statistics
+        From :func:`accumulate_statistics` (its ``input_norm`` must match ``normalize``).
+    method : {"jtc", "njtc", "nnjtc"}
+    ranks : list of int or None
+        Ranks of the narrow maps (all from one decomposition); ``None`` for JTC.
+    layers : list of int, optional
+        Source layers (default: all in ``stats``).
+    normalize : {"none", "batch", "layer", "rms"}, optional
+        Input normalisation (default ``layer`` for N-NJTC, else ``none``).
+    residual : bool
+        Fit ``y = x + norm(x) U V + b`` (reduced-rank regression on ``y - x``).
+    weight_factor : Tensor (d, m), optional
+        Measure errors as ``‖e G‖²`` (see :meth:`njtc_solve.core.head.Head.logit_weight_factor`).
+    fit_intercept : bool
+    alpha : float or "auto"
+        Ridge penalty, or ``"auto"`` for generalised cross-validation per layer.
+    progress : bool
+        Show a bar over the layers' solves.
+    """
+    return _fit_statistics(stats, method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual,
+                           weight_factor=weight_factor, fit_intercept=fit_intercept, alpha=alpha, progress=progress)
+
+
+def _fit_statistics(stats: Statistics, *, method, ranks, layers, normalize, residual, weight_factor, fit_intercept,
+                    alpha, progress=False, decompositions: dict | None = None) -> list[Shortcuts]:
+    """:func:`fit_from_statistics`; ``decompositions`` (a dict, filled as the layers are solved)
+    keeps each source layer's :func:`~njtc_solve.solve.solvers.gram_eigh` for later calls that solve
+    the same source's inputs again (another target of the same pass, same settings)."""
+    method, ranks, normalize = check_method(method, ranks, normalize, stats.meta.get("d_model"))
+    _check_input_norm(stats.input_norm, normalize, residual)
+    layers = sorted(stats.layers) if layers is None else layers
+    # once, for every layer, where the statistics are
+    weight = None if weight_factor is None else weight_root(weight_factor.to(stats.cyy.device))
+    missing = [l for l in layers if l not in stats.layers]
+    if missing:
+        raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
+    stats.check_finite()
+    outputs = {r: {} for r in ranks}
+    records = {r: {} for r in ranks}
+    for layer in tqdm(layers, desc="solve", unit="layer", leave=False, disable=not progress):
+        solved = _solve_layer(stats, layer, ranks=ranks, normalize=normalize, residual=residual, weight=weight,
+                              fit_intercept=fit_intercept, alpha=alpha,
+                              decompositions={} if decompositions is None else decompositions)
+        for rank, (shortcut_map, record) in solved.items():
+            outputs[rank][layer], records[rank][layer] = shortcut_map, record
+    return [_shortcuts(stats, method=method, rank=r, maps=outputs[r], records=records[r], normalize=normalize,
+                       residual=residual, fit_intercept=fit_intercept, alpha=alpha,
+                       weight="none" if weight_factor is None else "logits")
+            for r in ranks]
+
+
+def _check_input_norm(input_norm: str, normalize: str, residual: bool) -> None:
+    """Statistics of ``input_norm`` inputs can serve a fit with ``normalize`` (and ``residual``)."""
+    if normalize in ("layer", "rms") and input_norm != normalize:
+        raise NJTCError(f"`normalize` {normalize} needs statistics of {normalize}-normalised inputs "
+                        f"(these are of {input_norm!r})")
+    if normalize in ("none", "batch") and input_norm != "none":
+        raise NJTCError(f"`normalize` {normalize} needs statistics of raw inputs (these are {input_norm!r})")
+    _check_residual(normalize, residual)
+
+
+def _check_residual(normalize: str, residual: bool) -> None:
+    if residual and normalize in ("layer", "rms"):
+        raise NJTCError("`residual=True` works with `normalize` none or batch")
+
+
+def _solve_layer(stats: Statistics, layer: int, *, ranks, normalize, residual, weight, fit_intercept, alpha,
+                 decompositions: dict) -> dict:
+    """``{rank: (ShortcutMap, record)}`` of one source layer, every rank from one decomposition."""
+    start = time.perf_counter()
+    gxx, gxt, gtt, mean_x, mean_t, norm_mean, norm_scale = _prepare(stats, layer, normalize, residual, fit_intercept)
+    if layer not in decompositions:
+        decompositions[layer] = gram_eigh(gxx)
+    eigh = decompositions[layer]
+    layer_alpha = (gcv_alpha(gxx, gxt, gtt, stats.n_rows, fit_intercept=fit_intercept, eigh=eigh)[0]
+                   if alpha == "auto" else float(alpha))
+    solution = solve_reduced_rank(gxx, gxt, layer_alpha, weight=weight, eigh=eigh)
+    solve_s = time.perf_counter() - start
+    d = stats.cyy.shape[0]
+    total_var = float(torch.trace(stats.cyy))
+    f32 = lambda t: None if t is None else t.to(torch.float32)
+    solved = {}
+    for rank in ranks:
+        u, v = solution.factors(rank)
+        coef = u if v is None else u @ v
+        sse = max(sum_squared_error(coef, gxx, gxt, gtt), 0.0)
+        bias = (mean_t - mean_x @ coef) if fit_intercept else None
+        shortcut_map = ShortcutMap(
+            weight=f32(u) if v is None else None, U=None if v is None else f32(u), V=f32(v),
+            bias=f32(bias), norm_mean=f32(norm_mean), norm_scale=f32(norm_scale),
+            normalize=normalize, residual=residual)
+        params = shortcut_map.n_params
+        solved[rank] = (shortcut_map, {
+            "train_mse": sse / (stats.n * d), "train_sse": sse, "r2": 1 - sse / total_var if total_var else 0.0,
+            "params": params, "reduction": 1 - params / (d * d), "alpha": layer_alpha,
+            "rank": None if v is None else u.shape[1], "solve_s": solve_s, "n_train": stats.n_rows,
+        })
+    return solved
+
+
+def _shortcuts(stats: Statistics, *, method, rank, maps, records, normalize, residual, fit_intercept, alpha,
+               weight) -> Shortcuts:
+    """The maps of one rank with the fit's settings, training records and the statistics' provenance."""
+    meta = stats.meta
+    timing = ("seconds", "rows_per_s", "gflops", "device", "accumulation")
+    fit_stats = {"layers": records, "accumulation": {k: meta.get(k) for k in timing},
+                 **({"n_layers": int(meta["n_layers"])} if "n_layers" in meta else {}),
+                 **({"target_row_norms": meta["target_row_norms"]}
+                    if isinstance(meta.get("target_row_norms"), dict) else {})}
+    return Shortcuts(method, maps, int(meta.get("target_layer", -1)), model_sha256=meta.get("model_sha256", ""), rank=rank, normalize=normalize,
+                     residual=residual, fit_intercept=fit_intercept, alpha=alpha if alpha == "auto" else float(alpha), weight=weight, stats=fit_stats,
+                     provenance=meta.get("provenance", {}))
+
+
+def check_method(method: str, ranks, normalize: str | None, d: int | None = None) -> tuple[str, list, str]:
+    """Refuse a method, rank list or normalization that cannot be fitted; return them completed.
+
+    ``ranks`` defaults to ``[32]`` for the narrow methods and is ``[None]`` (full) for ``jtc``;
+    ``normalize`` defaults to ``"layer"`` for ``nnjtc``. With ``d`` (the width) each rank is
+    checked to lie in ``1..d``. Runs before any row is read.
+
+    Examples
+    --------
+    >>> check_method("nnjtc", None, None)
+    ('nnjtc', [32], 'layer')
+    """
+    if method not in METHODS:
+        raise NJTCError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "jtc":
+        if ranks not in (None, [None], (None,)):
+            raise NJTCError("jtc fits full-rank maps; drop `ranks` (or use `method` njtc)")
+        ranks = [None]
+    else:
+        ranks = list(ranks) if ranks is not None else [32]
+        for r in ranks:
+            if r is None or r <= 0 or (d is not None and r > d):
+                raise NJTCError(f"`ranks`: rank {r} is out of range (1..{d if d else 'd'})")
+    if normalize is None:
+        normalize = "layer" if method == "nnjtc" else "none"
+    if normalize not in ("none", "batch", "layer", "rms"):
+        raise NJTCError(f"unknown normalization {normalize!r}; choose none, batch, layer or rms")
+    if method == "njtc" and normalize != "none":
+        raise NJTCError("njtc has no input normalization; use `method` nnjtc")
+    if method == "nnjtc" and normalize == "none":
+        raise NJTCError("nnjtc needs `normalize` batch, layer or rms")
+    return method, ranks, normalize
+
+
+def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None = None,
+                  layers: list[int] | None = None, normalize: str | None = None, residual: bool = False,
+                  weight: str = "none", fit_intercept: bool = True, alpha: float | str = 0.0, device: str = "cpu",
+                  statistics=None, save_stats=None, chunk_rows: int = 4096, float64: bool = False,
+                  progress: bool = True, comm=None, skip_positions: int | None = None,
+                  target_layer: int | None = None) -> list[Shortcuts]:
+    """Fit shortcuts of ``method`` in closed form; one :class:`Shortcuts` per rank.
+
+    The rows come from ``store``: an activation store (its path or reader) or a live
+    model's forward pass (:class:`njtc_solve.data.live.LiveSource`), read once; or from
+    nowhere at all when ``statistics`` (saved by an earlier fit with ``save_stats``, which
+    also keeps the model's head and provenance) is given. The solve runs on ``device`` in
+    float64. See :func:`accumulate_statistics` for the pass and :func:`fit_from_statistics`
+    for the parameters of the solve; ``weight`` is ``"none"`` or ``"logits"`` (errors
+    measured in logit space, through the model's head). Under a distributed run (``comm``)
+    each process reads its share of the rows and solves its share of the layers, and rank 0
+    returns them all (the other processes return an empty list). ``target_layer`` (default:
+    the last layer) is the layer the maps predict; every source layer must be below it (see
+    :func:`fit_all_targets` for every target at once).
+
+    Examples
+    --------
+    >>> fits = fit_shortcuts("activations.h5", method="njtc", ranks=[2, 8], progress=False,
+    ...                      save_stats="stats.safetensors")
+    >>> [sc.name for sc in fits], tuple(fits[1].maps[1].U.shape)
+    (['njtc-r2', 'njtc-r8'], (32, 8))
+    >>> fits[1].save("njtc-r8.safetensors")
+    >>> [r4] = fit_shortcuts(method="njtc", ranks=[4], statistics="stats.safetensors")  # no rows read
+    >>> r4.provenance == fits[0].provenance
+    True
+    """
+    with opened(store) as store:
+        row_weight = _check_fit_inputs(store, weight=weight, device=device, skip_positions=skip_positions,
+                                       statistics=statistics, save_stats=save_stats)
+        if store is None:
+            stats, head = _saved_statistics(statistics, row_weight, skip_positions, device, target_layer)
+            d_model = int(stats.meta.get("d_model", stats.cyy.shape[0]))
+            target = int(stats.meta.get("target_layer", -1))
+            layers = sorted(stats.layers) if layers is None else check_sources(layers, target)
+            last = int(stats.meta.get("n_layers", target))
+        else:
+            d_model, head, last = store.d_model, store.head(), store.n_layers
+            target = check_target(target_layer, store.n_layers)
+            store.check_layers([target])
+            layers = ([l for l in store.source_layers if l < target] if layers is None
+                      else check_sources(store.check_layers(layers), target))
+        if weight == "logits" and target != last:
+            raise NJTCError(f"`weight` logits needs the last layer ({last}) as the target: only it has a head "
+                            f"(the target here is {target})")
+        method, ranks, normalize = check_method(method, ranks, normalize, d_model)
+        if not layers:
+            raise NJTCError("no source layer to fit (the store holds the target layer alone?)")
+        if store is not None:
+            stats = _store_statistics(store, layers, statistics=statistics, normalize=normalize, device=device,
+                                      chunk_rows=chunk_rows, float64=float64, progress=progress, comm=comm,
+                                      row_weight=row_weight, skip_positions=skip_positions, target=target)
+        stats.meta["d_model"] = d_model
+        if weight == "logits" and head is None:
+            raise NJTCError("`weight` logits needs the model's head, and these statistics were saved without it")
+        factor = head.logit_weight_factor() if weight == "logits" else None
+        first = comm is None or comm.rank == 0
+
+        def solve(share):
+            if save_stats is not None and first:
+                stats.save(save_stats, head)
+            fits = fit_from_statistics(stats, method=method, ranks=ranks, layers=share, normalize=normalize,
+                                       residual=residual, weight_factor=factor, fit_intercept=fit_intercept,
+                                       alpha=alpha, progress=progress and first)
+            return _for_head(fits, head)
+
+        return solve(layers) if comm is None else _solve_shared(comm, solve, layers)
+
+
+def _check_fit_inputs(store, *, weight: str, device, skip_positions, statistics, save_stats) -> str:
+    """Refuse a bad ``weight``, ``device`` or ``skip_positions``, a ``save_stats`` that is an
+    input, or nothing to fit from; the statistics' row weighting that ``weight`` needs."""
+    if weight not in ("none", "logits"):
+        raise NJTCError("`weight` must be none or logits")
+    _check_device_and_skip(device, skip_positions)
+    if save_stats is not None:  # the library's callers are held to what the command checks
+        check_not_inputs([("`save_stats`", save_stats)], [("`statistics`", statistics if isinstance(
+            statistics, (str, Path)) else None), ("`store`", getattr(store, "path", None))])
+    if store is None and statistics is None:
+        raise NJTCError("nothing to fit from: give a store, a model or saved statistics")
+    return "inv_sigma2" if weight == "logits" else "none"
+
+
+def _check_device_and_skip(device, skip_positions) -> None:
+    check_device(device)
+    if skip_positions is not None and skip_positions < 0:
+        raise NJTCError("`skip_positions` must be 0 or more")
+
+
+def _store_statistics(store, layers, *, statistics, normalize, device, chunk_rows, float64, progress, comm,
+                      row_weight, skip_positions, target) -> Statistics:
+    """The statistics of a fit that has rows: one pass over them, or saved ``statistics`` of the same model."""
+    if statistics is None:
+        input_norm = normalize if normalize in ("layer", "rms") else "none"
+        return accumulate_statistics(store, layers, input_norm=input_norm, device=device, chunk_rows=chunk_rows,
+                                     float64=float64, progress=progress, comm=comm, row_weight=row_weight,
+                                     skip_positions=skip_positions, target_layer=target)
+    stats, _ = _saved_statistics(statistics, row_weight, skip_positions, device, target)
+    if stats.meta.get("model_sha256") != store.model_sha256:
+        raise NJTCError("the statistics were accumulated from another model's store (model_sha256 differs)")
+    return stats
+
+
+def _for_head(fits: list[Shortcuts], head) -> list[Shortcuts]:
+    """Record on each fit the head its maps are for (the lens and evaluation refuse another)."""
+    for sc in fits:
+        if head is not None:
+            sc.head_description, sc.head_sha256 = head.describe(), head.fingerprint()
+    return fits
+
+
+def fit_all_targets(store=None, *, method: str = "nnjtc", ranks: list[int] | None = None,
+                    layers: list[int] | None = None, normalize: str | None = None, residual: bool = False,
+                    fit_intercept: bool = True, alpha: float | str = 0.0, device: str = "cpu", statistics=None,
+                    save_stats=None, chunk_rows: int = 4096, float64: bool = False, progress: bool = True,
+                    skip_positions: int | None = None, check_outputs=None):
+    """Fit maps from every source layer to every later layer from ONE pass; solved target by target.
+
+    The pass (:func:`njtc_solve.solve.pair_statistics.accumulate_pairs`) keeps ``C_xx`` per source, ``C_yy``
+    per target and one ``C_xy`` per pair (memory: :func:`njtc_solve.solve.pair_statistics.pair_memory_bytes`,
+    1.39 GB for SmolLM2-135M's 465 pairs), then the solves stream: each target is solved,
+    yielded and its cross moments freed. Each source layer's input Gram matrix is decomposed
+    once and reused by every target above it (``(d + 1)·d`` more float64 values per source,
+    kept until the last target is solved). Validation and the pass run when this is called;
+    the solves run as the returned iterator is consumed.
+
+    Parameters
+    ----------
+    store : ActivationStore, LiveSource, path or None
+        The rows; ``None`` with ``statistics``, an all-pairs statistics file (``save_stats`` of
+        an earlier call), to solve without reading a row.
+    layers : list of int, optional
+        Source layers (default: every stored layer but the last). Targets are every stored
+        layer above the lowest source.
+    method, ranks, normalize, residual, fit_intercept, alpha, device, chunk_rows, float64, progress, skip_positions
+        As in :func:`fit_shortcuts`. The logit-space weight is refused: only the last layer has a head.
+    check_outputs : callable, optional
+        Called with the list of target layers once they are known, before the pass and before
+        ``save_stats`` is written (the command checks its output files there).
+
+    Returns
+    -------
+    iterator of (int, list of Shortcuts)
+        Per target layer, in ascending order: one :class:`Shortcuts` per rank.
+
+    Examples
+    --------
+    >>> fits = dict(fit_all_targets("activations.h5", method="jtc", progress=False))
+    >>> sorted(fits), sorted(fits[2][0].maps), fits[2][0].target_layer
+    ([1, 2, 3], [0, 1], 2)
+    """
+    from njtc_solve.solve.pair_statistics import accumulate_pairs, check_pair_statistics, iter_fit_targets
+
+    with opened(store) as store:
+        _check_device_and_skip(device, skip_positions)
+        if store is None:
+            held, sources, d_model, head, saved_norm = _pair_file(statistics, layers, skip_positions)
+        else:
+            d_model, head = store.d_model, store.head()
+            held = list(getattr(store, "layers", range(store.n_layers + 1)))
+            sources = check_sources(store.source_layers if layers is None else store.check_layers(layers),
+                                    store.n_layers)
+        method, ranks, normalize = check_method(method, ranks, normalize, d_model)
+        _check_residual(normalize, residual)
+        if not sources:
+            raise NJTCError("no source layer to fit")
+        targets = sorted(t for t in held if t > min(sources))
+        input_norm = normalize if normalize in ("layer", "rms") else "none"
+        if store is None:  # every tensor the solves will read, before the first file is written
+            _check_input_norm(saved_norm, normalize, residual)
+            check_pair_statistics(statistics, targets)
+        if check_outputs is not None:
+            check_outputs(targets)
+        pairs = statistics if store is None else accumulate_pairs(
+            store, sources=sources, targets=targets, input_norm=input_norm, device=device, chunk_rows=chunk_rows,
+            float64=float64, progress=progress, skip_positions=skip_positions)
+        if store is not None and save_stats is not None:
+            pairs.save(save_stats, head)
+    decompositions = {}  # each source's input Gram is the same for every target: decomposed once
+
+    def solve(stats):
+        stats = stats.to(device)
+        _check_input_norm(stats.input_norm, normalize, residual)
+        target = stats.meta["target_layer"]
+        fits = _fit_statistics(stats, method=method, ranks=ranks, layers=[l for l in sources if l < target],
+                               normalize=normalize, residual=residual, weight_factor=None,
+                               fit_intercept=fit_intercept, alpha=alpha, decompositions=decompositions)
+        return _for_head(fits, head)
+
+    def solved():
+        yield from tqdm(iter_fit_targets(pairs, targets=targets, solve=solve), total=len(targets), desc="solve",
+                        unit="target", leave=False, disable=not progress)
+
+    return solved()
+
+
+def _pair_file(statistics, layers, skip_positions):
+    """``(held targets, sources, d_model, head, input_norm)`` of an all-pairs statistics file,
+    checked against the fit asked for (its metadata only; the tensors are checked later)."""
+    from njtc_solve.solve.pair_statistics import _header, load_head, statistics_targets
+
+    if statistics is None:
+        raise NJTCError("nothing to fit from: give a store, a model or saved statistics")
+    held = statistics_targets(statistics)
+    info, meta = _header(statistics)
+    if info.get("kind") != "pairs":
+        raise NJTCError(f"{statistics} holds target layer {held[0]} only; target layer all needs statistics "
+                        "saved by a fit of every target")
+    stored_skip = meta.get("provenance", {}).get("skip_positions", skip_positions)
+    if skip_positions is not None and stored_skip != skip_positions:
+        raise NJTCError(f"the statistics leave out positions < {stored_skip}, not < {skip_positions}")
+    stored = meta["sources"]
+    sources = stored if layers is None else [int(l) for l in layers]
+    absent = [l for l in sources if l not in stored]
+    if absent:
+        raise NJTCError(f"the statistics have no source layer {absent[0]} (they have {stored})")
+    return held, sources, meta["d_model"], load_head(statistics), info["input_norm"]
+
+
+def check_target(target_layer: int | None, n_layers: int) -> int:
+    """The target layer asked for (``None``: the last, ``n_layers``), refused when out of range."""
+    if target_layer is None:
+        return n_layers
+    target = int(target_layer)
+    if target > n_layers:
+        raise NJTCError(f"target layer {target} is beyond the last layer {n_layers}")
+    if target < 1:
+        raise NJTCError(f"target layer {target} has no source layer below it (targets are 1..{n_layers})")
+    return target
+
+
+def check_sources(layers: list[int], target: int) -> list[int]:
+    """Source layers, each of which must be below ``target``."""
+    layers = [int(l) for l in layers]
+    bad = [l for l in layers if l >= target]
+    if bad:
+        raise NJTCError(f"source layer {bad[0]} is not below the target layer {target}")
+    return layers
+
+
+def _saved_statistics(statistics, row_weight: str, skip_positions, device, target_layer=None):
+    """Statistics (and the head saved with them, else ``None``) checked against the fit asked for."""
+    from njtc_solve.solve.pair_statistics import load_head, load_target_statistics, statistics_targets
+
+    if isinstance(statistics, Statistics):
+        stats, head = statistics, None
+        held = int(stats.meta.get("target_layer", -1))
+        if target_layer is not None and int(target_layer) != held:
+            raise NJTCError(f"the statistics hold target layer {held}, not {target_layer}")
+    else:
+        held = statistics_targets(statistics)
+        target = max(held) if target_layer is None else int(target_layer)
+        stats, head = load_target_statistics(statistics, target), load_head(statistics)
+        if head is not None and head.d_model != stats.cyy.shape[0]:
+            raise NJTCError(f"{statistics} is not a valid statistics file: head.unembed has width {head.d_model}, "
+                            f"expected the statistics' {stats.cyy.shape[0]}")
+    stats = stats.to(device)
+    if stats.meta.get("row_weight", "none") != row_weight:
+        raise NJTCError(f"`weight` {'logits' if row_weight != 'none' else 'none'} needs statistics with row "
+                        f"weights {row_weight!r} (these have {stats.meta.get('row_weight', 'none')!r})")
+    stored_skip = stats.meta.get("provenance", {}).get("skip_positions")
+    if skip_positions is not None and stored_skip is not None and skip_positions != stored_skip:
+        raise NJTCError(f"the statistics leave out positions < {stored_skip}, not < {skip_positions}")
+    return stats, head
+
+
+def _solve_shared(comm, solve, layers) -> list[Shortcuts]:
+    """Each process solves every ``world_size``-th layer; rank 0 gathers and merges the maps."""
+    share, failure = [], None
+    try:
+        share = [sc.to("cpu") for sc in solve(layers[comm.rank::comm.world_size])]
+    except Exception as err:  # tell the peers before failing
+        failure = err
+    if not comm.vote(failure is None):
+        raise failure or NJTCError("another process failed while solving; no output written")
+    parts = comm.gather_to_root(share)
+    if comm.rank != 0:
+        return []
+    merged = parts[0]
+    for part in parts[1:]:
+        for into, sc in zip(merged, part):
+            into.maps.update(sc.maps)
+            into.stats["layers"].update(sc.stats["layers"])
+    for sc in merged:
+        sc.maps = dict(sorted(sc.maps.items()))
+        sc.stats["layers"] = dict(sorted(sc.stats["layers"].items()))
+    return merged
+
+
+def row_norm_warning(sc: Shortcuts) -> str | None:
+    """A one-line warning when the fit's training rows hold target states far above the rest.
+
+    Reads ``stats["target_row_norms"]`` (the largest and median row norm of the target layer
+    in the training rows, see :func:`njtc_solve.solve.stats.row_norm_summary`). A few such rows, an
+    attention sink the plan did not skip, can dominate a least-squares fit: in SmolLM2-135M two
+    rows of 6,096 turned a held-out R² of 0.92 into −9.4.
+    """
+    norms = sc.stats.get("target_row_norms") or {}
+    ratio = norms.get("max_over_median")
+    if not isinstance(ratio, (int, float)) or not ratio > norms.get("ratio", 20.0):
+        return None
+    return (f"{norms.get('rows_above', '?')} training rows have a hidden state at target layer "
+            f"{sc.target_layer} far above the rest (largest row norm {ratio:.0f}x the median; attention-sink-like); "
+            "they can dominate the fit: consider `skip_positions` or a BOS token")
+

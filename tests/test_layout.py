@@ -1,0 +1,118 @@
+"""The package's layout: stage packages whose imports run one way, with no import circle.
+
+The import graph is read from the source with :mod:`ast` (every ``import`` and ``from ... import``
+of the package, those inside functions too), so a circle that only a lazy import hides still
+fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "njtc_solve"
+
+# what each stage may import besides itself (cli -> eval/prune/infer -> solve -> maps -> data -> core)
+ALLOWED = {
+    "core": set(),
+    "data": {"core"},
+    "maps": {"core", "data"},
+    "solve": {"core", "data", "maps"},
+    "eval": {"core", "data", "maps"},
+    "prune": {"core", "data", "maps", "solve"},
+    "infer": {"core", "data", "maps", "eval"},
+    "cli": {"core", "data", "maps", "solve", "eval", "prune", "infer"},
+}
+
+
+def modules_of(package: Path) -> dict[str, Path]:
+    """Dotted name -> file, for every module under ``package`` (a folder with ``__init__.py``)."""
+    found = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (relative imports resolved, ``from pkg import mod`` too)."""
+    modules = modules_of(package)
+    graph = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                targets.add(base)
+                targets.update(f"{base}.{a.name}" for a in node.names)
+        graph[name] = {t for t in targets if t in modules and t != name and t != package.name}
+    return graph
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle ``[a, b, ..., a]``, or None when the graph is acyclic."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (circle := visit(nxt)):
+                return circle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (circle := visit(node)):
+            return circle
+    return None
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else None
+
+
+def test_the_package_has_no_import_circle():
+    assert find_circle(import_graph(PACKAGE)) is None
+
+
+def test_each_stage_imports_only_the_stages_below_it():
+    graph = import_graph(PACKAGE)
+    graph.pop("njtc_solve.prune.__main__")  # `python -m njtc_solve.prune` hands over to the command; never imported
+    wrong = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps
+                   if (sa := stage_of(a)) and (sb := stage_of(b)) and sb != sa and sb not in ALLOWED[sa])
+    assert wrong == []
+
+
+def test_every_module_lives_in_a_stage_package():
+    top = {n for n in modules_of(PACKAGE) if n.count(".") == 1 and n.split(".")[1] not in ALLOWED}
+    commands = {f"njtc_solve.{c}" for c in ("extract", "fit", "evaluate", "refine", "export", "lens", "generate")}
+    assert top <= commands | {"njtc_solve.__main__", "njtc_solve.conftest"}, top - commands
+
+
+def test_the_circle_finder_finds_a_circle_through_a_lazy_import(tmp_path):
+    """The check can fail: a package whose command module and library import each other (the
+    old ``njtc_solve/fit.py`` <-> ``njtc_solve/cli/fit.py`` hand-over), one of them inside a function."""
+    pkg = tmp_path / "pkg"
+    (pkg / "cli").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli" / "__init__.py").write_text("")
+    (pkg / "fit.py").write_text("def main():\n    from .cli.fit import run\n    return run()\n")
+    (pkg / "cli" / "fit.py").write_text("from ..fit import main as library\n")
+    (pkg / "other.py").write_text("import pkg.fit\n")
+    assert find_circle(import_graph(pkg)) == ["pkg.cli.fit", "pkg.fit", "pkg.cli.fit"]
+    (pkg / "fit.py").write_text("def main():\n    return 0\n")
+    assert find_circle(import_graph(pkg)) is None
