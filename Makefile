@@ -6,7 +6,7 @@ RUN := runs/demo
 # CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check njtc_solve tests benchmarks
+
+# The docs/ pages as a site in site/ (git-ignored); --strict fails on a broken link or a page left out of the nav.
+docs: setup
+	$(PY) -m pip install -q "mkdocs>=1.6"  # pyproject's docs extra (the pages need no other package)
+	$(VENV)/bin/mkdocs build --strict
 
 # Needs the demo's store (made by `make demo` when missing). About an hour on 2 cores (the pairwise
 # heatmap and the pruning race take most of it).
