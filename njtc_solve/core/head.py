@@ -209,7 +209,7 @@ class Head:
         return cls.from_tensors(tensors, description, prefix="")
 
     def write_group(self, group) -> None:
-        """Write this head into an HDF5 group (design.md §3; ``softcap`` 0 means none)."""
+        """Write this head into an HDF5 group (docs/reference/file-formats.md; ``softcap`` 0 means none)."""
         group.attrs["norm"] = self.norm
         group.attrs["eps"] = self.eps
         group.attrs["logit_scale"] = self.logit_scale

@@ -1,4 +1,4 @@
-"""The activation store (HDF5, design.md §3): format constants, the streaming reader
+"""The activation store (HDF5, docs/reference/file-formats.md): format constants, the streaming reader
 (:class:`ActivationStore`) and the writer (:class:`StoreWriter`)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Model surgery: run a decoder with blocks ``[start, end)`` replaced by a map on the residual stream.
 
-The unfolded block replacement of design.md §9: ``h_end ≈ f(h_start)``, then the model's own
+The unfolded block replacement of docs/pruning.md (Background): ``h_end ≈ f(h_start)``, then the model's own
 blocks ``end..L-1``, final norm and unembedding. One ordinary forward pass per batch records,
 at every block, its input hidden state and the other arguments the model passed it
 (attention mask, rotary position embeddings, cache position …, which do not depend on the

@@ -4,7 +4,7 @@ Command line::
 
     python -m njtc_solve.evaluate --shortcuts jtc.safetensors nnjtc.safetensors --out report
 
-Metrics (design.md §5), per source layer and method, on validation rows only (leaving out
+Metrics (docs/reference/file-formats.md, Metrics), per source layer and method, on validation rows only (leaving out
 the first ``--skip-positions`` positions, the BOS / attention-sink row by default):
 Precision@k (the shortcut's top-1 is among the model's own top-k: the stored ``final_topk``
 or ``final_top1`` from the model's forward pass), surprisal ``-log p_final(argmax shortcut)``,

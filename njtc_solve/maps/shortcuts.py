@@ -1,4 +1,4 @@
-"""Shortcut maps as torch modules, and their files (safetensors, design.md §4).
+"""Shortcut maps as torch modules, and their files (safetensors, docs/reference/file-formats.md).
 
 A file holds one method's maps for many source layers. Prediction is
 ``y = norm(x) @ W + bias`` (plus ``x`` when the map is residual), with ``W = U @ V`` for
@@ -241,7 +241,7 @@ class Shortcuts(nn.Module):
     target_layer : int
         The layer every map estimates.
     model_sha256, rank, normalize, residual, fit_intercept, alpha, weight, stats, label, provenance
-        What a shortcut file records (design.md §4).
+        What a shortcut file records (docs/reference/file-formats.md).
     head : Head, optional
         The head :meth:`forward` applies (attached, not checked; :meth:`attach_head` checks).
     head_sha256 : str
@@ -424,7 +424,7 @@ class Shortcuts(nn.Module):
 
 
 def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
-    """Parse a shortcut file's metadata and check it against the file's tensors (design.md §4).
+    """Parse a shortcut file's metadata and check it against the file's tensors (docs/reference/file-formats.md).
 
     Parameters
     ----------

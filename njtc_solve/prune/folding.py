@@ -5,7 +5,7 @@ entering block ``S``) into ``h_{S+K}``. Block ``S-1`` writes ``h_S = r + m``, ``
 output. A map fitted so that ``r + m·T + c ≈ h_{S+K}`` (least squares of ``m`` onto
 ``y = h_{S+K} - h_S + m``) folds into the MLP's output projection (``W ← Tᵀ W``, bias
 ``b ← b·T + c``), so the pruned model is an ordinary checkpoint with K fewer blocks
-(ReplaceMe, arXiv 2505.02819; design.md §9).
+(ReplaceMe, arXiv 2505.02819; docs/pruning.md, Background).
 
 This module holds the mechanics: which families fold (:data:`FOLDABLE`), the capture of every
 block's MLP output, the sufficient statistics of every start and K from one pass

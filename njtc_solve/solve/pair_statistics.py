@@ -5,7 +5,7 @@ target and one cross moment ``C_xy`` per pair. One pass over the rows accumulate
 every pair at once: ``C_xx`` per source and ``C_yy`` per target are shared, and each target
 ``T`` keeps one block ``[x_l for l < T]ᵀ x_T`` (``k_T·d × d`` float64, ``k_T`` the sources
 below it), filled by one GEMM per row block. The numerics are those of
-:mod:`njtc_solve.solve.stats` (design.md §6): every row is shifted by the first chunk's mean,
+:mod:`njtc_solve.solve.stats` (docs/reference/numerics.md): every row is shifted by the first chunk's mean,
 multiplied in float32 in GEMMs of at most :data:`~njtc_solve.solve.stats.GEMM_ROWS` rows with
 ``"highest"`` matmul precision, and added into float64.
 

@@ -4,7 +4,7 @@ All work is float64 ``torch.linalg``. One symmetric eigendecomposition of ``C_xx
 the inputs (a pseudo-inverse: exactly singular inputs such as LayerNorm outputs, whose rows
 sum to zero, are handled without a bare Cholesky), and the right singular vectors of the whitened
 cross-covariance ``K = (C_xx + αI)^{-1/2} C_xy`` (from ``eigh(KᵀK)``) yield reduced-rank solutions of every
-rank at once (design.md §6):
+rank at once (docs/reference/numerics.md):
 
 * ``B = (C_xx + αI)^+ C_xy`` (least squares / ridge),
 * ``B_r = B V_r V_rᵀ`` with ``V_r`` the top right singular vectors of ``K`` (the eigenvectors

@@ -5,7 +5,7 @@ count, the means and the centred cross-products ``C_xx``, ``C_xy`` and ``C_yy``.
 solver in :mod:`njtc_solve.solve.solvers` needs nothing else, so a store is read once whatever the
 ranks, ridge penalties and methods fitted afterwards.
 
-Numerics (design.md §6): each chunk is shifted by a fixed vector (the first chunk's mean),
+Numerics (docs/reference/numerics.md): each chunk is shifted by a fixed vector (the first chunk's mean),
 multiplied in float32 with ``torch.set_float32_matmul_precision("highest")`` and added into
 float64 accumulators. Plain float32 accumulation of transformer activations, whose outlier
 features reach 1e3–1e5, gives visibly wrong maps over 1e5 rows. LayerNorm-normalised inputs
