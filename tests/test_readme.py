@@ -126,3 +126,33 @@ def test_the_link_checker_sees_a_broken_link(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("[ok](page.md) ![img](missing.png) `[code](nope.md)` [web](https://example.org)\n")
     assert [t for t in _links(page.read_text()) if not (tmp_path / t).exists() and ":" not in t] == ["missing.png"]
+
+
+def _nav_pages(nav) -> list[str]:
+    """Every page file named in mkdocs.yml's nav (nested sections included)."""
+    if isinstance(nav, str):
+        return [nav]
+    if isinstance(nav, dict):
+        return [page for value in nav.values() for page in _nav_pages(value)]
+    return [page for item in nav for page in _nav_pages(item)]
+
+
+def test_the_site_lists_every_page():
+    import yaml  # a dependency of transformers
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    listed = _nav_pages(config["nav"])
+    pages = sorted(str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md"))
+    assert sorted(listed) == pages, f"mkdocs.yml's nav and docs/ differ: {set(listed) ^ set(pages)}"
+
+
+def test_the_site_builds_strictly(tmp_path):
+    """What `make docs` runs; skipped where mkdocs (the docs extra) is not installed."""
+    pytest.importorskip("mkdocs")
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "site" / "architecture.html").is_file()
