@@ -181,6 +181,27 @@ def test_estimator_partial_fit_equals_fit():
     assert np.linalg.matrix_rank(whole.coef_) == 2
 
 
+def test_a_refused_partial_fit_leaves_the_estimator_as_it_was():
+    """A bad ``rank`` or ``alpha`` is refused before the batch is added: the statistics keep
+    only the rows of the accepted batches, and a fresh estimator gains no fitted attribute."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, 6))
+    Y = X @ rng.normal(size=(6, 4)) + rng.normal(size=(200, 4))
+    fresh = ReducedRankRegressor(rank=0)
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        fresh.partial_fit(X, Y)
+    assert vars(fresh) == {"rank": 0, "alpha": 0.0, "fit_intercept": True}
+    est = ReducedRankRegressor(rank=2).partial_fit(X[:100], Y[:100])
+    for bad, message in (({"rank": 0}, "rank must be"), ({"rank": 2.5}, "rank must be"),
+                         ({"alpha": -1.0}, "alpha must be"), ({"alpha": float("nan")}, "alpha must be")):
+        est.set_params(**bad)
+        with pytest.raises(ValueError, match=message):
+            est.partial_fit(X[100:], Y[100:])
+        est.set_params(rank=2, alpha=0.0)
+    est.partial_fit(X[100:], Y[100:])  # the refused batches left no trace in the statistics
+    assert np.allclose(est.coef_, ReducedRankRegressor(rank=2).fit(X, Y).coef_, rtol=1e-10, atol=1e-12)
+
+
 def test_cli_bad_inputs(tiny_store, tmp_path):
     fit = lambda *a: run_module("njtc_solve.fit", "--store", str(tiny_store), "--no-progress", *a)
     out = ["--out", str(tmp_path / "o.safetensors")]
