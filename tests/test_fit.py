@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 
 import h5py
 import numpy as np
@@ -200,6 +201,44 @@ def test_a_refused_partial_fit_leaves_the_estimator_as_it_was():
         est.set_params(rank=2, alpha=0.0)
     est.partial_fit(X[100:], Y[100:])  # the refused batches left no trace in the statistics
     assert np.allclose(est.coef_, ReducedRankRegressor(rank=2).fit(X, Y).coef_, rtol=1e-10, atol=1e-12)
+
+
+def test_one_fit_command_checks_each_setting_once(tiny_store, tmp_path, monkeypatch):
+    """One run of the fit command parses ``--rank`` once and checks the method, the device and
+    each target's statistics once: one validated settings object travels down unchanged."""
+    import njtc_solve.cli.fit as command
+    import njtc_solve.core.models as models
+    import njtc_solve.solve.fit as library
+    from njtc_solve.solve.stats import Statistics
+
+    calls = Counter()
+
+    def counted(name, fn, key=None):
+        def wrapper(*args, **kwargs):
+            calls[name if key is None else key(*args)] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(library.FitSpec, "__post_init__", counted("FitSpec", library.FitSpec.__post_init__))
+    monkeypatch.setattr(library, "check_method", counted("check_method", library.check_method))
+    device = counted("check_device", models.check_device)
+    monkeypatch.setattr(models, "check_device", device)
+    monkeypatch.setattr(library, "check_device", device)
+    monkeypatch.setattr(command, "parse_ranks", counted("parse_ranks", command.parse_ranks))
+    monkeypatch.setattr(Statistics, "check_finite", counted(
+        "check_finite", Statistics.check_finite, lambda stats: ("check_finite", stats.meta.get("target_layer"))))
+    stats = tmp_path / "s.safetensors"
+    runs = {"store": ["--store", str(tiny_store), "--save-stats", str(stats)],
+            "stats": ["--stats", str(stats)],
+            "all targets": ["--store", str(tiny_store), "--target-layer", "all"]}
+    for run, source in runs.items():
+        calls.clear()
+        out = tmp_path / f"{run.replace(' ', '-')}.safetensors"
+        assert command.main([*source, "--method", "njtc", "--rank", "2,4", "--out", str(out), "--no-progress"]) == 0
+        finite = {key: n for key, n in calls.items() if key[0] == "check_finite"}
+        assert len(finite) == (3 if run == "all targets" else 1) and set(finite.values()) == {1}, (run, calls)
+        assert {k: calls[k] for k in ("FitSpec", "check_method", "check_device", "parse_ranks")} == \
+            {"FitSpec": 1, "check_method": 1, "check_device": 1, "parse_ranks": 1}, (run, calls)
 
 
 def test_cli_bad_inputs(tiny_store, tmp_path):
