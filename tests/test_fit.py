@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from dataclasses import FrozenInstanceError
 
 import h5py
 import numpy as np
@@ -16,7 +17,8 @@ from sklearn.utils.estimator_checks import check_estimator
 from test_extract import _one_line_exit_2
 
 from njtc_solve.solve.estimator import ReducedRankRegressor
-from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.solve.fit import FitSpec, accumulate_statistics, fit_shortcuts
 from njtc_solve.maps.shortcuts import Shortcuts
 from njtc_solve.data.store import ActivationStore
 
@@ -239,6 +241,41 @@ def test_one_fit_command_checks_each_setting_once(tiny_store, tmp_path, monkeypa
         assert len(finite) == (3 if run == "all targets" else 1) and set(finite.values()) == {1}, (run, calls)
         assert {k: calls[k] for k in ("FitSpec", "check_method", "check_device", "parse_ranks")} == \
             {"FitSpec": 1, "check_method": 1, "check_device": 1, "parse_ranks": 1}, (run, calls)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"method": "bogus"}, "unknown method 'bogus'"),
+    ({"method": "jtc", "ranks": [4]}, "jtc fits full-rank maps; drop `ranks`"),
+    ({"method": "njtc", "ranks": [2.5]}, "`ranks`: rank 2.5 is not a whole number"),
+    ({"method": "njtc", "ranks": [0]}, r"`ranks`: rank 0 is out of range"),
+    ({"alpha": -1.0}, "^`alpha` must be a non-negative number$"),
+    ({"alpha": float("inf")}, "^`alpha` must be a non-negative number$"),
+    ({"alpha": "often"}, "`alpha` must be a number or auto"),
+    ({"weight": "tokens"}, "`weight` must be none or logits"),
+    ({"residual": True}, "`residual=True` works with `normalize` none or batch"),
+    ({"skip_positions": -1}, "`skip_positions` must be 0 or more"),
+    ({"chunk_rows": 0}, "`chunk_rows` must be positive"),
+    ({"device": "gpu"}, "`device` 'gpu' is not a device"),
+    ({"target_layer": "last"}, "`target_layer` must be a layer number or all"),
+])
+def test_a_bad_setting_is_refused_before_the_store_is_opened(settings, message):
+    """``fit_shortcuts`` checks its settings (one :class:`FitSpec`) before it opens the store: the
+    store here does not exist, and the error is about the setting."""
+    with pytest.raises(NJTCError, match=message):
+        fit_shortcuts("nowhere.h5", progress=False, **settings)
+
+
+def test_a_fit_spec_is_frozen_completed_and_knows_its_fit():
+    spec = FitSpec(method="njtc", ranks=[8, 16], layers=[1, 2], alpha=1)
+    assert (spec.ranks, spec.normalize, spec.layers, spec.alpha) == ((8, 16), "none", (1, 2), 1.0)
+    with pytest.raises(FrozenInstanceError):
+        spec.ranks = (4,)
+    with pytest.raises(NJTCError, match="`weight` logits needs the last layer as the target"):
+        FitSpec(weight="logits", target_layer="all")
+    with pytest.raises(NJTCError, match="use fit_all_targets"):
+        fit_shortcuts("nowhere.h5", target_layer="all")
+    with pytest.raises(NJTCError, match="`ranks`: rank 64 is out of range \\(1..32\\)"):
+        FitSpec(method="njtc", ranks=[64]).check_width(32)
 
 
 def test_cli_bad_inputs(tiny_store, tmp_path):
