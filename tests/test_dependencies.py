@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
+import zipfile
+from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 # Runs in a fresh interpreter: computes what `pip install .` installs (the closure of the
@@ -130,23 +135,102 @@ def test_every_command_runs_with_only_the_declared_dependencies(tiny_models, tmp
     assert (tmp_path / "lens" / "trajectory.csv").is_file() and (tmp_path / "report" / "report.md").is_file()
 
 
-def test_the_wheel_holds_every_module_of_the_package(tmp_path):
-    """``pip install .`` installs what the wheel holds: every module of njtc_solve, the command layer
-    (njtc_solve/cli) too. Built by the project's build backend (setuptools, in the dev extra) from a
-    copy, so the tree gets no build/ or egg-info."""
-    import shutil
-    import zipfile
-
-    source = tmp_path / "source"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built once for this module's tests by its build backend (setuptools, in
+    the dev extra) from a copy, so the tree gets no build/ or egg-info; no pip, no network."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "njtc_solve", source / "njtc_solve", ignore=shutil.ignore_patterns("__pycache__"))
-    build = "from setuptools import build_meta; build_meta.build_wheel(__import__('sys').argv[1])"  # no pip, no network
-    proc = subprocess.run([sys.executable, "-c", build, str(tmp_path / "wheel")], capture_output=True, text=True,
+    build = "from setuptools import build_meta; build_meta.build_wheel(__import__('sys').argv[1])"
+    proc = subprocess.run([sys.executable, "-c", build, str(tmp / "dist")], capture_output=True, text=True,
                           cwd=source, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    [wheel] = (tmp_path / "wheel").glob("*.whl")
+    [built] = (tmp / "dist").glob("*.whl")
+    return built
+
+
+# the stage subpackages (each named in njtc_solve/__init__.py's layout)
+SUBPACKAGES = ("core", "data", "maps", "solve", "eval", "prune", "cli")
+
+
+def test_the_wheel_holds_every_module_of_the_package(wheel):
+    """``pip install .`` installs what the wheel holds: every module of njtc_solve, each stage
+    subpackage and the command layer (njtc_solve/cli) too."""
     packaged = set(zipfile.ZipFile(wheel).namelist())
-    modules = {p.relative_to(source).as_posix() for p in (source / "njtc_solve").rglob("*.py")}
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "njtc_solve").rglob("*.py")}
     assert "njtc_solve/cli/fit.py" in modules and not modules - packaged, sorted(modules - packaged)
+    assert {f"njtc_solve/{name}/__init__.py" for name in SUBPACKAGES} <= packaged
+
+
+# Runs in the fresh venv's interpreter, from a folder outside the tree: each `python -m` hand-over
+# module and each console script as their processes would run them (runpy is what `python -m`
+# uses), in one interpreter, so torch is imported once and the test stays quick.
+_HELP = textwrap.dedent('''
+    import contextlib, io, json, runpy, sys
+    import njtc_solve
+
+    results = {"__file__": njtc_solve.__file__}
+    for label, kind, target in json.loads(sys.argv[1]):
+        sys.argv, out, code = [target, "--help"], io.StringIO(), None
+        with contextlib.redirect_stdout(out):
+            try:
+                if kind == "module":
+                    runpy.run_module(target, run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(target, run_name="__main__")
+            except SystemExit as stop:
+                code = stop.code
+            except Exception as err:  # e.g. a module the wheel lacks: reported for this command
+                code = f"{type(err).__name__}: {err}"
+        results[label] = [code, out.getvalue()]
+    print(json.dumps(results))
+''')
+
+
+def test_the_installed_wheel_runs_every_command_from_a_fresh_venv(wheel, tmp_path):
+    """After ``pip install`` of the wheel into a fresh venv, ``python -m njtc_solve.<command> --help``
+    and ``njtc-<command> --help`` print the usage of every command (``njtc_solve.cli.COMMANDS``),
+    run from outside the source tree with the installed package, not the tree's: all of them in
+    one interpreter (see ``_HELP``), and ``fit``'s two also as processes of their own.
+
+    The heavy dependencies (torch, transformers, …) are not downloaded: a ``.pth`` line puts this
+    venv's site-packages after the fresh venv's own (a path line: that folder's own ``.pth`` files,
+    this project's editable install among them, are not run).
+    """
+    from njtc_solve.cli import COMMANDS
+
+    fresh = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    run = lambda *cmd, **kw: subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env,
+                                            cwd=tmp_path, timeout=300, **kw)
+    made = run(sys.executable, "-m", "venv", "--without-pip", fresh)
+    assert made.returncode == 0, made.stderr[-2000:]
+    python = fresh / "bin" / "python"
+    installed = run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
+                    "--no-cache-dir", "--disable-pip-version-check", "--quiet", wheel)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    purelib = run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip()
+    (Path(purelib) / "_project_dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+
+    [entry_points] = Path(purelib).glob("njtc_solve-*.dist-info/entry_points.txt")
+    scripts = {line.split("=")[0].strip() for line in entry_points.read_text().splitlines() if "=" in line}
+    assert scripts == {f"njtc-{command}" for command in COMMANDS}, scripts
+    for command in COMMANDS:  # each script is pip's, run by the fresh venv's interpreter
+        assert (fresh / "bin" / f"njtc-{command}").read_text().startswith(f"#!{python}")
+    jobs = [(f"python -m njtc_solve.{c}", "module", f"njtc_solve.{c}") for c in COMMANDS] + \
+        [(f"njtc-{c}", "script", str(fresh / "bin" / f"njtc-{c}")) for c in COMMANDS]
+    proc = run(python, "-c", _HELP, json.dumps(jobs))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    location = Path(results.pop("__file__")).resolve()
+    assert fresh.resolve() in location.parents and ROOT.resolve() not in location.parents, location
+    for (label, _, _), command in zip(jobs, COMMANDS * 2):
+        code, printed = results[label]
+        assert code == 0 and printed.startswith(f"usage: python -m njtc_solve.{command} "), (label, code, printed[:300])
+    for argv in ([python, "-m", "njtc_solve.fit", "--help"], [fresh / "bin" / "njtc-fit", "--help"]):
+        real = run(*argv)  # and as processes of their own, for the mission's command
+        assert real.returncode == 0 and real.stdout.startswith("usage: python -m njtc_solve.fit "), real.stderr[-2000:]

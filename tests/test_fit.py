@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
+from dataclasses import FrozenInstanceError
 
 import h5py
 import numpy as np
@@ -15,7 +17,8 @@ from sklearn.utils.estimator_checks import check_estimator
 from test_extract import _one_line_exit_2
 
 from njtc_solve.solve.estimator import ReducedRankRegressor
-from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.solve.fit import FitSpec, accumulate_statistics, fit_shortcuts
 from njtc_solve.maps.shortcuts import Shortcuts
 from njtc_solve.data.store import ActivationStore
 
@@ -179,6 +182,100 @@ def test_estimator_partial_fit_equals_fit():
     assert np.allclose(parts.coef_, whole.coef_, rtol=1e-10, atol=1e-12)
     assert np.allclose(parts.left_factor_ @ parts.right_factor_, parts.coef_.T)
     assert np.linalg.matrix_rank(whole.coef_) == 2
+
+
+def test_a_refused_partial_fit_leaves_the_estimator_as_it_was():
+    """A bad ``rank`` or ``alpha`` is refused before the batch is added: the statistics keep
+    only the rows of the accepted batches, and a fresh estimator gains no fitted attribute."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, 6))
+    Y = X @ rng.normal(size=(6, 4)) + rng.normal(size=(200, 4))
+    fresh = ReducedRankRegressor(rank=0)
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        fresh.partial_fit(X, Y)
+    assert vars(fresh) == {"rank": 0, "alpha": 0.0, "fit_intercept": True}
+    est = ReducedRankRegressor(rank=2).partial_fit(X[:100], Y[:100])
+    for bad, message in (({"rank": 0}, "rank must be"), ({"rank": 2.5}, "rank must be"),
+                         ({"alpha": -1.0}, "alpha must be"), ({"alpha": float("nan")}, "alpha must be")):
+        est.set_params(**bad)
+        with pytest.raises(ValueError, match=message):
+            est.partial_fit(X[100:], Y[100:])
+        est.set_params(rank=2, alpha=0.0)
+    est.partial_fit(X[100:], Y[100:])  # the refused batches left no trace in the statistics
+    assert np.allclose(est.coef_, ReducedRankRegressor(rank=2).fit(X, Y).coef_, rtol=1e-10, atol=1e-12)
+
+
+def test_one_fit_command_checks_each_setting_once(tiny_store, tmp_path, monkeypatch):
+    """One run of the fit command parses ``--rank`` once and checks the method, the device and
+    each target's statistics once: one validated settings object travels down unchanged."""
+    import njtc_solve.cli.fit as command
+    import njtc_solve.core.models as models
+    import njtc_solve.solve.fit as library
+    from njtc_solve.solve.stats import Statistics
+
+    calls = Counter()
+
+    def counted(name, fn, key=None):
+        def wrapper(*args, **kwargs):
+            calls[name if key is None else key(*args)] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(library.FitSpec, "__post_init__", counted("FitSpec", library.FitSpec.__post_init__))
+    monkeypatch.setattr(library, "check_method", counted("check_method", library.check_method))
+    device = counted("check_device", models.check_device)
+    monkeypatch.setattr(models, "check_device", device)
+    monkeypatch.setattr(library, "check_device", device)
+    monkeypatch.setattr(command, "parse_ranks", counted("parse_ranks", command.parse_ranks))
+    monkeypatch.setattr(Statistics, "check_finite", counted(
+        "check_finite", Statistics.check_finite, lambda stats: ("check_finite", stats.meta.get("target_layer"))))
+    stats = tmp_path / "s.safetensors"
+    runs = {"store": ["--store", str(tiny_store), "--save-stats", str(stats)],
+            "stats": ["--stats", str(stats)],
+            "all targets": ["--store", str(tiny_store), "--target-layer", "all"]}
+    for run, source in runs.items():
+        calls.clear()
+        out = tmp_path / f"{run.replace(' ', '-')}.safetensors"
+        assert command.main([*source, "--method", "njtc", "--rank", "2,4", "--out", str(out), "--no-progress"]) == 0
+        finite = {key: n for key, n in calls.items() if key[0] == "check_finite"}
+        assert len(finite) == (3 if run == "all targets" else 1) and set(finite.values()) == {1}, (run, calls)
+        assert {k: calls[k] for k in ("FitSpec", "check_method", "check_device", "parse_ranks")} == \
+            {"FitSpec": 1, "check_method": 1, "check_device": 1, "parse_ranks": 1}, (run, calls)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"method": "bogus"}, "unknown method 'bogus'"),
+    ({"method": "jtc", "ranks": [4]}, "jtc fits full-rank maps; drop `ranks`"),
+    ({"method": "njtc", "ranks": [2.5]}, "`ranks`: rank 2.5 is not a whole number"),
+    ({"method": "njtc", "ranks": [0]}, r"`ranks`: rank 0 is out of range"),
+    ({"alpha": -1.0}, "^`alpha` must be a non-negative number$"),
+    ({"alpha": float("inf")}, "^`alpha` must be a non-negative number$"),
+    ({"alpha": "often"}, "`alpha` must be a number or auto"),
+    ({"weight": "tokens"}, "`weight` must be none or logits"),
+    ({"residual": True}, "`residual=True` works with `normalize` none or batch"),
+    ({"skip_positions": -1}, "`skip_positions` must be 0 or more"),
+    ({"chunk_rows": 0}, "`chunk_rows` must be positive"),
+    ({"device": "gpu"}, "`device` 'gpu' is not a device"),
+    ({"target_layer": "last"}, "`target_layer` must be a layer number or all"),
+])
+def test_a_bad_setting_is_refused_before_the_store_is_opened(settings, message):
+    """``fit_shortcuts`` checks its settings (one :class:`FitSpec`) before it opens the store: the
+    store here does not exist, and the error is about the setting."""
+    with pytest.raises(NJTCError, match=message):
+        fit_shortcuts("nowhere.h5", progress=False, **settings)
+
+
+def test_a_fit_spec_is_frozen_completed_and_knows_its_fit():
+    spec = FitSpec(method="njtc", ranks=[8, 16], layers=[1, 2], alpha=1)
+    assert (spec.ranks, spec.normalize, spec.layers, spec.alpha) == ((8, 16), "none", (1, 2), 1.0)
+    with pytest.raises(FrozenInstanceError):
+        spec.ranks = (4,)
+    with pytest.raises(NJTCError, match="`weight` logits needs the last layer as the target"):
+        FitSpec(weight="logits", target_layer="all")
+    with pytest.raises(NJTCError, match="use fit_all_targets"):
+        fit_shortcuts("nowhere.h5", target_layer="all")
+    with pytest.raises(NJTCError, match="`ranks`: rank 64 is out of range \\(1..32\\)"):
+        FitSpec(method="njtc", ranks=[64]).check_width(32)
 
 
 def test_cli_bad_inputs(tiny_store, tmp_path):

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,16 +180,13 @@ def parse_target(text: str | None) -> int | str | None:
 
 
 def parse_alpha(text: str) -> float | str:
-    """Parse ``--alpha``: a non-negative number or ``auto``."""
+    """Parse ``--alpha``: a number or ``auto`` (the fit refuses a negative or non-finite one)."""
     if text == "auto":
         return "auto"
     try:
-        value = float(text)
+        return float(text)
     except ValueError as err:
         raise NJTCError(f"--alpha must be a number or auto, not {text!r}") from err
-    if not math.isfinite(value) or value < 0:
-        raise NJTCError("--alpha must be a non-negative number")
-    return value
 
 
 def command_inputs(args, *names, defaults: dict | None = None) -> list[tuple[str, Path]]:

@@ -14,7 +14,7 @@ from njtc_solve.cli import command, run_cli, warn
 from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, parse_alpha, parse_layers, parse_ranks,
                         parse_target, plan_settings, rows_from_args)
 
-__all__ = ["build_parser", "main", "output_paths", "rank_paths", "run"]
+__all__ = ["build_parser", "fit_spec", "main", "output_paths", "rank_paths", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,10 +111,11 @@ def _source(args, device, comm):
         yield rows
 
 
-def _check_outputs(args, out: Path, targets=None) -> None:
+def _check_outputs(args, out: Path, ranks, targets=None) -> None:
     """Before any work: the shortcut files and the statistics can be written, replace no input,
     no other output and no file this project did not write.
 
+    ``ranks``: the fit's (:attr:`FitSpec.ranks <njtc_solve.solve.fit.FitSpec.ranks>`), one file each.
     ``targets`` (``--target-layer all``): the target layers, whose files ``OUT-t{t}…`` are
     checked instead of ``OUT`` (which that fit never writes); ``[]`` checks ``--save-stats`` alone.
     """
@@ -122,7 +123,6 @@ def _check_outputs(args, out: Path, targets=None) -> None:
     from njtc_solve.maps.shortcuts import FORMAT as SHORTCUT_FORMAT
     from njtc_solve.solve.stats import FORMAT as STATISTICS_FORMAT
 
-    ranks = parse_ranks(args.rank)
     names = rank_paths(out, ranks) if targets is None else [p for t in targets for p in rank_paths(out, ranks, t)]
     store = args.store or (None if args.model is not None or args.stats is not None else "activations.h5")
     check_not_inputs([("--out", p) for p in names] + [("--save-stats", args.save_stats)],
@@ -133,18 +133,18 @@ def _check_outputs(args, out: Path, targets=None) -> None:
         check_file_output(args.save_stats, "--save-stats", [STATISTICS_FORMAT], "a statistics file")
 
 
-def _fit_settings(args) -> dict:
-    """The keyword arguments of the fit that the flags set (shared by one target and every target)."""
-    return dict(method=args.method, ranks=parse_ranks(args.rank), layers=parse_layers(args.layers),
-                normalize=args.normalize, residual=args.residual, fit_intercept=not args.no_intercept,
-                alpha=parse_alpha(args.alpha), statistics=args.stats, save_stats=args.save_stats,
-                chunk_rows=args.chunk_rows, float64=args.float64, skip_positions=args.skip_positions)
+def fit_spec(args, device: str) -> library.FitSpec:
+    """The fit's settings from the flags: each list parsed once, every setting validated once
+    (by :class:`~njtc_solve.solve.fit.FitSpec`), before any model loads."""
+    return library.FitSpec(method=args.method, ranks=parse_ranks(args.rank), layers=parse_layers(args.layers),
+                           normalize=args.normalize, residual=args.residual, fit_intercept=not args.no_intercept,
+                           alpha=parse_alpha(args.alpha), weight=args.weight, device=device,
+                           target_layer=parse_target(args.target_layer), skip_positions=args.skip_positions,
+                           chunk_rows=args.chunk_rows, float64=args.float64)
 
 
 def _run(args, comm) -> int:
     """The fit itself: every process accumulates its share and solves its layers; rank 0 writes."""
-    from njtc_solve.core.models import check_device
-
     device = args.device
     if comm is not None:
         device = str(comm.device)  # each process on its own GPU under torchrun
@@ -152,23 +152,19 @@ def _run(args, comm) -> int:
             comm.voted = True
             if comm.rank != 0:
                 return 0
+    spec = fit_spec(args, device)
     out = Path(args.out)
-    if args.chunk_rows <= 0:
-        raise NJTCError("--chunk-rows must be positive")
-    _check_outputs(args, out, [] if args.target_layer == "all" else None)  # all: its files once the targets are known
+    every_target = spec.target_layer == "all"
+    _check_outputs(args, out, spec.ranks, [] if every_target else None)  # all: its files once the targets are known
     if args.model is not None:
         plan_settings(args)  # a bad plan (--seq-len 1, ...) is refused before the model loads
-    check_device(device)  # before a model loads
-    target = parse_target(args.target_layer)
-    if target == "all":
-        return _run_all_targets(args, comm, device, out)
+    if every_target:
+        return _run_all_targets(args, spec, comm, out)
     start = time.perf_counter()
     with _source(args, device, comm) as store:
-        shortcuts = library.fit_shortcuts(
-            store, **_fit_settings(args), weight=args.weight, device=device,
-            progress=not args.no_progress and (comm is None or comm.rank == 0),
-            comm=None if args.stats is not None else comm,  # from saved statistics rank 0 solves alone
-            target_layer=target)
+        shortcuts = spec.fit(store, statistics=args.stats, save_stats=args.save_stats,
+                             progress=not args.no_progress and (comm is None or comm.rank == 0),
+                             comm=None if args.stats is not None else comm)  # from saved statistics rank 0 solves alone
     if comm is not None and comm.rank != 0:
         return 0
     for sc, path in zip(shortcuts, output_paths(out, shortcuts)):
@@ -185,19 +181,15 @@ def _run(args, comm) -> int:
     return 0
 
 
-def _run_all_targets(args, comm, device, out) -> int:
+def _run_all_targets(args, spec, comm, out) -> int:
     """``--target-layer all``: one pass, then one file per target, each written as soon as it is solved."""
-    if args.weight != "none":
-        raise NJTCError("--weight logits needs the last layer as the target (only it has a head); "
-                        "--target-layer all fits intermediate targets too")
     if comm is not None and comm.world_size > 1:
         raise NJTCError("--target-layer all runs in one process (not under torchrun)")
-    library.check_method(args.method, parse_ranks(args.rank), args.normalize)  # before a model loads
     start = time.perf_counter()
-    with _source(args, device, None) as store:
-        solved = library.fit_all_targets(
-            store, **_fit_settings(args), device=device, progress=not args.no_progress,
-            check_outputs=lambda targets: _check_outputs(args, out, targets))
+    with _source(args, spec.device, None) as store:
+        solved = spec.fit_all_targets(store, statistics=args.stats, save_stats=args.save_stats,
+                                      progress=not args.no_progress,
+                                      check_outputs=lambda targets: _check_outputs(args, out, spec.ranks, targets))
     for target, fits in solved:
         for sc, path in zip(fits, output_paths(out, fits, target)):
             sc.save(path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
+
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
@@ -69,7 +72,11 @@ class ReducedRankRegressor(MultiOutputMixin, RegressorMixin, BaseEstimator):
         return self.partial_fit(X, y)
 
     def partial_fit(self, X, y):
-        """Add a batch of rows to the statistics and re-solve; returns ``self``."""
+        """Add a batch of rows to the statistics and re-solve; returns ``self``.
+
+        A bad ``rank`` or ``alpha`` is refused before anything changes: the estimator is left as it was.
+        """
+        self._check_params()
         first = not hasattr(self, "_acc")
         X, y = validate_data(self, X, y, reset=first, multi_output=True, y_numeric=True,
                              dtype=[np.float64, np.float32])
@@ -84,11 +91,17 @@ class ReducedRankRegressor(MultiOutputMixin, RegressorMixin, BaseEstimator):
         self._solve()
         return self
 
-    def _solve(self):
-        if self.rank is not None and (not isinstance(self.rank, (int, np.integer)) or self.rank < 1):
+    def _check_params(self) -> None:
+        """Refuse a ``rank`` that is not a positive integer (or ``None``) or an ``alpha`` that is not
+        a finite non-negative number."""
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, Integral)
+                                      or self.rank < 1):
             raise ValueError(f"rank must be a positive integer or None, got {self.rank!r}")
-        if self.alpha < 0:
-            raise ValueError(f"alpha must be non-negative, got {self.alpha!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, Real) or not (math.isfinite(self.alpha)
+                                                                                  and self.alpha >= 0):
+            raise ValueError(f"alpha must be a finite non-negative number, got {self.alpha!r}")
+
+    def _solve(self):
         stats = self._acc.finalize()
         m = stats.layers[0]
         if self.fit_intercept:

@@ -16,7 +16,10 @@ identity plus a low-rank correction; ``--weight logits`` measures the error in l
 from __future__ import annotations
 
 import itertools
+import math
 import time
+from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from njtc_solve.data.store import opened
 
 __all__ = [
     "METHODS",
+    "FitSpec",
     "accumulate_statistics",
     "check_method",
     "check_sources",
@@ -44,6 +48,125 @@ __all__ = [
 
 
 METHODS = ("jtc", "njtc", "nnjtc")
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """The settings of one fit, validated once, when it is made: what to fit, not what to read.
+
+    Made by :func:`fit_shortcuts`, :func:`fit_all_targets` and :func:`fit_from_statistics` from
+    their keywords, and by the fit command from its flags before any model loads; the fit then
+    runs on it unchanged (:meth:`fit`, :meth:`fit_all_targets`). Every setting is checked here
+    (like scikit-learn's parameter constraints, checked once at ``fit``); what needs the data
+    (a rank above the width, a layer the store lacks) is checked once the data are open.
+    ``ranks`` and ``normalize`` hold their completed values (see :func:`check_method`).
+
+    Parameters
+    ----------
+    method : {"jtc", "njtc", "nnjtc"}
+    ranks : sequence of int, optional
+        Ranks of the narrow maps, all from one decomposition (default: 32; ``(None,)`` for jtc).
+    layers : sequence of int, optional
+        Source layers (default: every layer below the target).
+    normalize : {"none", "batch", "layer", "rms"}, optional
+        Input normalisation (default ``layer`` for nnjtc, else ``none``).
+    residual : bool
+        Fit identity plus a low-rank correction.
+    fit_intercept : bool
+    alpha : float or "auto"
+        Ridge penalty (finite, 0 or more), or generalised cross-validation per layer.
+    weight : {"none", "logits"}
+        ``logits`` measures the error in logit space (the last layer's target only).
+    device : str
+        Where the statistics and the solve live.
+    target_layer : int, "all" or None
+        The layer the maps predict (default: the last); ``"all"``: every layer above a source
+        (:meth:`fit_all_targets`).
+    skip_positions : int, optional
+        Leave out rows at positions below this (default: the store's).
+    chunk_rows : int
+        Rows per streamed chunk.
+    float64 : bool
+        Accumulate with float64 GEMMs.
+
+    Examples
+    --------
+    >>> FitSpec(method="njtc", ranks=[8, 16]).ranks
+    (8, 16)
+    >>> FitSpec(method="jtc").ranks, FitSpec().normalize
+    ((None,), 'layer')
+    """
+
+    method: str = "nnjtc"
+    ranks: tuple | None = None
+    layers: tuple | None = None
+    normalize: str | None = None
+    residual: bool = False
+    fit_intercept: bool = True
+    alpha: float | str = 0.0
+    weight: str = "none"
+    device: str = "cpu"
+    target_layer: int | str | None = None
+    skip_positions: int | None = None
+    chunk_rows: int = 4096
+    float64: bool = False
+
+    def __post_init__(self):
+        method, ranks, normalize = check_method(self.method, self.ranks, self.normalize)
+        _check_residual(normalize, self.residual)
+        if self.alpha != "auto" and (isinstance(self.alpha, bool) or not isinstance(self.alpha, Real)):
+            raise NJTCError(f"`alpha` must be a number or auto, not {self.alpha!r}")
+        if self.alpha != "auto" and not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise NJTCError("`alpha` must be a non-negative number")
+        if self.weight not in ("none", "logits"):
+            raise NJTCError("`weight` must be none or logits")
+        target = self.target_layer
+        if not (target is None or target == "all" or (isinstance(target, Integral) and not isinstance(target, bool))):
+            raise NJTCError(f"`target_layer` must be a layer number or all, not {target!r}")
+        if self.weight == "logits" and target == "all":
+            raise NJTCError("`weight` logits needs the last layer as the target (only it has a head); "
+                            "`target_layer` all fits intermediate targets too")
+        skip = self.skip_positions
+        if skip is not None and (isinstance(skip, bool) or not isinstance(skip, Integral) or skip < 0):
+            raise NJTCError("`skip_positions` must be 0 or more")
+        if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, Integral) or self.chunk_rows <= 0:
+            raise NJTCError("`chunk_rows` must be positive")
+        check_device(self.device)
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # completing a frozen instance
+        set_("ranks", tuple(None if r is None else int(r) for r in ranks))
+        set_("normalize", normalize)
+        set_("alpha", "auto" if self.alpha == "auto" else float(self.alpha))
+        if self.layers is not None:
+            set_("layers", tuple(int(l) for l in self.layers))
+        if target not in (None, "all"):
+            set_("target_layer", int(target))
+
+    @property
+    def row_weight(self) -> str:
+        """The row weighting of the statistics this fit needs: ``inv_sigma2`` for ``weight="logits"``."""
+        return "inv_sigma2" if self.weight == "logits" else "none"
+
+    def check_width(self, d: int | None) -> None:
+        """Refuse a rank above the width ``d`` of the rows (``None``: unknown, nothing to check)."""
+        for r in self.ranks:
+            if d is not None and r is not None and r > d:
+                raise NJTCError(f"`ranks`: rank {r} is out of range (1..{d})")
+
+    def fit(self, store=None, *, statistics=None, save_stats=None, progress: bool = True,
+            comm=None) -> list[Shortcuts]:
+        """:func:`fit_shortcuts` with these settings: one :class:`Shortcuts` per rank."""
+        if self.target_layer == "all":
+            raise NJTCError("`target_layer` all gives one fit per target: use fit_all_targets")
+        return _fit_shortcuts(self, store, statistics=statistics, save_stats=save_stats, progress=progress,
+                              comm=comm)
+
+    def fit_all_targets(self, store=None, *, statistics=None, save_stats=None, progress: bool = True,
+                        check_outputs=None):
+        """:func:`fit_all_targets` with these settings (``target_layer`` ``None`` or ``"all"``)."""
+        if self.target_layer not in (None, "all"):
+            raise NJTCError(f"`target_layer` {self.target_layer}: fit_all_targets fits every target")
+        return _fit_all_targets(self, store, statistics=statistics, save_stats=save_stats, progress=progress,
+                                check_outputs=check_outputs)
 
 
 def _inverse_norm_scale(norm: str, eps: float, y) -> torch.Tensor:
@@ -213,49 +336,50 @@ def fit_from_statistics(stats: Statistics, *, method: str = "nnjtc", ranks: list
     progress : bool
         Show a bar over the layers' solves.
     """
-    return _fit_statistics(stats, method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual,
-                           weight_factor=weight_factor, fit_intercept=fit_intercept, alpha=alpha, progress=progress)
+    spec = FitSpec(method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual,
+                   fit_intercept=fit_intercept, alpha=alpha)
+    spec.check_width(stats.meta.get("d_model"))
+    _check_input_norm(stats.input_norm, spec.normalize)
+    stats.check_finite()
+    return _fit_statistics(stats, spec, layers=spec.layers, weight_factor=weight_factor, progress=progress)
 
 
-def _fit_statistics(stats: Statistics, *, method, ranks, layers, normalize, residual, weight_factor, fit_intercept,
-                    alpha, progress=False, decompositions: dict | None = None) -> list[Shortcuts]:
-    """:func:`fit_from_statistics`; ``decompositions`` (a dict, filled as the layers are solved)
-    keeps each source layer's :func:`~njtc_solve.solve.solvers.gram_eigh` for later calls that solve
-    the same source's inputs again (another target of the same pass, same settings)."""
-    method, ranks, normalize = check_method(method, ranks, normalize, stats.meta.get("d_model"))
-    _check_input_norm(stats.input_norm, normalize, residual)
+def _fit_statistics(stats: Statistics, spec: FitSpec, *, layers, weight_factor, progress=False,
+                    decompositions: dict | None = None) -> list[Shortcuts]:
+    """:func:`fit_from_statistics` on statistics already checked against ``spec`` (their width,
+    input normalisation and finiteness); ``decompositions`` (a dict, filled as the layers are
+    solved) keeps each source layer's :func:`~njtc_solve.solve.solvers.gram_eigh` for later calls
+    that solve the same source's inputs again (another target of the same pass, same settings)."""
     layers = sorted(stats.layers) if layers is None else layers
     # once, for every layer, where the statistics are
     weight = None if weight_factor is None else weight_root(weight_factor.to(stats.cyy.device))
     missing = [l for l in layers if l not in stats.layers]
     if missing:
         raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
-    stats.check_finite()
-    outputs = {r: {} for r in ranks}
-    records = {r: {} for r in ranks}
+    outputs = {r: {} for r in spec.ranks}
+    records = {r: {} for r in spec.ranks}
     for layer in tqdm(layers, desc="solve", unit="layer", leave=False, disable=not progress):
-        solved = _solve_layer(stats, layer, ranks=ranks, normalize=normalize, residual=residual, weight=weight,
-                              fit_intercept=fit_intercept, alpha=alpha,
+        solved = _solve_layer(stats, layer, ranks=spec.ranks, normalize=spec.normalize, residual=spec.residual,
+                              weight=weight, fit_intercept=spec.fit_intercept, alpha=spec.alpha,
                               decompositions={} if decompositions is None else decompositions)
         for rank, (shortcut_map, record) in solved.items():
             outputs[rank][layer], records[rank][layer] = shortcut_map, record
-    return [_shortcuts(stats, method=method, rank=r, maps=outputs[r], records=records[r], normalize=normalize,
-                       residual=residual, fit_intercept=fit_intercept, alpha=alpha,
+    return [_shortcuts(stats, spec, rank=r, maps=outputs[r], records=records[r],
                        weight="none" if weight_factor is None else "logits")
-            for r in ranks]
+            for r in spec.ranks]
 
 
-def _check_input_norm(input_norm: str, normalize: str, residual: bool) -> None:
-    """Statistics of ``input_norm`` inputs can serve a fit with ``normalize`` (and ``residual``)."""
+def _check_input_norm(input_norm: str, normalize: str) -> None:
+    """Statistics of ``input_norm`` inputs can serve a fit with ``normalize``."""
     if normalize in ("layer", "rms") and input_norm != normalize:
         raise NJTCError(f"`normalize` {normalize} needs statistics of {normalize}-normalised inputs "
                         f"(these are of {input_norm!r})")
     if normalize in ("none", "batch") and input_norm != "none":
         raise NJTCError(f"`normalize` {normalize} needs statistics of raw inputs (these are {input_norm!r})")
-    _check_residual(normalize, residual)
 
 
 def _check_residual(normalize: str, residual: bool) -> None:
+    """Residual maps are fitted on raw or batch-normalised inputs only."""
     if residual and normalize in ("layer", "rms"):
         raise NJTCError("`residual=True` works with `normalize` none or batch")
 
@@ -294,8 +418,7 @@ def _solve_layer(stats: Statistics, layer: int, *, ranks, normalize, residual, w
     return solved
 
 
-def _shortcuts(stats: Statistics, *, method, rank, maps, records, normalize, residual, fit_intercept, alpha,
-               weight) -> Shortcuts:
+def _shortcuts(stats: Statistics, spec: FitSpec, *, rank, maps, records, weight) -> Shortcuts:
     """The maps of one rank with the fit's settings, training records and the statistics' provenance."""
     meta = stats.meta
     timing = ("seconds", "rows_per_s", "gflops", "device", "accumulation")
@@ -303,9 +426,10 @@ def _shortcuts(stats: Statistics, *, method, rank, maps, records, normalize, res
                  **({"n_layers": int(meta["n_layers"])} if "n_layers" in meta else {}),
                  **({"target_row_norms": meta["target_row_norms"]}
                     if isinstance(meta.get("target_row_norms"), dict) else {})}
-    return Shortcuts(method, maps, int(meta.get("target_layer", -1)), model_sha256=meta.get("model_sha256", ""), rank=rank, normalize=normalize,
-                     residual=residual, fit_intercept=fit_intercept, alpha=alpha if alpha == "auto" else float(alpha), weight=weight, stats=fit_stats,
-                     provenance=meta.get("provenance", {}))
+    return Shortcuts(spec.method, maps, target_layer=int(meta.get("target_layer", -1)),
+                     model_sha256=meta.get("model_sha256", ""), rank=rank, normalize=spec.normalize,
+                     residual=spec.residual, fit_intercept=spec.fit_intercept, alpha=spec.alpha, weight=weight,
+                     stats=fit_stats, provenance=meta.get("provenance", {}))
 
 
 def check_method(method: str, ranks, normalize: str | None, d: int | None = None) -> tuple[str, list, str]:
@@ -329,6 +453,8 @@ def check_method(method: str, ranks, normalize: str | None, d: int | None = None
     else:
         ranks = list(ranks) if ranks is not None else [32]
         for r in ranks:
+            if r is not None and (isinstance(r, bool) or not isinstance(r, Integral)):
+                raise NJTCError(f"`ranks`: rank {r!r} is not a whole number")
             if r is None or r <= 0 or (d is not None and r > d):
                 raise NJTCError(f"`ranks`: rank {r} is out of range (1..{d if d else 'd'})")
     if normalize is None:
@@ -373,77 +499,74 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
     >>> r4.provenance == fits[0].provenance
     True
     """
+    spec = FitSpec(method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual, weight=weight,
+                   fit_intercept=fit_intercept, alpha=alpha, device=device, target_layer=target_layer,
+                   skip_positions=skip_positions, chunk_rows=chunk_rows, float64=float64)
+    return spec.fit(store, statistics=statistics, save_stats=save_stats, progress=progress, comm=comm)
+
+
+def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, comm) -> list[Shortcuts]:
+    """:meth:`FitSpec.fit`: the checks that need the data, the pass (or the saved statistics), the solve."""
     with opened(store) as store:
-        row_weight = _check_fit_inputs(store, weight=weight, device=device, skip_positions=skip_positions,
-                                       statistics=statistics, save_stats=save_stats)
+        _check_fit_inputs(store, statistics=statistics, save_stats=save_stats)
+        layers = None if spec.layers is None else list(spec.layers)
         if store is None:
-            stats, head = _saved_statistics(statistics, row_weight, skip_positions, device, target_layer)
+            stats, head = _saved_statistics(statistics, spec, spec.target_layer)
             d_model = int(stats.meta.get("d_model", stats.cyy.shape[0]))
             target = int(stats.meta.get("target_layer", -1))
             layers = sorted(stats.layers) if layers is None else check_sources(layers, target)
             last = int(stats.meta.get("n_layers", target))
         else:
             d_model, head, last = store.d_model, store.head(), store.n_layers
-            target = check_target(target_layer, store.n_layers)
+            target = check_target(spec.target_layer, store.n_layers)
             store.check_layers([target])
             layers = ([l for l in store.source_layers if l < target] if layers is None
                       else check_sources(store.check_layers(layers), target))
-        if weight == "logits" and target != last:
+        if spec.weight == "logits" and target != last:
             raise NJTCError(f"`weight` logits needs the last layer ({last}) as the target: only it has a head "
                             f"(the target here is {target})")
-        method, ranks, normalize = check_method(method, ranks, normalize, d_model)
+        spec.check_width(d_model)
         if not layers:
             raise NJTCError("no source layer to fit (the store holds the target layer alone?)")
         if store is not None:
-            stats = _store_statistics(store, layers, statistics=statistics, normalize=normalize, device=device,
-                                      chunk_rows=chunk_rows, float64=float64, progress=progress, comm=comm,
-                                      row_weight=row_weight, skip_positions=skip_positions, target=target)
+            stats = _store_statistics(store, layers, target, spec, statistics=statistics, progress=progress, comm=comm)
         stats.meta["d_model"] = d_model
-        if weight == "logits" and head is None:
+        if spec.weight == "logits" and head is None:
             raise NJTCError("`weight` logits needs the model's head, and these statistics were saved without it")
-        factor = head.logit_weight_factor() if weight == "logits" else None
+        factor = head.logit_weight_factor() if spec.weight == "logits" else None
         first = comm is None or comm.rank == 0
 
         def solve(share):
             if save_stats is not None and first:
                 stats.save(save_stats, head)
-            fits = fit_from_statistics(stats, method=method, ranks=ranks, layers=share, normalize=normalize,
-                                       residual=residual, weight_factor=factor, fit_intercept=fit_intercept,
-                                       alpha=alpha, progress=progress and first)
+            fits = _fit_statistics(stats, spec, layers=share, weight_factor=factor, progress=progress and first)
             return _for_head(fits, head)
 
         return solve(layers) if comm is None else _solve_shared(comm, solve, layers)
 
 
-def _check_fit_inputs(store, *, weight: str, device, skip_positions, statistics, save_stats) -> str:
-    """Refuse a bad ``weight``, ``device`` or ``skip_positions``, a ``save_stats`` that is an
-    input, or nothing to fit from; the statistics' row weighting that ``weight`` needs."""
-    if weight not in ("none", "logits"):
-        raise NJTCError("`weight` must be none or logits")
-    _check_device_and_skip(device, skip_positions)
+def _check_fit_inputs(store, *, statistics, save_stats) -> None:
+    """Refuse a ``save_stats`` that is an input, or nothing to fit from."""
     if save_stats is not None:  # the library's callers are held to what the command checks
         check_not_inputs([("`save_stats`", save_stats)], [("`statistics`", statistics if isinstance(
             statistics, (str, Path)) else None), ("`store`", getattr(store, "path", None))])
     if store is None and statistics is None:
         raise NJTCError("nothing to fit from: give a store, a model or saved statistics")
-    return "inv_sigma2" if weight == "logits" else "none"
 
 
-def _check_device_and_skip(device, skip_positions) -> None:
-    check_device(device)
-    if skip_positions is not None and skip_positions < 0:
-        raise NJTCError("`skip_positions` must be 0 or more")
+def _input_norm(spec: FitSpec) -> str:
+    """The per-token normalisation the statistics' source rows get for ``spec``'s fit."""
+    return spec.normalize if spec.normalize in ("layer", "rms") else "none"
 
 
-def _store_statistics(store, layers, *, statistics, normalize, device, chunk_rows, float64, progress, comm,
-                      row_weight, skip_positions, target) -> Statistics:
+def _store_statistics(store, layers, target: int, spec: FitSpec, *, statistics, progress, comm) -> Statistics:
     """The statistics of a fit that has rows: one pass over them, or saved ``statistics`` of the same model."""
     if statistics is None:
-        input_norm = normalize if normalize in ("layer", "rms") else "none"
-        return accumulate_statistics(store, layers, input_norm=input_norm, device=device, chunk_rows=chunk_rows,
-                                     float64=float64, progress=progress, comm=comm, row_weight=row_weight,
-                                     skip_positions=skip_positions, target_layer=target)
-    stats, _ = _saved_statistics(statistics, row_weight, skip_positions, device, target)
+        return accumulate_statistics(store, layers, input_norm=_input_norm(spec), device=spec.device,
+                                     chunk_rows=spec.chunk_rows, float64=spec.float64, progress=progress, comm=comm,
+                                     row_weight=spec.row_weight, skip_positions=spec.skip_positions,
+                                     target_layer=target)
+    stats, _ = _saved_statistics(statistics, spec, target)
     if stats.meta.get("model_sha256") != store.model_sha256:
         raise NJTCError("the statistics were accumulated from another model's store (model_sha256 differs)")
     return stats
@@ -497,42 +620,47 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks: list[int] | Non
     >>> sorted(fits), sorted(fits[2][0].maps), fits[2][0].target_layer
     ([1, 2, 3], [0, 1], 2)
     """
+    spec = FitSpec(method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual,
+                   fit_intercept=fit_intercept, alpha=alpha, device=device, target_layer="all",
+                   skip_positions=skip_positions, chunk_rows=chunk_rows, float64=float64)
+    return spec.fit_all_targets(store, statistics=statistics, save_stats=save_stats, progress=progress,
+                                check_outputs=check_outputs)
+
+
+def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, check_outputs):
+    """:meth:`FitSpec.fit_all_targets`: the checks that need the data and the pass, now; the solves, lazily."""
     from njtc_solve.solve.pair_statistics import accumulate_pairs, check_pair_statistics, iter_fit_targets
 
+    layers = None if spec.layers is None else list(spec.layers)
     with opened(store) as store:
-        _check_device_and_skip(device, skip_positions)
         if store is None:
-            held, sources, d_model, head, saved_norm = _pair_file(statistics, layers, skip_positions)
+            held, sources, d_model, head, saved_norm = _pair_file(statistics, layers, spec.skip_positions)
         else:
             d_model, head = store.d_model, store.head()
             held = list(getattr(store, "layers", range(store.n_layers + 1)))
             sources = check_sources(store.source_layers if layers is None else store.check_layers(layers),
                                     store.n_layers)
-        method, ranks, normalize = check_method(method, ranks, normalize, d_model)
-        _check_residual(normalize, residual)
+        spec.check_width(d_model)
         if not sources:
             raise NJTCError("no source layer to fit")
         targets = sorted(t for t in held if t > min(sources))
-        input_norm = normalize if normalize in ("layer", "rms") else "none"
         if store is None:  # every tensor the solves will read, before the first file is written
-            _check_input_norm(saved_norm, normalize, residual)
+            _check_input_norm(saved_norm, spec.normalize)
             check_pair_statistics(statistics, targets)
         if check_outputs is not None:
             check_outputs(targets)
         pairs = statistics if store is None else accumulate_pairs(
-            store, sources=sources, targets=targets, input_norm=input_norm, device=device, chunk_rows=chunk_rows,
-            float64=float64, progress=progress, skip_positions=skip_positions)
+            store, sources=sources, targets=targets, input_norm=_input_norm(spec), device=spec.device,
+            chunk_rows=spec.chunk_rows, float64=spec.float64, progress=progress, skip_positions=spec.skip_positions)
         if store is not None and save_stats is not None:
             pairs.save(save_stats, head)
     decompositions = {}  # each source's input Gram is the same for every target: decomposed once
 
-    def solve(stats):
-        stats = stats.to(device)
-        _check_input_norm(stats.input_norm, normalize, residual)
+    def solve(stats):  # of the input normalisation checked above, finite (iter_fit_targets checks each target)
+        stats = stats.to(spec.device)
         target = stats.meta["target_layer"]
-        fits = _fit_statistics(stats, method=method, ranks=ranks, layers=[l for l in sources if l < target],
-                               normalize=normalize, residual=residual, weight_factor=None,
-                               fit_intercept=fit_intercept, alpha=alpha, decompositions=decompositions)
+        fits = _fit_statistics(stats, spec, layers=[l for l in sources if l < target], weight_factor=None,
+                               decompositions=decompositions)
         return _for_head(fits, head)
 
     def solved():
@@ -586,8 +714,9 @@ def check_sources(layers: list[int], target: int) -> list[int]:
     return layers
 
 
-def _saved_statistics(statistics, row_weight: str, skip_positions, device, target_layer=None):
-    """Statistics (and the head saved with them, else ``None``) checked against the fit asked for."""
+def _saved_statistics(statistics, spec: FitSpec, target_layer=None):
+    """Statistics (and the head saved with them, else ``None``) checked against the fit ``spec``
+    asks for: target layer, row weights, skipped positions, input normalisation, finite values."""
     from njtc_solve.solve.pair_statistics import load_head, load_target_statistics, statistics_targets
 
     if isinstance(statistics, Statistics):
@@ -602,13 +731,15 @@ def _saved_statistics(statistics, row_weight: str, skip_positions, device, targe
         if head is not None and head.d_model != stats.cyy.shape[0]:
             raise NJTCError(f"{statistics} is not a valid statistics file: head.unembed has width {head.d_model}, "
                             f"expected the statistics' {stats.cyy.shape[0]}")
-    stats = stats.to(device)
+    stats, row_weight, skip_positions = stats.to(spec.device), spec.row_weight, spec.skip_positions
     if stats.meta.get("row_weight", "none") != row_weight:
         raise NJTCError(f"`weight` {'logits' if row_weight != 'none' else 'none'} needs statistics with row "
                         f"weights {row_weight!r} (these have {stats.meta.get('row_weight', 'none')!r})")
     stored_skip = stats.meta.get("provenance", {}).get("skip_positions")
     if skip_positions is not None and stored_skip is not None and skip_positions != stored_skip:
         raise NJTCError(f"the statistics leave out positions < {stored_skip}, not < {skip_positions}")
+    _check_input_norm(stats.input_norm, spec.normalize)
+    stats.check_finite()  # a Statistics object from the caller, or a file's row count (its loader checked its values)
     return stats, head
 
 
