@@ -62,9 +62,12 @@ def add_plan_arguments(p: argparse.ArgumentParser, inherit: bool = False) -> Non
     """
     default = (lambda key: None) if inherit else PLAN_DEFAULTS.get
     p.add_argument("--corpus", default=default("corpus"),
-                   help="pydoc_data.topics (default), a .txt file (a document per line), a folder of .txt files or "
-                   "a .jsonl file")
-    p.add_argument("--text-field", default=default("text_field"), help="text field of each .jsonl record (default: text)")
+                   help="pydoc_data.topics (default), a .txt file (a document per line), a folder of .txt files, "
+                   "a .jsonl file, or a Hugging Face dataset (the [datasets] extra): a save_to_disk folder, a .parquet, "
+                   ".arrow or .csv file, or hf:NAME[:CONFIG][:SPLIT]; a dataset's split or path may end in a slice "
+                   "such as [:20000] (only those rows are read)")
+    p.add_argument("--text-field", default=default("text_field"),
+                   help="text field of each .jsonl record, or the dataset's text column (default: text)")
     p.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per sequence (default: 128)")
     p.add_argument("--positions", choices=["all", "one-per-sequence"], default=default("positions"),
                    help="every position, or one random position per sequence (JTC protocol)")
