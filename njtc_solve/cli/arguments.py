@@ -20,9 +20,9 @@ from pathlib import Path
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.data.plan import PLAN_DEFAULTS, check_plan_settings
 
-__all__ = ["add_model_arguments", "add_plan_arguments", "command_inputs", "live_source_from_args",
-           "load_model_from_args", "parse_alpha", "parse_layers", "parse_ranks", "parse_target", "plan_settings",
-           "rows_from_args"]
+__all__ = ["add_model_arguments", "add_plan_arguments", "command_inputs", "jacobian_lens_inputs",
+           "live_source_from_args", "load_model_from_args", "parse_alpha", "parse_layers", "parse_ranks",
+           "parse_target", "plan_settings", "rows_from_args"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,3 +209,14 @@ def command_inputs(args, *names, defaults: dict | None = None) -> list[tuple[str
             if item is not None and str(item) not in ("", "default", "pydoc_data.topics"):
                 pairs.append((flag, Path(item)))
     return pairs
+
+
+def jacobian_lens_inputs(path) -> list[tuple[str, Path]]:
+    """``(flag, path)`` of the files a ``--jacobian-lens`` argument reads: the file, or a folder's lens files."""
+    if path is None:
+        return []
+    from njtc_solve.maps.jacobian_lens import JACOBIAN_LENS_FILES
+
+    path = Path(path)
+    return [("--jacobian-lens", path / name) for name in JACOBIAN_LENS_FILES] if path.is_dir() else [
+        ("--jacobian-lens", path)]

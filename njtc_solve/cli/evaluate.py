@@ -10,7 +10,8 @@ from pathlib import Path
 from njtc_solve.eval import evaluate as library
 from njtc_solve.core.errors import NJTCError, temporary_path
 from njtc_solve.cli import command, flags_of, run_cli, translate
-from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args
+from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, jacobian_lens_inputs,
+                                      parse_layers, plan_settings, rows_from_args)
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -62,7 +63,7 @@ def _check_arguments(args, files: list[str]) -> Path:
         raise NJTCError("--skip-positions must be 0 or more")
     out = Path(args.out)
     lens_files = [("--tuned-lens", Path(d) / name) for d in args.tuned_lens for name in TUNED_LENS_FILES]
-    lens_files += [("--jacobian-lens", Path(args.jacobian_lens))] if args.jacobian_lens else []
+    lens_files += jacobian_lens_inputs(args.jacobian_lens)
     check_not_inputs([("--out", out / name) for name in library.REPORT_FILES],
                      command_inputs(args, "store", "model", "corpus", defaults={
                          "store": None if args.model is not None else "activations.h5"})

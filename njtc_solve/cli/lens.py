@@ -9,7 +9,7 @@ from pathlib import Path
 from njtc_solve.eval import lens as library
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.cli import command, run_cli
-from njtc_solve.cli.arguments import command_inputs
+from njtc_solve.cli.arguments import command_inputs, jacobian_lens_inputs
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -76,7 +76,7 @@ def _check_arguments(args) -> Path | None:
 
         out = Path(args.out)
         lens_files = [("--tuned-lens", Path(args.tuned_lens) / n) for n in TUNED_LENS_FILES] if args.tuned_lens else []
-        lens_files += [("--jacobian-lens", Path(args.jacobian_lens))] if args.jacobian_lens else []
+        lens_files += jacobian_lens_inputs(args.jacobian_lens)
         check_not_inputs([("--out", out / name) for name in library.LENS_FILES],
                          command_inputs(args, "model", "shortcuts", "prompt_file") + lens_files)
         check_folder_output(out, "--out", library.LENS_FILES, library._is_lens_output)
