@@ -271,6 +271,18 @@ def test_transformer_lens_loads_our_export_and_reads_our_logits(tiny_models, tmp
             assert (expected - ours.head().logits(hidden[j + 1])).abs().max() > 1e-2  # the map moves the logits
             torch.testing.assert_close(readout.lens_logits[j], expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(readout.model_logits, ours.head().logits(hidden[L]), atol=1e-4, rtol=1e-4)
+    # a lens TransformerLens fits and saves reads back as the same readout, through our head
+    from njtc_solve.data.corpus import load_corpus
+
+    fitted = JacobianLens.fit(bridge, load_corpus()[1][:3], corpus="pydoc_data.topics", max_seq_len=24,
+                              skip_first_positions=2, show_progress=False)
+    fitted.save(str(tmp_path / "fitted.pt"))  # float16
+    sc = read_jacobian_lens(tmp_path / "fitted.pt", head=Head.from_model(model), n_layers=L, model_sha256=sha)
+    readout = JacobianLens.load(str(tmp_path / "fitted.pt")).readout(bridge, tokens, return_full_logits=True)
+    ours = ShortcutLens.from_model(model, sc)
+    for j in (0, 1):
+        with torch.no_grad():
+            torch.testing.assert_close(ours(hidden[j + 1], j + 1), readout.lens_logits[j], atol=1e-4, rtol=1e-4)
     # and a lens TransformerLens saves (float16, its default) reads back as its matrices
     g = torch.Generator().manual_seed(2)
     theirs = JacobianLens({0: torch.randn(D, D, generator=g), 1: torch.randn(D, D, generator=g)}, n_prompts=10,
