@@ -146,7 +146,8 @@ def test_a_hub_name_goes_through_snapshot_download(tmp_path, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(NJTCError, match=r"cannot load 'someone/jtc-maps' from the hub: OSError: We couldn't connect") as err:
+    with pytest.raises(NJTCError, match=r"cannot load 'someone/jtc-maps' from the hub \(and there is no local folder of that name\): "
+                                         r"OSError: We couldn't connect") as err:
         Shortcuts.from_pretrained("someone/jtc-maps")
     assert "\n" not in str(err.value)
 

@@ -259,8 +259,8 @@ def _download(repo_id: str, revision: str | None, token, cache_dir) -> Path:
                                  allow_patterns=list(PRETRAINED_FILES), library_name="njtc_solve")
     except Exception as err:  # not found, gated, offline: the hub's own first line
         text = str(err).strip().splitlines()
-        raise NJTCError(f"cannot load {repo_id!r} from the hub: {type(err).__name__}"
-                        + (f": {text[0]}" if text else "")) from None
+        raise NJTCError(f"cannot load {repo_id!r} from the hub (and there is no local folder of that name): "
+                        f"{type(err).__name__}" + (f": {text[0]}" if text else "")) from None
     return Path(path)
 
 
