@@ -45,6 +45,8 @@ _API = {
     "ShortcutLens": "eval.lens",
     "export_tuned_lens": "maps.tuned_lens",
     "read_tuned_lens": "maps.tuned_lens",
+    "export_jacobian_lens": "maps.jacobian_lens",
+    "read_jacobian_lens": "maps.jacobian_lens",
     "prune_model": "prune.selection",
     "PruneResult": "prune.selection",
     "Replacement": "prune.folding",

@@ -1,6 +1,6 @@
 """Every command does its real work after a plain ``pip install .``: each installed package
 that the project's core dependencies do not bring (pandas, tuned-lens, gguf, accelerate,
-pytest, …) is made unimportable, and every command runs on a tiny model in one process.
+datasets, pytest, …) is made unimportable, and every command runs on a tiny model in one process.
 
 An import the commands use but ``pyproject.toml`` does not declare fails here, in CI, rather
 than on a user's machine.
@@ -84,9 +84,16 @@ def _commands(model: str, tmp) -> list:
         ("refine", "refine", ["--store", store, "--shortcuts", maps, "--steps", "2", "--check-rows", "32",
                               "--out", str(tmp / "refined.safetensors"), *quiet]),
         ("export", "export", ["--format", "tuned-lens", "--shortcuts", maps, "--out", str(tmp / "tuned"), "--model", model]),
+        ("fit --no-intercept", "fit", ["--stats", stats, "--method", "jtc", "--no-intercept",
+                                       "--out", str(tmp / "jtc0.safetensors"), *quiet]),
+        ("export jacobian-lens", "export", ["--format", "jacobian-lens", "--shortcuts", str(tmp / "jtc0.safetensors"),
+                                            "--out", str(tmp / "jlens"), "--model", model]),
+        ("evaluate --jacobian-lens", "evaluate", ["--store", store, "--shortcuts", "--jacobian-lens", str(tmp / "jlens"),
+                                                  "--out", str(tmp / "jreport"), *quiet]),
         ("lens", "lens", ["--model", model, "--shortcuts", maps, "--prompt", "def f(x): return x", "--top-k", "3",
                           "--out", str(tmp / "lens")]),
         ("lens --tuned-lens", "lens", ["--model", model, "--tuned-lens", str(tmp / "tuned"), "--prompt", "a b c"]),
+        ("lens --jacobian-lens", "lens", ["--model", model, "--jacobian-lens", str(tmp / "jlens"), "--prompt", "a b c"]),
         ("prune", "prune", ["--model", model, "--remove", "1", "--start", "1", "--out", str(tmp / "pruned"),
                             *plan, "--score-tokens", "32", *quiet]),
     ]
@@ -125,10 +132,33 @@ def test_a_gguf_model_without_the_gguf_extra_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_dataset_corpus_without_the_datasets_extra_is_one_line(tiny_models, tmp_path):
+    """A Hugging Face dataset as --corpus needs the [datasets] extra: each command that reads a corpus says so."""
+    (tmp_path / "docs.parquet").write_bytes(b"PAR1")  # never read: the import fails first
+    model, out = str(tiny_models["llama"]), str(tmp_path / "a.h5")
+    commands = [("extract parquet", "extract", ["--model", model, "--corpus", str(tmp_path / "docs.parquet"),
+                                                "--out", out, "--no-progress"]),
+                ("extract hf", "extract", ["--model", model, "--corpus", "hf:user/corpus", "--out", out,
+                                           "--no-progress"]),
+                ("fit --model hf", "fit", ["--model", model, "--corpus", "hf:user/corpus:en:train[:100]",
+                                           "--method", "jtc", "--out", str(tmp_path / "m.safetensors"),
+                                           "--no-progress"])]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(commands)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "datasets" in result["blocked"]
+    assert set(result["codes"].values()) == {2}, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 3 and all(line.startswith("error: ") and "[datasets] extra: pip install 'njtc_solve[datasets]'"
+                                   in line for line in lines), proc.stderr[-2000:]
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "m.safetensors").exists()
+
+
 def test_every_command_runs_with_only_the_declared_dependencies(tiny_models, tmp_path):
     result, proc = run_without_optional_packages(str(tiny_models["llama"]), tmp_path)
     # the blocker is real: what the dev extra and the optional extras install is blocked
-    assert {"pandas", "pytest", "tuned_lens"} <= set(result["blocked"]), result["blocked"]
+    assert {"pandas", "pytest", "tuned_lens", "datasets"} <= set(result["blocked"]), result["blocked"]
     assert not result["loaded_anyway"]
     failed = {label: code for label, code in result["codes"].items() if code != 0}
     assert not failed, f"{failed}\n{proc.stderr[-3000:]}"

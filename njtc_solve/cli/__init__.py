@@ -6,9 +6,9 @@ that name hands its ``__main__`` over to the command here):
 =========  ==================================================================
 extract    a model's residual stream over a corpus into an HDF5 store
 fit        closed-form shortcut maps from a store, a live model or statistics
-evaluate   held-out metrics of shortcut files and tuned lenses, a report
+evaluate   held-out metrics of shortcut files, tuned and Jacobian lenses, a report
 refine     gradient refinement of fitted maps on KL or MSE
-export     shortcut maps as a tuned-lens folder
+export     shortcut maps as a tuned-lens or Jacobian-lens folder
 lens       a live model read through its shortcuts, prompt by prompt
 prune      a smaller checkpoint: K blocks removed, a closed-form map folded in
 =========  ==================================================================

@@ -19,9 +19,9 @@ from pathlib import Path
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.data.plan import PLAN_DEFAULTS, check_plan_settings
 
-__all__ = ["add_model_arguments", "add_plan_arguments", "command_inputs", "live_source_from_args",
-           "load_model_from_args", "parse_alpha", "parse_layers", "parse_ranks", "parse_target", "plan_settings",
-           "rows_from_args"]
+__all__ = ["add_model_arguments", "add_plan_arguments", "command_inputs", "jacobian_lens_inputs",
+           "live_source_from_args", "load_model_from_args", "parse_alpha", "parse_layers", "parse_ranks",
+           "parse_target", "plan_settings", "rows_from_args"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +61,12 @@ def add_plan_arguments(p: argparse.ArgumentParser, inherit: bool = False) -> Non
     """
     default = (lambda key: None) if inherit else PLAN_DEFAULTS.get
     p.add_argument("--corpus", default=default("corpus"),
-                   help="pydoc_data.topics (default), a .txt file (a document per line), a folder of .txt files or "
-                   "a .jsonl file")
-    p.add_argument("--text-field", default=default("text_field"), help="text field of each .jsonl record (default: text)")
+                   help="pydoc_data.topics (default), a .txt file (a document per line), a folder of .txt files, "
+                   "a .jsonl file, or a Hugging Face dataset (the [datasets] extra): a save_to_disk folder, a .parquet, "
+                   ".arrow or .csv file, or hf:NAME[:CONFIG][:SPLIT]; a dataset's split or path may end in a slice "
+                   "such as [:20000] (only those rows are read)")
+    p.add_argument("--text-field", default=default("text_field"),
+                   help="text field of each .jsonl record, or the dataset's text column (default: text)")
     p.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per sequence (default: 128)")
     p.add_argument("--positions", choices=["all", "one-per-sequence"], default=default("positions"),
                    help="every position, or one random position per sequence (JTC protocol)")
@@ -202,3 +205,14 @@ def command_inputs(args, *names, defaults: dict | None = None) -> list[tuple[str
             if item is not None and str(item) not in ("", "default", "pydoc_data.topics"):
                 pairs.append((flag, Path(item)))
     return pairs
+
+
+def jacobian_lens_inputs(path) -> list[tuple[str, Path]]:
+    """``(flag, path)`` of the files a ``--jacobian-lens`` argument reads: the file, or a folder's lens files."""
+    if path is None:
+        return []
+    from njtc_solve.maps.jacobian_lens import JACOBIAN_LENS_FILES
+
+    path = Path(path)
+    return [("--jacobian-lens", path / name) for name in JACOBIAN_LENS_FILES] if path.is_dir() else [
+        ("--jacobian-lens", path)]

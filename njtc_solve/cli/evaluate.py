@@ -10,7 +10,8 @@ from pathlib import Path
 from njtc_solve.eval import evaluate as library
 from njtc_solve.core.errors import NJTCError, temporary_path
 from njtc_solve.cli import command, flags_of, run_cli, translate
-from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args
+from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, jacobian_lens_inputs,
+                                      parse_layers, plan_settings, rows_from_args)
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shortcut files (default: shortcuts.safetensors when present); identity is always included")
     p.add_argument("--tuned-lens", nargs="+", default=[], metavar="DIR",
                    help="tuned-lens folders (config.json, params.pt) evaluated beside the shortcuts, as tuned-lens")
+    p.add_argument("--jacobian-lens", metavar="DIR",
+                   help="a Jacobian-lens folder or .pt file (TransformerLens's JacobianLens: lens.pt) evaluated "
+                   "beside the shortcuts, as jacobian-lens")
     p.add_argument("--layers", help="source layers: all (default), 3, 1,5,9 or 0-29")
     p.add_argument("--out", default="report", help="output folder (default: report)")
     p.add_argument("--max-rows", type=int, help="evaluate on at most this many validation rows")
@@ -59,6 +63,7 @@ def _check_arguments(args, files: list[str]) -> Path:
         raise NJTCError("--skip-positions must be 0 or more")
     out = Path(args.out)
     lens_files = [("--tuned-lens", Path(d) / name) for d in args.tuned_lens for name in TUNED_LENS_FILES]
+    lens_files += jacobian_lens_inputs(args.jacobian_lens)
     check_not_inputs([("--out", out / name) for name in library.REPORT_FILES],
                      command_inputs(args, "store", "model", "corpus", defaults={
                          "store": None if args.model is not None else "activations.h5"})
@@ -72,6 +77,7 @@ def _check_arguments(args, files: list[str]) -> Path:
 @command(build_parser)
 def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.evaluate``."""
+    from njtc_solve.maps.jacobian_lens import read_jacobian_lens
     from njtc_solve.maps.tuned_lens import read_tuned_lens
     from njtc_solve.eval.report import write_report
     from njtc_solve.maps.shortcuts import Shortcuts
@@ -83,6 +89,8 @@ def main(args) -> int:
     loaded = [Shortcuts.load(f) for f in files]
     for d in args.tuned_lens:  # a bad folder is refused before a model loads or a row is read
         read_tuned_lens(d)
+    if args.jacobian_lens is not None:
+        read_jacobian_lens(args.jacobian_lens)
     if args.layers is not None and any(sc.stats.get("n_layers", sc.target_layer) != sc.target_layer for sc in loaded):
         raise NJTCError("--layers applies to maps to the last layer; maps to other layers are evaluated whole")
     provenance = next((sc.provenance for sc in loaded if sc.provenance), None)  # the held-out documents
@@ -101,6 +109,9 @@ def main(args) -> int:
                                    progress=not args.no_progress, skip_positions=args.skip_positions,
                                    allow_overlap=args.allow_overlap)
         loaded += [read_tuned_lens(d, head=store.head(), model_sha256=store.model_sha256) for d in args.tuned_lens]
+        if args.jacobian_lens is not None:
+            loaded.append(read_jacobian_lens(args.jacobian_lens, head=store.head(), n_layers=store.n_layers,
+                                             model_sha256=store.model_sha256))
         if loaded or not pairwise:
             result = library.evaluate_shortcuts(
                 store, loaded, layers=parse_layers(args.layers), max_rows=args.max_rows, chunk_rows=args.chunk_rows,

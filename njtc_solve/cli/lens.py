@@ -9,7 +9,7 @@ from pathlib import Path
 from njtc_solve.eval import lens as library
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.cli import command, run_cli
-from njtc_solve.cli.arguments import command_inputs
+from njtc_solve.cli.arguments import command_inputs, jacobian_lens_inputs
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model: .gguf file, Hugging Face folder or hub name (default: SmolLM2-135M)")
     p.add_argument("--shortcuts", help="shortcut file fitted on this model (default: the logit lens alone)")
     p.add_argument("--tuned-lens", metavar="DIR", help="a tuned-lens folder to read instead of a shortcut file")
+    p.add_argument("--jacobian-lens", metavar="DIR", help="a Jacobian-lens folder or .pt file (TransformerLens's "
+                   "JacobianLens) to read instead of a shortcut file")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to read")
     prompt.add_argument("--prompt-file", metavar="FILE", help="read the text from this UTF-8 file instead")
@@ -74,12 +76,15 @@ def _check_arguments(args) -> Path | None:
 
         out = Path(args.out)
         lens_files = [("--tuned-lens", Path(args.tuned_lens) / n) for n in TUNED_LENS_FILES] if args.tuned_lens else []
+        lens_files += jacobian_lens_inputs(args.jacobian_lens)
         check_not_inputs([("--out", out / name) for name in library.LENS_FILES],
                          command_inputs(args, "model", "shortcuts", "prompt_file") + lens_files)
         check_folder_output(out, "--out", library.LENS_FILES, library._is_lens_output)
     check_device(args.device)
-    if args.shortcuts is not None and args.tuned_lens is not None:
-        raise NJTCError("--shortcuts and --tuned-lens exclude each other: read one lens beside the logit lens")
+    given = [flag for flag, value in (("--shortcuts", args.shortcuts), ("--tuned-lens", args.tuned_lens),
+                                      ("--jacobian-lens", args.jacobian_lens)) if value is not None]
+    if len(given) > 1:
+        raise NJTCError(f"{' and '.join(given)} exclude each other: read one lens beside the logit lens")
     return out
 
 
@@ -88,6 +93,7 @@ def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.lens``."""
     import torch
 
+    from njtc_solve.maps.jacobian_lens import read_jacobian_lens
     from njtc_solve.maps.tuned_lens import read_tuned_lens
     from njtc_solve.core.head import Head
     from njtc_solve.core.models import load_model, model_sha256
@@ -101,10 +107,17 @@ def main(args) -> int:
         raise NJTCError(f"--top-k {args.top_k} is above the vocabulary of the maps' model ({vocab} tokens)")
     if args.tuned_lens is not None:
         read_tuned_lens(args.tuned_lens)  # a bad folder is refused before the model loads
+    if args.jacobian_lens is not None:
+        read_jacobian_lens(args.jacobian_lens)
     model, tokenizer, name = load_model(args.model, progress=False)
     sha = model_sha256(model)  # of the float32 weights the maps were fitted on
     if args.tuned_lens is not None:
         shortcuts = read_tuned_lens(args.tuned_lens, head=Head.from_model(model), model_sha256=sha)
+    if args.jacobian_lens is not None:
+        from njtc_solve.core.architectures import resolve_parts
+
+        shortcuts = read_jacobian_lens(args.jacobian_lens, head=Head.from_model(model),
+                                       n_layers=len(resolve_parts(model)[1]), model_sha256=sha)
     model.to(device=args.device, dtype=getattr(torch, args.dtype))
     lens = library.ShortcutLens.from_model(model, shortcuts, tokenizer, model_sha256=sha)
     traj = lens.trajectory(args.prompt, k=args.top_k)
@@ -114,7 +127,8 @@ def main(args) -> int:
         print(f"the figure shows the last {args.max_positions} of {n} positions (--max-positions)")
     if out is None:
         return 0
-    meta = {"model": name, "shortcuts": args.shortcuts, "tuned_lens": args.tuned_lens, "prompt": args.prompt,
+    meta = {"model": name, "shortcuts": args.shortcuts, "tuned_lens": args.tuned_lens,
+            "jacobian_lens": args.jacobian_lens, "prompt": args.prompt,
             "methods": traj.methods, "n_layers": traj.n_layers, "dtype": args.dtype}
     paths = library.write_trajectory(traj, out, meta=meta, color=args.color, max_positions=args.max_positions)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

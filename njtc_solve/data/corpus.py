@@ -1,21 +1,36 @@
-"""Text corpora for extraction: CPython's ``pydoc_data.topics``, text files, or JSON lines.
+"""Text corpora for extraction: CPython's ``pydoc_data.topics``, text files, JSON lines, or
+Hugging Face datasets.
 
 A corpus is a list of documents, the unit of the train/validation split: a pydoc topic, a
-non-empty line of a ``.txt`` file, a file of a folder of ``.txt`` files, or a record of a
-``.jsonl`` file.
+non-empty line of a ``.txt`` file, a file of a folder of ``.txt`` files, a record of a
+``.jsonl`` file, or a row of a dataset (its ``text_field`` column). Datasets (the
+``[datasets]`` extra, ``pip install 'njtc_solve[datasets]'``; see docs/datasets.md) are a
+folder written by ``Dataset.save_to_disk``, a ``.parquet``, ``.arrow`` or ``.csv`` file, or
+``hf:NAME[:CONFIG][:SPLIT]`` on the hub, read through ``datasets.load_dataset``. Files and hub
+datasets are streamed (``streaming=True``: nothing is cached or downloaded whole), and a
+split may end in a slice, ``train[:20000]`` or ``train[1000:5000]``: only those rows are read,
+so a large dataset costs what the plan uses. The whole corpus is read before planning
+(:func:`~njtc_solve.data.plan.plan_extraction` holds out documents by their share of all
+tokens), so a slice is the way to bound it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from njtc_solve.core.errors import NJTCError
 
-__all__ = ["DEFAULT_CORPUS", "corpus_sha256", "load_corpus"]
+__all__ = ["DATASET_FILES", "DEFAULT_CORPUS", "HUB_PREFIX", "corpus_sha256", "is_dataset", "load_corpus"]
 
 DEFAULT_CORPUS = "pydoc_data.topics"
+HUB_PREFIX = "hf:"
+DATASET_FILES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}  # suffix: datasets' builder
+_SAVED = ("dataset_info.json", "state.json")  # what Dataset.save_to_disk writes beside its .arrow files
+_SLICE = re.compile(r"(?P<split>.*)\[(?P<start>[0-9]*):(?P<stop>[0-9]*)\]")
+_EXTRA = "pip install 'njtc_solve[datasets]'"
 
 
 def load_corpus(spec: str | None = None, *, text_field: str = "text") -> tuple[str, list[str]]:
@@ -26,10 +41,13 @@ def load_corpus(spec: str | None = None, *, text_field: str = "text") -> tuple[s
     spec : str, optional
         ``"pydoc_data.topics"`` (the default: CPython's own documentation topics, real
         English every Python ships; one document per topic), a ``.txt`` file (one document
-        per non-empty line), a folder of ``.txt`` files (one document per file), or a
-        ``.jsonl`` file (one document per record).
+        per non-empty line), a folder of ``.txt`` files (one document per file), a
+        ``.jsonl`` file (one document per record), or a Hugging Face dataset (one document
+        per row): a ``save_to_disk`` folder, a ``.parquet``, ``.arrow`` or ``.csv`` file, or
+        ``hf:NAME[:CONFIG][:SPLIT]`` (split default ``train``; ``SPLIT`` may end in a slice
+        such as ``[:20000]``, as may a file's or folder's ``PATH[:N]``).
     text_field : str
-        Field holding the text in each JSON line.
+        Field holding the text in each JSON line, or the dataset's text column.
 
     Returns
     -------
@@ -37,15 +55,30 @@ def load_corpus(spec: str | None = None, *, text_field: str = "text") -> tuple[s
         A name for the corpus, recorded in the store.
     documents : list of str
         Non-empty documents in a fixed order.
+
+    Raises
+    ------
+    NJTCError
+        One line: a missing corpus, a record or row without the text field, a corpus that
+        holds no text (an empty split), a dataset without the ``[datasets]`` extra installed.
+
+    Examples
+    --------
+    >>> name, docs = load_corpus()
+    >>> name, len(docs) > 50
+    ('pydoc_data.topics', True)
     """
     spec = spec or DEFAULT_CORPUS
     if spec == DEFAULT_CORPUS:
         from pydoc_data import topics
 
         return spec, [topics.topics[key] for key in sorted(topics.topics)]
+    if is_dataset(spec):
+        return spec, _read_dataset(spec, text_field)
     path = Path(spec)
     if not path.exists():
-        raise NJTCError(f"corpus {spec!r} not found (expected a .txt file, a folder, a .jsonl file or {DEFAULT_CORPUS})")
+        raise NJTCError(f"corpus {spec!r} not found (expected a .txt file, a folder, a .jsonl file, a dataset "
+                        f"(a save_to_disk folder, .parquet, .arrow, .csv, {HUB_PREFIX}NAME) or {DEFAULT_CORPUS})")
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
@@ -56,11 +89,140 @@ def load_corpus(spec: str | None = None, *, text_field: str = "text") -> tuple[s
     elif path.suffix == ".txt":
         docs = _read_text(path).splitlines()
     else:
-        raise NJTCError(f"corpus {path} must be a .txt file, a folder of .txt files or a .jsonl file")
+        raise NJTCError(f"corpus {path} must be a .txt file, a folder of .txt files, a .jsonl file or a dataset "
+                        f"(a save_to_disk folder, {', '.join(DATASET_FILES)} or {HUB_PREFIX}NAME)")
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise NJTCError(f"corpus {path} holds no text")
     return str(path), docs
+
+
+def _split_slice(text: str) -> tuple[str, slice | None]:
+    """``"train[10:20]"`` as ``("train", slice(10, 20))``; a text without a slice as itself and ``None``."""
+    found = _SLICE.fullmatch(text)
+    if found is None:
+        return text, None
+    start, stop = (int(found[k]) if found[k] else None for k in ("start", "stop"))
+    if start is not None and stop is not None and stop <= start:
+        raise NJTCError(f"corpus slice [{found['start']}:{found['stop']}] is empty")
+    return found["split"], slice(start, stop)
+
+
+def _local_dataset(spec: str) -> tuple[Path, slice | None] | None:
+    """``(path, slice)`` of a local dataset spec (a save_to_disk folder or a dataset file), else ``None``."""
+    head, rows = _split_slice(spec)
+    path = Path(head)
+    if path.is_dir() and (all((path / name).is_file() for name in _SAVED) or (path / "dataset_dict.json").is_file()):
+        return path, rows
+    if path.suffix in DATASET_FILES and (path.is_file() or rows is not None):
+        return path, rows
+    return None
+
+
+def is_dataset(spec: str) -> bool:
+    """Whether ``spec`` names a Hugging Face dataset: ``hf:NAME...``, a save_to_disk folder or a
+    ``.parquet``, ``.arrow`` or ``.csv`` file (each optionally sliced, ``[:N]``).
+
+    Examples
+    --------
+    >>> is_dataset("hf:wikitext:wikitext-2-raw-v1:train[:100]"), is_dataset("notes.txt")
+    (True, False)
+    """
+    return spec.startswith(HUB_PREFIX) or _local_dataset(spec) is not None
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise NJTCError(f"a Hugging Face dataset as corpus needs the [datasets] extra: {_EXTRA}") from None
+    return datasets
+
+
+def _open_dataset(spec: str):
+    """The rows of a dataset spec, lazily where the source allows (an iterable of dicts), and how to name it."""
+    if spec.startswith(HUB_PREFIX):
+        body, rows = _split_slice(spec[len(HUB_PREFIX):])  # the slice first: it holds a ':' of its own
+        parts = body.split(":")
+        if not parts[0] or len(parts) > 3:
+            raise NJTCError(f"corpus {spec!r} must be {HUB_PREFIX}NAME, {HUB_PREFIX}NAME:CONFIG or "
+                            f"{HUB_PREFIX}NAME:CONFIG:SPLIT")
+        name, config, split = (parts + ["", ""])[:3]
+        split = split or "train"
+        datasets = _datasets()
+        try:
+            data = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        except Exception as err:  # no network, no such dataset, config or split: the library's own words
+            raise NJTCError(f"cannot load corpus {spec!r}: {_first_line(err)}") from None
+        return data, rows
+    path, rows = _local_dataset(spec)
+    if not path.exists():
+        raise NJTCError(f"corpus {path} not found")
+    datasets = _datasets()
+    try:
+        if path.is_dir():
+            if (path / "dataset_dict.json").is_file():
+                splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+                raise NJTCError(f"corpus {path} holds several splits ({', '.join(splits)}); name one: "
+                                f"{path / (splits[0] if splits else 'SPLIT')}")
+            if _saved_files(path) == []:  # datasets cannot load a saved empty dataset: say what it is
+                raise NJTCError(f"corpus {spec} holds no text (an empty split)")
+            data = datasets.load_from_disk(str(path))  # memory-mapped: rows are read as iterated
+        else:
+            data = datasets.load_dataset(DATASET_FILES[path.suffix], data_files=str(path), split="train",
+                                         streaming=True)
+    except NJTCError:
+        raise
+    except Exception as err:  # a damaged or foreign file
+        raise NJTCError(f"cannot read corpus {path} as a dataset: {_first_line(err)}") from None
+    return data, rows
+
+
+def _saved_files(path: Path) -> list | None:
+    """The data files a save_to_disk folder's ``state.json`` lists (``None`` where it cannot be read)."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state.get("_data_files") if isinstance(state, dict) else None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _read_dataset(spec: str, text_field: str) -> list[str]:
+    """The documents of a dataset: its ``text_field`` of each row (of the slice), non-empty ones."""
+    from itertools import islice
+
+    data, rows = _open_dataset(spec)
+    columns = getattr(data, "column_names", None)
+    if columns is not None and text_field not in columns:
+        raise NJTCError(f"corpus {spec} has no column {text_field!r} (its columns: {', '.join(columns)}); "
+                        "see `text_field`")
+    start = (rows.start or 0) if rows is not None else 0
+    stop = rows.stop if rows is not None else None
+    docs = []
+    try:
+        for number, record in enumerate(islice(iter(data), start, stop), start):
+            if not isinstance(record, dict) or text_field not in record:
+                raise NJTCError(f"corpus {spec} has no column {text_field!r} (its columns: "
+                                f"{', '.join(record) if isinstance(record, dict) else 'none'}); see `text_field`")
+            value = record[text_field]
+            if value is None:  # a missing value (a .csv's empty cell): an empty document
+                continue
+            if not isinstance(value, str):
+                raise NJTCError(f"corpus {spec}: row {number} has no string {text_field!r} (see `text_field`)")
+            docs.append(value)
+    except NJTCError:
+        raise
+    except Exception as err:  # reading a streamed file or the network failed part way
+        raise NJTCError(f"cannot read corpus {spec}: {_first_line(err)}") from None
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise NJTCError(f"corpus {spec} holds no text (an empty split or slice, or empty {text_field!r} values)")
+    return docs
 
 
 def _read_text(path: Path) -> str:

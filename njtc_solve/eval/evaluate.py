@@ -226,7 +226,8 @@ def _check_loaded(store: RowSource, loaded: list[Shortcuts], skip: int, allow_ov
     head = store.head()
     for sc in loaded:
         check_compatible(sc, store, head=head)  # maps fitted through one head are never judged through another
-        if not allow_overlap and sc.method != "tuned-lens":  # a tuned-lens folder records no training rows
+        recorded = sc.method not in ("tuned-lens", "jacobian-lens") or sc.provenance.get("corpus_sha256")
+        if not allow_overlap and recorded:  # a tuned-lens folder, a foreign Jacobian lens record no training rows
             check_unseen(store, sc, skip_positions=skip)
         fitted_skip = (sc.provenance or {}).get("skip_positions")
         if fitted_skip is not None and int(fitted_skip) != skip:

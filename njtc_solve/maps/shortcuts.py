@@ -422,6 +422,31 @@ class Shortcuts(nn.Module):
         sc = cls(f["method"], maps, f["target_layer"], **recorded, head_description=f["head"])
         return sc if head is None else sc.attach_head(head)
 
+    def save_pretrained(self, folder, *, model: str = "", corpus: str = "", metrics=None, overwrite: bool = False):
+        """Write a folder: the shortcut file, ``config.json`` and a ``README.md`` model card
+        (:func:`njtc_solve.maps.hub.save_pretrained`); returns its path."""
+        from njtc_solve.maps import hub
+
+        return hub.save_pretrained(self, folder, model=model, corpus=corpus, metrics=metrics, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, revision: str | None = None, head=None, token=None,
+                        cache_dir=None) -> Shortcuts:
+        """Maps saved by :meth:`save_pretrained`, from a local folder or a hub repository ``owner/name``
+        (:func:`njtc_solve.maps.hub.load_pretrained`, through ``huggingface_hub.snapshot_download``)."""
+        from njtc_solve.maps import hub
+
+        return hub.load_pretrained(cls, name_or_path, revision=revision, head=head, token=token, cache_dir=cache_dir)
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
+                    commit_message: str | None = None, model: str = "", corpus: str = "", metrics=None) -> str:
+        """Upload the :meth:`save_pretrained` folder to the hub repository ``repo_id`` (``HfApi.upload_folder``;
+        needs a token); returns the commit's URL."""
+        from njtc_solve.maps import hub
+
+        return hub.push_to_hub(self, repo_id, token=token, private=private, commit_message=commit_message,
+                               model=model, corpus=corpus, metrics=metrics)
+
 
 def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
     """Parse a shortcut file's metadata and check it against the file's tensors (docs/reference/file-formats.md).
