@@ -1,0 +1,221 @@
+"""Self-speculative decoding with a shortcut draft: the output is the model's greedy output, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.head import Head
+from njtc_solve.core.models import model_sha256
+from njtc_solve.infer.speculative import ShortcutDrafter, speculative_generate
+from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
+
+VOCAB, WIDTH, BLOCKS = 120, 32, 4
+FAMILIES = ("llama", "qwen2", "gpt2", "gpt_neox")
+
+
+def tiny_model(family: str, blocks: int = BLOCKS, seed: int = 0):
+    """A tiny random causal LM of ``family`` (4 blocks, width 32), in evaluation mode."""
+    import transformers as T
+
+    common = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=blocks,
+                  num_attention_heads=4, max_position_embeddings=128)
+    config = {
+        "llama": lambda: T.LlamaConfig(**common, num_key_value_heads=2),
+        "qwen2": lambda: T.Qwen2Config(**common, num_key_value_heads=2),
+        "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=WIDTH, n_layer=blocks, n_head=4,
+                                     bos_token_id=None, eos_token_id=None),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**common),
+    }[family]()
+    config.eos_token_id = config.bos_token_id = None
+    config.pad_token_id = None
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # larger weights than the default init: logits far from ties, varied tokens
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(5.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def random_maps(model, layers, rank: int | None = None, seed: int = 1) -> Shortcuts:
+    """Maps recorded as fitted on ``model`` (its weights hash and head), with random tensors."""
+    g = torch.Generator().manual_seed(seed)
+    maps = {}
+    for layer in layers:
+        bias = torch.randn(WIDTH, generator=g)
+        if rank is None:
+            maps[layer] = ShortcutMap(weight=torch.eye(WIDTH) + 0.3 * torch.randn(WIDTH, WIDTH, generator=g), bias=bias)
+        else:
+            maps[layer] = ShortcutMap(U=torch.randn(WIDTH, rank, generator=g), V=torch.randn(rank, WIDTH, generator=g),
+                                      bias=bias)
+    return Shortcuts("jtc" if rank is None else "njtc", maps, BLOCKS, rank=rank, model_sha256=model_sha256(model),
+                     head_sha256=Head.from_model(model).fingerprint())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (the machine's cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+PROMPTS = ([5, 17, 42, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [99])
+
+
+def reference(model, prompt, n):
+    ids = torch.tensor([prompt])
+    return model.generate(ids, do_sample=False, max_new_tokens=n)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param, tiny_model(request.param)
+
+
+@pytest.mark.parametrize("map_kind", ["identity", "jtc", "njtc"])
+def test_output_is_the_models_greedy_output(family, map_kind):
+    name, model = family
+    shortcuts = None if map_kind == "identity" else random_maps(model, range(1, BLOCKS),
+                                                                rank=4 if map_kind == "njtc" else None)
+    for exit_layer in (1, BLOCKS - 1):
+        drafter = ShortcutDrafter(model, shortcuts, exit_layer)
+        for prompt in PROMPTS:
+            expected = reference(model, prompt, 12)
+            for k in (1, 4):
+                result = speculative_generate(model, torch.tensor([prompt]), drafter=drafter, max_new_tokens=12,
+                                              draft_tokens=k)
+                assert result.sequences.tolist() == expected.tolist(), (name, map_kind, exit_layer, prompt, k)
+                assert result.stats.new_tokens == 12
+
+
+def _cache_matches_a_full_pass(model, result):
+    """Every layer's cache holds the whole sequence but its last token, as one forward pass computes it."""
+    seq = result.sequences
+    full = model(input_ids=seq[:, :-1], use_cache=True)
+    reference_cache = getattr(full, "past_key_values", None) or getattr(full, "cache", None)
+    for mine, theirs in zip(result.cache.layers, reference_cache.layers):
+        assert mine.keys.shape[-2] == seq.shape[1] - 1
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mine.values, theirs.values, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_draft_rejected(name):
+    """A map that always drafts a token the model never writes: nothing is accepted, the output is unchanged."""
+    model = tiny_model(name)
+    prompt = PROMPTS[0]
+    expected = reference(model, prompt, 10)
+    never = next(t for t in range(VOCAB) if t not in expected[0].tolist())
+    head = Head.from_model(model)
+    # a zero map with a bias whose normalised logits put `never` first
+    direction = head.unembed[never] - head.unembed.mean(0)
+    shortcuts = Shortcuts("jtc", {2: ShortcutMap(weight=torch.zeros(WIDTH, WIDTH), bias=100 * direction)}, BLOCKS,
+                          model_sha256=model_sha256(model), head_sha256=head.fingerprint())
+    drafter = ShortcutDrafter(model, shortcuts, 2)
+    assert int(drafter.draft_logits(torch.randn(1, WIDTH)).argmax()) == never
+    result = speculative_generate(model, torch.tensor([prompt]), drafter=drafter, max_new_tokens=10, draft_tokens=4)
+    assert result.sequences.tolist() == expected.tolist()
+    assert result.stats.accepted == 0 and result.stats.drafted > 0
+    assert result.stats.verifications == 9  # one token per verification, after the prefill's
+    _cache_matches_a_full_pass(model, result)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_draft_accepted_when_the_last_block_does_nothing(name):
+    """With the last block's writes zeroed, layer L−1 is the last layer: the logit lens at L−1 is the model."""
+    model = tiny_model(name)
+    last = model.base_model.layers[-1] if hasattr(model.base_model, "layers") else model.base_model.h[-1]
+    with torch.no_grad():
+        for module in last.modules():  # the projections that write into the residual stream
+            if isinstance(module, torch.nn.Linear) and module.out_features == WIDTH:
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+        for module in last.modules():  # GPT-2's Conv1D
+            if type(module).__name__ == "Conv1D" and module.weight.shape[1] == WIDTH:
+                module.weight.zero_()
+                module.bias.zero_()
+    drafter = ShortcutDrafter(model, None, BLOCKS - 1)
+    for prompt in PROMPTS:
+        expected = reference(model, prompt, 13)
+        result = speculative_generate(model, torch.tensor([prompt]), drafter=drafter, max_new_tokens=13,
+                                      draft_tokens=4)
+        assert result.sequences.tolist() == expected.tolist()
+        assert result.stats.acceptance_rate == 1.0
+        assert result.stats.verifications == 3  # 1 + 3 × (4 drafts + the model's own)
+        _cache_matches_a_full_pass(model, result)
+
+
+def test_cache_after_partial_acceptance():
+    model = tiny_model("gpt2")
+    result = speculative_generate(model, torch.tensor([PROMPTS[1]]), drafter=ShortcutDrafter(model, None, 1),
+                                  max_new_tokens=15, draft_tokens=3)
+    assert 0 < result.stats.accepted < result.stats.drafted
+    _cache_matches_a_full_pass(model, result)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_end_of_sequence_stops_as_generate_does(name):
+    model = tiny_model(name)
+    plain = reference(model, PROMPTS[1], 12)[0, len(PROMPTS[1]):].tolist()
+    model.generation_config.eos_token_id = plain[6]
+    expected = reference(model, PROMPTS[1], 12)
+    assert expected.shape[1] < len(PROMPTS[1]) + 12
+    for k in (1, 4):
+        result = speculative_generate(model, torch.tensor([PROMPTS[1]]), drafter=ShortcutDrafter(model, None, 2),
+                                      max_new_tokens=12, draft_tokens=k)
+        assert result.sequences.tolist() == expected.tolist()
+
+
+def test_one_token_and_no_drafts():
+    model = tiny_model("llama")
+    drafter = ShortcutDrafter(model, None, 1)
+    for n, k in ((1, 3), (5, 0)):
+        result = speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=n,
+                                      draft_tokens=k)
+        assert result.sequences.tolist() == reference(model, PROMPTS[0], n).tolist()
+        assert result.stats.drafted == 0
+
+
+def test_low_rank_draft_head_matches_the_maps_logits():
+    model = tiny_model("llama")
+    shortcuts = random_maps(model, [2], rank=3).attach_head(model)
+    drafter = ShortcutDrafter(model, shortcuts, 2)
+    assert drafter.low_rank is not None
+    h = torch.randn(7, WIDTH)
+    torch.testing.assert_close(drafter.draft_logits(h), shortcuts(h, 2), rtol=1e-4, atol=1e-4)
+    full = random_maps(model, [2]).attach_head(model)
+    torch.testing.assert_close(ShortcutDrafter(model, full, 2).draft_logits(h), full(h, 2), rtol=1e-4, atol=1e-4)
+
+
+def test_the_drafter_refuses_what_does_not_belong():
+    model = tiny_model("llama")
+    for bad in (0, BLOCKS, -1, 1.5, True):
+        with pytest.raises(NJTCError, match="`exit_layer` must be a layer in 1..3"):
+            ShortcutDrafter(model, None, bad)
+    maps = random_maps(model, [1, 2])
+    with pytest.raises(NJTCError, match="no map for `exit_layer` 3"):
+        ShortcutDrafter(model, maps, 3)
+    with pytest.raises(NJTCError, match="another model"):
+        ShortcutDrafter(model, maps.replace(model_sha256="0" * 64), 1)
+    with pytest.raises(NJTCError, match="target layer 3"):
+        ShortcutDrafter(model, maps.replace(target_layer=3, maps={1: maps.maps[1]}), 1)
+    other = tiny_model("llama", seed=5)
+    with pytest.raises(NJTCError, match="another model than"):
+        speculative_generate(other, torch.tensor([PROMPTS[0]]), drafter=ShortcutDrafter(model, None, 1),
+                             max_new_tokens=3, draft_tokens=1)
+    drafter = ShortcutDrafter(model, None, 1)
+    for n in (0, -1):
+        with pytest.raises(NJTCError, match="`max_new_tokens` must be at least 1"):
+            speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=n, draft_tokens=1)
+    with pytest.raises(NJTCError, match="`draft_tokens`"):
+        speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=2, draft_tokens=-1)
+    model.generation_config.repetition_penalty = 1.3
+    with pytest.raises(NJTCError, match="repetition_penalty"):
+        speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=2, draft_tokens=1)
