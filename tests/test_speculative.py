@@ -219,3 +219,69 @@ def test_the_drafter_refuses_what_does_not_belong():
     model.generation_config.repetition_penalty = 1.3
     with pytest.raises(NJTCError, match="repetition_penalty"):
         speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=2, draft_tokens=1)
+
+
+# -- the command --------------------------------------------------------------------------------
+from conftest import run_module  # noqa: E402
+
+from njtc_solve.cli.generate import run as run_generate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def config_only(tmp_path_factory):
+    """A model folder with a configuration of 4 blocks and no weights: loading it fails."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("config_only")
+    LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(folder)
+    return folder
+
+
+def _refused(capsys, *argv) -> str:
+    code = run_generate(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "cannot load model" not in err  # refused before the model loads
+    return err
+
+
+def _maps_file(tmp_path, target: int, layers=(1, 2), width: int = WIDTH, name="maps.safetensors") -> str:
+    maps = {l: ShortcutMap(weight=torch.eye(width), bias=torch.zeros(width)) for l in layers}
+    path = tmp_path / name
+    Shortcuts("jtc", maps, target, model_sha256="f" * 64).save(path)
+    return str(path)
+
+
+def test_command_refuses_bad_input_before_the_model_loads(config_only, tmp_path, capsys):
+    model = ["--model", str(config_only), "--prompt", "hello"]
+    for layer in ("0", "4", "-1"):
+        assert "--exit-layer must be in 1..3" in _refused(capsys, *model, "--exit-layer", layer)
+    assert "--max-new-tokens must be at least 1" in _refused(capsys, *model, "--exit-layer", "1",
+                                                              "--max-new-tokens", "0")
+    assert "--draft-tokens must be auto or a whole number" in _refused(capsys, *model, "--exit-layer", "1",
+                                                                       "--draft-tokens", "many")
+    assert "--draft-tokens must be 0 or more" in _refused(capsys, *model, "--exit-layer", "1", "--draft-tokens", "-2")
+    err = _refused(capsys, *model, "--exit-layer", "1", "--shortcuts", _maps_file(tmp_path, target=3))
+    assert "map to layer 3, not the model's last layer (4)" in err
+    err = _refused(capsys, *model, "--exit-layer", "3", "--shortcuts", _maps_file(tmp_path, target=4))
+    assert "no map for --exit-layer 3" in err
+    err = _refused(capsys, *model, "--exit-layer", "1", "--shortcuts", _maps_file(tmp_path, 4, width=16, name="w.st"))
+    assert "another model" in err
+    assert "--prompt is empty" in _refused(capsys, "--model", str(config_only), "--prompt", " ", "--exit-layer", "1")
+    assert "not found" in _refused(capsys, "--model", str(tmp_path / "none.gguf"), "--prompt", "a", "--exit-layer", "1")
+
+
+def test_command_refuses_another_models_maps_and_generates(tiny_models, tmp_path, capsys):
+    folder = str(tiny_models["llama"])  # 3 blocks
+    maps = _maps_file(tmp_path, target=3)
+    code = run_generate(["--model", folder, "--prompt", "hello", "--exit-layer", "1", "--shortcuts", maps])
+    err = capsys.readouterr().err
+    assert code == 2 and "were fitted on another model" in err and len(err.strip().splitlines()) == 1
+    proc = run_module("njtc_solve.generate", "--model", folder, "--prompt", "The", "--exit-layer", "2",
+                      "--max-new-tokens", "6", "--draft-tokens", "auto", "--max-draft-tokens", "3",
+                      "--calibration-sequences", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "--draft-tokens auto:" in proc.stdout and "tokens per verification" in proc.stdout
+    assert "acceptance" in proc.stdout
