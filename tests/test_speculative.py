@@ -285,3 +285,42 @@ def test_command_refuses_another_models_maps_and_generates(tiny_models, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "--draft-tokens auto:" in proc.stdout and "tokens per verification" in proc.stdout
     assert "acceptance" in proc.stdout
+
+
+# -- calibration --------------------------------------------------------------------------------
+def test_expected_tokens_and_the_choice_from_costs():
+    from njtc_solve.infer.calibrate import CalibrationTable, expected_tokens
+
+    assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 2) == 3.0
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12
+    costs = {"plain": 1.0, "lower": {1: 0.1, 3: 0.75}, "upper": {1: {m: 0.9 for m in range(1, 5)},
+                                                              3: {m: 0.25 for m in range(1, 5)}},
+             "map": {"good": 0.05, "bad": 0.05}}
+    table = CalibrationTable.from_measurements({"good": {1: 0.9, 3: 0.9}, "bad": {1: 0.0, 3: 0.0}}, costs, 3)
+    by = {(r["map"], r["exit_layer"]): r for r in table.rows}
+    assert by[("bad", 1)]["draft_tokens"] == 0 and by[("bad", 3)]["draft_tokens"] == 0  # drafting never pays
+    assert by[("good", 1)]["draft_tokens"] == 3 and table.best is by[("good", 1)]
+    step = 4 * 0.1 + 3 * 0.05 + 0.9
+    assert abs(by[("good", 1)]["tokens_per_second"] - expected_tokens(0.9, 3) / step) < 1e-12
+    assert "*" in table.format().splitlines()[2 + table.rows.index(table.best)]
+
+
+def test_calibrate_measures_the_lens_agreement():
+    from njtc_solve.data.capture import capture_residual_stream
+    from njtc_solve.infer.calibrate import calibrate
+
+    model = tiny_model("gpt2")
+    g = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(0, VOCAB, (1, 24), generator=g) for _ in range(2)]
+    table = calibrate(model, sequences, {"identity": None, "jtc": random_maps(model, [1, 2])}, [1, 2, 3],
+                      max_draft_tokens=2, repeats=1)
+    assert sorted(table.acceptance["jtc"]) == [1, 2] and sorted(table.acceptance["identity"]) == [1, 2, 3]
+    assert len(table.rows) == 5 and table.best in table.rows
+    head = Head.from_model(model)
+    hits = 0
+    with capture_residual_stream(model) as hidden, torch.no_grad():
+        for s in sequences:
+            own = model(input_ids=s).logits[0, 8:].argmax(-1)
+            hits += int((head.logits(hidden[2][0, 8:]).argmax(-1) == own).sum())
+    assert abs(table.acceptance["identity"][2] - hits / 32) < 1e-9
+    assert set(table.costs["upper"][2]) == {1, 2, 3}
