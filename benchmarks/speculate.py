@@ -44,16 +44,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 SEVEN_B = {"blocks": 32, "d": 4096, "ffn": 11008, "vocab": 32000}
 
 
-def fit_maps(model, tokenizer, name, layers, rank, tokens):
-    """JTC and NJTC-r maps of ``layers``, fitted live on the default corpus (its training split)."""
+def fit_maps(model, tokenizer, name, layers, rank, tokens, folder):
+    """JTC and NJTC-r maps of ``layers``, fitted live on the default corpus (its training split), in one pass."""
     from njtc_solve.data.corpus import load_corpus
     from njtc_solve.data.live import LiveSource
     from njtc_solve.solve.fit import fit_shortcuts
 
     _, docs = load_corpus()
     live = LiveSource(model, tokenizer, docs, model_name=name, max_tokens=tokens)
-    [jtc] = fit_shortcuts(live, method="jtc", layers=layers, progress=False)
-    [njtc] = fit_shortcuts(live, method="njtc", ranks=[rank], layers=layers, progress=False)
+    stats = Path(folder) / "statistics.safetensors"
+    [jtc] = fit_shortcuts(live, method="jtc", layers=layers, progress=False, save_stats=stats)
+    [njtc] = fit_shortcuts(method="njtc", ranks=[rank], layers=layers, statistics=stats, progress=False)
     return {"jtc": jtc, njtc.name: njtc}, live.model_sha256
 
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--fit-layers", default="6,10,14,18,20,22,24,26,28", help="layers the live fit maps")
     p.add_argument("--layers", default="20,24", help="exit layers of the side-by-side runs")
     p.add_argument("--rank", type=int, default=64, help="rank of the live NJTC fit")
-    p.add_argument("--fit-tokens", type=int, default=32768)
+    p.add_argument("--fit-tokens", type=int, default=16384)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -134,8 +135,11 @@ def main(argv=None) -> int:
             maps[sc.name if sc.name not in maps else Path(path).stem] = sc
         sha = model_sha256(model)
     else:
-        maps, sha = fit_maps(model, tokenizer, name, sorted(set(fit_layers) | set(layers)), args.rank,
-                             args.fit_tokens)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            maps, sha = fit_maps(model, tokenizer, name, sorted(set(fit_layers) | set(layers)), args.rank,
+                                 args.fit_tokens, folder)
     fit_seconds = time.perf_counter() - t0
     maps = {"identity": None, **maps}
     _, docs = load_corpus()
