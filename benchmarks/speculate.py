@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import measured_at  # noqa: E402
+from provenance import measured_at
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 try:
                     results = [run(method, prompt) for prompt in prompts]
-                except Exception as err:  # noqa: BLE001 - recorded: the baseline may not run here
+                except Exception as err:  # recorded: the baseline may not run here
                     if not method.startswith("assistant_early_exit"):
                         raise
                     aee_error = f"{type(err).__name__}: {err}"

@@ -140,18 +140,18 @@ def measure_costs(model, prompt: torch.Tensor, drafters: dict[str, list[Shortcut
             for d in ds:
                 by_layer.setdefault(d.exit_layer, d)
         for layer, d in sorted(by_layer.items()):
-            costs["lower"][layer] = timed(lambda: d.lower(token, cache))
+            costs["lower"][layer] = timed(lambda d=d: d.lower(token, cache))
             h = d.lower(token, cache)
             _crop(layers, n)
             costs["upper"][layer] = {}
             for m in range(1, max_draft_tokens + 2):
                 ids, states = token.repeat(1, m), h.repeat(1, m, 1)
-                costs["upper"][layer][m] = timed(lambda: d.upper(ids, states, cache))
+                costs["upper"][layer][m] = timed(lambda d=d, ids=ids, states=states: d.upper(ids, states, cache))
         for name, ds in drafters.items():
             d = ds[0]
             h = d.lower(token, cache)
             _crop(layers, n)
-            costs["map"][name] = timed(lambda: d.draft_logits(h).argmax(-1))
+            costs["map"][name] = timed(lambda d=d, h=h: d.draft_logits(h).argmax(-1))
     return costs
 
 
