@@ -324,3 +324,45 @@ def test_calibrate_measures_the_lens_agreement():
             hits += int((head.logits(hidden[2][0, 8:]).argmax(-1) == own).sum())
     assert abs(table.acceptance["identity"][2] - hits / 32) < 1e-9
     assert set(table.costs["upper"][2]) == {1, 2, 3}
+
+
+# -- every family of the table --------------------------------------------------------------------
+SLIDING = ("mistral", "gemma2", "gemma3_text", "gemma3")  # their dynamic caches hold sliding-window layers
+
+
+def _family_model(family: str):
+    import transformers as T
+    from test_families import FAMILIES as ALL, _config
+
+    assert family in ALL
+    config = _config(family, VOCAB, torch.rand(2, generator=torch.Generator().manual_seed(0)))
+    for c in (config, getattr(config, "text_config", None)):
+        if c is not None:
+            c.eos_token_id = c.bos_token_id = c.pad_token_id = None
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(5.0)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    return model
+
+
+@pytest.mark.parametrize("family", [f for f in __import__("test_families").FAMILIES if f not in SLIDING])
+def test_identity_on_every_family_of_the_table(family):
+    model = _family_model(family)  # 2 blocks: exit layer 1
+    ids = torch.tensor([[5, 17, 42, 8, 9, 11]])
+    expected = model.generate(ids, do_sample=False, max_new_tokens=10)
+    for k in (1, 3):
+        result = speculative_generate(model, ids, drafter=ShortcutDrafter(model, None, 1), max_new_tokens=10,
+                                      draft_tokens=k)
+        assert result.sequences.tolist() == expected.tolist(), (family, k)
+
+
+@pytest.mark.parametrize("family", SLIDING[:2])
+def test_sliding_window_caches_are_refused(family):
+    model = _family_model(family)
+    with pytest.raises(NJTCError, match="sliding-window"):
+        speculative_generate(model, torch.tensor([[5, 17, 42]]), drafter=ShortcutDrafter(model, None, 1),
+                             max_new_tokens=4, draft_tokens=2)

@@ -98,18 +98,9 @@ def measure_acceptance(model, sequences, drafters: dict[str, list[ShortcutDrafte
     return {name: {layer: h / total for layer, h in by_layer.items()} for name, by_layer in hits.items()}
 
 
-def _best_time(fn, repeats: int) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def measure_costs(model, prompt: torch.Tensor, drafters: dict[str, list[ShortcutDrafter]], max_draft_tokens: int,
                   repeats: int = 5) -> dict:
-    """Seconds of each part of a step (best of ``repeats``) after a prefill of ``prompt``.
+    """Seconds of each part of a step (best of ``repeats``, interleaved) after a prefill of ``prompt``.
 
     Returns ``{"plain": s, "lower": {ℓ: s}, "upper": {ℓ: {m: s}}, "map": {label: s}}``: a
     plain one-token step of the full model, the lower blocks on one token, a verification of
@@ -125,33 +116,39 @@ def measure_costs(model, prompt: torch.Tensor, drafters: dict[str, list[Shortcut
         layers = _cache_layers(cache, any_drafter.n_blocks)
         n = _length(layers[0])
         token = prompt[:, -1:]
-
-        def timed(fn):
-            def run():
-                fn()
-                _crop(layers, n)
-            run()  # warm-up
-            return _best_time(run, repeats)
-
-        costs = {"plain": timed(lambda: model(input_ids=token, **{any_drafter.cache_keyword: cache}, use_cache=True)),
-                 "lower": {}, "upper": {}, "map": {}}
+        parts = {("plain",): lambda: model(input_ids=token, **{any_drafter.cache_keyword: cache}, use_cache=True)}
         by_layer = {}
         for ds in drafters.values():
             for d in ds:
                 by_layer.setdefault(d.exit_layer, d)
         for layer, d in sorted(by_layer.items()):
-            costs["lower"][layer] = timed(lambda d=d: d.lower(token, cache))
+            parts[("lower", layer)] = lambda d=d: d.lower(token, cache)
             h = d.lower(token, cache)
             _crop(layers, n)
-            costs["upper"][layer] = {}
             for m in range(1, max_draft_tokens + 2):
                 ids, states = token.repeat(1, m), h.repeat(1, m, 1)
-                costs["upper"][layer][m] = timed(lambda d=d, ids=ids, states=states: d.upper(ids, states, cache))
+                parts[("upper", layer, m)] = lambda d=d, ids=ids, states=states: d.upper(ids, states, cache)
         for name, ds in drafters.items():
-            d = ds[0]
-            h = d.lower(token, cache)
+            h = ds[0].lower(token, cache)
             _crop(layers, n)
-            costs["map"][name] = timed(lambda d=d, h=h: d.draft_logits(h).argmax(-1))
+            parts[("map", name)] = lambda d=ds[0], h=h: d.draft_logits(h).argmax(-1)
+        best = dict.fromkeys(parts, math.inf)
+        for r in range(repeats + 1):  # interleaved, so that a change of the machine's load hits every part alike
+            for key, fn in parts.items():
+                start = time.perf_counter()
+                fn()
+                seconds = time.perf_counter() - start
+                _crop(layers, n)
+                if r:  # the first round warms up
+                    best[key] = min(best[key], seconds)
+    costs = {"plain": best[("plain",)], "lower": {}, "upper": {}, "map": {}}
+    for key, seconds in best.items():
+        if key[0] == "lower":
+            costs["lower"][key[1]] = seconds
+        elif key[0] == "upper":
+            costs["upper"].setdefault(key[1], {})[key[2]] = seconds
+        elif key[0] == "map":
+            costs["map"][key[1]] = seconds
     return costs
 
 

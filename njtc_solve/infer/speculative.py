@@ -138,14 +138,20 @@ def _upper_view(cache, exit_layer: int):
 
 
 @contextmanager
-def _passed_through(blocks, indices, last_output: torch.Tensor | None = None):
-    """Blocks ``indices`` return their input for the duration (the last one ``last_output`` when given)."""
+def _passed_through(blocks, indices, last_output: torch.Tensor | None = None, width: list | None = None):
+    """Blocks ``indices`` return their input for the duration (the last one ``last_output`` when given).
+
+    ``width[0]``, when set, is the length of the tuple a real block returns (GPT-Neo, BLOOM and
+    Falcon blocks return ``(hidden_states, ...)`` and their model takes ``[0]``); ``None``: a tensor.
+    """
     saved = []
     last = max(indices) if indices else None
 
     def make(i):
         def forward(hidden_states, *args, **kwargs):
-            return last_output if (i == last and last_output is not None) else hidden_states
+            out = last_output if (i == last and last_output is not None) else hidden_states
+            n = None if width is None else width[0]
+            return out if n is None else (out,) + (None,) * (n - 1)
         return forward
 
     try:
@@ -244,6 +250,7 @@ class ShortcutDrafter:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.map = shortcuts.maps[exit_layer].to_map(self.device).float()
+        self._block_output = [None]  # what a real block returns: a tensor (None) or a tuple of this length
         self.low_rank = None
         if self.map.U is not None and not self.map.residual:
             self.low_rank = _LowRankHead(Head.from_model(model), self.map.V, self.map.bias, self.device)
@@ -257,10 +264,14 @@ class ShortcutDrafter:
     def lower(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """Run blocks ``0..ℓ−1`` on ``input_ids`` (1, m), writing their cache; the layer-ℓ states (1, m, d)."""
         captured = []
-        hook = self.blocks[self.exit_layer - 1].register_forward_hook(
-            lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
+
+        def read(module, args, output):  # runs before any passed-through block of this call
+            self._block_output[0] = len(output) if isinstance(output, tuple) else None
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        hook = self.blocks[self.exit_layer - 1].register_forward_hook(read)
         try:
-            with _passed_through(self.blocks, range(self.exit_layer, self.n_blocks)):
+            with _passed_through(self.blocks, range(self.exit_layer, self.n_blocks), width=self._block_output):
                 self.base(input_ids=input_ids, **{self.base_cache_keyword: cache}, use_cache=True)
         finally:
             hook.remove()
@@ -283,8 +294,11 @@ class ShortcutDrafter:
         return self.unembed(y)
 
     def upper(self, input_ids: torch.Tensor, hidden: torch.Tensor, cache) -> torch.Tensor:
-        """Run blocks ``ℓ..L−1`` and the head on layer-ℓ states ``hidden`` (1, m, d) of ``input_ids``; logits (1, m, V)."""
-        with _passed_through(self.blocks, range(self.exit_layer), last_output=hidden):
+        """Run blocks ``ℓ..L−1`` and the head on layer-ℓ states ``hidden`` (1, m, d) of ``input_ids``; logits (1, m, V).
+
+        Called after :meth:`lower` (which learns what a block returns), as a verification is.
+        """
+        with _passed_through(self.blocks, range(self.exit_layer), last_output=hidden, width=self._block_output):
             out = self.model(input_ids=input_ids, **{self.cache_keyword: _upper_view(cache, self.exit_layer)},
                              use_cache=True)
         return out.logits
