@@ -328,7 +328,11 @@ class GenerationStats:
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted over drafted tokens (NaN when nothing was drafted)."""
+        """Accepted over drafted tokens (NaN when nothing was drafted).
+
+        Drafts after a rejected one count as drafted, so for ``draft_tokens`` above 1 this is
+        below the per-token acceptance α of the calibration (equal to it for one draft a step).
+        """
         return self.accepted / self.drafted if self.drafted else float("nan")
 
     @property
