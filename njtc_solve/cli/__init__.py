@@ -11,6 +11,7 @@ refine     gradient refinement of fitted maps on KL or MSE
 export     shortcut maps as a tuned-lens or Jacobian-lens folder
 lens       a live model read through its shortcuts, prompt by prompt
 prune      a smaller checkpoint: K blocks removed, a closed-form map folded in
+generate   the model's greedy text, drafted by a shortcut map and verified
 =========  ==================================================================
 
 No module outside this package imports :mod:`argparse` or reads a parsed namespace. Library
@@ -31,7 +32,7 @@ from njtc_solve.core.errors import NJTCError, interruptible
 
 __all__ = ["COMMANDS", "command", "flags_of", "run_cli", "translate", "warn"]
 
-COMMANDS = ("extract", "fit", "evaluate", "refine", "export", "lens", "prune")
+COMMANDS = ("extract", "fit", "evaluate", "refine", "export", "lens", "prune", "generate")
 
 # `name` or `name=value` in a library message
 _PARAMETER = re.compile(r"`([A-Za-z_]\w*)(?:=([^`\s]*))?`")

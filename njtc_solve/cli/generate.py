@@ -1,0 +1,142 @@
+"""``python -m njtc_solve.generate``: the model's own greedy text, drafted by a shortcut map and verified.
+
+Self-speculative decoding (:mod:`njtc_solve.infer.speculative`): the first ``--exit-layer``
+blocks, the shortcut map of that layer and the model's head draft ``--draft-tokens`` tokens;
+the full model verifies them in one pass. The text is the model's greedy text, token for
+token. ``--draft-tokens auto`` measures acceptance and cost on held-out text first
+(:mod:`njtc_solve.infer.calibrate`) and prints the table it chose from.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from njtc_solve.cli import command, run_cli
+from njtc_solve.core.errors import NJTCError
+
+__all__ = ["build_parser", "check_arguments", "main", "run"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments."""
+    p = argparse.ArgumentParser(prog="python -m njtc_solve.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model: .gguf file, Hugging Face folder or hub name (default: SmolLM2-135M)")
+    p.add_argument("--shortcuts", help="shortcut file fitted on this model to its last layer "
+                   "(default: the logit lens, as transformers' assistant_early_exit drafts)")
+    p.add_argument("--exit-layer", type=int, required=True, metavar="L",
+                   help="draft from the residual stream after this many blocks (1..blocks-1)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this UTF-8 file instead")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    p.add_argument("--draft-tokens", default="auto",
+                   help="tokens drafted per verification, or auto: chosen from measured acceptance and cost "
+                        "(default: auto)")
+    p.add_argument("--max-draft-tokens", type=int, default=8, help="largest draft length auto considers (default: 8)")
+    p.add_argument("--calibration-sequences", type=int, default=4,
+                   help="held-out sequences of 128 tokens auto measures acceptance on (default: 4)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    return p
+
+
+def _draft_tokens(text: str) -> int | None:
+    """``None`` for auto, else the draft length (0 or more)."""
+    if text == "auto":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        raise NJTCError(f"--draft-tokens must be auto or a whole number, not {text!r}") from None
+    if k < 0:
+        raise NJTCError(f"--draft-tokens must be 0 or more, not {k}")
+    return k
+
+
+def check_arguments(args):
+    """Every refusal that needs no weights: numbers, the prompt, the exit layer, the shortcut file.
+
+    Returns ``(prompt text, draft tokens or None for auto, shortcuts or None, number of blocks)``.
+    """
+    from njtc_solve.cli.lens import _prompt_text
+    from njtc_solve.core.models import check_device
+    from njtc_solve.maps.shortcuts import Shortcuts
+    from njtc_solve.prune.selection import model_blocks
+
+    if args.max_new_tokens < 1:
+        raise NJTCError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    k = _draft_tokens(args.draft_tokens)
+    if args.max_draft_tokens < 1:
+        raise NJTCError(f"--max-draft-tokens must be at least 1, not {args.max_draft_tokens}")
+    if args.calibration_sequences < 1:
+        raise NJTCError(f"--calibration-sequences must be at least 1, not {args.calibration_sequences}")
+    text = _prompt_text(args)
+    check_device(args.device)
+    _, n_blocks, config = model_blocks(args.model)  # the configuration only: no weight is read
+    if not 1 <= args.exit_layer <= n_blocks - 1:
+        raise NJTCError(f"--exit-layer must be in 1..{n_blocks - 1} (the model has {n_blocks} blocks), "
+                        f"not {args.exit_layer}")
+    shortcuts = None
+    if args.shortcuts is not None:
+        shortcuts = Shortcuts.load(args.shortcuts)
+        if shortcuts.target_layer != n_blocks:
+            raise NJTCError(f"--shortcuts {args.shortcuts} map to layer {shortcuts.target_layer}, not the model's last "
+                            f"layer ({n_blocks}): the draft reads them through the head")
+        if shortcuts.method != "identity" and args.exit_layer not in shortcuts.maps:
+            raise NJTCError(f"--shortcuts {args.shortcuts} have no map for --exit-layer {args.exit_layer} "
+                            f"(they have {sorted(shortcuts.maps)})")
+        width = shortcuts.maps[args.exit_layer].width if args.exit_layer in shortcuts.maps else None
+        hidden = getattr(config, "hidden_size", None) if config is not None else None
+        if width is not None and hidden is not None and width != hidden:
+            raise NJTCError(f"--shortcuts {args.shortcuts} were fitted on another model: they map width {width}, "
+                            f"the model's is {hidden}")
+        recorded = shortcuts.stats.get("n_layers")
+        if isinstance(recorded, int) and recorded != n_blocks:
+            raise NJTCError(f"--shortcuts {args.shortcuts} were fitted on another model of {recorded} blocks, "
+                            f"not {n_blocks}")
+    return text, k, shortcuts, n_blocks
+
+
+@command(build_parser)
+def main(args) -> int:
+    """Command-line entry point of ``python -m njtc_solve.generate``."""
+    import torch
+
+    from njtc_solve.core.models import load_model, model_sha256
+    from njtc_solve.infer.speculative import ShortcutDrafter, speculative_generate
+
+    text, k, shortcuts, _ = check_arguments(args)
+    model, tokenizer, name = load_model(args.model, device=args.device, progress=False)
+    sha = None if shortcuts is None or shortcuts.method == "identity" else model_sha256(model)
+    drafter = ShortcutDrafter(model, shortcuts, args.exit_layer, model_sha256=sha)  # another model's maps: refused
+    if k is None:
+        from njtc_solve.data.corpus import load_corpus
+        from njtc_solve.infer.calibrate import calibrate, held_out_sequences
+
+        _, documents = load_corpus()
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 128)
+        sequences = held_out_sequences(tokenizer, documents, drafter.shortcuts, seq_len=min(128, int(limit)),
+                                       max_sequences=args.calibration_sequences)
+        table = calibrate(model, sequences, {drafter.shortcuts.name: drafter.shortcuts}, [args.exit_layer],
+                          max_draft_tokens=args.max_draft_tokens, check=False)
+        k = table.best["draft_tokens"]
+        print(f"calibration on {len(sequences)} held-out sequences of {sequences[0].shape[1]} tokens "
+              f"(pydoc_data.topics)\n{table.format()}\n"
+              f"--draft-tokens auto: {k}")
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
+    if ids.shape[1] == 0:
+        raise NJTCError("--prompt has no tokens")
+    with torch.no_grad():
+        result = speculative_generate(model, ids, drafter=drafter, max_new_tokens=args.max_new_tokens, draft_tokens=k)
+    s = result.stats
+    print(tokenizer.decode(result.sequences[0, ids.shape[1]:], skip_special_tokens=True))
+    print(f"model: {name}; draft: {drafter.name}, {k} tokens per verification drafted\n"
+          f"{s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.1f} tokens/s); {s.verifications} "
+          f"verifications, {s.tokens_per_verification:.2f} tokens per verification; acceptance "
+          f"{s.acceptance_rate:.3f} ({s.accepted} of {s.drafted} drafts)")
+    return 0
+
+
+def run(argv=None) -> int:
+    """Run the command as a process does: one error line and exit status 2 for bad input."""
+    return run_cli(main, argv)

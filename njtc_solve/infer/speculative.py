@@ -1,0 +1,434 @@
+"""Greedy self-speculative decoding with a shortcut map as the draft head.
+
+The draft runs the model's first ℓ blocks on each new token, maps the layer-ℓ hidden state to
+an estimate of the last layer with the shortcut map, and reads it through the model's final
+norm and unembedding: ``k`` tokens, one at a time. The verification runs blocks ℓ..L−1 on the
+``k + 1`` layer-ℓ hidden states the draft already computed (the last accepted token's and the
+drafts'), in one pass, and takes the longest prefix of the drafts that the full model's greedy
+argmax agrees with, plus the model's own next token. The output is therefore the model's greedy
+output, token for token (up to the rounding of a batched pass against a one-token pass, which
+can flip an exact near-tie, as in any speculative decoder).
+
+How the model is driven (one copy of the model, one KV cache): every pass is the model's own
+``forward`` with a :class:`transformers.DynamicCache`; the blocks a pass must not run are
+replaced for that call by a pass-through (their ``forward`` returns its input; the last skipped
+block of a verification returns the stored layer-ℓ states instead). A draft pass calls the base
+model with blocks ℓ..L−1 passed through and reads block ℓ−1's output with a hook; a verification
+calls the full ``*ForCausalLM`` with blocks 0..ℓ−1 passed through, and the cache it is given is a
+view of the one cache whose first ℓ entries alias layer ℓ's, so that the model sizes its
+positions and attention mask from the upper layers' length (the lower layers are ahead by the
+drafted tokens). Blocks below ℓ are thus never run twice on a token, and their cache entries,
+written by the draft, are the verification's. Rejected tokens' entries are cut from every layer.
+
+This works for every family whose base model loops over its blocks and sizes positions and
+masks from the cache (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, ... in transformers 5), with a
+dynamic cache of full-attention layers; a sliding-window layer's cache is refused.
+
+Examples
+--------
+>>> drafter = ShortcutDrafter(model, shortcuts, exit_layer=2)
+>>> result = speculative_generate(model, input_ids, drafter=drafter, max_new_tokens=8, draft_tokens=3)
+>>> bool((result.sequences == model.generate(input_ids, do_sample=False, max_new_tokens=8)).all())
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from njtc_solve.core.architectures import projection_of, resolve_parts
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.head import Head
+from njtc_solve.maps.compatibility import check_compatible
+from njtc_solve.maps.shortcuts import Shortcuts
+
+__all__ = ["GenerationStats", "SpeculativeResult", "ShortcutDrafter", "check_greedy_config", "speculative_generate"]
+
+# generation settings under which model.generate(do_sample=False) is not the plain argmax
+_PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+               "min_length": (None, 0), "min_new_tokens": (None, 0), "forced_bos_token_id": (None,),
+               "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+               "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0), "exponential_decay_length_penalty":
+               (None,), "stop_strings": (None,)}
+
+
+def check_greedy_config(model) -> list[int]:
+    """The model's end-of-sequence ids, once its generation config is checked to be plain greedy.
+
+    ``model.generate(do_sample=False)`` applies the logits processors its generation config
+    names (a repetition penalty, a minimum length, suppressed tokens ...); speculative decoding
+    here reproduces the plain argmax only, so such a config is refused.
+
+    Raises
+    ------
+    NJTCError
+        Naming the first setting that makes greedy decoding other than the argmax.
+    """
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return []
+    for name, neutral in _PROCESSORS.items():
+        value = getattr(config, name, None)
+        if value not in neutral:
+            raise NJTCError(f"the model's generation config sets {name}={value!r}: greedy decoding is then not the "
+                            "plain argmax, which is what speculative decoding reproduces")
+    eos = config.eos_token_id
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _cache_keyword(module) -> str:
+    """The name under which ``module.forward`` takes the KV cache (``cache`` in transformers 5)."""
+    parameters = inspect.signature(module.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise NJTCError(f"{type(module).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`)")
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older signatures
+        return DynamicCache()
+
+
+def _cache_layers(cache, n_blocks: int) -> list:
+    """The cache's per-layer entries, checked to be plain growing (croppable) full-attention layers."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) < n_blocks:
+        raise NJTCError("the model's KV cache has no per-layer entries (transformers >= 4.56 needed)")
+    for i, layer in enumerate(layers[:n_blocks]):
+        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+            raise NJTCError(f"layer {i}'s KV cache is a {type(layer).__name__} (sliding-window or linear "
+                            "attention); speculative decoding here needs full-attention layers")
+    return layers
+
+
+def _length(layer) -> int:
+    keys = getattr(layer, "keys", None)
+    return 0 if keys is None or keys.numel() == 0 else int(keys.shape[-2])
+
+
+def _crop(layers, length: int) -> None:
+    """Cut every layer's cached keys and values to the first ``length`` positions."""
+    for layer in layers:
+        if _length(layer) > length:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+def _upper_view(cache, exit_layer: int):
+    """A shallow copy of ``cache`` whose first ``exit_layer`` entries alias entry ``exit_layer``.
+
+    The model sizes positions and masks from the cache's layer 0; the verification runs only
+    layers ``exit_layer..`` (the lower ones are ahead by the drafted tokens), so it must see
+    their length. The aliases are never written: the lower blocks are passed through.
+    """
+    view = copy.copy(cache)
+    view.layers = [cache.layers[exit_layer]] * exit_layer + list(cache.layers[exit_layer:])
+    return view
+
+
+@contextmanager
+def _passed_through(blocks, indices, last_output: torch.Tensor | None = None, width: list | None = None):
+    """Blocks ``indices`` return their input for the duration (the last one ``last_output`` when given).
+
+    ``width[0]``, when set, is the length of the tuple a real block returns (GPT-Neo, BLOOM and
+    Falcon blocks return ``(hidden_states, ...)`` and their model takes ``[0]``); ``None``: a tensor.
+    """
+    saved = []
+    last = max(indices) if indices else None
+
+    def make(i):
+        def forward(hidden_states, *args, **kwargs):
+            out = last_output if (i == last and last_output is not None) else hidden_states
+            n = None if width is None else width[0]
+            return out if n is None else (out,) + (None,) * (n - 1)
+        return forward
+
+    try:
+        for i in indices:
+            block = blocks[i]
+            saved.append((block, block.__dict__.get("forward")))
+            block.forward = make(i)
+        yield
+    finally:
+        for block, previous in saved:
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous
+
+
+class _LowRankHead:
+    """Logits of a narrow map's ``a = z @ U`` through ``(r + 2) × V`` precomputed factors.
+
+    Those of :meth:`njtc_solve.core.head.Head.low_rank_logits`, with the factor (the rank-r
+    map's rows through the final norm's gain and the unembedding) computed once: a draft token
+    then costs ``r × V`` instead of ``d × V``. The logit scale and soft-cap are left out: they
+    do not change the argmax.
+    """
+
+    def __init__(self, head: Head, V: torch.Tensor, bias: torch.Tensor | None, device):
+        V = V.detach().float().cpu()
+        bias = torch.zeros(V.shape[1]) if bias is None else bias.detach().float().cpu()
+        self.layernorm = head.norm == "layernorm"
+        if self.layernorm:
+            V, bias = V - V.mean(1, keepdim=True), bias - bias.mean()
+        const = torch.zeros(head.vocab_size)
+        if head.norm_bias is not None:
+            const = const + head.unembed @ head.norm_bias
+        if head.unembed_bias is not None:
+            const = const + head.unembed_bias
+        factor = torch.cat([V * head.gain, (bias * head.gain)[None]]) @ head.unembed.T
+        self.factor = torch.cat([factor, const[None]]).to(device)
+        self.eps = head.eps
+
+    def __call__(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.layernorm:
+            inv_sigma = torch.rsqrt(y.var(-1, unbiased=False, keepdim=True) + self.eps)
+        else:
+            inv_sigma = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        rows = torch.cat([a * inv_sigma, inv_sigma, torch.ones_like(inv_sigma)], dim=1)
+        return rows @ self.factor
+
+
+class ShortcutDrafter:
+    """The draft of self-speculative decoding: blocks ``0..exit_layer−1``, a shortcut map, the head.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM of a family :mod:`njtc_solve.core.architectures` supports.
+    shortcuts : Shortcuts or None
+        Maps fitted on this model to its last layer; ``None`` is the logit lens (the identity map).
+    exit_layer : int
+        ℓ in ``1..L−1``: the draft reads the residual stream after block ℓ−1 (layer ℓ).
+    check : bool
+        Check that the maps belong to the model (weights hash, head, target layer L) with
+        :func:`njtc_solve.maps.compatibility.check_compatible`.
+    model_sha256 : str, optional
+        The model's weights hash when already known (the check then does not hash the weights).
+
+    Raises
+    ------
+    NJTCError
+        ``exit_layer`` outside ``1..L−1``, no map for it, maps of another model or target.
+    """
+
+    def __init__(self, model, shortcuts: Shortcuts | None, exit_layer: int, *, check: bool = True,
+                 model_sha256: str | None = None):
+        spec, blocks, final_norm, unembed = resolve_parts(model)
+        n = len(blocks)
+        if not isinstance(exit_layer, int) or isinstance(exit_layer, bool) or not 1 <= exit_layer <= n - 1:
+            raise NJTCError(f"`exit_layer` must be a layer in 1..{n - 1} (the model has {n} blocks), not {exit_layer!r}")
+        if shortcuts is None:
+            shortcuts = Shortcuts.identity([exit_layer], n)
+        if check:
+            check_compatible(shortcuts, model, model_sha256=model_sha256)
+        if shortcuts.target_layer != n:
+            raise NJTCError(f"shortcuts {shortcuts.name} target layer {shortcuts.target_layer}, not the last layer ({n})")
+        if exit_layer not in shortcuts.maps:
+            if shortcuts.method != "identity":
+                raise NJTCError(f"shortcuts {shortcuts.name} have no map for `exit_layer` {exit_layer} "
+                                f"(they have {sorted(shortcuts.maps)})")
+            shortcuts = Shortcuts.identity([exit_layer], n)
+        self.model, self.shortcuts, self.exit_layer, self.n_blocks = model, shortcuts, exit_layer, n
+        self.blocks, self.final_norm, self.unembed = blocks, final_norm, unembed
+        self.projection = projection_of(model, spec)
+        self.base = model.base_model
+        self.cache_keyword = _cache_keyword(model)
+        self.base_cache_keyword = _cache_keyword(self.base)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.map = shortcuts.maps[exit_layer].to_map(self.device).float()
+        self._block_output = [None]  # what a real block returns: a tensor (None) or a tuple of this length
+        self.low_rank = None
+        if self.map.U is not None and not self.map.residual:
+            self.low_rank = _LowRankHead(Head.from_model(model), self.map.V, self.map.bias, self.device)
+
+    @property
+    def name(self) -> str:
+        """The map's label (``identity`` for the logit lens) and the exit layer, e.g. ``jtc@20``."""
+        return f"{self.shortcuts.name}@{self.exit_layer}"
+
+    # -- the three parts of a step ----------------------------------------------------------
+    def lower(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Run blocks ``0..ℓ−1`` on ``input_ids`` (1, m), writing their cache; the layer-ℓ states (1, m, d)."""
+        captured = []
+
+        def read(module, args, output):  # runs before any passed-through block of this call
+            self._block_output[0] = len(output) if isinstance(output, tuple) else None
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        hook = self.blocks[self.exit_layer - 1].register_forward_hook(read)
+        try:
+            with _passed_through(self.blocks, range(self.exit_layer, self.n_blocks), width=self._block_output):
+                self.base(input_ids=input_ids, **{self.base_cache_keyword: cache}, use_cache=True)
+        finally:
+            hook.remove()
+        return captured[-1]
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft logits (m, V) of layer-ℓ states (m, d): the map, the final norm, the unembedding.
+
+        The logit scale and soft-cap (monotone) are left out: only the argmax is used.
+        """
+        x = hidden.reshape(-1, hidden.shape[-1]).float()
+        if self.low_rank is not None:
+            _, z = self.map._normalized(x)
+            a = z @ self.map.U
+            y = a @ self.map.V if self.map.bias is None else a @ self.map.V + self.map.bias
+            return self.low_rank(a, y)
+        y = self.final_norm(self.map(x).to(self.dtype))
+        if self.projection is not None:
+            y = self.projection(y)
+        return self.unembed(y)
+
+    def upper(self, input_ids: torch.Tensor, hidden: torch.Tensor, cache) -> torch.Tensor:
+        """Run blocks ``ℓ..L−1`` and the head on layer-ℓ states ``hidden`` (1, m, d) of ``input_ids``; logits (1, m, V).
+
+        Called after :meth:`lower` (which learns what a block returns), as a verification is.
+        """
+        with _passed_through(self.blocks, range(self.exit_layer), last_output=hidden, width=self._block_output):
+            out = self.model(input_ids=input_ids, **{self.cache_keyword: _upper_view(cache, self.exit_layer)},
+                             use_cache=True)
+        return out.logits
+
+
+@dataclass
+class GenerationStats:
+    """What one speculative generation did.
+
+    Attributes
+    ----------
+    new_tokens : int
+        Tokens generated (the prompt's first token, from the prefill, included).
+    verifications : int
+        Verification passes after the prefill.
+    drafted, accepted : int
+        Draft tokens proposed and accepted.
+    seconds : float
+        Wall time of the whole generation (prefill included).
+    """
+
+    new_tokens: int = 0
+    verifications: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over drafted tokens (NaN when nothing was drafted).
+
+        Drafts after a rejected one count as drafted, so for ``draft_tokens`` above 1 this is
+        below the per-token acceptance α of the calibration (equal to it for one draft a step).
+        """
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tokens_per_verification(self) -> float:
+        """Tokens each verification pass produced (accepted drafts plus the model's own)."""
+        return (self.new_tokens - 1) / self.verifications if self.verifications else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"new_tokens": self.new_tokens, "verifications": self.verifications, "drafted": self.drafted,
+                "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
+                "tokens_per_verification": self.tokens_per_verification, "seconds": self.seconds,
+                "tokens_per_second": self.tokens_per_second}
+
+
+@dataclass
+class SpeculativeResult:
+    """``sequences`` (1, prompt + new) as ``model.generate`` returns them, ``stats``, and the final cache."""
+
+    sequences: torch.Tensor
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    cache: object = None
+
+
+def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter, max_new_tokens: int,
+                         draft_tokens: int) -> SpeculativeResult:
+    """Greedy decoding of ``model`` from ``input_ids``, drafting ``draft_tokens`` tokens per step.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model ``drafter`` was built on.
+    input_ids : Tensor
+        The prompt, (1, n) or (n,) token ids.
+    drafter : ShortcutDrafter
+    max_new_tokens : int
+        At least 1; generation also ends at the model's end-of-sequence token, as
+        ``model.generate`` does.
+    draft_tokens : int
+        Tokens drafted before each verification (0: every step is one full pass).
+
+    Returns
+    -------
+    SpeculativeResult
+        ``sequences`` equals ``model.generate(input_ids, do_sample=False, max_new_tokens=...)``.
+    """
+    if drafter.model is not model:
+        raise NJTCError("`drafter` was built on another model than `model`")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise NJTCError(f"`max_new_tokens` must be at least 1, not {max_new_tokens!r}")
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
+        raise NJTCError(f"`draft_tokens` must be 0 or more, not {draft_tokens!r}")
+    ids = torch.as_tensor(input_ids, device=drafter.device)
+    ids = ids[None] if ids.ndim == 1 else ids
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise NJTCError(f"`input_ids` must hold one non-empty prompt, (1, n); got shape {tuple(ids.shape)}")
+    eos = set(check_greedy_config(model))
+    stats, start = GenerationStats(), time.perf_counter()
+    cache = _new_cache(model)
+    out = []
+    with torch.no_grad():
+        logits = model(input_ids=ids, **{drafter.cache_keyword: cache}, use_cache=True).logits
+        layers = _cache_layers(cache, drafter.n_blocks)
+        out.append(int(logits[0, -1].argmax()))
+        done = out[-1] in eos
+        while not done and len(out) < max_new_tokens:
+            past = _length(layers[drafter.exit_layer])  # every layer holds the positions before out[-1]
+            k = min(draft_tokens, max_new_tokens - len(out) - 1)
+            tokens, states = [out[-1]], []
+            for i in range(k + 1):
+                states.append(drafter.lower(torch.tensor([[tokens[-1]]], device=drafter.device), cache))
+                if i == k:
+                    break
+                tokens.append(int(drafter.draft_logits(states[-1])[-1].argmax()))
+                if tokens[-1] in eos:  # nothing after an end of sequence is worth verifying
+                    states.append(drafter.lower(torch.tensor([[tokens[-1]]], device=drafter.device), cache))
+                    break
+            drafts = tokens[1:]
+            verify_ids = torch.tensor([tokens], device=drafter.device)
+            greedy = drafter.upper(verify_ids, torch.cat(states, dim=1), cache)[0].argmax(-1).tolist()
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == greedy[accepted]:
+                accepted += 1
+            new = drafts[:accepted] + [greedy[accepted]]
+            stats.verifications += 1
+            stats.drafted += len(drafts)
+            stats.accepted += accepted
+            for token in new:
+                out.append(token)
+                if token in eos or len(out) >= max_new_tokens:
+                    done = True
+                    break
+            _crop(layers, past + accepted + 1)  # the last accepted token's entries stay; the model's own is next
+    stats.new_tokens, stats.seconds = len(out), time.perf_counter() - start
+    sequences = torch.cat([ids, torch.tensor([out], dtype=ids.dtype, device=ids.device)], dim=1)
+    return SpeculativeResult(sequences, stats, cache)
