@@ -202,7 +202,7 @@ def refine_fold(model, replacement: Replacement, train: HeldOut, check: HeldOut,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            train_kl = float(loss)
+            train_kl = loss.item()
             step += 1
             clock += time.perf_counter() - t0
             bar.update(1)

@@ -203,7 +203,7 @@ class PruneSpec:
         return {"remove": self.remove, "selection": "auto" if self.start is None else "start",
                 "weightings": list(self.weightings), "ridge": list(self.ridge), "intercepts": list(self.intercepts),
                 "score_tokens": self.score_tokens, "rescore_tokens": self.rescore_tokens,
-                "refine": None if self.refine is None else self.refine.describe()}
+                "refine_settings": None if self.refine is None else self.refine.describe()}
 
 
 @dataclass
