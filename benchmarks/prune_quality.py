@@ -30,6 +30,7 @@ Ranking criteria (cosine distance, angular distance, the map's residual, scoring
 compared with each scored start's evaluation KL by Spearman's rank correlation.
 
     python benchmarks/prune_quality.py          # the docs' run (see docs/pruning-refine.md for its budgets)
+    python benchmarks/prune_quality.py --table benchmarks/results/prune_quality.json   # its table again
 
 Writes ``benchmarks/results/prune_quality.json`` and ``benchmarks/results/prune_quality.md``.
 """
@@ -174,7 +175,11 @@ def main() -> None:
     p.add_argument("--gen-repeats", type=int, default=3)
     p.add_argument("--model", default=None, help="the model (default: SmolLM2-135M)")
     p.add_argument("--out", default=str(RESULTS / "prune_quality.json"))
+    p.add_argument("--table", metavar="JSON", help="only print the markdown table of an earlier run's JSON")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
     ks = [int(k) for k in args.ks.split(",")]
     torch.manual_seed(0)
     t_all = time.perf_counter()

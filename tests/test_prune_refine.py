@@ -326,3 +326,19 @@ def test_prune_command_refines(tiny_models, tmp_path, capsys):
     record = json.loads((out / PRUNE_RECORD).read_text())
     assert record["refine"]["steps"] > 0 and record["refine"]["held_out_best"]["kl"] <= \
         record["refine"]["held_out_start"]["kl"]
+
+
+def test_linearpatch_construction():
+    """The benchmark's LinearPatch: an orthogonal Hadamard matrix of SmolLM2's width, and P = H diag(s) Hᵀ."""
+    from conftest import benchmark_module
+
+    bench = benchmark_module("prune_quality")
+    H = bench.hadamard(576)
+    assert torch.allclose(H @ H.T, torch.eye(576, dtype=torch.float64), atol=1e-12)
+    assert set((H * 24).round().unique().tolist()) == {-1.0, 1.0}
+    rot = bench.RotatedAbs(bench.hadamard(32))
+    g = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(2, 4, 32, generator=g) * (l + 1) for l in range(3)]
+    rot(hidden, None)
+    P = rot.patch(0, 2)  # layer 2 is 3x layer 0: the scales are about 3
+    assert torch.allclose(P, P.T) and 2 < float(torch.linalg.eigvalsh(P).mean()) < 4
