@@ -52,17 +52,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_replaceme import n_params, replaceme_map  # noqa: E402
+from vs_replaceme import n_params, replaceme_map
 
-from njtc_solve.core.architectures import resolve_parts  # noqa: E402
-from njtc_solve.core.models import load_model  # noqa: E402
-from njtc_solve.data.corpus import load_corpus  # noqa: E402
-from njtc_solve.data.plan import plan_extraction  # noqa: E402
-from njtc_solve.data.store import TRAIN, VALIDATION  # noqa: E402
-from njtc_solve.prune.folding import Replacement, apply_replacement  # noqa: E402
-from njtc_solve.prune.refine import RefineSpec, refine_fold  # noqa: E402
-from njtc_solve.prune.scoring import HeldOut, collect_held_out, replacement_statistics, score_replacement  # noqa: E402
-from njtc_solve.prune.selection import choose_replacement, spearman  # noqa: E402
+from njtc_solve.core.architectures import resolve_parts
+from njtc_solve.core.models import load_model
+from njtc_solve.data.corpus import load_corpus
+from njtc_solve.data.plan import plan_extraction
+from njtc_solve.data.store import TRAIN, VALIDATION
+from njtc_solve.prune.folding import Replacement, apply_replacement
+from njtc_solve.prune.refine import RefineSpec, refine_fold
+from njtc_solve.prune.scoring import HeldOut, collect_held_out, replacement_statistics, score_replacement
+from njtc_solve.prune.selection import choose_replacement, spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
