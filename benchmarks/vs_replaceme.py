@@ -48,8 +48,9 @@ import matplotlib.pyplot as plt
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.core.models import load_model
 from njtc_solve.data.plan import plan_extraction
-from njtc_solve.prune.selection import (choose_replacement, collect_held_out, replacement_statistics, score_replacement,
-                                tail_logits, replaced_stream)
+from njtc_solve.prune.scoring import (collect_held_out, replaced_stream, replacement_statistics, score_replacement,
+                                      tail_logits)
+from njtc_solve.prune.selection import choose_replacement
 from njtc_solve.prune.folding import Replacement, apply_replacement
 from njtc_solve.data.store import TRAIN, VALIDATION
 
@@ -144,7 +145,7 @@ def main() -> None:
         cos_start = min(starts, key=lambda s: stats.cosine[(s, k)]["angular_last"])
         scored = sorted(set(starts[::args.start_stride]) | {cos_start})
         t = time.perf_counter()
-        ours, candidates = choose_replacement(model, stats, score_set, remove=k, starts=scored,
+        ours, candidates, _ = choose_replacement(model, stats, score_set, remove=k, starts=scored,
                                               intercepts=tuple(args.intercepts.split(",")))
         choose_s = time.perf_counter() - t
         drops = [c for c in candidates if c["name"] == "drop"]

@@ -193,7 +193,7 @@ def _lstsq(x, y, w, intercept: bool):
 @pytest.fixture(scope="module")
 def llama_stats(tiny_models):
     """Statistics of the tiny Llama (3 blocks) over a plan, and the same rows read independently."""
-    from njtc_solve.prune.selection import replacement_statistics
+    from njtc_solve.prune.scoring import replacement_statistics
 
     model, tok, _ = load_model(str(tiny_models["llama"]))
     _, docs = load_corpus()
@@ -231,7 +231,7 @@ def test_scoring_path_equals_the_folded_model(llama_stats, start, remove):
     """Candidates are scored by running only the tail on the cached stream: that must be the folded model."""
     import copy
 
-    from njtc_solve.prune.selection import collect_held_out, replaced_stream, tail_logits
+    from njtc_solve.prune.scoring import collect_held_out, replaced_stream, tail_logits
 
     stats, _, _, train, model = llama_stats
     held = collect_held_out(model, train.sequences(slice(0, 2)))
@@ -331,7 +331,7 @@ def _bad(argv, capsys):
     (["--remove", "1", "--start", "0"], "--start 0: the map folds into the block before"),
     (["--remove", "1", "--auto", "--positions", "one-per-sequence"], "a replacement is fitted on every position"),
     (["--remove", "1", "--auto", "--ridge", "0,x"], "cannot parse --ridge"),
-    (["--remove", "1", "--auto", "--weighting", "cosine"], "--weighting must list plain and/or rms"),
+    (["--remove", "1", "--auto", "--weighting", "cosine"], "--weighting must be among plain, rms"),
     (["--remove", "1", "--auto", "--val-fraction", "0"], "--val-fraction must be above 0"),
 ])
 def test_bad_input_before_the_model_loads(tiny_models, tmp_path, capsys, monkeypatch, extra, message):
@@ -416,3 +416,21 @@ def test_gguf_loaded_model_is_saved_as_the_plain_model(tmp_path):
     with pytest.raises(NJTCError, match="quantized with bitsandbytes cannot be saved"):
         save_pruned(model, None, tmp_path / "n", record={})
     assert not (tmp_path / "n").exists()
+
+
+def test_refused_output_folder_leaves_the_model_unchanged(tiny_models, corpus, tmp_path):
+    """PruneResult.save checks the folder before it folds and removes blocks: a refusal changes nothing."""
+    from njtc_solve.prune.selection import prune_model
+
+    model, tok, _ = load_model(str(tiny_models["llama"]))
+    result = prune_model(model, tok, corpus, remove=1, start=1, seq_len=32, max_tokens=1600, score_tokens=64,
+                         progress=False)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NJTCError, match="exists"):
+        result.save(model, tok, taken)
+    assert model.config.num_hidden_layers == 3 and len(resolve_parts(model)[1]) == 3
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

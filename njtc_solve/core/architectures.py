@@ -5,6 +5,11 @@ a guess, because a wrong final norm silently gives wrong shortcuts. Each entry a
 how the family turns the final norm's output into logits: a gain stored as ``w`` or as
 ``1 + w``, an output projection before the unembedding, a logit scale, a final soft-cap.
 
+Where a family's MLP output projection is, and whether it has (or its config can give it) a
+bias, is part of the same entry (:class:`FoldSpec`): the facts block pruning folds a map into.
+The GGUF architecture names that differ from transformers' ``model_type`` are here too
+(:data:`GGUF_MODEL_TYPES`).
+
 Refusals come from the configuration alone (:func:`check_config`), before any weight is
 read: encoder-decoder models, post-norm models (OPT-350m), unknown model types.
 
@@ -21,17 +26,47 @@ njtc_solve.core.errors.NJTCError: opt with do_layer_norm_before=False (e.g. OPT-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from njtc_solve.core.errors import NJTCError
 
-__all__ = ["ARCHITECTURES", "ArchitectureSpec", "architecture_of", "check_config", "check_supported",
+__all__ = ["ARCHITECTURES", "ArchitectureSpec", "FoldSpec", "GGUF_MODEL_TYPES", "architecture_of", "check_config", "check_supported",
            "custom_architecture", "projection_of", "resolve_parts"]
 
 # the attribute of a model that carries parts named by the user (trust_remote_code models)
 _CUSTOM = "_njtc_architecture"
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """Where a family's MLP output projection is, relative to a block, and how it stores its weight.
+
+    The facts block pruning needs to fold a linear map into the block before the removed ones
+    (:mod:`njtc_solve.prune.folding`).
+
+    Attributes
+    ----------
+    projection : str
+        Dotted path of the MLP output projection inside a block.
+    kind : {"linear", "conv1d"}
+        ``nn.Linear`` (weight ``out × in``, ``y = a Wᵀ + b``) or GPT-2's ``Conv1D``
+        (weight ``in × out``, ``y = a W + b``).
+    bias_option : str, optional
+        A config flag that gives the MLP projections biases (Llama's ``mlp_bias``), for an
+        intercept where the projection has none.
+    bias_modules : tuple of str
+        The projections that flag adds a bias to (all of them must exist in the checkpoint).
+    has_bias : bool
+        The projection always has a bias of its own (the intercept folds into it).
+    """
+
+    projection: str
+    kind: str = "linear"
+    bias_option: str | None = None
+    bias_modules: tuple[str, ...] = ()
+    has_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +91,9 @@ class ArchitectureSpec:
         Config attributes: a factor multiplying the logits (Cohere), a divisor of the logits
         (Granite's ``logits_scaling``), a final soft-cap ``c·tanh(z/c)`` (Gemma 2/3); a value
         of ``None`` in the config means the model does not apply it.
+    fold : FoldSpec, optional
+        The MLP output projection a pruning map folds into; ``None``: the family cannot be
+        pruned by folding (a mixture of experts, an unchecked layout).
     """
 
     blocks: str
@@ -67,6 +105,7 @@ class ArchitectureSpec:
     logit_scale: str | None = None
     logit_divisor: str | None = None
     softcap: str | None = None
+    fold: FoldSpec | None = None
 
 
 _LLAMA_LIKE = ArchitectureSpec("model.layers", "model.norm", "rmsnorm")
@@ -76,21 +115,26 @@ _GEMMA = ArchitectureSpec("model.layers", "model.norm", "rmsnorm", gain="1+w")
 _GEMMA_CAPPED = ArchitectureSpec("model.layers", "model.norm", "rmsnorm", gain="1+w",
                                  softcap="final_logit_softcapping")
 
+_DOWN_PROJ = FoldSpec("mlp.down_proj")
+_LLAMA_FOLD = FoldSpec("mlp.down_proj", bias_option="mlp_bias",
+                       bias_modules=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "gpt2": _GPT2_LIKE,
+    "gpt2": replace(_GPT2_LIKE, fold=FoldSpec("mlp.c_proj", kind="conv1d", has_bias=True)),
     "gpt_neo": _GPT2_LIKE,
     "gptj": _GPT2_LIKE,
     "codegen": _GPT2_LIKE,
     "bloom": _GPT2_LIKE,
     "falcon": _GPT2_LIKE,
     "gpt_bigcode": _GPT2_LIKE,
-    "gpt_neox": ArchitectureSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "layernorm"),
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
+    "gpt_neox": ArchitectureSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "layernorm",
+                                 fold=FoldSpec("mlp.dense_4h_to_h", has_bias=True)),
+    "llama": replace(_LLAMA_LIKE, fold=_LLAMA_FOLD),
+    "mistral": replace(_LLAMA_LIKE, fold=_DOWN_PROJ),
     "mixtral": _LLAMA_LIKE,
     "qwen2_moe": _LLAMA_LIKE,
     "qwen3_moe": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
+    "qwen2": replace(_LLAMA_LIKE, fold=_DOWN_PROJ),
     "qwen3": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
@@ -110,6 +154,10 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     # forward applies no final soft-cap (Gemma3ForConditionalGeneration)
     "gemma3": ArchitectureSpec("model.language_model.layers", "model.language_model.norm", "rmsnorm", gain="1+w"),
 }
+
+# GGUF architecture names (``general.architecture``) that differ from transformers' model_type
+GGUF_MODEL_TYPES = {"gptneox": "gpt_neox", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text",
+                    "command-r": "cohere"}
 
 
 def _refusal(config) -> str | None:

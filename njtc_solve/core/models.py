@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from njtc_solve.core.architectures import check_config, check_supported, custom_architecture
+from njtc_solve.core.architectures import GGUF_MODEL_TYPES, check_config, check_supported, custom_architecture
 from njtc_solve.core.errors import NJTCError
 
 __all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "check_device", "default_model_path", "gguf_reader",
@@ -211,12 +211,9 @@ def _model_type(source: str, gguf_file: str) -> str:
     reader = gguf_reader(Path(source) / gguf_file)
     field = reader.fields["general.architecture"]
     architecture = bytes(field.parts[field.data[0]]).decode()
-    return _GGUF_MODEL_TYPES.get(architecture, architecture)
+    return GGUF_MODEL_TYPES.get(architecture, architecture)
 
 
-# GGUF architecture names that differ from transformers' model_type
-_GGUF_MODEL_TYPES = {"gptneox": "gpt_neox", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text",
-                     "command-r": "cohere"}
 _GGUF_ENCODER_DECODER = ("t5", "t5encoder", "umt5")
 
 

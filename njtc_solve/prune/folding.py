@@ -41,59 +41,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from njtc_solve.core.architectures import _get, resolve_parts
+from njtc_solve.core.architectures import ARCHITECTURES, FoldSpec, _get, resolve_parts
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import check_writable
 from njtc_solve.solve.stats import add_gram, highest_float32_matmul
 
-__all__ = ["FOLDABLE", "FoldSpec", "PRUNE_RECORD", "Replacement", "ReplacementAccumulator", "ReplacementStatistics",
+__all__ = ["FOLDABLE", "FoldSpec", "PRUNE_RECORD", "STATS_FORMAT", "Replacement", "ReplacementAccumulator", "ReplacementStatistics",
            "WEIGHTINGS", "apply_replacement", "capture_mlp_outputs", "check_foldable", "check_removal",
-           "fold_replacement", "remove_blocks", "save_pruned", "solve_replacement"]
+           "check_output_folder", "fold_replacement", "remove_blocks", "save_pruned", "solve_replacement"]
 
 PRUNE_RECORD = "njtc_prune.json"
+STATS_FORMAT = "njtc-prune-statistics"  # the ``format`` metadata of a block statistics file
 WEIGHTINGS = ("plain", "rms")  # rms: each row weighted by 1 / mean(h_S²), its squared RMS
 
 
-@dataclass(frozen=True)
-class FoldSpec:
-    """Where a family's MLP output projection is, relative to a block, and how it stores its weight.
-
-    Attributes
-    ----------
-    projection : str
-        Dotted path of the MLP output projection inside a block.
-    kind : {"linear", "conv1d"}
-        ``nn.Linear`` (weight ``out × in``, ``y = a Wᵀ + b``) or GPT-2's ``Conv1D``
-        (weight ``in × out``, ``y = a W + b``).
-    bias_option : str, optional
-        A config flag that gives the MLP projections biases (Llama's ``mlp_bias``), for an
-        intercept where the projection has none.
-    bias_modules : tuple of str
-        The projections that flag adds a bias to (all of them must exist in the checkpoint).
-    has_bias : bool
-        The projection always has a bias of its own (the intercept folds into it).
-    """
-
-    projection: str
-    kind: str = "linear"
-    bias_option: str | None = None
-    bias_modules: tuple[str, ...] = ()
-    has_bias: bool = False
-
-
-_LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-FOLDABLE: dict[str, FoldSpec] = {
-    "llama": FoldSpec("mlp.down_proj", bias_option="mlp_bias", bias_modules=_LLAMA_MLP),
-    "mistral": FoldSpec("mlp.down_proj"),
-    "qwen2": FoldSpec("mlp.down_proj"),
-    "gpt2": FoldSpec("mlp.c_proj", kind="conv1d", has_bias=True),
-    "gpt_neox": FoldSpec("mlp.dense_4h_to_h", has_bias=True),
-}
+# the families whose MLP output projection a map folds into: the architecture table's fold entries
+FOLDABLE: dict[str, FoldSpec] = {kind: spec.fold for kind, spec in ARCHITECTURES.items() if spec.fold is not None}
 
 
 def check_foldable(config) -> FoldSpec:
-    """The fold of ``config``'s family; a family (or an option) that cannot fold is refused in one line."""
+    """The fold of ``config``'s family; a family (or an option) that cannot fold is refused in one line.
+
+    The one check of foldability: a prune job makes it once, in
+    :meth:`njtc_solve.prune.selection.PruneSpec.check`, and hands the :class:`FoldSpec` down.
+    """
     kind = getattr(config, "model_type", None)
     if kind not in FOLDABLE:
         raise NJTCError(f"{kind} cannot be pruned by folding: its MLP output projection is not in the fold table "
@@ -133,13 +104,14 @@ def _projections(model, spec: FoldSpec) -> list[nn.Module]:
 
 
 @contextmanager
-def capture_mlp_outputs(model):
+def capture_mlp_outputs(model, fold: FoldSpec | None = None):
     """Hook every block's MLP output projection; yields a dict ``block index → its latest output``.
 
     The output is what the block adds to the residual stream as its MLP part (the projection's
     bias included), ``(batch, seq, d)`` in the model's dtype, overwritten by each forward pass.
+    ``fold`` is the family's checked fold (checked here when not given).
     """
-    spec = check_foldable(model.config)
+    spec = fold if fold is not None else check_foldable(model.config)
     outputs: dict[int, torch.Tensor] = {}
     with ExitStack() as hooks:  # every hook removed on the way out
         for i, proj in enumerate(_projections(model, spec)):
@@ -166,7 +138,12 @@ class ReplacementStatistics:
     ``mean_t``, ``cxx``, ``cxt`` (centred) and ``tr_ctt`` (float64); ``cosine[(start, k)]``
     the mean cosine similarity of ``h_S`` and ``h_{S+K}`` over every row (``all``) and over
     the last position of each sequence (``last``), and ReplaceMe's angular distance
-    ``acos(cos)/π`` over the last positions (``angular_last``). ``n_rows`` counts the rows, every position included.
+    ``acos(cos)/π`` over the last positions (``angular_last``). ``n_rows`` counts the rows,
+    every position included. ``meta`` is the provenance (``model_sha256``, ``model_type``,
+    ``n_blocks``, ``plan``) that :meth:`check_serves` compares with a later run.
+
+    :meth:`save` writes them to a safetensors file, :meth:`load` reads one back with every
+    tensor checked, so another start or K is solved without a pass over the documents.
     """
 
     moments: dict
@@ -180,6 +157,132 @@ class ReplacementStatistics:
         n = m["n"]
         return (m["cxx"] + n * torch.outer(m["mean_x"], m["mean_x"]),
                 m["cxt"] + n * torch.outer(m["mean_x"], m["mean_t"]))
+
+    @property
+    def pairs(self) -> dict[int, list[int]]:
+        """``start → [K, ...]`` the statistics hold."""
+        found: dict[int, set] = {}
+        for start, k, _ in self.moments:
+            found.setdefault(start, set()).add(k)
+        return {s: sorted(ks) for s, ks in sorted(found.items())}
+
+    @property
+    def weightings(self) -> list[str]:
+        """The row weightings the statistics hold."""
+        return sorted({w for _, _, w in self.moments}, key=WEIGHTINGS.index)
+
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """Write the statistics to a safetensors file, atomically (temporary name, then rename).
+
+        ``C_xx`` and ``mean_x`` are stored once per start and weighting (every K shares them).
+        An existing file is replaced only with ``overwrite`` and only when it is block
+        statistics this project wrote.
+        """
+        from safetensors.torch import save_file
+
+        from njtc_solve.core.errors import atomic_output
+        from njtc_solve.core.outputs import check_file_output
+
+        path = check_file_output(path, "`path`", [STATS_FORMAT], "a block statistics file")
+        if path.exists() and not overwrite:
+            raise NJTCError(f"{path} exists; pass `overwrite=True` to replace it")
+        tensors = {"n_rows": torch.tensor([self.n_rows], dtype=torch.int64)}
+        for (s, k, w), m in self.moments.items():
+            tensors.setdefault(f"s{s}.{w}.n", torch.tensor([m["n"]], dtype=torch.float64))
+            tensors.setdefault(f"s{s}.{w}.mean_x", m["mean_x"])
+            tensors.setdefault(f"s{s}.{w}.cxx", m["cxx"])
+            tensors[f"s{s}.k{k}.{w}.mean_t"] = m["mean_t"]
+            tensors[f"s{s}.k{k}.{w}.cxt"] = m["cxt"]
+            tensors[f"s{s}.k{k}.{w}.tr_ctt"] = torch.tensor([m["tr_ctt"]], dtype=torch.float64)
+        for (s, k), c in self.cosine.items():
+            tensors[f"s{s}.k{k}.cosine"] = torch.tensor([c["all"], c["last"], c["angular_last"]], dtype=torch.float64)
+        d = next(iter(self.moments.values()))["cxx"].shape[0]
+        info = {"format": STATS_FORMAT, "format_version": "1", "d_model": str(d),
+                "pairs": json.dumps({str(s): ks for s, ks in self.pairs.items()}),
+                "weightings": json.dumps(self.weightings), "meta": json.dumps(self.meta, default=_jsonable)}
+        with atomic_output(path) as tmp:
+            save_file({k: v.detach().double().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
+                       for k, v in tensors.items()}, tmp, metadata=info)
+        return path
+
+    @classmethod
+    def load(cls, path) -> ReplacementStatistics:
+        """Read statistics written by :meth:`save`, every tensor and metadata key checked.
+
+        A foreign file, a missing tensor or key, a shape that disagrees with ``d_model``, a
+        count that is not positive or a value that is not finite is a one-line
+        :class:`NJTCError` naming the file and the entry.
+        """
+        from njtc_solve.core.errors import read_safetensors
+        from njtc_solve.solve.stats import checked_tensor, invalid
+
+        tensors, info = read_safetensors(path, "block statistics", STATS_FORMAT)
+        if info.get("format_version") != "1":
+            raise invalid(path, f"format_version {info.get('format_version')!r} is not 1")
+        try:
+            d = int(info["d_model"])
+            pairs = {int(s): [int(k) for k in ks] for s, ks in json.loads(info["pairs"]).items()}
+            weightings = json.loads(info["weightings"])
+            meta = json.loads(info.get("meta", "{}"))
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            raise invalid(path, f"its metadata is incomplete or not JSON ({type(err).__name__}: {err})") from None
+        if d < 1 or not pairs or not isinstance(meta, dict) or not weightings or \
+                any(w not in WEIGHTINGS for w in weightings):
+            raise invalid(path, "its metadata (d_model, pairs, weightings, meta) is out of range")
+        n_rows = int(checked_tensor(path, tensors, "n_rows", (1,))[0])
+        if n_rows < 1:
+            raise invalid(path, f"n_rows = {n_rows}: it holds no rows")
+        moments, cosine = {}, {}
+        for s, ks in pairs.items():
+            for w in weightings:
+                n = float(checked_tensor(path, tensors, f"s{s}.{w}.n", (1,))[0])
+                if not n > 0:
+                    raise invalid(path, f"s{s}.{w}.n = {n:g}: it holds no rows")
+                shared = {"n": n, "mean_x": checked_tensor(path, tensors, f"s{s}.{w}.mean_x", (d,)),
+                          "cxx": checked_tensor(path, tensors, f"s{s}.{w}.cxx", (d, d))}
+                for k in ks:
+                    moments[(s, k, w)] = {**shared,
+                                          "mean_t": checked_tensor(path, tensors, f"s{s}.k{k}.{w}.mean_t", (d,)),
+                                          "cxt": checked_tensor(path, tensors, f"s{s}.k{k}.{w}.cxt", (d, d)),
+                                          "tr_ctt": float(checked_tensor(path, tensors, f"s{s}.k{k}.{w}.tr_ctt",
+                                                                         (1,))[0])}
+            for k in ks:
+                c = checked_tensor(path, tensors, f"s{s}.k{k}.cosine", (3,)).tolist()
+                cosine[(s, k)] = {"all": c[0], "last": c[1], "angular_last": c[2]}
+        return cls(moments, cosine, n_rows, {**meta, "path": str(path)})
+
+    def check_serves(self, *, model_sha256: str | None = None, model_type: str | None = None,
+                     n_blocks: int | None = None, remove: int | None = None, starts=(), weightings=(),
+                     plan: dict | None = None) -> None:
+        """Refuse statistics that cannot serve a job: another model, a missing start or K, another plan.
+
+        Each check runs only for what is given (a command checks the model's type and depth
+        and the job before the model loads, the weights' hash after). ``plan`` is the job's
+        plan settings (``seq_len``, ``max_tokens``, ``val_fraction``, ``seed``, ``bos``): they
+        must be the statistics', or held-out documents could be among their training ones.
+        """
+        where = self.meta.get("path", "the statistics")
+        for key, value in (("model_type", model_type), ("n_blocks", n_blocks), ("model_sha256", model_sha256)):
+            theirs = self.meta.get(key)
+            if value is not None and theirs != value:
+                what = "weights" if key == "model_sha256" else key.replace("_", " ")
+                raise NJTCError(f"`stats` {where} are from another model: its {what} {theirs!r} is not this "
+                                f"model's {value!r}")
+        missing = [s for s in starts if remove not in self.pairs.get(s, [])] if remove is not None else []
+        if missing:
+            held = sorted({k for ks in self.pairs.values() for k in ks})
+            raise NJTCError(f"`stats` {where} hold no statistics for `remove={remove}` at start {missing[0]} "
+                            f"(they hold K = {', '.join(map(str, held))} at starts "
+                            f"{min(self.pairs)}..{max(self.pairs)}); gather them with `stats_remove`")
+        lacking = [w for w in weightings if w not in self.weightings]
+        if lacking:
+            raise NJTCError(f"`stats` {where} hold no {lacking[0]!r} weighting (they hold "
+                            f"{', '.join(self.weightings)}); choose `weightings` among them")
+        theirs = self.meta.get("plan", {})
+        for key, value in (plan or {}).items():
+            if key in theirs and theirs[key] != value:
+                raise NJTCError(f"`stats` {where} were gathered with `{key}={theirs[key]}`, not `{key}={value}`: "
+                                "use the same plan, so that no held-out document is among their training ones")
 
 
 class ReplacementAccumulator:
@@ -359,15 +462,16 @@ def solve_replacement(stats: ReplacementStatistics, *, start: int, remove: int, 
                        intercept_name if intercept else "none", loss, drop)
 
 
-def fold_replacement(model, replacement: Replacement) -> None:
+def fold_replacement(model, replacement: Replacement, fold: FoldSpec | None = None) -> None:
     """Fold ``m ↦ m·T + c`` into block ``start - 1``'s MLP output projection, in place.
 
     ``Linear``: ``W ← Tᵀ W``, ``b ← b·T + c``; ``Conv1D`` (weight ``in × out``): ``W ← W T``.
     Products in float64, stored in the weight's dtype. Where the projection has no bias and
     the replacement has an intercept, the family's bias option (Llama's ``mlp_bias``) is
     switched on in the config and zero biases are given to every projection it covers.
+    ``fold`` is the family's checked fold (checked here when not given).
     """
-    spec = check_foldable(model.config)
+    spec = fold if fold is not None else check_foldable(model.config)
     proj = _projections(model, spec)[replacement.start - 1]
     T = replacement.T.double().cpu()
     with torch.no_grad():
@@ -421,10 +525,10 @@ def remove_blocks(model, start: int, remove: int) -> None:
             setattr(config, key, [v for i, v in enumerate(value) if not start <= i < start + remove])
 
 
-def apply_replacement(model, replacement: Replacement) -> None:
+def apply_replacement(model, replacement: Replacement, fold: FoldSpec | None = None) -> None:
     """Fold the replacement (unless it is plain dropping) and remove its blocks, in place."""
     if replacement.name != "drop":
-        fold_replacement(model, replacement)
+        fold_replacement(model, replacement, fold)
     remove_blocks(model, replacement.start, replacement.remove)
 
 

@@ -8,8 +8,15 @@ row-weighted and ridge, with or without an intercept) is then scored by running 
 blocks after the removed ones on the cached stream at the cut: held-out KL of the replaced
 model to the full one, top-1 agreement, and perplexity on the text's next tokens. Per start
 the lowest KL wins, dropping included, so a replacement worse than dropping is never chosen;
-with every start (``start=None``) the start with the lowest KL wins, and the start a
-cosine-distance rule (ReplaceMe, ShortGPT) would pick is reported beside it.
+with every start (``start=None``) the start with the lowest KL wins. When the best two starts
+are within two standard errors of each other (paired over the same sequences), both are
+rescored on further held-out sequences before one is chosen. Each start is also ranked by two
+free criteria, the cosine distance of ``h_S`` and ``h_{S+K}`` (ReplaceMe, ShortGPT) and the
+fitted map's own residual on the training rows, and how well each predicts the held-out KL
+is reported (Spearman over starts). The chosen fold can then be refined by KL
+(:mod:`njtc_solve.prune.refine`).
+
+The settings are checked once, in :class:`PruneSpec`, before any model loads.
 """
 
 from __future__ import annotations
@@ -21,19 +28,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from njtc_solve.core.architectures import _get, resolve_parts
-from njtc_solve.data.capture import forward_batches
+from njtc_solve.core.architectures import FoldSpec, resolve_parts
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.data.plan import plan_extraction
-from njtc_solve.prune.folding import (WEIGHTINGS, Replacement, ReplacementAccumulator, apply_replacement, capture_mlp_outputs,
-                      check_foldable, check_removal, save_pruned, solve_replacement)
 from njtc_solve.data.store import TRAIN, VALIDATION
+from njtc_solve.prune.folding import (WEIGHTINGS, Replacement, ReplacementStatistics, apply_replacement,
+                                     check_foldable, check_output_folder, check_removal, save_pruned,
+                                     solve_replacement)
+from njtc_solve.prune.refine import RefineSpec, refine_fold
+from njtc_solve.prune.scoring import HeldOut, collect_held_out, replacement_statistics, score_replacement
 
-__all__ = ["HeldOut", "PruneResult", "candidate_replacements", "choose_replacement", "collect_held_out", "model_blocks", "prune_model", "replacement_statistics",
-           "replaced_stream", "score_replacement", "tail_logits"]
+__all__ = ["PruneResult", "PruneSpec", "candidate_replacements", "choose_replacement", "model_blocks", "paired_se",
+           "prune_model", "spearman"]
 
 
 def model_blocks(name: str | None) -> tuple[str, int, object]:
@@ -44,7 +52,8 @@ def model_blocks(name: str | None) -> tuple[str, int, object]:
     """
     from pathlib import Path
 
-    from njtc_solve.core.models import _GGUF_MODEL_TYPES, default_model_path, gguf_reader
+    from njtc_solve.core.architectures import GGUF_MODEL_TYPES
+    from njtc_solve.core.models import default_model_path, gguf_reader
 
     path = default_model_path() if name in (None, "default") else Path(name)
     if path.suffix == ".gguf":
@@ -56,7 +65,7 @@ def model_blocks(name: str | None) -> tuple[str, int, object]:
         count = reader.fields.get(f"{arch}.block_count")
         if count is None:
             raise NJTCError(f"{path} does not say its block count")
-        return _GGUF_MODEL_TYPES.get(arch, arch), int(count.parts[count.data[0]][0]), None
+        return GGUF_MODEL_TYPES.get(arch, arch), int(count.parts[count.data[0]][0]), None
     from transformers import AutoConfig
 
     try:
@@ -67,149 +76,151 @@ def model_blocks(name: str | None) -> tuple[str, int, object]:
     return config.model_type, int(config.num_hidden_layers), config
 
 
-@dataclass
-class HeldOut:
-    """The full model on held-out sequences, cached for scoring many replacements.
+@dataclass(frozen=True)
+class PruneSpec:
+    """The settings of one prune job, validated once (:meth:`check`) before any model loads.
 
-    ``token_ids`` (n_seq, seq); ``hidden[l]`` layer ``l``'s stream and ``mlp[i]`` block
-    ``i``'s MLP output, ``(n_seq, seq, d)`` float32 on the CPU; ``logp`` the full model's
-    log-probabilities ``(n_seq, seq, V)`` float32.
+    :func:`prune_model` and :meth:`PruneResult.save` take it as it is: foldability, the
+    removal against the block count, the candidates' settings and where an intercept can go
+    are decided here and nowhere else.
+
+    Attributes
+    ----------
+    model_type : str
+        The family, as the configuration names it.
+    n_blocks : int
+        Blocks of the full model.
+    fold : FoldSpec
+        Where the family's MLP output projection is (:func:`~njtc_solve.prune.folding.check_foldable`).
+    remove, start : int, int or None
+        Blocks removed, and the first removed (``None``: every start is scored).
+    weightings, ridge, intercepts : tuple
+        The least-squares candidates: row weightings, relative ridge penalties, and where an
+        intercept goes (``"none"``, ``"bias"`` or the config's option, e.g. ``"mlp_bias"``).
+    intercept : {"auto", "none", "bias"}
+        What was asked for ``intercepts``.
+    score_tokens, rescore_tokens : int
+        Held-out tokens every candidate is scored on, and the further tokens the best two
+        starts are rescored on when their difference is within two standard errors (0: never).
+    val_fraction : float
+        The plan's held-out fraction (above 0: candidates are scored on held-out documents).
+    refine : RefineSpec, optional
+        KL refinement of the chosen fold (:mod:`njtc_solve.prune.refine`); ``None``: none.
     """
 
-    token_ids: torch.Tensor
-    hidden: list[torch.Tensor]
-    mlp: list[torch.Tensor]
-    logp: torch.Tensor
+    model_type: str
+    n_blocks: int
+    fold: FoldSpec
+    remove: int
+    start: int | None = None
+    weightings: tuple = WEIGHTINGS
+    ridge: tuple = ()
+    intercept: str = "auto"
+    intercepts: tuple = ("none",)
+    score_tokens: int = 2048
+    rescore_tokens: int = 4096
+    val_fraction: float = 0.25
+    refine: RefineSpec | None = None
 
     @property
-    def n_rows(self) -> int:
-        return self.token_ids.numel()
+    def starts(self) -> list[int]:
+        """Every start the job scores."""
+        return [self.start] if self.start is not None else list(range(1, self.n_blocks - self.remove + 1))
 
-    def full_metrics(self) -> dict:
-        """Perplexity of the full model itself on the held-out next tokens."""
-        nll = -self.logp[:, :-1].gather(-1, self.token_ids[:, 1:, None].to(self.logp.device))[..., 0]
-        return {"kl": 0.0, "top1": 1.0, "ppl": math.exp(float(nll.double().mean())), "nll": float(nll.double().mean())}
+    @classmethod
+    def check(cls, config, n_blocks: int | None = None, *, remove: int, start: int | None = None,
+              weightings=WEIGHTINGS, ridge=(), intercept: str = "auto", score_tokens: int = 2048,
+              rescore_tokens: int = 4096, val_fraction: float = 0.25, refine=None) -> PruneSpec:
+        """Validate a job against the model's configuration alone (no weights needed).
 
+        Parameters
+        ----------
+        config : transformers.PretrainedConfig or object with ``model_type``
+            The model's configuration (a GGUF file's metadata gives only the type).
+        n_blocks : int, optional
+            Blocks of the model (default: ``config.num_hidden_layers``).
+        remove, start, weightings, ridge, intercept, score_tokens, rescore_tokens, val_fraction
+            As :func:`prune_model`.
+        refine : RefineSpec or "kl", optional
+            Refinement of the chosen fold; ``"kl"`` is :class:`RefineSpec`'s defaults (a
+            :class:`RefineSpec` is checked where it is made, :meth:`RefineSpec.check`).
 
-def _batch_states(batch, mlp: dict, seq_len: int):
-    """A captured batch as ``(hidden, mlp)`` lists of (batch, seq, d) tensors."""
-    shape = (-1, seq_len, batch.hidden[0].shape[-1])
-    return [h.reshape(shape) for h in batch.hidden], [mlp[i].reshape(shape) for i in range(len(mlp))]
+        Raises
+        ------
+        NJTCError
+            One line naming the parameter: a family that cannot fold, a removal that does not
+            fit, an unknown weighting, a ridge penalty that is not a positive number, ...
+        """
+        fold = check_foldable(config)
+        if isinstance(refine, str):
+            refine = RefineSpec.check(refine)
+        elif refine is not None and not isinstance(refine, RefineSpec):
+            raise NJTCError(f"`refine` must be 'kl' or a RefineSpec, not {refine!r}")
+        n_blocks = int(config.num_hidden_layers if n_blocks is None else n_blocks)
+        check_removal(n_blocks, remove, start)
+        weightings = tuple(weightings)
+        if not weightings or any(w not in WEIGHTINGS for w in weightings):
+            raise NJTCError(f"`weightings` must be among {', '.join(WEIGHTINGS)}, not {list(weightings)!r}")
+        if intercept not in ("auto", "none", "bias"):
+            raise NJTCError(f"`intercept` must be auto, none or bias, not {intercept!r}")
+        try:
+            ridge = tuple(float(a) for a in ridge)
+        except (TypeError, ValueError):
+            raise NJTCError(f"`ridge` penalties must be positive numbers, not {ridge!r}") from None
+        if any(not (a > 0 and math.isfinite(a)) for a in ridge):
+            raise NJTCError(f"`ridge` penalties must be positive numbers, not {list(ridge)!r}")
+        if not score_tokens >= 1:
+            raise NJTCError(f"`score_tokens` must be positive, not {score_tokens}")
+        if not rescore_tokens >= 0:
+            raise NJTCError(f"`rescore_tokens` must be 0 or more, not {rescore_tokens}")
+        if not val_fraction > 0:
+            raise NJTCError("`val_fraction` must be above 0: candidates are scored on held-out documents")
+        kind = config.model_type
+        has_bias = fold.has_bias or bool(fold.bias_option and getattr(config, fold.bias_option, False))
+        if intercept == "none":
+            intercepts = ("none",)
+        elif has_bias:
+            intercepts = ("bias",)
+        elif intercept == "bias" and fold.bias_option is None:
+            raise NJTCError(f"`intercept` bias: {kind}'s MLP output projection has no bias and its config no option "
+                            "for one; use `intercept` none or auto")
+        else:
+            options = (fold.bias_option,) if fold.bias_option else ()
+            intercepts = options if intercept == "bias" else ("none",) + options
+        return cls(kind, n_blocks, fold, int(remove), None if start is None else int(start), weightings, ridge,
+                   intercept, intercepts, int(score_tokens), int(rescore_tokens), float(val_fraction), refine)
 
+    def check_model(self, model) -> None:
+        """Refuse a model that is not the one this job was checked against (another family or depth)."""
+        n = len(resolve_parts(model)[1])
+        kind = getattr(model.config, "model_type", None)
+        if kind != self.model_type or n != self.n_blocks:
+            raise NJTCError(f"the prune settings were checked for a {self.model_type} model of {self.n_blocks} "
+                            f"blocks, not this {kind} model of {n}")
 
-def replacement_statistics(model, plan, pairs: dict, *, weightings=WEIGHTINGS, batch_size: int = 8,
-                           device="cpu", bar=None, extra=None):
-    """One forward pass over ``plan``'s sequences (every position): the statistics of every ``start → [K]``.
-
-    ``bar`` (a tqdm bar) advances by the tokens of each batch; ``extra(hidden, mlp)``, when
-    given, also sees every batch (a benchmark's own accumulator).
-    """
-    acc = ReplacementAccumulator(pairs, weightings=weightings, device=device)
-    with capture_mlp_outputs(model) as mlp:
-        for batch in forward_batches(model, plan, batch_size):
-            states = _batch_states(batch, mlp, plan.seq_len)
-            acc.update(*states)
-            if extra is not None:
-                extra(*states)
-            if bar is not None:
-                bar.update(batch.tokens.numel())
-    return acc.finalize({"rows": plan.n_rows})
-
-
-def collect_held_out(model, plan, *, batch_size: int = 8) -> HeldOut:
-    """Run the full model over ``plan``'s sequences and cache what scoring needs (see :class:`HeldOut`)."""
-    hidden, mlps, logps = None, None, []
-    with capture_mlp_outputs(model) as mlp:
-        for batch in forward_batches(model, plan, batch_size):
-            h, m = _batch_states(batch, mlp, plan.seq_len)
-            if hidden is None:
-                hidden, mlps = [[] for _ in h], [[] for _ in m]
-            for store, new in ((hidden, h), (mlps, m)):
-                for i, t in enumerate(new):
-                    store[i].append(t.detach().float().cpu().clone())
-            logps.append(torch.log_softmax(batch.logits.float(), -1).reshape(h[0].shape[0], plan.seq_len, -1).cpu())
-    return HeldOut(torch.as_tensor(plan.token_ids), [torch.cat(t) for t in hidden], [torch.cat(t) for t in mlps],
-                   torch.cat(logps))
-
-
-def tail_logits(model, token_ids: torch.Tensor, stream: torch.Tensor, *, first_block: int) -> torch.Tensor:
-    """The model's logits when ``stream`` enters block ``first_block`` and only the blocks after it run.
-
-    Blocks before ``first_block`` are taken out of the model for the call (their output is
-    replaced by ``stream``, shape ``(batch, seq, d)``); with ``first_block`` past the last
-    block ``stream`` goes straight to the final norm. Positions, masks and the head are the
-    model's own.
-    """
-    spec, blocks, final_norm, _ = resolve_parts(model)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    stream = stream.to(device, dtype)
-    tail = nn.ModuleList(list(blocks)[first_block:])
-    entry = tail[0] if len(tail) else final_norm
-
-    def replace_input(module, args, kwargs):
-        if args:
-            return (stream,) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": stream}
-
-    parent_path, _, name = spec.blocks.rpartition(".")
-    parent = _get(model, parent_path) if parent_path else model
-    handle = entry.register_forward_pre_hook(replace_input, with_kwargs=True)
-    parent._modules[name] = tail
-    try:
-        with torch.no_grad():
-            return model(input_ids=token_ids.to(device), use_cache=False).logits
-    finally:
-        parent._modules[name] = blocks
-        handle.remove()
-
-
-def replaced_stream(held: HeldOut, replacement: Replacement, seqs: slice) -> torch.Tensor:
-    """``h_S + m_{S-1}(T - I) + c``: the stream block ``S-1`` writes once the map is folded in."""
-    s = replacement.start
-    h = held.hidden[s][seqs]
-    if replacement.name == "drop":
-        return h
-    m = held.mlp[s - 1][seqs].double()
-    eye = torch.eye(m.shape[-1], dtype=torch.float64)
-    out = h.double() + m @ (replacement.T.double().cpu() - eye)
-    if replacement.c is not None:
-        out = out + replacement.c.double().cpu()
-    return out.float()
-
-
-def score_replacement(model, held: HeldOut, replacement: Replacement, *, chunk_sequences: int = 4) -> dict:
-    """Held-out KL(full ‖ replaced) and top-1 agreement over every position, and perplexity.
-
-    Perplexity is ``exp`` of the mean negative log-likelihood of the text's next token
-    (positions ``0..seq-2``). Only the blocks after the removed ones run.
-    """
-    kl = agree = nll = 0.0
-    n_rows = n_next = 0
-    first = replacement.start + replacement.remove
-    for s0 in range(0, len(held.token_ids), chunk_sequences):
-        seqs = slice(s0, s0 + chunk_sequences)
-        ids = held.token_ids[seqs]
-        logq = torch.log_softmax(tail_logits(model, ids, replaced_stream(held, replacement, seqs), first_block=first).float(),
-                                 -1).cpu()
-        logp = held.logp[seqs]
-        kl += float(torch.einsum("bsv,bsv->", logp.exp(), logp - logq))
-        agree += float((logq.argmax(-1) == logp.argmax(-1)).sum())
-        nll -= float(logq[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].double().sum())
-        n_rows += ids.numel()
-        n_next += ids[:, 1:].numel()
-    return {"kl": kl / n_rows, "top1": agree / n_rows, "ppl": math.exp(nll / n_next), "nll": nll / n_next}
+    def describe(self) -> dict:
+        """The settings, for ``njtc_prune.json``."""
+        return {"remove": self.remove, "selection": "auto" if self.start is None else "start",
+                "weightings": list(self.weightings), "ridge": list(self.ridge), "intercepts": list(self.intercepts),
+                "score_tokens": self.score_tokens, "rescore_tokens": self.rescore_tokens,
+                "refine_settings": None if self.refine is None else self.refine.describe()}
 
 
 @dataclass
 class PruneResult:
     """What :func:`prune_model` chose and why.
 
-    ``chosen`` the replacement to apply; ``candidates`` every scored candidate (start,
-    name, held-out ``kl``, ``top1``, ``ppl``, training losses); ``full`` the full model's
-    held-out perplexity; ``cosine`` per start the mean cosine similarity of ``h_S`` and
-    ``h_{S+K}`` (every row, last positions) and ``cosine_choice`` the start each picks;
-    ``record`` the provenance written to ``njtc_prune.json``; ``timings`` in seconds.
+    ``chosen`` the replacement to apply (the refined fold where refinement improved it);
+    ``candidates`` every scored candidate (start, name, held-out ``kl`` with its standard
+    error ``kl_se``, ``top1``, ``ppl``, training losses; a refined fold is one more);
+    ``full`` the full model's held-out perplexity; ``cosine`` per start the mean cosine
+    similarity of ``h_S`` and ``h_{S+K}`` (every row, last positions) and ``cosine_choice``
+    the start each picks; ``ranking`` per start the criteria and how well each predicts the
+    held-out KL, with any rescoring of the best two starts; ``refine`` the refinement's
+    summary (:meth:`RefineResult.describe`) or ``None``; ``stats`` the block statistics
+    (:meth:`~njtc_solve.prune.folding.ReplacementStatistics.save` writes them for another
+    run); ``spec`` the settings; ``record`` the provenance written to ``njtc_prune.json``;
+    ``timings`` in seconds.
     """
 
     chosen: Replacement
@@ -219,6 +230,10 @@ class PruneResult:
     cosine_choice: dict
     record: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    ranking: dict = field(default_factory=dict)
+    refine: dict | None = None
+    stats: ReplacementStatistics | None = None
+    spec: PruneSpec | None = None
 
     def best(self, start: int, fitted_only: bool = False) -> dict:
         """The best-scoring candidate at ``start`` (among the fitted maps only, with ``fitted_only``)."""
@@ -229,40 +244,29 @@ class PruneResult:
              model_sha256: str | None = None, overwrite: bool = False) -> tuple[Path, dict]:
         """Apply the chosen replacement to ``model`` (in place) and write the smaller checkpoint.
 
-        ``out`` becomes a standard checkpoint folder (see :func:`njtc_solve.prune.folding.save_pruned`)
-        with ``njtc_prune.json``: the choice, every candidate's held-out scores, the plan, the
-        parameter counts before and after, and the provenance given here (``model_sha256`` of
-        the full model's weights, hashed now when not given). Returns the folder and that record.
+        ``out`` is checked first: a folder that cannot be written or replaced is refused
+        before ``model`` is touched. It becomes a standard checkpoint folder (see
+        :func:`njtc_solve.prune.folding.save_pruned`) with ``njtc_prune.json``: the choice,
+        every candidate's held-out scores, the plan, the parameter counts before and after,
+        and the provenance given here (``model_sha256`` of the full model's weights, hashed
+        now when not given). Returns the folder and that record.
         """
         from njtc_solve.core.models import model_sha256 as weights_sha256
 
+        check_output_folder(out, overwrite=overwrite)  # before the model changes
         chosen = self.chosen
         sha = model_sha256 or weights_sha256(model)
         before = sum(p.numel() for p in model.parameters())
-        apply_replacement(model, chosen)
+        apply_replacement(model, chosen, None if self.spec is None else self.spec.fold)
         params = {"before": before, "after": sum(p.numel() for p in model.parameters())}  # mlp_bias adds some
         record = {"parameters": params, "format": "njtc-prune", "format_version": 1, "model": model_name,
                   "model_sha256": sha, "architecture": model.config.model_type, "corpus": corpus_name,
                   "start": chosen.start, "removed_blocks": [chosen.start, chosen.start + chosen.remove - 1],
                   "method": chosen.name, "replacement": chosen.describe(), "full_model": self.full,
                   "cosine_choice": self.cosine_choice, "cosine": {str(s): v for s, v in self.cosine.items()},
+                  "ranking": self.ranking, "refine": self.refine,
                   "candidates": self.candidates, "timings_s": self.timings, **self.record}
         return save_pruned(model, tokenizer, out, record=record, overwrite=overwrite), record
-
-
-def _intercepts(model, spec, intercept: str) -> list[str]:
-    """Where an intercept can go: ``"none"``, ``"bias"`` (the projection's own) or the config's option."""
-    proj = _get(resolve_parts(model)[1][0], spec.projection)
-    has_bias = getattr(proj, "bias", None) is not None
-    if intercept == "none":
-        return ["none"]
-    if has_bias:
-        return ["bias"]
-    if intercept == "bias" and spec.bias_option is None:
-        raise NJTCError(f"intercept='bias': {model.config.model_type}'s MLP output projection has no bias and its "
-                        "config no option for one")
-    options = [spec.bias_option] if spec.bias_option else []
-    return options if intercept == "bias" else ["none"] + options
 
 
 def candidate_replacements(stats, *, remove: int, starts, weightings=WEIGHTINGS, ridge=(),
@@ -281,24 +285,98 @@ def candidate_replacements(stats, *, remove: int, starts, weightings=WEIGHTINGS,
 
 
 def choose_replacement(model, stats, held: HeldOut, *, remove: int, starts, weightings=WEIGHTINGS, ridge=(),
-                       intercepts=("none",), progress: bool = False) -> tuple[Replacement, list[dict]]:
+                       intercepts=("none",), progress: bool = False) -> tuple[Replacement, list[dict], list]:
     """Solve and score every candidate; the one with the lowest held-out KL wins (dropping included).
 
-    Returns the chosen :class:`~njtc_solve.prune.folding.Replacement` and every candidate's record
-    (its settings and :func:`score_replacement`'s metrics).
+    Returns the chosen :class:`~njtc_solve.prune.folding.Replacement`, every candidate's record
+    (its settings and :func:`~njtc_solve.prune.scoring.score_replacement`'s metrics) and the
+    candidates themselves, in the same order.
     """
     maps = candidate_replacements(stats, remove=remove, starts=starts, weightings=weightings, ridge=ridge,
                                   intercepts=intercepts)
     candidates = [{**rep.describe(), **score_replacement(model, held, rep)}
                   for rep in tqdm(maps, desc="prune: score", leave=False, disable=not progress)]
     best = min(range(len(maps)), key=lambda i: candidates[i]["kl"])
-    return maps[best], candidates
+    return maps[best], candidates, maps
 
 
-def prune_model(model, tokenizer, documents, *, remove: int, start: int | None = None,
+def paired_se(a, b) -> float:
+    """Standard error of ``mean(a) - mean(b)`` from paired per-sequence values (``nan`` below 2 pairs)."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two equal-length sequences (average ranks for ties; ``nan``
+    below 3 values or for a constant one)."""
+    from scipy.stats import rankdata
+
+    if len(a) < 3:
+        return math.nan
+    ra, rb = rankdata(a), rankdata(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _residual(stats: ReplacementStatistics, candidates: list[dict], start: int) -> float:
+    """The fitted maps' own mean squared residual per training row at ``start`` (the lowest of the
+    row-weighted fits where there are any, in units of mean(h_S²)): free from the statistics."""
+    fitted = [c for c in candidates if c["start"] == start and c["name"] != "drop" and c["train_loss"] is not None]
+    if not fitted:
+        return math.nan
+    rms = [c for c in fitted if c["weighting"] == "rms"] or fitted
+    return min(c["train_loss"] for c in rms) / stats.n_rows
+
+
+def _rank_starts(model, spec: PruneSpec, stats, held, candidates, maps, rescore_plan, batch_size):
+    """The best candidate per start, rescored on more tokens when the best two are within noise.
+
+    Returns ``(chosen index into maps, ranking record)``; the ranking holds each start's
+    criteria (held-out KL and its standard error, cosine distances, the map's residual), any
+    rescoring, and Spearman's correlation of each free criterion with the held-out KL.
+    """
+    starts = spec.starts
+    best = {s: min((i for i, c in enumerate(candidates) if c["start"] == s), key=lambda i: candidates[i]["kl"])
+            for s in starts}
+    kl = {s: candidates[best[s]]["kl"] for s in starts}
+    rescore = None
+    order = sorted(starts, key=lambda s: kl[s])
+    if len(order) >= 2:
+        a, b = order[:2]
+        se = paired_se(candidates[best[a]]["kl_per_sequence"], candidates[best[b]]["kl_per_sequence"])
+        gap = kl[b] - kl[a]
+        rescore = {"starts": [a, b], "gap": gap, "gap_se": se, "within_noise": bool(not gap > 2 * se)}
+        if rescore["within_noise"] and rescore_plan is not None:
+            more = collect_held_out(model, rescore_plan, batch_size=batch_size, starts=[a, b], fold=spec.fold)
+            n0, n1 = held.n_rows, more.n_rows
+            for s in (a, b):
+                extra = score_replacement(model, more, maps[best[s]])
+                rescore[f"kl_more_{s}"] = extra["kl"]
+                kl[s] = (kl[s] * n0 + extra["kl"] * n1) / (n0 + n1)
+            rescore.update({"tokens": n1, "kl_combined": {str(s): kl[s] for s in (a, b)}})
+            order = sorted(starts, key=lambda s: kl[s])
+    chosen_start = order[0]
+    per_start = {str(s): {"kl": kl[s], "kl_se": candidates[best[s]]["kl_se"], "method": candidates[best[s]]["name"],
+                          "angular_last": stats.cosine[(s, spec.remove)]["angular_last"],
+                          "cosine_distance": 1 - stats.cosine[(s, spec.remove)]["all"],
+                          "residual": _residual(stats, candidates, s)} for s in starts}
+    kls = [kl[s] for s in starts]
+    predicts = {name: spearman([per_start[str(s)][name] for s in starts], kls)
+                for name in ("angular_last", "cosine_distance", "residual")}
+    ranking = {"per_start": per_start, "rescore": rescore, "spearman_with_held_out_kl": predicts,
+               "choice_by": {name: min(starts, key=lambda s, n=name: (per_start[str(s)][n], s))
+                             for name in ("kl", "angular_last", "cosine_distance", "residual")}}
+    ranking["choice_by"]["kl"] = chosen_start
+    return best[chosen_start], ranking
+
+
+def prune_model(model, tokenizer, documents, *, remove: int | None = None, start: int | None = None,
                 weightings=WEIGHTINGS, ridge=(), intercept: str = "auto", seq_len: int = 128,
                 max_tokens: int | None = None, val_fraction: float = 0.25, seed: int = 0, bos: str = "auto",
-                batch_size: int = 8, score_tokens: int = 2048, progress: bool = True) -> PruneResult:
+                batch_size: int = 8, score_tokens: int = 2048, rescore_tokens: int = 4096, refine=None,
+                spec: PruneSpec | None = None, stats: ReplacementStatistics | None = None, stats_remove=(),
+                model_sha256: str | None = None, progress: bool = True) -> PruneResult:
     """Fit, score and choose the replacement of ``remove`` consecutive blocks; the model is not changed.
 
     Parameters
@@ -324,6 +402,27 @@ def prune_model(model, tokenizer, documents, *, remove: int, start: int | None =
         The corpus plan (:func:`njtc_solve.data.plan.plan_extraction`, every position).
     score_tokens : int
         Held-out tokens the candidates are scored on.
+    rescore_tokens : int
+        Further held-out tokens the best two starts are rescored on when they are within two
+        standard errors of each other (0: never).
+    refine : {"kl"} or RefineSpec, optional
+        Refine the chosen fold by KL (:func:`njtc_solve.prune.refine.refine_fold`), with
+        early stopping on the scoring tokens; the refined map is kept only if its held-out KL
+        is below the closed-form one's.
+    spec : PruneSpec, optional
+        The job's settings already checked (:meth:`PruneSpec.check`); replaces ``remove``,
+        ``start``, ``weightings``, ``ridge``, ``intercept``, ``score_tokens``,
+        ``rescore_tokens``, ``val_fraction`` and ``refine``.
+    stats : ReplacementStatistics, optional
+        Block statistics of an earlier run (:meth:`ReplacementStatistics.load`): no pass over
+        the training documents. They must come from this model and plan and hold every start's
+        ``remove``.
+    stats_remove : sequence of int
+        Numbers of removed blocks to gather statistics for besides ``remove``, at every start
+        (for saving them, :meth:`ReplacementStatistics.save`, and solving another start or K
+        later without a forward pass); empty: only the starts this job scores.
+    model_sha256 : str, optional
+        The hash of ``model``'s weights where the caller has it (checked against ``stats``).
     progress : bool
         Show progress bars.
 
@@ -344,65 +443,91 @@ def prune_model(model, tokenizer, documents, *, remove: int, start: int | None =
     >>> record["n_blocks_before"] - record["n_blocks_after"], (out / "njtc_prune.json").is_file()
     (1, True)
     """
-    spec = check_foldable(model.config)
-    _, blocks, _, _ = resolve_parts(model)
-    n_blocks = len(blocks)
-    check_removal(n_blocks, remove, start)
-    ridge = _check_prune_settings(intercept=intercept, ridge=ridge, score_tokens=score_tokens,
-                                  val_fraction=val_fraction)
-    intercepts = _intercepts(model, spec, intercept)
-    starts = [start] if start is not None else list(range(1, n_blocks - remove + 1))
+    if spec is None:
+        if remove is None:
+            raise NJTCError("`remove` is required (or a checked `spec`)")
+        spec = PruneSpec.check(model.config, len(resolve_parts(model)[1]), remove=remove, start=start,
+                               weightings=weightings, ridge=ridge, intercept=intercept, score_tokens=score_tokens,
+                               rescore_tokens=rescore_tokens, val_fraction=val_fraction, refine=refine)
+    elif remove is not None or start is not None or refine is not None:
+        raise NJTCError("pass the job's settings in `spec` or as arguments, not both")
+    spec.check_model(model)
+    starts = spec.starts
+    plan_record = {"seq_len": seq_len, "max_tokens": max_tokens, "val_fraction": spec.val_fraction, "seed": seed,
+                   "bos": bos}
+    stats_ks = sorted({spec.remove, *(int(k) for k in stats_remove)})
+    for k in stats_ks:
+        check_removal(spec.n_blocks, k)
     timings = {}
     t0 = time.perf_counter()
-    plan = plan_extraction(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens, val_fraction=val_fraction,
-                           seed=seed, bos=bos)
-    train_plan, score_plan = _train_and_score_plans(plan, score_tokens)
+    plan = plan_extraction(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens,
+                           val_fraction=spec.val_fraction, seed=seed, bos=bos)
+    train_plan, score_plan, rescore_plan = _plans(plan, spec.score_tokens, spec.rescore_tokens)
+    device = next(model.parameters()).device
+    if stats is not None:
+        from njtc_solve.core.models import model_sha256 as weights_sha256
 
-    with tqdm(total=train_plan.n_rows + score_plan.n_rows, unit="tok", unit_scale=True, desc="prune: pass",
-              leave=False, disable=not progress) as bar:
-        stats = replacement_statistics(model, train_plan, {s: [remove] for s in starts}, weightings=weightings,
-                                       batch_size=batch_size, device=next(model.parameters()).device, bar=bar)
+        stats.check_serves(model_sha256=model_sha256 or weights_sha256(model), model_type=spec.model_type,
+                           n_blocks=spec.n_blocks, remove=spec.remove, starts=starts, weightings=spec.weightings,
+                           plan=plan_record)
+    with tqdm(total=(0 if stats is not None else train_plan.n_rows) + score_plan.n_rows, unit="tok",
+              unit_scale=True, desc="prune: pass", leave=False, disable=not progress) as bar:
+        if stats is None:
+            pairs = {s: [k for k in stats_ks if s + k <= spec.n_blocks] for s in range(1, spec.n_blocks)}
+            pairs = {s: ks for s, ks in pairs.items() if ks and (s in starts or stats_remove)}
+            from njtc_solve.core.models import model_sha256 as weights_sha256
+
+            meta = {"model_sha256": model_sha256 or weights_sha256(model), "model_type": spec.model_type,
+                    "n_blocks": spec.n_blocks, "plan": plan_record}
+            stats = replacement_statistics(model, train_plan, pairs, weightings=spec.weightings,
+                                           batch_size=batch_size, device=device, bar=bar, fold=spec.fold, meta=meta)
         timings["train_pass_s"] = time.perf_counter() - t0
-        held = collect_held_out(model, score_plan, batch_size=batch_size)
-        bar.update(score_plan.n_rows)
+        held = collect_held_out(model, score_plan, batch_size=batch_size, starts=starts, fold=spec.fold, bar=bar)
     timings["pass_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    chosen, candidates = choose_replacement(model, stats, held, remove=remove, starts=starts, weightings=weightings,
-                                            ridge=ridge, intercepts=intercepts, progress=progress)
+    _, candidates, maps = choose_replacement(model, stats, held, remove=spec.remove, starts=starts,
+                                             weightings=spec.weightings, ridge=spec.ridge,
+                                             intercepts=spec.intercepts, progress=progress)
+    chosen_i, ranking = _rank_starts(model, spec, stats, held, candidates, maps, rescore_plan, batch_size)
+    chosen = maps[chosen_i]
     timings["solve_and_score_s"] = time.perf_counter() - t1
-    cosine = {s: stats.cosine[(s, remove)] for s in starts}
+    refined = None
+    if spec.refine is not None:
+        t2 = time.perf_counter()
+        n_seq = min(len(train_plan.token_ids), max(1, -(-spec.refine.train_tokens // plan.seq_len)))
+        train_cache = collect_held_out(model, train_plan.sequences(slice(0, n_seq)), batch_size=batch_size,
+                                       starts=[chosen.start], fold=spec.fold, logp_dtype=torch.float16)
+        result = refine_fold(model, chosen, train_cache, held, spec.refine, progress=progress)
+        del train_cache
+        refined = {**result.describe(), "train_tokens": n_seq * plan.seq_len, "from": chosen.name,
+                   "total_seconds": time.perf_counter() - t2}
+        if result.improved:
+            chosen = result.replacement
+            candidates.append({**chosen.describe(), **result.best})
+        timings["refine_s"] = time.perf_counter() - t2
+    cosine = {s: stats.cosine[(s, spec.remove)] for s in starts}
     cosine_choice = {"all": max(starts, key=lambda s: cosine[s]["all"]),
                      "angular_last": min(starts, key=lambda s: cosine[s]["angular_last"])}
     timings["total_s"] = time.perf_counter() - t0
-    record = {"remove": remove, "selection": "auto" if start is None else "start", "n_blocks_before": n_blocks,
-              "n_blocks_after": n_blocks - remove, "weightings": list(weightings), "ridge": ridge,
-              "intercepts": intercepts,
-              "plan": {"seq_len": seq_len, "max_tokens": max_tokens, "val_fraction": val_fraction, "seed": seed,
-                       "bos": plan.bos, "train_rows": stats.n_rows, "score_rows": held.n_rows,
+    record = {**spec.describe(), "n_blocks_before": spec.n_blocks, "n_blocks_after": spec.n_blocks - spec.remove,
+              "plan": {**plan_record, "bos": plan.bos, "train_rows": stats.n_rows, "score_rows": held.n_rows,
                        "positions": "all (position 0 included)",
                        "validation_documents": plan.validation_documents.tolist()}}
-    return PruneResult(chosen, candidates, held.full_metrics(), cosine, cosine_choice, record, timings)
+    return PruneResult(chosen, candidates, held.full_metrics(), cosine, cosine_choice, record, timings, ranking,
+                       refined, stats, spec)
 
 
-def _check_prune_settings(*, intercept: str, ridge, score_tokens: int, val_fraction: float) -> list[float]:
-    """Refuse settings of :func:`prune_model` that cannot work; the ridge penalties as floats."""
-    if intercept not in ("auto", "none", "bias"):
-        raise NJTCError(f"`intercept` must be auto, none or bias, not {intercept!r}")
-    ridge = [float(a) for a in ridge]
-    if any(not (a > 0 and math.isfinite(a)) for a in ridge):
-        raise NJTCError(f"`ridge` penalties must be positive numbers, not {ridge!r}")
-    if score_tokens < 1:
-        raise NJTCError(f"`score_tokens` must be positive, not {score_tokens}")
-    if val_fraction <= 0:
-        raise NJTCError("`val_fraction` must be above 0: candidates are scored on held-out documents")
-    return ridge
-
-
-def _train_and_score_plans(plan, score_tokens: int):
-    """The plan's training sequences, and its first validation sequences holding ``score_tokens`` tokens."""
+def _plans(plan, score_tokens: int, rescore_tokens: int):
+    """The plan's training sequences, its first validation sequences holding ``score_tokens`` tokens,
+    and the next ones holding ``rescore_tokens`` (``None`` when there are none)."""
     train = np.flatnonzero(plan.split == TRAIN)
     val = np.flatnonzero(plan.split == VALIDATION)
+    if len(train) == 0 or len(val) == 0:
+        raise NJTCError("the plan has no training or no held-out sequences; raise `max_tokens` or change "
+                        "`val_fraction`")
     n_score = min(len(val), max(1, -(-score_tokens // plan.seq_len)))
-    return (plan.sequences(slice(int(train[0]), int(train[-1]) + 1)),
-            plan.sequences(slice(int(val[0]), int(val[0]) + n_score)))
+    n_more = min(len(val) - n_score, -(-rescore_tokens // plan.seq_len))
+    v0 = int(val[0])
+    more = plan.sequences(slice(v0 + n_score, v0 + n_score + n_more)) if n_more > 0 else None
+    return (plan.sequences(slice(int(train[0]), int(train[-1]) + 1)), plan.sequences(slice(v0, v0 + n_score)), more)

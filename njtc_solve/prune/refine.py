@@ -1,0 +1,235 @@
+"""KL refinement of a folded block replacement: train only the map, through the frozen rest of the model.
+
+The closed-form fold (:func:`~njtc_solve.prune.folding.solve_replacement`) is exact for the
+squared error of the stream; what matters is the pruned model's next-token distribution.
+:func:`refine_fold` starts from the chosen fold ``m ↦ m·T + c`` on block ``S-1``'s MLP
+output and minimises ``KL(p_full ‖ p_pruned)`` on training sequences by Adam, over ``T``
+(and ``c`` where the fold has an intercept) only: the stream entering block ``S+K`` is
+``h_S + m(T - I) + c`` from the full model's cached states, and the gradient flows through
+the pruned model's remaining blocks and head, which stay frozen (:func:`tail_logits`).
+The loss is :func:`njtc_solve.core.metrics.kl_divergence`, the function scoring reports.
+
+Every ``check_every`` steps the held-out KL of the map as it stands is measured with
+:func:`~njtc_solve.prune.scoring.score_replacement` (the figure that chose the fold); the
+best map so far is kept and the run stops after ``patience`` checks without a new best. A
+refined map is returned only if its held-out KL is below the start's: otherwise the start
+comes back unchanged (``improved=False``), so refinement never writes a worse map.
+
+Imports :mod:`njtc_solve.prune.scoring`, :mod:`njtc_solve.prune.folding` and :mod:`njtc_solve.core`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.metrics import Reference, kl_divergence
+from njtc_solve.prune.folding import Replacement
+from njtc_solve.prune.scoring import HeldOut, score_replacement, tail_logits
+
+__all__ = ["OBJECTIVES", "RefineResult", "RefineSpec", "refine_fold"]
+
+OBJECTIVES = ("kl",)
+
+
+@dataclass(frozen=True)
+class RefineSpec:
+    """The settings of a refinement, validated once (:meth:`check`) before any model loads.
+
+    Attributes
+    ----------
+    objective : {"kl"}
+        ``KL(p_full ‖ p_pruned)`` over every position of the training sequences.
+    steps : int
+        Most Adam steps (one minibatch of ``batch_sequences`` sequences each).
+    lr : float
+        Adam's learning rate (finite, positive).
+    batch_sequences : int
+        Training sequences per step.
+    check_every, patience : int
+        Held-out KL every ``check_every`` steps; stop after ``patience`` checks with no new
+        best (0: never early).
+    train_tokens : int
+        Training tokens the refinement reads (the first training sequences of the plan; the
+        full model's log-probabilities over them are cached, ``tokens × vocab`` float16).
+    time_budget : float, optional
+        Stop once this many seconds of training have passed (checks excluded).
+    seed : int
+        Order of the training sequences.
+    """
+
+    objective: str = "kl"
+    steps: int = 200
+    lr: float = 1e-4
+    batch_sequences: int = 4
+    check_every: int = 20
+    patience: int = 3
+    train_tokens: int = 8192
+    time_budget: float | None = None
+    seed: int = 0
+
+    @classmethod
+    def check(cls, objective: str = "kl", **settings) -> RefineSpec:
+        """Refuse an unknown objective or a number out of range, naming its parameter."""
+        spec = cls(objective, **settings)
+        if spec.objective not in OBJECTIVES:
+            raise NJTCError(f"`refine` must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+        if not (isinstance(spec.lr, (int, float)) and 0 < spec.lr < math.inf):
+            raise NJTCError(f"`lr` must be a finite positive number, not {spec.lr!r}")
+        for name in ("steps", "batch_sequences", "check_every", "train_tokens"):
+            if not getattr(spec, name) >= 1:
+                raise NJTCError(f"`{name}` must be at least 1, not {getattr(spec, name)!r}")
+        if not spec.patience >= 0:
+            raise NJTCError(f"`patience` must be 0 or more, not {spec.patience!r}")
+        if spec.time_budget is not None and not 0 < spec.time_budget < math.inf:
+            raise NJTCError(f"`time_budget` must be a finite positive number of seconds, not {spec.time_budget!r}")
+        return spec
+
+    def describe(self) -> dict:
+        """The settings, for ``njtc_prune.json``."""
+        return dict(vars(self))
+
+
+@dataclass
+class RefineResult:
+    """What :func:`refine_fold` did.
+
+    ``replacement`` is the map to write: the refined one when ``improved``, else the start
+    itself. ``start`` and ``best`` are the held-out scores (:func:`score_replacement`) of the
+    start and of the best map seen (``best["step"]``); ``steps`` the steps taken, ``seconds``
+    the training time (checks excluded), ``check_seconds`` the time of the checks,
+    ``stopped`` why it ended (``"steps"``, ``"converged"``, ``"time"``), ``history`` one
+    ``{step, seconds, kl, train_kl}`` per check.
+    """
+
+    replacement: Replacement
+    start: dict
+    best: dict
+    improved: bool
+    steps: int = 0
+    seconds: float = 0.0
+    check_seconds: float = 0.0
+    stopped: str = "steps"
+    history: list = field(default_factory=list)
+
+    def describe(self) -> dict:
+        """A summary for ``njtc_prune.json`` and the command's report."""
+        def brief(score):
+            return {k: score[k] for k in ("kl", "kl_se", "top1", "ppl", "step") if k in score}
+
+        return {"improved": self.improved, "steps": self.steps, "train_seconds": self.seconds,
+                "check_seconds": self.check_seconds, "stopped": self.stopped, "held_out_start": brief(self.start),
+                "held_out_best": brief(self.best), "history": self.history}
+
+
+def _frozen(model):
+    """Turn off every parameter's gradient; returns the flags to restore."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return flags
+
+
+def refine_fold(model, replacement: Replacement, train: HeldOut, check: HeldOut, spec: RefineSpec | None = None, *,
+                progress: bool = False) -> RefineResult:
+    """Train a fold's ``T`` (and ``c``) by KL to the full model, through the frozen rest of the pruned model.
+
+    Parameters
+    ----------
+    model
+        The full model (not changed: the removed blocks are skipped for each call, as scoring does).
+    replacement : Replacement
+        The closed-form fold to start from (plain dropping starts from ``T = I``).
+    train, check : HeldOut
+        The full model over training and held-out sequences
+        (:func:`~njtc_solve.prune.scoring.collect_held_out`, at least ``replacement.start``'s states).
+    spec : RefineSpec, optional
+        The settings (default: :class:`RefineSpec`'s).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    RefineResult
+        ``replacement`` is the refined map only if its held-out KL is below the start's.
+    """
+    spec = RefineSpec.check() if spec is None else spec
+    s, first = replacement.start, replacement.start + replacement.remove
+    train.check_start(s)
+    check.check_start(s)
+    start_score = score_replacement(model, check, replacement)
+    best, best_map = None, None  # the best checked map of the run (the start is not one of them)
+    d = train.hidden[s].shape[-1]
+    eye = torch.eye(d, dtype=torch.float64)
+    device = next(model.parameters()).device
+    delta = (replacement.T.double().cpu() - eye).float().to(device).requires_grad_(True)
+    c = None if replacement.c is None else replacement.c.float().to(device).requires_grad_(True)
+    params = [delta] + ([] if c is None else [c])
+    opt = torch.optim.Adam(params, lr=spec.lr)
+    generator = torch.Generator().manual_seed(spec.seed)
+    n_seq = len(train.token_ids)
+    order, at = torch.randperm(n_seq, generator=generator), 0
+    history, waited, clock, check_clock, step, stopped = [], 0, 0.0, 0.0, 0, "steps"
+    name = replacement.name + "+kl" if not replacement.name.endswith("+kl") else replacement.name
+
+    def current() -> Replacement:
+        with torch.no_grad():
+            return replace(replacement, T=eye + delta.detach().double().cpu(),
+                           c=None if c is None else c.detach().double().cpu(), name=name)
+
+    flags = _frozen(model)
+    bar = tqdm(total=spec.steps, unit="step", desc="prune: refine kl", leave=False, disable=not progress)
+    train_kl = 0.0
+    try:
+        while step < spec.steps:
+            t0 = time.perf_counter()
+            if at >= n_seq:
+                order, at = torch.randperm(n_seq, generator=generator), 0
+            idx = order[at:at + spec.batch_sequences]
+            at += spec.batch_sequences
+            h = train.hidden[s][idx].to(device)
+            m = train.mlp[s - 1][idx].to(device)
+            stream = h + m @ delta + (0 if c is None else c)
+            logits = tail_logits(model, train.token_ids[idx], stream, first_block=first, grad=True).float()
+            logp = train.logp[idx].float().to(device).reshape(-1, logits.shape[-1])
+            logp = torch.log_softmax(logp, -1)  # a float16 cache renormalised in float32
+            loss = kl_divergence(Reference(logp, logp.exp(), None), logits.reshape(-1, logits.shape[-1])).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            train_kl = loss.item()
+            step += 1
+            clock += time.perf_counter() - t0
+            bar.update(1)
+            out_of_time = spec.time_budget is not None and clock >= spec.time_budget
+            if step % spec.check_every and step < spec.steps and not out_of_time:
+                continue
+            t1 = time.perf_counter()
+            candidate = current()
+            score = score_replacement(model, check, candidate)
+            check_clock += time.perf_counter() - t1
+            history.append({"step": step, "seconds": clock, "kl": score["kl"], "train_kl": train_kl})
+            bar.set_postfix({"held-out KL": f"{score['kl']:.4f}"})
+            if best is None or score["kl"] < best["kl"]:
+                best, best_map, waited = dict(score, step=step), candidate, 0
+            else:
+                waited += 1
+            if not math.isfinite(score["kl"]) or (spec.patience and waited >= spec.patience):
+                stopped = "converged"
+                break
+            if out_of_time:
+                stopped = "time"
+                break
+    finally:
+        bar.close()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    improved = best is not None and best["kl"] < start_score["kl"]
+    if not improved:  # the guard: never a map whose held-out KL is worse than the start's
+        best_map, best = replacement, dict(start_score, step=0)
+    return RefineResult(best_map, start_score, best, improved, step, clock, check_clock, stopped, history)

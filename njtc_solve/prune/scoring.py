@@ -1,0 +1,197 @@
+"""Scoring a block replacement on cached sequences: the full model's states, the tail run, held-out KL.
+
+The full model runs once over a set of sequences (:func:`collect_held_out`): every layer's
+residual stream (or only the layers some starts need), every block's MLP output and the full
+model's log-probabilities are cached (:class:`HeldOut`). A replacement of blocks ``S..S+K-1``
+is then scored by running only the blocks after the removed ones on the stream block ``S-1``
+writes once the map is folded in (:func:`replaced_stream`, :func:`tail_logits`): the same
+logits as the folded checkpoint, at a fraction of the cost. :func:`score_replacement` gives
+the held-out KL (with its standard error over sequences), top-1 agreement and perplexity;
+the refinement (:mod:`njtc_solve.prune.refine`) trains through the same tail with gradients on.
+
+Imports :mod:`njtc_solve.prune.folding`, :mod:`njtc_solve.data` and :mod:`njtc_solve.core`.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from njtc_solve.core.architectures import FoldSpec, _get, resolve_parts
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.metrics import Reference, kl_divergence
+from njtc_solve.data.capture import forward_batches
+from njtc_solve.prune.folding import WEIGHTINGS, Replacement, ReplacementAccumulator, capture_mlp_outputs
+
+__all__ = ["HeldOut", "collect_held_out", "replaced_stream", "replacement_statistics", "score_replacement",
+           "tail_logits"]
+
+
+@dataclass
+class HeldOut:
+    """The full model on a set of sequences, cached for scoring (or training) many replacements.
+
+    ``token_ids`` (n_seq, seq); ``hidden[l]`` layer ``l``'s stream and ``mlp[i]`` block
+    ``i``'s MLP output, ``(n_seq, seq, d)`` float32 on the CPU, ``None`` for a layer that was
+    not kept; ``logp`` the full model's log-probabilities ``(n_seq, seq, V)`` (float32, or the
+    ``logp_dtype`` it was collected in).
+    """
+
+    token_ids: torch.Tensor
+    hidden: list
+    mlp: list
+    logp: torch.Tensor
+
+    @property
+    def n_rows(self) -> int:
+        """Tokens cached."""
+        return self.token_ids.numel()
+
+    def full_metrics(self) -> dict:
+        """Perplexity of the full model itself on the held-out next tokens."""
+        nll = -self.logp[:, :-1].float().gather(-1, self.token_ids[:, 1:, None].to(self.logp.device))[..., 0]
+        return {"kl": 0.0, "top1": 1.0, "ppl": math.exp(float(nll.double().mean())), "nll": float(nll.double().mean())}
+
+    def check_start(self, start: int) -> None:
+        """Refuse a start whose states were not kept."""
+        if self.hidden[start] is None or self.mlp[start - 1] is None:
+            raise NJTCError(f"the cached sequences do not hold the states of start {start}")
+
+
+def _batch_states(batch, mlp: dict, seq_len: int):
+    """A captured batch as ``(hidden, mlp)`` lists of (batch, seq, d) tensors."""
+    shape = (-1, seq_len, batch.hidden[0].shape[-1])
+    return [h.reshape(shape) for h in batch.hidden], [mlp[i].reshape(shape) for i in range(len(mlp))]
+
+
+def replacement_statistics(model, plan, pairs: dict, *, weightings=WEIGHTINGS, batch_size: int = 8,
+                           device="cpu", bar=None, extra=None, fold: FoldSpec | None = None, meta: dict | None = None):
+    """One forward pass over ``plan``'s sequences (every position): the statistics of every ``start → [K]``.
+
+    ``bar`` (a tqdm bar) advances by the tokens of each batch; ``extra(hidden, mlp)``, when
+    given, also sees every batch (a benchmark's own accumulator); ``fold`` the family's checked
+    fold; ``meta`` extra provenance for the statistics.
+    """
+    acc = ReplacementAccumulator(pairs, weightings=weightings, device=device)
+    with capture_mlp_outputs(model, fold) as mlp:
+        for batch in forward_batches(model, plan, batch_size):
+            states = _batch_states(batch, mlp, plan.seq_len)
+            acc.update(*states)
+            if extra is not None:
+                extra(*states)
+            if bar is not None:
+                bar.update(batch.tokens.numel())
+    return acc.finalize({"rows": plan.n_rows, **(meta or {})})
+
+
+def collect_held_out(model, plan, *, batch_size: int = 8, starts=None, fold: FoldSpec | None = None,
+                     logp_dtype=torch.float32, bar=None) -> HeldOut:
+    """Run the full model over ``plan``'s sequences and cache what scoring needs (see :class:`HeldOut`).
+
+    ``starts`` keeps only the layers those starts read (``h_S`` and block ``S-1``'s MLP output;
+    default: every layer); ``logp_dtype`` the log-probabilities' type (``float16`` halves a
+    large training cache); ``bar`` advances by the tokens of each batch.
+    """
+    hidden, mlps, logps = None, None, []
+    keep_h = keep_m = None
+    if starts is not None:
+        keep_h, keep_m = {int(s) for s in starts}, {int(s) - 1 for s in starts}
+    with capture_mlp_outputs(model, fold) as mlp:
+        for batch in forward_batches(model, plan, batch_size):
+            h, m = _batch_states(batch, mlp, plan.seq_len)
+            if hidden is None:
+                hidden, mlps = [[] for _ in h], [[] for _ in m]
+            for store, new, keep in ((hidden, h, keep_h), (mlps, m, keep_m)):
+                for i, t in enumerate(new):
+                    if keep is None or i in keep:
+                        store[i].append(t.detach().float().cpu().clone())
+            logps.append(torch.log_softmax(batch.logits.float(), -1).reshape(h[0].shape[0], plan.seq_len, -1)
+                         .to("cpu", logp_dtype))
+            if bar is not None:
+                bar.update(batch.tokens.numel())
+    return HeldOut(torch.as_tensor(plan.token_ids), [torch.cat(t) if t else None for t in hidden],
+                   [torch.cat(t) if t else None for t in mlps], torch.cat(logps))
+
+
+def tail_logits(model, token_ids: torch.Tensor, stream: torch.Tensor, *, first_block: int,
+                grad: bool = False) -> torch.Tensor:
+    """The model's logits when ``stream`` enters block ``first_block`` and only the blocks after it run.
+
+    Blocks before ``first_block`` are taken out of the model for the call (their output is
+    replaced by ``stream``, shape ``(batch, seq, d)``); with ``first_block`` past the last
+    block ``stream`` goes straight to the final norm. Positions, masks and the head are the
+    model's own. ``grad`` keeps the graph (the refinement's gradient flows back into ``stream``).
+    """
+    spec, blocks, final_norm, _ = resolve_parts(model)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    stream = stream.to(device, dtype)
+    tail = nn.ModuleList(list(blocks)[first_block:])
+    entry = tail[0] if len(tail) else final_norm
+
+    def replace_input(module, args, kwargs):
+        if args:
+            return (stream,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": stream}
+
+    parent_path, _, name = spec.blocks.rpartition(".")
+    parent = _get(model, parent_path) if parent_path else model
+    handle = entry.register_forward_pre_hook(replace_input, with_kwargs=True)
+    parent._modules[name] = tail
+    try:
+        with nullcontext() if grad else torch.no_grad():
+            return model(input_ids=token_ids.to(device), use_cache=False).logits
+    finally:
+        parent._modules[name] = blocks
+        handle.remove()
+
+
+def replaced_stream(held: HeldOut, replacement: Replacement, seqs: slice) -> torch.Tensor:
+    """``h_S + m_{S-1}(T - I) + c``: the stream block ``S-1`` writes once the map is folded in."""
+    s = replacement.start
+    held.check_start(s)
+    h = held.hidden[s][seqs]
+    if replacement.name == "drop":
+        return h
+    m = held.mlp[s - 1][seqs].double()
+    eye = torch.eye(m.shape[-1], dtype=torch.float64)
+    out = h.double() + m @ (replacement.T.double().cpu() - eye)
+    if replacement.c is not None:
+        out = out + replacement.c.double().cpu()
+    return out.float()
+
+
+def score_replacement(model, held: HeldOut, replacement: Replacement, *, chunk_sequences: int = 4) -> dict:
+    """Held-out KL(full ‖ replaced) and top-1 agreement over every position, and perplexity.
+
+    Perplexity is ``exp`` of the mean negative log-likelihood of the text's next token
+    (positions ``0..seq-2``). Only the blocks after the removed ones run. ``kl_per_sequence``
+    is each sequence's mean KL and ``kl_se`` the standard error of ``kl`` over sequences
+    (``nan`` with a single sequence); two replacements scored on the same sequences are
+    compared by their paired per-sequence differences (:func:`njtc_solve.prune.selection.paired_se`).
+    """
+    agree = nll = 0.0
+    per_seq = []
+    n_rows = n_next = 0
+    first = replacement.start + replacement.remove
+    for s0 in range(0, len(held.token_ids), chunk_sequences):
+        seqs = slice(s0, s0 + chunk_sequences)
+        ids = held.token_ids[seqs]
+        logits = tail_logits(model, ids, replaced_stream(held, replacement, seqs), first_block=first).float().cpu()
+        logp = held.logp[seqs].float()
+        flat = logp.reshape(-1, logp.shape[-1])
+        rows = kl_divergence(Reference(flat, flat.exp(), None), logits.reshape(-1, logits.shape[-1]))
+        per_seq += rows.reshape(ids.shape).double().mean(1).tolist()
+        logq = torch.log_softmax(logits, -1)
+        agree += float((logq.argmax(-1) == logp.argmax(-1)).sum())
+        nll -= float(logq[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].double().sum())
+        n_rows += ids.numel()
+        n_next += ids[:, 1:].numel()
+    kl = torch.tensor(per_seq, dtype=torch.float64)
+    se = float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else math.nan
+    return {"kl": float(kl.mean()), "kl_se": se, "top1": agree / n_rows, "ppl": math.exp(nll / n_next),
+            "nll": nll / n_next, "kl_per_sequence": per_seq}
