@@ -260,7 +260,9 @@ def test_the_installed_wheel_runs_every_command_from_a_fresh_venv(wheel, tmp_pat
     assert fresh.resolve() in location.parents and ROOT.resolve() not in location.parents, location
     for (label, _, _), command in zip(jobs, COMMANDS * 2):
         code, printed = results[label]
-        assert code == 0 and printed.startswith(f"usage: python -m njtc_solve.{command} "), (label, code, printed[:300])
-    for argv in ([python, "-m", "njtc_solve.fit", "--help"], [fresh / "bin" / "njtc-fit", "--help"]):
+        usage = f"usage: {label} " if label.startswith("njtc-") else f"usage: python -m njtc_solve.{command} "
+        assert code == 0 and printed.startswith(usage), (label, code, printed[:300])
+    for argv, usage in (([python, "-m", "njtc_solve.fit", "--help"], "usage: python -m njtc_solve.fit "),
+                        ([fresh / "bin" / "njtc-fit", "--help"], "usage: njtc-fit ")):
         real = run(*argv)  # and as processes of their own, for the mission's command
-        assert real.returncode == 0 and real.stdout.startswith("usage: python -m njtc_solve.fit "), real.stderr[-2000:]
+        assert real.returncode == 0 and real.stdout.startswith(usage), real.stderr[-2000:]

@@ -257,6 +257,11 @@ def test_one_fit_command_checks_each_setting_once(tiny_store, tmp_path, monkeypa
     ({"chunk_rows": 0}, "`chunk_rows` must be positive"),
     ({"device": "gpu"}, "`device` 'gpu' is not a device"),
     ({"target_layer": "last"}, "`target_layer` must be a layer number or all"),
+    ({"layers": "12"}, "`layers` must be a list of layer indices"),
+    ({"layers": [1.7]}, "`layers` must be a list of layer indices"),
+    ({"layers": ["a"]}, "`layers` must be a list of layer indices"),
+    ({"layers": 5}, "`layers` must be a list of layer indices"),
+    ({"layers": [-1]}, "`layers` must be a list of layer indices"),
 ])
 def test_a_bad_setting_is_refused_before_the_store_is_opened(settings, message):
     """``fit_shortcuts`` checks its settings (one :class:`FitSpec`) before it opens the store: the

@@ -129,6 +129,8 @@ def test_refine_spec_refusals():
                          (dict(time_budget=float("nan")), "`time_budget` must be")]:
         with pytest.raises(NJTCError, match=message):
             RefineSpec.check(**bad)
+        with pytest.raises(NJTCError, match=message):  # a spec made by hand is checked as well
+            RefineSpec(**bad)
     with pytest.raises(NJTCError, match="`refine` must be one of kl"):
         RefineSpec.check("mse")
 

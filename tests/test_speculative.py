@@ -216,9 +216,16 @@ def test_the_drafter_refuses_what_does_not_belong():
             speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=n, draft_tokens=1)
     with pytest.raises(NJTCError, match="`draft_tokens`"):
         speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=2, draft_tokens=-1)
-    model.generation_config.repetition_penalty = 1.3
-    with pytest.raises(NJTCError, match="repetition_penalty"):
-        speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=2, draft_tokens=1)
+    padded = [5, 0, 17, 0, 42, 8]  # pad id 0 (not eos): generate masks those positions out
+    with pytest.raises(NJTCError, match="`input_ids` holds the pad token id 0"):
+        speculative_generate(model, torch.tensor([padded]), drafter=drafter, max_new_tokens=2, draft_tokens=1)
+    model.generation_config.suppress_tokens = []  # an empty list suppresses nothing
+    speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=2, draft_tokens=1)
+    for name, value in (("num_beams", 3), ("num_beam_groups", 2), ("penalty_alpha", 0.6), ("repetition_penalty", 1.3)):
+        setattr(model.generation_config, name, value)  # beam or contrastive search, a processor: not the argmax
+        with pytest.raises(NJTCError, match=name):
+            speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=2, draft_tokens=1)
+        setattr(model.generation_config, name, None)
 
 
 # -- the command --------------------------------------------------------------------------------

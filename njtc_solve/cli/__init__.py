@@ -27,12 +27,21 @@ import functools
 import re
 import signal
 import sys
+from pathlib import Path
 
 from njtc_solve.core.errors import NJTCError, interruptible
 
-__all__ = ["COMMANDS", "command", "flags_of", "run_cli", "translate", "warn"]
+__all__ = ["COMMANDS", "command", "flags_of", "prog", "run_cli", "translate", "warn"]
 
 COMMANDS = ("extract", "fit", "evaluate", "refine", "export", "lens", "prune", "generate")
+
+
+
+def prog(name: str) -> str:
+    """The command as the user typed it: ``njtc-NAME`` when run as that script, else ``python -m njtc_solve.NAME``."""
+    script = f"njtc-{name}"
+    return script if Path(sys.argv[0]).name == script else f"python -m njtc_solve.{name}"
+
 
 # `name` or `name=value` in a library message
 _PARAMETER = re.compile(r"`([A-Za-z_]\w*)(?:=([^`\s]*))?`")

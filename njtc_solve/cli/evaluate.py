@@ -9,7 +9,7 @@ from pathlib import Path
 
 from njtc_solve.eval import evaluate as library
 from njtc_solve.core.errors import NJTCError, temporary_path
-from njtc_solve.cli import command, flags_of, run_cli, translate
+from njtc_solve.cli import command, flags_of, prog, run_cli, translate
 from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, jacobian_lens_inputs,
                                       parse_layers, plan_settings, rows_from_args)
 
@@ -18,7 +18,7 @@ __all__ = ["build_parser", "main", "run"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.evaluate", description=library.__doc__,
+    p = argparse.ArgumentParser(prog=prog("evaluate"), description=library.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="activation store (default: activations.h5, unless --model is given)")
     add_model_arguments(p)  # --model: read the rows from its forward pass instead of a store

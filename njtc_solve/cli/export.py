@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from njtc_solve.maps import jacobian_lens, tuned_lens
-from njtc_solve.cli import command, run_cli
+from njtc_solve.cli import command, prog, run_cli
 from njtc_solve.cli.arguments import command_inputs
 from njtc_solve.core.errors import NJTCError
 
@@ -19,7 +19,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.export",
+    p = argparse.ArgumentParser(prog=prog("export"),
                                 description=f"{tuned_lens.__doc__}\n{jacobian_lens.__doc__}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", default="tuned-lens", choices=list(FORMATS),

@@ -11,7 +11,7 @@ from pathlib import Path
 from njtc_solve.data import extract as library
 from njtc_solve.core.errors import NJTCError, output_lock, temporary_path
 from njtc_solve.data.store import StoreWriter
-from njtc_solve.cli import command, run_cli
+from njtc_solve.cli import command, prog, run_cli
 from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, load_model_from_args, parse_layers, plan_settings
 
 __all__ = ["build_parser", "main", "run"]
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
     from njtc_solve.data.store import STORE_DTYPES
 
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.extract", description=library.__doc__,
+    p = argparse.ArgumentParser(prog=prog("extract"), description=library.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_plan_arguments(p)
     p.add_argument("--out", default="activations.h5", help="output store (default: activations.h5)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from njtc_solve.solve import fit as library
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.cli import command, run_cli, warn
+from njtc_solve.cli import command, prog, run_cli, warn
 from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, parse_alpha, parse_layers, parse_ranks,
                         parse_target, plan_settings, rows_from_args)
 
@@ -19,7 +19,7 @@ __all__ = ["build_parser", "fit_spec", "main", "output_paths", "rank_paths", "ru
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.fit", description=library.__doc__,
+    p = argparse.ArgumentParser(prog=prog("fit"), description=library.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="activation store (default: activations.h5, unless --model or --stats is given)")
     add_model_arguments(p)  # --model: read the rows from its forward pass instead of a store

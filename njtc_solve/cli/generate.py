@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from njtc_solve.cli import command, run_cli
+from njtc_solve.cli import command, prog, run_cli
 from njtc_solve.core.errors import NJTCError
 
 __all__ = ["build_parser", "check_arguments", "main", "run"]
@@ -19,7 +19,7 @@ __all__ = ["build_parser", "check_arguments", "main", "run"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.generate", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("generate"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model: .gguf file, Hugging Face folder or hub name (default: SmolLM2-135M)")
     p.add_argument("--shortcuts", help="shortcut file fitted on this model to its last layer "

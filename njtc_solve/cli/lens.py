@@ -8,7 +8,7 @@ from pathlib import Path
 
 from njtc_solve.eval import lens as library
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.cli import command, run_cli
+from njtc_solve.cli import command, prog, run_cli
 from njtc_solve.cli.arguments import command_inputs, jacobian_lens_inputs
 
 __all__ = ["build_parser", "main", "run"]
@@ -16,7 +16,7 @@ __all__ = ["build_parser", "main", "run"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.lens", description=library.__doc__,
+    p = argparse.ArgumentParser(prog=prog("lens"), description=library.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model: .gguf file, Hugging Face folder or hub name (default: SmolLM2-135M)")
     p.add_argument("--shortcuts", help="shortcut file fitted on this model (default: the logit lens alone)")

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.cli import command, run_cli
+from njtc_solve.cli import command, prog, run_cli
 from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, load_model_from_args, plan_settings
 
 __all__ = ["build_parser", "main", "run"]
@@ -39,7 +39,7 @@ __all__ = ["build_parser", "main", "run"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.prune", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("prune"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--remove", type=int, required=True, help="number of consecutive blocks to remove")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from njtc_solve.solve import refine as library
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.cli import command, run_cli
+from njtc_solve.cli import command, prog, run_cli
 from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args
 
 __all__ = ["build_parser", "main", "run"]
@@ -18,7 +18,7 @@ __all__ = ["build_parser", "main", "run"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    p = argparse.ArgumentParser(prog="python -m njtc_solve.refine", description=library.__doc__,
+    p = argparse.ArgumentParser(prog=prog("refine"), description=library.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shortcuts", required=True, help="the fitted shortcut file to start from")
     p.add_argument("--store", help="activation store (default: activations.h5, unless --model is given)")

@@ -26,6 +26,9 @@ dynamic cache of full-attention layers; a sliding-window layer's cache is refuse
 
 Examples
 --------
+>>> from njtc_solve import fit_shortcuts
+>>> [shortcuts] = fit_shortcuts("activations.h5", method="jtc", ranks=None, progress=False)
+>>> input_ids = tokenizer("The import statement", return_tensors="pt").input_ids
 >>> drafter = ShortcutDrafter(model, shortcuts, exit_layer=2)
 >>> result = speculative_generate(model, input_ids, drafter=drafter, max_new_tokens=8, draft_tokens=3)
 >>> bool((result.sequences == model.generate(input_ids, do_sample=False, max_new_tokens=8)).all())
@@ -55,7 +58,10 @@ _PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None,
                "min_length": (None, 0), "min_new_tokens": (None, 0), "forced_bos_token_id": (None,),
                "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
                "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0), "exponential_decay_length_penalty":
-               (None,), "stop_strings": (None,)}
+               (None,), "stop_strings": (None,),
+               # other decoding strategies than greedy search under do_sample=False
+               "num_beams": (None, 1), "num_beam_groups": (None, 1), "penalty_alpha": (None, 0.0),
+               "watermarking_config": (None,)}
 
 
 def check_greedy_config(model) -> list[int]:
@@ -75,7 +81,7 @@ def check_greedy_config(model) -> list[int]:
         return []
     for name, neutral in _PROCESSORS.items():
         value = getattr(config, name, None)
-        if value not in neutral:
+        if value not in neutral and not (isinstance(value, (list, tuple, dict)) and len(value) == 0):
             raise NJTCError(f"the model's generation config sets {name}={value!r}: greedy decoding is then not the "
                             "plain argmax, which is what speculative decoding reproduces")
     eos = config.eos_token_id
@@ -393,6 +399,10 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter, max_new_
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
         raise NJTCError(f"`input_ids` must hold one non-empty prompt, (1, n); got shape {tuple(ids.shape)}")
     eos = set(check_greedy_config(model))
+    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if pad is not None and int(pad) not in eos and bool((ids == int(pad)).any()):
+        raise NJTCError(f"`input_ids` holds the pad token id {int(pad)}: model.generate would mask it out of "
+                        "attention; pass the prompt without padding")
     stats, start = GenerationStats(), time.perf_counter()
     cache = _new_cache(model)
     out = []

@@ -39,7 +39,7 @@ OBJECTIVES = ("kl",)
 
 @dataclass(frozen=True)
 class RefineSpec:
-    """The settings of a refinement, validated once (:meth:`check`) before any model loads.
+    """The settings of a refinement, validated once, when made, before any model loads.
 
     Attributes
     ----------
@@ -73,10 +73,9 @@ class RefineSpec:
     time_budget: float | None = None
     seed: int = 0
 
-    @classmethod
-    def check(cls, objective: str = "kl", **settings) -> RefineSpec:
+    def __post_init__(self):
         """Refuse an unknown objective or a number out of range, naming its parameter."""
-        spec = cls(objective, **settings)
+        spec, objective = self, self.objective
         if spec.objective not in OBJECTIVES:
             raise NJTCError(f"`refine` must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
         if not (isinstance(spec.lr, (int, float)) and 0 < spec.lr < math.inf):
@@ -88,7 +87,11 @@ class RefineSpec:
             raise NJTCError(f"`patience` must be 0 or more, not {spec.patience!r}")
         if spec.time_budget is not None and not 0 < spec.time_budget < math.inf:
             raise NJTCError(f"`time_budget` must be a finite positive number of seconds, not {spec.time_budget!r}")
-        return spec
+
+    @classmethod
+    def check(cls, objective: str = "kl", **settings) -> RefineSpec:
+        """The checked settings (every instance is checked when it is made; kept for its name at call sites)."""
+        return cls(objective, **settings)
 
     def describe(self) -> dict:
         """The settings, for ``njtc_prune.json``."""

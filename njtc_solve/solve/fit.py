@@ -131,6 +131,10 @@ class FitSpec:
             raise NJTCError("`skip_positions` must be 0 or more")
         if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, Integral) or self.chunk_rows <= 0:
             raise NJTCError("`chunk_rows` must be positive")
+        layers = self.layers
+        if layers is not None and (isinstance(layers, (str, bytes, Integral)) or not all(
+                isinstance(l, Integral) and not isinstance(l, bool) and l >= 0 for l in layers)):
+            raise NJTCError(f"`layers` must be a list of layer indices (whole numbers, 0 or more), not {layers!r}")
         check_device(self.device)
         set_ = lambda name, value: object.__setattr__(self, name, value)  # completing a frozen instance
         set_("ranks", tuple(None if r is None else int(r) for r in ranks))
