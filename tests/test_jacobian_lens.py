@@ -14,12 +14,15 @@ it is installed beside the environment, not into it::
 
 from __future__ import annotations
 
+import subprocess
+
 import importlib.util
 import json
 
 import pytest
 import torch
 
+from conftest import run_module
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
 from njtc_solve.core.models import load_model, model_sha256
@@ -29,10 +32,21 @@ from njtc_solve.maps.jacobian_lens import export_jacobian_lens, read_jacobian_le
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.solve.fit import fit_shortcuts
 
-from conftest import run_module
 
 D, L = 32, 3  # the tiny models' width and layers
 PROMPT = "The lens reads every layer, token by token."
+
+
+def in_process(capsys, module: str, *argv: str) -> subprocess.CompletedProcess:
+    """``python -m module argv`` run in this process (``run_cli``, as the process would: exit code,
+    one error line), its output captured: a subprocess would spend seconds importing torch."""
+    from importlib import import_module
+
+    from njtc_solve.cli import run_cli
+
+    code = run_cli(import_module(module.replace("njtc_solve.", "njtc_solve.cli.")).main, list(argv))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([module, *argv], code, out.out, out.err)
 
 
 def _maps(sha: str = "x", seed: int = 0) -> dict[str, Shortcuts]:
@@ -182,35 +196,35 @@ def test_bad_lenses_are_refused_in_one_line(tmp_path):
         assert message in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
 
 
-def test_evaluate_and_lens_refuse_bad_lenses_with_one_line_and_write_nothing(tiny_store, tiny_models, tmp_path):
+def test_evaluate_and_lens_refuse_bad_lenses_with_one_line_and_write_nothing(tiny_store, tiny_models, tmp_path, capsys):
     bad = _bad_lenses(tmp_path)
     for name in ("empty", "truncated", "nan", "shape", "tuned"):  # read before anything loads
         folder, message = bad[name]
-        done = run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts", "--jacobian-lens",
+        done = in_process(capsys, "njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts", "--jacobian-lens",
                           str(folder), "--out", str(tmp_path / f"report-{name}"), "--no-progress")
         assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
         assert message in done.stderr and not (tmp_path / f"report-{name}").exists()
     for name in ("width", "deep"):  # against the rows' model
         folder, message = bad[name]
-        done = run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts", "--jacobian-lens",
+        done = in_process(capsys, "njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts", "--jacobian-lens",
                           str(folder), "--out", str(tmp_path / f"report-{name}"), "--no-progress")
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
         assert not (tmp_path / f"report-{name}").exists()
     folder, message = bad["nan"]
-    done = run_module("njtc_solve.lens", "--model", str(tiny_models["llama"]), "--jacobian-lens", str(folder),
+    done = in_process(capsys, "njtc_solve.lens", "--model", str(tiny_models["llama"]), "--jacobian-lens", str(folder),
                       "--prompt", PROMPT, "--out", str(tmp_path / "traj"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr
     assert not (tmp_path / "traj").exists()
 
 
-def test_export_cli_then_evaluate_and_lens_read_the_folder_as_the_maps(tiny_store, tiny_models, tmp_path):
+def test_export_cli_then_evaluate_and_lens_read_the_folder_as_the_maps(tiny_store, tiny_models, tmp_path, capsys):
     [jtc] = fit_shortcuts(tiny_store, method="jtc", ranks=None, fit_intercept=False, progress=False)
     jtc.save(tmp_path / "jtc.safetensors")
     done = run_module("njtc_solve.export", "--format", "jacobian-lens", "--shortcuts", str(tmp_path / "jtc.safetensors"),
-                      "--out", str(tmp_path / "jlens"), "--model", str(tiny_models["llama"]))
+                      "--out", str(tmp_path / "jlens"), "--model", str(tiny_models["llama"]))  # a process of its own
     assert done.returncode == 0, done.stderr
     assert "layer 0, the embeddings, has no place" in done.stdout
-    done = run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts", str(tmp_path / "jtc.safetensors"),
+    done = in_process(capsys, "njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts", str(tmp_path / "jtc.safetensors"),
                       "--jacobian-lens", str(tmp_path / "jlens"), "--out", str(tmp_path / "report"), "--no-progress")
     assert done.returncode == 0, done.stderr
     import pandas as pd
@@ -221,14 +235,14 @@ def test_export_cli_then_evaluate_and_lens_read_the_folder_as_the_maps(tiny_stor
         row = {m: table[(table.method == m) & (table.layer == layer)].iloc[0] for m in ("jtc", "jacobian-lens")}
         assert row["jacobian-lens"]["precision@1"] == row["jtc"]["precision@1"]
         assert row["jacobian-lens"]["kl"] == pytest.approx(row["jtc"]["kl"], abs=1e-6)
-    done = run_module("njtc_solve.lens", "--model", str(tiny_models["llama"]), "--jacobian-lens", str(tmp_path / "jlens"),
+    done = in_process(capsys, "njtc_solve.lens", "--model", str(tiny_models["llama"]), "--jacobian-lens", str(tmp_path / "jlens"),
                       "--prompt", PROMPT)
     assert done.returncode == 0, done.stderr
     assert "jacobian-lens" in done.stdout
     # a bias cannot go: refused before the model loads (the model path would fail to load)
     [biased] = fit_shortcuts(tiny_store, method="jtc", ranks=None, progress=False)
     biased.save(tmp_path / "biased.safetensors")
-    done = run_module("njtc_solve.export", "--format", "jacobian-lens", "--shortcuts", str(tmp_path / "biased.safetensors"),
+    done = in_process(capsys, "njtc_solve.export", "--format", "jacobian-lens", "--shortcuts", str(tmp_path / "biased.safetensors"),
                       "--out", str(tmp_path / "no"), "--model", str(tmp_path / "missing-model"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--no-intercept" in done.stderr, done.stderr
     assert not (tmp_path / "no").exists()
