@@ -67,6 +67,13 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
+def _run_with_only_declared_dependencies(commands, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``commands`` ([label, command, argv], ...) through ``_SCRIPT`` in a fresh interpreter, in ``cwd``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(commands)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+
+
 def _commands(model: str, tmp) -> list:
     plan = ["--seq-len", "16", "--max-tokens", "1200"]
     store, stats, maps = str(tmp / "a.h5"), str(tmp / "stats.safetensors"), str(tmp / "maps.safetensors")
@@ -101,9 +108,7 @@ def _commands(model: str, tmp) -> list:
 
 def run_without_optional_packages(model: str, tmp) -> tuple[dict, subprocess.CompletedProcess]:
     commands = _commands(model, tmp)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(commands)], capture_output=True, text=True,
-                          env=env, cwd=tmp, timeout=600)
+    proc = _run_with_only_declared_dependencies(commands, tmp, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc
 
@@ -121,9 +126,7 @@ def test_a_gguf_model_without_the_gguf_extra_is_one_line(tmp_path):
     commands = [("extract", "extract", ["--model", model, "--out", str(tmp_path / "a.h5"), "--no-progress"]),
                 ("prune", "prune", ["--model", model, "--remove", "1", "--start", "1", "--out", str(tmp_path / "p"),
                                     "--no-progress"])]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(commands)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
+    proc = _run_with_only_declared_dependencies(commands, tmp_path)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "gguf" in result["blocked"]
     assert result["codes"] == {"extract": 2, "prune": 2}, proc.stderr[-2000:]
@@ -143,9 +146,7 @@ def test_a_dataset_corpus_without_the_datasets_extra_is_one_line(tiny_models, tm
                 ("fit --model hf", "fit", ["--model", model, "--corpus", "hf:user/corpus:en:train[:100]",
                                            "--method", "jtc", "--out", str(tmp_path / "m.safetensors"),
                                            "--no-progress"])]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(commands)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
+    proc = _run_with_only_declared_dependencies(commands, tmp_path)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "datasets" in result["blocked"]
     assert set(result["codes"].values()) == {2}, proc.stderr[-2000:]
