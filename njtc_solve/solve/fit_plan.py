@@ -37,7 +37,7 @@ from njtc_solve.solve.budget import (accumulator_bytes, format_size, free_memory
                                      pass_bytes, target_groups)
 from njtc_solve.solve.pair_statistics import pair_layers
 from njtc_solve.solve.solvers import gram_eigh, solve_reduced_rank
-from njtc_solve.solve.stats import GEMM_ROWS, highest_float32_matmul
+from njtc_solve.solve.stats import GEMM_ROWS, MomentAccumulator, highest_float32_matmul
 
 __all__ = ["FitPlan", "measured_rates", "plan_fit"]
 
@@ -73,7 +73,11 @@ class FitPlan:
     statistics_flops, forward_flops : float
         FLOPs per token over all passes (GEMMs of the statistics; the model's forward passes).
     gemm_flops_per_s : float
-        The float32 GEMM rate measured on ``device`` now.
+        The float32 GEMM rate measured on ``device`` now (the forward pass's rate in the estimate).
+    statistics_flops_per_s : float
+        The statistics' own rate measured now: one layer's accumulation step
+        (:meth:`~njtc_solve.solve.stats.MomentAccumulator.update`, its float64 adds and input
+        normalisation included) at width ``min(d, 1024)``.
     solve_s : float
         The solves' time (per source layer and target), extrapolated by ``d³`` from a measured one.
     device : str
@@ -98,7 +102,8 @@ class FitPlan:
     statistics_flops: float
     forward_flops: float
     gemm_flops_per_s: float
-    gemm_shape: str
+    statistics_flops_per_s: float
+    rate_width: int
     solve_s: float
     solve_from: str
     device: str
@@ -107,7 +112,7 @@ class FitPlan:
     def pass_seconds(self) -> float:
         """Estimated seconds of the passes over ``tokens`` rows (a million where unknown)."""
         tokens = self.tokens if self.tokens is not None else 1_000_000
-        return tokens * (self.statistics_flops + self.forward_flops) / self.gemm_flops_per_s
+        return tokens * (self.statistics_flops / self.statistics_flops_per_s + self.forward_flops / self.gemm_flops_per_s)
 
     @property
     def seconds(self) -> float:
@@ -140,8 +145,10 @@ class FitPlan:
             + (f", forward {self.forward_flops:.3g} (2 x parameters x {len(self.passes)} pass{'es' if len(self.passes) > 1 else ''})" if self.live else ""),
             f"  estimated time ({tokens}): {_duration(self.seconds)} = passes {_duration(self.pass_seconds)} + "
             f"solves {_duration(self.solve_s)}",
-            f"    measured on {self.device} now: float32 GEMM {self.gemm_flops_per_s / 1e9:.0f} GFLOP/s "
-            f"({self.gemm_shape}); solves extrapolated by d^3 from {self.solve_from}, likely high: larger solves run nearer peak",
+            f"    measured on {self.device} now at width {self.rate_width}: statistics "
+            f"{self.statistics_flops_per_s / 1e9:.0f} GFLOP/s, float32 GEMM {self.gemm_flops_per_s / 1e9:.0f} GFLOP/s "
+            "(the forward pass's rate: a lower bound on its time)",
+            f"    solves: extrapolated by d^3 from {self.solve_from}, likely high (larger solves run nearer peak)",
             "    not counted: " + ("tokenizing, loading and hashing the weights" if self.live else
                                    "reading and decoding the store") + "; GEMMs run below peak at other shapes",
         ]
@@ -165,11 +172,15 @@ def _duration(seconds: float) -> str:
 
 
 @functools.cache
-def measured_rates(device: str = "cpu", d: int = 1024, solve_d: int = 512) -> tuple[float, float]:
-    """``(float32 GEMM FLOP/s, seconds of one layer's solve at width solve_d)`` measured now on ``device``.
+def measured_rates(device: str = "cpu", d: int = 1024, solve_d: int = 512,
+                   input_norm: str = "layer") -> tuple[float, float, float]:
+    """``(float32 GEMM FLOP/s, statistics FLOP/s, seconds of one layer's solve at width solve_d)``
+    measured now on ``device``.
 
-    The GEMM is the statistics' own: ``Xᵀ[X | Y]`` of :data:`~njtc_solve.solve.stats.GEMM_ROWS` rows of
-    width ``d``, at ``"highest"`` float32 precision, repeated for about 0.3 s. The solve is
+    The GEMM is the statistics' own shape: ``Xᵀ[X | Y]`` of :data:`~njtc_solve.solve.stats.GEMM_ROWS`
+    rows of width ``d``, at ``"highest"`` float32 precision, repeated for about 0.3 s. The statistics'
+    rate is :meth:`~njtc_solve.solve.stats.MomentAccumulator.update` of one source layer over
+    ``GEMM_ROWS`` rows (``3·2·rows·d²`` FLOPs: ``Xᵀ[X | Y]`` and ``YᵀY``), best of three. The solve is
     :func:`~njtc_solve.solve.solvers.gram_eigh` and :func:`~njtc_solve.solve.solvers.solve_reduced_rank`
     on random float64 statistics. Measured once per process and device.
     """
@@ -185,6 +196,16 @@ def measured_rates(device: str = "cpu", d: int = 1024, solve_d: int = 512) -> tu
             calls += 1
             sync()
         gemm = 2.0 * GEMM_ROWS * d * 2 * d * calls / (time.perf_counter() - start)
+    acc = MomentAccumulator([0], input_norm, device)
+    acc.update({0: x[:, :d]}, x[:, d:])  # warm-up, allocation
+    best = float("inf")
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        acc.update({0: x[:, :d]}, x[:, d:])
+        sync()
+        best = min(best, time.perf_counter() - start)
+    statistics = 3 * 2.0 * GEMM_ROWS * d * d / best
     a = torch.randn(4 * solve_d, solve_d, dtype=torch.float64, device=device)
     cxx, cxy = a.T @ a, a.T @ torch.randn(4 * solve_d, solve_d, dtype=torch.float64, device=device)
     solve_reduced_rank(cxx, cxy, eigh=gram_eigh(cxx)).factors(8)  # warm-up
@@ -192,7 +213,7 @@ def measured_rates(device: str = "cpu", d: int = 1024, solve_d: int = 512) -> tu
     start = time.perf_counter()
     solve_reduced_rank(cxx, cxy, eigh=gram_eigh(cxx)).factors(8)
     sync()
-    return gemm, time.perf_counter() - start
+    return gemm, statistics, time.perf_counter() - start
 
 
 def plan_fit(spec, *, model: str | None = None, store=None, tokens: int | None = None,
@@ -257,7 +278,8 @@ def plan_fit(spec, *, model: str | None = None, store=None, tokens: int | None =
         if budget < 1:
             raise NJTCError(f"the weights ({format_size(weights)}) do not fit in the free memory of {spec.device} "
                             f"({format_size(free)}): give `max_memory` to plan for another machine")
-    gemm, solve_small = measured_rates(str(spec.device), min(d, 1024), min(d, 512))
+    gemm, statistics_rate, solve_small = measured_rates(str(spec.device), min(d, 1024), min(d, 512),
+                                                        "layer" if spec.normalize == "layer" else "none")
     solve_one = solve_small * (d / min(d, 512)) ** 3
     if every:
         targets = [t for t in held if t > min(layers)]
@@ -279,6 +301,6 @@ def plan_fit(spec, *, model: str | None = None, store=None, tokens: int | None =
         budget_from=budget_from, pass_bytes=peak, accumulator_bytes=all_bytes, n_params=n_params,
         weights_bytes=weights, weights_dtype=model_dtype, live=live, tokens=tokens,
         statistics_flops=2.0 * d * d * products, forward_flops=2.0 * n_params * len(passes) if live else 0.0,
-        gemm_flops_per_s=gemm, gemm_shape=f"{GEMM_ROWS} rows, {min(d, 1024)} x {2 * min(d, 1024)}",
+        gemm_flops_per_s=gemm, statistics_flops_per_s=statistics_rate, rate_width=min(d, 1024),
         solve_s=solve_one * n_solves, solve_from=f"one solve at d = {min(d, 512)} ({solve_small * 1e3:.1f} ms)",
         device=str(spec.device))
