@@ -7,6 +7,7 @@ Command line::
     python -m njtc_solve.fit --method jtc --alpha auto       # full maps, ridge by GCV
     python -m njtc_solve.fit --model gpt2-xl --max-tokens 1000000 --save-stats s.safetensors  # no store
     python -m njtc_solve.fit --stats s.safetensors --method njtc --rank 64                 # no rows at all
+    python -m njtc_solve.fit --model M --max-memory 40GB --dry-run  # the plan: passes, memory, time (config only)
 
 Methods: ``jtc`` (full least squares), ``njtc`` (reduced rank), ``nnjtc`` (reduced rank on
 normalised inputs: ``--normalize layer`` (default), ``rms`` or ``batch``). ``--residual`` fits
