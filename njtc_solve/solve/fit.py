@@ -166,8 +166,9 @@ class FitSpec:
     def memory_budget(self, comm=None) -> int:
         """Bytes the statistics of one pass may take: ``max_memory``, else the free memory of ``device``
         now (the least over the processes of ``comm``, so that all split the layers alike)."""
-        budget = self.max_memory if self.max_memory is not None else free_memory(self.device)
-        return budget if comm is None else comm.minimum(budget)
+        if self.max_memory is not None:
+            return self.max_memory
+        return free_memory(self.device) if comm is None else comm.minimum(free_memory(self.device))
 
     @property
     def row_weight(self) -> str:
