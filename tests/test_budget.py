@@ -204,3 +204,10 @@ def test_dry_run_of_a_store_reads_no_row(tiny_store, capsys, monkeypatch):
     assert _passes(result.stdout) == 3 and "one read of the store each" in result.stdout
     with ActivationStore(tiny_store) as store:
         assert f"{store.count('train', 1):,} training tokens" in result.stdout
+
+
+def test_the_plan_of_every_target_splits_the_targets_as_the_fit_does(tiny_store):
+    budget = pair_pass_bytes([0, 1, 2], [3], D)
+    plan = FitSpec(method="njtc", ranks=[4], target_layer="all", max_memory=budget).plan(store=str(tiny_store))
+    assert plan.passes == ((1,), (2,), (3,)) and plan.target == "all" and plan.pass_bytes <= budget
+    assert "3 (1 + 1 + 1 target layers: 1 | 2 | 3)" in str(plan)
