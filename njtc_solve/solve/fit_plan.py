@@ -268,7 +268,7 @@ def plan_fit(spec, *, model: str | None = None, store=None, tokens: int | None =
     if not every and any(l >= target for l in layers):
         raise NJTCError(f"source layer {max(layers)} is not below the target layer {target}")
     if spec.max_memory is not None:
-        budget, budget_from = spec.max_memory, "max_memory"
+        budget, budget_from = spec.max_memory, "as given"
     else:
         free = free_memory(spec.device)
         on_device = live and weights is not None
