@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "BOS row, or the first token's attention sink where there is no BOS)")
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows per streamed chunk (default: 4096)")
     p.add_argument("--float64", action="store_true", help="accumulate with float64 GEMMs (slower)")
+    p.add_argument("--max-memory", help="memory the statistics of one pass may take on --device, e.g. 40GB or "
+                   "512MiB (default: its free memory when the fit starts); more source layers (targets, with "
+                   "--target-layer all) than fit run in several passes over the rows, one per group, with the same maps")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (weights' size, passes, layers per pass, "
+                   "statistics memory and FLOPs, estimated time) from the model's config or the store's metadata, "
+                   "and stop: no weight is loaded, no row read")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -140,7 +146,7 @@ def fit_spec(args, device: str) -> library.FitSpec:
                            normalize=args.normalize, residual=args.residual, fit_intercept=not args.no_intercept,
                            alpha=parse_alpha(args.alpha), weight=args.weight, device=device,
                            target_layer=parse_target(args.target_layer), skip_positions=args.skip_positions,
-                           chunk_rows=args.chunk_rows, float64=args.float64)
+                           chunk_rows=args.chunk_rows, float64=args.float64, max_memory=args.max_memory)
 
 
 def _run(args, comm) -> int:
@@ -153,11 +159,19 @@ def _run(args, comm) -> int:
             if comm.rank != 0:
                 return 0
     spec = fit_spec(args, device)
+    if args.dry_run:
+        return _dry_run(args, spec, comm)
     out = Path(args.out)
     every_target = spec.target_layer == "all"
     _check_outputs(args, out, spec.ranks, [] if every_target else None)  # all: its files once the targets are known
     if args.model is not None:
         plan_settings(args)  # a bad plan (--seq-len 1, ...) is refused before the model loads
+        if spec.max_memory is not None and args.stats is None:  # a budget too small, before the model loads
+            from njtc_solve.core.models import model_shape
+            from njtc_solve.solve.budget import layer_groups
+
+            layer_groups([0], model_shape(args.model, trust_remote_code=args.trust_remote_code).d_model,
+                         spec.max_memory)
     if every_target:
         return _run_all_targets(args, spec, comm, out)
     start = time.perf_counter()
@@ -200,6 +214,25 @@ def _run_all_targets(args, spec, comm, out) -> int:
         if warning:
             warn(warning, build_parser, **RENAMES)
     print(f"total {time.perf_counter() - start:.2f}s")
+    return 0
+
+
+def _dry_run(args, spec, comm) -> int:
+    """``--dry-run``: the plan of the fit from the model's config or the store's metadata, printed."""
+    if args.stats is not None:
+        raise NJTCError("--dry-run plans a pass over rows; --stats reads none")
+    if comm is not None and comm.rank != 0:
+        return 0
+    if args.model is None:
+        plan = spec.plan(store=args.store or "activations.h5")
+    else:
+        if args.store is not None:
+            raise NJTCError("--model and --store exclude each other: plan a fit of the model or of a store")
+        settings = plan_settings(args)
+        tokens = settings["max_tokens"]
+        plan = spec.plan(model=args.model, model_dtype=args.model_dtype, trust_remote_code=args.trust_remote_code,
+                         tokens=None if tokens is None else max(1, round(tokens * (1 - settings["val_fraction"]))))
+    print(plan)
     return 0
 
 

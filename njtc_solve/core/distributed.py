@@ -79,6 +79,12 @@ class Communicator:
         self._collective(dist.gather_object, item, out, 0)
         return out
 
+    def minimum(self, value: int) -> int:
+        """The least of every process's integer ``value`` (a collective that every process calls)."""
+        tensor = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        self._collective(dist.all_reduce, tensor, dist.ReduceOp.MIN)
+        return int(tensor.item())
+
     def vote(self, ok: bool) -> bool:
         """Whether every process reports success: a collective that every process calls once.
 

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib.util
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,8 +20,8 @@ import torch
 from njtc_solve.core.architectures import GGUF_MODEL_TYPES, check_config, check_supported, custom_architecture
 from njtc_solve.core.errors import NJTCError
 
-__all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "check_device", "default_model_path", "gguf_reader",
-           "load_model", "model_sha256"]
+__all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "ModelShape", "check_device", "default_model_path",
+           "gguf_reader", "load_model", "model_sha256", "model_shape"]
 
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -234,3 +235,50 @@ def model_sha256(model: torch.nn.Module, progress: bool = False) -> str:
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             bar.update(tensor.numel() * tensor.element_size())
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a plan needs of a model, read from its configuration alone.
+
+    Attributes
+    ----------
+    name : str
+        The model as named.
+    d_model, n_layers : int
+        Width of the residual stream and number of blocks.
+    n_params : int
+        Parameters (tied ones once), counted on a model built on the ``meta`` device: no memory,
+        no weight read.
+    """
+
+    name: str
+    d_model: int
+    n_layers: int
+    n_params: int
+
+
+def model_shape(name: str | None = None, *, trust_remote_code: bool = False) -> ModelShape:
+    """The :class:`ModelShape` of a model from its configuration: a folder holding only
+    ``config.json`` (and a tokenizer) serves, and a ``.gguf`` file's metadata; no weight is read.
+
+    >>> from transformers import LlamaConfig
+    >>> LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+    ...             num_key_value_heads=8, vocab_size=32000).save_pretrained("llama-2-70b-shape")
+    >>> shape = model_shape("llama-2-70b-shape")  # a folder holding config.json alone
+    >>> shape.d_model, shape.n_layers, round(shape.n_params / 1e9, 1)
+    (8192, 80, 69.0)
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name, source, kwargs = _model_source(name, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NJTCError(f"cannot read the configuration of model {name!r}: {first}") from err
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelShape(str(name), int(text.hidden_size), int(text.num_hidden_layers),
+                      sum(p.numel() for p in model.parameters()))

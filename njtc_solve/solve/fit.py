@@ -7,6 +7,7 @@ Command line::
     python -m njtc_solve.fit --method jtc --alpha auto       # full maps, ridge by GCV
     python -m njtc_solve.fit --model gpt2-xl --max-tokens 1000000 --save-stats s.safetensors  # no store
     python -m njtc_solve.fit --stats s.safetensors --method njtc --rank 64                 # no rows at all
+    python -m njtc_solve.fit --model M --max-memory 40GB --dry-run  # the plan: passes, memory, time (config only)
 
 Methods: ``jtc`` (full least squares), ``njtc`` (reduced rank), ``nnjtc`` (reduced rank on
 normalised inputs: ``--normalize layer`` (default), ``rms`` or ``batch``). ``--residual`` fits
@@ -15,6 +16,7 @@ identity plus a low-rank correction; ``--weight logits`` measures the error in l
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -29,6 +31,7 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.models import check_device
 from njtc_solve.core.outputs import check_not_inputs
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.solve.budget import check_budget, free_memory, layer_groups, merge_fits, target_groups
 from njtc_solve.solve.solvers import gcv_alpha, gram_eigh, solve_reduced_rank, sum_squared_error, weight_root
 from njtc_solve.solve.stats import MomentAccumulator, Statistics, pass_meta
 from njtc_solve.data.store import opened
@@ -88,6 +91,10 @@ class FitSpec:
         Rows per streamed chunk.
     float64 : bool
         Accumulate with float64 GEMMs.
+    max_memory : int or str, optional
+        Bytes (or a size such as ``"40GB"``) the statistics of one pass may take on ``device``
+        (default: its free memory when the fit starts); more layers than fit run in several
+        passes over the rows, one per group (:mod:`njtc_solve.solve.budget`), with the same maps.
 
     Examples
     --------
@@ -110,6 +117,7 @@ class FitSpec:
     skip_positions: int | None = None
     chunk_rows: int = 4096
     float64: bool = False
+    max_memory: int | str | None = None
 
     def __post_init__(self):
         method, ranks, normalize = check_method(self.method, self.ranks, self.normalize)
@@ -137,6 +145,7 @@ class FitSpec:
             raise NJTCError(f"`layers` must be a list of layer indices (whole numbers, 0 or more), not {layers!r}")
         check_device(self.device)
         set_ = lambda name, value: object.__setattr__(self, name, value)  # completing a frozen instance
+        set_("max_memory", check_budget(self.max_memory))
         set_("ranks", tuple(None if r is None else int(r) for r in ranks))
         set_("normalize", normalize)
         set_("alpha", "auto" if self.alpha == "auto" else float(self.alpha))
@@ -144,6 +153,22 @@ class FitSpec:
             set_("layers", tuple(int(l) for l in self.layers))
         if target not in (None, "all"):
             set_("target_layer", int(target))
+
+    def plan(self, *, model: str | None = None, store=None, tokens: int | None = None,
+             model_dtype: str = "float32", trust_remote_code: bool = False):
+        """The plan of this fit, without doing it: passes, memory, FLOPs, estimated time
+        (:func:`njtc_solve.solve.fit_plan.plan_fit`; ``print`` it)."""
+        from njtc_solve.solve.fit_plan import plan_fit
+
+        return plan_fit(self, model=model, store=store, tokens=tokens, model_dtype=model_dtype,
+                        trust_remote_code=trust_remote_code)
+
+    def memory_budget(self, comm=None) -> int:
+        """Bytes the statistics of one pass may take: ``max_memory``, else the free memory of ``device``
+        now (the least over the processes of ``comm``, so that all split the layers alike)."""
+        if self.max_memory is not None:
+            return self.max_memory
+        return free_memory(self.device) if comm is None else comm.minimum(free_memory(self.device))
 
     @property
     def row_weight(self) -> str:
@@ -477,7 +502,7 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
                   weight: str = "none", fit_intercept: bool = True, alpha: float | str = 0.0, device: str = "cpu",
                   statistics=None, save_stats=None, chunk_rows: int = 4096, float64: bool = False,
                   progress: bool = True, comm=None, skip_positions: int | None = None,
-                  target_layer: int | None = None) -> list[Shortcuts]:
+                  target_layer: int | None = None, max_memory: int | str | None = None) -> list[Shortcuts]:
     """Fit shortcuts of ``method`` in closed form; one :class:`Shortcuts` per rank.
 
     The rows come from ``store``: an activation store (its path or reader) or a live
@@ -490,7 +515,10 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
     each process reads its share of the rows and solves its share of the layers, and rank 0
     returns them all (the other processes return an empty list). ``target_layer`` (default:
     the last layer) is the layer the maps predict; every source layer must be below it (see
-    :func:`fit_all_targets` for every target at once).
+    :func:`fit_all_targets` for every target at once). ``max_memory`` (bytes, or a size such as
+    ``"40GB"``; default: the free memory of ``device``) bounds the statistics of one pass: more
+    source layers than fit run in several passes over the rows, with the same maps (see
+    :mod:`njtc_solve.solve.budget`); a budget that holds no layer is refused before the pass.
 
     Examples
     --------
@@ -505,7 +533,7 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
     """
     spec = FitSpec(method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual, weight=weight,
                    fit_intercept=fit_intercept, alpha=alpha, device=device, target_layer=target_layer,
-                   skip_positions=skip_positions, chunk_rows=chunk_rows, float64=float64)
+                   skip_positions=skip_positions, chunk_rows=chunk_rows, float64=float64, max_memory=max_memory)
     return spec.fit(store, statistics=statistics, save_stats=save_stats, progress=progress, comm=comm)
 
 
@@ -514,6 +542,7 @@ def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, co
     with opened(store) as store:
         _check_fit_inputs(store, statistics=statistics, save_stats=save_stats)
         layers = None if spec.layers is None else list(spec.layers)
+        stats = None
         if store is None:
             stats, head = _saved_statistics(statistics, spec, spec.target_layer)
             d_model = int(stats.meta.get("d_model", stats.cyy.shape[0]))
@@ -532,21 +561,31 @@ def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, co
         spec.check_width(d_model)
         if not layers:
             raise NJTCError("no source layer to fit (the store holds the target layer alone?)")
-        if store is not None:
-            stats = _store_statistics(store, layers, target, spec, statistics=statistics, progress=progress, comm=comm)
-        stats.meta["d_model"] = d_model
         if spec.weight == "logits" and head is None:
             raise NJTCError("`weight` logits needs the model's head, and these statistics were saved without it")
+        passes = [layers] if store is None or statistics is not None else \
+            layer_groups(layers, d_model, spec.memory_budget(comm))
+        if len(passes) > 1 and save_stats is not None:
+            raise NJTCError(f"`save_stats` keeps every layer's statistics at once, and `max_memory` holds "
+                            f"{len(passes[0])} of {len(layers)} layers per pass: raise `max_memory` or fit fewer `layers`")
         factor = head.logit_weight_factor() if spec.weight == "logits" else None
         first = comm is None or comm.rank == 0
 
-        def solve(share):
+        def solve(stats, share):
             if save_stats is not None and first:
                 stats.save(save_stats, head)
-            fits = _fit_statistics(stats, spec, layers=share, weight_factor=factor, progress=progress and first)
-            return _for_head(fits, head)
+            solved = _fit_statistics(stats, spec, layers=share, weight_factor=factor, progress=progress and first)
+            return _for_head(solved, head)
 
-        return solve(layers) if comm is None else _solve_shared(comm, solve, layers)
+        fits = []
+        for group in passes:  # one pass over the rows per group; its statistics are freed once solved
+            group_stats = stats if store is None else _store_statistics(
+                store, group, target, spec, statistics=statistics, progress=progress, comm=comm)
+            group_stats.meta["d_model"] = d_model
+            fits.append(solve(group_stats, group) if comm is None else
+                        _solve_shared(comm, functools.partial(solve, group_stats), group))
+            group_stats = None
+        return merge_fits(fits)
 
 
 def _check_fit_inputs(store, *, statistics, save_stats) -> None:
@@ -588,7 +627,7 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks: list[int] | Non
                     layers: list[int] | None = None, normalize: str | None = None, residual: bool = False,
                     fit_intercept: bool = True, alpha: float | str = 0.0, device: str = "cpu", statistics=None,
                     save_stats=None, chunk_rows: int = 4096, float64: bool = False, progress: bool = True,
-                    skip_positions: int | None = None, check_outputs=None):
+                    skip_positions: int | None = None, check_outputs=None, max_memory: int | str | None = None):
     """Fit maps from every source layer to every later layer from ONE pass; solved target by target.
 
     The pass (:func:`njtc_solve.solve.pair_statistics.accumulate_pairs`) keeps ``C_xx`` per source, ``C_yy``
@@ -612,6 +651,10 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks: list[int] | Non
     check_outputs : callable, optional
         Called with the list of target layers once they are known, before the pass and before
         ``save_stats`` is written (the command checks its output files there).
+    max_memory : int or str, optional
+        Bytes the statistics of one pass may take (default: the free memory of ``device``): the
+        targets go in groups (:func:`njtc_solve.solve.budget.target_groups`), one pass each, the
+        first when this is called, the others as the iterator reaches them; the maps are those of one pass.
 
     Returns
     -------
@@ -626,7 +669,7 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks: list[int] | Non
     """
     spec = FitSpec(method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual,
                    fit_intercept=fit_intercept, alpha=alpha, device=device, target_layer="all",
-                   skip_positions=skip_positions, chunk_rows=chunk_rows, float64=float64)
+                   skip_positions=skip_positions, chunk_rows=chunk_rows, float64=float64, max_memory=max_memory)
     return spec.fit_all_targets(store, statistics=statistics, save_stats=save_stats, progress=progress,
                                 check_outputs=check_outputs)
 
@@ -635,7 +678,7 @@ def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, 
     """:meth:`FitSpec.fit_all_targets`: the checks that need the data and the pass, now; the solves, lazily."""
     from njtc_solve.solve.pair_statistics import accumulate_pairs, check_pair_statistics, iter_fit_targets
 
-    layers = None if spec.layers is None else list(spec.layers)
+    layers, given = (None if spec.layers is None else list(spec.layers)), store
     with opened(store) as store:
         if store is None:
             held, sources, d_model, head, saved_norm = _pair_file(statistics, layers, spec.skip_positions)
@@ -651,11 +694,19 @@ def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, 
         if store is None:  # every tensor the solves will read, before the first file is written
             _check_input_norm(saved_norm, spec.normalize)
             check_pair_statistics(statistics, targets)
+        passes = [targets] if store is None else target_groups(sources, targets, d_model, spec.memory_budget())
+        if len(passes) > 1 and save_stats is not None:
+            raise NJTCError(f"`save_stats` keeps every pair's statistics at once, and `max_memory` holds "
+                            f"{len(passes[0])} of {len(targets)} targets per pass: raise `max_memory`")
         if check_outputs is not None:
             check_outputs(targets)
-        pairs = statistics if store is None else accumulate_pairs(
-            store, sources=sources, targets=targets, input_norm=_input_norm(spec), device=spec.device,
-            chunk_rows=spec.chunk_rows, float64=spec.float64, progress=progress, skip_positions=spec.skip_positions)
+
+        def accumulate(rows, group):
+            return accumulate_pairs(rows, sources=[l for l in sources if l < max(group)], targets=group,
+                                    input_norm=_input_norm(spec), device=spec.device, chunk_rows=spec.chunk_rows,
+                                    float64=spec.float64, progress=progress, skip_positions=spec.skip_positions)
+
+        pairs = statistics if store is None else accumulate(store, passes[0])
         if store is not None and save_stats is not None:
             pairs.save(save_stats, head)
     decompositions = {}  # each source's input Gram is the same for every target: decomposed once
@@ -667,9 +718,16 @@ def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, 
                                decompositions=decompositions)
         return _for_head(fits, head)
 
+    def in_passes():  # the first pass's statistics are at hand; a later pass reads the rows again
+        for i, group in enumerate(passes):
+            if i > 0:
+                with opened(given) as rows:  # a store given by its path was closed after the first pass
+                    group_pairs = accumulate(rows, group)
+            yield from iter_fit_targets(pairs if i == 0 else group_pairs, targets=group, solve=solve)
+
     def solved():
-        yield from tqdm(iter_fit_targets(pairs, targets=targets, solve=solve), total=len(targets), desc="solve",
-                        unit="target", leave=False, disable=not progress)
+        yield from tqdm(in_passes(), total=len(targets), desc="solve", unit="target", leave=False,
+                        disable=not progress)
 
     return solved()
 

@@ -1,0 +1,193 @@
+"""Statistics under a memory budget: how many bytes a pass keeps, and the layers split into passes.
+
+The float64 statistics do not grow with tokens but with layers: per source layer ``C_xx`` and
+``C_xy`` (``2d² + d`` values), ``C_yy`` once. When the layers' statistics do not fit in the
+memory of the device they live on (Llama-2-70B: d = 8192, 80 layers, 86 GB), the fit runs one
+pass per group of layers (a store read, or a model's forward pass, per group). Every group
+shifts by the same first chunk and does the same GEMMs per layer, so the maps equal those of
+one pass. This module holds the arithmetic: :func:`pass_bytes` counts what a pass keeps,
+:func:`layer_groups` and :func:`target_groups` split the layers, :func:`parse_size` reads
+``40GB`` or ``512MiB``, :func:`free_memory` is the default budget.
+
+Examples
+--------
+>>> parse_size("40GB"), parse_size("512MiB"), parse_size(1000)
+(40000000000, 536870912, 1000)
+>>> layer_groups(list(range(80)), 8192, parse_size("80GB"))[0][:3], len(layer_groups(list(range(80)), 8192, 80e9))
+([0, 1, 2], 3)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from numbers import Integral, Real
+
+import torch
+
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.solve.stats import NORM_BINS
+
+__all__ = ["accumulator_bytes", "check_budget", "format_size", "free_memory", "layer_groups", "merge_fits", "parse_size",
+           "pair_pass_bytes", "pass_bytes", "target_groups"]
+
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(size, name: str = "max_memory") -> int:
+    """Bytes of a size: a number of bytes, or text such as ``40GB`` (10⁹), ``512MiB`` (2²⁰), ``1.5TB``.
+
+    A size that is not positive, or text that is not a size, is a one-line :class:`NJTCError`
+    naming ``name``.
+    """
+    if isinstance(size, Real) and not isinstance(size, bool):
+        value = float(size)
+    elif isinstance(size, str) and (match := _SIZE.match(size)) and match.group(2).lower() in _UNITS:
+        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    else:
+        raise NJTCError(f"`{name}` must be a size such as 40GB, 512MiB or a number of bytes, not {size!r}")
+    if not (math.isfinite(value) and value >= 1):
+        raise NJTCError(f"`{name}` must be a positive size, not {size!r}")
+    return int(value)
+
+
+def format_size(n_bytes: float) -> str:
+    """``n_bytes`` in decimal units: ``86.0 GB``, ``268.4 MB``."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{int(n_bytes)} B"
+
+
+def free_memory(device) -> int:
+    """Bytes free on ``device``: ``torch.cuda.mem_get_info`` on a GPU, the available RAM
+    (``MemAvailable`` of ``/proc/meminfo``, else the free pages) on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def accumulator_bytes(n_layers: int, d: int) -> int:
+    """Bytes of a :class:`~njtc_solve.solve.stats.MomentAccumulator`'s float64 buffer for ``n_layers``
+    source layers of width ``d`` against a target of width ``d``.
+
+    Exactly what :meth:`~njtc_solve.solve.stats.MomentAccumulator.allocate` allocates: two row
+    counts, ``Σy``, ``ΣyyT``, the target's row-norm histogram, and per layer ``Σx`` and the
+    ``d × 2d`` block ``[ΣxxT | ΣxyT]``.
+
+    >>> round(accumulator_bytes(80, 8192) / 1e9, 1)  # Llama-2-70B: every layer at once
+    86.4
+    """
+    return 8 * (2 + d + d * d + NORM_BINS + n_layers * (d + d * (2 * d)))
+
+
+def pass_bytes(n_layers: int, d: int) -> int:
+    """Bytes a single-target pass over ``n_layers`` source layers holds at its peak.
+
+    The accumulator (:func:`accumulator_bytes`) and, beside it while the pass ends, the
+    centred statistics :meth:`~njtc_solve.solve.stats.MomentAccumulator.finalize` returns
+    (``C_yy``, ``ȳ``, and per layer ``C_xx``, ``C_xy``, ``x̄``): about ``4d²`` float64 values
+    per layer. The rows of one chunk and one layer's solve come on top (``O(chunk·d)`` and a few ``d²``).
+    """
+    return accumulator_bytes(n_layers, d) + 8 * (d * d + d + n_layers * (2 * d * d + d))
+
+
+def pair_pass_bytes(sources, targets, d: int) -> int:
+    """Bytes of an all-pairs pass (:class:`~njtc_solve.solve.pair_statistics.PairAccumulator`, centred in
+    place) of ``targets`` against every source below them: ``C_xx`` and ``Σx`` of each such source,
+    ``C_yy``, ``Σy``, the row-norm histogram and one ``C_xy`` block per target."""
+    below = {t: sum(s < t for s in sources) for t in targets}
+    used = [s for s in sources if targets and s < max(targets)]
+    return 8 * (len(used) * (d * d + d) + sum((below[t] + 1) * d * d + d + NORM_BINS for t in targets))
+
+
+def _refuse(what: str, need: int, budget: int) -> NJTCError:
+    return NJTCError(f"`max_memory` {format_size(budget)} cannot hold the statistics of {what} "
+                     f"({format_size(need)}): raise it, or fit on a device with more memory")
+
+
+def layer_groups(layers, d: int, budget: int) -> list[list[int]]:
+    """``layers`` (in their order) in the fewest passes whose statistics (:func:`pass_bytes`) fit in
+    ``budget`` bytes, as even as they can be (80 layers, 37 per pass: 27, 27, 26).
+
+    A budget that cannot hold one layer is a one-line :class:`NJTCError`.
+    """
+    layers = list(layers)
+    if not layers:
+        return []
+    if pass_bytes(1, d) > budget:
+        raise _refuse(f"one layer of width {d}", pass_bytes(1, d), budget)
+    per_pass = 1
+    while per_pass < len(layers) and pass_bytes(per_pass + 1, d) <= budget:
+        per_pass += 1
+    n_passes = -(-len(layers) // per_pass)
+    size, extra = divmod(len(layers), n_passes)
+    groups, start = [], 0
+    for i in range(n_passes):
+        end = start + size + (i < extra)
+        groups.append(layers[start:end])
+        start = end
+    return groups
+
+
+def target_groups(sources, targets, d: int, budget: int) -> list[list[int]]:
+    """The ``targets`` of an all-pairs fit (ascending) in passes whose statistics
+    (:func:`pair_pass_bytes`) fit in ``budget`` bytes, each pass as many targets as fit.
+
+    A target is solved from all its pairs at once, so a pass holds whole targets; a budget
+    that cannot hold the highest target alone is a one-line :class:`NJTCError`.
+    """
+    targets = sorted(targets)
+    for t in targets:
+        if pair_pass_bytes(sources, [t], d) > budget:
+            raise _refuse(f"target layer {t} and its {sum(s < t for s in sources)} source layers",
+                          pair_pass_bytes(sources, [t], d), budget)
+    groups = []
+    for t in targets:
+        if groups and pair_pass_bytes(sources, groups[-1] + [t], d) <= budget:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
+
+
+def merge_fits(parts: list) -> list:
+    """One list of :class:`~njtc_solve.maps.shortcuts.Shortcuts` per rank from the fits of several
+    passes (each a list, one per rank, over its own layers): maps and records joined in layer
+    order, the passes' seconds added (rows/s and GFLOP/s then over all of them)."""
+    merged = parts[0]
+    for part in parts[1:]:
+        for into, sc in zip(merged, part):
+            into.maps.update(sc.maps)
+            into.stats["layers"].update(sc.stats["layers"])
+    for i, sc in enumerate(merged):
+        sc.maps = dict(sorted(sc.maps.items()))
+        sc.stats["layers"] = dict(sorted(sc.stats["layers"].items()))
+        timing = [p[i].stats.get("accumulation", {}) for p in parts]
+        seconds = [t.get("seconds") for t in timing]
+        if len(parts) > 1 and all(isinstance(s, Real) for s in seconds):
+            total = sum(seconds)
+            acc = sc.stats["accumulation"]
+            acc.update(seconds=total, rows_per_s=acc["rows_per_s"] * seconds[0] / total,
+                       gflops=sum(t["gflops"] * s for t, s in zip(timing, seconds)) / total, passes=len(parts))
+    return merged
+
+
+def check_budget(max_memory) -> int | None:
+    """A ``max_memory`` setting in bytes (``None`` stays ``None``: the device's free memory)."""
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, Integral) and not isinstance(max_memory, bool) and max_memory < 1:
+        raise NJTCError(f"`max_memory` must be a positive size, not {max_memory!r}")
+    return parse_size(max_memory)

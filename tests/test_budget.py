@@ -1,0 +1,213 @@
+"""Fits under a memory budget (several passes over the rows, the maps of one) and the plan before the fit."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+from test_distributed import torchrun
+from test_extract import _one_line_exit_2
+from test_jacobian_lens import in_process
+
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.models import load_model
+from njtc_solve.data.corpus import load_corpus
+from njtc_solve.data.live import LiveSource
+from njtc_solve.data.store import ActivationStore
+from njtc_solve.maps.shortcuts import Shortcuts
+from njtc_solve.solve.budget import (accumulator_bytes, layer_groups, pair_pass_bytes, parse_size, pass_bytes,
+                                     target_groups)
+from njtc_solve.solve.fit import FitSpec, fit_all_targets, fit_shortcuts
+from njtc_solve.solve.stats import MomentAccumulator
+
+D = 32  # the tiny models' width
+THREE_PASSES = pass_bytes(1, D)  # one source layer per pass: the tiny models' 3 layers in 3 passes
+
+
+def _relative(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _same_maps(a: Shortcuts, b: Shortcuts, tol: float = 1e-6) -> None:
+    """Every tensor of every map of ``a`` within ``tol`` (relative) of ``b``'s, the layers in the same order."""
+    assert list(a.maps) == list(b.maps)
+    for layer in a.maps:
+        for name, t in vars(a.maps[layer]).items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                assert _relative(t, getattr(b.maps[layer], name)) <= tol, (layer, name)
+    assert [r["train_mse"] for r in a.stats["layers"].values()] == pytest.approx(
+        [r["train_mse"] for r in b.stats["layers"].values()], rel=1e-9)
+
+
+def _counting(source):
+    """``source`` with its ``iter_chunks`` counted: one call per pass over the rows."""
+    calls = []
+    original = source.iter_chunks
+
+    def iter_chunks(layers, split=None, chunk_rows=4096, max_rows=None, shard=(0, 1), skip_positions=0):
+        calls.append(list(layers))
+        return original(layers, split, chunk_rows, max_rows, shard, skip_positions)
+
+    source.iter_chunks = iter_chunks
+    return calls
+
+
+@pytest.mark.parametrize(("text", "expected"), [("40GB", 40 * 10 ** 9), ("512MiB", 512 * 2 ** 20), ("1.5kB", 1500),
+                                                (" 2 gib ", 2 * 2 ** 30), (4096, 4096), ("100", 100)])
+def test_sizes_are_read_in_decimal_and_binary_units(text, expected):
+    assert parse_size(text) == expected
+    assert FitSpec(max_memory=text).max_memory == expected
+
+
+@pytest.mark.parametrize("bad", ["40XB", "GB", "-1GB", "0", "", "1e400GB", "4 0GB", True, 0, -5, 0.5, [1]])
+def test_a_bad_size_is_refused_in_one_line(bad):
+    with pytest.raises(NJTCError, match="`max_memory` must be a"):
+        FitSpec(max_memory=bad)
+
+
+def test_the_budget_counts_what_the_accumulator_allocates():
+    acc = MomentAccumulator([0, 4, 7])
+    acc.allocate({0: D, 4: D, 7: D}, D)
+    assert acc.buffer.numel() * acc.buffer.element_size() == accumulator_bytes(3, D)
+    # the centred statistics finalize returns come on top, while the accumulator still lives
+    acc.update({k: torch.randn(50, D) for k in (0, 4, 7)}, torch.randn(50, D))
+    stats = acc.finalize()
+    held = sum(t.numel() * 8 for m in stats.layers.values() for t in vars(m).values()) + 8 * (D * D + D)
+    assert pass_bytes(3, D) == accumulator_bytes(3, D) + held
+
+
+def test_layers_split_evenly_into_the_fewest_passes():
+    groups = layer_groups(list(range(80)), 8192, parse_size("80GB"))  # Llama-2-70B's shape
+    assert [len(g) for g in groups] == [27, 27, 26] and sum(groups, []) == list(range(80))
+    assert pass_bytes(36, 8192) <= 80e9 < pass_bytes(37, 8192)  # 36 per pass at most: 3 passes are the fewest
+    assert layer_groups([3, 1, 2], D, THREE_PASSES) == [[3], [1], [2]]  # their order kept
+    assert layer_groups([0, 1, 2], D, 10 ** 9) == [[0, 1, 2]]
+    with pytest.raises(NJTCError, match="cannot hold the statistics of one layer"):
+        layer_groups([0], D, THREE_PASSES - 1)
+
+
+def test_store_fit_in_three_passes_equals_one_pass(tiny_store):
+    with ActivationStore(tiny_store) as store:
+        for settings in ({"method": "nnjtc", "ranks": [4, 8]}, {"method": "jtc", "alpha": "auto"}):
+            calls = _counting(store)
+            one = fit_shortcuts(store, progress=False, **settings)
+            assert len(calls) == 1
+            three = fit_shortcuts(store, progress=False, max_memory=THREE_PASSES, **settings)
+            assert [sorted(c) for c in calls[1:]] == [[0, 3], [1, 3], [2, 3]]  # one read per source layer
+            for a, b in zip(three, one):
+                _same_maps(a, b)
+                assert a.stats["accumulation"]["passes"] == 3 and "passes" not in b.stats["accumulation"]
+
+
+def test_live_fit_in_three_passes_equals_one_pass(tiny_models):
+    model, tokenizer, name = load_model(str(tiny_models["llama"]))
+    live = LiveSource(model, tokenizer, load_corpus()[1], model_name=name, seq_len=32, max_tokens=1536, batch_size=4)
+    calls = _counting(live)
+    [one] = fit_shortcuts(live, method="njtc", ranks=[4], progress=False)
+    [three] = fit_shortcuts(live, method="njtc", ranks=[4], progress=False, max_memory=THREE_PASSES)
+    assert len(calls) == 1 + 3  # one forward pass over the corpus per group
+    _same_maps(three, one)
+
+
+def test_every_target_in_passes_equals_one_pass(tiny_store):
+    sources, targets = [0, 1, 2], [1, 2, 3]
+    budget = pair_pass_bytes(sources, [3], D)  # the highest target alone
+    assert target_groups(sources, targets, D, budget) == [[1], [2], [3]]
+    one = dict(fit_all_targets(str(tiny_store), method="njtc", ranks=[4], progress=False))
+    with ActivationStore(tiny_store) as store:
+        calls = _counting(store)
+        three = dict(fit_all_targets(store, method="njtc", ranks=[4], progress=False, max_memory=budget))
+    assert [sorted(c) for c in calls] == [[0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    assert list(three) == list(one) == targets
+    for t in targets:
+        _same_maps(three[t][0], one[t][0])
+    with pytest.raises(NJTCError, match="cannot hold the statistics of target layer 3"):
+        fit_all_targets(str(tiny_store), method="njtc", ranks=[4], progress=False, max_memory=budget - 1)
+
+
+def test_save_stats_in_several_passes_is_refused(tiny_store, tmp_path):
+    with pytest.raises(NJTCError, match="`save_stats` keeps every layer's statistics at once"):
+        fit_shortcuts(str(tiny_store), progress=False, max_memory=THREE_PASSES, save_stats=tmp_path / "s.safetensors")
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_torchrun_in_passes_equals_one_process_in_one_pass(tiny_store, tmp_path):
+    result = torchrun("njtc_solve.fit", "--store", str(tiny_store), "--method", "njtc", "--rank", "4",
+                      "--chunk-rows", "300", "--max-memory", str(THREE_PASSES), "--out", str(tmp_path / "d.safetensors"),
+                      "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    [one] = fit_shortcuts(str(tiny_store), method="njtc", ranks=[4], chunk_rows=300, progress=False)
+    dist = Shortcuts.load(tmp_path / "d.safetensors")
+    assert dist.stats["accumulation"]["passes"] == 3
+    _same_maps(dist, one)
+
+
+def test_a_budget_below_one_layer_is_refused_before_any_work(tiny_store, tiny_models, tmp_path, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the budget was checked")
+
+    monkeypatch.setattr(ActivationStore, "iter_chunks", no_work)
+    out = tmp_path / "maps.safetensors"
+    _one_line_exit_2(in_process(capsys, "njtc_solve.fit", "--store", str(tiny_store), "--max-memory", "10kB",
+                                "--out", str(out)), "--max-memory 10.0 kB cannot hold the statistics of one layer")
+    _one_line_exit_2(in_process(capsys, "njtc_solve.fit", "--store", str(tiny_store), "--target-layer", "all",
+                                "--max-memory", "10kB", "--out", str(out)), "--max-memory 10.0 kB cannot hold")
+    monkeypatch.setattr("njtc_solve.core.models.load_model", no_work)  # a live fit: before the model loads
+    _one_line_exit_2(in_process(capsys, "njtc_solve.fit", "--model", str(tiny_models["llama"]), "--max-memory",
+                                "10kB", "--out", str(out)), "cannot hold the statistics of one layer")
+    _one_line_exit_2(in_process(capsys, "njtc_solve.fit", "--store", str(tiny_store), "--max-memory", "12 parsecs",
+                                "--out", str(out)), "--max-memory must be a size such as 40GB")
+    assert not out.exists()
+
+
+def _config_only(folder, tokenizer_from, **shape):
+    """A Hugging Face folder holding a Llama config.json of ``shape`` and a tokenizer: no weights."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=32000, **shape).save_pretrained(folder)
+    for path in tokenizer_from.iterdir():
+        if "token" in path.name:
+            shutil.copy(path, folder / path.name)
+    assert not [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
+    return folder
+
+
+def _passes(output: str) -> int:
+    return int(re.search(r"^  passes: (\d+) ", output, re.MULTILINE).group(1))
+
+
+def test_dry_run_plans_70b_in_passes_and_7b_in_one(tiny_models, tmp_path, capsys):
+    big = _config_only(tmp_path / "llama-2-70b", tiny_models["llama"], hidden_size=8192, intermediate_size=28672,
+                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8)
+    small = _config_only(tmp_path / "llama-2-7b", tiny_models["llama"], hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
+    result = in_process(capsys, "njtc_solve.fit", "--model", str(big), "--dry-run", "--max-memory", "80GB",
+                        "--model-dtype", "bfloat16", "--max-tokens", "1000000")
+    assert result.returncode == 0, result.stderr
+    assert _passes(result.stdout) >= 2, result.stdout
+    assert "69.0 B parameters, 138.0 GB in bfloat16" in result.stdout.replace("68.98", "69.0")
+    assert "750,000 training tokens" in result.stdout and "estimated time" in result.stdout
+    result = in_process(capsys, "njtc_solve.fit", "--model", str(small), "--dry-run", "--max-memory", "80GB")
+    assert result.returncode == 0, result.stderr
+    assert _passes(result.stdout) == 1 and "32 source layers: 0-31" in result.stdout, result.stdout
+    plan = FitSpec(max_memory="80GB").plan(model=str(big))  # the same from Python
+    assert len(plan.passes) == _passes(str(plan)) >= 2 and sum(plan.passes, ()) == tuple(range(80))
+
+
+def test_dry_run_of_a_store_reads_no_row(tiny_store, capsys, monkeypatch):
+    monkeypatch.setattr(ActivationStore, "iter_chunks", lambda *a, **k: pytest.fail("a row was read"))
+    result = in_process(capsys, "njtc_solve.fit", "--store", str(tiny_store), "--dry-run", "--max-memory",
+                        str(THREE_PASSES))
+    assert result.returncode == 0, result.stderr
+    assert _passes(result.stdout) == 3 and "one read of the store each" in result.stdout
+    with ActivationStore(tiny_store) as store:
+        assert f"{store.count('train', 1):,} training tokens" in result.stdout
+
+
+def test_the_plan_of_every_target_splits_the_targets_as_the_fit_does(tiny_store):
+    budget = pair_pass_bytes([0, 1, 2], [3], D)
+    plan = FitSpec(method="njtc", ranks=[4], target_layer="all", max_memory=budget).plan(store=str(tiny_store))
+    assert plan.passes == ((1,), (2,), (3,)) and plan.target == "all" and plan.pass_bytes <= budget
+    assert "3 (1 + 1 + 1 target layers: 1 | 2 | 3)" in str(plan)
