@@ -23,6 +23,7 @@ inflates it with the browser's ``DecompressionStream``.
 
 Examples
 --------
+>>> from njtc_solve.eval.lens import ShortcutLens
 >>> traj = ShortcutLens.from_model(model, None, tokenizer).trajectory(["def add(a, b):", "import os"], k=3)
 >>> page = traj.to_html("lens.html")
 >>> page.startswith("<!DOCTYPE html>") and "http" not in page.split("<body>")[1]
