@@ -66,12 +66,11 @@ def test_the_page_holds_the_trajectory_cell_for_cell(traj):
         assert (a["valid"] == ok).all() and ok.all()
         ids = traj.topk_ids[:, p, :, :n]
         assert (a["topk"] == np.array(traj.decode(ids.ravel()), dtype=object).reshape(ids.shape)).all()
-        # probabilities: round(-2048 ln p) in 16 bits, relative error <= 2.4e-4
-        np.testing.assert_allclose(a["topk_p"], traj.topk_probs[:, p, :, :n], rtol=1.5e-3)
-        np.testing.assert_allclose(a["final_prob"], traj.final_prob[:, p, :, :n], rtol=1.5e-3)
-        # entropy and KL in float16: relative error <= 4.9e-4
-        np.testing.assert_allclose(a["entropy"].astype(float), traj.entropy[:, p, :, :n], rtol=2.5e-3, atol=1e-6)
-        np.testing.assert_allclose(a["kl"].astype(float), traj.kl[:, p, :, :n], rtol=2.5e-3, atol=1e-6)
+        # numbers to 3 significant digits: relative error <= 5e-3
+        np.testing.assert_allclose(a["topk_p"], traj.topk_probs[:, p, :, :n], rtol=2.5e-2)
+        np.testing.assert_allclose(a["final_prob"], traj.final_prob[:, p, :, :n], rtol=2.5e-2)
+        np.testing.assert_allclose(a["entropy"].astype(float), traj.entropy[:, p, :, :n], rtol=2.5e-2)
+        np.testing.assert_allclose(a["kl"].astype(float), traj.kl[:, p, :, :n], rtol=2.5e-2)
         assert (a["final_rank"] == traj.final_rank[:, p, :, :n]).all()
 
 
@@ -89,7 +88,8 @@ def test_page_size_and_self_containment(traj):
     page = traj.to_html()
     body = page.split("<body>")[1]
     assert "http://" not in body and "https://" not in body and "src=" not in body
-    assert len(page.encode()) < 60_000  # 3 lenses x 2 prompts of the tiny model
+    cells = traj.valid.sum()  # each with its top-10: about 130 bytes (numbers to 3 digits), plus the script
+    assert len(page.encode()) < 20_000 + 200 * cells
     html = traj._repr_html_()
     assert html.startswith("<iframe srcdoc=") and "lens-data" in html
 
@@ -208,7 +208,7 @@ def test_cli_reads_every_lens_and_prompt_into_one_page(tiny_models, maps, tmp_pa
         a = data["prompts"][r["prompt"]]["arrays"]
         m, layer, t = data["methods"].index(r["method"]), r["layer"], r["position"]
         assert list(a["topk"][m, layer, t]) == r["topk_tokens"] and a["final_rank"][m, layer, t] == r["final_rank"]
-        np.testing.assert_allclose(a["topk_p"][m, layer, t], r["topk_probs"], rtol=1.5e-3)
+        np.testing.assert_allclose(a["topk_p"][m, layer, t], r["topk_probs"], rtol=2.5e-2)
     # two files of one name: both read, named apart by their files; one file twice: refused
     other = tmp_path / "other"
     other.mkdir()

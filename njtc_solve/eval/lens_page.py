@@ -16,10 +16,9 @@ Each cell is a ``<td class="cell">`` with ``data-layer``, ``data-position`` and 
 (the top-1 token's text), so scripts can read the page; :func:`read_page_data` reads the embedded
 data back into arrays.
 
-Size: per prompt, each field is a binary array (token strings as indices into one table of the
-page's distinct tokens; probabilities as ``round(-2048·ln p)`` in 16 bits, 2.4e-4 relative; entropy
-and KL as float16; ranks as 32-bit integers), gzip-compressed and base64-encoded; the page
-inflates it with the browser's ``DecompressionStream``.
+The data is plain JSON: the page's distinct token texts once, each cell's top-k as indices into
+them, probabilities, entropy and KL to 3 significant digits (what the page shows). 30 layers ×
+64 positions × 4 lenses with the top-10 each take about 1 MB.
 
 Examples
 --------
@@ -35,8 +34,6 @@ True
 
 from __future__ import annotations
 
-import base64
-import gzip
 import html
 import json
 import re
@@ -54,107 +51,74 @@ STATISTICS = {  # statistic -> its label on the page (fields of Trajectory)
     "entropy": "entropy of the lens, nats",
 }
 
-_LOG_SCALE = 2048.0  # probabilities stored as round(-_LOG_SCALE * ln p) in 16 bits
-_MISSING = 65535
+_FIELDS = ("topk", "topk_p", "entropy", "kl", "valid", "final_prob", "final_rank")  # per cell, in this order
 
 
-def _quantise(p: np.ndarray) -> np.ndarray:
-    """Probabilities as ``round(-2048 ln p)`` in uint16 (down to 1.3e-14; NaN becomes 65535)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.round(-_LOG_SCALE * np.log(np.asarray(p, np.float64)))
-    return np.where(np.isnan(q), _MISSING, np.clip(q, 0, _MISSING - 1)).astype("<u2")
-
-
-def _dequantise(q: np.ndarray) -> np.ndarray:
-    return np.where(q == _MISSING, np.nan, np.exp(-q.astype(np.float64) / _LOG_SCALE))
-
-
-def _fields(traj, index_dtype: str) -> list[tuple[str, str, int]]:
-    """``(name, dtype, values per cell)`` of each binary field of a prompt, in the blob's order."""
-    k = traj.topk_ids.shape[-1]
-    fields = [("topk", index_dtype, k), ("topk_p", "<u2", k), ("entropy", "<f2", 1), ("kl", "<f2", 1),
-              ("valid", "|u1", 1)]
-    if traj.final_prob is not None:
-        fields += [("final_prob", "<u2", 1), ("final_rank", "<u4", 1)]
-    return fields
-
-
-def _blob(arrays: list[np.ndarray]) -> str:
-    """Arrays concatenated (each start aligned to 4 bytes), gzip-compressed, base64-encoded."""
-    parts = []
-    for a in arrays:
-        raw = np.ascontiguousarray(a).tobytes()
-        parts.append(raw + b"\0" * (-len(raw) % 4))
-    return base64.b64encode(gzip.compress(b"".join(parts), compresslevel=9, mtime=0)).decode("ascii")
+def _rounded(values: np.ndarray) -> list:
+    """Numbers to 3 significant digits (what the page shows), NaN as ``null``: JSON stays short."""
+    return [None if x != x else float(f"{x:.3g}") for x in np.asarray(values, np.float64).ravel().tolist()]
 
 
 def page_data(traj, *, title: str | None = None, prompts: list[str] | None = None,
               meta: dict | None = None) -> dict:
-    """The data the page embeds: a table of distinct token strings and, per prompt, its tokens and
-    one compressed binary blob of every field (see the module's docstring)."""
+    """The data the page embeds (JSON): a table of the distinct token texts and, per prompt, its
+    tokens and each per-cell field as one flat list in ``[method, layer, position(, k)]`` order."""
     valid = traj.valid
-    ids = [traj.topk_ids[valid].ravel(), traj.final_top1.ravel(), *map(np.asarray, traj.token_ids)]
-    every = np.unique(np.concatenate(ids))
+    every = np.unique(np.concatenate([traj.topk_ids[valid].ravel(), traj.final_top1.ravel(),
+                                      *map(np.asarray, traj.token_ids)]))
     every = every[every >= 0]
     texts = traj.decode(every)
     strings = sorted(set(texts))
     where = {s: i for i, s in enumerate(strings)}
-    index_dtype = "<u2" if len(strings) < 65535 else "<u4"
-    none = np.iinfo(np.dtype(index_dtype)).max
-    lookup = np.full(int(every.max()) + 2 if len(every) else 1, none, np.int64)
-    lookup[every] = [where[t] for t in texts]  # token id -> index of its text; -1 -> none
-    fields = _fields(traj, index_dtype)
+    lookup = np.full(int(every.max()) + 2, -1, np.int64)  # token id -> index of its text; -1 (missing) -> -1
+    lookup[every] = [where[t] for t in texts]
+    has_final = traj.final_prob is not None
+    fields = [f for f in _FIELDS if has_final or not f.startswith("final_")]
+    k = int(traj.topk_ids.shape[-1])
     out_prompts = []
     for p, tokens in enumerate(traj.token_ids):
         n = len(tokens)
-        cells = {"topk": lookup[traj.topk_ids[:, p, :, :n]], "topk_p": _quantise(traj.topk_probs[:, p, :, :n]),
-                 "entropy": traj.entropy[:, p, :, :n], "kl": traj.kl[:, p, :, :n],
-                 "valid": traj.valid[:, p, :, :n]}
-        if traj.final_prob is not None:
-            cells["final_prob"] = _quantise(traj.final_prob[:, p, :, :n])
-            cells["final_rank"] = traj.final_rank[:, p, :, :n]
-        arrays = [np.asarray(cells[name]).astype(dtype) for name, dtype, _ in fields]  # topk: -1 -> none
+        cells = {"topk": lookup[traj.topk_ids[:, p, :, :n]].ravel().tolist(),
+                 "topk_p": _rounded(traj.topk_probs[:, p, :, :n]), "entropy": _rounded(traj.entropy[:, p, :, :n]),
+                 "kl": _rounded(traj.kl[:, p, :, :n]), "valid": traj.valid[:, p, :, :n].astype(int).ravel().tolist()}
+        if has_final:
+            cells["final_prob"] = _rounded(traj.final_prob[:, p, :, :n])
+            cells["final_rank"] = traj.final_rank[:, p, :, :n].ravel().tolist()
         out_prompts.append({
             "text": prompts[p] if prompts is not None and p < len(prompts) else None,
             "tokens": [int(lookup[t]) for t in tokens], "final": [int(lookup[t]) for t in traj.final_top1[p, :n]],
-            "data": _blob(arrays),
+            "cells": cells,
         })
     vocab = getattr(traj.tokenizer, "vocab_size", None) if traj.tokenizer is not None else None
     return {"format": PAGE_FORMAT, "version": 1, "title": title or "njtc_solve lens", "meta": meta or {},
-            "methods": list(traj.methods), "n_layers": int(traj.n_layers), "k": int(traj.topk_ids.shape[-1]),
-            "vocab_size": int(vocab) if vocab else None, "log_scale": _LOG_SCALE,
-            "statistics": {name: label for name, label in STATISTICS.items()
-                           if traj.final_prob is not None or name in ("kl", "entropy")},
-            "fields": [[name, dtype, count] for name, dtype, count in fields],
+            "methods": list(traj.methods), "n_layers": int(traj.n_layers), "k": k,
+            "vocab_size": int(vocab) if vocab else None,
+            "statistics": {name: label for name, label in STATISTICS.items() if has_final or name in ("kl", "entropy")},
+            "fields": {name: k if name.startswith("topk") else 1 for name in fields},
             "strings": strings, "prompts": out_prompts}
 
 
 def read_page_data(page: str) -> dict:
-    """The data embedded in a page written by :func:`lens_page`, its blobs decoded.
+    """The data embedded in a page written by :func:`lens_page`.
 
-    Returns the embedded JSON with, per prompt, ``tokens`` and ``final`` as strings and
-    ``arrays``: name -> array of shape ``(method, layer, position[, k])`` (``topk`` as strings,
-    ``topk_p`` and ``final_prob`` as probabilities, NaN where a cell is not valid).
+    Returns the embedded JSON with, per prompt, ``tokens`` and ``final`` as texts and
+    ``arrays``: field -> array of shape ``(method, layer, position[, k])`` (``topk`` as texts;
+    NaN, or ``None`` for a text, where a cell is not valid).
     """
     found = re.search(r'<script type="application/json" id="lens-data">(.*?)</script>', page, re.S)
     if found is None:
         raise ValueError("not a lens page: no embedded lens data")
     data = json.loads(found.group(1))
-    strings = np.array(data["strings"] + [""], dtype=object)
+    strings = np.array(data["strings"] + [None], dtype=object)  # index -1: none
     n_m, n_l = len(data["methods"]), data["n_layers"] + 1
     for prompt in data["prompts"]:
-        raw, at, arrays = gzip.decompress(base64.b64decode(prompt["data"])), 0, {}
-        n = len(prompt["tokens"])
-        for name, dtype, count in data["fields"]:
-            size = n_m * n_l * n * count
-            a = np.frombuffer(raw, dtype, size, at).reshape((n_m, n_l, n) + ((count,) if count > 1 else ()))
-            at += -(-size * np.dtype(dtype).itemsize // 4) * 4
-            arrays[name] = a
-        arrays["topk"] = strings[np.minimum(arrays["topk"].astype(np.int64), len(strings) - 1)]
-        for name in ("topk_p", "final_prob"):
-            if name in arrays:
-                arrays[name] = _dequantise(arrays[name])
+        shape = (n_m, n_l, len(prompt["tokens"]))
+        arrays = {name: np.array([np.nan if v is None else v for v in prompt["cells"][name]], np.float64)
+                  .reshape(shape + ((count,) if count > 1 else ())) for name, count in data["fields"].items()}
+        arrays["topk"] = strings[arrays["topk"].astype(np.int64)]
         arrays["valid"] = arrays["valid"].astype(bool)
+        if "final_rank" in arrays:
+            arrays["final_rank"] = arrays["final_rank"].astype(np.int64)
         prompt["arrays"] = arrays
         prompt["tokens"] = [data["strings"][i] for i in prompt["tokens"]]
         prompt["final"] = [data["strings"][i] for i in prompt["final"]]
@@ -270,39 +234,17 @@ const $ = id => document.getElementById(id);
 const state = {prompt: 0, lens: 0, compare: -1, statistic: Object.keys(DATA.statistics)[0], pinned: null};
 const prompts = [];  // decoded per prompt: {n, fields: {name: typed array}}
 
-function half(h) {  // float16 bits -> number
-  const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, f = h & 0x3ff;
-  if (e === 0) return s * Math.pow(2, -14) * (f / 1024);
-  if (e === 31) return f ? NaN : s * Infinity;
-  return s * Math.pow(2, e - 15) * (1 + f / 1024);
-}
-
-async function inflate(b64) {
-  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
-  return await new Response(stream).arrayBuffer();
-}
-
-const TYPES = {"<u2": Uint16Array, "<u4": Uint32Array, "<f2": Uint16Array, "|u1": Uint8Array};
-
-async function decode(prompt) {
-  const buffer = await inflate(prompt.data), n = prompt.tokens.length, fields = {};
-  let at = 0;
-  for (const [name, dtype, count] of DATA.fields) {
-    const size = DATA.methods.length * (DATA.n_layers + 1) * n * count, Type = TYPES[dtype];
-    fields[name] = {array: new Type(buffer, at, size), count, half: dtype === "<f2"};
-    at += Math.ceil(size * Type.BYTES_PER_ELEMENT / 4) * 4;
-  }
-  return {n, fields};
+function decode(prompt) {
+  const fields = {};
+  for (const [name, count] of Object.entries(DATA.fields)) fields[name] = {array: prompt.cells[name], count};
+  return {n: prompt.tokens.length, fields};
 }
 
 // one cell's values: m method, l layer, t position
 function value(p, name, m, l, t, j = 0) {
   const f = prompts[p].fields[name], n = prompts[p].n;
-  const raw = f.array[((m * (DATA.n_layers + 1) + l) * n + t) * f.count + j];
-  if (f.half) return half(raw);
-  if (name === "topk_p" || name === "final_prob") return raw === 65535 ? NaN : Math.exp(-raw / DATA.log_scale);
-  return raw;
+  const v = f.array[((m * (DATA.n_layers + 1) + l) * n + t) * f.count + j];
+  return v === null ? NaN : v;
 }
 const valid = (p, m, l, t) => value(p, "valid", m, l, t) === 1;
 const token = (p, m, l, t, j = 0) => DATA.strings[value(p, "topk", m, l, t, j)];
@@ -506,8 +448,8 @@ function wire() {
   $("statistic").addEventListener("change", e => { state.statistic = e.target.value; paint(); });
 }
 
-async function main() {
-  for (const prompt of DATA.prompts) prompts.push(await decode(prompt));
+function main() {
+  for (const prompt of DATA.prompts) prompts.push(decode(prompt));
   options($("prompt"), DATA.prompts.map((q, i) => [i, `${i + 1}: ` +
     (q.text !== null ? q.text : q.tokens.map(s => DATA.strings[s]).join("")).slice(0, 80)]), 0);
   $("prompt").disabled = DATA.prompts.length < 2;
@@ -525,5 +467,5 @@ async function main() {
   $("status").textContent = "Ready.";
   document.body.dataset.ready = "1";
 }
-main().catch(err => { $("status").textContent = "Could not read the page's data: " + err; });
+try { main(); } catch (err) { $("status").textContent = "Could not show the page's data: " + err; }
 """
