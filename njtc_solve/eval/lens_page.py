@@ -161,16 +161,15 @@ _TEMPLATE = """<!DOCTYPE html>
 </head>
 <body>
 <header>
-  <h1>__TITLE__</h1>
-  <p id="subtitle"></p>
+  <div id="heading"><h1>__TITLE__</h1><p id="subtitle"></p></div>
   <form id="controls" onsubmit="return false">
     <label>Prompt <select id="prompt"></select></label>
     <label>Lens <select id="lens"></select></label>
     <label>Compare with <select id="compare"></select></label>
     <label>Colour by <select id="statistic"></select></label>
+    <div id="legend" aria-live="polite"><span id="legend-low"></span><span id="legend-bar"></span><span id="legend-high"></span>
+      <span id="legend-label"></span></div>
   </form>
-  <div id="legend" aria-live="polite"><span id="legend-low"></span><span id="legend-bar"></span><span id="legend-high"></span>
-    <span id="legend-label"></span></div>
 </header>
 <main>
   <div id="grid-wrap"><table id="grid" role="grid" aria-label="top-1 token per layer and position"></table></div>
@@ -188,23 +187,23 @@ _STYLE = """
 :root { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; font-size: 14px; color: #1b1b1b; }
 body { margin: 0; display: flex; flex-direction: column; height: 100vh; background: #fafafa; }
 header { padding: 6px 12px; border-bottom: 1px solid #ddd; background: #fff; }
-h1 { font-size: 16px; margin: 0 0 2px 0; }
-#subtitle { margin: 0 0 4px 0; color: #555; font-size: 12px; }
+#heading { display: flex; flex-wrap: wrap; align-items: baseline; gap: 0 12px; margin-bottom: 4px; }
+h1 { font-size: 16px; margin: 0; }
+#subtitle { margin: 0; color: #555; font-size: 12px; }
 #controls { display: flex; flex-wrap: wrap; gap: 4px 16px; }
 #controls select { font-size: 13px; max-width: 28em; }
-#legend { display: flex; align-items: center; gap: 6px; margin-top: 4px; font-size: 12px; color: #333; }
+#legend { display: flex; align-items: center; gap: 6px; font-size: 12px; color: #333; }
 #legend-bar { display: inline-block; width: 220px; height: 12px; border: 1px solid #999; }
 main { flex: 1; display: flex; min-height: 0; }
 #grid-wrap { flex: 1; overflow: auto; min-width: 0; }
 #grid { border-collapse: separate; border-spacing: 1px; font-family: ui-monospace, "DejaVu Sans Mono", Menlo, monospace;
         font-size: 11px; }
 #grid th { position: sticky; background: #fff; font-weight: normal; color: #333; z-index: 1; }
-#grid thead th { top: 0; height: 56px; vertical-align: bottom; padding: 0 1px; }
-#grid thead th span { display: inline-block; writing-mode: vertical-rl; transform: rotate(180deg); max-height: 54px;
-                      overflow: hidden; white-space: nowrap; }
+#grid thead th { top: 0; vertical-align: bottom; padding: 2px 1px; border-bottom: 1px solid #999; }
+#grid thead th small { display: block; color: #888; font-size: 9px; }
 #grid tbody th { left: 0; text-align: right; padding: 0 4px; z-index: 2; }
 #grid thead th.corner { left: 0; z-index: 3; }
-td.cell { min-width: 52px; max-width: 52px; height: 18px; padding: 0 2px; text-align: center; white-space: nowrap;
+td.cell { min-width: 52px; max-width: 52px; height: 15px; line-height: 15px; padding: 0 2px; text-align: center; white-space: nowrap;
           overflow: hidden; cursor: pointer; border-radius: 2px; }
 td.cell.invalid { background: repeating-linear-gradient(45deg, #eee, #eee 3px, #fff 3px, #fff 6px); color: #999; }
 td.cell.differs { text-decoration: underline dotted; }
@@ -267,6 +266,8 @@ const SCALES = {
   entropy: {raw: (p, m, l, t) => value(p, "entropy", m, l, t), fmt: v => v.toPrecision(3)},
 };
 
+const SHORT = {final_prob: "p(model's top-1)", final_rank: "its rank", kl: "KL", entropy: "entropy"};
+
 function extent(p, name) {  // the largest finite value of a statistic over the prompt's lenses
   let top = 0;
   const n = prompts[p].n;
@@ -311,10 +312,11 @@ function buildGrid() {
   corner.className = "corner"; corner.textContent = "layer";
   head.appendChild(corner);
   DATA.prompts[p].tokens.forEach((s, t) => {
-    const th = document.createElement("th"), span = document.createElement("span");
-    span.textContent = shown(DATA.strings[s], 10);
+    const th = document.createElement("th"), small = document.createElement("small");
+    small.textContent = t;
+    th.append(small, shown(DATA.strings[s]));
     th.title = `position ${t}: ${JSON.stringify(DATA.strings[s])}`;
-    th.appendChild(span); head.appendChild(th);
+    head.appendChild(th);
   });
   const body = grid.createTBody();
   for (let l = DATA.n_layers; l >= 0; l--) {
@@ -401,7 +403,7 @@ function showDetails(td) {
   const lenses = state.compare >= 0 ? [state.lens, state.compare] : [state.lens];
   for (const m of lenses) {
     if (!valid(p, m, l, t)) { const q = document.createElement("p"); q.textContent = `${lensName(m)}: no map for this layer`; box.appendChild(q); continue; }
-    const stats = Object.keys(DATA.statistics).map(name => `${name} ${SCALES[name].fmt(SCALES[name].raw(p, m, l, t))}`);
+    const stats = Object.keys(DATA.statistics).map(name => `${SHORT[name]} ${SCALES[name].fmt(SCALES[name].raw(p, m, l, t))}`);
     const q = document.createElement("p"); q.textContent = `${lensName(m)}: ${stats.join(", ")}`; box.appendChild(q);
     box.appendChild(topTable(`top-${DATA.k}: ${lensName(m)}, layer ${layerName(l)}`, p, m, l, t, finalToken));
   }
@@ -459,7 +461,8 @@ function main() {
   options($("compare"), [[-1, "— (one lens)"], ...lenses], -1);
   options($("statistic"), Object.entries(DATA.statistics), state.statistic);
   const meta = DATA.meta || {};
-  $("subtitle").textContent = [meta.model && `model ${meta.model}`, `${DATA.n_layers} layers`,
+  $("subtitle").textContent = [meta.model && !DATA.title.includes(meta.model) && `model ${meta.model}`,
+    `${DATA.n_layers} layers`,
     `${DATA.prompts.length} prompt${DATA.prompts.length > 1 ? "s" : ""}`,
     "rows: layers (out: the model's own output), columns: positions, cells: the lens's top-1 token"]
     .filter(Boolean).join(" · ");
