@@ -266,3 +266,21 @@ def test_cli_refuses_an_empty_prompt_file_and_a_prompt_past_the_context_before_t
     # a prompt that fits gets past the checks, to the load that fails
     done = in_process(capsys, "--model", folder, "--prompt", "word")
     assert done.returncode == 2 and "cannot load model" in done.stderr
+
+
+def test_a_lens_without_a_map_for_every_layer(llama, maps, browser, tmp_path):
+    model, tokenizer = llama
+    jtc = maps["jtc"]
+    partial = ShortcutLens.from_model(model, jtc.replace(maps={1: jtc.maps[1]}), tokenizer).trajectory(PROMPTS[:1], k=3)
+    path = tmp_path / "partial.html"
+    a = read_page_data(partial.to_html(path))["prompts"][0]["arrays"]
+    assert (a["valid"] == partial.valid[:, 0]).all() and a["valid"][1].sum() == 2 * len(partial.token_ids[0])
+    assert np.isnan(a["kl"][1, 0]).all() and (a["topk"][1, 0] == None).all()  # noqa: E711 (an object array)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(path.as_uri())
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+    hatched = browser.execute_script(  # no map: an empty, hatched cell
+        "return [...document.querySelectorAll('#grid td.cell.invalid')].map(c => [+c.dataset.layer, c.dataset.token])")
+    no_map = [layer for layer in range(partial.n_layers) if layer != 1]  # the tiny Llama: layers 0 and 2
+    assert sorted(hatched) == [[layer, ""] for layer in no_map for _ in partial.token_ids[0]]
