@@ -183,6 +183,14 @@ def test_the_page_in_a_browser(traj, browser, tmp_path):
     # the prompt selector
     _select(browser, "prompt", 1)
     assert len(_cells(browser)) == n_rows * len(traj.token_ids[1])
+    # in a notebook: the page inline, in an iframe
+    notebook = tmp_path / "notebook.html"
+    notebook.write_text(f"<html><body>{traj._repr_html_()}</body></html>", encoding="utf-8")
+    browser.get(notebook.as_uri())
+    browser.switch_to.frame(browser.find_element("tag name", "iframe"))
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+    assert len(_cells(browser)) == n_rows * n
+    browser.switch_to.default_content()
 
 
 # -- the command ---------------------------------------------------------------------------------
