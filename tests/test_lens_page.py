@@ -292,3 +292,18 @@ def test_a_lens_without_a_map_for_every_layer(llama, maps, browser, tmp_path):
         "return [...document.querySelectorAll('#grid td.cell.invalid')].map(c => [+c.dataset.layer, c.dataset.token])")
     no_map = [layer for layer in range(partial.n_layers) if layer != 1]  # the tiny Llama: layers 0 and 2
     assert sorted(hatched) == [[layer, ""] for layer in no_map for _ in partial.token_ids[0]]
+
+
+def test_token_texts_that_look_like_markup_stay_text(traj):
+    import dataclasses
+
+    class Markup:  # a tokenizer whose tokens are markup
+        vocab_size = 300
+
+        def decode(self, ids):
+            return f"</script><b id='{ids[0]}'>&amp;"
+
+    page = dataclasses.replace(traj, tokenizer=Markup()).to_html()
+    assert page.count("</script>") == 2  # the data's and the code's own
+    data = read_page_data(page)
+    assert data["prompts"][0]["tokens"][0] == Markup().decode([traj.token_ids[0][0]])
