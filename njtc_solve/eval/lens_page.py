@@ -40,7 +40,7 @@ import re
 
 import numpy as np
 
-__all__ = ["PAGE_FORMAT", "STATISTICS", "inline_frame", "lens_page", "read_page_data"]
+__all__ = ["PAGE_FORMAT", "STATISTICS", "inline_frame", "lens_page", "page_data", "read_page_data"]
 
 PAGE_FORMAT = "njtc-lens-page"
 
