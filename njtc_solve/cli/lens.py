@@ -1,5 +1,5 @@
-"""``python -m njtc_solve.lens``: a live model read through its shortcuts for one prompt, layer by
-layer: a table, and with ``--out`` the trajectory figure, JSON and CSV."""
+"""``python -m njtc_solve.lens``: a live model read through its shortcuts for one or more prompts,
+layer by layer: a table, and with ``--out`` the trajectory figure, JSON, CSV and interactive page."""
 
 from __future__ import annotations
 
@@ -19,15 +19,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("lens"), description=library.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model: .gguf file, Hugging Face folder or hub name (default: SmolLM2-135M)")
-    p.add_argument("--shortcuts", help="shortcut file fitted on this model (default: the logit lens alone)")
-    p.add_argument("--tuned-lens", metavar="DIR", help="a tuned-lens folder to read instead of a shortcut file")
+    p.add_argument("--shortcuts", action="append", metavar="FILE",
+                   help="shortcut file fitted on this model; repeat it to read several (default: the logit lens alone)")
+    p.add_argument("--tuned-lens", metavar="DIR", help="a tuned-lens folder to read as well")
     p.add_argument("--jacobian-lens", metavar="DIR", help="a Jacobian-lens folder or .pt file (TransformerLens's "
-                   "JacobianLens) to read instead of a shortcut file")
+                   "JacobianLens) to read as well")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to read")
-    prompt.add_argument("--prompt-file", metavar="FILE", help="read the text from this UTF-8 file instead")
-    p.add_argument("--out", help="folder for trajectory.png, .json and .csv (default: print the table only)")
-    p.add_argument("--top-k", type=int, default=5, help="top tokens kept per cell (default: 5)")
+    prompt.add_argument("--prompt-file", metavar="FILE",
+                        help="read the prompts from this UTF-8 file instead, one per line (blank lines skipped)")
+    p.add_argument("--out", help="folder for trajectory.png, .json, .csv and lens.html (the interactive page; "
+                   "default: print the table only)")
+    p.add_argument("--top-k", type=int, default=10, help="top tokens kept per cell (default: 10)")
     p.add_argument("--color", choices=("kl", "prob"), default="kl",
                    help="cell colour: KL to the final distribution (default) or top-1 probability")
     p.add_argument("--max-positions", type=int, default=24, help="positions drawn in the figure (the last; default 24)")
@@ -37,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prompt_text(args) -> str:
-    """The prompt of ``--prompt`` or ``--prompt-file``, checked to be non-empty UTF-8 text."""
+def _prompt_texts(args) -> list[str]:
+    """The prompts: ``--prompt``, or each non-blank line of ``--prompt-file``; checked to be UTF-8 text."""
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
@@ -49,7 +52,10 @@ def _prompt_text(args) -> str:
             raise NJTCError(f"--prompt-file {path} is not UTF-8 text") from None
         except OSError as err:
             raise NJTCError(f"cannot read --prompt-file {path}: {err.strerror}") from None
-        where = f"--prompt-file {path}"
+        prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise NJTCError(f"--prompt-file {path} holds no prompt (one per line)")
+        return prompts
     else:
         text, where = args.prompt, "--prompt"
         try:  # undecodable bytes in the command line arrive as lone surrogates
@@ -58,7 +64,27 @@ def _prompt_text(args) -> str:
             raise NJTCError("--prompt is not UTF-8 text") from None
     if not text.strip():
         raise NJTCError(f"{where} is empty")
-    return text
+    return [text]
+
+
+def _check_context(args, prompts: list[str]) -> None:
+    """Refuse a prompt longer than the model's context, from its configuration, before the model loads.
+
+    A token holds at least one byte of text, so a prompt of fewer UTF-8 bytes than the context
+    (less a margin for special tokens) fits; only a longer one is tokenised here, by the
+    tokenizer alone. The lens checks the token counts again once the model is loaded.
+    """
+    from njtc_solve.core.models import context_length, load_tokenizer, model_config
+
+    limit = context_length(model_config(args.model))
+    if limit is None or all(len(text.encode("utf-8")) + 16 <= limit for text in prompts):
+        return
+    tokenizer = load_tokenizer(args.model)
+    for i, text in enumerate(prompts):
+        n = len(tokenizer(text)["input_ids"])
+        if n > limit:
+            where = "--prompt" if args.prompt_file is None else f"prompt {i + 1} of --prompt-file {args.prompt_file}"
+            raise NJTCError(f"{where} has {n} tokens; the model reads at most {limit}")
 
 
 def _check_arguments(args) -> Path | None:
@@ -81,11 +107,20 @@ def _check_arguments(args) -> Path | None:
                          command_inputs(args, "model", "shortcuts", "prompt_file") + lens_files)
         check_folder_output(out, "--out", library.LENS_FILES, library._is_lens_output)
     check_device(args.device)
-    given = [flag for flag, value in (("--shortcuts", args.shortcuts), ("--tuned-lens", args.tuned_lens),
-                                      ("--jacobian-lens", args.jacobian_lens)) if value is not None]
-    if len(given) > 1:
-        raise NJTCError(f"{' and '.join(given)} exclude each other: read one lens beside the logit lens")
+    seen = set()
+    for path in args.shortcuts or []:
+        if Path(path).resolve() in seen:
+            raise NJTCError(f"--shortcuts {path} is given twice")
+        seen.add(Path(path).resolve())
     return out
+
+
+def _lens_names(lenses) -> list[str]:
+    """Distinct names of the lenses ``(path, Shortcuts)``: a name given twice gets its file's name, or path, too."""
+    names = [sc.name for _, sc in lenses]
+    names = [name if names.count(name) == 1 else f"{name} ({Path(path).name})" for name, (path, _) in zip(names, lenses)]
+    return [name if names.count(name) == 1 else f"{name.rpartition(' (')[0]} ({path})"
+            for name, (path, _) in zip(names, lenses)]
 
 
 @command(build_parser, k="--top-k")
@@ -93,43 +128,52 @@ def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.lens``."""
     import torch
 
+    from njtc_solve.maps.compatibility import check_compatible
     from njtc_solve.maps.jacobian_lens import read_jacobian_lens
     from njtc_solve.maps.tuned_lens import read_tuned_lens
     from njtc_solve.core.head import Head
     from njtc_solve.core.models import load_model, model_sha256
     from njtc_solve.maps.shortcuts import Shortcuts
 
-    args.prompt = _prompt_text(args)
+    prompts = _prompt_texts(args)
     out = _check_arguments(args)
-    shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)
-    vocab = shortcuts.head_description.get("vocab_size") if shortcuts is not None else None
-    if isinstance(vocab, int) and args.top_k > vocab:
-        raise NJTCError(f"--top-k {args.top_k} is above the vocabulary of the maps' model ({vocab} tokens)")
+    lenses = [(str(path), Shortcuts.load(path)) for path in args.shortcuts or []]
+    for _, shortcuts in lenses:
+        vocab = shortcuts.head_description.get("vocab_size")
+        if isinstance(vocab, int) and args.top_k > vocab:
+            raise NJTCError(f"--top-k {args.top_k} is above the vocabulary of the maps' model ({vocab} tokens)")
     if args.tuned_lens is not None:
         read_tuned_lens(args.tuned_lens)  # a bad folder is refused before the model loads
     if args.jacobian_lens is not None:
         read_jacobian_lens(args.jacobian_lens)
+    _check_context(args, prompts)
     model, tokenizer, name = load_model(args.model, progress=False)
     sha = model_sha256(model)  # of the float32 weights the maps were fitted on
     if args.tuned_lens is not None:
-        shortcuts = read_tuned_lens(args.tuned_lens, head=Head.from_model(model), model_sha256=sha)
+        lenses.append((args.tuned_lens, read_tuned_lens(args.tuned_lens, head=Head.from_model(model), model_sha256=sha)))
     if args.jacobian_lens is not None:
         from njtc_solve.core.architectures import resolve_parts
 
-        shortcuts = read_jacobian_lens(args.jacobian_lens, head=Head.from_model(model),
-                                       n_layers=len(resolve_parts(model)[1]), model_sha256=sha)
+        lenses.append((args.jacobian_lens, read_jacobian_lens(args.jacobian_lens, head=Head.from_model(model),
+                                                              n_layers=len(resolve_parts(model)[1]), model_sha256=sha)))
+    for _, shortcuts in lenses:  # every lens is checked against the model before the first is read
+        check_compatible(shortcuts, model, model_sha256=sha)
     model.to(device=args.device, dtype=getattr(torch, args.dtype))
-    lens = library.ShortcutLens.from_model(model, shortcuts, tokenizer, model_sha256=sha)
-    traj = lens.trajectory(args.prompt, k=args.top_k)
-    print(f"model: {name}\n{traj.summary()}")
+    trajectories = [library.ShortcutLens.from_model(model, shortcuts, tokenizer, model_sha256=sha)
+                    .trajectory(prompts, k=args.top_k) for _, shortcuts in lenses or [(None, None)]]
+    traj = library.merge_trajectories(trajectories, names=_lens_names(lenses) if lenses else None)
+    print(f"model: {name}")
+    for i in range(len(prompts)):
+        print((f"prompt {i + 1}: " if len(prompts) > 1 else "") + traj.summary(i))
     n = len(traj.token_ids[0])
     if n > args.max_positions:
         print(f"the figure shows the last {args.max_positions} of {n} positions (--max-positions)")
     if out is None:
         return 0
     meta = {"model": name, "shortcuts": args.shortcuts, "tuned_lens": args.tuned_lens,
-            "jacobian_lens": args.jacobian_lens, "prompt": args.prompt,
-            "methods": traj.methods, "n_layers": traj.n_layers, "dtype": args.dtype}
+            "jacobian_lens": args.jacobian_lens, "prompt": prompts[0], "prompts": prompts,
+            "methods": traj.methods, "n_layers": traj.n_layers, "dtype": args.dtype,
+            "title": f"Lens of {name}"}
     paths = library.write_trajectory(traj, out, meta=meta, color=args.color, max_positions=args.max_positions)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -20,8 +20,9 @@ import torch
 from njtc_solve.core.architectures import GGUF_MODEL_TYPES, check_config, check_supported, custom_architecture
 from njtc_solve.core.errors import NJTCError
 
-__all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "ModelShape", "check_device", "default_model_path",
-           "gguf_reader", "load_model", "model_sha256", "model_shape"]
+__all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "ModelShape", "check_device", "context_length",
+           "default_model_path", "gguf_reader", "load_model", "load_tokenizer", "model_config", "model_sha256",
+           "model_shape"]
 
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -143,6 +144,45 @@ def _model_source(name: str | None, trust_remote_code: bool) -> tuple[str, str, 
             raise NJTCError(f"{path} is not a Hugging Face model folder (no config.json)")
         return name, str(path), kwargs
     return name, name, kwargs
+
+
+def model_config(name: str | None = None, *, trust_remote_code: bool = False):
+    """The configuration of the model :func:`load_model` would load, read without its weights.
+
+    A ``.gguf`` file gives a namespace holding ``model_type`` and ``max_position_embeddings``
+    from its metadata; a folder or hub name its transformers configuration.
+    """
+    from types import SimpleNamespace
+
+    name, source, kwargs = _model_source(name, trust_remote_code)
+    if "gguf_file" in kwargs:
+        reader = gguf_reader(Path(source) / kwargs["gguf_file"])
+        field = reader.fields["general.architecture"]
+        architecture = bytes(field.parts[field.data[0]]).decode()
+        field = reader.fields.get(f"{architecture}.context_length")
+        length = int(field.parts[field.data[0]][0]) if field is not None else None
+        return SimpleNamespace(model_type=GGUF_MODEL_TYPES.get(architecture, architecture),
+                               max_position_embeddings=length)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NJTCError(f"cannot load model {name!r}: {first}") from err
+
+
+def load_tokenizer(name: str | None = None, *, trust_remote_code: bool = False):
+    """The tokenizer :func:`load_model` would load, without the model."""
+    from transformers import AutoTokenizer
+
+    name, source, kwargs = _model_source(name, trust_remote_code)
+    try:
+        with _progress_bars(False):
+            return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NJTCError(f"cannot load model {name!r}: {first}") from err
 
 
 def check_device(device) -> None:
@@ -282,3 +322,12 @@ def model_shape(name: str | None = None, *, trust_remote_code: bool = False) -> 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(str(name), int(text.hidden_size), int(text.num_hidden_layers),
                       sum(p.numel() for p in model.parameters()))
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's position encoding allows, from its config; None where it sets none."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -7,7 +7,10 @@ Command line::
 prints a per-layer table and writes ``trajectory.png`` (the prediction-trajectory heatmap:
 layers × positions, each cell the top-1 token, coloured by KL to the model's final
 distribution or by the top-1 probability; the logit lens beside the shortcut),
-``trajectory.json`` and ``trajectory.csv`` into ``--out``.
+``trajectory.json``, ``trajectory.csv`` and ``lens.html`` (the same grid as one interactive,
+self-contained page: :mod:`njtc_solve.eval.lens_page`) into ``--out``. ``--shortcuts`` may be
+repeated, and goes with ``--tuned-lens`` and ``--jacobian-lens``: every lens given is read
+beside the logit lens; ``--prompt-file`` reads one prompt per line.
 
 :class:`ShortcutLens` follows tuned-lens's ``Lens`` conventions (``forward(h, idx) -> logits``,
 ``transform_hidden(h, idx)``), so code written for one runs with the other. Its metrics are
@@ -37,7 +40,7 @@ from njtc_solve.core.metrics import Reference, kl_divergence
 from njtc_solve.eval.report import write_csv
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
-__all__ = ["LENS_FILES", "ShortcutLens", "Trajectory", "plot_trajectory", "write_trajectory"]
+__all__ = ["LENS_FILES", "ShortcutLens", "Trajectory", "merge_trajectories", "plot_trajectory", "write_trajectory"]
 
 
 IDENTITY = "identity"  # the logit lens, named as in evaluation
@@ -169,7 +172,8 @@ class ShortcutLens(nn.Module):
         shape = (len(methods), n_b, n_l, n_t)
         out = {"topk_ids": np.full((*shape, k), -1, np.int64), "topk_probs": np.full((*shape, k), np.nan, np.float32),
                "entropy": np.full(shape, np.nan), "kl": np.full(shape, np.nan), "agrees": np.zeros(shape, bool),
-               "valid": np.zeros(shape, bool), "final_top1": np.full((n_b, n_t), -1, np.int64)}
+               "valid": np.zeros(shape, bool), "final_top1": np.full((n_b, n_t), -1, np.int64),
+               "final_prob": np.full(shape, np.nan, np.float32), "final_rank": np.zeros(shape, np.int64)}
         device, here = next(self.model.parameters()).device, self.head().unembed.device
         head = self.head()
         with capture_residual_stream(self.model) as hidden, torch.no_grad():
@@ -206,6 +210,8 @@ class ShortcutLens(nn.Module):
                             out["entropy"][m, p_, layer, t_] = (-own.neg_entropy).cpu().numpy()
                             out["kl"][m, p_, layer, t_] = kl_divergence(final, logits).cpu().numpy()
                             out["agrees"][m, p_, layer, t_] = (top.indices[:, 0] == own_top1[part]).cpu().numpy()
+                            for key, value in _final_token_stats(own, own_top1[part]).items():
+                                out[key][m, p_, layer, t_] = value
                             out["valid"][m, p_, layer, t_] = True
         return Trajectory(methods, ids, **out, tokenizer=self.tokenizer)
 
@@ -237,6 +243,12 @@ class ShortcutLens(nn.Module):
         return ids
 
 
+def _final_token_stats(own: Reference, final_top1: torch.Tensor) -> dict[str, np.ndarray]:
+    """Probability and rank (1 = the lens's top-1) the lens gives the model's own top-1, per row."""
+    logp = own.logp.gather(-1, final_top1[:, None])
+    return {"final_prob": logp[:, 0].exp().cpu().numpy(), "final_rank": ((own.logp > logp).sum(-1) + 1).cpu().numpy()}
+
+
 def _valid_rows(t: torch.Tensor, keep: torch.Tensor, device) -> torch.Tensor:
     """The rows ``t[keep]`` of a (batch, seq, ...) tensor, moved to ``device`` (for a model spread over devices)."""
     return t[keep.to(t.device)].to(device)
@@ -248,7 +260,9 @@ class Trajectory:
 
     Arrays are indexed ``[method, prompt, layer, position]`` (``topk_*`` have a last axis
     of ``k``); ``valid`` is False on padding and at layers a method has no map for.
-    ``final_top1[prompt, position]`` is the model's own top-1.
+    ``final_top1[prompt, position]`` is the model's own top-1; ``final_prob`` and ``final_rank``
+    (1 = the lens's top-1) what each lens gives it (``None`` in a trajectory read from a folder
+    written before they existed).
     """
 
     methods: list[str]
@@ -261,6 +275,8 @@ class Trajectory:
     valid: np.ndarray
     final_top1: np.ndarray
     tokenizer: object = None
+    final_prob: np.ndarray | None = None
+    final_rank: np.ndarray | None = None
 
     @property
     def n_layers(self) -> int:
@@ -292,7 +308,27 @@ class Trajectory:
                 "final_token": vocab[int(self.final_top1[p, t])],
                 "topk_tokens": [vocab[int(i)] for i in ids], "topk_probs": [float(x) for x in probs],
             })
+            if self.final_prob is not None:
+                out[-1].update(final_prob=float(self.final_prob[m, p, layer, t]),
+                               final_rank=int(self.final_rank[m, p, layer, t]))
         return out
+
+    def to_html(self, path=None, *, title: str | None = None, prompts: list[str] | None = None) -> str:
+        """The interactive page of this trajectory (:mod:`njtc_solve.eval.lens_page`), written to ``path``
+        when given (under a temporary name, then renamed); returns its text."""
+        from njtc_solve.eval.lens_page import lens_page
+
+        page = lens_page(self, title=title, prompts=prompts)
+        if path is not None:
+            with atomic_output(Path(path)) as tmp:
+                tmp.write_text(page, encoding="utf-8")
+        return page
+
+    def _repr_html_(self) -> str:
+        """The page inline in Jupyter: an ``iframe`` whose ``srcdoc`` is the whole page."""
+        from njtc_solve.eval.lens_page import inline_frame
+
+        return inline_frame(self.to_html())
 
     def to_pandas(self):
         """A tidy table: one row per method, prompt, layer and position (needs pandas)."""
@@ -384,7 +420,7 @@ def plot_trajectory(traj: Trajectory, *, prompt: int = 0, color: str = "kl", max
     return fig
 
 
-LENS_FILES = ("trajectory.png", "trajectory.json", "trajectory.csv")  # what --out receives
+LENS_FILES = ("trajectory.png", "trajectory.json", "trajectory.csv", "lens.html")  # what --out receives
 
 
 def _is_lens_output(folder: Path) -> bool:
@@ -399,7 +435,7 @@ def _is_lens_output(folder: Path) -> bool:
 
 def write_trajectory(traj: Trajectory, out, *, meta: dict | None = None, color: str = "kl",
                      max_positions: int = 24) -> dict[str, Path]:
-    """Write a trajectory's figure, JSON and CSV (:data:`LENS_FILES`) into the folder ``out``.
+    """Write a trajectory's figure, JSON, CSV and interactive page (:data:`LENS_FILES`) into the folder ``out``.
 
     ``trajectory.json`` holds ``meta`` beside the records and is written first: it is the
     marker by which a later run knows the folder is this project's. Each file is written under
@@ -408,7 +444,8 @@ def write_trajectory(traj: Trajectory, out, *, meta: dict | None = None, color: 
     out = Path(out)
     out.mkdir(exist_ok=True)
     records = traj.records()
-    paths = {"json": out / "trajectory.json", "png": out / "trajectory.png", "csv": out / "trajectory.csv"}
+    paths = {"json": out / "trajectory.json", "png": out / "trajectory.png", "csv": out / "trajectory.csv",
+             "html": out / "lens.html"}
     fig = plot_trajectory(traj, color=color, max_positions=max_positions)
     with atomic_output(paths["json"]) as tmp:
         tmp.write_text(json.dumps({"meta": meta or {}, "records": records}, ensure_ascii=False, indent=1))
@@ -416,4 +453,34 @@ def write_trajectory(traj: Trajectory, out, *, meta: dict | None = None, color: 
         fig.savefig(tmp, format="png", dpi=120)
     with atomic_output(paths["csv"]) as tmp:
         write_csv(tmp, records)
+    from njtc_solve.eval.lens_page import lens_page
+
+    page = lens_page(traj, title=(meta or {}).get("title"), prompts=(meta or {}).get("prompts"), meta=meta)
+    with atomic_output(paths["html"]) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return paths
+
+
+def merge_trajectories(trajectories: list[Trajectory], names: list[str] | None = None) -> Trajectory:
+    """One trajectory of several lenses read on the same prompts: the logit lens once, then each
+    trajectory's own lens, renamed ``names[i]`` where given (names must end up distinct)."""
+    first = trajectories[0]
+    keep = [(0, first.methods.index(IDENTITY))]
+    methods = [IDENTITY]
+    for i, traj in enumerate(trajectories):
+        if traj.token_ids != first.token_ids or traj.topk_ids.shape[2:] != first.topk_ids.shape[2:]:
+            raise NJTCError("trajectories to merge must read the same prompts with the same `k`")
+        for m, name in enumerate(traj.methods):
+            if name != IDENTITY:
+                keep.append((i, m))
+                methods.append(names[i] if names is not None else name)
+    if len(set(methods)) < len(methods):
+        raise NJTCError(f"lenses to merge need distinct names, not {methods}")
+
+    def stacked(field):
+        parts = [getattr(trajectories[i], field) for i, _ in keep]
+        return None if any(a is None for a in parts) else np.stack([a[m] for a, (_, m) in zip(parts, keep)])
+
+    fields = ("topk_ids", "topk_probs", "entropy", "kl", "agrees", "valid", "final_prob", "final_rank")
+    return Trajectory(methods, first.token_ids, final_top1=first.final_top1, tokenizer=first.tokenizer,
+                      **{f: stacked(f) for f in fields})
