@@ -88,6 +88,10 @@ class FitSpec:
         Rows per streamed chunk.
     float64 : bool
         Accumulate with float64 GEMMs.
+    one_jump : {None, True, "pooled", "select"}
+        One map shared by every source layer (:mod:`njtc_solve.solve.one_jump`): ``"pooled"``
+        (``True``) solves it on the stacked rows of all layers, ``"select"`` picks the per-layer
+        map whose loss over all layers is lowest. Needs two or more source layers and one target.
 
     Examples
     --------
@@ -110,6 +114,7 @@ class FitSpec:
     skip_positions: int | None = None
     chunk_rows: int = 4096
     float64: bool = False
+    one_jump: bool | str | None = None
 
     def __post_init__(self):
         method, ranks, normalize = check_method(self.method, self.ranks, self.normalize)
@@ -136,9 +141,11 @@ class FitSpec:
                 isinstance(l, Integral) and not isinstance(l, bool) and l >= 0 for l in layers)):
             raise NJTCError(f"`layers` must be a list of layer indices (whole numbers, 0 or more), not {layers!r}")
         check_device(self.device)
+        one_jump = _one_jump_mode(self.one_jump, target, layers)
         set_ = lambda name, value: object.__setattr__(self, name, value)  # completing a frozen instance
         set_("ranks", tuple(None if r is None else int(r) for r in ranks))
         set_("normalize", normalize)
+        set_("one_jump", one_jump)
         set_("alpha", "auto" if self.alpha == "auto" else float(self.alpha))
         if self.layers is not None:
             set_("layers", tuple(int(l) for l in self.layers))
@@ -171,6 +178,20 @@ class FitSpec:
             raise NJTCError(f"`target_layer` {self.target_layer}: fit_all_targets fits every target")
         return _fit_all_targets(self, store, statistics=statistics, save_stats=save_stats, progress=progress,
                                 check_outputs=check_outputs)
+
+
+def _one_jump_mode(one_jump, target, layers) -> str | None:
+    """``one_jump`` completed (``None``, ``"pooled"`` or ``"select"``), refused with ``target_layer`` all
+    or a single source layer."""
+    if one_jump not in (None, False, True, "pooled", "select"):
+        raise NJTCError(f"`one_jump` must be true, pooled or select, not {one_jump!r}")
+    mode = "pooled" if one_jump is True else one_jump or None
+    if mode and target == "all":
+        raise NJTCError("`one_jump` fits one map for the source layers of one target; `target_layer` all fits "
+                        "every target on its own")
+    if mode and layers is not None and len(set(layers)) == 1:
+        raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
+    return mode
 
 
 def _inverse_norm_scale(norm: str, eps: float, y) -> torch.Tensor:
@@ -316,7 +337,8 @@ def _prepare(stats: Statistics, layer: int, normalize: str, residual: bool, fit_
 def fit_from_statistics(stats: Statistics, *, method: str = "nnjtc", ranks: list[int] | None = (32,),
                         layers: list[int] | None = None, normalize: str | None = None, residual: bool = False,
                         weight_factor: torch.Tensor | None = None, fit_intercept: bool = True,
-                        alpha: float | str = 0.0, progress: bool = False) -> list[Shortcuts]:
+                        alpha: float | str = 0.0, progress: bool = False,
+                        one_jump: bool | str | None = None) -> list[Shortcuts]:
     """Solve shortcut maps from statistics; one :class:`Shortcuts` per rank.
 
     Parameters
@@ -339,12 +361,17 @@ def fit_from_statistics(stats: Statistics, *, method: str = "nnjtc", ranks: list
         Ridge penalty, or ``"auto"`` for generalised cross-validation per layer.
     progress : bool
         Show a bar over the layers' solves.
+    one_jump : {None, True, "pooled", "select"}
+        One map for every layer (see :class:`FitSpec`).
     """
     spec = FitSpec(method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual,
-                   fit_intercept=fit_intercept, alpha=alpha)
+                   fit_intercept=fit_intercept, alpha=alpha, one_jump=one_jump)
     spec.check_width(stats.meta.get("d_model"))
     _check_input_norm(stats.input_norm, spec.normalize)
     stats.check_finite()
+    if spec.one_jump:
+        return _fit_one_jump(stats, spec, layers=sorted(stats.layers) if layers is None else list(spec.layers),
+                             weight_factor=weight_factor)
     return _fit_statistics(stats, spec, layers=spec.layers, weight_factor=weight_factor, progress=progress)
 
 
@@ -477,7 +504,7 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
                   weight: str = "none", fit_intercept: bool = True, alpha: float | str = 0.0, device: str = "cpu",
                   statistics=None, save_stats=None, chunk_rows: int = 4096, float64: bool = False,
                   progress: bool = True, comm=None, skip_positions: int | None = None,
-                  target_layer: int | None = None) -> list[Shortcuts]:
+                  target_layer: int | None = None, one_jump: bool | str | None = None) -> list[Shortcuts]:
     """Fit shortcuts of ``method`` in closed form; one :class:`Shortcuts` per rank.
 
     The rows come from ``store``: an activation store (its path or reader) or a live
@@ -490,7 +517,8 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
     each process reads its share of the rows and solves its share of the layers, and rank 0
     returns them all (the other processes return an empty list). ``target_layer`` (default:
     the last layer) is the layer the maps predict; every source layer must be below it (see
-    :func:`fit_all_targets` for every target at once).
+    :func:`fit_all_targets` for every target at once). ``one_jump`` (``True``, ``"pooled"`` or
+    ``"select"``) fits one map shared by every source layer instead (:mod:`njtc_solve.solve.one_jump`).
 
     Examples
     --------
@@ -505,7 +533,7 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
     """
     spec = FitSpec(method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual, weight=weight,
                    fit_intercept=fit_intercept, alpha=alpha, device=device, target_layer=target_layer,
-                   skip_positions=skip_positions, chunk_rows=chunk_rows, float64=float64)
+                   skip_positions=skip_positions, chunk_rows=chunk_rows, float64=float64, one_jump=one_jump)
     return spec.fit(store, statistics=statistics, save_stats=save_stats, progress=progress, comm=comm)
 
 
@@ -532,6 +560,8 @@ def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, co
         spec.check_width(d_model)
         if not layers:
             raise NJTCError("no source layer to fit (the store holds the target layer alone?)")
+        if spec.one_jump and len(layers) < 2:
+            raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
         if store is not None:
             stats = _store_statistics(store, layers, target, spec, statistics=statistics, progress=progress, comm=comm)
         stats.meta["d_model"] = d_model
@@ -543,10 +573,19 @@ def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, co
         def solve(share):
             if save_stats is not None and first:
                 stats.save(save_stats, head)
-            fits = _fit_statistics(stats, spec, layers=share, weight_factor=factor, progress=progress and first)
+            fits = _fit_statistics(stats, spec, layers=share, weight_factor=factor, progress=progress and first) \
+                if not spec.one_jump else _fit_one_jump(stats, spec, layers=share, weight_factor=factor)
             return _for_head(fits, head)
 
+        if comm is not None and spec.one_jump:  # one map from every layer's statistics: rank 0 solves it
+            return _solve_shared(comm, lambda share: solve(layers) if comm.rank == 0 else [], layers)
         return solve(layers) if comm is None else _solve_shared(comm, solve, layers)
+
+
+def _fit_one_jump(stats, spec, *, layers, weight_factor):
+    from njtc_solve.solve.one_jump import fit_one_jump
+
+    return fit_one_jump(stats, spec, layers=layers, weight_factor=weight_factor)
 
 
 def _check_fit_inputs(store, *, statistics, save_stats) -> None:
