@@ -112,9 +112,15 @@ def test_gradient_descent_on_the_pooled_loss_never_beats_the_closed_form(tiny_st
     x = torch.cat([((torch.as_tensor(train_x[l]) - one.maps[l].norm_mean.double()) * one.maps[l].norm_scale.double())
                    for l in LAYERS])
     y = torch.as_tensor(train_y).repeat(len(LAYERS), 1)
+    # ‖Y - XW - 1bᵀ‖² over the stacked rows, expanded into their products (taken here, in float64)
+    xx, xy, yy, sx, sy, n = x.T @ x, x.T @ y, (y * y).sum(), x.sum(0), y.sum(0), len(x)
 
     def loss(u, v, b):
-        return ((y - x @ u @ v - b) ** 2).sum()
+        w = u @ v
+        return yy - 2 * (w * xy).sum() + (w * (xx @ w)).sum() - 2 * b @ (sy - w.T @ sx) + n * b @ b
+
+    u0, v0, b0 = one.maps[0].U.double(), one.maps[0].V.double(), one.maps[0].bias.double()
+    assert torch.isclose(loss(u0, v0, b0), ((y - x @ u0 @ v0 - b0) ** 2).sum(), rtol=1e-10)
 
     closed = float(loss(one.maps[0].U.double(), one.maps[0].V.double(), one.maps[0].bias.double()))
     g = torch.Generator().manual_seed(0)
@@ -129,7 +135,7 @@ def test_gradient_descent_on_the_pooled_loss_never_beats_the_closed_form(tiny_st
         opt = torch.optim.LBFGS(params, max_iter=300, line_search_fn="strong_wolfe", tolerance_grad=1e-12,
                                 tolerance_change=1e-15)
 
-        def step():
+        def step(opt=opt, params=params):
             opt.zero_grad()
             value = loss(*params)
             value.backward()

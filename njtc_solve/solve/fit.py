@@ -582,10 +582,32 @@ def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, co
         return solve(layers) if comm is None else _solve_shared(comm, solve, layers)
 
 
-def _fit_one_jump(stats, spec, *, layers, weight_factor):
-    from njtc_solve.solve.one_jump import fit_one_jump
+def _fit_one_jump(stats: Statistics, spec: FitSpec, *, layers, weight_factor) -> list[Shortcuts]:
+    """One map shared by every layer of ``layers``, per rank (:mod:`njtc_solve.solve.one_jump`)."""
+    from njtc_solve.solve.one_jump import LayerProblem, solve_one_jump
 
-    return fit_one_jump(stats, spec, layers=layers, weight_factor=weight_factor)
+    if len(layers) < 2:
+        raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
+    missing = [l for l in layers if l not in stats.layers]
+    if missing:
+        raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
+    problems = {}
+    for l in layers:  # centred moments of each layer's own regression (its normalisation, its target)
+        cxx, cxt, ctt, mean_x, mean_t, norm_mean, norm_scale = _prepare(stats, l, spec.normalize, spec.residual, True)
+        problems[l] = LayerProblem(cxx, cxt, ctt, mean_x, mean_t, float(stats.n), norm_mean, norm_scale)
+    per_layer = _fit_statistics(stats, spec, layers=layers, weight_factor=weight_factor) \
+        if spec.one_jump == "select" else None
+    solved = solve_one_jump(problems, mode=spec.one_jump, ranks=spec.ranks, fit_intercept=spec.fit_intercept,
+                            alpha=spec.alpha, normalize=spec.normalize, residual=spec.residual, n_rows=stats.n_rows,
+                            total_var=float(torch.trace(stats.cyy)), weight_factor=weight_factor, per_layer=per_layer)
+    fits = []
+    for rank, (maps, records, info) in solved.items():
+        sc = _shortcuts(stats, spec, rank=rank, maps=maps, records=records,
+                        weight="none" if weight_factor is None else "logits")
+        sc.one_jump, info["params"] = spec.one_jump, sc.total_params
+        sc.stats["one_jump"] = info
+        fits.append(sc)
+    return fits
 
 
 def _check_fit_inputs(store, *, statistics, save_stats) -> None:

@@ -6,8 +6,9 @@ every exit layer instead of one per layer. The function class is ``y ≈ x̃_l W
 only the input normalisation is the layer's own (``batch``: ``x̃_l = (x_l - μ_l) / σ_l``
 with layer l's training mean and standard deviation). Its least-squares optimum over the
 stacked rows of every layer is a solve on pooled moments, computed here from the per-layer
-statistics of one pass (:class:`~njtc_solve.solve.stats.Statistics`), every rank from one
-decomposition:
+statistics of one pass (:class:`~njtc_solve.solve.stats.Statistics`; the fit,
+:func:`njtc_solve.solve.fit.fit_shortcuts` with ``one_jump``, hands each layer's moments here),
+every rank from one decomposition:
 
 * per layer, the centred moments of the regression actually solved (normalised input
   ``x̃_l``, target ``t_l = y`` or ``y - x_l``), with means ``m_l`` and ``m_t,l``;
@@ -39,14 +40,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from njtc_solve.core.errors import NJTCError
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.solve.fit import FitSpec, _fit_statistics, _prepare, _shortcuts
 from njtc_solve.solve.solvers import gcv_alpha, gram_eigh, solve_reduced_rank, weight_root
-from njtc_solve.solve.stats import Statistics
 
-__all__ = ["LayerProblem", "fit_one_jump", "layer_problem", "map_loss",
-           "pooled_problem", "select_table"]
+__all__ = ["LayerProblem", "map_loss", "pooled_problem", "select_table", "solve_one_jump"]
 
 
 @dataclass
@@ -71,12 +68,6 @@ class LayerProblem:
         outer = lambda a, b: self.n * torch.outer(a, b)
         return (self.cxx + outer(self.mean_x, self.mean_x), self.cxt + outer(self.mean_x, self.mean_t),
                 self.ctt + outer(self.mean_t, self.mean_t))
-
-
-def layer_problem(stats: Statistics, layer: int, spec: FitSpec) -> LayerProblem:
-    """The centred moments of layer ``layer``'s regression under ``spec`` (its normalisation, residual target)."""
-    cxx, cxt, ctt, mean_x, mean_t, norm_mean, norm_scale = _prepare(stats, layer, spec.normalize, spec.residual, True)
-    return LayerProblem(cxx, cxt, ctt, mean_x, mean_t, float(stats.n), norm_mean, norm_scale)
 
 
 def pooled_problem(problems: list[LayerProblem]) -> LayerProblem:
@@ -111,124 +102,119 @@ def map_loss(p: LayerProblem, coef: torch.Tensor, bias: torch.Tensor | None, gam
     return float((gamma * resid).sum() + p.n * (e @ gamma @ e))
 
 
+def solve_one_jump(problems: dict[int, LayerProblem], *, mode: str, ranks, fit_intercept: bool, alpha,
+                   normalize: str, residual: bool, n_rows: int, total_var: float, weight_factor=None,
+                   per_layer: list[Shortcuts] | None = None) -> dict:
+    """One shared map for every layer of ``problems``, per rank: ``{rank: (maps, records, info)}``.
+
+    Parameters
+    ----------
+    problems : dict of int to LayerProblem
+        Each source layer's centred moments (two or more layers).
+    mode : {"pooled", "select"}
+        ``pooled``: the least squares over the stacked rows of every layer; ``select``: the map
+        of ``per_layer`` whose loss summed over every layer is lowest (:func:`select_table`).
+    ranks, fit_intercept, alpha, normalize, residual
+        As in :func:`~njtc_solve.solve.fit.fit_shortcuts` (``alpha`` ``"auto"``: GCV on the pooled rows).
+    n_rows : int
+        Rows per layer (GCV's count).
+    total_var : float
+        ``tr C_yy`` of the target, for each layer's R².
+    weight_factor : Tensor, optional
+        Errors measured as ``‖e G‖²`` (``weight="logits"``).
+    per_layer : list of Shortcuts, optional
+        The ordinary per-layer fits of the same settings, one per rank (``select`` only).
+
+    Returns
+    -------
+    dict
+        Per rank: each layer's :class:`~njtc_solve.maps.shortcuts.ShortcutMap` (all holding the
+        same ``U``, ``V`` or ``weight`` and ``bias`` tensors, and their own standardisation), each
+        layer's training record, and ``info`` (the mode, the layers, the loss over all layers and,
+        for ``select``, the table and the chosen layer).
+    """
+    start = time.perf_counter()
+    layers = list(problems)
+    pooled = pooled_problem(list(problems.values()))
+    gamma = _gamma(weight_factor)
+    shared, alpha = _pooled_solve(pooled, ranks=ranks, fit_intercept=fit_intercept, alpha=alpha,
+                                  n_rows=n_rows * len(layers), weight_factor=weight_factor)
+    tables = select_table(problems, per_layer, weight_factor=weight_factor) if mode == "select" else {}
+    out = {}
+    for rank, (coef, bias, u, v) in shared.items():
+        info = {"mode": mode, "layers": layers, "pooled_sse": map_loss(pooled, coef, bias, gamma)}
+        if mode == "select":
+            table = tables[rank]
+            chosen = int(np.argmin(table["total"]))
+            info.update(pooled_fit_sse=info["pooled_sse"], from_layer=layers[chosen], table_mse=table["mse"].tolist())
+            coef, bias, u, v = table["maps"][chosen]
+            info["pooled_sse"] = map_loss(pooled, coef, bias, gamma)
+        maps, records = _shared_maps(problems, u=u, v=v, bias=bias, normalize=normalize, residual=residual,
+                                     gamma=gamma, alpha=alpha, n_rows=n_rows, total_var=total_var,
+                                     solve_s=time.perf_counter() - start)
+        out[rank] = (maps, records, info)
+    return out
+
+
 def _gamma(weight_factor):
     return None if weight_factor is None else (lambda g: g @ g.T)(weight_factor.to(torch.float64))
 
 
-def fit_one_jump(stats: Statistics, spec: FitSpec, *, layers: list[int], weight_factor=None,
-                 progress: bool = False) -> list[Shortcuts]:
-    """One shared map for every layer of ``layers``, per rank of ``spec`` (``spec.one_jump`` pooled or select).
-
-    Parameters
-    ----------
-    stats : Statistics
-        Per-layer statistics of one pass, checked against ``spec`` (:func:`~njtc_solve.solve.fit.fit_shortcuts`).
-    spec : FitSpec
-        The fit's settings; ``spec.one_jump`` chooses the solve: ``"pooled"``, the least squares
-        over the stacked rows of every layer, or ``"select"``, the per-layer map whose loss summed
-        over every layer is lowest (the ``L × L`` table of :func:`select_table`).
-    layers : list of int
-        Source layers, two or more.
-    weight_factor : Tensor, optional
-        Errors measured as ``‖e G‖²`` (``weight="logits"``).
-
-    Returns
-    -------
-    list of Shortcuts
-        One per rank: each layer's :class:`~njtc_solve.maps.shortcuts.ShortcutMap` holds the
-        same ``U``, ``V`` (or ``weight``) and ``bias`` tensors, and its own batch standardisation;
-        ``stats["one_jump"]`` records the mode, the pooled losses and the parameter count.
-    """
-    if len(layers) < 2:
-        raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
-    start = time.perf_counter()
-    problems = {l: layer_problem(stats, l, spec) for l in layers}
-    pooled = pooled_problem(list(problems.values()))
-    gamma = _gamma(weight_factor)
-    shared, alpha = _pooled_solve(pooled, spec, stats.n_rows * len(layers), weight_factor)
-    if spec.one_jump == "select":
-        tables = select_table(stats, spec, layers=layers, weight_factor=weight_factor, problems=problems,
-                              progress=progress)
-    fits = []
-    for rank, (coef, bias, u, v) in shared.items():
-        info = {"mode": spec.one_jump, "layers": list(layers), "pooled_sse": map_loss(pooled, coef, bias, gamma)}
-        if spec.one_jump == "select":
-            table = tables[rank]
-            chosen = int(np.argmin(table["total"]))
-            info.update(pooled_fit_sse=info["pooled_sse"], from_layer=table["layers"][chosen],
-                        table_mse=table["mse"].tolist())
-            coef, bias, u, v = table["maps"][chosen]
-            info["pooled_sse"] = map_loss(pooled, coef, bias, gamma)
-        fits.append(_shared_shortcuts(stats, spec, problems, rank=rank, u=u, v=v, bias=bias, alpha=alpha,
-                                      gamma=gamma, info=info, weight_factor=weight_factor,
-                                      solve_s=time.perf_counter() - start))
-    return fits
-
-
-def _pooled_solve(pooled: LayerProblem, spec: FitSpec, n_rows: int, weight_factor):
+def _pooled_solve(pooled: LayerProblem, *, ranks, fit_intercept, alpha, n_rows: int, weight_factor):
     """``{rank: (coef, bias, U, V)}`` of the pooled regression (float64; ``V`` ``None`` for a full map)."""
-    gxx, gxt, gtt = (pooled.cxx, pooled.cxt, pooled.ctt) if spec.fit_intercept else pooled.uncentred()
+    gxx, gxt, gtt = (pooled.cxx, pooled.cxt, pooled.ctt) if fit_intercept else pooled.uncentred()
     eigh = gram_eigh(gxx)
-    alpha = (gcv_alpha(gxx, gxt, gtt, n_rows, fit_intercept=spec.fit_intercept, eigh=eigh)[0]
-             if spec.alpha == "auto" else float(spec.alpha))
+    alpha = (gcv_alpha(gxx, gxt, gtt, n_rows, fit_intercept=fit_intercept, eigh=eigh)[0]
+             if alpha == "auto" else float(alpha))
     weight = None if weight_factor is None else weight_root(weight_factor.to(gxx.device))
     solution = solve_reduced_rank(gxx, gxt, alpha, weight=weight, eigh=eigh)
     out = {}
-    for rank in spec.ranks:
+    for rank in ranks:
         u, v = solution.factors(rank)
         coef = u if v is None else u @ v
-        bias = pooled.mean_t - pooled.mean_x @ coef if spec.fit_intercept else None
+        bias = pooled.mean_t - pooled.mean_x @ coef if fit_intercept else None
         out[rank] = (coef, bias, u, v)
     return out, alpha
 
 
-def select_table(stats: Statistics, spec: FitSpec, *, layers: list[int], weight_factor=None, problems=None,
-                 progress: bool = False) -> dict:
+def select_table(problems: dict[int, LayerProblem], per_layer: list[Shortcuts], *, weight_factor=None) -> dict:
     """The loss of each layer's own map on every layer, from the moments: OJFA's choice of one jump.
 
-    Map ``k`` (fitted on layer ``k`` alone, as the ordinary fit does) is applied to layer ``l``
-    through layer ``l``'s own normalisation. Returns, per rank, a dict with ``layers``, ``sse``
-    (``L × L``, row ``k`` the map, column ``l`` the layer), ``mse`` (``sse / (n d)``), ``total``
-    (each map's loss summed over the layers) and ``maps`` (each map's ``(coef, bias, U, V)`` in float64).
+    Map ``k`` (of ``per_layer``, fitted on layer ``k`` alone) is applied to layer ``l`` through
+    layer ``l``'s own normalisation. Returns, per rank, a dict with ``sse`` (``L × L``, row ``k``
+    the map, column ``l`` the layer, in the order of ``problems``), ``mse`` (``sse / (n d)``),
+    ``total`` (each map's loss summed over the layers) and ``maps`` (each map's
+    ``(coef, bias, U, V)`` in float64).
     """
-    problems = problems or {l: layer_problem(stats, l, spec) for l in layers}
     gamma = _gamma(weight_factor)
-    per_layer = _fit_statistics(stats, spec, layers=layers, weight_factor=weight_factor, progress=progress)
-    d = stats.cyy.shape[0]
+    like = next(iter(problems.values())).cxx  # float64, where the moments are
+    f64 = lambda t: None if t is None else t.to(like)
     tables = {}
     for sc in per_layer:
         maps = []
-        for k in layers:
+        for k in problems:
             m = sc.maps[k]
-            f64 = lambda t: None if t is None else t.to(stats.cyy)
             u, v = (f64(m.weight), None) if m.weight is not None else (f64(m.U), f64(m.V))
             maps.append((u if v is None else u @ v, f64(m.bias), u, v))
-        sse = np.array([[map_loss(problems[l], coef, bias, gamma) for l in layers] for coef, bias, _, _ in maps])
-        tables[sc.rank] = {"layers": list(layers), "sse": sse, "mse": sse / (float(stats.n) * d),
-                           "total": sse.sum(1), "maps": maps}
+        sse = np.array([[map_loss(p, coef, bias, gamma) for p in problems.values()] for coef, bias, _, _ in maps])
+        p = next(iter(problems.values()))
+        tables[sc.rank] = {"sse": sse, "mse": sse / (p.n * p.ctt.shape[0]), "total": sse.sum(1), "maps": maps}
     return tables
 
 
-def _shared_shortcuts(stats, spec, problems, *, rank, u, v, bias, alpha, gamma, info, weight_factor,
-                      solve_s) -> Shortcuts:
-    """The :class:`Shortcuts` of one shared map: one ``ShortcutMap`` per layer, sharing its tensors."""
+def _shared_maps(problems, *, u, v, bias, normalize, residual, gamma, alpha, n_rows, total_var, solve_s):
+    """One :class:`ShortcutMap` per layer, all holding the same float32 map, and each layer's record."""
     f32 = lambda t: None if t is None else t.to(torch.float32)
     core = {"weight": f32(u), "U": None, "V": None} if v is None else {"weight": None, "U": f32(u), "V": f32(v)}
     bias32 = f32(bias)
-    coef = core["weight"] if v is None else core["U"] @ core["V"]
-    d = stats.cyy.shape[0]
+    coef = (core["weight"] if v is None else core["U"] @ core["V"]).double()
     maps, records = {}, {}
     for l, p in problems.items():
         maps[l] = ShortcutMap(**core, bias=bias32, norm_mean=f32(p.norm_mean), norm_scale=f32(p.norm_scale),
-                              normalize=spec.normalize, residual=spec.residual)
-        sse = max(map_loss(p, coef.double(), None if bias32 is None else bias32.double(), gamma), 0.0)
-        total = float(torch.trace(stats.cyy))  # R² against the target's variance, as the per-layer fit reports it
-        records[l] = {"train_mse": sse / (p.n * d), "train_sse": sse, "r2": 1 - sse / total if total else 0.0,
+                              normalize=normalize, residual=residual)
+        d = p.ctt.shape[0]
+        sse = max(map_loss(p, coef, None if bias32 is None else bias32.double(), gamma), 0.0)
+        records[l] = {"train_mse": sse / (p.n * d), "train_sse": sse, "r2": 1 - sse / total_var if total_var else 0.0,
                       "params": maps[l].n_params, "reduction": 1 - maps[l].n_params / (d * d), "alpha": alpha,
-                      "rank": None if v is None else u.shape[1], "solve_s": solve_s, "n_train": stats.n_rows}
-    sc = _shortcuts(stats, spec, rank=rank, maps=maps, records=records,
-                    weight="none" if weight_factor is None else "logits")
-    sc.one_jump = info["mode"]
-    info["params"] = sc.total_params
-    sc.stats["one_jump"] = info
-    return sc
+                      "rank": None if v is None else u.shape[1], "solve_s": solve_s, "n_train": n_rows}
+    return maps, records
