@@ -132,7 +132,7 @@ def test_gradient_descent_on_the_pooled_loss_never_beats_the_closed_form(tiny_st
             params = [0.1 * torch.randn(32, 4, generator=g, dtype=torch.float64),
                       0.1 * torch.randn(4, 32, generator=g, dtype=torch.float64), torch.zeros(32, dtype=torch.float64)]
         params = [p.clone().requires_grad_() for p in params]
-        opt = torch.optim.LBFGS(params, max_iter=300, line_search_fn="strong_wolfe", tolerance_grad=1e-12,
+        opt = torch.optim.LBFGS(params, max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-12,
                                 tolerance_change=1e-15)
 
         def step(opt=opt, params=params):
@@ -226,6 +226,10 @@ def test_tools_read_a_one_jump_file(tiny_store, tmp_path):
     batch.save(tmp_path / "batch.safetensors")
     result = evaluate_shortcuts(tiny_store, [tmp_path / "batch.safetensors"], progress=False)
     assert {r["layer"] for r in result.records if r["method"] == batch.name} == set(LAYERS)
+    folder = batch.save_pretrained(tmp_path / "shared")
+    again = Shortcuts.from_pretrained(folder)
+    assert again.one_jump == "pooled" and again.maps[0].U is again.maps[1].U
+    assert json.loads((tmp_path / "shared" / "config.json").read_text())["total_params"] == batch.total_params
     # the Jacobian-lens format holds one J per layer, no bias and no normalisation
     with pytest.raises(NJTCError, match="batch norm"):
         check_exportable(batch)

@@ -97,6 +97,7 @@ def _config(shortcuts, model: str, corpus: str, rows: list[dict]) -> dict:
         "split": {k: provenance.get(k) for k in ("split_by", "seed", "val_fraction", "seq_len", "positions",
                                                   "max_tokens", "split_id")},
         "held_out": rows, "weights": WEIGHTS,
+        "one_jump": shortcuts.one_jump, "total_params": shortcuts.total_params,  # one map for every layer, or None
     }
 
 

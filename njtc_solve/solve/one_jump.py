@@ -88,18 +88,23 @@ def pooled_problem(problems: list[LayerProblem]) -> LayerProblem:
     return LayerProblem(cxx, cxt, ctt, mean_x, mean_t, n)
 
 
-def map_loss(p: LayerProblem, coef: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None = None) -> float:
+def map_loss(p: LayerProblem, coef: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None = None,
+             factors: tuple | None = None) -> float:
     """``Σ_rows ‖(t - x̃ W - b) G‖²`` of the map ``(coef, bias)`` on the rows of ``p``, from its moments.
 
     ``tr Γ(C_tt - 2 WᵀC_xt + WᵀC_xx W) + n eΓeᵀ`` with ``e = m_t - m_x W - b`` and ``Γ = G Gᵀ``
-    (``gamma``; the identity when ``None``).
+    (``gamma``; the identity when ``None``). ``factors``, optional: ``(U, V)`` with ``W = U V``,
+    so that the cost is ``O(d² r)``, not ``O(d³)`` (the select table evaluates ``L²`` maps).
     """
     coef = coef.to(p.cxx)
-    resid = p.ctt - coef.T @ p.cxt - p.cxt.T @ coef + coef.T @ p.cxx @ coef
+    gamma = torch.eye(p.ctt.shape[0], dtype=p.cxx.dtype, device=p.cxx.device) if gamma is None else gamma
     e = p.mean_t - p.mean_x @ coef - (0 if bias is None else bias.to(p.cxx))
-    if gamma is None:
-        return float(torch.trace(resid) + p.n * (e @ e))
-    return float((gamma * resid).sum() + p.n * (e @ gamma @ e))
+    if factors is None or factors[1] is None:
+        cross, quad = (coef * (p.cxt @ gamma)).sum(), (gamma * (coef.T @ p.cxx @ coef)).sum()
+    else:  # tr Γ VᵀUᵀC_xt = Σ (Uᵀ C_xt Γ) ∘ V;  tr Γ VᵀUᵀC_xx U V = Σ (UᵀC_xx U) ∘ (V Γ Vᵀ)
+        u, v = (f.to(p.cxx) for f in factors)
+        cross, quad = ((u.T @ p.cxt @ gamma) * v).sum(), ((u.T @ p.cxx @ u) * (v @ gamma @ v.T)).sum()
+    return float((gamma * p.ctt).sum() - 2 * cross + quad + p.n * (e @ gamma @ e))
 
 
 def solve_one_jump(problems: dict[int, LayerProblem], *, mode: str, ranks, fit_intercept: bool, alpha,
@@ -196,7 +201,8 @@ def select_table(problems: dict[int, LayerProblem], per_layer: list[Shortcuts], 
             m = sc.maps[k]
             u, v = (f64(m.weight), None) if m.weight is not None else (f64(m.U), f64(m.V))
             maps.append((u if v is None else u @ v, f64(m.bias), u, v))
-        sse = np.array([[map_loss(p, coef, bias, gamma) for p in problems.values()] for coef, bias, _, _ in maps])
+        sse = np.array([[map_loss(p, coef, bias, gamma, factors=(u, v)) for p in problems.values()]
+                        for coef, bias, u, v in maps])
         p = next(iter(problems.values()))
         tables[sc.rank] = {"sse": sse, "mse": sse / (p.n * p.ctt.shape[0]), "total": sse.sum(1), "maps": maps}
     return tables
