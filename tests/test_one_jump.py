@@ -252,3 +252,25 @@ def test_two_process_one_jump_equals_single_process(tiny_store, tmp_path):
         a, b = dist.maps[l], single.maps[l]
         assert torch.allclose(a.U @ a.V, b.U @ b.V, rtol=1e-5, atol=1e-6)
         assert torch.allclose(a.norm_scale, b.norm_scale, rtol=1e-6)
+
+
+def test_refine_from_a_one_jump_start_writes_per_layer_maps(tiny_store, tmp_path):
+    from njtc_solve.solve.refine import refine_shortcuts
+
+    [one] = fit_shortcuts(tiny_store, method="njtc", ranks=[4], one_jump=True, progress=False)
+    with ActivationStore(tiny_store) as store:
+        refined, _ = refine_shortcuts(store, one, steps=4, lr=1e-3, check_every=2, progress=False)
+    assert refined.one_jump is None and refined.maps[0].U is not refined.maps[1].U
+    refined.save(tmp_path / "refined.safetensors")
+    assert Shortcuts.load(tmp_path / "refined.safetensors").one_jump is None
+
+
+def test_one_jump_from_saved_statistics_equals_one_from_the_store(tiny_store, tmp_path):
+    stats = tmp_path / "stats.safetensors"
+    [from_store] = fit_shortcuts(tiny_store, method="njtc", ranks=[4], one_jump=True, save_stats=stats,
+                                 progress=False)
+    code = fit_command.run(["--stats", str(stats), "--method", "njtc", "--rank", "4", "--one-jump", "--no-progress",
+                            "--out", str(tmp_path / "from-stats.safetensors")])
+    again = Shortcuts.load(tmp_path / "from-stats.safetensors")
+    assert code == 0 and again.one_jump == "pooled"
+    assert torch.equal(again.maps[0].U, from_store.maps[0].U) and torch.equal(again.maps[2].bias, from_store.maps[2].bias)
