@@ -3,11 +3,12 @@
     python benchmarks/one_jump.py --store runs/demo/activations.h5     # ~10 minutes on 2 cores
 
 1. One statistics pass over the store's training rows (every source layer against the last),
-   saved under ``--work`` and reused by a second run.
-2. From those statistics alone: per-layer NJTC and N-NJTC (batch) maps of rank ``--rank``; the
-   pooled one jump (N-NJTC batch, ranks ``--rank`` and ``--wide-rank``, with and without
-   ``residual``); the selected one jump (the per-layer map whose loss over every layer is lowest).
-   Each solve is timed.
+   saved under ``--work`` and reused by a later run.
+2. From those statistics alone: per-layer NJTC and N-NJTC (LayerNorm, and batch) maps of rank
+   ``--rank``; the pooled one jump (N-NJTC batch, ranks ``--rank`` and ``--wide-rank``, with and
+   without ``residual``; N-NJTC LayerNorm, which holds no per-layer number at all, at both ranks);
+   the selected one jump (the per-layer map whose loss over every layer is lowest). Each solve is
+   timed. A second pass accumulates the LayerNorm-ed inputs' statistics.
 3. Every file and the identity evaluated on the first ``--max-rows`` held-out rows of every
    layer: Precision@1, surprisal, KL (nats). Every number a file holds counted once
    (:attr:`~njtc_solve.maps.shortcuts.Shortcuts.total_params`).
@@ -39,9 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def variants(rank: int, wide: int) -> dict[str, dict]:
     """The fits compared, by label: keywords of :func:`~njtc_solve.solve.fit.fit_shortcuts`."""
     batch = {"method": "nnjtc", "normalize": "batch"}
+    layer = {"method": "nnjtc", "normalize": "layer"}  # per-token LayerNorm: no per-layer numbers at all
     return {
         f"NJTC r{rank} per layer": {"method": "njtc", "ranks": [rank]},
-        f"N-NJTC r{rank} per layer": {**batch, "ranks": [rank]},
+        f"N-NJTC r{rank} per layer": {**layer, "ranks": [rank]},
+        f"N-NJTC batch r{rank} per layer": {**batch, "ranks": [rank]},
+        f"one jump LayerNorm r{rank}": {**layer, "ranks": [rank], "one_jump": "pooled"},
+        f"one jump LayerNorm r{wide}": {**layer, "ranks": [wide], "one_jump": "pooled"},
         f"one jump r{rank}": {**batch, "ranks": [rank], "one_jump": "pooled"},
         f"one jump r{wide}": {**batch, "ranks": [wide], "one_jump": "pooled"},
         f"one jump r{rank} residual": {**batch, "ranks": [rank], "one_jump": "pooled", "residual": True},
@@ -50,23 +55,26 @@ def variants(rank: int, wide: int) -> dict[str, dict]:
     }
 
 
-def statistics(store: Path, work: Path) -> tuple[Statistics, float]:
-    """The pass's statistics (read from ``work`` when an earlier run saved them) and its seconds."""
-    path = work / "stats.safetensors"
+def statistics(store: Path, work: Path, input_norm: str) -> tuple[Statistics, float]:
+    """A pass's statistics of raw (``none``) or LayerNorm-ed (``layer``) inputs, read from ``work`` when an
+    earlier run saved them, and the pass's seconds."""
+    path = work / ("stats.safetensors" if input_norm == "none" else f"stats-{input_norm}.safetensors")
     if not path.exists():
         work.mkdir(parents=True, exist_ok=True)
         with ActivationStore(store) as rows:
-            accumulate_statistics(rows, rows.source_layers).save(path, rows.head())
+            accumulate_statistics(rows, rows.source_layers, input_norm=input_norm).save(path, rows.head())
     stats = Statistics.load(path)
     return stats, float(stats.meta.get("seconds") or float("nan"))
 
 
-def fit_all(stats: Statistics, work: Path, rank: int, wide: int) -> dict[str, dict]:
-    """Every variant solved from ``stats``, saved under ``work``: ``{label: {file, seconds, params, ...}}``."""
+def fit_all(stats: dict[str, Statistics], work: Path, rank: int, wide: int) -> dict[str, dict]:
+    """Every variant solved from ``stats`` (by input normalisation), saved under ``work``:
+    ``{label: {file, seconds, params, ...}}``."""
     fits = {}
     for label, settings in variants(rank, wide).items():
         start = time.perf_counter()
-        [sc] = fit_shortcuts(statistics=stats, progress=False, **settings)
+        [sc] = fit_shortcuts(statistics=stats["layer" if settings.get("normalize") == "layer" else "none"],
+                             progress=False, **settings)
         seconds = time.perf_counter() - start
         sc.label = label.replace(" ", "-")
         path = work / f"{sc.label}.safetensors"
@@ -103,7 +111,8 @@ def summarise(records: list[dict], fits: dict, reference: str) -> dict:
 def table(summary: dict, reference: str, pass_s: float, n_rows: int) -> str:
     """The Markdown tables of ``benchmarks/results/one_jump.md``."""
     ref = summary[reference]
-    lines = [f"Held-out rows per layer: {n_rows}. Statistics pass (shared by every fit): {pass_s:.1f} s.", "",
+    lines = [f"Held-out rows per layer: {n_rows}. Statistics passes (raw and LayerNorm-ed inputs, each shared by "
+             f"the fits of its inputs): {pass_s:.1f} s in all. Ratios (P@1 and numbers) against {reference}.", "",
              "| method | maps | numbers | vs per-layer N-NJTC | mean P@1 | mean surprisal | mean KL | "
              "min P@1 ratio (layer ≥ 1) | layers < 90 % | solve s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, s in summary.items():
@@ -149,8 +158,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-rows", type=int, default=512, help="held-out rows per layer (default: 512)")
     args = p.parse_args(argv)
     work = Path(args.work)
-    stats, pass_s = statistics(Path(args.store), work)
-    fits = fit_all(stats, work, args.rank, args.wide_rank)
+    passes = {norm: statistics(Path(args.store), work, norm) for norm in ("none", "layer")}
+    pass_s = sum(seconds for _, seconds in passes.values())
+    fits = fit_all({norm: stats for norm, (stats, _) in passes.items()}, work, args.rank, args.wide_rank)
     start = time.perf_counter()
     result = evaluate_shortcuts(args.store, [f["file"] for f in fits.values()], max_rows=args.max_rows)
     print(f"evaluated in {time.perf_counter() - start:.0f}s")

@@ -225,7 +225,8 @@ def test_tools_read_a_one_jump_file(tiny_store, tmp_path):
     [batch] = fit_shortcuts(tiny_store, method="nnjtc", normalize="batch", ranks=[4], one_jump=True, progress=False)
     batch.save(tmp_path / "batch.safetensors")
     result = evaluate_shortcuts(tiny_store, [tmp_path / "batch.safetensors"], progress=False)
-    assert {r["layer"] for r in result.records if r["method"] == batch.name} == set(LAYERS)
+    rows = [r for r in result.records if r["method"] == batch.name]
+    assert {r["layer"] for r in rows} == set(LAYERS) and {r["total_params"] for r in rows} == {batch.total_params}
     folder = batch.save_pretrained(tmp_path / "shared")
     again = Shortcuts.from_pretrained(folder)
     assert again.one_jump == "pooled" and again.maps[0].U is again.maps[1].U

@@ -76,7 +76,7 @@ def _metric_rows(shortcuts, metrics) -> list[dict]:
     for r in sorted(own, key=lambda r: int(r["layer"])):
         row = {"layer": int(r["layer"])}
         for key, value in r.items():
-            if key in ("method", "family", "layer", "rank", "params", "reduction"):
+            if key in ("method", "family", "layer", "rank", "params", "reduction", "total_params"):
                 continue
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 row[key] = value
