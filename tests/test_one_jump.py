@@ -275,3 +275,40 @@ def test_one_jump_from_saved_statistics_equals_one_from_the_store(tiny_store, tm
     again = Shortcuts.load(tmp_path / "from-stats.safetensors")
     assert code == 0 and again.one_jump == "pooled"
     assert torch.equal(again.maps[0].U, from_store.maps[0].U) and torch.equal(again.maps[2].bias, from_store.maps[2].bias)
+
+
+def test_logit_weighted_one_jump_equals_brute_force_on_the_stacked_rows(tiny_store):
+    """--weight logits: the stacked rows weighted by 1/σ² of their target, errors by diag(g)·W_Uᵀ."""
+    from test_fit import brute_force_rrr
+
+    [one] = fit_shortcuts(tiny_store, method="njtc", ranks=[3], weight="logits", one_jump=True, progress=False)
+    train_x, train_y = _rows(tiny_store, 0)
+    w = 1.0 / ((train_y ** 2).mean(1) + 1e-6)
+    with ActivationStore(tiny_store) as store:
+        head = store.head()
+    w_u = head.unembed.double().numpy()
+    g = head.norm_weight.double().numpy()[:, None] * (w_u - w_u.mean(0)).T
+    coef, bias = brute_force_rrr(np.concatenate([train_x[l] for l in LAYERS]), np.tile(train_y, (3, 1)), 3,
+                                 row_weight=np.tile(w, 3), g=g)
+    assert _rel((one.maps[0].U @ one.maps[0].V).double().numpy(), coef) <= 1e-5
+    assert _rel(one.maps[2].bias.double().numpy(), bias) <= 1e-5
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.pop("shared.U"), "need U, V"),
+    (lambda t: t.update({"layers.0.U": t["shared.U"].clone()}), "holds U once, as shared.U"),
+    (lambda t: [t.pop(k) for k in list(t) if k.startswith("shared.")], "without a shared map"),
+])
+def test_a_damaged_one_jump_file_is_refused_on_one_line(tiny_store, tmp_path, change, message):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    [one] = fit_shortcuts(tiny_store, method="njtc", ranks=[4], one_jump=True, progress=False)
+    one.save(tmp_path / "one.safetensors")
+    with safe_open(str(tmp_path / "one.safetensors"), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    change(tensors)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(NJTCError, match="is not a valid shortcut file") as err:
+        Shortcuts.load(tmp_path / "bad.safetensors")
+    assert message in str(err.value) and "\n" not in str(err.value)
