@@ -17,6 +17,12 @@ Writes ``benchmarks/results/one_jump.json`` (with the git commit), ``benchmarks/
 (the tables of ``docs/one-jump.md``) and ``docs/one-jump/precision_at_1.png``, and prints the headline: the best one jump of at least
 15x fewer numbers than the per-layer N-NJTC maps against their mean Precision@1, and the
 layers from 1 on where it keeps less than 90 % of theirs.
+
+    python benchmarks/one_jump.py --store runs/demo/activations.h5 --recheck 1-5 --max-rows 2048
+
+re-evaluates the per-layer N-NJTC maps and the best one jump (saved under ``--work`` by a full
+run) on more held-out rows at the layers given, where a 512-row figure is within its noise;
+writes ``benchmarks/results/one_jump_recheck.json``.
 """
 
 from __future__ import annotations
@@ -156,8 +162,12 @@ def main(argv=None) -> None:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--wide-rank", type=int, default=64)
     p.add_argument("--max-rows", type=int, default=512, help="held-out rows per layer (default: 512)")
+    p.add_argument("--recheck", help="layers (e.g. 1-5): re-evaluate the per-layer N-NJTC maps and the best one "
+                   "jump of an earlier run there, on --max-rows rows")
     args = p.parse_args(argv)
     work = Path(args.work)
+    if args.recheck:
+        return recheck(args, work)
     passes = {norm: statistics(Path(args.store), work, norm) for norm in ("none", "layer")}
     pass_s = sum(seconds for _, seconds in passes.values())
     fits = fit_all({norm: stats for norm, (stats, _) in passes.items()}, work, args.rank, args.wide_rank)
@@ -183,6 +193,26 @@ def main(argv=None) -> None:
           f"({ref['params'] / s['params']:.1f}x fewer), mean P@1 {s['mean_precision@1']:.4f}; worst layer >= 1: "
           f"{s['worst_layer']} at {100 * s['min_ratio_from_layer_1']:.1f} % of the per-layer maps; "
           f"layers below 90 %: {sorted(s['short_layers']) or 'none'}")
+
+
+def recheck(args, work: Path) -> None:
+    """The reference and the best one jump of the saved run (``one_jump.json``) on more rows at some layers."""
+    first, _, last = args.recheck.partition("-")
+    layers = list(range(int(first), int(last or first) + 1))
+    saved = json.loads((ROOT / "benchmarks/results/one_jump.json").read_text())
+    reference = f"N-NJTC r{args.rank} per layer"
+    summary = saved["summary"]
+    small = [k for k, s in summary.items() if "one jump" in k and summary[reference]["params"] / s["params"] >= 15]
+    best = max(small, key=lambda k: summary[k]["mean_precision@1"])
+    files = {label: work / f"{label.replace(' ', '-')}.safetensors" for label in (reference, best)}
+    result = evaluate_shortcuts(args.store, list(files.values()), layers=layers, max_rows=args.max_rows)
+    p1 = {(r["method"], r["layer"]): r["precision@1"] for r in result.records}
+    rows = {l: {label: p1[path.stem, l] for label, path in files.items()} for l in layers}
+    for l, row in rows.items():
+        print(f"layer {l}: {reference} {row[reference]:.4f}, {best} {row[best]:.4f} "
+              f"({100 * row[best] / row[reference]:.1f} %)")
+    (ROOT / "benchmarks/results/one_jump_recheck.json").write_text(json.dumps(
+        {"store": str(args.store), "n_rows": result.records[0]["n_rows"], "precision@1": rows}, indent=1))
 
 
 if __name__ == "__main__":
