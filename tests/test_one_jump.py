@@ -312,3 +312,20 @@ def test_a_damaged_one_jump_file_is_refused_on_one_line(tiny_store, tmp_path, ch
     with pytest.raises(NJTCError, match="is not a valid shortcut file") as err:
         Shortcuts.load(tmp_path / "bad.safetensors")
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_lens_reads_a_one_jump_file(tiny_models, tiny_store):
+    from njtc_solve.core.models import load_model
+    from njtc_solve.eval.lens import ShortcutLens
+
+    [one] = fit_shortcuts(tiny_store, method="nnjtc", normalize="batch", ranks=[4], one_jump=True, progress=False)
+    model, tokenizer, _ = load_model(str(tiny_models["llama"]))
+    lens = ShortcutLens.from_model(model, one, tokenizer)
+    df = lens.trajectory("The lens reads every layer.", k=3).to_pandas()
+    assert set(df[df.method == one.name].layer) >= set(LAYERS)
+    h = torch.randn(2, 5, 32)
+    with ActivationStore(tiny_store) as store:
+        one.attach_head(store)
+    for l in LAYERS:
+        torch.testing.assert_close(lens(h, l), one(h, l), rtol=1e-5, atol=1e-5)
+    assert lens.shortcuts.total_params == one.total_params  # the lens's views of the shared map count once

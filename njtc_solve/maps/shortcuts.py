@@ -327,7 +327,8 @@ class Shortcuts(nn.Module):
     def total_params(self) -> int:
         """Every number the maps hold, each tensor once: a shared map counts once, biases and
         batch standardisation included (the figure to compare one-jump and per-layer files by)."""
-        seen = {id(t): t.numel() for m in self.maps.values() for t in m.tensors().values() if t is not None}
+        seen = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel()
+                for m in self.maps.values() for t in m.tensors().values() if t is not None}  # views of one tensor: once
         return sum(seen.values())
 
     def extra_repr(self) -> str:
