@@ -133,6 +133,14 @@ def test_save_stats_in_several_passes_is_refused(tiny_store, tmp_path):
     assert not (tmp_path / "s.safetensors").exists()
 
 
+def test_one_jump_in_several_passes_is_refused_before_the_pass(tiny_store):
+    calls = []
+    with ActivationStore(tiny_store) as store, pytest.raises(NJTCError, match="`one_jump` solves from every layer"):
+        calls = _counting(store)
+        fit_shortcuts(store, method="njtc", ranks=[4], progress=False, max_memory=THREE_PASSES, one_jump=True)
+    assert calls == []
+
+
 def test_torchrun_in_passes_equals_one_process_in_one_pass(tiny_store, tmp_path):
     result = torchrun("njtc_solve.fit", "--store", str(tiny_store), "--method", "njtc", "--rank", "4",
                       "--chunk-rows", "300", "--max-memory", str(THREE_PASSES), "--out", str(tmp_path / "d.safetensors"),

@@ -189,3 +189,18 @@ def test_a_store_without_a_source_layer_is_refused(tiny_models, tmp_path):
     done = run_module("njtc_solve.extract", "--model", str(tiny_models["llama"]), "--layers", "3",
                       "--out", str(tmp_path / "a.h5"))
     _one_line_exit_2(done, "no source layer")
+
+
+def test_live_one_jump_equals_the_stores(live_and_store):
+    """One map for every layer from the model's forward pass: the store's, within 1e-8 (float64)."""
+    live, path = live_and_store
+    with ActivationStore(path) as store:
+        [from_store] = fit_shortcuts(store, method="nnjtc", normalize="batch", ranks=[4], one_jump=True, float64=True,
+                                     progress=False)
+    [from_live] = fit_shortcuts(live, method="nnjtc", normalize="batch", ranks=[4], one_jump=True, float64=True,
+                                progress=False)
+    assert from_live.one_jump == "pooled" and sorted(from_live.maps) == sorted(from_store.maps)
+    mine, theirs = from_live.maps[0], from_store.maps[0]
+    assert _relative(mine.U @ mine.V, theirs.U @ theirs.V) < 1e-8 and _relative(mine.bias, theirs.bias) < 1e-8
+    for layer, m in from_store.maps.items():
+        assert _relative(from_live.maps[layer].norm_scale, m.norm_scale) < 1e-8, layer

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", default="none", help="none (default) or logits: minimise the error in logit space")
     p.add_argument("--no-intercept", action="store_true", help="fit without a bias")
     p.add_argument("--alpha", default="0", help="ridge penalty, or auto: generalised cross-validation per layer (one alpha serves every rank)")
+    p.add_argument("--one-jump", nargs="?", const="pooled", choices=["pooled", "select"],
+                   help="ONE map for every source layer (each keeps its own --normalize batch standardisation): "
+                   "pooled (the default) solves it on the stacked rows of all layers; select picks the per-layer "
+                   "map whose loss over all layers is lowest, from an L x L table of moments")
+    p.add_argument("--one-jump-table", help="with --one-jump select: write the L x L table (each per-layer "
+                   "map's train MSE on each layer) to this JSON file")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--out", default="shortcuts.safetensors", help="output file (default: shortcuts.safetensors; "
                    "several ranks give NAME-r{rank}.safetensors)")
@@ -146,7 +152,8 @@ def fit_spec(args, device: str) -> library.FitSpec:
                            normalize=args.normalize, residual=args.residual, fit_intercept=not args.no_intercept,
                            alpha=parse_alpha(args.alpha), weight=args.weight, device=device,
                            target_layer=parse_target(args.target_layer), skip_positions=args.skip_positions,
-                           chunk_rows=args.chunk_rows, float64=args.float64, max_memory=args.max_memory)
+                           chunk_rows=args.chunk_rows, float64=args.float64, max_memory=args.max_memory,
+                           one_jump=args.one_jump)
 
 
 def _run(args, comm) -> int:
@@ -164,6 +171,7 @@ def _run(args, comm) -> int:
     out = Path(args.out)
     every_target = spec.target_layer == "all"
     _check_outputs(args, out, spec.ranks, [] if every_target else None)  # all: its files once the targets are known
+    _check_table_output(args, out)
     if args.model is not None:
         plan_settings(args)  # a bad plan (--seq-len 1, ...) is refused before the model loads
         if spec.max_memory is not None and args.stats is None:  # a budget too small, before the model loads
@@ -184,7 +192,12 @@ def _run(args, comm) -> int:
     for sc, path in zip(shortcuts, output_paths(out, shortcuts)):
         sc.save(path)
         print(_summary(sc))
+        if sc.one_jump:
+            print(_one_jump_summary(sc))
         print(f"wrote {path}")
+    if args.one_jump_table is not None:
+        _write_table(args.one_jump_table, shortcuts)
+        print(f"wrote {args.one_jump_table}")
     warning = library.row_norm_warning(shortcuts[0])
     if warning:
         warn(warning, build_parser, **RENAMES)
@@ -193,6 +206,55 @@ def _run(args, comm) -> int:
         print(f"statistics: {acc['seconds']:.2f}s, {acc['rows_per_s']:.0f} rows/s, {acc['gflops']:.1f} GFLOP/s "
               f"on {acc['device']}; total {time.perf_counter() - start:.2f}s")
     return 0
+
+
+TABLE_FORMAT = "njtc-one-jump-table"  # the ``format`` key of the --one-jump-table JSON file
+
+
+def _check_table_output(args, out: Path) -> None:
+    """``--one-jump-table`` needs ``--one-jump select`` and a file it may write, before any work."""
+    from njtc_solve.core.outputs import check_file_output, check_not_inputs
+
+    if args.one_jump_table is None:
+        return
+    if args.one_jump != "select":
+        raise NJTCError("--one-jump-table holds the table of --one-jump select; add --one-jump select")
+    check_not_inputs([("--one-jump-table", args.one_jump_table)],
+                     [("--out", out), ("--save-stats", args.save_stats), ("--store", args.store)]
+                     + command_inputs(args, "stats", "model", "corpus"))
+    check_file_output(args.one_jump_table, "--one-jump-table", [TABLE_FORMAT], "a one-jump table")
+
+
+def _one_jump_summary(sc) -> str:
+    """How many numbers the shared map holds, and for select the chosen map against the pooled one."""
+    info = sc.stats["one_jump"]
+    n_layers = len(info["layers"])
+    lines = [f"one jump ({info['mode']}): 1 map for {n_layers} source layers, {sc.total_params} numbers in all "
+             "(the shared map once, with the bias and any per-layer standardisation)"]
+    if info["mode"] == "select":
+        totals = [sum(row) / n_layers for row in info["table_mse"]]
+        lines.append("pooled train MSE of each layer's own map over all layers: " + ", ".join(
+            f"{l}: {t:.4g}" for l, t in zip(info["layers"], totals)))
+        ratio = info["pooled_sse"] / info["pooled_fit_sse"] if info["pooled_fit_sse"] else float("nan")
+        lines.append(f"chosen: the map of layer {info['from_layer']}; its pooled loss is {ratio:.3f}x that of the "
+                     "pooled one jump (--one-jump pooled, the least squares optimum of the class)")
+    return "\n".join(lines)
+
+
+def _write_table(path, shortcuts) -> None:
+    """The L x L tables of a select fit as JSON (atomically): per rank, the layers, each map's train MSE on
+    each layer (row: the map's own layer, column: the layer it is applied to) and the chosen map."""
+    import json
+
+    from njtc_solve.core.errors import atomic_output
+
+    ranks = {}
+    for sc in shortcuts:
+        info = sc.stats["one_jump"]
+        ranks[str(sc.rank)] = {"layers": info["layers"], "mse": info["table_mse"], "chosen": info["from_layer"],
+                               "chosen_pooled_sse": info["pooled_sse"], "pooled_fit_sse": info["pooled_fit_sse"]}
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps({"format": TABLE_FORMAT, "method": shortcuts[0].name, "ranks": ranks}))
 
 
 def _run_all_targets(args, spec, comm, out) -> int:

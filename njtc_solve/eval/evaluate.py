@@ -294,6 +294,7 @@ def _records(tallies: dict, methods: list[Shortcuts], layers: list[int], d: int,
             records.append({
                 "method": sc.name, "family": sc.method, "layer": l, "rank": sc.rank,
                 "params": params, "reduction": 1 - params / (d * d) if params else None,
+                "total_params": sc.total_params,  # every number of the file, a one jump's shared map once
                 **{f"precision@{k}": t.hits[k] / t.n for k in KS},
                 "surprisal": t.surprisal / t.n, "kl": t.kl / t.n, "mse": t.sse / (t.n * d),
                 "r2": 1 - t.sse / sst if sst > 0 else float("nan"), "n_rows": t.n,

@@ -76,7 +76,7 @@ def _metric_rows(shortcuts, metrics) -> list[dict]:
     for r in sorted(own, key=lambda r: int(r["layer"])):
         row = {"layer": int(r["layer"])}
         for key, value in r.items():
-            if key in ("method", "family", "layer", "rank", "params", "reduction"):
+            if key in ("method", "family", "layer", "rank", "params", "reduction", "total_params"):
                 continue
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 row[key] = value
@@ -97,6 +97,7 @@ def _config(shortcuts, model: str, corpus: str, rows: list[dict]) -> dict:
         "split": {k: provenance.get(k) for k in ("split_by", "seed", "val_fraction", "seq_len", "positions",
                                                   "max_tokens", "split_id")},
         "held_out": rows, "weights": WEIGHTS,
+        "one_jump": shortcuts.one_jump, "total_params": shortcuts.total_params,  # one map for every layer, or None
     }
 
 

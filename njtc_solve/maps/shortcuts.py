@@ -3,7 +3,8 @@
 A file holds one method's maps for many source layers. Prediction is
 ``y = norm(x) @ W + bias`` (plus ``x`` when the map is residual), with ``W = U @ V`` for
 narrow maps, ``norm`` one of ``none``, ``batch`` (``(x - norm_mean) * norm_scale``),
-``layer`` or ``rms`` (per token, no affine parameters).
+``layer`` or ``rms`` (per token, no affine parameters). A one-jump file (format version 2)
+holds one map shared by every source layer, and each layer's own batch standardisation.
 
 :class:`ShortcutMap` (one layer) and :class:`Shortcuts` (every layer, with provenance) are
 ``torch.nn.Module`` objects following tuned-lens's ``Lens`` conventions: ``transform_hidden(h, idx)``
@@ -29,7 +30,7 @@ from torch import nn
 from njtc_solve.core.errors import NJTCError, atomic_output, read_safetensors
 from njtc_solve.core.head import Head
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "NORMALIZATIONS", "ShortcutMap", "Shortcuts", "normalize_rows"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "NORMALIZATIONS", "ONE_JUMP_MODES", "ONE_JUMP_VERSION", "ShortcutMap", "Shortcuts", "normalize_rows"]
 
 NORMALIZATIONS = ("none", "batch", "layer", "rms")
 ROW_NORM_EPS = 1e-5
@@ -47,11 +48,15 @@ def normalize_rows(x: torch.Tensor, kind: str, eps: float = ROW_NORM_EPS) -> tor
 
 
 FORMAT = "njtc-shortcuts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a file of per-layer maps is written as
+ONE_JUMP_VERSION = 2  # a file whose layers share one map (one_jump): the shared tensors once
+ONE_JUMP_MODES = ("pooled", "select")
 # each map tensor and its shape: d the width, r the rank
 _SHAPES = {"weight": "dd", "U": "dr", "V": "rd", "bias": "d", "norm_mean": "d", "norm_scale": "d"}
 _TRAINED = ("weight", "U", "V", "bias")  # what training changes; the batch norm's statistics stay fixed
 _TENSOR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(" + "|".join(_SHAPES) + ")")
+_SHARED = ("weight", "U", "V", "bias")  # what the layers of a one-jump file share
+_SHARED_NAME = re.compile(r"shared\.(" + "|".join(_SHARED) + ")")
 
 
 class ShortcutMap(nn.Module):
@@ -248,6 +253,9 @@ class Shortcuts(nn.Module):
         :meth:`Head.fingerprint` of the head the maps were fitted for (``""``: not recorded).
     head_description : dict
         :meth:`Head.describe` of that head, as recorded in the file (its ``head`` entry).
+    one_jump : {None, "pooled", "select"}
+        Set when every layer's map shares one ``weight`` (or ``U``, ``V``) and ``bias``
+        (:mod:`njtc_solve.solve.one_jump`); such maps are saved once (format version 2).
 
     Examples
     --------
@@ -265,8 +273,9 @@ class Shortcuts(nn.Module):
                  normalize: str = "none", residual: bool = False, fit_intercept: bool = True,
                  alpha: float | str = 0.0, weight: str = "none", stats: dict | None = None, label: str = "",
                  provenance: dict | None = None, head: Head | None = None, head_sha256: str = "",
-                 head_description: dict | None = None):
+                 head_description: dict | None = None, one_jump: str | None = None):
         super().__init__()
+        self.one_jump = one_jump
         self.method, self.maps, self.target_layer, self.model_sha256 = method, maps, int(target_layer), model_sha256
         self.rank, self.normalize, self.residual, self.fit_intercept = rank, normalize, residual, fit_intercept
         self.alpha, self.weight, self.label = alpha, weight, label  # alpha "auto": chosen per layer by GCV
@@ -280,7 +289,7 @@ class Shortcuts(nn.Module):
         super().__setattr__(name, value)
 
     _RECORDED = ("method", "maps", "target_layer", "model_sha256", "rank", "normalize", "residual", "fit_intercept",
-                 "alpha", "weight", "stats", "label", "provenance", "head", "head_sha256", "head_description")
+                 "alpha", "weight", "stats", "label", "provenance", "head", "head_sha256", "head_description", "one_jump")
 
     def replace(self, **changes) -> Shortcuts:
         """A new :class:`Shortcuts` with every field of this one (sharing its maps) but ``changes``.
@@ -310,7 +319,17 @@ class Shortcuts(nn.Module):
             parts.append("residual")
         if self.weight != "none":
             parts.append(f"w{self.weight}")
+        if self.one_jump:
+            parts.append("onejump" if self.one_jump == "pooled" else "onejump-select")
         return "-".join(parts)
+
+    @property
+    def total_params(self) -> int:
+        """Every number the maps hold, each tensor once: a shared map counts once, biases and
+        batch standardisation included (the figure to compare one-jump and per-layer files by)."""
+        seen = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel()
+                for m in self.maps.values() for t in m.tensors().values() if t is not None}  # views of one tensor: once
+        return sum(seen.values())
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, target_layer={self.target_layer}, head={'attached' if self.head else None}"
@@ -357,6 +376,12 @@ class Shortcuts(nn.Module):
         The head computes in float32 whatever the maps' dtype, as the model's own head is read.
         """
         super()._apply(fn, *args, **kwargs)
+        if self.one_jump and self.maps:  # each layer's map moved its own copy of the shared tensors: tie them again
+            first = self.maps.values()[0]
+            for m in self.maps.values():
+                for name in _SHARED:
+                    if name in m._buffers and name in first._buffers:
+                        m._buffers[name] = first._buffers[name]
         if self.head is not None:
             moved = {f.name: fn(t).to(t.dtype) for f in dataclasses.fields(Head)
                      if isinstance(t := getattr(self.head, f.name), torch.Tensor)}
@@ -385,24 +410,41 @@ class Shortcuts(nn.Module):
         return logits.reshape(*h.shape[:-1], -1)
 
     def save(self, path) -> None:
-        """Write the file atomically (temporary name, then rename)."""
+        """Write the file atomically (temporary name, then rename); a one-jump file's shared map once."""
+        f32 = lambda value: value.detach().to(torch.float32).contiguous().cpu()
         tensors = {}
+        shared = self._shared_tensors() if self.one_jump else {}
+        for key, value in shared.items():
+            tensors[f"shared.{key}"] = f32(value)
         for layer, m in self.maps.items():
             for key, value in m.tensors().items():
-                if value is not None:
-                    tensors[f"layers.{layer}.{key}"] = value.detach().to(torch.float32).contiguous().cpu()
+                if value is not None and key not in shared:
+                    tensors[f"layers.{layer}.{key}"] = f32(value)
         b = lambda v: "true" if v else "false"
         metadata = {
-            "format": FORMAT, "format_version": str(FORMAT_VERSION), "method": self.method,
+            "format": FORMAT, "format_version": str(ONE_JUMP_VERSION if self.one_jump else FORMAT_VERSION),
+            "method": self.method,
             "rank": "none" if self.rank is None else str(self.rank), "normalize": self.normalize,
             "residual": b(self.residual), "fit_intercept": b(self.fit_intercept), "alpha": str(self.alpha),
             "weight": self.weight, "target_layer": str(self.target_layer), "model_sha256": self.model_sha256,
             "layers": json.dumps(sorted(self.maps)), "stats": json.dumps(self.stats), "label": self.label,
             "provenance": json.dumps(self.provenance), "head": json.dumps(self.head_description),
-            "head_sha256": self.head_sha256,
+            "head_sha256": self.head_sha256, **({"one_jump": self.one_jump} if self.one_jump else {}),
         }
         with atomic_output(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
+
+    def _shared_tensors(self) -> dict[str, torch.Tensor]:
+        """The map every layer shares (``weight`` or ``U``, ``V``; ``bias``), refused where the layers' differ."""
+        first = self.maps.values()[0].tensors()
+        shared = {k: first[k] for k in _SHARED if first[k] is not None}
+        for layer, m in self.maps.items():
+            own = m.tensors()
+            if any(own[k] is None or not torch.equal(own[k], v) for k, v in shared.items()) or \
+                    any(own[k] is not None for k in _SHARED if k not in shared):
+                raise NJTCError(f"shortcuts {self.name} are one_jump, but the map of layer {layer} differs from "
+                                "the others: set `one_jump` None to save per-layer maps")
+        return shared
 
     @classmethod
     def load(cls, path, head=None) -> Shortcuts:
@@ -419,7 +461,8 @@ class Shortcuts(nn.Module):
         maps = {l: ShortcutMap(**p, normalize=f["normalize"], residual=f["residual"]) for l, p in parts.items()}
         recorded = {k: f[k] for k in ("model_sha256", "rank", "normalize", "residual", "fit_intercept", "alpha",
                                       "weight", "stats", "label", "provenance", "head_sha256")}
-        sc = cls(f["method"], maps, f["target_layer"], **recorded, head_description=f["head"])
+        sc = cls(f["method"], maps, f["target_layer"], **recorded, head_description=f["head"],
+                 one_jump=f["one_jump"])
         return sc if head is None else sc.attach_head(head)
 
     def save_pretrained(self, folder, *, model: str = "", corpus: str = "", metrics=None, overwrite: bool = False):
@@ -499,8 +542,11 @@ def _fields(path, meta: dict) -> dict:
             raise _invalid(path, f"metadata {key}={reprlib.repr(text)} is not {must_be}") from None
 
     version = field("format_version", int, "an integer")
-    if version != FORMAT_VERSION:
-        raise NJTCError(f"{path} has shortcut format version {version}; this library reads {FORMAT_VERSION}")
+    if version not in (FORMAT_VERSION, ONE_JUMP_VERSION):
+        raise NJTCError(f"{path} has shortcut format version {version}; this library reads {FORMAT_VERSION} "
+                        f"and {ONE_JUMP_VERSION}")
+    one_jump = field("one_jump", _one_of(*ONE_JUMP_MODES), "pooled or select") if version == ONE_JUMP_VERSION \
+        else None
     boolean = {"true": True, "false": False}.__getitem__
     return {
         "method": field("method", str, "a string"),
@@ -518,19 +564,30 @@ def _fields(path, meta: dict) -> dict:
         "provenance": field("provenance", _json_object, "a JSON object", "{}"),
         "head": field("head", _json_object, "a JSON object", "{}"),
         "head_sha256": meta.get("head_sha256", ""),
+        "one_jump": one_jump,
     }
 
 
 def _layer_parts(path, f: dict, tensors: dict) -> dict[int, dict]:
     """The file's tensors grouped by listed layer and part; a tensor of another name or layer is refused."""
-    parts = {l: {} for l in f["layers"]}
+    parts, shared = {l: {} for l in f["layers"]}, {}
     for name, t in tensors.items():
         match = _TENSOR_NAME.fullmatch(name)
+        if f["one_jump"] and _SHARED_NAME.fullmatch(name):
+            shared[name.split(".")[1]] = t
+            continue
         if match is None:
             raise _invalid(path, f"unexpected tensor {name!r}")
         if int(match[1]) not in parts:
             raise _invalid(path, f"tensor {name} is for a layer that its metadata's layers {f['layers']} omit")
+        if f["one_jump"] and match[2] in _SHARED:
+            raise _invalid(path, f"tensor {name}: a one-jump file holds {match[2]} once, as shared.{match[2]}")
         parts[int(match[1])][match[2]] = t
+    if f["one_jump"]:
+        if not shared:
+            raise _invalid(path, "it is a one-jump file without a shared map (no shared.* tensors)")
+        for got in parts.values():  # every layer holds the same tensor objects: one map, shared
+            got.update(shared)
     return parts
 
 

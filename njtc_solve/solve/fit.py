@@ -95,6 +95,10 @@ class FitSpec:
         Bytes (or a size such as ``"40GB"``) the statistics of one pass may take on ``device``
         (default: its free memory when the fit starts); more layers than fit run in several
         passes over the rows, one per group (:mod:`njtc_solve.solve.budget`), with the same maps.
+    one_jump : {None, True, "pooled", "select"}
+        One map shared by every source layer (:mod:`njtc_solve.solve.one_jump`): ``"pooled"``
+        (``True``) solves it on the stacked rows of all layers, ``"select"`` picks the per-layer
+        map whose loss over all layers is lowest. Needs two or more source layers and one target.
 
     Examples
     --------
@@ -118,6 +122,7 @@ class FitSpec:
     chunk_rows: int = 4096
     float64: bool = False
     max_memory: int | str | None = None
+    one_jump: bool | str | None = None
 
     def __post_init__(self):
         method, ranks, normalize = check_method(self.method, self.ranks, self.normalize)
@@ -144,10 +149,12 @@ class FitSpec:
                 isinstance(l, Integral) and not isinstance(l, bool) and l >= 0 for l in layers)):
             raise NJTCError(f"`layers` must be a list of layer indices (whole numbers, 0 or more), not {layers!r}")
         check_device(self.device)
+        one_jump = _one_jump_mode(self.one_jump, target, layers)
         set_ = lambda name, value: object.__setattr__(self, name, value)  # completing a frozen instance
         set_("max_memory", check_budget(self.max_memory))
         set_("ranks", tuple(None if r is None else int(r) for r in ranks))
         set_("normalize", normalize)
+        set_("one_jump", one_jump)
         set_("alpha", "auto" if self.alpha == "auto" else float(self.alpha))
         if self.layers is not None:
             set_("layers", tuple(int(l) for l in self.layers))
@@ -196,6 +203,20 @@ class FitSpec:
             raise NJTCError(f"`target_layer` {self.target_layer}: fit_all_targets fits every target")
         return _fit_all_targets(self, store, statistics=statistics, save_stats=save_stats, progress=progress,
                                 check_outputs=check_outputs)
+
+
+def _one_jump_mode(one_jump, target, layers) -> str | None:
+    """``one_jump`` completed (``None``, ``"pooled"`` or ``"select"``), refused with ``target_layer`` all
+    or a single source layer."""
+    if one_jump not in (None, False, True, "pooled", "select"):
+        raise NJTCError(f"`one_jump` must be true, pooled or select, not {one_jump!r}")
+    mode = "pooled" if one_jump is True else one_jump or None
+    if mode and target == "all":
+        raise NJTCError("`one_jump` fits one map for the source layers of one target; `target_layer` all fits "
+                        "every target on its own")
+    if mode and layers is not None and len(set(layers)) == 1:
+        raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
+    return mode
 
 
 def _inverse_norm_scale(norm: str, eps: float, y) -> torch.Tensor:
@@ -341,7 +362,8 @@ def _prepare(stats: Statistics, layer: int, normalize: str, residual: bool, fit_
 def fit_from_statistics(stats: Statistics, *, method: str = "nnjtc", ranks: list[int] | None = (32,),
                         layers: list[int] | None = None, normalize: str | None = None, residual: bool = False,
                         weight_factor: torch.Tensor | None = None, fit_intercept: bool = True,
-                        alpha: float | str = 0.0, progress: bool = False) -> list[Shortcuts]:
+                        alpha: float | str = 0.0, progress: bool = False,
+                        one_jump: bool | str | None = None) -> list[Shortcuts]:
     """Solve shortcut maps from statistics; one :class:`Shortcuts` per rank.
 
     Parameters
@@ -364,12 +386,17 @@ def fit_from_statistics(stats: Statistics, *, method: str = "nnjtc", ranks: list
         Ridge penalty, or ``"auto"`` for generalised cross-validation per layer.
     progress : bool
         Show a bar over the layers' solves.
+    one_jump : {None, True, "pooled", "select"}
+        One map for every layer (see :class:`FitSpec`).
     """
     spec = FitSpec(method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual,
-                   fit_intercept=fit_intercept, alpha=alpha)
+                   fit_intercept=fit_intercept, alpha=alpha, one_jump=one_jump)
     spec.check_width(stats.meta.get("d_model"))
     _check_input_norm(stats.input_norm, spec.normalize)
     stats.check_finite()
+    if spec.one_jump:
+        return _fit_one_jump(stats, spec, layers=sorted(stats.layers) if layers is None else list(spec.layers),
+                             weight_factor=weight_factor)
     return _fit_statistics(stats, spec, layers=spec.layers, weight_factor=weight_factor, progress=progress)
 
 
@@ -502,7 +529,8 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
                   weight: str = "none", fit_intercept: bool = True, alpha: float | str = 0.0, device: str = "cpu",
                   statistics=None, save_stats=None, chunk_rows: int = 4096, float64: bool = False,
                   progress: bool = True, comm=None, skip_positions: int | None = None,
-                  target_layer: int | None = None, max_memory: int | str | None = None) -> list[Shortcuts]:
+                  target_layer: int | None = None, max_memory: int | str | None = None,
+                  one_jump: bool | str | None = None) -> list[Shortcuts]:
     """Fit shortcuts of ``method`` in closed form; one :class:`Shortcuts` per rank.
 
     The rows come from ``store``: an activation store (its path or reader) or a live
@@ -519,6 +547,8 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
     ``"40GB"``; default: the free memory of ``device``) bounds the statistics of one pass: more
     source layers than fit run in several passes over the rows, with the same maps (see
     :mod:`njtc_solve.solve.budget`); a budget that holds no layer is refused before the pass.
+    ``one_jump`` (``True``, ``"pooled"`` or ``"select"``) fits one map shared by every source layer
+    instead (:mod:`njtc_solve.solve.one_jump`); it solves from every layer's statistics at once, in one pass.
 
     Examples
     --------
@@ -533,7 +563,8 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
     """
     spec = FitSpec(method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual, weight=weight,
                    fit_intercept=fit_intercept, alpha=alpha, device=device, target_layer=target_layer,
-                   skip_positions=skip_positions, chunk_rows=chunk_rows, float64=float64, max_memory=max_memory)
+                   skip_positions=skip_positions, chunk_rows=chunk_rows, float64=float64, max_memory=max_memory,
+                   one_jump=one_jump)
     return spec.fit(store, statistics=statistics, save_stats=save_stats, progress=progress, comm=comm)
 
 
@@ -561,6 +592,8 @@ def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, co
         spec.check_width(d_model)
         if not layers:
             raise NJTCError("no source layer to fit (the store holds the target layer alone?)")
+        if spec.one_jump and len(layers) < 2:
+            raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
         if spec.weight == "logits" and head is None:
             raise NJTCError("`weight` logits needs the model's head, and these statistics were saved without it")
         passes = [layers] if store is None or statistics is not None else \
@@ -568,13 +601,17 @@ def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, co
         if len(passes) > 1 and save_stats is not None:
             raise NJTCError(f"`save_stats` keeps every layer's statistics at once, and `max_memory` holds "
                             f"{len(passes[0])} of {len(layers)} layers per pass: raise `max_memory` or fit fewer `layers`")
+        if len(passes) > 1 and spec.one_jump:
+            raise NJTCError(f"`one_jump` solves from every layer's statistics at once, and `max_memory` holds "
+                            f"{len(passes[0])} of {len(layers)} layers per pass: raise `max_memory` or fit fewer `layers`")
         factor = head.logit_weight_factor() if spec.weight == "logits" else None
         first = comm is None or comm.rank == 0
 
         def solve(stats, share):
             if save_stats is not None and first:
                 stats.save(save_stats, head)
-            solved = _fit_statistics(stats, spec, layers=share, weight_factor=factor, progress=progress and first)
+            solved = _fit_statistics(stats, spec, layers=share, weight_factor=factor, progress=progress and first) \
+                if not spec.one_jump else _fit_one_jump(stats, spec, layers=share, weight_factor=factor)
             return _for_head(solved, head)
 
         fits = []
@@ -582,10 +619,43 @@ def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, co
             group_stats = stats if store is None else _store_statistics(
                 store, group, target, spec, statistics=statistics, progress=progress, comm=comm)
             group_stats.meta["d_model"] = d_model
-            fits.append(solve(group_stats, group) if comm is None else
-                        _solve_shared(comm, functools.partial(solve, group_stats), group))
+            if comm is None:
+                fits.append(solve(group_stats, group))
+            elif spec.one_jump:  # one map from every layer's statistics: rank 0 solves it
+                fits.append(_solve_shared(comm, lambda share, s=group_stats, g=group: solve(s, g) if comm.rank == 0
+                                          else [], group))
+            else:
+                fits.append(_solve_shared(comm, functools.partial(solve, group_stats), group))
             group_stats = None
         return merge_fits(fits)
+
+
+def _fit_one_jump(stats: Statistics, spec: FitSpec, *, layers, weight_factor) -> list[Shortcuts]:
+    """One map shared by every layer of ``layers``, per rank (:mod:`njtc_solve.solve.one_jump`)."""
+    from njtc_solve.solve.one_jump import LayerProblem, solve_one_jump
+
+    if len(layers) < 2:
+        raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
+    missing = [l for l in layers if l not in stats.layers]
+    if missing:
+        raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
+    problems = {}
+    for l in layers:  # centred moments of each layer's own regression (its normalisation, its target)
+        cxx, cxt, ctt, mean_x, mean_t, norm_mean, norm_scale = _prepare(stats, l, spec.normalize, spec.residual, True)
+        problems[l] = LayerProblem(cxx, cxt, ctt, mean_x, mean_t, float(stats.n), norm_mean, norm_scale)
+    per_layer = _fit_statistics(stats, spec, layers=layers, weight_factor=weight_factor) \
+        if spec.one_jump == "select" else None
+    solved = solve_one_jump(problems, mode=spec.one_jump, ranks=spec.ranks, fit_intercept=spec.fit_intercept,
+                            alpha=spec.alpha, normalize=spec.normalize, residual=spec.residual, n_rows=stats.n_rows,
+                            total_var=float(torch.trace(stats.cyy)), weight_factor=weight_factor, per_layer=per_layer)
+    fits = []
+    for rank, (maps, records, info) in solved.items():
+        sc = _shortcuts(stats, spec, rank=rank, maps=maps, records=records,
+                        weight="none" if weight_factor is None else "logits")
+        sc.one_jump, info["params"] = spec.one_jump, sc.total_params
+        sc.stats["one_jump"] = info
+        fits.append(sc)
+    return fits
 
 
 def _check_fit_inputs(store, *, statistics, save_stats) -> None:

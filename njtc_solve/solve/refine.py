@@ -99,6 +99,7 @@ def refine_shortcuts(store: RowSource, shortcuts: Shortcuts | str | Path, *, obj
                         device=device, progress=progress, seed=seed)
     refined = sc.replace(  # every field of the start (head, provenance, ...) but the maps
         maps=result.maps(), label=f"{sc.name}-{objective}",
+        one_jump=None,  # each layer's map is trained on its own: a one jump's start gives per-layer maps
         stats={"refined": {
             "from": sc.name, "from_file": start_file, "objective": objective, "optimizer": optimizer, "lr": lr,
             "batch_rows": batch_rows, "steps": result.steps, "max_steps": steps, "seconds": result.seconds,

@@ -1,0 +1,226 @@
+"""One jump for every exit: one shared map for all source layers, in closed form (OJFA).
+
+"One Jump Fits All" (Seshadri, arXiv 2504.13984) uses a single narrow normalised map for
+every exit layer instead of one per layer. The function class is ``y ≈ x̃_l W + b`` (plus
+``x_l`` for residual maps) with ``W`` (rank r) and ``b`` shared by all source layers ``l``;
+only the input normalisation is the layer's own (``batch``: ``x̃_l = (x_l - μ_l) / σ_l``
+with layer l's training mean and standard deviation). Its least-squares optimum over the
+stacked rows of every layer is a solve on pooled moments, computed here from the per-layer
+statistics of one pass (:class:`~njtc_solve.solve.stats.Statistics`; the fit,
+:func:`njtc_solve.solve.fit.fit_shortcuts` with ``one_jump``, hands each layer's moments here),
+every rank from one decomposition:
+
+* per layer, the centred moments of the regression actually solved (normalised input
+  ``x̃_l``, target ``t_l = y`` or ``y - x_l``), with means ``m_l`` and ``m_t,l``;
+* pooled over the ``L`` layers (``n`` rows each), centred on the pooled means
+  ``m̄ = mean_l m_l``: ``S_xx = Σ_l C_xx,l + n Σ_l (m_l - m̄)(m_l - m̄)ᵀ`` and likewise
+  ``S_xt``, ``S_tt`` (the between-layer scatter; zero for ``batch`` inputs, whose ``m_l = 0``);
+  without an intercept, the uncentred ``S + L n m̄ m̄ᵀ``;
+* then the usual (reduced-rank) solve, ``b = m̄_t - m̄ W``.
+
+The loss of any map ``(W, b)`` on layer ``l`` is also a function of the moments,
+``tr C_tt - 2 tr WᵀC_xt + tr WᵀC_xx W + n ‖m_t - m W - b‖²``, so the choice of the best single
+per-layer map for every exit (``one_jump="select"``, OJFA's own recipe made exact) is an
+``L × L`` table with no second pass over the rows.
+
+Examples
+--------
+>>> from njtc_solve import fit_shortcuts
+>>> [one] = fit_shortcuts("activations.h5", method="nnjtc", normalize="batch", ranks=[4], one_jump=True,
+...                       progress=False)
+>>> one.name, sorted(one.maps), one.maps[0].U is one.maps[2].U
+('nnjtc-batch-r4-onejump', [0, 1, 2], True)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.solve.solvers import gcv_alpha, gram_eigh, solve_reduced_rank, weight_root
+
+__all__ = ["LayerProblem", "map_loss", "pooled_problem", "select_table", "solve_one_jump"]
+
+
+@dataclass
+class LayerProblem:
+    """Centred float64 moments of one regression ``t ≈ x̃ W + b`` over ``n`` rows (or a pool of them).
+
+    ``cxx``, ``cxt``, ``ctt`` are centred on the means ``mean_x``, ``mean_t``; ``norm_mean``,
+    ``norm_scale`` are the batch standardisation of the layer (``None`` otherwise).
+    """
+
+    cxx: torch.Tensor
+    cxt: torch.Tensor
+    ctt: torch.Tensor
+    mean_x: torch.Tensor
+    mean_t: torch.Tensor
+    n: float
+    norm_mean: torch.Tensor | None = None
+    norm_scale: torch.Tensor | None = None
+
+    def uncentred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(XᵀX, XᵀT, TᵀT)`` of the same rows, for a fit without an intercept."""
+        outer = lambda a, b: self.n * torch.outer(a, b)
+        return (self.cxx + outer(self.mean_x, self.mean_x), self.cxt + outer(self.mean_x, self.mean_t),
+                self.ctt + outer(self.mean_t, self.mean_t))
+
+
+def pooled_problem(problems: list[LayerProblem]) -> LayerProblem:
+    """The moments of the rows of every problem stacked, centred on the pooled means.
+
+    Each problem's centred moments plus the between-problem scatter of its means about the
+    pooled (row-weighted) means: Chan et al.'s combination of groups.
+    """
+    n = sum(p.n for p in problems)
+    mean_x = sum(p.n * p.mean_x for p in problems) / n
+    mean_t = sum(p.n * p.mean_t for p in problems) / n
+    cxx, cxt, ctt = (torch.zeros_like(t) for t in (problems[0].cxx, problems[0].cxt, problems[0].ctt))
+    for p in problems:
+        dx, dt = p.mean_x - mean_x, p.mean_t - mean_t
+        cxx += p.cxx + p.n * torch.outer(dx, dx)
+        cxt += p.cxt + p.n * torch.outer(dx, dt)
+        ctt += p.ctt + p.n * torch.outer(dt, dt)
+    return LayerProblem(cxx, cxt, ctt, mean_x, mean_t, n)
+
+
+def map_loss(p: LayerProblem, coef: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None = None,
+             factors: tuple | None = None) -> float:
+    """``Σ_rows ‖(t - x̃ W - b) G‖²`` of the map ``(coef, bias)`` on the rows of ``p``, from its moments.
+
+    ``tr Γ(C_tt - 2 WᵀC_xt + WᵀC_xx W) + n eΓeᵀ`` with ``e = m_t - m_x W - b`` and ``Γ = G Gᵀ``
+    (``gamma``; the identity when ``None``). ``factors``, optional: ``(U, V)`` with ``W = U V``,
+    so that the cost is ``O(d² r)``, not ``O(d³)`` (the select table evaluates ``L²`` maps).
+    """
+    coef = coef.to(p.cxx)
+    gamma = torch.eye(p.ctt.shape[0], dtype=p.cxx.dtype, device=p.cxx.device) if gamma is None else gamma
+    e = p.mean_t - p.mean_x @ coef - (0 if bias is None else bias.to(p.cxx))
+    if factors is None or factors[1] is None:
+        cross, quad = (coef * (p.cxt @ gamma)).sum(), (gamma * (coef.T @ p.cxx @ coef)).sum()
+    else:  # tr Γ VᵀUᵀC_xt = Σ (Uᵀ C_xt Γ) ∘ V;  tr Γ VᵀUᵀC_xx U V = Σ (UᵀC_xx U) ∘ (V Γ Vᵀ)
+        u, v = (f.to(p.cxx) for f in factors)
+        cross, quad = ((u.T @ p.cxt @ gamma) * v).sum(), ((u.T @ p.cxx @ u) * (v @ gamma @ v.T)).sum()
+    return float((gamma * p.ctt).sum() - 2 * cross + quad + p.n * (e @ gamma @ e))
+
+
+def solve_one_jump(problems: dict[int, LayerProblem], *, mode: str, ranks, fit_intercept: bool, alpha,
+                   normalize: str, residual: bool, n_rows: int, total_var: float, weight_factor=None,
+                   per_layer: list[Shortcuts] | None = None) -> dict:
+    """One shared map for every layer of ``problems``, per rank: ``{rank: (maps, records, info)}``.
+
+    Parameters
+    ----------
+    problems : dict of int to LayerProblem
+        Each source layer's centred moments (two or more layers).
+    mode : {"pooled", "select"}
+        ``pooled``: the least squares over the stacked rows of every layer; ``select``: the map
+        of ``per_layer`` whose loss summed over every layer is lowest (:func:`select_table`).
+    ranks, fit_intercept, alpha, normalize, residual
+        As in :func:`~njtc_solve.solve.fit.fit_shortcuts` (``alpha`` ``"auto"``: GCV on the pooled rows).
+    n_rows : int
+        Rows per layer (GCV's count).
+    total_var : float
+        ``tr C_yy`` of the target, for each layer's R².
+    weight_factor : Tensor, optional
+        Errors measured as ``‖e G‖²`` (``weight="logits"``).
+    per_layer : list of Shortcuts, optional
+        The ordinary per-layer fits of the same settings, one per rank (``select`` only).
+
+    Returns
+    -------
+    dict
+        Per rank: each layer's :class:`~njtc_solve.maps.shortcuts.ShortcutMap` (all holding the
+        same ``U``, ``V`` or ``weight`` and ``bias`` tensors, and their own standardisation), each
+        layer's training record, and ``info`` (the mode, the layers, the loss over all layers and,
+        for ``select``, the table and the chosen layer).
+    """
+    start = time.perf_counter()
+    layers = list(problems)
+    pooled = pooled_problem(list(problems.values()))
+    gamma = _gamma(weight_factor)
+    shared, alpha = _pooled_solve(pooled, ranks=ranks, fit_intercept=fit_intercept, alpha=alpha,
+                                  n_rows=n_rows * len(layers), weight_factor=weight_factor)
+    tables = select_table(problems, per_layer, weight_factor=weight_factor) if mode == "select" else {}
+    out = {}
+    for rank, (coef, bias, u, v) in shared.items():
+        info = {"mode": mode, "layers": layers, "pooled_sse": map_loss(pooled, coef, bias, gamma)}
+        if mode == "select":
+            table = tables[rank]
+            chosen = int(np.argmin(table["total"]))
+            info.update(pooled_fit_sse=info["pooled_sse"], from_layer=layers[chosen], table_mse=table["mse"].tolist())
+            coef, bias, u, v = table["maps"][chosen]
+            info["pooled_sse"] = map_loss(pooled, coef, bias, gamma)
+        maps, records = _shared_maps(problems, u=u, v=v, bias=bias, normalize=normalize, residual=residual,
+                                     gamma=gamma, alpha=alpha, n_rows=n_rows, total_var=total_var,
+                                     solve_s=time.perf_counter() - start)
+        out[rank] = (maps, records, info)
+    return out
+
+
+def _gamma(weight_factor):
+    return None if weight_factor is None else (lambda g: g @ g.T)(weight_factor.to(torch.float64))
+
+
+def _pooled_solve(pooled: LayerProblem, *, ranks, fit_intercept, alpha, n_rows: int, weight_factor):
+    """``{rank: (coef, bias, U, V)}`` of the pooled regression (float64; ``V`` ``None`` for a full map)."""
+    gxx, gxt, gtt = (pooled.cxx, pooled.cxt, pooled.ctt) if fit_intercept else pooled.uncentred()
+    eigh = gram_eigh(gxx)
+    alpha = (gcv_alpha(gxx, gxt, gtt, n_rows, fit_intercept=fit_intercept, eigh=eigh)[0]
+             if alpha == "auto" else float(alpha))
+    weight = None if weight_factor is None else weight_root(weight_factor.to(gxx.device))
+    solution = solve_reduced_rank(gxx, gxt, alpha, weight=weight, eigh=eigh)
+    out = {}
+    for rank in ranks:
+        u, v = solution.factors(rank)
+        coef = u if v is None else u @ v
+        bias = pooled.mean_t - pooled.mean_x @ coef if fit_intercept else None
+        out[rank] = (coef, bias, u, v)
+    return out, alpha
+
+
+def select_table(problems: dict[int, LayerProblem], per_layer: list[Shortcuts], *, weight_factor=None) -> dict:
+    """The loss of each layer's own map on every layer, from the moments: OJFA's choice of one jump.
+
+    Map ``k`` (of ``per_layer``, fitted on layer ``k`` alone) is applied to layer ``l`` through
+    layer ``l``'s own normalisation. Returns, per rank, a dict with ``sse`` (``L × L``, row ``k``
+    the map, column ``l`` the layer, in the order of ``problems``), ``mse`` (``sse / (n d)``),
+    ``total`` (each map's loss summed over the layers) and ``maps`` (each map's
+    ``(coef, bias, U, V)`` in float64).
+    """
+    gamma = _gamma(weight_factor)
+    like = next(iter(problems.values())).cxx  # float64, where the moments are
+    f64 = lambda t: None if t is None else t.to(like)
+    tables = {}
+    for sc in per_layer:
+        maps = []
+        for k in problems:
+            m = sc.maps[k]
+            u, v = (f64(m.weight), None) if m.weight is not None else (f64(m.U), f64(m.V))
+            maps.append((u if v is None else u @ v, f64(m.bias), u, v))
+        sse = np.array([[map_loss(p, coef, bias, gamma, factors=(u, v)) for p in problems.values()]
+                        for coef, bias, u, v in maps])
+        p = next(iter(problems.values()))
+        tables[sc.rank] = {"sse": sse, "mse": sse / (p.n * p.ctt.shape[0]), "total": sse.sum(1), "maps": maps}
+    return tables
+
+
+def _shared_maps(problems, *, u, v, bias, normalize, residual, gamma, alpha, n_rows, total_var, solve_s):
+    """One :class:`ShortcutMap` per layer, all holding the same float32 map, and each layer's record."""
+    f32 = lambda t: None if t is None else t.to(torch.float32)
+    core = {"weight": f32(u), "U": None, "V": None} if v is None else {"weight": None, "U": f32(u), "V": f32(v)}
+    bias32 = f32(bias)
+    coef = (core["weight"] if v is None else core["U"] @ core["V"]).double()
+    maps, records = {}, {}
+    for l, p in problems.items():
+        maps[l] = ShortcutMap(**core, bias=bias32, norm_mean=f32(p.norm_mean), norm_scale=f32(p.norm_scale),
+                              normalize=normalize, residual=residual)
+        d = p.ctt.shape[0]
+        sse = max(map_loss(p, coef, None if bias32 is None else bias32.double(), gamma), 0.0)
+        records[l] = {"train_mse": sse / (p.n * d), "train_sse": sse, "r2": 1 - sse / total_var if total_var else 0.0,
+                      "params": maps[l].n_params, "reduction": 1 - maps[l].n_params / (d * d), "alpha": alpha,
+                      "rank": None if v is None else u.shape[1], "solve_s": solve_s, "n_train": n_rows}
+    return maps, records
