@@ -207,3 +207,21 @@ def test_pairwise_bounds_must_be_positive(tiny_store):
     for bounds, name in (({"skip_rows": 0}, "skip_rows"), ({"max_rows": -1}, "max_rows")):
         with pytest.raises(NJTCError, match=f"^`{name}` must be positive"):
             evaluate_pairs(tiny_store, [], **bounds)
+
+
+def test_evaluate_names_several_lenses_each_by_its_folder(tiny_store, tmp_path, capsys):
+    """``--tuned-lens A B C`` evaluates three lenses; two folders of the same name get their parents too."""
+    from njtc_solve import fit_shortcuts
+    from njtc_solve.cli import evaluate
+    from njtc_solve.maps.tuned_lens import export_tuned_lens
+
+    [jtc] = fit_shortcuts(tiny_store, method="jtc", layers=[1], progress=False)
+    folders = [tmp_path / "a" / "lens", tmp_path / "b" / "lens", tmp_path / "c"]
+    for folder in folders:
+        folder.parent.mkdir(exist_ok=True)
+        export_tuned_lens(jtc, folder)
+    out = tmp_path / "report"
+    assert run_cli(evaluate.main, ["--store", str(tiny_store), "--shortcuts", "--tuned-lens", *map(str, folders),
+                                   "--max-rows", "32", "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    methods = {r["method"] for r in json.loads((out / "results.json").read_text())["records"]}
+    assert methods == {"identity", "tuned-lens-a/lens", "tuned-lens-b/lens", "tuned-lens-c"}

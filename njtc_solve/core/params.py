@@ -30,7 +30,7 @@ from numbers import Integral, Real
 
 from njtc_solve.core.errors import NJTCError
 
-__all__ = ["Check", "Interval", "Options", "check_params", "check_spec", "invalid_value"]
+__all__ = ["BOOLEAN", "DEVICE", "Check", "Interval", "ListOf", "Options", "check_params", "check_spec", "invalid_value"]
 
 
 class Interval:
@@ -106,6 +106,31 @@ class Check:
 
     def invalid(self):
         return self._invalid
+
+
+class ListOf:
+    """A list or tuple (never a string) whose every item ``item`` accepts."""
+
+    def __init__(self, item, *, says: str | None = None, show_value: bool = True):
+        self.item, self.show_value = item, show_value
+        self.says = says or f"a list of values each {item.says}"
+
+    def holds(self, value) -> bool:
+        return isinstance(value, (list, tuple, range)) and all(self.item.holds(v) for v in value)
+
+    def invalid(self):
+        return [self.item.invalid()]
+
+
+def _device(value) -> bool:
+    from njtc_solve.core.models import check_device
+
+    check_device(value)  # its own message: not a device, or CUDA missing
+    return True
+
+
+DEVICE = Check(_device, says="a device (cpu, cuda or cuda:N)", invalid="gpu0")
+BOOLEAN = Check(lambda value: isinstance(value, bool), says="True or False", invalid="yes")
 
 
 def _message(name: str, allowed: list, value) -> str:
