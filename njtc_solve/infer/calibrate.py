@@ -186,8 +186,9 @@ class CalibrationTable:
         for name, by_layer in acceptance.items():
             for layer, alpha in sorted(by_layer.items()):
                 options = []
-                for k in range(0, max_draft_tokens + 1):
-                    step = (k + 1) * costs["lower"][layer] + k * costs["map"][name] + costs["upper"][layer][k + 1]
+                for k in range(0, max_draft_tokens + 1):  # k = 0 runs the model's own decoding: a plain step
+                    step = (costs["plain"] if k == 0 else
+                            (k + 1) * costs["lower"][layer] + k * costs["map"][name] + costs["upper"][layer][k + 1])
                     e = expected_tokens(alpha, k)
                     options.append((e / step, k, e, step))
                 rate, k, e, step = max(options)
