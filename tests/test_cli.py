@@ -225,3 +225,11 @@ def test_evaluate_names_several_lenses_each_by_its_folder(tiny_store, tmp_path, 
                                    "--max-rows", "32", "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
     methods = {r["method"] for r in json.loads((out / "results.json").read_text())["records"]}
     assert methods == {"identity", "tuned-lens-a/lens", "tuned-lens-b/lens", "tuned-lens-c"}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_can_hide_its_progress(name):
+    import importlib
+
+    parser = importlib.import_module(f"njtc_solve.cli.{name}").build_parser()
+    assert "--no-progress" in parser._option_string_actions  # argparse has no public list of its options

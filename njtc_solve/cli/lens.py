@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="run the model in this dtype (the maps are checked against its float32 weights)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -63,12 +64,8 @@ def _prompt_text(args) -> str:
 
 def _check_arguments(args) -> Path | None:
     """Every check before the model loads: the numbers, the output folder, the lens files."""
-    from njtc_solve.core.models import check_device
-
-    if args.top_k < 1:
-        raise NJTCError("--top-k must be at least 1")
-    if args.max_positions < 1:
-        raise NJTCError("--max-positions must be at least 1")
+    library.LensSpec(k=args.top_k, color=args.color, max_positions=args.max_positions, device=args.device,
+                     dtype=args.dtype)
     out = None
     if args.out is not None:
         from njtc_solve.maps.tuned_lens import TUNED_LENS_FILES
@@ -80,7 +77,6 @@ def _check_arguments(args) -> Path | None:
         check_not_inputs([("--out", out / name) for name in library.LENS_FILES],
                          command_inputs(args, "model", "shortcuts", "prompt_file") + lens_files)
         check_folder_output(out, "--out", library.LENS_FILES, library._is_lens_output)
-    check_device(args.device)
     given = [flag for flag, value in (("--shortcuts", args.shortcuts), ("--tuned-lens", args.tuned_lens),
                                       ("--jacobian-lens", args.jacobian_lens)) if value is not None]
     if len(given) > 1:
@@ -109,7 +105,7 @@ def main(args) -> int:
         read_tuned_lens(args.tuned_lens)  # a bad folder is refused before the model loads
     if args.jacobian_lens is not None:
         read_jacobian_lens(args.jacobian_lens)
-    model, tokenizer, name = load_model(args.model, progress=False)
+    model, tokenizer, name = load_model(args.model, progress=not args.no_progress)
     sha = model_sha256(model)  # of the float32 weights the maps were fitted on
     if args.tuned_lens is not None:
         shortcuts = read_tuned_lens(args.tuned_lens, head=Head.from_model(model), model_sha256=sha)
