@@ -109,14 +109,15 @@ class Check:
 
 
 class ListOf:
-    """A list or tuple (never a string) whose every item ``item`` accepts."""
+    """A list, tuple, range or array (never a string) whose every item ``item`` accepts."""
 
     def __init__(self, item, *, says: str | None = None, show_value: bool = True):
         self.item, self.show_value = item, show_value
         self.says = says or f"a list of values each {item.says}"
 
     def holds(self, value) -> bool:
-        return isinstance(value, (list, tuple, range)) and all(self.item.holds(v) for v in value)
+        listed = isinstance(value, (list, tuple, range)) or type(value).__name__ == "ndarray"
+        return listed and all(self.item.holds(v) for v in value)
 
     def invalid(self):
         return [self.item.invalid()]
@@ -130,7 +131,8 @@ def _device(value) -> bool:
 
 
 DEVICE = Check(_device, says="a device (cpu, cuda or cuda:N)", invalid="gpu0")
-BOOLEAN = Check(lambda value: isinstance(value, bool), says="True or False", invalid="yes")
+BOOLEAN = Check(lambda value: isinstance(value, bool) or type(value).__name__ == "bool_", says="True or False",
+                invalid="yes")
 
 
 def _message(name: str, allowed: list, value) -> str:

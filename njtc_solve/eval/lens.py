@@ -211,9 +211,9 @@ class ShortcutLens(nn.Module):
             probabilities, entropy, ``KL(p_final ‖ p_lens)`` and agreement of the top-1 with
             the model's own.
         """
+        LensSpec(k=k, batch_size=batch_size, chunk_rows=chunk_rows, device=None)
         if self.model is None:
             raise NJTCError("this lens has no model; build it with ShortcutLens.from_model(model, ...)")
-        LensSpec(k=k, batch_size=batch_size, chunk_rows=chunk_rows, device=None)
         if k > self.head().vocab_size:
             raise NJTCError(f"`k` is {k}, above the vocabulary's {self.head().vocab_size} tokens")
         ids = self._token_ids(inputs)
