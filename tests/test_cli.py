@@ -233,3 +233,23 @@ def test_every_command_can_hide_its_progress(name):
 
     parser = importlib.import_module(f"njtc_solve.cli.{name}").build_parser()
     assert "--no-progress" in parser._option_string_actions  # argparse has no public list of its options
+
+
+def test_one_njtc_script_runs_every_command(tiny_store, tmp_path, capsys, monkeypatch):
+    """``njtc COMMAND ...`` is ``njtc-COMMAND ...``; its usage and errors name it so."""
+    from njtc_solve.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/njtc"])
+    assert main(["--help"]) == 0
+    printed = capsys.readouterr().out
+    assert all(c in printed for c in COMMANDS), printed
+    assert main([]) == 2 and capsys.readouterr().err.startswith("usage: njtc ")
+    assert main(["fitt"]) == 2 and "error: unknown command 'fitt'; choose from extract, fit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert capsys.readouterr().out.startswith("usage: njtc fit ")
+    out = tmp_path / "jtc.safetensors"
+    assert main(["fit", "--store", str(tiny_store), "--method", "jtc", "--out", str(out), "--no-progress"]) == 0
+    assert out.is_file()
+    assert main(["evaluate", "--store", str(tiny_store), "--max-rows", "0"]) == 2
+    assert capsys.readouterr().err.endswith("error: --max-rows must be positive\n")
