@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import re
 import signal
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from njtc_solve.core.errors import NJTCError, interruptible
 
-__all__ = ["COMMANDS", "command", "flags_of", "main", "prog", "run_cli", "translate", "warn"]
+__all__ = ["COMMANDS", "command", "figure", "flags_of", "main", "prog", "run_cli", "translate", "warn"]
 
 COMMANDS = ("extract", "fit", "evaluate", "refine", "export", "lens", "prune", "generate")
 
@@ -60,6 +61,20 @@ def main(argv=None) -> int:
         print(f"{usage}\nerror: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     return importlib.import_module(f"njtc_solve.cli.{argv[0]}").run(argv[1:])
+
+
+def figure(value, spec: str = ".3f") -> str:
+    """A number as a person reads it: ``format(value, spec)``, or ``—`` (as wide) where it is undefined.
+
+    Examples
+    --------
+    >>> figure(0.12345, "7.4f"), figure(float("nan"), "7.4f"), figure(None)
+    (' 0.1235', '      —', '—')
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        width = re.match(r"\D*?(\d*)(?:\.|$|\D)", spec)[1]
+        return f"{'—':>{int(width or 1)}}"
+    return format(value, spec)
 
 
 # `name` or `name=value` in a library message
