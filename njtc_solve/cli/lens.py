@@ -62,10 +62,13 @@ def _prompt_text(args) -> str:
     return text
 
 
-def _check_arguments(args) -> Path | None:
-    """Every check before the model loads: the numbers, the output folder, the lens files."""
-    library.LensSpec(k=args.top_k, color=args.color, max_positions=args.max_positions, device=args.device,
-                     dtype=args.dtype)
+def _check_arguments(args):
+    """Every check before the model loads: the settings, the output folder, the lens files.
+
+    Returns ``(LensSpec, output folder or None)``.
+    """
+    spec = library.LensSpec(k=args.top_k, color=args.color, max_positions=args.max_positions, device=args.device,
+                            dtype=args.dtype)
     out = None
     if args.out is not None:
         from njtc_solve.maps.tuned_lens import TUNED_LENS_FILES
@@ -81,7 +84,7 @@ def _check_arguments(args) -> Path | None:
                                       ("--jacobian-lens", args.jacobian_lens)) if value is not None]
     if len(given) > 1:
         raise NJTCError(f"{' and '.join(given)} exclude each other: read one lens beside the logit lens")
-    return out
+    return spec, out
 
 
 @command(build_parser, k="--top-k")
@@ -96,11 +99,9 @@ def main(args) -> int:
     from njtc_solve.maps.shortcuts import Shortcuts
 
     args.prompt = _prompt_text(args)
-    out = _check_arguments(args)
+    spec, out = _check_arguments(args)
     shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)
-    vocab = shortcuts.head_description.get("vocab_size") if shortcuts is not None else None
-    if isinstance(vocab, int) and args.top_k > vocab:
-        raise NJTCError(f"--top-k {args.top_k} is above the vocabulary of the maps' model ({vocab} tokens)")
+    spec.check_maps(shortcuts)
     if args.tuned_lens is not None:
         read_tuned_lens(args.tuned_lens)  # a bad folder is refused before the model loads
     if args.jacobian_lens is not None:

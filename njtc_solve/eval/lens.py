@@ -98,6 +98,12 @@ class LensSpec:
     def __post_init__(self):
         check_spec(self)
 
+    def check_maps(self, shortcuts: Shortcuts | None) -> None:
+        """Refuse ``k`` above the vocabulary the maps' model records (before that model loads)."""
+        vocab = shortcuts.head_description.get("vocab_size") if shortcuts is not None else None
+        if isinstance(vocab, int) and self.k > vocab:
+            raise NJTCError(f"`k` {self.k} is above the vocabulary of the maps' model ({vocab} tokens)")
+
 
 class ShortcutLens(nn.Module):
     """Decode hidden states of any layer into logits through fitted shortcut maps.
