@@ -207,3 +207,49 @@ def test_pairwise_bounds_must_be_positive(tiny_store):
     for bounds, name in (({"skip_rows": 0}, "skip_rows"), ({"max_rows": -1}, "max_rows")):
         with pytest.raises(NJTCError, match=f"^`{name}` must be positive"):
             evaluate_pairs(tiny_store, [], **bounds)
+
+
+def test_evaluate_names_several_lenses_each_by_its_folder(tiny_store, tmp_path, capsys):
+    """``--tuned-lens A B C`` evaluates three lenses; two folders of the same name get their parents too."""
+    from njtc_solve import fit_shortcuts
+    from njtc_solve.cli import evaluate
+    from njtc_solve.maps.tuned_lens import export_tuned_lens
+
+    [jtc] = fit_shortcuts(tiny_store, method="jtc", layers=[1], progress=False)
+    folders = [tmp_path / "a" / "lens", tmp_path / "b" / "lens", tmp_path / "c"]
+    for folder in folders:
+        folder.parent.mkdir(exist_ok=True)
+        export_tuned_lens(jtc, folder)
+    out = tmp_path / "report"
+    assert run_cli(evaluate.main, ["--store", str(tiny_store), "--shortcuts", "--tuned-lens", *map(str, folders),
+                                   "--max-rows", "32", "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    methods = {r["method"] for r in json.loads((out / "results.json").read_text())["records"]}
+    assert methods == {"identity", "tuned-lens-a/lens", "tuned-lens-b/lens", "tuned-lens-c"}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_can_hide_its_progress(name):
+    import importlib
+
+    parser = importlib.import_module(f"njtc_solve.cli.{name}").build_parser()
+    assert "--no-progress" in parser._option_string_actions  # argparse has no public list of its options
+
+
+def test_one_njtc_script_runs_every_command(tiny_store, tmp_path, capsys, monkeypatch):
+    """``njtc COMMAND ...`` is ``njtc-COMMAND ...``; its usage and errors name it so."""
+    from njtc_solve.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/njtc"])
+    assert main(["--help"]) == 0
+    printed = capsys.readouterr().out
+    assert all(c in printed for c in COMMANDS), printed
+    assert main([]) == 2 and capsys.readouterr().err.startswith("usage: njtc ")
+    assert main(["fitt"]) == 2 and "error: unknown command 'fitt'; choose from extract, fit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert capsys.readouterr().out.startswith("usage: njtc fit ")
+    out = tmp_path / "jtc.safetensors"
+    assert main(["fit", "--store", str(tiny_store), "--method", "jtc", "--out", str(out), "--no-progress"]) == 0
+    assert out.is_file()
+    assert main(["evaluate", "--store", str(tiny_store), "--max-rows", "0"]) == 2
+    assert capsys.readouterr().err.endswith("error: --max-rows must be positive\n")

@@ -224,7 +224,8 @@ _HELP = textwrap.dedent('''
 
 def test_the_installed_wheel_runs_every_command_from_a_fresh_venv(wheel, tmp_path):
     """After ``pip install`` of the wheel into a fresh venv, ``python -m njtc_solve.<command> --help``
-    and ``njtc-<command> --help`` print the usage of every command (``njtc_solve.cli.COMMANDS``),
+    and ``njtc-<command> --help`` print the usage of every command (``njtc_solve.cli.COMMANDS``;
+    ``njtc <command>`` is the one script beside them),
     run from outside the source tree with the installed package, not the tree's: all of them in
     one interpreter (see ``_HELP``), and ``fit``'s two also as processes of their own.
 
@@ -249,9 +250,9 @@ def test_the_installed_wheel_runs_every_command_from_a_fresh_venv(wheel, tmp_pat
 
     [entry_points] = Path(purelib).glob("njtc_solve-*.dist-info/entry_points.txt")
     scripts = {line.split("=")[0].strip() for line in entry_points.read_text().splitlines() if "=" in line}
-    assert scripts == {f"njtc-{command}" for command in COMMANDS}, scripts
-    for command in COMMANDS:  # each script is pip's, run by the fresh venv's interpreter
-        assert (fresh / "bin" / f"njtc-{command}").read_text().startswith(f"#!{python}")
+    assert scripts == {"njtc"} | {f"njtc-{command}" for command in COMMANDS}, scripts
+    for script in scripts:  # each script is pip's, run by the fresh venv's interpreter
+        assert (fresh / "bin" / script).read_text().startswith(f"#!{python}")
     jobs = [(f"python -m njtc_solve.{c}", "module", f"njtc_solve.{c}") for c in COMMANDS] + \
         [(f"njtc-{c}", "script", str(fresh / "bin" / f"njtc-{c}")) for c in COMMANDS]
     proc = run(python, "-c", _HELP, json.dumps(jobs))
@@ -264,6 +265,7 @@ def test_the_installed_wheel_runs_every_command_from_a_fresh_venv(wheel, tmp_pat
         usage = f"usage: {label} " if label.startswith("njtc-") else f"usage: python -m njtc_solve.{command} "
         assert code == 0 and printed.startswith(usage), (label, code, printed[:300])
     for argv, usage in (([python, "-m", "njtc_solve.fit", "--help"], "usage: python -m njtc_solve.fit "),
-                        ([fresh / "bin" / "njtc-fit", "--help"], "usage: njtc-fit ")):
+                        ([fresh / "bin" / "njtc-fit", "--help"], "usage: njtc-fit "),
+                        ([fresh / "bin" / "njtc", "fit", "--help"], "usage: njtc fit ")):
         real = run(*argv)  # and as processes of their own, for the mission's command
         assert real.returncode == 0 and real.stdout.startswith(usage), real.stderr[-2000:]

@@ -287,3 +287,11 @@ def test_maps_to_an_intermediate_layer_checked_before_the_model_loads(tiny_store
     own = tmp_path / "own"
     assert run_cli(main, ["--store", str(tiny_store), "--shortcuts", str(maps), "--out", str(own), "--no-progress"]) == 0
     assert run_cli(main, ["--store", str(tiny_store), "--shortcuts", str(maps), "--out", str(own), "--no-progress"]) == 0
+
+
+def test_an_undefined_figure_reads_as_a_dash_not_nan():
+    """R² of rows that do not vary is undefined (NaN in the records); the report's tables say ``—``."""
+    from njtc_solve.eval.report import markdown_table
+
+    table = markdown_table([{"method": "jtc", "layer": 1, "r2": float("nan"), "kl": 0.5}])
+    assert "nan" not in table.lower() and "| — |" in table and "0.500" in table

@@ -213,7 +213,7 @@ def test_cli_refuses_bad_input_on_one_line(tiny_models, args, message):
 
 def test_cli_refuses_a_foreign_shortcut_file(tiny_models, fitted):
     done = run_module("njtc_solve.lens", "--model", str(tiny_models["gpt2"]), "--shortcuts",
-                      str(fitted[1] / "jtc.safetensors"), "--prompt", "x")
+                      str(fitted[1] / "jtc.safetensors"), "--prompt", "x", "--no-progress")
     assert done.returncode == 2
     assert done.stderr.startswith("error: shortcuts jtc were fitted on another model") and done.stderr.count("\n") == 1
 

@@ -183,6 +183,26 @@ def test_one_token_and_no_drafts():
         assert result.stats.drafted == 0
 
 
+def test_no_drafts_is_the_models_own_generate():
+    """k = 0 hands the whole decoding to ``model.generate`` (never slower than plain greedy)."""
+    model = tiny_model("llama")
+    calls = []
+    own = model.generate
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return own(*args, **kwargs)
+
+    model.generate = counted
+    result = speculative_generate(model, torch.tensor([PROMPTS[1]]), drafter=ShortcutDrafter(model, None, 1),
+                                  max_new_tokens=7, draft_tokens=0)
+    del model.generate
+    assert len(calls) == 1 and calls[0]["do_sample"] is False
+    assert result.sequences.tolist() == reference(model, PROMPTS[1], 7).tolist()
+    s = result.stats
+    assert (s.new_tokens, s.verifications, s.drafted, s.accepted) == (7, 6, 0, 0)
+
+
 def test_low_rank_draft_head_matches_the_maps_logits():
     model = tiny_model("llama")
     shortcuts = random_maps(model, [2], rank=3).attach_head(model)
@@ -283,7 +303,8 @@ def test_command_refuses_bad_input_before_the_model_loads(config_only, tmp_path,
 def test_command_refuses_another_models_maps_and_generates(tiny_models, tmp_path, capsys):
     folder = str(tiny_models["llama"])  # 3 blocks
     maps = _maps_file(tmp_path, target=3)
-    code = run_generate(["--model", folder, "--prompt", "hello", "--exit-layer", "1", "--shortcuts", maps])
+    code = run_generate(["--model", folder, "--prompt", "hello", "--exit-layer", "1", "--shortcuts", maps,
+                         "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "were fitted on another model" in err and len(err.strip().splitlines()) == 1
     proc = run_module("njtc_solve.generate", "--model", folder, "--prompt", "The", "--exit-layer", "2",
@@ -291,7 +312,17 @@ def test_command_refuses_another_models_maps_and_generates(tiny_models, tmp_path
                       "--calibration-sequences", "1")
     assert proc.returncode == 0, proc.stderr
     assert "--draft-tokens auto:" in proc.stdout and "tokens per verification" in proc.stdout
-    assert "acceptance" in proc.stdout
+    assert "nan" not in proc.stdout.lower()  # auto may choose not to draft (then: the model's own decoding)
+
+
+def test_command_without_drafts_prints_no_nan(tiny_models, capsys):
+    folder = str(tiny_models["llama"])
+    for k in ("0", "2"):
+        assert run_generate(["--model", folder, "--prompt", "The", "--exit-layer", "1", "--max-new-tokens", "4",
+                             "--draft-tokens", k, "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert "nan" not in out.lower(), out
+        assert ("the model's own greedy decoding" in out) == (k == "0"), out
 
 
 # -- calibration --------------------------------------------------------------------------------

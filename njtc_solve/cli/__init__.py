@@ -1,7 +1,8 @@
 """The command layer: every parser, ``main`` and the glue from arguments to library calls.
 
-One module per command, each run as ``python -m njtc_solve.<command>`` (the library module of
-that name hands its ``__main__`` over to the command here):
+One module per command, each run as ``njtc-<command>``, ``njtc <command>`` (:func:`main`) or
+``python -m njtc_solve.<command>`` (the library module of that name hands its ``__main__`` over
+to the command here):
 
 =========  ==================================================================
 extract    a model's residual stream over a corpus into an HDF5 store
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import re
 import signal
 import sys
@@ -31,16 +33,48 @@ from pathlib import Path
 
 from njtc_solve.core.errors import NJTCError, interruptible
 
-__all__ = ["COMMANDS", "command", "flags_of", "prog", "run_cli", "translate", "warn"]
+__all__ = ["COMMANDS", "command", "figure", "flags_of", "main", "prog", "run_cli", "translate", "warn"]
 
 COMMANDS = ("extract", "fit", "evaluate", "refine", "export", "lens", "prune", "generate")
 
 
 
 def prog(name: str) -> str:
-    """The command as the user typed it: ``njtc-NAME`` when run as that script, else ``python -m njtc_solve.NAME``."""
-    script = f"njtc-{name}"
-    return script if Path(sys.argv[0]).name == script else f"python -m njtc_solve.{name}"
+    """The command as the user typed it: ``njtc-NAME`` or ``njtc NAME`` when run as that script, else
+    ``python -m njtc_solve.NAME``."""
+    script = Path(sys.argv[0]).name
+    if script == f"njtc-{name}":
+        return script
+    return f"njtc {name}" if script == "njtc" else f"python -m njtc_solve.{name}"
+
+
+def main(argv=None) -> int:
+    """The ``njtc`` script: ``njtc COMMAND ARGS...`` runs ``njtc-COMMAND ARGS...`` (one of :data:`COMMANDS`)."""
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    usage = f"usage: njtc {{{','.join(COMMANDS)}}} ...  (njtc COMMAND --help for each)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"{usage}\nerror: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return importlib.import_module(f"njtc_solve.cli.{argv[0]}").run(argv[1:])
+
+
+def figure(value, spec: str = ".3f") -> str:
+    """A number as a person reads it: ``format(value, spec)``, or ``—`` (as wide) where it is undefined.
+
+    Examples
+    --------
+    >>> figure(0.12345, "7.4f"), figure(float("nan"), "7.4f"), figure(None)
+    (' 0.1235', '      —', '—')
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        width = re.match(r"\D*?(\d*)(?:\.|$|\D)", spec)[1]
+        return f"{'—':>{int(width or 1)}}"
+    return format(value, spec)
 
 
 # `name` or `name=value` in a library message

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.data.plan import PLAN_DEFAULTS, check_plan_settings
+from njtc_solve.data.plan import PLAN_DEFAULTS, PlanSpec
 
 __all__ = ["add_model_arguments", "add_plan_arguments", "command_inputs", "jacobian_lens_inputs",
            "live_source_from_args", "load_model_from_args", "parse_alpha", "parse_layers", "parse_ranks",
@@ -99,11 +99,7 @@ def plan_settings(args, provenance: dict | None = None) -> dict:
         if value is None:
             value = inherited.get(key)
         settings[key] = PLAN_DEFAULTS[key] if value is None else value
-    if settings["max_tokens"] is not None and settings["max_tokens"] <= 0:
-        raise NJTCError("--max-tokens must be positive")
-    check_plan_settings(**settings)  # what plan_extraction refuses, here before a model loads
-    if getattr(args, "batch_size", 1) < 1:
-        raise NJTCError("--batch-size must be positive")
+    PlanSpec(**settings, batch_size=getattr(args, "batch_size", 1))  # what plan_extraction refuses, before a model loads
     return settings
 
 

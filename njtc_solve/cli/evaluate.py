@@ -28,10 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shortcuts", nargs="*", default=None,
                    help="shortcut files (default: shortcuts.safetensors when present); identity is always included")
     p.add_argument("--tuned-lens", nargs="+", default=[], metavar="DIR",
-                   help="tuned-lens folders (config.json, params.pt) evaluated beside the shortcuts, as tuned-lens")
-    p.add_argument("--jacobian-lens", metavar="DIR",
-                   help="a Jacobian-lens folder or .pt file (TransformerLens's JacobianLens: lens.pt) evaluated "
-                   "beside the shortcuts, as jacobian-lens")
+                   help="tuned-lens folders (config.json, params.pt) evaluated beside the shortcuts, as tuned-lens "
+                   "(several: each as tuned-lens-FOLDER)")
+    p.add_argument("--jacobian-lens", nargs="+", default=[], metavar="DIR",
+                   help="Jacobian-lens folders or .pt files (TransformerLens's JacobianLens: lens.pt) evaluated "
+                   "beside the shortcuts, as jacobian-lens (several: each as jacobian-lens-FOLDER)")
     p.add_argument("--layers", help="source layers: all (default), 3, 1,5,9 or 0-29")
     p.add_argument("--out", default="report", help="output folder (default: report)")
     p.add_argument("--max-rows", type=int, help="evaluate on at most this many validation rows")
@@ -50,28 +51,37 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_arguments(args, files: list[str]) -> Path:
     """Every check that reads no row: the numbers, and the report folder against the inputs."""
     from njtc_solve.maps.tuned_lens import TUNED_LENS_FILES
-    from njtc_solve.core.models import check_device
     from njtc_solve.core.outputs import check_folder_output, check_not_inputs
 
-    if args.max_rows is not None and args.max_rows <= 0:
-        raise NJTCError("--max-rows must be positive")
-    if args.skip_rows is not None and args.skip_rows <= 0:
-        raise NJTCError("--skip-rows must be positive")
-    if args.chunk_rows <= 0:
-        raise NJTCError("--chunk-rows must be positive")
-    if args.skip_positions is not None and args.skip_positions < 0:
-        raise NJTCError("--skip-positions must be 0 or more")
+    library.EvaluateSpec(layers=parse_layers(args.layers), max_rows=args.max_rows, skip_rows=args.skip_rows,
+                         chunk_rows=args.chunk_rows, device=args.device, skip_positions=args.skip_positions)
     out = Path(args.out)
     lens_files = [("--tuned-lens", Path(d) / name) for d in args.tuned_lens for name in TUNED_LENS_FILES]
-    lens_files += jacobian_lens_inputs(args.jacobian_lens)
+    lens_files += [pair for path in args.jacobian_lens for pair in jacobian_lens_inputs(path)]
     check_not_inputs([("--out", out / name) for name in library.REPORT_FILES],
                      command_inputs(args, "store", "model", "corpus", defaults={
                          "store": None if args.model is not None else "activations.h5"})
                      + [("--shortcuts", f) for f in files] + lens_files,
                      replaced_folders=[("--out", temporary_path(out.resolve()))])
     check_folder_output(out, "--out", library.REPORT_FILES, library._is_report, parents=True)  # write_report creates parents
-    check_device(args.device)
     return out
+
+
+def _named_by_folder(lenses: list, paths: list[str]) -> list:
+    """One lens keeps its method's name; several are each named ``METHOD-FOLDER``, by the fewest
+    trailing parts of their paths that tell them apart (``a/lens`` and ``b/lens``: ``a/lens``, ``b/lens``)."""
+    if len(lenses) < 2:
+        return lenses
+    parts = [Path(p).resolve().with_suffix("").parts if Path(p).is_file() else Path(p).resolve().parts
+             for p in paths]
+    def name(i: int) -> str:
+        for n in range(1, len(parts[i]) + 1):
+            if all(other[-n:] != parts[i][-n:] for j, other in enumerate(parts) if j != i):
+                break
+        return "/".join(parts[i][-n:])
+
+    names = [name(i) for i in range(len(parts))]
+    return [sc.replace(label=f"{sc.method}-{name}") for sc, name in zip(lenses, names)]
 
 
 @command(build_parser)
@@ -89,8 +99,8 @@ def main(args) -> int:
     loaded = [Shortcuts.load(f) for f in files]
     for d in args.tuned_lens:  # a bad folder is refused before a model loads or a row is read
         read_tuned_lens(d)
-    if args.jacobian_lens is not None:
-        read_jacobian_lens(args.jacobian_lens)
+    for path in args.jacobian_lens:
+        read_jacobian_lens(path)
     if args.layers is not None and any(sc.stats.get("n_layers", sc.target_layer) != sc.target_layer for sc in loaded):
         raise NJTCError("--layers applies to maps to the last layer; maps to other layers are evaluated whole")
     provenance = next((sc.provenance for sc in loaded if sc.provenance), None)  # the held-out documents
@@ -108,10 +118,11 @@ def main(args) -> int:
             pairs = evaluate_pairs(store, pairwise, max_rows=args.max_rows, skip_rows=args.skip_rows, device=args.device,
                                    progress=not args.no_progress, skip_positions=args.skip_positions,
                                    allow_overlap=args.allow_overlap)
-        loaded += [read_tuned_lens(d, head=store.head(), model_sha256=store.model_sha256) for d in args.tuned_lens]
-        if args.jacobian_lens is not None:
-            loaded.append(read_jacobian_lens(args.jacobian_lens, head=store.head(), n_layers=store.n_layers,
-                                             model_sha256=store.model_sha256))
+        lenses = [read_tuned_lens(d, head=store.head(), model_sha256=store.model_sha256) for d in args.tuned_lens]
+        loaded += _named_by_folder(lenses, args.tuned_lens)
+        lenses = [read_jacobian_lens(path, head=store.head(), n_layers=store.n_layers, model_sha256=store.model_sha256)
+                  for path in args.jacobian_lens]
+        loaded += _named_by_folder(lenses, args.jacobian_lens)
         if loaded or not pairwise:
             result = library.evaluate_shortcuts(
                 store, loaded, layers=parse_layers(args.layers), max_rows=args.max_rows, chunk_rows=args.chunk_rows,

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, help="jacobian-lens only: the storage dtype of J (default: float32, "
                    "read back exactly; float16 is the published lenses')")
     p.add_argument("--overwrite", action="store_true", help="replace a lens already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -54,7 +55,7 @@ def main(args) -> int:
     if args.model is not None:
         from njtc_solve.core.models import load_model
 
-        model = load_model(args.model, progress=False)[0]
+        model = load_model(args.model, progress=not args.no_progress)[0]
     if library is tuned_lens:
         out = tuned_lens.export_tuned_lens(shortcuts, args.out, model=model, overwrite=args.overwrite)
         print(f"wrote {out}/config.json and params.pt: {shortcuts.name}, {len(shortcuts.maps)} of "

@@ -37,64 +37,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-sequences", type=int, default=4,
                    help="held-out sequences of 128 tokens auto measures acceptance on (default: 4)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def _draft_tokens(text: str) -> int | None:
-    """``None`` for auto, else the draft length (0 or more)."""
+    """``None`` for auto, else the draft length."""
     if text == "auto":
         return None
     try:
-        k = int(text)
+        return int(text)
     except ValueError:
         raise NJTCError(f"--draft-tokens must be auto or a whole number, not {text!r}") from None
-    if k < 0:
-        raise NJTCError(f"--draft-tokens must be 0 or more, not {k}")
-    return k
 
 
 def check_arguments(args):
-    """Every refusal that needs no weights: numbers, the prompt, the exit layer, the shortcut file.
+    """Every refusal that needs no weights: the settings, the prompt, the exit layer, the shortcut file.
 
     Returns ``(prompt text, draft tokens or None for auto, shortcuts or None, number of blocks)``.
     """
     from njtc_solve.cli.lens import _prompt_text
-    from njtc_solve.core.models import check_device
+    from njtc_solve.infer.speculative import GenerateSpec
     from njtc_solve.maps.shortcuts import Shortcuts
     from njtc_solve.prune.selection import model_blocks
 
-    if args.max_new_tokens < 1:
-        raise NJTCError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
-    k = _draft_tokens(args.draft_tokens)
-    if args.max_draft_tokens < 1:
-        raise NJTCError(f"--max-draft-tokens must be at least 1, not {args.max_draft_tokens}")
-    if args.calibration_sequences < 1:
-        raise NJTCError(f"--calibration-sequences must be at least 1, not {args.calibration_sequences}")
+    spec = GenerateSpec(args.exit_layer, max_new_tokens=args.max_new_tokens, draft_tokens=_draft_tokens(args.draft_tokens),
+                        max_draft_tokens=args.max_draft_tokens, calibration_sequences=args.calibration_sequences,
+                        device=args.device)
     text = _prompt_text(args)
-    check_device(args.device)
     _, n_blocks, config = model_blocks(args.model)  # the configuration only: no weight is read
-    if not 1 <= args.exit_layer <= n_blocks - 1:
-        raise NJTCError(f"--exit-layer must be in 1..{n_blocks - 1} (the model has {n_blocks} blocks), "
-                        f"not {args.exit_layer}")
-    shortcuts = None
-    if args.shortcuts is not None:
-        shortcuts = Shortcuts.load(args.shortcuts)
-        if shortcuts.target_layer != n_blocks:
-            raise NJTCError(f"--shortcuts {args.shortcuts} map to layer {shortcuts.target_layer}, not the model's last "
-                            f"layer ({n_blocks}): the draft reads them through the head")
-        if shortcuts.method != "identity" and args.exit_layer not in shortcuts.maps:
-            raise NJTCError(f"--shortcuts {args.shortcuts} have no map for --exit-layer {args.exit_layer} "
-                            f"(they have {sorted(shortcuts.maps)})")
-        width = shortcuts.maps[args.exit_layer].width if args.exit_layer in shortcuts.maps else None
-        hidden = getattr(config, "hidden_size", None) if config is not None else None
-        if width is not None and hidden is not None and width != hidden:
-            raise NJTCError(f"--shortcuts {args.shortcuts} were fitted on another model: they map width {width}, "
-                            f"the model's is {hidden}")
-        recorded = shortcuts.stats.get("n_layers")
-        if isinstance(recorded, int) and recorded != n_blocks:
-            raise NJTCError(f"--shortcuts {args.shortcuts} were fitted on another model of {recorded} blocks, "
-                            f"not {n_blocks}")
-    return text, k, shortcuts, n_blocks
+    shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)
+    spec.check_model(n_blocks, getattr(config, "hidden_size", None) if config is not None else None, shortcuts,
+                     where=args.shortcuts)
+    return text, spec.draft_tokens, shortcuts, n_blocks
 
 
 @command(build_parser)
@@ -106,7 +81,7 @@ def main(args) -> int:
     from njtc_solve.infer.speculative import ShortcutDrafter, speculative_generate
 
     text, k, shortcuts, _ = check_arguments(args)
-    model, tokenizer, name = load_model(args.model, device=args.device, progress=False)
+    model, tokenizer, name = load_model(args.model, device=args.device, progress=not args.no_progress)
     sha = None if shortcuts is None or shortcuts.method == "identity" else model_sha256(model)
     drafter = ShortcutDrafter(model, shortcuts, args.exit_layer, model_sha256=sha)  # another model's maps: refused
     if k is None:
@@ -128,13 +103,26 @@ def main(args) -> int:
         raise NJTCError("--prompt has no tokens")
     with torch.no_grad():
         result = speculative_generate(model, ids, drafter=drafter, max_new_tokens=args.max_new_tokens, draft_tokens=k)
-    s = result.stats
     print(tokenizer.decode(result.sequences[0, ids.shape[1]:], skip_special_tokens=True))
-    print(f"model: {name}; draft: {drafter.name}, {k} tokens per verification drafted\n"
-          f"{s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.1f} tokens/s); {s.verifications} "
-          f"verifications, {s.tokens_per_verification:.2f} tokens per verification; acceptance "
-          f"{s.acceptance_rate:.3f} ({s.accepted} of {s.drafted} drafts)")
+    print(_summary(result.stats, name, drafter.name, k))
     return 0
+
+
+def _summary(s, model: str, draft: str, k: int) -> str:
+    """What the run did, in words and figures that are all defined (no ``nan``)."""
+    rate = f" ({s.tokens_per_second:.1f} tokens/s)" if s.seconds > 0 else ""
+    if k == 0:
+        return (f"model: {model}; no draft (0 tokens per verification): the model's own greedy decoding\n"
+                f"{s.new_tokens} tokens in {s.seconds:.2f} s{rate}")
+    line = (f"model: {model}; draft: {draft}, {k} tokens per verification drafted\n"
+            f"{s.new_tokens} tokens in {s.seconds:.2f} s{rate}; {s.verifications} verifications")
+    if s.verifications:
+        line += f", {s.tokens_per_verification:.2f} tokens per verification"
+    if s.drafted:
+        line += f"; acceptance {s.acceptance_rate:.3f} ({s.accepted} of {s.drafted} drafts)"
+    else:
+        line += "; nothing was drafted"
+    return line
 
 
 def run(argv=None) -> int:

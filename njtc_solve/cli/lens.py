@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="run the model in this dtype (the maps are checked against its float32 weights)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -87,14 +88,13 @@ def _check_context(args, prompts: list[str]) -> None:
             raise NJTCError(f"{where} has {n} tokens; the model reads at most {limit}")
 
 
-def _check_arguments(args) -> Path | None:
-    """Every check before the model loads: the numbers, the output folder, the lens files."""
-    from njtc_solve.core.models import check_device
+def _check_arguments(args):
+    """Every check before the model loads: the settings, the output folder, the lens files.
 
-    if args.top_k < 1:
-        raise NJTCError("--top-k must be at least 1")
-    if args.max_positions < 1:
-        raise NJTCError("--max-positions must be at least 1")
+    Returns ``(LensSpec, output folder or None)``.
+    """
+    spec = library.LensSpec(k=args.top_k, color=args.color, max_positions=args.max_positions, device=args.device,
+                            dtype=args.dtype)
     out = None
     if args.out is not None:
         from njtc_solve.maps.tuned_lens import TUNED_LENS_FILES
@@ -106,13 +106,12 @@ def _check_arguments(args) -> Path | None:
         check_not_inputs([("--out", out / name) for name in library.LENS_FILES],
                          command_inputs(args, "model", "shortcuts", "prompt_file") + lens_files)
         check_folder_output(out, "--out", library.LENS_FILES, library._is_lens_output)
-    check_device(args.device)
     seen = set()
     for path in args.shortcuts or []:
         if Path(path).resolve() in seen:
             raise NJTCError(f"--shortcuts {path} is given twice")
         seen.add(Path(path).resolve())
-    return out
+    return spec, out
 
 
 def _lens_names(lenses) -> list[str]:
@@ -136,18 +135,16 @@ def main(args) -> int:
     from njtc_solve.maps.shortcuts import Shortcuts
 
     prompts = _prompt_texts(args)
-    out = _check_arguments(args)
+    spec, out = _check_arguments(args)
     lenses = [(str(path), Shortcuts.load(path)) for path in args.shortcuts or []]
     for _, shortcuts in lenses:
-        vocab = shortcuts.head_description.get("vocab_size")
-        if isinstance(vocab, int) and args.top_k > vocab:
-            raise NJTCError(f"--top-k {args.top_k} is above the vocabulary of the maps' model ({vocab} tokens)")
+        spec.check_maps(shortcuts)
     if args.tuned_lens is not None:
         read_tuned_lens(args.tuned_lens)  # a bad folder is refused before the model loads
     if args.jacobian_lens is not None:
         read_jacobian_lens(args.jacobian_lens)
     _check_context(args, prompts)
-    model, tokenizer, name = load_model(args.model, progress=False)
+    model, tokenizer, name = load_model(args.model, progress=not args.no_progress)
     sha = model_sha256(model)  # of the float32 weights the maps were fitted on
     if args.tuned_lens is not None:
         lenses.append((args.tuned_lens, read_tuned_lens(args.tuned_lens, head=Head.from_model(model), model_sha256=sha)))

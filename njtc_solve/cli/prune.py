@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.cli import command, prog, run_cli
+from njtc_solve.cli import command, figure, prog, run_cli
 from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, load_model_from_args, plan_settings
 
 __all__ = ["build_parser", "main", "run"]
@@ -194,7 +194,7 @@ def main(args) -> int:
     print(f"{'start':>5}  {'method':<24} {'KL':>8} {'± se':>7} {'top-1':>6} {'ppl':>9}")
     for c in sorted(result.candidates, key=lambda c: (c["start"], c["kl"])):
         if args.start is not None or c["name"] == "drop" or c is result.best(c["start"], fitted_only=True):
-            print(f"{c['start']:>5}  {c['name']:<24} {c['kl']:8.4f} {c['kl_se']:7.4f} {c['top1']:6.3f} "
+            print(f"{c['start']:>5}  {c['name']:<24} {c['kl']:8.4f} {figure(c['kl_se'], '7.4f')} {c['top1']:6.3f} "
                   f"{c['ppl']:9.3f}")
     print(f"full model: perplexity {result.full['ppl']:.3f} on {result.record['plan']['score_rows']} held-out tokens "
           "(the tokens that chose among the candidates, so the chosen one's figures are optimistic; "
@@ -205,12 +205,12 @@ def main(args) -> int:
         print(f"cosine distance would choose start {result.cosine_choice['all']} (every position) / "
               f"{result.cosine_choice['angular_last']} (angular distance at the last positions, ReplaceMe's rule), "
               f"the map's residual {ranking['choice_by']['residual']}; held-out KL chose {chosen.start} "
-              f"(Spearman with held-out KL over starts: angular {rho['angular_last']:.2f}, cosine "
-              f"{rho['cosine_distance']:.2f}, residual {rho['residual']:.2f})")
+              f"(Spearman with held-out KL over starts: angular {figure(rho['angular_last'], '.2f')}, cosine "
+              f"{figure(rho['cosine_distance'], '.2f')}, residual {figure(rho['residual'], '.2f')})")
         again = ranking["rescore"]
         if again and again.get("tokens"):
             a, b = again["starts"]
-            print(f"starts {a} and {b} were within noise (gap {again['gap']:.4f}, se {again['gap_se']:.4f}): "
+            print(f"starts {a} and {b} were within noise (gap {again['gap']:.4f}, se {figure(again['gap_se'], '.4f')}): "
                   f"rescored on {again['tokens']} more tokens, KL {again['kl_combined'][str(a)]:.4f} vs "
                   f"{again['kl_combined'][str(b)]:.4f}")
     if result.refine is not None:

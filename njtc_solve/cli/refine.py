@@ -4,7 +4,6 @@ or a live model, into a new shortcut file."""
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -46,27 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_arguments(args) -> Path:
     """Every check that reads no row: the settings, and the output file against the inputs."""
-    from njtc_solve.core.models import check_device
     from njtc_solve.core.outputs import check_file_output, check_not_inputs
     from njtc_solve.maps.shortcuts import FORMAT as SHORTCUT_FORMAT
-    from njtc_solve.solve.training import OBJECTIVES, OPTIMIZERS
 
-    if args.objective not in OBJECTIVES:
-        raise NJTCError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {args.objective!r}")
-    if args.optimizer not in OPTIMIZERS:
-        raise NJTCError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {args.optimizer!r}")
-    for name in ("steps", "batch_rows", "check_rows", "check_every"):
-        if getattr(args, name) <= 0:
-            raise NJTCError(f"--{name.replace('_', '-')} must be positive")
-    if args.patience < 0:
-        raise NJTCError("--patience must be 0 or more")
-    if not 0 < args.lr < math.inf:
-        raise NJTCError(f"--lr must be a positive finite number, not {args.lr}")
+    library.RefineShortcutsSpec(objective=args.objective, steps=args.steps, layers=parse_layers(args.layers), lr=args.lr,
+                                optimizer=args.optimizer, batch_rows=args.batch_rows, check_rows=args.check_rows,
+                                check_every=args.check_every, patience=args.patience, device=args.device,
+                                seed=args.shuffle_seed)
     check_not_inputs([("--out", args.out)], command_inputs(args, "shortcuts", "store", "model", "corpus", defaults={
         "store": None if args.model is not None else "activations.h5"}))
-    out = check_file_output(args.out, "--out", [SHORTCUT_FORMAT], "a shortcut file")  # before the training
-    check_device(args.device)
-    return out
+    return check_file_output(args.out, "--out", [SHORTCUT_FORMAT], "a shortcut file")  # before the training
 
 
 @command(build_parser)

@@ -28,7 +28,7 @@ from njtc_solve.data.corpus import corpus_sha256
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
 from njtc_solve.core.models import model_sha256
-from njtc_solve.data.plan import PLAN_DEFAULTS
+from njtc_solve.data.plan import PLAN_DEFAULTS, PlanSpec
 from njtc_solve.data.plan import plan_extraction as _plan_extraction
 from njtc_solve.data.store import StoreWriter
 from njtc_solve.data.store import stored_layers as _stored_layers
@@ -63,11 +63,12 @@ def _write_rows(model, plan: ExtractionPlan, writer: StoreWriter, batch_size: in
 
 
 def extract_activations(model, tokenizer, documents, out, *, model_name: str = "", corpus_name: str = "",
-                        seq_len: int = 128, positions: str = "all", max_tokens: int | None = None,
-                        val_fraction: float = 0.25, seed: int = 0, dtype: str = "float32", batch_size: int = 8,
+                        seq_len: int = PlanSpec.seq_len, positions: str = PlanSpec.positions,
+                        max_tokens: int | None = PlanSpec.max_tokens, val_fraction: float = PlanSpec.val_fraction,
+                        seed: int = PlanSpec.seed, dtype: str = "float32", batch_size: int = PlanSpec.batch_size,
                         resume: bool = False, overwrite: bool = False, progress: bool = True,
                         corpus_sha: str | None = None, weights_sha: str | None = None,
-                        shard: tuple[int, int] = (0, 1), bos: str = "auto", layers: list[int] | None = None) -> Path:
+                        shard: tuple[int, int] = (0, 1), bos: str = PlanSpec.bos, layers: list[int] | None = None) -> Path:
     """Cache a model's residual stream at every layer, its head and its own predictions.
 
     Parameters

@@ -20,7 +20,7 @@ from njtc_solve.data.corpus import corpus_sha256
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
 from njtc_solve.core.models import model_sha256
-from njtc_solve.data.plan import ExtractionPlan, plan_extraction
+from njtc_solve.data.plan import ExtractionPlan, PlanSpec, plan_extraction
 from njtc_solve.data.rows import FINAL_TOPK, TRAIN, RowSourceBase, split_code, split_provenance
 
 __all__ = ["LiveSource"]
@@ -61,9 +61,10 @@ class LiveSource(RowSourceBase):
 
     _held_by = "model"  # how the shared checks of RowSourceBase speak of it
 
-    def __init__(self, model, tokenizer, documents, *, model_name: str = "", seq_len: int = 128,
-                 positions: str = "all", max_tokens: int | None = None, val_fraction: float = 0.25,
-                 seed: int = 0, bos: str = "auto", batch_size: int = 8, weights_sha: str | None = None,
+    def __init__(self, model, tokenizer, documents, *, model_name: str = "", seq_len: int = PlanSpec.seq_len,
+                 positions: str = PlanSpec.positions, max_tokens: int | None = PlanSpec.max_tokens,
+                 val_fraction: float = PlanSpec.val_fraction, seed: int = PlanSpec.seed, bos: str = PlanSpec.bos,
+                 batch_size: int = PlanSpec.batch_size, weights_sha: str | None = None,
                  progress: bool = False):
         if batch_size < 1:
             raise NJTCError(f"`batch_size` must be positive, not {batch_size}")

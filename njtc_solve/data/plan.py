@@ -14,21 +14,96 @@ Examples
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from njtc_solve.data.corpus import DEFAULT_CORPUS
 from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.params import Check, Interval, Options, check_spec
+from njtc_solve.data.corpus import DEFAULT_CORPUS
 from njtc_solve.data.rows import DEFAULT_SKIP_POSITIONS, TRAIN, VALIDATION
 
-__all__ = ["PLAN_DEFAULTS", "POSITIONS", "ExtractionPlan", "bos_token", "check_plan_settings", "plan_extraction"]
+__all__ = ["PLAN_DEFAULTS", "POSITIONS", "ExtractionPlan", "PlanSpec", "bos_token", "check_plan_settings",
+           "plan_extraction"]
 
-# the defaults of every command that runs a model over a corpus (see plan_extraction)
-PLAN_DEFAULTS = {"corpus": DEFAULT_CORPUS, "text_field": "text", "seq_len": 128, "positions": "all",
-                 "max_tokens": None, "val_fraction": 0.25, "seed": 0, "bos": "auto", "batch_size": 8}
 POSITIONS = ("all", "one-per-sequence")  # every position of a sequence, or one random position
 _BOS = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """The settings of a plan (a model run over a corpus), checked when made, before anything loads.
+
+    The one place the plan's defaults are spelled out: every function that plans (extraction,
+    the live source, pruning, calibration) takes its defaults from here.
+
+    Parameters
+    ----------
+    corpus : str
+        See :func:`njtc_solve.data.corpus.load_corpus` (default: ``pydoc_data.topics``).
+    text_field : str
+        The text field of a ``.jsonl`` record or a dataset's text column.
+    seq_len : int
+        Tokens per sequence (at least 2).
+    positions : {"all", "one-per-sequence"}
+    max_tokens : int, optional
+        Bound on the rows; at least one sequence's rows.
+    val_fraction : float
+        Share of the tokens held out as whole documents, in [0, 1).
+    seed : int
+        0 or more.
+    bos : {"auto", "always", "never"}
+    batch_size : int
+        Sequences per forward pass.
+
+    Examples
+    --------
+    >>> PlanSpec(seq_len=32).rows_per_sequence, PlanSpec(positions="one-per-sequence").rows_per_sequence
+    (32, 1)
+    >>> PlanSpec(seq_len=1)
+    Traceback (most recent call last):
+      ...
+    njtc_solve.core.errors.NJTCError: `seq_len` must be at least 2, not 1
+    """
+
+    corpus: str = DEFAULT_CORPUS
+    text_field: str = "text"
+    seq_len: int = 128
+    positions: str = "all"
+    max_tokens: int | None = None
+    val_fraction: float = 0.25
+    seed: int = 0
+    bos: str = "auto"
+    batch_size: int = 8
+
+    constraints: ClassVar[dict] = {
+        "corpus": [Check(lambda v: isinstance(v, (str, os.PathLike)) and str(v) != "", says="a corpus name or path",
+                         invalid="")],
+        "text_field": [Check(lambda v: isinstance(v, str) and v != "", says="a field name", invalid="")],
+        "seq_len": [Interval(int, 2, None)],
+        "positions": [Options(POSITIONS, says="'all' or 'one-per-sequence'")],
+        "max_tokens": [None, Interval(int, 1, None, says="positive", show_value=False)],
+        "val_fraction": [Interval(float, 0, 1, closed="left", says="in [0, 1)")],
+        "seed": [Interval(int, 0, None, says="0 or more")],
+        "bos": [Options(_BOS, says="auto, always or never")],
+        "batch_size": [Interval(int, 1, None, says="positive", show_value=False)],
+    }
+
+    def __post_init__(self):
+        check_spec(self)
+        if self.max_tokens is not None and self.max_tokens < self.rows_per_sequence:
+            raise NJTCError(f"`max_tokens` {self.max_tokens} is below one sequence ({self.rows_per_sequence} rows)")
+
+    @property
+    def rows_per_sequence(self) -> int:
+        """Rows each sequence gives: ``seq_len``, or 1 with one position per sequence."""
+        return self.seq_len if self.positions == "all" else 1
+
+
+# the defaults of every command that runs a model over a corpus (see plan_extraction)
+PLAN_DEFAULTS = asdict(PlanSpec())
 
 
 @dataclass
@@ -105,9 +180,10 @@ def bos_token(tokenizer, bos: str = "auto") -> int | None:
     return bos_id if bos_id is not None and list(ids[:1]) == [bos_id] else None
 
 
-def check_plan_settings(*, seq_len: int = 128, positions: str = "all", max_tokens: int | None = None,
-                        val_fraction: float = 0.25, seed: int = 0, bos: str = "auto") -> None:
-    """Refuse plan settings that no corpus can satisfy, before anything is loaded.
+def check_plan_settings(*, seq_len: int = PlanSpec.seq_len, positions: str = PlanSpec.positions,
+                        max_tokens: int | None = PlanSpec.max_tokens, val_fraction: float = PlanSpec.val_fraction,
+                        seed: int = PlanSpec.seed, bos: str = PlanSpec.bos) -> None:
+    """Refuse plan settings that no corpus can satisfy, before anything is loaded (a :class:`PlanSpec`).
 
     :func:`plan_extraction` runs it first; a command may run it before it loads a model.
 
@@ -116,19 +192,8 @@ def check_plan_settings(*, seq_len: int = 128, positions: str = "all", max_token
     NJTCError
         Naming the setting in backticks, e.g. "`seq_len` must be at least 2, not 1".
     """
-    if seq_len < 2:
-        raise NJTCError(f"`seq_len` must be at least 2, not {seq_len}")
-    if positions not in POSITIONS:
-        raise NJTCError(f"`positions` must be 'all' or 'one-per-sequence', not {positions!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise NJTCError(f"`val_fraction` must be in [0, 1), not {val_fraction}")
-    if seed < 0:
-        raise NJTCError(f"`seed` must be 0 or more, not {seed}")
-    if bos not in _BOS:
-        raise NJTCError(f"`bos` must be auto, always or never, not {bos!r}")
-    rows_per_sequence = seq_len if positions == "all" else 1
-    if max_tokens is not None and max_tokens < rows_per_sequence:
-        raise NJTCError(f"`max_tokens` {max_tokens} is below one sequence ({rows_per_sequence} rows)")
+    PlanSpec(seq_len=seq_len, positions=positions, max_tokens=max_tokens, val_fraction=val_fraction, seed=seed,
+             bos=bos)
 
 
 def _split_documents(lengths: np.ndarray, val_fraction: float, rng) -> np.ndarray:
@@ -191,9 +256,9 @@ def _sequences_taken(n_train: int, n_val: int, *, seq_len: int, max_tokens: int 
     return take_train, take_val
 
 
-def plan_extraction(tokenizer, documents, *, seq_len: int = 128, positions: str = "all",
-                    max_tokens: int | None = None, val_fraction: float = 0.25, seed: int = 0,
-                    bos: str = "auto") -> ExtractionPlan:
+def plan_extraction(tokenizer, documents, *, seq_len: int = PlanSpec.seq_len, positions: str = PlanSpec.positions,
+                    max_tokens: int | None = PlanSpec.max_tokens, val_fraction: float = PlanSpec.val_fraction,
+                    seed: int = PlanSpec.seed, bos: str = PlanSpec.bos) -> ExtractionPlan:
     """Tokenise documents into sequences and fix the split and sampled positions.
 
     The documents are split first, whole (a seeded random set holding ``val_fraction`` of the

@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,14 +42,77 @@ from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
 from njtc_solve.core.metrics import Reference, hits_at_k, kl_divergence, surprisal
+from njtc_solve.core.params import BOOLEAN, DEVICE, Interval, ListOf, check_spec
 from njtc_solve.data.rows import RowSource
 from njtc_solve.maps.shortcuts import Shortcuts
 from njtc_solve.data.store import opened
 
-__all__ = ["EvaluationResult", "check_rows_overlap", "check_unseen", "evaluate_shortcuts", "early_exit_curve"]
+__all__ = ["EvaluateSpec", "EvaluationResult", "check_rows_overlap", "check_unseen", "evaluate_shortcuts", "early_exit_curve"]
 
 
 KS = (1, 5, 10)
+
+_POSITIVE = Interval(int, 1, None, says="positive", show_value=False)
+
+
+@dataclass(frozen=True)
+class EvaluateSpec:
+    """The settings of an evaluation, checked when made, before a row is read or a model loads.
+
+    :func:`evaluate_shortcuts` and :func:`~njtc_solve.eval.layer_pairs.evaluate_pairs` make one
+    from their keywords; the evaluate command makes one from its flags. What needs the rows (a
+    layer the store lacks, validation rows at these positions) is checked once they are open.
+
+    Parameters
+    ----------
+    layers : list of int, optional
+        Source layers (whole numbers, 0 or more).
+    max_rows : int, optional
+        At most this many validation rows (positive).
+    skip_rows : int, optional
+        Held-out tokens of the skip scores of maps to an intermediate layer (positive).
+    chunk_rows : int
+        Rows per chunk (positive).
+    device : str
+    thresholds : list of float, optional
+        Early-exit confidence thresholds, each in [0, 1].
+    skip_positions : int, optional
+        Leave out rows at positions below this (0 or more).
+    allow_overlap : bool
+
+    Examples
+    --------
+    >>> EvaluateSpec(max_rows=0)
+    Traceback (most recent call last):
+      ...
+    njtc_solve.core.errors.NJTCError: `max_rows` must be positive
+    """
+
+    layers: tuple | None = None
+    max_rows: int | None = None
+    skip_rows: int | None = None
+    chunk_rows: int = 256
+    device: str = "cpu"
+    thresholds: tuple | None = None
+    skip_positions: int | None = None
+    allow_overlap: bool = False
+
+    constraints: ClassVar[dict] = {
+        "layers": [None, ListOf(Interval(int, 0, None), says="a list of layer indices (whole numbers, 0 or more)")],
+        "max_rows": [None, _POSITIVE],
+        "skip_rows": [None, _POSITIVE],
+        "chunk_rows": [_POSITIVE],
+        "device": [DEVICE],
+        "thresholds": [None, ListOf(Interval(float, 0, 1), says="a list of numbers in [0, 1]")],
+        "skip_positions": [None, Interval(int, 0, None, says="0 or more", show_value=False)],
+        "allow_overlap": [BOOLEAN],
+    }
+
+    def __post_init__(self):
+        for name in ("layers", "thresholds"):  # a list is kept as a tuple (hashable, frozen)
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_spec(self)
 
 
 @dataclass
@@ -183,8 +247,10 @@ def evaluate_shortcuts(store: str | Path | RowSource, shortcuts: Sequence[str | 
     -------
     EvaluationResult
     """
+    spec = EvaluateSpec(layers=layers, max_rows=max_rows, chunk_rows=chunk_rows, device=device,
+                        thresholds=thresholds, skip_positions=skip_positions, allow_overlap=allow_overlap)
     with opened(store) as store:
-        skip = store.default_skip_positions if skip_positions is None else int(skip_positions)
+        skip = store.default_skip_positions if spec.skip_positions is None else int(spec.skip_positions)
         loaded = _load_all(shortcuts)
         head = _check_loaded(store, loaded, skip, allow_overlap)
         layers = _layers(store, loaded, layers)

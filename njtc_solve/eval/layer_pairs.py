@@ -101,9 +101,10 @@ def evaluate_pairs(source, shortcuts, *, max_rows: int | None = None, chunk_rows
     batch_size : int
         Sequences per forward pass of the skip scores.
     """
-    for name, bound in (("max_rows", max_rows), ("skip_rows", skip_rows)):
-        if bound is not None and bound < 1:
-            raise NJTCError(f"`{name}` must be positive, not {bound}")
+    from njtc_solve.eval.evaluate import EvaluateSpec
+
+    EvaluateSpec(max_rows=max_rows, skip_rows=skip_rows, chunk_rows=chunk_rows, device=device,
+                 skip_positions=skip_positions, allow_overlap=allow_overlap)  # every setting, before a row is read
     with opened(source) as source:
         loaded = [s if isinstance(s, Shortcuts) else Shortcuts.load(s) for s in shortcuts]
         if not loaded:

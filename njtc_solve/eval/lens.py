@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -37,13 +38,75 @@ from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.core.errors import NJTCError, atomic_output
 from njtc_solve.core.head import Head
 from njtc_solve.core.metrics import Reference, kl_divergence
+from njtc_solve.core.params import DEVICE, Interval, Options, check_spec
 from njtc_solve.eval.report import write_csv
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
-__all__ = ["LENS_FILES", "ShortcutLens", "Trajectory", "merge_trajectories", "plot_trajectory", "write_trajectory"]
+__all__ = ["LENS_FILES", "LensSpec", "ShortcutLens", "Trajectory", "merge_trajectories", "plot_trajectory",
+           "write_trajectory"]
 
 
 IDENTITY = "identity"  # the logit lens, named as in evaluation
+
+
+@dataclass(frozen=True)
+class LensSpec:
+    """The settings of a lens reading, checked when made, before the model loads.
+
+    :meth:`ShortcutLens.trajectory` and :func:`plot_trajectory` make one from their keywords;
+    the lens command from its flags. What needs the maps (``k`` above their vocabulary) is
+    checked once they are read.
+
+    Parameters
+    ----------
+    k : int
+        Top tokens kept per cell (at least 1).
+    batch_size : int
+        Prompts per forward pass.
+    chunk_rows : int
+        Rows per chunk of the head's logits.
+    color : {"kl", "prob"}
+        Cell colour of the figure.
+    max_positions : int
+        Positions drawn in the figure (the last).
+    device : str
+    dtype : {"float32", "bfloat16", "float16"}
+        The model's dtype while it is read.
+
+    Examples
+    --------
+    >>> LensSpec(color="red")
+    Traceback (most recent call last):
+      ...
+    njtc_solve.core.errors.NJTCError: `color` must be kl or prob, not 'red'
+    """
+
+    k: int = 5
+    batch_size: int = 8
+    chunk_rows: int = 256
+    color: str = "kl"
+    max_positions: int = 24
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    constraints: ClassVar[dict] = {
+        "k": [Interval(int, 1, None, show_value=False)],
+        "batch_size": [Interval(int, 1, None)],
+        "chunk_rows": [Interval(int, 1, None)],
+        "color": [Options(("kl", "prob"), says="kl or prob")],
+        "max_positions": [Interval(int, 1, None, show_value=False)],
+        "device": [DEVICE],
+        "dtype": [Options(("float32", "bfloat16", "float16"))],
+    }
+
+    def __post_init__(self):
+        check_spec(self)
+
+    def check_maps(self, shortcuts: Shortcuts | None) -> None:
+        """Refuse ``k`` above the vocabulary the maps' model records (before that model loads)."""
+        vocab = shortcuts.head_description.get("vocab_size") if shortcuts is not None else None
+        if isinstance(vocab, int) and self.k > vocab:
+            raise NJTCError(f"`k` {self.k} is above the vocabulary of the maps' model ({vocab} tokens)")
 
 
 class ShortcutLens(nn.Module):
@@ -158,10 +221,9 @@ class ShortcutLens(nn.Module):
             probabilities, entropy, ``KL(p_final ‖ p_lens)`` and agreement of the top-1 with
             the model's own.
         """
+        LensSpec(k=k, batch_size=batch_size, chunk_rows=chunk_rows, device=None)
         if self.model is None:
             raise NJTCError("this lens has no model; build it with ShortcutLens.from_model(model, ...)")
-        if k < 1:
-            raise NJTCError(f"`k` must be at least 1, not {k}")
         if k > self.head().vocab_size:
             raise NJTCError(f"`k` is {k}, above the vocabulary's {self.head().vocab_size} tokens")
         ids = self._token_ids(inputs)
@@ -381,8 +443,7 @@ def plot_trajectory(traj: Trajectory, *, prompt: int = 0, color: str = "kl", max
     from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
-    if color not in ("kl", "prob"):
-        raise NJTCError(f"`color` must be kl or prob, not {color!r}")
+    LensSpec(color=color, max_positions=max_positions, device=None)
     n = len(traj.token_ids[prompt])
     first = max(0, n - max_positions)
     cols = range(first, n)

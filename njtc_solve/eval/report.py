@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -20,7 +21,7 @@ _COLUMNS = ["method", "layer", "rank", "params", "reduction", "precision@1", "pr
 
 
 def _fmt(value, column):
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # undefined (R² of constant rows)
         return "—"
     if column == "reduction":
         return f"{100 * value:.1f}%"
@@ -204,7 +205,8 @@ def _write_files(result, out: Path) -> tuple[dict, str]:
     summary = "\n\n".join([
         f"Precision@1 against the model's own top-1 ({meta['validation_rows']} held-out tokens, "
         f"model {meta.get('model')}):", summary_table(result),
-        "Surprisal (nats; the full model's own: " f"{meta.get('model_surprisal', float('nan')):.3f}):",
+        "Surprisal (nats" + (f"; the full model's own: {meta['model_surprisal']:.3f}" if "model_surprisal" in meta
+                             else "") + "):",
         summary_table(result, "surprisal"), "Early exit:", "\n".join(exit_rows)])
     images = "\n".join(f"![{p.stem}]({p.name})" for k, p in paths.items() if k.endswith("plot"))
     _write_text(paths["markdown"], f"# Shortcut evaluation\n\n{summary}\n\n{images}\n\n## All figures\n\n"

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from njtc_solve.core.errors import NJTCError
+from njtc_solve.data.plan import PlanSpec
 from njtc_solve.data.capture import capture_residual_stream
 from njtc_solve.infer.speculative import ShortcutDrafter, _cache_layers, _crop, _length, _new_cache
 from njtc_solve.maps.shortcuts import Shortcuts
@@ -53,8 +54,8 @@ def expected_tokens(alpha: float, k: int) -> float:
     return float(k + 1) if alpha == 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def held_out_sequences(tokenizer, documents, shortcuts: Shortcuts | None = None, *, seq_len: int = 128,
-                       max_sequences: int = 8, seed: int = 0) -> list[torch.Tensor]:
+def held_out_sequences(tokenizer, documents, shortcuts: Shortcuts | None = None, *,
+                       seq_len: int = PlanSpec.seq_len, max_sequences: int = 8, seed: int = PlanSpec.seed) -> list[torch.Tensor]:
     """Token sequences (1, seq_len) of documents the maps were not fitted on.
 
     The validation documents the maps' provenance records (when they were fitted on this
@@ -185,8 +186,9 @@ class CalibrationTable:
         for name, by_layer in acceptance.items():
             for layer, alpha in sorted(by_layer.items()):
                 options = []
-                for k in range(0, max_draft_tokens + 1):
-                    step = (k + 1) * costs["lower"][layer] + k * costs["map"][name] + costs["upper"][layer][k + 1]
+                for k in range(0, max_draft_tokens + 1):  # k = 0 runs the model's own decoding: a plain step
+                    step = (costs["plain"] if k == 0 else
+                            (k + 1) * costs["lower"][layer] + k * costs["map"][name] + costs["upper"][layer][k + 1])
                     e = expected_tokens(alpha, k)
                     options.append((e / step, k, e, step))
                 rate, k, e, step = max(options)

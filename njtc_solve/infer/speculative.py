@@ -42,16 +42,19 @@ import inspect
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from njtc_solve.core.architectures import projection_of, resolve_parts
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
+from njtc_solve.core.params import DEVICE, Interval, check_spec
 from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.maps.shortcuts import Shortcuts
 
-__all__ = ["GenerationStats", "SpeculativeResult", "ShortcutDrafter", "check_greedy_config", "speculative_generate"]
+__all__ = ["GenerateSpec", "GenerationStats", "SpeculativeResult", "ShortcutDrafter", "check_greedy_config",
+           "speculative_generate"]
 
 # generation settings under which model.generate(do_sample=False) is not the plain argmax
 _PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
@@ -62,6 +65,83 @@ _PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None,
                # other decoding strategies than greedy search under do_sample=False
                "num_beams": (None, 1), "num_beam_groups": (None, 1), "penalty_alpha": (None, 0.0),
                "watermarking_config": (None,)}
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """The settings of a generation, checked when made, before the model loads.
+
+    :func:`speculative_generate` makes one from its keywords; the generate command from its
+    flags. What needs the model's configuration (the exit layer below its block count, maps of
+    its width) is checked by :meth:`check_model`, which reads no weight.
+
+    Parameters
+    ----------
+    exit_layer : int
+        ℓ: the draft reads the residual stream after this many blocks (1..blocks−1).
+    max_new_tokens : int
+        At least 1.
+    draft_tokens : int, optional
+        Tokens drafted per verification (0: the model's own greedy decoding, no draft); ``None``:
+        chosen by calibration (:mod:`njtc_solve.infer.calibrate`).
+    max_draft_tokens : int
+        Largest draft length calibration considers (at least 1).
+    calibration_sequences : int
+        Held-out sequences calibration measures acceptance on (at least 1).
+    device : str
+
+    Examples
+    --------
+    >>> GenerateSpec(exit_layer=2, draft_tokens=-1)
+    Traceback (most recent call last):
+      ...
+    njtc_solve.core.errors.NJTCError: `draft_tokens` must be 0 or more, not -1
+    """
+
+    exit_layer: int
+    max_new_tokens: int = 64
+    draft_tokens: int | None = None
+    max_draft_tokens: int = 8
+    calibration_sequences: int = 4
+    device: str = "cpu"
+
+    constraints: ClassVar[dict] = {
+        "exit_layer": [Interval(int)],  # its range needs the model (check_model)
+        "max_new_tokens": [Interval(int, 1, None)],
+        "draft_tokens": [None, Interval(int, 0, None, says="0 or more")],
+        "max_draft_tokens": [Interval(int, 1, None)],
+        "calibration_sequences": [Interval(int, 1, None)],
+        "device": [DEVICE],
+    }
+
+    def __post_init__(self):
+        check_spec(self)
+
+    def check_model(self, n_blocks: int, hidden_size: int | None = None, shortcuts: Shortcuts | None = None,
+                    where: str = "") -> None:
+        """Refuse an exit layer the model lacks, and maps (read from ``where``) that cannot draft for it.
+
+        Needs the configuration only: ``n_blocks`` and ``hidden_size`` (``None``: unknown).
+        """
+        if not 1 <= self.exit_layer <= n_blocks - 1:
+            raise NJTCError(f"`exit_layer` must be in 1..{n_blocks - 1} (the model has {n_blocks} blocks), "
+                            f"not {self.exit_layer}")
+        if shortcuts is None:
+            return
+        if shortcuts.target_layer != n_blocks:
+            raise NJTCError(f"`shortcuts` {where} map to layer {shortcuts.target_layer}, not the model's last "
+                            f"layer ({n_blocks}): the draft reads them through the head")
+        if shortcuts.method != "identity" and self.exit_layer not in shortcuts.maps:
+            raise NJTCError(f"`shortcuts` {where} have no map for `exit_layer` {self.exit_layer} "
+                            f"(they have {sorted(shortcuts.maps)})")
+        width = shortcuts.maps[self.exit_layer].width if self.exit_layer in shortcuts.maps else None
+        if width is not None and hidden_size is not None and width != hidden_size:
+            raise NJTCError(f"`shortcuts` {where} were fitted on another model: they map width {width}, "
+                            f"the model's is {hidden_size}")
+        recorded = shortcuts.stats.get("n_layers")
+        if isinstance(recorded, int) and recorded != n_blocks:
+            raise NJTCError(f"`shortcuts` {where} were fitted on another model of {recorded} blocks, "
+                            f"not {n_blocks}")
 
 
 def check_greedy_config(model) -> list[int]:
@@ -390,10 +470,9 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter, max_new_
     """
     if drafter.model is not model:
         raise NJTCError("`drafter` was built on another model than `model`")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise NJTCError(f"`max_new_tokens` must be at least 1, not {max_new_tokens!r}")
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
-        raise NJTCError(f"`draft_tokens` must be 0 or more, not {draft_tokens!r}")
+    GenerateSpec(drafter.exit_layer, max_new_tokens=max_new_tokens, draft_tokens=draft_tokens, device=None)
+    if draft_tokens is None:  # auto is the caller's calibration
+        raise NJTCError("`draft_tokens` must be 0 or more, not None")
     ids = torch.as_tensor(input_ids, device=drafter.device)
     ids = ids[None] if ids.ndim == 1 else ids
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
@@ -403,6 +482,8 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter, max_new_
     if pad is not None and int(pad) not in eos and bool((ids == int(pad)).any()):
         raise NJTCError(f"`input_ids` holds the pad token id {int(pad)}: model.generate would mask it out of "
                         "attention; pass the prompt without padding")
+    if draft_tokens == 0:  # nothing to draft: the model's own greedy decoding, never slower than it
+        return _model_generate(model, ids, max_new_tokens)
     stats, start = GenerationStats(), time.perf_counter()
     cache = _new_cache(model)
     out = []
@@ -442,3 +523,15 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter, max_new_
     stats.new_tokens, stats.seconds = len(out), time.perf_counter() - start
     sequences = torch.cat([ids, torch.tensor([out], dtype=ids.dtype, device=ids.device)], dim=1)
     return SpeculativeResult(sequences, stats, cache)
+
+
+def _model_generate(model, ids: torch.Tensor, max_new_tokens: int) -> SpeculativeResult:
+    """``model.generate(ids, do_sample=False, max_new_tokens=...)``, with the stats of a run without drafts."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                             return_dict_in_generate=True)
+    new_tokens = out.sequences.shape[1] - ids.shape[1]
+    stats = GenerationStats(new_tokens=new_tokens, verifications=new_tokens - 1,
+                            seconds=time.perf_counter() - start)
+    return SpeculativeResult(out.sequences, stats, getattr(out, "cache", None) or getattr(out, "past_key_values", None))

@@ -23,12 +23,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.metrics import Reference, kl_divergence
+from njtc_solve.core.params import Interval, check_spec
 from njtc_solve.prune.folding import Replacement
 from njtc_solve.prune.scoring import HeldOut, score_replacement, tail_logits
 
@@ -73,20 +75,22 @@ class RefineSpec:
     time_budget: float | None = None
     seed: int = 0
 
+    constraints: ClassVar[dict] = {
+        "lr": [Interval(float, 0, None, closed="neither", says="a finite positive number")],
+        "steps": [Interval(int, 1, None)],
+        "batch_sequences": [Interval(int, 1, None)],
+        "check_every": [Interval(int, 1, None)],
+        "train_tokens": [Interval(int, 1, None)],
+        "patience": [Interval(int, 0, None, says="0 or more")],
+        "time_budget": [None, Interval(float, 0, None, closed="neither", says="a finite positive number of seconds")],
+        "seed": [Interval(int)],
+    }
+
     def __post_init__(self):
         """Refuse an unknown objective or a number out of range, naming its parameter."""
-        spec, objective = self, self.objective
-        if spec.objective not in OBJECTIVES:
-            raise NJTCError(f"`refine` must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
-        if not (isinstance(spec.lr, (int, float)) and 0 < spec.lr < math.inf):
-            raise NJTCError(f"`lr` must be a finite positive number, not {spec.lr!r}")
-        for name in ("steps", "batch_sequences", "check_every", "train_tokens"):
-            if not getattr(spec, name) >= 1:
-                raise NJTCError(f"`{name}` must be at least 1, not {getattr(spec, name)!r}")
-        if not spec.patience >= 0:
-            raise NJTCError(f"`patience` must be 0 or more, not {spec.patience!r}")
-        if spec.time_budget is not None and not 0 < spec.time_budget < math.inf:
-            raise NJTCError(f"`time_budget` must be a finite positive number of seconds, not {spec.time_budget!r}")
+        if self.objective not in OBJECTIVES:  # the prune command's --refine
+            raise NJTCError(f"`refine` must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        check_spec(self)
 
     @classmethod
     def check(cls, objective: str = "kl", **settings) -> RefineSpec:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from njtc_solve.core.architectures import FoldSpec, resolve_parts
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.data.plan import plan_extraction
+from njtc_solve.data.plan import PlanSpec, plan_extraction
 from njtc_solve.data.store import TRAIN, VALIDATION
 from njtc_solve.prune.folding import (WEIGHTINGS, Replacement, ReplacementStatistics, apply_replacement,
                                      check_foldable, check_output_folder, check_removal, save_pruned,
@@ -119,7 +119,7 @@ class PruneSpec:
     intercepts: tuple = ("none",)
     score_tokens: int = 2048
     rescore_tokens: int = 4096
-    val_fraction: float = 0.25
+    val_fraction: float = PlanSpec.val_fraction
     refine: RefineSpec | None = None
 
     @property
@@ -130,7 +130,7 @@ class PruneSpec:
     @classmethod
     def check(cls, config, n_blocks: int | None = None, *, remove: int, start: int | None = None,
               weightings=WEIGHTINGS, ridge=(), intercept: str = "auto", score_tokens: int = 2048,
-              rescore_tokens: int = 4096, val_fraction: float = 0.25, refine=None) -> PruneSpec:
+              rescore_tokens: int = 4096, val_fraction: float = PlanSpec.val_fraction, refine=None) -> PruneSpec:
         """Validate a job against the model's configuration alone (no weights needed).
 
         Parameters
@@ -372,9 +372,10 @@ def _rank_starts(model, spec: PruneSpec, stats, held, candidates, maps, rescore_
 
 
 def prune_model(model, tokenizer, documents, *, remove: int | None = None, start: int | None = None,
-                weightings=WEIGHTINGS, ridge=(), intercept: str = "auto", seq_len: int = 128,
-                max_tokens: int | None = None, val_fraction: float = 0.25, seed: int = 0, bos: str = "auto",
-                batch_size: int = 8, score_tokens: int = 2048, rescore_tokens: int = 4096, refine=None,
+                weightings=WEIGHTINGS, ridge=(), intercept: str = "auto", seq_len: int = PlanSpec.seq_len,
+                max_tokens: int | None = PlanSpec.max_tokens, val_fraction: float = PlanSpec.val_fraction,
+                seed: int = PlanSpec.seed, bos: str = PlanSpec.bos, batch_size: int = PlanSpec.batch_size,
+                score_tokens: int = 2048, rescore_tokens: int = 4096, refine=None,
                 spec: PruneSpec | None = None, stats: ReplacementStatistics | None = None, stats_remove=(),
                 model_sha256: str | None = None, progress: bool = True) -> PruneResult:
     """Fit, score and choose the replacement of ``remove`` consecutive blocks; the model is not changed.

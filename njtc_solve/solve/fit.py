@@ -23,12 +23,13 @@ import time
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.core.models import check_device
+from njtc_solve.core.params import BOOLEAN, DEVICE, Check, Interval, ListOf, Options, check_spec
 from njtc_solve.core.outputs import check_not_inputs
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.solve.budget import check_budget, free_memory, layer_groups, merge_fits, target_groups
@@ -51,6 +52,17 @@ __all__ = [
 
 
 METHODS = ("jtc", "njtc", "nnjtc")
+
+
+def _check_alpha(alpha) -> bool:
+    """A ridge penalty: a finite number, 0 or more, or ``"auto"`` (generalised cross-validation)."""
+    if alpha == "auto":
+        return True
+    if isinstance(alpha, bool) or not isinstance(alpha, Real):
+        raise NJTCError(f"`alpha` must be a number or auto, not {alpha!r}")
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise NJTCError("`alpha` must be a non-negative number")
+    return True
 
 
 @dataclass(frozen=True)
@@ -124,32 +136,31 @@ class FitSpec:
     max_memory: int | str | None = None
     one_jump: bool | str | None = None
 
+    constraints: ClassVar[dict] = {
+        "method": [Options(METHODS)],  # check_method refuses it first, and checks ranks and normalize with it
+        "layers": [None, ListOf(Interval(int, 0, None),
+                                says="a list of layer indices (whole numbers, 0 or more)")],
+        "residual": [BOOLEAN],
+        "fit_intercept": [BOOLEAN],
+        "alpha": [Check(_check_alpha, says="a non-negative number or auto", invalid=-1.0)],
+        "weight": [Options(("none", "logits"), says="none or logits", show_value=False)],
+        "device": [DEVICE],
+        "target_layer": [None, Check(lambda t: t == "all" or (isinstance(t, Integral) and not isinstance(t, bool)),
+                                     says="a layer number or all", invalid="last")],
+        "skip_positions": [None, Interval(int, 0, None, says="0 or more", show_value=False)],
+        "chunk_rows": [Interval(int, 1, None, says="positive", show_value=False)],
+        "float64": [BOOLEAN],
+    }
+
     def __post_init__(self):
         method, ranks, normalize = check_method(self.method, self.ranks, self.normalize)
+        check_spec(self)
         _check_residual(normalize, self.residual)
-        if self.alpha != "auto" and (isinstance(self.alpha, bool) or not isinstance(self.alpha, Real)):
-            raise NJTCError(f"`alpha` must be a number or auto, not {self.alpha!r}")
-        if self.alpha != "auto" and not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise NJTCError("`alpha` must be a non-negative number")
-        if self.weight not in ("none", "logits"):
-            raise NJTCError("`weight` must be none or logits")
         target = self.target_layer
-        if not (target is None or target == "all" or (isinstance(target, Integral) and not isinstance(target, bool))):
-            raise NJTCError(f"`target_layer` must be a layer number or all, not {target!r}")
         if self.weight == "logits" and target == "all":
             raise NJTCError("`weight` logits needs the last layer as the target (only it has a head); "
                             "`target_layer` all fits intermediate targets too")
-        skip = self.skip_positions
-        if skip is not None and (isinstance(skip, bool) or not isinstance(skip, Integral) or skip < 0):
-            raise NJTCError("`skip_positions` must be 0 or more")
-        if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, Integral) or self.chunk_rows <= 0:
-            raise NJTCError("`chunk_rows` must be positive")
-        layers = self.layers
-        if layers is not None and (isinstance(layers, (str, bytes, Integral)) or not all(
-                isinstance(l, Integral) and not isinstance(l, bool) and l >= 0 for l in layers)):
-            raise NJTCError(f"`layers` must be a list of layer indices (whole numbers, 0 or more), not {layers!r}")
-        check_device(self.device)
-        one_jump = _one_jump_mode(self.one_jump, target, layers)
+        one_jump = _one_jump_mode(self.one_jump, target, self.layers)
         set_ = lambda name, value: object.__setattr__(self, name, value)  # completing a frozen instance
         set_("max_memory", check_budget(self.max_memory))
         set_("ranks", tuple(None if r is None else int(r) for r in ranks))

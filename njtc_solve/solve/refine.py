@@ -20,19 +20,71 @@ from the model's forward pass over the plan the shortcuts were fitted with
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.params import DEVICE, Interval, ListOf, Options, check_spec
 from njtc_solve.data.rows import RowSource
 from njtc_solve.maps.shortcuts import Shortcuts
-from njtc_solve.solve.training import StoreRows, TrainResult, train_maps
+from njtc_solve.solve.training import OBJECTIVES, OPTIMIZERS, StoreRows, TrainResult, train_maps
 
-__all__ = ["refine_shortcuts"]
+__all__ = ["RefineShortcutsSpec", "refine_shortcuts"]
+
+_POSITIVE = Interval(int, 1, None, says="positive", show_value=False)
+
+
+@dataclass(frozen=True)
+class RefineShortcutsSpec:
+    """The settings of :func:`refine_shortcuts`, checked when made, before a row is read or a model loads.
+
+    (The refinement of a pruning fold has its own, :class:`njtc_solve.prune.refine.RefineSpec`.)
+    What needs the maps or the rows (a layer without a map, no validation rows) is checked
+    once they are open.
+
+    Examples
+    --------
+    >>> RefineShortcutsSpec(optimizer="lbfgs")
+    Traceback (most recent call last):
+      ...
+    njtc_solve.core.errors.NJTCError: `optimizer` must be one of adam, sgd, not 'lbfgs'
+    """
+
+    objective: str = "kl"
+    steps: int = 500
+    layers: tuple | None = None
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    batch_rows: int = 256
+    check_rows: int = 512
+    check_every: int = 25
+    patience: int = 4
+    device: str = "cpu"
+    seed: int = 0
+
+    constraints: ClassVar[dict] = {
+        "objective": [Options(OBJECTIVES)],
+        "steps": [_POSITIVE],
+        "layers": [None, ListOf(Interval(int, 0, None), says="a list of layer indices (whole numbers, 0 or more)")],
+        "lr": [Interval(float, 0, None, closed="neither")],
+        "optimizer": [Options(OPTIMIZERS)],
+        "batch_rows": [_POSITIVE],
+        "check_rows": [_POSITIVE],
+        "check_every": [_POSITIVE],
+        "patience": [Interval(int, 0, None, says="0 or more", show_value=False)],
+        "device": [DEVICE],
+        "seed": [Interval(int)],
+    }
+
+    def __post_init__(self):
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        check_spec(self)
 
 
 
@@ -78,16 +130,15 @@ def refine_shortcuts(store: RowSource, shortcuts: Shortcuts | str | Path, *, obj
     >>> refined.name, refined.stats["refined"]["from"], sorted(refined.maps)
     ('jtc-kl', 'jtc', [1])
     """
+    RefineShortcutsSpec(objective=objective, steps=steps, layers=layers, lr=lr, optimizer=optimizer,
+                        batch_rows=batch_rows, check_rows=check_rows, check_every=check_every, patience=patience,
+                        device=device, seed=seed)
     start_file = None
     if not isinstance(shortcuts, Shortcuts):
         start_file, shortcuts = str(shortcuts), Shortcuts.load(shortcuts)
     sc = shortcuts
     head = check_compatible(sc, store, same_split=True)  # its validation rows must stay unseen
     layers = _refined_layers(store, sc, layers)
-    if check_rows <= 0:
-        raise NJTCError(f"`check_rows` must be positive, not {check_rows}")
-    if not 0 < lr < math.inf:
-        raise NJTCError(f"`lr` must be a positive finite number, not {lr}")
     n_val = store.count("validation", store.default_skip_positions)
     if n_val == 0:
         raise NJTCError(f"{store.path} has no validation rows to check refinement on")
