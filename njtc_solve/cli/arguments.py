@@ -19,7 +19,7 @@ from pathlib import Path
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.data.plan import PLAN_DEFAULTS, PlanSpec
 
-__all__ = ["add_model_arguments", "add_plan_arguments", "command_inputs", "jacobian_lens_inputs",
+__all__ = ["add_model_arguments", "add_plan_arguments", "command_inputs", "jacobian_lens_inputs", "prompt_text",
            "live_source_from_args", "load_model_from_args", "parse_alpha", "parse_layers", "parse_ranks",
            "parse_target", "plan_settings", "rows_from_args"]
 
@@ -212,3 +212,23 @@ def jacobian_lens_inputs(path) -> list[tuple[str, Path]]:
     path = Path(path)
     return [("--jacobian-lens", path / name) for name in JACOBIAN_LENS_FILES] if path.is_dir() else [
         ("--jacobian-lens", path)]
+
+
+def prompt_text(args) -> tuple[str, str]:
+    """The text of ``--prompt`` or ``--prompt-file`` (a byte-order mark dropped), checked to be UTF-8,
+    and the flag it came from, as the error messages name it."""
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise NJTCError(f"--prompt-file {path} " + ("is a folder" if path.is_dir() else "not found"))
+        try:
+            return path.read_text(encoding="utf-8-sig"), f"--prompt-file {path}"
+        except UnicodeDecodeError:
+            raise NJTCError(f"--prompt-file {path} is not UTF-8 text") from None
+        except OSError as err:
+            raise NJTCError(f"cannot read --prompt-file {path}: {err.strerror}") from None
+    try:  # undecodable bytes in the command line arrive as lone surrogates
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NJTCError("--prompt is not UTF-8 text") from None
+    return args.prompt, "--prompt"

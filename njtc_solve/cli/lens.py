@@ -9,7 +9,7 @@ from pathlib import Path
 from njtc_solve.eval import lens as library
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.cli import command, prog, run_cli
-from njtc_solve.cli.arguments import command_inputs, jacobian_lens_inputs
+from njtc_solve.cli.arguments import command_inputs, jacobian_lens_inputs, prompt_text
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -43,29 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prompt_texts(args) -> list[str]:
     """The prompts: ``--prompt``, or each non-blank line of ``--prompt-file``; checked to be UTF-8 text."""
-    if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise NJTCError(f"--prompt-file {path} not found")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise NJTCError(f"--prompt-file {path} is not UTF-8 text") from None
-        except OSError as err:
-            raise NJTCError(f"cannot read --prompt-file {path}: {err.strerror}") from None
-        prompts = [line for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise NJTCError(f"--prompt-file {path} holds no prompt (one per line)")
-        return prompts
-    else:
-        text, where = args.prompt, "--prompt"
-        try:  # undecodable bytes in the command line arrive as lone surrogates
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise NJTCError("--prompt is not UTF-8 text") from None
-    if not text.strip():
-        raise NJTCError(f"{where} is empty")
-    return [text]
+    text, where = prompt_text(args)
+    prompts = [text] if args.prompt_file is None else [line for line in text.splitlines() if line.strip()]
+    if not prompts or not text.strip():
+        raise NJTCError(f"{where} is empty" if args.prompt_file is None else f"{where} holds no prompt (one per line)")
+    return prompts
 
 
 def _check_context(args, prompts: list[str]) -> None:
