@@ -35,13 +35,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def peak_gemm(device, dtype, d=576, repeats=10) -> float:
+def peak_gemm(device, dtype, d=576, repeats=10, sizes=(1024, 2048, 4096)) -> float:
     """Best measured GFLOP/s over square GEMMs and the accumulation's own shape (XᵀX, X: 8192×d).
 
     The practical peak of this machine and library; a ratio against it is what the
     accumulation achieves of what the hardware actually delivers.
     """
-    shapes = [(n, n, n) for n in (1024, 2048, 4096)] + [(d, 8192, d), (d, 8192, 2 * d)]
+    shapes = [(n, n, n) for n in sizes] + [(d, 8192, d), (d, 8192, 2 * d)]
     best = 0.0
     for m, k, n in shapes:
         a = torch.randn(k, m, device=device, dtype=dtype)
@@ -76,12 +76,15 @@ def accumulate_rate(device, rows, d, layers, chunk=8192, float64=False) -> dict:
             "gflops": 2 * n * d * d * (2 * layers + 1) / seconds / 1e9}
 
 
-def solve_time(d, rank=32) -> float:
-    a = torch.randn(2 * d, d, dtype=torch.float64)
+def solve_time(d, device, rank=32) -> float:
+    a = torch.randn(2 * d, d, dtype=torch.float64, device=device)
     cxx = a.T @ a
-    cxy = cxx @ torch.randn(d, d, dtype=torch.float64)
+    cxy = cxx @ torch.randn(d, d, dtype=torch.float64, device=device)
+    solve_reduced_rank(cxx[:8, :8], cxy[:8]).factors(2)  # warm-up (the device's solver libraries)
+    sync(device)
     t = time.perf_counter()
     solve_reduced_rank(cxx, cxy).factors(rank)
+    sync(device)
     return time.perf_counter() - t
 
 
@@ -92,6 +95,7 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4, help="source layers for the headline measurement")
     p.add_argument("--rows", type=int, default=65536, help="rows for the headline measurement")
     p.add_argument("--widths", default="256,576,1024,2048,4096")
+    p.add_argument("--peak-sizes", default="1024,2048,4096", help="square GEMM sizes of the peak measurement")
     p.add_argument("--store", help="also time a real pass over this store")
     p.add_argument("--quick", action="store_true", help="smaller sweeps")
     p.add_argument("--out", default=str(RESULTS))
@@ -100,8 +104,9 @@ def main(argv=None):
     torch.set_float32_matmul_precision("highest")
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
               or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    result["peak_gflops_float32"] = peak_gemm(device, torch.float32, args.d)
-    result["peak_gflops_float64"] = peak_gemm(device, torch.float64, args.d, repeats=3)
+    sizes = [int(n) for n in args.peak_sizes.split(",")]
+    result["peak_gflops_float32"] = peak_gemm(device, torch.float32, args.d, sizes=sizes)
+    result["peak_gflops_float64"] = peak_gemm(device, torch.float64, args.d, repeats=3, sizes=sizes)
     print(f"peak GEMM: float32 {result['peak_gflops_float32']:.1f} GFLOP/s, "
           f"float64 {result['peak_gflops_float64']:.1f} GFLOP/s", flush=True)
 
@@ -120,8 +125,8 @@ def main(argv=None):
     result["rows_sweep"] = [accumulate_rate(device, base_rows * k, args.d, args.layers) for k in (1, 2, 4)]
     result["layers_sweep"] = [accumulate_rate(device, base_rows, args.d, k) for k in (1, 4, 16, 30)]
     widths = [int(w) for w in args.widths.split(",")]
-    result["width_sweep"] = [accumulate_rate(device, max(8192, base_rows * 576**2 // w**2), w, 1) for w in widths]
-    result["solve_seconds"] = {w: solve_time(w) for w in widths if w <= 4096}
+    result["width_sweep"] = [accumulate_rate(device, max(8192, base_rows * args.d**2 // w**2), w, 1) for w in widths]
+    result["solve_seconds"] = {w: solve_time(w, device) for w in widths if w <= 4096}
     rows_t = [r["seconds"] / r["rows"] for r in result["rows_sweep"]]
     result["time_per_row_spread"] = max(rows_t) / min(rows_t)
     for name in ("rows_sweep", "layers_sweep", "width_sweep"):
