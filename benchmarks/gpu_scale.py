@@ -96,6 +96,13 @@ def build_model(config: dict, tokenizer, device: torch.device, dtype: torch.dtyp
     return model.eval()
 
 
+def sharpen_head(model, factor: float = 8.0) -> None:
+    """Scale the unembedding (the embedding too, where tied): random weights give near-tied logits, whose
+    16-bit rounding would flip the top-1 that the live source's head check compares."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+
+
 def build_tokenizer(documents: list[str]):
     """A small byte-level BPE tokenizer trained on the corpus (its ids are valid for any vocabulary above 512)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -210,6 +217,7 @@ def run(args) -> dict:
     reset_peak(device)
     start = time.perf_counter()
     model = build_model(config, tokenizer, device, dtype)
+    sharpen_head(model)
     sync(device)
     result = {"shape": args.shape, "rehearsal": args.rehearse, "config": config, "dtype": args.dtype,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
