@@ -69,7 +69,7 @@ def test_the_blocker_makes_the_missing_packages_unimportable(tmp_path):
 @pytest.mark.rehearse
 def test_gpu_script_rehearsal_passes_where_the_device_packages_are_missing(tmp_path):
     out = tmp_path / "out"
-    proc = gpu_script("--rehearse", "--out", str(out), env=device_like_env(tmp_path), timeout=1200)
+    proc = gpu_script("--rehearse", "--out", str(out), env=device_like_env(tmp_path), timeout=3600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rehearsal"] is True and set(summary["steps"]) == set(STEPS)
