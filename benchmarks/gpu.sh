@@ -45,7 +45,7 @@ else
   DEV=cuda
   SCALE="--device cuda"
   THROUGHPUT="--device cuda --quick --d 4096 --layers 4 --rows 65536 --widths 576,2048,4096"
-  LIMITS=(90 45 45 70 210)
+  LIMITS=(80 60 45 65 210)
   BUDGET=480  # 8 minutes of device time
 fi
 STEPS=(

@@ -207,7 +207,8 @@ def speculative_costs(model, stats, device: torch.device, args) -> dict:
             "jtc_solve_seconds": jtc_seconds, "jtc_layers": layers, "seconds": seconds, **table.as_dict()}
 
 
-def run(args) -> dict:
+def run(args, save=lambda result: None) -> dict:
+    """Every measurement of one shape; ``save(result)`` after each, so a step cut short keeps what it measured."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.set_float32_matmul_precision("highest")
@@ -227,6 +228,7 @@ def run(args) -> dict:
               "settings": {k: v for k, v in vars(args).items() if k != "out"}}
     bare, stats_pass, stats = statistics_pass(model, tokenizer, documents, args.shape, args, device)
     result.update(bare_forward=bare, statistics_pass=stats_pass)
+    save(result)
     print(f"{args.shape}: forward {bare['tokens_per_s']:.0f} tokens/s, statistics pass "
           f"{stats_pass['tokens_per_s']:.0f} tokens/s over {stats_pass['layers']} layers "
           f"({stats_pass['over_bare_forward']:.2f}x the forward's rate), peak {stats_pass['peak_memory_gib']} GiB",
@@ -234,6 +236,7 @@ def run(args) -> dict:
     result["solve"] = s = solve_all(stats, device)
     print(f"{args.shape}: float64 NJTC solve of {s['layers']} layers at {len(s['ranks'])} ranks: {s['seconds']:.2f} s "
           f"({s['seconds_per_layer']:.3f} s a layer)", flush=True)
+    save(result)
     if args.speculate:
         result["speculate"] = speculative_costs(model, stats, device, args)
         best = result["speculate"]["best"]
@@ -266,10 +269,13 @@ def main(argv=None):
         args.prompt_tokens = min(args.prompt_tokens, 16)
         args.max_draft_tokens = min(args.max_draft_tokens, 3)
         args.repeats = 1
-    result = run(args)
     out = Path(args.out or RESULTS / "gpu" / f"scale-{args.shape}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
+
+    def save(result):
+        out.write_text(json.dumps(result, indent=1, default=str))
+
+    save(run(args, save))
     print(f"wrote {out}")
 
 
