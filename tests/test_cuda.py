@@ -1,5 +1,9 @@
 """GPU paths (marked ``cuda``, skipped without a GPU): accumulation, the float64 solve on the
-device, and the NCCL fit. CI has no GPU; run them where one is (``pytest -m cuda``)."""
+device, and the NCCL fit. CI has no GPU; run them where one is (``pytest -m cuda``).
+
+``NJTC_CUDA_TESTS_DEVICE=cpu`` runs the same comparisons with the CPU standing in for the GPU
+(the NCCL test skipped): ``benchmarks/gpu.sh --rehearse`` uses it to try this file's code paths
+in the device's environment before device time is spent."""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ import torch.multiprocessing as mp
 from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
 from njtc_solve.data.store import ActivationStore
 
+DEVICE = os.environ.get("NJTC_CUDA_TESTS_DEVICE", "cuda")  # "cpu": a rehearsal of these tests without a GPU
 pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def _rel(a, b):
@@ -23,8 +28,8 @@ def _rel(a, b):
 def test_statistics_stay_on_the_gpu_and_equal_the_cpu(tiny_store):
     with ActivationStore(tiny_store) as store:
         cpu = accumulate_statistics(store, [0, 2], input_norm="layer", device="cpu", progress=False)
-        gpu = accumulate_statistics(store, [0, 2], input_norm="layer", device="cuda", progress=False)
-    assert gpu.cyy.device.type == "cuda" and gpu.layers[2].cxx.dtype == torch.float64
+        gpu = accumulate_statistics(store, [0, 2], input_norm="layer", device=DEVICE, progress=False)
+    assert gpu.cyy.device.type == DEVICE and gpu.layers[2].cxx.dtype == torch.float64
     assert gpu.n_rows == cpu.n_rows
     for layer in (0, 2):
         assert _rel(gpu.layers[layer].cxy, cpu.layers[layer].cxy) <= 1e-6
@@ -35,7 +40,7 @@ def test_statistics_stay_on_the_gpu_and_equal_the_cpu(tiny_store):
                                 dict(method="jtc", ranks=None, alpha="auto")])
 def test_the_solve_on_the_gpu_equals_the_cpu(tiny_store, kw):
     [cpu] = fit_shortcuts(tiny_store, progress=False, device="cpu", **kw)
-    [gpu] = fit_shortcuts(tiny_store, progress=False, device="cuda", **kw)
+    [gpu] = fit_shortcuts(tiny_store, progress=False, device=DEVICE, **kw)
     for layer, m in cpu.maps.items():
         g = gpu.maps[layer]
         full = (lambda s: s.weight) if m.weight is not None else (lambda s: s.U @ s.V)
@@ -58,7 +63,7 @@ def _nccl_worker(rank, world, port, store, results):
 @pytest.mark.parametrize("world", [1, 2])
 def test_nccl_fit_equals_a_single_process(tiny_store, world):
     """In-place all-reduce, the vote and the gather of the layers' solves, over NCCL."""
-    if torch.cuda.device_count() < world:
+    if DEVICE != "cuda" or torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
     from test_distributed import _free_port
 
@@ -90,10 +95,10 @@ def test_a_live_fit_on_the_gpu_equals_the_cpu(tiny_models, dtype):
 
     documents = load_corpus()[1]
     fits = {}
-    for device in ("cpu", "cuda"):
+    for role, device in (("reference", "cpu"), ("device", DEVICE)):
         model, tokenizer, name = load_model(str(tiny_models["llama"]), device=device, dtype=dtype)
         live = LiveSource(model, tokenizer, documents, seq_len=32, max_tokens=2048, model_name=name)
-        [fits[device]] = fit_shortcuts(live, method="njtc", ranks=[4], device=device, progress=False)
-    for layer, m in fits["cpu"].maps.items():
-        g = fits["cuda"].maps[layer]
+        [fits[role]] = fit_shortcuts(live, method="njtc", ranks=[4], device=device, progress=False)
+    for layer, m in fits["reference"].maps.items():
+        g = fits["device"].maps[layer]
         assert _rel(g.U @ g.V, m.U @ m.V) <= (1e-4 if dtype == "float32" else 0.1)

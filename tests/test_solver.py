@@ -149,6 +149,42 @@ def test_streaming_equals_in_memory():
         assert rel(full_map(part)[0], full_map(whole)[0]) <= 1e-10
 
 
+@pytest.mark.parametrize("float64", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_triangular_gram_equals_a_brute_force_float64_gram(float64, weighted):
+    """Only the panels on and above the diagonal are multiplied (several panels, several GEMM row
+    blocks, widths of one and of several panels); the statistics equal float64 brute force."""
+    from njtc_solve.solve.stats import GEMM_ROWS, gram_panels
+
+    g = np.random.default_rng(3)
+    n, widths, d_y = 2 * GEMM_ROWS + 300, {0: 700, 1: 130, 2: 40}, 600
+    xs = {k: (g.standard_normal((n, w)) * g.uniform(0.1, 10, w) + 5).astype(np.float32) for k, w in widths.items()}
+    y = (g.standard_normal((n, d_y)) * 3 - 2).astype(np.float32)
+    w = g.uniform(0.2, 3.0, n) if weighted else np.ones(n)
+    acc = MomentAccumulator(widths, float64=float64)
+    for start in range(0, n, 1100):
+        part = slice(start, start + 1100)
+        acc.update({k: x[part] for k, x in xs.items()}, y[part], torch.from_numpy(w[part]) if weighted else None)
+    assert len(gram_panels(700)) == 2 and len(gram_panels(40)) == 1
+    # below the diagonal blocks nothing is computed: the buffer holds zeros there until finalize mirrors
+    c0, c1 = gram_panels(700)[1]
+    assert not acc.sums["sxx.0"][c0:, :c0].any() and acc.sums["sxx.0"][:c0, c0:].all()
+    stats = acc.finalize()
+
+    def centred_gram(a, b):
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        ma, mb = (w @ a) / w.sum(), (w @ b) / w.sum()
+        return (a - ma).T @ ((b - mb) * w[:, None])
+
+    tol = 1e-13 if float64 else 1e-6  # worst seen 1.4e-7 and 7.8e-16 (MKL_CBWR AVX2 and COMPATIBLE)
+    assert rel(stats.cyy, centred_gram(y, y)) <= tol
+    for k, x in xs.items():
+        m = stats.layers[k]
+        assert torch.equal(m.cxx, m.cxx.T)
+        assert rel(m.cxx, centred_gram(x, x)) <= tol and rel(m.cxy, centred_gram(x, y)) <= tol
+    assert torch.equal(stats.cyy, stats.cyy.T) and stats.n == pytest.approx(w.sum())
+
+
 def test_shards_add_up_and_save_load_roundtrip(tmp_path):
     x, y = make_data(n=600, offset=10.0)
     whole = stats_of(x, y)

@@ -112,7 +112,7 @@ def measure_costs(model, prompt: torch.Tensor, drafters: dict[str, list[Shortcut
     Every call's cache entries are cut again, so each is timed at the prompt's length.
     """
     any_drafter = next(d for ds in drafters.values() for d in ds)
-    device = any_drafter.device
+    device = torch.device(any_drafter.device)
     prompt = prompt.to(device)
     cache = _new_cache(model)
     with torch.no_grad():
@@ -141,6 +141,8 @@ def measure_costs(model, prompt: torch.Tensor, drafters: dict[str, list[Shortcut
             for key, fn in parts.items():
                 start = time.perf_counter()
                 fn()
+                if device.type == "cuda":  # kernels run asynchronously: time them, not their launch
+                    torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - start
                 _crop(layers, n)
                 if r:  # the first round warms up

@@ -41,7 +41,7 @@ from njtc_solve.core.errors import NJTCError, atomic_output, read_safetensors
 from njtc_solve.maps.shortcuts import normalize_rows
 
 __all__ = ["FORMAT", "LayerMoments", "MomentAccumulator", "Statistics", "add_gram",
-           "count_tensors", "highest_float32_matmul", "pass_meta", "project_out_ones",
+           "add_upper_gram", "count_tensors", "gram_panels", "highest_float32_matmul", "symmetric_from_upper", "pass_meta", "project_out_ones",
            "write_statistics"]
 
 FORMAT = "njtc-statistics"  # the ``format`` metadata of a statistics file
@@ -52,7 +52,10 @@ FORMAT = "njtc-statistics"  # the ``format`` metadata of a statistics file
 # float32 partial inside the GEMM (addmm) and that into float64 once per chunk recovers it, but
 # takes the synthetic exactness test (tests/test_solver.py) from 8.0e-6 to 1.05e-5: not done.
 GEMM_ROWS = 1024
-
+# Columns per panel of a triangular Gram (:func:`add_upper_gram`): a Gram XᵀX is symmetric, so only the
+# panels on and above its diagonal are multiplied (about 1.5-1.6 of the 2 d² multiply-adds a row of
+# [XᵀX | XᵀY] needs in full); a panel this wide keeps each GEMM near the machine's peak.
+PANEL_COLUMNS = 512
 
 
 def project_out_ones(m: LayerMoments) -> LayerMoments:
@@ -354,6 +357,35 @@ def add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         total += a[start:start + GEMM_ROWS].T @ b[start:start + GEMM_ROWS]
 
 
+def gram_panels(d: int) -> list[tuple[int, int]]:
+    """Column ranges ``(start, stop)`` of the panels of a ``d``-wide triangular Gram: at least two
+    for ``d >= 64``, each at most :data:`PANEL_COLUMNS` wide, of near-equal widths."""
+    p = 1 if d < 64 else max(2, -(-d // PANEL_COLUMNS))
+    edges = [round(i * d / p) for i in range(p + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def add_upper_gram(total: torch.Tensor, a: torch.Tensor) -> None:
+    """``total += a[:, :d]ᵀ a`` on and above the diagonal of its left square part, ``d = total.shape[0]``.
+
+    ``total`` is ``(d, m)`` and ``a`` is ``(rows, m)`` with ``m >= d``: the right part
+    ``total[:, d:]`` gets the full cross-product ``a[:, :d]ᵀ a[:, d:]``, the left part the Gram of
+    ``a[:, :d]`` by panels (:func:`gram_panels`) on and above its diagonal only; the entries below the
+    diagonal blocks are never written (read the Gram with :func:`symmetric_from_upper`). One GEMM
+    per panel per :data:`GEMM_ROWS` rows, each added into ``total`` (float64), as :func:`add_gram`.
+    """
+    panels = gram_panels(total.shape[0])
+    for start in range(0, a.shape[0], GEMM_ROWS):
+        block = a[start:start + GEMM_ROWS]
+        for c0, c1 in panels:
+            total[c0:c1, c0:] += block[:, c0:c1].T @ block[:, c0:]
+
+
+def symmetric_from_upper(gram: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``gram``'s (a new tensor)."""
+    return torch.triu(gram) + torch.triu(gram, 1).T
+
+
 def count_tensors(n, n_rows: int) -> dict[str, torch.Tensor]:
     """The row count ``n`` (a total row weight for weighted statistics) and ``n_rows`` as a
     statistics file stores them."""
@@ -450,7 +482,8 @@ class MomentAccumulator:
         """Create the zeroed buffer and its named views (done by the first chunk, or by hand).
 
         Each source block's ``[XᵀX | XᵀY]`` is one ``d_x × (d_x + d_y)`` view (``sxxy``), filled
-        by one GEMM per row block; ``sxx`` and ``sxy`` are its two halves.
+        by :func:`add_upper_gram`; ``sxx`` and ``sxy`` are its two halves. ``sxx`` and ``syy`` hold
+        their upper triangles only (:func:`symmetric_from_upper` reads them whole).
         """
         shapes = {"sum_y": (d_y,), "syy": (d_y, d_y), "norm_y": (NORM_BINS,)}  # all sums: one all-reduce
         for k in self.keys:
@@ -506,12 +539,12 @@ class MomentAccumulator:
             xy = blocks[width]
             x = root(torch.sub(x, self.shift_x[k], out=xy[:, :width]))
             self.sums[f"sum_x.{k}"] += (x if sqrt_w is None else x * sqrt_w).sum(0)
-            add_gram(self.sums[f"sxxy.{k}"], x, xy)
+            add_upper_gram(self.sums[f"sxxy.{k}"], xy)
         if ys is None:
             ys = root(y - self.shift_y)
         count_row_norms(self.sums["norm_y"], y)  # raw target rows: an attention sink stands out
         self.sums["sum_y"] += (ys if sqrt_w is None else ys * sqrt_w).sum(0)
-        add_gram(self.sums["syy"], ys, ys)
+        add_upper_gram(self.sums["syy"], ys)
         self.n += y.shape[0] if weight is None else float(weight.double().sum())
         self.n_rows += y.shape[0]
 
@@ -532,11 +565,11 @@ class MomentAccumulator:
             raise NJTCError("no rows were accumulated (the store has no training rows?)")
         n, s = self.n, self.sums
         my = s["sum_y"] / n
-        cyy = s["syy"] - n * torch.outer(my, my)
+        cyy = symmetric_from_upper(s["syy"]) - n * torch.outer(my, my)
         layers = {}
         for k in self.keys:
             mx = s[f"sum_x.{k}"] / n
-            m = LayerMoments(mx + self.shift_x[k].double(), s[f"sxx.{k}"] - n * torch.outer(mx, mx),
+            m = LayerMoments(mx + self.shift_x[k].double(), symmetric_from_upper(s[f"sxx.{k}"]) - n * torch.outer(mx, mx),
                              s[f"sxy.{k}"] - n * torch.outer(mx, my))
             layers[k] = project_out_ones(m) if self.input_norm == "layer" else m
         meta = {**(meta or {}), "accumulation": "float64" if self.dtype == torch.float64 else "float32",
