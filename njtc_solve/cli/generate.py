@@ -61,7 +61,7 @@ def check_arguments(args):
     from njtc_solve.cli.lens import _prompt_text
     from njtc_solve.core.models import check_device
     from njtc_solve.maps.shortcuts import Shortcuts
-    from njtc_solve.prune.selection import model_blocks
+    from njtc_solve.core.models import read_model_config
 
     if args.max_new_tokens < 1:
         raise NJTCError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
@@ -72,7 +72,7 @@ def check_arguments(args):
         raise NJTCError(f"--calibration-sequences must be at least 1, not {args.calibration_sequences}")
     text = _prompt_text(args)
     check_device(args.device)
-    _, n_blocks, config = model_blocks(args.model)  # the configuration only: no weight is read
+    _, n_blocks, config = read_model_config(args.model)  # the configuration only: no weight is read
     if not 1 <= args.exit_layer <= n_blocks - 1:
         raise NJTCError(f"--exit-layer must be in 1..{n_blocks - 1} (the model has {n_blocks} blocks), "
                         f"not {args.exit_layer}")
