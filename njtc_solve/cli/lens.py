@@ -114,10 +114,10 @@ def main(args) -> int:
     if args.tuned_lens is not None:
         shortcuts = read_tuned_lens(args.tuned_lens, head=Head.from_model(model), model_sha256=sha)
     if args.jacobian_lens is not None:
-        from njtc_solve.core.architectures import resolve_parts
+        from njtc_solve.core.decoder import Decoder
 
         shortcuts = read_jacobian_lens(args.jacobian_lens, head=Head.from_model(model),
-                                       n_layers=len(resolve_parts(model)[1]), model_sha256=sha)
+                                       n_layers=Decoder.of(model).n_blocks, model_sha256=sha)
     model.to(device=args.device, dtype=getattr(torch, args.dtype))
     lens = library.ShortcutLens.from_model(model, shortcuts, tokenizer, model_sha256=sha)
     traj = lens.trajectory(args.prompt, k=args.top_k)

@@ -119,7 +119,7 @@ class Decoder:
         Read again when a parameter of the final norm, the unembedding or the output
         projection has changed since (a new tensor, or one changed in place).
         """
-        key = tuple((id(p), p._version) for module in (self.final_norm, self.unembed, self.projection)
+        key = tuple((id(p), p._version, p.data_ptr(), p.dtype) for module in (self.final_norm, self.unembed, self.projection)
                     if module is not None for p in module.parameters())
         if self._head is None or self._head[0] != key:
             self._head, self._heads_on = (key, Head.from_model(self.model)), {}
