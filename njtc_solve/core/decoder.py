@@ -1,22 +1,10 @@
-"""The model's own room: every way the package reads, skips or changes a model's blocks.
+"""The model's own room: the one place that hooks, replays, passes through or removes a model's blocks.
 
-A :class:`Decoder` is resolved once per model (the family table's parts, the block count, the
-:class:`~njtc_solve.core.head.Head`), and every stage that touches a live model goes through it:
-
-- :meth:`Decoder.hooks`, the one hook installer: hooks by point name (``block_in.{i}``,
-  ``block_out.{i}``, ``mlp_out.{i}``), every one removed on every exit, an exception's
-  included (TransformerLens's ``hooks()`` context);
-- :meth:`Decoder.record` and :meth:`Decoder.run_blocks`: one ordinary pass keeps every block's
-  input and call arguments; blocks are then replayed on another hidden state;
-- :meth:`Decoder.passed_through`: the model's own ``forward`` (with a KV cache, or gradients)
-  while some blocks return their input, the last of them a given stream; their ``forward`` is
-  restored on every exit (tuned-lens's ``model_surgery`` contexts);
-- :meth:`Decoder.run_from`: the model's logits when a stream enters block ``first_block``;
-- :meth:`Decoder.mlp_projections`, :meth:`Decoder.enable_bias_option` and
-  :meth:`Decoder.remove_blocks`: what folding a map and removing blocks change, in place.
-
-Hooks, ``forward`` patching and changes of the block list live here and nowhere else in the
-package (``tests/test_layout.py`` checks it).
+A :class:`Decoder` is resolved once per model (:meth:`Decoder.of`): the family table's parts, the
+block count and the :class:`~njtc_solve.core.head.Head`. Hooks go by point name and are removed
+on every exit (TransformerLens's ``hooks()``); a patched ``forward`` is restored on every exit
+(tuned-lens's ``model_surgery``). ``tests/test_layout.py`` checks that no other module of the
+package hooks a model, patches a ``forward`` or touches a module list.
 
 Examples
 --------
@@ -24,8 +12,6 @@ Examples
 >>> decoder = Decoder.of(model)
 >>> ids = torch.tensor([[5, 17, 42, 7]])
 >>> recorded = decoder.record(ids)
->>> len(recorded.hidden) == decoder.n_blocks + 1
-True
 >>> h = decoder.run_blocks(recorded, recorded.hidden[1], 1, decoder.n_blocks)   # replay blocks 1..L-1
 >>> bool(torch.equal(h, recorded.hidden[-1]))
 True
@@ -36,10 +22,11 @@ True
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -55,14 +42,9 @@ _UNKNOWN = object()
 _ATTRIBUTE = "_njtc_decoder"  # where a model keeps its decoder
 
 
-@dataclass
-class Recording:
-    """One ordinary pass of :meth:`Decoder.record`.
-
-    ``hidden[l]`` is block ``l``'s input (``l < L``) and ``hidden[L]`` the last block's output,
-    ``(batch, seq, d)``; ``calls[i]`` block ``i``'s arguments other than the hidden state
-    (masks, position embeddings ...); ``logits`` the model's own.
-    """
+class Recording(NamedTuple):
+    """``hidden[l]``: block ``l``'s input, ``hidden[L]`` the last block's output; ``calls[i]``: block
+    ``i``'s other arguments (masks, positions ...); ``logits``: the model's own (:meth:`Decoder.record`)."""
 
     hidden: list
     calls: list
@@ -75,22 +57,8 @@ def _first(output):
 
 
 class Decoder:
-    """A causal language model's parts, head and surgery, resolved once.
-
-    Parameters
-    ----------
-    model : transformers causal LM
-        Any family of :mod:`njtc_solve.core.architectures` (or one whose parts were named
-        with :func:`~njtc_solve.core.architectures.custom_architecture`).
-
-    Attributes
-    ----------
-    model, spec, blocks, final_norm, unembed, projection
-        The model, its table entry and its parts (``projection`` the output projection
-        between the final norm and the unembedding, or ``None``).
-    n_blocks : int
-        L, the number of blocks.
-    """
+    """A causal LM's table entry ``spec``, parts (``blocks``, ``final_norm``, ``unembed``, the output
+    ``projection`` or ``None``), block count ``n_blocks`` and head, with the surgery on them."""
 
     def __init__(self, model):
         self.model = model
@@ -114,49 +82,28 @@ class Decoder:
 
     @property
     def head(self) -> Head:
-        """The model's :class:`~njtc_solve.core.head.Head` (float32, CPU), read once.
-
-        Read again when a parameter of the final norm, the unembedding or the output
-        projection has changed since (a new tensor, or one changed in place).
-        """
+        """The model's :class:`~njtc_solve.core.head.Head` (float32, CPU): read again only when a head
+        parameter changed; each caller gets a shallow copy of its own."""
         key = tuple((id(p), p._version, p.data_ptr(), p.dtype) for module in (self.final_norm, self.unembed, self.projection)
                     if module is not None for p in module.parameters())
         if self._head is None or self._head[0] != key:
             self._head, self._heads_on = (key, Head.from_model(self.model)), {}
-        return self._head[1]
+        return copy.copy(self._head[1])
 
     def head_on(self, device) -> Head:
         """:attr:`head` on ``device``, one copy per device."""
         head, device = self.head, torch.device(device)
         if device not in self._heads_on:
             self._heads_on[device] = head.to(device)
-        return self._heads_on[device]
+        return copy.copy(self._heads_on[device])
 
-    @property
-    def device(self) -> torch.device:
-        """Where the model takes its input ids (its input embedding's device)."""
-        return self.model.get_input_embeddings().weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    # -- hooks -----------------------------------------------------------------------------
     @contextmanager
     def hooks(self, points: dict[str, Callable], fold: FoldSpec | None = None):
-        """Install hooks by point name for the duration; every one is removed on every exit.
+        """Hooks by point name for the duration, every one removed on every exit; they read, never change.
 
-        Points and what their callable receives:
-
-        - ``block_in.{i}``: ``fn(hidden, args, kwargs)`` before block ``i`` runs: its hidden
-          state and its other arguments;
-        - ``block_out.{i}``: ``fn(hidden, output)`` after block ``i``: the hidden state it
-          returns and its raw output (a tensor or a tuple);
-        - ``mlp_out.{i}``: ``fn(output)``: block ``i``'s MLP output projection's output, the
-          MLP part of what the block adds to the stream (``fold`` the family's checked fold;
-          checked here when not given).
-
-        Return values are ignored: hooks read, they never change the computation.
+        ``block_in.{i}``: ``fn(hidden, args, kwargs)`` before block ``i``; ``block_out.{i}``:
+        ``fn(hidden, output)`` after it; ``mlp_out.{i}``: ``fn(output)`` of its MLP output
+        projection (``fold`` the family's checked fold; checked here when not given).
         """
         with ExitStack() as stack:
             for name, fn in points.items():
@@ -190,12 +137,10 @@ class Decoder:
     def mlp_outputs(self, fold: FoldSpec | None = None):
         """Yield a dict ``block index → its MLP output projection's latest output`` (``(batch, seq, d)``)."""
         outputs: dict[int, torch.Tensor] = {}
-        spec = fold if fold is not None else architectures.check_foldable(self.model.config)
-        points = {f"mlp_out.{i}": functools.partial(outputs.__setitem__, i) for i in range(self.n_blocks)}
-        with self.hooks(points, spec):
+        with self.hooks({f"mlp_out.{i}": functools.partial(outputs.__setitem__, i) for i in range(self.n_blocks)},
+                        fold or architectures.check_foldable(self.model.config)):
             yield outputs
 
-    # -- replay ----------------------------------------------------------------------------
     def record(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Recording:
         """Run the model once on a batch (no cache, no gradient), keeping every block's input and arguments."""
         hidden, calls = [], []
@@ -221,16 +166,13 @@ class Decoder:
                 h = _first(self.blocks[i](h, *args, **kwargs))
         return h
 
-    # -- pass-through ----------------------------------------------------------------------
     @contextmanager
     def passed_through(self, indices, last_output: torch.Tensor | None = None):
         """Blocks ``indices`` return their input for the duration (the last of them ``last_output`` when given).
 
-        The model's own ``forward`` then runs the other blocks, with whatever cache or
-        gradients its caller uses. A passed-through block returns what a real one does (a
-        tensor, or a tuple whose first item is read: GPT-Neo, BLOOM, Falcon); that is learnt
-        from the block before the first passed-through one, or from one probe pass of the
-        first block on one token. Every ``forward`` is restored on every exit.
+        The model's own ``forward`` runs the others, with its caller's cache or gradients. A
+        passed-through block returns what a real one does (a tensor, or a tuple: GPT-Neo, BLOOM),
+        learnt from the block before the first one, else from block 0 on one token.
         """
         indices = sorted(int(i) for i in indices)
         if not indices:
@@ -266,25 +208,20 @@ class Decoder:
         """Learn what a block returns from block 0 on one token (the rest passed through)."""
         with self.passed_through(range(1, self.n_blocks)), self.hooks({"block_out.0": lambda h, output: None}), \
                 torch.no_grad():
-            self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
+            self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(self.model.parameters()).device),
+                       use_cache=False)
 
     def run_from(self, input_ids: torch.Tensor, stream: torch.Tensor, *, first_block: int,
                  grad: bool = False) -> torch.Tensor:
-        """The model's logits when ``stream`` enters block ``first_block`` and only the blocks from it run.
-
-        Blocks ``0..first_block-1`` are passed through (the last one returns ``stream``, shape
-        ``(batch, seq, d)``); with ``first_block`` past the last block ``stream`` goes straight
-        to the final norm. Positions, masks and the head are the model's own; no cache.
-        ``grad`` keeps the graph (a gradient flows back into ``stream``).
-        """
+        """The model's logits (no cache) when ``stream`` (batch, seq, d) is block ``first_block - 1``'s
+        output: blocks before it passed through; ``grad`` keeps the graph back into ``stream``."""
         if not 1 <= first_block <= self.n_blocks:
             raise NJTCError(f"`first_block` must be in 1..{self.n_blocks}, not {first_block}")
-        stream = stream.to(self.device, self.dtype)
-        with self.passed_through(range(first_block), last_output=stream), \
+        param = next(self.model.parameters())
+        with self.passed_through(range(first_block), last_output=stream.to(param.device, param.dtype)), \
                 nullcontext() if grad else torch.no_grad():
-            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+            return self.model(input_ids=input_ids.to(param.device), use_cache=False).logits
 
-    # -- folding and removal ---------------------------------------------------------------
     def mlp_projections(self, fold: FoldSpec | None = None) -> list[nn.Module]:
         """Every block's MLP output projection (``fold`` the family's checked fold)."""
         spec = fold if fold is not None else architectures.check_foldable(self.model.config)
@@ -301,12 +238,8 @@ class Decoder:
                                                         device=lin.weight.device))
 
     def remove_blocks(self, start: int, remove: int) -> None:
-        """Delete blocks ``start .. start+remove-1`` in place and make the model consistent again.
-
-        The remaining blocks' attention ``layer_idx`` (which the KV cache indexes by) is
-        renumbered, the config's layer count set and per-layer config lists (``layer_types``)
-        shortened.
-        """
+        """Delete blocks ``start .. start+remove-1`` in place: the kept blocks' ``layer_idx`` renumbered,
+        the config's layer count and per-layer lists (``layer_types``) shortened."""
         n = self.n_blocks
         kept = [b for i, b in enumerate(self.blocks) if not start <= i < start + remove]
         parent_path, _, name = self.spec.blocks.rpartition(".")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from njtc_solve.core.architectures import projection_of, resolve_parts
 from njtc_solve.core.errors import NJTCError
 
-__all__ = ["Head", "LowRankFactor"]
+__all__ = ["Head"]
 
 _TENSORS = ("norm_weight", "norm_bias", "unembed", "unembed_bias")
 
@@ -286,14 +286,38 @@ class Head:
     def low_rank_logits(self, a: torch.Tensor, V: torch.Tensor, bias, y: torch.Tensor) -> torch.Tensor:
         """Logits of ``y = a @ V + bias`` through the rank-r factor, without ``y @ W_Uᵀ``.
 
-        The linear logits of :class:`LowRankFactor` (made for this one call), then the logit
-        scale and soft-cap (:meth:`finish`), as in the model.
+        The final norm's centring (LayerNorm) and gain are linear, so the linear logits are
+        ``[a/σ, 1/σ, 1] @ [M; c; const]`` with ``M = (V - mean) diag(g) W_Uᵀ``
+        (:meth:`low_rank_factor`, which a caller may keep): one ``rows × (r+2) × vocab`` product
+        instead of ``rows × d × vocab``. ``y`` (already computed by the caller) supplies only
+        the per-row scale ``σ`` (:meth:`low_rank_linear`). The logit scale and soft-cap then
+        act on those logits (:meth:`finish`), as in the model.
         """
-        return self.finish(self.low_rank_factor(V, bias)(a, y))
+        return self.finish(self.low_rank_linear(self.low_rank_factor(V, bias), a, y))
 
-    def low_rank_factor(self, V: torch.Tensor, bias: torch.Tensor | None) -> LowRankFactor:
-        """The ``(r + 2) × V`` factor of a rank-r map ``y = a @ V + bias`` through this head (:class:`LowRankFactor`)."""
-        return LowRankFactor(self, V, bias)
+    def low_rank_factor(self, V: torch.Tensor, bias) -> torch.Tensor:
+        """``[M; c; const]``, ``(r + 2) × vocab`` (float32), of the rank-r map ``a @ V + bias``."""
+        V = V.detach().to(torch.float32)
+        bias = torch.zeros(V.shape[1], dtype=torch.float32, device=V.device) if bias is None else bias.detach().float()
+        if self.norm == "layernorm":
+            V, bias = V - V.mean(1, keepdim=True), bias - bias.mean()
+        const = torch.zeros_like(self.unembed[:, 0])
+        if self.norm_bias is not None:
+            const = const + self.unembed @ self.norm_bias
+        if self.unembed_bias is not None:
+            const = const + self.unembed_bias
+        gain = self.gain
+        factor = torch.cat([V * gain, (bias * gain)[None]]) @ self.unembed.T
+        return torch.cat([factor, const[None]])
+
+    def low_rank_linear(self, factor: torch.Tensor, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The linear logits ``[a/σ, 1/σ, 1] @ factor`` (no scale, no soft-cap) of :meth:`low_rank_factor`."""
+        a, y = a.to(torch.float32), y.to(torch.float32)
+        if self.norm == "layernorm":
+            inv_sigma = torch.rsqrt(y.var(-1, unbiased=False, keepdim=True) + self.eps)
+        else:
+            inv_sigma = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return torch.cat([a * inv_sigma, inv_sigma, torch.ones_like(inv_sigma)], dim=1) @ factor
 
     def logit_weight_factor(self) -> torch.Tensor:
         """Matrix ``F`` (d×V) whose Gram ``F Fᵀ`` weights errors in h by their effect on logits.
@@ -311,43 +335,3 @@ class Head:
         factor = (self.logit_scale * self.gain.to(torch.float64))[:, None] * w_u.T
         return factor - factor.mean(0, keepdim=True) if self.norm == "layernorm" else factor
 
-
-class LowRankFactor:
-    """The linear logits of a narrow map's ``y = a @ V + bias`` through ``(r + 2) × V`` precomputed factors.
-
-    The final norm's centring (LayerNorm) and gain are linear, so the linear logits are
-    ``[a/σ, 1/σ, 1] @ [M; c; const]`` with ``M = (V - mean) diag(g) W_Uᵀ``: one
-    ``rows × (r+2) × vocab`` product instead of ``rows × d × vocab``. ``y`` (already computed
-    by the caller) supplies only the per-row scale ``σ``. Made once per map (a draft token then
-    costs ``r × V``); the logit scale and soft-cap are the head's :meth:`Head.finish`.
-    """
-
-    def __init__(self, head: Head, V: torch.Tensor, bias: torch.Tensor | None):
-        V = V.detach().to(torch.float32)
-        bias = torch.zeros(V.shape[1], dtype=torch.float32, device=V.device) if bias is None else bias.detach().float()
-        self.layernorm, self.eps = head.norm == "layernorm", head.eps
-        if self.layernorm:
-            V, bias = V - V.mean(1, keepdim=True), bias - bias.mean()
-        unembed = head.unembed.to(V.device)
-        const = torch.zeros_like(unembed[:, 0])
-        if head.norm_bias is not None:
-            const = const + unembed @ head.norm_bias.to(V.device)
-        if head.unembed_bias is not None:
-            const = const + head.unembed_bias.to(V.device)
-        gain = head.gain.to(V.device)
-        factor = torch.cat([V * gain, (bias * gain)[None]]) @ unembed.T
-        self.factor = torch.cat([factor, const[None]])
-
-    def to(self, device) -> LowRankFactor:
-        """Move the factor to ``device`` (in place); returns itself."""
-        self.factor = self.factor.to(device)
-        return self
-
-    def __call__(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        a, y = a.to(torch.float32), y.to(torch.float32)
-        if self.layernorm:
-            inv_sigma = torch.rsqrt(y.var(-1, unbiased=False, keepdim=True) + self.eps)
-        else:
-            inv_sigma = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        rows = torch.cat([a * inv_sigma, inv_sigma, torch.ones_like(inv_sigma)], dim=1)
-        return rows @ self.factor

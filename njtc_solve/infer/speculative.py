@@ -189,10 +189,11 @@ class ShortcutDrafter:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.map = shortcuts.maps[exit_layer].to_map(self.device).float()
-        self.low_rank = self.head = None  # the head: a narrow map's cached factor, or the model's Head
+        # one vocabulary-sized matrix on the device: a narrow map's (r + 2) × V factor, or the head
+        self.head, self.low_rank = decoder.head, None
         if self.map.U is not None and not self.map.residual:
             bias = None if self.map.bias is None else self.map.bias.cpu()
-            self.low_rank = decoder.head.low_rank_factor(self.map.V.cpu(), bias).to(self.device)
+            self.low_rank = self.head.low_rank_factor(self.map.V.cpu(), bias).to(self.device)
         else:
             self.head = decoder.head_on(self.device)
 
@@ -220,7 +221,7 @@ class ShortcutDrafter:
             _, z = self.map._normalized(x)
             a = z @ self.map.U
             y = a @ self.map.V if self.map.bias is None else a @ self.map.V + self.map.bias
-            return self.low_rank(a, y)
+            return self.head.low_rank_linear(self.low_rank, a, y)
         return self.head.logits(self.map(x))
 
     def upper(self, input_ids: torch.Tensor, hidden: torch.Tensor, cache) -> torch.Tensor:

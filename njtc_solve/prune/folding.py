@@ -7,8 +7,9 @@ output. A map fitted so that ``r + m·T + c ≈ h_{S+K}`` (least squares of ``m`
 ``b ← b·T + c``), so the pruned model is an ordinary checkpoint with K fewer blocks
 (ReplaceMe, arXiv 2505.02819; docs/pruning.md, Background).
 
-This module holds the mechanics: which families fold (:data:`FOLDABLE`), the capture of every
-block's MLP output, the sufficient statistics of every start and K from one pass
+This module holds the mechanics: the capture of every block's MLP output (through
+:class:`~njtc_solve.core.decoder.Decoder`; which families fold is the architecture table's
+:data:`FOLDABLE`), the sufficient statistics of every start and K from one pass
 (:class:`ReplacementAccumulator`: shifted float32 GEMMs added into float64, plain and
 row-weighted by ``1 / mean(h_S²)``), the closed-form solve (:func:`solve_replacement`), the
 fold and the block removal (:func:`apply_replacement`) and the atomic save
