@@ -48,20 +48,13 @@ class SkipRunner:
         self.model, self.blocks, self.n_layers = model, self.decoder.blocks, self.decoder.n_blocks
         self.head = self.decoder.head
         self.recording: Recording | None = None  # the last recorded batch
+        self.hidden, self.model_logits = [], None  # its layers 0..L (block inputs, the last output), logits
         self._references: dict = {}  # (from_position, chunk_rows) -> the full model's distributions
-
-    @property
-    def hidden(self) -> list[torch.Tensor]:
-        """Layer 0..L of the recorded batch: every block's input, then the last block's output."""
-        return [] if self.recording is None else self.recording.hidden
-
-    @property
-    def model_logits(self) -> torch.Tensor | None:
-        return None if self.recording is None else self.recording.logits
 
     def record(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Run the model once on a batch and keep every block's input and call arguments."""
         self.recording = self.decoder.record(input_ids, attention_mask)
+        self.hidden, _, self.model_logits = self.recording
         self._references = {}
 
     def references(self, from_position: int = 0, chunk_rows: int = 256) -> list:
