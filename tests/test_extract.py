@@ -336,7 +336,6 @@ def test_bos_store_rows_and_the_default_skip(tiny_models, tmp_path):
 
 def test_head_check_fails_on_the_first_batch(tiny_models, tmp_path, monkeypatch):
     """A head that does not reproduce the logits stops the run after one forward pass."""
-    from njtc_solve.data import extract
     from njtc_solve.core.head import Head
 
     real = Head.from_model
@@ -346,7 +345,7 @@ def test_head_check_fails_on_the_first_batch(tiny_models, tmp_path, monkeypatch)
         head.norm_weight = head.norm_weight * 2
         return head
 
-    monkeypatch.setattr(extract.Head, "from_model", doubled_gain)
+    monkeypatch.setattr(Head, "from_model", doubled_gain)  # the decoder reads the head with it
     model, tok, name = load_model(str(tiny_models["llama"]))
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))

@@ -116,3 +116,61 @@ def test_the_circle_finder_finds_a_circle_through_a_lazy_import(tmp_path):
     assert find_circle(import_graph(pkg)) == ["pkg.cli.fit", "pkg.fit", "pkg.cli.fit"]
     (pkg / "fit.py").write_text("def main():\n    return 0\n")
     assert find_circle(import_graph(pkg)) is None
+
+
+# the one module that hooks a model, patches a block's `forward` or changes its module lists
+SURGERY_MODULE = "njtc_solve.core.decoder"
+
+
+def model_surgery(package: Path) -> dict[str, list[str]]:
+    """Module -> ``"line: what"`` for each hook installed, ``forward`` patched or module list touched, read with ``ast``.
+
+    Found: a call of ``register_*hook`` (any torch hook), an assignment to, or deletion of, an
+    attribute ``forward`` (``setattr(x, "forward", ...)`` too), and a subscript of ``_modules``.
+    """
+    found: dict[str, list[str]] = {}
+    for name, path in modules_of(package).items():
+        hits = []
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            what = None
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                if called.startswith("register_") and called.endswith("hook"):
+                    what = called
+                elif called == "setattr" and len(node.args) > 1 and getattr(node.args[1], "value", None) == "forward":
+                    what = "setattr forward"
+            elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+                targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+                if any(isinstance(t, ast.Attribute) and t.attr == "forward" for t in targets):
+                    what = ".forward ="
+            elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
+                    and node.value.attr == "_modules":
+                what = "_modules[...]"
+            if what:
+                hits.append(f"{node.lineno}: {what}")
+        if hits:
+            found[name] = hits
+    return found
+
+
+def test_hooks_forward_patching_and_module_swaps_live_in_the_decoder_only():
+    """Hooks, ``forward`` patching and module-list swaps are in core/decoder.py and nowhere else in the package."""
+    surgery = model_surgery(PACKAGE)
+    assert set(surgery) == {SURGERY_MODULE}, {k: v for k, v in surgery.items() if k != SURGERY_MODULE}
+
+
+def test_the_surgery_finder_finds_each_kind(tmp_path):
+    """The check can fail: each kind of surgery, written as the package once did, is found."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "hooks.py").write_text("h = block.register_forward_pre_hook(f, with_kwargs=True)\n"
+                                  "g = block.mlp.register_forward_hook(f)\n")
+    (pkg / "patch.py").write_text("block.forward = make(i)\ndel block.forward\nsetattr(block, 'forward', f)\n")
+    (pkg / "swap.py").write_text("parent._modules[name] = tail\n")
+    (pkg / "clean.py").write_text("model.forward(x)\nforward = 1\nmodules = m._modules\n")
+    found = model_surgery(pkg)
+    assert found == {"pkg.hooks": ["1: register_forward_pre_hook", "2: register_forward_hook"],
+                     "pkg.patch": ["1: .forward =", "2: .forward =", "3: setattr forward"],
+                     "pkg.swap": ["1: _modules[...]"]}

@@ -299,11 +299,13 @@ def test_rescoring_decides_between_close_starts(llama, corpus, monkeypatch):
 
 def test_prune_spec_checked_once_and_handed_down(llama, corpus, monkeypatch):
     """prune_model with a checked PruneSpec checks foldability nowhere else."""
+    from njtc_solve.core import architectures
     from njtc_solve.prune import folding
 
     model, tok = llama
     spec = PruneSpec.check(model.config, remove=1, start=2, score_tokens=64, rescore_tokens=0)
-    monkeypatch.setattr(folding, "check_foldable", lambda *a: pytest.fail("foldability checked again"))
+    for module in (architectures, folding):  # the decoder checks through the first, folding through its own name
+        monkeypatch.setattr(module, "check_foldable", lambda *a: pytest.fail("foldability checked again"))
     result = prune_model(model, tok, corpus, spec=spec, progress=False, **PLAN)
     assert result.spec is spec and result.chosen.start == 2
     with pytest.raises(NJTCError, match="not both"):

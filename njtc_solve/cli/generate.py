@@ -59,7 +59,7 @@ def check_arguments(args):
     from njtc_solve.cli.arguments import prompt_text
     from njtc_solve.infer.speculative import GenerateSpec
     from njtc_solve.maps.shortcuts import Shortcuts
-    from njtc_solve.prune.selection import model_blocks
+    from njtc_solve.core.models import read_model_config
 
     spec = GenerateSpec(args.exit_layer, max_new_tokens=args.max_new_tokens, draft_tokens=_draft_tokens(args.draft_tokens),
                         max_draft_tokens=args.max_draft_tokens, calibration_sequences=args.calibration_sequences,
@@ -67,7 +67,7 @@ def check_arguments(args):
     text, where = prompt_text(args)
     if not text.strip():
         raise NJTCError(f"{where} is empty")
-    _, n_blocks, config = model_blocks(args.model)  # the configuration only: no weight is read
+    _, n_blocks, config = read_model_config(args.model)  # the configuration only: no weight is read
     shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)
     spec.check_model(n_blocks, getattr(config, "hidden_size", None) if config is not None else None, shortcuts,
                      where=args.shortcuts)

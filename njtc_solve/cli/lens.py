@@ -131,10 +131,10 @@ def main(args) -> int:
     if args.tuned_lens is not None:
         lenses.append((args.tuned_lens, read_tuned_lens(args.tuned_lens, head=Head.from_model(model), model_sha256=sha)))
     if args.jacobian_lens is not None:
-        from njtc_solve.core.architectures import resolve_parts
+        from njtc_solve.core.decoder import Decoder
 
         lenses.append((args.jacobian_lens, read_jacobian_lens(args.jacobian_lens, head=Head.from_model(model),
-                                                              n_layers=len(resolve_parts(model)[1]), model_sha256=sha)))
+                                                              n_layers=Decoder.of(model).n_blocks, model_sha256=sha)))
     for _, shortcuts in lenses:  # every lens is checked against the model before the first is read
         check_compatible(shortcuts, model, model_sha256=sha)
     model.to(device=args.device, dtype=getattr(torch, args.dtype))

@@ -98,7 +98,8 @@ def _check(args, settings):
     ``None`` for a model the table cannot read before loading), --out, the statistics files."""
     from njtc_solve.prune.folding import ReplacementStatistics, check_output_folder
     from njtc_solve.prune.refine import RefineSpec
-    from njtc_solve.prune.selection import PruneSpec, model_blocks
+    from njtc_solve.core.models import read_model_config
+    from njtc_solve.prune.selection import PruneSpec
 
     if args.remove < 1:
         raise NJTCError(f"--remove must be at least 1, not {args.remove}")
@@ -139,7 +140,7 @@ def _check(args, settings):
                 raise NJTCError(f"--stats-remove must list positive numbers of blocks, not {args.stats_remove!r}")
     spec = None
     if args.blocks is None:  # a model the table knows: the job is checked from its config alone
-        kind, n_blocks, config = model_blocks(args.model)
+        kind, n_blocks, config = read_model_config(args.model)
         spec = PruneSpec.check(config if config is not None else SimpleNamespace(model_type=kind), n_blocks, **job)
         for k in stats_remove:
             if k > n_blocks - 1:

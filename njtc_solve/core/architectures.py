@@ -11,7 +11,8 @@ The GGUF architecture names that differ from transformers' ``model_type`` are he
 (:data:`GGUF_MODEL_TYPES`).
 
 Refusals come from the configuration alone (:func:`check_config`), before any weight is
-read: encoder-decoder models, post-norm models (OPT-350m), unknown model types.
+read: encoder-decoder models, post-norm models (OPT-350m), unknown model types; and, for
+pruning, a family or an option that cannot fold (:func:`check_foldable`).
 
 Examples
 --------
@@ -32,8 +33,8 @@ from torch import nn
 
 from njtc_solve.core.errors import NJTCError
 
-__all__ = ["ARCHITECTURES", "ArchitectureSpec", "FoldSpec", "GGUF_MODEL_TYPES", "architecture_of", "check_config", "check_supported",
-           "custom_architecture", "projection_of", "resolve_parts"]
+__all__ = ["ARCHITECTURES", "ArchitectureSpec", "FOLDABLE", "FoldSpec", "GGUF_MODEL_TYPES", "architecture_of", "check_config",
+           "check_foldable", "check_supported", "custom_architecture", "projection_of", "resolve_parts"]
 
 # the attribute of a model that carries parts named by the user (trust_remote_code models)
 _CUSTOM = "_njtc_architecture"
@@ -155,6 +156,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "gemma3": ArchitectureSpec("model.language_model.layers", "model.language_model.norm", "rmsnorm", gain="1+w"),
 }
 
+# the families whose MLP output projection a map folds into: the table's fold entries
+FOLDABLE: dict[str, FoldSpec] = {kind: spec.fold for kind, spec in ARCHITECTURES.items() if spec.fold is not None}
+
 # GGUF architecture names (``general.architecture``) that differ from transformers' model_type
 GGUF_MODEL_TYPES = {"gptneox": "gpt_neox", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text",
                     "command-r": "cohere"}
@@ -207,6 +211,24 @@ def check_config(config, custom: bool = False) -> ArchitectureSpec | None:
     if reason is not None:
         raise NJTCError(reason)
     return spec
+
+
+def check_foldable(config) -> FoldSpec:
+    """The fold of ``config``'s family; a family (or an option) that cannot fold is refused in one line.
+
+    The one check of foldability: a prune job makes it once, in
+    :meth:`njtc_solve.prune.selection.PruneSpec.check`, and hands the :class:`FoldSpec` down.
+    """
+    kind = getattr(config, "model_type", None)
+    if kind not in FOLDABLE:
+        raise NJTCError(f"{kind} cannot be pruned by folding: its MLP output projection is not in the fold table "
+                        f"(foldable: {', '.join(sorted(FOLDABLE))})")
+    if kind == "gpt2" and getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        raise NJTCError("gpt2 with scale_attn_by_inverse_layer_idx=True scales attention by the block's index, "
+                        "which removing blocks changes; it cannot be pruned")
+    if getattr(config, "add_cross_attention", False):
+        raise NJTCError(f"{kind} with cross-attention is not a decoder-only model; it cannot be pruned")
+    return FOLDABLE[kind]
 
 
 def custom_architecture(model: nn.Module, blocks: str, final_norm: str, norm: str | None = None) -> ArchitectureSpec:

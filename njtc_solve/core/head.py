@@ -287,18 +287,20 @@ class Head:
         """Logits of ``y = a @ V + bias`` through the rank-r factor, without ``y @ W_Uᵀ``.
 
         The final norm's centring (LayerNorm) and gain are linear, so the linear logits are
-        ``[a/σ, 1/σ, 1] @ [M; c; const]`` with ``M = (V - mean) diag(g) W_Uᵀ``: one
-        ``rows × (r+2) × vocab`` product instead of ``rows × d × vocab``, written once.
-        ``y`` (already computed by the caller) supplies only the per-row scale ``σ``. The
-        logit scale and soft-cap then act on those logits (:meth:`finish`), as in the model.
+        ``[a/σ, 1/σ, 1] @ [M; c; const]`` with ``M = (V - mean) diag(g) W_Uᵀ``
+        (:meth:`low_rank_factor`, which a caller may keep): one ``rows × (r+2) × vocab`` product
+        instead of ``rows × d × vocab``. ``y`` (already computed by the caller) supplies only
+        the per-row scale ``σ`` (:meth:`low_rank_linear`). The logit scale and soft-cap then
+        act on those logits (:meth:`finish`), as in the model.
         """
-        a, V, y = a.to(torch.float32), V.to(torch.float32), y.to(torch.float32)
-        bias = torch.zeros(V.shape[1], dtype=torch.float32, device=V.device) if bias is None else bias.float()
+        return self.finish(self.low_rank_linear(self.low_rank_factor(V, bias), a, y))
+
+    def low_rank_factor(self, V: torch.Tensor, bias) -> torch.Tensor:
+        """``[M; c; const]``, ``(r + 2) × vocab`` (float32), of the rank-r map ``a @ V + bias``."""
+        V = V.detach().to(torch.float32)
+        bias = torch.zeros(V.shape[1], dtype=torch.float32, device=V.device) if bias is None else bias.detach().float()
         if self.norm == "layernorm":
             V, bias = V - V.mean(1, keepdim=True), bias - bias.mean()
-            inv_sigma = torch.rsqrt(y.var(-1, unbiased=False, keepdim=True) + self.eps)
-        else:
-            inv_sigma = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         const = torch.zeros_like(self.unembed[:, 0])
         if self.norm_bias is not None:
             const = const + self.unembed @ self.norm_bias
@@ -306,8 +308,16 @@ class Head:
             const = const + self.unembed_bias
         gain = self.gain
         factor = torch.cat([V * gain, (bias * gain)[None]]) @ self.unembed.T
-        rows = torch.cat([a * inv_sigma, inv_sigma, torch.ones_like(inv_sigma)], dim=1)
-        return self.finish(rows @ torch.cat([factor, const[None]]))
+        return torch.cat([factor, const[None]])
+
+    def low_rank_linear(self, factor: torch.Tensor, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The linear logits ``[a/σ, 1/σ, 1] @ factor`` (no scale, no soft-cap) of :meth:`low_rank_factor`."""
+        a, y = a.to(torch.float32), y.to(torch.float32)
+        if self.norm == "layernorm":
+            inv_sigma = torch.rsqrt(y.var(-1, unbiased=False, keepdim=True) + self.eps)
+        else:
+            inv_sigma = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return torch.cat([a * inv_sigma, inv_sigma, torch.ones_like(inv_sigma)], dim=1) @ factor
 
     def logit_weight_factor(self) -> torch.Tensor:
         """Matrix ``F`` (d×V) whose Gram ``F Fᵀ`` weights errors in h by their effect on logits.
@@ -324,3 +334,4 @@ class Head:
         w_u = w_u - w_u.mean(0, keepdim=True)
         factor = (self.logit_scale * self.gain.to(torch.float64))[:, None] * w_u.T
         return factor - factor.mean(0, keepdim=True) if self.norm == "layernorm" else factor
+

@@ -22,7 +22,7 @@ from njtc_solve.core.errors import NJTCError
 
 __all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "ModelShape", "check_device", "context_length",
            "default_model_path", "gguf_reader", "load_model", "load_tokenizer", "model_config", "model_sha256",
-           "model_shape"]
+           "model_shape", "read_model_config"]
 
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -331,3 +331,30 @@ def context_length(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def read_model_config(name: str | None) -> tuple[str, int, object]:
+    """``(model_type, number of blocks, config or None)`` of a model, read without its weights.
+
+    A ``.gguf`` file's metadata (the default model's too) or a folder's ``config.json``; lets
+    a command refuse a setting before the model loads.
+    """
+    path = default_model_path() if name in (None, "default") else Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise NJTCError(f"model file {path} not found")
+        reader = gguf_reader(path)
+        arch_field = reader.fields["general.architecture"]
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        count = reader.fields.get(f"{arch}.block_count")
+        if count is None:
+            raise NJTCError(f"{path} does not say its block count")
+        return GGUF_MODEL_TYPES.get(arch, arch), int(count.parts[count.data[0]][0]), None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise NJTCError(f"cannot read the configuration of model {name!r}: {first}") from err
+    return config.model_type, int(config.num_hidden_layers), config

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from njtc_solve.core.architectures import resolve_parts
+from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
 
 __all__ = ["CapturedBatch", "capture_residual_stream", "check_head", "forward_batches", "head_check_tolerance"]
@@ -40,23 +40,17 @@ def capture_residual_stream(model):
     >>> len(hidden) == model.config.num_hidden_layers + 1, tuple(hidden[0].shape)
     (True, (1, 3, 32))
     """
-    _, blocks, _, _ = resolve_parts(model)
+    decoder = Decoder.of(model)
     captured: list[torch.Tensor] = []
 
-    def before_first(module, args, kwargs):
+    def before_first(h, args, kwargs):
         captured.clear()
-        captured.append(args[0] if args else kwargs["hidden_states"])
+        captured.append(h)
 
-    def after_block(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
-    handles += [block.register_forward_hook(after_block) for block in blocks]
-    try:
+    points = {"block_in.0": before_first}
+    points.update({f"block_out.{i}": lambda h, output: captured.append(h) for i in range(decoder.n_blocks)})
+    with decoder.hooks(points):
         yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass

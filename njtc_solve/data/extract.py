@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from njtc_solve.core.architectures import resolve_parts
+from njtc_solve.core.decoder import Decoder
 from njtc_solve.data.capture import forward_batches, head_check_tolerance
 from njtc_solve.data.corpus import corpus_sha256
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.core.head import Head
 from njtc_solve.core.models import model_sha256
 from njtc_solve.data.plan import PLAN_DEFAULTS, PlanSpec
 from njtc_solve.data.plan import plan_extraction as _plan_extraction
@@ -120,8 +119,8 @@ def extract_activations(model, tokenizer, documents, out, *, model_name: str = "
     out = Path(out)
     StoreWriter.check_settings(dtype=dtype, batch_size=batch_size)
     with StoreWriter.reserve(out, resume=resume, overwrite=overwrite):
-        head = Head.from_model(model)
-        n_layers = len(resolve_parts(model)[1])
+        decoder = Decoder.of(model)
+        head, n_layers = decoder.head, decoder.n_blocks
         stored = _stored_layers(layers, n_layers)
         plan = _plan_extraction(tokenizer, documents, seq_len=seq_len, positions=positions, max_tokens=max_tokens,
                                 val_fraction=val_fraction, seed=seed, bos=bos)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from njtc_solve.core.architectures import resolve_parts
+from njtc_solve.core.decoder import Decoder
 from njtc_solve.data.capture import check_head, forward_batches
 from njtc_solve.data.corpus import corpus_sha256
 from njtc_solve.core.errors import NJTCError
@@ -73,8 +73,8 @@ class LiveSource(RowSourceBase):
                                                     max_tokens=max_tokens, val_fraction=val_fraction, seed=seed,
                                                     bos=bos)
         self.batch_size = batch_size
-        self.n_layers = len(resolve_parts(model)[1])
-        self._head = Head.from_model(model)
+        decoder = Decoder.of(model)
+        self.n_layers, self._head = decoder.n_blocks, decoder.head
         self.d_model = self._head.d_model
         self.model_sha256 = weights_sha or model_sha256(model, progress)
         self.path = f"live:{model_name or type(model).__name__}"

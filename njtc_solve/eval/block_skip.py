@@ -1,4 +1,4 @@
-"""Model surgery: run a decoder with blocks ``[start, end)`` replaced by a map on the residual stream.
+"""Block skipping: run a decoder with blocks ``[start, end)`` replaced by a map on the residual stream.
 
 The unfolded block replacement of docs/pruning.md (Background): ``h_end ≈ f(h_start)``, then the model's own
 blocks ``end..L-1``, final norm and unembedding. One ordinary forward pass per batch records,
@@ -26,9 +26,8 @@ from collections.abc import Callable
 
 import torch
 
-from njtc_solve.core.architectures import resolve_parts
+from njtc_solve.core.decoder import Decoder, Recording
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.core.head import Head
 from njtc_solve.core.metrics import Reference, kl_divergence
 
 __all__ = ["SkipRunner", "skip_scores"]
@@ -40,48 +39,22 @@ class SkipRunner:
     Parameters
     ----------
     model : transformers causal LM
-        Any family of :mod:`njtc_solve.core.architectures`; its parts come from
-        :func:`~njtc_solve.core.architectures.resolve_parts`.
+        Any family of :mod:`njtc_solve.core.architectures`; recording and replay are its
+        :class:`~njtc_solve.core.decoder.Decoder`'s.
     """
 
     def __init__(self, model):
-        _, self.blocks, _, _ = resolve_parts(model)
-        self.model = model
-        self.n_layers = len(self.blocks)
-        self.head = Head.from_model(model)
-        self.hidden: list[torch.Tensor] = []  # layer 0..L: block inputs, then the last block's output
-        self.calls: list[tuple[tuple, dict]] = []  # per block: its arguments other than the hidden state
-        self.model_logits: torch.Tensor | None = None
+        self.decoder = Decoder.of(model)
+        self.model, self.blocks, self.n_layers = model, self.decoder.blocks, self.decoder.n_blocks
+        self.head = self.decoder.head
+        self.recording: Recording | None = None  # the last recorded batch
+        self.hidden, self.model_logits = [], None  # its layers 0..L (block inputs, the last output), logits
         self._references: dict = {}  # (from_position, chunk_rows) -> the full model's distributions
 
     def record(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Run the model once on a batch and keep every block's input and call arguments."""
-        hidden, calls = [], []
-
-        def before(module, args, kwargs):
-            if args:
-                hidden.append(args[0])
-                calls.append((args[1:], dict(kwargs)))
-            else:
-                kwargs = dict(kwargs)
-                hidden.append(kwargs.pop("hidden_states"))
-                calls.append(((), kwargs))
-
-        def after_last(module, args, output):
-            hidden.append(output[0] if isinstance(output, tuple) else output)
-
-        handles = [block.register_forward_pre_hook(before, with_kwargs=True) for block in self.blocks]
-        handles.append(self.blocks[-1].register_forward_hook(after_last))
-        try:
-            with torch.no_grad():
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if len(hidden) != self.n_layers + 1:
-            raise NJTCError(f"recorded {len(hidden)} hidden states for {self.n_layers} blocks; "
-                            "the model does not call its blocks once each")
-        self.hidden, self.calls, self.model_logits = hidden, calls, out.logits
+        self.recording = self.decoder.record(input_ids, attention_mask)
+        self.hidden, _, self.model_logits = self.recording
         self._references = {}
 
     def references(self, from_position: int = 0, chunk_rows: int = 256) -> list:
@@ -99,14 +72,9 @@ class SkipRunner:
 
     def run_blocks(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Run the model's own blocks ``start..end-1`` on ``h`` (batch, seq, d), with the recorded arguments."""
-        if not self.calls:
+        if self.recording is None:
             raise NJTCError("call record() first")
-        with torch.no_grad():
-            for i in range(start, end):
-                args, kwargs = self.calls[i]
-                out = self.blocks[i](h, *args, **kwargs)
-                h = out[0] if isinstance(out, tuple) else out
-        return h
+        return self.decoder.run_blocks(self.recording, h, start, end)
 
     def last_layer(self, start: int, end: int, replace: Callable, keep_positions: int = 0) -> torch.Tensor:
         """Layer ``L`` with blocks ``[start, end)`` replaced: ``replace(h_start)`` stands for ``h_end``.

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from njtc_solve.core.architectures import resolve_parts
+from njtc_solve.core.decoder import Decoder
 from njtc_solve.data.capture import capture_residual_stream
 from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.core.errors import NJTCError, atomic_output
@@ -169,7 +169,7 @@ class ShortcutLens(nn.Module):
             last, or of another width.
         """
         if shortcuts is None:
-            n_layers = len(resolve_parts(model)[1])
+            n_layers = Decoder.of(model).n_blocks
             shortcuts = Shortcuts.identity(range(n_layers), n_layers)
         elif not isinstance(shortcuts, Shortcuts):
             shortcuts = Shortcuts.load(shortcuts)

@@ -12,7 +12,8 @@ can flip an exact near-tie, as in any speculative decoder).
 How the model is driven (one copy of the model, one KV cache): every pass is the model's own
 ``forward`` with a :class:`transformers.DynamicCache`; the blocks a pass must not run are
 replaced for that call by a pass-through (their ``forward`` returns its input; the last skipped
-block of a verification returns the stored layer-ℓ states instead). A draft pass calls the base
+block of a verification returns the stored layer-ℓ states instead;
+:meth:`njtc_solve.core.decoder.Decoder.passed_through`). A draft pass calls the base
 model with blocks ℓ..L−1 passed through and reads block ℓ−1's output with a hook; a verification
 calls the full ``*ForCausalLM`` with blocks 0..ℓ−1 passed through, and the cache it is given is a
 view of the one cache whose first ℓ entries alias layer ℓ's, so that the model sizes its
@@ -40,15 +41,13 @@ from __future__ import annotations
 import copy
 import inspect
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from njtc_solve.core.architectures import projection_of, resolve_parts
+from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.core.head import Head
 from njtc_solve.core.params import DEVICE, Interval, check_spec
 from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.maps.shortcuts import Shortcuts
@@ -223,70 +222,6 @@ def _upper_view(cache, exit_layer: int):
     return view
 
 
-@contextmanager
-def _passed_through(blocks, indices, last_output: torch.Tensor | None = None, width: list | None = None):
-    """Blocks ``indices`` return their input for the duration (the last one ``last_output`` when given).
-
-    ``width[0]``, when set, is the length of the tuple a real block returns (GPT-Neo, BLOOM and
-    Falcon blocks return ``(hidden_states, ...)`` and their model takes ``[0]``); ``None``: a tensor.
-    """
-    saved = []
-    last = max(indices) if indices else None
-
-    def make(i):
-        def forward(hidden_states, *args, **kwargs):
-            out = last_output if (i == last and last_output is not None) else hidden_states
-            n = None if width is None else width[0]
-            return out if n is None else (out,) + (None,) * (n - 1)
-        return forward
-
-    try:
-        for i in indices:
-            block = blocks[i]
-            saved.append((block, block.__dict__.get("forward")))
-            block.forward = make(i)
-        yield
-    finally:
-        for block, previous in saved:
-            if previous is None:
-                del block.forward
-            else:
-                block.forward = previous
-
-
-class _LowRankHead:
-    """Logits of a narrow map's ``a = z @ U`` through ``(r + 2) × V`` precomputed factors.
-
-    Those of :meth:`njtc_solve.core.head.Head.low_rank_logits`, with the factor (the rank-r
-    map's rows through the final norm's gain and the unembedding) computed once: a draft token
-    then costs ``r × V`` instead of ``d × V``. The logit scale and soft-cap are left out: they
-    do not change the argmax.
-    """
-
-    def __init__(self, head: Head, V: torch.Tensor, bias: torch.Tensor | None, device):
-        V = V.detach().float().cpu()
-        bias = torch.zeros(V.shape[1]) if bias is None else bias.detach().float().cpu()
-        self.layernorm = head.norm == "layernorm"
-        if self.layernorm:
-            V, bias = V - V.mean(1, keepdim=True), bias - bias.mean()
-        const = torch.zeros(head.vocab_size)
-        if head.norm_bias is not None:
-            const = const + head.unembed @ head.norm_bias
-        if head.unembed_bias is not None:
-            const = const + head.unembed_bias
-        factor = torch.cat([V * head.gain, (bias * head.gain)[None]]) @ head.unembed.T
-        self.factor = torch.cat([factor, const[None]]).to(device)
-        self.eps = head.eps
-
-    def __call__(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.layernorm:
-            inv_sigma = torch.rsqrt(y.var(-1, unbiased=False, keepdim=True) + self.eps)
-        else:
-            inv_sigma = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        rows = torch.cat([a * inv_sigma, inv_sigma, torch.ones_like(inv_sigma)], dim=1)
-        return rows @ self.factor
-
-
 class ShortcutDrafter:
     """The draft of self-speculative decoding: blocks ``0..exit_layer−1``, a shortcut map, the head.
 
@@ -312,8 +247,8 @@ class ShortcutDrafter:
 
     def __init__(self, model, shortcuts: Shortcuts | None, exit_layer: int, *, check: bool = True,
                  model_sha256: str | None = None):
-        spec, blocks, final_norm, unembed = resolve_parts(model)
-        n = len(blocks)
+        self.decoder = decoder = Decoder.of(model)
+        n = decoder.n_blocks
         if not isinstance(exit_layer, int) or isinstance(exit_layer, bool) or not 1 <= exit_layer <= n - 1:
             raise NJTCError(f"`exit_layer` must be a layer in 1..{n - 1} (the model has {n} blocks), not {exit_layer!r}")
         if shortcuts is None:
@@ -328,18 +263,19 @@ class ShortcutDrafter:
                                 f"(they have {sorted(shortcuts.maps)})")
             shortcuts = Shortcuts.identity([exit_layer], n)
         self.model, self.shortcuts, self.exit_layer, self.n_blocks = model, shortcuts, exit_layer, n
-        self.blocks, self.final_norm, self.unembed = blocks, final_norm, unembed
-        self.projection = projection_of(model, spec)
         self.base = model.base_model
         self.cache_keyword = _cache_keyword(model)
         self.base_cache_keyword = _cache_keyword(self.base)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.map = shortcuts.maps[exit_layer].to_map(self.device).float()
-        self._block_output = [None]  # what a real block returns: a tensor (None) or a tuple of this length
-        self.low_rank = None
+        # one vocabulary-sized matrix on the device: a narrow map's (r + 2) × V factor, or the head
+        self.head, self.low_rank = decoder.head, None
         if self.map.U is not None and not self.map.residual:
-            self.low_rank = _LowRankHead(Head.from_model(model), self.map.V, self.map.bias, self.device)
+            bias = None if self.map.bias is None else self.map.bias.cpu()
+            self.low_rank = self.head.low_rank_factor(self.map.V.cpu(), bias).to(self.device)
+        else:
+            self.head = decoder.head_on(self.device)
 
     @property
     def name(self) -> str:
@@ -350,41 +286,30 @@ class ShortcutDrafter:
     def lower(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """Run blocks ``0..ℓ−1`` on ``input_ids`` (1, m), writing their cache; the layer-ℓ states (1, m, d)."""
         captured = []
-
-        def read(module, args, output):  # runs before any passed-through block of this call
-            self._block_output[0] = len(output) if isinstance(output, tuple) else None
-            captured.append(output[0] if isinstance(output, tuple) else output)
-
-        hook = self.blocks[self.exit_layer - 1].register_forward_hook(read)
-        try:
-            with _passed_through(self.blocks, range(self.exit_layer, self.n_blocks), width=self._block_output):
-                self.base(input_ids=input_ids, **{self.base_cache_keyword: cache}, use_cache=True)
-        finally:
-            hook.remove()
+        with self.decoder.hooks({f"block_out.{self.exit_layer - 1}": lambda h, output: captured.append(h)}), \
+                self.decoder.passed_through(range(self.exit_layer, self.n_blocks)):
+            self.base(input_ids=input_ids, **{self.base_cache_keyword: cache}, use_cache=True)
         return captured[-1]
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Draft logits (m, V) of layer-ℓ states (m, d): the map, the final norm, the unembedding.
+        """Draft logits (m, V) of layer-ℓ states (m, d): the map, then the model's head (float32).
 
-        The logit scale and soft-cap (monotone) are left out: only the argmax is used.
+        A narrow map's logits leave out the logit scale and soft-cap (monotone): only the argmax is used.
         """
         x = hidden.reshape(-1, hidden.shape[-1]).float()
         if self.low_rank is not None:
             _, z = self.map._normalized(x)
             a = z @ self.map.U
             y = a @ self.map.V if self.map.bias is None else a @ self.map.V + self.map.bias
-            return self.low_rank(a, y)
-        y = self.final_norm(self.map(x).to(self.dtype))
-        if self.projection is not None:
-            y = self.projection(y)
-        return self.unembed(y)
+            return self.head.low_rank_linear(self.low_rank, a, y)
+        return self.head.logits(self.map(x))
 
     def upper(self, input_ids: torch.Tensor, hidden: torch.Tensor, cache) -> torch.Tensor:
         """Run blocks ``ℓ..L−1`` and the head on layer-ℓ states ``hidden`` (1, m, d) of ``input_ids``; logits (1, m, V).
 
         Called after :meth:`lower` (which learns what a block returns), as a verification is.
         """
-        with _passed_through(self.blocks, range(self.exit_layer), last_output=hidden, width=self._block_output):
+        with self.decoder.passed_through(range(self.exit_layer), last_output=hidden):
             out = self.model(input_ids=input_ids, **{self.cache_keyword: _upper_view(cache, self.exit_layer)},
                              use_cache=True)
         return out.logits

@@ -43,12 +43,13 @@ def _other(maps: Shortcuts, source, model_sha256: str | None) -> _Other:
         return _Other(str(source.path), source.n_layers, source.d_model, lambda: source.model_sha256, source.head,
                       source.provenance)
     if isinstance(source, nn.Module) and not isinstance(source, Shortcuts):
-        from njtc_solve.core.architectures import resolve_parts
+        from njtc_solve.core.decoder import Decoder
         from njtc_solve.core.models import model_sha256 as weights_sha256
 
-        head = Head.from_model(source)  # its width is the residual stream's (OPT's project_out is folded in)
+        decoder = Decoder.of(source)
+        head = decoder.head  # its width is the residual stream's (OPT's project_out is folded in)
         sha = (lambda: model_sha256) if model_sha256 is not None else (lambda: weights_sha256(source))
-        return _Other("this model", len(resolve_parts(source)[1]), head.d_model, sha, lambda: head)
+        return _Other("this model", decoder.n_blocks, head.d_model, sha, lambda: head)
     raise NJTCError(f"`source` must be a row source, a model or None, not {type(source).__name__}")
 
 

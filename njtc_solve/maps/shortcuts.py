@@ -194,10 +194,10 @@ class _LayerMaps(nn.ModuleDict):
         super().__setitem__(str(int(layer)), m)
 
     def __getitem__(self, layer) -> ShortcutMap:
-        return self._modules[str(int(layer))]
+        return super().__getitem__(str(int(layer)))
 
     def __delitem__(self, layer) -> None:
-        del self._modules[str(int(layer))]
+        super().__delitem__(str(int(layer)))
 
     def __contains__(self, layer) -> bool:
         return isinstance(layer, (int, np.integer)) and str(int(layer)) in self._modules

@@ -209,7 +209,7 @@ def _check_head_description(head: dict) -> None:
 
 def _check_model(shortcuts: Shortcuts, model) -> tuple[str, str]:
     """The model's name and unembedding hash, once it is known to be the maps' and loadable by tuned-lens."""
-    from njtc_solve.core.architectures import resolve_parts
+    from njtc_solve.core.decoder import Decoder
 
     head = check_compatible(shortcuts, model)
     model_type = model.config.model_type
@@ -217,7 +217,7 @@ def _check_model(shortcuts: Shortcuts, model) -> tuple[str, str]:
         raise NJTCError(f"tuned-lens 0.2.0 cannot find the final norm of {model_type!r} models; it loads "
                         f"{', '.join(TUNED_LENS_ARCHITECTURES)}")
     _check_head_description(head.describe())
-    return model.config.name_or_path, unembed_hash(resolve_parts(model)[3].weight)
+    return model.config.name_or_path, unembed_hash(Decoder.of(model).unembed.weight)
 
 
 def _width(shortcuts: Shortcuts) -> int:

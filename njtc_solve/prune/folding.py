@@ -7,8 +7,9 @@ output. A map fitted so that ``r + m·T + c ≈ h_{S+K}`` (least squares of ``m`
 ``b ← b·T + c``), so the pruned model is an ordinary checkpoint with K fewer blocks
 (ReplaceMe, arXiv 2505.02819; docs/pruning.md, Background).
 
-This module holds the mechanics: which families fold (:data:`FOLDABLE`), the capture of every
-block's MLP output, the sufficient statistics of every start and K from one pass
+This module holds the mechanics: the capture of every block's MLP output (through
+:class:`~njtc_solve.core.decoder.Decoder`; which families fold is the architecture table's
+:data:`FOLDABLE`), the sufficient statistics of every start and K from one pass
 (:class:`ReplacementAccumulator`: shifted float32 GEMMs added into float64, plain and
 row-weighted by ``1 / mean(h_S²)``), the closed-form solve (:func:`solve_replacement`), the
 fold and the block removal (:func:`apply_replacement`) and the atomic save
@@ -34,14 +35,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from njtc_solve.core.architectures import ARCHITECTURES, FoldSpec, _get, resolve_parts
+from njtc_solve.core.architectures import FOLDABLE, FoldSpec, check_foldable
+from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import check_writable
 from njtc_solve.solve.stats import add_gram, highest_float32_matmul
@@ -53,28 +53,6 @@ __all__ = ["FOLDABLE", "FoldSpec", "PRUNE_RECORD", "STATS_FORMAT", "Replacement"
 PRUNE_RECORD = "njtc_prune.json"
 STATS_FORMAT = "njtc-prune-statistics"  # the ``format`` metadata of a block statistics file
 WEIGHTINGS = ("plain", "rms")  # rms: each row weighted by 1 / mean(h_S²), its squared RMS
-
-
-# the families whose MLP output projection a map folds into: the architecture table's fold entries
-FOLDABLE: dict[str, FoldSpec] = {kind: spec.fold for kind, spec in ARCHITECTURES.items() if spec.fold is not None}
-
-
-def check_foldable(config) -> FoldSpec:
-    """The fold of ``config``'s family; a family (or an option) that cannot fold is refused in one line.
-
-    The one check of foldability: a prune job makes it once, in
-    :meth:`njtc_solve.prune.selection.PruneSpec.check`, and hands the :class:`FoldSpec` down.
-    """
-    kind = getattr(config, "model_type", None)
-    if kind not in FOLDABLE:
-        raise NJTCError(f"{kind} cannot be pruned by folding: its MLP output projection is not in the fold table "
-                        f"(foldable: {', '.join(sorted(FOLDABLE))})")
-    if kind == "gpt2" and getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        raise NJTCError("gpt2 with scale_attn_by_inverse_layer_idx=True scales attention by the block's index, "
-                        "which removing blocks changes; it cannot be pruned")
-    if getattr(config, "add_cross_attention", False):
-        raise NJTCError(f"{kind} with cross-attention is not a decoder-only model; it cannot be pruned")
-    return FOLDABLE[kind]
 
 
 def check_removal(n_blocks: int, remove: int, start: int | None = None) -> None:
@@ -98,25 +76,15 @@ def check_removal(n_blocks: int, remove: int, start: int | None = None) -> None:
                         f"0..{n_blocks - 1}, so the last start is {n_blocks - remove}")
 
 
-def _projections(model, spec: FoldSpec) -> list[nn.Module]:
-    _, blocks, _, _ = resolve_parts(model)
-    return [_get(block, spec.projection) for block in blocks]
-
-
-@contextmanager
 def capture_mlp_outputs(model, fold: FoldSpec | None = None):
-    """Hook every block's MLP output projection; yields a dict ``block index → its latest output``.
+    """Hook every block's MLP output projection; a context that yields a dict ``block index → its latest output``.
 
     The output is what the block adds to the residual stream as its MLP part (the projection's
     bias included), ``(batch, seq, d)`` in the model's dtype, overwritten by each forward pass.
-    ``fold`` is the family's checked fold (checked here when not given).
+    ``fold`` is the family's checked fold (checked here when not given). Every hook is removed
+    on the way out (:meth:`njtc_solve.core.decoder.Decoder.mlp_outputs`).
     """
-    spec = fold if fold is not None else check_foldable(model.config)
-    outputs: dict[int, torch.Tensor] = {}
-    with ExitStack() as hooks:  # every hook removed on the way out
-        for i, proj in enumerate(_projections(model, spec)):
-            hooks.callback(proj.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out)).remove)
-        yield outputs
+    return Decoder.of(model).mlp_outputs(fold)
 
 
 @dataclass
@@ -471,8 +439,9 @@ def fold_replacement(model, replacement: Replacement, fold: FoldSpec | None = No
     switched on in the config and zero biases are given to every projection it covers.
     ``fold`` is the family's checked fold (checked here when not given).
     """
+    decoder = Decoder.of(model)
     spec = fold if fold is not None else check_foldable(model.config)
-    proj = _projections(model, spec)[replacement.start - 1]
+    proj = decoder.mlp_projections(spec)[replacement.start - 1]
     T = replacement.T.double().cpu()
     with torch.no_grad():
         w = proj.weight
@@ -485,20 +454,8 @@ def fold_replacement(model, replacement: Replacement, fold: FoldSpec | None = No
         elif replacement.c is not None:
             if spec.bias_option is None or replacement.intercept != spec.bias_option:
                 raise NJTCError(f"{model.config.model_type}'s MLP output projection has no bias for the intercept")
-            _enable_bias_option(model, spec)
+            decoder.enable_bias_option(spec)
             proj.bias.copy_(replacement.c.to(proj.bias.dtype))
-
-
-def _enable_bias_option(model, spec: FoldSpec) -> None:
-    """Switch on the config's MLP bias option, adding zero biases where it puts them."""
-    setattr(model.config, spec.bias_option, True)
-    _, blocks, _, _ = resolve_parts(model)
-    for block in blocks:
-        for path in spec.bias_modules:
-            lin = _get(block, path)
-            if lin.bias is None:
-                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
-                                                    device=lin.weight.device))
 
 
 def remove_blocks(model, start: int, remove: int) -> None:
@@ -508,21 +465,9 @@ def remove_blocks(model, start: int, remove: int) -> None:
     renumbered, the config's layer count set and per-layer config lists (``layer_types``)
     shortened.
     """
-    spec, blocks, _, _ = resolve_parts(model)
-    n = len(blocks)
-    check_removal(n, remove, start)
-    kept = [b for i, b in enumerate(blocks) if not start <= i < start + remove]
-    parent_path, _, name = spec.blocks.rpartition(".")
-    setattr(_get(model, parent_path) if parent_path else model, name, nn.ModuleList(kept))
-    for new_index, block in enumerate(kept):
-        for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
-    config = model.config
-    config.num_hidden_layers = len(kept)
-    for key, value in list(vars(config).items()):
-        if isinstance(value, list) and len(value) == n and key.startswith("layer"):
-            setattr(config, key, [v for i, v in enumerate(value) if not start <= i < start + remove])
+    decoder = Decoder.of(model)
+    check_removal(decoder.n_blocks, remove, start)
+    decoder.remove_blocks(start, remove)
 
 
 def apply_replacement(model, replacement: Replacement, fold: FoldSpec | None = None) -> None:

@@ -15,13 +15,12 @@ Imports :mod:`njtc_solve.prune.folding`, :mod:`njtc_solve.data` and :mod:`njtc_s
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from njtc_solve.core.architectures import FoldSpec, _get, resolve_parts
+from njtc_solve.core.architectures import FoldSpec
+from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.metrics import Reference, kl_divergence
 from njtc_solve.data.capture import forward_batches
@@ -121,33 +120,13 @@ def tail_logits(model, token_ids: torch.Tensor, stream: torch.Tensor, *, first_b
                 grad: bool = False) -> torch.Tensor:
     """The model's logits when ``stream`` enters block ``first_block`` and only the blocks after it run.
 
-    Blocks before ``first_block`` are taken out of the model for the call (their output is
-    replaced by ``stream``, shape ``(batch, seq, d)``); with ``first_block`` past the last
-    block ``stream`` goes straight to the final norm. Positions, masks and the head are the
-    model's own. ``grad`` keeps the graph (the refinement's gradient flows back into ``stream``).
+    Blocks before ``first_block`` are passed through for the call (the last of them returns
+    ``stream``, shape ``(batch, seq, d)``; :meth:`njtc_solve.core.decoder.Decoder.run_from`); with
+    ``first_block`` past the last block ``stream`` goes straight to the final norm. Positions,
+    masks and the head are the model's own. ``grad`` keeps the graph (the refinement's gradient
+    flows back into ``stream``).
     """
-    spec, blocks, final_norm, _ = resolve_parts(model)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    stream = stream.to(device, dtype)
-    tail = nn.ModuleList(list(blocks)[first_block:])
-    entry = tail[0] if len(tail) else final_norm
-
-    def replace_input(module, args, kwargs):
-        if args:
-            return (stream,) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": stream}
-
-    parent_path, _, name = spec.blocks.rpartition(".")
-    parent = _get(model, parent_path) if parent_path else model
-    handle = entry.register_forward_pre_hook(replace_input, with_kwargs=True)
-    parent._modules[name] = tail
-    try:
-        with nullcontext() if grad else torch.no_grad():
-            return model(input_ids=token_ids.to(device), use_cache=False).logits
-    finally:
-        parent._modules[name] = blocks
-        handle.remove()
+    return Decoder.of(model).run_from(token_ids, stream, first_block=first_block, grad=grad)
 
 
 def replaced_stream(held: HeldOut, replacement: Replacement, seqs: slice) -> torch.Tensor:

@@ -30,12 +30,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from njtc_solve.core.architectures import FoldSpec, resolve_parts
+from njtc_solve.core.architectures import FoldSpec, check_foldable
+from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.models import read_model_config
 from njtc_solve.data.plan import PlanSpec, plan_extraction
 from njtc_solve.data.store import TRAIN, VALIDATION
 from njtc_solve.prune.folding import (WEIGHTINGS, Replacement, ReplacementStatistics, apply_replacement,
-                                     check_foldable, check_output_folder, check_removal, save_pruned,
+                                     check_output_folder, check_removal, save_pruned,
                                      solve_replacement)
 from njtc_solve.prune.refine import RefineSpec, refine_fold
 from njtc_solve.prune.scoring import HeldOut, collect_held_out, replacement_statistics, score_replacement
@@ -45,35 +47,8 @@ __all__ = ["PruneResult", "PruneSpec", "candidate_replacements", "choose_replace
 
 
 def model_blocks(name: str | None) -> tuple[str, int, object]:
-    """``(model_type, number of blocks, config or None)`` of a model, read without its weights.
-
-    A ``.gguf`` file's metadata (the default model's too) or a folder's ``config.json``; lets
-    a command refuse a removal before the model loads.
-    """
-    from pathlib import Path
-
-    from njtc_solve.core.architectures import GGUF_MODEL_TYPES
-    from njtc_solve.core.models import default_model_path, gguf_reader
-
-    path = default_model_path() if name in (None, "default") else Path(name)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise NJTCError(f"model file {path} not found")
-        reader = gguf_reader(path)
-        arch_field = reader.fields["general.architecture"]
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-        count = reader.fields.get(f"{arch}.block_count")
-        if count is None:
-            raise NJTCError(f"{path} does not say its block count")
-        return GGUF_MODEL_TYPES.get(arch, arch), int(count.parts[count.data[0]][0]), None
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise NJTCError(f"cannot read the configuration of model {name!r}: {first}") from err
-    return config.model_type, int(config.num_hidden_layers), config
+    """``(model_type, number of blocks, config or None)`` without the weights (:func:`~njtc_solve.core.models.read_model_config`)."""
+    return read_model_config(name)
 
 
 @dataclass(frozen=True)
@@ -91,7 +66,7 @@ class PruneSpec:
     n_blocks : int
         Blocks of the full model.
     fold : FoldSpec
-        Where the family's MLP output projection is (:func:`~njtc_solve.prune.folding.check_foldable`).
+        Where the family's MLP output projection is (:func:`~njtc_solve.core.architectures.check_foldable`).
     remove, start : int, int or None
         Blocks removed, and the first removed (``None``: every start is scored).
     weightings, ridge, intercepts : tuple
@@ -192,7 +167,7 @@ class PruneSpec:
 
     def check_model(self, model) -> None:
         """Refuse a model that is not the one this job was checked against (another family or depth)."""
-        n = len(resolve_parts(model)[1])
+        n = Decoder.of(model).n_blocks
         kind = getattr(model.config, "model_type", None)
         if kind != self.model_type or n != self.n_blocks:
             raise NJTCError(f"the prune settings were checked for a {self.model_type} model of {self.n_blocks} "
@@ -447,7 +422,7 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
     if spec is None:
         if remove is None:
             raise NJTCError("`remove` is required (or a checked `spec`)")
-        spec = PruneSpec.check(model.config, len(resolve_parts(model)[1]), remove=remove, start=start,
+        spec = PruneSpec.check(model.config, Decoder.of(model).n_blocks, remove=remove, start=start,
                                weightings=weightings, ridge=ridge, intercept=intercept, score_tokens=score_tokens,
                                rescore_tokens=rescore_tokens, val_fraction=val_fraction, refine=refine)
     elif remove is not None or start is not None or refine is not None:
