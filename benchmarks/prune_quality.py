@@ -370,5 +370,7 @@ def table(result) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a missing default model or bad input: one line, exit 2
+    from njtc_solve.cli import run_cli
+
+    raise SystemExit(run_cli(lambda argv: main()))

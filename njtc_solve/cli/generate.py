@@ -73,6 +73,10 @@ def check_arguments(args):
     text = _prompt_text(args)
     check_device(args.device)
     _, n_blocks, config = model_blocks(args.model)  # the configuration only: no weight is read
+    limit = _context(args.model, config)
+    if limit is not None and args.max_new_tokens >= limit:
+        raise NJTCError(f"--max-new-tokens {args.max_new_tokens} reaches past the model's context of {limit} tokens "
+                        "(the prompt takes at least one)")
     if not 1 <= args.exit_layer <= n_blocks - 1:
         raise NJTCError(f"--exit-layer must be in 1..{n_blocks - 1} (the model has {n_blocks} blocks), "
                         f"not {args.exit_layer}")
@@ -95,6 +99,21 @@ def check_arguments(args):
             raise NJTCError(f"--shortcuts {args.shortcuts} were fitted on another model of {recorded} blocks, "
                             f"not {n_blocks}")
     return text, k, shortcuts, n_blocks
+
+
+def _context(model, config) -> int | None:
+    """The model's context length from its configuration, or a GGUF file's metadata; no weight is read."""
+    from pathlib import Path
+
+    from njtc_solve.core.models import context_length, default_model_path, gguf_reader
+
+    if config is not None:
+        return context_length(config)
+    path = default_model_path() if model in (None, "default") else Path(model)
+    reader = gguf_reader(path)
+    arch = reader.fields["general.architecture"]
+    found = reader.fields.get(f"{bytes(arch.parts[arch.data[0]]).decode()}.context_length")
+    return None if found is None else int(found.parts[found.data[0]][0])
 
 
 @command(build_parser)

@@ -79,7 +79,7 @@ def _check_arguments(args) -> Path | None:
         lens_files += jacobian_lens_inputs(args.jacobian_lens)
         check_not_inputs([("--out", out / name) for name in library.LENS_FILES],
                          command_inputs(args, "model", "shortcuts", "prompt_file") + lens_files)
-        check_folder_output(out, "--out", library.LENS_FILES, library._is_lens_output)
+        check_folder_output(out, "--out", library.LENS_FILES, library.LENS_KIND)
     check_device(args.device)
     given = [flag for flag, value in (("--shortcuts", args.shortcuts), ("--tuned-lens", args.tuned_lens),
                                       ("--jacobian-lens", args.jacobian_lens)) if value is not None]

@@ -145,13 +145,16 @@ def _model_source(name: str | None, trust_remote_code: bool) -> tuple[str, str, 
 
 
 def check_device(device) -> None:
-    """Refuse a CUDA device where there is none, in one line, before any long work."""
+    """Refuse a device that holds no data (``meta``) or a CUDA device where there is none, in one line,
+    before any long work."""
     if device is None:
         return
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise NJTCError(f"`device` {device!r} is not a device (cpu, cuda or cuda:N)") from None
+    if parsed.type == "meta":
+        raise NJTCError(f"`device` {device} holds no data (shapes only); use cpu or cuda")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise NJTCError(f"`device` {device} was asked for but CUDA is not available")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
@@ -234,3 +237,12 @@ def model_sha256(model: torch.nn.Module, progress: bool = False) -> str:
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             bar.update(tensor.numel() * tensor.element_size())
     return digest.hexdigest()
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's position encoding allows, from its config; None where it sets none."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
