@@ -99,7 +99,7 @@ def test_a_reader_refuses_non_finite_values(tmp_path):
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = float("nan")
     save_file(tensors, tmp_path / "bad.safetensors", metadata=meta)
-    with pytest.raises(NJTCError, match="non-finite"):
+    with pytest.raises(NJTCError, match="finite"):  # refused before this work too, by the shortcut reader
         Shortcuts.load(tmp_path / "bad.safetensors")
 
 

@@ -338,7 +338,7 @@ def _mark(tmp: Path, kind: FolderKind, written) -> None:
 
 
 @contextmanager
-def atomic_folder(out, kind: FolderKind, *, label: str = "`out`"):
+def atomic_folder(out, kind: FolderKind, *, label: str = "`out`", parents: bool = False):
     """Yield a temporary sibling folder to write an output folder into; swap it in when the block succeeds.
 
     The one contract for output folders: the files are written under ``.OUT.partial-PID``
@@ -348,7 +348,8 @@ def atomic_folder(out, kind: FolderKind, *, label: str = "`out`"):
     new files by one rename each, the marker first, and keeps the user's files; files this
     project wrote there before and did not write this time are removed. On any failure ``out``
     is left as it was and the temporary folder removed; a failure to write is a one-line
-    :class:`NJTCError`. The writer must put ``kind.marker`` into the folder.
+    :class:`NJTCError`. The writer must put ``kind.marker`` into the folder. ``parents``: create
+    ``out``'s missing parent folders.
 
     Raises
     ------
@@ -360,6 +361,8 @@ def atomic_folder(out, kind: FolderKind, *, label: str = "`out`"):
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        if parents:
+            out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         yield tmp
         written = {p.name for p in tmp.iterdir()}
@@ -438,7 +441,8 @@ def output_lock(path):
         raise NJTCError(f"cannot write {path}: {err.strerror or err}") from err
     try:
         yield
-    finally:
+    finally:  # the file goes while still held (a peer that opened it then finds it unlinked and retries)
+        lock_path(path).unlink(missing_ok=True)
         lock.release()
 
 
