@@ -56,15 +56,3 @@ def interruptible():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-_MOVED = ("atomic_output", "output_lock", "read_safetensors", "temporary_path", "write_failure")
-
-
-def __getattr__(name):
-    """The file I/O once here lives in :mod:`njtc_solve.core.outputs`; the old names still import."""
-    if name in _MOVED:
-        from njtc_solve.core import outputs
-
-        return getattr(outputs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

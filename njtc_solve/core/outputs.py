@@ -342,10 +342,11 @@ def atomic_folder(out, kind: FolderKind, *, label: str = "`out`", parents: bool 
     """Yield a temporary sibling folder to write an output folder into; swap it in when the block succeeds.
 
     The one contract for output folders: the files are written under ``.OUT.partial-PID``
-    beside ``out``, then swapped in: a new or wholly-ours ``out`` is replaced by one rename
-    (the old one set aside until the new one is in place); an ``out`` that also holds files
-    this project did not write (a user's notes, a statistics file, a shared ``runs/``) gets the
-    new files by one rename each, the marker first, and keeps the user's files; files this
+    beside ``out``, then swapped in: a new ``out``, or a wholly-ours one of a kind that is not
+    ``shared``, is replaced by one rename (the old one set aside until the new one is in place);
+    any other ``out`` (a shared folder such as ``runs/`` or ``.``, or one that also holds files
+    this project did not write: notes, a statistics file) gets the new files by one rename each,
+    the marker first, and keeps the user's files; files this
     project wrote there before and did not write this time are removed. On any failure ``out``
     is left as it was and the temporary folder removed; a failure to write is a one-line
     :class:`NJTCError`. The writer must put ``kind.marker`` into the folder. ``parents``: create
@@ -387,7 +388,7 @@ def _swap(tmp: Path, out: Path, kind: FolderKind, written: set, label: str) -> N
     check_folder_output(out, label, sorted(written), kind)  # again: the folder may have changed since
     before = {p.name for p in out.iterdir()}
     own = kind.owned(out)
-    if before <= own:  # nothing of the user's inside: one rename
+    if before <= own and not kind.shared:  # nothing of the user's inside: one rename (never a shared folder, `.`)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)

@@ -546,7 +546,7 @@ def save_pruned(model, tokenizer, out: str | Path, *, record: dict, overwrite: b
     The folder is written under a temporary name beside ``out`` and swapped in when complete
     (:func:`~njtc_solve.core.outputs.atomic_folder`). An existing ``out`` is written again only
     with ``overwrite`` and only when this function wrote it (its ``njtc_prune.json``, whose
-    content is ``record`` and the list of files written); the files in it that this project did
+    content is ``record``, its ``format`` and the list of files written); the files in it that this project did
     not write (notes, a statistics file) are kept. A failure leaves ``out`` as it was.
     """
     out = Path(out)
@@ -557,7 +557,8 @@ def save_pruned(model, tokenizer, out: str | Path, *, record: dict, overwrite: b
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / PRUNE_RECORD).write_text(json.dumps(record, indent=1, default=_jsonable))
+        (tmp / PRUNE_RECORD).write_text(json.dumps({"format": "njtc-prune", **record}, indent=1,
+                                                   default=_jsonable))
     return out
 
 
