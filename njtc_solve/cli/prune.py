@@ -123,8 +123,8 @@ def _check(args, settings):
     from njtc_solve.core.outputs import check_not_inputs
 
     inputs = command_inputs(args, "model", "corpus", "stats")
-    check_not_inputs([("--out", args.out), ("--save-stats", args.save_stats)], inputs)
     check_output_folder(args.out, overwrite=args.overwrite, inputs=[path for _, path in inputs])
+    check_not_inputs([("--out", args.out), ("--save-stats", args.save_stats)], inputs)
     if args.save_stats:
         from njtc_solve.core.outputs import check_file_output
         from njtc_solve.prune.folding import STATS_FORMAT

@@ -67,6 +67,9 @@ def _greedy_processors(model, config) -> list[str]:
 
     config = copy.deepcopy(config)
     config.do_sample = False
+    for name, value in list(vars(config).items()):  # an empty list or dict (suppress_tokens=[]) sets nothing
+        if not name.startswith("_") and isinstance(value, (list, tuple, dict)) and len(value) == 0:
+            setattr(config, name, None)
     model._prepare_special_tokens(config, False, device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "... requires input_ids": the warnings generate itself would give
