@@ -334,8 +334,11 @@ def table(result) -> str:
     b = result["budgets"]
     lines = [f"SmolLM2-135M ({result['n_blocks']} blocks), `pydoc_data.topics`: {b['train_tokens']} training tokens, "
              f"{b['score_tokens']} scoring tokens (choice, early stopping), {b['eval_tokens']} evaluation tokens "
-             f"({b['eval_sequences']} sequences of {b.get('eval_documents', '?')} documents; ± is the standard "
-             f"error of the KL clustered by document), sequences of {b['seq_len']} tokens, every "
+             + (f"({b['eval_sequences']} sequences of {b['eval_documents']} documents; ± is the standard "
+                f"error of the KL clustered by document)" if "eval_documents" in b else
+                f"({b['eval_sequences']} sequences; ± is the standard error of the KL over them, not clustered "
+                "by document: a run before clustering)")
+             + f", sequences of {b['seq_len']} tokens, every "
              f"{b['start_stride']}th start scored, refinement {b['refine']['steps']} steps at most (lr "
              f"{b['refine']['lr']:g}, {b['refine']['batch_sequences']} sequences a step, checks every "
              f"{b['refine']['check_every']}, patience {b['refine']['patience']}, "
