@@ -529,7 +529,7 @@ def check_finite(tensors: dict, where, dtype=None) -> None:
     Raises
     ------
     NJTCError
-        ``PATH: J.3 holds non-finite values in float16 (beyond its range, ±65504)``.
+        ``PATH: J[3] is not finite float16 (beyond its range, ±65504)``.
     """
     import torch
 
@@ -540,8 +540,7 @@ def check_finite(tensors: dict, where, dtype=None) -> None:
         if not bool(torch.isfinite(stored).all()):
             finite_before = dtype is not None and bool(torch.isfinite(tensor).all())
             beyond = f" (beyond its range, ±{torch.finfo(dtype).max:.6g})" if finite_before else ""
-            raise NJTCError(f"{where}: {name} holds non-finite values in {str(stored.dtype).replace('torch.', '')}"
-                            f"{beyond}")
+            raise NJTCError(f"{where}: {name} is not finite {str(stored.dtype).replace('torch.', '')}{beyond}")
 
 
 def read_safetensors(path, what: str, fmt: str):
