@@ -73,5 +73,7 @@ def main(argv=None):
           f"{result['bare_tok_per_s']:.0f} tok/s: overhead {100 * result['overhead']:.1f}% (target ≤ 15%)")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a missing default model or bad input: one line, exit 2
+    from njtc_solve.cli import run_cli
+
+    raise SystemExit(run_cli(lambda argv: main()))

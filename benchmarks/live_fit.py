@@ -184,5 +184,7 @@ def main(argv=None):
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a missing default model or bad input: one line, exit 2
+    from njtc_solve.cli import run_cli
+
+    raise SystemExit(run_cli(lambda argv: main()))

@@ -162,5 +162,7 @@ def main() -> None:
     print(f"wrote {args.out}, {args.figure}; total {meta['seconds']['total']:.0f}s")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a missing default model or bad input: one line, exit 2
+    from njtc_solve.cli import run_cli
+
+    raise SystemExit(run_cli(lambda argv: main()))

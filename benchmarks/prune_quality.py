@@ -24,12 +24,15 @@ For each K (blocks removed) on the default SmolLM2-135M (30 blocks), on held-out
   worse than its start there).
 
 Every figure is measured on the evaluation tokens, which no choice and no early stop has
-seen; ``± se`` is the standard error over evaluation sequences. Generation speed: greedy with
+seen; ``± se`` is the standard error clustered by document (windows of one document are not
+independent). The scoring, evaluation and refinement sequences are disjoint seeded samples
+spread across documents (``ExtractionPlan.spread_order``), as ``prune`` takes them. Generation speed: greedy with
 the KV cache, every model of a K and the full model interleaved, best of ``--gen-repeats``.
 Ranking criteria (cosine distance, angular distance, the map's residual, scoring KL) are
 compared with each scored start's evaluation KL by Spearman's rank correlation.
 
-    python benchmarks/prune_quality.py          # the docs' run (see docs/pruning-refine.md for its budgets)
+    python benchmarks/prune_quality.py --ks 4,8 --seq-len 64 --start-stride 4   # the docs' run (see
+                                                # docs/pruning-refine.md for its budgets)
     python benchmarks/prune_quality.py --table benchmarks/results/prune_quality.json   # its table again
 
 Writes ``benchmarks/results/prune_quality.json`` and ``benchmarks/results/prune_quality.md``.
@@ -122,7 +125,7 @@ def patched(held: HeldOut, start: int, P: torch.Tensor) -> HeldOut:
     """The cached sequences with ``h_S`` replaced by ``h_S·P`` (scored as a drop of the blocks after)."""
     hidden = list(held.hidden)
     hidden[start] = (held.hidden[start].double() @ P).float()
-    return HeldOut(held.token_ids, hidden, held.mlp, held.logp)
+    return HeldOut(held.token_ids, hidden, held.mlp, held.logp, held.document)
 
 
 def with_patch(model, start: int, P: torch.Tensor) -> None:
@@ -160,17 +163,18 @@ def brief(score: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ks", default="2,4,6,8")
-    p.add_argument("--train-tokens", type=int, default=4096)
+    p.add_argument("--train-tokens", type=int, default=8192)
     p.add_argument("--score-tokens", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--start-stride", type=int, default=3, help="score every n-th start (and the cosine rule's)")
-    p.add_argument("--refine-steps", type=int, default=40)
-    p.add_argument("--refine-lr", type=float, default=1e-4)
-    p.add_argument("--refine-tokens", type=int, default=2048)
-    p.add_argument("--refine-batch", type=int, default=4)
-    p.add_argument("--check-every", type=int, default=10)
-    p.add_argument("--patience", type=int, default=2)
+    command = RefineSpec()  # the prune command's refinement by default
+    p.add_argument("--refine-steps", type=int, default=command.steps)
+    p.add_argument("--refine-lr", type=float, default=command.lr)
+    p.add_argument("--refine-tokens", type=int, default=command.train_tokens)
+    p.add_argument("--refine-batch", type=int, default=command.batch_sequences)
+    p.add_argument("--check-every", type=int, default=command.check_every)
+    p.add_argument("--patience", type=int, default=command.patience)
     p.add_argument("--gen-tokens", type=int, default=16)
     p.add_argument("--gen-repeats", type=int, default=3)
     p.add_argument("--model", default=None, help="the model (default: SmolLM2-135M)")
@@ -191,11 +195,11 @@ def main() -> None:
     budget = args.train_tokens + n_val * args.seq_len
     plan = plan_extraction(tok, docs, seq_len=args.seq_len, max_tokens=budget,
                            val_fraction=n_val * args.seq_len / budget)
-    train, val = np.flatnonzero(plan.split == TRAIN), np.flatnonzero(plan.split == VALIDATION)
+    train, val = np.flatnonzero(plan.split == TRAIN), plan.spread_order(VALIDATION, 0)
     n_score = -(-args.score_tokens // args.seq_len)
     train_plan = plan.sequences(slice(int(train[0]), int(train[-1]) + 1))
-    score_plan = plan.sequences(slice(int(val[0]), int(val[0]) + n_score))
-    eval_plan = plan.sequences(slice(int(val[0]) + n_score, int(val[-1]) + 1))
+    score_plan = plan.sequences(np.sort(val[:n_score]))  # spread across documents, as prune takes them
+    eval_plan = plan.sequences(np.sort(val[n_score:]))
     print(f"train {train_plan.n_rows} tokens, score {score_plan.n_rows}, eval {eval_plan.n_rows}", flush=True)
 
     H = hadamard(d)
@@ -215,7 +219,8 @@ def main() -> None:
     refine_spec = RefineSpec.check(lr=args.refine_lr, steps=args.refine_steps, check_every=args.check_every,
                                    patience=args.patience, train_tokens=args.refine_tokens,
                                    batch_sequences=args.refine_batch)
-    n_refine = min(len(train_plan.token_ids), -(-args.refine_tokens // args.seq_len))
+    refine_sample = np.sort(plan.spread_order(TRAIN, 0)[:-(-args.refine_tokens // args.seq_len)])
+    n_refine = len(refine_sample)
     rows, choices, speed_rows = [], {}, []
     for k in ks:
         t_k = time.perf_counter()
@@ -241,7 +246,7 @@ def main() -> None:
         rho = {c: spearman([per_start[s][c] for s in scored], eval_kls)
                for c in ("score_kl", "angular_last", "cosine_distance", "residual")}
         t = time.perf_counter()
-        cache = collect_held_out(model, train_plan.sequences(slice(0, n_refine)), starts=[ours.start],
+        cache = collect_held_out(model, plan.sequences(refine_sample), starts=[ours.start],
                                  logp_dtype=torch.float16)
         refined = refine_fold(model, ours, cache, score_set, refine_spec, progress=False)
         del cache
@@ -292,6 +297,7 @@ def main() -> None:
               "corpus": "pydoc_data.topics",
               "budgets": {"train_tokens": train_plan.n_rows, "score_tokens": score_plan.n_rows,
                           "eval_tokens": eval_plan.n_rows, "eval_sequences": len(eval_plan.token_ids),
+                          "eval_documents": len(eval_set.clusters()[1]), "ks": ks,
                           "seq_len": args.seq_len, "start_stride": args.start_stride,
                           "refine": {**refine_spec.describe(), "train_tokens_used": n_refine * args.seq_len},
                           "gen_tokens": args.gen_tokens, "gen_repeats": args.gen_repeats},
@@ -328,14 +334,22 @@ def table(result) -> str:
     b = result["budgets"]
     lines = [f"SmolLM2-135M ({result['n_blocks']} blocks), `pydoc_data.topics`: {b['train_tokens']} training tokens, "
              f"{b['score_tokens']} scoring tokens (choice, early stopping), {b['eval_tokens']} evaluation tokens "
-             f"({b['eval_sequences']} sequences; ± is the standard error of the KL over them); commit "
+             + (f"({b['eval_sequences']} sequences of {b['eval_documents']} documents; ± is the standard "
+                f"error of the KL clustered by document)" if "eval_documents" in b else
+                f"({b['eval_sequences']} sequences; ± is the standard error of the KL over them, not clustered "
+                "by document: a run before clustering)")
+             + f", sequences of {b['seq_len']} tokens, every "
+             f"{b['start_stride']}th start scored, refinement {b['refine']['steps']} steps at most (lr "
+             f"{b['refine']['lr']:g}, {b['refine']['batch_sequences']} sequences a step, checks every "
+             f"{b['refine']['check_every']}, patience {b['refine']['patience']}, "
+             f"{b['refine']['train_tokens_used']} training tokens); commit "
              f"`{result['commit'][:10]}`{' (uncommitted changes)' if result.get('tree_dirty') else ''}, measured "
              f"{result['measured_at']}.", "",
              "| K | method | start | map | perplexity | KL to full ± se | top-1 agreement | parameters | generation |",
              "|---|---|---|---|---|---|---|---|---|"]
     f = result["full"]
     lines.append(f"| 0 | full | | | {f['ppl']:.2f} | 0 | 1 | {f['params'] / 1e6:.1f}M | 1.00× |")
-    for r in result["rows"]:
+    for r in sorted(result["rows"], key=lambda r: r["k"]):
         lines.append(f"| {r['k']} | {r['method']} | {r['start']} | {r['map']} | {r['ppl']:.2f} | "
                      f"{r['kl']:.3f} ± {r['kl_se']:.3f} | {r['top1']:.3f} | {r['params'] / 1e6:.1f}M | "
                      f"{r.get('gen_speedup', float('nan')):.2f}× |")
@@ -345,16 +359,21 @@ def table(result) -> str:
               f"K = 8 within 1.5× of the full model's perplexity: "
               f"{'n/a' if g['k8_within_1.5x_full_ppl'] is None else ('met' if g['k8_within_1.5x_full_ppl'] else 'not met')}"
               + (f" ({g['per_k']['8']['ppl_over_full']:.2f}×)" if "8" in g["per_k"] else "") + "."]
-    lines += ["", "| K | refinement steps | training s | scoring KL before → after | kept | Spearman with eval KL: "
-              "scoring KL / angular / cosine / residual |", "|---|---|---|---|---|---|"]
-    for k, c in result["choices"].items():
+    lines += ["", "| K | refinement steps | training s | evaluation KL before → after | scoring KL before → after "
+              "(optimistic: these tokens chose the fold and stopped the training) | kept | Spearman with eval KL: "
+              "scoring KL / angular / cosine / residual |", "|---|---|---|---|---|---|---|"]
+    for k, c in sorted(result["choices"].items(), key=lambda item: int(item[0])):
         r, rho = c["refine"], c["spearman_with_eval_kl"]
-        lines.append(f"| {k} | {r['steps']} | {r['train_seconds']:.0f} | {r['held_out_start']['kl']:.4f} → "
+        at = {row["method"]: row for row in result["rows"] if str(row["k"]) == str(k)}
+        lines.append(f"| {k} | {r['steps']} | {r['train_seconds']:.0f} | {at['ours']['kl']:.4f} → "
+                     f"{at['ours+KL']['kl']:.4f} | {r['held_out_start']['kl']:.4f} → "
                      f"{r['held_out_best']['kl']:.4f} | {'yes' if r['improved'] else 'no'} | "
                      f"{rho['score_kl']:.2f} / {rho['angular_last']:.2f} / {rho['cosine_distance']:.2f} / "
                      f"{rho['residual']:.2f} |")
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a missing default model or bad input: one line, exit 2
+    from njtc_solve.cli import run_cli
+
+    raise SystemExit(run_cli(lambda argv: main()))

@@ -70,5 +70,7 @@ def main() -> None:
          "repeats": args.repeats, "threads": args.threads, "rows": rows}, indent=1))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a missing default model or bad input: one line, exit 2
+    from njtc_solve.cli import run_cli
+
+    raise SystemExit(run_cli(lambda argv: main()))

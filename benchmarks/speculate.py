@@ -295,5 +295,7 @@ def markdown(record: dict, table) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # a missing default model or bad input: one line, exit 2
+    from njtc_solve.cli import run_cli
+
+    raise SystemExit(run_cli(lambda argv: main()))

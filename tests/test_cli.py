@@ -133,7 +133,7 @@ def test_a_store_being_written_is_named_so_not_as_a_leftover_to_resume(tmp_path,
     """The output lock is taken before the output is checked: a second run is told another process
     writes the store, in flags, not that a leftover .partial wants --resume."""
     from njtc_solve.cli import extract
-    from njtc_solve.core.errors import output_lock
+    from njtc_solve.core.outputs import output_lock
 
     out = tmp_path / "a.h5"
     (tmp_path / "a.h5.partial").write_bytes(b"being written")

@@ -312,7 +312,8 @@ def test_save_pruned_replaces_only_its_own_output(tmp_path):
     with pytest.raises(NJTCError, match="exists; pass `overwrite=True`"):
         save_pruned(model, None, out, record={"run": 2})
     save_pruned(model, None, out, record={"run": 2}, overwrite=True)
-    assert json.loads((out / PRUNE_RECORD).read_text()) == {"run": 2}
+    record = json.loads((out / PRUNE_RECORD).read_text())  # the record, its format and the files written
+    assert record["run"] == 2 and record["format"] == "njtc-prune" and PRUNE_RECORD in record["written_files"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left
 
 

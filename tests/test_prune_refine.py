@@ -288,7 +288,8 @@ def test_rescoring_decides_between_close_starts(llama, corpus, monkeypatch):
         score = real(model, held, rep, **kw)
         calls.append(held.n_rows)
         if held.n_rows == 128:
-            return {**score, "kl": 1.0 + (0 if rep.name == "drop" else -0.5), "kl_per_sequence": [0.5] * 4}
+            return {**score, "kl": 1.0 + (0 if rep.name == "drop" else -0.5),
+                    "kl_by_document": [0.5] * len(score["kl_by_document"])}
         return {**score, "kl": 0.1 if rep.start == 2 else 0.2}
 
     monkeypatch.setattr(selection, "score_replacement", rigged)
@@ -327,6 +328,8 @@ def test_prune_command_refines(tiny_models, tmp_path, capsys):
     assert run_cli(main, argv) == 0
     printed = capsys.readouterr().out
     assert "refined lsq" in printed and "held-out KL" in printed, printed
+    assert "tokens of" in printed and "that neither chose nor trained the map" in printed, printed
+    assert "(optimistic)" in printed
     record = json.loads((out / PRUNE_RECORD).read_text())
     assert record["refine"]["steps"] > 0 and record["refine"]["held_out_best"]["kl"] <= \
         record["refine"]["held_out_start"]["kl"]

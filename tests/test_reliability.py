@@ -18,7 +18,8 @@ import pytest
 from conftest import ROOT, run_module
 from test_extract import _kill_once_past, _one_line_exit_2
 
-from njtc_solve.core.errors import NJTCError, output_lock
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.outputs import output_lock
 from njtc_solve.solve.fit import fit_shortcuts
 from njtc_solve.data.store import ActivationStore
 
@@ -269,7 +270,7 @@ def test_an_interruption_while_the_store_is_created_leaves_nothing(tiny_models, 
 
 
 def test_a_multi_line_hdf5_write_error_is_reported_on_one_line():
-    from njtc_solve.core.errors import write_failure as _write_failure
+    from njtc_solve.core.outputs import write_failure as _write_failure
 
     err = OSError("Can't synchronously write data (file write failed: time = now\n, filename = 'a.h5', "
                   "file descriptor = 4, errno = 28, error message = 'No space left on device', buf = 0x1)")

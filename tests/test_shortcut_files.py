@@ -17,7 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from test_extract import _one_line_exit_2
 
-from njtc_solve.core.errors import NJTCError, atomic_output
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.outputs import atomic_output
 from njtc_solve.solve.fit import fit_shortcuts
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.data.store import ActivationStore

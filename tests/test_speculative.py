@@ -304,7 +304,7 @@ def test_command_refuses_another_models_maps_and_generates(tiny_models, tmp_path
     folder = str(tiny_models["llama"])  # 3 blocks
     maps = _maps_file(tmp_path, target=3)
     code = run_generate(["--model", folder, "--prompt", "hello", "--exit-layer", "1", "--shortcuts", maps,
-                         "--no-progress"])
+                         "--max-new-tokens", "6", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "were fitted on another model" in err and len(err.strip().splitlines()) == 1
     proc = run_module("njtc_solve.generate", "--model", folder, "--prompt", "The", "--exit-layer", "2",

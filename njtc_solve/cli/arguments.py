@@ -190,7 +190,10 @@ def parse_alpha(text: str) -> float | str:
 
 def command_inputs(args, *names, defaults: dict | None = None) -> list[tuple[str, Path]]:
     """``(flag, path)`` for each input argument ``names`` of parsed ``args`` that is set (a list
-    argument gives one pair per element); ``defaults`` gives the path an unset one stands for."""
+    argument gives one pair per element; a corpus is the file or folder it reads, without a
+    ``[:N]`` slice); ``defaults`` gives the path an unset one stands for."""
+    from njtc_solve.data.corpus import corpus_path
+
     pairs = []
     for name in names:
         value = getattr(args, name, None)
@@ -199,7 +202,7 @@ def command_inputs(args, *names, defaults: dict | None = None) -> list[tuple[str
         flag = "--" + name.replace("_", "-")
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if item is not None and str(item) not in ("", "default", "pydoc_data.topics"):
-                pairs.append((flag, Path(item)))
+                pairs.append((flag, corpus_path(item) if name == "corpus" else Path(item)))
     return pairs
 
 

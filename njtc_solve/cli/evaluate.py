@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from njtc_solve.eval import evaluate as library
-from njtc_solve.core.errors import NJTCError, temporary_path
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.outputs import temporary_path
 from njtc_solve.cli import command, flags_of, prog, run_cli, translate
 from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, jacobian_lens_inputs,
                                       parse_layers, plan_settings, rows_from_args)
@@ -63,7 +64,8 @@ def _check_arguments(args, files: list[str]) -> Path:
                          "store": None if args.model is not None else "activations.h5"})
                      + [("--shortcuts", f) for f in files] + lens_files,
                      replaced_folders=[("--out", temporary_path(out.resolve()))])
-    check_folder_output(out, "--out", library.REPORT_FILES, library._is_report, parents=True)  # write_report creates parents
+    for kind in (library.REPORT_KIND, library.PAIRWISE_KIND):  # the writers create missing parents
+        check_folder_output(out, "--out", kind.names, kind, parents=True)
     return out
 
 
@@ -102,6 +104,10 @@ def main(args) -> int:
     for path in args.jacobian_lens:
         read_jacobian_lens(path)
     if args.layers is not None and any(sc.stats.get("n_layers", sc.target_layer) != sc.target_layer for sc in loaded):
+        from njtc_solve.maps.compatibility import check_compatible
+
+        for sc in loaded:  # a damaged record is the file's problem, said first
+            check_compatible(sc, target="any", head=False)
         raise NJTCError("--layers applies to maps to the last layer; maps to other layers are evaluated whole")
     provenance = next((sc.provenance for sc in loaded if sc.provenance), None)  # the held-out documents
     if args.model is not None:

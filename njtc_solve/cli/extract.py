@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from njtc_solve.data import extract as library
-from njtc_solve.core.errors import NJTCError, output_lock, temporary_path
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.outputs import output_lock, temporary_path
 from njtc_solve.data.store import StoreWriter
 from njtc_solve.cli import command, prog, run_cli
 from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, load_model_from_args, parse_layers, plan_settings

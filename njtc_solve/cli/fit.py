@@ -246,7 +246,7 @@ def _write_table(path, shortcuts) -> None:
     each layer (row: the map's own layer, column: the layer it is applied to) and the chosen map."""
     import json
 
-    from njtc_solve.core.errors import atomic_output
+    from njtc_solve.core.outputs import atomic_output
 
     ranks = {}
     for sc in shortcuts:

@@ -68,10 +68,29 @@ def check_arguments(args):
     if not text.strip():
         raise NJTCError(f"{where} is empty")
     _, n_blocks, config = read_model_config(args.model)  # the configuration only: no weight is read
+    limit = _context(args.model, config)
+    if limit is not None and args.max_new_tokens >= limit:
+        raise NJTCError(f"--max-new-tokens {args.max_new_tokens} reaches past the model's context of {limit} tokens "
+                        "(the prompt takes at least one)")
     shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)
     spec.check_model(n_blocks, getattr(config, "hidden_size", None) if config is not None else None, shortcuts,
                      where=args.shortcuts)
     return text, spec.draft_tokens, shortcuts, n_blocks
+
+
+def _context(model, config) -> int | None:
+    """The model's context length from its configuration, or a GGUF file's metadata; no weight is read."""
+    from pathlib import Path
+
+    from njtc_solve.core.models import context_length, default_model_path, gguf_reader
+
+    if config is not None:
+        return context_length(config)
+    path = default_model_path() if model in (None, "default") else Path(model)
+    reader = gguf_reader(path)
+    arch = reader.fields["general.architecture"]
+    found = reader.fields.get(f"{bytes(arch.parts[arch.data[0]]).decode()}.context_length")
+    return None if found is None else int(found.parts[found.data[0]][0])
 
 
 @command(build_parser)

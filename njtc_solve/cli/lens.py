@@ -87,7 +87,7 @@ def _check_arguments(args):
         lens_files += jacobian_lens_inputs(args.jacobian_lens)
         check_not_inputs([("--out", out / name) for name in library.LENS_FILES],
                          command_inputs(args, "model", "shortcuts", "prompt_file") + lens_files)
-        check_folder_output(out, "--out", library.LENS_FILES, library._is_lens_output)
+        check_folder_output(out, "--out", library.LENS_FILES, library.LENS_KIND)
     seen = set()
     for path in args.shortcuts or []:
         if Path(path).resolve() in seen:

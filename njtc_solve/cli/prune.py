@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.cli import command, figure, prog, run_cli
-from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, load_model_from_args, plan_settings
+from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, load_model_from_args,
+                                      plan_settings)
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -121,20 +121,18 @@ def _check(args, settings):
                rescore_tokens=args.rescore_tokens, val_fraction=settings["val_fraction"], refine=refine)
     if args.batch_size < 1:
         raise NJTCError("--batch-size must be positive")
-    corpus = Path(args.corpus) if args.corpus and Path(args.corpus).exists() else None
-    model_path = args.model if args.model not in (None, "default") else None
-    inputs = [model_path, corpus, args.stats]
-    check_output_folder(args.out, overwrite=args.overwrite, inputs=inputs)
+    from njtc_solve.core.outputs import check_not_inputs
+
+    inputs = command_inputs(args, "model", "corpus", "stats")
+    check_output_folder(args.out, overwrite=args.overwrite, inputs=[path for _, path in inputs])
+    check_not_inputs([("--out", args.out), ("--save-stats", args.save_stats)], inputs)
     if args.save_stats:
-        from njtc_solve.core.outputs import check_file_output, same_file
+        from njtc_solve.core.outputs import check_file_output
         from njtc_solve.prune.folding import STATS_FORMAT
 
         path = check_file_output(args.save_stats, "--save-stats", [STATS_FORMAT], "a block statistics file")
         if path.exists() and not args.overwrite:
             raise NJTCError(f"--save-stats {path} exists; pass --overwrite to replace it")
-        for other in (model_path, corpus):
-            if other is not None and (same_file(path, other) or Path(other).resolve() in path.resolve().parents):
-                raise NJTCError(f"--save-stats {path} is an input ({other}); choose another file")
         for k in stats_remove:
             if k < 1:
                 raise NJTCError(f"--stats-remove must list positive numbers of blocks, not {args.stats_remove!r}")
@@ -198,6 +196,7 @@ def main(args) -> int:
             print(f"{c['start']:>5}  {c['name']:<24} {c['kl']:8.4f} {figure(c['kl_se'], '7.4f')} {c['top1']:6.3f} "
                   f"{c['ppl']:9.3f}")
     print(f"full model: perplexity {result.full['ppl']:.3f} on {result.record['plan']['score_rows']} held-out tokens "
+          f"of {result.record['plan']['score_documents']} documents (± se clustered by document) "
           "(the tokens that chose among the candidates, so the chosen one's figures are optimistic; "
           "benchmarks/vs_replaceme.py measures on tokens no choice saw)")
     if args.auto:
@@ -217,8 +216,14 @@ def main(args) -> int:
     if result.refine is not None:
         r = result.refine
         verdict = "kept" if r["improved"] else "not better than its start: wrote the closed-form map"
+        fresh = r["held_out_fresh"]
+        honest = ("no held-out tokens were left to measure it on fresh tokens" if fresh is None else
+                  f"held-out KL {fresh['start']['kl']:.4f} -> {fresh['best']['kl']:.4f} (se "
+                  f"{fresh['best']['kl_se']:.4f}) on {fresh['tokens']} tokens of {fresh['documents']} documents "
+                  "that neither chose nor trained the map")
         print(f"refined {r['from']} by KL: {r['steps']} steps in {r['train_seconds']:.1f}s training "
-              f"(+{r['check_seconds']:.1f}s checks, {r['stopped']}), held-out KL {r['held_out_start']['kl']:.4f} -> "
+              f"(+{r['check_seconds']:.1f}s checks, {r['stopped']}), {honest}; on the scoring tokens, which chose "
+              f"the fold and stopped the training (optimistic): {r['held_out_start']['kl']:.4f} -> "
               f"{r['held_out_best']['kl']:.4f}; {verdict}")
     if chosen.name == "drop":
         print(f"no fitted map beat dropping at start {chosen.start} (best fitted: {fitted['name']}, KL "

@@ -186,13 +186,16 @@ def load_tokenizer(name: str | None = None, *, trust_remote_code: bool = False):
 
 
 def check_device(device) -> None:
-    """Refuse a CUDA device where there is none, in one line, before any long work."""
+    """Refuse a device that holds no data (``meta``) or a CUDA device where there is none, in one line,
+    before any long work."""
     if device is None:
         return
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise NJTCError(f"`device` {device!r} is not a device (cpu, cuda or cuda:N)") from None
+    if parsed.type == "meta":
+        raise NJTCError(f"`device` {device} holds no data (shapes only); use cpu or cuda")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise NJTCError(f"`device` {device} was asked for but CUDA is not available")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():

@@ -1,17 +1,26 @@
-"""Output paths checked before the work: writable, never an input, never a file the project did not write.
+"""The one I/O module: atomic files and folders, the marks by which a folder is known as this
+project's, output locks, output checks made before the work, and checked safetensors reading.
 
-Every command calls these on its outputs before it loads a model or reads a row, so a bad
+Every command calls the checks on its outputs before it loads a model or reads a row, so a bad
 ``--out`` costs nothing and destroys nothing; library functions that write files call them too.
 Each output and input carries a label that names it in the message: the parameter in backticks
 from library code (``"`save_stats`"``), the flag from a command (``"--out"``):
 
-- :func:`check_not_inputs`: no output (nor its ``.partial`` or ``.lock`` file beside it, nor a
-  folder that would be replaced) is one of the command's inputs, comparing resolved paths
-  and inodes (a hard link or a symbolic link to an input is that input);
+- :func:`check_not_inputs`: no output (nor its ``.partial`` or ``.lock`` file beside it) is one
+  of the command's inputs or another output, comparing resolved paths and inodes (a hard link
+  or a symbolic link to an input is that input), and no output lies inside an input's folder
+  (a dataset's or a model's);
 - :func:`check_file_output`: an output file may replace only a file of the same kind that
   this project wrote (recognised by its ``format`` metadata);
 - :func:`check_folder_output`: an output folder is writable, and the files the command would
-  put there replace only files this project wrote (recognised by a marker file).
+  put there replace only files this project wrote there (a :class:`FolderKind`'s marker).
+
+Writing: :func:`atomic_output` (a file: ``PATH.partial``, then a rename), :func:`atomic_folder`
+(a folder: a temporary sibling, then a swap), :func:`output_lock` (``PATH.lock``, through
+``filelock``). The rule for an output folder: what this project did not write is never
+replaced nor removed, ``overwrite`` or not. A file the command would write whose name is taken
+by such a file is refused; the user's other files in a folder this project wrote (notes, a
+statistics file) stay where they are when the folder is written again.
 
 Examples
 --------
@@ -38,13 +47,35 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
+from collections.abc import Callable
 
-from njtc_solve.core.errors import NJTCError, temporary_path
+from njtc_solve.core.errors import NJTCError
 
-__all__ = ["check_file_output", "check_folder_output", "check_not_inputs", "check_writable",
-           "file_format", "same_file"]
+__all__ = ["WRITTEN_FILES", "FolderKind", "atomic_folder", "atomic_output", "check_file_output",
+           "check_finite", "check_folder_output", "check_not_inputs", "check_writable", "file_format",
+           "is_locked", "lock_path", "output_lock", "read_safetensors", "same_file", "temporary_path",
+           "write_failure"]
+
+WRITTEN_FILES = "written_files"  # the marker's list of the entries this project wrote into a folder
+
+
+def temporary_path(path) -> Path:
+    """Name of the file that is written before it is renamed to ``path``: ``PATH.partial``."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def lock_path(path) -> Path:
+    """Name of the lock file held while ``path`` is written: ``PATH.lock``."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
 
 
 
@@ -80,23 +111,28 @@ def check_not_inputs(outputs, inputs, replaced_folders=()) -> None:
     inputs : iterable of (label, path)
         What the command reads (``None`` paths are skipped), labelled alike.
     replaced_folders : iterable of (label, path)
-        Folders the command deletes or replaces as a whole (a report's temporary folder):
-        no input may lie inside one.
+        Folders the command deletes or replaces as a whole (a temporary folder): no input may
+        lie inside one.
 
     Raises
     ------
     NJTCError
-        ``--out X is --stats Y: an output never replaces an input; choose another --out``.
+        ``--out X is --stats Y: an output never replaces an input; choose another --out``, or
+        ``--out X is inside --corpus D: an output never goes into an input's folder; ...``.
     """
     outs = [(label, Path(p)) for label, p in outputs if p is not None]
     ins = [(label, Path(p)) for label, p in inputs if p is not None]
     for i, (label, out) in enumerate(outs):
         for other, path in ins + outs[:i]:
-            for written in (out, temporary_path(out), out.with_name(out.name + ".lock")):
+            for written in (out, temporary_path(out), lock_path(out)):
                 if same_file(written, path):
                     what = "an output never replaces an input" if (other, path) in ins else "two outputs are one file"
                     via = "" if written == out else f" (written through {written.name})"
                     raise NJTCError(f"{label} {out}{via} is {other} {path}: {what}; choose another {label}")
+        for other, path in ins:
+            if path.is_dir() and _inside(out, path):
+                raise NJTCError(f"{label} {out} is inside {other} {path}: an output never goes into an input's "
+                                f"folder; choose another {label}")
     for label, folder in replaced_folders:
         for other, path in ins:
             if _inside(path, folder):
@@ -183,10 +219,10 @@ def check_file_output(path, label: str, formats, what: str, overwrite: bool = Fa
     return path
 
 
-def check_folder_output(folder, label: str, names, is_own, overwrite: bool = False,
-                        advice: str = "", parents: bool = False) -> Path:
-    """Refuse an output folder that cannot be written, or whose files the command would replace
-    though this project did not write them.
+def check_folder_output(folder, label: str, names, kind: FolderKind, advice: str = "",
+                        parents: bool = False) -> Path:
+    """Refuse an output folder that cannot be written, or where the command would replace a file
+    this project did not write (``overwrite`` or not: such a file is never replaced).
 
     Parameters
     ----------
@@ -195,13 +231,12 @@ def check_folder_output(folder, label: str, names, is_own, overwrite: bool = Fal
     label : str
         How the caller names it: ``"--out"`` (a command's flag) or ``"`out`"`` (a parameter).
     names : iterable of str
-        The files the command writes into it.
-    is_own : callable
-        ``is_own(folder) -> bool``: the folder holds this project's output (its marker file).
-    overwrite : bool
-        Replace foreign files anyway.
+        The files the command writes into it (``fnmatch`` patterns where the names vary, as a
+        checkpoint's shards).
+    kind : FolderKind
+        What the folder holds when this project wrote it (its marker).
     advice : str
-        The end of the refusal (default: choose another folder).
+        The end of the refusal (default: move the file away or choose another folder).
     parents : bool
         The command creates missing parent folders too: the nearest existing one must be writable.
     """
@@ -214,9 +249,318 @@ def check_folder_output(folder, label: str, names, is_own, overwrite: bool = Fal
     if base.exists() and not base.is_dir():
         raise NJTCError(f"cannot write {folder}: {base} is not a folder")
     check_writable(base, folder)
-    if folder.is_dir() and not overwrite:
-        clashing = [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
-        if clashing and not is_own(folder):
-            raise NJTCError(f"{label} {folder} holds {clashing[0]}, which this project did not write; "
-                            f"{advice or f'choose another {label}'}")
+    if folder.is_dir():
+        foreign = kind.foreign(folder, names)
+        if foreign and not kind.shared and not kind.is_own(folder):
+            raise NJTCError(f"{label} {folder} holds files this project did not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); {advice or f'choose another {label}'}")
+        if foreign:
+            raise NJTCError(f"{label} {folder} holds {foreign[0]}, which this project did not write and never "
+                            f"replaces; {advice or f'move it away or choose another {label}'}")
     return folder
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """One kind of output folder, and how a later run knows it as this project's.
+
+    Attributes
+    ----------
+    what : str
+        What such a folder holds, for messages (``"a tuned lens"``).
+    marker : str
+        The JSON file, written into the folder with the rest, that marks it as this project's.
+    recognise : callable
+        ``recognise(content) -> bool``: whether the marker's JSON content is this kind's.
+    names : tuple of str
+        The files the writer puts there (``fnmatch`` patterns where they vary); a marker that
+        lists no :data:`WRITTEN_FILES` (written before the list was kept) stands for these.
+    shared : bool
+        The folder may be one the user keeps other things in (``runs/``, ``.``): written into
+        when it exists unmarked. Otherwise (a checkpoint, saved maps) an existing folder must
+        be empty or this kind's.
+    lists_files : bool
+        :func:`atomic_folder` records the entries written in the marker (:data:`WRITTEN_FILES`).
+    """
+
+    what: str
+    marker: str
+    recognise: Callable
+    names: tuple = ()
+    shared: bool = False
+    lists_files: bool = True
+
+    def marker_content(self, folder) -> dict | None:
+        """The marker's JSON content when ``folder`` is this kind's, else ``None``."""
+        try:
+            content = json.loads((Path(folder) / self.marker).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return content if isinstance(content, dict) and self.recognise(content) else None
+
+    def is_own(self, folder) -> bool:
+        """Whether ``folder`` carries this kind's marker."""
+        return self.marker_content(folder) is not None
+
+    def owned(self, folder) -> set[str]:
+        """Names of the entries of ``folder`` this project wrote there (empty where it is not this kind's)."""
+        folder = Path(folder)
+        content = self.marker_content(folder)
+        if content is None:
+            return set()
+        entries = {p.name for p in folder.iterdir()}
+        listed = content.get(WRITTEN_FILES)
+        if isinstance(listed, list):
+            return entries & ({str(n) for n in listed} | {self.marker})
+        return {n for n in entries if n == self.marker or any(fnmatch(n, pattern) for pattern in self.names)}
+
+    def foreign(self, folder, names=None) -> list[str]:
+        """Entries of ``folder`` this project did not write that a write of ``names`` (default: this
+        kind's) would replace, sorted; for a folder that is not ``shared``, every entry of an
+        unmarked, non-empty folder."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            return []
+        entries = sorted(p.name for p in folder.iterdir())
+        own = self.owned(folder)
+        if not self.shared and not self.is_own(folder):
+            return entries
+        patterns = tuple(self.names if names is None else names) + (self.marker,)
+        return [n for n in entries if n not in own and any(fnmatch(n, pattern) for pattern in patterns)]
+
+
+def _mark(tmp: Path, kind: FolderKind, written) -> None:
+    """Record ``written`` in the marker inside ``tmp`` (atomically)."""
+    content = json.loads((tmp / kind.marker).read_text(encoding="utf-8"))
+    content[WRITTEN_FILES] = sorted(written)
+    with atomic_output(tmp / kind.marker) as part:
+        part.write_text(json.dumps(content, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+@contextmanager
+def atomic_folder(out, kind: FolderKind, *, label: str = "`out`", parents: bool = False):
+    """Yield a temporary sibling folder to write an output folder into; swap it in when the block succeeds.
+
+    The one contract for output folders: the files are written under ``.OUT.partial-PID``
+    beside ``out``, then swapped in: a new ``out``, or a wholly-ours one of a kind that is not
+    ``shared``, is replaced by one rename (the old one set aside until the new one is in place);
+    any other ``out`` (a shared folder such as ``runs/`` or ``.``, or one that also holds files
+    this project did not write: notes, a statistics file) gets the new files by one rename each,
+    the marker first, and keeps the user's files; files this
+    project wrote there before and did not write this time are removed. On any failure ``out``
+    is left as it was and the temporary folder removed; a failure to write is a one-line
+    :class:`NJTCError`. The writer must put ``kind.marker`` into the folder. ``parents``: create
+    ``out``'s missing parent folders.
+
+    Raises
+    ------
+    NJTCError
+        ``out`` (re-checked at the swap) holds a file this project did not write under a name
+        it would write, or ``out`` cannot be written.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if parents:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        yield tmp
+        written = {p.name for p in tmp.iterdir()}
+        if kind.marker not in written or not kind.recognise(json.loads((tmp / kind.marker).read_text("utf-8"))):
+            raise RuntimeError(f"the writer of {kind.what} put no marker {kind.marker} into {tmp}")
+        if kind.lists_files:
+            _mark(tmp, kind, written)
+        _swap(tmp, out, kind, written, label)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        raise NJTCError(f"cannot write {out}: {reason}") from err
+
+
+def _swap(tmp: Path, out: Path, kind: FolderKind, written: set, label: str) -> None:
+    """Put the entries of ``tmp`` into ``out`` (see :func:`atomic_folder`)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    check_folder_output(out, label, sorted(written), kind)  # again: the folder may have changed since
+    before = {p.name for p in out.iterdir()}
+    own = kind.owned(out)
+    if before <= own and not kind.shared:  # nothing of the user's inside: one rename (never a shared folder, `.`)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    stale = own - written - {kind.marker}
+    if kind.lists_files:  # a failure part way leaves every file of ours marked as ours
+        _mark(tmp, kind, written | stale)
+    for name in [kind.marker] + sorted(written - {kind.marker}):
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    for name in stale:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+    if kind.lists_files:
+        content = json.loads((out / kind.marker).read_text(encoding="utf-8"))
+        content[WRITTEN_FILES] = sorted(written)
+        with atomic_output(out / kind.marker) as part:
+            part.write_text(json.dumps(content, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.rmdir()
+
+
+@contextmanager
+def output_lock(path):
+    """Hold an exclusive lock on writing ``path`` for the block (``PATH.lock``, through ``filelock``).
+
+    A second holder (another process, or another open of the lock in this one) is refused at
+    once with a one-line :class:`NJTCError`; the lock is released, and its file removed, on
+    every path out.
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    lock = FileLock(lock_path(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise NJTCError(f"{path} is being written by another process (it holds {lock_path(path).name}); "
+                        "wait for it to finish or choose another `out`") from None
+    except OSError as err:
+        raise NJTCError(f"cannot write {path}: {err.strerror or err}") from err
+    try:
+        yield
+    finally:  # the file goes while still held (a peer that opened it then finds it unlinked and retries)
+        lock_path(path).unlink(missing_ok=True)
+        lock.release()
+
+
+def is_locked(path) -> bool:
+    """Whether another holder has the output lock of ``path`` (:func:`output_lock`)."""
+    from filelock import FileLock, Timeout
+
+    if not lock_path(path).exists():
+        return False
+    try:
+        with FileLock(lock_path(path), timeout=0):
+            return False
+    except Timeout:
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def atomic_output(path, overwrite: bool = True):
+    """Yield a temporary path that replaces ``path`` only when the block succeeds.
+
+    A failure to write (an :class:`OSError`, or a safetensors error wrapping one, such as a
+    full disk) becomes the one-line :class:`NJTCError` ``cannot write PATH: reason``; on any
+    exception the temporary file is removed and ``path`` is left as it was.
+
+    Examples
+    --------
+    >>> with atomic_output("notes.txt") as tmp:
+    ...     _ = tmp.write_text("complete")
+    >>> Path("notes.txt").read_text(), tmp.exists()
+    ('complete', False)
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise NJTCError(f"{path} exists; pass `overwrite=True` to replace it")
+    if not path.parent.exists():
+        raise NJTCError(f"cannot write {path}: folder {path.parent} does not exist")
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        raise NJTCError(f"cannot write {path}: {reason}") from err
+
+
+def write_failure(err: BaseException) -> str | None:
+    """The operating system's reason, on one line, when ``err`` is a failure to write, else None.
+
+    An :class:`OSError`; HDF5's long, multi-line message naming an errno (which h5py raises as
+    OSError, ValueError or RuntimeError); or ``SafetensorError("Error while serializing: I/O
+    error: No space left on device (os error 28)")`` (older versions: ``IoError(Os { code: 28,
+    ..., message: "..." })``). Anything else is no write failure and is not disguised as one.
+    """
+    from safetensors import SafetensorError
+
+    found = re.search(r"errno = \d+, error message = '([^']+)'", str(err))
+    if found:
+        return found[1]
+    if isinstance(err, OSError):
+        return (str(err.strerror or err).strip().splitlines() or [type(err).__name__])[0]
+    if isinstance(err, SafetensorError):
+        found = re.search(r'([^:]*\(os error \d+\))|Os \{.*message: "([^"]*)"', str(err))
+        return found and (found[1] or found[2]).strip()
+    return None
+
+
+def check_finite(tensors: dict, where, dtype=None) -> None:
+    """Refuse tensors with a non-finite value, as stored in ``dtype`` (default: their own).
+
+    Parameters
+    ----------
+    tensors : dict of name to tensor
+    where : str or path
+        What holds them, for the message (a file being written or read).
+    dtype : torch.dtype, optional
+        The type they are written in: a float32 value beyond float16's range is infinite there.
+
+    Raises
+    ------
+    NJTCError
+        ``PATH: J[3] is not finite float16 (beyond its range, ±65504)``.
+    """
+    import torch
+
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        stored = tensor if dtype is None else tensor.to(dtype)
+        if not bool(torch.isfinite(stored).all()):
+            finite_before = dtype is not None and bool(torch.isfinite(tensor).all())
+            beyond = f" (beyond its range, ±{torch.finfo(dtype).max:.6g})" if finite_before else ""
+            raise NJTCError(f"{where}: {name} is not finite {str(stored.dtype).replace('torch.', '')}{beyond}")
+
+
+def read_safetensors(path, what: str, fmt: str):
+    """Read all tensors and the metadata of a safetensors file of format ``fmt``, every value finite.
+
+    A missing, unreadable or foreign file, or one holding a non-finite value, is an
+    :class:`NJTCError` naming ``what`` it should be.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NJTCError(f"{what} file {path} not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises several error types for a bad header
+        raise NJTCError(f"{path} is not a readable safetensors file") from err
+    if meta.get("format") != fmt:
+        raise NJTCError(f"{path} is not an njtc {what} file")
+    check_finite(tensors, path)
+    return tensors, meta

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from njtc_solve.core.errors import NJTCError
 
-__all__ = ["DATASET_FILES", "DEFAULT_CORPUS", "HUB_PREFIX", "corpus_sha256", "is_dataset", "load_corpus"]
+__all__ = ["DATASET_FILES", "DEFAULT_CORPUS", "HUB_PREFIX", "corpus_path", "corpus_sha256", "is_dataset",
+           "load_corpus"]
 
 DEFAULT_CORPUS = "pydoc_data.topics"
 HUB_PREFIX = "hf:"
@@ -117,6 +118,18 @@ def _local_dataset(spec: str) -> tuple[Path, slice | None] | None:
     if path.suffix in DATASET_FILES and (path.is_file() or rows is not None):
         return path, rows
     return None
+
+
+def corpus_path(spec) -> Path:
+    """The file or folder a local corpus spec reads (a dataset's ``[:N]`` slice taken off).
+
+    Examples
+    --------
+    >>> str(corpus_path("data/train.parquet[:100]")), str(corpus_path("notes.txt"))
+    ('data/train.parquet', 'notes.txt')
+    """
+    head, rows = _split_slice(str(spec))
+    return Path(head) if rows is not None else Path(spec)
 
 
 def is_dataset(spec: str) -> bool:

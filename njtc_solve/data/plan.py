@@ -140,8 +140,8 @@ class ExtractionPlan:
         n = len(self.sequence)
         return self.sequences(slice(rank * n // world, (rank + 1) * n // world))
 
-    def sequences(self, part: slice) -> ExtractionPlan:
-        """The plan of the sequences ``part`` (a slice of the row-ordered sequences)."""
+    def sequences(self, part) -> ExtractionPlan:
+        """The plan of the sequences ``part`` (a slice or an index array of the row-ordered sequences)."""
         return ExtractionPlan(self.token_ids[part], self.sequence[part], self.split[part],
                               None if self.position is None else self.position[part], self.seq_len,
                               self.document[part], self.validation_documents, self.bos)
@@ -152,6 +152,25 @@ class ExtractionPlan:
         if self.position is None:
             return np.tile(np.arange(self.seq_len), n)
         return self.position[seqs]
+
+    def spread_order(self, split: int, seed: int = 0) -> np.ndarray:
+        """Indices of the ``split``'s sequences (``TRAIN`` or ``VALIDATION``) in a seeded order that
+        visits the documents in turn.
+
+        Each sequence belongs to the document holding most of its tokens. The order takes one
+        sequence of every document (documents in a seeded random order) before a second of any,
+        and so on, so its first ``n`` sequences come from ``min(n, documents)`` documents: a
+        sample of ``n`` sequences is spread across the corpus, not cut from its first documents.
+        """
+        index = np.flatnonzero(self.split == split)
+        rng = np.random.default_rng([seed, int(split)])
+        index = index[rng.permutation(len(index))]
+        owner = [int(np.bincount(row - row.min()).argmax() + row.min()) for row in self.document[index]]
+        turn, seen = np.empty(len(index), dtype=np.int64), {}
+        for i, doc in enumerate(owner):
+            turn[i] = seen.get(doc, 0)
+            seen[doc] = turn[i] + 1
+        return index[np.argsort(turn, kind="stable")]
 
     def row_documents(self) -> np.ndarray:
         """The document of every row, in row order."""

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import queue
 import shutil
@@ -17,7 +16,8 @@ import numpy as np
 import torch
 
 from njtc_solve.data.capture import check_head
-from njtc_solve.core.errors import NJTCError, atomic_output, output_lock, temporary_path, write_failure
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.outputs import atomic_output, is_locked, output_lock, temporary_path, write_failure
 from njtc_solve.core.head import Head
 from njtc_solve.data.rows import (DEFAULT_SKIP_POSITIONS, FINAL_TOPK, SPLITS, TRAIN, VALIDATION, RowSourceBase, split_code,
                    split_provenance)
@@ -289,22 +289,11 @@ def being_written(path, err: OSError | None = None) -> bool:
 
     HDF5 refuses to open a file that a writer holds (``unable to lock file``, errno 11), and
     the commands hold ``PATH.lock`` while they write ``PATH``
-    (:func:`njtc_solve.core.errors.output_lock`).
+    (:func:`njtc_solve.core.outputs.output_lock`).
     """
     if err is not None and (isinstance(err, BlockingIOError) or "unable to lock file" in str(err)):
         return True
-    lock = Path(path).with_name(Path(path).name + ".lock")
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return is_locked(path)
 
 
 def _datasets(group):
@@ -688,7 +677,7 @@ class StoreWriter:
     @staticmethod
     @contextmanager
     def lock(out):
-        """Hold the output lock of ``out`` (:func:`njtc_solve.core.errors.output_lock`) for the block.
+        """Hold the output lock of ``out`` (:func:`njtc_solve.core.outputs.output_lock`) for the block.
 
         Another process that asks for it is refused at once; in this process, a nested hold
         of the same output (a writer inside a command's :meth:`reserve`) is the same hold.

@@ -27,7 +27,6 @@ blocks between the two layers replaced by the map (and dropped, for comparison).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
 from njtc_solve.core.metrics import Reference, hits_at_k, kl_divergence, surprisal
+from njtc_solve.core.outputs import FolderKind
 from njtc_solve.core.params import BOOLEAN, DEVICE, Interval, ListOf, check_spec
 from njtc_solve.data.rows import RowSource
 from njtc_solve.maps.shortcuts import Shortcuts
@@ -429,14 +429,13 @@ REPORT_FILES = ("results.json", "results.csv", "report.md", "precision_at_1.png"
                 "rank_sweep.png", "pairwise.json", "pairwise.md")
 
 
+REPORT_KIND = FolderKind("a report", "results.json", lambda c: {"meta", "records", "early_exit"} <= set(c),
+                         REPORT_FILES[:-2], shared=True, lists_files=False)
+PAIRWISE_KIND = FolderKind("a pairwise report", "pairwise.json", lambda c: {"meta", "records"} <= set(c),
+                           ("pairwise.json", "pairwise.md"), shared=True, lists_files=False)
+
+
 def _is_report(folder: Path) -> bool:
     """Whether ``folder`` holds a report this project wrote (its ``results.json`` or ``pairwise.json``)."""
-    for marker, keys in (("results.json", {"meta", "records", "early_exit"}), ("pairwise.json", {"meta", "records"})):
-        try:
-            data = json.loads((folder / marker).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and keys <= set(data):
-            return True
-    return False
+    return REPORT_KIND.is_own(folder) or PAIRWISE_KIND.is_own(folder)
 

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from njtc_solve.core.errors import NJTCError, atomic_output
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.outputs import atomic_folder
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.data.store import VALIDATION, opened
 
@@ -215,8 +216,9 @@ def write_pairwise_report(result: PairwiseResult, out) -> tuple[dict, str]:
 
     Returns ``(paths, summary)``: the files written and the table as text.
     """
+    from njtc_solve.eval.evaluate import PAIRWISE_KIND
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     skip = any("skip_kl" in r for r in result.records)
     head = "| method | source | target | rel. error | R² | identity R² |" + (
         " skip KL | skip top-1 | drop KL | drop top-1 |" if skip else "")
@@ -228,10 +230,8 @@ def write_pairwise_report(result: PairwiseResult, out) -> tuple[dict, str]:
             row += f" {r['skip_kl']:.4f} | {r['skip_top1']:.3f} | {r['drop_kl']:.4f} | {r['drop_top1']:.3f} |"
         lines.append(row)
     summary = "\n".join(lines)
-    paths = {"json": out / "pairwise.json", "md": out / "pairwise.md"}
-    with atomic_output(paths["json"]) as tmp:
-        Path(tmp).write_text(json.dumps({"meta": result.meta, "records": result.records}, indent=1))
-    with atomic_output(paths["md"]) as tmp:
-        Path(tmp).write_text(f"# Pairwise maps (held-out rows: {result.meta.get('validation_rows')})\n\n"
-                             + summary + "\n")
-    return paths, summary
+    with atomic_folder(out, PAIRWISE_KIND, parents=True) as tmp:
+        (tmp / "pairwise.json").write_text(json.dumps({"meta": result.meta, "records": result.records}, indent=1))
+        (tmp / "pairwise.md").write_text(f"# Pairwise maps (held-out rows: {result.meta.get('validation_rows')})\n\n"
+                                         + summary + "\n")
+    return {"json": out / "pairwise.json", "md": out / "pairwise.md"}, summary

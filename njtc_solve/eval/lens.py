@@ -35,7 +35,8 @@ from torch import nn
 from njtc_solve.core.decoder import Decoder
 from njtc_solve.data.capture import capture_residual_stream
 from njtc_solve.maps.compatibility import check_compatible
-from njtc_solve.core.errors import NJTCError, atomic_output
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.outputs import FolderKind, atomic_folder, atomic_output
 from njtc_solve.core.head import Head
 from njtc_solve.core.metrics import Reference, kl_divergence
 from njtc_solve.core.params import DEVICE, Interval, Options, check_spec
@@ -484,13 +485,13 @@ def plot_trajectory(traj: Trajectory, *, prompt: int = 0, color: str = "kl", max
 LENS_FILES = ("trajectory.png", "trajectory.json", "trajectory.csv", "lens.html")  # what --out receives
 
 
+LENS_KIND = FolderKind("a lens output", "trajectory.json", lambda c: {"meta", "records"} <= set(c), LENS_FILES,
+                       shared=True, lists_files=False)
+
+
 def _is_lens_output(folder: Path) -> bool:
     """Whether ``folder`` holds a lens output this project wrote (its ``trajectory.json``)."""
-    try:
-        data = json.loads((folder / "trajectory.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and {"meta", "records"} <= set(data)
+    return LENS_KIND.is_own(folder)
 
 
 
@@ -498,28 +499,25 @@ def write_trajectory(traj: Trajectory, out, *, meta: dict | None = None, color: 
                      max_positions: int = 24) -> dict[str, Path]:
     """Write a trajectory's figure, JSON, CSV and interactive page (:data:`LENS_FILES`) into the folder ``out``.
 
-    ``trajectory.json`` holds ``meta`` beside the records and is written first: it is the
-    marker by which a later run knows the folder is this project's. Each file is written under
-    a temporary name and renamed, so none is ever half-written. Returns the paths by kind.
+    ``trajectory.json`` holds ``meta`` beside the records: it is the marker by which a later
+    run knows the folder is this project's. The files are written into a temporary sibling
+    folder and swapped in (:func:`~njtc_solve.core.outputs.atomic_folder`), so none is ever
+    half-written. Returns the paths by kind.
     """
     out = Path(out)
-    out.mkdir(exist_ok=True)
     records = traj.records()
-    paths = {"json": out / "trajectory.json", "png": out / "trajectory.png", "csv": out / "trajectory.csv",
-             "html": out / "lens.html"}
     fig = plot_trajectory(traj, color=color, max_positions=max_positions)
-    with atomic_output(paths["json"]) as tmp:
-        tmp.write_text(json.dumps({"meta": meta or {}, "records": records}, ensure_ascii=False, indent=1))
-    with atomic_output(paths["png"]) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    with atomic_output(paths["csv"]) as tmp:
-        write_csv(tmp, records)
     from njtc_solve.eval.lens_page import lens_page
 
     page = lens_page(traj, title=(meta or {}).get("title"), prompts=(meta or {}).get("prompts"), meta=meta)
-    with atomic_output(paths["html"]) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return paths
+    with atomic_folder(out, LENS_KIND) as tmp:
+        (tmp / "trajectory.json").write_text(json.dumps({"meta": meta or {}, "records": records},
+                                                        ensure_ascii=False, indent=1))
+        fig.savefig(tmp / "trajectory.png", format="png", dpi=120)
+        write_csv(tmp / "trajectory.csv", records)
+        (tmp / "lens.html").write_text(page, encoding="utf-8")
+    return {"json": out / "trajectory.json", "png": out / "trajectory.png", "csv": out / "trajectory.csv",
+            "html": out / "lens.html"}
 
 
 def merge_trajectories(trajectories: list[Trajectory], names: list[str] | None = None) -> Trajectory:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: a notebook's plotting backend stays as it is
 
-from njtc_solve.core.errors import NJTCError, atomic_output
+from njtc_solve.core.outputs import atomic_folder, atomic_output
 
 __all__ = ["write_report", "write_csv", "markdown_table", "summary_table"]
 
@@ -155,8 +153,9 @@ def write_report(result, out) -> tuple[dict, str]:
     """Write ``results.json``, ``results.csv``, ``report.md`` and PNG plots into folder ``out``.
 
     The files are written into a temporary folder beside ``out`` first and moved into ``out``
-    (created if needed; nothing else in it is touched) only once all of them are written: a
-    failure (a full disk, say) leaves ``out`` as it was.
+    (created if needed; nothing else in it is touched) only once all of them are written
+    (:func:`~njtc_solve.core.outputs.atomic_folder`): a failure (a full disk, say) leaves
+    ``out`` as it was.
 
     Returns
     -------
@@ -165,22 +164,11 @@ def write_report(result, out) -> tuple[dict, str]:
     summary : str
         The Markdown summary (Precision@1 by layer and method, early exit), also in report.md.
     """
+    from njtc_solve.eval.evaluate import REPORT_KIND
+
     out = Path(out).resolve()
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    with atomic_folder(out, REPORT_KIND, parents=True) as tmp:
         paths, summary = _write_files(result, tmp)
-        out.mkdir(parents=True, exist_ok=True)
-        for path in paths.values():  # only the report's own files are replaced
-            os.replace(path, out / path.name)
-        tmp.rmdir()
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise NJTCError(f"cannot write report folder {out}: {err.strerror or err}") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {key: out / path.name for key, path in paths.items()}, summary
 
 

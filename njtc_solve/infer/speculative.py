@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -55,15 +56,29 @@ from njtc_solve.maps.shortcuts import Shortcuts
 __all__ = ["GenerateSpec", "GenerationStats", "SpeculativeResult", "ShortcutDrafter", "check_greedy_config",
            "speculative_generate"]
 
-# generation settings under which model.generate(do_sample=False) is not the plain argmax
-_PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
-               "min_length": (None, 0), "min_new_tokens": (None, 0), "forced_bos_token_id": (None,),
-               "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
-               "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0), "exponential_decay_length_penalty":
-               (None,), "stop_strings": (None,),
-               # other decoding strategies than greedy search under do_sample=False
-               "num_beams": (None, 1), "num_beam_groups": (None, 1), "penalty_alpha": (None, 0.0),
-               "watermarking_config": (None,)}
+# decoding strategies other than greedy search under do_sample=False, and a stopping rule the drafter lacks
+# (settings that build no logits processor)
+_STRATEGIES = {"num_beams": (None, 1), "num_beam_groups": (None, 1), "penalty_alpha": (None, 0.0),
+               "stop_strings": (None,)}
+
+
+def _greedy_processors(model, config) -> list[str]:
+    """Names of the logits processors ``model.generate(do_sample=False)`` builds from ``config``
+    (transformers' own ``_get_logits_processor``, after its special tokens are prepared as generate does)."""
+    from transformers.generation import LogitsProcessorList
+
+    config = copy.deepcopy(config)
+    config.do_sample = False
+    for name, value in list(vars(config).items()):  # an empty list or dict (suppress_tokens=[]) sets nothing
+        if not name.startswith("_") and isinstance(value, (list, tuple, dict)) and len(value) == 0:
+            setattr(config, name, None)
+    model._prepare_special_tokens(config, False, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "... requires input_ids": the warnings generate itself would give
+        built = model._get_logits_processor(generation_config=config, input_ids_seq_length=1, encoder_input_ids=None,
+                                            prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(),
+                                            device="cpu", model_kwargs={})
+    return [type(p).__name__ for p in built]
 
 
 @dataclass(frozen=True)
@@ -147,22 +162,44 @@ def check_greedy_config(model) -> list[int]:
     """The model's end-of-sequence ids, once its generation config is checked to be plain greedy.
 
     ``model.generate(do_sample=False)`` applies the logits processors its generation config
-    names (a repetition penalty, a minimum length, suppressed tokens ...); speculative decoding
-    here reproduces the plain argmax only, so such a config is refused.
+    builds (a repetition penalty, classifier-free guidance, a minimum length, suppressed tokens
+    ...); speculative decoding here reproduces the plain argmax only. The rule: the processors
+    transformers builds from the config (its own ``_get_logits_processor``) must be those it
+    builds from a config that sets nothing, and the decoding strategy greedy search; anything
+    else is refused.
 
     Raises
     ------
     NJTCError
-        Naming the first setting that makes greedy decoding other than the argmax.
+        Naming the settings that make greedy decoding other than the argmax.
     """
+    from transformers import GenerationConfig
+
     config = getattr(model, "generation_config", None)
     if config is None:
         return []
-    for name, neutral in _PROCESSORS.items():
+    for name, neutral in _STRATEGIES.items():
         value = getattr(config, name, None)
         if value not in neutral and not (isinstance(value, (list, tuple, dict)) and len(value) == 0):
             raise NJTCError(f"the model's generation config sets {name}={value!r}: greedy decoding is then not the "
                             "plain argmax, which is what speculative decoding reproduces")
+    tokens = {k: getattr(config, k, None) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
+    plain = _greedy_processors(model, GenerationConfig(**tokens))
+    built = _greedy_processors(model, config)
+    if built != plain:
+        culprits = []
+        for name, value in config.to_diff_dict().items():
+            trial = GenerationConfig(**tokens)
+            try:
+                setattr(trial, name, copy.deepcopy(value))
+                if _greedy_processors(model, trial) != plain:
+                    culprits.append(f"{name}={value!r}")
+            except Exception:  # a setting that does not stand alone: named by the processors below
+                continue
+        extra = ", ".join(sorted(set(built) - set(plain)) or built)
+        raise NJTCError(f"the model's generation config sets {', '.join(culprits) or 'settings'} (model.generate "
+                        f"applies {extra}): greedy decoding is then not the plain argmax, which is what speculative "
+                        "decoding reproduces")
     eos = config.eos_token_id
     return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
@@ -402,6 +439,12 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter, max_new_
     ids = ids[None] if ids.ndim == 1 else ids
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
         raise NJTCError(f"`input_ids` must hold one non-empty prompt, (1, n); got shape {tuple(ids.shape)}")
+    from njtc_solve.core.models import context_length
+
+    limit = context_length(model.config)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise NJTCError(f"the prompt ({ids.shape[1]} tokens) and `max_new_tokens` {max_new_tokens} reach past the "
+                        f"model's context of {limit} tokens")
     eos = set(check_greedy_config(model))
     pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
     if pad is not None and int(pad) not in eos and bool((ids == int(pad)).any()):

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
-from njtc_solve.core.errors import NJTCError, temporary_path
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.outputs import FolderKind, atomic_folder, check_folder_output
 
 __all__ = ["CONFIG", "FORMAT", "PRETRAINED_FILES", "WEIGHTS", "card_text", "load_pretrained", "push_to_hub",
            "save_pretrained"]
@@ -47,13 +46,13 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the hub s
 _CARD_METRICS = ("precision@1", "precision@5", "kl", "surprisal", "r2", "mse", "n_rows")
 
 
+# a saved-maps folder: its config.json carries the format mark and lists the files written
+PRETRAINED_KIND = FolderKind("saved maps", CONFIG, lambda c: c.get("format") == FORMAT, PRETRAINED_FILES)
+
+
 def _is_own(folder: Path) -> bool:
     """Whether ``folder`` holds maps this project saved (its ``config.json`` carries the format mark)."""
-    try:
-        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("format") == FORMAT
+    return PRETRAINED_KIND.is_own(folder)
 
 
 def _metric_rows(shortcuts, metrics) -> list[dict]:
@@ -165,8 +164,9 @@ def save_pretrained(shortcuts, folder, *, model: str = "", corpus: str = "", met
     ----------
     shortcuts : Shortcuts
     folder : path
-        Created whole (its parent must exist); an existing folder is replaced only when this
-        project wrote it and ``overwrite`` is given, or when it is empty.
+        Created whole (its parent must exist); an existing folder is written again only when
+        this project wrote it and ``overwrite`` is given, or when it is empty. Files in it that
+        this project did not write (notes) are kept; a folder holding only such files is refused.
     model, corpus : str
         How the card names the model (a hub name becomes its ``base_model``) and the corpus;
         by default what the maps' provenance records.
@@ -193,43 +193,16 @@ def save_pretrained(shortcuts, folder, *, model: str = "", corpus: str = "", met
     'jtc'
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NJTCError(f"`folder` {folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not _is_own(folder):
-            raise NJTCError(f"`folder` {folder} holds files this project did not write; choose another `folder`")
-        if not overwrite:
-            raise NJTCError(f"{folder} already holds saved maps; pass `overwrite=True` to replace them")
-    if not folder.parent.is_dir():
-        raise NJTCError(f"cannot write {folder}: folder {folder.parent} does not exist")
-    if not os.access(folder.parent, os.W_OK):
-        raise NJTCError(f"cannot write {folder}: folder {folder.parent} is not writable")
+    if folder.is_dir() and _is_own(folder) and not overwrite:
+        raise NJTCError(f"{folder} already holds saved maps; pass `overwrite=True` to replace them")
+    check_folder_output(folder, "`folder`", PRETRAINED_FILES, PRETRAINED_KIND)
     provenance = shortcuts.provenance
     config = _config(shortcuts, model or str(provenance.get("model") or ""),
                      corpus or str(provenance.get("corpus") or ""), _metric_rows(shortcuts, metrics))
-    tmp = temporary_path(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_folder(folder, PRETRAINED_KIND, label="`folder`") as tmp:
         shortcuts.save(tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=str) + "\n", encoding="utf-8")
         (tmp / CARD).write_text(card_text(config), encoding="utf-8")
-        if folder.is_dir():  # ours (or empty): set aside, then replaced in one rename
-            old = temporary_path(folder.with_name(folder.name + ".old"))
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            try:
-                os.replace(tmp, folder)
-            except OSError:
-                os.replace(old, folder)  # the saved maps back where they were
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except OSError as err:
-        raise NJTCError(f"cannot write {folder}: {err.strerror or err}") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -47,9 +47,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from njtc_solve.core.errors import NJTCError, atomic_output
+from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
-from njtc_solve.core.outputs import check_folder_output
+from njtc_solve.core.outputs import FolderKind, atomic_folder, check_finite, check_folder_output
 from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
@@ -121,23 +121,23 @@ def check_exportable(shortcuts: Shortcuts) -> dict[int, torch.Tensor]:
     return jacobians(shortcuts)
 
 
+# an export folder: its njtc.json marks the files this project wrote there
+JACOBIAN_LENS_KIND = FolderKind("a Jacobian lens", SIDECAR, lambda c: c.get("format") == MARKER,
+                                JACOBIAN_LENS_FILES, shared=True)
+
+
 def _is_own_lens(folder: Path) -> bool:
     """Whether ``folder`` holds a Jacobian lens this project exported (its ``njtc.json``)."""
-    try:
-        sidecar = json.loads((Path(folder) / SIDECAR).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(sidecar, dict) and sidecar.get("format") == MARKER
+    return JACOBIAN_LENS_KIND.is_own(folder)
 
 
 def check_output_folder(out: str | Path, *, overwrite: bool = False) -> Path:
-    """Refuse an export folder that cannot be written, or whose files export would replace without
-    ``overwrite``: a lens exported before, or a ``lens.pt`` this project did not write."""
+    """Refuse an export folder that cannot be written, or whose files export would replace: without
+    ``overwrite`` a lens exported before, and never a ``lens.pt`` this project did not write."""
     out = Path(out)
     if not overwrite and (out / FILENAME).is_file() and _is_own_lens(out):
         raise NJTCError(f"{out} already holds a lens; pass `overwrite=True` to replace it")
-    return check_folder_output(out, "`out`", JACOBIAN_LENS_FILES, _is_own_lens, overwrite,
-                               advice="pass `overwrite=True` to replace it, or choose another `out`")
+    return check_folder_output(out, "`out`", JACOBIAN_LENS_FILES, JACOBIAN_LENS_KIND)
 
 
 def export_jacobian_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, model: nn.Module | None = None,
@@ -193,14 +193,14 @@ def export_jacobian_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, 
     metadata = {"target_layer": shortcuts.target_layer - 1,  # the last block, in the format's numbering
                 "estimator": f"njtc_solve:{shortcuts.method}", "njtc": ours}
     # n_prompts 0: least-squares fits over rows, not a mean over prompts
+    check_finite({f"J[{j}]": m for j, m in J.items()}, out / FILENAME, dtype)  # float16 overflows past 65504
     payload = {"J": {j: m.to(dtype) for j, m in sorted(J.items())}, "n_prompts": 0,
                "source_layers": sorted(J), "d_model": d, "metadata": metadata}
-    out.mkdir(exist_ok=True)
-    with atomic_output(out / SIDECAR) as tmp:  # first: a failure after it leaves files marked as ours
-        tmp.write_text(json.dumps({k: ours[k] for k in ("format", "method", "name", "model", "model_sha256",
-                                                          "exported_layers")}, indent=1) + "\n")
-    with atomic_output(out / FILENAME) as tmp:
-        torch.save(payload, tmp)
+    with atomic_folder(out, JACOBIAN_LENS_KIND) as tmp:
+        (tmp / SIDECAR).write_text(json.dumps({k: ours[k] for k in ("format", "method", "name", "model",
+                                                                      "model_sha256", "exported_layers")},
+                                              indent=1) + "\n")
+        torch.save(payload, tmp / FILENAME)
     return out
 
 

@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from njtc_solve.core.errors import NJTCError, atomic_output, read_safetensors
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.outputs import atomic_output, check_finite, read_safetensors
 from njtc_solve.core.head import Head
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "NORMALIZATIONS", "ONE_JUMP_MODES", "ONE_JUMP_VERSION", "ShortcutMap", "Shortcuts", "normalize_rows"]
@@ -431,6 +432,7 @@ class Shortcuts(nn.Module):
             "provenance": json.dumps(self.provenance), "head": json.dumps(self.head_description),
             "head_sha256": self.head_sha256, **({"one_jump": self.one_jump} if self.one_jump else {}),
         }
+        check_finite(tensors, path)  # float32 as written
         with atomic_output(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 

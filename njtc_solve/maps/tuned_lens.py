@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from njtc_solve.maps.compatibility import check_compatible
-from njtc_solve.core.errors import NJTCError, atomic_output
+from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
-from njtc_solve.core.outputs import check_folder_output
+from njtc_solve.core.outputs import FolderKind, atomic_folder, check_finite, check_folder_output
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
 __all__ = ["TUNED_LENS_ARCHITECTURES", "TUNED_LENS_FILES", "affine_form", "check_exportable", "check_output_folder",
@@ -147,34 +147,32 @@ def export_tuned_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, mod
               "unembed_hash": hashed, "lens_type": "linear_tuned_lens"}
     sidecar = {"format": "njtc-tuned-lens", "method": shortcuts.method, "name": shortcuts.name,
                "model_sha256": shortcuts.model_sha256, "layers": sorted(shortcuts.maps)}
-    out.mkdir(exist_ok=True)
-    with atomic_output(out / SIDECAR) as tmp:  # first: a failure after it leaves files marked as ours
-        tmp.write_text(json.dumps(sidecar, indent=1) + "\n")
-    with atomic_output(out / "params.pt") as tmp:
-        torch.save(state, tmp)
-    with atomic_output(out / "config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=1) + "\n")
+    check_finite(state, out / "params.pt")
+    with atomic_folder(out, TUNED_LENS_KIND) as tmp:
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
+        torch.save(state, tmp / "params.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return out
+
+
+# an export folder: its njtc.json marks the files this project wrote there
+TUNED_LENS_KIND = FolderKind("a tuned lens", SIDECAR, lambda c: c.get("format") == "njtc-tuned-lens",
+                             TUNED_LENS_FILES, shared=True)
 
 
 def _is_own_lens(folder: Path) -> bool:
     """Whether ``folder`` holds a lens this project exported (its ``njtc.json``)."""
-    try:
-        sidecar = json.loads((Path(folder) / SIDECAR).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(sidecar, dict) and sidecar.get("format") == "njtc-tuned-lens"
+    return TUNED_LENS_KIND.is_own(folder)
 
 
 def check_output_folder(out: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse an export folder that cannot be written, or whose files export would replace
-    without ``overwrite``: a lens exported before, or files this project did not write (a
+    without ``overwrite``, a lens exported before, or ever: files this project did not write (a
     model's ``config.json``, say)."""
     out = Path(out)
     if not overwrite and (out / "params.pt").is_file() and _is_own_lens(out):
         raise NJTCError(f"{out} already holds a lens; pass `overwrite=True` to replace it")
-    return check_folder_output(out, "`out`", TUNED_LENS_FILES, _is_own_lens, overwrite,
-                               advice="pass `overwrite=True` to replace it, or choose another `out`")
+    return check_folder_output(out, "`out`", TUNED_LENS_FILES, TUNED_LENS_KIND)
 
 
 def check_exportable(shortcuts: Shortcuts) -> dict[str, torch.Tensor]:

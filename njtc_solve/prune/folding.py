@@ -33,8 +33,6 @@ Examples
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +41,7 @@ import torch
 from njtc_solve.core.architectures import FOLDABLE, FoldSpec, check_foldable
 from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.core.outputs import check_writable
+from njtc_solve.core.outputs import FolderKind, atomic_folder, check_finite, check_folder_output, check_writable
 from njtc_solve.solve.stats import add_gram, highest_float32_matmul
 
 __all__ = ["FOLDABLE", "FoldSpec", "PRUNE_RECORD", "STATS_FORMAT", "Replacement", "ReplacementAccumulator", "ReplacementStatistics",
@@ -148,8 +146,7 @@ class ReplacementStatistics:
         """
         from safetensors.torch import save_file
 
-        from njtc_solve.core.errors import atomic_output
-        from njtc_solve.core.outputs import check_file_output
+        from njtc_solve.core.outputs import atomic_output, check_file_output
 
         path = check_file_output(path, "`path`", [STATS_FORMAT], "a block statistics file")
         if path.exists() and not overwrite:
@@ -168,9 +165,11 @@ class ReplacementStatistics:
         info = {"format": STATS_FORMAT, "format_version": "1", "d_model": str(d),
                 "pairs": json.dumps({str(s): ks for s, ks in self.pairs.items()}),
                 "weightings": json.dumps(self.weightings), "meta": json.dumps(self.meta, default=_jsonable)}
+        tensors = {k: v.detach().double().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
+                   for k, v in tensors.items()}
+        check_finite(tensors, path)
         with atomic_output(path) as tmp:
-            save_file({k: v.detach().double().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
-                       for k, v in tensors.items()}, tmp, metadata=info)
+            save_file(tensors, tmp, metadata=info)
         return path
 
     @classmethod
@@ -181,7 +180,7 @@ class ReplacementStatistics:
         count that is not positive or a value that is not finite is a one-line
         :class:`NJTCError` naming the file and the entry.
         """
-        from njtc_solve.core.errors import read_safetensors
+        from njtc_solve.core.outputs import read_safetensors
         from njtc_solve.solve.stats import checked_tensor, invalid
 
         tensors, info = read_safetensors(path, "block statistics", STATS_FORMAT)
@@ -477,38 +476,34 @@ def apply_replacement(model, replacement: Replacement, fold: FoldSpec | None = N
     remove_blocks(model, replacement.start, replacement.remove)
 
 
+# a checkpoint folder: njtc_prune.json marks it and lists the files written (the patterns stand
+# for them in a record written before the list was kept)
+CHECKPOINT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                    "pytorch_model*.bin", "config.json", "generation_config.json", "tokenizer*",
+                    "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.*", "added_tokens.json",
+                    PRUNE_RECORD)
+PRUNED_KIND = FolderKind("a pruned model", PRUNE_RECORD, lambda c: c.get("format") == "njtc-prune", CHECKPOINT_FILES)
+
+
 def save_pruned(model, tokenizer, out: str | Path, *, record: dict, overwrite: bool = False) -> Path:
     """Write a pruned model as a standard checkpoint folder, atomically, with ``njtc_prune.json``.
 
-    The folder is written under a temporary name beside ``out`` and renamed when complete.
-    An existing ``out`` is replaced only with ``overwrite`` and only when this function wrote
-    it (it holds ``njtc_prune.json``, whose content is ``record``); a failure leaves ``out`` as it was.
+    The folder is written under a temporary name beside ``out`` and swapped in when complete
+    (:func:`~njtc_solve.core.outputs.atomic_folder`). An existing ``out`` is written again only
+    with ``overwrite`` and only when this function wrote it (its ``njtc_prune.json``, whose
+    content is ``record``, its ``format`` and the list of files written); the files in it that this project did
+    not write (notes, a statistics file) are kept. A failure leaves ``out`` as it was.
     """
     out = Path(out)
     check_output_folder(out, overwrite=overwrite)
+    check_finite(dict(model.named_parameters()), out)  # in the dtype saved: a fold past float16's range
     _drop_gguf_quantizer(model)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(out, PRUNED_KIND) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / PRUNE_RECORD).write_text(json.dumps(record, indent=1, default=_jsonable))
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise NJTCError(f"cannot write {out}: {err.strerror or err}") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        (tmp / PRUNE_RECORD).write_text(json.dumps({"format": "njtc-prune", **record}, indent=1,
+                                                   default=_jsonable))
     return out
 
 
@@ -530,8 +525,9 @@ def _drop_gguf_quantizer(model) -> None:
 def check_output_folder(out, *, overwrite: bool = False, inputs=()) -> None:
     """Refuse an output folder that exists (unless ``overwrite`` and written by us) or is an input.
 
-    ``inputs`` are paths the run reads (the model, the corpus): the output may be none of them
-    nor a folder holding one.
+    ``inputs`` are paths the run reads (the model, the corpus): the output may be none of them,
+    nor a folder holding one, nor inside one. Files in ``out`` that this project did not write
+    are never replaced: a folder it did not write is refused, ``overwrite`` or not.
     """
     out = Path(out)
     check_writable(out.parent, out)
@@ -540,14 +536,15 @@ def check_output_folder(out, *, overwrite: bool = False, inputs=()) -> None:
         if path is None:
             continue
         p = Path(path).resolve()
-        if p == target or target in p.parents:
+        if p == target or target in p.parents or p in target.parents:
             raise NJTCError(f"the output {out} is an input ({path}); choose another folder")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise NJTCError(f"{out} exists; pass `overwrite=True` to replace it")
-        if not out.is_dir() or not (out / PRUNE_RECORD).is_file():
+        if not out.is_dir() or not PRUNED_KIND.is_own(out):
             raise NJTCError(f"{out} exists and is not a pruned model written by njtc_solve (no {PRUNE_RECORD}); "
                             "it is not replaced")
+        check_folder_output(out, "`out`", CHECKPOINT_FILES, PRUNED_KIND)
 
 
 def _jsonable(value):

@@ -57,8 +57,9 @@ class RefineSpec:
         Held-out KL every ``check_every`` steps; stop after ``patience`` checks with no new
         best (0: never early).
     train_tokens : int
-        Training tokens the refinement reads (the first training sequences of the plan; the
-        full model's log-probabilities over them are cached, ``tokens × vocab`` float16).
+        Training tokens the refinement reads (a seeded sample of the plan's training sequences
+        spread across documents; the full model's log-probabilities over them are cached,
+        ``tokens × vocab`` float16).
     time_budget : float, optional
         Stop once this many seconds of training have passed (checks excluded).
     seed : int

@@ -6,7 +6,8 @@ model's log-probabilities are cached (:class:`HeldOut`). A replacement of blocks
 is then scored by running only the blocks after the removed ones on the stream block ``S-1``
 writes once the map is folded in (:func:`replaced_stream`, :func:`tail_logits`): the same
 logits as the folded checkpoint, at a fraction of the cost. :func:`score_replacement` gives
-the held-out KL (with its standard error over sequences), top-1 agreement and perplexity;
+the held-out KL (with its standard error clustered by document, :func:`clustered_se`), top-1
+agreement and perplexity;
 the refinement (:mod:`njtc_solve.prune.refine`) trains through the same tail with gradients on.
 
 Imports :mod:`njtc_solve.prune.folding`, :mod:`njtc_solve.data` and :mod:`njtc_solve.core`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from njtc_solve.core.architectures import FoldSpec
@@ -26,7 +28,7 @@ from njtc_solve.core.metrics import Reference, kl_divergence
 from njtc_solve.data.capture import forward_batches
 from njtc_solve.prune.folding import WEIGHTINGS, Replacement, ReplacementAccumulator, capture_mlp_outputs
 
-__all__ = ["HeldOut", "collect_held_out", "replaced_stream", "replacement_statistics", "score_replacement",
+__all__ = ["HeldOut", "clustered_se", "collect_held_out", "replaced_stream", "replacement_statistics", "score_replacement",
            "tail_logits"]
 
 
@@ -37,18 +39,29 @@ class HeldOut:
     ``token_ids`` (n_seq, seq); ``hidden[l]`` layer ``l``'s stream and ``mlp[i]`` block
     ``i``'s MLP output, ``(n_seq, seq, d)`` float32 on the CPU, ``None`` for a layer that was
     not kept; ``logp`` the full model's log-probabilities ``(n_seq, seq, V)`` (float32, or the
-    ``logp_dtype`` it was collected in).
+    ``logp_dtype`` it was collected in); ``document`` the document of every token
+    ``(n_seq, seq)`` (``None``: each sequence counts as its own document).
     """
 
     token_ids: torch.Tensor
     hidden: list
     mlp: list
     logp: torch.Tensor
+    document: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
         """Tokens cached."""
         return self.token_ids.numel()
+
+    def clusters(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(cluster of every token, tokens per cluster)``: the documents numbered 0..G-1 in sorted order
+        (each sequence its own cluster without ``document``)."""
+        shape = tuple(self.token_ids.shape)
+        owner = (np.repeat(np.arange(shape[0]), shape[1]) if self.document is None
+                 else np.asarray(self.document).reshape(-1))
+        _, label, counts = np.unique(owner, return_inverse=True, return_counts=True)
+        return label.reshape(-1), counts
 
     def full_metrics(self) -> dict:
         """Perplexity of the full model itself on the held-out next tokens."""
@@ -113,7 +126,7 @@ def collect_held_out(model, plan, *, batch_size: int = 8, starts=None, fold: Fol
             if bar is not None:
                 bar.update(batch.tokens.numel())
     return HeldOut(torch.as_tensor(plan.token_ids), [torch.cat(t) if t else None for t in hidden],
-                   [torch.cat(t) if t else None for t in mlps], torch.cat(logps))
+                   [torch.cat(t) if t else None for t in mlps], torch.cat(logps), np.asarray(plan.document))
 
 
 def tail_logits(model, token_ids: torch.Tensor, stream: torch.Tensor, *, first_block: int,
@@ -144,17 +157,47 @@ def replaced_stream(held: HeldOut, replacement: Replacement, seqs: slice) -> tor
     return out.float()
 
 
+def clustered_se(sums, counts) -> float:
+    """Standard error of a mean over tokens whose values are correlated within clusters (documents).
+
+    Parameters
+    ----------
+    sums : array of float
+        Per cluster, the sum of its tokens' values.
+    counts : array of int
+        Per cluster, its tokens.
+
+    Returns
+    -------
+    float
+        The cluster-robust (sandwich) standard error of ``sum(sums) / sum(counts)``, with the
+        small-sample factor ``G / (G - 1)`` for ``G`` clusters: ``sqrt(G / (G-1) · Σ_g (S_g −
+        n_g·mean)²) / n``. With one token per cluster it is the usual ``std(ddof=1) / sqrt(n)``.
+        ``nan`` below two clusters. Windows of one document are not independent, so the
+        per-sequence standard error is too small when a document spans several sequences.
+    """
+    sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    groups = len(sums)
+    if groups < 2:
+        return math.nan
+    n = counts.sum()
+    residual = sums - counts * (sums.sum() / n)
+    return float(math.sqrt(groups / (groups - 1) * float((residual ** 2).sum())) / n)
+
+
 def score_replacement(model, held: HeldOut, replacement: Replacement, *, chunk_sequences: int = 4) -> dict:
     """Held-out KL(full ‖ replaced) and top-1 agreement over every position, and perplexity.
 
     Perplexity is ``exp`` of the mean negative log-likelihood of the text's next token
     (positions ``0..seq-2``). Only the blocks after the removed ones run. ``kl_per_sequence``
-    is each sequence's mean KL and ``kl_se`` the standard error of ``kl`` over sequences
-    (``nan`` with a single sequence); two replacements scored on the same sequences are
-    compared by their paired per-sequence differences (:func:`njtc_solve.prune.selection.paired_se`).
+    is each sequence's mean KL, ``kl_by_document`` each document's sum of token KLs (documents
+    in :meth:`HeldOut.clusters` order) and ``kl_se`` the standard error of ``kl`` clustered by
+    document (:func:`clustered_se`; ``nan`` with a single document); two replacements scored on
+    the same tokens are compared by their paired differences per document
+    (:func:`njtc_solve.prune.selection.paired_se`).
     """
     agree = nll = 0.0
-    per_seq = []
+    per_seq, per_token = [], []
     n_rows = n_next = 0
     first = replacement.start + replacement.remove
     for s0 in range(0, len(held.token_ids), chunk_sequences):
@@ -163,14 +206,16 @@ def score_replacement(model, held: HeldOut, replacement: Replacement, *, chunk_s
         logits = tail_logits(model, ids, replaced_stream(held, replacement, seqs), first_block=first).float().cpu()
         logp = held.logp[seqs].float()
         flat = logp.reshape(-1, logp.shape[-1])
-        rows = kl_divergence(Reference(flat, flat.exp(), None), logits.reshape(-1, logits.shape[-1]))
-        per_seq += rows.reshape(ids.shape).double().mean(1).tolist()
+        rows = kl_divergence(Reference(flat, flat.exp(), None), logits.reshape(-1, logits.shape[-1])).double()
+        per_seq += rows.reshape(ids.shape).mean(1).tolist()
+        per_token.append(rows.numpy())
         logq = torch.log_softmax(logits, -1)
         agree += float((logq.argmax(-1) == logp.argmax(-1)).sum())
         nll -= float(logq[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].double().sum())
         n_rows += ids.numel()
         n_next += ids[:, 1:].numel()
-    kl = torch.tensor(per_seq, dtype=torch.float64)
-    se = float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else math.nan
-    return {"kl": float(kl.mean()), "kl_se": se, "top1": agree / n_rows, "ppl": math.exp(nll / n_next),
-            "nll": nll / n_next, "kl_per_sequence": per_seq}
+    label, counts = held.clusters()
+    by_document = np.bincount(label, weights=np.concatenate(per_token), minlength=len(counts))
+    return {"kl": float(by_document.sum() / counts.sum()), "kl_se": clustered_se(by_document, counts),
+            "top1": agree / n_rows, "ppl": math.exp(nll / n_next), "nll": nll / n_next, "kl_per_sequence": per_seq,
+            "kl_by_document": by_document.tolist()}

@@ -1,16 +1,16 @@
 """Choosing and scoring block replacements on held-out documents: the library behind ``prune``.
 
 :func:`prune_model` runs the model once over a plan's sequences: the training sequences feed
-the replacement statistics of every candidate start (:mod:`njtc_solve.prune.folding`), the first
-validation sequences are cached (every layer's residual stream, every block's MLP output and
+the replacement statistics of every candidate start (:mod:`njtc_solve.prune.folding`), a seeded
+sample of validation sequences spread across documents is cached (every layer's residual stream, every block's MLP output and
 the full model's log-probabilities). Each candidate (plain dropping, and least squares plain,
 row-weighted and ridge, with or without an intercept) is then scored by running only the
 blocks after the removed ones on the cached stream at the cut: held-out KL of the replaced
 model to the full one, top-1 agreement, and perplexity on the text's next tokens. Per start
 the lowest KL wins, dropping included, so a replacement worse than dropping is never chosen;
 with every start (``start=None``) the start with the lowest KL wins. When the best two starts
-are within two standard errors of each other (paired over the same sequences), both are
-rescored on further held-out sequences before one is chosen. Each start is also ranked by two
+are within two standard errors of each other (paired over the same tokens, clustered by
+document), both are rescored on further held-out sequences before one is chosen. Each start is also ranked by two
 free criteria, the cosine distance of ``h_S`` and ``h_{S+K}`` (ReplaceMe, ShortGPT) and the
 fitted map's own residual on the training rows, and how well each predicts the held-out KL
 is reported (Spearman over starts). The chosen fold can then be refined by KL
@@ -40,7 +40,8 @@ from njtc_solve.prune.folding import (WEIGHTINGS, Replacement, ReplacementStatis
                                      check_output_folder, check_removal, save_pruned,
                                      solve_replacement)
 from njtc_solve.prune.refine import RefineSpec, refine_fold
-from njtc_solve.prune.scoring import HeldOut, collect_held_out, replacement_statistics, score_replacement
+from njtc_solve.prune.scoring import (HeldOut, clustered_se, collect_held_out, replacement_statistics,
+                                     score_replacement)
 
 __all__ = ["PruneResult", "PruneSpec", "candidate_replacements", "choose_replacement", "model_blocks", "paired_se",
            "prune_model", "spearman"]
@@ -275,10 +276,20 @@ def choose_replacement(model, stats, held: HeldOut, *, remove: int, starts, weig
     return maps[best], candidates, maps
 
 
-def paired_se(a, b) -> float:
-    """Standard error of ``mean(a) - mean(b)`` from paired per-sequence values (``nan`` below 2 pairs)."""
+def paired_se(a, b, counts=None) -> float:
+    """Standard error of the difference of two means over the same tokens, clustered by document.
+
+    ``a`` and ``b`` are per document the sums of the two candidates' token values
+    (``kl_by_document``) and ``counts`` the tokens per document (:meth:`HeldOut.clusters`);
+    without ``counts`` they are per-sequence means of equal-length sequences, each its own
+    cluster. ``nan`` below two documents (:func:`~njtc_solve.prune.scoring.clustered_se`).
+    """
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    return float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+    return clustered_se(diff, np.ones(len(diff)) if counts is None else counts)
+
+
+def _brief(score: dict) -> dict:
+    return {k: score[k] for k in ("kl", "kl_se", "top1", "ppl")}
 
 
 def spearman(a, b) -> float:
@@ -319,7 +330,8 @@ def _rank_starts(model, spec: PruneSpec, stats, held, candidates, maps, rescore_
     order = sorted(starts, key=lambda s: kl[s])
     if len(order) >= 2:
         a, b = order[:2]
-        se = paired_se(candidates[best[a]]["kl_per_sequence"], candidates[best[b]]["kl_per_sequence"])
+        se = paired_se(candidates[best[a]]["kl_by_document"], candidates[best[b]]["kl_by_document"],
+                       held.clusters()[1])
         gap = kl[b] - kl[a]
         rescore = {"starts": [a, b], "gap": gap, "gap_se": se, "within_noise": bool(not gap > 2 * se)}
         if rescore["within_noise"] and rescore_plan is not None:
@@ -360,8 +372,8 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
     model, tokenizer
         A causal LM of a foldable family (:data:`njtc_solve.prune.folding.FOLDABLE`) and its tokenizer.
     documents : list of str
-        The corpus; its training documents give the statistics, the first held-out
-        sequences (``score_tokens`` tokens) the scores.
+        The corpus; its training documents give the statistics, a seeded sample of held-out
+        sequences spread across documents (``score_tokens`` tokens) the scores.
     remove : int
         Number of consecutive blocks to remove (at least 1, fewer than the blocks).
     start : int, optional
@@ -384,7 +396,9 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
     refine : {"kl"} or RefineSpec, optional
         Refine the chosen fold by KL (:func:`njtc_solve.prune.refine.refine_fold`), with
         early stopping on the scoring tokens; the refined map is kept only if its held-out KL
-        is below the closed-form one's.
+        is below the closed-form one's. Both are then scored on ``score_tokens`` fresh held-out
+        tokens, which neither chose the fold nor stopped or trained the refinement
+        (``refine["held_out_fresh"]``; ``None`` where no validation sequences are left).
     spec : PruneSpec, optional
         The job's settings already checked (:meth:`PruneSpec.check`); replaces ``remove``,
         ``start``, ``weightings``, ``ridge``, ``intercept``, ``score_tokens``,
@@ -438,7 +452,9 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
     t0 = time.perf_counter()
     plan = plan_extraction(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens,
                            val_fraction=spec.val_fraction, seed=seed, bos=bos)
-    train_plan, score_plan, rescore_plan = _plans(plan, spec.score_tokens, spec.rescore_tokens)
+    train_plan, score_plan, rescore_plan, fresh_plan = _plans(  # one start given: nothing to rescore
+        plan, spec.score_tokens, spec.rescore_tokens if spec.start is None else 0, seed,
+        spec.score_tokens if spec.refine is not None else 0)
     device = next(model.parameters()).device
     if stats is not None:
         from njtc_solve.core.models import model_sha256 as weights_sha256
@@ -471,13 +487,21 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
     refined = None
     if spec.refine is not None:
         t2 = time.perf_counter()
-        n_seq = min(len(train_plan.token_ids), max(1, -(-spec.refine.train_tokens // plan.seq_len)))
-        train_cache = collect_held_out(model, train_plan.sequences(slice(0, n_seq)), batch_size=batch_size,
+        n_seq = max(1, -(-spec.refine.train_tokens // plan.seq_len))
+        sample = np.sort(plan.spread_order(TRAIN, seed)[:n_seq])  # spread across the training documents
+        train_cache = collect_held_out(model, plan.sequences(sample), batch_size=batch_size,
                                        starts=[chosen.start], fold=spec.fold, logp_dtype=torch.float16)
         result = refine_fold(model, chosen, train_cache, held, spec.refine, progress=progress)
         del train_cache
-        refined = {**result.describe(), "train_tokens": n_seq * plan.seq_len, "from": chosen.name,
-                   "total_seconds": time.perf_counter() - t2}
+        refined = {**result.describe(), "train_tokens": len(sample) * plan.seq_len, "from": chosen.name,
+                   "total_seconds": time.perf_counter() - t2, "held_out_fresh": None}
+        if fresh_plan is not None:  # tokens that neither chose the fold, nor stopped nor trained the refinement
+            fresh = collect_held_out(model, fresh_plan, batch_size=batch_size, starts=[chosen.start], fold=spec.fold)
+            refined["held_out_fresh"] = {
+                "tokens": fresh.n_rows, "documents": len(fresh.clusters()[1]),
+                "start": _brief(score_replacement(model, fresh, chosen)),
+                "best": _brief(score_replacement(model, fresh, result.replacement))}
+            del fresh
         if result.improved:
             chosen = result.replacement
             candidates.append({**chosen.describe(), **result.best})
@@ -488,22 +512,26 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
     timings["total_s"] = time.perf_counter() - t0
     record = {**spec.describe(), "n_blocks_before": spec.n_blocks, "n_blocks_after": spec.n_blocks - spec.remove,
               "plan": {**plan_record, "bos": plan.bos, "train_rows": stats.n_rows, "score_rows": held.n_rows,
+                       "score_documents": len(held.clusters()[1]),
                        "positions": "all (position 0 included)",
                        "validation_documents": plan.validation_documents.tolist()}}
     return PruneResult(chosen, candidates, held.full_metrics(), cosine, cosine_choice, record, timings, ranking,
                        refined, stats, spec)
 
 
-def _plans(plan, score_tokens: int, rescore_tokens: int):
-    """The plan's training sequences, its first validation sequences holding ``score_tokens`` tokens,
-    and the next ones holding ``rescore_tokens`` (``None`` when there are none)."""
+def _plans(plan, score_tokens: int, rescore_tokens: int, seed: int = 0, fresh_tokens: int = 0):
+    """The plan's training sequences, and three disjoint seeded samples of its validation sequences
+    spread across documents (:meth:`~njtc_solve.data.plan.ExtractionPlan.spread_order`): the scoring
+    sequences (``score_tokens``), the rescoring ones (``rescore_tokens``) and the fresh ones
+    (``fresh_tokens``) on which nothing is chosen or stopped (``None`` where none are left)."""
     train = np.flatnonzero(plan.split == TRAIN)
-    val = np.flatnonzero(plan.split == VALIDATION)
+    val = plan.spread_order(VALIDATION, seed)
     if len(train) == 0 or len(val) == 0:
         raise NJTCError("the plan has no training or no held-out sequences; raise `max_tokens` or change "
                         "`val_fraction`")
     n_score = min(len(val), max(1, -(-score_tokens // plan.seq_len)))
     n_more = min(len(val) - n_score, -(-rescore_tokens // plan.seq_len))
-    v0 = int(val[0])
-    more = plan.sequences(slice(v0 + n_score, v0 + n_score + n_more)) if n_more > 0 else None
-    return (plan.sequences(slice(int(train[0]), int(train[-1]) + 1)), plan.sequences(slice(v0, v0 + n_score)), more)
+    n_fresh = min(len(val) - n_score - n_more, -(-fresh_tokens // plan.seq_len))
+    taken = np.split(val, np.cumsum([n_score, n_more, n_fresh]))[:3]
+    score, more, fresh = (plan.sequences(np.sort(part)) if len(part) else None for part in taken)
+    return plan.sequences(slice(int(train[0]), int(train[-1]) + 1)), score, more, fresh

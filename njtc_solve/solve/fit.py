@@ -164,6 +164,9 @@ class FitSpec:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # completing a frozen instance
         set_("max_memory", check_budget(self.max_memory))
         set_("ranks", tuple(None if r is None else int(r) for r in ranks))
+        twice = sorted({r for r in self.ranks if self.ranks.count(r) > 1}, key=str)
+        if twice:
+            raise NJTCError(f"`ranks` lists {', '.join(map(str, twice))} more than once; give each rank once")
         set_("normalize", normalize)
         set_("one_jump", one_jump)
         set_("alpha", "auto" if self.alpha == "auto" else float(self.alpha))

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from njtc_solve.core.errors import NJTCError, atomic_output, read_safetensors
+from njtc_solve.core.errors import NJTCError
+from njtc_solve.core.outputs import atomic_output, read_safetensors
 from njtc_solve.maps.shortcuts import normalize_rows
 
 __all__ = ["FORMAT", "LayerMoments", "MomentAccumulator", "Statistics", "add_gram",
