@@ -329,3 +329,25 @@ def test_the_lens_reads_a_one_jump_file(tiny_models, tiny_store):
     for l in LAYERS:
         torch.testing.assert_close(lens(h, l), one(h, l), rtol=1e-5, atol=1e-5)
     assert lens.shortcuts.total_params == one.total_params  # the lens's views of the shared map count once
+
+
+def test_logit_weighted_one_jump_records_the_hidden_space_loss_like_per_layer_fits(tiny_store):
+    """A one jump's train_sse and R² are the per-layer fits' measure: ‖y - ŷ‖² over the (1/σ²-weighted) rows,
+    not the logit-weighted loss it is solved in."""
+    [one] = fit_shortcuts(tiny_store, method="njtc", ranks=[3], weight="logits", one_jump=True, float64=True,
+                          progress=False)
+    [own] = fit_shortcuts(tiny_store, method="njtc", ranks=[3], weight="logits", float64=True, progress=False)
+    train_x, train_y = _rows(tiny_store, 0)
+    w = 1.0 / ((train_y ** 2).mean(1) + 1e-6)
+    total_var = (w[:, None] * (train_y - (w[:, None] * train_y).sum(0) / w.sum()) ** 2).sum()
+
+    def direct(sc, l):  # the weights' scale (the fit divides by their mean on a chunk) cancels in both
+        pred = sc.transform_hidden(torch.as_tensor(train_x[l]), l).double().numpy()
+        return float((w[:, None] * (train_y - pred) ** 2).sum())
+
+    for l in LAYERS:
+        for sc in (own, one):  # the per-layer records already measure this; the one jump's must too
+            record, sse = sc.stats["layers"][l], direct(sc, l)
+            mse = sse / (w.sum() * train_y.shape[1])
+            assert abs(record["train_mse"] - mse) / mse < 1e-6, (sc.name, l, record["train_mse"], mse)
+            assert abs(record["r2"] - (1 - sse / total_var)) < 1e-6, (sc.name, l, record["r2"], 1 - sse / total_var)
