@@ -127,6 +127,30 @@ def test_every_target_in_passes_equals_one_pass(tiny_store):
         fit_all_targets(str(tiny_store), method="njtc", ranks=[4], progress=False, max_memory=budget - 1)
 
 
+def test_every_target_in_passes_frees_each_pass_before_the_next(tiny_store, monkeypatch):
+    """While a pass accumulates, no earlier pass's statistics are alive (the budget holds one pass)."""
+    import gc
+    import weakref
+
+    from njtc_solve.solve import pair_statistics
+
+    earlier, alive_at_start = [], []
+    accumulate = pair_statistics.accumulate_pairs
+
+    def watched(*args, **kwargs):
+        gc.collect()
+        alive_at_start.append([ref() is not None for ref in earlier])
+        pairs = accumulate(*args, **kwargs)
+        earlier.append(weakref.ref(pairs))
+        return pairs
+
+    monkeypatch.setattr(pair_statistics, "accumulate_pairs", watched)
+    budget = pair_pass_bytes([0, 1, 2], [3], D)  # one target per pass
+    fits = fit_all_targets(str(tiny_store), method="njtc", ranks=[4], progress=False, max_memory=budget)
+    assert [t for t, _ in fits] == [1, 2, 3]
+    assert alive_at_start == [[], [False], [False, False]]
+
+
 def test_save_stats_in_several_passes_is_refused(tiny_store, tmp_path):
     with pytest.raises(NJTCError, match="`save_stats` keeps every layer's statistics at once"):
         fit_shortcuts(str(tiny_store), progress=False, max_memory=THREE_PASSES, save_stats=tmp_path / "s.safetensors")

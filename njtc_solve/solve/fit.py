@@ -787,9 +787,10 @@ def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, 
                                     input_norm=_input_norm(spec), device=spec.device, chunk_rows=spec.chunk_rows,
                                     float64=spec.float64, progress=progress, skip_positions=spec.skip_positions)
 
-        pairs = statistics if store is None else accumulate(store, passes[0])
+        # each pass's statistics, held here only until its solves take them (the budget holds one pass)
+        pending = {0: statistics if store is None else accumulate(store, passes[0])}
         if store is not None and save_stats is not None:
-            pairs.save(save_stats, head)
+            pending[0].save(save_stats, head)
     decompositions = {}  # each source's input Gram is the same for every target: decomposed once
 
     def solve(stats):  # of the input normalisation checked above, finite (iter_fit_targets checks each target)
@@ -803,8 +804,8 @@ def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, 
         for i, group in enumerate(passes):
             if i > 0:
                 with opened(given) as rows:  # a store given by its path was closed after the first pass
-                    group_pairs = accumulate(rows, group)
-            yield from iter_fit_targets(pairs if i == 0 else group_pairs, targets=group, solve=solve)
+                    pending[i] = accumulate(rows, group)
+            yield from iter_fit_targets(pending.pop(i), targets=group, solve=solve)
 
     def solved():
         yield from tqdm(in_passes(), total=len(targets), desc="solve", unit="target", leave=False,
