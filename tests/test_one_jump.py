@@ -205,6 +205,17 @@ def test_cli_refuses_bad_one_jump_flags_in_one_line(tiny_store, tmp_path, capsys
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
+def test_cli_refuses_a_table_named_as_one_of_the_rank_files(tiny_store, tmp_path, capsys):
+    """Two ranks write OUT-r4 and OUT-r8: the table may be neither (nor OUT), refused before the pass."""
+    out = tmp_path / "x.safetensors"
+    for table in (tmp_path / "x-r4.safetensors", tmp_path / "x-r8.safetensors"):
+        code = fit_command.run(["--store", str(tiny_store), "--method", "njtc", "--rank", "4,8", "--one-jump",
+                                "select", "--one-jump-table", str(table), "--no-progress", "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "two outputs are one file" in err[0], err
+        assert not table.exists()
+
+
 def test_cli_select_prints_and_saves_the_table(tiny_store, tmp_path, capsys):
     code = fit_command.run(["--store", str(tiny_store), "--method", "nnjtc", "--normalize", "batch", "--rank", "4",
                             "--one-jump", "select", "--one-jump-table", str(tmp_path / "table.json"), "--no-progress",

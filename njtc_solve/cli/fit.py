@@ -171,7 +171,7 @@ def _run(args, comm) -> int:
     out = Path(args.out)
     every_target = spec.target_layer == "all"
     _check_outputs(args, out, spec.ranks, [] if every_target else None)  # all: its files once the targets are known
-    _check_table_output(args, out)
+    _check_table_output(args, out, spec.ranks)
     if args.model is not None:
         plan_settings(args)  # a bad plan (--seq-len 1, ...) is refused before the model loads
         if spec.max_memory is not None and args.stats is None:  # a budget too small, before the model loads
@@ -211,17 +211,18 @@ def _run(args, comm) -> int:
 TABLE_FORMAT = "njtc-one-jump-table"  # the ``format`` key of the --one-jump-table JSON file
 
 
-def _check_table_output(args, out: Path) -> None:
-    """``--one-jump-table`` needs ``--one-jump select`` and a file it may write, before any work."""
+def _check_table_output(args, out: Path, ranks) -> None:
+    """``--one-jump-table`` needs ``--one-jump select`` and a file it may write (no input, and none of
+    the fit's outputs: ``--out`` and every rank's file, ``--save-stats``), before any work."""
     from njtc_solve.core.outputs import check_file_output, check_not_inputs
 
     if args.one_jump_table is None:
         return
     if args.one_jump != "select":
         raise NJTCError("--one-jump-table holds the table of --one-jump select; add --one-jump select")
-    check_not_inputs([("--one-jump-table", args.one_jump_table)],
-                     [("--out", out), ("--save-stats", args.save_stats), ("--store", args.store)]
-                     + command_inputs(args, "stats", "model", "corpus"))
+    outputs = [("--out", p) for p in dict.fromkeys([out, *rank_paths(out, ranks)])]
+    check_not_inputs(outputs + [("--save-stats", args.save_stats), ("--one-jump-table", args.one_jump_table)],
+                     [("--store", args.store)] + command_inputs(args, "stats", "model", "corpus"))
     check_file_output(args.one_jump_table, "--one-jump-table", [TABLE_FORMAT], "a one-jump table")
 
 
