@@ -67,6 +67,14 @@ def test_a_bad_size_is_refused_in_one_line(bad):
         FitSpec(max_memory=bad)
 
 
+@pytest.mark.parametrize(("bad", "message"), [("1e400", "is not finite"), (float("inf"), "is not finite"),
+                                              ("1e30TB", "larger than 2**63 bytes"), (2 ** 64, "larger than 2**63")])
+def test_an_infinite_or_absurd_size_is_refused_as_such(bad, message):
+    with pytest.raises(NJTCError, match=re.escape(message)) as err:
+        parse_size(bad)
+    assert "\n" not in str(err.value)
+
+
 def test_the_budget_counts_what_the_accumulator_allocates():
     acc = MomentAccumulator([0, 4, 7])
     acc.allocate({0: D, 4: D, 7: D}, D)

@@ -34,14 +34,15 @@ __all__ = ["accumulator_bytes", "check_budget", "format_size", "free_memory", "l
 
 _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+_LARGEST = 2 ** 63  # bytes: no memory is larger; beyond it a size is a typo
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
 def parse_size(size, name: str = "max_memory") -> int:
     """Bytes of a size: a number of bytes, or text such as ``40GB`` (10⁹), ``512MiB`` (2²⁰), ``1.5TB``.
 
-    A size that is not positive, or text that is not a size, is a one-line :class:`NJTCError`
-    naming ``name``.
+    A size that is not positive, not finite or beyond ``2**63`` bytes, or text that is not a size,
+    is a one-line :class:`NJTCError` naming ``name``.
     """
     if isinstance(size, Real) and not isinstance(size, bool):
         value = float(size)
@@ -49,7 +50,11 @@ def parse_size(size, name: str = "max_memory") -> int:
         value = float(match.group(1)) * _UNITS[match.group(2).lower()]
     else:
         raise NJTCError(f"`{name}` must be a size such as 40GB, 512MiB or a number of bytes, not {size!r}")
-    if not (math.isfinite(value) and value >= 1):
+    if not math.isfinite(value):
+        raise NJTCError(f"`{name}` must be a finite size: {size!r} is not finite")
+    if value > _LARGEST:
+        raise NJTCError(f"`{name}` must be a size no larger than 2**63 bytes, not {size!r}")
+    if value < 1:
         raise NJTCError(f"`{name}` must be a positive size, not {size!r}")
     return int(value)
 
