@@ -46,9 +46,9 @@ def _counting(source):
     calls = []
     original = source.iter_chunks
 
-    def iter_chunks(layers, split=None, chunk_rows=4096, max_rows=None, shard=(0, 1), skip_positions=0):
+    def iter_chunks(layers, *args, **kwargs):  # every argument passed on (a store's prefetch too)
         calls.append(list(layers))
-        return original(layers, split, chunk_rows, max_rows, shard, skip_positions)
+        return original(layers, *args, **kwargs)
 
     source.iter_chunks = iter_chunks
     return calls
