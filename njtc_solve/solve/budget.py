@@ -124,7 +124,7 @@ def _refuse(what: str, need: int, budget: int) -> NJTCError:
 
 def layer_groups(layers, d: int, budget: int) -> list[list[int]]:
     """``layers`` (in their order) in the fewest passes whose statistics (:func:`pass_bytes`) fit in
-    ``budget`` bytes, as even as they can be (80 layers, 37 per pass: 27, 27, 26).
+    ``budget`` bytes, as even as they can be (80 layers, at most 36 per pass: 27, 27, 26).
 
     A budget that cannot hold one layer is a one-line :class:`NJTCError`.
     """
