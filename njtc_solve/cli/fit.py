@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows per streamed chunk (default: 4096)")
     p.add_argument("--float64", action="store_true", help="accumulate with float64 GEMMs (slower)")
     p.add_argument("--max-memory", help="memory the statistics of one pass may take on --device, e.g. 40GB or "
-                   "512MiB (default: its free memory when the fit starts); more source layers (targets, with "
+                   "512MiB (default: 90%% of its free memory when the fit starts); more source layers (targets, with "
                    "--target-layer all) than fit run in several passes over the rows, one per group, with the same maps")
     p.add_argument("--dry-run", action="store_true", help="print the plan (weights' size, passes, layers per pass, "
                    "statistics memory and FLOPs, estimated time) from the model's config or the store's metadata, "
@@ -176,10 +176,9 @@ def _run(args, comm) -> int:
         plan_settings(args)  # a bad plan (--seq-len 1, ...) is refused before the model loads
         if spec.max_memory is not None and args.stats is None:  # a budget too small, before the model loads
             from njtc_solve.core.models import model_shape
-            from njtc_solve.solve.budget import layer_groups
 
-            layer_groups([0], model_shape(args.model, trust_remote_code=args.trust_remote_code).d_model,
-                         spec.max_memory)
+            spec.passes(model_shape(args.model, trust_remote_code=args.trust_remote_code).d_model, [0],
+                        budget=spec.max_memory)
     if every_target:
         return _run_all_targets(args, spec, comm, out)
     start = time.perf_counter()
@@ -287,14 +286,15 @@ def _dry_run(args, spec, comm) -> int:
     if comm is not None and comm.rank != 0:
         return 0
     if args.model is None:
-        plan = spec.plan(store=args.store or "activations.h5")
+        plan = spec.plan(store=args.store or "activations.h5", save_stats=args.save_stats)
     else:
         if args.store is not None:
             raise NJTCError("--model and --store exclude each other: plan a fit of the model or of a store")
         settings = plan_settings(args)
         tokens = settings["max_tokens"]
         plan = spec.plan(model=args.model, model_dtype=args.model_dtype, trust_remote_code=args.trust_remote_code,
-                         tokens=None if tokens is None else max(1, round(tokens * (1 - settings["val_fraction"]))))
+                         tokens=None if tokens is None else max(1, round(tokens * (1 - settings["val_fraction"]))),
+                         save_stats=args.save_stats)
     print(plan)
     return 0
 
