@@ -17,13 +17,14 @@ from njtc_solve.data.corpus import load_corpus
 from njtc_solve.data.live import LiveSource
 from njtc_solve.data.store import ActivationStore
 from njtc_solve.maps.shortcuts import Shortcuts
-from njtc_solve.solve.budget import (accumulator_bytes, layer_groups, pair_pass_bytes, parse_size, pass_bytes,
-                                     target_groups)
+from njtc_solve.solve.budget import (FREE_FRACTION, accumulator_bytes, chunk_bytes, layer_groups, pair_pass_bytes,
+                                     parse_size, pass_bytes, target_groups)
 from njtc_solve.solve.fit import FitSpec, fit_all_targets, fit_shortcuts
 from njtc_solve.solve.stats import MomentAccumulator
 
 D = 32  # the tiny models' width
-THREE_PASSES = pass_bytes(1, D)  # one source layer per pass: the tiny models' 3 layers in 3 passes
+SIZES = {"chunk_rows": FitSpec().chunk_rows}  # what a pass holds beside its statistics: one chunk of the fit's rows
+THREE_PASSES = pass_bytes(1, D, **SIZES)  # one source layer per pass: the tiny models' 3 layers in 3 passes
 
 
 def _relative(a, b) -> float:
@@ -46,9 +47,9 @@ def _counting(source):
     calls = []
     original = source.iter_chunks
 
-    def iter_chunks(layers, split=None, chunk_rows=4096, max_rows=None, shard=(0, 1), skip_positions=0):
+    def iter_chunks(layers, *args, **kwargs):  # every argument passed on (a store's prefetch too)
         calls.append(list(layers))
-        return original(layers, split, chunk_rows, max_rows, shard, skip_positions)
+        return original(layers, *args, **kwargs)
 
     source.iter_chunks = iter_chunks
     return calls
@@ -67,6 +68,14 @@ def test_a_bad_size_is_refused_in_one_line(bad):
         FitSpec(max_memory=bad)
 
 
+@pytest.mark.parametrize(("bad", "message"), [("1e400", "is not finite"), (float("inf"), "is not finite"),
+                                              ("1e30TB", "larger than 2**63 bytes"), (2 ** 64, "larger than 2**63")])
+def test_an_infinite_or_absurd_size_is_refused_as_such(bad, message):
+    with pytest.raises(NJTCError, match=re.escape(message)) as err:
+        parse_size(bad)
+    assert "\n" not in str(err.value)
+
+
 def test_the_budget_counts_what_the_accumulator_allocates():
     acc = MomentAccumulator([0, 4, 7])
     acc.allocate({0: D, 4: D, 7: D}, D)
@@ -82,10 +91,36 @@ def test_layers_split_evenly_into_the_fewest_passes():
     groups = layer_groups(list(range(80)), 8192, parse_size("80GB"))  # Llama-2-70B's shape
     assert [len(g) for g in groups] == [27, 27, 26] and sum(groups, []) == list(range(80))
     assert pass_bytes(36, 8192) <= 80e9 < pass_bytes(37, 8192)  # 36 per pass at most: 3 passes are the fewest
-    assert layer_groups([3, 1, 2], D, THREE_PASSES) == [[3], [1], [2]]  # their order kept
+    assert layer_groups([3, 1, 2], D, THREE_PASSES, **SIZES) == [[3], [1], [2]]  # their order kept
     assert layer_groups([0, 1, 2], D, 10 ** 9) == [[0, 1, 2]]
     with pytest.raises(NJTCError, match="cannot hold the statistics of one layer"):
-        layer_groups([0], D, THREE_PASSES - 1)
+        layer_groups([0], D, THREE_PASSES - 1, **SIZES)
+
+
+def test_the_budget_counts_the_chunk_of_every_layer_and_a_one_jumps_moments(tiny_store):
+    """A budget that holds three layers' statistics but not a chunk of their rows splits the fit."""
+    statistics_only = pass_bytes(3, D)
+    assert pass_bytes(3, D, **SIZES) - statistics_only == chunk_bytes(4, D, SIZES["chunk_rows"])
+    assert chunk_bytes(4, D, 100) - chunk_bytes(3, D, 100) >= 100 * D * (4 + 4)  # a layer's rows and their copy
+    assert chunk_bytes(4, D, 100, float64=True) > chunk_bytes(4, D, 100)
+    fit = {"method": "njtc", "ranks": [4], "progress": False, "chunk_rows": 64}  # a chunk smaller than 3 layers' stats
+    with ActivationStore(tiny_store) as store:
+        calls = _counting(store)
+        [sc] = fit_shortcuts(store, max_memory=statistics_only, **fit)
+        assert len(calls) > 1 and sc.stats["accumulation"]["passes"] == len(calls)
+        # the ordinary fit of the three layers fits in one pass; a one jump's moments do not
+        enough = pass_bytes(3, D, chunk_rows=64)
+        [sc] = fit_shortcuts(store, max_memory=enough, **fit)
+        assert "passes" not in sc.stats["accumulation"]
+        with pytest.raises(NJTCError, match="`one_jump` solves from every layer"):
+            fit_shortcuts(store, max_memory=enough, one_jump=True, **fit)
+
+
+def test_the_default_budget_is_a_stated_fraction_of_free_memory(monkeypatch):
+    from njtc_solve.solve import budget
+
+    monkeypatch.setattr(budget, "free_memory", lambda device: 10 ** 10)
+    assert 0 < FREE_FRACTION < 1 and FitSpec().memory_budget() == int(FREE_FRACTION * 10 ** 10)
 
 
 def test_store_fit_in_three_passes_equals_one_pass(tiny_store):
@@ -113,18 +148,42 @@ def test_live_fit_in_three_passes_equals_one_pass(tiny_models):
 
 def test_every_target_in_passes_equals_one_pass(tiny_store):
     sources, targets = [0, 1, 2], [1, 2, 3]
-    budget = pair_pass_bytes(sources, [3], D)  # the highest target alone
-    assert target_groups(sources, targets, D, budget) == [[1], [2], [3]]
+    budget = pair_pass_bytes(sources, [3], D, **SIZES)  # the highest target alone (its chunk holds 1 and 2 with it)
+    assert target_groups(sources, targets, D, budget, **SIZES) == [[1, 2], [3]]
     one = dict(fit_all_targets(str(tiny_store), method="njtc", ranks=[4], progress=False))
     with ActivationStore(tiny_store) as store:
         calls = _counting(store)
         three = dict(fit_all_targets(store, method="njtc", ranks=[4], progress=False, max_memory=budget))
-    assert [sorted(c) for c in calls] == [[0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    assert [sorted(c) for c in calls] == [[0, 1, 2], [0, 1, 2, 3]]
     assert list(three) == list(one) == targets
     for t in targets:
         _same_maps(three[t][0], one[t][0])
     with pytest.raises(NJTCError, match="cannot hold the statistics of target layer 3"):
         fit_all_targets(str(tiny_store), method="njtc", ranks=[4], progress=False, max_memory=budget - 1)
+
+
+def test_every_target_in_passes_frees_each_pass_before_the_next(tiny_store, monkeypatch):
+    """While a pass accumulates, no earlier pass's statistics are alive (the budget holds one pass)."""
+    import gc
+    import weakref
+
+    from njtc_solve.solve import pair_statistics
+
+    earlier, alive_at_start = [], []
+    accumulate = pair_statistics.accumulate_pairs
+
+    def watched(*args, **kwargs):
+        gc.collect()
+        alive_at_start.append([ref() is not None for ref in earlier])
+        pairs = accumulate(*args, **kwargs)
+        earlier.append(weakref.ref(pairs))
+        return pairs
+
+    monkeypatch.setattr(pair_statistics, "accumulate_pairs", watched)
+    budget = pair_pass_bytes([0, 1, 2], [3], D, **SIZES)  # two passes: targets 1, 2, then 3
+    fits = fit_all_targets(str(tiny_store), method="njtc", ranks=[4], progress=False, max_memory=budget)
+    assert [t for t, _ in fits] == [1, 2, 3]
+    assert alive_at_start == [[], [False]]
 
 
 def test_save_stats_in_several_passes_is_refused(tiny_store, tmp_path):
@@ -137,13 +196,14 @@ def test_one_jump_in_several_passes_is_refused_before_the_pass(tiny_store):
     calls = []
     with ActivationStore(tiny_store) as store, pytest.raises(NJTCError, match="`one_jump` solves from every layer"):
         calls = _counting(store)
-        fit_shortcuts(store, method="njtc", ranks=[4], progress=False, max_memory=THREE_PASSES, one_jump=True)
+        fit_shortcuts(store, method="njtc", ranks=[4], progress=False, one_jump=True,
+                      max_memory=pass_bytes(1, D, one_jump=True, **SIZES))
     assert calls == []
 
 
 def test_torchrun_in_passes_equals_one_process_in_one_pass(tiny_store, tmp_path):
     result = torchrun("njtc_solve.fit", "--store", str(tiny_store), "--method", "njtc", "--rank", "4",
-                      "--chunk-rows", "300", "--max-memory", str(THREE_PASSES), "--out", str(tmp_path / "d.safetensors"),
+                      "--chunk-rows", "300", "--max-memory", str(pass_bytes(1, D, chunk_rows=300)), "--out", str(tmp_path / "d.safetensors"),
                       "--no-progress")
     assert result.returncode == 0, result.stderr[-2000:]
     [one] = fit_shortcuts(str(tiny_store), method="njtc", ranks=[4], chunk_rows=300, progress=False)
@@ -214,8 +274,28 @@ def test_dry_run_of_a_store_reads_no_row(tiny_store, capsys, monkeypatch):
         assert f"{store.count('train', 1):,} training tokens" in result.stdout
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--one-jump", "--max-memory", str(pass_bytes(1, D, one_jump=True, **SIZES))],
+     "--one-jump solves from every layer's statistics at once"),
+    (["--save-stats", "s.safetensors", "--max-memory", str(THREE_PASSES)], "--save-stats keeps every layer's"),
+    (["--target-layer", "all", "--save-stats", "s.safetensors", "--max-memory",
+      str(pair_pass_bytes([0, 1, 2], [3], D, **SIZES))], "--save-stats keeps every pair's"),
+    (["--rank", "999"], "rank 999 is out of range (1..32)"),
+])
+def test_dry_run_refuses_what_the_fit_refuses(tiny_store, tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    args = ["--store", str(tiny_store), "--method", "njtc", "--out", "never.safetensors", *flags]
+    for how in (["--dry-run"], []):  # the plan and the fit, in the same words
+        _one_line_exit_2(in_process(capsys, "njtc_solve.fit", *args, *how), message)
+
+
+def test_dry_run_plans_float64_accumulation(tiny_store):
+    plain, wide = (FitSpec(method="njtc", ranks=[4], float64=f).plan(store=str(tiny_store)) for f in (False, True))
+    assert wide.pass_bytes > plain.pass_bytes and "float64 GEMMs" in str(wide) and "float32 GEMMs" in str(plain)
+
+
 def test_the_plan_of_every_target_splits_the_targets_as_the_fit_does(tiny_store):
-    budget = pair_pass_bytes([0, 1, 2], [3], D)
+    budget = pair_pass_bytes([0, 1, 2], [3], D, **SIZES)
     plan = FitSpec(method="njtc", ranks=[4], target_layer="all", max_memory=budget).plan(store=str(tiny_store))
-    assert plan.passes == ((1,), (2,), (3,)) and plan.target == "all" and plan.pass_bytes <= budget
-    assert "3 (1 + 1 + 1 target layers: 1 | 2 | 3)" in str(plan)
+    assert plan.passes == ((1, 2), (3,)) and plan.target == "all" and plan.pass_bytes <= budget
+    assert "2 (2 + 1 target layers: 1,2 | 3)" in str(plan)

@@ -450,3 +450,16 @@ def test_the_plan_lives_apart_from_the_writer():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.stdout.strip() == "[]", result.stderr  # a live source never imports the store nor HDF5
+
+
+def test_every_config_reader_refuses_a_file_that_is_not_gguf_in_one_line(tmp_path):
+    """model_config, model_shape and load_model read a .gguf's configuration; none lets a raw error out."""
+    from njtc_solve.core.models import load_model, model_config, model_shape
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file, only bytes " * 4)
+    for read, words in ((model_config, "cannot load model"), (load_model, "cannot load model"),
+                        (model_shape, "cannot read the configuration of model")):
+        with pytest.raises(NJTCError, match=words) as err:
+            read(str(bad))
+        assert str(bad) in str(err.value) and "\n" not in str(err.value), read.__name__

@@ -82,26 +82,28 @@ def test_residual_pooled_map_equals_reference(tiny_store):
 
 
 @pytest.mark.parametrize("settings", [{"method": "nnjtc", "normalize": "batch"}, {"method": "njtc"},
-                                      {"method": "njtc", "residual": True}])
+                                      {"method": "njtc", "residual": True}, {"method": "njtc", "layers": [1, 2]}])
 def test_select_table_equals_each_maps_loss_on_the_rows(tiny_store, settings):
     [chosen] = fit_shortcuts(tiny_store, ranks=[4], one_jump="select", float64=True, progress=False, **settings)
     [per_layer] = fit_shortcuts(tiny_store, ranks=[4], float64=True, progress=False, **settings)
     train_x, train_y = _rows(tiny_store, 0)
     info = chosen.stats["one_jump"]
+    layers = settings.get("layers", list(LAYERS))  # with layers 1, 2 a row's index is not its layer
+    assert info["layers"] == layers
     table = np.array(info["table_mse"])
     n, d = train_y.shape
-    for k in LAYERS:  # map k through layer l's own standardisation, on layer l's rows
+    for i, k in enumerate(layers):  # map k through layer l's own standardisation, on layer l's rows
         m = per_layer.maps[k]
         coef = (m.U @ m.V).double().numpy()
-        for l in LAYERS:
+        for j, l in enumerate(layers):
             own = chosen.maps[l]
             x = train_x[l] if own.norm_mean is None else \
                 (train_x[l] - own.norm_mean.double().numpy()) * own.norm_scale.double().numpy()
             pred = x @ coef + m.bias.double().numpy() + (train_x[l] if m.residual else 0)
             direct = ((train_y - pred) ** 2).sum() / (n * d)
-            assert abs(table[k, l] - direct) / direct < 1e-6, (k, l, table[k, l], direct)
-    best = int(np.argmin(table.sum(1)))
-    assert info["from_layer"] == best and torch.equal(chosen.maps[0].U, per_layer.maps[best].U)
+            assert abs(table[i, j] - direct) / direct < 1e-6, (k, l, table[i, j], direct)
+    best = layers[int(np.argmin(table.sum(1)))]
+    assert info["from_layer"] == best and torch.equal(chosen.maps[layers[0]].U, per_layer.maps[best].U)
     assert info["pooled_sse"] >= info["pooled_fit_sse"]  # the pooled solve is the optimum of the class
 
 
@@ -203,6 +205,17 @@ def test_cli_refuses_bad_one_jump_flags_in_one_line(tiny_store, tmp_path, capsys
                             "--out", str(tmp_path / "o.safetensors"), *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_cli_refuses_a_table_named_as_one_of_the_rank_files(tiny_store, tmp_path, capsys):
+    """Two ranks write OUT-r4 and OUT-r8: the table may be neither (nor OUT), refused before the pass."""
+    out = tmp_path / "x.safetensors"
+    for table in (tmp_path / "x-r4.safetensors", tmp_path / "x-r8.safetensors"):
+        code = fit_command.run(["--store", str(tiny_store), "--method", "njtc", "--rank", "4,8", "--one-jump",
+                                "select", "--one-jump-table", str(table), "--no-progress", "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "two outputs are one file" in err[0], err
+        assert not table.exists()
 
 
 def test_cli_select_prints_and_saves_the_table(tiny_store, tmp_path, capsys):
@@ -329,3 +342,25 @@ def test_the_lens_reads_a_one_jump_file(tiny_models, tiny_store):
     for l in LAYERS:
         torch.testing.assert_close(lens(h, l), one(h, l), rtol=1e-5, atol=1e-5)
     assert lens.shortcuts.total_params == one.total_params  # the lens's views of the shared map count once
+
+
+def test_logit_weighted_one_jump_records_the_hidden_space_loss_like_per_layer_fits(tiny_store):
+    """A one jump's train_sse and R² are the per-layer fits' measure: ‖y - ŷ‖² over the (1/σ²-weighted) rows,
+    not the logit-weighted loss it is solved in."""
+    [one] = fit_shortcuts(tiny_store, method="njtc", ranks=[3], weight="logits", one_jump=True, float64=True,
+                          progress=False)
+    [own] = fit_shortcuts(tiny_store, method="njtc", ranks=[3], weight="logits", float64=True, progress=False)
+    train_x, train_y = _rows(tiny_store, 0)
+    w = 1.0 / ((train_y ** 2).mean(1) + 1e-6)
+    total_var = (w[:, None] * (train_y - (w[:, None] * train_y).sum(0) / w.sum()) ** 2).sum()
+
+    def direct(sc, l):  # the weights' scale (the fit divides by their mean on a chunk) cancels in both
+        pred = sc.transform_hidden(torch.as_tensor(train_x[l]), l).double().numpy()
+        return float((w[:, None] * (train_y - pred) ** 2).sum())
+
+    for l in LAYERS:
+        for sc in (own, one):  # the per-layer records already measure this; the one jump's must too
+            record, sse = sc.stats["layers"][l], direct(sc, l)
+            mse = sse / (w.sum() * train_y.shape[1])
+            assert abs(record["train_mse"] - mse) / mse < 1e-6, (sc.name, l, record["train_mse"], mse)
+            assert abs(record["r2"] - (1 - sse / total_var)) < 1e-6, (sc.name, l, record["r2"], 1 - sse / total_var)

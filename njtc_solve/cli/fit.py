@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows per streamed chunk (default: 4096)")
     p.add_argument("--float64", action="store_true", help="accumulate with float64 GEMMs (slower)")
     p.add_argument("--max-memory", help="memory the statistics of one pass may take on --device, e.g. 40GB or "
-                   "512MiB (default: its free memory when the fit starts); more source layers (targets, with "
+                   "512MiB (default: 90%% of its free memory when the fit starts); more source layers (targets, with "
                    "--target-layer all) than fit run in several passes over the rows, one per group, with the same maps")
     p.add_argument("--dry-run", action="store_true", help="print the plan (weights' size, passes, layers per pass, "
                    "statistics memory and FLOPs, estimated time) from the model's config or the store's metadata, "
@@ -171,15 +171,14 @@ def _run(args, comm) -> int:
     out = Path(args.out)
     every_target = spec.target_layer == "all"
     _check_outputs(args, out, spec.ranks, [] if every_target else None)  # all: its files once the targets are known
-    _check_table_output(args, out)
+    _check_table_output(args, out, spec.ranks)
     if args.model is not None:
         plan_settings(args)  # a bad plan (--seq-len 1, ...) is refused before the model loads
         if spec.max_memory is not None and args.stats is None:  # a budget too small, before the model loads
             from njtc_solve.core.models import model_shape
-            from njtc_solve.solve.budget import layer_groups
 
-            layer_groups([0], model_shape(args.model, trust_remote_code=args.trust_remote_code).d_model,
-                         spec.max_memory)
+            spec.passes(model_shape(args.model, trust_remote_code=args.trust_remote_code).d_model, [0],
+                        budget=spec.max_memory)
     if every_target:
         return _run_all_targets(args, spec, comm, out)
     start = time.perf_counter()
@@ -211,17 +210,18 @@ def _run(args, comm) -> int:
 TABLE_FORMAT = "njtc-one-jump-table"  # the ``format`` key of the --one-jump-table JSON file
 
 
-def _check_table_output(args, out: Path) -> None:
-    """``--one-jump-table`` needs ``--one-jump select`` and a file it may write, before any work."""
+def _check_table_output(args, out: Path, ranks) -> None:
+    """``--one-jump-table`` needs ``--one-jump select`` and a file it may write (no input, and none of
+    the fit's outputs: ``--out`` and every rank's file, ``--save-stats``), before any work."""
     from njtc_solve.core.outputs import check_file_output, check_not_inputs
 
     if args.one_jump_table is None:
         return
     if args.one_jump != "select":
         raise NJTCError("--one-jump-table holds the table of --one-jump select; add --one-jump select")
-    check_not_inputs([("--one-jump-table", args.one_jump_table)],
-                     [("--out", out), ("--save-stats", args.save_stats), ("--store", args.store)]
-                     + command_inputs(args, "stats", "model", "corpus"))
+    outputs = [("--out", p) for p in dict.fromkeys([out, *rank_paths(out, ranks)])]
+    check_not_inputs(outputs + [("--save-stats", args.save_stats), ("--one-jump-table", args.one_jump_table)],
+                     [("--store", args.store)] + command_inputs(args, "stats", "model", "corpus"))
     check_file_output(args.one_jump_table, "--one-jump-table", [TABLE_FORMAT], "a one-jump table")
 
 
@@ -286,14 +286,15 @@ def _dry_run(args, spec, comm) -> int:
     if comm is not None and comm.rank != 0:
         return 0
     if args.model is None:
-        plan = spec.plan(store=args.store or "activations.h5")
+        plan = spec.plan(store=args.store or "activations.h5", save_stats=args.save_stats)
     else:
         if args.store is not None:
             raise NJTCError("--model and --store exclude each other: plan a fit of the model or of a store")
         settings = plan_settings(args)
         tokens = settings["max_tokens"]
         plan = spec.plan(model=args.model, model_dtype=args.model_dtype, trust_remote_code=args.trust_remote_code,
-                         tokens=None if tokens is None else max(1, round(tokens * (1 - settings["val_fraction"]))))
+                         tokens=None if tokens is None else max(1, round(tokens * (1 - settings["val_fraction"]))),
+                         save_stats=args.save_stats)
     print(plan)
     return 0
 

@@ -90,15 +90,12 @@ def load_model(name: str | None = None, *, device: str = "cpu", progress: bool =
     custom = _check_load_options(dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
                                  blocks=blocks, final_norm=final_norm, norm=norm)
     name, source, kwargs = _model_source(name, trust_remote_code)
-    try:
+    with _one_line(f"cannot load model {name!r}"):
         _check_source(source, kwargs, custom)
         with _progress_bars(progress):
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             placement = {} if device_map is None else {"device_map": device_map}
             model = AutoModelForCausalLM.from_pretrained(source, dtype=MODEL_DTYPES[dtype], **placement, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NJTCError(f"cannot load model {name!r}: {first}") from err
     model.eval()
     if device_map is None:
         model.to(device)
@@ -152,10 +149,16 @@ def model_config(name: str | None = None, *, trust_remote_code: bool = False):
     A ``.gguf`` file gives a namespace holding ``model_type`` and ``max_position_embeddings``
     from its metadata; a folder or hub name its transformers configuration.
     """
-    from types import SimpleNamespace
-
     name, source, kwargs = _model_source(name, trust_remote_code)
+    with _one_line(f"cannot load model {name!r}"):
+        return _config(source, kwargs)
+
+
+def _config(source: str, kwargs: dict):
+    """:func:`model_config` of a resolved source (:func:`_model_source`), its errors not yet rewritten."""
     if "gguf_file" in kwargs:
+        from types import SimpleNamespace
+
         reader = gguf_reader(Path(source) / kwargs["gguf_file"])
         field = reader.fields["general.architecture"]
         architecture = bytes(field.parts[field.data[0]]).decode()
@@ -165,11 +168,18 @@ def model_config(name: str | None = None, *, trust_remote_code: bool = False):
                                max_position_embeddings=length)
     from transformers import AutoConfig
 
+    return AutoConfig.from_pretrained(source, **kwargs)
+
+
+@contextmanager
+def _one_line(what: str):
+    """What transformers' and gguf's readers raise for a bad model (``OSError``, ``ValueError``,
+    ``KeyError``) as one :class:`NJTCError` line: ``what: <the error's first line>``."""
     try:
-        return AutoConfig.from_pretrained(source, **kwargs)
+        yield
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NJTCError(f"cannot load model {name!r}: {first}") from err
+        raise NJTCError(f"{what}: {first}") from err
 
 
 def load_tokenizer(name: str | None = None, *, trust_remote_code: bool = False):
@@ -177,12 +187,8 @@ def load_tokenizer(name: str | None = None, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     name, source, kwargs = _model_source(name, trust_remote_code)
-    try:
-        with _progress_bars(False):
-            return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NJTCError(f"cannot load model {name!r}: {first}") from err
+    with _one_line(f"cannot load model {name!r}"), _progress_bars(False):
+        return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
 def check_device(device) -> None:
@@ -227,17 +233,16 @@ def _progress_bars(enabled: bool):
 
 
 def _check_source(source: str, kwargs: dict, custom: bool) -> None:
-    """Refuse a model from its configuration alone (no weights are read)."""
+    """Refuse a model from its configuration alone (:func:`model_config`'s reading; no weights are read)."""
+    config = _config(source, kwargs)
     if "gguf_file" in kwargs:
-        kind = _model_type(source, kwargs["gguf_file"])
+        kind = config.model_type
         if kind in _GGUF_ENCODER_DECODER:
             raise NJTCError(f"{kind} is an encoder-decoder model; only decoder-only causal language models are supported")
         if not custom:
             check_supported(kind)
         return
-    from transformers import AutoConfig
-
-    check_config(AutoConfig.from_pretrained(source, **kwargs), custom=custom)
+    check_config(config, custom=custom)
 
 
 def gguf_reader(path):
@@ -248,14 +253,6 @@ def gguf_reader(path):
     from gguf import GGUFReader
 
     return GGUFReader(path)
-
-
-def _model_type(source: str, gguf_file: str) -> str:
-    """The ``model_type`` of a GGUF model from its metadata alone."""
-    reader = gguf_reader(Path(source) / gguf_file)
-    field = reader.fields["general.architecture"]
-    architecture = bytes(field.parts[field.data[0]]).decode()
-    return GGUF_MODEL_TYPES.get(architecture, architecture)
 
 
 _GGUF_ENCODER_DECODER = ("t5", "t5encoder", "umt5")
@@ -315,13 +312,11 @@ def model_shape(name: str | None = None, *, trust_remote_code: bool = False) -> 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name, source, kwargs = _model_source(name, trust_remote_code)
-    try:
+    with _one_line(f"cannot read the configuration of model {name!r}"):
+        # transformers' own configuration, a GGUF file's too: model_config's GGUF namespace has no width
         config = AutoConfig.from_pretrained(source, **kwargs)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NJTCError(f"cannot read the configuration of model {name!r}: {first}") from err
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(str(name), int(text.hidden_size), int(text.num_hidden_layers),
                       sum(p.numel() for p in model.parameters()))

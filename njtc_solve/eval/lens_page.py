@@ -17,8 +17,8 @@ Each cell is a ``<td class="cell">`` with ``data-layer``, ``data-position`` and 
 data back into arrays.
 
 The data is plain JSON: the page's distinct token texts once, each cell's top-k as indices into
-them, probabilities, entropy and KL to 3 significant digits (what the page shows). 30 layers ×
-64 positions × 4 lenses with the top-10 each take about 1 MB.
+them, probabilities, entropy and KL to 3 significant digits (what the page shows); docs/lens.md
+gives the size of a page.
 
 Examples
 --------

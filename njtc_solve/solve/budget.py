@@ -7,7 +7,7 @@ pass per group of layers (a store read, or a model's forward pass, per group). E
 shifts by the same first chunk and does the same GEMMs per layer, so the maps equal those of
 one pass. This module holds the arithmetic: :func:`pass_bytes` counts what a pass keeps,
 :func:`layer_groups` and :func:`target_groups` split the layers, :func:`parse_size` reads
-``40GB`` or ``512MiB``, :func:`free_memory` is the default budget.
+``40GB`` or ``512MiB``, :func:`default_budget` (a fraction of :func:`free_memory`) is the default budget.
 
 Examples
 --------
@@ -29,19 +29,21 @@ import torch
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.solve.stats import NORM_BINS
 
-__all__ = ["accumulator_bytes", "check_budget", "format_size", "free_memory", "layer_groups", "merge_fits", "parse_size",
-           "pair_pass_bytes", "pass_bytes", "target_groups"]
+__all__ = ["FREE_FRACTION", "accumulator_bytes", "check_budget", "chunk_bytes", "default_budget", "format_size",
+           "free_memory", "layer_groups", "merge_fits", "one_jump_bytes", "pair_pass_bytes", "parse_size", "pass_bytes",
+           "target_groups"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+_LARGEST = 2 ** 63  # bytes: no memory is larger; beyond it a size is a typo
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
 def parse_size(size, name: str = "max_memory") -> int:
     """Bytes of a size: a number of bytes, or text such as ``40GB`` (10⁹), ``512MiB`` (2²⁰), ``1.5TB``.
 
-    A size that is not positive, or text that is not a size, is a one-line :class:`NJTCError`
-    naming ``name``.
+    A size that is not positive, not finite or beyond ``2**63`` bytes, or text that is not a size,
+    is a one-line :class:`NJTCError` naming ``name``.
     """
     if isinstance(size, Real) and not isinstance(size, bool):
         value = float(size)
@@ -49,7 +51,11 @@ def parse_size(size, name: str = "max_memory") -> int:
         value = float(match.group(1)) * _UNITS[match.group(2).lower()]
     else:
         raise NJTCError(f"`{name}` must be a size such as 40GB, 512MiB or a number of bytes, not {size!r}")
-    if not (math.isfinite(value) and value >= 1):
+    if not math.isfinite(value):
+        raise NJTCError(f"`{name}` must be a finite size: {size!r} is not finite")
+    if value > _LARGEST:
+        raise NJTCError(f"`{name}` must be a size no larger than 2**63 bytes, not {size!r}")
+    if value < 1:
         raise NJTCError(f"`{name}` must be a positive size, not {size!r}")
     return int(value)
 
@@ -60,6 +66,14 @@ def format_size(n_bytes: float) -> str:
         if n_bytes >= scale:
             return f"{n_bytes / scale:.1f} {unit}"
     return f"{int(n_bytes)} B"
+
+
+FREE_FRACTION = 0.9  # of the free memory, the default budget: the rest for the model's activations and the solves
+
+
+def default_budget(device) -> int:
+    """The budget without ``max_memory``: :data:`FREE_FRACTION` of :func:`free_memory` of ``device``."""
+    return int(FREE_FRACTION * free_memory(device))
 
 
 def free_memory(device) -> int:
@@ -92,24 +106,49 @@ def accumulator_bytes(n_layers: int, d: int) -> int:
     return 8 * (2 + d + d * d + NORM_BINS + n_layers * (d + d * (2 * d)))
 
 
-def pass_bytes(n_layers: int, d: int) -> int:
+def chunk_bytes(n_rows: int, d: int, chunk_rows: int, float64: bool = False) -> int:
+    """Bytes of one chunk of ``chunk_rows`` rows of ``n_rows`` layers (sources and targets) of width ``d``
+    while a pass adds it: each layer as read (float32, and the next chunk read ahead beside it), again
+    in the GEMM's type after the input normalisation (a copy), and the ``[x | y]`` block of the GEMM.
+
+    >>> round(chunk_bytes(81, 8192, 4096) / 1e9, 1)  # Llama-2-70B: every layer of a chunk at once
+    32.9
+    """
+    item = 8 if float64 else 4
+    return chunk_rows * d * (n_rows * (2 * 4 + item) + 2 * item)
+
+
+def one_jump_bytes(n_layers: int, d: int) -> int:
+    """Bytes a one-jump solve (:mod:`~njtc_solve.solve.one_jump`) adds to its pass's statistics: per
+    layer up to four ``d × d`` float64 moments of the regression solved (new ones when normalised,
+    residual or without an intercept) and, for ``select``, the per-layer solve's eigendecomposition;
+    the pooled moments (three ``d × d``) once."""
+    return 8 * d * d * (5 * n_layers + 3)
+
+
+def pass_bytes(n_layers: int, d: int, chunk_rows: int = 0, *, float64: bool = False, one_jump: bool = False) -> int:
     """Bytes a single-target pass over ``n_layers`` source layers holds at its peak.
 
     The accumulator (:func:`accumulator_bytes`) and, beside it while the pass ends, the
     centred statistics :meth:`~njtc_solve.solve.stats.MomentAccumulator.finalize` returns
     (``C_yy``, ``ȳ``, and per layer ``C_xx``, ``C_xy``, ``x̄``): about ``4d²`` float64 values
-    per layer. The rows of one chunk and one layer's solve come on top (``O(chunk·d)`` and a few ``d²``).
+    per layer; one chunk of ``chunk_rows`` rows of every layer and the target (:func:`chunk_bytes`);
+    with ``one_jump``, the moments of its solve (:func:`one_jump_bytes`). One layer's solve comes
+    on top (a few ``d²``).
     """
-    return accumulator_bytes(n_layers, d) + 8 * (d * d + d + n_layers * (2 * d * d + d))
+    return (accumulator_bytes(n_layers, d) + 8 * (d * d + d + n_layers * (2 * d * d + d))
+            + chunk_bytes(n_layers + 1, d, chunk_rows, float64) + (one_jump_bytes(n_layers, d) if one_jump else 0))
 
 
-def pair_pass_bytes(sources, targets, d: int) -> int:
+def pair_pass_bytes(sources, targets, d: int, chunk_rows: int = 0, *, float64: bool = False) -> int:
     """Bytes of an all-pairs pass (:class:`~njtc_solve.solve.pair_statistics.PairAccumulator`, centred in
     place) of ``targets`` against every source below them: ``C_xx`` and ``Σx`` of each such source,
-    ``C_yy``, ``Σy``, the row-norm histogram and one ``C_xy`` block per target."""
+    ``C_yy``, ``Σy``, the row-norm histogram and one ``C_xy`` block per target; and one chunk of
+    ``chunk_rows`` rows of those sources and targets (:func:`chunk_bytes`)."""
     below = {t: sum(s < t for s in sources) for t in targets}
     used = [s for s in sources if targets and s < max(targets)]
-    return 8 * (len(used) * (d * d + d) + sum((below[t] + 1) * d * d + d + NORM_BINS for t in targets))
+    return (8 * (len(used) * (d * d + d) + sum((below[t] + 1) * d * d + d + NORM_BINS for t in targets))
+            + chunk_bytes(len(set(used) | set(targets)), d, chunk_rows, float64))
 
 
 def _refuse(what: str, need: int, budget: int) -> NJTCError:
@@ -117,19 +156,20 @@ def _refuse(what: str, need: int, budget: int) -> NJTCError:
                      f"({format_size(need)}): raise it, or fit on a device with more memory")
 
 
-def layer_groups(layers, d: int, budget: int) -> list[list[int]]:
-    """``layers`` (in their order) in the fewest passes whose statistics (:func:`pass_bytes`) fit in
-    ``budget`` bytes, as even as they can be (80 layers, 37 per pass: 27, 27, 26).
+def layer_groups(layers, d: int, budget: int, **sizes) -> list[list[int]]:
+    """``layers`` (in their order) in the fewest passes whose statistics (:func:`pass_bytes`, given
+    ``sizes``: ``chunk_rows``, ``float64``, ``one_jump``) fit in ``budget`` bytes, as even as they can
+    be (80 layers of width 8192 in 80 GB, the statistics alone at most 36 per pass: 27, 27, 26).
 
     A budget that cannot hold one layer is a one-line :class:`NJTCError`.
     """
     layers = list(layers)
     if not layers:
         return []
-    if pass_bytes(1, d) > budget:
-        raise _refuse(f"one layer of width {d}", pass_bytes(1, d), budget)
+    if pass_bytes(1, d, **sizes) > budget:
+        raise _refuse(f"one layer of width {d}", pass_bytes(1, d, **sizes), budget)
     per_pass = 1
-    while per_pass < len(layers) and pass_bytes(per_pass + 1, d) <= budget:
+    while per_pass < len(layers) and pass_bytes(per_pass + 1, d, **sizes) <= budget:
         per_pass += 1
     n_passes = -(-len(layers) // per_pass)
     size, extra = divmod(len(layers), n_passes)
@@ -141,21 +181,22 @@ def layer_groups(layers, d: int, budget: int) -> list[list[int]]:
     return groups
 
 
-def target_groups(sources, targets, d: int, budget: int) -> list[list[int]]:
+def target_groups(sources, targets, d: int, budget: int, **sizes) -> list[list[int]]:
     """The ``targets`` of an all-pairs fit (ascending) in passes whose statistics
-    (:func:`pair_pass_bytes`) fit in ``budget`` bytes, each pass as many targets as fit.
+    (:func:`pair_pass_bytes`, given ``sizes``: ``chunk_rows``, ``float64``) fit in ``budget`` bytes,
+    each pass as many targets as fit.
 
     A target is solved from all its pairs at once, so a pass holds whole targets; a budget
     that cannot hold the highest target alone is a one-line :class:`NJTCError`.
     """
     targets = sorted(targets)
     for t in targets:
-        if pair_pass_bytes(sources, [t], d) > budget:
+        if pair_pass_bytes(sources, [t], d, **sizes) > budget:
             raise _refuse(f"target layer {t} and its {sum(s < t for s in sources)} source layers",
-                          pair_pass_bytes(sources, [t], d), budget)
+                          pair_pass_bytes(sources, [t], d, **sizes), budget)
     groups = []
     for t in targets:
-        if groups and pair_pass_bytes(sources, groups[-1] + [t], d) <= budget:
+        if groups and pair_pass_bytes(sources, groups[-1] + [t], d, **sizes) <= budget:
             groups[-1].append(t)
         else:
             groups.append([t])

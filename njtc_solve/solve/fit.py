@@ -32,7 +32,7 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.params import BOOLEAN, DEVICE, Check, Interval, ListOf, Options, check_spec
 from njtc_solve.core.outputs import check_not_inputs
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.solve.budget import check_budget, free_memory, layer_groups, merge_fits, target_groups
+from njtc_solve.solve.budget import check_budget, default_budget, layer_groups, merge_fits, target_groups
 from njtc_solve.solve.solvers import gcv_alpha, gram_eigh, solve_reduced_rank, sum_squared_error, weight_root
 from njtc_solve.solve.stats import MomentAccumulator, Statistics, pass_meta
 from njtc_solve.data.store import opened
@@ -176,20 +176,45 @@ class FitSpec:
             set_("target_layer", int(target))
 
     def plan(self, *, model: str | None = None, store=None, tokens: int | None = None,
-             model_dtype: str = "float32", trust_remote_code: bool = False):
+             model_dtype: str = "float32", trust_remote_code: bool = False, save_stats=None):
         """The plan of this fit, without doing it: passes, memory, FLOPs, estimated time
         (:func:`njtc_solve.solve.fit_plan.plan_fit`; ``print`` it)."""
         from njtc_solve.solve.fit_plan import plan_fit
 
         return plan_fit(self, model=model, store=store, tokens=tokens, model_dtype=model_dtype,
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, save_stats=save_stats)
 
     def memory_budget(self, comm=None) -> int:
-        """Bytes the statistics of one pass may take: ``max_memory``, else the free memory of ``device``
-        now (the least over the processes of ``comm``, so that all split the layers alike)."""
+        """Bytes the statistics of one pass may take: ``max_memory``, else
+        :data:`~njtc_solve.solve.budget.FREE_FRACTION` of the free memory of ``device`` now (the least
+        over the processes of ``comm``, so that all split the layers alike)."""
         if self.max_memory is not None:
             return self.max_memory
-        return free_memory(self.device) if comm is None else comm.minimum(free_memory(self.device))
+        return default_budget(self.device) if comm is None else comm.minimum(default_budget(self.device))
+
+    def passes(self, d: int, sources, *, budget: int, targets=None, save_stats=None) -> list[list[int]]:
+        """The passes of this fit over rows of width ``d`` (source layers, or with ``targets`` the
+        targets of ``target_layer="all"``, per pass) within ``budget`` bytes, and the fit's refusals
+        of them: a rank above ``d``, a budget that cannot hold one layer (or target), ``save_stats``
+        or ``one_jump`` in several passes. The fit and its plan (:meth:`plan`) both ask here."""
+        self.check_width(d)
+        sizes = {"chunk_rows": self.chunk_rows, "float64": self.float64}
+        if targets is not None:
+            passes = target_groups(sources, targets, d, budget, **sizes)
+            if len(passes) > 1 and save_stats is not None:
+                raise NJTCError(f"`save_stats` keeps every pair's statistics at once, and `max_memory` holds "
+                                f"{len(passes[0])} of {len(targets)} targets per pass: raise `max_memory`")
+            return passes
+        passes = layer_groups(sources, d, budget, one_jump=bool(self.one_jump), **sizes)
+        if len(passes) > 1 and save_stats is not None:
+            raise NJTCError(f"`save_stats` keeps every layer's statistics at once, and `max_memory` holds "
+                            f"{len(passes[0])} of {len(sources)} layers per pass: raise `max_memory` or fit fewer "
+                            "`layers`")
+        if len(passes) > 1 and self.one_jump:
+            raise NJTCError(f"`one_jump` solves from every layer's statistics at once, and `max_memory` holds "
+                            f"{len(passes[0])} of {len(sources)} layers per pass: raise `max_memory` or fit fewer "
+                            "`layers`")
+        return passes
 
     @property
     def row_weight(self) -> str:
@@ -611,13 +636,7 @@ def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, co
         if spec.weight == "logits" and head is None:
             raise NJTCError("`weight` logits needs the model's head, and these statistics were saved without it")
         passes = [layers] if store is None or statistics is not None else \
-            layer_groups(layers, d_model, spec.memory_budget(comm))
-        if len(passes) > 1 and save_stats is not None:
-            raise NJTCError(f"`save_stats` keeps every layer's statistics at once, and `max_memory` holds "
-                            f"{len(passes[0])} of {len(layers)} layers per pass: raise `max_memory` or fit fewer `layers`")
-        if len(passes) > 1 and spec.one_jump:
-            raise NJTCError(f"`one_jump` solves from every layer's statistics at once, and `max_memory` holds "
-                            f"{len(passes[0])} of {len(layers)} layers per pass: raise `max_memory` or fit fewer `layers`")
+            spec.passes(d_model, layers, budget=spec.memory_budget(comm), save_stats=save_stats)
         factor = head.logit_weight_factor() if spec.weight == "logits" else None
         first = comm is None or comm.rank == 0
 
@@ -778,10 +797,8 @@ def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, 
         if store is None:  # every tensor the solves will read, before the first file is written
             _check_input_norm(saved_norm, spec.normalize)
             check_pair_statistics(statistics, targets)
-        passes = [targets] if store is None else target_groups(sources, targets, d_model, spec.memory_budget())
-        if len(passes) > 1 and save_stats is not None:
-            raise NJTCError(f"`save_stats` keeps every pair's statistics at once, and `max_memory` holds "
-                            f"{len(passes[0])} of {len(targets)} targets per pass: raise `max_memory`")
+        passes = [targets] if store is None else spec.passes(d_model, sources, targets=targets,
+                                                              budget=spec.memory_budget(), save_stats=save_stats)
         if check_outputs is not None:
             check_outputs(targets)
 
@@ -790,9 +807,10 @@ def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, 
                                     input_norm=_input_norm(spec), device=spec.device, chunk_rows=spec.chunk_rows,
                                     float64=spec.float64, progress=progress, skip_positions=spec.skip_positions)
 
-        pairs = statistics if store is None else accumulate(store, passes[0])
+        # each pass's statistics, held here only until its solves take them (the budget holds one pass)
+        pending = {0: statistics if store is None else accumulate(store, passes[0])}
         if store is not None and save_stats is not None:
-            pairs.save(save_stats, head)
+            pending[0].save(save_stats, head)
     decompositions = {}  # each source's input Gram is the same for every target: decomposed once
 
     def solve(stats):  # of the input normalisation checked above, finite (iter_fit_targets checks each target)
@@ -806,8 +824,8 @@ def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, 
         for i, group in enumerate(passes):
             if i > 0:
                 with opened(given) as rows:  # a store given by its path was closed after the first pass
-                    group_pairs = accumulate(rows, group)
-            yield from iter_fit_targets(pairs if i == 0 else group_pairs, targets=group, solve=solve)
+                    pending[i] = accumulate(rows, group)
+            yield from iter_fit_targets(pending.pop(i), targets=group, solve=solve)
 
     def solved():
         yield from tqdm(in_passes(), total=len(targets), desc="solve", unit="target", leave=False,

@@ -12,7 +12,7 @@ loading and hashing the weights are not counted.
 Examples
 --------
 >>> from njtc_solve.solve.fit import FitSpec
->>> plan = FitSpec(method="njtc", max_memory="80kB").plan(store="activations.h5")
+>>> plan = FitSpec(method="njtc", chunk_rows=64, max_memory="150kB").plan(store="activations.h5")
 >>> plan.d_model, plan.passes
 (32, ((0,), (1,), (2,)))
 >>> print(plan)  # doctest: +ELLIPSIS
@@ -33,8 +33,8 @@ import torch
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.models import MODEL_DTYPES, model_shape
 from njtc_solve.data.store import opened
-from njtc_solve.solve.budget import (accumulator_bytes, format_size, free_memory, layer_groups, pair_pass_bytes,
-                                     pass_bytes, target_groups)
+from njtc_solve.solve.budget import (FREE_FRACTION, accumulator_bytes, default_budget, format_size, pair_pass_bytes,
+                                     pass_bytes)
 from njtc_solve.solve.pair_statistics import pair_layers
 from njtc_solve.solve.solvers import gram_eigh, solve_reduced_rank
 from njtc_solve.solve.stats import GEMM_ROWS, MomentAccumulator, highest_float32_matmul
@@ -81,6 +81,8 @@ class FitPlan:
     solve_s : float
         The solves' time (per source layer and target), extrapolated by ``d³`` from a measured one.
     device : str
+    accumulation : str
+        The type of the statistics' GEMMs (``float64`` with the fit's ``float64``).
     """
 
     source: str
@@ -107,6 +109,7 @@ class FitPlan:
     solve_s: float
     solve_from: str
     device: str
+    accumulation: str = "float32"
 
     @property
     def pass_seconds(self) -> float:
@@ -139,8 +142,9 @@ class FitPlan:
         lines += [
             f"  memory budget: {format_size(self.budget_bytes)} ({self.budget_from})",
             f"  passes: {len(self.passes)} ({sizes} {what}: {ranges}), {reads}",
-            f"  statistics: {format_size(self.pass_bytes)} at the peak of the largest pass (float64 accumulators "
-            f"and their centred copy); {format_size(self.accumulator_bytes)} of accumulators for every layer at once",
+            f"  statistics: {format_size(self.pass_bytes)} at the peak of the largest pass (float64 accumulators, "
+            f"their centred copy and one chunk of rows, {self.accumulation} GEMMs); "
+            f"{format_size(self.accumulator_bytes)} of accumulators for every layer at once",
             f"  FLOPs per token: statistics {self.statistics_flops:.3g}"
             + (f", forward {self.forward_flops:.3g} (2 x parameters x {len(self.passes)} pass{'es' if len(self.passes) > 1 else ''})" if self.live else ""),
             f"  estimated time ({tokens}): {_duration(self.seconds)} = passes {_duration(self.pass_seconds)} + "
@@ -173,7 +177,7 @@ def _duration(seconds: float) -> str:
 
 @functools.cache
 def measured_rates(device: str = "cpu", d: int = 1024, solve_d: int = 512,
-                   input_norm: str = "layer") -> tuple[float, float, float]:
+                   input_norm: str = "layer", float64: bool = False) -> tuple[float, float, float]:
     """``(float32 GEMM FLOP/s, statistics FLOP/s, seconds of one layer's solve at width solve_d)``
     measured now on ``device``.
 
@@ -196,7 +200,7 @@ def measured_rates(device: str = "cpu", d: int = 1024, solve_d: int = 512,
             calls += 1
             sync()
         gemm = 2.0 * GEMM_ROWS * d * 2 * d * calls / (time.perf_counter() - start)
-    acc = MomentAccumulator([0], input_norm, device)
+    acc = MomentAccumulator([0], input_norm, device, float64=float64)  # the fit's GEMM type
     acc.update({0: x[:, :d]}, x[:, d:])  # warm-up, allocation
     best = float("inf")
     for _ in range(3):
@@ -217,7 +221,7 @@ def measured_rates(device: str = "cpu", d: int = 1024, solve_d: int = 512,
 
 
 def plan_fit(spec, *, model: str | None = None, store=None, tokens: int | None = None,
-             model_dtype: str = "float32", trust_remote_code: bool = False) -> FitPlan:
+             model_dtype: str = "float32", trust_remote_code: bool = False, save_stats=None) -> FitPlan:
     """The plan of the fit ``spec`` (a :class:`~njtc_solve.solve.fit.FitSpec`) without doing it.
 
     Parameters
@@ -235,9 +239,13 @@ def plan_fit(spec, *, model: str | None = None, store=None, tokens: int | None =
         The parameter type the model loads in (its weights' bytes).
     trust_remote_code : bool
         As for loading the model.
+    save_stats : str or path, optional
+        The fit's ``save_stats`` (refused, as by the fit, when the fit needs several passes).
 
-    A budget that cannot hold one layer (or one target of ``target_layer="all"``) is the fit's
-    own one-line :class:`NJTCError`.
+    What the fit refuses once it knows the width and the budget (a rank above the width, a budget
+    that cannot hold one layer or one target of ``target_layer="all"``, ``save_stats`` or
+    ``one_jump`` in several passes) the plan refuses alike: both ask
+    :meth:`~njtc_solve.solve.fit.FitSpec.passes`.
     """
     if model is not None and store is not None:
         raise NJTCError("plan a fit of a model or of a store, not both")
@@ -270,28 +278,29 @@ def plan_fit(spec, *, model: str | None = None, store=None, tokens: int | None =
     if spec.max_memory is not None:
         budget, budget_from = spec.max_memory, "as given"
     else:
-        free = free_memory(spec.device)
+        free = default_budget(spec.device)
         on_device = live and weights is not None
         budget = free - (weights if on_device else 0)
-        budget_from = f"free memory of {spec.device} now" + (f", less the weights' {format_size(weights)}"
-                                                                if on_device else "")
+        budget_from = f"{FREE_FRACTION:.0%} of the free memory of {spec.device} now" + (
+            f", less the weights' {format_size(weights)}" if on_device else "")
         if budget < 1:
-            raise NJTCError(f"the weights ({format_size(weights)}) do not fit in the free memory of {spec.device} "
-                            f"({format_size(free)}): give `max_memory` to plan for another machine")
+            raise NJTCError(f"the weights ({format_size(weights)}) do not fit in {FREE_FRACTION:.0%} of the free memory "
+                            f"of {spec.device} ({format_size(free)}): give `max_memory` to plan for another machine")
     gemm, statistics_rate, solve_small = measured_rates(str(spec.device), min(d, 1024), min(d, 512),
-                                                        "layer" if spec.normalize == "layer" else "none")
+                                                        "layer" if spec.normalize == "layer" else "none", spec.float64)
     solve_one = solve_small * (d / min(d, 512)) ** 3
+    sizes = {"chunk_rows": spec.chunk_rows, "float64": spec.float64}
     if every:
         targets = [t for t in held if t > min(layers)]
-        passes = target_groups(layers, targets, d, budget)
-        peak = max(pair_pass_bytes(layers, p, d) for p in passes)
+        passes = spec.passes(d, layers, targets=targets, budget=budget, save_stats=save_stats)
+        peak = max(pair_pass_bytes(layers, p, d, **sizes) for p in passes)
         products = sum(len(pair_layers(sources=[l for l in layers if l < max(p)], targets=p))
                        + sum(l < max(p) for l in layers) + len(p) for p in passes)
         n_solves = len(pair_layers(sources=layers, targets=targets))
         all_bytes = pair_pass_bytes(layers, targets, d)
     else:
-        passes = layer_groups(layers, d, budget)
-        peak = max(pass_bytes(len(p), d) for p in passes)
+        passes = spec.passes(d, layers, budget=budget, save_stats=save_stats)
+        peak = max(pass_bytes(len(p), d, one_jump=bool(spec.one_jump), **sizes) for p in passes)
         products = 2 * len(layers) + len(passes)  # [x | y]ᵀx per source layer, yᵀy once per pass
         n_solves = len(layers)
         all_bytes = accumulator_bytes(len(layers), d)
@@ -303,4 +312,4 @@ def plan_fit(spec, *, model: str | None = None, store=None, tokens: int | None =
         statistics_flops=2.0 * d * d * products, forward_flops=2.0 * n_params * len(passes) if live else 0.0,
         gemm_flops_per_s=gemm, statistics_flops_per_s=statistics_rate, rate_width=min(d, 1024),
         solve_s=solve_one * n_solves, solve_from=f"one solve at d = {min(d, 512)} ({solve_small * 1e3:.1f} ms)",
-        device=str(spec.device))
+        device=str(spec.device), accumulation="float64" if spec.float64 else "float32")

@@ -155,7 +155,7 @@ def solve_one_jump(problems: dict[int, LayerProblem], *, mode: str, ranks, fit_i
             coef, bias, u, v = table["maps"][chosen]
             info["pooled_sse"] = map_loss(pooled, coef, bias, gamma)
         maps, records = _shared_maps(problems, u=u, v=v, bias=bias, normalize=normalize, residual=residual,
-                                     gamma=gamma, alpha=alpha, n_rows=n_rows, total_var=total_var,
+                                     alpha=alpha, n_rows=n_rows, total_var=total_var,
                                      solve_s=time.perf_counter() - start)
         out[rank] = (maps, records, info)
     return out
@@ -208,8 +208,9 @@ def select_table(problems: dict[int, LayerProblem], per_layer: list[Shortcuts], 
     return tables
 
 
-def _shared_maps(problems, *, u, v, bias, normalize, residual, gamma, alpha, n_rows, total_var, solve_s):
-    """One :class:`ShortcutMap` per layer, all holding the same float32 map, and each layer's record."""
+def _shared_maps(problems, *, u, v, bias, normalize, residual, alpha, n_rows, total_var, solve_s):
+    """One :class:`ShortcutMap` per layer, all holding the same float32 map, and each layer's record
+    (its training loss ``‖y - ŷ‖²`` unweighted by ``G``, as a per-layer fit records it, and R² against ``tr C_yy``)."""
     f32 = lambda t: None if t is None else t.to(torch.float32)
     core = {"weight": f32(u), "U": None, "V": None} if v is None else {"weight": None, "U": f32(u), "V": f32(v)}
     bias32 = f32(bias)
@@ -219,7 +220,8 @@ def _shared_maps(problems, *, u, v, bias, normalize, residual, gamma, alpha, n_r
         maps[l] = ShortcutMap(**core, bias=bias32, norm_mean=f32(p.norm_mean), norm_scale=f32(p.norm_scale),
                               normalize=normalize, residual=residual)
         d = p.ctt.shape[0]
-        sse = max(map_loss(p, coef, None if bias32 is None else bias32.double(), gamma), 0.0)
+        # the per-layer fits' measure (solve/fit.py _solve_layer): the hidden-space error, not the weighted one
+        sse = max(map_loss(p, coef, None if bias32 is None else bias32.double()), 0.0)
         records[l] = {"train_mse": sse / (p.n * d), "train_sse": sse, "r2": 1 - sse / total_var if total_var else 0.0,
                       "params": maps[l].n_params, "reduction": 1 - maps[l].n_params / (d * d), "alpha": alpha,
                       "rank": None if v is None else u.shape[1], "solve_s": solve_s, "n_train": n_rows}
