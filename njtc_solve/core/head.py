@@ -296,9 +296,10 @@ class Head:
         return self.finish(self.low_rank_linear(self.low_rank_factor(V, bias), a, y))
 
     def low_rank_factor(self, V: torch.Tensor, bias) -> torch.Tensor:
-        """``[M; c; const]``, ``(r + 2) × vocab`` (float32), of the rank-r map ``a @ V + bias``."""
-        V = V.detach().to(torch.float32)
-        bias = torch.zeros(V.shape[1], dtype=torch.float32, device=V.device) if bias is None else bias.detach().float()
+        """``[M; c; const]``, ``(r + 2) × vocab`` (float32), of the rank-r map ``a @ V + bias``;
+        differentiable in ``V`` and ``bias`` (the KL trainer's gradients pass through it)."""
+        V = V.to(torch.float32)
+        bias = torch.zeros(V.shape[1], dtype=torch.float32, device=V.device) if bias is None else bias.float()
         if self.norm == "layernorm":
             V, bias = V - V.mean(1, keepdim=True), bias - bias.mean()
         const = torch.zeros_like(self.unembed[:, 0])

@@ -310,7 +310,8 @@ class ShortcutDrafter:
         self.head, self.low_rank = decoder.head, None
         if self.map.U is not None and not self.map.residual:
             bias = None if self.map.bias is None else self.map.bias.cpu()
-            self.low_rank = self.head.low_rank_factor(self.map.V.cpu(), bias).to(self.device)
+            with torch.no_grad():
+                self.low_rank = self.head.low_rank_factor(self.map.V.cpu(), bias).to(self.device)
         else:
             self.head = decoder.head_on(self.device)
 
