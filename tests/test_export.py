@@ -112,7 +112,7 @@ def test_export_cli_refuses_a_model_the_maps_were_not_fitted_on(tiny_models, tmp
     model, _, _ = load_model(str(tiny_models["llama"]), progress=False)
     _random_maps(model_sha256(model))[0].save(tmp_path / "jtc.safetensors")
     done = run_module("njtc_solve.export", "--format", "tuned-lens", "--shortcuts", str(tmp_path / "jtc.safetensors"),
-                      "--out", str(tmp_path / "lens"), "--model", str(tiny_models["gpt2"]))
+                      "--out", str(tmp_path / "lens"), "--model", str(tiny_models["gpt2"]), "--no-progress")
     assert done.returncode == 2
     assert done.stderr.startswith("error: shortcuts jtc were fitted on another model (model_sha256 ")
     assert done.stderr.count("\n") == 1

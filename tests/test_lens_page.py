@@ -250,7 +250,7 @@ def test_cli_updates_an_old_lens_folder_and_keeps_out_of_foreign_ones(tiny_model
     (foreign / "lens.html").write_text("mine")
     done = in_process(capsys, "--model", tiny_models["llama"], "--prompt", "import os", "--out", foreign)
     assert done.returncode == 2 and done.stderr.strip() == (
-        f"error: --out {foreign} holds lens.html, which this project did not write; choose another --out")
+        f"error: --out {foreign} holds lens.html, which this project did not write and never replaces; move it away or choose another --out")
     assert (foreign / "lens.html").read_text() == "mine" and sorted(p.name for p in foreign.iterdir()) == ["lens.html"]
 
 

@@ -186,7 +186,7 @@ def test_damaged_statistics_refused(caches, tmp_path):
         meta = f.metadata()
     tensors = load_file(path)
     cases = {"nan": ({**tensors, "s1.plain.cxx": tensors["s1.plain.cxx"] * float("nan")}, meta,
-                     "s1.plain.cxx holds NaN or Inf"),
+                     "s1.plain.cxx is not finite float64"),
              "shape": ({**tensors, "s1.k1.rms.cxt": tensors["s1.k1.rms.cxt"][:3]}, meta,
                        "s1.k1.rms.cxt has shape (3, 32), expected (32, 32)"),
              "missing": ({k: v for k, v in tensors.items() if k != "s1.k1.plain.mean_t"}, meta,
@@ -235,7 +235,7 @@ def test_saved_statistics_serve_another_start_and_k_without_a_pass(tiny_models, 
              ([*base, "--remove", "1", "--start", "1", "--stats", str(stats), "--seed", "5"],
               "were gathered with --seed 0, not --seed 5"),
              ([*base, "--remove", "1", "--start", "1", "--save-stats", model + "/model.safetensors"],
-              "exists and is not a block statistics file"),
+              "an output never goes into an input's folder; choose another --save-stats"),
              ([*base, "--remove", "1", "--start", "1", "--save-stats", str(stats)], "exists; pass --overwrite")]
     for argv, message in cases:
         code = run_cli(main, [*argv, "--out", str(tmp_path / "d")])
