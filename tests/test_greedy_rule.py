@@ -32,15 +32,17 @@ PROCESSORS = {
     "SuppressTokensLogitsProcessor": {"suppress_tokens": [5]},
     "SuppressTokensAtBeginLogitsProcessor": {"begin_suppress_tokens": [5]},
     "LogitNormalization": {"renormalize_logits": True},
+    # generate passes a decoder-only model's prompt as its encoder_input_ids: these act on it too
+    "EncoderRepetitionPenaltyLogitsProcessor": {"encoder_repetition_penalty": 3.0},
+    "EncoderNoRepeatNGramLogitsProcessor": {"encoder_no_repeat_ngram_size": 2},
 }
 # the warpers, which generate applies only when sampling: greedy decoding is the argmax with them set
 WARPERS = {"TemperatureLogitsWarper": {"temperature": 0.5}, "TopKLogitsWarper": {"top_k": 3},
            "TopPLogitsWarper": {"top_p": 0.5}, "MinPLogitsWarper": {"min_p": 0.2},
            "TypicalLogitsWarper": {"typical_p": 0.5}, "EpsilonLogitsWarper": {"epsilon_cutoff": 0.1},
            "EtaLogitsWarper": {"eta_cutoff": 0.1}, "TopHLogitsWarper": {"top_h": 0.5}}
-# built from generate's arguments or an encoder's input, never from a decoder-only model's config
-NOT_FROM_CONFIG = {"PrefixConstrainedLogitsProcessor", "EncoderRepetitionPenaltyLogitsProcessor",
-                   "EncoderNoRepeatNGramLogitsProcessor"}
+# built from generate's arguments, never from a config
+NOT_FROM_CONFIG = {"PrefixConstrainedLogitsProcessor"}
 
 
 @pytest.fixture(scope="module")

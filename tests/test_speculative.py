@@ -241,8 +241,10 @@ def test_the_drafter_refuses_what_does_not_belong():
         speculative_generate(model, torch.tensor([padded]), drafter=drafter, max_new_tokens=2, draft_tokens=1)
     model.generation_config.suppress_tokens = []  # an empty list suppresses nothing
     speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=2, draft_tokens=1)
-    for name, value in (("num_beams", 3), ("num_beam_groups", 2), ("penalty_alpha", 0.6), ("repetition_penalty", 1.3)):
-        setattr(model.generation_config, name, value)  # beam or contrastive search, a processor: not the argmax
+    for name, value in (("num_beams", 3), ("num_beam_groups", 2), ("penalty_alpha", 0.6), ("repetition_penalty", 1.3),
+                        ("dola_layers", "low"), ("custom_generate", "a/repo"), ("max_time", 1.0),
+                        ("encoder_repetition_penalty", 3.0)):
+        setattr(model.generation_config, name, value)  # another strategy or stopping rule, a processor: not the argmax
         with pytest.raises(NJTCError, match=name):
             speculative_generate(model, torch.tensor([PROMPTS[0]]), drafter=drafter, max_new_tokens=2, draft_tokens=1)
         setattr(model.generation_config, name, None)

@@ -59,7 +59,7 @@ __all__ = ["GenerateSpec", "GenerationStats", "SpeculativeResult", "ShortcutDraf
 # decoding strategies other than greedy search under do_sample=False, and a stopping rule the drafter lacks
 # (settings that build no logits processor)
 _STRATEGIES = {"num_beams": (None, 1), "num_beam_groups": (None, 1), "penalty_alpha": (None, 0.0),
-               "stop_strings": (None,)}
+               "stop_strings": (None,), "dola_layers": (None,), "custom_generate": (None,), "max_time": (None,)}
 
 
 def _greedy_processors(model, config) -> list[str]:
@@ -75,7 +75,9 @@ def _greedy_processors(model, config) -> list[str]:
     model._prepare_special_tokens(config, False, device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "... requires input_ids": the warnings generate itself would give
-        built = model._get_logits_processor(generation_config=config, input_ids_seq_length=1, encoder_input_ids=None,
+        # generate passes a decoder-only model's prompt as its encoder_input_ids too
+        prompt = torch.zeros(1, 1, dtype=torch.long)
+        built = model._get_logits_processor(generation_config=config, input_ids_seq_length=1, encoder_input_ids=prompt,
                                             prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(),
                                             device="cpu", model_kwargs={})
     return [type(p).__name__ for p in built]
