@@ -249,7 +249,7 @@ def run(args, save=lambda result: None) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), required=True)
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default=None, help="default: cuda, or cpu with --rehearse")
     p.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--rehearse", action="store_true", help="a tiny config of the same structure (CPU, seconds)")
     p.add_argument("--tokens", type=int, default=None, help="tokens of the plan (3/4 train; default 32768, "
@@ -262,6 +262,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/gpu/scale-SHAPE.json)")
     args = p.parse_args(argv)
+    args.device = args.device or ("cpu" if args.rehearse else "cuda")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.exit(2, "error: no CUDA device here (--device cpu, or --rehearse, runs on the CPU)\n")
     args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
     args.tokens = args.tokens or (1024 if args.rehearse else 32768)
     args.seq_len = args.seq_len or (64 if args.rehearse else 512)

@@ -435,3 +435,18 @@ def test_refused_output_folder_leaves_the_model_unchanged(tiny_models, corpus, t
     assert model.config.num_hidden_layers == 3 and len(resolve_parts(model)[1]) == 3
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_refused_fold_leaves_the_model_as_it_was(tiny_models):
+    """The intercept a projection cannot hold is refused before any weight is written."""
+    from njtc_solve.prune.folding import Replacement, fold_replacement
+
+    model, _, _ = load_model(str(tiny_models["llama"]), progress=False)
+    d = model.config.hidden_size
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong = Replacement(1, 1, torch.eye(d, dtype=torch.float64) * 2, torch.ones(d, dtype=torch.float64), "lsq+x",
+                        "none", 0.0, "none", 0.0, 0.0)  # an intercept the family's bias option does not serve
+    with pytest.raises(NJTCError, match="has no bias for the intercept"):
+        fold_replacement(model, wrong)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

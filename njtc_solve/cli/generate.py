@@ -98,11 +98,12 @@ def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.generate``."""
     import torch
 
-    from njtc_solve.core.models import load_model, model_sha256
-    from njtc_solve.infer.speculative import ShortcutDrafter, speculative_generate
+    from njtc_solve.core.models import context_length, load_model, model_sha256
+    from njtc_solve.infer.speculative import ShortcutDrafter, check_greedy_config, speculative_generate
 
     text, k, shortcuts, _ = check_arguments(args)
     model, tokenizer, name = load_model(args.model, device=args.device, progress=not args.no_progress)
+    check_greedy_config(model)  # before the calibration: a generation config that is not the argmax is refused
     sha = None if shortcuts is None or shortcuts.method == "identity" else model_sha256(model)
     drafter = ShortcutDrafter(model, shortcuts, args.exit_layer, model_sha256=sha)  # another model's maps: refused
     if k is None:
@@ -110,7 +111,7 @@ def main(args) -> int:
         from njtc_solve.infer.calibrate import calibrate, held_out_sequences
 
         _, documents = load_corpus()
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 128)
+        limit = context_length(model.config) or 128
         sequences = held_out_sequences(tokenizer, documents, drafter.shortcuts, seq_len=min(128, int(limit)),
                                        max_sequences=args.calibration_sequences)
         table = calibrate(model, sequences, {drafter.shortcuts.name: drafter.shortcuts}, [args.exit_layer],

@@ -347,8 +347,11 @@ def atomic_folder(out, kind: FolderKind, *, label: str = "`out`", parents: bool 
     any other ``out`` (a shared folder such as ``runs/`` or ``.``, or one that also holds files
     this project did not write: notes, a statistics file) gets the new files by one rename each,
     the marker first, and keeps the user's files; files this
-    project wrote there before and did not write this time are removed. On any failure ``out``
-    is left as it was and the temporary folder removed; a failure to write is a one-line
+    project wrote there before and did not write this time are removed. A failure while the
+    files are written leaves ``out`` as it was and removes the temporary folder. In the second
+    case a failure part way through the renames themselves (a full disk, a kill) can leave some
+    of our files new and some old, every one of them still marked as ours, so the next run
+    replaces them; the user's files are never touched. A failure to write is a one-line
     :class:`NJTCError`. The writer must put ``kind.marker`` into the folder. ``parents``: create
     ``out``'s missing parent folders.
 

@@ -442,17 +442,18 @@ def fold_replacement(model, replacement: Replacement, fold: FoldSpec | None = No
     spec = fold if fold is not None else check_foldable(model.config)
     proj = decoder.mlp_projections(spec)[replacement.start - 1]
     T = replacement.T.double().cpu()
-    with torch.no_grad():
+    bias = getattr(proj, "bias", None)
+    if bias is None and replacement.c is not None and (spec.bias_option is None
+                                                       or replacement.intercept != spec.bias_option):
+        raise NJTCError(f"{model.config.model_type}'s MLP output projection has no bias for the intercept")
+    with torch.no_grad():  # refused above before any weight changes
         w = proj.weight
         new_w = (T.T @ w.double().cpu()) if spec.kind == "linear" else (w.double().cpu() @ T)
         w.copy_(new_w.to(w.dtype))
-        bias = getattr(proj, "bias", None)
         if bias is not None:
             b = bias.double().cpu() @ T + (0 if replacement.c is None else replacement.c.double().cpu())
             bias.copy_(b.to(bias.dtype))
         elif replacement.c is not None:
-            if spec.bias_option is None or replacement.intercept != spec.bias_option:
-                raise NJTCError(f"{model.config.model_type}'s MLP output projection has no bias for the intercept")
             decoder.enable_bias_option(spec)
             proj.bias.copy_(replacement.c.to(proj.bias.dtype))
 
