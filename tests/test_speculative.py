@@ -406,3 +406,12 @@ def test_sliding_window_caches_are_refused(family):
     with pytest.raises(NJTCError, match="sliding-window"):
         speculative_generate(model, torch.tensor([[5, 17, 42]]), drafter=ShortcutDrafter(model, None, 1),
                              max_new_tokens=4, draft_tokens=2)
+
+
+def test_ids_that_are_not_token_ids_are_one_line():
+    model = tiny_model("llama")
+    drafter = ShortcutDrafter(model, None, 1)
+    vocab = model.get_input_embeddings().num_embeddings
+    for bad in (torch.tensor([[5.0, 17.0]]), torch.tensor([[5, vocab]]), torch.tensor([[-1, 5]])):
+        with pytest.raises(NJTCError, match="`input_ids` must be token ids"):
+            speculative_generate(model, bad, drafter=drafter, max_new_tokens=2, draft_tokens=1)

@@ -59,7 +59,7 @@ def check_arguments(args):
     from njtc_solve.cli.arguments import prompt_text
     from njtc_solve.infer.speculative import GenerateSpec
     from njtc_solve.maps.shortcuts import Shortcuts
-    from njtc_solve.core.models import read_model_config
+    from njtc_solve.core.models import context_length, model_config, read_model_config
 
     spec = GenerateSpec(args.exit_layer, max_new_tokens=args.max_new_tokens, draft_tokens=_draft_tokens(args.draft_tokens),
                         max_draft_tokens=args.max_draft_tokens, calibration_sequences=args.calibration_sequences,
@@ -68,7 +68,7 @@ def check_arguments(args):
     if not text.strip():
         raise NJTCError(f"{where} is empty")
     _, n_blocks, config = read_model_config(args.model)  # the configuration only: no weight is read
-    limit = _context(args.model, config)
+    limit = context_length(model_config(args.model) if config is None else config)  # a GGUF file: its metadata
     if limit is not None and args.max_new_tokens >= limit:
         raise NJTCError(f"--max-new-tokens {args.max_new_tokens} reaches past the model's context of {limit} tokens "
                         "(the prompt takes at least one)")
@@ -76,21 +76,6 @@ def check_arguments(args):
     spec.check_model(n_blocks, getattr(config, "hidden_size", None) if config is not None else None, shortcuts,
                      where=args.shortcuts)
     return text, spec.draft_tokens, shortcuts, n_blocks
-
-
-def _context(model, config) -> int | None:
-    """The model's context length from its configuration, or a GGUF file's metadata; no weight is read."""
-    from pathlib import Path
-
-    from njtc_solve.core.models import context_length, default_model_path, gguf_reader
-
-    if config is not None:
-        return context_length(config)
-    path = default_model_path() if model in (None, "default") else Path(model)
-    reader = gguf_reader(path)
-    arch = reader.fields["general.architecture"]
-    found = reader.fields.get(f"{bytes(arch.parts[arch.data[0]]).decode()}.context_length")
-    return None if found is None else int(found.parts[found.data[0]][0])
 
 
 @command(build_parser)

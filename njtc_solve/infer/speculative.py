@@ -442,6 +442,10 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter, max_new_
     ids = ids[None] if ids.ndim == 1 else ids
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
         raise NJTCError(f"`input_ids` must hold one non-empty prompt, (1, n); got shape {tuple(ids.shape)}")
+    vocab = model.get_input_embeddings().num_embeddings
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or not (
+            0 <= int(ids.min()) and int(ids.max()) < vocab):
+        raise NJTCError(f"`input_ids` must be token ids, whole numbers in 0..{vocab - 1} (the model's vocabulary)")
     from njtc_solve.core.models import context_length
 
     limit = context_length(model.config)
