@@ -30,7 +30,7 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.solve.stats import NORM_BINS
 
 __all__ = ["FREE_FRACTION", "accumulator_bytes", "check_budget", "chunk_bytes", "default_budget", "format_size",
-           "free_memory", "layer_groups", "merge_fits", "one_jump_bytes", "pair_pass_bytes", "parse_size", "pass_bytes",
+           "free_memory", "join_layers", "layer_groups", "merge_fits", "one_jump_bytes", "pair_pass_bytes", "parse_size", "pass_bytes",
            "target_groups"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
@@ -203,18 +203,26 @@ def target_groups(sources, targets, d: int, budget: int, **sizes) -> list[list[i
     return groups
 
 
-def merge_fits(parts: list) -> list:
-    """One list of :class:`~njtc_solve.maps.shortcuts.Shortcuts` per rank from the fits of several
-    passes (each a list, one per rank, over its own layers): maps and records joined in layer
-    order, the passes' seconds added (rows/s and GFLOP/s then over all of them)."""
+def join_layers(parts: list) -> list:
+    """The first list of :class:`~njtc_solve.maps.shortcuts.Shortcuts` (one per rank) with the maps
+    and per-layer records of the others (each over its own layers) joined in, in layer order."""
     merged = parts[0]
     for part in parts[1:]:
         for into, sc in zip(merged, part):
             into.maps.update(sc.maps)
             into.stats["layers"].update(sc.stats["layers"])
-    for i, sc in enumerate(merged):
+    for sc in merged:
         sc.maps = dict(sorted(sc.maps.items()))
         sc.stats["layers"] = dict(sorted(sc.stats["layers"].items()))
+    return merged
+
+
+def merge_fits(parts: list) -> list:
+    """One list of :class:`~njtc_solve.maps.shortcuts.Shortcuts` per rank from the fits of several
+    passes (each a list, one per rank, over its own layers): maps and records joined in layer
+    order, the passes' seconds added (rows/s and GFLOP/s then over all of them)."""
+    merged = join_layers(parts)
+    for i, sc in enumerate(merged):
         timing = [p[i].stats.get("accumulation", {}) for p in parts]
         seconds = [t.get("seconds") for t in timing]
         if len(parts) > 1 and all(isinstance(s, Real) for s in seconds):

@@ -32,7 +32,8 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.params import BOOLEAN, DEVICE, Check, Interval, ListOf, Options, check_spec
 from njtc_solve.core.outputs import check_not_inputs
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.solve.budget import check_budget, default_budget, layer_groups, merge_fits, target_groups
+from njtc_solve.solve.budget import (check_budget, default_budget, join_layers, layer_groups, merge_fits,
+                                     target_groups)
 from njtc_solve.solve.solvers import gcv_alpha, gram_eigh, solve_reduced_rank, sum_squared_error, weight_root
 from njtc_solve.solve.stats import MomentAccumulator, Statistics, pass_meta
 from njtc_solve.data.store import opened
@@ -917,17 +918,7 @@ def _solve_shared(comm, solve, layers) -> list[Shortcuts]:
     if not comm.vote(failure is None):
         raise failure or NJTCError("another process failed while solving; no output written")
     parts = comm.gather_to_root(share)
-    if comm.rank != 0:
-        return []
-    merged = parts[0]
-    for part in parts[1:]:
-        for into, sc in zip(merged, part):
-            into.maps.update(sc.maps)
-            into.stats["layers"].update(sc.stats["layers"])
-    for sc in merged:
-        sc.maps = dict(sorted(sc.maps.items()))
-        sc.stats["layers"] = dict(sorted(sc.stats["layers"].items()))
-    return merged
+    return join_layers(parts) if comm.rank == 0 else []
 
 
 def row_norm_warning(sc: Shortcuts) -> str | None:
