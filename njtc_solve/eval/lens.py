@@ -39,6 +39,7 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import FolderKind, atomic_folder, atomic_output
 from njtc_solve.core.head import Head
 from njtc_solve.core.metrics import Reference, kl_divergence
+from njtc_solve.core.models import context_length
 from njtc_solve.core.params import DEVICE, Interval, Options, check_spec
 from njtc_solve.eval.report import write_csv
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
@@ -300,7 +301,7 @@ class ShortcutLens(nn.Module):
             if min(item) < 0 or max(item) >= vocab:
                 raise NJTCError(f"token ids must be in [0, {vocab})")
             ids.append(item)
-        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        limit = context_length(self.model.config)
         if limit is not None and max(map(len, ids)) > limit:
             raise NJTCError(f"a prompt has {max(map(len, ids))} tokens; the model reads at most {limit}")
         return ids
