@@ -254,9 +254,15 @@ def _one_jump_mode(one_jump, target, layers) -> str | None:
     if mode and target == "all":
         raise NJTCError("`one_jump` fits one map for the source layers of one target; `target_layer` all fits "
                         "every target on its own")
-    if mode and layers is not None and len(set(layers)) == 1:
-        raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
+    if mode and layers is not None:
+        check_one_jump_layers(layers)
     return mode
+
+
+def check_one_jump_layers(layers) -> None:
+    """Refuse a one jump over a single source layer: it is the ordinary fit."""
+    if len(set(layers)) == 1:
+        raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
 
 
 def _inverse_norm_scale(norm: str, eps: float, y) -> torch.Tensor:
@@ -632,8 +638,8 @@ def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, co
         spec.check_width(d_model)
         if not layers:
             raise NJTCError("no source layer to fit (the store holds the target layer alone?)")
-        if spec.one_jump and len(layers) < 2:
-            raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
+        if spec.one_jump:
+            check_one_jump_layers(layers)
         if spec.weight == "logits" and head is None:
             raise NJTCError("`weight` logits needs the model's head, and these statistics were saved without it")
         passes = [layers] if store is None or statistics is not None else \
@@ -668,8 +674,7 @@ def _fit_one_jump(stats: Statistics, spec: FitSpec, *, layers, weight_factor) ->
     """One map shared by every layer of ``layers``, per rank (:mod:`njtc_solve.solve.one_jump`)."""
     from njtc_solve.solve.one_jump import LayerProblem, solve_one_jump
 
-    if len(layers) < 2:
-        raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
+    check_one_jump_layers(layers)
     missing = [l for l in layers if l not in stats.layers]
     if missing:
         raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
