@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 from gradient import as_shortcuts, train_gradient
 
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.eval.evaluate import evaluate_shortcuts
+from njtc_solve.evaluation.evaluate import evaluate_shortcuts
 from njtc_solve.solve.fit import fit_shortcuts
 from njtc_solve.data.store import ActivationStore
 from provenance import measured_at

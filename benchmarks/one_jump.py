@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from njtc_solve.data.store import ActivationStore
-from njtc_solve.eval.evaluate import evaluate_shortcuts
+from njtc_solve.evaluation.evaluate import evaluate_shortcuts
 from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
 from njtc_solve.solve.stats import Statistics
 

@@ -30,7 +30,7 @@ from njtc_solve.data.corpus import load_corpus
 from njtc_solve.solve.fit import fit_all_targets, fit_shortcuts
 from njtc_solve.core.models import load_model
 from njtc_solve.solve.pair_statistics import pair_memory_bytes
-from njtc_solve.eval.layer_pairs import evaluate_pairs
+from njtc_solve.evaluation.layer_pairs import evaluate_pairs
 from njtc_solve.maps.shortcuts import Shortcuts
 from njtc_solve.data.live import LiveSource
 

@@ -1,7 +1,7 @@
 """``python -m njtc_solve.refine``: gradient refinement of fitted maps on KL or MSE.
 
 Only a hand-over: the command is :mod:`njtc_solve.cli.refine`, the library behind it
-:mod:`njtc_solve.solve.refine`. Importing this module does nothing.
+:mod:`njtc_solve.solve.refine_shortcuts`. Importing this module does nothing.
 """
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def test_evaluate_writes_its_warnings_with_flags_into_the_report(tiny_store, tmp
     [jtc] = fit_shortcuts(tiny_store, method="jtc", layers=[1], progress=False)
     refined = jtc.replace(stats={**jtc.stats, "refined": {"check_rows": [4, 20], "check_split": "validation"}})
     refined.save(tmp_path / "refined.safetensors")
-    assert "use `max_rows` 4" in str(__import__("njtc_solve.eval.evaluate", fromlist=["x"]).check_rows_overlap(
+    assert "use `max_rows` 4" in str(__import__("njtc_solve.evaluation.evaluate", fromlist=["x"]).check_rows_overlap(
         Shortcuts.load(tmp_path / "refined.safetensors"), 64, 1))  # the library's wording
     out = tmp_path / "report"
     assert run_cli(evaluate.main, ["--store", str(tiny_store), "--shortcuts", str(tmp_path / "refined.safetensors"),
@@ -202,7 +202,7 @@ def test_a_store_in_a_missing_folder_is_named_so(tmp_path):
 
 
 def test_pairwise_bounds_must_be_positive(tiny_store):
-    from njtc_solve.eval.layer_pairs import evaluate_pairs
+    from njtc_solve.evaluation.layer_pairs import evaluate_pairs
 
     for bounds, name in (({"skip_rows": 0}, "skip_rows"), ({"max_rows": -1}, "max_rows")):
         with pytest.raises(NJTCError, match=f"^`{name}` must be positive"):

@@ -12,7 +12,7 @@ import torch
 
 from conftest import run_module
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.eval.evaluate import early_exit_curve, evaluate_shortcuts
+from njtc_solve.evaluation.evaluate import early_exit_curve, evaluate_shortcuts
 from njtc_solve.solve.fit import fit_shortcuts
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.data.store import ActivationStore
@@ -291,7 +291,7 @@ def test_maps_to_an_intermediate_layer_checked_before_the_model_loads(tiny_store
 
 def test_an_undefined_figure_reads_as_a_dash_not_nan():
     """R² of rows that do not vary is undefined (NaN in the records); the report's tables say ``—``."""
-    from njtc_solve.eval.report import markdown_table
+    from njtc_solve.evaluation.report import markdown_table
 
     table = markdown_table([{"method": "jtc", "layer": 1, "r2": float("nan"), "kl": 0.5}])
     assert "nan" not in table.lower() and "| — |" in table and "0.500" in table

@@ -12,7 +12,7 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.maps.tuned_lens import export_tuned_lens, read_tuned_lens
 from njtc_solve.solve.fit import fit_shortcuts
 from njtc_solve.core.head import Head
-from njtc_solve.eval.lens import ShortcutLens
+from njtc_solve.evaluation.lens import ShortcutLens
 from njtc_solve.core.models import load_model, model_sha256
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 

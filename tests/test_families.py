@@ -479,7 +479,7 @@ def test_a_live_fit_and_the_lens_on_opt_with_project_out(tmp_path, tokenizer_fol
     """The residual stream is wider than the unembedding's input here (project_out folded into the
     head): a live fit and the lens both work at the residual stream's width."""
     from njtc_solve.solve.fit import fit_shortcuts
-    from njtc_solve.eval.lens import ShortcutLens
+    from njtc_solve.evaluation.lens import ShortcutLens
     from njtc_solve.data.live import LiveSource
 
     model, tok, name = load_model(str(build_family("opt-project-out", tmp_path / "opt", tokenizer_folder)),
@@ -500,7 +500,7 @@ def test_tuned_lens_loads_exported_maps_of_the_families_it_knows(family, tmp_pat
 
     from njtc_solve.data.capture import capture_residual_stream
     from njtc_solve.maps.tuned_lens import export_tuned_lens
-    from njtc_solve.eval.lens import ShortcutLens
+    from njtc_solve.evaluation.lens import ShortcutLens
     from njtc_solve.core.models import model_sha256
     from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 

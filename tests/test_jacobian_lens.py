@@ -27,7 +27,7 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
 from njtc_solve.core.models import load_model, model_sha256
 from njtc_solve.data.capture import capture_residual_stream
-from njtc_solve.eval.lens import ShortcutLens
+from njtc_solve.evaluation.lens import ShortcutLens
 from njtc_solve.maps.jacobian_lens import export_jacobian_lens, read_jacobian_lens
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.solve.fit import fit_shortcuts

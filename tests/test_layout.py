@@ -14,16 +14,16 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "njtc_solve"
 
-# what each stage may import besides itself (cli -> eval/prune/infer -> solve -> maps -> data -> core)
+# what each stage may import besides itself (cli -> evaluationuation/prune/infer -> solve -> maps -> data -> core)
 ALLOWED = {
     "core": set(),
     "data": {"core"},
     "maps": {"core", "data"},
     "solve": {"core", "data", "maps"},
-    "eval": {"core", "data", "maps"},
+    "evaluation": {"core", "data", "maps"},
     "prune": {"core", "data", "maps", "solve"},
-    "infer": {"core", "data", "maps", "eval"},
-    "cli": {"core", "data", "maps", "solve", "eval", "prune", "infer"},
+    "infer": {"core", "data", "maps", "evaluation"},
+    "cli": {"core", "data", "maps", "solve", "evaluation", "prune", "infer"},
 }
 
 

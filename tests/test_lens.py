@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.eval.evaluate import evaluate_shortcuts
+from njtc_solve.evaluation.evaluate import evaluate_shortcuts
 from njtc_solve.solve.fit import fit_shortcuts
-from njtc_solve.eval.lens import ShortcutLens
+from njtc_solve.evaluation.lens import ShortcutLens
 from njtc_solve.core.metrics import Reference, entropy, kl_divergence
 from njtc_solve.core.models import load_model
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts

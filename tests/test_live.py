@@ -9,7 +9,7 @@ from test_extract import _one_line_exit_2
 
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.eval.evaluate import evaluate_shortcuts
+from njtc_solve.evaluation.evaluate import evaluate_shortcuts
 from njtc_solve.data.extract import extract_activations
 from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
 from njtc_solve.core.models import load_model

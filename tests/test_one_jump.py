@@ -232,7 +232,7 @@ def test_cli_select_prints_and_saves_the_table(tiny_store, tmp_path, capsys):
 
 
 def test_tools_read_a_one_jump_file(tiny_store, tmp_path):
-    from njtc_solve.eval.evaluate import evaluate_shortcuts
+    from njtc_solve.evaluation.evaluate import evaluate_shortcuts
     from njtc_solve.maps.jacobian_lens import check_exportable
 
     [batch] = fit_shortcuts(tiny_store, method="nnjtc", normalize="batch", ranks=[4], one_jump=True, progress=False)
@@ -269,7 +269,7 @@ def test_two_process_one_jump_equals_single_process(tiny_store, tmp_path):
 
 
 def test_refine_from_a_one_jump_start_writes_per_layer_maps(tiny_store, tmp_path):
-    from njtc_solve.solve.refine import refine_shortcuts
+    from njtc_solve.solve.refine_shortcuts import refine_shortcuts
 
     [one] = fit_shortcuts(tiny_store, method="njtc", ranks=[4], one_jump=True, progress=False)
     with ActivationStore(tiny_store) as store:
@@ -329,7 +329,7 @@ def test_a_damaged_one_jump_file_is_refused_on_one_line(tiny_store, tmp_path, ch
 
 def test_the_lens_reads_a_one_jump_file(tiny_models, tiny_store):
     from njtc_solve.core.models import load_model
-    from njtc_solve.eval.lens import ShortcutLens
+    from njtc_solve.evaluation.lens import ShortcutLens
 
     [one] = fit_shortcuts(tiny_store, method="nnjtc", normalize="batch", ranks=[4], one_jump=True, progress=False)
     model, tokenizer, _ = load_model(str(tiny_models["llama"]))

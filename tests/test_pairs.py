@@ -13,9 +13,9 @@ from njtc_solve.data.corpus import load_corpus
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.solve.fit import fit_all_targets, fit_shortcuts
 from njtc_solve.core.models import load_model
-from njtc_solve.eval.layer_pairs import evaluate_pairs
+from njtc_solve.evaluation.layer_pairs import evaluate_pairs
 from njtc_solve.maps.shortcuts import Shortcuts
-from njtc_solve.eval.block_skip import SkipRunner, skip_scores
+from njtc_solve.evaluation.block_skip import SkipRunner, skip_scores
 from njtc_solve.data.live import LiveSource
 from njtc_solve.data.store import ActivationStore
 
@@ -230,7 +230,7 @@ def test_pairwise_evaluation_store_and_live(tiny_store, tiny_live, tmp_path):
 def test_skip_scores_are_bounded_by_default(tiny_store, tiny_live, monkeypatch):
     """Without ``max_rows`` or ``skip_rows`` the skip scores run over at most SKIP_ROWS held-out
     tokens (whole sequences), not the whole validation split."""
-    from njtc_solve.eval import layer_pairs as pairwise
+    from njtc_solve.evaluation import layer_pairs as pairwise
 
     monkeypatch.setattr(pairwise, "SKIP_ROWS", 40)
     [jtc] = fit_shortcuts(str(tiny_store), method="jtc", layers=[1], progress=False, target_layer=2)
@@ -241,7 +241,7 @@ def test_skip_scores_are_bounded_by_default(tiny_store, tiny_live, monkeypatch):
 
 def _independent_skip(live, predict, source, target, max_tokens, keep):
     """Mean KL(full ‖ skipped) and top-1 agreement of replacing blocks ``[source, target)`` by
-    ``predict``, from ``model(...).logits`` with two hooks (not :mod:`njtc_solve.eval.block_skip`): float64
+    ``predict``, from ``model(...).logits`` with two hooks (not :mod:`njtc_solve.evaluation.block_skip`): float64
     softmax, the validation sequences and positions that :func:`evaluate_pairs` scores; positions
     below ``keep`` keep the model's own state, as in the skip surgery."""
     from njtc_solve.data.store import VALIDATION
@@ -281,7 +281,7 @@ def _independent_skip(live, predict, source, target, max_tokens, keep):
 
 def test_consumers_refuse_an_intermediate_target(tiny_store, tmp_path, capsys):
     from njtc_solve.maps.tuned_lens import export_tuned_lens
-    from njtc_solve.eval.lens import ShortcutLens
+    from njtc_solve.evaluation.lens import ShortcutLens
 
     [jtc] = fit_shortcuts(str(tiny_store), method="jtc", progress=False, target_layer=2)
     path = tmp_path / "t2.safetensors"

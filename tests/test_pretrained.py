@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.eval.evaluate import evaluate_shortcuts
+from njtc_solve.evaluation.evaluate import evaluate_shortcuts
 from njtc_solve.maps import hub
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.solve.fit import fit_shortcuts

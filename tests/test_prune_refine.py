@@ -24,7 +24,7 @@ from njtc_solve.core.models import load_model
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.data.plan import plan_extraction
 from njtc_solve.prune.folding import PRUNE_RECORD, ReplacementStatistics, solve_replacement
-from njtc_solve.prune.refine import RefineSpec, refine_fold
+from njtc_solve.prune.refine_fold import RefineSpec, refine_fold
 from njtc_solve.prune.scoring import collect_held_out, replaced_stream, score_replacement, tail_logits
 from njtc_solve.prune.selection import PruneSpec, prune_model
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.eval.evaluate import evaluate_shortcuts
+from njtc_solve.evaluation.evaluate import evaluate_shortcuts
 from njtc_solve.solve.fit import fit_shortcuts
 from njtc_solve.core.metrics import Reference, kl_divergence
-from njtc_solve.solve.refine import refine_shortcuts
+from njtc_solve.solve.refine_shortcuts import refine_shortcuts
 from njtc_solve.maps.shortcuts import Shortcuts
 from njtc_solve.data.store import ActivationStore
 from njtc_solve.solve.training import StoreRows, train_maps

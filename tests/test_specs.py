@@ -11,13 +11,13 @@ import pytest
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.params import Interval, ListOf, Options, check_params, invalid_value
 from njtc_solve.data.plan import PlanSpec, plan_extraction
-from njtc_solve.eval.evaluate import EvaluateSpec, evaluate_shortcuts
-from njtc_solve.eval.layer_pairs import evaluate_pairs
-from njtc_solve.eval.lens import LensSpec, ShortcutLens, plot_trajectory
+from njtc_solve.evaluation.evaluate import EvaluateSpec, evaluate_shortcuts
+from njtc_solve.evaluation.layer_pairs import evaluate_pairs
+from njtc_solve.evaluation.lens import LensSpec, ShortcutLens, plot_trajectory
 from njtc_solve.infer.speculative import GenerateSpec, speculative_generate
-from njtc_solve.prune.refine import RefineSpec
+from njtc_solve.prune.refine_fold import RefineSpec
 from njtc_solve.solve.fit import FitSpec
-from njtc_solve.solve.refine import RefineShortcutsSpec, refine_shortcuts
+from njtc_solve.solve.refine_shortcuts import RefineShortcutsSpec, refine_shortcuts
 
 SPECS = (PlanSpec, EvaluateSpec, GenerateSpec, LensSpec, RefineShortcutsSpec, RefineSpec, FitSpec)
 REQUIRED = {GenerateSpec: {"exit_layer": 2}}  # what a spec needs besides its defaults

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from njtc_solve.eval import evaluate as library
+from njtc_solve.evaluation import evaluate as library
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import temporary_path
 from njtc_solve.cli import command, flags_of, prog, run_cli, translate
@@ -91,7 +91,7 @@ def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.evaluate``."""
     from njtc_solve.maps.jacobian_lens import read_jacobian_lens
     from njtc_solve.maps.tuned_lens import read_tuned_lens
-    from njtc_solve.eval.report import write_report
+    from njtc_solve.evaluation.report import write_report
     from njtc_solve.maps.shortcuts import Shortcuts
 
     files = args.shortcuts
@@ -117,7 +117,7 @@ def main(args) -> int:
         pairwise = [sc for sc in loaded if sc.target_layer != store.n_layers]
         loaded = [sc for sc in loaded if sc.target_layer == store.n_layers]
         if pairwise:
-            from njtc_solve.eval.layer_pairs import evaluate_pairs, write_pairwise_report
+            from njtc_solve.evaluation.layer_pairs import evaluate_pairs, write_pairwise_report
 
             if args.layers is not None:
                 raise NJTCError("--layers applies to maps to the last layer; maps to other layers are evaluated whole")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from njtc_solve.eval import lens as library
+from njtc_solve.evaluation import lens as library
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.cli import command, prog, run_cli
 from njtc_solve.cli.arguments import command_inputs, jacobian_lens_inputs, prompt_text

@@ -97,7 +97,7 @@ def _check(args, settings):
     """Every check that needs no model weights, made once: the job's settings (a ``PruneSpec``, or
     ``None`` for a model the table cannot read before loading), --out, the statistics files."""
     from njtc_solve.prune.folding import ReplacementStatistics, check_output_folder
-    from njtc_solve.prune.refine import RefineSpec
+    from njtc_solve.prune.refine_fold import RefineSpec
     from njtc_solve.core.models import read_model_config
     from njtc_solve.prune.selection import PruneSpec
 

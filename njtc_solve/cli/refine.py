@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from njtc_solve.solve import refine as library
+from njtc_solve.solve import refine_shortcuts as library
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.cli import command, prog, run_cli
 from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args

@@ -171,7 +171,7 @@ def save_pretrained(shortcuts, folder, *, model: str = "", corpus: str = "", met
         How the card names the model (a hub name becomes its ``base_model``) and the corpus;
         by default what the maps' provenance records.
     metrics : evaluation result, records or dict, optional
-        Held-out figures for the card: an :class:`~njtc_solve.eval.evaluate.EvaluationResult`
+        Held-out figures for the card: an :class:`~njtc_solve.evaluation.evaluate.EvaluationResult`
         (its rows of these maps), its ``records``, or ``{layer: {metric: value}}``; by default
         ``stats["held_out"]`` where recorded.
     overwrite : bool

@@ -6,7 +6,7 @@ Command line::
 
 writes ``jtc-lens/config.json`` and ``jtc-lens/params.pt``, which the ``tuned-lens`` package
 (0.2.0) loads with ``TunedLens.from_model_and_pretrained(model, "jtc-lens")``, giving the
-logits of :class:`njtc_solve.eval.lens.ShortcutLens` with the same maps.
+logits of :class:`njtc_solve.evaluation.lens.ShortcutLens` with the same maps.
 
 tuned-lens applies ``h + translator(h)`` for layers ``0..L-1``, then the model's own final
 norm and unembedding. A map is exported when it is affine in ``h``: ``y = h·A + b`` becomes

@@ -8,7 +8,7 @@ writes once the map is folded in (:func:`replaced_stream`, :func:`tail_logits`):
 logits as the folded checkpoint, at a fraction of the cost. :func:`score_replacement` gives
 the held-out KL (with its standard error clustered by document, :func:`clustered_se`), top-1
 agreement and perplexity;
-the refinement (:mod:`njtc_solve.prune.refine`) trains through the same tail with gradients on.
+the refinement (:mod:`njtc_solve.prune.refine_fold`) trains through the same tail with gradients on.
 
 Imports :mod:`njtc_solve.prune.folding`, :mod:`njtc_solve.data` and :mod:`njtc_solve.core`.
 """

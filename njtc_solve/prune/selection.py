@@ -14,7 +14,7 @@ document), both are rescored on further held-out sequences before one is chosen.
 free criteria, the cosine distance of ``h_S`` and ``h_{S+K}`` (ReplaceMe, ShortGPT) and the
 fitted map's own residual on the training rows, and how well each predicts the held-out KL
 is reported (Spearman over starts). The chosen fold can then be refined by KL
-(:mod:`njtc_solve.prune.refine`).
+(:mod:`njtc_solve.prune.refine_fold`).
 
 The settings are checked once, in :class:`PruneSpec`, before any model loads.
 """
@@ -39,7 +39,7 @@ from njtc_solve.data.store import TRAIN, VALIDATION
 from njtc_solve.prune.folding import (WEIGHTINGS, Replacement, ReplacementStatistics, apply_replacement,
                                      check_output_folder, check_removal, save_pruned,
                                      solve_replacement)
-from njtc_solve.prune.refine import RefineSpec, refine_fold
+from njtc_solve.prune.refine_fold import RefineSpec, refine_fold
 from njtc_solve.prune.scoring import (HeldOut, clustered_se, collect_held_out, replacement_statistics,
                                      score_replacement)
 
@@ -81,7 +81,7 @@ class PruneSpec:
     val_fraction : float
         The plan's held-out fraction (above 0: candidates are scored on held-out documents).
     refine : RefineSpec, optional
-        KL refinement of the chosen fold (:mod:`njtc_solve.prune.refine`); ``None``: none.
+        KL refinement of the chosen fold (:mod:`njtc_solve.prune.refine_fold`); ``None``: none.
     """
 
     model_type: str
@@ -394,7 +394,7 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
         Further held-out tokens the best two starts are rescored on when they are within two
         standard errors of each other (0: never).
     refine : {"kl"} or RefineSpec, optional
-        Refine the chosen fold by KL (:func:`njtc_solve.prune.refine.refine_fold`), with
+        Refine the chosen fold by KL (:func:`njtc_solve.prune.refine_fold.refine_fold`), with
         early stopping on the scoring tokens; the refined map is kept only if its held-out KL
         is below the closed-form one's. Both are then scored on ``score_tokens`` fresh held-out
         tokens, which neither chose the fold nor stopped or trained the refinement

@@ -4,7 +4,7 @@ Per pair ``(l, l')`` and method, on held-out rows (store or live): the relative 
 ``‖ŷ − y‖_F / ‖y‖_F`` and ``R² = 1 − SSE / Σ‖y − ȳ‖²`` of the mapped vector against
 ``h_l'``, beside the identity (``ŷ = h_l``: the blocks removed). With a live model, also the
 "skip" quality: the model run with blocks ``l..l'-1`` replaced by the map, through its other
-blocks and its head (:mod:`njtc_solve.eval.block_skip`), scored as ``KL(p_full ‖ p_skip)`` (nats) and
+blocks and its head (:mod:`njtc_solve.evaluation.block_skip`), scored as ``KL(p_full ‖ p_skip)`` (nats) and
 top-1 agreement with the full model over the held-out sequences' positions
 ``>= skip_positions``. Positions below the fit's own ``skip_positions`` (the attention sink
 the map never saw) keep the model's state there: the map replaces the blocks everywhere else.
@@ -68,7 +68,7 @@ class PairwiseResult:
 
 def _check(source, loaded, allow_overlap, skip):
     from njtc_solve.maps.compatibility import check_compatible
-    from njtc_solve.eval.evaluate import check_unseen
+    from njtc_solve.evaluation.evaluate import check_unseen
 
     seen = set()
     for sc in loaded:
@@ -102,7 +102,7 @@ def evaluate_pairs(source, shortcuts, *, max_rows: int | None = None, chunk_rows
     batch_size : int
         Sequences per forward pass of the skip scores.
     """
-    from njtc_solve.eval.evaluate import EvaluateSpec
+    from njtc_solve.evaluation.evaluate import EvaluateSpec
 
     EvaluateSpec(max_rows=max_rows, skip_rows=skip_rows, chunk_rows=chunk_rows, device=device,
                  skip_positions=skip_positions, allow_overlap=allow_overlap)  # every setting, before a row is read
@@ -172,7 +172,7 @@ def _apply(m: ShortcutMap):
 
 def _skips(source, loaded, records, max_tokens, skip, batch_size, progress) -> None:
     """Skip KL and top-1 agreement of every pair (and of dropping the blocks), added to ``records``."""
-    from njtc_solve.eval.block_skip import SkipRunner, skip_scores
+    from njtc_solve.evaluation.block_skip import SkipRunner, skip_scores
 
     plan = source.plan
     sequences = np.flatnonzero(plan.split == VALIDATION)
@@ -216,7 +216,7 @@ def write_pairwise_report(result: PairwiseResult, out) -> tuple[dict, str]:
 
     Returns ``(paths, summary)``: the files written and the table as text.
     """
-    from njtc_solve.eval.evaluate import PAIRWISE_KIND
+    from njtc_solve.evaluation.evaluate import PAIRWISE_KIND
 
     out = Path(out)
     skip = any("skip_kl" in r for r in result.records)

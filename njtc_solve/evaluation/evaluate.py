@@ -20,7 +20,7 @@ document split (see :func:`check_unseen`).
 
 Maps to an intermediate layer (``fit --target-layer T`` or ``all``) have no head to judge them
 through: they get a pairwise table instead (``pairwise.md``, ``pairwise.json``; see
-:mod:`njtc_solve.eval.layer_pairs`): relative error and R² per (source, target) pair beside the
+:mod:`njtc_solve.evaluation.layer_pairs`): relative error and R² per (source, target) pair beside the
 identity, and with ``--model`` the skip KL and top-1 agreement of the model run with the
 blocks between the two layers replaced by the map (and dropped, for comparison).
 """
@@ -59,7 +59,7 @@ _POSITIVE = Interval(int, 1, None, says="positive", show_value=False)
 class EvaluateSpec:
     """The settings of an evaluation, checked when made, before a row is read or a model loads.
 
-    :func:`evaluate_shortcuts` and :func:`~njtc_solve.eval.layer_pairs.evaluate_pairs` make one
+    :func:`evaluate_shortcuts` and :func:`~njtc_solve.evaluation.layer_pairs.evaluate_pairs` make one
     from their keywords; the evaluate command makes one from its flags. What needs the rows (a
     layer the store lacks, validation rows at these positions) is checked once they are open.
 

@@ -8,7 +8,7 @@ prints a per-layer table and writes ``trajectory.png`` (the prediction-trajector
 layers × positions, each cell the top-1 token, coloured by KL to the model's final
 distribution or by the top-1 probability; the logit lens beside the shortcut),
 ``trajectory.json``, ``trajectory.csv`` and ``lens.html`` (the same grid as one interactive,
-self-contained page: :mod:`njtc_solve.eval.lens_page`) into ``--out``. ``--shortcuts`` may be
+self-contained page: :mod:`njtc_solve.evaluation.lens_page`) into ``--out``. ``--shortcuts`` may be
 repeated, and goes with ``--tuned-lens`` and ``--jacobian-lens``: every lens given is read
 beside the logit lens; ``--prompt-file`` reads one prompt per line.
 
@@ -41,7 +41,7 @@ from njtc_solve.core.head import Head
 from njtc_solve.core.metrics import Reference, kl_divergence
 from njtc_solve.core.models import context_length
 from njtc_solve.core.params import DEVICE, Interval, Options, check_spec
-from njtc_solve.eval.report import write_csv
+from njtc_solve.evaluation.report import write_csv
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
 __all__ = ["LENS_FILES", "LensSpec", "ShortcutLens", "Trajectory", "merge_trajectories", "plot_trajectory",
@@ -378,9 +378,9 @@ class Trajectory:
         return out
 
     def to_html(self, path=None, *, title: str | None = None, prompts: list[str] | None = None) -> str:
-        """The interactive page of this trajectory (:mod:`njtc_solve.eval.lens_page`), written to ``path``
+        """The interactive page of this trajectory (:mod:`njtc_solve.evaluation.lens_page`), written to ``path``
         when given (under a temporary name, then renamed); returns its text."""
-        from njtc_solve.eval.lens_page import lens_page
+        from njtc_solve.evaluation.lens_page import lens_page
 
         page = lens_page(self, title=title, prompts=prompts)
         if path is not None:
@@ -390,7 +390,7 @@ class Trajectory:
 
     def _repr_html_(self) -> str:
         """The page inline in Jupyter: an ``iframe`` whose ``srcdoc`` is the whole page."""
-        from njtc_solve.eval.lens_page import inline_frame
+        from njtc_solve.evaluation.lens_page import inline_frame
 
         return inline_frame(self.to_html())
 
@@ -508,7 +508,7 @@ def write_trajectory(traj: Trajectory, out, *, meta: dict | None = None, color: 
     out = Path(out)
     records = traj.records()
     fig = plot_trajectory(traj, color=color, max_positions=max_positions)
-    from njtc_solve.eval.lens_page import lens_page
+    from njtc_solve.evaluation.lens_page import lens_page
 
     page = lens_page(traj, title=(meta or {}).get("title"), prompts=(meta or {}).get("prompts"), meta=meta)
     with atomic_folder(out, LENS_KIND) as tmp:

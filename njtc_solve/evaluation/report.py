@@ -164,7 +164,7 @@ def write_report(result, out) -> tuple[dict, str]:
     summary : str
         The Markdown summary (Precision@1 by layer and method, early exit), also in report.md.
     """
-    from njtc_solve.eval.evaluate import REPORT_KIND
+    from njtc_solve.evaluation.evaluate import REPORT_KIND
 
     out = Path(out).resolve()
     with atomic_folder(out, REPORT_KIND, parents=True) as tmp:

@@ -11,7 +11,7 @@ shares the one pass (:meth:`SkipRunner.record`).
 Examples
 --------
 >>> import torch
->>> from njtc_solve.eval.block_skip import SkipRunner
+>>> from njtc_solve.evaluation.block_skip import SkipRunner
 >>> runner = SkipRunner(model)
 >>> ids = torch.tensor([[5, 17, 42, 7]])
 >>> runner.record(ids)

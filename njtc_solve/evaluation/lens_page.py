@@ -1,6 +1,6 @@
 """The lens as one self-contained interactive page: a layer × position grid per lens, in a browser.
 
-:func:`lens_page` turns a :class:`~njtc_solve.eval.lens.Trajectory` into one HTML file that opens
+:func:`lens_page` turns a :class:`~njtc_solve.evaluation.lens.Trajectory` into one HTML file that opens
 from disk in any current browser, with no network, CDN or server: the data is embedded as JSON
 (``<script type="application/json" id="lens-data">``), the script and styles inline. The grid's
 rows are layers ``0..L`` (the model's output on top), its columns the prompt's positions (the
@@ -22,7 +22,7 @@ gives the size of a page.
 
 Examples
 --------
->>> from njtc_solve.eval.lens import ShortcutLens
+>>> from njtc_solve.evaluation.lens import ShortcutLens
 >>> traj = ShortcutLens.from_model(model, None, tokenizer).trajectory(["def add(a, b):", "import os"], k=3)
 >>> page = traj.to_html("lens.html")
 >>> page.startswith("<!DOCTYPE html>") and "http" not in page.split("<body>")[1]
