@@ -47,11 +47,8 @@ __all__ = ["FORMAT", "LayerMoments", "MomentAccumulator", "Statistics", "add_gra
 
 FORMAT = "njtc-statistics"  # the ``format`` metadata of a statistics file
 # Rows per GEMM: the float32 sum inside one GEMM is the dominant rounding error (it grows like
-# √rows), so long chunks are multiplied in blocks of this many rows, each added into float64.
-# 1024 halves the error of 4096-row GEMMs on SmolLM2's activations at a few % of throughput.
-# The float64 add per block costs ~20% of a 1024-row GEMM at d = 576; adding the blocks into a
-# float32 partial inside the GEMM (addmm) and that into float64 once per chunk recovers it, but
-# takes the synthetic exactness test (tests/test_solver.py) from 8.0e-6 to 1.05e-5: not done.
+# √rows), so a chunk's rows are multiplied in blocks of this many rows (one batched GEMM) whose
+# products are summed in float64.
 GEMM_ROWS = 1024
 # Columns per panel of a triangular Gram (:func:`add_upper_gram`): a Gram XᵀX is symmetric, so only the
 # panels on and above its diagonal are multiplied (about 1.5-1.6 of the 2 d² multiply-adds a row of
@@ -353,9 +350,17 @@ def highest_float32_matmul():
 
 
 def add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``total += aᵀb``, one GEMM per :data:`GEMM_ROWS` rows, each added into ``total`` (float64)."""
-    for start in range(0, a.shape[0], GEMM_ROWS):
-        total += a[start:start + GEMM_ROWS].T @ b[start:start + GEMM_ROWS]
+    """``total += aᵀb`` (float64), each block of :data:`GEMM_ROWS` rows multiplied in ``a``'s dtype.
+
+    The whole blocks go through one batched GEMM whose products are summed in float64; a last
+    partial block is multiplied alone.
+    """
+    whole = a.shape[0] // GEMM_ROWS * GEMM_ROWS
+    if whole:
+        blocks_a, blocks_b = a[:whole].unflatten(0, (-1, GEMM_ROWS)), b[:whole].unflatten(0, (-1, GEMM_ROWS))
+        total += torch.bmm(blocks_a.transpose(1, 2), blocks_b).sum(0, dtype=torch.float64)
+    if whole < a.shape[0]:
+        total += a[whole:].T @ b[whole:]
 
 
 def gram_panels(d: int) -> list[tuple[int, int]]:
@@ -372,14 +377,11 @@ def add_upper_gram(total: torch.Tensor, a: torch.Tensor) -> None:
     ``total`` is ``(d, m)`` and ``a`` is ``(rows, m)`` with ``m >= d``: the right part
     ``total[:, d:]`` gets the full cross-product ``a[:, :d]ᵀ a[:, d:]``, the left part the Gram of
     ``a[:, :d]`` by panels (:func:`gram_panels`) on and above its diagonal only; the entries below the
-    diagonal blocks are never written (read the Gram with :func:`symmetric_from_upper`). One GEMM
-    per panel per :data:`GEMM_ROWS` rows, each added into ``total`` (float64), as :func:`add_gram`.
+    diagonal blocks are never written (read the Gram with :func:`symmetric_from_upper`). Each panel's
+    product goes through :func:`add_gram`.
     """
-    panels = gram_panels(total.shape[0])
-    for start in range(0, a.shape[0], GEMM_ROWS):
-        block = a[start:start + GEMM_ROWS]
-        for c0, c1 in panels:
-            total[c0:c1, c0:] += block[:, c0:c1].T @ block[:, c0:]
+    for c0, c1 in gram_panels(total.shape[0]):
+        add_gram(total[c0:c1, c0:], a[:, c0:c1], a[:, c0:])
 
 
 def symmetric_from_upper(gram: torch.Tensor) -> torch.Tensor:
