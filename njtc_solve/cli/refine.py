@@ -83,7 +83,7 @@ def main(args) -> int:
 
 
 def _print_outcome(args, refined, result) -> None:
-    """Each layer's held-out loss before and after, and which validation rows early stopping used."""
+    """Each layer's held-out loss before and after, and the rows early stopping used."""
     info = refined.stats["refined"]
     for l in sorted(result.best):
         s, b = result.start[l], result.best[l]
