@@ -136,12 +136,8 @@ def _model_source(name: str | None, trust_remote_code: bool) -> tuple[str, str, 
 
 
 def _config(source: str, kwargs: dict, transformers: bool = False):
-    """The one config reader, of a resolved source (:func:`_model_source`); no weight is read.
-
-    A GGUF file gives a namespace of its metadata (``model_type``, ``num_hidden_layers``,
-    ``max_position_embeddings``, ``is_encoder_decoder``; ``None`` where absent) unless
-    ``transformers``; anything else transformers' configuration.
-    """
+    """The one config reader of a resolved source (:func:`_model_source`): a GGUF file's metadata as a
+    namespace (unless ``transformers``), else transformers' configuration; no weight is read."""
     if "gguf_file" in kwargs and not transformers:
         from gguf import GGUFReader
 
@@ -162,11 +158,8 @@ def _config(source: str, kwargs: dict, transformers: bool = False):
 
 
 def model_config(name: str | None = None, *, trust_remote_code: bool = False):
-    """The configuration of the model :func:`load_model` would load, without its weights.
-
-    A ``.gguf`` file gives a namespace of its metadata (``model_type``, ``num_hidden_layers``,
-    ``max_position_embeddings``); a folder or hub name its transformers configuration.
-    """
+    """The configuration of the model :func:`load_model` would load, without its weights (a ``.gguf``
+    file's: ``model_type``, ``num_hidden_layers``, ``max_position_embeddings``, ``is_encoder_decoder``)."""
     name, source, kwargs = _model_source(name, trust_remote_code)
     with _one_line(f"cannot load model {name!r}"):
         return _config(source, kwargs)
