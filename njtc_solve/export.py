@@ -1,8 +1,4 @@
-"""``python -m njtc_solve.export``: shortcut maps as a tuned-lens folder.
-
-Only a hand-over: the command is :mod:`njtc_solve.cli.export`, the library behind it
-:mod:`njtc_solve.maps.tuned_lens`. Importing this module does nothing.
-"""
+"""``python -m njtc_solve.export``: runs the command :mod:`njtc_solve.cli.export`."""
 
 if __name__ == "__main__":
     from njtc_solve.cli.export import run

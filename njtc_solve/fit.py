@@ -1,8 +1,4 @@
-"""``python -m njtc_solve.fit``: closed-form shortcut maps from a store, a live model or saved statistics.
-
-Only a hand-over: the command is :mod:`njtc_solve.cli.fit`, the library behind it
-:mod:`njtc_solve.solve.fit`. Importing this module does nothing.
-"""
+"""``python -m njtc_solve.fit``: runs the command :mod:`njtc_solve.cli.fit`."""
 
 if __name__ == "__main__":
     from njtc_solve.cli.fit import run

@@ -1,8 +1,4 @@
-"""``python -m njtc_solve.generate``: the model's greedy text, drafted by a shortcut map and verified.
-
-Only a hand-over: the command is :mod:`njtc_solve.cli.generate`, the library behind it
-:mod:`njtc_solve.infer.speculative`. Importing this module does nothing.
-"""
+"""``python -m njtc_solve.generate``: runs the command :mod:`njtc_solve.cli.generate`."""
 
 if __name__ == "__main__":
     from njtc_solve.cli.generate import run

@@ -1,8 +1,4 @@
-"""``python -m njtc_solve.refine``: gradient refinement of fitted maps on KL or MSE.
-
-Only a hand-over: the command is :mod:`njtc_solve.cli.refine`, the library behind it
-:mod:`njtc_solve.solve.refine_shortcuts`. Importing this module does nothing.
-"""
+"""``python -m njtc_solve.refine``: runs the command :mod:`njtc_solve.cli.refine`."""
 
 if __name__ == "__main__":
     from njtc_solve.cli.refine import run

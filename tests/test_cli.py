@@ -86,20 +86,22 @@ def test_flags_of_reads_each_destination_and_takes_renames():
 
 
 def test_every_command_is_run_as_python_m_njtc_solve_dot_command(tmp_path):
-    """``python -m njtc_solve.<command>`` hands its ``__main__`` over to ``njtc_solve.cli.<command>``."""
+    """``python -m njtc_solve.<command>`` hands its ``__main__`` over to ``njtc_solve.cli.<command>``, which
+    runs the command as ``python -m njtc_solve.cli.<command>`` too."""
     script = """
 import json, runpy, sys
 from contextlib import redirect_stdout
 from io import StringIO
 progs = {}
 for name in json.loads(sys.argv[1]):
-    sys.argv = [name, "--help"]
-    out = StringIO()
-    try:
-        with redirect_stdout(out):
-            runpy.run_module(f"njtc_solve.{name}", run_name="__main__", alter_sys=True)
-    except SystemExit as stop:
-        progs[name] = [stop.code, out.getvalue().startswith(f"usage: python -m njtc_solve.{name} ")]
+    for module in (f"njtc_solve.{name}", f"njtc_solve.cli.{name}"):
+        sys.argv = [name, "--help"]
+        out = StringIO()
+        try:
+            with redirect_stdout(out):
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as stop:
+            progs[module] = [stop.code, out.getvalue().startswith(f"usage: python -m njtc_solve.{name} ")]
 print(json.dumps(progs))
 """
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -107,7 +109,7 @@ print(json.dumps(progs))
                           env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     progs = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert progs == {name: [0, True] for name in COMMANDS}, progs
+    assert progs == {f"njtc_solve.{cli}{name}": [0, True] for name in COMMANDS for cli in ("", "cli.")}, progs
     listing = subprocess.run([sys.executable, "-m", "njtc_solve"], capture_output=True, text=True, env=env,
                              cwd=tmp_path, timeout=120)
     assert all(f"python -m njtc_solve.{name}" in listing.stdout for name in COMMANDS)

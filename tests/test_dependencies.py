@@ -185,7 +185,7 @@ def wheel(tmp_path_factory) -> Path:
 
 
 # the stage subpackages (each named in njtc_solve/__init__.py's layout)
-SUBPACKAGES = ("core", "data", "maps", "solve", "eval", "prune", "cli")
+SUBPACKAGES = ("core", "data", "maps", "solve", "evaluation", "infer", "prune", "cli")
 
 
 def test_the_wheel_holds_every_module_of_the_package(wheel):

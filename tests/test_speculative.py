@@ -325,6 +325,12 @@ def test_command_without_drafts_prints_no_nan(tiny_models, capsys):
         out = capsys.readouterr().out
         assert "nan" not in out.lower(), out
         assert ("the model's own greedy decoding" in out) == (k == "0"), out
+    assert run_generate(["--model", folder, "--prompt", "The", "--max-new-tokens", "4", "--draft-tokens", "0",
+                         "--no-progress"]) == 0  # no draft: no --exit-layer needed
+    assert "the model's own greedy decoding" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:  # a draft needs one, as argparse says
+        run_generate(["--model", folder, "--prompt", "The", "--draft-tokens", "2"])
+    assert stop.value.code == 2 and "required: --exit-layer" in capsys.readouterr().err
 
 
 # -- calibration --------------------------------------------------------------------------------

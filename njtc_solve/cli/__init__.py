@@ -1,24 +1,7 @@
-"""The command layer: every parser, ``main`` and the glue from arguments to library calls.
+"""The command layer: one module per command (``njtc-<command>``, ``njtc <command>``,
+``python -m njtc_solve[.cli].<command>``), the only place that sees argparse.
 
-One module per command, each run as ``njtc-<command>``, ``njtc <command>`` (:func:`main`) or
-``python -m njtc_solve.<command>`` (the library module of that name hands its ``__main__`` over
-to the command here):
-
-=========  ==================================================================
-extract    a model's residual stream over a corpus into an HDF5 store
-fit        closed-form shortcut maps from a store, a live model or statistics
-evaluate   held-out metrics of shortcut files, tuned and Jacobian lenses, a report
-refine     gradient refinement of fitted maps on KL or MSE
-export     shortcut maps as a tuned-lens or Jacobian-lens folder
-lens       a live model read through its shortcuts, prompt by prompt
-prune      a smaller checkpoint: K blocks removed, a closed-form map folded in
-generate   the model's greedy text, drafted by a shortcut map and verified
-=========  ==================================================================
-
-No module outside this package imports :mod:`argparse` or reads a parsed namespace. Library
-errors name the library's parameters in backticks (:class:`~njtc_solve.core.errors.NJTCError`);
-:func:`command` rewrites them as the command's flags, so a command-line user reads
-``--seq-len must be at least 2`` where a Python caller reads `` `seq_len` must be at least 2``.
+Library errors name parameters in backticks; :func:`command` rewrites them as the command's flags.
 """
 
 from __future__ import annotations
@@ -38,10 +21,8 @@ __all__ = ["COMMANDS", "command", "figure", "flags_of", "main", "prog", "run_cli
 COMMANDS = ("extract", "fit", "evaluate", "refine", "export", "lens", "prune", "generate")
 
 
-
 def prog(name: str) -> str:
-    """The command as the user typed it: ``njtc-NAME`` or ``njtc NAME`` when run as that script, else
-    ``python -m njtc_solve.NAME``."""
+    """The command as typed: ``njtc-NAME``, ``njtc NAME`` or ``python -m njtc_solve.NAME``."""
     script = Path(sys.argv[0]).name
     if script == f"njtc-{name}":
         return script
@@ -82,12 +63,8 @@ _PARAMETER = re.compile(r"`([A-Za-z_]\w*)(?:=([^`\s]*))?`")
 
 
 def flags_of(parser: argparse.ArgumentParser, **renames: str) -> dict[str, str]:
-    """The flag that sets each parameter: a destination's first long option, then ``renames``.
-
-    A switch ``--no-NAME`` also stands for ``NAME=False`` (``progress=False`` is ``--no-progress``).
-    ``renames`` maps a library parameter (or ``parameter=value``) that is spelt otherwise on
-    the command line to its flag, e.g. ``ranks="--rank"`` or ``**{"fit_intercept=False": "--no-intercept"}``.
-    """
+    """The flag of each parameter: a destination's first long option (``--no-NAME`` also for ``NAME=False``),
+    then ``renames`` (parameter or ``parameter=value`` to flag, e.g. ``ranks="--rank"``)."""
     flags = {}
     for action in parser._actions:  # argparse has no public list of its actions
         longs = [s for s in action.option_strings if s.startswith("--")]
@@ -123,12 +100,8 @@ def translate(message: str, flags: dict[str, str]) -> str:
 
 
 def command(build_parser, **renames: str):
-    """Turn ``body(args, **extra)`` into the command's ``main(argv=None, **extra) -> int``.
-
-    ``main`` parses ``argv`` with ``build_parser()`` and runs ``body``; an
-    :class:`~njtc_solve.core.errors.NJTCError` from the library leaves it with its parameters
-    rewritten as this command's flags (see :func:`flags_of` for ``renames``).
-    """
+    """Turn ``body(args, **extra)`` into ``main(argv=None, **extra) -> int``: parse with ``build_parser()``,
+    run ``body``, and rewrite the parameters of an NJTCError as flags (:func:`flags_of`)."""
 
     def wrap(body):
         @functools.wraps(body)
@@ -154,25 +127,22 @@ def warn(message: str, build_parser, **renames: str) -> None:
 
 
 def run_cli(main, argv=None, interrupted: str = "") -> int:
-    """Run a command-line ``main(argv)`` and map :class:`~njtc_solve.core.errors.NJTCError` to exit code 2.
-
-    SIGINT and SIGTERM raise :class:`~njtc_solve.core.errors.Interrupted`, so the command's
-    clean-up runs, and end in one line (``error: interrupted``, then ``interrupted``'s advice)
-    and exit code 128 + signal.
+    """Run ``main(argv)`` as a process: an NJTCError is one line and exit status 2; SIGINT and SIGTERM
+    run the clean-up and end in ``error: interrupted`` (then ``interrupted``'s advice), status 128 + signal.
 
     Parameters
     ----------
     main : callable
         Takes the argument list, returns ``None`` or an exit code.
     argv : list of str, optional
-        Arguments; ``sys.argv[1:]`` when omitted.
+        Default ``sys.argv[1:]``.
     interrupted : str
-        Advice after an interruption, e.g. ``"resume with --resume"``.
+        Advice after an interruption.
 
     Returns
     -------
     int
-        The process exit status.
+        The exit status.
     """
     try:
         with interruptible():

@@ -1,14 +1,4 @@
-"""The arguments several commands share, and how each becomes a library call's parameters.
-
-- model (:func:`add_model_arguments`, :func:`load_model_from_args`): ``--model``,
-  ``--model-dtype``, ``--device-map`` and, for a model the architecture table does not know,
-  ``--trust-remote-code`` with ``--blocks``, ``--final-norm`` and ``--norm``;
-- corpus and plan (:func:`add_plan_arguments`, :func:`plan_settings`), which a command may
-  inherit from a shortcut's provenance;
-- rows (:func:`rows_from_args`): the store of ``--store`` or the forward pass of ``--model``;
-- lists (:func:`parse_layers`, :func:`parse_ranks`, :func:`parse_target`, :func:`parse_alpha`)
-  and the input paths a command reads (:func:`command_inputs`).
-"""
+"""The arguments several commands share (model, corpus and plan, rows, lists, inputs) and their library calls."""
 
 from __future__ import annotations
 
@@ -54,11 +44,7 @@ def load_model_from_args(args, device: str = "cpu", progress: bool = True):
 
 
 def add_plan_arguments(p: argparse.ArgumentParser, inherit: bool = False) -> None:
-    """The corpus and plan arguments of every command that runs a model over a corpus.
-
-    With ``inherit`` the defaults are ``None``: the command takes them from a shortcut's
-    provenance (see :func:`plan_settings`).
-    """
+    """The corpus and plan arguments; with ``inherit`` their defaults are ``None`` (from a shortcut's provenance)."""
     default = (lambda key: None) if inherit else PLAN_DEFAULTS.get
     p.add_argument("--corpus", default=default("corpus"),
                    help="pydoc_data.topics (default), a .txt file (a document per line), a folder of .txt files, "
@@ -82,11 +68,7 @@ def add_plan_arguments(p: argparse.ArgumentParser, inherit: bool = False) -> Non
 
 
 def plan_settings(args, provenance: dict | None = None) -> dict:
-    """The plan's keyword arguments from parsed arguments; unset ones from ``provenance``.
-
-    ``provenance`` is a shortcut's (:attr:`Shortcuts.provenance`): evaluating a live model
-    with the plan its shortcut was fitted with holds out exactly the documents it never saw.
-    """
+    """The plan's keyword arguments, checked; unset ones from a shortcut's ``provenance``, then the defaults."""
     inherited = {}
     if provenance:
         inherited = {"seq_len": provenance.get("seq_len"), "positions": provenance.get("positions"),
@@ -105,9 +87,8 @@ def plan_settings(args, provenance: dict | None = None) -> dict:
 
 @contextmanager
 def rows_from_args(args, provenance: dict | None = None, verb: str = "read", device=None, progress=None):
-    """The rows a command reads: the store of ``--store`` (default ``activations.h5``), or with
-    ``--model`` the model's forward pass over the plan of ``provenance`` (see
-    :func:`live_source_from_args`), on ``device`` (default ``--device``)."""
+    """The rows a command reads: the store of ``--store`` (default ``activations.h5``), or with ``--model``
+    its forward pass (:func:`live_source_from_args`)."""
     from njtc_solve.data.store import ActivationStore
 
     if args.model is None:
@@ -121,11 +102,7 @@ def rows_from_args(args, provenance: dict | None = None, verb: str = "read", dev
 
 
 def live_source_from_args(args, device, progress: bool = True, provenance: dict | None = None):
-    """The :class:`~njtc_solve.data.live.LiveSource` a command's parsed arguments describe.
-
-    Arguments left unset take their value from ``provenance`` (a shortcut's), so that
-    evaluation runs the plan the shortcut was fitted with (see :func:`plan_settings`).
-    """
+    """The :class:`~njtc_solve.data.live.LiveSource` of the parsed arguments, unset ones from ``provenance``."""
     from njtc_solve.data.corpus import corpus_sha256, load_corpus
     from njtc_solve.data.live import LiveSource
 
@@ -189,9 +166,8 @@ def parse_alpha(text: str) -> float | str:
 
 
 def command_inputs(args, *names, defaults: dict | None = None) -> list[tuple[str, Path]]:
-    """``(flag, path)`` for each input argument ``names`` of parsed ``args`` that is set (a list
-    argument gives one pair per element; a corpus is the file or folder it reads, without a
-    ``[:N]`` slice); ``defaults`` gives the path an unset one stands for."""
+    """``(flag, path)`` of each set input argument in ``names`` (one per list item; a corpus without its
+    slice); ``defaults``: the path an unset one stands for."""
     from njtc_solve.data.corpus import corpus_path
 
     pairs = []
@@ -218,8 +194,7 @@ def jacobian_lens_inputs(path) -> list[tuple[str, Path]]:
 
 
 def prompt_text(args) -> tuple[str, str]:
-    """The text of ``--prompt`` or ``--prompt-file`` (a byte-order mark dropped), checked to be UTF-8,
-    and the flag it came from, as the error messages name it."""
+    """``(text, where)`` of ``--prompt`` or ``--prompt-file``, checked to be UTF-8."""
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():

@@ -70,8 +70,7 @@ def _check_arguments(args, files: list[str]) -> Path:
 
 
 def _named_by_folder(lenses: list, paths: list[str]) -> list:
-    """One lens keeps its method's name; several are each named ``METHOD-FOLDER``, by the fewest
-    trailing parts of their paths that tell them apart (``a/lens`` and ``b/lens``: ``a/lens``, ``b/lens``)."""
+    """Several lenses are each named ``METHOD-FOLDER``, by the fewest trailing path parts that tell them apart."""
     if len(lenses) < 2:
         return lenses
     parts = [Path(p).resolve().with_suffix("").parts if Path(p).is_file() else Path(p).resolve().parts
@@ -151,3 +150,7 @@ def main(args) -> int:
 def run(argv=None) -> int:
     """Run the command as a process does: one error line and exit status 2 for bad input."""
     return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

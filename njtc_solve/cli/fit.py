@@ -86,15 +86,12 @@ def main(args, comm=None) -> int:
 
 
 def output_paths(out: Path, shortcuts, target: int | None = None) -> list[Path]:
-    """One file per rank: ``out`` itself for one rank, ``stem-r{rank}.suffix`` for several.
-
-    With ``target`` (a fit of every target), ``stem-t{target}`` and ``stem-t{target}-r{rank}``.
-    """
+    """One file per rank of ``shortcuts`` (:func:`rank_paths`)."""
     return rank_paths(out, [s.rank for s in shortcuts], target)
 
 
 def rank_paths(out: Path, ranks, target: int | None = None) -> list[Path]:
-    """The files :func:`output_paths` gives for ``ranks`` (``None``: one file), known before the fit."""
+    """``out`` for one rank, ``stem-r{rank}.suffix`` for several; with ``target``, ``stem-t{target}[-r{rank}]``."""
     ranks = [None] if not ranks else list(ranks)
     stem = out.stem if target is None else f"{out.stem}-t{target}"
     if len(ranks) == 1:
@@ -103,6 +100,7 @@ def rank_paths(out: Path, ranks, target: int | None = None) -> list[Path]:
 
 
 def _summary(sc) -> str:
+    """The per-layer table of a fit."""
     lines = [f"{sc.name}: layer  rank   train MSE       R2    params  reduction  solve ms"]
     for layer, rec in sorted(sc.stats["layers"].items(), key=lambda kv: int(kv[0])):
         rank = "full" if rec["rank"] is None else rec["rank"]
@@ -124,13 +122,8 @@ def _source(args, device, comm):
 
 
 def _check_outputs(args, out: Path, ranks, targets=None) -> None:
-    """Before any work: the shortcut files and the statistics can be written, replace no input,
-    no other output and no file this project did not write.
-
-    ``ranks``: the fit's (:attr:`FitSpec.ranks <njtc_solve.solve.fit.FitSpec.ranks>`), one file each.
-    ``targets`` (``--target-layer all``): the target layers, whose files ``OUT-t{t}…`` are
-    checked instead of ``OUT`` (which that fit never writes); ``[]`` checks ``--save-stats`` alone.
-    """
+    """Refuse, before any work, shortcut and statistics files that cannot be written or would replace what they
+    must not; ``targets`` (``--target-layer all``) checks ``OUT-t{t}…`` instead (``[]``: ``--save-stats`` alone)."""
     from njtc_solve.core.outputs import check_file_output, check_not_inputs
     from njtc_solve.maps.shortcuts import FORMAT as SHORTCUT_FORMAT
     from njtc_solve.solve.stats import FORMAT as STATISTICS_FORMAT
@@ -146,8 +139,7 @@ def _check_outputs(args, out: Path, ranks, targets=None) -> None:
 
 
 def fit_spec(args, device: str) -> library.FitSpec:
-    """The fit's settings from the flags: each list parsed once, every setting validated once
-    (by :class:`~njtc_solve.solve.fit.FitSpec`), before any model loads."""
+    """The fit's :class:`~njtc_solve.solve.fit.FitSpec` from the flags, validated before any model loads."""
     return library.FitSpec(method=args.method, ranks=parse_ranks(args.rank), layers=parse_layers(args.layers),
                            normalize=args.normalize, residual=args.residual, fit_intercept=not args.no_intercept,
                            alpha=parse_alpha(args.alpha), weight=args.weight, device=device,
@@ -211,8 +203,7 @@ TABLE_FORMAT = "njtc-one-jump-table"  # the ``format`` key of the --one-jump-tab
 
 
 def _check_table_output(args, out: Path, ranks) -> None:
-    """``--one-jump-table`` needs ``--one-jump select`` and a file it may write (no input, and none of
-    the fit's outputs: ``--out`` and every rank's file, ``--save-stats``), before any work."""
+    """``--one-jump-table`` needs ``--one-jump select`` and a file it may write, checked before any work."""
     from njtc_solve.core.outputs import check_file_output, check_not_inputs
 
     if args.one_jump_table is None:
@@ -242,8 +233,7 @@ def _one_jump_summary(sc) -> str:
 
 
 def _write_table(path, shortcuts) -> None:
-    """The L x L tables of a select fit as JSON (atomically): per rank, the layers, each map's train MSE on
-    each layer (row: the map's own layer, column: the layer it is applied to) and the chosen map."""
+    """The L x L tables of a select fit as JSON: per rank, each map's (row) train MSE on each layer (column)."""
     import json
 
     from njtc_solve.core.outputs import atomic_output
@@ -302,3 +292,7 @@ def _dry_run(args, spec, comm) -> int:
 def run(argv=None) -> int:
     """Run the command as a process does: one error line and exit status 2 for bad input."""
     return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

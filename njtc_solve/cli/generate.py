@@ -4,7 +4,8 @@ Self-speculative decoding (:mod:`njtc_solve.infer.speculative`): the first ``--e
 blocks, the shortcut map of that layer and the model's head draft ``--draft-tokens`` tokens;
 the full model verifies them in one pass. The text is the model's greedy text, token for
 token. ``--draft-tokens auto`` measures acceptance and cost on held-out text first
-(:mod:`njtc_solve.infer.calibrate`) and prints the table it chose from.
+(:mod:`njtc_solve.infer.calibrate`) and prints the table it chose from; ``--draft-tokens 0``
+runs the model's own ``generate`` and needs no ``--exit-layer``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model: .gguf file, Hugging Face folder or hub name (default: SmolLM2-135M)")
     p.add_argument("--shortcuts", help="shortcut file fitted on this model to its last layer "
                    "(default: the logit lens, as transformers' assistant_early_exit drafts)")
-    p.add_argument("--exit-layer", type=int, required=True, metavar="L",
-                   help="draft from the residual stream after this many blocks (1..blocks-1)")
+    p.add_argument("--exit-layer", type=int, metavar="L",
+                   help="draft from the residual stream after this many blocks (1..blocks-1); "
+                   "required unless --draft-tokens 0")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue")
     prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this UTF-8 file instead")
@@ -52,29 +54,28 @@ def _draft_tokens(text: str) -> int | None:
 
 
 def check_arguments(args):
-    """Every refusal that needs no weights: the settings, the prompt, the exit layer, the shortcut file.
-
-    Returns ``(prompt text, draft tokens or None for auto, shortcuts or None, number of blocks)``.
-    """
+    """Every refusal that needs no weights; ``(prompt, draft tokens or None for auto, shortcuts or None, blocks)``."""
     from njtc_solve.cli.arguments import prompt_text
+    from njtc_solve.core.models import context_length, model_config, read_model_config
     from njtc_solve.infer.speculative import GenerateSpec
     from njtc_solve.maps.shortcuts import Shortcuts
-    from njtc_solve.core.models import context_length, model_config, read_model_config
 
-    spec = GenerateSpec(args.exit_layer, max_new_tokens=args.max_new_tokens, draft_tokens=_draft_tokens(args.draft_tokens),
+    k = _draft_tokens(args.draft_tokens)
+    if args.exit_layer is None and k != 0:
+        build_parser().error("the following arguments are required: --exit-layer")
+    spec = GenerateSpec(args.exit_layer, max_new_tokens=args.max_new_tokens, draft_tokens=k,
                         max_draft_tokens=args.max_draft_tokens, calibration_sequences=args.calibration_sequences,
                         device=args.device)
     text, where = prompt_text(args)
     if not text.strip():
         raise NJTCError(f"{where} is empty")
-    _, n_blocks, config = read_model_config(args.model)  # the configuration only: no weight is read
+    _, n_blocks, config = read_model_config(args.model)
     limit = context_length(model_config(args.model) if config is None else config)  # a GGUF file: its metadata
     if limit is not None and args.max_new_tokens >= limit:
         raise NJTCError(f"--max-new-tokens {args.max_new_tokens} reaches past the model's context of {limit} tokens "
                         "(the prompt takes at least one)")
     shortcuts = None if args.shortcuts is None else Shortcuts.load(args.shortcuts)
-    spec.check_model(n_blocks, getattr(config, "hidden_size", None) if config is not None else None, shortcuts,
-                     where=args.shortcuts)
+    spec.check_model(n_blocks, getattr(config, "hidden_size", None), shortcuts, where=args.shortcuts)
     return text, spec.draft_tokens, shortcuts, n_blocks
 
 
@@ -89,8 +90,10 @@ def main(args) -> int:
     text, k, shortcuts, _ = check_arguments(args)
     model, tokenizer, name = load_model(args.model, device=args.device, progress=not args.no_progress)
     check_greedy_config(model)  # before the calibration: a generation config that is not the argmax is refused
-    sha = None if shortcuts is None or shortcuts.method == "identity" else model_sha256(model)
-    drafter = ShortcutDrafter(model, shortcuts, args.exit_layer, model_sha256=sha)  # another model's maps: refused
+    drafter = None
+    if args.exit_layer is not None:
+        sha = None if shortcuts is None or shortcuts.method == "identity" else model_sha256(model)
+        drafter = ShortcutDrafter(model, shortcuts, args.exit_layer, model_sha256=sha)  # another model's maps: refused
     if k is None:
         from njtc_solve.data.corpus import load_corpus
         from njtc_solve.infer.calibrate import calibrate, held_out_sequences
@@ -111,11 +114,11 @@ def main(args) -> int:
     with torch.no_grad():
         result = speculative_generate(model, ids, drafter=drafter, max_new_tokens=args.max_new_tokens, draft_tokens=k)
     print(tokenizer.decode(result.sequences[0, ids.shape[1]:], skip_special_tokens=True))
-    print(_summary(result.stats, name, drafter.name, k))
+    print(_summary(result.stats, name, None if drafter is None else drafter.name, k))
     return 0
 
 
-def _summary(s, model: str, draft: str, k: int) -> str:
+def _summary(s, model: str, draft: str | None, k: int) -> str:
     """What the run did, in words and figures that are all defined (no ``nan``)."""
     rate = f" ({s.tokens_per_second:.1f} tokens/s)" if s.seconds > 0 else ""
     if k == 0:
@@ -135,3 +138,7 @@ def _summary(s, model: str, draft: str, k: int) -> str:
 def run(argv=None) -> int:
     """Run the command as a process does: one error line and exit status 2 for bad input."""
     return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

@@ -51,12 +51,8 @@ def _prompt_texts(args) -> list[str]:
 
 
 def _check_context(args, prompts: list[str]) -> None:
-    """Refuse a prompt longer than the model's context, from its configuration, before the model loads.
-
-    A token holds at least one byte of text, so a prompt of fewer UTF-8 bytes than the context
-    (less a margin for special tokens) fits; only a longer one is tokenised here, by the
-    tokenizer alone. The lens checks the token counts again once the model is loaded.
-    """
+    """Refuse a prompt longer than the model's context before the model loads (only a prompt of more
+    UTF-8 bytes than the context, less a margin, is tokenised)."""
     from njtc_solve.core.models import context_length, load_tokenizer, model_config
 
     limit = context_length(model_config(args.model))
@@ -71,10 +67,7 @@ def _check_context(args, prompts: list[str]) -> None:
 
 
 def _check_arguments(args):
-    """Every check before the model loads: the settings, the output folder, the lens files.
-
-    Returns ``(LensSpec, output folder or None)``.
-    """
+    """Every check before the model loads; ``(LensSpec, output folder or None)``."""
     spec = library.LensSpec(k=args.top_k, color=args.color, max_positions=args.max_positions, device=args.device,
                             dtype=args.dtype)
     out = None
@@ -161,3 +154,7 @@ def main(args) -> int:
 def run(argv=None) -> int:
     """Run the command as a process does: one error line and exit status 2 for bad input."""
     return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

@@ -1,26 +1,10 @@
-"""Remove K consecutive blocks and ship a smaller model: the replacement folded into the block before.
+"""Remove K consecutive blocks and ship a smaller model: a closed-form map folded into the block before.
 
-Command line::
-
-    python -m njtc_solve.prune --model M --remove K (--start S | --auto) --out DIR
-
-Blocks ``S .. S+K-1`` (0-based) are removed and replaced by a closed-form linear map on block
-``S-1``'s MLP output, folded into its output projection; ``DIR`` is a standard checkpoint
-(config, weights, tokenizer) that ``AutoModelForCausalLM.from_pretrained(DIR)`` loads, plus
-``njtc_prune.json`` (the chosen start and map, every candidate's held-out score, the plan).
-Candidates per start: plain dropping, least squares plain and weighted by 1 / mean(h_S²),
-optional ridge, with or without an intercept; the held-out KL to the full model chooses, so a
-map worse than dropping is never written. ``--auto`` scores every start; when the best two are
-within two standard errors, both are rescored on ``--rescore-tokens`` more held-out tokens.
-
-``--refine kl`` then trains the chosen map (and its intercept) by KL to the full model's
-next-token distribution on training documents, through the frozen rest of the pruned model,
-with early stopping on the scoring tokens' KL; a refined map is written only if its held-out
-KL is below the closed-form one's.
-
-``--save-stats FILE`` keeps the block statistics (every start, the K of ``--remove`` and
-``--stats-remove``); ``--stats FILE`` reads them back instead of the pass over the training
-documents, for another start or K of the same model and plan.
+Blocks ``S .. S+K-1`` are replaced by a linear map on block ``S-1``'s MLP output, folded into its
+output projection; ``--out`` is a standard checkpoint plus ``njtc_prune.json``. The held-out KL
+to the full model chooses among dropping and the least-squares candidates (``--auto``: every
+start); ``--refine kl`` then trains the chosen map, kept only if its held-out KL is lower.
+``--save-stats``/``--stats`` keep and reuse the block statistics.
 """
 
 from __future__ import annotations
@@ -87,6 +71,7 @@ _REFINE_FLAGS = {"lr": "lr", "steps": "steps", "refine_batch": "batch_sequences"
 
 
 def _list(text: str, flag: str, kind=str) -> list:
+    """A comma list of ``kind``."""
     try:
         return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError as err:
@@ -94,8 +79,7 @@ def _list(text: str, flag: str, kind=str) -> list:
 
 
 def _check(args, settings):
-    """Every check that needs no model weights, made once: the job's settings (a ``PruneSpec``, or
-    ``None`` for a model the table cannot read before loading), --out, the statistics files."""
+    """Every check that needs no weights; ``(PruneSpec or None for named parts, job, statistics, stats_remove)``."""
     from njtc_solve.prune.folding import ReplacementStatistics, check_output_folder
     from njtc_solve.prune.refine_fold import RefineSpec
     from njtc_solve.core.models import read_model_config
@@ -119,8 +103,6 @@ def _check(args, settings):
     job = dict(remove=args.remove, start=args.start, weightings=_list(args.weighting, "--weighting"),
                ridge=_list(args.ridge, "--ridge", float), intercept=args.intercept, score_tokens=args.score_tokens,
                rescore_tokens=args.rescore_tokens, val_fraction=settings["val_fraction"], refine=refine)
-    if args.batch_size < 1:
-        raise NJTCError("--batch-size must be positive")
     from njtc_solve.core.outputs import check_not_inputs
 
     inputs = command_inputs(args, "model", "corpus", "stats")
@@ -244,3 +226,7 @@ def main(args) -> int:
 def run(argv=None) -> int:
     """Run the command as a process does: one error line and exit status 2 for bad input."""
     return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

@@ -83,7 +83,7 @@ def main(args) -> int:
 
 
 def _print_outcome(args, refined, result) -> None:
-    """Each layer's held-out loss before and after, and which validation rows early stopping used."""
+    """Each layer's held-out loss before and after, and the rows early stopping used."""
     info = refined.stats["refined"]
     for l in sorted(result.best):
         s, b = result.start[l], result.best[l]
@@ -105,3 +105,7 @@ def _print_outcome(args, refined, result) -> None:
 def run(argv=None) -> int:
     """Run the command as a process does: one error line and exit status 2 for bad input."""
     return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

@@ -1,18 +1,10 @@
-"""Where each supported architecture keeps its blocks, final norm and unembedding.
+"""The one table of supported families: where each keeps its blocks, final norm and unembedding.
 
-An explicit table, as in tuned-lens: an architecture missing from it is an error, never
-a guess, because a wrong final norm silently gives wrong shortcuts. Each entry also says
-how the family turns the final norm's output into logits: a gain stored as ``w`` or as
-``1 + w``, an output projection before the unembedding, a logit scale, a final soft-cap.
-
-Where a family's MLP output projection is, and whether it has (or its config can give it) a
-bias, is part of the same entry (:class:`FoldSpec`): the facts block pruning folds a map into.
-The GGUF architecture names that differ from transformers' ``model_type`` are here too
-(:data:`GGUF_MODEL_TYPES`).
-
-Refusals come from the configuration alone (:func:`check_config`), before any weight is
-read: encoder-decoder models, post-norm models (OPT-350m), unknown model types; and, for
-pruning, a family or an option that cannot fold (:func:`check_foldable`).
+An architecture missing from the table is an error, never a guess (a wrong final norm silently
+gives wrong shortcuts). Each entry also says how the family makes logits (gain ``w`` or
+``1 + w``, an output projection, a logit scale, a soft-cap) and where block pruning folds a map
+(:class:`FoldSpec`). Refusals come from the configuration alone (:func:`check_config`,
+:func:`check_foldable`), before any weight is read.
 
 Examples
 --------
@@ -42,25 +34,20 @@ _CUSTOM = "_njtc_architecture"
 
 @dataclass(frozen=True)
 class FoldSpec:
-    """Where a family's MLP output projection is, relative to a block, and how it stores its weight.
-
-    The facts block pruning needs to fold a linear map into the block before the removed ones
-    (:mod:`njtc_solve.prune.folding`).
+    """Where a family's MLP output projection is in a block, which block pruning folds a map into.
 
     Attributes
     ----------
     projection : str
-        Dotted path of the MLP output projection inside a block.
+        Dotted path inside a block.
     kind : {"linear", "conv1d"}
-        ``nn.Linear`` (weight ``out × in``, ``y = a Wᵀ + b``) or GPT-2's ``Conv1D``
-        (weight ``in × out``, ``y = a W + b``).
+        ``nn.Linear`` (weight ``out × in``) or GPT-2's ``Conv1D`` (weight ``in × out``).
     bias_option : str, optional
-        A config flag that gives the MLP projections biases (Llama's ``mlp_bias``), for an
-        intercept where the projection has none.
+        The config flag that gives the MLP projections biases (Llama's ``mlp_bias``).
     bias_modules : tuple of str
-        The projections that flag adds a bias to (all of them must exist in the checkpoint).
+        The projections that flag adds a bias to.
     has_bias : bool
-        The projection always has a bias of its own (the intercept folds into it).
+        The projection always has a bias.
     """
 
     projection: str
@@ -72,29 +59,23 @@ class FoldSpec:
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """Attribute paths, from the ``*ForCausalLM`` model, of the parts a shortcut needs.
+    """Attribute paths, from the ``*ForCausalLM`` model, of the parts a shortcut needs, and its head's form.
 
     Attributes
     ----------
     blocks, final_norm : str
-        Dotted paths of the block list and of the final norm.
+        Dotted paths of the block list and the final norm.
     norm : {"layernorm", "rmsnorm"}
-        The final norm's kind: ``layernorm`` is mean-centred (its gain and bias may be absent:
-        OLMo has neither, Cohere no bias), ``rmsnorm`` is not.
     gain : {"w", "1+w"}
-        How the norm stores its gain: the gain itself, or its offset from 1 (Gemma, Nemotron).
+        The norm stores its gain, or its offset from 1 (Gemma, Nemotron).
     eps : float, optional
-        The norm's epsilon where the module has no attribute for it (OLMo's is fixed).
+        The norm's epsilon where the module has no attribute for it (OLMo).
     projection : str, optional
-        Path of a bias-free linear map applied between the norm and the unembedding (OPT's
-        ``project_out``); a path that resolves to ``None`` means the model has none.
+        Path of a linear map between the norm and the unembedding (OPT's ``project_out``; may be None).
     logit_scale, logit_divisor, softcap : str, optional
-        Config attributes: a factor multiplying the logits (Cohere), a divisor of the logits
-        (Granite's ``logits_scaling``), a final soft-cap ``c·tanh(z/c)`` (Gemma 2/3); a value
-        of ``None`` in the config means the model does not apply it.
+        Config attributes of a logit factor (Cohere), divisor (Granite), final soft-cap (Gemma 2/3).
     fold : FoldSpec, optional
-        The MLP output projection a pruning map folds into; ``None``: the family cannot be
-        pruned by folding (a mixture of experts, an unchecked layout).
+        Where a pruning map folds; ``None``: the family cannot be pruned by folding.
     """
 
     blocks: str
@@ -191,15 +172,13 @@ def check_config(config, custom: bool = False) -> ArchitectureSpec | None:
     Parameters
     ----------
     config : transformers.PretrainedConfig
-        The model's configuration (no weights are read).
     custom : bool
-        The user names the parts (see :func:`custom_architecture`): an unknown model type is
-        then accepted (``None`` is returned), an encoder-decoder model still is not.
+        The user names the parts: an unknown model type is accepted (``None`` returned).
 
     Raises
     ------
     NJTCError
-        One line saying why: an encoder-decoder model, a post-norm model, an unknown type.
+        An encoder-decoder model, a post-norm model, an unknown type.
     """
     kind = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
@@ -214,11 +193,7 @@ def check_config(config, custom: bool = False) -> ArchitectureSpec | None:
 
 
 def check_foldable(config) -> FoldSpec:
-    """The fold of ``config``'s family; a family (or an option) that cannot fold is refused in one line.
-
-    The one check of foldability: a prune job makes it once, in
-    :meth:`njtc_solve.prune.selection.PruneSpec.check`, and hands the :class:`FoldSpec` down.
-    """
+    """The :class:`FoldSpec` of ``config``'s family; a family or option that cannot fold is refused."""
     kind = getattr(config, "model_type", None)
     if kind not in FOLDABLE:
         raise NJTCError(f"{kind} cannot be pruned by folding: its MLP output projection is not in the fold table "
@@ -232,12 +207,10 @@ def check_foldable(config) -> FoldSpec:
 
 
 def custom_architecture(model: nn.Module, blocks: str, final_norm: str, norm: str | None = None) -> ArchitectureSpec:
-    """Name the parts of a model the table does not know (``trust_remote_code`` models).
+    """Name the parts of a model the table does not know; the spec is attached to ``model``.
 
-    The spec is attached to ``model`` and wins over the table. ``norm`` is inferred from the
-    final norm's class name (``LayerNorm`` / ``RMSNorm``) where not given. Nothing else of
-    the head (a logit scale, a soft-cap) is known, so the extraction's head check, which
-    compares the head with the model's own logits, is what guards such a model.
+    ``norm`` is inferred from the final norm's class name where not given. No logit scale or
+    soft-cap is known: the extraction's head check guards such a model.
     """
     module = _get(model, final_norm)
     name = type(module).__name__.lower()
@@ -264,6 +237,7 @@ def architecture_of(model: nn.Module) -> ArchitectureSpec:
 
 
 def _get(model: nn.Module, path: str, optional: bool = False):
+    """The attribute at dotted ``path`` (``None`` where missing and ``optional``)."""
     obj = model
     for name in path.split("."):
         if not hasattr(obj, name):
@@ -275,11 +249,7 @@ def _get(model: nn.Module, path: str, optional: bool = False):
 
 
 def resolve_parts(model: nn.Module):
-    """Return ``(spec, blocks, final_norm, unembedding)`` of a causal language model.
-
-    The final norm's class must match the table's norm kind, so that a layer norm is never
-    applied as an RMS norm or the other way round.
-    """
+    """``(spec, blocks, final_norm, unembedding)`` of a causal LM; the final norm must be of the table's kind."""
     spec = architecture_of(model)
     blocks = _get(model, spec.blocks)
     final_norm = _get(model, spec.final_norm)

@@ -1,10 +1,7 @@
-"""The model's own room: the one place that hooks, replays, passes through or removes a model's blocks.
+"""The one place that hooks, replays, passes through or removes a model's blocks (tests/test_layout.py).
 
-A :class:`Decoder` is resolved once per model (:meth:`Decoder.of`): the family table's parts, the
-block count and the :class:`~njtc_solve.core.head.Head`. Hooks go by point name and are removed
-on every exit (TransformerLens's ``hooks()``); a patched ``forward`` is restored on every exit
-(tuned-lens's ``model_surgery``). ``tests/test_layout.py`` checks that no other module of the
-package hooks a model, patches a ``forward`` or touches a module list.
+A :class:`Decoder` is resolved once per model: the table's parts, the block count and the head.
+Hooks go by point name and a patched ``forward`` is restored, on every exit.
 
 Examples
 --------
@@ -68,7 +65,7 @@ class Decoder:
 
     @classmethod
     def of(cls, model) -> Decoder:
-        """The model's decoder, made on first use and kept with the model (made again if its block list changed)."""
+        """The model's decoder, kept with the model (made again if its block list changed)."""
         decoder = model.__dict__.get(_ATTRIBUTE)
         if decoder is None or decoder.model is not model or _get(model, decoder.spec.blocks) is not decoder.blocks:
             decoder = cls(model)
@@ -76,14 +73,15 @@ class Decoder:
         return decoder
 
     def _resolve(self) -> None:
+        """Read the parts and the block count."""
         self.spec, self.blocks, self.final_norm, self.unembed = resolve_parts(self.model)
         self.projection = projection_of(self.model, self.spec)
         self.n_blocks = len(self.blocks)
 
     @property
     def head(self) -> Head:
-        """The model's :class:`~njtc_solve.core.head.Head` (float32, CPU): read again only when a head
-        parameter changed; each caller gets a shallow copy of its own."""
+        """The model's :class:`~njtc_solve.core.head.Head` (float32, CPU; read again when a head parameter
+        changed), a shallow copy per caller."""
         key = tuple((id(p), p._version, p.data_ptr(), p.dtype) for module in (self.final_norm, self.unembed, self.projection)
                     if module is not None for p in module.parameters())
         if self._head is None or self._head[0] != key:
@@ -99,11 +97,10 @@ class Decoder:
 
     @contextmanager
     def hooks(self, points: dict[str, Callable], fold: FoldSpec | None = None):
-        """Hooks by point name for the duration, every one removed on every exit; they read, never change.
+        """Read-only hooks by point name for the block, removed on every exit.
 
         ``block_in.{i}``: ``fn(hidden, args, kwargs)`` before block ``i``; ``block_out.{i}``:
-        ``fn(hidden, output)`` after it; ``mlp_out.{i}``: ``fn(output)`` of its MLP output
-        projection (``fold`` the family's checked fold; checked here when not given).
+        ``fn(hidden, output)`` after it; ``mlp_out.{i}``: ``fn(output)`` of its MLP output projection.
         """
         with ExitStack() as stack:
             for name, fn in points.items():
@@ -111,6 +108,7 @@ class Decoder:
             yield
 
     def _register(self, name: str, fn: Callable, fold: FoldSpec | None):
+        """Register one hook point; its handle."""
         kind, _, index = name.partition(".")
         if not index.isdigit() or int(index) >= self.n_blocks:
             raise NJTCError(f"no hook point {name!r}: blocks are 0..{self.n_blocks - 1}")
@@ -168,12 +166,8 @@ class Decoder:
 
     @contextmanager
     def passed_through(self, indices, last_output: torch.Tensor | None = None):
-        """Blocks ``indices`` return their input for the duration (the last of them ``last_output`` when given).
-
-        The model's own ``forward`` runs the others, with its caller's cache or gradients. A
-        passed-through block returns what a real one does (a tensor, or a tuple: GPT-Neo, BLOOM),
-        learnt from the block before the first one, else from block 0 on one token.
-        """
+        """Blocks ``indices`` return their input for the block (the last ``last_output`` when given);
+        the model's own ``forward`` runs the others, with the caller's cache or gradients."""
         indices = sorted(int(i) for i in indices)
         if not indices:
             yield

@@ -1,17 +1,8 @@
-"""Scale-out with ``torch.distributed``: every statistic is a sum, so one all-reduce suffices.
+"""Scale-out with ``torch.distributed`` under ``torchrun``: every statistic is a sum, so one all-reduce suffices.
 
-Under ``torchrun`` (``WORLD_SIZE > 1``) each process reads every ``world_size``-th chunk of the
-training rows and accumulates with the shift a single process would use (the mean of the
-store's first training chunk, which every process reads for itself). Then a vote that every
-process succeeded, and one in-place all-reduce of the accumulator's float64 buffer (no copy)
-that gives every process the global statistics. Each process solves its share of the layers
-on its own device, and rank 0 gathers the maps and writes. A single process needs none of
-this. Sharded extraction: each process extracts a contiguous block of the same
-sequence plan into its own shard file, and rank 0 joins them (``store.combine_shards``).
-
-Communication per fit: one buffer of ``layers × (2d² + d) + d² + d + 1`` float64 values,
-about one pair of d×d float64 matrices per source layer (5.3 MB per layer at d = 576,
-268 MB per layer at d = 4096), plus the one-integer vote.
+Each process accumulates its share of the rows; after a vote that all succeeded, one in-place
+float64 all-reduce gives every process the global statistics; each solves its share of the
+layers and rank 0 gathers and writes.
 """
 
 from __future__ import annotations
@@ -62,6 +53,7 @@ class Communicator:
         return None
 
     def _collective(self, fn, *args):
+        """``fn(*args)``, a failed peer as one NJTCError line."""
         try:
             return fn(*args)
         except (RuntimeError, dist.DistError) as err:
@@ -86,11 +78,7 @@ class Communicator:
         return int(tensor.item())
 
     def vote(self, ok: bool) -> bool:
-        """Whether every process reports success: a collective that every process calls once.
-
-        A process that fails before its vote still votes (``False``) on its way out, so no
-        peer waits for it; a peer that died makes the vote fail.
-        """
+        """Whether every process reports success (a collective each calls once; a dead peer fails it)."""
         self.voted = True
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
         try:

@@ -12,12 +12,7 @@ __all__ = ["Interrupted", "NJTCError", "interruptible", "quiet_start"]
 
 
 class NJTCError(Exception):
-    """Bad input or a failed check that the user can act on.
-
-    The command-line tools print its message on one line and exit with status 2. A message
-    names the parameters of the function that raised it in backticks (`` `seq_len` must be at
-    least 2``); the command layer rewrites them as its flags (``--seq-len``).
-    """
+    """Bad input or a failed check the user can act on: one line, parameters in backticks, exit status 2."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -29,27 +24,25 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _raise_interrupted(signum, frame):
+    """Signal handler: raise :class:`Interrupted`."""
     raise Interrupted(signum)
 
 
 def _exit_at_start(signum, frame):
+    """Signal handler: one line, then exit at once."""
     sys.stderr.write("error: interrupted\n")
     os._exit(128 + signum)
 
 
 def quiet_start() -> None:
-    """Exit with one line, not a traceback, on Ctrl-C or SIGTERM while a command imports its
-    libraries (seconds for torch); the package calls it when run as ``python -m njtc_solve.…``.
-    Nothing is open yet, so exiting at once is safe; :func:`interruptible` takes over from there."""
+    """Exit with one line, not a traceback, on Ctrl-C or SIGTERM while a command imports its libraries."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_at_start)
 
 
 @contextmanager
 def interruptible():
-    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted`, so that every
-    ``finally`` (a partial file's clean-up, a lock's release) runs; the handlers before are
-    restored after it."""
+    """SIGINT and SIGTERM raise :class:`Interrupted` within the block, so every ``finally`` runs."""
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield

@@ -1,20 +1,10 @@
-"""The model's head: how the last block's output becomes logits, for every supported family.
+"""The model's head: ``logits(h) = cap(scale · (norm(h) @ unembedᵀ + unembed_bias))``, for every supported family.
 
-``logits(h) = cap(scale · (norm(h) @ unembedᵀ + unembed_bias))`` with
-
-- ``norm`` a LayerNorm (mean-centred; its gain and bias may be absent: OLMo has neither,
-  Cohere no bias) or an RMS norm, with its ``eps``; the gain is stored as the gain itself
-  (Gemma's ``1 + w`` is folded into it when the head is read from the model);
-- ``unembed`` the unembedding with any output projection folded in (OPT's ``project_out``:
-  ``W_U' = W_U @ W_proj``);
-- ``scale`` a multiplicative logit scale (Cohere's ``logit_scale``, Granite's
-  ``1/logits_scaling``; 1 elsewhere);
-- ``cap`` the final soft-cap ``c·tanh(z/c)`` (Gemma 2/3's ``final_logit_softcapping``), or none.
-
-Stored with the activations (the ``/head`` group, :meth:`Head.write_group`), in statistics
-files (:meth:`Head.to_tensors`, :meth:`Head.describe`) and identified in shortcut files
-(:meth:`Head.fingerprint`), so that evaluation and the lens never need the model itself and
-always apply the same head.
+``norm`` is a LayerNorm or RMS norm (gain and bias optional; Gemma's ``1 + w`` gain folded in),
+``unembed`` has any output projection folded in (OPT's ``project_out``), ``scale`` is Cohere's
+``logit_scale`` or Granite's ``1/logits_scaling``, ``cap`` Gemma 2/3's final soft-cap. Stored with
+the activations, in statistics files and identified in shortcut files (:meth:`Head.fingerprint`),
+so evaluation and the lens apply the same head without the model.
 """
 
 from __future__ import annotations
@@ -37,14 +27,12 @@ _TENSORS = ("norm_weight", "norm_bias", "unembed", "unembed_bias")
 
 
 def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A float32 CPU copy, or None."""
     return None if t is None else t.detach().to(torch.float32).cpu().clone()
 
 
 def _fold_projection(w_u: torch.Tensor, b_u: torch.Tensor | None, projection) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Unembedding and bias with a linear map ``n ↦ n Pᵀ + p`` before them folded in (float64 product).
-
-    ``(n Pᵀ + p) W_Uᵀ + b = n (W_U P)ᵀ + (W_U p + b)``.
-    """
+    """Unembedding and bias with ``n ↦ n Pᵀ + p`` folded in: ``W_U P`` and ``W_U p + b`` (float64 products)."""
     w_u64 = w_u.double()
     p_bias = getattr(projection, "bias", None)
     if p_bias is not None:
@@ -68,21 +56,16 @@ class Head:
     Attributes
     ----------
     norm : {"layernorm", "rmsnorm"}
-        The final norm's kind (``layernorm`` centres the row first).
     eps : float
-        The norm's epsilon.
     norm_weight, norm_bias : Tensor or None
-        The norm's gain (the effective gain, ``1 + w`` for Gemma) and bias, ``(d,)``; absent
-        for a norm without them.
+        The norm's effective gain and bias, ``(d,)``.
     unembed, unembed_bias : Tensor
-        ``(V, d)`` unembedding (any output projection folded in) and its ``(V,)`` bias or None.
+        ``(V, d)`` unembedding and its ``(V,)`` bias or None.
     logit_scale : float
-        Factor multiplying the logits.
     softcap : float or None
         ``c`` of the final soft-cap ``c·tanh(z/c)``.
     folded : tuple of str
-        What was folded into the tensors when read from the model, for the record:
-        ``"1+w gain"``, ``"output projection"``.
+        What was folded in when read from the model (``"1+w gain"``, ``"output projection"``).
 
     Examples
     --------
@@ -119,14 +102,9 @@ class Head:
             raise NJTCError(f"the head's soft-cap {self.softcap!r} is not a positive number")
         self.folded = tuple(self.folded)
 
-    # -- construction -----------------------------------------------------------------------
     @classmethod
     def from_model(cls, model) -> Head:
-        """Copy the head of a supported causal language model (float32, on the CPU).
-
-        Gemma's ``1 + w`` gain and OPT's ``project_out`` are folded into plain tensors (and
-        listed in ``folded``); the logit scale and soft-cap come from the model's config.
-        """
+        """Copy the head of a supported causal LM (float32, CPU), gains and projections folded in."""
         spec, _, final_norm, unembed = resolve_parts(model)
         eps = spec.eps
         if eps is None:
@@ -192,11 +170,8 @@ class Head:
 
     @classmethod
     def from_group(cls, group) -> Head:
-        """Read a head from the ``/head`` group of an activation store (format 1 or 2).
-
-        Format 1 groups lack ``logit_scale``, ``softcap`` and ``has_norm_weight``: they were
-        written for heads without a scale or soft-cap and always with a gain.
-        """
+        """Read a head from the ``/head`` group of an activation store (format 1 lacks scale, soft-cap and
+        ``has_norm_weight``: none, none, a gain)."""
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in group.attrs.items()}
         tensors = {name: torch.from_numpy(group[name][...].astype(np.float32)) for name in _TENSORS if name in group}
         if "unembed" not in tensors or (attrs.get("has_norm_weight", True) and "norm_weight" not in tensors):
@@ -220,11 +195,7 @@ class Head:
             group.create_dataset(name, data=value.numpy(), fletcher32=True)  # chunked, checksummed
 
     def fingerprint(self) -> str:
-        """sha256 of the description and tensors: two heads with the same fingerprint give the same logits.
-
-        Shortcut files record it (not the unembedding itself, ~100 MB for real models) so that
-        the lens and evaluation can check they apply the head the maps were fitted for.
-        """
+        """sha256 of the description and tensors: equal fingerprints give equal logits."""
         digest = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode())
         for name, value in sorted(self.to_tensors(prefix="").items()):
             digest.update(name.encode())
@@ -232,19 +203,21 @@ class Head:
         return digest.hexdigest()
 
     def _check_shapes(self) -> None:
+        """Refuse a gain, norm bias or unembedding bias of the wrong shape."""
         d, v = self.d_model, self.vocab_size
         for name, shape in (("norm_weight", (d,)), ("norm_bias", (d,)), ("unembed_bias", (v,))):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise NJTCError(f"the head's {name} has shape {tuple(value.shape)}, not {shape}")
 
-    # -- properties -----------------------------------------------------------------------
     @property
     def d_model(self) -> int:
+        """The residual width ``d``."""
         return self.unembed.shape[1]
 
     @property
     def vocab_size(self) -> int:
+        """The vocabulary size ``V``."""
         return self.unembed.shape[0]
 
     @property
@@ -259,7 +232,6 @@ class Head:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
         return Head(**moved)
 
-    # -- the maths ------------------------------------------------------------------------
     def normalize(self, h: torch.Tensor) -> torch.Tensor:
         """Apply the final norm (with its gain and bias) to rows ``h``."""
         h = h.to(torch.float32)
@@ -284,15 +256,8 @@ class Head:
         return self.finish(out if self.unembed_bias is None else out + self.unembed_bias)
 
     def low_rank_logits(self, a: torch.Tensor, V: torch.Tensor, bias, y: torch.Tensor) -> torch.Tensor:
-        """Logits of ``y = a @ V + bias`` through the rank-r factor, without ``y @ W_Uᵀ``.
-
-        The final norm's centring (LayerNorm) and gain are linear, so the linear logits are
-        ``[a/σ, 1/σ, 1] @ [M; c; const]`` with ``M = (V - mean) diag(g) W_Uᵀ``
-        (:meth:`low_rank_factor`, which a caller may keep): one ``rows × (r+2) × vocab`` product
-        instead of ``rows × d × vocab``. ``y`` (already computed by the caller) supplies only
-        the per-row scale ``σ`` (:meth:`low_rank_linear`). The logit scale and soft-cap then
-        act on those logits (:meth:`finish`), as in the model.
-        """
+        """Logits of ``y = a @ V + bias`` as ``[a/σ, 1/σ, 1] @ [M; c; const]`` (:meth:`low_rank_factor`),
+        without ``y @ W_Uᵀ``; ``y`` gives only the per-row norm scale ``σ``."""
         return self.finish(self.low_rank_linear(self.low_rank_factor(V, bias), a, y))
 
     def low_rank_factor(self, V: torch.Tensor, bias) -> torch.Tensor:
@@ -321,15 +286,10 @@ class Head:
         return torch.cat([a * inv_sigma, inv_sigma, torch.ones_like(inv_sigma)], dim=1) @ factor
 
     def logit_weight_factor(self) -> torch.Tensor:
-        """Matrix ``F`` (d×V) whose Gram ``F Fᵀ`` weights errors in h by their effect on logits.
+        """Matrix ``F`` (d×V) whose Gram ``F Fᵀ`` weights errors in h by their effect on the logits.
 
-        The error ``e`` in the final-norm input changes the centred logits by approximately
-        ``scale · (e P / σ) diag(g) W_Uᵀ`` (σ the token's norm scale), where ``P = I - 11ᵀ/d``
-        is the centring of a LayerNorm (``P = I`` for an RMS norm): a LayerNorm head never sees
-        the all-ones direction of its input, so neither does the weight. Centring over the
-        vocabulary drops the direction that softmax ignores. A soft-capped head is weighted
-        by its logits *before* the cap: the cap's slope ``1 - tanh²(z/c)`` depends on each
-        token's logits, so no fixed weight can include it (it only shrinks the largest logits).
+        ``F = scale · P diag(g) W_Uᵀ`` centred over the vocabulary (which softmax ignores), ``P`` a
+        LayerNorm's centring (``I`` for an RMS norm); a soft-cap, whose slope varies per token, is left out.
         """
         w_u = self.unembed.to(torch.float64)
         w_u = w_u - w_u.mean(0, keepdim=True)

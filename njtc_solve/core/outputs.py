@@ -1,26 +1,9 @@
-"""The one I/O module: atomic files and folders, the marks by which a folder is known as this
-project's, output locks, output checks made before the work, and checked safetensors reading.
+"""The one I/O module: atomic files and folders, the marks that tell a folder as this project's,
+output locks, the output checks made before any work, and checked safetensors reading.
 
-Every command calls the checks on its outputs before it loads a model or reads a row, so a bad
-``--out`` costs nothing and destroys nothing; library functions that write files call them too.
-Each output and input carries a label that names it in the message: the parameter in backticks
-from library code (``"`save_stats`"``), the flag from a command (``"--out"``):
-
-- :func:`check_not_inputs`: no output (nor its ``.partial`` or ``.lock`` file beside it) is one
-  of the command's inputs or another output, comparing resolved paths and inodes (a hard link
-  or a symbolic link to an input is that input), and no output lies inside an input's folder
-  (a dataset's or a model's);
-- :func:`check_file_output`: an output file may replace only a file of the same kind that
-  this project wrote (recognised by its ``format`` metadata);
-- :func:`check_folder_output`: an output folder is writable, and the files the command would
-  put there replace only files this project wrote there (a :class:`FolderKind`'s marker).
-
-Writing: :func:`atomic_output` (a file: ``PATH.partial``, then a rename), :func:`atomic_folder`
-(a folder: a temporary sibling, then a swap), :func:`output_lock` (``PATH.lock``, through
-``filelock``). The rule for an output folder: what this project did not write is never
-replaced nor removed, ``overwrite`` or not. A file the command would write whose name is taken
-by such a file is refused; the user's other files in a folder this project wrote (notes, a
-statistics file) stay where they are when the folder is written again.
+Labels name each output and input in messages: a parameter in backticks from library code
+(``"`save_stats`"``), a flag from a command (``"--out"``). What this project did not write is
+never replaced nor removed, ``overwrite`` or not.
 
 Examples
 --------
@@ -58,25 +41,23 @@ from collections.abc import Callable
 
 from njtc_solve.core.errors import NJTCError
 
-__all__ = ["WRITTEN_FILES", "FolderKind", "atomic_folder", "atomic_output", "check_file_output",
-           "check_finite", "check_folder_output", "check_not_inputs", "check_writable", "file_format",
-           "is_locked", "lock_path", "output_lock", "read_safetensors", "same_file", "temporary_path",
+__all__ = ["FolderKind", "atomic_folder", "atomic_output", "check_file_output", "check_finite", "check_folder_output",
+           "check_not_inputs", "check_writable", "is_locked", "output_lock", "read_safetensors", "temporary_path",
            "write_failure"]
 
 WRITTEN_FILES = "written_files"  # the marker's list of the entries this project wrote into a folder
 
 
 def temporary_path(path) -> Path:
-    """Name of the file that is written before it is renamed to ``path``: ``PATH.partial``."""
+    """``PATH.partial``: the file written before it is renamed to ``path``."""
     path = Path(path)
     return path.with_name(path.name + ".partial")
 
 
 def lock_path(path) -> Path:
-    """Name of the lock file held while ``path`` is written: ``PATH.lock``."""
+    """``PATH.lock``: the lock file held while ``path`` is written."""
     path = Path(path)
     return path.with_name(path.name + ".lock")
-
 
 
 def same_file(a, b) -> bool:
@@ -99,26 +80,19 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_not_inputs(outputs, inputs, replaced_folders=()) -> None:
-    """Refuse an output that is one of the inputs, or another output.
+    """Refuse an output that is an input or another output (resolved paths and inodes), or lies in an input's folder.
 
     Parameters
     ----------
-    outputs : iterable of (label, path)
-        The files a command writes (``None`` paths are skipped). Each is written through
-        ``PATH.partial`` and guarded by ``PATH.lock``, which must not be inputs either. The
-        label names the output in the message: ``"--out"`` (a command's flag) or ``"`out`"``
-        (a library function's parameter).
-    inputs : iterable of (label, path)
-        What the command reads (``None`` paths are skipped), labelled alike.
+    outputs, inputs : iterable of (label, path)
+        What is written (with its ``.partial`` and ``.lock`` files) and read; ``None`` paths are skipped.
     replaced_folders : iterable of (label, path)
-        Folders the command deletes or replaces as a whole (a temporary folder): no input may
-        lie inside one.
+        Folders replaced as a whole: no input may lie inside one.
 
     Raises
     ------
     NJTCError
-        ``--out X is --stats Y: an output never replaces an input; choose another --out``, or
-        ``--out X is inside --corpus D: an output never goes into an input's folder; ...``.
+        ``--out X is --stats Y: an output never replaces an input; choose another --out``, and the like.
     """
     outs = [(label, Path(p)) for label, p in outputs if p is not None]
     ins = [(label, Path(p)) for label, p in inputs if p is not None]
@@ -141,11 +115,7 @@ def check_not_inputs(outputs, inputs, replaced_folders=()) -> None:
 
 
 def check_writable(folder, target=None) -> None:
-    """Refuse a folder that does not exist or where no file can be created (tried, not guessed).
-
-    ``os.access`` says yes to root on a read-only folder and knows nothing of a read-only
-    file system, so a file is created and removed.
-    """
+    """Refuse a folder that does not exist or where no file can be created (tried: ``os.access`` misleads root)."""
     folder = Path(folder)
     target = folder if target is None else target
     if not folder.is_dir():
@@ -160,8 +130,7 @@ def check_writable(folder, target=None) -> None:
 
 
 def file_format(path) -> str | None:
-    """The ``format`` a file of this project records (safetensors metadata, HDF5 root attribute,
-    JSON key), or ``None`` for any other file."""
+    """The ``format`` a file of this project records (safetensors metadata, HDF5 attribute, JSON key), else ``None``."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -198,16 +167,14 @@ def check_file_output(path, label: str, formats, what: str, overwrite: bool = Fa
     Parameters
     ----------
     path : path
-        The output file.
     label : str
-        How the caller names it, for the message: ``"--out"`` (a command's flag) or ``"`out`"``
-        (a library function's parameter).
+        The output's name in messages.
     formats : iterable of str
-        The ``format`` values (see :func:`file_format`) of files it may replace.
+        The ``format`` values (:func:`file_format`) of the files it may replace.
     what : str
-        What such a file is, for the message (``"a shortcut file"``).
+        What such a file is (``"a shortcut file"``).
     overwrite : bool
-        Replace whatever is there (the user said so).
+        Replace whatever is there.
     """
     path = Path(path)
     if path.is_dir():
@@ -221,24 +188,22 @@ def check_file_output(path, label: str, formats, what: str, overwrite: bool = Fa
 
 def check_folder_output(folder, label: str, names, kind: FolderKind, advice: str = "",
                         parents: bool = False) -> Path:
-    """Refuse an output folder that cannot be written, or where the command would replace a file
-    this project did not write (``overwrite`` or not: such a file is never replaced).
+    """Refuse an output folder that cannot be written, or where a write of ``names`` would replace a file
+    this project did not write.
 
     Parameters
     ----------
     folder : path
-        The output folder (created later if missing; its parent must exist).
+        Created later if missing.
     label : str
-        How the caller names it: ``"--out"`` (a command's flag) or ``"`out`"`` (a parameter).
+        The output's name in messages.
     names : iterable of str
-        The files the command writes into it (``fnmatch`` patterns where the names vary, as a
-        checkpoint's shards).
+        The files written into it (``fnmatch`` patterns).
     kind : FolderKind
-        What the folder holds when this project wrote it (its marker).
     advice : str
         The end of the refusal (default: move the file away or choose another folder).
     parents : bool
-        The command creates missing parent folders too: the nearest existing one must be writable.
+        Missing parent folders are created: the nearest existing one must be writable.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -267,20 +232,18 @@ class FolderKind:
     Attributes
     ----------
     what : str
-        What such a folder holds, for messages (``"a tuned lens"``).
+        What it holds, for messages (``"a tuned lens"``).
     marker : str
-        The JSON file, written into the folder with the rest, that marks it as this project's.
+        The JSON file that marks the folder as this project's.
     recognise : callable
-        ``recognise(content) -> bool``: whether the marker's JSON content is this kind's.
+        ``recognise(content) -> bool``: whether the marker's content is this kind's.
     names : tuple of str
-        The files the writer puts there (``fnmatch`` patterns where they vary); a marker that
-        lists no :data:`WRITTEN_FILES` (written before the list was kept) stands for these.
+        The files the writer puts there (``fnmatch`` patterns), for a marker that lists none.
     shared : bool
-        The folder may be one the user keeps other things in (``runs/``, ``.``): written into
-        when it exists unmarked. Otherwise (a checkpoint, saved maps) an existing folder must
-        be empty or this kind's.
+        The folder may hold the user's files (``runs/``, ``.``); otherwise an existing one must be
+        empty or this kind's.
     lists_files : bool
-        :func:`atomic_folder` records the entries written in the marker (:data:`WRITTEN_FILES`).
+        The marker lists the entries written (``written_files``).
     """
 
     what: str
@@ -303,7 +266,7 @@ class FolderKind:
         return self.marker_content(folder) is not None
 
     def owned(self, folder) -> set[str]:
-        """Names of the entries of ``folder`` this project wrote there (empty where it is not this kind's)."""
+        """Names of the entries of ``folder`` this project wrote (none where it is not this kind's)."""
         folder = Path(folder)
         content = self.marker_content(folder)
         if content is None:
@@ -315,9 +278,8 @@ class FolderKind:
         return {n for n in entries if n == self.marker or any(fnmatch(n, pattern) for pattern in self.names)}
 
     def foreign(self, folder, names=None) -> list[str]:
-        """Entries of ``folder`` this project did not write that a write of ``names`` (default: this
-        kind's) would replace, sorted; for a folder that is not ``shared``, every entry of an
-        unmarked, non-empty folder."""
+        """Sorted entries of ``folder`` this project did not write that a write of ``names`` would replace
+        (every entry of an unmarked folder that is not ``shared``)."""
         folder = Path(folder)
         if not folder.is_dir():
             return []
@@ -330,7 +292,7 @@ class FolderKind:
 
 
 def _mark(tmp: Path, kind: FolderKind, written) -> None:
-    """Record ``written`` in the marker inside ``tmp`` (atomically)."""
+    """Record ``written`` in the marker inside ``tmp``."""
     content = json.loads((tmp / kind.marker).read_text(encoding="utf-8"))
     content[WRITTEN_FILES] = sorted(written)
     with atomic_output(tmp / kind.marker) as part:
@@ -339,27 +301,19 @@ def _mark(tmp: Path, kind: FolderKind, written) -> None:
 
 @contextmanager
 def atomic_folder(out, kind: FolderKind, *, label: str = "`out`", parents: bool = False):
-    """Yield a temporary sibling folder to write an output folder into; swap it in when the block succeeds.
+    """Yield a temporary sibling folder (``.OUT.partial-PID``) to write ``out`` into; swap it in on success.
 
-    The one contract for output folders: the files are written under ``.OUT.partial-PID``
-    beside ``out``, then swapped in: a new ``out``, or a wholly-ours one of a kind that is not
-    ``shared``, is replaced by one rename (the old one set aside until the new one is in place);
-    any other ``out`` (a shared folder such as ``runs/`` or ``.``, or one that also holds files
-    this project did not write: notes, a statistics file) gets the new files by one rename each,
-    the marker first, and keeps the user's files; files this
-    project wrote there before and did not write this time are removed. A failure while the
-    files are written leaves ``out`` as it was and removes the temporary folder. In the second
-    case a failure part way through the renames themselves (a full disk, a kill) can leave some
-    of our files new and some old, every one of them still marked as ours, so the next run
-    replaces them; the user's files are never touched. A failure to write is a one-line
-    :class:`NJTCError`. The writer must put ``kind.marker`` into the folder. ``parents``: create
-    ``out``'s missing parent folders.
+    A new ``out``, or a wholly-ours one of a kind that is not ``shared``, is replaced by one
+    rename. Any other ``out`` gets the new files by one rename each, marker first, keeping the
+    user's files; our files not written this time are removed. A failure while writing leaves
+    ``out`` as it was. The writer must put ``kind.marker`` into the folder; ``parents`` creates
+    ``out``'s missing parents.
 
     Raises
     ------
     NJTCError
-        ``out`` (re-checked at the swap) holds a file this project did not write under a name
-        it would write, or ``out`` cannot be written.
+        ``out`` (checked again at the swap) holds a file this project did not write under a name
+        it would write, or cannot be written.
     """
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -417,21 +371,13 @@ def _swap(tmp: Path, out: Path, kind: FolderKind, written: set, label: str) -> N
         else:
             target.unlink(missing_ok=True)
     if kind.lists_files:
-        content = json.loads((out / kind.marker).read_text(encoding="utf-8"))
-        content[WRITTEN_FILES] = sorted(written)
-        with atomic_output(out / kind.marker) as part:
-            part.write_text(json.dumps(content, indent=1, default=str) + "\n", encoding="utf-8")
+        _mark(out, kind, written)
     tmp.rmdir()
 
 
 @contextmanager
 def output_lock(path):
-    """Hold an exclusive lock on writing ``path`` for the block (``PATH.lock``, through ``filelock``).
-
-    A second holder (another process, or another open of the lock in this one) is refused at
-    once with a one-line :class:`NJTCError`; the lock is released, and its file removed, on
-    every path out.
-    """
+    """Hold ``PATH.lock`` (``filelock``) for the block; a second holder is refused at once in one line."""
     from filelock import FileLock, Timeout
 
     path = Path(path)
@@ -467,11 +413,9 @@ def is_locked(path) -> bool:
 
 @contextmanager
 def atomic_output(path, overwrite: bool = True):
-    """Yield a temporary path that replaces ``path`` only when the block succeeds.
+    """Yield ``PATH.partial``, renamed to ``path`` when the block succeeds, removed otherwise.
 
-    A failure to write (an :class:`OSError`, or a safetensors error wrapping one, such as a
-    full disk) becomes the one-line :class:`NJTCError` ``cannot write PATH: reason``; on any
-    exception the temporary file is removed and ``path`` is left as it was.
+    A failure to write becomes the one-line :class:`NJTCError` ``cannot write PATH: reason``.
 
     Examples
     --------
@@ -498,13 +442,8 @@ def atomic_output(path, overwrite: bool = True):
 
 
 def write_failure(err: BaseException) -> str | None:
-    """The operating system's reason, on one line, when ``err`` is a failure to write, else None.
-
-    An :class:`OSError`; HDF5's long, multi-line message naming an errno (which h5py raises as
-    OSError, ValueError or RuntimeError); or ``SafetensorError("Error while serializing: I/O
-    error: No space left on device (os error 28)")`` (older versions: ``IoError(Os { code: 28,
-    ..., message: "..." })``). Anything else is no write failure and is not disguised as one.
-    """
+    """The operating system's reason, on one line, when ``err`` is a failure to write (an OSError, HDF5's
+    errno message, a safetensors I/O error), else None."""
     from safetensors import SafetensorError
 
     found = re.search(r"errno = \d+, error message = '([^']+)'", str(err))
@@ -519,20 +458,12 @@ def write_failure(err: BaseException) -> str | None:
 
 
 def check_finite(tensors: dict, where, dtype=None) -> None:
-    """Refuse tensors with a non-finite value, as stored in ``dtype`` (default: their own).
-
-    Parameters
-    ----------
-    tensors : dict of name to tensor
-    where : str or path
-        What holds them, for the message (a file being written or read).
-    dtype : torch.dtype, optional
-        The type they are written in: a float32 value beyond float16's range is infinite there.
+    """Refuse tensors with a non-finite value as stored in ``dtype`` (default: their own).
 
     Raises
     ------
     NJTCError
-        ``PATH: J[3] is not finite float16 (beyond its range, ±65504)``.
+        ``WHERE: J[3] is not finite float16 (beyond its range, ±65504)``.
     """
     import torch
 
@@ -547,11 +478,8 @@ def check_finite(tensors: dict, where, dtype=None) -> None:
 
 
 def read_safetensors(path, what: str, fmt: str):
-    """Read all tensors and the metadata of a safetensors file of format ``fmt``, every value finite.
-
-    A missing, unreadable or foreign file, or one holding a non-finite value, is an
-    :class:`NJTCError` naming ``what`` it should be.
-    """
+    """All tensors and the metadata of a safetensors file of format ``fmt``, every value finite; else an
+    NJTCError naming ``what`` it should be."""
     from safetensors import safe_open
 
     path = Path(path)

@@ -1,12 +1,9 @@
-"""Declared parameter constraints: each settings spec names what its parameters accept, one function checks them.
+"""Declared parameter constraints (scikit-learn's ``_parameter_constraints`` idea).
 
-A spec (a frozen dataclass such as :class:`~njtc_solve.solve.fit.FitSpec`) declares
-``constraints``: parameter name -> list of allowed kinds (an :class:`Interval`, :class:`Options`,
-:class:`Check`, or ``None`` for "may be None"). :func:`check_params` refuses the first value no
-kind accepts with an :class:`~njtc_solve.core.errors.NJTCError` that names the parameter in
-backticks, so a command rewrites it as its flag. :func:`invalid_value` gives a value a
-parameter refuses (the tests give every declared parameter one). The idea is
-scikit-learn's ``_parameter_constraints``; the code is this project's.
+A settings spec declares ``constraints``: parameter name -> allowed kinds (:class:`Interval`,
+:class:`Options`, :class:`Check`, :class:`ListOf`, or ``None``). :func:`check_params` refuses the
+first value no kind accepts, naming the parameter in backticks; :func:`invalid_value` gives a
+value a parameter refuses.
 
 Examples
 --------
@@ -34,10 +31,9 @@ __all__ = ["BOOLEAN", "DEVICE", "Check", "Interval", "ListOf", "Options", "check
 
 
 class Interval:
-    """Whole numbers (``int``) or finite real numbers (``float``) between ``low`` and ``high``.
+    """Whole (``int``) or finite real (``float``) numbers between ``low`` and ``high`` (``None``: open).
 
-    ``closed`` says which ends belong to it (``"both"``, ``"left"``, ``"right"``, ``"neither"``);
-    ``None`` leaves an end open. Booleans are never numbers here, nor is NaN or an infinity.
+    ``closed``: ``"both"``, ``"left"``, ``"right"`` or ``"neither"``; booleans are no numbers.
     ``says`` replaces the words after "must be"; ``show_value`` ends the message with the value.
     """
 
@@ -48,6 +44,7 @@ class Interval:
         self.says = says or self._words()
 
     def _words(self) -> str:
+        """What the interval accepts, in words."""
         what = "a whole number" if self.kind is Integral else "a finite number"
         low_in, high_in = self.closed in ("both", "left"), self.closed in ("both", "right")
         if self.high is None:
@@ -93,10 +90,7 @@ class Options:
 
 
 class Check:
-    """A value ``check(value)`` accepts: it returns ``True``, or raises its own, more precise NJTCError.
-
-    ``invalid`` is a value it refuses; ``says`` describes the accepted ones.
-    """
+    """A value ``check(value)`` accepts (``True``, or its own NJTCError); ``invalid`` is one it refuses."""
 
     def __init__(self, check: Callable, *, says: str, invalid, show_value: bool = True):
         self.check, self.says, self.show_value, self._invalid = check, says, show_value, invalid
@@ -124,6 +118,7 @@ class ListOf:
 
 
 def _device(value) -> bool:
+    """Whether ``value`` is a usable device (else check_device's NJTCError)."""
     from njtc_solve.core.models import check_device
 
     check_device(value)  # its own message: not a device, or CUDA missing
@@ -136,6 +131,7 @@ BOOLEAN = Check(lambda value: isinstance(value, bool) or type(value).__name__ ==
 
 
 def _message(name: str, allowed: list, value) -> str:
+    """The refusal of ``value`` for parameter ``name``."""
     kinds = [c for c in allowed if c is not None]
     says = " or ".join(c.says for c in kinds) + (" or None" if None in allowed and len(kinds) > 1 else "")
     shown = all(c.show_value for c in kinds)
@@ -148,10 +144,9 @@ def check_params(constraints: dict[str, list], values: dict) -> None:
     Parameters
     ----------
     constraints : dict of str to list
-        Allowed kinds per parameter: :class:`Interval`, :class:`Options`, :class:`Check`, or
-        ``None`` (the value may be ``None``). A value is valid when one kind accepts it.
+        Allowed kinds per parameter; a value is valid when one kind accepts it.
     values : dict
-        The values by parameter name; a name without constraints is not checked.
+        The values by parameter name.
 
     Raises
     ------

@@ -93,8 +93,9 @@ class GenerateSpec:
 
     Parameters
     ----------
-    exit_layer : int
-        ℓ: the draft reads the residual stream after this many blocks (1..blocks−1).
+    exit_layer : int or None
+        ℓ: the draft reads the residual stream after this many blocks (1..blocks−1); ``None``
+        only with ``draft_tokens`` 0.
     max_new_tokens : int
         At least 1.
     draft_tokens : int, optional
@@ -114,7 +115,7 @@ class GenerateSpec:
     njtc_solve.core.errors.NJTCError: `draft_tokens` must be 0 or more, not -1
     """
 
-    exit_layer: int
+    exit_layer: int | None
     max_new_tokens: int = 64
     draft_tokens: int | None = None
     max_draft_tokens: int = 8
@@ -122,7 +123,7 @@ class GenerateSpec:
     device: str = "cpu"
 
     constraints: ClassVar[dict] = {
-        "exit_layer": [Interval(int)],  # its range needs the model (check_model)
+        "exit_layer": [None, Interval(int)],  # its range needs the model (check_model)
         "max_new_tokens": [Interval(int, 1, None)],
         "draft_tokens": [None, Interval(int, 0, None, says="0 or more")],
         "max_draft_tokens": [Interval(int, 1, None)],
@@ -132,6 +133,8 @@ class GenerateSpec:
 
     def __post_init__(self):
         check_spec(self)
+        if self.exit_layer is None and self.draft_tokens != 0:
+            raise NJTCError("`exit_layer` is needed to draft; only `draft_tokens=0` runs without one")
 
     def check_model(self, n_blocks: int, hidden_size: int | None = None, shortcuts: Shortcuts | None = None,
                     where: str = "") -> None:
@@ -139,6 +142,8 @@ class GenerateSpec:
 
         Needs the configuration only: ``n_blocks`` and ``hidden_size`` (``None``: unknown).
         """
+        if self.exit_layer is None:  # no draft
+            return
         if not 1 <= self.exit_layer <= n_blocks - 1:
             raise NJTCError(f"`exit_layer` must be in 1..{n_blocks - 1} (the model has {n_blocks} blocks), "
                             f"not {self.exit_layer}")
@@ -411,7 +416,7 @@ class SpeculativeResult:
     cache: object = None
 
 
-def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter, max_new_tokens: int,
+def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter | None, max_new_tokens: int,
                          draft_tokens: int) -> SpeculativeResult:
     """Greedy decoding of ``model`` from ``input_ids``, drafting ``draft_tokens`` tokens per step.
 
@@ -421,7 +426,8 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter, max_new_
         The model ``drafter`` was built on.
     input_ids : Tensor
         The prompt, (1, n) or (n,) token ids.
-    drafter : ShortcutDrafter
+    drafter : ShortcutDrafter or None
+        ``None`` only with ``draft_tokens`` 0.
     max_new_tokens : int
         At least 1; generation also ends at the model's end-of-sequence token, as
         ``model.generate`` does.
@@ -433,12 +439,13 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter, max_new_
     SpeculativeResult
         ``sequences`` equals ``model.generate(input_ids, do_sample=False, max_new_tokens=...)``.
     """
-    if drafter.model is not model:
+    if drafter is not None and drafter.model is not model:
         raise NJTCError("`drafter` was built on another model than `model`")
-    GenerateSpec(drafter.exit_layer, max_new_tokens=max_new_tokens, draft_tokens=draft_tokens, device=None)
+    GenerateSpec(None if drafter is None else drafter.exit_layer, max_new_tokens=max_new_tokens,
+                 draft_tokens=draft_tokens, device=None)
     if draft_tokens is None:  # auto is the caller's calibration
         raise NJTCError("`draft_tokens` must be 0 or more, not None")
-    ids = torch.as_tensor(input_ids, device=drafter.device)
+    ids = torch.as_tensor(input_ids, device=next(model.parameters()).device if drafter is None else drafter.device)
     ids = ids[None] if ids.ndim == 1 else ids
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
         raise NJTCError(f"`input_ids` must hold one non-empty prompt, (1, n); got shape {tuple(ids.shape)}")
