@@ -45,7 +45,7 @@ class FoldSpec:
     """Where a family's MLP output projection is, relative to a block, and how it stores its weight.
 
     The facts block pruning needs to fold a linear map into the block before the removed ones
-    (:mod:`njtc_solve.prune.folding`).
+    (:mod:`njtc_solve.prune.replacement`).
 
     Attributes
     ----------
