@@ -1,10 +1,9 @@
 """The sufficient statistics of block replacements, gathered in one pass for every start and K.
 
-Removing blocks ``S .. S+K-1`` of a pre-norm decoder turns ``h_S`` into ``h_{S+K}``. The map
-folded into block ``S-1``'s MLP output ``m`` fits ``t_K = h_{S+K} - h_S`` from ``x = m``
-(:mod:`njtc_solve.prune.replacement`; ReplaceMe, arXiv 2505.02819). The statistics are the
-moments of ``x`` against ``t_K`` over every position (position 0 included), plain and
-row-weighted by ``1 / mean(h_S²)``, from shifted float32 GEMMs added into float64.
+The map folded into block ``S-1``'s MLP output ``x`` fits ``t_K = h_{S+K} - h_S``
+(:mod:`njtc_solve.prune.replacement`); the statistics are the moments of ``x`` against ``t_K``
+over every position, plain and row-weighted by ``1 / mean(h_S²)``, from shifted float32 GEMMs
+added into float64.
 
 Examples
 --------
@@ -59,20 +58,10 @@ class _Moments:
 class ReplacementStatistics:
     """Moments of ``x = m_{S-1}`` against ``t_K = h_{S+K} - h_S`` per start, K and weighting.
 
-    Attributes
-    ----------
-    moments : dict
-        ``(start, k, weighting) →`` dict of ``n`` (total weight), ``mean_x``, ``mean_t``,
-        ``cxx``, ``cxt`` (centred, float64) and ``tr_ctt``.
-    cosine : dict
-        ``(start, k) →`` the mean cosine similarity of ``h_S`` and ``h_{S+K}`` over every row
-        (``all``) and over each sequence's last position (``last``), and ReplaceMe's angular
-        distance ``acos(cos)/π`` over the last positions (``angular_last``).
-    n_rows : int
-        Rows, every position included.
-    meta : dict
-        Provenance (``model_sha256``, ``model_type``, ``n_blocks``, ``plan``) that
-        :meth:`check_serves` compares with a later run.
+    ``moments[(start, k, weighting)]``: ``n`` (total weight), ``mean_x``, ``mean_t``, centred ``cxx``,
+    ``cxt`` (float64) and ``tr_ctt``. ``cosine[(start, k)]``: the mean cosine similarity of ``h_S``
+    and ``h_{S+K}`` over every row (``all``) and over the last positions (``last``), and ReplaceMe's
+    angular distance there (``angular_last``). ``meta``: the provenance :meth:`check_serves` compares.
     """
 
     moments: dict
@@ -229,8 +218,7 @@ class ReplacementAccumulator:
     """
 
     def __init__(self, pairs: dict, *, weightings=WEIGHTINGS, device="cpu"):
-        bad = [w for w in weightings if w not in WEIGHTINGS]
-        if bad or not weightings:
+        if not weightings or any(w not in WEIGHTINGS for w in weightings):
             raise NJTCError(f"`weightings` must be among {', '.join(WEIGHTINGS)}, not {list(weightings)!r}")
         self.pairs = {int(s): sorted({int(k) for k in ks}) for s, ks in pairs.items()}
         self.weightings = tuple(weightings)
@@ -241,38 +229,34 @@ class ReplacementAccumulator:
         self.n_rows = 0
         self.n_last = 0
 
-    def update(self, hidden, mlp) -> None:
-        """Add one forward pass: ``hidden[l]`` (batch, seq, d) for layers 0..L, ``mlp[i]`` block i's MLP output."""
-        with highest_float32_matmul():
-            self._update(hidden, mlp)
-
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1]).to(self.device, torch.float32)
 
-    def _update(self, hidden, mlp):
-        last = hidden[0].shape[1] - 1
-        n = hidden[0].shape[0] * hidden[0].shape[1]
-        for start, ks in self.pairs.items():
-            x = self._rows(mlp[start - 1])
-            h_s = self._rows(hidden[start])
-            ts = [self._rows(hidden[start + k]) - h_s for k in ks]
-            if start not in self.shift:  # the first chunk's means
-                self.shift[start] = (x.mean(0), torch.stack([t.mean(0) for t in ts]))
-            s_x, s_t = self.shift[start]
-            xc = x - s_x
-            block = torch.cat([xc] + [t - s_t[j] for j, t in enumerate(ts)], dim=1)
-            for weighting in self.weightings:
-                w = None if weighting == "plain" else 1.0 / h_s.pow(2).mean(-1).clamp_min(1e-30)
-                self._add(start, weighting, block, w, len(ks), x.shape[1])
-            for k in ks:
-                h_e = hidden[start + k]
-                cos = torch.nn.functional.cosine_similarity(hidden[start].float(), h_e.float(), dim=-1).double()
-                angle = torch.acos(cos[:, last].clamp(-1, 1)) / torch.pi  # ReplaceMe's angular distance
-                sums = self.cos.get((start, k), (0.0, 0.0, 0.0))
-                self.cos[(start, k)] = (sums[0] + float(cos.sum()), sums[1] + float(cos[:, last].sum()),
-                                        sums[2] + float(angle.sum()))
-        self.n_rows += n
-        self.n_last += hidden[0].shape[0]
+    def update(self, hidden, mlp) -> None:
+        """Add one forward pass: ``hidden[l]`` (batch, seq, d) for layers 0..L, ``mlp[i]`` block i's MLP output."""
+        with highest_float32_matmul():
+            last = hidden[0].shape[1] - 1
+            for start, ks in self.pairs.items():
+                x = self._rows(mlp[start - 1])
+                h_s = self._rows(hidden[start])
+                ts = [self._rows(hidden[start + k]) - h_s for k in ks]
+                if start not in self.shift:  # the first chunk's means
+                    self.shift[start] = (x.mean(0), torch.stack([t.mean(0) for t in ts]))
+                s_x, s_t = self.shift[start]
+                xc = x - s_x
+                block = torch.cat([xc] + [t - s_t[j] for j, t in enumerate(ts)], dim=1)
+                for weighting in self.weightings:
+                    w = None if weighting == "plain" else 1.0 / h_s.pow(2).mean(-1).clamp_min(1e-30)
+                    self._add(start, weighting, block, w, len(ks), x.shape[1])
+                for k in ks:
+                    h_e = hidden[start + k].float()
+                    cos = torch.nn.functional.cosine_similarity(hidden[start].float(), h_e, dim=-1).double()
+                    angle = torch.acos(cos[:, last].clamp(-1, 1)) / torch.pi  # ReplaceMe's angular distance
+                    sums = self.cos.get((start, k), (0.0, 0.0, 0.0))
+                    self.cos[(start, k)] = (sums[0] + float(cos.sum()), sums[1] + float(cos[:, last].sum()),
+                                            sums[2] + float(angle.sum()))
+            self.n_rows += hidden[0].shape[0] * hidden[0].shape[1]
+            self.n_last += hidden[0].shape[0]
 
     def _add(self, start, weighting, block, w, n_k, d):
         key = (start, weighting)

@@ -129,17 +129,14 @@ def clustered_se(sums, counts) -> float:
 
     Parameters
     ----------
-    sums : array of float
-        Per cluster, the sum of its tokens' values.
-    counts : array of int
-        Per cluster, its tokens.
+    sums, counts : array
+        Per cluster, the sum of its tokens' values and the number of its tokens.
 
     Returns
     -------
     float
-        The cluster-robust (sandwich) standard error of ``sum(sums) / sum(counts)``:
-        ``sqrt(G / (G-1) · Σ_g (S_g − n_g·mean)²) / n`` for ``G`` clusters (one token per cluster:
-        ``std(ddof=1) / sqrt(n)``); ``nan`` below two clusters.
+        The cluster-robust standard error of ``sum(sums) / sum(counts)``,
+        ``sqrt(G / (G-1) · Σ_g (S_g − n_g·mean)²) / n`` for ``G`` clusters; ``nan`` below two.
     """
     sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
     groups = len(sums)

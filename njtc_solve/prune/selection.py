@@ -1,14 +1,10 @@
-"""Choosing and scoring block replacements on held-out documents: the library behind ``prune``.
+"""Choosing a block replacement by its held-out KL to the full model: the library behind ``prune``.
 
-:func:`prune_model` runs the model once over a plan's sequences: the training sequences give
-the replacement statistics, a seeded sample of validation sequences spread across documents is
-cached (:func:`~njtc_solve.prune.scoring.collect_reference`). Every candidate (dropping, and
-least squares plain, row-weighted and ridge, with or without an intercept) is scored by its
-held-out KL to the full model; per start the lowest wins, dropping included, and with every start
-the start of the lowest KL wins. Best two starts within two standard errors of each other (paired
-by document) are rescored on further sequences. Each start is also ranked by the cosine distance
-of ``h_S`` and ``h_{S+K}`` and by the map's training residual, and how well each predicts the
-held-out KL is reported (Spearman over starts).
+:func:`prune_model` gathers the statistics on the training sequences, caches a sample of held-out
+sequences spread across documents and scores every candidate there; the lowest KL wins, dropping
+included. When the best two starts are within two standard errors both are rescored on more
+sequences; each start's cosine distance and training residual are reported with how well each
+predicts the KL.
 """
 
 from __future__ import annotations
@@ -174,10 +170,8 @@ class PruneResult:
              model_sha256: str | None = None, overwrite: bool = False) -> tuple[Path, dict]:
         """Apply the chosen replacement to ``model`` (in place) and write the smaller checkpoint.
 
-        ``out`` is checked before ``model`` is touched; it becomes a standard checkpoint folder
-        (:func:`~njtc_solve.prune.checkpoint.save_pruned`) whose ``njtc_prune.json`` holds the
-        choice, every candidate's scores, the plan, the parameter counts and the provenance
-        (``model_sha256`` of the full model, hashed when not given). Returns the folder and record.
+        ``out`` is checked before ``model`` is touched. Returns the folder
+        (:func:`~njtc_solve.prune.checkpoint.save_pruned`) and its ``njtc_prune.json`` record.
         """
         check_output_folder(out, overwrite=overwrite)  # before the model changes
         chosen = self.chosen
@@ -261,10 +255,7 @@ def _residual(stats: ReplacementStatistics, candidates: list[dict], start: int) 
 
 
 def _rank_starts(model, spec: PruneSpec, stats, held, candidates, maps, rescore_plan, batch_size):
-    """The best candidate per start, the best two rescored on more tokens when within noise.
-
-    Returns ``(chosen index into maps, ranking record)``.
-    """
+    """``(chosen index into maps, ranking record)``: the best two starts rescored when within noise."""
     starts = spec.starts
     best = {s: min((i for i, c in enumerate(candidates) if c["start"] == s), key=lambda i: candidates[i]["kl"])
             for s in starts}
@@ -329,11 +320,9 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
         intercept and with the config's bias option (Llama's ``mlp_bias``).
     seq_len, max_tokens, val_fraction, seed, bos, batch_size
         The corpus plan (:func:`njtc_solve.data.plan.plan_extraction`).
-    score_tokens : int
-        Held-out tokens the candidates are scored on.
-    rescore_tokens : int
-        Further held-out tokens the best two starts are rescored on when within two standard
-        errors (0: never).
+    score_tokens, rescore_tokens : int
+        Held-out tokens the candidates are scored on, and further ones the best two starts are
+        rescored on when within two standard errors (0: never).
     refine : {"kl"} or RefineSpec, optional
         Refine the chosen fold by KL (:func:`~njtc_solve.prune.refine_fold.refine_fold`), kept
         only if its held-out KL is lower; both are then scored on ``score_tokens`` fresh
@@ -352,8 +341,7 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
     Returns
     -------
     PruneResult
-        The choice and every candidate's held-out scores; :meth:`PruneResult.save` applies it
-        and writes the smaller checkpoint.
+        The choice and every candidate's scores; :meth:`PruneResult.save` writes the checkpoint.
 
     Examples
     --------
