@@ -62,9 +62,10 @@ from njtc_solve.core.models import load_model
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.data.plan import plan_extraction
 from njtc_solve.data.store import TRAIN, VALIDATION
-from njtc_solve.prune.folding import Replacement, apply_replacement
+from njtc_solve.prune.replacement import Replacement, apply_replacement
 from njtc_solve.prune.refine_fold import RefineSpec, refine_fold
-from njtc_solve.prune.scoring import HeldOut, collect_held_out, replacement_statistics, score_replacement
+from njtc_solve.prune.replacement_statistics import replacement_statistics
+from njtc_solve.prune.scoring import ReferenceSample, collect_reference, score_replacement
 from njtc_solve.prune.selection import choose_replacement, spearman
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,11 +122,11 @@ class RotatedAbs:
         return H @ torch.diag(s) @ H.T
 
 
-def patched(held: HeldOut, start: int, P: torch.Tensor) -> HeldOut:
+def patched(held: ReferenceSample, start: int, P: torch.Tensor) -> ReferenceSample:
     """The cached sequences with ``h_S`` replaced by ``h_S·P`` (scored as a drop of the blocks after)."""
     hidden = list(held.hidden)
     hidden[start] = (held.hidden[start].double() @ P).float()
-    return HeldOut(held.token_ids, hidden, held.mlp, held.logp, held.document)
+    return ReferenceSample(held.token_ids, hidden, held.mlp, held.logp, held.document)
 
 
 def with_patch(model, start: int, P: torch.Tensor) -> None:
@@ -210,8 +211,8 @@ def main() -> None:
     stats = replacement_statistics(model, train_plan, pairs, extra=rot)
     stats_s = time.perf_counter() - t
     t = time.perf_counter()
-    score_set = collect_held_out(model, score_plan)
-    eval_set = collect_held_out(model, eval_plan)
+    score_set = collect_reference(model, score_plan)
+    eval_set = collect_reference(model, eval_plan)
     cache_s = time.perf_counter() - t
     print(f"statistics pass {stats_s:.0f}s, held-out caches {cache_s:.0f}s", flush=True)
     full = {**eval_set.full_metrics(), "kl_se": 0.0, "params": n_params(model)}
@@ -246,8 +247,8 @@ def main() -> None:
         rho = {c: spearman([per_start[s][c] for s in scored], eval_kls)
                for c in ("score_kl", "angular_last", "cosine_distance", "residual")}
         t = time.perf_counter()
-        cache = collect_held_out(model, plan.sequences(refine_sample), starts=[ours.start],
-                                 logp_dtype=torch.float16)
+        cache = collect_reference(model, plan.sequences(refine_sample), starts=[ours.start],
+                                  logp_dtype=torch.float16)
         refined = refine_fold(model, ours, cache, score_set, refine_spec, progress=False)
         del cache
         refine_s = time.perf_counter() - t

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from njtc_solve.core.models import load_model
-from njtc_solve.prune.folding import remove_blocks
+from njtc_solve.prune.replacement import remove_blocks
 from provenance import measured_at
 
 RESULTS = Path(__file__).resolve().parent / "results"

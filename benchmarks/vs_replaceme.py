@@ -48,10 +48,10 @@ import matplotlib.pyplot as plt
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.core.models import load_model
 from njtc_solve.data.plan import plan_extraction
-from njtc_solve.prune.scoring import (collect_held_out, replaced_stream, replacement_statistics, score_replacement,
-                                      tail_logits)
+from njtc_solve.prune.replacement_statistics import replacement_statistics
+from njtc_solve.prune.scoring import collect_reference, replaced_stream, score_replacement, tail_logits
 from njtc_solve.prune.selection import choose_replacement
-from njtc_solve.prune.folding import Replacement, apply_replacement
+from njtc_solve.prune.replacement import Replacement, apply_replacement
 from njtc_solve.data.store import TRAIN, VALIDATION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,8 +130,8 @@ def main() -> None:
     stats = replacement_statistics(model, train_plan, pairs)
     stats_pass_s = time.perf_counter() - t
     t = time.perf_counter()
-    score_set = collect_held_out(model, score_plan)
-    eval_set = collect_held_out(model, eval_plan)
+    score_set = collect_reference(model, score_plan)
+    eval_set = collect_reference(model, eval_plan)
     cache_s = time.perf_counter() - t
     print(f"forward {forward_s:.1f}s, statistics pass {stats_pass_s:.1f}s, held-out cache {cache_s:.1f}s")
 

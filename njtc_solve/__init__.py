@@ -61,12 +61,12 @@ _API = {
     "PruneSpec": "prune.selection",
     "RefineSpec": "prune.refine_fold",
     "refine_fold": "prune.refine_fold",
-    "ReplacementStatistics": "prune.folding",
-    "Replacement": "prune.folding",
-    "ReplacementAccumulator": "prune.folding",
-    "solve_replacement": "prune.folding",
-    "apply_replacement": "prune.folding",
-    "save_pruned": "prune.folding",
+    "ReplacementStatistics": "prune.replacement_statistics",
+    "Replacement": "prune.replacement",
+    "ReplacementAccumulator": "prune.replacement_statistics",
+    "solve_replacement": "prune.replacement",
+    "apply_replacement": "prune.replacement",
+    "save_pruned": "prune.checkpoint",
 }
 
 __all__ = list(_API)

@@ -23,8 +23,8 @@ from njtc_solve.cli import run_cli
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.models import load_model
 from njtc_solve.data.plan import plan_extraction
-from njtc_solve.prune.folding import (PRUNE_RECORD, Replacement, apply_replacement, check_removal, save_pruned,
-                                solve_replacement)
+from njtc_solve.prune.checkpoint import PRUNE_RECORD, save_pruned
+from njtc_solve.prune.replacement import Replacement, apply_replacement, check_removal, solve_replacement
 
 _SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
               max_position_embeddings=64, vocab_size=96)
@@ -193,7 +193,7 @@ def _lstsq(x, y, w, intercept: bool):
 @pytest.fixture(scope="module")
 def llama_stats(tiny_models):
     """Statistics of the tiny Llama (3 blocks) over a plan, and the same rows read independently."""
-    from njtc_solve.prune.scoring import replacement_statistics
+    from njtc_solve.prune.replacement_statistics import replacement_statistics
 
     model, tok, _ = load_model(str(tiny_models["llama"]))
     _, docs = load_corpus()
@@ -231,10 +231,10 @@ def test_scoring_path_equals_the_folded_model(llama_stats, start, remove):
     """Candidates are scored by running only the tail on the cached stream: that must be the folded model."""
     import copy
 
-    from njtc_solve.prune.scoring import collect_held_out, replaced_stream, tail_logits
+    from njtc_solve.prune.scoring import collect_reference, replaced_stream, tail_logits
 
     stats, _, _, train, model = llama_stats
-    held = collect_held_out(model, train.sequences(slice(0, 2)))
+    held = collect_reference(model, train.sequences(slice(0, 2)))
     rep = solve_replacement(stats, start=start, remove=remove, weighting="rms", intercept=True,
                             intercept_name="mlp_bias")
     tail = tail_logits(model, held.token_ids, replaced_stream(held, rep, slice(0, 2)), first_block=start + remove)
@@ -373,7 +373,7 @@ def test_unfoldable_family_refused(tmp_path, capsys):
     with pytest.raises(NJTCError, match="scale_attn_by_inverse_layer_idx"):
         from transformers import GPT2Config
 
-        from njtc_solve.prune.folding import check_foldable
+        from njtc_solve.core.architectures import check_foldable
 
         check_foldable(GPT2Config(scale_attn_by_inverse_layer_idx=True))
 
@@ -439,7 +439,7 @@ def test_refused_output_folder_leaves_the_model_unchanged(tiny_models, corpus, t
 
 def test_a_refused_fold_leaves_the_model_as_it_was(tiny_models):
     """The intercept a projection cannot hold is refused before any weight is written."""
-    from njtc_solve.prune.folding import Replacement, fold_replacement
+    from njtc_solve.prune.replacement import Replacement, fold_replacement
 
     model, _, _ = load_model(str(tiny_models["llama"]), progress=False)
     d = model.config.hidden_size

@@ -23,9 +23,11 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.models import load_model
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.data.plan import plan_extraction
-from njtc_solve.prune.folding import PRUNE_RECORD, ReplacementStatistics, solve_replacement
+from njtc_solve.prune.checkpoint import PRUNE_RECORD
 from njtc_solve.prune.refine_fold import RefineSpec, refine_fold
-from njtc_solve.prune.scoring import collect_held_out, replaced_stream, score_replacement, tail_logits
+from njtc_solve.prune.replacement import solve_replacement
+from njtc_solve.prune.replacement_statistics import ReplacementStatistics
+from njtc_solve.prune.scoring import collect_reference, replaced_stream, score_replacement, tail_logits
 from njtc_solve.prune.selection import PruneSpec, prune_model
 
 PLAN = dict(seq_len=32, max_tokens=2400)
@@ -45,15 +47,15 @@ def llama(tiny_models):
 @pytest.fixture(scope="module")
 def caches(llama, corpus):
     """The tiny Llama's statistics at start 1, K = 1, and cached training and held-out sequences."""
-    from njtc_solve.prune.scoring import replacement_statistics
+    from njtc_solve.prune.replacement_statistics import replacement_statistics
 
     model, tok = llama
     plan = plan_extraction(tok, corpus, val_fraction=0.25, **PLAN)
     n_train = int((plan.split == 0).sum())
     train = plan.sequences(slice(0, n_train))
     stats = replacement_statistics(model, train, {1: [1]})
-    return (stats, collect_held_out(model, train.sequences(slice(0, 16)), starts=[1]),
-            collect_held_out(model, plan.sequences(slice(n_train, n_train + 4)), starts=[1]))
+    return (stats, collect_reference(model, train.sequences(slice(0, 16)), starts=[1]),
+            collect_reference(model, plan.sequences(slice(n_train, n_train + 4)), starts=[1]))
 
 
 _LOADER = textwrap.dedent("""
@@ -84,7 +86,7 @@ def test_refined_fold_loads_in_plain_transformers_and_reproduces_the_scored_logi
     # the logits the refinement scored: the full model's tail on the refined stream
     plan = plan_extraction(tok, corpus, val_fraction=0.25, **PLAN)
     val = int((plan.split == 0).sum())
-    held = collect_held_out(model, plan.sequences(slice(val, val + 2)), starts=[1])
+    held = collect_reference(model, plan.sequences(slice(val, val + 2)), starts=[1])
     scored = tail_logits(model, held.token_ids, replaced_stream(held, result.chosen, slice(0, 2)), first_block=2)
     assert result.best(1)["kl"] == r["held_out_best"]["kl"]
     out, record = result.save(copy.deepcopy(model), tok, tmp_path / "refined", model_name="tiny-llama")
@@ -301,11 +303,11 @@ def test_rescoring_decides_between_close_starts(llama, corpus, monkeypatch):
 def test_prune_spec_checked_once_and_handed_down(llama, corpus, monkeypatch):
     """prune_model with a checked PruneSpec checks foldability nowhere else."""
     from njtc_solve.core import architectures
-    from njtc_solve.prune import folding
+    from njtc_solve.prune import replacement
 
     model, tok = llama
     spec = PruneSpec.check(model.config, remove=1, start=2, score_tokens=64, rescore_tokens=0)
-    for module in (architectures, folding):  # the decoder checks through the first, folding through its own name
+    for module in (architectures, replacement):  # the decoder checks through the first, the fold through its own name
         monkeypatch.setattr(module, "check_foldable", lambda *a: pytest.fail("foldability checked again"))
     result = prune_model(model, tok, corpus, spec=spec, progress=False, **PLAN)
     assert result.spec is spec and result.chosen.start == 2

@@ -13,8 +13,8 @@ from njtc_solve.core.models import load_model
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.data.plan import plan_extraction
 from njtc_solve.data.rows import TRAIN, VALIDATION
-from njtc_solve.prune.folding import Replacement
-from njtc_solve.prune.scoring import clustered_se, collect_held_out, replaced_stream, score_replacement, tail_logits
+from njtc_solve.prune.replacement import Replacement
+from njtc_solve.prune.scoring import clustered_se, collect_reference, replaced_stream, score_replacement, tail_logits
 from njtc_solve.prune.selection import _plans, paired_se, prune_model
 
 PLAN = dict(seq_len=32, max_tokens=2400)
@@ -63,7 +63,7 @@ def test_scoring_error_is_clustered_by_document(setup):
     """score_replacement's kl_se equals the brute-force clustered error of the per-token KLs it scores."""
     model, tok, documents, plan = setup
     _, score_plan, _, _ = _plans(plan, 256, 0)
-    held = collect_held_out(model, score_plan, starts=[1])
+    held = collect_reference(model, score_plan, starts=[1])
     rep = Replacement.drop(1, 1, held.hidden[1].shape[-1])
     score = score_replacement(model, held, rep)
     logits = tail_logits(model, held.token_ids, replaced_stream(held, rep, slice(None)), first_block=2).float()

@@ -80,7 +80,8 @@ def _list(text: str, flag: str, kind=str) -> list:
 
 def _check(args, settings):
     """Every check that needs no weights; ``(PruneSpec or None for named parts, job, statistics, stats_remove)``."""
-    from njtc_solve.prune.folding import ReplacementStatistics, check_output_folder
+    from njtc_solve.prune.checkpoint import check_output_folder
+    from njtc_solve.prune.replacement_statistics import ReplacementStatistics
     from njtc_solve.prune.refine_fold import RefineSpec
     from njtc_solve.core.models import read_model_config
     from njtc_solve.prune.selection import PruneSpec
@@ -110,7 +111,7 @@ def _check(args, settings):
     check_not_inputs([("--out", args.out), ("--save-stats", args.save_stats)], inputs)
     if args.save_stats:
         from njtc_solve.core.outputs import check_file_output
-        from njtc_solve.prune.folding import STATS_FORMAT
+        from njtc_solve.prune.replacement_statistics import STATS_FORMAT
 
         path = check_file_output(args.save_stats, "--save-stats", [STATS_FORMAT], "a block statistics file")
         if path.exists() and not args.overwrite:

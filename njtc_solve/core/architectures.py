@@ -34,7 +34,8 @@ _CUSTOM = "_njtc_architecture"
 
 @dataclass(frozen=True)
 class FoldSpec:
-    """Where a family's MLP output projection is in a block, which block pruning folds a map into.
+    """Where a family's MLP output projection is in a block, which block pruning folds a map into
+    (:mod:`njtc_solve.prune.replacement`).
 
     Attributes
     ----------

@@ -1,18 +1,12 @@
 """Choosing the exit layer ℓ and the draft length k from measured acceptance and cost.
 
-Two measurements, then the standard speculative-decoding expectation:
-
-- *acceptance* ``α(map, ℓ)``: on held-out token sequences (teacher-forced, one forward pass
-  each), how often the draft's top-1 (the map at layer ℓ, the head) is the full model's top-1;
-- *cost* of each part of a step, timed on the running model with a warm cache: the lower
-  blocks on one token (``t_low(ℓ)``), the map and head (``t_map``), a verification of ``m``
-  tokens (``t_up(ℓ, m)``), and a plain one-token step of the full model (``t_plain``).
-
-A step drafting ``k`` tokens costs ``(k + 1)·t_low(ℓ) + k·t_map + t_up(ℓ, k + 1)`` and yields
-``E = (1 − α^(k+1)) / (1 − α)`` tokens on average (accepted drafts, each accepted with
-probability α independently, plus the model's own); the expected rate is ``E / cost``. The
-choice is the (map, ℓ, k) of the highest rate, ``k = 0`` (no drafting, one full pass a token)
-included, so that a draft too poor to pay is not chosen.
+The acceptance ``α(map, ℓ)`` is how often the draft's top-1 is the model's on held-out
+sequences; the costs are timed on the running model: the lower blocks on one token
+(``t_low(ℓ)``), the map and head (``t_map``), a verification of ``m`` tokens (``t_up(ℓ, m)``)
+and a plain one-token step (``t_plain``). A step drafting ``k`` tokens costs
+``(k + 1)·t_low(ℓ) + k·t_map + t_up(ℓ, k + 1)`` and yields ``E = (1 − α^(k+1)) / (1 − α)``
+tokens on average; the choice is the (map, ℓ, k) of the highest ``E / cost``, ``k = 0`` (plain
+decoding) included.
 
 Examples
 --------
@@ -58,9 +52,8 @@ def held_out_sequences(tokenizer, documents, shortcuts: Shortcuts | None = None,
                        seq_len: int = PlanSpec.seq_len, max_sequences: int = 8, seed: int = PlanSpec.seed) -> list[torch.Tensor]:
     """Token sequences (1, seq_len) of documents the maps were not fitted on.
 
-    The validation documents the maps' provenance records (when they were fitted on this
-    corpus), else those of the default split (:func:`njtc_solve.data.plan.plan_extraction`
-    with its defaults, the split a fit with default settings holds out).
+    The validation documents the maps' provenance records for this corpus, else those of the
+    default split (:func:`njtc_solve.data.plan.plan_extraction`).
     """
     from njtc_solve.data.corpus import corpus_sha256
     from njtc_solve.data.plan import plan_extraction
@@ -82,8 +75,8 @@ def held_out_sequences(tokenizer, documents, shortcuts: Shortcuts | None = None,
 def measure_acceptance(model, sequences, drafters: dict[str, list[ShortcutDrafter]], skip_positions: int = 8) -> dict:
     """Top-1 agreement of each drafter with the model on ``sequences``: ``{map: {ℓ: α}}``.
 
-    ``drafters`` maps a label to the drafters of that map (one per exit layer). The first
-    ``skip_positions`` of each sequence (little context) are left out.
+    ``drafters`` maps a label to its drafters (one per exit layer); the first ``skip_positions``
+    of each sequence are left out.
     """
     hits: dict[str, dict[int, int]] = {name: {d.exit_layer: 0 for d in ds} for name, ds in drafters.items()}
     total = 0
@@ -106,10 +99,8 @@ def measure_costs(model, prompt: torch.Tensor, drafters: dict[str, list[Shortcut
                   repeats: int = 5) -> dict:
     """Seconds of each part of a step (best of ``repeats``, interleaved) after a prefill of ``prompt``.
 
-    Returns ``{"plain": s, "lower": {ℓ: s}, "upper": {ℓ: {m: s}}, "map": {label: s}}``: a
-    plain one-token step of the full model, the lower blocks on one token, a verification of
-    ``m = 1..max_draft_tokens + 1`` tokens, and the map and head of each map on one token.
-    Every call's cache entries are cut again, so each is timed at the prompt's length.
+    Returns ``{"plain": s, "lower": {ℓ: s}, "upper": {ℓ: {m: s}}, "map": {label: s}}``, for
+    ``m = 1..max_draft_tokens + 1``; every call's cache entries are cut again.
     """
     any_drafter = next(d for ds in drafters.values() for d in ds)
     device = torch.device(any_drafter.device)
@@ -147,33 +138,22 @@ def measure_costs(model, prompt: torch.Tensor, drafters: dict[str, list[Shortcut
                 _crop(layers, n)
                 if r:  # the first round warms up
                     best[key] = min(best[key], seconds)
-    costs = {"plain": best[("plain",)], "lower": {}, "upper": {}, "map": {}}
-    for key, seconds in best.items():
-        if key[0] == "lower":
-            costs["lower"][key[1]] = seconds
-        elif key[0] == "upper":
-            costs["upper"].setdefault(key[1], {})[key[2]] = seconds
-        elif key[0] == "map":
-            costs["map"][key[1]] = seconds
+    costs = {"plain": best.pop(("plain",)), "lower": {}, "upper": {}, "map": {}}
+    for (part, *where), seconds in best.items():
+        if part == "upper":
+            costs["upper"].setdefault(where[0], {})[where[1]] = seconds
+        else:
+            costs[part][where[0]] = seconds
     return costs
 
 
 @dataclass
 class CalibrationTable:
-    """Acceptance, costs and the expected rate of every (map, ℓ, k); ``best`` the highest rate.
+    """Acceptance (``{map: {ℓ: α}}``), costs (:func:`measure_costs`) and the expected rate of every (map, ℓ, k).
 
-    Attributes
-    ----------
-    acceptance : dict
-        ``{map: {ℓ: α}}``.
-    costs : dict
-        As :func:`measure_costs` returns them.
-    rows : list of dict
-        One per (map, ℓ): ``map``, ``exit_layer``, ``alpha``, the best ``draft_tokens`` k for
-        it, ``expected_tokens`` E, ``step_seconds``, ``tokens_per_second`` and ``speedup`` over
-        plain decoding (``1 / t_plain``).
-    best : dict
-        The row of the highest expected rate.
+    ``rows`` holds one dict per (map, ℓ): ``map``, ``exit_layer``, ``alpha``, its best
+    ``draft_tokens``, ``expected_tokens``, ``step_seconds``, ``tokens_per_second`` and
+    ``speedup`` over plain decoding; ``best`` is the row of the highest rate.
     """
 
     acceptance: dict
@@ -229,8 +209,8 @@ def calibrate(model, sequences, maps: dict[str, Shortcuts | None], layers, *, ma
     ----------
     model : transformers.PreTrainedModel
     sequences : list of Tensor
-        Held-out token sequences (1, n) (see :func:`held_out_sequences`); the first also
-        serves as the prompt of the cost measurement.
+        Held-out token sequences (1, n) (:func:`held_out_sequences`); the first is also the
+        prompt of the cost measurement.
     maps : dict of str to Shortcuts or None
         Candidate maps by label (``None``: the logit lens).
     layers : iterable of int
@@ -240,7 +220,7 @@ def calibrate(model, sequences, maps: dict[str, Shortcuts | None], layers, *, ma
     repeats : int
         Timings are the best of this many calls.
     model_sha256 : str, optional
-        The model's weights hash, when known (the maps are checked against it).
+        The model's weights hash, when known.
     check : bool
         Check each map against the model (:class:`ShortcutDrafter`).
     """

@@ -1,29 +1,12 @@
 """Greedy self-speculative decoding with a shortcut map as the draft head.
 
-The draft runs the model's first ℓ blocks on each new token, maps the layer-ℓ hidden state to
-an estimate of the last layer with the shortcut map, and reads it through the model's final
-norm and unembedding: ``k`` tokens, one at a time. The verification runs blocks ℓ..L−1 on the
-``k + 1`` layer-ℓ hidden states the draft already computed (the last accepted token's and the
-drafts'), in one pass, and takes the longest prefix of the drafts that the full model's greedy
-argmax agrees with, plus the model's own next token. The output is therefore the model's greedy
-output, token for token (up to the rounding of a batched pass against a one-token pass, which
-can flip an exact near-tie, as in any speculative decoder).
-
-How the model is driven (one copy of the model, one KV cache): every pass is the model's own
-``forward`` with a :class:`transformers.DynamicCache`; the blocks a pass must not run are
-replaced for that call by a pass-through (their ``forward`` returns its input; the last skipped
-block of a verification returns the stored layer-ℓ states instead;
-:meth:`njtc_solve.core.decoder.Decoder.passed_through`). A draft pass calls the base
-model with blocks ℓ..L−1 passed through and reads block ℓ−1's output with a hook; a verification
-calls the full ``*ForCausalLM`` with blocks 0..ℓ−1 passed through, and the cache it is given is a
-view of the one cache whose first ℓ entries alias layer ℓ's, so that the model sizes its
-positions and attention mask from the upper layers' length (the lower layers are ahead by the
-drafted tokens). Blocks below ℓ are thus never run twice on a token, and their cache entries,
-written by the draft, are the verification's. Rejected tokens' entries are cut from every layer.
-
-This works for every family whose base model loops over its blocks and sizes positions and
-masks from the cache (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, ... in transformers 5), with a
-dynamic cache of full-attention layers; a sliding-window layer's cache is refused.
+The draft runs blocks 0..ℓ−1 on each new token and reads layer ℓ through the map and the head:
+``k`` tokens, one at a time. The verification runs blocks ℓ..L−1 on the ``k + 1`` layer-ℓ states
+in one pass and keeps the drafts the model's argmax agrees with, plus its own next token: the
+model's greedy output (up to the rounding of a batched pass, which can flip an exact near-tie).
+Both are the model's own ``forward`` on one :class:`transformers.DynamicCache`, the other blocks
+passed through (:meth:`njtc_solve.core.decoder.Decoder.passed_through`); a verification sees the
+cache's first ℓ entries aliased to layer ℓ's, so positions and masks follow the upper layers.
 
 Examples
 --------
@@ -87,9 +70,7 @@ def _greedy_processors(model, config) -> list[str]:
 class GenerateSpec:
     """The settings of a generation, checked when made, before the model loads.
 
-    :func:`speculative_generate` makes one from its keywords; the generate command from its
-    flags. What needs the model's configuration (the exit layer below its block count, maps of
-    its width) is checked by :meth:`check_model`, which reads no weight.
+    What needs the model's configuration is checked by :meth:`check_model`.
 
     Parameters
     ----------
@@ -97,14 +78,11 @@ class GenerateSpec:
         ℓ: the draft reads the residual stream after this many blocks (1..blocks−1); ``None``
         only with ``draft_tokens`` 0.
     max_new_tokens : int
-        At least 1.
     draft_tokens : int, optional
-        Tokens drafted per verification (0: the model's own greedy decoding, no draft); ``None``:
-        chosen by calibration (:mod:`njtc_solve.infer.calibrate`).
-    max_draft_tokens : int
-        Largest draft length calibration considers (at least 1).
-    calibration_sequences : int
-        Held-out sequences calibration measures acceptance on (at least 1).
+        Tokens drafted per verification (0: the model's own greedy decoding); ``None``: chosen
+        by calibration (:mod:`njtc_solve.infer.calibrate`).
+    max_draft_tokens, calibration_sequences : int
+        Largest draft length, and held-out sequences, calibration uses (at least 1).
     device : str
 
     Examples
@@ -140,7 +118,7 @@ class GenerateSpec:
                     where: str = "") -> None:
         """Refuse an exit layer the model lacks, and maps (read from ``where``) that cannot draft for it.
 
-        Needs the configuration only: ``n_blocks`` and ``hidden_size`` (``None``: unknown).
+        Needs the configuration only (``hidden_size`` ``None``: unknown).
         """
         if self.exit_layer is None:  # no draft
             return
@@ -161,19 +139,15 @@ class GenerateSpec:
                             f"the model's is {hidden_size}")
         recorded = shortcuts.stats.get("n_layers")
         if isinstance(recorded, int) and recorded != n_blocks:
-            raise NJTCError(f"`shortcuts` {where} were fitted on another model of {recorded} blocks, "
-                            f"not {n_blocks}")
+            raise NJTCError(f"`shortcuts` {where} were fitted on another model of {recorded} blocks, not {n_blocks}")
 
 
 def check_greedy_config(model) -> list[int]:
     """The model's end-of-sequence ids, once its generation config is checked to be plain greedy.
 
-    ``model.generate(do_sample=False)`` applies the logits processors its generation config
-    builds (a repetition penalty, classifier-free guidance, a minimum length, suppressed tokens
-    ...); speculative decoding here reproduces the plain argmax only. The rule: the processors
-    transformers builds from the config (its own ``_get_logits_processor``) must be those it
-    builds from a config that sets nothing, and the decoding strategy greedy search; anything
-    else is refused.
+    The logits processors transformers builds from the config (its ``_get_logits_processor``)
+    must be those it builds from an empty config, and the strategy greedy search: speculative
+    decoding here reproduces the plain argmax only.
 
     Raises
     ------
@@ -255,12 +229,7 @@ def _crop(layers, length: int) -> None:
 
 
 def _upper_view(cache, exit_layer: int):
-    """A shallow copy of ``cache`` whose first ``exit_layer`` entries alias entry ``exit_layer``.
-
-    The model sizes positions and masks from the cache's layer 0; the verification runs only
-    layers ``exit_layer..`` (the lower ones are ahead by the drafted tokens), so it must see
-    their length. The aliases are never written: the lower blocks are passed through.
-    """
+    """A shallow copy of ``cache`` whose first ``exit_layer`` entries alias entry ``exit_layer`` (never written)."""
     view = copy.copy(cache)
     view.layers = [cache.layers[exit_layer]] * exit_layer + list(cache.layers[exit_layer:])
     return view
@@ -272,16 +241,14 @@ class ShortcutDrafter:
     Parameters
     ----------
     model : transformers.PreTrainedModel
-        A causal LM of a family :mod:`njtc_solve.core.architectures` supports.
     shortcuts : Shortcuts or None
-        Maps fitted on this model to its last layer; ``None`` is the logit lens (the identity map).
+        Maps fitted on this model to its last layer; ``None`` is the logit lens.
     exit_layer : int
-        ℓ in ``1..L−1``: the draft reads the residual stream after block ℓ−1 (layer ℓ).
+        ℓ in ``1..L−1``: the draft reads layer ℓ, the output of block ℓ−1.
     check : bool
-        Check that the maps belong to the model (weights hash, head, target layer L) with
-        :func:`njtc_solve.maps.compatibility.check_compatible`.
+        Check the maps against the model (:func:`njtc_solve.maps.compatibility.check_compatible`).
     model_sha256 : str, optional
-        The model's weights hash when already known (the check then does not hash the weights).
+        The model's weights hash, when known.
 
     Raises
     ------
@@ -310,8 +277,7 @@ class ShortcutDrafter:
         self.base = model.base_model
         self.cache_keyword = _cache_keyword(model)
         self.base_cache_keyword = _cache_keyword(self.base)
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device = next(model.parameters()).device
         self.map = shortcuts.maps[exit_layer].to_map(self.device).float()
         # one vocabulary-sized matrix on the device: a narrow map's (r + 2) × V factor, or the head
         self.head, self.low_rank = decoder.head, None
@@ -337,10 +303,8 @@ class ShortcutDrafter:
         return captured[-1]
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Draft logits (m, V) of layer-ℓ states (m, d): the map, then the model's head (float32).
-
-        A narrow map's logits leave out the logit scale and soft-cap (monotone): only the argmax is used.
-        """
+        """Draft logits (m, V) of layer-ℓ states (m, d), float32 (a narrow map's without the monotone
+        logit scale and soft-cap: only the argmax is used)."""
         x = hidden.reshape(-1, hidden.shape[-1]).float()
         if self.low_rank is not None:
             _, z = self.map._normalized(x)
@@ -350,9 +314,9 @@ class ShortcutDrafter:
         return self.head.logits(self.map(x))
 
     def upper(self, input_ids: torch.Tensor, hidden: torch.Tensor, cache) -> torch.Tensor:
-        """Run blocks ``ℓ..L−1`` and the head on layer-ℓ states ``hidden`` (1, m, d) of ``input_ids``; logits (1, m, V).
+        """Run blocks ``ℓ..L−1`` and the head on layer-ℓ states ``hidden`` (1, m, d); logits (1, m, V).
 
-        Called after :meth:`lower` (which learns what a block returns), as a verification is.
+        Called after :meth:`lower`, which learns what a block returns.
         """
         with self.decoder.passed_through(range(self.exit_layer), last_output=hidden):
             out = self.model(input_ids=input_ids, **{self.cache_keyword: _upper_view(cache, self.exit_layer)},
@@ -362,19 +326,8 @@ class ShortcutDrafter:
 
 @dataclass
 class GenerationStats:
-    """What one speculative generation did.
-
-    Attributes
-    ----------
-    new_tokens : int
-        Tokens generated (the prompt's first token, from the prefill, included).
-    verifications : int
-        Verification passes after the prefill.
-    drafted, accepted : int
-        Draft tokens proposed and accepted.
-    seconds : float
-        Wall time of the whole generation (prefill included).
-    """
+    """What one speculative generation did: ``new_tokens`` (the prefill's included), ``verifications``
+    after the prefill, draft tokens ``drafted`` and ``accepted``, and ``seconds`` of the whole."""
 
     new_tokens: int = 0
     verifications: int = 0
@@ -384,11 +337,7 @@ class GenerationStats:
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted over drafted tokens (NaN when nothing was drafted).
-
-        Drafts after a rejected one count as drafted, so for ``draft_tokens`` above 1 this is
-        below the per-token acceptance α of the calibration (equal to it for one draft a step).
-        """
+        """Accepted over drafted tokens (NaN when nothing was drafted), drafts after a rejection included."""
         return self.accepted / self.drafted if self.drafted else float("nan")
 
     @property
@@ -429,8 +378,7 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter | None, m
     drafter : ShortcutDrafter or None
         ``None`` only with ``draft_tokens`` 0.
     max_new_tokens : int
-        At least 1; generation also ends at the model's end-of-sequence token, as
-        ``model.generate`` does.
+        At least 1; generation also ends at an end-of-sequence token.
     draft_tokens : int
         Tokens drafted before each verification (0: every step is one full pass).
 
@@ -480,23 +428,17 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter | None, m
             tokens, states = [out[-1]], []
             for i in range(k + 1):
                 states.append(drafter.lower(torch.tensor([[tokens[-1]]], device=drafter.device), cache))
-                if i == k:
+                if i == k or tokens[-1] in eos:  # nothing after an end of sequence is worth verifying
                     break
                 tokens.append(int(drafter.draft_logits(states[-1])[-1].argmax()))
-                if tokens[-1] in eos:  # nothing after an end of sequence is worth verifying
-                    states.append(drafter.lower(torch.tensor([[tokens[-1]]], device=drafter.device), cache))
-                    break
             drafts = tokens[1:]
             verify_ids = torch.tensor([tokens], device=drafter.device)
             greedy = drafter.upper(verify_ids, torch.cat(states, dim=1), cache)[0].argmax(-1).tolist()
-            accepted = 0
-            while accepted < len(drafts) and drafts[accepted] == greedy[accepted]:
-                accepted += 1
-            new = drafts[:accepted] + [greedy[accepted]]
+            accepted = next((i for i, (d, g) in enumerate(zip(drafts, greedy)) if d != g), len(drafts))
             stats.verifications += 1
             stats.drafted += len(drafts)
             stats.accepted += accepted
-            for token in new:
+            for token in drafts[:accepted] + [greedy[accepted]]:
                 out.append(token)
                 if token in eos or len(out) >= max_new_tokens:
                     done = True
@@ -514,6 +456,5 @@ def _model_generate(model, ids: torch.Tensor, max_new_tokens: int) -> Speculativ
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
                              return_dict_in_generate=True)
     new_tokens = out.sequences.shape[1] - ids.shape[1]
-    stats = GenerationStats(new_tokens=new_tokens, verifications=new_tokens - 1,
-                            seconds=time.perf_counter() - start)
+    stats = GenerationStats(new_tokens=new_tokens, verifications=new_tokens - 1, seconds=time.perf_counter() - start)
     return SpeculativeResult(out.sequences, stats, getattr(out, "cache", None) or getattr(out, "past_key_values", None))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.metrics import Reference, kl_divergence
 from njtc_solve.core.params import Interval, check_spec
-from njtc_solve.prune.folding import Replacement
+from njtc_solve.prune.replacement import Replacement
 from njtc_solve.prune.scoring import HeldOut, score_replacement, tail_logits
 
 __all__ = ["OBJECTIVES", "RefineResult", "RefineSpec", "refine_fold"]

@@ -1,16 +1,9 @@
-"""Scoring a block replacement on cached sequences: the full model's states, the tail run, held-out KL.
+"""Scoring a block replacement on a cached sample: the full model's states, the tail run, held-out KL.
 
-The full model runs once over a set of sequences (:func:`collect_held_out`): every layer's
-residual stream (or only the layers some starts need), every block's MLP output and the full
-model's log-probabilities are cached (:class:`HeldOut`). A replacement of blocks ``S..S+K-1``
-is then scored by running only the blocks after the removed ones on the stream block ``S-1``
-writes once the map is folded in (:func:`replaced_stream`, :func:`tail_logits`): the same
-logits as the folded checkpoint, at a fraction of the cost. :func:`score_replacement` gives
-the held-out KL (with its standard error clustered by document, :func:`clustered_se`), top-1
-agreement and perplexity;
-the refinement (:mod:`njtc_solve.prune.refine_fold`) trains through the same tail with gradients on.
-
-Imports :mod:`njtc_solve.prune.folding`, :mod:`njtc_solve.data` and :mod:`njtc_solve.core`.
+The full model runs once over a set of sequences and its states and log-probabilities are cached
+(:func:`collect_reference`, :class:`ReferenceSample`). A replacement of blocks ``S..S+K-1`` is then
+scored by running only the blocks after the removed ones on the stream block ``S-1`` writes once
+the map is folded in (:func:`replaced_stream`, :func:`tail_logits`): the folded checkpoint's logits.
 """
 
 from __future__ import annotations
@@ -26,21 +19,21 @@ from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.metrics import Reference, kl_divergence
 from njtc_solve.data.capture import forward_batches
-from njtc_solve.prune.folding import WEIGHTINGS, Replacement, ReplacementAccumulator, capture_mlp_outputs
+from njtc_solve.prune.replacement import Replacement
+from njtc_solve.prune.replacement_statistics import batch_states
 
-__all__ = ["HeldOut", "clustered_se", "collect_held_out", "replaced_stream", "replacement_statistics", "score_replacement",
-           "tail_logits"]
+__all__ = ["HeldOut", "ReferenceSample", "clustered_se", "collect_held_out", "collect_reference", "replaced_stream",
+           "score_replacement", "tail_logits"]
 
 
 @dataclass
-class HeldOut:
-    """The full model on a set of sequences, cached for scoring (or training) many replacements.
+class ReferenceSample:
+    """The full model on a sample of sequences (held-out or training), cached to score or train replacements.
 
-    ``token_ids`` (n_seq, seq); ``hidden[l]`` layer ``l``'s stream and ``mlp[i]`` block
-    ``i``'s MLP output, ``(n_seq, seq, d)`` float32 on the CPU, ``None`` for a layer that was
-    not kept; ``logp`` the full model's log-probabilities ``(n_seq, seq, V)`` (float32, or the
-    ``logp_dtype`` it was collected in); ``document`` the document of every token
-    ``(n_seq, seq)`` (``None``: each sequence counts as its own document).
+    ``token_ids`` (n_seq, seq); ``hidden[l]`` layer ``l``'s stream and ``mlp[i]`` block ``i``'s
+    MLP output, ``(n_seq, seq, d)`` float32 on the CPU (``None``: not kept); ``logp`` the full
+    model's log-probabilities ``(n_seq, seq, V)``; ``document`` every token's document
+    ``(n_seq, seq)`` (``None``: each sequence its own).
     """
 
     token_ids: torch.Tensor
@@ -64,7 +57,7 @@ class HeldOut:
         return label.reshape(-1), counts
 
     def full_metrics(self) -> dict:
-        """Perplexity of the full model itself on the held-out next tokens."""
+        """Perplexity of the full model itself on the sample's next tokens."""
         nll = -self.logp[:, :-1].float().gather(-1, self.token_ids[:, 1:, None].to(self.logp.device))[..., 0]
         return {"kl": 0.0, "top1": 1.0, "ppl": math.exp(float(nll.double().mean())), "nll": float(nll.double().mean())}
 
@@ -74,47 +67,20 @@ class HeldOut:
             raise NJTCError(f"the cached sequences do not hold the states of start {start}")
 
 
-def _batch_states(batch, mlp: dict, seq_len: int):
-    """A captured batch as ``(hidden, mlp)`` lists of (batch, seq, d) tensors."""
-    shape = (-1, seq_len, batch.hidden[0].shape[-1])
-    return [h.reshape(shape) for h in batch.hidden], [mlp[i].reshape(shape) for i in range(len(mlp))]
+def collect_reference(model, plan, *, batch_size: int = 8, starts=None, fold: FoldSpec | None = None,
+                      logp_dtype=torch.float32, bar=None) -> ReferenceSample:
+    """Run the full model over ``plan``'s sequences and cache what scoring needs (:class:`ReferenceSample`).
 
-
-def replacement_statistics(model, plan, pairs: dict, *, weightings=WEIGHTINGS, batch_size: int = 8,
-                           device="cpu", bar=None, extra=None, fold: FoldSpec | None = None, meta: dict | None = None):
-    """One forward pass over ``plan``'s sequences (every position): the statistics of every ``start → [K]``.
-
-    ``bar`` (a tqdm bar) advances by the tokens of each batch; ``extra(hidden, mlp)``, when
-    given, also sees every batch (a benchmark's own accumulator); ``fold`` the family's checked
-    fold; ``meta`` extra provenance for the statistics.
-    """
-    acc = ReplacementAccumulator(pairs, weightings=weightings, device=device)
-    with capture_mlp_outputs(model, fold) as mlp:
-        for batch in forward_batches(model, plan, batch_size):
-            states = _batch_states(batch, mlp, plan.seq_len)
-            acc.update(*states)
-            if extra is not None:
-                extra(*states)
-            if bar is not None:
-                bar.update(batch.tokens.numel())
-    return acc.finalize({"rows": plan.n_rows, **(meta or {})})
-
-
-def collect_held_out(model, plan, *, batch_size: int = 8, starts=None, fold: FoldSpec | None = None,
-                     logp_dtype=torch.float32, bar=None) -> HeldOut:
-    """Run the full model over ``plan``'s sequences and cache what scoring needs (see :class:`HeldOut`).
-
-    ``starts`` keeps only the layers those starts read (``h_S`` and block ``S-1``'s MLP output;
-    default: every layer); ``logp_dtype`` the log-probabilities' type (``float16`` halves a
-    large training cache); ``bar`` advances by the tokens of each batch.
+    ``starts`` keeps only the layers those starts read (default: every layer); ``logp_dtype`` is
+    the log-probabilities' type; ``bar`` (tqdm) advances by each batch's tokens.
     """
     hidden, mlps, logps = None, None, []
     keep_h = keep_m = None
     if starts is not None:
         keep_h, keep_m = {int(s) for s in starts}, {int(s) - 1 for s in starts}
-    with capture_mlp_outputs(model, fold) as mlp:
+    with Decoder.of(model).mlp_outputs(fold) as mlp:
         for batch in forward_batches(model, plan, batch_size):
-            h, m = _batch_states(batch, mlp, plan.seq_len)
+            h, m = batch_states(batch, mlp, plan.seq_len)
             if hidden is None:
                 hidden, mlps = [[] for _ in h], [[] for _ in m]
             for store, new, keep in ((hidden, h, keep_h), (mlps, m, keep_m)):
@@ -125,31 +91,32 @@ def collect_held_out(model, plan, *, batch_size: int = 8, starts=None, fold: Fol
                          .to("cpu", logp_dtype))
             if bar is not None:
                 bar.update(batch.tokens.numel())
-    return HeldOut(torch.as_tensor(plan.token_ids), [torch.cat(t) if t else None for t in hidden],
-                   [torch.cat(t) if t else None for t in mlps], torch.cat(logps), np.asarray(plan.document))
+    return ReferenceSample(torch.as_tensor(plan.token_ids), [torch.cat(t) if t else None for t in hidden],
+                           [torch.cat(t) if t else None for t in mlps], torch.cat(logps), np.asarray(plan.document))
+
+
+HeldOut = ReferenceSample
+collect_held_out = collect_reference
 
 
 def tail_logits(model, token_ids: torch.Tensor, stream: torch.Tensor, *, first_block: int,
                 grad: bool = False) -> torch.Tensor:
-    """The model's logits when ``stream`` enters block ``first_block`` and only the blocks after it run.
+    """The model's logits when ``stream`` (batch, seq, d) enters block ``first_block`` and only the rest run.
 
-    Blocks before ``first_block`` are passed through for the call (the last of them returns
-    ``stream``, shape ``(batch, seq, d)``; :meth:`njtc_solve.core.decoder.Decoder.run_from`); with
-    ``first_block`` past the last block ``stream`` goes straight to the final norm. Positions,
-    masks and the head are the model's own. ``grad`` keeps the graph (the refinement's gradient
-    flows back into ``stream``).
+    ``first_block`` past the last block sends ``stream`` to the final norm; ``grad`` keeps the
+    graph (:meth:`njtc_solve.core.decoder.Decoder.run_from`).
     """
     return Decoder.of(model).run_from(token_ids, stream, first_block=first_block, grad=grad)
 
 
-def replaced_stream(held: HeldOut, replacement: Replacement, seqs: slice) -> torch.Tensor:
+def replaced_stream(sample: ReferenceSample, replacement: Replacement, seqs: slice) -> torch.Tensor:
     """``h_S + m_{S-1}(T - I) + c``: the stream block ``S-1`` writes once the map is folded in."""
     s = replacement.start
-    held.check_start(s)
-    h = held.hidden[s][seqs]
+    sample.check_start(s)
+    h = sample.hidden[s][seqs]
     if replacement.name == "drop":
         return h
-    m = held.mlp[s - 1][seqs].double()
+    m = sample.mlp[s - 1][seqs].double()
     eye = torch.eye(m.shape[-1], dtype=torch.float64)
     out = h.double() + m @ (replacement.T.double().cpu() - eye)
     if replacement.c is not None:
@@ -162,19 +129,14 @@ def clustered_se(sums, counts) -> float:
 
     Parameters
     ----------
-    sums : array of float
-        Per cluster, the sum of its tokens' values.
-    counts : array of int
-        Per cluster, its tokens.
+    sums, counts : array
+        Per cluster, the sum of its tokens' values and the number of its tokens.
 
     Returns
     -------
     float
-        The cluster-robust (sandwich) standard error of ``sum(sums) / sum(counts)``, with the
-        small-sample factor ``G / (G - 1)`` for ``G`` clusters: ``sqrt(G / (G-1) · Σ_g (S_g −
-        n_g·mean)²) / n``. With one token per cluster it is the usual ``std(ddof=1) / sqrt(n)``.
-        ``nan`` below two clusters. Windows of one document are not independent, so the
-        per-sequence standard error is too small when a document spans several sequences.
+        The cluster-robust standard error of ``sum(sums) / sum(counts)``,
+        ``sqrt(G / (G-1) · Σ_g (S_g − n_g·mean)²) / n`` for ``G`` clusters; ``nan`` below two.
     """
     sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
     groups = len(sums)
@@ -185,26 +147,21 @@ def clustered_se(sums, counts) -> float:
     return float(math.sqrt(groups / (groups - 1) * float((residual ** 2).sum())) / n)
 
 
-def score_replacement(model, held: HeldOut, replacement: Replacement, *, chunk_sequences: int = 4) -> dict:
-    """Held-out KL(full ‖ replaced) and top-1 agreement over every position, and perplexity.
+def score_replacement(model, sample: ReferenceSample, replacement: Replacement, *, chunk_sequences: int = 4) -> dict:
+    """KL(full ‖ replaced) and top-1 agreement over every position, and perplexity on the next tokens.
 
-    Perplexity is ``exp`` of the mean negative log-likelihood of the text's next token
-    (positions ``0..seq-2``). Only the blocks after the removed ones run. ``kl_per_sequence``
-    is each sequence's mean KL, ``kl_by_document`` each document's sum of token KLs (documents
-    in :meth:`HeldOut.clusters` order) and ``kl_se`` the standard error of ``kl`` clustered by
-    document (:func:`clustered_se`; ``nan`` with a single document); two replacements scored on
-    the same tokens are compared by their paired differences per document
-    (:func:`njtc_solve.prune.selection.paired_se`).
+    Also ``kl_per_sequence`` (each sequence's mean KL), ``kl_by_document`` (each document's sum,
+    in :meth:`ReferenceSample.clusters` order) and ``kl_se`` (clustered by document, :func:`clustered_se`).
     """
     agree = nll = 0.0
     per_seq, per_token = [], []
     n_rows = n_next = 0
     first = replacement.start + replacement.remove
-    for s0 in range(0, len(held.token_ids), chunk_sequences):
+    for s0 in range(0, len(sample.token_ids), chunk_sequences):
         seqs = slice(s0, s0 + chunk_sequences)
-        ids = held.token_ids[seqs]
-        logits = tail_logits(model, ids, replaced_stream(held, replacement, seqs), first_block=first).float().cpu()
-        logp = held.logp[seqs].float()
+        ids = sample.token_ids[seqs]
+        logits = tail_logits(model, ids, replaced_stream(sample, replacement, seqs), first_block=first).float().cpu()
+        logp = sample.logp[seqs].float()
         flat = logp.reshape(-1, logp.shape[-1])
         rows = kl_divergence(Reference(flat, flat.exp(), None), logits.reshape(-1, logits.shape[-1])).double()
         per_seq += rows.reshape(ids.shape).mean(1).tolist()
@@ -214,7 +171,7 @@ def score_replacement(model, held: HeldOut, replacement: Replacement, *, chunk_s
         nll -= float(logq[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].double().sum())
         n_rows += ids.numel()
         n_next += ids[:, 1:].numel()
-    label, counts = held.clusters()
+    label, counts = sample.clusters()
     by_document = np.bincount(label, weights=np.concatenate(per_token), minlength=len(counts))
     return {"kl": float(by_document.sum() / counts.sum()), "kl_se": clustered_se(by_document, counts),
             "top1": agree / n_rows, "ppl": math.exp(nll / n_next), "nll": nll / n_next, "kl_per_sequence": per_seq,

@@ -1,22 +1,10 @@
-"""Choosing and scoring block replacements on held-out documents: the library behind ``prune``.
+"""Choosing a block replacement by its held-out KL to the full model: the library behind ``prune``.
 
-:func:`prune_model` runs the model once over a plan's sequences: the training sequences feed
-the replacement statistics of every candidate start (:mod:`njtc_solve.prune.folding`), a seeded
-sample of validation sequences spread across documents is cached (every layer's residual stream, every block's MLP output and
-the full model's log-probabilities). Each candidate (plain dropping, and least squares plain,
-row-weighted and ridge, with or without an intercept) is then scored by running only the
-blocks after the removed ones on the cached stream at the cut: held-out KL of the replaced
-model to the full one, top-1 agreement, and perplexity on the text's next tokens. Per start
-the lowest KL wins, dropping included, so a replacement worse than dropping is never chosen;
-with every start (``start=None``) the start with the lowest KL wins. When the best two starts
-are within two standard errors of each other (paired over the same tokens, clustered by
-document), both are rescored on further held-out sequences before one is chosen. Each start is also ranked by two
-free criteria, the cosine distance of ``h_S`` and ``h_{S+K}`` (ReplaceMe, ShortGPT) and the
-fitted map's own residual on the training rows, and how well each predicts the held-out KL
-is reported (Spearman over starts). The chosen fold can then be refined by KL
-(:mod:`njtc_solve.prune.refine_fold`).
-
-The settings are checked once, in :class:`PruneSpec`, before any model loads.
+:func:`prune_model` gathers the statistics on the training sequences, caches a sample of held-out
+sequences spread across documents and scores every candidate there; the lowest KL wins, dropping
+included. When the best two starts are within two standard errors both are rescored on more
+sequences; each start's cosine distance and training residual are reported with how well each
+predicts the KL.
 """
 
 from __future__ import annotations
@@ -33,55 +21,26 @@ from tqdm.auto import tqdm
 from njtc_solve.core.architectures import FoldSpec, check_foldable
 from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.core.models import read_model_config
+from njtc_solve.core.models import model_sha256 as weights_sha256
 from njtc_solve.data.plan import PlanSpec, plan_extraction
 from njtc_solve.data.store import TRAIN, VALIDATION
-from njtc_solve.prune.folding import (WEIGHTINGS, Replacement, ReplacementStatistics, apply_replacement,
-                                     check_output_folder, check_removal, save_pruned,
-                                     solve_replacement)
+from njtc_solve.prune.checkpoint import check_output_folder, save_pruned
 from njtc_solve.prune.refine_fold import RefineSpec, refine_fold
-from njtc_solve.prune.scoring import (HeldOut, clustered_se, collect_held_out, replacement_statistics,
-                                     score_replacement)
+from njtc_solve.prune.replacement import Replacement, apply_replacement, check_removal, solve_replacement
+from njtc_solve.prune.replacement_statistics import WEIGHTINGS, ReplacementStatistics, replacement_statistics
+from njtc_solve.prune.scoring import ReferenceSample, clustered_se, collect_reference, score_replacement
 
-__all__ = ["PruneResult", "PruneSpec", "candidate_replacements", "choose_replacement", "model_blocks", "paired_se",
-           "prune_model", "spearman"]
-
-
-def model_blocks(name: str | None) -> tuple[str, int, object]:
-    """``(model_type, number of blocks, config or None)`` without the weights (:func:`~njtc_solve.core.models.read_model_config`)."""
-    return read_model_config(name)
+__all__ = ["PruneResult", "PruneSpec", "candidate_replacements", "choose_replacement", "paired_se", "prune_model",
+           "spearman"]
 
 
 @dataclass(frozen=True)
 class PruneSpec:
     """The settings of one prune job, validated once (:meth:`check`) before any model loads.
 
-    :func:`prune_model` and :meth:`PruneResult.save` take it as it is: foldability, the
-    removal against the block count, the candidates' settings and where an intercept can go
-    are decided here and nowhere else.
-
-    Attributes
-    ----------
-    model_type : str
-        The family, as the configuration names it.
-    n_blocks : int
-        Blocks of the full model.
-    fold : FoldSpec
-        Where the family's MLP output projection is (:func:`~njtc_solve.core.architectures.check_foldable`).
-    remove, start : int, int or None
-        Blocks removed, and the first removed (``None``: every start is scored).
-    weightings, ridge, intercepts : tuple
-        The least-squares candidates: row weightings, relative ridge penalties, and where an
-        intercept goes (``"none"``, ``"bias"`` or the config's option, e.g. ``"mlp_bias"``).
-    intercept : {"auto", "none", "bias"}
-        What was asked for ``intercepts``.
-    score_tokens, rescore_tokens : int
-        Held-out tokens every candidate is scored on, and the further tokens the best two
-        starts are rescored on when their difference is within two standard errors (0: never).
-    val_fraction : float
-        The plan's held-out fraction (above 0: candidates are scored on held-out documents).
-    refine : RefineSpec, optional
-        KL refinement of the chosen fold (:mod:`njtc_solve.prune.refine_fold`); ``None``: none.
+    ``fold`` is the family's checked fold and ``intercepts`` where the candidates' intercept goes
+    (``"none"``, ``"bias"`` or the config's option, e.g. ``"mlp_bias"``); the other fields are
+    :func:`prune_model`'s settings.
     """
 
     model_type: str
@@ -112,20 +71,15 @@ class PruneSpec:
         Parameters
         ----------
         config : transformers.PretrainedConfig or object with ``model_type``
-            The model's configuration (a GGUF file's metadata gives only the type).
         n_blocks : int, optional
             Blocks of the model (default: ``config.num_hidden_layers``).
-        remove, start, weightings, ridge, intercept, score_tokens, rescore_tokens, val_fraction
+        remove, start, weightings, ridge, intercept, score_tokens, rescore_tokens, val_fraction, refine
             As :func:`prune_model`.
-        refine : RefineSpec or "kl", optional
-            Refinement of the chosen fold; ``"kl"`` is :class:`RefineSpec`'s defaults (a
-            :class:`RefineSpec` is checked where it is made, :meth:`RefineSpec.check`).
 
         Raises
         ------
         NJTCError
-            One line naming the parameter: a family that cannot fold, a removal that does not
-            fit, an unknown weighting, a ridge penalty that is not a positive number, ...
+            One line naming the parameter.
         """
         fold = check_foldable(config)
         if isinstance(refine, str):
@@ -187,16 +141,12 @@ class PruneResult:
     """What :func:`prune_model` chose and why.
 
     ``chosen`` the replacement to apply (the refined fold where refinement improved it);
-    ``candidates`` every scored candidate (start, name, held-out ``kl`` with its standard
-    error ``kl_se``, ``top1``, ``ppl``, training losses; a refined fold is one more);
-    ``full`` the full model's held-out perplexity; ``cosine`` per start the mean cosine
-    similarity of ``h_S`` and ``h_{S+K}`` (every row, last positions) and ``cosine_choice``
-    the start each picks; ``ranking`` per start the criteria and how well each predicts the
-    held-out KL, with any rescoring of the best two starts; ``refine`` the refinement's
-    summary (:meth:`RefineResult.describe`) or ``None``; ``stats`` the block statistics
-    (:meth:`~njtc_solve.prune.folding.ReplacementStatistics.save` writes them for another
-    run); ``spec`` the settings; ``record`` the provenance written to ``njtc_prune.json``;
-    ``timings`` in seconds.
+    ``candidates`` every scored candidate (settings, held-out ``kl``, ``kl_se``, ``top1``,
+    ``ppl``, training losses); ``full`` the full model's held-out perplexity; ``cosine`` per
+    start the mean cosine similarity of ``h_S`` and ``h_{S+K}``, ``cosine_choice`` the start each
+    picks; ``ranking`` per start the criteria, how well each predicts the held-out KL, and any
+    rescoring; ``refine`` the refinement's summary or ``None``; ``stats`` the block statistics;
+    ``spec`` the settings; ``record`` the provenance for ``njtc_prune.json``; ``timings`` in seconds.
     """
 
     chosen: Replacement
@@ -220,15 +170,9 @@ class PruneResult:
              model_sha256: str | None = None, overwrite: bool = False) -> tuple[Path, dict]:
         """Apply the chosen replacement to ``model`` (in place) and write the smaller checkpoint.
 
-        ``out`` is checked first: a folder that cannot be written or replaced is refused
-        before ``model`` is touched. It becomes a standard checkpoint folder (see
-        :func:`njtc_solve.prune.folding.save_pruned`) with ``njtc_prune.json``: the choice,
-        every candidate's held-out scores, the plan, the parameter counts before and after,
-        and the provenance given here (``model_sha256`` of the full model's weights, hashed
-        now when not given). Returns the folder and that record.
+        ``out`` is checked before ``model`` is touched. Returns the folder
+        (:func:`~njtc_solve.prune.checkpoint.save_pruned`) and its ``njtc_prune.json`` record.
         """
-        from njtc_solve.core.models import model_sha256 as weights_sha256
-
         check_output_folder(out, overwrite=overwrite)  # before the model changes
         chosen = self.chosen
         sha = model_sha256 or weights_sha256(model)
@@ -260,13 +204,12 @@ def candidate_replacements(stats, *, remove: int, starts, weightings=WEIGHTINGS,
     return maps
 
 
-def choose_replacement(model, stats, held: HeldOut, *, remove: int, starts, weightings=WEIGHTINGS, ridge=(),
+def choose_replacement(model, stats, held: ReferenceSample, *, remove: int, starts, weightings=WEIGHTINGS, ridge=(),
                        intercepts=("none",), progress: bool = False) -> tuple[Replacement, list[dict], list]:
     """Solve and score every candidate; the one with the lowest held-out KL wins (dropping included).
 
-    Returns the chosen :class:`~njtc_solve.prune.folding.Replacement`, every candidate's record
-    (its settings and :func:`~njtc_solve.prune.scoring.score_replacement`'s metrics) and the
-    candidates themselves, in the same order.
+    Returns the chosen replacement, every candidate's record (settings and
+    :func:`~njtc_solve.prune.scoring.score_replacement`'s metrics) and the candidates, in order.
     """
     maps = candidate_replacements(stats, remove=remove, starts=starts, weightings=weightings, ridge=ridge,
                                   intercepts=intercepts)
@@ -279,10 +222,8 @@ def choose_replacement(model, stats, held: HeldOut, *, remove: int, starts, weig
 def paired_se(a, b, counts=None) -> float:
     """Standard error of the difference of two means over the same tokens, clustered by document.
 
-    ``a`` and ``b`` are per document the sums of the two candidates' token values
-    (``kl_by_document``) and ``counts`` the tokens per document (:meth:`HeldOut.clusters`);
-    without ``counts`` they are per-sequence means of equal-length sequences, each its own
-    cluster. ``nan`` below two documents (:func:`~njtc_solve.prune.scoring.clustered_se`).
+    ``a`` and ``b`` are per document the two candidates' sums (``kl_by_document``) and ``counts``
+    the tokens per document; without ``counts``, per-sequence means, each sequence a cluster.
     """
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     return clustered_se(diff, np.ones(len(diff)) if counts is None else counts)
@@ -293,8 +234,7 @@ def _brief(score: dict) -> dict:
 
 
 def spearman(a, b) -> float:
-    """Spearman's rank correlation of two equal-length sequences (average ranks for ties; ``nan``
-    below 3 values or for a constant one)."""
+    """Spearman's rank correlation (average ranks for ties; ``nan`` below 3 values or for a constant one)."""
     from scipy.stats import rankdata
 
     if len(a) < 3:
@@ -306,8 +246,7 @@ def spearman(a, b) -> float:
 
 
 def _residual(stats: ReplacementStatistics, candidates: list[dict], start: int) -> float:
-    """The fitted maps' own mean squared residual per training row at ``start`` (the lowest of the
-    row-weighted fits where there are any, in units of mean(h_S²)): free from the statistics."""
+    """The lowest fitted map's training residual per row at ``start`` (row-weighted fits first)."""
     fitted = [c for c in candidates if c["start"] == start and c["name"] != "drop" and c["train_loss"] is not None]
     if not fitted:
         return math.nan
@@ -316,12 +255,7 @@ def _residual(stats: ReplacementStatistics, candidates: list[dict], start: int) 
 
 
 def _rank_starts(model, spec: PruneSpec, stats, held, candidates, maps, rescore_plan, batch_size):
-    """The best candidate per start, rescored on more tokens when the best two are within noise.
-
-    Returns ``(chosen index into maps, ranking record)``; the ranking holds each start's
-    criteria (held-out KL and its standard error, cosine distances, the map's residual), any
-    rescoring, and Spearman's correlation of each free criterion with the held-out KL.
-    """
+    """``(chosen index into maps, ranking record)``: the best two starts rescored when within noise."""
     starts = spec.starts
     best = {s: min((i for i, c in enumerate(candidates) if c["start"] == s), key=lambda i: candidates[i]["kl"])
             for s in starts}
@@ -335,7 +269,7 @@ def _rank_starts(model, spec: PruneSpec, stats, held, candidates, maps, rescore_
         gap = kl[b] - kl[a]
         rescore = {"starts": [a, b], "gap": gap, "gap_se": se, "within_noise": bool(not gap > 2 * se)}
         if rescore["within_noise"] and rescore_plan is not None:
-            more = collect_held_out(model, rescore_plan, batch_size=batch_size, starts=[a, b], fold=spec.fold)
+            more = collect_reference(model, rescore_plan, batch_size=batch_size, starts=[a, b], fold=spec.fold)
             n0, n1 = held.n_rows, more.n_rows
             for s in (a, b):
                 extra = score_replacement(model, more, maps[best[s]])
@@ -370,57 +304,44 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
     Parameters
     ----------
     model, tokenizer
-        A causal LM of a foldable family (:data:`njtc_solve.prune.folding.FOLDABLE`) and its tokenizer.
+        A causal LM of a foldable family (:data:`njtc_solve.core.architectures.FOLDABLE`) and its tokenizer.
     documents : list of str
-        The corpus; its training documents give the statistics, a seeded sample of held-out
-        sequences spread across documents (``score_tokens`` tokens) the scores.
+        The corpus: its training documents give the statistics, held-out sequences the scores.
     remove : int
-        Number of consecutive blocks to remove (at least 1, fewer than the blocks).
+        Consecutive blocks to remove (at least 1, fewer than the blocks).
     start : int, optional
         First removed block (0-based, at least 1); ``None`` scores every start.
     weightings : tuple of {"plain", "rms"}
         Row weightings of the least-squares candidates (``rms``: 1 / mean(h_S²)).
     ridge : sequence of float
-        Relative ridge penalties (units of ``tr C_xx / d``) for extra candidates, shrinking
-        the map towards dropping.
+        Relative ridge penalties (units of ``tr C_xx / d``) of extra candidates.
     intercept : {"auto", "none", "bias"}
         ``auto``: into the projection's bias where it has one, else candidates without an
-        intercept and with the config's bias option (Llama's ``mlp_bias``), scored side by side.
+        intercept and with the config's bias option (Llama's ``mlp_bias``).
     seq_len, max_tokens, val_fraction, seed, bos, batch_size
-        The corpus plan (:func:`njtc_solve.data.plan.plan_extraction`, every position).
-    score_tokens : int
-        Held-out tokens the candidates are scored on.
-    rescore_tokens : int
-        Further held-out tokens the best two starts are rescored on when they are within two
-        standard errors of each other (0: never).
+        The corpus plan (:func:`njtc_solve.data.plan.plan_extraction`).
+    score_tokens, rescore_tokens : int
+        Held-out tokens the candidates are scored on, and further ones the best two starts are
+        rescored on when within two standard errors (0: never).
     refine : {"kl"} or RefineSpec, optional
-        Refine the chosen fold by KL (:func:`njtc_solve.prune.refine_fold.refine_fold`), with
-        early stopping on the scoring tokens; the refined map is kept only if its held-out KL
-        is below the closed-form one's. Both are then scored on ``score_tokens`` fresh held-out
-        tokens, which neither chose the fold nor stopped or trained the refinement
-        (``refine["held_out_fresh"]``; ``None`` where no validation sequences are left).
+        Refine the chosen fold by KL (:func:`~njtc_solve.prune.refine_fold.refine_fold`), kept
+        only if its held-out KL is lower; both are then scored on ``score_tokens`` fresh
+        held-out tokens (``refine["held_out_fresh"]``, ``None`` where none are left).
     spec : PruneSpec, optional
-        The job's settings already checked (:meth:`PruneSpec.check`); replaces ``remove``,
-        ``start``, ``weightings``, ``ridge``, ``intercept``, ``score_tokens``,
-        ``rescore_tokens``, ``val_fraction`` and ``refine``.
+        The settings already checked; replaces ``remove`` ... ``refine`` (not the plan).
     stats : ReplacementStatistics, optional
-        Block statistics of an earlier run (:meth:`ReplacementStatistics.load`): no pass over
-        the training documents. They must come from this model and plan and hold every start's
-        ``remove``.
+        Block statistics of an earlier run of this model and plan: no pass over the training documents.
     stats_remove : sequence of int
-        Numbers of removed blocks to gather statistics for besides ``remove``, at every start
-        (for saving them, :meth:`ReplacementStatistics.save`, and solving another start or K
-        later without a forward pass); empty: only the starts this job scores.
+        Further numbers of removed blocks to gather statistics for, at every start.
     model_sha256 : str, optional
-        The hash of ``model``'s weights where the caller has it (checked against ``stats``).
+        The hash of ``model``'s weights, where the caller has it.
     progress : bool
         Show progress bars.
 
     Returns
     -------
     PruneResult
-        The choice and every candidate's held-out scores; :meth:`PruneResult.save` applies it
-        and writes the smaller checkpoint.
+        The choice and every candidate's scores; :meth:`PruneResult.save` writes the checkpoint.
 
     Examples
     --------
@@ -456,25 +377,20 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
         plan, spec.score_tokens, spec.rescore_tokens if spec.start is None else 0, seed,
         spec.score_tokens if spec.refine is not None else 0)
     device = next(model.parameters()).device
+    sha = model_sha256 or weights_sha256(model)
     if stats is not None:
-        from njtc_solve.core.models import model_sha256 as weights_sha256
-
-        stats.check_serves(model_sha256=model_sha256 or weights_sha256(model), model_type=spec.model_type,
-                           n_blocks=spec.n_blocks, remove=spec.remove, starts=starts, weightings=spec.weightings,
-                           plan=plan_record)
+        stats.check_serves(model_sha256=sha, model_type=spec.model_type, n_blocks=spec.n_blocks, remove=spec.remove,
+                           starts=starts, weightings=spec.weightings, plan=plan_record)
     with tqdm(total=(0 if stats is not None else train_plan.n_rows) + score_plan.n_rows, unit="tok",
               unit_scale=True, desc="prune: pass", leave=False, disable=not progress) as bar:
         if stats is None:
             pairs = {s: [k for k in stats_ks if s + k <= spec.n_blocks] for s in range(1, spec.n_blocks)}
             pairs = {s: ks for s, ks in pairs.items() if ks and (s in starts or stats_remove)}
-            from njtc_solve.core.models import model_sha256 as weights_sha256
-
-            meta = {"model_sha256": model_sha256 or weights_sha256(model), "model_type": spec.model_type,
-                    "n_blocks": spec.n_blocks, "plan": plan_record}
+            meta = {"model_sha256": sha, "model_type": spec.model_type, "n_blocks": spec.n_blocks, "plan": plan_record}
             stats = replacement_statistics(model, train_plan, pairs, weightings=spec.weightings,
                                            batch_size=batch_size, device=device, bar=bar, fold=spec.fold, meta=meta)
         timings["train_pass_s"] = time.perf_counter() - t0
-        held = collect_held_out(model, score_plan, batch_size=batch_size, starts=starts, fold=spec.fold, bar=bar)
+        held = collect_reference(model, score_plan, batch_size=batch_size, starts=starts, fold=spec.fold, bar=bar)
     timings["pass_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -489,14 +405,14 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
         t2 = time.perf_counter()
         n_seq = max(1, -(-spec.refine.train_tokens // plan.seq_len))
         sample = np.sort(plan.spread_order(TRAIN, seed)[:n_seq])  # spread across the training documents
-        train_cache = collect_held_out(model, plan.sequences(sample), batch_size=batch_size,
-                                       starts=[chosen.start], fold=spec.fold, logp_dtype=torch.float16)
+        train_cache = collect_reference(model, plan.sequences(sample), batch_size=batch_size,
+                                        starts=[chosen.start], fold=spec.fold, logp_dtype=torch.float16)
         result = refine_fold(model, chosen, train_cache, held, spec.refine, progress=progress)
         del train_cache
         refined = {**result.describe(), "train_tokens": len(sample) * plan.seq_len, "from": chosen.name,
                    "total_seconds": time.perf_counter() - t2, "held_out_fresh": None}
         if fresh_plan is not None:  # tokens that neither chose the fold, nor stopped nor trained the refinement
-            fresh = collect_held_out(model, fresh_plan, batch_size=batch_size, starts=[chosen.start], fold=spec.fold)
+            fresh = collect_reference(model, fresh_plan, batch_size=batch_size, starts=[chosen.start], fold=spec.fold)
             refined["held_out_fresh"] = {
                 "tokens": fresh.n_rows, "documents": len(fresh.clusters()[1]),
                 "start": _brief(score_replacement(model, fresh, chosen)),
@@ -520,10 +436,8 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
 
 
 def _plans(plan, score_tokens: int, rescore_tokens: int, seed: int = 0, fresh_tokens: int = 0):
-    """The plan's training sequences, and three disjoint seeded samples of its validation sequences
-    spread across documents (:meth:`~njtc_solve.data.plan.ExtractionPlan.spread_order`): the scoring
-    sequences (``score_tokens``), the rescoring ones (``rescore_tokens``) and the fresh ones
-    (``fresh_tokens``) on which nothing is chosen or stopped (``None`` where none are left)."""
+    """The plan's training sequences and three disjoint seeded samples of its validation sequences spread
+    across documents: scoring, rescoring and fresh ones (``None`` where none are left)."""
     train = np.flatnonzero(plan.split == TRAIN)
     val = plan.spread_order(VALIDATION, seed)
     if len(train) == 0 or len(val) == 0:
