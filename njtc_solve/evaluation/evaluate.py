@@ -47,18 +47,14 @@ class EvaluateSpec:
     Parameters
     ----------
     layers : list of int, optional
-        Source layers (whole numbers, 0 or more).
-    max_rows : int, optional
-        At most this many validation rows (positive).
-    skip_rows : int, optional
-        Held-out tokens of the skip scores of maps to an intermediate layer (positive).
-    chunk_rows : int
-        Rows per chunk (positive).
+        Source layers.
+    max_rows, skip_rows, chunk_rows : int
+        Validation rows at most, held-out tokens of the skip scores, rows per chunk (positive).
     device : str
     thresholds : list of float, optional
         Early-exit confidence thresholds, each in [0, 1].
     skip_positions : int, optional
-        Leave out rows at positions below this (0 or more).
+        Leave out rows at positions below this.
     allow_overlap : bool
 
     Examples

@@ -51,12 +51,8 @@ class LensSpec:
 
     Parameters
     ----------
-    k : int
-        Top tokens kept per cell (at least 1).
-    batch_size : int
-        Prompts per forward pass.
-    chunk_rows : int
-        Rows per chunk of the head's logits.
+    k, batch_size, chunk_rows : int
+        Top tokens kept per cell, prompts per forward pass, rows per chunk of logits.
     color : {"kl", "prob"}
         Cell colour of the figure.
     max_positions : int

@@ -155,7 +155,6 @@ def save_pretrained(shortcuts, folder, *, model: str = "", corpus: str = "", met
     Returns
     -------
     Path
-        ``folder``.
 
     Examples
     --------
@@ -206,11 +205,16 @@ def _download(repo_id: str, revision: str | None, token, cache_dir) -> Path:
     try:
         path = snapshot_download(repo_id=repo_id, revision=revision, token=token, cache_dir=cache_dir,
                                  allow_patterns=list(PRETRAINED_FILES), library_name="njtc_solve")
-    except Exception as err:  # not found, gated, offline: the hub's own first line
-        text = str(err).strip().splitlines()
-        raise NJTCError(f"cannot load {repo_id!r} from the hub (and there is no local folder of that name): "
-                        f"{type(err).__name__}" + (f": {text[0]}" if text else "")) from None
+    except Exception as err:  # not found, gated, offline
+        raise _hub_error(f"cannot load {repo_id!r} from the hub (and there is no local folder of that name)",
+                         err) from None
     return Path(path)
+
+
+def _hub_error(problem: str, err: Exception) -> NJTCError:
+    """``problem``, then the hub's error: its type and its own first line."""
+    text = str(err).strip().splitlines()
+    return NJTCError(f"{problem}: {type(err).__name__}" + (f": {text[0]}" if text else ""))
 
 
 def load_pretrained(cls, name_or_path, *, revision: str | None = None, head=None, token=None, cache_dir=None):
@@ -280,8 +284,6 @@ def push_to_hub(shortcuts, repo_id: str, *, token: str | None = None, private: b
             api.create_repo(repo_id, private=private, exist_ok=True)
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                      commit_message=commit_message or f"Upload {shortcuts.name} shortcut maps")
-        except Exception as err:  # no rights, offline: the hub's own first line
-            text = str(err).strip().splitlines()
-            raise NJTCError(f"cannot push to {repo_id!r}: {type(err).__name__}"
-                            + (f": {text[0]}" if text else "")) from None
+        except Exception as err:  # no rights, offline
+            raise _hub_error(f"cannot push to {repo_id!r}", err) from None
     return str(getattr(info, "commit_url", info))

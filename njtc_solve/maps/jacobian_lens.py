@@ -125,7 +125,6 @@ def export_jacobian_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, 
     Returns
     -------
     Path
-        ``out``.
 
     Examples
     --------

@@ -111,7 +111,6 @@ def export_tuned_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, mod
     Returns
     -------
     Path
-        ``out``.
 
     Examples
     --------
@@ -199,7 +198,7 @@ def read_tuned_lens(folder: str | Path, *, head: Head | None = None, model_sha25
     Parameters
     ----------
     folder : path
-        Holds ``config.json`` and ``params.pt`` (tuned-lens's ``TunedLens.save`` layout).
+        Holds ``config.json`` and ``params.pt`` (tuned-lens's layout).
     head : Head, optional
         The head the lens will be read through: of the lens's width and ``unembed_hash``.
     model_sha256 : str
