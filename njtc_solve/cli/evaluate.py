@@ -53,18 +53,19 @@ def _check_arguments(args, files: list[str]) -> Path:
     """Every check that reads no row: the numbers, and the report folder against the inputs."""
     from njtc_solve.maps.tuned_lens import TUNED_LENS_FILES
     from njtc_solve.core.outputs import check_folder_output, check_not_inputs
+    from njtc_solve.evaluation.report import PAIRWISE_KIND, REPORT_FILES, REPORT_KIND
 
     library.EvaluateSpec(layers=parse_layers(args.layers), max_rows=args.max_rows, skip_rows=args.skip_rows,
                          chunk_rows=args.chunk_rows, device=args.device, skip_positions=args.skip_positions)
     out = Path(args.out)
     lens_files = [("--tuned-lens", Path(d) / name) for d in args.tuned_lens for name in TUNED_LENS_FILES]
     lens_files += [pair for path in args.jacobian_lens for pair in jacobian_lens_inputs(path)]
-    check_not_inputs([("--out", out / name) for name in library.REPORT_FILES],
+    check_not_inputs([("--out", out / name) for name in REPORT_FILES],
                      command_inputs(args, "store", "model", "corpus", defaults={
                          "store": None if args.model is not None else "activations.h5"})
                      + [("--shortcuts", f) for f in files] + lens_files,
                      replaced_folders=[("--out", temporary_path(out.resolve()))])
-    for kind in (library.REPORT_KIND, library.PAIRWISE_KIND):  # the writers create missing parents
+    for kind in (REPORT_KIND, PAIRWISE_KIND):  # the writers create missing parents
         check_folder_output(out, "--out", kind.names, kind, parents=True)
     return out
 
@@ -116,7 +117,8 @@ def main(args) -> int:
         pairwise = [sc for sc in loaded if sc.target_layer != store.n_layers]
         loaded = [sc for sc in loaded if sc.target_layer == store.n_layers]
         if pairwise:
-            from njtc_solve.evaluation.layer_pairs import evaluate_pairs, write_pairwise_report
+            from njtc_solve.evaluation.layer_pairs import evaluate_pairs
+            from njtc_solve.evaluation.report import write_pairwise_report
 
             if args.layers is not None:
                 raise NJTCError("--layers applies to maps to the last layer; maps to other layers are evaluated whole")

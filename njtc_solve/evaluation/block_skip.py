@@ -1,12 +1,7 @@
 """Block skipping: run a decoder with blocks ``[start, end)`` replaced by a map on the residual stream.
 
-The unfolded block replacement of docs/pruning.md (Background): ``h_end ≈ f(h_start)``, then the model's own
-blocks ``end..L-1``, final norm and unembedding. One ordinary forward pass per batch records,
-at every block, its input hidden state and the other arguments the model passed it
-(attention mask, rotary position embeddings, cache position …, which do not depend on the
-hidden state); each replacement then reruns only the blocks after ``end`` from those
-recorded arguments. The prefix up to ``start`` is never recomputed: every pair of a batch
-shares the one pass (:meth:`SkipRunner.record`).
+``h_end ≈ f(h_start)``, then the model's own blocks ``end..L-1`` and head. One forward pass per batch
+records every block's input and call arguments; each replacement reruns only the blocks after ``end``.
 
 Examples
 --------
@@ -34,14 +29,7 @@ __all__ = ["SkipRunner", "skip_scores"]
 
 
 class SkipRunner:
-    """A decoder whose blocks ``[start, end)`` can be replaced by a callable on the residual stream.
-
-    Parameters
-    ----------
-    model : transformers causal LM
-        Any family of :mod:`njtc_solve.core.architectures`; recording and replay are its
-        :class:`~njtc_solve.core.decoder.Decoder`'s.
-    """
+    """A decoder (a transformers causal LM) whose blocks ``[start, end)`` can be replaced by a callable."""
 
     def __init__(self, model):
         self.decoder = Decoder.of(model)
@@ -58,9 +46,8 @@ class SkipRunner:
         self._references = {}
 
     def references(self, from_position: int = 0, chunk_rows: int = 256) -> list:
-        """The full model's distributions (:class:`~njtc_solve.core.metrics.Reference`) at positions
-        ``>= from_position`` of the recorded batch, in chunks of ``chunk_rows`` rows; computed once
-        per batch and shared by every pair scored on it."""
+        """The full model's distributions at positions ``>= from_position`` of the recorded batch, in chunks of
+        ``chunk_rows`` rows; computed once per batch."""
         key = (from_position, chunk_rows)
         if key not in self._references:
             full = self.hidden[-1][:, from_position:].reshape(-1, self.hidden[-1].shape[-1])
@@ -77,11 +64,8 @@ class SkipRunner:
         return self.decoder.run_blocks(self.recording, h, start, end)
 
     def last_layer(self, start: int, end: int, replace: Callable, keep_positions: int = 0) -> torch.Tensor:
-        """Layer ``L`` with blocks ``[start, end)`` replaced: ``replace(h_start)`` stands for ``h_end``.
-
-        ``replace`` takes and returns ``(batch, seq, d)`` tensors. The first ``keep_positions``
-        positions keep the model's own ``h_end`` (e.g. an attention sink the map was not fitted on).
-        """
+        """Layer ``L`` with blocks ``[start, end)`` replaced: ``replace(h_start)`` (batch, seq, d) stands for
+        ``h_end``, but at the first ``keep_positions`` positions."""
         if not 0 <= start < end <= self.n_layers:
             raise NJTCError(f"cannot replace blocks [{start}, {end}): need 0 <= start < end <= {self.n_layers}")
         if not self.hidden:
@@ -101,12 +85,8 @@ class SkipRunner:
 
 def skip_scores(runner: SkipRunner, start: int, end: int, replace: Callable, *, keep_positions: int = 0,
                 from_position: int = 0, chunk_rows: int = 256) -> dict:
-    """Summed KL(full ‖ skipped) and top-1 agreements of a replacement over the recorded batch.
-
-    Scores positions ``>= from_position``; the full model's distribution is its head on the
-    recorded last layer. Logits are made ``chunk_rows`` rows at a time. Returns
-    ``{"kl": sum, "agree": count, "n": rows}``.
-    """
+    """``{"kl": sum, "agree": count, "n": rows}``: KL(full ‖ skipped) and top-1 agreements of a replacement
+    over the recorded batch's positions ``>= from_position``."""
     last = runner.last_layer(start, end, replace, keep_positions)[:, from_position:]
     last = last.reshape(-1, last.shape[-1])
     head = runner.head.to(last.device)

@@ -1,28 +1,13 @@
-"""Stage 3: evaluate shortcuts against the model's own final prediction, on held-out rows.
+"""Evaluate shortcuts against the model's own final prediction, on held-out rows.
 
-Command line::
+``python -m njtc_solve.evaluate --shortcuts jtc.safetensors nnjtc.safetensors --out report``
 
-    python -m njtc_solve.evaluate --shortcuts jtc.safetensors nnjtc.safetensors --out report
-
-Metrics (docs/reference/file-formats.md, Metrics), per source layer and method, on validation rows only (leaving out
-the first ``--skip-positions`` positions, the BOS / attention-sink row by default):
-Precision@k (the shortcut's top-1 is among the model's own top-k: the stored ``final_topk``
-or ``final_top1`` from the model's forward pass), surprisal ``-log p_final(argmax shortcut)``,
-``KL(p_final ‖ p_shortcut)`` (``p_final`` from the stored last layer through the model's
-head, which reproduces the model's logits to 1e-4 in a float32 store), MSE and R² of the
-mapped vector against ``h_L``. The identity map ("logit lens") is always included. Logits
-are computed in row chunks and never held for all rows at once. Confidence-based early exit
-("Jump to Conclusions"): exit at the first layer whose top-1 minus top-2 probability
-reaches a threshold.
-
-A shortcut fitted on some of the rows evaluated is refused: same corpus, but a different
-document split (see :func:`check_unseen`).
-
-Maps to an intermediate layer (``fit --target-layer T`` or ``all``) have no head to judge them
-through: they get a pairwise table instead (``pairwise.md``, ``pairwise.json``; see
-:mod:`njtc_solve.evaluation.layer_pairs`): relative error and R² per (source, target) pair beside the
-identity, and with ``--model`` the skip KL and top-1 agreement of the model run with the
-blocks between the two layers replaced by the map (and dropped, for comparison).
+Per source layer and method, on validation rows (leaving out the first ``--skip-positions``
+positions): Precision@k against the model's own top-k, surprisal ``-log p_final(argmax
+shortcut)``, ``KL(p_final ‖ p_shortcut)``, MSE and R² against ``h_L``, beside the identity map
+(the logit lens), and confidence-based early exit. A shortcut fitted on some of the rows
+evaluated is refused (:func:`check_unseen`). Maps to an intermediate layer get a pairwise table
+instead (:mod:`njtc_solve.evaluation.layer_pairs`).
 """
 
 from __future__ import annotations
@@ -37,17 +22,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
 from njtc_solve.core.metrics import Reference, hits_at_k, kl_divergence, surprisal
-from njtc_solve.core.outputs import FolderKind
 from njtc_solve.core.params import BOOLEAN, DEVICE, Interval, ListOf, check_spec
 from njtc_solve.data.rows import RowSource
-from njtc_solve.maps.shortcuts import Shortcuts
 from njtc_solve.data.store import opened
+from njtc_solve.maps.compatibility import check_compatible
+from njtc_solve.maps.shortcuts import Shortcuts
 
-__all__ = ["EvaluateSpec", "EvaluationResult", "check_rows_overlap", "check_unseen", "evaluate_shortcuts", "early_exit_curve"]
+__all__ = ["EvaluateSpec", "EvaluationResult", "check_rows_overlap", "check_unseen", "evaluate_shortcuts",
+           "early_exit_curve"]
 
 
 KS = (1, 5, 10)
@@ -59,25 +44,17 @@ _POSITIVE = Interval(int, 1, None, says="positive", show_value=False)
 class EvaluateSpec:
     """The settings of an evaluation, checked when made, before a row is read or a model loads.
 
-    :func:`evaluate_shortcuts` and :func:`~njtc_solve.evaluation.layer_pairs.evaluate_pairs` make one
-    from their keywords; the evaluate command makes one from its flags. What needs the rows (a
-    layer the store lacks, validation rows at these positions) is checked once they are open.
-
     Parameters
     ----------
     layers : list of int, optional
-        Source layers (whole numbers, 0 or more).
-    max_rows : int, optional
-        At most this many validation rows (positive).
-    skip_rows : int, optional
-        Held-out tokens of the skip scores of maps to an intermediate layer (positive).
-    chunk_rows : int
-        Rows per chunk (positive).
+        Source layers.
+    max_rows, skip_rows, chunk_rows : int
+        Validation rows at most, held-out tokens of the skip scores, rows per chunk (positive).
     device : str
     thresholds : list of float, optional
         Early-exit confidence thresholds, each in [0, 1].
     skip_positions : int, optional
-        Leave out rows at positions below this (0 or more).
+        Leave out rows at positions below this.
     allow_overlap : bool
 
     Examples
@@ -117,7 +94,7 @@ class EvaluateSpec:
 
 @dataclass
 class EvaluationResult:
-    """Figures of an evaluation as tidy records: one per (method, layer).
+    """Figures of an evaluation: one record per (method, layer), early-exit curves and meta.
 
     Examples
     --------
@@ -168,20 +145,12 @@ class _Tally:
         self.n += len(pred)
 
 
-def _load_all(shortcuts) -> list[Shortcuts]:
-    return [s if isinstance(s, Shortcuts) else Shortcuts.load(s) for s in shortcuts]
-
-
 def check_unseen(source: RowSource, sc: Shortcuts, *, skip_positions: int = 0) -> None:
     """Refuse to evaluate ``sc`` on validation rows of ``source`` that it was fitted on.
 
-    Rows from another corpus, or from the same corpus under the same split (the store a
-    shortcut was fitted on, or one extracted with the same seed and validation fraction),
-    are unseen. Under another split of the same corpus, the rows overlap when any validation
-    document of ``source`` was a training document of the fit (exact for stores split by
-    document); a format-1 store split by sequence cannot tell, so that is refused too.
-    The advice in its errors names the callers' ``allow_overlap`` (evaluation evaluates
-    anyway with ``allow_overlap=True``).
+    Rows of another corpus, or of the same corpus under the same split, are unseen; under another
+    split, any evaluated document the fit trained on is refused (a store split by sequence cannot
+    tell, and is refused).
     """
     fitted, here = sc.provenance, source.provenance
     if not fitted:
@@ -203,8 +172,7 @@ def check_unseen(source: RowSource, sc: Shortcuts, *, skip_positions: int = 0) -
 
 
 def check_rows_overlap(sc: Shortcuts, n_rows: int, skip: int) -> str | None:
-    """A warning when the first ``n_rows`` validation rows evaluated include rows that refinement of
-    ``sc`` used for early stopping (``stats["refined"]["check_rows"]``), else ``None``."""
+    """A warning when the first ``n_rows`` validation rows include the rows refinement of ``sc`` stopped on."""
     refined = (sc.stats or {}).get("refined") or {}
     if refined.get("check_split", "validation") != "validation" or "check_rows" not in refined:
         return None
@@ -225,23 +193,21 @@ def evaluate_shortcuts(store: str | Path | RowSource, shortcuts: Sequence[str | 
     Parameters
     ----------
     store : str, Path or RowSource
-        The rows: a store's path or reader, or a live model's forward pass
-        (:class:`njtc_solve.data.live.LiveSource`, evaluated on its held-out documents).
+        The rows: a store's path or reader, or a live model's (``LiveSource``).
     shortcuts : list of paths or Shortcuts
-        Fitted maps; each must belong to the store's model (:func:`~njtc_solve.maps.compatibility.check_compatible`).
+        Fitted maps of the store's model.
     layers : list of int, optional
         Source layers (default: every layer any shortcut file has, else ``0..L-1``).
     max_rows : int, optional
         Evaluate on the first ``max_rows`` validation rows only.
     chunk_rows : int
-        Rows per chunk; memory holds a few ``chunk_rows × vocab`` logit matrices.
+        Rows per chunk of logits.
     thresholds : sequence of float, optional
         Early-exit confidence thresholds (default 0, 0.02, ..., 1).
     skip_positions : int, optional
-        Leave out rows at positions ``< skip_positions`` (default: the store's first position).
+        Leave out rows at positions ``< skip_positions`` (default: the store's).
     allow_overlap : bool
-        Evaluate even where :func:`check_unseen` finds (or cannot rule out) training rows
-        among the evaluation rows.
+        Evaluate even where :func:`check_unseen` refuses.
 
     Returns
     -------
@@ -251,7 +217,7 @@ def evaluate_shortcuts(store: str | Path | RowSource, shortcuts: Sequence[str | 
                         thresholds=thresholds, skip_positions=skip_positions, allow_overlap=allow_overlap)
     with opened(store) as store:
         skip = store.default_skip_positions if spec.skip_positions is None else int(spec.skip_positions)
-        loaded = _load_all(shortcuts)
+        loaded = [s if isinstance(s, Shortcuts) else Shortcuts.load(s) for s in shortcuts]
         head = _check_loaded(store, loaded, skip, allow_overlap)
         layers = _layers(store, loaded, layers)
         methods = [sc.to(device) for sc in [Shortcuts.identity(layers, store.n_layers, store.model_sha256)] + loaded]
@@ -268,17 +234,14 @@ def evaluate_shortcuts(store: str | Path | RowSource, shortcuts: Sequence[str | 
 
 
 def _pieces(chunks, chunk_rows: int):
-    """Split chunks of a source into pieces of at most ``chunk_rows`` rows (a live source
-    yields a whole forward pass at once; the logits of every piece are ``rows × vocab``)."""
+    """Chunks of a source cut into pieces of at most ``chunk_rows`` rows (a live source yields a whole pass)."""
     for rows, chunk in chunks:
         for start in range(0, len(rows), chunk_rows):
             yield rows[start:start + chunk_rows], {k: v[start:start + chunk_rows] for k, v in chunk.items()}
 
 
 def _model_topk(store, head_topk, rows, chunk):
-    """The model's own top-k at ``rows``: from a live forward pass or the stored ``final_topk``,
-    else the head's top-k from the stored last layer with its first column replaced by the
-    stored ``final_top1``."""
+    """The model's own top-k at ``rows``: live or stored ``final_topk``, else the head's with the stored top-1."""
     if "final_topk" in chunk:
         return torch.as_tensor(chunk["final_topk"])[:, :max(KS)].to(head_topk.device)
     if "final_topk" in store.file:
@@ -317,11 +280,7 @@ def _layers(store: RowSource, loaded: list[Shortcuts], layers) -> list[int]:
 
 def _tally(store: RowSource, methods: list[Shortcuts], layers: list[int], head: Head, *, skip: int,
            max_rows: int | None, chunk_rows: int, device: torch.device, progress: bool):
-    """Read the validation rows once and tally every method's metrics at every layer.
-
-    Returns ``(tallies, rows, sst, model_surprisal_sum)``: the tallies by ``(name, layer)``,
-    the rows read, the total sum of squares of the last layer and the model's own surprisal summed.
-    """
+    """Every method's tallies by ``(name, layer)``, rows read, the last layer's SST and the model's surprisal sum."""
     target = store.n_layers
     tallies = {(sc.name, l): _Tally() for sc in methods for l in layers if l in sc.maps}
     sum_y = torch.zeros(store.d_model, dtype=torch.float64)
@@ -380,15 +339,13 @@ def early_exit_curve(margins: np.ndarray, correct: np.ndarray, *, layers: Sequen
                      thresholds: Sequence[float] | None = None) -> dict:
     """Confidence-based early exit for one method over a threshold sweep.
 
-    Each row exits at the first layer (in ``layers`` order) whose top-1 minus top-2
-    probability is at least the threshold; a row that never exits runs the full model and
-    agrees with it by definition.
+    Each row exits at the first layer whose top-1 minus top-2 probability reaches the
+    threshold; a row that never exits runs the full model.
 
     Parameters
     ----------
     margins, correct : ndarray (n_layers_evaluated, n_rows)
-        Per layer and row: the shortcut's top-1 minus top-2 probability, and whether its
-        top-1 equals the model's.
+        Per layer and row: the top-1 minus top-2 probability, and whether the top-1 is the model's.
     layers : list of int
         The source layer of each row of ``margins``.
     n_layers : int
@@ -397,9 +354,8 @@ def early_exit_curve(margins: np.ndarray, correct: np.ndarray, *, layers: Sequen
     Returns
     -------
     dict
-        ``thresholds``, ``agreement``, ``mean_exit_layer`` and ``saved`` (lists, one entry per
-        threshold), and ``saved_at_95``/``saved_at_99``: the largest fraction of layers saved
-        at ≥95% / ≥99% agreement.
+        ``thresholds``, ``agreement``, ``mean_exit_layer``, ``saved`` (one entry per threshold),
+        and ``saved_at_95``/``saved_at_99``: the most saved at ≥95% / ≥99% agreement.
     """
     thresholds = list(np.round(np.linspace(0, 1, 51), 4)) if thresholds is None else list(thresholds)
     layer_of = np.asarray(layers, dtype=float)
@@ -421,21 +377,4 @@ def early_exit_curve(margins: np.ndarray, correct: np.ndarray, *, layers: Sequen
 
     return {"thresholds": [float(t) for t in thresholds], "agreement": agreement, "mean_exit_layer": mean_exit,
             "saved": saved, "saved_at_95": best(0.95), "saved_at_99": best(0.99)}
-
-
-# what write_report and write_pairwise_report put into --out; results.json or pairwise.json (their
-# meta and records) marks a folder as a report
-REPORT_FILES = ("results.json", "results.csv", "report.md", "precision_at_1.png", "surprisal.png", "early_exit.png",
-                "rank_sweep.png", "pairwise.json", "pairwise.md")
-
-
-REPORT_KIND = FolderKind("a report", "results.json", lambda c: {"meta", "records", "early_exit"} <= set(c),
-                         REPORT_FILES[:-2], shared=True, lists_files=False)
-PAIRWISE_KIND = FolderKind("a pairwise report", "pairwise.json", lambda c: {"meta", "records"} <= set(c),
-                           ("pairwise.json", "pairwise.md"), shared=True, lists_files=False)
-
-
-def _is_report(folder: Path) -> bool:
-    """Whether ``folder`` holds a report this project wrote (its ``results.json`` or ``pairwise.json``)."""
-    return REPORT_KIND.is_own(folder) or PAIRWISE_KIND.is_own(folder)
 

@@ -1,13 +1,10 @@
 """Evaluation of maps between any two layers: how well layer ``l`` predicts a later layer ``l'``.
 
-Per pair ``(l, l')`` and method, on held-out rows (store or live): the relative error
-``‖ŷ − y‖_F / ‖y‖_F`` and ``R² = 1 − SSE / Σ‖y − ȳ‖²`` of the mapped vector against
-``h_l'``, beside the identity (``ŷ = h_l``: the blocks removed). With a live model, also the
-"skip" quality: the model run with blocks ``l..l'-1`` replaced by the map, through its other
-blocks and its head (:mod:`njtc_solve.evaluation.block_skip`), scored as ``KL(p_full ‖ p_skip)`` (nats) and
-top-1 agreement with the full model over the held-out sequences' positions
-``>= skip_positions``. Positions below the fit's own ``skip_positions`` (the attention sink
-the map never saw) keep the model's state there: the map replaces the blocks everywhere else.
+Per pair ``(l, l')`` and method, on held-out rows: the relative error ``‖ŷ − y‖_F / ‖y‖_F``
+and ``R²`` of the mapped vector against ``h_l'``, beside the identity (the blocks removed). With a
+live model, also ``KL(p_full ‖ p_skip)`` and top-1 agreement of the model run with blocks
+``l..l'-1`` replaced by the map (:mod:`njtc_solve.evaluation.block_skip`), and dropped; positions
+below the fit's own ``skip_positions`` keep the model's state.
 
 Examples
 --------
@@ -21,33 +18,30 @@ Examples
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.core.outputs import atomic_folder
-from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.data.store import VALIDATION, opened
+from njtc_solve.evaluation.block_skip import SkipRunner, skip_scores
+from njtc_solve.evaluation.evaluate import EvaluateSpec, check_unseen
+from njtc_solve.maps.compatibility import check_compatible
+from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
-__all__ = ["SKIP_ROWS", "PairwiseResult", "evaluate_pairs", "write_pairwise_report"]
+__all__ = ["SKIP_ROWS", "PairwiseResult", "evaluate_pairs"]
 
-# Held-out tokens the skip scores run over when neither ``skip_rows`` nor ``max_rows`` bounds them:
-# each pair reruns the model's blocks after its target on every scored sequence (465 pairs for
-# SmolLM2-135M), so an unbounded default would run the tail of the model hundreds of times over
-# the whole validation split. 8192 tokens is what benchmarks/pairs.py scores the default model on.
+# held-out tokens of the skip scores when neither ``skip_rows`` nor ``max_rows`` bounds them: each pair
+# reruns the model's blocks after its target on every scored sequence
 SKIP_ROWS = 8192
 
 
 @dataclass
 class PairwiseResult:
-    """One record per (method, source, target): ``rel_err``, ``r2``, ``identity_rel_err``,
-    ``identity_r2``, ``n_rows`` and, with a live model, ``skip_kl``, ``skip_top1``,
-    ``drop_kl``, ``drop_top1`` (the blocks dropped: identity replacement), ``skip_rows``."""
+    """One record per (method, source, target): ``rel_err``, ``r2``, ``identity_rel_err``, ``identity_r2``,
+    ``n_rows`` and, with a live model, ``skip_kl``, ``skip_top1``, ``drop_kl``, ``drop_top1``, ``skip_rows``."""
 
     records: list[dict]
     meta: dict = field(default_factory=dict)
@@ -67,9 +61,7 @@ class PairwiseResult:
 
 
 def _check(source, loaded, allow_overlap, skip):
-    from njtc_solve.maps.compatibility import check_compatible
-    from njtc_solve.evaluation.evaluate import check_unseen
-
+    """Refuse maps that do not belong to ``source``, twins, and (without ``allow_overlap``) seen rows."""
     seen = set()
     for sc in loaded:
         check_compatible(sc, source, target="any", head=False)  # maps between layers: no head reads them
@@ -97,13 +89,10 @@ def evaluate_pairs(source, shortcuts, *, max_rows: int | None = None, chunk_rows
     skip_model : bool, optional
         Score the skips (default: when ``source`` is a live model; needs one).
     skip_rows : int, optional
-        Held-out tokens for the skip scores (whole sequences are run); default ``max_rows``,
-        or :data:`SKIP_ROWS` (8192) when that is ``None`` too.
+        Held-out tokens for the skip scores (whole sequences); default ``max_rows``, else :data:`SKIP_ROWS`.
     batch_size : int
         Sequences per forward pass of the skip scores.
     """
-    from njtc_solve.evaluation.evaluate import EvaluateSpec
-
     EvaluateSpec(max_rows=max_rows, skip_rows=skip_rows, chunk_rows=chunk_rows, device=device,
                  skip_positions=skip_positions, allow_overlap=allow_overlap)  # every setting, before a row is read
     with opened(source) as source:
@@ -172,8 +161,6 @@ def _apply(m: ShortcutMap):
 
 def _skips(source, loaded, records, max_tokens, skip, batch_size, progress) -> None:
     """Skip KL and top-1 agreement of every pair (and of dropping the blocks), added to ``records``."""
-    from njtc_solve.evaluation.block_skip import SkipRunner, skip_scores
-
     plan = source.plan
     sequences = np.flatnonzero(plan.split == VALIDATION)
     if max_tokens is not None:
@@ -210,28 +197,3 @@ def _skips(source, loaded, records, max_tokens, skip, batch_size, progress) -> N
                   "drop_kl": dropped["kl"] / dropped["n"], "drop_top1": dropped["agree"] / dropped["n"],
                   "skip_rows": got["n"]})
 
-
-def write_pairwise_report(result: PairwiseResult, out) -> tuple[dict, str]:
-    """Write ``pairwise.json`` and ``pairwise.md`` (one table row per pair) into folder ``out``.
-
-    Returns ``(paths, summary)``: the files written and the table as text.
-    """
-    from njtc_solve.evaluation.evaluate import PAIRWISE_KIND
-
-    out = Path(out)
-    skip = any("skip_kl" in r for r in result.records)
-    head = "| method | source | target | rel. error | R² | identity R² |" + (
-        " skip KL | skip top-1 | drop KL | drop top-1 |" if skip else "")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in sorted(result.records, key=lambda r: (r["method"], r["target"], r["source"])):
-        row = (f"| {r['method']} | {r['source']} | {r['target']} | {r['rel_err']:.4f} | {r['r2']:.4f} | "
-               f"{r['identity_r2']:.4f} |")
-        if skip:
-            row += f" {r['skip_kl']:.4f} | {r['skip_top1']:.3f} | {r['drop_kl']:.4f} | {r['drop_top1']:.3f} |"
-        lines.append(row)
-    summary = "\n".join(lines)
-    with atomic_folder(out, PAIRWISE_KIND, parents=True) as tmp:
-        (tmp / "pairwise.json").write_text(json.dumps({"meta": result.meta, "records": result.records}, indent=1))
-        (tmp / "pairwise.md").write_text(f"# Pairwise maps (held-out rows: {result.meta.get('validation_rows')})\n\n"
-                                         + summary + "\n")
-    return {"json": out / "pairwise.json", "md": out / "pairwise.md"}, summary

@@ -1,24 +1,14 @@
 """The lens: fitted shortcuts read on a live model, for any prompt, layer by layer.
 
-Command line::
+``python -m njtc_solve.lens --shortcuts jtc.safetensors --prompt "The capital of France is" --out lens``
+prints a per-layer table and writes into ``--out`` ``trajectory.png`` (layers × positions, each
+cell the top-1 token, coloured by KL to the model's final distribution or by the top-1
+probability; the logit lens beside each lens), ``trajectory.json``, ``trajectory.csv`` and
+``lens.html`` (an interactive page: :mod:`njtc_solve.evaluation.lens_page`). ``--shortcuts``
+may be repeated, and goes with ``--tuned-lens`` and ``--jacobian-lens``.
 
-    python -m njtc_solve.lens --shortcuts jtc.safetensors --prompt "The capital of France is" --out lens
-
-prints a per-layer table and writes ``trajectory.png`` (the prediction-trajectory heatmap:
-layers × positions, each cell the top-1 token, coloured by KL to the model's final
-distribution or by the top-1 probability; the logit lens beside the shortcut),
-``trajectory.json``, ``trajectory.csv`` and ``lens.html`` (the same grid as one interactive,
-self-contained page: :mod:`njtc_solve.evaluation.lens_page`) into ``--out``. ``--shortcuts`` may be
-repeated, and goes with ``--tuned-lens`` and ``--jacobian-lens``: every lens given is read
-beside the logit lens; ``--prompt-file`` reads one prompt per line.
-
-:class:`ShortcutLens` follows tuned-lens's ``Lens`` conventions (``forward(h, idx) -> logits``,
-``transform_hidden(h, idx)``), so code written for one runs with the other. Its metrics are
-those of evaluation, computed by the same code: the map's ``predict_with_logits`` through the
-model's :class:`~njtc_solve.core.head.Head`, and :mod:`njtc_solve.core.metrics` against the reference
-distribution ``head(h_L)``; agreement is with the model's own top-1 from its forward pass.
-Maps and head compute in float32 whatever the model's dtype (bf16 hidden states are read
-exactly), on the model's device.
+:class:`ShortcutLens` follows tuned-lens's ``Lens`` conventions; its metrics are evaluation's,
+through the same map, head and :mod:`njtc_solve.core.metrics`, in float32.
 """
 
 from __future__ import annotations
@@ -33,15 +23,16 @@ import torch
 from torch import nn
 
 from njtc_solve.core.decoder import Decoder
-from njtc_solve.data.capture import capture_residual_stream
-from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.core.outputs import FolderKind, atomic_folder, atomic_output
 from njtc_solve.core.head import Head
 from njtc_solve.core.metrics import Reference, kl_divergence
 from njtc_solve.core.models import context_length
+from njtc_solve.core.outputs import FolderKind, atomic_folder, atomic_output
 from njtc_solve.core.params import DEVICE, Interval, Options, check_spec
+from njtc_solve.data.capture import capture_residual_stream
+from njtc_solve.evaluation.lens_page import inline_frame, lens_page
 from njtc_solve.evaluation.report import write_csv
+from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
 __all__ = ["LENS_FILES", "LensSpec", "ShortcutLens", "Trajectory", "merge_trajectories", "plot_trajectory",
@@ -49,24 +40,19 @@ __all__ = ["LENS_FILES", "LensSpec", "ShortcutLens", "Trajectory", "merge_trajec
 
 
 IDENTITY = "identity"  # the logit lens, named as in evaluation
+LENS_FILES = ("trajectory.png", "trajectory.json", "trajectory.csv", "lens.html")  # what --out receives
+LENS_KIND = FolderKind("a lens output", "trajectory.json", lambda c: {"meta", "records"} <= set(c), LENS_FILES,
+                       shared=True, lists_files=False)
 
 
 @dataclass(frozen=True)
 class LensSpec:
     """The settings of a lens reading, checked when made, before the model loads.
 
-    :meth:`ShortcutLens.trajectory` and :func:`plot_trajectory` make one from their keywords;
-    the lens command from its flags. What needs the maps (``k`` above their vocabulary) is
-    checked once they are read.
-
     Parameters
     ----------
-    k : int
-        Top tokens kept per cell (at least 1).
-    batch_size : int
-        Prompts per forward pass.
-    chunk_rows : int
-        Rows per chunk of the head's logits.
+    k, batch_size, chunk_rows : int
+        Top tokens kept per cell, prompts per forward pass, rows per chunk of logits.
     color : {"kl", "prob"}
         Cell colour of the figure.
     max_positions : int
@@ -114,9 +100,7 @@ class LensSpec:
 class ShortcutLens(nn.Module):
     """Decode hidden states of any layer into logits through fitted shortcut maps.
 
-    Built with :meth:`from_model` from a Hugging Face model and its shortcut file; it wraps the
-    :class:`~njtc_solve.maps.shortcuts.Shortcuts` module (:attr:`shortcuts`, the model's head attached),
-    so ``.to(device)`` and ``state_dict()`` work as for any module.
+    Built with :meth:`from_model`; :attr:`shortcuts` holds the maps with the model's head attached.
 
     Examples
     --------
@@ -151,24 +135,18 @@ class ShortcutLens(nn.Module):
         Parameters
         ----------
         model : transformers causal LM
-            A supported architecture (:data:`njtc_solve.core.architectures.ARCHITECTURES`).
         shortcuts : path or Shortcuts, optional
             A shortcut file or fitted maps; ``None`` is the logit lens alone.
         tokenizer : optional
-            The model's tokenizer, to read prompts and decode tokens in :meth:`trajectory`.
+            The model's tokenizer, to read prompts and decode tokens.
         model_sha256 : str, optional
-            The weights' hash the maps must have been fitted on; by default
-            :func:`njtc_solve.core.models.model_sha256` of ``model`` (pass the hash of the float32
-            weights when ``model`` has been cast to another dtype since).
+            The weights' hash the maps must have been fitted on (default: the model's; pass the
+            float32 weights' hash for a model cast since).
 
         Raises
         ------
         NJTCError
-            When the maps do not belong to the model
-            (:func:`~njtc_solve.maps.compatibility.check_compatible`): fitted on another model
-            (``model_sha256`` differs) or for another head (with ``model_sha256`` given, only
-            the head's description is compared), targeting another layer than the model's
-            last, or of another width.
+            When the maps do not belong to the model (:func:`~njtc_solve.maps.compatibility.check_compatible`).
         """
         if shortcuts is None:
             n_layers = Decoder.of(model).n_blocks
@@ -181,7 +159,6 @@ class ShortcutLens(nn.Module):
         lens.__dict__.update(model=model, tokenizer=tokenizer)
         return lens
 
-    # -- tuned-lens's Lens interface ---------------------------------------------------------
     @property
     def layers(self) -> list[int]:
         """Source layers with a map (the last layer, ``n_layers``, needs none)."""
@@ -203,25 +180,20 @@ class ShortcutLens(nn.Module):
         """Logits (..., vocab) of hidden states ``h`` (..., d) of layer ``idx``, through its map and the head."""
         return self.shortcuts(h, idx)
 
-    # -- a prompt, layer by layer ------------------------------------------------------------
     def trajectory(self, inputs, *, k: int = 5, batch_size: int = 8, chunk_rows: int = 256) -> Trajectory:
         """Run the model once over ``inputs`` and read every layer × position through the lens.
 
         Parameters
         ----------
         inputs : str, list of str, list of int, list of lists of int, or a 2-d tensor of ids
-            Prompts (tokenised as the tokenizer does by default, special tokens included) or
-            token ids; several are run ``batch_size`` at a time, padded on the right.
+            Prompts or token ids; several are run ``batch_size`` at a time, padded on the right.
         k : int
             Top tokens kept per cell.
 
         Returns
         -------
         Trajectory
-            For the logit lens (``identity``) and this lens's maps, per prompt, layer
-            ``0..L`` (``L`` is the model's own output) and position: top-``k`` tokens and
-            probabilities, entropy, ``KL(p_final ‖ p_lens)`` and agreement of the top-1 with
-            the model's own.
+            For the logit lens and this lens, per prompt, layer ``0..L`` and position.
         """
         LensSpec(k=k, batch_size=batch_size, chunk_rows=chunk_rows, device=None)
         if self.model is None:
@@ -280,6 +252,7 @@ class ShortcutLens(nn.Module):
         return Trajectory(methods, ids, **out, tokenizer=self.tokenizer)
 
     def _token_ids(self, inputs) -> list[list[int]]:
+        """``inputs`` as lists of token ids, checked against the vocabulary and the context length."""
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.tolist()
         if isinstance(inputs, str):
@@ -322,11 +295,10 @@ def _valid_rows(t: torch.Tensor, keep: torch.Tensor, device) -> torch.Tensor:
 class Trajectory:
     """What each lens reads at every layer × position of one or more prompts.
 
-    Arrays are indexed ``[method, prompt, layer, position]`` (``topk_*`` have a last axis
-    of ``k``); ``valid`` is False on padding and at layers a method has no map for.
+    Arrays are indexed ``[method, prompt, layer, position]`` (``topk_*`` have a last axis of
+    ``k``); ``valid`` is False on padding and at layers a method has no map for.
     ``final_top1[prompt, position]`` is the model's own top-1; ``final_prob`` and ``final_rank``
-    (1 = the lens's top-1) what each lens gives it (``None`` in a trajectory read from a folder
-    written before they existed).
+    (1 = the lens's top-1) what each lens gives it (may be ``None``).
     """
 
     methods: list[str]
@@ -378,10 +350,7 @@ class Trajectory:
         return out
 
     def to_html(self, path=None, *, title: str | None = None, prompts: list[str] | None = None) -> str:
-        """The interactive page of this trajectory (:mod:`njtc_solve.evaluation.lens_page`), written to ``path``
-        when given (under a temporary name, then renamed); returns its text."""
-        from njtc_solve.evaluation.lens_page import lens_page
-
+        """The interactive page of this trajectory, written to ``path`` when given; returns its text."""
         page = lens_page(self, title=title, prompts=prompts)
         if path is not None:
             with atomic_output(Path(path)) as tmp:
@@ -389,9 +358,7 @@ class Trajectory:
         return page
 
     def _repr_html_(self) -> str:
-        """The page inline in Jupyter: an ``iframe`` whose ``srcdoc`` is the whole page."""
-        from njtc_solve.evaluation.lens_page import inline_frame
-
+        """The page inline in Jupyter."""
         return inline_frame(self.to_html())
 
     def to_pandas(self):
@@ -423,20 +390,18 @@ class Trajectory:
 
 
 def _cell(token: str, width: int = 7) -> str:
-    """A token as shown in a cell: spaces as ``␣``, other whitespace and control characters escaped,
-    ``∅`` for one that decodes to nothing, at most ``width`` characters."""
+    """A token as a cell shows it: spaces as ``␣``, other whitespace escaped, ``∅`` for none, ``width`` at most."""
     shown = (c if c.isprintable() and not c.isspace() else "␣" if c == " " else repr(c)[1:-1] for c in token)
     text = "".join(shown) or "∅"
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def plot_trajectory(traj: Trajectory, *, prompt: int = 0, color: str = "kl", max_positions: int = 24):
-    """The prediction-trajectory heatmap of one prompt: logit lens beside the shortcut.
+    """The prediction-trajectory heatmap of one prompt: the logit lens beside each lens.
 
-    Rows are layers (the model's output on top), columns positions (labelled with their input
-    token), each cell the lens's top-1 token, coloured by ``KL(p_final ‖ p_lens)`` (``color="kl"``,
-    log scale, floored at 0.01 nats) or by the top-1 probability (``"prob"``). Only the last
-    ``max_positions`` positions are drawn; the title says so when a prompt is longer.
+    Rows are layers, columns the last ``max_positions`` positions, each cell the top-1 token,
+    coloured by ``KL(p_final ‖ p_lens)`` (``color="kl"``, log scale from 0.01 nats) or the top-1
+    probability (``"prob"``).
 
     Returns
     -------
@@ -483,33 +448,13 @@ def plot_trajectory(traj: Trajectory, *, prompt: int = 0, color: str = "kl", max
     return fig
 
 
-LENS_FILES = ("trajectory.png", "trajectory.json", "trajectory.csv", "lens.html")  # what --out receives
-
-
-LENS_KIND = FolderKind("a lens output", "trajectory.json", lambda c: {"meta", "records"} <= set(c), LENS_FILES,
-                       shared=True, lists_files=False)
-
-
-def _is_lens_output(folder: Path) -> bool:
-    """Whether ``folder`` holds a lens output this project wrote (its ``trajectory.json``)."""
-    return LENS_KIND.is_own(folder)
-
-
-
 def write_trajectory(traj: Trajectory, out, *, meta: dict | None = None, color: str = "kl",
                      max_positions: int = 24) -> dict[str, Path]:
-    """Write a trajectory's figure, JSON, CSV and interactive page (:data:`LENS_FILES`) into the folder ``out``.
-
-    ``trajectory.json`` holds ``meta`` beside the records: it is the marker by which a later
-    run knows the folder is this project's. The files are written into a temporary sibling
-    folder and swapped in (:func:`~njtc_solve.core.outputs.atomic_folder`), so none is ever
-    half-written. Returns the paths by kind.
-    """
+    """Write a trajectory's figure, JSON (with ``meta``: the folder's marker), CSV and page into the folder
+    ``out``, all or none; returns the paths by kind."""
     out = Path(out)
     records = traj.records()
     fig = plot_trajectory(traj, color=color, max_positions=max_positions)
-    from njtc_solve.evaluation.lens_page import lens_page
-
     page = lens_page(traj, title=(meta or {}).get("title"), prompts=(meta or {}).get("prompts"), meta=meta)
     with atomic_folder(out, LENS_KIND) as tmp:
         (tmp / "trajectory.json").write_text(json.dumps({"meta": meta or {}, "records": records},

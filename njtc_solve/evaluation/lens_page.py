@@ -1,24 +1,10 @@
-"""The lens as one self-contained interactive page: a layer × position grid per lens, in a browser.
+"""The lens as one self-contained interactive page (no network): a layer × position grid per lens.
 
-:func:`lens_page` turns a :class:`~njtc_solve.evaluation.lens.Trajectory` into one HTML file that opens
-from disk in any current browser, with no network, CDN or server: the data is embedded as JSON
-(``<script type="application/json" id="lens-data">``), the script and styles inline. The grid's
-rows are layers ``0..L`` (the model's output on top), its columns the prompt's positions (the
-input token as header); each cell shows the selected lens's top-1 token, coloured by a chosen
-statistic: the probability the lens gives the model's own top-1, its rank there, the lens's
-entropy, or ``KL(final ‖ lens)``. A *compare with* selector shows lens A minus lens B on that
-statistic. Hovering, focusing (arrow keys move through the grid) or clicking (which pins) a cell
-shows the top-k tokens of the lens and of the model's output at that position. Several prompts
-give one page with a prompt selector. Colours are viridis (sequential) and purple–orange
-(diverging), both readable with the common colour-vision deficiencies.
-
-Each cell is a ``<td class="cell">`` with ``data-layer``, ``data-position`` and ``data-token``
-(the top-1 token's text), so scripts can read the page; :func:`read_page_data` reads the embedded
-data back into arrays.
-
-The data is plain JSON: the page's distinct token texts once, each cell's top-k as indices into
-them, probabilities, entropy and KL to 3 significant digits (what the page shows); docs/lens.md
-gives the size of a page.
+:func:`lens_page` turns a :class:`~njtc_solve.evaluation.lens.Trajectory` into one HTML file, its data
+embedded as JSON (``<script type="application/json" id="lens-data">``): the distinct token texts
+once, each cell's top-k as indices into them, figures to 3 significant digits. Each cell, a
+``<td class="cell">`` with ``data-layer``, ``data-position`` and ``data-token``, shows a lens's
+top-1 token coloured by a statistic, or lens A minus lens B; :func:`read_page_data` reads the data back.
 
 Examples
 --------
@@ -61,8 +47,8 @@ def _rounded(values: np.ndarray) -> list:
 
 def page_data(traj, *, title: str | None = None, prompts: list[str] | None = None,
               meta: dict | None = None) -> dict:
-    """The data the page embeds (JSON): a table of the distinct token texts and, per prompt, its
-    tokens and each per-cell field as one flat list in ``[method, layer, position(, k)]`` order."""
+    """The data the page embeds: the distinct token texts and, per prompt, its tokens and each per-cell field
+    as one flat list in ``[method, layer, position(, k)]`` order."""
     valid = traj.valid
     every = np.unique(np.concatenate([traj.topk_ids[valid].ravel(), traj.final_top1.ravel(),
                                       *map(np.asarray, traj.token_ids)]))
@@ -99,12 +85,8 @@ def page_data(traj, *, title: str | None = None, prompts: list[str] | None = Non
 
 
 def read_page_data(page: str) -> dict:
-    """The data embedded in a page written by :func:`lens_page`.
-
-    Returns the embedded JSON with, per prompt, ``tokens`` and ``final`` as texts and
-    ``arrays``: field -> array of shape ``(method, layer, position[, k])`` (``topk`` as texts;
-    NaN, or ``None`` for a text, where a cell is not valid).
-    """
+    """The data embedded in a page of :func:`lens_page`, with per prompt ``tokens`` and ``final`` as texts and
+    ``arrays``: field -> array ``(method, layer, position[, k])`` (``topk`` as texts)."""
     found = re.search(r'<script type="application/json" id="lens-data">(.*?)</script>', page, re.S)
     if found is None:
         raise ValueError("not a lens page: no embedded lens data")
@@ -126,18 +108,17 @@ def read_page_data(page: str) -> dict:
 
 
 def lens_page(traj, *, title: str | None = None, prompts: list[str] | None = None, meta: dict | None = None) -> str:
-    """The whole page of a trajectory, as text (see the module's docstring).
+    """The whole page of a trajectory, as text.
 
     Parameters
     ----------
     traj : Trajectory
-        What each lens read (``traj.methods`` are the lenses offered).
     title : str, optional
         The page's title (default ``"njtc_solve lens"``).
     prompts : list of str, optional
-        The prompts' texts, shown in the prompt selector (default: their tokens).
+        The prompts' texts, for the prompt selector (default: their tokens).
     meta : dict, optional
-        Recorded in the embedded data (the model's name, the lens files).
+        Recorded in the embedded data.
     """
     data = page_data(traj, title=title, prompts=prompts, meta=meta)
     embedded = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")

@@ -1,4 +1,4 @@
-"""Tables and plots of an evaluation: JSON, CSV, Markdown and PNG figures in the papers' style."""
+"""The report folder of an evaluation: JSON, CSV, Markdown and PNG figures, and the pairwise tables."""
 
 from __future__ import annotations
 
@@ -10,9 +10,18 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: a notebook's plotting backend stays as it is
 
-from njtc_solve.core.outputs import atomic_folder, atomic_output
+from njtc_solve.core.outputs import FolderKind, atomic_folder, atomic_output
 
-__all__ = ["write_report", "write_csv", "markdown_table", "summary_table"]
+__all__ = ["PAIRWISE_KIND", "REPORT_FILES", "REPORT_KIND", "markdown_table", "summary_table", "write_csv",
+           "write_pairwise_report", "write_report"]
+
+# what write_report and write_pairwise_report put into --out; results.json or pairwise.json marks a report
+REPORT_FILES = ("results.json", "results.csv", "report.md", "precision_at_1.png", "surprisal.png", "early_exit.png",
+                "rank_sweep.png", "pairwise.json", "pairwise.md")
+REPORT_KIND = FolderKind("a report", "results.json", lambda c: {"meta", "records", "early_exit"} <= set(c),
+                         REPORT_FILES[:-2], shared=True, lists_files=False)
+PAIRWISE_KIND = FolderKind("a pairwise report", "pairwise.json", lambda c: {"meta", "records"} <= set(c),
+                           ("pairwise.json", "pairwise.md"), shared=True, lists_files=False)
 
 _COLUMNS = ["method", "layer", "rank", "params", "reduction", "precision@1", "precision@5", "precision@10",
             "surprisal", "kl", "mse", "r2", "n_rows"]
@@ -125,10 +134,7 @@ def _save(fig, path):
 
 
 def write_csv(path, records: list[dict]) -> None:
-    """Write ``records`` (dicts with the same keys) as a CSV table with a header row.
-
-    Lists and dicts in a cell are written as JSON, so a reader gets them back with ``json.loads``;
-    no pandas needed.
+    """Write ``records`` (dicts with the same keys) as a CSV table with a header row; lists and dicts as JSON.
 
     Examples
     --------
@@ -150,12 +156,7 @@ def _write_text(path, text):
 
 
 def write_report(result, out) -> tuple[dict, str]:
-    """Write ``results.json``, ``results.csv``, ``report.md`` and PNG plots into folder ``out``.
-
-    The files are written into a temporary folder beside ``out`` first and moved into ``out``
-    (created if needed; nothing else in it is touched) only once all of them are written
-    (:func:`~njtc_solve.core.outputs.atomic_folder`): a failure (a full disk, say) leaves
-    ``out`` as it was.
+    """Write ``results.json``, ``results.csv``, ``report.md`` and PNG plots into folder ``out``, all or none.
 
     Returns
     -------
@@ -164,8 +165,6 @@ def write_report(result, out) -> tuple[dict, str]:
     summary : str
         The Markdown summary (Precision@1 by layer and method, early exit), also in report.md.
     """
-    from njtc_solve.evaluation.evaluate import REPORT_KIND
-
     out = Path(out).resolve()
     with atomic_folder(out, REPORT_KIND, parents=True) as tmp:
         paths, summary = _write_files(result, tmp)
@@ -200,3 +199,28 @@ def _write_files(result, out: Path) -> tuple[dict, str]:
     _write_text(paths["markdown"], f"# Shortcut evaluation\n\n{summary}\n\n{images}\n\n## All figures\n\n"
                 f"{markdown_table(result.records)}\n")
     return paths, summary
+
+
+def write_pairwise_report(result, out) -> tuple[dict, str]:
+    """Write ``pairwise.json`` and ``pairwise.md`` (one table row per pair) of a
+    :class:`~njtc_solve.evaluation.layer_pairs.PairwiseResult` into folder ``out``.
+
+    Returns ``(paths, summary)``: the files written and the table as text.
+    """
+    out = Path(out)
+    skip = any("skip_kl" in r for r in result.records)
+    head = "| method | source | target | rel. error | R² | identity R² |" + (
+        " skip KL | skip top-1 | drop KL | drop top-1 |" if skip else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(result.records, key=lambda r: (r["method"], r["target"], r["source"])):
+        row = (f"| {r['method']} | {r['source']} | {r['target']} | {r['rel_err']:.4f} | {r['r2']:.4f} | "
+               f"{r['identity_r2']:.4f} |")
+        if skip:
+            row += f" {r['skip_kl']:.4f} | {r['skip_top1']:.3f} | {r['drop_kl']:.4f} | {r['drop_top1']:.3f} |"
+        lines.append(row)
+    summary = "\n".join(lines)
+    with atomic_folder(out, PAIRWISE_KIND, parents=True) as tmp:
+        (tmp / "pairwise.json").write_text(json.dumps({"meta": result.meta, "records": result.records}, indent=1))
+        (tmp / "pairwise.md").write_text(f"# Pairwise maps (held-out rows: {result.meta.get('validation_rows')})\n\n"
+                                         + summary + "\n")
+    return {"json": out / "pairwise.json", "md": out / "pairwise.md"}, summary

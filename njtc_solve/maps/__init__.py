@@ -1,9 +1,4 @@
-"""Fitted maps as one ``nn.Module`` per layer (:class:`~njtc_solve.maps.shortcuts.Shortcuts`): the
-shortcut file format, the check that maps fit a row source, and the tuned-lens folder format
-(export and import).
-
-Owns the shortcut file format (:mod:`~njtc_solve.maps.shortcuts`) and the tuned-lens folder
-(:mod:`~njtc_solve.maps.tuned_lens`). Imports :mod:`njtc_solve.data` and :mod:`njtc_solve.core`.
-"""
+"""Fitted maps as modules and their files: shortcut files, saved-maps folders, tuned-lens and Jacobian-lens
+folders, and the check that maps belong to a model. Imports :mod:`njtc_solve.data` and :mod:`njtc_solve.core`."""
 
 __all__: list[str] = []

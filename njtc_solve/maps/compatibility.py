@@ -1,10 +1,4 @@
-"""One check that fitted maps belong to what they are applied to: model, head, target layer, split.
-
-Evaluation, refinement, the tuned-lens export and the lens all read maps against something
-else: a row source (an activation store or a live model's rows), a model, or only what the
-maps record of their own model. :func:`check_compatible` holds every refusal they share, with
-keyword options for where they differ.
-"""
+"""One check that fitted maps belong to what they are applied to: model, head, target layer, split."""
 
 from __future__ import annotations
 
@@ -80,24 +74,18 @@ def check_compatible(maps: Shortcuts, source: RowSource | nn.Module | None = Non
     Parameters
     ----------
     maps : Shortcuts
-        The fitted maps.
     source : RowSource, model or None
-        A row source (an activation store, a live model's rows), a Hugging Face causal LM,
-        or ``None``: only the maps' own record (their target must be the last layer of the
-        model they were fitted on).
+        A row source, a Hugging Face causal LM, or ``None``: the maps' own record of their model.
     target : {"last", "any"}
-        ``"last"``: the maps must target the source's last layer (what is read through the
-        head); ``"any"``: any layer ``1..L`` (maps between intermediate layers).
+        The maps must target the source's last layer, or any layer ``1..L``.
     same_split : bool
-        The maps must have been fitted under the source's document split (``split_id``), so
-        that its validation rows are unseen by them (refinement checks on those rows).
+        The maps must have been fitted under the source's document split (``split_id``).
     head : bool or Head
         ``True``: check the maps' recorded head against the source's; a :class:`Head`: against
-        that one (already read); ``False``: no head check.
+        that one; ``False``: no head check.
     model_sha256 : str, optional
-        With a model as ``source``: the hash of the weights the maps must have been fitted on
-        (default: :func:`njtc_solve.core.models.model_sha256` of the model). Given, the head is
-        compared by its description only, as the model may have been cast since.
+        With a model as ``source``: the weights' hash the maps must have been fitted on (default:
+        the model's); given, the head is compared by its description only (the model may be cast).
 
     Returns
     -------
@@ -107,8 +95,7 @@ def check_compatible(maps: Shortcuts, source: RowSource | nn.Module | None = Non
     Raises
     ------
     NJTCError
-        One line naming the maps and the first disagreement. The identity (the logit lens)
-        belongs to every model.
+        Naming the maps and the first disagreement (the identity belongs to every model).
 
     Examples
     --------

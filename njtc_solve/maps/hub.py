@@ -1,25 +1,10 @@
 """Fitted maps shared as models are: a folder (``save_pretrained``), loaded from it or from a hub
 repository (``from_pretrained``), and pushed to the Hugging Face Hub (``push_to_hub``).
 
-A folder holds three files:
-
-``shortcuts.safetensors``
-    The shortcut file (:meth:`~njtc_solve.maps.shortcuts.Shortcuts.save`), the maps and all
-    their provenance; what :meth:`Shortcuts.load` reads.
-``config.json``
-    What the maps are, for a reader that does not open the tensors: the format mark
-    ``njtc-shortcuts-pretrained``, method, rank, layers, target layer, model and its weights'
-    hash, corpus and split, and the held-out metrics recorded.
-``README.md``
-    A model card (hub front matter, then model, corpus, split, method, rank and the held-out
-    metrics per layer, when given or recorded).
-
-Folders are written whole or not at all (a temporary sibling renamed into place); a folder
-this project did not write is never replaced. The functions here take the class or the maps
-as an argument, so :mod:`njtc_solve.maps.shortcuts` reaches them as methods without an import
-circle: ``Shortcuts.save_pretrained(dir)``, ``Shortcuts.from_pretrained(dir_or_repo)``,
-``Shortcuts.push_to_hub(repo_id)``. The hub needs ``huggingface_hub`` (installed with
-``transformers``) and, to push, a token (``huggingface-cli login`` or ``token=``).
+A folder holds ``shortcuts.safetensors`` (the shortcut file), ``config.json`` (what the maps are,
+with the format mark ``njtc-shortcuts-pretrained``, model, corpus, split and held-out metrics) and
+``README.md`` (a model card). The functions take the class or the maps as an argument, so
+:class:`~njtc_solve.maps.shortcuts.Shortcuts` reaches them as methods without an import circle.
 """
 
 from __future__ import annotations
@@ -50,14 +35,8 @@ _CARD_METRICS = ("precision@1", "precision@5", "kl", "surprisal", "r2", "mse", "
 PRETRAINED_KIND = FolderKind("saved maps", CONFIG, lambda c: c.get("format") == FORMAT, PRETRAINED_FILES)
 
 
-def _is_own(folder: Path) -> bool:
-    """Whether ``folder`` holds maps this project saved (its ``config.json`` carries the format mark)."""
-    return PRETRAINED_KIND.is_own(folder)
-
-
 def _metric_rows(shortcuts, metrics) -> list[dict]:
-    """Held-out figures per layer for the card: from ``metrics`` (an evaluation result, its records, or
-    ``{layer: {metric: value}}``), else those recorded in the maps' ``stats["held_out"]``."""
+    """Held-out figures per layer for the card: from ``metrics``, else the maps' ``stats["held_out"]``."""
     if metrics is None:
         metrics = shortcuts.stats.get("held_out")
     if metrics is None:
@@ -164,23 +143,18 @@ def save_pretrained(shortcuts, folder, *, model: str = "", corpus: str = "", met
     ----------
     shortcuts : Shortcuts
     folder : path
-        Created whole (its parent must exist); an existing folder is written again only when
-        this project wrote it and ``overwrite`` is given, or when it is empty. Files in it that
-        this project did not write (notes) are kept; a folder holding only such files is refused.
+        Written whole (its parent must exist); an existing folder only when empty, or saved
+        before and ``overwrite`` given.
     model, corpus : str
-        How the card names the model (a hub name becomes its ``base_model``) and the corpus;
-        by default what the maps' provenance records.
-    metrics : evaluation result, records or dict, optional
-        Held-out figures for the card: an :class:`~njtc_solve.evaluation.evaluate.EvaluationResult`
-        (its rows of these maps), its ``records``, or ``{layer: {metric: value}}``; by default
-        ``stats["held_out"]`` where recorded.
+        How the card names the model and the corpus (default: the maps' provenance).
+    metrics : EvaluationResult, its records or ``{layer: {metric: value}}``, optional
+        Held-out figures for the card (default: ``stats["held_out"]`` where recorded).
     overwrite : bool
         Replace a folder saved before.
 
     Returns
     -------
     Path
-        ``folder``.
 
     Examples
     --------
@@ -193,7 +167,7 @@ def save_pretrained(shortcuts, folder, *, model: str = "", corpus: str = "", met
     'jtc'
     """
     folder = Path(folder)
-    if folder.is_dir() and _is_own(folder) and not overwrite:
+    if folder.is_dir() and PRETRAINED_KIND.is_own(folder) and not overwrite:
         raise NJTCError(f"{folder} already holds saved maps; pass `overwrite=True` to replace them")
     check_folder_output(folder, "`folder`", PRETRAINED_FILES, PRETRAINED_KIND)
     provenance = shortcuts.provenance
@@ -231,11 +205,16 @@ def _download(repo_id: str, revision: str | None, token, cache_dir) -> Path:
     try:
         path = snapshot_download(repo_id=repo_id, revision=revision, token=token, cache_dir=cache_dir,
                                  allow_patterns=list(PRETRAINED_FILES), library_name="njtc_solve")
-    except Exception as err:  # not found, gated, offline: the hub's own first line
-        text = str(err).strip().splitlines()
-        raise NJTCError(f"cannot load {repo_id!r} from the hub (and there is no local folder of that name): "
-                        f"{type(err).__name__}" + (f": {text[0]}" if text else "")) from None
+    except Exception as err:  # not found, gated, offline
+        raise _hub_error(f"cannot load {repo_id!r} from the hub (and there is no local folder of that name)",
+                         err) from None
     return Path(path)
+
+
+def _hub_error(problem: str, err: Exception) -> NJTCError:
+    """``problem``, then the hub's error: its type and its own first line."""
+    text = str(err).strip().splitlines()
+    return NJTCError(f"{problem}: {type(err).__name__}" + (f": {text[0]}" if text else ""))
 
 
 def load_pretrained(cls, name_or_path, *, revision: str | None = None, head=None, token=None, cache_dir=None):
@@ -244,20 +223,19 @@ def load_pretrained(cls, name_or_path, *, revision: str | None = None, head=None
     Parameters
     ----------
     cls : type
-        :class:`~njtc_solve.maps.shortcuts.Shortcuts` (or a subclass): what to load as.
+        :class:`~njtc_solve.maps.shortcuts.Shortcuts` (or a subclass).
     name_or_path : str or path
-        A local folder, or a hub repository id (downloaded with
-        ``huggingface_hub.snapshot_download``, only the folder's three files).
+        A local folder, or a hub repository id (``huggingface_hub.snapshot_download``).
     revision, token, cache_dir
-        Passed to ``snapshot_download`` for a hub repository.
+        Passed to ``snapshot_download``.
     head : Head, ActivationStore or model, optional
-        Attached (and checked) as by :meth:`Shortcuts.load`.
+        Attached as by :meth:`Shortcuts.load`.
 
     Raises
     ------
     NJTCError
-        One line: neither a folder nor a repository id, a folder this project did not save,
-        a damaged shortcut file, a ``config.json`` that disagrees with it, the hub's refusal.
+        Neither a folder nor a repository id, a folder this project did not save, a damaged
+        shortcut file, a ``config.json`` that disagrees with it, the hub's refusal.
     """
     path = Path(name_or_path)
     if path.is_dir():
@@ -284,8 +262,7 @@ def push_to_hub(shortcuts, repo_id: str, *, token: str | None = None, private: b
                 metrics=None) -> str:
     """Upload ``shortcuts`` as a folder (:func:`save_pretrained`) to the hub repository ``repo_id``.
 
-    Creates the repository if needed (``HfApi.create_repo(exist_ok=True)``) and uploads with
-    ``HfApi.upload_folder``. Needs a token: ``token=``, ``HF_TOKEN`` or ``huggingface-cli login``.
+    Creates the repository if needed. Needs a token: ``token=``, ``HF_TOKEN`` or ``huggingface-cli login``.
 
     Returns
     -------
@@ -307,8 +284,6 @@ def push_to_hub(shortcuts, repo_id: str, *, token: str | None = None, private: b
             api.create_repo(repo_id, private=private, exist_ok=True)
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                      commit_message=commit_message or f"Upload {shortcuts.name} shortcut maps")
-        except Exception as err:  # no rights, offline: the hub's own first line
-            text = str(err).strip().splitlines()
-            raise NJTCError(f"cannot push to {repo_id!r}: {type(err).__name__}"
-                            + (f": {text[0]}" if text else "")) from None
+        except Exception as err:  # no rights, offline
+            raise _hub_error(f"cannot push to {repo_id!r}", err) from None
     return str(getattr(info, "commit_url", info))

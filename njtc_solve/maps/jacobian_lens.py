@@ -1,47 +1,25 @@
 """Carry fitted maps to the Jacobian-lens format of TransformerLens, and read Jacobian lenses as maps.
 
-Command line::
-
-    python -m njtc_solve.export --format jacobian-lens --shortcuts jtc.safetensors --out jtc-jlens
-
-writes ``jtc-jlens/lens.pt`` (and ``njtc.json``, the mark that this project wrote the folder),
-which TransformerLens (``transformer_lens.tools.analysis.JacobianLens``, 3.x and later) loads
-with ``JacobianLens.from_pretrained("jtc-jlens", model=bridge)`` or ``JacobianLens.load(path)``.
-
-The format (TransformerLens ``transformer_lens/tools/analysis/jacobian_lens.py``, which
-follows Anthropic's reference package ``jlens``; the lenses published in the
-``neuronpedia/jacobian-lens`` hub repo are such files) is one ``torch.save`` dict, read with
-``torch.load(weights_only=True)``::
+``python -m njtc_solve.export --format jacobian-lens --shortcuts jtc.safetensors --out jtc-jlens``
+writes ``lens.pt`` (and ``njtc.json``, this project's mark), which TransformerLens 3.x loads with
+``JacobianLens.from_pretrained("jtc-jlens", model=bridge)``. The format is one ``torch.save`` dict::
 
     {"J": {l: Tensor[d, d]}, "n_prompts": int, "source_layers": [l, ...], "d_model": d,
      "metadata": {...}}                      # metadata: optional, additive (TransformerLens)
 
-``J[l]`` maps the output of block ``l`` (``blocks.{l}.hook_out`` / ``hook_resid_post``) to the
-last block's output *before* the final norm, applied as ``J @ h`` (``h @ J.T`` on rows, in
-float32; no bias), and read through the model's final norm and unembedding:
-``W_U · norm(J_l h_l)``. The published lenses store ``J`` in float16; any float dtype loads.
-
-In this project's numbering (:mod:`njtc_solve.data.capture`) layer ``l ≥ 1`` is the output of
-block ``l - 1`` and layer ``L`` the last block's output before the final norm, so our map from
-layer ``l`` is the format's ``J[l - 1] = Wᵀ``, and the format's ``J[j]`` is our map from layer
-``j + 1``. Our layer 0 (the first block's input, the embeddings) has no place in the format.
-
-What the format holds is a linear map to the last layer without a bias, so what is exported:
-full maps (JTC), narrow maps (NJTC, ``W = U·V``) and residual maps (``I + W``), each fitted
-without an intercept (``fit_intercept=False``; ``--no-intercept``) or with a zero bias, and
-without a normalisation in front (``normalize="none"``). Maps with a bias, behind a batch,
-layer or RMS norm, or to an intermediate layer are refused with one line; a map from layer 0
-is left out (the command says so).
-
-:func:`read_jacobian_lens` turns such a file (ours, TransformerLens's or a published one)
-into full maps ``h · J[j]ᵀ`` (method ``jacobian-lens``), so ``python -m njtc_solve.evaluate
---jacobian-lens DIR`` compares a Jacobian lens with the closed-form maps on the same held-out
-rows, and ``python -m njtc_solve.lens --jacobian-lens DIR`` reads a prompt through it.
+``J[l]`` maps the output of block ``l`` to the last block's output before the final norm, as
+``J @ h`` (no bias), read through the final norm and unembedding. Our layer ``l ≥ 1`` is the
+output of block ``l - 1``, so our map from layer ``l`` is ``J[l - 1] = Wᵀ``; layer 0 has no place.
+Exported are linear maps to the last layer without a bias or normalisation (full, narrow,
+residual; ``--no-intercept``). :func:`read_jacobian_lens` reads such a file (ours,
+TransformerLens's or a published one) as full maps (method ``jacobian-lens``), for
+``evaluate --jacobian-lens`` and ``lens --jacobian-lens``.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,8 +27,9 @@ from torch import nn
 
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
-from njtc_solve.core.outputs import FolderKind, atomic_folder, check_finite, check_folder_output
+from njtc_solve.core.outputs import FolderKind, atomic_folder, check_finite
 from njtc_solve.maps.compatibility import check_compatible
+from njtc_solve.maps.lens_files import check_lens_output, check_recorded_model, check_tensor, load_torch
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
 __all__ = ["FILENAME", "JACOBIAN_LENS_FILES", "METHOD", "check_exportable", "check_output_folder",
@@ -62,6 +41,9 @@ SIDECAR = "njtc.json"  # the mark that this project wrote the folder (read witho
 JACOBIAN_LENS_FILES = (FILENAME, SIDECAR)  # what an export writes
 MARKER = "njtc-jacobian-lens"
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# an export folder: its njtc.json marks the files this project wrote there
+JACOBIAN_LENS_KIND = FolderKind("a Jacobian lens", SIDECAR, lambda c: c.get("format") == MARKER,
+                                JACOBIAN_LENS_FILES, shared=True)
 
 
 def jacobians(shortcuts: Shortcuts) -> dict[int, torch.Tensor]:
@@ -70,8 +52,7 @@ def jacobians(shortcuts: Shortcuts) -> dict[int, torch.Tensor]:
     Raises
     ------
     NJTCError
-        For a map the format cannot hold: one with a bias, behind a normalisation, or the
-        identity of a map without tensors; and for maps from layer 0 alone.
+        For a map with a bias, behind a normalisation or the identity; for maps from layer 0 alone.
 
     Examples
     --------
@@ -111,9 +92,7 @@ def jacobians(shortcuts: Shortcuts) -> dict[int, torch.Tensor]:
 def check_exportable(shortcuts: Shortcuts) -> dict[int, torch.Tensor]:
     """Refuse maps the Jacobian-lens format cannot hold; their ``J`` (:func:`jacobians`) when it can.
 
-    The maps must target the last layer of the model they were fitted on (the format's
-    target is the final block's output) and be linear without a bias. Needs no model: the
-    command runs it before one loads.
+    The maps must target the last layer and be linear without a bias. Needs no model.
     """
     check_compatible(shortcuts)
     if shortcuts.method == "identity":
@@ -121,23 +100,9 @@ def check_exportable(shortcuts: Shortcuts) -> dict[int, torch.Tensor]:
     return jacobians(shortcuts)
 
 
-# an export folder: its njtc.json marks the files this project wrote there
-JACOBIAN_LENS_KIND = FolderKind("a Jacobian lens", SIDECAR, lambda c: c.get("format") == MARKER,
-                                JACOBIAN_LENS_FILES, shared=True)
-
-
-def _is_own_lens(folder: Path) -> bool:
-    """Whether ``folder`` holds a Jacobian lens this project exported (its ``njtc.json``)."""
-    return JACOBIAN_LENS_KIND.is_own(folder)
-
-
 def check_output_folder(out: str | Path, *, overwrite: bool = False) -> Path:
-    """Refuse an export folder that cannot be written, or whose files export would replace: without
-    ``overwrite`` a lens exported before, and never a ``lens.pt`` this project did not write."""
-    out = Path(out)
-    if not overwrite and (out / FILENAME).is_file() and _is_own_lens(out):
-        raise NJTCError(f"{out} already holds a lens; pass `overwrite=True` to replace it")
-    return check_folder_output(out, "`out`", JACOBIAN_LENS_FILES, JACOBIAN_LENS_KIND)
+    """Refuse an export folder that cannot be written, holds a lens (without ``overwrite``) or foreign files."""
+    return check_lens_output(out, overwrite, FILENAME, JACOBIAN_LENS_KIND)
 
 
 def export_jacobian_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, model: nn.Module | None = None,
@@ -147,22 +112,19 @@ def export_jacobian_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, 
     Parameters
     ----------
     shortcuts : path or Shortcuts
-        Linear maps to the last layer without a bias (see the module's docstring).
+        Linear maps to the last layer without a bias.
     out : path
         The folder (created; its parent must exist).
     model : transformers causal LM, optional
-        The model the maps were fitted on: checked (weights' hash, width, layers), and its
-        name recorded.
+        The model the maps were fitted on: checked, and its name recorded.
     overwrite : bool
-        Replace a lens already in ``out``.
+        Replace a lens exported before.
     dtype : torch.dtype
-        Storage dtype of ``J``: float32 (default; read back bit-exact), float16 (the published
-        lenses' and TransformerLens's default; half the size) or bfloat16.
+        Storage dtype of ``J``: float32 (read back bit-exact), float16 or bfloat16.
 
     Returns
     -------
     Path
-        ``out``.
 
     Examples
     --------
@@ -205,8 +167,7 @@ def export_jacobian_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, 
 
 
 def find_lens_file(path: str | Path) -> Path:
-    """The lens file of ``path``: the file itself, or a folder's ``lens.pt`` (or its one ``*.pt``, as the
-    published ``<model>_jacobian_lens.pt``).
+    """The lens file of ``path``: the file itself, or a folder's ``lens.pt`` (else its one ``*.pt``).
 
     Raises
     ------
@@ -233,10 +194,7 @@ def _unreadable(path: Path, problem: str) -> NJTCError:
 
 def _load_payload(file: Path) -> dict:
     """The checked ``torch.load`` of a lens file: ``J`` square finite float matrices of width ``d_model``."""
-    try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors alike: a truncated or foreign file
-        raise _unreadable(file, f"it cannot be read ({type(err).__name__})") from None
+    payload = load_torch(file, partial(_unreadable, file), "it")
     if not isinstance(payload, dict) or not isinstance(payload.get("J"), dict):
         found = sorted(map(str, payload))[:6] if isinstance(payload, dict) else type(payload).__name__
         raise _unreadable(file, f"no 'J' dict of matrices (found {found})")
@@ -248,12 +206,7 @@ def _load_payload(file: Path) -> dict:
     for layer, matrix in payload["J"].items():
         if type(layer) is not int or layer < 0:
             raise _unreadable(file, f"J has key {layer!r}, not a layer number")
-        if not isinstance(matrix, torch.Tensor):
-            raise _unreadable(file, f"J[{layer}] is a {type(matrix).__name__}, not a tensor")
-        if tuple(matrix.shape) != (d, d):
-            raise _unreadable(file, f"J[{layer}] has shape {tuple(matrix.shape)}, expected ({d}, {d}) from d_model")
-        if not matrix.is_floating_point() or not torch.isfinite(matrix).all():
-            raise _unreadable(file, f"J[{layer}] is not finite floating point")
+        check_tensor(matrix, f"J[{layer}]", (d, d), partial(_unreadable, file), " from d_model")
     layers = payload.get("source_layers", sorted(payload["J"]))
     if not isinstance(layers, (list, tuple)) or sorted(layers) != sorted(payload["J"]):
         raise _unreadable(file, f"source_layers {layers!r} disagree with J's layers {sorted(payload['J'])}")
@@ -294,32 +247,26 @@ def read_jacobian_lens(path: str | Path, *, head: Head | None = None, n_layers: 
     Parameters
     ----------
     path : path
-        A ``.pt`` lens file, or a folder holding ``lens.pt`` (or one ``*.pt``, as the published
-        ``<model>_jacobian_lens.pt``): TransformerLens's ``JacobianLens.save`` format.
+        A ``.pt`` lens file, or a folder holding ``lens.pt`` (or one ``*.pt``).
     head : Head, optional
-        The head of the model (or store) the lens will be read against: its width must be
-        the lens's ``d_model``.
+        The head the lens will be read through: of width ``d_model``.
     n_layers : int, optional
         That model's layer count ``L``: the lens's layers must be block outputs ``0..L-2`` and
-        its target the last block, ``L - 1`` (recorded in TransformerLens's metadata; the
-        format's convention where not). Without it the target is the recorded one, else one
-        past the last fitted block (as in a full fit).
+        its target block ``L - 1``. Without it the target is the recorded one, else one past the
+        last block of the lens.
     model_sha256 : str
-        The weights' hash of that model, recorded in the returned maps; a lens exported by
-        :func:`export_jacobian_lens` records the hash it was fitted on, and another one is
-        refused.
+        The weights' hash of that model, recorded in the maps; an export's other hash is refused.
 
     Returns
     -------
     Shortcuts
-        One float32 full map per lens layer, by this project's layer numbers; a lens this
-        project exported gets its maps' provenance back (their training documents).
+        One float32 full map per lens layer; a lens this project exported gets its provenance back.
 
     Raises
     ------
     NJTCError
-        One line: a missing, truncated or foreign file, a shape other than ``d_model × d_model``,
-        a non-finite entry, layers outside the model, another model's hash or width.
+        A missing, truncated or foreign file, a wrong shape, a non-finite entry, layers outside
+        the model, another model's hash or width.
 
     Examples
     --------
@@ -349,8 +296,7 @@ def read_jacobian_lens(path: str | Path, *, head: Head | None = None, n_layers: 
     if max(payload["J"]) >= last_block:
         raise _unreadable(file, f"layer {max(payload['J'])} is not below its target block {last_block}")
     recorded = ours.get("model_sha256", "")
-    if recorded and model_sha256 and recorded != model_sha256:
-        raise NJTCError(f"the Jacobian lens in {file} was fitted on another model (model_sha256 differs)")
+    check_recorded_model(recorded, model_sha256, f"the Jacobian lens in {file}")
     maps = {j + 1: ShortcutMap(weight=matrix.to(torch.float32).T.contiguous())
             for j, matrix in sorted(payload["J"].items())}
     provenance = dict(ours.get("provenance", {}))

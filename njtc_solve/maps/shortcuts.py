@@ -1,17 +1,10 @@
-"""Shortcut maps as torch modules, and their files (safetensors, docs/reference/file-formats.md).
+"""Shortcut maps as torch modules, and their safetensors files (docs/reference/file-formats.md).
 
-A file holds one method's maps for many source layers. Prediction is
-``y = norm(x) @ W + bias`` (plus ``x`` when the map is residual), with ``W = U @ V`` for
-narrow maps, ``norm`` one of ``none``, ``batch`` (``(x - norm_mean) * norm_scale``),
-``layer`` or ``rms`` (per token, no affine parameters). A one-jump file (format version 2)
-holds one map shared by every source layer, and each layer's own batch standardisation.
-
-:class:`ShortcutMap` (one layer) and :class:`Shortcuts` (every layer, with provenance) are
-``torch.nn.Module`` objects following tuned-lens's ``Lens`` conventions: ``transform_hidden(h, idx)``
-estimates the target layer's hidden state from layer ``idx``, ``sc(h, idx)`` returns logits
-through the attached :class:`~njtc_solve.core.head.Head`. Their tensors are buffers (parameters
-once :meth:`ShortcutMap.trainable`), so ``state_dict``, ``.to`` and autograd work as for any
-module; a map computes in the dtype of its own tensors.
+A map predicts ``y = norm(x) @ W + bias`` (plus ``x`` when residual), ``W = U @ V`` for narrow
+maps; ``norm`` is ``none``, ``batch`` (``(x - norm_mean) * norm_scale``), ``layer`` or ``rms``.
+A file holds one method's maps for many source layers (format version 1), or one map shared by
+every layer with each layer's batch standardisation (one jump, format version 2).
+:class:`ShortcutMap` and :class:`Shortcuts` follow tuned-lens's ``Lens`` conventions.
 """
 
 from __future__ import annotations
@@ -31,7 +24,8 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import atomic_output, check_finite, read_safetensors
 from njtc_solve.core.head import Head
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "NORMALIZATIONS", "ONE_JUMP_MODES", "ONE_JUMP_VERSION", "ShortcutMap", "Shortcuts", "normalize_rows"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "NORMALIZATIONS", "ONE_JUMP_MODES", "ONE_JUMP_VERSION", "ShortcutMap",
+           "Shortcuts", "normalize_rows"]
 
 NORMALIZATIONS = ("none", "batch", "layer", "rms")
 ROW_NORM_EPS = 1e-5
@@ -39,7 +33,7 @@ ROW_NORM_EPS = 1e-5
 
 def normalize_rows(x: torch.Tensor, kind: str, eps: float = ROW_NORM_EPS) -> torch.Tensor:
     """Per-token normalisation without affine parameters: ``"layer"``, ``"rms"`` or ``"none"``."""
-    if kind in ("none", "batch"):  # batch standardisation is applied to the statistics instead
+    if kind in ("none", "batch"):  # batch standardisation is applied elsewhere
         return x
     if kind == "layer":
         x = x - x.mean(-1, keepdim=True)
@@ -49,8 +43,8 @@ def normalize_rows(x: torch.Tensor, kind: str, eps: float = ROW_NORM_EPS) -> tor
 
 
 FORMAT = "njtc-shortcuts"
-FORMAT_VERSION = 1  # what a file of per-layer maps is written as
-ONE_JUMP_VERSION = 2  # a file whose layers share one map (one_jump): the shared tensors once
+FORMAT_VERSION = 1  # a file of per-layer maps
+ONE_JUMP_VERSION = 2  # a file whose layers share one map, its tensors once
 ONE_JUMP_MODES = ("pooled", "select")
 # each map tensor and its shape: d the width, r the rank
 _SHAPES = {"weight": "dd", "U": "dr", "V": "rd", "bias": "d", "norm_mean": "d", "norm_scale": "d"}
@@ -61,23 +55,22 @@ _SHARED_NAME = re.compile(r"shared\.(" + "|".join(_SHARED) + ")")
 
 
 class ShortcutMap(nn.Module):
-    """One source layer's map to the target layer, as a module (``forward(x)`` maps rows ``x``).
+    """One source layer's map to the target layer (``forward(x)`` maps rows ``x``).
 
     Parameters
     ----------
     weight : Tensor, optional
-        ``(d, d)`` full map (JTC).
+        ``(d, d)`` full map.
     U, V : Tensor, optional
-        ``(d, r)`` and ``(r, d)`` factors of a narrow map (NJTC, N-NJTC).
+        ``(d, r)`` and ``(r, d)`` factors of a narrow map.
     bias, norm_mean, norm_scale : Tensor, optional
         ``(d,)`` intercept and the batch normalisation's mean and scale.
     normalize : {"none", "batch", "layer", "rms"}
     residual : bool
-        Add the input to the mapped row (Tuned Lens's parameterisation).
+        Add the input to the mapped row.
 
     Without ``weight`` and ``U`` the map is the identity (the logit lens). The tensors are
-    buffers, kept in the dtype and on the device given; :meth:`trainable` gives a copy whose
-    ``weight``, ``U``, ``V`` and ``bias`` are parameters (``nn.Parameter``).
+    buffers; the map computes in their dtype.
 
     Examples
     --------
@@ -130,13 +123,7 @@ class ShortcutMap(nn.Module):
         return f"{kind}, normalize={self.normalize!r}, residual={self.residual}"
 
     def trainable(self) -> ShortcutMap:
-        """A copy whose ``weight`` (or ``U`` and ``V``) and ``bias`` are parameters, for the trainer.
-
-        Raises
-        ------
-        NJTCError
-            For the identity map, which has nothing to train.
-        """
+        """A copy whose ``weight`` (or ``U`` and ``V``) and ``bias`` are parameters; refused for the identity."""
         if self.weight is None and self.U is None:
             raise NJTCError("the identity map has no parameters to train; start from a fitted map")
         copy = self.to_map(device=None)
@@ -188,8 +175,7 @@ class _LayerMaps(nn.ModuleDict):
 
     def __init__(self, maps=None):
         super().__init__()
-        for layer, m in sorted(dict(maps or {}).items()):
-            self[layer] = m
+        self.update(dict(sorted(dict(maps or {}).items())))
 
     def __setitem__(self, layer, m: ShortcutMap) -> None:
         super().__setitem__(str(int(layer)), m)
@@ -223,8 +209,6 @@ class _LayerMaps(nn.ModuleDict):
             self[layer] = m
 
 
-
-
 def _as_head(head) -> Head:
     """``head`` as a :class:`Head`: a Head, an activation store's or live source's, or a model's."""
     if isinstance(head, Head):
@@ -237,26 +221,25 @@ def _as_head(head) -> Head:
 
 
 class Shortcuts(nn.Module):
-    """Maps of one method for many source layers, with their provenance: a tuned-lens-style lens.
+    """Maps of one method for many source layers, with their provenance.
 
     Parameters
     ----------
     method : str
     maps : dict of int to ShortcutMap
-        By source layer (``sc.maps``, a module dict keyed by int).
+        By source layer.
     target_layer : int
         The layer every map estimates.
     model_sha256, rank, normalize, residual, fit_intercept, alpha, weight, stats, label, provenance
         What a shortcut file records (docs/reference/file-formats.md).
     head : Head, optional
-        The head :meth:`forward` applies (attached, not checked; :meth:`attach_head` checks).
+        The head :meth:`forward` applies (not checked; :meth:`attach_head` checks).
     head_sha256 : str
         :meth:`Head.fingerprint` of the head the maps were fitted for (``""``: not recorded).
     head_description : dict
-        :meth:`Head.describe` of that head, as recorded in the file (its ``head`` entry).
+        :meth:`Head.describe` of that head.
     one_jump : {None, "pooled", "select"}
-        Set when every layer's map shares one ``weight`` (or ``U``, ``V``) and ``bias``
-        (:mod:`njtc_solve.solve.one_jump`); such maps are saved once (format version 2).
+        Set when every layer shares one ``weight`` (or ``U``, ``V``) and ``bias``.
 
     Examples
     --------
@@ -293,10 +276,7 @@ class Shortcuts(nn.Module):
                  "alpha", "weight", "stats", "label", "provenance", "head", "head_sha256", "head_description", "one_jump")
 
     def replace(self, **changes) -> Shortcuts:
-        """A new :class:`Shortcuts` with every field of this one (sharing its maps) but ``changes``.
-
-        An attached head follows the new maps to their device.
-        """
+        """A new :class:`Shortcuts` with this one's fields (sharing its maps) but ``changes``."""
         new = type(self)(**{**{k: getattr(self, k) for k in self._RECORDED}, **changes})
         new.head = new._on_maps_device(new.head)
         return new
@@ -326,8 +306,7 @@ class Shortcuts(nn.Module):
 
     @property
     def total_params(self) -> int:
-        """Every number the maps hold, each tensor once: a shared map counts once, biases and
-        batch standardisation included (the figure to compare one-jump and per-layer files by)."""
+        """Every number the maps hold, each tensor once (a shared map once), biases and batch norm included."""
         seen = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel()
                 for m in self.maps.values() for t in m.tensors().values() if t is not None}  # views of one tensor: once
         return sum(seen.values())
@@ -336,21 +315,13 @@ class Shortcuts(nn.Module):
         return f"{self.name!r}, target_layer={self.target_layer}, head={'attached' if self.head else None}"
 
     def check_head(self, head) -> None:
-        """Refuse to apply these maps through another head than the one they were fitted for.
-
-        Files that record no head (``head_sha256`` empty, written before it was recorded) pass.
-        """
+        """Refuse another head than the one the maps were fitted for (an unrecorded head passes)."""
         if self.head_sha256 and self.head_sha256 != head.fingerprint():
             raise NJTCError(f"shortcuts {self.name} were fitted for another head (head_sha256 {self.head_sha256[:12]}…, "
                             f"this head's {head.fingerprint()[:12]}…: {json.dumps(head.describe())})")
 
     def attach_head(self, head) -> Shortcuts:
-        """Attach the head :meth:`forward` applies, once it is checked to be the one the maps were fitted for.
-
-        Parameters
-        ----------
-        head : Head, ActivationStore or model
-            A :class:`Head`, a store's (``store.head()``) or a model's (:meth:`Head.from_model`).
+        """Attach the head :meth:`forward` applies (a Head, a store's or a model's), once checked.
 
         Raises
         ------
@@ -372,10 +343,7 @@ class Shortcuts(nn.Module):
         return head if head is None or device is None else head.to(device)
 
     def _apply(self, fn, *args, **kwargs):
-        """``.to``, ``.cuda`` ... move the attached head with the maps; the head keeps its dtype (float32).
-
-        The head computes in float32 whatever the maps' dtype, as the model's own head is read.
-        """
+        """``.to``, ``.cuda`` ... move the attached head with the maps; the head keeps its dtype (float32)."""
         super()._apply(fn, *args, **kwargs)
         if self.one_jump and self.maps:  # each layer's map moved its own copy of the shared tensors: tie them again
             first = self.maps.values()[0]
@@ -455,8 +423,7 @@ class Shortcuts(nn.Module):
         Raises
         ------
         NJTCError
-            A missing, foreign, damaged or inconsistent file; a ``head`` of another model
-            (:meth:`attach_head`).
+            A missing, foreign, damaged or inconsistent file; a ``head`` of another model.
         """
         tensors, meta = read_safetensors(path, "shortcut", FORMAT)
         f, parts = _checked(path, tensors, meta)
@@ -468,8 +435,7 @@ class Shortcuts(nn.Module):
         return sc if head is None else sc.attach_head(head)
 
     def save_pretrained(self, folder, *, model: str = "", corpus: str = "", metrics=None, overwrite: bool = False):
-        """Write a folder: the shortcut file, ``config.json`` and a ``README.md`` model card
-        (:func:`njtc_solve.maps.hub.save_pretrained`); returns its path."""
+        """Write a saved-maps folder (:func:`njtc_solve.maps.hub.save_pretrained`); returns its path."""
         from njtc_solve.maps import hub
 
         return hub.save_pretrained(self, folder, model=model, corpus=corpus, metrics=metrics, overwrite=overwrite)
@@ -477,16 +443,14 @@ class Shortcuts(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, *, revision: str | None = None, head=None, token=None,
                         cache_dir=None) -> Shortcuts:
-        """Maps saved by :meth:`save_pretrained`, from a local folder or a hub repository ``owner/name``
-        (:func:`njtc_solve.maps.hub.load_pretrained`, through ``huggingface_hub.snapshot_download``)."""
+        """Maps saved by :meth:`save_pretrained`, from a folder or a hub repository ``owner/name``."""
         from njtc_solve.maps import hub
 
         return hub.load_pretrained(cls, name_or_path, revision=revision, head=head, token=token, cache_dir=cache_dir)
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
                     commit_message: str | None = None, model: str = "", corpus: str = "", metrics=None) -> str:
-        """Upload the :meth:`save_pretrained` folder to the hub repository ``repo_id`` (``HfApi.upload_folder``;
-        needs a token); returns the commit's URL."""
+        """Upload the :meth:`save_pretrained` folder to the hub repository ``repo_id``; returns the commit's URL."""
         from njtc_solve.maps import hub
 
         return hub.push_to_hub(self, repo_id, token=token, private=private, commit_message=commit_message,
@@ -494,34 +458,7 @@ class Shortcuts(nn.Module):
 
 
 def _checked(path, tensors: dict, meta: dict) -> tuple[dict, dict]:
-    """Parse a shortcut file's metadata and check it against the file's tensors (docs/reference/file-formats.md).
-
-    Parameters
-    ----------
-    path : str or Path
-        The file, named in the error.
-    tensors : dict of str to Tensor
-        The file's tensors, named ``layers.{l}.{part}``.
-    meta : dict of str to str
-        The file's metadata.
-
-    Returns
-    -------
-    fields : dict
-        The metadata parsed (``rank`` an int or None, booleans as bool, ``alpha`` a float or
-        ``"auto"``, ``stats`` and ``provenance`` dicts), absent optional keys at their defaults.
-    parts : dict of int to dict
-        For each listed layer, its tensors by part (``weight``, ``U``, ``V``, ``bias``, ...).
-
-    Raises
-    ------
-    NJTCError
-        One line naming ``path`` and the first disagreement: a metadata value missing or not
-        parseable, a listed layer without its map, a tensor of an unlisted layer, a shape that
-        disagrees with the width ``d`` of the other tensors or with ``rank``, normalisation
-        tensors present without ``normalize = "batch"`` (or absent with it), a tensor that is not
-        finite float32.
-    """
+    """The file's metadata parsed, and its tensors by layer and part, checked against each other."""
     f = _fields(path, meta)
     parts = _layer_parts(path, f, tensors)
     _check_parts(path, f, parts, meta)
@@ -554,7 +491,7 @@ def _fields(path, meta: dict) -> dict:
         "method": field("method", str, "a string"),
         "layers": field("layers", _layer_list, "a JSON list of distinct layer numbers"),
         "rank": field("rank", _rank, '"none" or a positive integer'),
-        "normalize": field("normalize", _one_of("none", "batch", "layer", "rms"), "none, batch, layer or rms"),
+        "normalize": field("normalize", _one_of(*NORMALIZATIONS), "none, batch, layer or rms"),
         "residual": field("residual", boolean, "true or false"),
         "fit_intercept": field("fit_intercept", boolean, "true or false"),
         "alpha": field("alpha", _alpha, 'a non-negative number or "auto"'),
@@ -618,37 +555,20 @@ def _check_parts(path, f: dict, parts: dict, meta: dict) -> None:
                 raise _invalid(path, f"tensor {name} is not finite float32")
 
 
-def _layer_list(text: str) -> list[int]:
-    layers = json.loads(text)
-    if not isinstance(layers, list) or any(type(l) is not int for l in layers) or len(set(layers)) < len(layers):
-        raise ValueError(text)
-    return layers
-
-
-def _rank(text: str) -> int | None:
-    rank = None if text == "none" else int(text)
-    if rank is not None and rank < 1:
-        raise ValueError(text)
-    return rank
-
-
-def _alpha(text: str) -> float | str:
-    alpha = text if text == "auto" else float(text)
-    if alpha != "auto" and not (math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(text)
-    return alpha
-
-
-def _json_object(text: str) -> dict:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError(text)
-    return value
-
-
-def _one_of(*options: str):
-    def parse(text: str) -> str:
-        if text not in options:
+def _valid(parse, ok):
+    """A parser of metadata text: ``parse``, then ValueError unless ``ok`` of the value."""
+    def read(text: str):
+        value = parse(text)
+        if not ok(value):
             raise ValueError(text)
-        return text
-    return parse
+        return value
+    return read
+
+
+_layer_list = _valid(json.loads, lambda v: isinstance(v, list) and all(type(l) is int for l in v)
+                     and len(set(v)) == len(v))
+_rank = _valid(lambda text: None if text == "none" else int(text), lambda rank: rank is None or rank >= 1)
+_alpha = _valid(lambda text: text if text == "auto" else float(text),
+                lambda alpha: alpha == "auto" or (math.isfinite(alpha) and alpha >= 0))
+_json_object = _valid(json.loads, lambda value: isinstance(value, dict))
+_one_of = lambda *options: _valid(str, lambda text: text in options)

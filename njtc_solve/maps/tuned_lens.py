@@ -1,40 +1,30 @@
-"""Carry fitted maps to tuned-lens, and read a tuned-lens folder as maps for evaluation.
+"""Carry fitted maps to tuned-lens, and read a tuned-lens folder as maps.
 
-Command line::
-
-    python -m njtc_solve.export --format tuned-lens --shortcuts jtc.safetensors --out jtc-lens
-
-writes ``jtc-lens/config.json`` and ``jtc-lens/params.pt``, which the ``tuned-lens`` package
-(0.2.0) loads with ``TunedLens.from_model_and_pretrained(model, "jtc-lens")``, giving the
-logits of :class:`njtc_solve.evaluation.lens.ShortcutLens` with the same maps.
-
-tuned-lens applies ``h + translator(h)`` for layers ``0..L-1``, then the model's own final
-norm and unembedding. A map is exported when it is affine in ``h``: ``y = h·A + b`` becomes
-the translator ``weight = (A − I)ᵀ``, ``bias = b``. Full (JTC), narrow (NJTC, ``A = U·V``),
-residual (``A = I + W``) and batch-normalised maps (``(h − μ)·s`` folds into ``A`` and ``b``)
-are affine; maps behind a per-token layer or RMS norm (N-NJTC with ``normalize`` ``layer`` or
-``rms``) are not, and are refused. Layers without a map get a zero translator: the identity,
-as tuned-lens's own untrained lens.
-
-The reverse, :func:`read_tuned_lens`, turns a tuned-lens folder into residual maps
-``h + h·Wᵀ + b`` (method ``tuned-lens``), so ``python -m njtc_solve.evaluate --tuned-lens DIR``
-compares a lens trained by gradient with closed-form maps on the same held-out rows.
+``python -m njtc_solve.export --format tuned-lens --shortcuts jtc.safetensors --out jtc-lens``
+writes ``config.json`` and ``params.pt``, which tuned-lens 0.2.0 loads with
+``TunedLens.from_model_and_pretrained(model, "jtc-lens")``. A map affine in ``h``
+(``y = h·A + b``: full, narrow, residual or batch-normalised) becomes the translator
+``weight = (A − I)ᵀ``, ``bias = b``; maps behind a per-token layer or RMS norm are refused, and
+layers without a map get a zero translator. :func:`read_tuned_lens` reads such a folder back as
+residual maps ``h + h·Wᵀ + b`` (method ``tuned-lens``), for ``evaluate --tuned-lens DIR``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from njtc_solve.maps.compatibility import check_compatible
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
-from njtc_solve.core.outputs import FolderKind, atomic_folder, check_finite, check_folder_output
+from njtc_solve.core.outputs import FolderKind, atomic_folder, check_finite
+from njtc_solve.maps.compatibility import check_compatible
+from njtc_solve.maps.lens_files import check_lens_output, check_recorded_model, check_tensor, load_torch
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 
 __all__ = ["TUNED_LENS_ARCHITECTURES", "TUNED_LENS_FILES", "affine_form", "check_exportable", "check_output_folder",
@@ -46,6 +36,9 @@ SIDECAR = "njtc.json"  # beside config.json: the weights' hash, which tuned-lens
 TUNED_LENS_FILES = ("config.json", "params.pt", SIDECAR)  # what an export writes
 # model types whose final norm tuned-lens 0.2.0 finds (model_surgery.get_final_norm), among ours
 TUNED_LENS_ARCHITECTURES = ("bloom", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "opt")
+# an export folder: its njtc.json marks the files this project wrote there
+TUNED_LENS_KIND = FolderKind("a tuned lens", SIDECAR, lambda c: c.get("format") == "njtc-tuned-lens",
+                             TUNED_LENS_FILES, shared=True)
 
 
 def affine_form(m: ShortcutMap, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +47,7 @@ def affine_form(m: ShortcutMap, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     Raises
     ------
     NJTCError
-        For maps behind a per-token norm (``normalize`` ``layer`` or ``rms``), which no affine
-        map reproduces.
+        For maps behind a per-token norm (``normalize`` ``layer`` or ``rms``).
 
     Examples
     --------
@@ -87,12 +79,10 @@ def affine_form(m: ShortcutMap, d: int) -> tuple[torch.Tensor, torch.Tensor]:
 def translator_state(shortcuts: Shortcuts) -> dict[str, torch.Tensor]:
     """tuned-lens's ``params.pt``: ``{i}.weight`` (``Δᵀ``) and ``{i}.bias`` for ``i`` in ``0..L-1``."""
     d = _width(shortcuts)
+    zero = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
     state = {}
     for i in range(shortcuts.target_layer):
-        if i in shortcuts.maps:
-            delta, bias = affine_form(shortcuts.maps[i], d)
-        else:
-            delta, bias = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+        delta, bias = affine_form(shortcuts.maps[i], d) if i in shortcuts.maps else zero
         state[f"{i}.weight"] = delta.T.to(torch.float32).contiguous()
         state[f"{i}.bias"] = bias.to(torch.float32)
     return state
@@ -106,7 +96,7 @@ def unembed_hash(unembed: torch.Tensor) -> str:
 
 def export_tuned_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, model: nn.Module | None = None,
                       overwrite: bool = False) -> Path:
-    """Write ``shortcuts`` as a tuned-lens folder (``config.json`` and ``params.pt``).
+    """Write ``shortcuts`` as a tuned-lens folder (``config.json``, ``params.pt`` and ``njtc.json``).
 
     Parameters
     ----------
@@ -114,15 +104,13 @@ def export_tuned_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, mod
     out : path
         The folder (created; its parent must exist).
     model : transformers causal LM, optional
-        The model the maps were fitted on: checked (weights' hash, an architecture tuned-lens
-        can load, a plain head), and its name and unembedding hash recorded in the config.
+        The model the maps were fitted on: checked, and its name and unembedding hash recorded.
     overwrite : bool
-        Replace a lens already in ``out``.
+        Replace a lens exported before.
 
     Returns
     -------
     Path
-        ``out``.
 
     Examples
     --------
@@ -155,33 +143,16 @@ def export_tuned_lens(shortcuts: Shortcuts | str | Path, out: str | Path, *, mod
     return out
 
 
-# an export folder: its njtc.json marks the files this project wrote there
-TUNED_LENS_KIND = FolderKind("a tuned lens", SIDECAR, lambda c: c.get("format") == "njtc-tuned-lens",
-                             TUNED_LENS_FILES, shared=True)
-
-
-def _is_own_lens(folder: Path) -> bool:
-    """Whether ``folder`` holds a lens this project exported (its ``njtc.json``)."""
-    return TUNED_LENS_KIND.is_own(folder)
-
-
 def check_output_folder(out: str | Path, *, overwrite: bool = False) -> Path:
-    """Refuse an export folder that cannot be written, or whose files export would replace
-    without ``overwrite``, a lens exported before, or ever: files this project did not write (a
-    model's ``config.json``, say)."""
-    out = Path(out)
-    if not overwrite and (out / "params.pt").is_file() and _is_own_lens(out):
-        raise NJTCError(f"{out} already holds a lens; pass `overwrite=True` to replace it")
-    return check_folder_output(out, "`out`", TUNED_LENS_FILES, TUNED_LENS_KIND)
+    """Refuse an export folder that cannot be written, holds a lens (without ``overwrite``) or foreign files."""
+    return check_lens_output(out, overwrite, "params.pt", TUNED_LENS_KIND)
 
 
 def check_exportable(shortcuts: Shortcuts) -> dict[str, torch.Tensor]:
     """Refuse maps tuned-lens cannot hold; their translators (:func:`translator_state`) when it can.
 
-    tuned-lens reads maps to the last layer (:func:`~njtc_solve.maps.compatibility.check_compatible`
-    against the maps' own record), affine in ``h`` (not behind a per-token norm), through a
-    plain head (no logit scale, soft-cap or output projection); the identity is its
-    ``LogitLens`` already. Needs no model: the command runs it before one loads.
+    Such maps target the last layer, are affine in ``h`` and read through a plain head (no logit
+    scale, soft-cap or output projection). Needs no model.
     """
     check_compatible(shortcuts)
     if shortcuts.method == "identity":
@@ -192,11 +163,7 @@ def check_exportable(shortcuts: Shortcuts) -> dict[str, torch.Tensor]:
 
 
 def _check_head_description(head: dict) -> None:
-    """Refuse maps whose recorded head has a part that tuned-lens's unembedding leaves out.
-
-    tuned-lens applies the model's final norm module and output embedding only: a logit scale,
-    a soft-cap or an output projection between them (OPT's ``project_out``) would be lost.
-    """
+    """Refuse a head with a part that tuned-lens's unembedding leaves out (logit scale, soft-cap, projection)."""
     if head.get("logit_scale", 1.0) != 1.0 or head.get("softcap") is not None:
         raise NJTCError("these maps are for a head that scales or soft-caps its logits, which tuned-lens's "
                         "unembedding leaves out")
@@ -219,11 +186,10 @@ def _check_model(shortcuts: Shortcuts, model) -> tuple[str, str]:
 
 
 def _width(shortcuts: Shortcuts) -> int:
-    for m in shortcuts.maps.values():
-        for t in (m.weight, m.V, m.bias, m.norm_mean):
-            if t is not None:
-                return int(t.shape[-1])
-    raise NJTCError(f"shortcuts {shortcuts.name} hold no tensor to tell their width from")
+    d = next((m.width for m in shortcuts.maps.values() if m.width is not None), None)
+    if d is None:
+        raise NJTCError(f"shortcuts {shortcuts.name} hold no tensor to tell their width from")
+    return d
 
 
 def read_tuned_lens(folder: str | Path, *, head: Head | None = None, model_sha256: str = "") -> Shortcuts:
@@ -232,13 +198,11 @@ def read_tuned_lens(folder: str | Path, *, head: Head | None = None, model_sha25
     Parameters
     ----------
     folder : path
-        Holds ``config.json`` and ``params.pt`` (tuned-lens's ``TunedLens.save`` layout).
+        Holds ``config.json`` and ``params.pt`` (tuned-lens's layout).
     head : Head, optional
-        The head of the model (or store) the lens will be read against: its width must be the
-        lens's, and its unembedding must have the lens's ``unembed_hash`` when the config has one.
+        The head the lens will be read through: of the lens's width and ``unembed_hash``.
     model_sha256 : str
-        The weights' hash of that model, recorded in the returned maps; a folder written by
-        :func:`export_tuned_lens` records the hash it was fitted on, and another one is refused.
+        The weights' hash of that model, recorded in the maps; an export's other hash is refused.
 
     Returns
     -------
@@ -267,8 +231,7 @@ def read_tuned_lens(folder: str | Path, *, head: Head | None = None, model_sha25
         maps[i] = ShortcutMap(weight=weight.T.float().contiguous(), residual=True,
                               bias=None if bias is None else bias.float())
     recorded = _recorded_sha256(folder)
-    if recorded and model_sha256 and recorded != model_sha256:
-        raise NJTCError(f"the tuned lens in {folder} was fitted on another model (model_sha256 differs)")
+    check_recorded_model(recorded, model_sha256, f"the tuned lens in {folder}")
     if head is not None:
         if head.d_model != d:
             raise NJTCError(f"the tuned lens in {folder} has width {d}; the model's is {head.d_model}")
@@ -304,23 +267,15 @@ def _read_config(folder: Path) -> dict:
 
 def _read_params(folder: Path, d: int, n_layers: int) -> dict:
     """``params.pt`` of a tuned-lens folder, checked: ``{i}.weight`` (d, d) and optional ``{i}.bias`` (d,), finite."""
-    try:
-        state = torch.load(folder / "params.pt", map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors alike
-        raise _unreadable(folder, f"params.pt cannot be read ({type(err).__name__})") from None
+    state = load_torch(folder / "params.pt", partial(_unreadable, folder), "params.pt")
     weights = {f"{i}.weight" for i in range(n_layers)}
     if not isinstance(state, dict):
         raise _unreadable(folder, f"params.pt holds a {type(state).__name__}, not a state dict")
     if not weights <= set(state) <= weights | {f"{i}.bias" for i in range(n_layers)}:
         raise _unreadable(folder, f"params.pt must hold {{i}}.weight (and {{i}}.bias) for i in 0..{n_layers - 1}")
     for name, value in state.items():
-        expected = (d, d) if name.endswith(".weight") else (d,)
-        if not isinstance(value, torch.Tensor):
-            raise _unreadable(folder, f"params.pt entry {name} is a {type(value).__name__}, not a tensor")
-        if tuple(value.shape) != expected:
-            raise _unreadable(folder, f"params.pt entry {name} has shape {tuple(value.shape)}, expected {expected}")
-        if not value.is_floating_point() or not torch.isfinite(value).all():
-            raise _unreadable(folder, f"params.pt entry {name} is not finite floating point")
+        check_tensor(value, f"params.pt entry {name}", (d, d) if name.endswith(".weight") else (d,),
+                     partial(_unreadable, folder))
     return state
 
 
