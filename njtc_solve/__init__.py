@@ -29,7 +29,7 @@ _API = {
     "load_model": "core.models",
     "load_corpus": "data.corpus",
     "extract_activations": "data.extract",
-    "accumulate_statistics": "solve.fit",
+    "accumulate_statistics": "solve.statistics_pass",
     "fit_from_statistics": "solve.fit",
     "fit_shortcuts": "solve.fit",
     "FitSpec": "solve.fit",

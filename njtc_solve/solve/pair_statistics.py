@@ -393,7 +393,7 @@ def accumulate_pairs(source, *, sources, targets, input_norm: str = "none", devi
     sources, targets : list of int
         Source and target layers; every source below every target is a pair.
     input_norm, device, chunk_rows, float64, progress, skip_positions
-        As in :func:`njtc_solve.solve.fit.accumulate_statistics`.
+        As in :func:`njtc_solve.solve.statistics_pass.accumulate_statistics`.
     """
     skip = source.default_skip_positions if skip_positions is None else int(skip_positions)
     if source.count("train", skip) == 0:
