@@ -60,6 +60,7 @@ _API = {
     "PruneResult": "prune.selection",
     "PruneSpec": "prune.selection",
     "RefineSpec": "prune.refine_fold",
+    "RefineFoldSpec": "prune.refine_fold",
     "refine_fold": "prune.refine_fold",
     "ReplacementStatistics": "prune.folding",
     "Replacement": "prune.folding",

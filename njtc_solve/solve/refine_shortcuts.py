@@ -43,7 +43,7 @@ _POSITIVE = Interval(int, 1, None, says="positive", show_value=False)
 class RefineShortcutsSpec:
     """The settings of :func:`refine_shortcuts`, checked when made, before a row is read or a model loads.
 
-    (The refinement of a pruning fold has its own, :class:`njtc_solve.prune.refine_fold.RefineSpec`.)
+    (The refinement of a pruning fold has its own, :class:`njtc_solve.prune.refine_fold.RefineFoldSpec`.)
     What needs the maps or the rows (a layer without a map, no validation rows) is checked
     once they are open.
 

@@ -276,28 +276,69 @@ def train_maps(maps: dict, head: Head, train, *, check, objective: str = "kl", s
         opt, (lambda s: max(0.0, 1 - s / max(steps, 1))) if schedule == "linear" else (lambda s: 1.0))
     run = _Run(objective, modules, head, _held_out(check, modules, head, objective, device), patience)
     batches = _batches(train, batch_rows)
-    clock, step = 0.0, 0
-    bar = tqdm(total=steps, unit="step", desc=f"train {objective}", leave=False, disable=not progress)
-    try:
-        while step < steps:
+
+    def checked(step: int, clock: float):
+        record = run.check(step, clock)
+        stop = "callback" if on_check is not None and on_check(record) else None if run.stopping.active else "converged"
+        return {f"L{l}": f"{v['loss']:.4g}" for l, v in record["layers"].items()}, stop
+
+    step, clock, run.result.stopped = train_loop(
+        lambda: _step(run, next(batches), opt, scheduler, device, grad_clip), checked, steps=steps,
+        check_every=check_every, time_budget=time_budget, desc=f"train {objective}", progress=progress)
+    return run.finish(step, clock)
+
+
+def train_loop(step: Callable[[], None], check: Callable[[int, float], tuple], *, steps: int, check_every: int,
+               time_budget: float | None = None, desc: str = "train", progress: bool = True) -> tuple[int, float, str]:
+    """The early-stopping loop of :func:`train_maps` and of the pruning fold's refinement.
+
+    Calls ``step()`` up to ``steps`` times, and ``check(steps_done, seconds)`` every ``check_every``
+    steps, after the last and once ``time_budget`` seconds of steps have passed; ``check`` returns
+    ``(postfix, stop)``: the progress bar's figures and why to stop now (``None``: go on).
+
+    Returns
+    -------
+    (int, float, str)
+        The steps taken, their seconds (checks excluded) and why the loop ended: ``check``'s
+        reason, ``"time"`` or ``"steps"``.
+    """
+    done, clock, stopped = 0, 0.0, "steps"
+    with tqdm(total=steps, unit="step", desc=desc, leave=False, disable=not progress) as bar:
+        while done < steps:
             t0 = time.perf_counter()
-            _step(run, next(batches), opt, scheduler, device, grad_clip)
+            step()
             clock += time.perf_counter() - t0
-            step += 1
+            done += 1
             bar.update(1)
             out_of_time = time_budget is not None and clock >= time_budget
-            if step % check_every and step < steps and not out_of_time:
+            if done % check_every and done < steps and not out_of_time:
                 continue
-            record = run.check(step, clock)
-            bar.set_postfix({f"L{l}": f"{v['loss']:.4g}" for l, v in record["layers"].items()})
-            stopped = ("callback" if on_check is not None and on_check(record) else "converged" if not run.active
-                       else "time" if out_of_time else None)
-            if stopped:
-                run.result.stopped = stopped
+            postfix, stop = check(done, clock)
+            bar.set_postfix(postfix)
+            if stop or out_of_time:
+                stopped = stop or "time"
                 break
-    finally:
-        bar.close()
-    return run.finish(step, clock)
+    return done, clock, stopped
+
+
+class Patience:
+    """Each key's best loss and the checks since it; a key stops after ``patience`` checks with no new
+    best (0: never). ``best``: each key's starting best loss."""
+
+    def __init__(self, best: dict, patience: int):
+        self.best, self.patience = dict(best), patience
+        self.waited, self.active = dict.fromkeys(best, 0), set(best)
+
+    def improved(self, key, loss: float) -> bool:
+        """Whether ``loss`` is ``key``'s new best; else one more check without, and ``key`` out of
+        :attr:`active` once out of patience."""
+        if loss < self.best[key]:
+            self.best[key], self.waited[key] = loss, 0
+            return True
+        self.waited[key] += 1
+        if self.patience and self.waited[key] >= self.patience:
+            self.active.discard(key)
+        return False
 
 
 def _check_settings(objective: str, optimizer: str, schedule: str, **numbers) -> None:
@@ -326,17 +367,16 @@ def _held_out(check, modules: dict, head: Head, objective: str, device: torch.de
 
 
 class _Run:
-    """The state of one training run: each layer's best state, its patience and the layers still training."""
+    """One training run: each layer's best state and its patience (:class:`Patience`)."""
 
     def __init__(self, objective: str, modules: dict, head: Head, held_out: list, patience: int):
-        self.objective, self.modules, self.head, self.held_out, self.patience = objective, modules, head, held_out, patience
+        self.objective, self.modules, self.head, self.held_out = objective, modules, head, held_out
         self.result = TrainResult(modules)
-        self.active = set(modules)
-        self.waited = dict.fromkeys(modules, 0)
         self.best_state = {l: copy.deepcopy(m.state_dict()) for l, m in modules.items()}
         record = self._measure(0, 0.0, list(modules))
         self.result.start = {l: dict(v, step=0) for l, v in record["layers"].items()}
         self.result.best = {l: dict(v, step=0) for l, v in record["layers"].items()}
+        self.stopping = Patience({l: v["loss"] for l, v in record["layers"].items()}, patience)
 
     def _measure(self, step: int, clock: float, layers: list[int]) -> dict:
         for m in self.modules.values():
@@ -351,16 +391,11 @@ class _Run:
 
     def check(self, step: int, clock: float) -> dict:
         """Measure the active layers on the held-out rows; keep new bests, retire layers out of patience."""
-        record = self._measure(step, clock, sorted(self.active))
+        record = self._measure(step, clock, sorted(self.stopping.active))
         for l, metrics in record["layers"].items():
-            if metrics["loss"] < self.result.best[l]["loss"]:
+            if self.stopping.improved(l, metrics["loss"]):
                 self.result.best[l] = dict(metrics, step=step)
                 self.best_state[l] = copy.deepcopy(self.modules[l].state_dict())
-                self.waited[l] = 0
-            else:
-                self.waited[l] += 1
-                if self.patience and self.waited[l] >= self.patience:
-                    self.active.discard(l)
         return record
 
     def finish(self, step: int, clock: float) -> TrainResult:
@@ -375,15 +410,16 @@ class _Run:
 def _step(run: _Run, batch, opt, scheduler, device: torch.device, grad_clip: float | None) -> None:
     """One optimisation step of every active layer on a minibatch ``(x, y)``."""
     x, y = batch
-    x, y = {l: x[l].to(device) for l in run.active}, y.to(device)
+    active = run.stopping.active
+    x, y = {l: x[l].to(device) for l in active}, y.to(device)
     with torch.no_grad():
         reference = None if run.objective == "mse" else Reference.from_logits(run.head.logits(y))
     opt.zero_grad(set_to_none=True)
     with torch.enable_grad():  # a source's generator may hold no_grad across its yields (a live model's)
-        loss = sum(_loss(run.objective, run.modules[l], x[l], y, run.head, reference) for l in sorted(run.active))
+        loss = sum(_loss(run.objective, run.modules[l], x[l], y, run.head, reference) for l in sorted(active))
         loss.backward()
     if grad_clip is not None:
-        for l in run.active:
+        for l in active:
             torch.nn.utils.clip_grad_norm_(run.modules[l].parameters(), grad_clip)
     opt.step()
     scheduler.step()
