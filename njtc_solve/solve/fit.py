@@ -34,7 +34,7 @@ from njtc_solve.solve.budget import (check_budget, default_budget, join_layers, 
                                      target_groups)
 from njtc_solve.solve.pair_statistics import accumulate_pairs, check_pair_statistics, iter_fit_targets
 from njtc_solve.solve.saved_statistics import check_fit_inputs, check_input_norm, pair_file, saved_statistics
-from njtc_solve.solve.solvers import gcv_alpha, gram_eigh, solve_reduced_rank, sum_squared_error, weight_root
+from njtc_solve.solve.solvers import gram_eigh, solve_ranks, sum_squared_error, weight_root
 from njtc_solve.solve.statistics_pass import store_statistics
 from njtc_solve.solve.stats import Statistics
 
@@ -298,24 +298,12 @@ def fit_from_statistics(stats: Statistics, *, method: str = "nnjtc", ranks: list
     stats : Statistics
         From :func:`~njtc_solve.solve.statistics_pass.accumulate_statistics` (its ``input_norm``
         must match ``normalize``).
-    method : {"jtc", "njtc", "nnjtc"}
-    ranks : list of int or None
-        Ranks of the narrow maps (all from one decomposition); ``None`` for JTC.
-    layers : list of int, optional
-        Source layers (default: all in ``stats``).
-    normalize : {"none", "batch", "layer", "rms"}, optional
-        Input normalisation (default ``layer`` for N-NJTC, else ``none``).
-    residual : bool
-        Fit ``y = x + norm(x) U V + b`` (reduced-rank regression on ``y - x``).
+    method, ranks, layers, normalize, residual, fit_intercept, alpha, one_jump
+        As in :class:`FitSpec` (``layers`` default: all in ``stats``).
     weight_factor : Tensor (d, m), optional
-        Measure errors as ``‖e G‖²`` (see :meth:`njtc_solve.core.head.Head.logit_weight_factor`).
-    fit_intercept : bool
-    alpha : float or "auto"
-        Ridge penalty, or ``"auto"`` for generalised cross-validation per layer.
+        Measure errors as ``‖e G‖²`` (:meth:`njtc_solve.core.head.Head.logit_weight_factor`).
     progress : bool
         Show a bar over the layers' solves.
-    one_jump : {None, True, "pooled", "select"}
-        One map for every layer (see :class:`FitSpec`).
     """
     spec = FitSpec(method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual,
                    fit_intercept=fit_intercept, alpha=alpha, one_jump=one_jump)
@@ -362,20 +350,14 @@ def _solve_layer(stats: Statistics, layer: int, *, ranks, normalize, residual, w
     gxx, gxt, gtt, mean_x, mean_t, norm_mean, norm_scale = _prepare(stats, layer, normalize, residual, fit_intercept)
     if layer not in decompositions:
         decompositions[layer] = gram_eigh(gxx)
-    eigh = decompositions[layer]
-    layer_alpha = (gcv_alpha(gxx, gxt, gtt, stats.n_rows, fit_intercept=fit_intercept, eigh=eigh)[0]
-                   if alpha == "auto" else float(alpha))
-    solution = solve_reduced_rank(gxx, gxt, layer_alpha, weight=weight, eigh=eigh)
+    layer_alpha, solved = solve_ranks(gxx, gxt, gtt, mean_x, mean_t, ranks=ranks, alpha=alpha, n_rows=stats.n_rows,
+                                      fit_intercept=fit_intercept, weight=weight, eigh=decompositions[layer])
     solve_s = time.perf_counter() - start
     d = stats.cyy.shape[0]
     total_var = float(torch.trace(stats.cyy))
     f32 = lambda t: None if t is None else t.to(torch.float32)
-    solved = {}
-    for rank in ranks:
-        u, v = solution.factors(rank)
-        coef = u if v is None else u @ v
+    for rank, (coef, bias, u, v) in solved.items():
         sse = max(sum_squared_error(coef, gxx, gxt, gtt), 0.0)
-        bias = (mean_t - mean_x @ coef) if fit_intercept else None
         shortcut_map = ShortcutMap(
             weight=f32(u) if v is None else None, U=None if v is None else f32(u), V=f32(v),
             bias=f32(bias), norm_mean=f32(norm_mean), norm_scale=f32(norm_scale),
@@ -576,15 +558,14 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks: list[int] | Non
     ----------
     store : ActivationStore, LiveSource, path or None
         The rows; ``None`` with ``statistics``, an all-pairs statistics file (``save_stats`` of
-        an earlier call), to solve without reading a row.
+        an earlier call).
     layers : list of int, optional
-        Source layers (default: every stored layer but the last). Targets are every stored
+        Source layers (default: every stored layer but the last); the targets are every stored
         layer above the lowest source.
     method, ranks, normalize, residual, fit_intercept, alpha, device, chunk_rows, float64, progress, skip_positions
-        As in :func:`fit_shortcuts`. The logit-space weight is refused: only the last layer has a head.
+        As in :func:`fit_shortcuts`.
     check_outputs : callable, optional
-        Called with the list of target layers once they are known, before the pass and before
-        ``save_stats`` is written (the command checks its output files there).
+        Called with the target layers before the pass and before ``save_stats`` is written.
     max_memory : int or str, optional
         Bytes the statistics of one pass may take (default: the free memory of ``device``): the
         targets go in groups (:func:`~njtc_solve.solve.budget.target_groups`), one pass each.

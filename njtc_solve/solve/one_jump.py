@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.solve.solvers import gcv_alpha, gram_eigh, solve_reduced_rank, weight_root
+from njtc_solve.solve.solvers import solve_ranks, weight_root
 
 __all__ = ["LayerProblem", "map_loss", "pooled_problem", "select_table", "solve_one_jump"]
 
@@ -139,18 +139,10 @@ def _gamma(weight_factor):
 def _pooled_solve(pooled: LayerProblem, *, ranks, fit_intercept, alpha, n_rows: int, weight_factor):
     """``{rank: (coef, bias, U, V)}`` of the pooled regression (float64; ``V`` ``None`` for a full map)."""
     gxx, gxt, gtt = (pooled.cxx, pooled.cxt, pooled.ctt) if fit_intercept else pooled.uncentred()
-    eigh = gram_eigh(gxx)
-    alpha = (gcv_alpha(gxx, gxt, gtt, n_rows, fit_intercept=fit_intercept, eigh=eigh)[0]
-             if alpha == "auto" else float(alpha))
     weight = None if weight_factor is None else weight_root(weight_factor.to(gxx.device))
-    solution = solve_reduced_rank(gxx, gxt, alpha, weight=weight, eigh=eigh)
-    out = {}
-    for rank in ranks:
-        u, v = solution.factors(rank)
-        coef = u if v is None else u @ v
-        bias = pooled.mean_t - pooled.mean_x @ coef if fit_intercept else None
-        out[rank] = (coef, bias, u, v)
-    return out, alpha
+    alpha, solved = solve_ranks(gxx, gxt, gtt, pooled.mean_x, pooled.mean_t, ranks=ranks, alpha=alpha, n_rows=n_rows,
+                                fit_intercept=fit_intercept, weight=weight)
+    return solved, alpha
 
 
 def select_table(problems: dict[int, LayerProblem], per_layer: list[Shortcuts], *, weight_factor=None) -> dict:

@@ -26,7 +26,7 @@ import torch
 
 from njtc_solve.core.errors import NJTCError
 
-__all__ = ["ReducedRankSolution", "gcv_alpha", "gram_eigh", "solve_reduced_rank", "sum_squared_error",
+__all__ = ["ReducedRankSolution", "gcv_alpha", "gram_eigh", "solve_ranks", "solve_reduced_rank", "sum_squared_error",
            "symmetric_sqrt", "weight_root"]
 
 
@@ -158,6 +158,22 @@ def solve_reduced_rank(cxx: torch.Tensor, cxy: torch.Tensor, alpha: float = 0.0,
     inv_s2 = torch.where(s > 0, 1.0 / s.clamp_min(1e-300) ** 2, torch.zeros_like(s))
     null_coef = inv_s2[:, None] * (basis.T @ (k.T @ (k @ null)))
     return ReducedRankSolution(coef, s, basis, q.T @ f_pinv + null_coef @ null.T)
+
+
+def solve_ranks(gxx, gxt, gtt, mean_x, mean_t, *, ranks, alpha, n_rows: int, fit_intercept: bool, weight=None,
+                eigh=None) -> tuple[float, dict]:
+    """``(alpha, {rank: (coef, bias, U, V)})`` of one regression, every rank from one decomposition: ``alpha``
+    ``"auto"`` is chosen by :func:`gcv_alpha` over ``n_rows``; ``bias`` is ``None`` without an intercept."""
+    eigh = gram_eigh(gxx) if eigh is None else eigh
+    alpha = (gcv_alpha(gxx, gxt, gtt, n_rows, fit_intercept=fit_intercept, eigh=eigh)[0]
+             if alpha == "auto" else float(alpha))
+    solution = solve_reduced_rank(gxx, gxt, alpha, weight=weight, eigh=eigh)
+    solved = {}
+    for rank in ranks:
+        u, v = solution.factors(rank)
+        coef = u if v is None else u @ v
+        solved[rank] = (coef, mean_t - mean_x @ coef if fit_intercept else None, u, v)
+    return alpha, solved
 
 
 def _top_right_singular(k: torch.Tensor):
