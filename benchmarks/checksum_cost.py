@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from njtc_solve.solve.fit import accumulate_statistics
+from njtc_solve.solve.statistics_pass import accumulate_statistics
 from njtc_solve.data.store import ActivationStore
 
 

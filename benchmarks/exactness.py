@@ -17,7 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from njtc_solve.solve.fit import fit_from_statistics, accumulate_statistics
+from njtc_solve.solve.fit import fit_from_statistics
+from njtc_solve.solve.statistics_pass import accumulate_statistics
 from njtc_solve.data.store import ActivationStore
 from provenance import measured_at
 

@@ -5,7 +5,7 @@ SmolLM2-135M, a 1B Llama (Llama-3.2-1B's shape) or a 7B Llama (Llama-2-7B's shap
 about 13.5 GB). Measured through the library's own code paths:
 
 - the statistics pass (:class:`~njtc_solve.data.live.LiveSource` into
-  :func:`~njtc_solve.solve.fit.accumulate_statistics`, every layer against the last) in tokens/s,
+  :func:`~njtc_solve.solve.statistics_pass.accumulate_statistics`, every layer against the last) in tokens/s,
   against the bare forward pass over the same sequences;
 - the float64 solve of every layer's reduced-rank maps at every power-of-two rank from one
   decomposition (:func:`~njtc_solve.solve.fit.fit_from_statistics`);
@@ -33,7 +33,8 @@ import torch
 
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.data.live import LiveSource
-from njtc_solve.solve.fit import accumulate_statistics, fit_from_statistics
+from njtc_solve.solve.fit import fit_from_statistics
+from njtc_solve.solve.statistics_pass import accumulate_statistics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -32,7 +32,8 @@ import torch
 
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.data.extract import extract_activations
-from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.solve.statistics_pass import accumulate_statistics
 from njtc_solve.core.models import load_model, model_sha256
 from njtc_solve.data.live import LiveSource
 from njtc_solve.data.store import bytes_per_token

@@ -37,7 +37,8 @@ import numpy as np
 
 from njtc_solve.data.store import ActivationStore
 from njtc_solve.evaluation.evaluate import evaluate_shortcuts
-from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.solve.statistics_pass import accumulate_statistics
 from njtc_solve.solve.stats import Statistics
 
 ROOT = Path(__file__).resolve().parents[1]

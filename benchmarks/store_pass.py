@@ -26,7 +26,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # one timed pass, run in a fresh interpreter against the tree on sys.path[0]
 _PASS = """
 import json, sys, time, torch
-from njtc_solve.solve.fit import accumulate_statistics
+from njtc_solve.solve.statistics_pass import accumulate_statistics
 from njtc_solve.data.store import ActivationStore
 with ActivationStore(sys.argv[1]) as store:
     layers = [l for l in range(store.n_layers)]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from njtc_solve.solve.fit import accumulate_statistics
+from njtc_solve.solve.statistics_pass import accumulate_statistics
 from njtc_solve.solve.solvers import solve_reduced_rank
 from njtc_solve.solve.stats import MomentAccumulator
 from njtc_solve.data.store import ActivationStore

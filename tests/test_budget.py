@@ -167,10 +167,10 @@ def test_every_target_in_passes_frees_each_pass_before_the_next(tiny_store, monk
     import gc
     import weakref
 
-    from njtc_solve.solve import pair_statistics
+    from njtc_solve.solve import fit
 
     earlier, alive_at_start = [], []
-    accumulate = pair_statistics.accumulate_pairs
+    accumulate = fit.accumulate_pairs
 
     def watched(*args, **kwargs):
         gc.collect()
@@ -179,7 +179,7 @@ def test_every_target_in_passes_frees_each_pass_before_the_next(tiny_store, monk
         earlier.append(weakref.ref(pairs))
         return pairs
 
-    monkeypatch.setattr(pair_statistics, "accumulate_pairs", watched)
+    monkeypatch.setattr(fit, "accumulate_pairs", watched)
     budget = pair_pass_bytes([0, 1, 2], [3], D, **SIZES)  # two passes: targets 1, 2, then 3
     fits = fit_all_targets(str(tiny_store), method="njtc", ranks=[4], progress=False, max_memory=budget)
     assert [t for t, _ in fits] == [1, 2, 3]

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.solve.statistics_pass import accumulate_statistics
 from njtc_solve.data.store import ActivationStore
 
 DEVICE = os.environ.get("NJTC_CUDA_TESTS_DEVICE", "cuda")  # "cpu": a rehearsal of these tests without a GPU

@@ -18,7 +18,8 @@ from test_extract import _one_line_exit_2
 
 from njtc_solve.solve.estimator import ReducedRankRegressor
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.solve.fit import FitSpec, accumulate_statistics, fit_shortcuts
+from njtc_solve.solve.fit import FitSpec, fit_shortcuts
+from njtc_solve.solve.statistics_pass import accumulate_statistics
 from njtc_solve.maps.shortcuts import Shortcuts
 from njtc_solve.data.store import ActivationStore
 

@@ -11,7 +11,8 @@ from njtc_solve.data.corpus import load_corpus
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.evaluation.evaluate import evaluate_shortcuts
 from njtc_solve.data.extract import extract_activations
-from njtc_solve.solve.fit import accumulate_statistics, fit_shortcuts
+from njtc_solve.solve.fit import fit_shortcuts
+from njtc_solve.solve.statistics_pass import accumulate_statistics
 from njtc_solve.core.models import load_model
 from njtc_solve.maps.shortcuts import Shortcuts
 from njtc_solve.data.live import LiveSource

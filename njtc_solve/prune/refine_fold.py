@@ -1,21 +1,12 @@
 """KL refinement of a folded block replacement: train only the map, through the frozen rest of the model.
 
-The closed-form fold (:func:`~njtc_solve.prune.folding.solve_replacement`) is exact for the
-squared error of the stream; what matters is the pruned model's next-token distribution.
-:func:`refine_fold` starts from the chosen fold ``m ↦ m·T + c`` on block ``S-1``'s MLP
-output and minimises ``KL(p_full ‖ p_pruned)`` on training sequences by Adam, over ``T``
-(and ``c`` where the fold has an intercept) only: the stream entering block ``S+K`` is
-``h_S + m(T - I) + c`` from the full model's cached states, and the gradient flows through
-the pruned model's remaining blocks and head, which stay frozen (:func:`tail_logits`).
-The loss is :func:`njtc_solve.core.metrics.kl_divergence`, the function scoring reports.
-
-Every ``check_every`` steps the held-out KL of the map as it stands is measured with
-:func:`~njtc_solve.prune.scoring.score_replacement` (the figure that chose the fold); the
-best map so far is kept and the run stops after ``patience`` checks without a new best. A
-refined map is returned only if its held-out KL is below the start's: otherwise the start
-comes back unchanged (``improved=False``), so refinement never writes a worse map.
-
-Imports :mod:`njtc_solve.prune.scoring`, :mod:`njtc_solve.prune.folding` and :mod:`njtc_solve.core`.
+:func:`refine_fold` starts from the fold ``m ↦ m·T + c`` on block ``S-1``'s MLP output and
+minimises ``KL(p_full ‖ p_pruned)`` on training sequences by Adam over ``T`` (and ``c``): the
+stream entering block ``S+K`` is ``h_S + m(T - I) + c`` from the full model's cached states, and
+the gradient flows through the frozen remaining blocks and head (:func:`tail_logits`). The
+held-out KL (:func:`~njtc_solve.prune.scoring.score_replacement`) is checked as it goes, with
+early stopping (:func:`njtc_solve.solve.training.train_loop`); a refined map is returned only if
+its held-out KL is below the start's, else the start comes back unchanged (``improved=False``).
 """
 
 from __future__ import annotations
@@ -26,22 +17,22 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.metrics import Reference, kl_divergence
 from njtc_solve.core.params import Interval, check_spec
 from njtc_solve.prune.replacement import Replacement
 from njtc_solve.prune.scoring import HeldOut, score_replacement, tail_logits
+from njtc_solve.solve.training import Patience, train_loop
 
-__all__ = ["OBJECTIVES", "RefineResult", "RefineSpec", "refine_fold"]
+__all__ = ["OBJECTIVES", "RefineFoldSpec", "RefineResult", "RefineSpec", "refine_fold"]
 
 OBJECTIVES = ("kl",)
 
 
 @dataclass(frozen=True)
-class RefineSpec:
-    """The settings of a refinement, validated once, when made, before any model loads.
+class RefineFoldSpec:
+    """The settings of :func:`refine_fold`, checked when made, before any model loads.
 
     Attributes
     ----------
@@ -94,13 +85,16 @@ class RefineSpec:
         check_spec(self)
 
     @classmethod
-    def check(cls, objective: str = "kl", **settings) -> RefineSpec:
-        """The checked settings (every instance is checked when it is made; kept for its name at call sites)."""
+    def check(cls, objective: str = "kl", **settings) -> RefineFoldSpec:
+        """The checked settings (every instance is checked when it is made)."""
         return cls(objective, **settings)
 
     def describe(self) -> dict:
         """The settings, for ``njtc_prune.json``."""
         return dict(vars(self))
+
+
+RefineSpec = RefineFoldSpec  # an alias in njtc_solve's API
 
 
 @dataclass
@@ -135,16 +129,8 @@ class RefineResult:
                 "held_out_best": brief(self.best), "history": self.history}
 
 
-def _frozen(model):
-    """Turn off every parameter's gradient; returns the flags to restore."""
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return flags
-
-
-def refine_fold(model, replacement: Replacement, train: HeldOut, check: HeldOut, spec: RefineSpec | None = None, *,
-                progress: bool = False) -> RefineResult:
+def refine_fold(model, replacement: Replacement, train: HeldOut, check: HeldOut,
+                spec: RefineFoldSpec | None = None, *, progress: bool = False) -> RefineResult:
     """Train a fold's ``T`` (and ``c``) by KL to the full model, through the frozen rest of the pruned model.
 
     Parameters
@@ -156,8 +142,8 @@ def refine_fold(model, replacement: Replacement, train: HeldOut, check: HeldOut,
     train, check : HeldOut
         The full model over training and held-out sequences
         (:func:`~njtc_solve.prune.scoring.collect_held_out`, at least ``replacement.start``'s states).
-    spec : RefineSpec, optional
-        The settings (default: :class:`RefineSpec`'s).
+    spec : RefineFoldSpec, optional
+        The settings (default: :class:`RefineFoldSpec`'s).
     progress : bool
         Show a progress bar.
 
@@ -166,78 +152,66 @@ def refine_fold(model, replacement: Replacement, train: HeldOut, check: HeldOut,
     RefineResult
         ``replacement`` is the refined map only if its held-out KL is below the start's.
     """
-    spec = RefineSpec.check() if spec is None else spec
+    spec = RefineFoldSpec() if spec is None else spec
     s, first = replacement.start, replacement.start + replacement.remove
     train.check_start(s)
     check.check_start(s)
     start_score = score_replacement(model, check, replacement)
-    best, best_map = None, None  # the best checked map of the run (the start is not one of them)
     d = train.hidden[s].shape[-1]
     eye = torch.eye(d, dtype=torch.float64)
     device = next(model.parameters()).device
     delta = (replacement.T.double().cpu() - eye).float().to(device).requires_grad_(True)
     c = None if replacement.c is None else replacement.c.float().to(device).requires_grad_(True)
-    params = [delta] + ([] if c is None else [c])
-    opt = torch.optim.Adam(params, lr=spec.lr)
+    opt = torch.optim.Adam([delta] + ([] if c is None else [c]), lr=spec.lr)
     generator = torch.Generator().manual_seed(spec.seed)
     n_seq = len(train.token_ids)
-    order, at = torch.randperm(n_seq, generator=generator), 0
-    history, waited, clock, check_clock, step, stopped = [], 0, 0.0, 0.0, 0, "steps"
     name = replacement.name + "+kl" if not replacement.name.endswith("+kl") else replacement.name
+    best = best_map = None  # the best checked map of the run (the start is not one of them)
+    order, at, train_kl, check_clock = torch.randperm(n_seq, generator=generator), 0, 0.0, 0.0
+    stopping, history = Patience({0: math.inf}, spec.patience), []
 
-    def current() -> Replacement:
+    def train_step():
+        nonlocal order, at, train_kl
+        if at >= n_seq:
+            order, at = torch.randperm(n_seq, generator=generator), 0
+        idx = order[at:at + spec.batch_sequences]
+        at += spec.batch_sequences
+        h = train.hidden[s][idx].to(device)
+        m = train.mlp[s - 1][idx].to(device)
+        stream = h + m @ delta + (0 if c is None else c)
+        logits = tail_logits(model, train.token_ids[idx], stream, first_block=first, grad=True).float()
+        logp = train.logp[idx].float().to(device).reshape(-1, logits.shape[-1])
+        logp = torch.log_softmax(logp, -1)  # a float16 cache renormalised in float32
+        loss = kl_divergence(Reference(logp, logp.exp(), None), logits.reshape(-1, logits.shape[-1])).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train_kl = loss.item()
+
+    def checked(step: int, clock: float):
+        nonlocal best, best_map, check_clock
+        t1 = time.perf_counter()
         with torch.no_grad():
-            return replace(replacement, T=eye + delta.detach().double().cpu(),
-                           c=None if c is None else c.detach().double().cpu(), name=name)
+            candidate = replace(replacement, T=eye + delta.detach().double().cpu(),
+                                c=None if c is None else c.detach().double().cpu(), name=name)
+        score = score_replacement(model, check, candidate)
+        check_clock += time.perf_counter() - t1
+        history.append({"step": step, "seconds": clock, "kl": score["kl"], "train_kl": train_kl})
+        if stopping.improved(0, score["kl"]):
+            best, best_map = dict(score, step=step), candidate
+        converged = not math.isfinite(score["kl"]) or not stopping.active
+        return {"held-out KL": f"{score['kl']:.4f}"}, "converged" if converged else None
 
-    flags = _frozen(model)
-    bar = tqdm(total=spec.steps, unit="step", desc="prune: refine kl", leave=False, disable=not progress)
-    train_kl = 0.0
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
     try:
-        while step < spec.steps:
-            t0 = time.perf_counter()
-            if at >= n_seq:
-                order, at = torch.randperm(n_seq, generator=generator), 0
-            idx = order[at:at + spec.batch_sequences]
-            at += spec.batch_sequences
-            h = train.hidden[s][idx].to(device)
-            m = train.mlp[s - 1][idx].to(device)
-            stream = h + m @ delta + (0 if c is None else c)
-            logits = tail_logits(model, train.token_ids[idx], stream, first_block=first, grad=True).float()
-            logp = train.logp[idx].float().to(device).reshape(-1, logits.shape[-1])
-            logp = torch.log_softmax(logp, -1)  # a float16 cache renormalised in float32
-            loss = kl_divergence(Reference(logp, logp.exp(), None), logits.reshape(-1, logits.shape[-1])).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            train_kl = loss.item()
-            step += 1
-            clock += time.perf_counter() - t0
-            bar.update(1)
-            out_of_time = spec.time_budget is not None and clock >= spec.time_budget
-            if step % spec.check_every and step < spec.steps and not out_of_time:
-                continue
-            t1 = time.perf_counter()
-            candidate = current()
-            score = score_replacement(model, check, candidate)
-            check_clock += time.perf_counter() - t1
-            history.append({"step": step, "seconds": clock, "kl": score["kl"], "train_kl": train_kl})
-            bar.set_postfix({"held-out KL": f"{score['kl']:.4f}"})
-            if best is None or score["kl"] < best["kl"]:
-                best, best_map, waited = dict(score, step=step), candidate, 0
-            else:
-                waited += 1
-            if not math.isfinite(score["kl"]) or (spec.patience and waited >= spec.patience):
-                stopped = "converged"
-                break
-            if out_of_time:
-                stopped = "time"
-                break
+        steps, clock, stopped = train_loop(train_step, checked, steps=spec.steps, check_every=spec.check_every,
+                                           time_budget=spec.time_budget, desc="prune: refine kl", progress=progress)
     finally:
-        bar.close()
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
     improved = best is not None and best["kl"] < start_score["kl"]
     if not improved:  # the guard: never a map whose held-out KL is worse than the start's
         best_map, best = replacement, dict(start_score, step=0)
-    return RefineResult(best_map, start_score, best, improved, step, clock, check_clock, stopped, history)
+    return RefineResult(best_map, start_score, best, improved, steps, clock, check_clock, stopped, history)

@@ -1,13 +1,7 @@
-"""Statistics under a memory budget: how many bytes a pass keeps, and the layers split into passes.
+"""Statistics under a memory budget: the bytes a pass keeps, and the layers split into passes.
 
-The float64 statistics do not grow with tokens but with layers: per source layer ``C_xx`` and
-``C_xy`` (``2d² + d`` values), ``C_yy`` once. When the layers' statistics do not fit in the
-memory of the device they live on (Llama-2-70B: d = 8192, 80 layers, 86 GB), the fit runs one
-pass per group of layers (a store read, or a model's forward pass, per group). Every group
-shifts by the same first chunk and does the same GEMMs per layer, so the maps equal those of
-one pass. This module holds the arithmetic: :func:`pass_bytes` counts what a pass keeps,
-:func:`layer_groups` and :func:`target_groups` split the layers, :func:`parse_size` reads
-``40GB`` or ``512MiB``, :func:`default_budget` (a fraction of :func:`free_memory`) is the default budget.
+When the layers' float64 statistics do not fit in the device's memory, the fit runs one pass per
+group of layers; every group shifts by the same first chunk, so the maps equal those of one pass.
 
 Examples
 --------
@@ -30,8 +24,8 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.solve.stats import NORM_BINS
 
 __all__ = ["FREE_FRACTION", "accumulator_bytes", "check_budget", "chunk_bytes", "default_budget", "format_size",
-           "free_memory", "join_layers", "layer_groups", "merge_fits", "one_jump_bytes", "pair_pass_bytes", "parse_size", "pass_bytes",
-           "target_groups"]
+           "free_memory", "join_layers", "layer_groups", "merge_fits", "one_jump_bytes", "pair_pass_bytes", "parse_size",
+           "pass_bytes", "target_groups"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -40,11 +34,8 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNOR
 
 
 def parse_size(size, name: str = "max_memory") -> int:
-    """Bytes of a size: a number of bytes, or text such as ``40GB`` (10⁹), ``512MiB`` (2²⁰), ``1.5TB``.
-
-    A size that is not positive, not finite or beyond ``2**63`` bytes, or text that is not a size,
-    is a one-line :class:`NJTCError` naming ``name``.
-    """
+    """Bytes of a size: a number of bytes, or text such as ``40GB`` (10⁹), ``512MiB`` (2²⁰), ``1.5TB``;
+    refuses one that is not positive, not finite or beyond ``2**63`` bytes, naming ``name``."""
     if isinstance(size, Real) and not isinstance(size, bool):
         value = float(size)
     elif isinstance(size, str) and (match := _SIZE.match(size)) and match.group(2).lower() in _UNITS:
@@ -77,8 +68,7 @@ def default_budget(device) -> int:
 
 
 def free_memory(device) -> int:
-    """Bytes free on ``device``: ``torch.cuda.mem_get_info`` on a GPU, the available RAM
-    (``MemAvailable`` of ``/proc/meminfo``, else the free pages) on the CPU."""
+    """Bytes free on ``device``: the GPU's free memory, or the available RAM."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
@@ -94,11 +84,7 @@ def free_memory(device) -> int:
 
 def accumulator_bytes(n_layers: int, d: int) -> int:
     """Bytes of a :class:`~njtc_solve.solve.stats.MomentAccumulator`'s float64 buffer for ``n_layers``
-    source layers of width ``d`` against a target of width ``d``.
-
-    Exactly what :meth:`~njtc_solve.solve.stats.MomentAccumulator.allocate` allocates: two row
-    counts, ``Σy``, ``ΣyyT``, the target's row-norm histogram, and per layer ``Σx`` and the
-    ``d × 2d`` block ``[ΣxxT | ΣxyT]``.
+    source layers of width ``d`` (what its ``allocate`` allocates).
 
     >>> round(accumulator_bytes(80, 8192) / 1e9, 1)  # Llama-2-70B: every layer at once
     86.4
@@ -107,9 +93,8 @@ def accumulator_bytes(n_layers: int, d: int) -> int:
 
 
 def chunk_bytes(n_rows: int, d: int, chunk_rows: int, float64: bool = False) -> int:
-    """Bytes of one chunk of ``chunk_rows`` rows of ``n_rows`` layers (sources and targets) of width ``d``
-    while a pass adds it: each layer as read (float32, and the next chunk read ahead beside it), again
-    in the GEMM's type after the input normalisation (a copy), and the ``[x | y]`` block of the GEMM.
+    """Bytes of one chunk of ``chunk_rows`` rows of ``n_rows`` layers of width ``d`` while a pass adds it
+    (as read, the next chunk read ahead, the normalised copy and the GEMM's ``[x | y]`` block).
 
     >>> round(chunk_bytes(81, 8192, 4096) / 1e9, 1)  # Llama-2-70B: every layer of a chunk at once
     32.9
@@ -119,32 +104,20 @@ def chunk_bytes(n_rows: int, d: int, chunk_rows: int, float64: bool = False) -> 
 
 
 def one_jump_bytes(n_layers: int, d: int) -> int:
-    """Bytes a one-jump solve (:mod:`~njtc_solve.solve.one_jump`) adds to its pass's statistics: per
-    layer up to four ``d × d`` float64 moments of the regression solved (new ones when normalised,
-    residual or without an intercept) and, for ``select``, the per-layer solve's eigendecomposition;
-    the pooled moments (three ``d × d``) once."""
+    """Bytes a one-jump solve (:mod:`~njtc_solve.solve.one_jump`) adds to its pass's statistics."""
     return 8 * d * d * (5 * n_layers + 3)
 
 
 def pass_bytes(n_layers: int, d: int, chunk_rows: int = 0, *, float64: bool = False, one_jump: bool = False) -> int:
-    """Bytes a single-target pass over ``n_layers`` source layers holds at its peak.
-
-    The accumulator (:func:`accumulator_bytes`) and, beside it while the pass ends, the
-    centred statistics :meth:`~njtc_solve.solve.stats.MomentAccumulator.finalize` returns
-    (``C_yy``, ``ȳ``, and per layer ``C_xx``, ``C_xy``, ``x̄``): about ``4d²`` float64 values
-    per layer; one chunk of ``chunk_rows`` rows of every layer and the target (:func:`chunk_bytes`);
-    with ``one_jump``, the moments of its solve (:func:`one_jump_bytes`). One layer's solve comes
-    on top (a few ``d²``).
-    """
+    """Bytes a single-target pass over ``n_layers`` source layers holds at its peak: the accumulator, the
+    centred statistics beside it, one chunk, and with ``one_jump`` the moments of its solve."""
     return (accumulator_bytes(n_layers, d) + 8 * (d * d + d + n_layers * (2 * d * d + d))
             + chunk_bytes(n_layers + 1, d, chunk_rows, float64) + (one_jump_bytes(n_layers, d) if one_jump else 0))
 
 
 def pair_pass_bytes(sources, targets, d: int, chunk_rows: int = 0, *, float64: bool = False) -> int:
-    """Bytes of an all-pairs pass (:class:`~njtc_solve.solve.pair_statistics.PairAccumulator`, centred in
-    place) of ``targets`` against every source below them: ``C_xx`` and ``Σx`` of each such source,
-    ``C_yy``, ``Σy``, the row-norm histogram and one ``C_xy`` block per target; and one chunk of
-    ``chunk_rows`` rows of those sources and targets (:func:`chunk_bytes`)."""
+    """Bytes of an all-pairs pass (:class:`~njtc_solve.solve.pair_statistics.PairAccumulator`) of
+    ``targets`` against every source below them, and one chunk of their rows."""
     below = {t: sum(s < t for s in sources) for t in targets}
     used = [s for s in sources if targets and s < max(targets)]
     return (8 * (len(used) * (d * d + d) + sum((below[t] + 1) * d * d + d + NORM_BINS for t in targets))
@@ -152,17 +125,14 @@ def pair_pass_bytes(sources, targets, d: int, chunk_rows: int = 0, *, float64: b
 
 
 def _refuse(what: str, need: int, budget: int) -> NJTCError:
+    """The refusal of a budget that cannot hold ``what``."""
     return NJTCError(f"`max_memory` {format_size(budget)} cannot hold the statistics of {what} "
                      f"({format_size(need)}): raise it, or fit on a device with more memory")
 
 
 def layer_groups(layers, d: int, budget: int, **sizes) -> list[list[int]]:
-    """``layers`` (in their order) in the fewest passes whose statistics (:func:`pass_bytes`, given
-    ``sizes``: ``chunk_rows``, ``float64``, ``one_jump``) fit in ``budget`` bytes, as even as they can
-    be (80 layers of width 8192 in 80 GB, the statistics alone at most 36 per pass: 27, 27, 26).
-
-    A budget that cannot hold one layer is a one-line :class:`NJTCError`.
-    """
+    """``layers`` in the fewest, most even passes whose statistics (:func:`pass_bytes` of ``sizes``) fit
+    in ``budget`` bytes; refuses a budget that cannot hold one layer."""
     layers = list(layers)
     if not layers:
         return []
@@ -182,13 +152,8 @@ def layer_groups(layers, d: int, budget: int, **sizes) -> list[list[int]]:
 
 
 def target_groups(sources, targets, d: int, budget: int, **sizes) -> list[list[int]]:
-    """The ``targets`` of an all-pairs fit (ascending) in passes whose statistics
-    (:func:`pair_pass_bytes`, given ``sizes``: ``chunk_rows``, ``float64``) fit in ``budget`` bytes,
-    each pass as many targets as fit.
-
-    A target is solved from all its pairs at once, so a pass holds whole targets; a budget
-    that cannot hold the highest target alone is a one-line :class:`NJTCError`.
-    """
+    """The ``targets`` of an all-pairs fit (ascending) in passes of whole targets whose statistics
+    (:func:`pair_pass_bytes` of ``sizes``) fit in ``budget`` bytes; refuses a target that cannot fit alone."""
     targets = sorted(targets)
     for t in targets:
         if pair_pass_bytes(sources, [t], d, **sizes) > budget:
@@ -204,8 +169,8 @@ def target_groups(sources, targets, d: int, budget: int, **sizes) -> list[list[i
 
 
 def join_layers(parts: list) -> list:
-    """The first list of :class:`~njtc_solve.maps.shortcuts.Shortcuts` (one per rank) with the maps
-    and per-layer records of the others (each over its own layers) joined in, in layer order."""
+    """The first list of :class:`~njtc_solve.maps.shortcuts.Shortcuts` (one per rank) with the maps and
+    per-layer records of the others joined in, in layer order."""
     merged = parts[0]
     for part in parts[1:]:
         for into, sc in zip(merged, part):
@@ -218,9 +183,7 @@ def join_layers(parts: list) -> list:
 
 
 def merge_fits(parts: list) -> list:
-    """One list of :class:`~njtc_solve.maps.shortcuts.Shortcuts` per rank from the fits of several
-    passes (each a list, one per rank, over its own layers): maps and records joined in layer
-    order, the passes' seconds added (rows/s and GFLOP/s then over all of them)."""
+    """The fits of several passes joined (:func:`join_layers`), their seconds added and rates over all."""
     merged = join_layers(parts)
     for i, sc in enumerate(merged):
         timing = [p[i].stats.get("accumulation", {}) for p in parts]

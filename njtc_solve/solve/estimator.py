@@ -17,11 +17,8 @@ __all__ = ["ReducedRankRegressor"]
 
 
 class ReducedRankRegressor(MultiOutputMixin, RegressorMixin, BaseEstimator):
-    """Multi-output linear regression whose coefficient matrix has rank at most ``rank``.
-
-    The exact minimiser of ``‖Y - XB - b‖² + α‖B‖²`` subject to ``rank(B) ≤ rank``, from
-    streamed sufficient statistics: ``partial_fit`` adds a batch, so data larger than memory
-    can be fitted in one pass. ``rank=None`` is ordinary least squares (or ridge).
+    """Multi-output linear regression whose coefficient matrix has rank at most ``rank``: the exact
+    minimiser of ``‖Y - XB - b‖² + α‖B‖²``, from streamed statistics (``partial_fit`` adds a batch).
 
     Parameters
     ----------
@@ -72,10 +69,8 @@ class ReducedRankRegressor(MultiOutputMixin, RegressorMixin, BaseEstimator):
         return self.partial_fit(X, y)
 
     def partial_fit(self, X, y):
-        """Add a batch of rows to the statistics and re-solve; returns ``self``.
-
-        A bad ``rank`` or ``alpha`` is refused before anything changes: the estimator is left as it was.
-        """
+        """Add a batch of rows to the statistics and re-solve; returns ``self`` (a bad ``rank`` or ``alpha``
+        is refused before anything changes)."""
         self._check_params()
         first = not hasattr(self, "_acc")
         X, y = validate_data(self, X, y, reset=first, multi_output=True, y_numeric=True,
@@ -92,8 +87,7 @@ class ReducedRankRegressor(MultiOutputMixin, RegressorMixin, BaseEstimator):
         return self
 
     def _check_params(self) -> None:
-        """Refuse a ``rank`` that is not a positive integer (or ``None``) or an ``alpha`` that is not
-        a finite non-negative number."""
+        """Refuse a bad ``rank`` or ``alpha``."""
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, Integral)
                                       or self.rank < 1):
             raise ValueError(f"rank must be a positive integer or None, got {self.rank!r}")
@@ -102,6 +96,7 @@ class ReducedRankRegressor(MultiOutputMixin, RegressorMixin, BaseEstimator):
             raise ValueError(f"alpha must be a finite non-negative number, got {self.alpha!r}")
 
     def _solve(self):
+        """Solve from the statistics so far."""
         stats = self._acc.finalize()
         m = stats.layers[0]
         if self.fit_intercept:

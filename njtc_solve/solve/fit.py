@@ -17,12 +17,10 @@ identity plus a low-rank correction; ``--weight logits`` measures the error in l
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import time
 from dataclasses import dataclass
 from numbers import Integral, Real
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -30,18 +28,19 @@ from tqdm.auto import tqdm
 
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.params import BOOLEAN, DEVICE, Check, Interval, ListOf, Options, check_spec
-from njtc_solve.core.outputs import check_not_inputs
+from njtc_solve.data.store import opened
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.solve.budget import (check_budget, default_budget, join_layers, layer_groups, merge_fits,
                                      target_groups)
-from njtc_solve.solve.solvers import gcv_alpha, gram_eigh, solve_reduced_rank, sum_squared_error, weight_root
-from njtc_solve.solve.stats import MomentAccumulator, Statistics, pass_meta
-from njtc_solve.data.store import opened
+from njtc_solve.solve.pair_statistics import accumulate_pairs, check_pair_statistics, iter_fit_targets
+from njtc_solve.solve.saved_statistics import check_fit_inputs, check_input_norm, pair_file, saved_statistics
+from njtc_solve.solve.solvers import gram_eigh, solve_ranks, sum_squared_error, weight_root
+from njtc_solve.solve.statistics_pass import store_statistics
+from njtc_solve.solve.stats import Statistics
 
 __all__ = [
     "METHODS",
     "FitSpec",
-    "accumulate_statistics",
     "check_method",
     "check_sources",
     "check_target",
@@ -68,14 +67,9 @@ def _check_alpha(alpha) -> bool:
 
 @dataclass(frozen=True)
 class FitSpec:
-    """The settings of one fit, validated once, when it is made: what to fit, not what to read.
-
-    Made by :func:`fit_shortcuts`, :func:`fit_all_targets` and :func:`fit_from_statistics` from
-    their keywords, and by the fit command from its flags before any model loads; the fit then
-    runs on it unchanged (:meth:`fit`, :meth:`fit_all_targets`). Every setting is checked here
-    (like scikit-learn's parameter constraints, checked once at ``fit``); what needs the data
-    (a rank above the width, a layer the store lacks) is checked once the data are open.
-    ``ranks`` and ``normalize`` hold their completed values (see :func:`check_method`).
+    """The settings of one fit, checked when made; what needs the data (a rank above the width, a
+    layer the store lacks) is checked once the data are open. ``ranks`` and ``normalize`` hold their
+    completed values (:func:`check_method`).
 
     Parameters
     ----------
@@ -106,12 +100,12 @@ class FitSpec:
         Accumulate with float64 GEMMs.
     max_memory : int or str, optional
         Bytes (or a size such as ``"40GB"``) the statistics of one pass may take on ``device``
-        (default: its free memory when the fit starts); more layers than fit run in several
-        passes over the rows, one per group (:mod:`njtc_solve.solve.budget`), with the same maps.
+        (default: its free memory); more layers than fit run in several passes
+        (:mod:`njtc_solve.solve.budget`), with the same maps.
     one_jump : {None, True, "pooled", "select"}
         One map shared by every source layer (:mod:`njtc_solve.solve.one_jump`): ``"pooled"``
         (``True``) solves it on the stacked rows of all layers, ``"select"`` picks the per-layer
-        map whose loss over all layers is lowest. Needs two or more source layers and one target.
+        map whose loss over all layers is lowest.
 
     Examples
     --------
@@ -156,7 +150,8 @@ class FitSpec:
     def __post_init__(self):
         method, ranks, normalize = check_method(self.method, self.ranks, self.normalize)
         check_spec(self)
-        _check_residual(normalize, self.residual)
+        if self.residual and normalize in ("layer", "rms"):
+            raise NJTCError("`residual=True` works with `normalize` none or batch")
         target = self.target_layer
         if self.weight == "logits" and target == "all":
             raise NJTCError("`weight` logits needs the last layer as the target (only it has a head); "
@@ -178,26 +173,22 @@ class FitSpec:
 
     def plan(self, *, model: str | None = None, store=None, tokens: int | None = None,
              model_dtype: str = "float32", trust_remote_code: bool = False, save_stats=None):
-        """The plan of this fit, without doing it: passes, memory, FLOPs, estimated time
-        (:func:`njtc_solve.solve.fit_plan.plan_fit`; ``print`` it)."""
+        """The plan of this fit, without doing it (:func:`njtc_solve.solve.fit_plan.plan_fit`)."""
         from njtc_solve.solve.fit_plan import plan_fit
 
         return plan_fit(self, model=model, store=store, tokens=tokens, model_dtype=model_dtype,
                         trust_remote_code=trust_remote_code, save_stats=save_stats)
 
     def memory_budget(self, comm=None) -> int:
-        """Bytes the statistics of one pass may take: ``max_memory``, else
-        :data:`~njtc_solve.solve.budget.FREE_FRACTION` of the free memory of ``device`` now (the least
-        over the processes of ``comm``, so that all split the layers alike)."""
+        """Bytes the statistics of one pass may take: ``max_memory``, else the default budget of ``device``
+        (the least over the processes of ``comm``, so that all split the layers alike)."""
         if self.max_memory is not None:
             return self.max_memory
         return default_budget(self.device) if comm is None else comm.minimum(default_budget(self.device))
 
     def passes(self, d: int, sources, *, budget: int, targets=None, save_stats=None) -> list[list[int]]:
-        """The passes of this fit over rows of width ``d`` (source layers, or with ``targets`` the
-        targets of ``target_layer="all"``, per pass) within ``budget`` bytes, and the fit's refusals
-        of them: a rank above ``d``, a budget that cannot hold one layer (or target), ``save_stats``
-        or ``one_jump`` in several passes. The fit and its plan (:meth:`plan`) both ask here."""
+        """The source layers (with ``targets``: the targets) of each pass over rows of width ``d`` within
+        ``budget`` bytes; refuses a rank above ``d``, and ``save_stats`` or ``one_jump`` in several passes."""
         self.check_width(d)
         sizes = {"chunk_rows": self.chunk_rows, "float64": self.float64}
         if targets is not None:
@@ -221,6 +212,11 @@ class FitSpec:
     def row_weight(self) -> str:
         """The row weighting of the statistics this fit needs: ``inv_sigma2`` for ``weight="logits"``."""
         return "inv_sigma2" if self.weight == "logits" else "none"
+
+    @property
+    def input_norm(self) -> str:
+        """The per-token normalisation of the statistics' source rows."""
+        return self.normalize if self.normalize in ("layer", "rms") else "none"
 
     def check_width(self, d: int | None) -> None:
         """Refuse a rank above the width ``d`` of the rows (``None``: unknown, nothing to check)."""
@@ -246,8 +242,7 @@ class FitSpec:
 
 
 def _one_jump_mode(one_jump, target, layers) -> str | None:
-    """``one_jump`` completed (``None``, ``"pooled"`` or ``"select"``), refused with ``target_layer`` all
-    or a single source layer."""
+    """``one_jump`` completed (``None``, ``"pooled"`` or ``"select"``)."""
     if one_jump not in (None, False, True, "pooled", "select"):
         raise NJTCError(f"`one_jump` must be true, pooled or select, not {one_jump!r}")
     mode = "pooled" if one_jump is True else one_jump or None
@@ -265,123 +260,9 @@ def check_one_jump_layers(layers) -> None:
         raise NJTCError(f"`one_jump` with one source layer ({layers[0]}) is the ordinary fit: drop `one_jump`")
 
 
-def _inverse_norm_scale(norm: str, eps: float, y) -> torch.Tensor:
-    """``1/σ²`` of each target row under the model's final norm (its logit-space scale)."""
-    y = torch.as_tensor(y).double()
-    var = y.var(-1, unbiased=False) if norm == "layernorm" else y.pow(2).mean(-1)
-    return 1.0 / (var + eps)
-
-
-def accumulate_statistics(store, layers: list[int], *, input_norm: str = "none", device: str = "cpu",
-                          chunk_rows: int = 4096, float64: bool = False, progress: bool = True, comm=None,
-                          row_weight: str = "none", skip_positions: int | None = None,
-                          target_layer: int | None = None) -> Statistics:
-    """Stream the training rows once and accumulate statistics of all ``layers`` against L.
-
-    Parameters
-    ----------
-    store : ActivationStore or LiveSource
-        The rows.
-    layers : list of int
-        Source layers; the target layer ``L`` is read once per chunk and shared.
-    input_norm : {"none", "layer", "rms"}
-        Per-token normalisation of the source rows (N-NJTC with LayerNorm or RMS norm).
-    device : str
-        Where the chunk GEMMs run and the statistics stay (the solve runs there too).
-    chunk_rows : int
-        Rows per chunk; memory is ``O(chunk_rows × d × layers + layers × d²)``.
-    float64 : bool
-        Do the chunk GEMMs in float64 too (slower).
-    progress : bool
-        Show a bar over the rows.
-    comm : njtc_solve.core.distributed.Communicator, optional
-        Process group for a sharded pass (each process reads its share of the chunks).
-    row_weight : {"none", "inv_sigma2"}
-        ``inv_sigma2`` weights each row by ``1/σ²`` of its target under the final norm
-        (normalised by the first training chunk's mean), so that errors count as they do
-        after the norm: the row weights of :func:`fit_shortcuts`'s ``weight="logits"``.
-    skip_positions : int, optional
-        Leave out rows at positions ``< skip_positions`` (default: the store's
-        :attr:`~njtc_solve.data.store.ActivationStore.default_skip_positions`, the first position).
-    target_layer : int, optional
-        The layer the maps predict (default: the last, ``L``); every source must be below it.
-
-    Returns
-    -------
-    Statistics
-        Also holds the pass's timing in ``meta`` (``seconds``, ``rows_per_s``, ``gflops``) and
-        the provenance that evaluation checks (``provenance``).
-    """
-    target = store.n_layers if target_layer is None else int(target_layer)
-    skip = store.default_skip_positions if skip_positions is None else int(skip_positions)
-    acc = MomentAccumulator(layers, input_norm, device, float64)
-    start = time.perf_counter()
-    failure = None
-    try:
-        _stream(store, acc, layers, target, skip=skip, chunk_rows=chunk_rows, comm=comm, row_weight=row_weight,
-                progress=progress)
-    except Exception as err:  # in a distributed run, tell the peers before failing
-        if comm is None:
-            raise
-        failure = err
-    if comm is not None:
-        _reduce(comm, acc, failure, {l: store.d_model for l in layers}, store.d_model)
-    meta = {"target_layer": target, **pass_meta(store, device=device, start=start, n_rows=acc.n_rows,
-                                                products=2 * len(layers) + 1, skip_positions=skip,
-                                                row_weight=row_weight)}
-    stats = acc.finalize(meta)
-    stats.check_finite()
-    return stats
-
-
-def _stream(store, acc: MomentAccumulator, layers, target: int, *, skip: int, chunk_rows: int, comm,
-            row_weight: str, progress: bool) -> None:
-    """This process's share of the training chunks into ``acc``, shifted by the first chunk's means."""
-    if store.count("train", skip) == 0:
-        raise NJTCError(f"{store.path} has no training rows at positions >= {skip}")
-    shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
-    reading = sorted(set(layers) | {target})
-    chunks = store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, shard=shard, skip_positions=skip)
-    if shard == (0, 1):  # the first chunk serves the shift and is accumulated too: read (or run) once
-        first_chunk = next(chunks)
-        chunks, first = itertools.chain([first_chunk], chunks), first_chunk[1]
-    else:  # every process shifts by the first training chunk's mean, as a single process would
-        _, first = next(store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, skip_positions=skip))
-    acc.shift_from_chunk({l: first[l] for l in layers}, first[target])
-    weigh = _row_weights(store, first[target]) if row_weight == "inv_sigma2" else None
-    with tqdm(total=store.count("train", skip) if comm is None else None, unit="row", unit_scale=True,
-              desc="statistics", leave=False, disable=not progress) as bar:
-        for _, chunk in chunks:
-            acc.update({l: chunk[l] for l in layers}, chunk[target], None if weigh is None else weigh(chunk[target]))
-            bar.update(len(chunk[target]))
-
-
-def _row_weights(store, first_target):
-    """``y ↦ 1/σ²(y)`` under the model's final norm, over its mean on the first training chunk
-    (the same in every process)."""
-    head = store.head()
-    norm = (head.norm, head.eps)
-    scale = float(_inverse_norm_scale(*norm, first_target).mean())
-    return lambda y: _inverse_norm_scale(*norm, y) / scale
-
-
-def _reduce(comm, acc: MomentAccumulator, failure, d_x: dict, d_y: int) -> None:
-    """Sum every process's share into ``acc`` once all agree that they succeeded."""
-    if not comm.vote(failure is None):
-        if failure is not None:
-            raise failure
-        raise NJTCError("another process failed during the statistics pass; no output written")
-    if acc.buffer is None:  # this process's share held no training rows
-        acc.allocate(d_x, d_y)
-    comm.all_reduce(acc)
-
-
 def _prepare(stats: Statistics, layer: int, normalize: str, residual: bool, fit_intercept: bool):
-    """Gram matrices of the regression actually solved, and what is needed to undo it.
-
-    Returns ``(gxx, gxt, gtt, mean_x, mean_t, norm_mean, norm_scale)`` where ``t`` is the
-    target (``y`` or ``y - x`` for residual maps) and ``x`` the normalised input.
-    """
+    """``(gxx, gxt, gtt, mean_x, mean_t, norm_mean, norm_scale)`` of the regression solved: ``x`` the
+    normalised input, ``t`` the target (``y``, or ``y - x`` for residual maps)."""
     m = stats.layers[layer]
     n = stats.n
     cxx, cxy, mean_x = m.cxx, m.cxy, m.mean_x
@@ -415,30 +296,19 @@ def fit_from_statistics(stats: Statistics, *, method: str = "nnjtc", ranks: list
     Parameters
     ----------
     stats : Statistics
-        From :func:`accumulate_statistics` (its ``input_norm`` must match ``normalize``).
-    method : {"jtc", "njtc", "nnjtc"}
-    ranks : list of int or None
-        Ranks of the narrow maps (all from one decomposition); ``None`` for JTC.
-    layers : list of int, optional
-        Source layers (default: all in ``stats``).
-    normalize : {"none", "batch", "layer", "rms"}, optional
-        Input normalisation (default ``layer`` for N-NJTC, else ``none``).
-    residual : bool
-        Fit ``y = x + norm(x) U V + b`` (reduced-rank regression on ``y - x``).
+        From :func:`~njtc_solve.solve.statistics_pass.accumulate_statistics` (its ``input_norm``
+        must match ``normalize``).
+    method, ranks, layers, normalize, residual, fit_intercept, alpha, one_jump
+        As in :class:`FitSpec` (``layers`` default: all in ``stats``).
     weight_factor : Tensor (d, m), optional
-        Measure errors as ``‖e G‖²`` (see :meth:`njtc_solve.core.head.Head.logit_weight_factor`).
-    fit_intercept : bool
-    alpha : float or "auto"
-        Ridge penalty, or ``"auto"`` for generalised cross-validation per layer.
+        Measure errors as ``‖e G‖²`` (:meth:`njtc_solve.core.head.Head.logit_weight_factor`).
     progress : bool
         Show a bar over the layers' solves.
-    one_jump : {None, True, "pooled", "select"}
-        One map for every layer (see :class:`FitSpec`).
     """
     spec = FitSpec(method=method, ranks=ranks, layers=layers, normalize=normalize, residual=residual,
                    fit_intercept=fit_intercept, alpha=alpha, one_jump=one_jump)
     spec.check_width(stats.meta.get("d_model"))
-    _check_input_norm(stats.input_norm, spec.normalize)
+    check_input_norm(stats.input_norm, spec.normalize)
     stats.check_finite()
     if spec.one_jump:
         return _fit_one_jump(stats, spec, layers=sorted(stats.layers) if layers is None else list(spec.layers),
@@ -448,16 +318,11 @@ def fit_from_statistics(stats: Statistics, *, method: str = "nnjtc", ranks: list
 
 def _fit_statistics(stats: Statistics, spec: FitSpec, *, layers, weight_factor, progress=False,
                     decompositions: dict | None = None) -> list[Shortcuts]:
-    """:func:`fit_from_statistics` on statistics already checked against ``spec`` (their width,
-    input normalisation and finiteness); ``decompositions`` (a dict, filled as the layers are
-    solved) keeps each source layer's :func:`~njtc_solve.solve.solvers.gram_eigh` for later calls
-    that solve the same source's inputs again (another target of the same pass, same settings)."""
+    """:func:`fit_from_statistics` on statistics checked against ``spec``; ``decompositions`` keeps each
+    source layer's :func:`~njtc_solve.solve.solvers.gram_eigh` for another target of the same pass."""
     layers = sorted(stats.layers) if layers is None else layers
-    # once, for every layer, where the statistics are
     weight = None if weight_factor is None else weight_root(weight_factor.to(stats.cyy.device))
-    missing = [l for l in layers if l not in stats.layers]
-    if missing:
-        raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
+    _check_has_layers(stats, layers)
     outputs = {r: {} for r in spec.ranks}
     records = {r: {} for r in spec.ranks}
     for layer in tqdm(layers, desc="solve", unit="layer", leave=False, disable=not progress):
@@ -471,19 +336,11 @@ def _fit_statistics(stats: Statistics, spec: FitSpec, *, layers, weight_factor, 
             for r in spec.ranks]
 
 
-def _check_input_norm(input_norm: str, normalize: str) -> None:
-    """Statistics of ``input_norm`` inputs can serve a fit with ``normalize``."""
-    if normalize in ("layer", "rms") and input_norm != normalize:
-        raise NJTCError(f"`normalize` {normalize} needs statistics of {normalize}-normalised inputs "
-                        f"(these are of {input_norm!r})")
-    if normalize in ("none", "batch") and input_norm != "none":
-        raise NJTCError(f"`normalize` {normalize} needs statistics of raw inputs (these are {input_norm!r})")
-
-
-def _check_residual(normalize: str, residual: bool) -> None:
-    """Residual maps are fitted on raw or batch-normalised inputs only."""
-    if residual and normalize in ("layer", "rms"):
-        raise NJTCError("`residual=True` works with `normalize` none or batch")
+def _check_has_layers(stats: Statistics, layers) -> None:
+    """Refuse a source layer the statistics lack."""
+    missing = [l for l in layers if l not in stats.layers]
+    if missing:
+        raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
 
 
 def _solve_layer(stats: Statistics, layer: int, *, ranks, normalize, residual, weight, fit_intercept, alpha,
@@ -493,20 +350,14 @@ def _solve_layer(stats: Statistics, layer: int, *, ranks, normalize, residual, w
     gxx, gxt, gtt, mean_x, mean_t, norm_mean, norm_scale = _prepare(stats, layer, normalize, residual, fit_intercept)
     if layer not in decompositions:
         decompositions[layer] = gram_eigh(gxx)
-    eigh = decompositions[layer]
-    layer_alpha = (gcv_alpha(gxx, gxt, gtt, stats.n_rows, fit_intercept=fit_intercept, eigh=eigh)[0]
-                   if alpha == "auto" else float(alpha))
-    solution = solve_reduced_rank(gxx, gxt, layer_alpha, weight=weight, eigh=eigh)
+    layer_alpha, solved = solve_ranks(gxx, gxt, gtt, mean_x, mean_t, ranks=ranks, alpha=alpha, n_rows=stats.n_rows,
+                                      fit_intercept=fit_intercept, weight=weight, eigh=decompositions[layer])
     solve_s = time.perf_counter() - start
     d = stats.cyy.shape[0]
     total_var = float(torch.trace(stats.cyy))
     f32 = lambda t: None if t is None else t.to(torch.float32)
-    solved = {}
-    for rank in ranks:
-        u, v = solution.factors(rank)
-        coef = u if v is None else u @ v
+    for rank, (coef, bias, u, v) in solved.items():
         sse = max(sum_squared_error(coef, gxx, gxt, gtt), 0.0)
-        bias = (mean_t - mean_x @ coef) if fit_intercept else None
         shortcut_map = ShortcutMap(
             weight=f32(u) if v is None else None, U=None if v is None else f32(u), V=f32(v),
             bias=f32(bias), norm_mean=f32(norm_mean), norm_scale=f32(norm_scale),
@@ -537,9 +388,8 @@ def _shortcuts(stats: Statistics, spec: FitSpec, *, rank, maps, records, weight)
 def check_method(method: str, ranks, normalize: str | None, d: int | None = None) -> tuple[str, list, str]:
     """Refuse a method, rank list or normalization that cannot be fitted; return them completed.
 
-    ``ranks`` defaults to ``[32]`` for the narrow methods and is ``[None]`` (full) for ``jtc``;
-    ``normalize`` defaults to ``"layer"`` for ``nnjtc``. With ``d`` (the width) each rank is
-    checked to lie in ``1..d``. Runs before any row is read.
+    ``ranks`` defaults to ``[32]`` (``[None]``, full, for ``jtc``), ``normalize`` to ``"layer"`` for
+    ``nnjtc``; with the width ``d`` each rank must lie in ``1..d``.
 
     Examples
     --------
@@ -579,22 +429,12 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
                   one_jump: bool | str | None = None) -> list[Shortcuts]:
     """Fit shortcuts of ``method`` in closed form; one :class:`Shortcuts` per rank.
 
-    The rows come from ``store``: an activation store (its path or reader) or a live
-    model's forward pass (:class:`njtc_solve.data.live.LiveSource`), read once; or from
-    nowhere at all when ``statistics`` (saved by an earlier fit with ``save_stats``, which
-    also keeps the model's head and provenance) is given. The solve runs on ``device`` in
-    float64. See :func:`accumulate_statistics` for the pass and :func:`fit_from_statistics`
-    for the parameters of the solve; ``weight`` is ``"none"`` or ``"logits"`` (errors
-    measured in logit space, through the model's head). Under a distributed run (``comm``)
-    each process reads its share of the rows and solves its share of the layers, and rank 0
-    returns them all (the other processes return an empty list). ``target_layer`` (default:
-    the last layer) is the layer the maps predict; every source layer must be below it (see
-    :func:`fit_all_targets` for every target at once). ``max_memory`` (bytes, or a size such as
-    ``"40GB"``; default: the free memory of ``device``) bounds the statistics of one pass: more
-    source layers than fit run in several passes over the rows, with the same maps (see
-    :mod:`njtc_solve.solve.budget`); a budget that holds no layer is refused before the pass.
-    ``one_jump`` (``True``, ``"pooled"`` or ``"select"``) fits one map shared by every source layer
-    instead (:mod:`njtc_solve.solve.one_jump`); it solves from every layer's statistics at once, in one pass.
+    The rows come from ``store`` (an activation store, its path, or a live model's
+    :class:`~njtc_solve.data.live.LiveSource`), read once, or from none when ``statistics`` (saved by
+    an earlier fit's ``save_stats``, with the model's head and provenance) is given. The settings are
+    :class:`FitSpec`'s; the pass is :func:`~njtc_solve.solve.statistics_pass.accumulate_statistics`.
+    Under a distributed run (``comm``) each process reads its share of the rows and solves its share
+    of the layers; rank 0 returns them all, the others an empty list.
 
     Examples
     --------
@@ -617,11 +457,11 @@ def fit_shortcuts(store=None, *, method: str = "nnjtc", ranks: list[int] | None 
 def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, comm) -> list[Shortcuts]:
     """:meth:`FitSpec.fit`: the checks that need the data, the pass (or the saved statistics), the solve."""
     with opened(store) as store:
-        _check_fit_inputs(store, statistics=statistics, save_stats=save_stats)
+        check_fit_inputs(store, statistics=statistics, save_stats=save_stats)
         layers = None if spec.layers is None else list(spec.layers)
         stats = None
         if store is None:
-            stats, head = _saved_statistics(statistics, spec, spec.target_layer)
+            stats, head = saved_statistics(statistics, spec, spec.target_layer)
             d_model = int(stats.meta.get("d_model", stats.cyy.shape[0]))
             target = int(stats.meta.get("target_layer", -1))
             layers = sorted(stats.layers) if layers is None else check_sources(layers, target)
@@ -656,7 +496,7 @@ def _fit_shortcuts(spec: FitSpec, store, *, statistics, save_stats, progress, co
 
         fits = []
         for group in passes:  # one pass over the rows per group; its statistics are freed once solved
-            group_stats = stats if store is None else _store_statistics(
+            group_stats = stats if store is None else store_statistics(
                 store, group, target, spec, statistics=statistics, progress=progress, comm=comm)
             group_stats.meta["d_model"] = d_model
             if comm is None:
@@ -675,9 +515,7 @@ def _fit_one_jump(stats: Statistics, spec: FitSpec, *, layers, weight_factor) ->
     from njtc_solve.solve.one_jump import LayerProblem, solve_one_jump
 
     check_one_jump_layers(layers)
-    missing = [l for l in layers if l not in stats.layers]
-    if missing:
-        raise NJTCError(f"the statistics have no layer {missing[0]} (they have {sorted(stats.layers)})")
+    _check_has_layers(stats, layers)
     problems = {}
     for l in layers:  # centred moments of each layer's own regression (its normalisation, its target)
         cxx, cxt, ctt, mean_x, mean_t, norm_mean, norm_scale = _prepare(stats, l, spec.normalize, spec.residual, True)
@@ -697,38 +535,10 @@ def _fit_one_jump(stats: Statistics, spec: FitSpec, *, layers, weight_factor) ->
     return fits
 
 
-def _check_fit_inputs(store, *, statistics, save_stats) -> None:
-    """Refuse a ``save_stats`` that is an input, or nothing to fit from."""
-    if save_stats is not None:  # the library's callers are held to what the command checks
-        check_not_inputs([("`save_stats`", save_stats)], [("`statistics`", statistics if isinstance(
-            statistics, (str, Path)) else None), ("`store`", getattr(store, "path", None))])
-    if store is None and statistics is None:
-        raise NJTCError("nothing to fit from: give a store, a model or saved statistics")
-
-
-def _input_norm(spec: FitSpec) -> str:
-    """The per-token normalisation the statistics' source rows get for ``spec``'s fit."""
-    return spec.normalize if spec.normalize in ("layer", "rms") else "none"
-
-
-def _store_statistics(store, layers, target: int, spec: FitSpec, *, statistics, progress, comm) -> Statistics:
-    """The statistics of a fit that has rows: one pass over them, or saved ``statistics`` of the same model."""
-    if statistics is None:
-        return accumulate_statistics(store, layers, input_norm=_input_norm(spec), device=spec.device,
-                                     chunk_rows=spec.chunk_rows, float64=spec.float64, progress=progress, comm=comm,
-                                     row_weight=spec.row_weight, skip_positions=spec.skip_positions,
-                                     target_layer=target)
-    stats, _ = _saved_statistics(statistics, spec, target)
-    if stats.meta.get("model_sha256") != store.model_sha256:
-        raise NJTCError("the statistics were accumulated from another model's store (model_sha256 differs)")
-    return stats
-
-
 def _for_head(fits: list[Shortcuts], head) -> list[Shortcuts]:
     """Record on each fit the head its maps are for (the lens and evaluation refuse another)."""
-    for sc in fits:
-        if head is not None:
-            sc.head_description, sc.head_sha256 = head.describe(), head.fingerprint()
+    for sc in fits if head is not None else ():
+        sc.head_description, sc.head_sha256 = head.describe(), head.fingerprint()
     return fits
 
 
@@ -737,33 +547,28 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks: list[int] | Non
                     fit_intercept: bool = True, alpha: float | str = 0.0, device: str = "cpu", statistics=None,
                     save_stats=None, chunk_rows: int = 4096, float64: bool = False, progress: bool = True,
                     skip_positions: int | None = None, check_outputs=None, max_memory: int | str | None = None):
-    """Fit maps from every source layer to every later layer from ONE pass; solved target by target.
+    """Fit maps from every source layer to every later layer from one pass, solved target by target.
 
-    The pass (:func:`njtc_solve.solve.pair_statistics.accumulate_pairs`) keeps ``C_xx`` per source, ``C_yy``
-    per target and one ``C_xy`` per pair (memory: :func:`njtc_solve.solve.pair_statistics.pair_memory_bytes`,
-    1.39 GB for SmolLM2-135M's 465 pairs), then the solves stream: each target is solved,
-    yielded and its cross moments freed. Each source layer's input Gram matrix is decomposed
-    once and reused by every target above it (``(d + 1)·d`` more float64 values per source,
-    kept until the last target is solved). Validation and the pass run when this is called;
-    the solves run as the returned iterator is consumed.
+    The pass (:func:`~njtc_solve.solve.pair_statistics.accumulate_pairs`) keeps ``C_xx`` per source,
+    ``C_yy`` per target and one ``C_xy`` per pair; each source's input Gram is decomposed once for
+    every target above it. The checks and the first pass run when this is called; each target is
+    solved, yielded and its cross moments freed as the returned iterator is consumed.
 
     Parameters
     ----------
     store : ActivationStore, LiveSource, path or None
         The rows; ``None`` with ``statistics``, an all-pairs statistics file (``save_stats`` of
-        an earlier call), to solve without reading a row.
+        an earlier call).
     layers : list of int, optional
-        Source layers (default: every stored layer but the last). Targets are every stored
+        Source layers (default: every stored layer but the last); the targets are every stored
         layer above the lowest source.
     method, ranks, normalize, residual, fit_intercept, alpha, device, chunk_rows, float64, progress, skip_positions
-        As in :func:`fit_shortcuts`. The logit-space weight is refused: only the last layer has a head.
+        As in :func:`fit_shortcuts`.
     check_outputs : callable, optional
-        Called with the list of target layers once they are known, before the pass and before
-        ``save_stats`` is written (the command checks its output files there).
+        Called with the target layers before the pass and before ``save_stats`` is written.
     max_memory : int or str, optional
         Bytes the statistics of one pass may take (default: the free memory of ``device``): the
-        targets go in groups (:func:`njtc_solve.solve.budget.target_groups`), one pass each, the
-        first when this is called, the others as the iterator reaches them; the maps are those of one pass.
+        targets go in groups (:func:`~njtc_solve.solve.budget.target_groups`), one pass each.
 
     Returns
     -------
@@ -785,12 +590,10 @@ def fit_all_targets(store=None, *, method: str = "nnjtc", ranks: list[int] | Non
 
 def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, check_outputs):
     """:meth:`FitSpec.fit_all_targets`: the checks that need the data and the pass, now; the solves, lazily."""
-    from njtc_solve.solve.pair_statistics import accumulate_pairs, check_pair_statistics, iter_fit_targets
-
     layers, given = (None if spec.layers is None else list(spec.layers)), store
     with opened(store) as store:
         if store is None:
-            held, sources, d_model, head, saved_norm = _pair_file(statistics, layers, spec.skip_positions)
+            held, sources, d_model, head, saved_norm = pair_file(statistics, layers, spec.skip_positions)
         else:
             d_model, head = store.d_model, store.head()
             held = list(getattr(store, "layers", range(store.n_layers + 1)))
@@ -801,7 +604,7 @@ def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, 
             raise NJTCError("no source layer to fit")
         targets = sorted(t for t in held if t > min(sources))
         if store is None:  # every tensor the solves will read, before the first file is written
-            _check_input_norm(saved_norm, spec.normalize)
+            check_input_norm(saved_norm, spec.normalize)
             check_pair_statistics(statistics, targets)
         passes = [targets] if store is None else spec.passes(d_model, sources, targets=targets,
                                                               budget=spec.memory_budget(), save_stats=save_stats)
@@ -810,7 +613,7 @@ def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, 
 
         def accumulate(rows, group):
             return accumulate_pairs(rows, sources=[l for l in sources if l < max(group)], targets=group,
-                                    input_norm=_input_norm(spec), device=spec.device, chunk_rows=spec.chunk_rows,
+                                    input_norm=spec.input_norm, device=spec.device, chunk_rows=spec.chunk_rows,
                                     float64=spec.float64, progress=progress, skip_positions=spec.skip_positions)
 
         # each pass's statistics, held here only until its solves take them (the budget holds one pass)
@@ -840,29 +643,6 @@ def _fit_all_targets(spec: FitSpec, store, *, statistics, save_stats, progress, 
     return solved()
 
 
-def _pair_file(statistics, layers, skip_positions):
-    """``(held targets, sources, d_model, head, input_norm)`` of an all-pairs statistics file,
-    checked against the fit asked for (its metadata only; the tensors are checked later)."""
-    from njtc_solve.solve.pair_statistics import _header, load_head, statistics_targets
-
-    if statistics is None:
-        raise NJTCError("nothing to fit from: give a store, a model or saved statistics")
-    held = statistics_targets(statistics)
-    info, meta = _header(statistics)
-    if info.get("kind") != "pairs":
-        raise NJTCError(f"{statistics} holds target layer {held[0]} only; target layer all needs statistics "
-                        "saved by a fit of every target")
-    stored_skip = meta.get("provenance", {}).get("skip_positions", skip_positions)
-    if skip_positions is not None and stored_skip != skip_positions:
-        raise NJTCError(f"the statistics leave out positions < {stored_skip}, not < {skip_positions}")
-    stored = meta["sources"]
-    sources = stored if layers is None else [int(l) for l in layers]
-    absent = [l for l in sources if l not in stored]
-    if absent:
-        raise NJTCError(f"the statistics have no source layer {absent[0]} (they have {stored})")
-    return held, sources, meta["d_model"], load_head(statistics), info["input_norm"]
-
-
 def check_target(target_layer: int | None, n_layers: int) -> int:
     """The target layer asked for (``None``: the last, ``n_layers``), refused when out of range."""
     if target_layer is None:
@@ -884,35 +664,6 @@ def check_sources(layers: list[int], target: int) -> list[int]:
     return layers
 
 
-def _saved_statistics(statistics, spec: FitSpec, target_layer=None):
-    """Statistics (and the head saved with them, else ``None``) checked against the fit ``spec``
-    asks for: target layer, row weights, skipped positions, input normalisation, finite values."""
-    from njtc_solve.solve.pair_statistics import load_head, load_target_statistics, statistics_targets
-
-    if isinstance(statistics, Statistics):
-        stats, head = statistics, None
-        held = int(stats.meta.get("target_layer", -1))
-        if target_layer is not None and int(target_layer) != held:
-            raise NJTCError(f"the statistics hold target layer {held}, not {target_layer}")
-    else:
-        held = statistics_targets(statistics)
-        target = max(held) if target_layer is None else int(target_layer)
-        stats, head = load_target_statistics(statistics, target), load_head(statistics)
-        if head is not None and head.d_model != stats.cyy.shape[0]:
-            raise NJTCError(f"{statistics} is not a valid statistics file: head.unembed has width {head.d_model}, "
-                            f"expected the statistics' {stats.cyy.shape[0]}")
-    stats, row_weight, skip_positions = stats.to(spec.device), spec.row_weight, spec.skip_positions
-    if stats.meta.get("row_weight", "none") != row_weight:
-        raise NJTCError(f"`weight` {'logits' if row_weight != 'none' else 'none'} needs statistics with row "
-                        f"weights {row_weight!r} (these have {stats.meta.get('row_weight', 'none')!r})")
-    stored_skip = stats.meta.get("provenance", {}).get("skip_positions")
-    if skip_positions is not None and stored_skip is not None and skip_positions != stored_skip:
-        raise NJTCError(f"the statistics leave out positions < {stored_skip}, not < {skip_positions}")
-    _check_input_norm(stats.input_norm, spec.normalize)
-    stats.check_finite()  # a Statistics object from the caller, or a file's row count (its loader checked its values)
-    return stats, head
-
-
 def _solve_shared(comm, solve, layers) -> list[Shortcuts]:
     """Each process solves every ``world_size``-th layer; rank 0 gathers and merges the maps."""
     share, failure = [], None
@@ -927,13 +678,8 @@ def _solve_shared(comm, solve, layers) -> list[Shortcuts]:
 
 
 def row_norm_warning(sc: Shortcuts) -> str | None:
-    """A one-line warning when the fit's training rows hold target states far above the rest.
-
-    Reads ``stats["target_row_norms"]`` (the largest and median row norm of the target layer
-    in the training rows, see :func:`njtc_solve.solve.stats.row_norm_summary`). A few such rows, an
-    attention sink the plan did not skip, can dominate a least-squares fit: in SmolLM2-135M two
-    rows of 6,096 turned a held-out R² of 0.92 into −9.4.
-    """
+    """A one-line warning when the fit's training rows hold target states far above the rest (an
+    attention sink the plan did not skip), from ``stats["target_row_norms"]``."""
     norms = sc.stats.get("target_row_norms") or {}
     ratio = norms.get("max_over_median")
     if not isinstance(ratio, (int, float)) or not ratio > norms.get("ratio", 20.0):

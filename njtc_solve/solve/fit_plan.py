@@ -1,13 +1,8 @@
 """A fit's plan before the long work: passes, memory, FLOPs and an estimated time, from a config alone.
 
-:func:`plan_fit` (and :meth:`njtc_solve.solve.fit.FitSpec.plan`) reads the model's configuration
-(a folder holding ``config.json`` serves: no weight is read, no corpus is run) or a store's
-metadata, splits the source layers into passes under the memory budget exactly as the fit will
-(:mod:`njtc_solve.solve.budget`), counts the statistics' FLOPs, and turns them into a time
-with rates measured now on the fit's device: a float32 GEMM of the statistics' shape, and one
-layer's solve at a small width, scaled by ``d³``. The forward pass of a live fit is counted as
-``2 × parameters`` FLOPs per token per pass at the same GEMM rate. Reading a store, tokenizing,
-loading and hashing the weights are not counted.
+:func:`plan_fit` reads the model's configuration or a store's metadata, splits the source layers
+into passes as the fit will (:meth:`~njtc_solve.solve.fit.FitSpec.passes`), counts the FLOPs and
+turns them into a time with rates measured now on the fit's device (:func:`measured_rates`).
 
 Examples
 --------
@@ -48,41 +43,23 @@ class FitPlan:
 
     Attributes
     ----------
-    source : str
-        The model or store planned for.
-    method : str
     target : int or "all"
-        The target layer (``"all"``: every layer above a source, passes of target layers).
-    d_model, n_layers : int
-    layers : tuple of int
-        Source layers.
     passes : tuple of tuple of int
         Per pass over the rows, its source layers (its target layers for ``target="all"``).
-    budget_bytes : int
-        Bytes a pass's statistics may take, and ``budget_from``, where that number comes from.
-    pass_bytes : int
-        Peak bytes of the statistics of the largest pass.
-    accumulator_bytes : int
-        Bytes of every source layer's float64 accumulator at once (the one-pass figure).
+    budget_bytes, budget_from : int, str
+        Bytes a pass's statistics may take, and where that number comes from.
+    pass_bytes, accumulator_bytes : int
+        Peak bytes of the largest pass; of every source layer's accumulator at once.
     n_params, weights_bytes : int or None
-        The model's parameters and their bytes in the fit's parameter type (``None`` for a store).
-    live : bool
-        The rows come from the model's forward pass (one per pass), not a store.
+        The model's parameters and their bytes (``None`` for a store).
     tokens : int or None
         Training rows the pass reads (``None``: unknown; the times are then per million tokens).
     statistics_flops, forward_flops : float
-        FLOPs per token over all passes (GEMMs of the statistics; the model's forward passes).
-    gemm_flops_per_s : float
-        The float32 GEMM rate measured on ``device`` now (the forward pass's rate in the estimate).
-    statistics_flops_per_s : float
-        The statistics' own rate measured now: one layer's accumulation step
-        (:meth:`~njtc_solve.solve.stats.MomentAccumulator.update`, its float64 adds and input
-        normalisation included) at width ``min(d, 1024)``.
+        FLOPs per token over all passes.
+    gemm_flops_per_s, statistics_flops_per_s : float
+        The float32 GEMM and statistics rates measured now (:func:`measured_rates`).
     solve_s : float
-        The solves' time (per source layer and target), extrapolated by ``d³`` from a measured one.
-    device : str
-    accumulation : str
-        The type of the statistics' GEMMs (``float64`` with the fit's ``float64``).
+        The solves' time, extrapolated by ``d³`` from a measured one.
     """
 
     source: str
@@ -115,7 +92,8 @@ class FitPlan:
     def pass_seconds(self) -> float:
         """Estimated seconds of the passes over ``tokens`` rows (a million where unknown)."""
         tokens = self.tokens if self.tokens is not None else 1_000_000
-        return tokens * (self.statistics_flops / self.statistics_flops_per_s + self.forward_flops / self.gemm_flops_per_s)
+        return tokens * (self.statistics_flops / self.statistics_flops_per_s
+                         + self.forward_flops / self.gemm_flops_per_s)
 
     @property
     def seconds(self) -> float:
@@ -145,8 +123,9 @@ class FitPlan:
             f"  statistics: {format_size(self.pass_bytes)} at the peak of the largest pass (float64 accumulators, "
             f"their centred copy and one chunk of rows, {self.accumulation} GEMMs); "
             f"{format_size(self.accumulator_bytes)} of accumulators for every layer at once",
-            f"  FLOPs per token: statistics {self.statistics_flops:.3g}"
-            + (f", forward {self.forward_flops:.3g} (2 x parameters x {len(self.passes)} pass{'es' if len(self.passes) > 1 else ''})" if self.live else ""),
+            f"  FLOPs per token: statistics {self.statistics_flops:.3g}" + (
+                f", forward {self.forward_flops:.3g} (2 x parameters x {len(self.passes)} "
+                f"pass{'es' if len(self.passes) > 1 else ''})" if self.live else ""),
             f"  estimated time ({tokens}): {_duration(self.seconds)} = passes {_duration(self.pass_seconds)} + "
             f"solves {_duration(self.solve_s)}",
             f"    measured on {self.device} now at width {self.rate_width}: statistics "
@@ -168,6 +147,7 @@ def _ranges(layers) -> str:
 
 
 def _duration(seconds: float) -> str:
+    """``seconds`` in s, min or h."""
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
     if seconds >= 60:
@@ -178,16 +158,9 @@ def _duration(seconds: float) -> str:
 @functools.cache
 def measured_rates(device: str = "cpu", d: int = 1024, solve_d: int = 512,
                    input_norm: str = "layer", float64: bool = False) -> tuple[float, float, float]:
-    """``(float32 GEMM FLOP/s, statistics FLOP/s, seconds of one layer's solve at width solve_d)``
-    measured now on ``device``.
-
-    The GEMM is the statistics' own shape: ``Xᵀ[X | Y]`` of :data:`~njtc_solve.solve.stats.GEMM_ROWS`
-    rows of width ``d``, at ``"highest"`` float32 precision, repeated for about 0.3 s. The statistics'
-    rate is :meth:`~njtc_solve.solve.stats.MomentAccumulator.update` of one source layer over
-    ``GEMM_ROWS`` rows (``3·2·rows·d²`` FLOPs: ``Xᵀ[X | Y]`` and ``YᵀY``), best of three. The solve is
-    :func:`~njtc_solve.solve.solvers.gram_eigh` and :func:`~njtc_solve.solve.solvers.solve_reduced_rank`
-    on random float64 statistics. Measured once per process and device.
-    """
+    """``(float32 GEMM FLOP/s, statistics FLOP/s, seconds of one layer's solve at width solve_d)`` measured
+    once per process on ``device``: a GEMM ``Xᵀ[X | Y]`` of width ``d``, one layer's
+    :meth:`~njtc_solve.solve.stats.MomentAccumulator.update`, and a solve on random statistics."""
     device = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     x = torch.randn(GEMM_ROWS, 2 * d, device=device)
@@ -222,30 +195,23 @@ def measured_rates(device: str = "cpu", d: int = 1024, solve_d: int = 512,
 
 def plan_fit(spec, *, model: str | None = None, store=None, tokens: int | None = None,
              model_dtype: str = "float32", trust_remote_code: bool = False, save_stats=None) -> FitPlan:
-    """The plan of the fit ``spec`` (a :class:`~njtc_solve.solve.fit.FitSpec`) without doing it.
+    """The plan of the fit ``spec`` (a :class:`~njtc_solve.solve.fit.FitSpec`) without doing it; refuses
+    what the fit would refuse once it knows the width and the budget.
 
     Parameters
     ----------
     spec : FitSpec
-        The fit's settings (its ``layers``, ``target_layer``, ``max_memory`` and ``device``).
     model : str, optional
-        A live fit's model (``None`` with no ``store``: the default model): only its
-        configuration is read (:func:`~njtc_solve.core.models.model_shape`).
+        A live fit's model (``None`` with no ``store``: the default model); only its configuration is read.
     store : str, path or row source, optional
         A store fit: its width, layers and training rows from its metadata.
     tokens : int, optional
-        Training rows of a live fit (default: unknown; the plan's times are per million tokens).
+        Training rows of a live fit (default: unknown; the times are then per million tokens).
     model_dtype : str
-        The parameter type the model loads in (its weights' bytes).
+        The parameter type the model loads in.
     trust_remote_code : bool
-        As for loading the model.
     save_stats : str or path, optional
-        The fit's ``save_stats`` (refused, as by the fit, when the fit needs several passes).
-
-    What the fit refuses once it knows the width and the budget (a rank above the width, a budget
-    that cannot hold one layer or one target of ``target_layer="all"``, ``save_stats`` or
-    ``one_jump`` in several passes) the plan refuses alike: both ask
-    :meth:`~njtc_solve.solve.fit.FitSpec.passes`.
+        The fit's ``save_stats``.
     """
     if model is not None and store is not None:
         raise NJTCError("plan a fit of a model or of a store, not both")

@@ -1,27 +1,10 @@
-"""One jump for every exit: one shared map for all source layers, in closed form (OJFA).
+"""One jump for every exit: one map shared by all source layers, in closed form (OJFA, arXiv 2504.13984).
 
-"One Jump Fits All" (Seshadri, arXiv 2504.13984) uses a single narrow normalised map for
-every exit layer instead of one per layer. The function class is ``y ≈ x̃_l W + b`` (plus
-``x_l`` for residual maps) with ``W`` (rank r) and ``b`` shared by all source layers ``l``;
-only the input normalisation is the layer's own (``batch``: ``x̃_l = (x_l - μ_l) / σ_l``
-with layer l's training mean and standard deviation). Its least-squares optimum over the
-stacked rows of every layer is a solve on pooled moments, computed here from the per-layer
-statistics of one pass (:class:`~njtc_solve.solve.stats.Statistics`; the fit,
-:func:`njtc_solve.solve.fit.fit_shortcuts` with ``one_jump``, hands each layer's moments here),
-every rank from one decomposition:
-
-* per layer, the centred moments of the regression actually solved (normalised input
-  ``x̃_l``, target ``t_l = y`` or ``y - x_l``), with means ``m_l`` and ``m_t,l``;
-* pooled over the ``L`` layers (``n`` rows each), centred on the pooled means
-  ``m̄ = mean_l m_l``: ``S_xx = Σ_l C_xx,l + n Σ_l (m_l - m̄)(m_l - m̄)ᵀ`` and likewise
-  ``S_xt``, ``S_tt`` (the between-layer scatter; zero for ``batch`` inputs, whose ``m_l = 0``);
-  without an intercept, the uncentred ``S + L n m̄ m̄ᵀ``;
-* then the usual (reduced-rank) solve, ``b = m̄_t - m̄ W``.
-
-The loss of any map ``(W, b)`` on layer ``l`` is also a function of the moments,
-``tr C_tt - 2 tr WᵀC_xt + tr WᵀC_xx W + n ‖m_t - m W - b‖²``, so the choice of the best single
-per-layer map for every exit (``one_jump="select"``, OJFA's own recipe made exact) is an
-``L × L`` table with no second pass over the rows.
+The map ``y ≈ x̃_l W + b`` (plus ``x_l`` for residual maps) has ``W`` and ``b`` shared by every
+source layer ``l``; only the input normalisation is the layer's own. ``pooled`` solves it on the
+moments of every layer's rows stacked (each layer's centred moments plus the between-layer
+scatter of its means); ``select`` picks the per-layer map whose loss over all layers, a function
+of the moments (:func:`map_loss`), is lowest.
 
 Examples
 --------
@@ -41,18 +24,15 @@ import numpy as np
 import torch
 
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.solve.solvers import gcv_alpha, gram_eigh, solve_reduced_rank, weight_root
+from njtc_solve.solve.solvers import solve_ranks, weight_root
 
 __all__ = ["LayerProblem", "map_loss", "pooled_problem", "select_table", "solve_one_jump"]
 
 
 @dataclass
 class LayerProblem:
-    """Centred float64 moments of one regression ``t ≈ x̃ W + b`` over ``n`` rows (or a pool of them).
-
-    ``cxx``, ``cxt``, ``ctt`` are centred on the means ``mean_x``, ``mean_t``; ``norm_mean``,
-    ``norm_scale`` are the batch standardisation of the layer (``None`` otherwise).
-    """
+    """Centred float64 moments of one regression ``t ≈ x̃ W + b`` over ``n`` rows; ``norm_mean``,
+    ``norm_scale``: the layer's batch standardisation (``None`` otherwise)."""
 
     cxx: torch.Tensor
     cxt: torch.Tensor
@@ -71,11 +51,7 @@ class LayerProblem:
 
 
 def pooled_problem(problems: list[LayerProblem]) -> LayerProblem:
-    """The moments of the rows of every problem stacked, centred on the pooled means.
-
-    Each problem's centred moments plus the between-problem scatter of its means about the
-    pooled (row-weighted) means: Chan et al.'s combination of groups.
-    """
+    """The moments of the rows of every problem stacked, centred on the pooled means (Chan et al.)."""
     n = sum(p.n for p in problems)
     mean_x = sum(p.n * p.mean_x for p in problems) / n
     mean_t = sum(p.n * p.mean_t for p in problems) / n
@@ -90,12 +66,9 @@ def pooled_problem(problems: list[LayerProblem]) -> LayerProblem:
 
 def map_loss(p: LayerProblem, coef: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None = None,
              factors: tuple | None = None) -> float:
-    """``Σ_rows ‖(t - x̃ W - b) G‖²`` of the map ``(coef, bias)`` on the rows of ``p``, from its moments.
-
-    ``tr Γ(C_tt - 2 WᵀC_xt + WᵀC_xx W) + n eΓeᵀ`` with ``e = m_t - m_x W - b`` and ``Γ = G Gᵀ``
-    (``gamma``; the identity when ``None``). ``factors``, optional: ``(U, V)`` with ``W = U V``,
-    so that the cost is ``O(d² r)``, not ``O(d³)`` (the select table evaluates ``L²`` maps).
-    """
+    """``Σ_rows ‖(t - x̃ W - b) G‖²`` of the map ``(coef, bias)`` on the rows of ``p``, from its moments:
+    ``tr Γ(C_tt - 2 WᵀC_xt + WᵀC_xx W) + n eΓeᵀ``, ``e = m_t - m_x W - b``, ``Γ = G Gᵀ`` (``gamma``,
+    default the identity). ``factors``: ``(U, V)`` with ``W = U V``, for an ``O(d² r)`` cost."""
     coef = coef.to(p.cxx)
     gamma = torch.eye(p.ctt.shape[0], dtype=p.cxx.dtype, device=p.cxx.device) if gamma is None else gamma
     e = p.mean_t - p.mean_x @ coef - (0 if bias is None else bias.to(p.cxx))
@@ -117,10 +90,8 @@ def solve_one_jump(problems: dict[int, LayerProblem], *, mode: str, ranks, fit_i
     problems : dict of int to LayerProblem
         Each source layer's centred moments (two or more layers).
     mode : {"pooled", "select"}
-        ``pooled``: the least squares over the stacked rows of every layer; ``select``: the map
-        of ``per_layer`` whose loss summed over every layer is lowest (:func:`select_table`).
     ranks, fit_intercept, alpha, normalize, residual
-        As in :func:`~njtc_solve.solve.fit.fit_shortcuts` (``alpha`` ``"auto"``: GCV on the pooled rows).
+        As in :class:`~njtc_solve.solve.fit.FitSpec` (``alpha`` ``"auto"``: GCV on the pooled rows).
     n_rows : int
         Rows per layer (GCV's count).
     total_var : float
@@ -133,10 +104,9 @@ def solve_one_jump(problems: dict[int, LayerProblem], *, mode: str, ranks, fit_i
     Returns
     -------
     dict
-        Per rank: each layer's :class:`~njtc_solve.maps.shortcuts.ShortcutMap` (all holding the
-        same ``U``, ``V`` or ``weight`` and ``bias`` tensors, and their own standardisation), each
-        layer's training record, and ``info`` (the mode, the layers, the loss over all layers and,
-        for ``select``, the table and the chosen layer).
+        Per rank: each layer's :class:`~njtc_solve.maps.shortcuts.ShortcutMap` (sharing one map's
+        tensors), each layer's training record, and ``info`` (mode, layers, loss over all layers
+        and, for ``select``, the table and the chosen layer).
     """
     start = time.perf_counter()
     layers = list(problems)
@@ -162,34 +132,24 @@ def solve_one_jump(problems: dict[int, LayerProblem], *, mode: str, ranks, fit_i
 
 
 def _gamma(weight_factor):
+    """``Γ = G Gᵀ`` of the weight factor ``G`` (``None``: unweighted)."""
     return None if weight_factor is None else (lambda g: g @ g.T)(weight_factor.to(torch.float64))
 
 
 def _pooled_solve(pooled: LayerProblem, *, ranks, fit_intercept, alpha, n_rows: int, weight_factor):
     """``{rank: (coef, bias, U, V)}`` of the pooled regression (float64; ``V`` ``None`` for a full map)."""
     gxx, gxt, gtt = (pooled.cxx, pooled.cxt, pooled.ctt) if fit_intercept else pooled.uncentred()
-    eigh = gram_eigh(gxx)
-    alpha = (gcv_alpha(gxx, gxt, gtt, n_rows, fit_intercept=fit_intercept, eigh=eigh)[0]
-             if alpha == "auto" else float(alpha))
     weight = None if weight_factor is None else weight_root(weight_factor.to(gxx.device))
-    solution = solve_reduced_rank(gxx, gxt, alpha, weight=weight, eigh=eigh)
-    out = {}
-    for rank in ranks:
-        u, v = solution.factors(rank)
-        coef = u if v is None else u @ v
-        bias = pooled.mean_t - pooled.mean_x @ coef if fit_intercept else None
-        out[rank] = (coef, bias, u, v)
-    return out, alpha
+    alpha, solved = solve_ranks(gxx, gxt, gtt, pooled.mean_x, pooled.mean_t, ranks=ranks, alpha=alpha, n_rows=n_rows,
+                                fit_intercept=fit_intercept, weight=weight)
+    return solved, alpha
 
 
 def select_table(problems: dict[int, LayerProblem], per_layer: list[Shortcuts], *, weight_factor=None) -> dict:
-    """The loss of each layer's own map on every layer, from the moments: OJFA's choice of one jump.
+    """The loss of each layer's own map (of ``per_layer``) on every layer, from the moments.
 
-    Map ``k`` (of ``per_layer``, fitted on layer ``k`` alone) is applied to layer ``l`` through
-    layer ``l``'s own normalisation. Returns, per rank, a dict with ``sse`` (``L × L``, row ``k``
-    the map, column ``l`` the layer, in the order of ``problems``), ``mse`` (``sse / (n d)``),
-    ``total`` (each map's loss summed over the layers) and ``maps`` (each map's
-    ``(coef, bias, U, V)`` in float64).
+    Per rank: ``sse`` (``L × L``, row ``k`` the map, column ``l`` the layer), ``mse``, ``total`` (each
+    map's loss over all layers) and ``maps`` (each map's ``(coef, bias, U, V)`` in float64).
     """
     gamma = _gamma(weight_factor)
     like = next(iter(problems.values())).cxx  # float64, where the moments are
@@ -210,7 +170,7 @@ def select_table(problems: dict[int, LayerProblem], per_layer: list[Shortcuts], 
 
 def _shared_maps(problems, *, u, v, bias, normalize, residual, alpha, n_rows, total_var, solve_s):
     """One :class:`ShortcutMap` per layer, all holding the same float32 map, and each layer's record
-    (its training loss ``‖y - ŷ‖²`` unweighted by ``G``, as a per-layer fit records it, and R² against ``tr C_yy``)."""
+    (its unweighted training loss, as a per-layer fit records it)."""
     f32 = lambda t: None if t is None else t.to(torch.float32)
     core = {"weight": f32(u), "U": None, "V": None} if v is None else {"weight": None, "U": f32(u), "V": f32(v)}
     bias32 = f32(bias)
@@ -220,7 +180,6 @@ def _shared_maps(problems, *, u, v, bias, normalize, residual, alpha, n_rows, to
         maps[l] = ShortcutMap(**core, bias=bias32, norm_mean=f32(p.norm_mean), norm_scale=f32(p.norm_scale),
                               normalize=normalize, residual=residual)
         d = p.ctt.shape[0]
-        # the per-layer fits' measure (solve/fit.py _solve_layer): the hidden-space error, not the weighted one
         sse = max(map_loss(p, coef, None if bias32 is None else bias32.double()), 0.0)
         records[l] = {"train_mse": sse / (p.n * d), "train_sse": sse, "r2": 1 - sse / total_var if total_var else 0.0,
                       "params": maps[l].n_params, "reduction": 1 - maps[l].n_params / (d * d), "alpha": alpha,

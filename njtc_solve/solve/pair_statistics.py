@@ -1,20 +1,9 @@
-"""Statistics of every (source, target) layer pair from one streaming pass: the JTC paper's full picture.
+"""Statistics of every (source, target) layer pair from one streaming pass, and their files.
 
-A map from layer ``l`` to any later layer ``l'`` needs ``C_xx`` of its source, ``C_yy`` of its
-target and one cross moment ``C_xy`` per pair. One pass over the rows accumulates them for
-every pair at once: ``C_xx`` per source and ``C_yy`` per target are shared, and each target
-``T`` keeps one block ``[x_l for l < T]ᵀ x_T`` (``k_T·d × d`` float64, ``k_T`` the sources
-below it), filled by one GEMM per row block. The numerics are those of
-:mod:`njtc_solve.solve.stats` (docs/reference/numerics.md): every row is shifted by the first chunk's mean,
-multiplied in float32 in GEMMs of at most :data:`~njtc_solve.solve.stats.GEMM_ROWS` rows with
-``"highest"`` matmul precision, and added into float64.
-
-Memory: ``(P + S + T)·d²`` float64 values for ``P`` pairs, ``S`` sources and ``T`` targets;
-every pair of SmolLM2-135M's 31 layers (d = 576, 465 pairs) is 525·d²·8 B = 1.39 GB, against
-61·d²·8 B = 0.16 GB for the single-target fit. After the pass the solves stream target by
-target (:func:`iter_fit_targets`): each target's statistics are centred, solved, handed to the
-caller (who writes them) and its cross block is freed, so the solve adds one target's working
-set, not another copy of all pairs.
+``C_xx`` per source and ``C_yy`` per target are shared; each target ``T`` keeps one block
+``[x_l for l < T]ᵀ x_T`` (``k_T·d × d`` float64), filled by one GEMM per row block, with the
+numerics of :mod:`njtc_solve.solve.stats`. The solves stream target by target
+(:func:`iter_fit_targets`), each target's cross block freed once solved.
 
 Examples
 --------
@@ -34,16 +23,19 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.maps.shortcuts import normalize_rows
-from njtc_solve.solve.stats import (NORM_BINS, LayerMoments, Statistics, add_gram, checked_counts, checked_head, checked_header,
-                    checked_tensor, count_row_norms, count_tensors, highest_float32_matmul, invalid,
-                    pass_meta, project_out_ones, row_norm_summary, write_statistics)
+from njtc_solve.solve.stats import (NORM_BINS, LayerMoments, Statistics, add_gram, checked_counts, checked_head,
+                                    checked_header, checked_tensor, count_row_norms, count_tensors,
+                                    highest_float32_matmul, invalid, pass_meta, project_out_ones, row_norm_summary,
+                                    write_statistics)
 
 __all__ = ["PairAccumulator", "PairStatistics", "accumulate_pairs", "iter_fit_targets", "pair_layers",
            "pair_memory_bytes", "statistics_targets", "load_head", "load_target_statistics"]
@@ -71,12 +63,10 @@ class PairAccumulator:
     Parameters
     ----------
     sources, targets : iterable of int
-        Source layers (inputs of the maps) and target layers; a pair is accumulated for each
-        source below each target.
+        A pair is accumulated for each source below each target.
     input_norm : {"none", "layer", "rms"}
         Per-token normalisation of the source rows (targets stay raw).
     device : str
-        Where the GEMMs run and the sums live.
     float64 : bool
         Do the GEMMs in float64 too.
     """
@@ -102,11 +92,13 @@ class PairAccumulator:
         self.sxy: dict = {}
 
     def _rows(self, a) -> torch.Tensor:
+        """``a`` as a tensor of the GEMMs' type on the device."""
         if isinstance(a, np.ndarray):
             a = torch.from_numpy(a if a.flags.writeable else a.copy())
         return a.to(self.device, self.dtype)
 
     def _allocate(self, d: int) -> None:
+        """Zero sums for rows of width ``d``."""
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)
         self.sum_x = {l: z(d) for l in self.sources}
         self.sxx = {l: z(d, d) for l in self.sources}
@@ -121,6 +113,7 @@ class PairAccumulator:
             self._update(chunk)
 
     def _update(self, chunk):
+        """:meth:`update` under the highest float32 matmul precision."""
         n = len(chunk[self.targets[0]])
         if n == 0:
             return
@@ -169,12 +162,8 @@ class PairAccumulator:
 
 @dataclass
 class PairStatistics:
-    """Centred float64 statistics of every (source, target) pair, served target by target.
-
-    ``cxy[t]`` stacks ``C_xy`` of every source below ``t`` (in ascending order) in one
-    ``(k·d, d)`` tensor. :meth:`for_target` gives a target's :class:`~njtc_solve.solve.stats.Statistics`
-    (views, no copy), :meth:`release` frees its cross block once solved.
-    """
+    """Centred float64 statistics of every (source, target) pair; ``cxy[t]`` stacks ``C_xy`` of every
+    source below ``t`` (ascending) in one ``(k·d, d)`` tensor."""
 
     n: int
     n_rows: int
@@ -188,14 +177,16 @@ class PairStatistics:
 
     @property
     def sources(self) -> list[int]:
+        """The source layers."""
         return sorted(self.mean_x)
 
     @property
     def targets(self) -> list[int]:
+        """The target layers."""
         return sorted(self.mean_y)
 
     def for_target(self, target: int) -> Statistics:
-        """The statistics of every source below ``target`` against it (ready for the solvers)."""
+        """The :class:`~njtc_solve.solve.stats.Statistics` of every source below ``target`` (views, no copy)."""
         if target not in self.cxy:
             raise NJTCError(f"the statistics hold no target layer {target} (they hold {self.targets})"
                             if target not in self.mean_y else f"target layer {target} was already released")
@@ -222,13 +213,9 @@ class PairStatistics:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def save(self, path, head=None) -> None:
-        """Write every pair to one safetensors file (atomically): ``fit --stats`` reads any target back.
-
-        Tensors: ``layers.{l}.mean_x``/``cxx`` per source, ``targets.{t}.mean_y``/``cyy`` and
-        ``targets.{t}.cxy`` (the stacked cross block) per target; the metadata's ``meta`` JSON
-        records ``target_layer = "all"``, ``targets`` and ``sources``. Writing builds the file
-        in memory once more (safetensors), so the peak is twice the statistics.
-        """
+        """Write every pair to one safetensors file, atomically: ``layers.{l}.mean_x``/``cxx`` per source,
+        ``targets.{t}.mean_y``/``cyy``/``cxy`` per target; the ``meta`` JSON records ``target_layer = "all"``,
+        ``targets`` and ``sources``."""
         tensors = count_tensors(self.n, self.n_rows)
         for l in self.sources:
             tensors.update({f"layers.{l}.mean_x": self.mean_x[l], f"layers.{l}.cxx": self.cxx[l]})
@@ -243,12 +230,8 @@ class PairStatistics:
 
 
 def _header(path):
-    """The metadata of a statistics file and its ``meta`` JSON, checked; for an all-pairs file
-    also ``sources``, ``targets`` and ``d_model``, which name every tensor it must hold."""
-    from safetensors import safe_open
-
-    from pathlib import Path
-
+    """The metadata of a statistics file and its ``meta`` JSON, checked (for an all-pairs file also
+    ``sources``, ``targets`` and ``d_model``)."""
     if not Path(path).is_file():
         raise NJTCError(f"statistics file {path} not found")
     try:
@@ -298,15 +281,8 @@ def _check_names(path, names, meta) -> None:
 
 
 def check_pair_statistics(path, targets=None) -> None:
-    """Check an all-pairs statistics file as :meth:`Statistics.load` checks a single-target one.
-
-    Every tensor of the ``targets`` asked for (default: all) and of their sources: present,
-    of the shape the metadata implies, finite; ``n`` and ``n_rows`` positive. Tensors are read
-    one at a time, so the peak is one ``C_xy`` block. A problem is a one-line
-    :class:`NJTCError` naming the file, the entry and, for a shape, the real and expected one.
-    """
-    from safetensors import safe_open
-
+    """Check an all-pairs statistics file as :meth:`Statistics.load` checks a single-target one: every
+    tensor of ``targets`` (default: all) and their sources present, of its shape, finite; read one at a time."""
     info, meta = _header(path)
     d, sources = meta["d_model"], meta["sources"]
     targets = meta["targets"] if targets is None else [int(t) for t in targets]
@@ -325,11 +301,7 @@ def check_pair_statistics(path, targets=None) -> None:
 
 
 def statistics_targets(path) -> list[int]:
-    """The target layers a statistics file holds: every target of an all-pairs file, else its one.
-
-    A single-target file records ``target_layer`` in its metadata (every fit writes it); a
-    file without it is refused in one line.
-    """
+    """The target layers a statistics file holds: every target of an all-pairs file, else its one."""
     info, meta = _header(path)
     if info.get("kind") == PAIRS_KIND:
         return [int(t) for t in meta["targets"]]
@@ -345,19 +317,14 @@ def load_head(path):
         return Statistics.load_head(path)
     if "head" not in info:
         return None
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith("head.")}
     return checked_head(path, tensors, info)
 
 
 def load_target_statistics(path, target: int) -> Statistics:
-    """One target's :class:`~njtc_solve.solve.stats.Statistics` from a statistics file.
-
-    From an all-pairs file only that target's tensors (and its sources') are read, each
-    checked (:func:`check_pair_statistics`).
-    """
+    """One target's :class:`~njtc_solve.solve.stats.Statistics` from a statistics file (of an all-pairs
+    file only that target's tensors and its sources' are read, each checked)."""
     info, meta = _header(path)
     held = statistics_targets(path)
     if int(target) not in held:
@@ -365,8 +332,6 @@ def load_target_statistics(path, target: int) -> Statistics:
                         f"{','.join(map(str, held))}, not {target}")
     if info.get("kind") != PAIRS_KIND:
         return Statistics.load(path)
-    from safetensors import safe_open
-
     target = int(target)
     d, sources = meta["d_model"], [l for l in meta["sources"] if l < target]
     with safe_open(str(path), "pt") as f:
@@ -384,17 +349,8 @@ def load_target_statistics(path, target: int) -> Statistics:
 
 def accumulate_pairs(source, *, sources, targets, input_norm: str = "none", device="cpu", chunk_rows: int = 4096,
                      float64: bool = False, progress: bool = True, skip_positions: int | None = None) -> PairStatistics:
-    """One pass over ``source``'s training rows: the statistics of every pair ``l < t``.
-
-    Parameters
-    ----------
-    source : ActivationStore or LiveSource
-        The rows (a store or a live model's forward pass).
-    sources, targets : list of int
-        Source and target layers; every source below every target is a pair.
-    input_norm, device, chunk_rows, float64, progress, skip_positions
-        As in :func:`njtc_solve.solve.fit.accumulate_statistics`.
-    """
+    """One pass over ``source``'s training rows: the statistics of every pair ``l < t`` of ``sources`` and
+    ``targets``; the other settings as in :func:`~njtc_solve.solve.statistics_pass.accumulate_statistics`."""
     skip = source.default_skip_positions if skip_positions is None else int(skip_positions)
     if source.count("train", skip) == 0:
         raise NJTCError(f"{source.path} has no training rows at positions >= {skip}")
@@ -418,11 +374,8 @@ def accumulate_pairs(source, *, sources, targets, input_norm: str = "none", devi
 
 
 def iter_fit_targets(pairs, *, targets, solve, release: bool = True):
-    """Solve target by target: yields ``(target, solve(statistics_of_target))``, freeing each target after.
-
-    ``pairs`` is a :class:`PairStatistics` or the path of a statistics file (read one target at
-    a time). ``solve`` maps a :class:`~njtc_solve.solve.stats.Statistics` to the fitted shortcuts.
-    """
+    """Yield ``(target, solve(statistics of target))`` for each target of ``pairs`` (a
+    :class:`PairStatistics`, or a file read one target at a time), freeing each target after."""
     for t in targets:
         stats = load_target_statistics(pairs, t) if not isinstance(pairs, PairStatistics) else pairs.for_target(t)
         stats.check_finite()

@@ -43,10 +43,6 @@ _POSITIVE = Interval(int, 1, None, says="positive", show_value=False)
 class RefineShortcutsSpec:
     """The settings of :func:`refine_shortcuts`, checked when made, before a row is read or a model loads.
 
-    (The refinement of a pruning fold has its own, :class:`njtc_solve.prune.refine_fold.RefineSpec`.)
-    What needs the maps or the rows (a layer without a map, no validation rows) is checked
-    once they are open.
-
     Examples
     --------
     >>> RefineShortcutsSpec(optimizer="lbfgs")
@@ -82,10 +78,10 @@ class RefineShortcutsSpec:
     }
 
     def __post_init__(self):
+        """Refuse a bad setting, naming it."""
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         check_spec(self)
-
 
 
 def refine_shortcuts(store: RowSource, shortcuts: Shortcuts | str | Path, *, objective: str = "kl", steps: int = 500,
@@ -98,10 +94,9 @@ def refine_shortcuts(store: RowSource, shortcuts: Shortcuts | str | Path, *, obj
     Parameters
     ----------
     store : RowSource
-        Rows of the model the maps were fitted for (an activation store or a live model's),
-        under the same document split.
+        Rows of the model the maps were fitted for, under the same document split.
     shortcuts : Shortcuts or path
-        The starting maps (any method; the identity has nothing to train).
+        The starting maps.
     objective : {"kl", "mse"}
     steps : int
         Most optimisation steps, ``batch_rows`` training rows each.
@@ -115,8 +110,7 @@ def refine_shortcuts(store: RowSource, shortcuts: Shortcuts | str | Path, *, obj
     Returns
     -------
     refined : Shortcuts
-        Labelled ``{name}-{objective}``; ``stats["refined"]`` records the start file, objective,
-        optimizer, steps and each layer's start and best held-out figures, ``stats["fit"]`` the
+        Labelled ``{name}-{objective}``; ``stats["refined"]`` records how, ``stats["fit"]`` the
         start's own statistics.
     result : TrainResult
 
@@ -145,8 +139,8 @@ def refine_shortcuts(store: RowSource, shortcuts: Shortcuts | str | Path, *, obj
     check_start = max(0, n_val - check_rows)
     train = StoreRows(store, layers, "train", seed=seed)
     check = StoreRows(store, layers, "validation", start=check_start)
-    result = train_maps({l: sc.maps[l] for l in layers}, head, train, check=check, objective=objective, steps=steps, lr=lr,
-                        optimizer=optimizer, batch_rows=batch_rows, check_every=check_every, patience=patience,
+    result = train_maps({l: sc.maps[l] for l in layers}, head, train, check=check, objective=objective, steps=steps,
+                        lr=lr, optimizer=optimizer, batch_rows=batch_rows, check_every=check_every, patience=patience,
                         device=device, progress=progress, seed=seed)
     refined = sc.replace(  # every field of the start (head, provenance, ...) but the maps
         maps=result.maps(), label=f"{sc.name}-{objective}",
@@ -169,4 +163,3 @@ def _refined_layers(store: RowSource, sc: Shortcuts, layers) -> list[int]:
     if missing:
         raise NJTCError(f"{sc.name} has no map for layer {missing[0]} (it has {sorted(sc.maps)})")
     return layers
-

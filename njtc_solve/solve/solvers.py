@@ -1,18 +1,9 @@
-"""Closed-form solvers from sufficient statistics: least squares, ridge, reduced-rank regression.
+"""Closed-form solvers from sufficient statistics: least squares, ridge, reduced-rank regression, in float64.
 
-All work is float64 ``torch.linalg``. One symmetric eigendecomposition of ``C_xx`` whitens
-the inputs (a pseudo-inverse: exactly singular inputs such as LayerNorm outputs, whose rows
-sum to zero, are handled without a bare Cholesky), and the right singular vectors of the whitened
-cross-covariance ``K = (C_xx + αI)^{-1/2} C_xy`` (from ``eigh(KᵀK)``) yield reduced-rank solutions of every
-rank at once (docs/reference/numerics.md):
-
-* ``B = (C_xx + αI)^+ C_xy`` (least squares / ridge),
-* ``B_r = B V_r V_rᵀ`` with ``V_r`` the top right singular vectors of ``K`` (the eigenvectors
-  of the fitted values' Gram matrix), and training loss ``loss(B) + Σ_{i>r} s_i²`` for α = 0,
-* weighted by ``Γ = F Fᵀ``: ``B_Γ,r = B F Q_r Q_rᵀ F⁺`` with ``Q_r`` the top right singular vectors of ``K F``.
-  Where ``Γ`` is singular (a LayerNorm head ignores the all-ones direction of its input), the
-  loss does not see the null directions ``N`` of the target; the rank-r map fits them by least
-  squares on its own r features (``V_r += C_r Nᵀ``), so they cost no extra rank.
+One eigendecomposition of ``C_xx`` whitens the inputs (a pseudo-inverse), and the right singular
+vectors of ``K = (C_xx + αI)^{-1/2} C_xy`` give every rank at once (docs/reference/numerics.md):
+``B = (C_xx + αI)^+ C_xy``; ``B_r = B V_r V_rᵀ``; weighted by ``Γ = F Fᵀ``, ``B_Γ,r = B F Q_r Q_rᵀ F⁺``
+with ``Q_r`` from ``K F``, the null directions of a singular ``Γ`` fitted on the same r features.
 
 Examples
 --------
@@ -35,7 +26,7 @@ import torch
 
 from njtc_solve.core.errors import NJTCError
 
-__all__ = ["ReducedRankSolution", "gcv_alpha", "gram_eigh", "solve_reduced_rank", "sum_squared_error",
+__all__ = ["ReducedRankSolution", "gcv_alpha", "gram_eigh", "solve_ranks", "solve_reduced_rank", "sum_squared_error",
            "symmetric_sqrt", "weight_root"]
 
 
@@ -58,8 +49,7 @@ def symmetric_sqrt(gram: torch.Tensor, rcond: float | None = None):
 
 
 def weight_root(g: torch.Tensor):
-    """``(F, F⁺, N)`` for errors measured as ``‖e G‖²``: only ``G Gᵀ`` matters, so ``F`` is its
-    symmetric square root (d×d, whatever G's width). Compute once, reuse for every layer."""
+    """``(F, F⁺, N)`` for errors measured as ``‖e G‖²``: :func:`symmetric_sqrt` of ``G Gᵀ``."""
     g = g.to(torch.float64)
     return symmetric_sqrt(g @ g.T)
 
@@ -89,14 +79,12 @@ class ReducedRankSolution:
 
     @property
     def max_rank(self) -> int:
+        """The number of directions the inputs span."""
         return self.basis.shape[1]
 
     def factors(self, rank: int | None):
-        """``(U, V)`` with ``U V`` the best map of rank ``rank`` (``None``: full, ``V = None``).
-
-        ``U`` always has ``rank`` columns: beyond the directions the inputs span (``max_rank``;
-        ``d - 1`` for LayerNorm inputs, say) they are zero, and the map is the full one.
-        """
+        """``(U, V)`` with ``U V`` the best map of rank ``rank`` (``None``: full, ``V = None``); columns
+        beyond :attr:`max_rank` are zero."""
         if rank is None:
             return self.coef, None
         kept = min(rank, self.max_rank)
@@ -110,12 +98,8 @@ class ReducedRankSolution:
 
 
 def gram_eigh(cxx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(λ, Q)``, the symmetric eigendecomposition of an input Gram matrix in float64.
-
-    The one decomposition of ``C_xx`` that :func:`solve_reduced_rank` and :func:`gcv_alpha`
-    need: a caller that solves one source layer against several targets computes it once and
-    passes it to both as ``eigh`` (the same numbers as computing it again).
-    """
+    """``(λ, Q)``, the float64 eigendecomposition of ``C_xx`` that :func:`solve_reduced_rank` and
+    :func:`gcv_alpha` take as ``eigh``."""
     return torch.linalg.eigh(cxx.to(torch.float64))
 
 
@@ -145,10 +129,7 @@ def solve_reduced_rank(cxx: torch.Tensor, cxy: torch.Tensor, alpha: float = 0.0,
         logit space); target directions ``N`` that ``G`` ignores are fitted by least squares
         on the rank-r features.
     rcond : float, optional
-        Relative eigenvalue cut-off of the pseudo-inverse of ``C_xx`` (default ``d × eps``). A
-        cut-off at float32 precision relative to ``λ_max`` would drop well-resolved directions
-        where one massive feature inflates ``λ_max``; the exactly singular direction of
-        LayerNorm inputs is projected out of the statistics instead (:mod:`njtc_solve.solve.stats`).
+        Relative eigenvalue cut-off of the pseudo-inverse of ``C_xx`` (default ``d × eps``).
     eigh : (Tensor, Tensor), optional
         :func:`gram_eigh` of ``cxx``, when the caller already has it.
 
@@ -179,13 +160,25 @@ def solve_reduced_rank(cxx: torch.Tensor, cxy: torch.Tensor, alpha: float = 0.0,
     return ReducedRankSolution(coef, s, basis, q.T @ f_pinv + null_coef @ null.T)
 
 
-def _top_right_singular(k: torch.Tensor):
-    """Singular values (descending) and right singular vectors of ``k``, from ``eigh(kᵀk)``.
+def solve_ranks(gxx, gxt, gtt, mean_x, mean_t, *, ranks, alpha, n_rows: int, fit_intercept: bool, weight=None,
+                eigh=None) -> tuple[float, dict]:
+    """``(alpha, {rank: (coef, bias, U, V)})`` of one regression, every rank from one decomposition: ``alpha``
+    ``"auto"`` is chosen by :func:`gcv_alpha` over ``n_rows``; ``bias`` is ``None`` without an intercept."""
+    eigh = gram_eigh(gxx) if eigh is None else eigh
+    alpha = (gcv_alpha(gxx, gxt, gtt, n_rows, fit_intercept=fit_intercept, eigh=eigh)[0]
+             if alpha == "auto" else float(alpha))
+    solution = solve_reduced_rank(gxx, gxt, alpha, weight=weight, eigh=eigh)
+    solved = {}
+    for rank in ranks:
+        u, v = solution.factors(rank)
+        coef = u if v is None else u @ v
+        solved[rank] = (coef, mean_t - mean_x @ coef if fit_intercept else None, u, v)
+    return alpha, solved
 
-    Twice as fast as an SVD at d = 576; the leading vectors, the only ones a reduced-rank
-    map uses, are as accurate (checked against a float64 SVD in the tests). Each vector is
-    signed so that its entry of largest magnitude is positive.
-    """
+
+def _top_right_singular(k: torch.Tensor):
+    """Singular values (descending) and right singular vectors of ``k`` from ``eigh(kᵀk)``, each vector
+    signed so that its entry of largest magnitude is positive."""
     lam, v = torch.linalg.eigh(k.T @ k)
     lam, v = lam.flip(0).clamp_min(0), v.flip(1)
     n = min(k.shape)
@@ -200,11 +193,9 @@ def gcv_alpha(cxx: torch.Tensor, cxy: torch.Tensor, cyy: torch.Tensor, n: int, *
               fit_intercept: bool = True, eigh=None) -> tuple[float, dict]:
     """Choose the ridge penalty by generalised cross-validation, from statistics alone.
 
-    ``GCV(α) = (SSE(α)/n) / (1 - df(α)/n)²`` with ``df(α) = Σ λ_i/(λ_i + α)``, plus one for
-    the intercept when there is one; both terms follow from the eigendecomposition of ``C_xx``
-    without touching the data again. ``n`` is the number of rows (not a total row weight).
-    One α serves every rank: it is chosen for the full-rank ridge fit. ``eigh``, optional:
-    :func:`gram_eigh` of ``cxx``, when the caller already has it.
+    ``GCV(α) = (SSE(α)/n) / (1 - df(α)/n)²`` with ``df(α) = Σ λ_i/(λ_i + α)`` (plus one for an
+    intercept), from the eigendecomposition of ``C_xx`` (``eigh``, if given); ``n`` is the number
+    of rows. One α, chosen for the full-rank fit, serves every rank.
 
     Returns
     -------

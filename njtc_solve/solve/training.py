@@ -1,25 +1,11 @@
-"""The one trainer of the package: shortcut maps optimised by gradient on KL or MSE, streaming.
+"""Gradient training of shortcut maps on KL or MSE, streaming, with held-out checks and early stopping.
 
-Closed-form fits are exact for the squared error of the mapped vector; what a lens user
-finally cares about is the distribution the shortcut predicts. :func:`train_maps` starts from
-any maps (a closed-form fit, or a fresh module) and minimises, per source layer,
-
-- ``"kl"``: ``KL(p_model ‖ p_shortcut)``, ``p_model`` the model's head on the target row and
-  ``p_shortcut`` the same head on the mapped row (the loss is :func:`metrics.kl_divergence`,
-  the function evaluation reports);
-- ``"mse"``: the mean squared error of the mapped row (the gradient baseline of the papers).
-
-Rows come from any *row source*: an iterable whose every pass yields chunks ``(x, y)``, ``x``
-a dict ``{layer: (rows, d) tensor}`` and ``y`` the target layer's ``(rows, d)`` tensor. Each
-pass is an epoch; :class:`StoreRows` reads an activation store, and a live model can plug in
-the same way. A second source of held-out rows is checked every ``check_every`` steps; each
-layer keeps its best state, stops when ``patience`` checks bring no improvement, and the
-run ends when every layer has stopped (or after ``steps``).
-
-The module trained is the :class:`ShortcutMap` itself (its :meth:`~ShortcutMap.trainable`
-copy, whose tensors are parameters), so a trained map predicts exactly as the file it is saved
-to. Narrow maps stay narrow: their factors ``U`` and ``V`` are the parameters, and their logits
-go through the rank-r route of :meth:`Head.low_rank_logits`.
+:func:`train_maps` starts from any maps and minimises, per source layer, ``"kl"``:
+``KL(p_model ‖ p_shortcut)`` through the model's head (:func:`~njtc_solve.core.metrics.kl_divergence`),
+or ``"mse"``: the mean squared error of the mapped row. Rows come in chunks ``({layer: x}, y)``,
+one pass an epoch (:class:`StoreRows`). A :class:`ShortcutMap` is trained as its
+:meth:`~ShortcutMap.trainable` copy, so narrow maps stay narrow. :func:`train_loop` and
+:class:`Patience` are the early-stopping loop, shared with the pruning fold's refinement.
 
 Examples
 --------
@@ -51,20 +37,16 @@ from njtc_solve.core.metrics import Reference, kl_divergence, surprisal
 from njtc_solve.data.rows import RowSource
 from njtc_solve.maps.shortcuts import ShortcutMap
 
-__all__ = ["OBJECTIVES", "OPTIMIZERS", "SCHEDULES", "StoreRows", "TrainResult", "check_metrics", "train_maps"]
+__all__ = ["OBJECTIVES", "OPTIMIZERS", "SCHEDULES", "Patience", "StoreRows", "TrainResult", "check_metrics", "train_loop",
+           "train_maps"]
 
 OBJECTIVES = ("kl", "mse")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "linear")
 
 
-
 class StoreRows:
-    """Training chunks ``({layer: x}, y)`` of one split of an activation store or a live source.
-
-    Every iteration is one pass (an epoch). ``seed`` shuffles the rows within each chunk,
-    differently on every pass; ``in_memory`` keeps the rows after the first pass (for
-    sources that fit in memory and are read many times).
+    """Chunks ``({layer: x}, y)`` of one split of an activation store or a live source; one pass per iteration.
 
     Parameters
     ----------
@@ -74,13 +56,12 @@ class StoreRows:
         Source layers; the target (the store's last layer) is read as well.
     split : {"train", "validation"}
     chunk_rows : int
-        Rows per chunk read.
     start, max_rows : int
-        Keep the split's selected rows ``start .. start + max_rows`` only (in row order).
+        Keep the split's rows ``start .. start + max_rows`` only.
     skip_positions : int, optional
         Leave out rows at positions below this (default: the store's first position).
     seed : int, optional
-        Shuffle within chunks (``None``: row order).
+        Shuffle within chunks, differently on every pass (``None``: row order).
     in_memory : bool
         Keep the rows read by the first pass for later passes.
     """
@@ -134,14 +115,10 @@ class StoreRows:
 
 @dataclass
 class TrainResult:
-    """Outcome of :func:`train_maps`.
-
-    ``modules`` hold each layer's best state; ``history`` one record per check
-    (``step``, ``seconds`` of training so far, ``layers``: metrics per layer still training);
-    ``start`` and ``best`` each layer's check metrics at step 0 and at its best step
-    (``best[l]["step"]``); ``stopped`` why the run ended: ``"steps"``, ``"converged"``
-    (no layer improving any more), ``"time"`` or ``"callback"``.
-    """
+    """Outcome of :func:`train_maps`: ``modules`` at each layer's best state; ``history`` one record per
+    check (``step``, ``seconds``, ``layers``: metrics per layer still training); ``start`` and ``best``
+    each layer's metrics at step 0 and at its best step; ``stopped``: ``"steps"``, ``"converged"``,
+    ``"time"`` or ``"callback"``."""
 
     modules: dict
     history: list = field(default_factory=list)
@@ -157,6 +134,7 @@ class TrainResult:
 
 
 def _logits(module, x, head):
+    """``(ŷ, logits)`` of ``module`` on ``x``."""
     if hasattr(module, "predict_with_logits"):
         return module.predict_with_logits(x, head)
     y_hat = module(x)
@@ -171,13 +149,8 @@ def _loss(objective, module, x, y, head, reference):
 
 
 def check_metrics(modules: dict, head: Head, chunks, *, objective: str = "kl") -> dict[int, dict]:
-    """Held-out metrics of each layer's module over ``chunks`` (a list of ``(x, y, reference)``).
-
-    ``loss`` is the objective's mean over the rows (the figure that early stopping follows);
-    the KL objective also reports ``precision@1`` (agreement with the top-1 of the model's head on
-    the target row, which the stored top-1 equals in a float32 store) and
-    ``surprisal`` (nats, :func:`metrics.surprisal`).
-    """
+    """Held-out metrics of each layer's module over ``chunks`` (a list of ``(x, y, reference)``): ``loss``,
+    the objective's mean; for KL also ``precision@1`` (against the head's top-1) and ``surprisal`` (nats)."""
     totals = {l: np.zeros(3) for l in modules}
     n = 0
     with torch.no_grad():
@@ -211,11 +184,12 @@ def _batches(source, batch_rows):
 
 
 def _fitted(m) -> bool:
-    """Whether ``m`` is a fitted :class:`ShortcutMap` (buffers only), which is trained as a copy."""
+    """Whether ``m`` is a fitted :class:`ShortcutMap` (buffers only)."""
     return isinstance(m, ShortcutMap) and next(m.parameters(), None) is None
 
 
 def _optimizer(name, params, lr, weight_decay, momentum):
+    """Adam, or Nesterov momentum SGD."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
@@ -231,37 +205,32 @@ def train_maps(maps: dict, head: Head, train, *, check, objective: str = "kl", s
     Parameters
     ----------
     maps : dict of int to ShortcutMap or nn.Module
-        Starting maps by source layer. A fitted :class:`ShortcutMap` (its tensors buffers) is
-        trained as its :meth:`~ShortcutMap.trainable` copy (the input is left unchanged); a
-        module with parameters (a map's ``trainable()`` copy, or any other module with
-        ``module(x) -> y_hat``) is trained in place.
+        Starting maps by source layer. A fitted :class:`ShortcutMap` is trained as its
+        :meth:`~ShortcutMap.trainable` copy; a module with parameters is trained in place.
     head : Head
-        The model's final norm and unembedding (used by the KL objective and its metrics).
+        The model's final norm and unembedding.
     train, check : iterables of ``(x, y)`` chunks
-        Every pass yields ``(x, y)`` chunks (see :class:`StoreRows`): training rows, read pass
-        after pass, and held-out rows, read once and kept on ``device`` (with the model's
-        logits for the KL objective: ``rows × vocab`` floats).
+        Training rows, read pass after pass, and held-out rows, read once and kept on ``device``.
     objective : {"kl", "mse"}
     steps : int
         Most optimisation steps (one minibatch of ``batch_rows`` rows each).
     lr, optimizer, weight_decay, momentum : float, {"adam", "sgd"}, float, float
-        ``"sgd"`` is Nesterov momentum SGD (tuned-lens's optimizer).
+        ``"sgd"`` is Nesterov momentum SGD.
     check_every, patience : int
         Check held-out rows every ``check_every`` steps; a layer stops after ``patience``
-        checks without a new best (``0``: never stops early).
+        checks without a new best (``0``: never early).
     time_budget : float, optional
         Stop once this many seconds of training have passed (checks excluded).
     grad_clip : float, optional
         Clip each layer's gradient norm.
     schedule : {"constant", "linear"}
-        ``"linear"`` decays the learning rate to 0 at ``steps`` (tuned-lens's schedule).
+        ``"linear"`` decays the learning rate to 0 at ``steps``.
     on_check : callable, optional
         ``on_check(record) -> bool`` after every check; ``True`` ends the run.
 
     Returns
     -------
     TrainResult
-        The training clock counts reading rows and the steps, not the checks.
     """
     _check_settings(objective, optimizer, schedule, steps=steps, batch_rows=batch_rows, check_every=check_every,
                     patience=patience, lr=lr)
@@ -276,28 +245,64 @@ def train_maps(maps: dict, head: Head, train, *, check, objective: str = "kl", s
         opt, (lambda s: max(0.0, 1 - s / max(steps, 1))) if schedule == "linear" else (lambda s: 1.0))
     run = _Run(objective, modules, head, _held_out(check, modules, head, objective, device), patience)
     batches = _batches(train, batch_rows)
-    clock, step = 0.0, 0
-    bar = tqdm(total=steps, unit="step", desc=f"train {objective}", leave=False, disable=not progress)
-    try:
-        while step < steps:
+
+    def checked(step: int, clock: float):
+        record = run.check(step, clock)
+        stop = "callback" if on_check is not None and on_check(record) else None if run.stopping.active else "converged"
+        return {f"L{l}": f"{v['loss']:.4g}" for l, v in record["layers"].items()}, stop
+
+    step, clock, run.result.stopped = train_loop(
+        lambda: _step(run, next(batches), opt, scheduler, device, grad_clip), checked, steps=steps,
+        check_every=check_every, time_budget=time_budget, desc=f"train {objective}", progress=progress)
+    return run.finish(step, clock)
+
+
+def train_loop(step: Callable[[], None], check: Callable[[int, float], tuple], *, steps: int, check_every: int,
+               time_budget: float | None = None, desc: str = "train", progress: bool = True) -> tuple[int, float, str]:
+    """Call ``step()`` up to ``steps`` times, and ``check(steps_done, seconds)`` every ``check_every`` steps,
+    after the last and once ``time_budget`` seconds of steps have passed; ``check`` returns ``(postfix,
+    stop)``, the progress bar's figures and why to stop (``None``: go on).
+
+    Returns ``(steps taken, their seconds (checks excluded), why it ended)``: ``check``'s reason,
+    ``"time"`` or ``"steps"``.
+    """
+    done, clock, stopped = 0, 0.0, "steps"
+    with tqdm(total=steps, unit="step", desc=desc, leave=False, disable=not progress) as bar:
+        while done < steps:
             t0 = time.perf_counter()
-            _step(run, next(batches), opt, scheduler, device, grad_clip)
+            step()
             clock += time.perf_counter() - t0
-            step += 1
+            done += 1
             bar.update(1)
             out_of_time = time_budget is not None and clock >= time_budget
-            if step % check_every and step < steps and not out_of_time:
+            if done % check_every and done < steps and not out_of_time:
                 continue
-            record = run.check(step, clock)
-            bar.set_postfix({f"L{l}": f"{v['loss']:.4g}" for l, v in record["layers"].items()})
-            stopped = ("callback" if on_check is not None and on_check(record) else "converged" if not run.active
-                       else "time" if out_of_time else None)
-            if stopped:
-                run.result.stopped = stopped
+            postfix, stop = check(done, clock)
+            bar.set_postfix(postfix)
+            if stop or out_of_time:
+                stopped = stop or "time"
                 break
-    finally:
-        bar.close()
-    return run.finish(step, clock)
+    return done, clock, stopped
+
+
+class Patience:
+    """Each key's best loss and the checks since it; a key stops after ``patience`` checks with no new
+    best (0: never). ``best``: each key's starting best loss."""
+
+    def __init__(self, best: dict, patience: int):
+        self.best, self.patience = dict(best), patience
+        self.waited, self.active = dict.fromkeys(best, 0), set(best)
+
+    def improved(self, key, loss: float) -> bool:
+        """Whether ``loss`` is ``key``'s new best; else one more check without, and ``key`` out of
+        :attr:`active` once out of patience."""
+        if loss < self.best[key]:
+            self.best[key], self.waited[key] = loss, 0
+            return True
+        self.waited[key] += 1
+        if self.patience and self.waited[key] >= self.patience:
+            self.active.discard(key)
+        return False
 
 
 def _check_settings(objective: str, optimizer: str, schedule: str, **numbers) -> None:
@@ -307,7 +312,8 @@ def _check_settings(objective: str, optimizer: str, schedule: str, **numbers) ->
         if value not in options:
             raise NJTCError(f"`{name}` must be one of {', '.join(options)}, not {value!r}")
     n = numbers
-    if n["steps"] < 0 or n["batch_rows"] <= 0 or n["check_every"] <= 0 or n["patience"] < 0 or not 0 < n["lr"] < math.inf:
+    if (n["steps"] < 0 or n["batch_rows"] <= 0 or n["check_every"] <= 0 or n["patience"] < 0
+            or not 0 < n["lr"] < math.inf):
         raise NJTCError("`steps` and `patience` must be 0 or more; `batch_rows`, `check_every` and `lr` positive "
                         "(`lr` finite)")
 
@@ -326,19 +332,19 @@ def _held_out(check, modules: dict, head: Head, objective: str, device: torch.de
 
 
 class _Run:
-    """The state of one training run: each layer's best state, its patience and the layers still training."""
+    """One training run: each layer's best state and its patience (:class:`Patience`)."""
 
     def __init__(self, objective: str, modules: dict, head: Head, held_out: list, patience: int):
-        self.objective, self.modules, self.head, self.held_out, self.patience = objective, modules, head, held_out, patience
+        self.objective, self.modules, self.head, self.held_out = objective, modules, head, held_out
         self.result = TrainResult(modules)
-        self.active = set(modules)
-        self.waited = dict.fromkeys(modules, 0)
         self.best_state = {l: copy.deepcopy(m.state_dict()) for l, m in modules.items()}
         record = self._measure(0, 0.0, list(modules))
         self.result.start = {l: dict(v, step=0) for l, v in record["layers"].items()}
         self.result.best = {l: dict(v, step=0) for l, v in record["layers"].items()}
+        self.stopping = Patience({l: v["loss"] for l, v in record["layers"].items()}, patience)
 
     def _measure(self, step: int, clock: float, layers: list[int]) -> dict:
+        """Check ``layers`` on the held-out rows and record it in the history."""
         for m in self.modules.values():
             m.eval()
         metrics = check_metrics({l: self.modules[l] for l in layers}, self.head, self.held_out,
@@ -351,16 +357,11 @@ class _Run:
 
     def check(self, step: int, clock: float) -> dict:
         """Measure the active layers on the held-out rows; keep new bests, retire layers out of patience."""
-        record = self._measure(step, clock, sorted(self.active))
+        record = self._measure(step, clock, sorted(self.stopping.active))
         for l, metrics in record["layers"].items():
-            if metrics["loss"] < self.result.best[l]["loss"]:
+            if self.stopping.improved(l, metrics["loss"]):
                 self.result.best[l] = dict(metrics, step=step)
                 self.best_state[l] = copy.deepcopy(self.modules[l].state_dict())
-                self.waited[l] = 0
-            else:
-                self.waited[l] += 1
-                if self.patience and self.waited[l] >= self.patience:
-                    self.active.discard(l)
         return record
 
     def finish(self, step: int, clock: float) -> TrainResult:
@@ -375,15 +376,16 @@ class _Run:
 def _step(run: _Run, batch, opt, scheduler, device: torch.device, grad_clip: float | None) -> None:
     """One optimisation step of every active layer on a minibatch ``(x, y)``."""
     x, y = batch
-    x, y = {l: x[l].to(device) for l in run.active}, y.to(device)
+    active = run.stopping.active
+    x, y = {l: x[l].to(device) for l in active}, y.to(device)
     with torch.no_grad():
         reference = None if run.objective == "mse" else Reference.from_logits(run.head.logits(y))
     opt.zero_grad(set_to_none=True)
     with torch.enable_grad():  # a source's generator may hold no_grad across its yields (a live model's)
-        loss = sum(_loss(run.objective, run.modules[l], x[l], y, run.head, reference) for l in sorted(run.active))
+        loss = sum(_loss(run.objective, run.modules[l], x[l], y, run.head, reference) for l in sorted(active))
         loss.backward()
     if grad_clip is not None:
-        for l in run.active:
+        for l in active:
             torch.nn.utils.clip_grad_norm_(run.modules[l].parameters(), grad_clip)
     opt.step()
     scheduler.step()
