@@ -63,7 +63,7 @@ from njtc_solve.data.corpus import load_corpus
 from njtc_solve.data.plan import plan_extraction
 from njtc_solve.data.store import TRAIN, VALIDATION
 from njtc_solve.prune.replacement import Replacement, apply_replacement
-from njtc_solve.prune.refine_fold import RefineSpec, refine_fold
+from njtc_solve.prune.refine_fold import RefineFoldSpec, refine_fold
 from njtc_solve.prune.replacement_statistics import replacement_statistics
 from njtc_solve.prune.scoring import ReferenceSample, collect_reference, score_replacement
 from njtc_solve.prune.selection import choose_replacement, spearman
@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--start-stride", type=int, default=3, help="score every n-th start (and the cosine rule's)")
-    command = RefineSpec()  # the prune command's refinement by default
+    command = RefineFoldSpec()  # the prune command's refinement by default
     p.add_argument("--refine-steps", type=int, default=command.steps)
     p.add_argument("--refine-lr", type=float, default=command.lr)
     p.add_argument("--refine-tokens", type=int, default=command.train_tokens)
@@ -217,7 +217,7 @@ def main() -> None:
     print(f"statistics pass {stats_s:.0f}s, held-out caches {cache_s:.0f}s", flush=True)
     full = {**eval_set.full_metrics(), "kl_se": 0.0, "params": n_params(model)}
     prompt = torch.as_tensor(eval_plan.token_ids[:1, :16])
-    refine_spec = RefineSpec.check(lr=args.refine_lr, steps=args.refine_steps, check_every=args.check_every,
+    refine_spec = RefineFoldSpec.check(lr=args.refine_lr, steps=args.refine_steps, check_every=args.check_every,
                                    patience=args.patience, train_tokens=args.refine_tokens,
                                    batch_sequences=args.refine_batch)
     refine_sample = np.sort(plan.spread_order(TRAIN, 0)[:-(-args.refine_tokens // args.seq_len)])

@@ -24,7 +24,7 @@ from njtc_solve.core.models import load_model
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.data.plan import plan_extraction
 from njtc_solve.prune.checkpoint import PRUNE_RECORD
-from njtc_solve.prune.refine_fold import RefineSpec, refine_fold
+from njtc_solve.prune.refine_fold import RefineFoldSpec, refine_fold
 from njtc_solve.prune.replacement import solve_replacement
 from njtc_solve.prune.replacement_statistics import ReplacementStatistics
 from njtc_solve.prune.scoring import collect_reference, replaced_stream, score_replacement, tail_logits
@@ -71,7 +71,7 @@ _LOADER = textwrap.dedent("""
 
 def test_refined_fold_loads_in_plain_transformers_and_reproduces_the_scored_logits(llama, corpus, tmp_path):
     model, tok = llama
-    refine = RefineSpec.check(lr=3e-3, steps=30, check_every=10, patience=0, train_tokens=512)
+    refine = RefineFoldSpec.check(lr=3e-3, steps=30, check_every=10, patience=0, train_tokens=512)
     result = prune_model(model, tok, corpus, remove=1, start=1, score_tokens=128, rescore_tokens=0, refine=refine,
                          progress=False, **PLAN)
     r = result.refine
@@ -105,7 +105,7 @@ def test_refinement_never_returns_a_worse_map(llama, caches):
     model, _ = llama
     stats, train, held = caches
     start = solve_replacement(stats, start=1, remove=1, weighting="plain", intercept=False)
-    result = refine_fold(model, start, train, held, RefineSpec.check(lr=30.0, steps=6, check_every=2, patience=0,
+    result = refine_fold(model, start, train, held, RefineFoldSpec.check(lr=30.0, steps=6, check_every=2, patience=0,
                                                                     train_tokens=512))
     assert result.history and all(h["kl"] > result.start["kl"] for h in result.history), result.history
     assert not result.improved and result.replacement is start and result.best["kl"] == result.start["kl"]
@@ -115,7 +115,7 @@ def test_refinement_keeps_its_best_checked_map(llama, caches):
     model, _ = llama
     stats, train, held = caches
     start = solve_replacement(stats, start=1, remove=1, weighting="rms", intercept=True, intercept_name="mlp_bias")
-    result = refine_fold(model, start, train, held, RefineSpec.check(lr=3e-3, steps=20, check_every=5, patience=0,
+    result = refine_fold(model, start, train, held, RefineFoldSpec.check(lr=3e-3, steps=20, check_every=5, patience=0,
                                                                     train_tokens=512))
     assert result.improved and result.best["kl"] == min(h["kl"] for h in result.history) < result.start["kl"]
     assert result.replacement.c is not None and result.replacement.name == start.name + "+kl"
@@ -130,11 +130,11 @@ def test_refine_spec_refusals():
                          (dict(patience=-1), "`patience` must be 0 or more"),
                          (dict(time_budget=float("nan")), "`time_budget` must be")]:
         with pytest.raises(NJTCError, match=message):
-            RefineSpec.check(**bad)
+            RefineFoldSpec.check(**bad)
         with pytest.raises(NJTCError, match=message):  # a spec made by hand is checked as well
-            RefineSpec(**bad)
+            RefineFoldSpec(**bad)
     with pytest.raises(NJTCError, match="`refine` must be one of kl"):
-        RefineSpec.check("mse")
+        RefineFoldSpec.check("mse")
 
 
 def _bad(argv, capsys, monkeypatch):

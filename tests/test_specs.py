@@ -15,11 +15,11 @@ from njtc_solve.evaluation.evaluate import EvaluateSpec, evaluate_shortcuts
 from njtc_solve.evaluation.layer_pairs import evaluate_pairs
 from njtc_solve.evaluation.lens import LensSpec, ShortcutLens, plot_trajectory
 from njtc_solve.infer.speculative import GenerateSpec, speculative_generate
-from njtc_solve.prune.refine_fold import RefineSpec
+from njtc_solve.prune.refine_fold import RefineFoldSpec
 from njtc_solve.solve.fit import FitSpec
 from njtc_solve.solve.refine_shortcuts import RefineShortcutsSpec, refine_shortcuts
 
-SPECS = (PlanSpec, EvaluateSpec, GenerateSpec, LensSpec, RefineShortcutsSpec, RefineSpec, FitSpec)
+SPECS = (PlanSpec, EvaluateSpec, GenerateSpec, LensSpec, RefineShortcutsSpec, RefineFoldSpec, FitSpec)
 REQUIRED = {GenerateSpec: {"exit_layer": 2}}  # what a spec needs besides its defaults
 CASES = [(spec, name) for spec in SPECS for name in getattr(spec, "constraints", {})]
 

@@ -82,7 +82,7 @@ def _check(args, settings):
     """Every check that needs no weights; ``(PruneSpec or None for named parts, job, statistics, stats_remove)``."""
     from njtc_solve.prune.checkpoint import check_output_folder
     from njtc_solve.prune.replacement_statistics import ReplacementStatistics
-    from njtc_solve.prune.refine_fold import RefineSpec
+    from njtc_solve.prune.refine_fold import RefineFoldSpec
     from njtc_solve.core.models import read_model_config
     from njtc_solve.prune.selection import PruneSpec
 
@@ -95,7 +95,7 @@ def _check(args, settings):
     if given and args.refine is None:
         flag = next(f for f, k in _REFINE_FLAGS.items() if k in given)
         raise NJTCError(f"--{flag.replace('_', '-')} is a refinement setting; add --refine kl")
-    refine = RefineSpec.check(args.refine, **given) if args.refine else None
+    refine = RefineFoldSpec.check(args.refine, **given) if args.refine else None
     stats_remove = _list(args.stats_remove, "--stats-remove", int)
     if stats_remove and not args.save_stats:
         raise NJTCError("--stats-remove gathers statistics to save; add --save-stats FILE")

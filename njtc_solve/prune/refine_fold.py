@@ -22,7 +22,7 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.metrics import Reference, kl_divergence
 from njtc_solve.core.params import Interval, check_spec
 from njtc_solve.prune.replacement import Replacement
-from njtc_solve.prune.scoring import HeldOut, score_replacement, tail_logits
+from njtc_solve.prune.scoring import ReferenceSample, score_replacement, tail_logits
 from njtc_solve.solve.training import Patience, train_loop
 
 __all__ = ["OBJECTIVES", "RefineFoldSpec", "RefineResult", "RefineSpec", "refine_fold"]
@@ -129,7 +129,7 @@ class RefineResult:
                 "held_out_best": brief(self.best), "history": self.history}
 
 
-def refine_fold(model, replacement: Replacement, train: HeldOut, check: HeldOut,
+def refine_fold(model, replacement: Replacement, train: ReferenceSample, check: ReferenceSample,
                 spec: RefineFoldSpec | None = None, *, progress: bool = False) -> RefineResult:
     """Train a fold's ``T`` (and ``c``) by KL to the full model, through the frozen rest of the pruned model.
 
@@ -139,9 +139,9 @@ def refine_fold(model, replacement: Replacement, train: HeldOut, check: HeldOut,
         The full model (not changed: the removed blocks are skipped for each call, as scoring does).
     replacement : Replacement
         The closed-form fold to start from (plain dropping starts from ``T = I``).
-    train, check : HeldOut
+    train, check : ReferenceSample
         The full model over training and held-out sequences
-        (:func:`~njtc_solve.prune.scoring.collect_held_out`, at least ``replacement.start``'s states).
+        (:func:`~njtc_solve.prune.scoring.collect_reference`, at least ``replacement.start``'s states).
     spec : RefineFoldSpec, optional
         The settings (default: :class:`RefineFoldSpec`'s).
     progress : bool

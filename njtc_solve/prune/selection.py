@@ -25,7 +25,7 @@ from njtc_solve.core.models import model_sha256 as weights_sha256
 from njtc_solve.data.plan import PlanSpec, plan_extraction
 from njtc_solve.data.store import TRAIN, VALIDATION
 from njtc_solve.prune.checkpoint import check_output_folder, save_pruned
-from njtc_solve.prune.refine_fold import RefineSpec, refine_fold
+from njtc_solve.prune.refine_fold import RefineFoldSpec, refine_fold
 from njtc_solve.prune.replacement import Replacement, apply_replacement, check_removal, solve_replacement
 from njtc_solve.prune.replacement_statistics import WEIGHTINGS, ReplacementStatistics, replacement_statistics
 from njtc_solve.prune.scoring import ReferenceSample, clustered_se, collect_reference, score_replacement
@@ -55,7 +55,7 @@ class PruneSpec:
     score_tokens: int = 2048
     rescore_tokens: int = 4096
     val_fraction: float = PlanSpec.val_fraction
-    refine: RefineSpec | None = None
+    refine: RefineFoldSpec | None = None
 
     @property
     def starts(self) -> list[int]:
@@ -83,8 +83,8 @@ class PruneSpec:
         """
         fold = check_foldable(config)
         if isinstance(refine, str):
-            refine = RefineSpec.check(refine)
-        elif refine is not None and not isinstance(refine, RefineSpec):
+            refine = RefineFoldSpec.check(refine)
+        elif refine is not None and not isinstance(refine, RefineFoldSpec):
             raise NJTCError(f"`refine` must be 'kl' or a RefineSpec, not {refine!r}")
         n_blocks = int(config.num_hidden_layers if n_blocks is None else n_blocks)
         check_removal(n_blocks, remove, start)
@@ -323,7 +323,7 @@ def prune_model(model, tokenizer, documents, *, remove: int | None = None, start
     score_tokens, rescore_tokens : int
         Held-out tokens the candidates are scored on, and further ones the best two starts are
         rescored on when within two standard errors (0: never).
-    refine : {"kl"} or RefineSpec, optional
+    refine : {"kl"} or RefineFoldSpec, optional
         Refine the chosen fold by KL (:func:`~njtc_solve.prune.refine_fold.refine_fold`), kept
         only if its held-out KL is lower; both are then scored on ``score_tokens`` fresh
         held-out tokens (``refine["held_out_fresh"]``, ``None`` where none are left).
