@@ -173,7 +173,8 @@ class Head:
         """Read a head from the ``/head`` group of an activation store (format 1 lacks scale, soft-cap and
         ``has_norm_weight``: none, none, a gain)."""
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in group.attrs.items()}
-        tensors = {name: torch.from_numpy(group[name][...].astype(np.float32)) for name in _TENSORS if name in group}
+        tensors = {name: torch.from_numpy(group[name][...].astype(np.float32, copy=False)) for name in _TENSORS
+                   if name in group}
         if "unembed" not in tensors or (attrs.get("has_norm_weight", True) and "norm_weight" not in tensors):
             raise NJTCError("the head has no norm_weight or unembed; the file is damaged")
         cap = float(attrs.get("softcap", 0.0))
@@ -199,7 +200,7 @@ class Head:
         digest = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode())
         for name, value in sorted(self.to_tensors(prefix="").items()):
             digest.update(name.encode())
-            digest.update(value.numpy().tobytes())
+            digest.update(value.contiguous().numpy().data)
         return digest.hexdigest()
 
     def _check_shapes(self) -> None:

@@ -48,7 +48,7 @@ __all__ = ["FORMAT", "LayerMoments", "MomentAccumulator", "Statistics", "add_gra
 FORMAT = "njtc-statistics"  # the ``format`` metadata of a statistics file
 # Rows per GEMM: the float32 sum inside one GEMM is the dominant rounding error (it grows like
 # √rows), so a chunk's rows are multiplied in blocks of this many rows (one batched GEMM) whose
-# products are summed in float64.
+# products are added into float64.
 GEMM_ROWS = 1024
 # Columns per panel of a triangular Gram (:func:`add_upper_gram`): a Gram XᵀX is symmetric, so only the
 # panels on and above its diagonal are multiplied (about 1.5-1.6 of the 2 d² multiply-adds a row of
@@ -352,13 +352,14 @@ def highest_float32_matmul():
 def add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``total += aᵀb`` (float64), each block of :data:`GEMM_ROWS` rows multiplied in ``a``'s dtype.
 
-    The whole blocks go through one batched GEMM whose products are summed in float64; a last
-    partial block is multiplied alone.
+    The whole blocks go through one batched GEMM whose products are added into ``total`` one by one;
+    a last partial block is multiplied alone.
     """
     whole = a.shape[0] // GEMM_ROWS * GEMM_ROWS
     if whole:
         blocks_a, blocks_b = a[:whole].unflatten(0, (-1, GEMM_ROWS)), b[:whole].unflatten(0, (-1, GEMM_ROWS))
-        total += torch.bmm(blocks_a.transpose(1, 2), blocks_b).sum(0, dtype=torch.float64)
+        for product in torch.bmm(blocks_a.transpose(1, 2), blocks_b):
+            total += product
     if whole < a.shape[0]:
         total += a[whole:].T @ b[whole:]
 
