@@ -7,7 +7,7 @@ process succeeded, and one in-place all-reduce of the accumulator's float64 buff
 that gives every process the global statistics. Each process solves its share of the layers
 on its own device, and rank 0 gathers the maps and writes. A single process needs none of
 this. Sharded extraction: each process extracts a contiguous block of the same
-sequence plan into its own shard file, and rank 0 joins them (``store.combine_shards``).
+sequence plan into its own shard file, and rank 0 joins them (``shards.combine_shards``).
 
 Communication per fit: one buffer of ``layers × (2d² + d) + d² + d + 1`` float64 values,
 about one pair of d×d float64 matrices per source layer (5.3 MB per layer at d = 576,

@@ -11,7 +11,7 @@ model. Output is written to ``OUT.partial`` and renamed when complete; an interr
 continues with ``--resume``.
 
 The plan (which sequences, split, positions) comes from njtc_solve.data.plan, the file from
-njtc_solve.data.store.StoreWriter; this module runs the model between them.
+njtc_solve.data.store_writer.StoreWriter; this module runs the model between them.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.models import model_sha256
 from njtc_solve.data.plan import PLAN_DEFAULTS, PlanSpec
 from njtc_solve.data.plan import plan_extraction as _plan_extraction
-from njtc_solve.data.store import StoreWriter
-from njtc_solve.data.store import stored_layers as _stored_layers
+from njtc_solve.data.store_writer import StoreWriter
+from njtc_solve.data.store_writer import stored_layers as _stored_layers
 
 if TYPE_CHECKING:
     from njtc_solve.data.plan import ExtractionPlan
@@ -79,7 +79,7 @@ def extract_activations(model, tokenizer, documents, out, *, model_name: str = "
         The corpus (see :func:`njtc_solve.data.corpus.load_corpus`).
     out : path
         The HDF5 store to write (written as ``out.partial``, renamed when complete), under its
-        output lock (see :class:`~njtc_solve.data.store.StoreWriter`).
+        output lock (see :class:`~njtc_solve.data.store_writer.StoreWriter`).
     model_name, corpus_name : str
         Recorded in the store.
     seq_len, positions, max_tokens, val_fraction, seed, bos
@@ -100,7 +100,7 @@ def extract_activations(model, tokenizer, documents, out, *, model_name: str = "
         The corpus's and the model's sha256 when already known (else computed).
     shard : (rank, world)
         Extract only the ``rank``-th contiguous block of the sequences (scale-out; see
-        :func:`~njtc_solve.data.store.combine_shards`).
+        :func:`~njtc_solve.data.shards.combine_shards`).
     layers : list of int, optional
         Source layers to store (default: all, 0..L-1); the target layer ``L`` is always kept.
 

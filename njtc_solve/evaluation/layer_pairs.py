@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import atomic_folder
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.data.store import VALIDATION, opened
+from njtc_solve.data.rows import VALIDATION
+from njtc_solve.data.store import opened
 
 __all__ = ["SKIP_ROWS", "PairwiseResult", "evaluate_pairs", "write_pairwise_report"]
 

@@ -35,7 +35,7 @@ from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.models import read_model_config
 from njtc_solve.data.plan import PlanSpec, plan_extraction
-from njtc_solve.data.store import TRAIN, VALIDATION
+from njtc_solve.data.rows import TRAIN, VALIDATION
 from njtc_solve.prune.folding import (WEIGHTINGS, Replacement, ReplacementStatistics, apply_replacement,
                                      check_output_folder, check_removal, save_pruned,
                                      solve_replacement)
