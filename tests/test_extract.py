@@ -20,7 +20,8 @@ from conftest import ROOT, run_module
 
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.data.extract import extract_activations, head_check_tolerance
+from njtc_solve.data.capture import head_check_tolerance
+from njtc_solve.data.extract import extract_activations
 from njtc_solve.core.models import load_model
 from njtc_solve.data.plan import bos_token, check_plan_settings, plan_extraction
 from njtc_solve.data.rows import TRAIN, VALIDATION

@@ -28,9 +28,7 @@ _SAME_ACROSS_SHARDS = ("format", "format_version", "model", "architecture", "n_l
 def combine_shards(out, shards, overwrite: bool = True) -> Path:
     """Join complete shard stores, in order, into one store of HDF5 virtual datasets.
 
-    The shards stay where they are (beside ``out``; the links are relative, so the folder
-    can move as a whole). The result reads like a single-process store: same datasets,
-    rows in the same order, the same split and attributes.
+    The shards stay beside ``out`` (relative links); the result reads like a single-process store.
     """
     out = Path(out)
     opened = [ActivationStore(p) for p in shards]

@@ -27,14 +27,12 @@ FORMAT_VERSION = 2  # 2: the head group describes a logit scale, a soft-cap and 
 READABLE_VERSIONS = (1, 2)  # a format-1 head has none of those (see Head.from_group)
 # how the activations are stored; bfloat16 (which HDF5 lacks) as its 16 bits, in uint16
 STORE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
-# TRAIN, VALIDATION, SPLITS and DEFAULT_SKIP_POSITIONS: what every row source shares (see .rows)
 
 
 class ActivationStore(RowSourceBase):
-    """Read-only view of an activation store that streams row chunks of any set of layers.
+    """A read-only activation store: a :class:`~njtc_solve.data.rows.RowSource` streaming row chunks.
 
-    A :class:`~njtc_solve.data.rows.RowSource`, as a live model's rows are. Opening validates the format and version and refuses a missing, truncated, foreign or
-    incomplete file with a one-line :class:`NJTCError`.
+    Opening refuses a missing, truncated, foreign, damaged or incomplete file with a one-line :class:`NJTCError`.
 
     Examples
     --------
@@ -70,7 +68,7 @@ class ActivationStore(RowSourceBase):
             raise NJTCError(f"{self.path} is damaged ({_first_line(err)}); extract it again") from err
 
     def _open(self, allow_incomplete: bool) -> None:
-        # every root attribute read here, once, where damage is caught
+        """Read and check the root attributes and the datasets' shapes, once, where damage is caught."""
         self._attrs = {k: (v.item() if isinstance(v, np.generic) else v.tolist() if isinstance(v, np.ndarray) else v)
                        for k, v in self.file.attrs.items()}
         attrs = self._attrs
@@ -85,10 +83,8 @@ class ActivationStore(RowSourceBase):
                 raise NJTCError(f"{self.path} is being written by another process (it holds "
                                 f"{self.path.name}.lock); wait for it to finish, then try again")
             written, total = int(attrs.get("rows_written", 0)), int(self.file["tokens"].shape[0])
-            raise NJTCError(
-                f"{self.path} is incomplete ({written} of {total} rows written); finish it with extract --resume "
-                "(extract_activations(..., resume=True) in Python)"
-            )
+            raise NJTCError(f"{self.path} is incomplete ({written} of {total} rows written); finish it with extract "
+                            "--resume (extract_activations(..., resume=True) in Python)")
         self.n_layers = int(attrs["n_layers"])
         self.d_model = int(attrs["d_model"])
         # a store of some source layers (extract --layers) lists them; older stores hold all
@@ -111,7 +107,6 @@ class ActivationStore(RowSourceBase):
         self._split = self._read("split", slice(0, self.n_rows))
         self._position = self._read("position", slice(0, self.n_rows)) if "position" in self.file else None
 
-    # -- metadata -------------------------------------------------------------------------
     @property
     def attrs(self) -> dict:
         """Root attributes as plain Python values."""
@@ -137,10 +132,7 @@ class ActivationStore(RowSourceBase):
 
     @cached_property
     def provenance(self) -> dict:
-        """What identifies this store's rows and split; fits record it, evaluation compares it.
-
-        See :func:`split_provenance`.
-        """
+        """What identifies this store's rows and split (:func:`~njtc_solve.data.rows.split_provenance`)."""
         return split_provenance(self.attrs, self.validation_documents, str(self.path))
 
     def evaluated_documents(self, skip_positions: int = 0) -> np.ndarray:
@@ -155,10 +147,7 @@ class ActivationStore(RowSourceBase):
             raise NJTCError(f"cannot read the head from {self.path} ({_first_line(err)}); the file is damaged") from err
 
     def read(self, name: str, rows=None) -> np.ndarray:
-        """Read a per-row dataset such as ``"tokens"``, ``"final_top1"`` or ``"final_topk"``.
-
-        ``rows``: all rows (``None``), a slice, a boolean mask or an array of row indices.
-        """
+        """A per-row dataset (``"tokens"``, ``"final_topk"`` …) at ``rows``: all, a slice, a mask or indices."""
         if rows is None:
             return self._read(name, slice(0, self.n_rows))
         if isinstance(rows, slice):
@@ -172,7 +161,7 @@ class ActivationStore(RowSourceBase):
         return self._read(name, slice(low, int(rows.max()) + 1))[rows - low]
 
     def _read(self, name: str, rows: slice) -> np.ndarray:
-        """``file[name][rows]``; a failed checksum or a corrupt header becomes a one-line error."""
+        """``file[name][rows]``; damage becomes a one-line error."""
         try:
             return self.file[name][rows]
         except _DAMAGE as err:
@@ -180,7 +169,7 @@ class ActivationStore(RowSourceBase):
                             f"({_first_line(err)}); the file is damaged: extract it again") from err
 
     def split_code(self, split) -> int | None:
-        """Translate ``"train"``/``"validation"``/``None`` to a split code (:func:`njtc_solve.data.rows.split_code`)."""
+        """:func:`njtc_solve.data.rows.split_code`."""
         return split_code(split)
 
     def selection(self, split=None, skip_positions: int = 0, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -192,7 +181,6 @@ class ActivationStore(RowSourceBase):
             keep &= self._position[start:stop] >= skip_positions
         return keep
 
-    # -- streaming ------------------------------------------------------------------------
     def iter_chunks(self, layers, split=None, chunk_rows: int = 4096, max_rows: int | None = None,
                     shard: tuple[int, int] = (0, 1), skip_positions: int = 0, prefetch: bool = True):
         """Yield ``(row_indices, {layer: float32 array (rows, d)})`` in row order.
@@ -263,8 +251,7 @@ _DAMAGE = (KeyError, OSError, ValueError, RuntimeError, TypeError)  # what h5py 
 
 @contextmanager
 def opened(source):
-    """``source`` as a row source for the block: a path opens an :class:`ActivationStore`,
-    closed after it; a row source (or ``None``) is used as it is, and left open.
+    """``source`` for the block: a path as an :class:`ActivationStore` closed after it, else as it is.
 
     Examples
     --------
@@ -280,12 +267,7 @@ def opened(source):
 
 
 def being_written(path, err: OSError | None = None) -> bool:
-    """Whether another process is writing the HDF5 file ``path``.
-
-    HDF5 refuses to open a file that a writer holds (``unable to lock file``, errno 11), and
-    the commands hold ``PATH.lock`` while they write ``PATH``
-    (:func:`njtc_solve.core.outputs.output_lock`).
-    """
+    """Whether another process writes ``path``: HDF5's own lock (``err``) or ``PATH.lock`` is held."""
     if err is not None and (isinstance(err, BlockingIOError) or "unable to lock file" in str(err)):
         return True
     return is_locked(path)
@@ -321,10 +303,8 @@ def _chunk_coverage(ds, file_size: int | None) -> tuple[int, int, list]:
 def check_chunk_index(file) -> None:
     """Refuse a store whose chunk index does not cover every chunked dataset's extent.
 
-    HDF5 checksums chunks (fletcher32) but not the index that finds them: a damaged index
-    entry drops a chunk, or moves it, and its rows then read as fill values without an error.
-    Every chunked dataset must have exactly one allocated chunk at each point of its chunk
-    grid, each inside the file. Costs one walk of each index (see the README for a timing).
+    HDF5 checksums chunks but not their index, where a damaged entry reads its rows as zeros
+    without an error. Every chunked dataset needs one chunk at each point of its grid, inside the file.
 
     Raises
     ------

@@ -14,7 +14,7 @@ import torch
 
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.head import Head
-from njtc_solve.core.outputs import output_lock, temporary_path, write_failure
+from njtc_solve.core.outputs import check_writable, output_lock, temporary_path, write_failure
 from njtc_solve.data.capture import check_head
 from njtc_solve.data.rows import FINAL_TOPK
 from njtc_solve.data.store import FORMAT, FORMAT_VERSION, STORE_DTYPES, decode_rows, encode_rows
@@ -23,13 +23,7 @@ __all__ = ["StoreWriter", "bytes_per_token", "check_output", "stored_layers"]
 
 
 def check_output(out, *, resume: bool = False, overwrite: bool = False) -> None:
-    """Refuse a store output that cannot be written, or would replace a file without ``overwrite``.
-
-    Cheap and before any work: :meth:`StoreWriter.reserve` runs it, and :class:`StoreWriter`
-    again under the output lock when it opens the file.
-    """
-    from njtc_solve.core.outputs import check_writable
-
+    """Refuse a store output that cannot be written, or would replace a file without ``overwrite``."""
     out = Path(out)
     partial = temporary_path(out)
     if resume and overwrite:
@@ -62,16 +56,15 @@ def bytes_per_token(n_stored: int, d_model: int, dtype: str = "float32") -> int:
 
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-# No chunk cache while writing: a chunk is written (and fails, on a full disk) inside the call
-# that writes it, never later from a cache flushed where HDF5 can only print the error.
+# no chunk cache: a write fails (a full disk) inside its call, not later in a flush where HDF5 only prints it
 _WRITE_CACHE = {"rdcc_nbytes": 0}
 _WRITE_ERRORS = (OSError, ValueError, RuntimeError)  # what h5py raises when the file system refuses a write
 # the settings a resumed run must share with the one that began the file
 _RESUME_KEYS = ("model_sha256", "corpus_sha256", "seq_len", "positions", "seed", "val_fraction",
                 "batch_size", "dtype", "n_rows", "shard", "bos", "layers")
-# the root attributes a StoreWriter's caller gives; it adds the others from the plan, the head and its settings
+# the root attributes a StoreWriter's caller gives
 _PROVENANCE = ("model", "architecture", "n_layers", "corpus", "corpus_sha256", "model_sha256", "seed",
-                   "val_fraction", "max_tokens", "n_documents")
+               "val_fraction", "max_tokens", "n_documents")
 # every root attribute, in the order written (the order is part of the file's bytes)
 _ROOT_ATTRIBUTES = ("format", "format_version", "model", "architecture", "n_layers", "d_model", "vocab_size", "dtype",
                     "seq_len", "positions", "corpus", "corpus_sha256", "model_sha256", "seed", "val_fraction",
@@ -86,12 +79,7 @@ class _Untrusted(Exception):
 
 
 def _sync(f) -> None:
-    """Flush the store and have the operating system put it on disk.
-
-    A failure is :class:`_Untrusted`: after a failed fsync the pages it could not write may be
-    dropped from the cache, so ``rows_written`` may count rows that are not on disk, and the
-    file must not be resumed.
-    """
+    """Flush and fsync the store; a failure is :class:`_Untrusted` (the file must not be resumed)."""
     try:
         f.flush()
         os.fsync(f.id.get_vfd_handle())
@@ -134,18 +122,14 @@ def _check_values(layer, values: torch.Tensor, dtype: str) -> None:
 class StoreWriter:
     """Write one activation store: ``OUT.partial``, renamed to ``OUT`` when every row is in.
 
-    Opening takes the output lock (:meth:`lock`, held until :meth:`finish` or :meth:`abort`),
-    refuses an output that exists without ``overwrite`` (:func:`check_output`), checks the
-    free space and creates the pre-allocated file: every dataset of the plan's rows, chunked
-    with a fletcher32 checksum, the row index and the head group. With ``resume`` it reopens
-    ``OUT.partial`` instead (its settings must match) and continues from ``rows_written``;
-    with nothing to resume it starts afresh. :meth:`write` takes the rows batch by batch, in
-    order; :meth:`finish` puts the file on disk (fsync) and renames it.
+    Opening takes the output lock (held until :meth:`finish` or :meth:`abort`), checks the output
+    (:func:`check_output`) and the free space, and creates the pre-allocated, checksummed file, or
+    with ``resume`` reopens ``OUT.partial`` (its settings must match). :meth:`write` takes the rows
+    batch by batch, in order; :meth:`finish` fsyncs the file and renames it.
 
-    Used as a context manager, an exception aborts it as extraction needs: an
-    :class:`NJTCError` (a failed check) or a failed fsync removes the partial file; a failed
-    write (a full disk) keeps it, for ``resume``, and becomes a one-line :class:`NJTCError`;
-    an interruption, or leaving the block without :meth:`finish`, keeps it.
+    As a context manager, an :class:`NJTCError` or a failed fsync removes the partial file; a
+    failed write (a full disk) keeps it for ``resume`` as a one-line :class:`NJTCError`, as do an
+    interruption and leaving the block without :meth:`finish`.
 
     Parameters
     ----------
@@ -156,9 +140,8 @@ class StoreWriter:
     head : Head
         The model's head, stored with the rows and checked on the first batch.
     provenance : dict
-        Root attributes that describe where the rows come from: ``model``, ``architecture``,
-        ``n_layers``, ``corpus``, ``corpus_sha256``, ``model_sha256``, ``seed``,
-        ``val_fraction``, ``max_tokens`` (-1 for none) and ``n_documents``.
+        Root attributes: ``model``, ``architecture``, ``n_layers``, ``corpus``, ``corpus_sha256``,
+        ``model_sha256``, ``seed``, ``val_fraction``, ``max_tokens`` (-1 for none), ``n_documents``.
     layers : list of int, optional
         Source layers to store (default: all); the last layer ``n_layers`` is always stored.
     dtype : {"float32", "float16", "bfloat16"}
@@ -166,7 +149,7 @@ class StoreWriter:
     batch_size : int
         Sequences per :meth:`write` (the chunk shape and the resume contract follow it).
     shard : (rank, world)
-        Which block of a sharded extraction ``plan`` is (recorded; see :func:`combine_shards`).
+        Which block of a sharded extraction ``plan`` is (recorded).
     model_dtype : torch.dtype
         The model's dtype, which sets the head check's tolerance.
     resume, overwrite : bool
@@ -177,8 +160,7 @@ class StoreWriter:
     >>> from njtc_solve.data.capture import forward_batches
     >>> from njtc_solve.data.plan import plan_extraction
     >>> plan = plan_extraction(tokenizer, documents, seq_len=32, max_tokens=256)
-    >>> provenance = {"model": "tiny", "architecture": model.config.model_type,
-    ...               "n_layers": model.config.num_hidden_layers, "corpus": "",
+    >>> provenance = {"model": "tiny", "architecture": model.config.model_type, "n_layers": 3, "corpus": "",
     ...               "corpus_sha256": "", "model_sha256": "", "seed": 0, "val_fraction": 0.25, "max_tokens": 256,
     ...               "n_documents": len(documents)}
     >>> with StoreWriter("tiny.h5", plan, Head.from_model(model), provenance=provenance, batch_size=4) as writer:
@@ -215,7 +197,6 @@ class StoreWriter:
         self._hidden = {layer: self._file[f"hidden/{layer}"] for layer in self.layers}  # open for the whole run
         self.rows_written = int(self._file.attrs["rows_written"])
 
-    # -- the output, before any work ------------------------------------------------------
     @staticmethod
     def check_settings(*, dtype: str = "float32", batch_size: int = 8) -> None:
         """Refuse a storage type or batch size the writer cannot use (before any work)."""
@@ -227,11 +208,7 @@ class StoreWriter:
     @staticmethod
     @contextmanager
     def lock(out):
-        """Hold the output lock of ``out`` (:func:`njtc_solve.core.outputs.output_lock`) for the block.
-
-        Another process that asks for it is refused at once; in this process, a nested hold
-        of the same output (a writer inside a command's :meth:`reserve`) is the same hold.
-        """
+        """Hold the output lock of ``out`` for the block; a nested hold in this process is the same hold."""
         key = os.path.abspath(out)
         if key in _HELD:
             yield
@@ -248,9 +225,7 @@ class StoreWriter:
     def reserve(out, *, resume: bool = False, overwrite: bool = False):
         """Hold the lock of ``out`` for the block, and check it can be written (:func:`check_output`).
 
-        What a command does before it loads a model, so that a second run to the same output,
-        or one that would replace a file, is refused before any work. A :class:`StoreWriter`
-        of ``out`` opened inside the block keeps this hold.
+        A command reserves its output before any work; a :class:`StoreWriter` opened inside keeps the hold.
 
         Examples
         --------
@@ -354,16 +329,9 @@ class StoreWriter:
         self.head.write_group(f.create_group("head"))
         f.flush()
 
-    # -- rows -----------------------------------------------------------------------------
     def write(self, rows: slice, hidden, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Write the next batch: rows ``rows`` (a slice starting at :attr:`rows_written`).
-
-        ``hidden[l]`` holds layer ``l``'s rows ``(n, d)`` for every stored layer (a list by
-        layer, or a dict), ``tokens`` the input token of each row and ``logits`` the model's
-        own logits there, whose top-k are stored. The first batch written checks the head
-        (:meth:`check_head`) before the long pass. NaN, Inf, or values beyond float16's range
-        in a float16 store, are refused.
-        """
+        """Write rows ``rows`` (a slice starting at :attr:`rows_written`): ``hidden[l]`` of every stored
+        layer, the input ``tokens`` and the top-k of the model's ``logits``; the first batch checks the head."""
         if rows.start != self.rows_written:
             raise ValueError(f"rows are written in order: the next row is {self.rows_written}, not {rows.start}")
         with self._aborting_on_error():
@@ -384,17 +352,12 @@ class StoreWriter:
             self.rows_written = r1
 
     def check_head(self, first_row: int, model_logits: torch.Tensor) -> None:
-        """Check the head on the stored last layer of rows ``first_row…`` against the model's
-        own logits there, and record the figures (``head_check_*`` attributes).
-
-        :meth:`write` runs it on the first batch; a run with no batch left to write (a resumed
-        one) runs it on rows already written. The stored (possibly 16-bit) rows are what every
-        later reader applies the head to. See :func:`njtc_solve.data.capture.check_head`.
-        """
+        """Check the head on the stored last layer of rows ``first_row…`` against ``model_logits`` there
+        (:func:`njtc_solve.data.capture.check_head`) and record the figures as ``head_check_*`` attributes."""
         with self._aborting_on_error():
             f = self._file
-            stored = torch.from_numpy(decode_rows(f[f"hidden/{self.n_layers}"][first_row: first_row + len(model_logits)],
-                                                  self.dtype))
+            rows = f[f"hidden/{self.n_layers}"][first_row: first_row + len(model_logits)]
+            stored = torch.from_numpy(decode_rows(rows, self.dtype))
             figures = {}
             try:
                 check_head(self.head, stored, model_logits, self.model_dtype, self.dtype, record=figures)
@@ -419,10 +382,8 @@ class StoreWriter:
         self._held.close()
         return self.out
 
-    # -- ending ---------------------------------------------------------------------------
     def abort(self, *, keep: bool = True) -> None:
-        """Stop writing: close the file and release the lock; keep ``OUT.partial`` for a later
-        ``resume``, or remove it with ``keep=False``. Nothing happens after :meth:`finish`."""
+        """Close the file and release the lock, keeping ``OUT.partial`` to resume unless ``keep=False``."""
         if self._file is not None:
             _close_quietly(self._file)
             self._file = None
