@@ -21,8 +21,8 @@ DEFAULT_CORPUS = "pydoc_data.topics"
 HUB_PREFIX = "hf:"
 DATASET_FILES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}  # suffix: datasets' builder
 _SAVED = ("dataset_info.json", "state.json")  # what Dataset.save_to_disk writes beside its .arrow files
-_SLICE = re.compile(r"(?P<split>.*)\[(?P<start>[0-9]*):(?P<stop>[0-9]*)\]")
 _EXTRA = "pip install 'njtc_solve[datasets]'"
+_SLICE = re.compile(r"(?P<split>.*)\[(?P<start>[0-9]*):(?P<stop>[0-9]*)\]")
 
 
 def load_corpus(spec: str | None = None, *, text_field: str = "text") -> tuple[str, list[str]]:
@@ -111,8 +111,6 @@ def _local_dataset(spec: str) -> tuple[Path, slice | None] | None:
 def corpus_path(spec) -> Path:
     """The file or folder a local corpus spec reads (a dataset's ``[:N]`` slice taken off).
 
-    Examples
-    --------
     >>> str(corpus_path("data/train.parquet[:100]")), str(corpus_path("notes.txt"))
     ('data/train.parquet', 'notes.txt')
     """
@@ -123,8 +121,6 @@ def corpus_path(spec) -> Path:
 def is_dataset(spec: str) -> bool:
     """Whether ``spec`` names a Hugging Face dataset: ``hf:NAME...``, a save_to_disk folder or a dataset file.
 
-    Examples
-    --------
     >>> is_dataset("hf:wikitext:wikitext-2-raw-v1:train[:100]"), is_dataset("notes.txt")
     (True, False)
     """
@@ -199,11 +195,10 @@ def _read_dataset(spec: str, text_field: str) -> list[str]:
     if columns is not None and text_field not in columns:
         raise NJTCError(f"corpus {spec} has no column {text_field!r} (its columns: {', '.join(columns)}); "
                         "see `text_field`")
-    start = (rows.start or 0) if rows is not None else 0
-    stop = rows.stop if rows is not None else None
+    rows = slice(None) if rows is None else rows
     docs = []
     try:
-        for number, record in enumerate(islice(iter(data), start, stop), start):
+        for number, record in enumerate(islice(iter(data), rows.start or 0, rows.stop), rows.start or 0):
             if not isinstance(record, dict) or text_field not in record:
                 raise NJTCError(f"corpus {spec} has no column {text_field!r} (its columns: "
                                 f"{', '.join(record) if isinstance(record, dict) else 'none'}); see `text_field`")

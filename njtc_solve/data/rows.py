@@ -37,33 +37,15 @@ FINAL_TOPK = 10  # the model's own top-k kept per row (a store's `/final_topk`)
 
 @runtime_checkable
 class RowSource(Protocol):
-    """What every consumer of rows reads: the surface an activation store and a live model share.
+    """What every consumer of rows reads: the surface an activation store and a live model share."""
 
-    Attributes
-    ----------
-    n_layers : int
-        ``L``: layers ``0..L`` (``L`` the last, before the final norm).
-    d_model : int
-        Width of a row.
-    path : str or Path
-        Where the rows come from (a store's file, ``live:MODEL`` for a model).
-    provenance : dict
-        What identifies the rows and their split (:func:`split_provenance`).
-    model_sha256 : str
-        The weights' hash.
-    default_skip_positions : int
-        Rows at positions below this are left out by default.
-    layers : list of int
-        The layers whose rows the source can yield.
-    """
-
-    n_layers: int
-    d_model: int
-    path: str | Path
-    provenance: dict
-    model_sha256: str
-    default_skip_positions: int
-    layers: list[int]
+    n_layers: int  # L: layers 0..L, L the last before the final norm
+    d_model: int  # the width of a row
+    path: str | Path  # where the rows come from: a store's file, live:MODEL for a model
+    provenance: dict  # what identifies the rows and their split (split_provenance)
+    model_sha256: str  # the weights' hash
+    default_skip_positions: int  # rows at positions below this are left out by default
+    layers: list[int]  # the layers whose rows the source can yield
 
     @property
     def source_layers(self) -> list[int]:

@@ -253,8 +253,6 @@ _DAMAGE = (KeyError, OSError, ValueError, RuntimeError, TypeError)  # what h5py 
 def opened(source):
     """``source`` for the block: a path as an :class:`ActivationStore` closed after it, else as it is.
 
-    Examples
-    --------
     >>> with opened("activations.h5") as store:
     ...     store.n_layers
     3

@@ -95,11 +95,6 @@ def _close_quietly(f) -> None:
         pass
 
 
-def _caused(err: BaseException, cause: BaseException | None) -> BaseException:
-    err.__cause__ = cause
-    return err
-
-
 def _chunk_rows(rows_per_batch: int, n: int, row_bytes: int, limit: int = 4 << 20) -> int:
     """Rows per HDF5 chunk: a divisor of a batch's rows (each write fills whole chunks), ≤ 4 MiB."""
     rows = min(rows_per_batch, n)
@@ -227,8 +222,6 @@ class StoreWriter:
 
         A command reserves its output before any work; a :class:`StoreWriter` opened inside keeps the hold.
 
-        Examples
-        --------
         >>> with StoreWriter.reserve("new.h5"):
         ...     Path("new.h5.lock").exists()
         True
@@ -391,32 +384,28 @@ class StoreWriter:
                 self.partial.unlink(missing_ok=True)
         self._held.close()
 
-    def _failed(self, err: BaseException) -> BaseException:
-        """Abort after ``err`` and return what to raise in its place (``err`` itself if unchanged)."""
+    def _failed(self, err: BaseException) -> None:
+        """Abort after ``err``; raise the one-line error that replaces it, if any."""
         if self._file is None:  # already ended: handled where it was first raised
-            return err
+            return
         if isinstance(err, _Untrusted):  # after a failed fsync, what the file holds on disk is unknown
             self.abort(keep=False)
-            return _caused(NJTCError(f"cannot write {self.partial}: {err} (fsync failed); what was written cannot "
-                                     "be trusted, so the partial file is removed: run again without `resume=True`"),
-                           err.__cause__)
+            message = (f"cannot write {self.partial}: {err} (fsync failed); what was written cannot be trusted, so "
+                       "the partial file is removed: run again without `resume=True`")
+            raise NJTCError(message) from err.__cause__
         self.abort(keep=not isinstance(err, NJTCError))
         reason = write_failure(err) if isinstance(err, _WRITE_ERRORS) else None
-        if reason is None:
-            return err
-        # a write failed (disk full, quota, I/O error): rows_written counts only flushed batches
-        return _caused(NJTCError(f"cannot write {self.partial}: {reason}; the partial file is kept: free space, "
-                                 "then run again with `resume=True`"), err)
+        if reason is not None:  # a write failed (disk full, quota, I/O error): rows_written counts flushed batches
+            raise NJTCError(f"cannot write {self.partial}: {reason}; the partial file is kept: free space, "
+                            "then run again with `resume=True`") from err
 
     @contextmanager
     def _aborting_on_error(self):
         try:
             yield
         except BaseException as err:
-            replacement = self._failed(err)
-            if replacement is err:
-                raise
-            raise replacement from replacement.__cause__
+            self._failed(err)
+            raise
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -424,10 +413,8 @@ class StoreWriter:
     def __exit__(self, kind, err, traceback) -> None:
         if err is None:
             self.abort(keep=True)  # left without finish(): the partial file stays, to resume
-            return
-        replacement = self._failed(err)
-        if replacement is not err:
-            raise replacement from replacement.__cause__
+        else:
+            self._failed(err)
 
     def __repr__(self) -> str:
         state = "open" if self._file is not None else "closed"
