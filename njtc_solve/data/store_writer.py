@@ -117,14 +117,10 @@ def _check_values(layer, values: torch.Tensor, dtype: str) -> None:
 class StoreWriter:
     """Write one activation store: ``OUT.partial``, renamed to ``OUT`` when every row is in.
 
-    Opening takes the output lock (held until :meth:`finish` or :meth:`abort`), checks the output
-    (:func:`check_output`) and the free space, and creates the pre-allocated, checksummed file, or
-    with ``resume`` reopens ``OUT.partial`` (its settings must match). :meth:`write` takes the rows
-    batch by batch, in order; :meth:`finish` fsyncs the file and renames it.
-
-    As a context manager, an :class:`NJTCError` or a failed fsync removes the partial file; a
-    failed write (a full disk) keeps it for ``resume`` as a one-line :class:`NJTCError`, as do an
-    interruption and leaving the block without :meth:`finish`.
+    Opening takes the output lock until :meth:`finish` or :meth:`abort`, checks the output and the free
+    space, and creates the pre-allocated file (or with ``resume`` reopens ``OUT.partial``). As a context
+    manager, an :class:`NJTCError` or a failed fsync removes the partial file; a failed write (a one-line
+    :class:`NJTCError`), an interruption or leaving without :meth:`finish` keep it for ``resume``.
 
     Parameters
     ----------
@@ -184,10 +180,7 @@ class StoreWriter:
         try:
             self._open(self._attributes(provenance, batch_size, shard), resume and self.partial.exists())
         except BaseException:
-            if self._file is not None:
-                _close_quietly(self._file)
-            self._file = None
-            self._held.close()
+            self.abort()
             raise
         self._hidden = {layer: self._file[f"hidden/{layer}"] for layer in self.layers}  # open for the whole run
         self.rows_written = int(self._file.attrs["rows_written"])
