@@ -36,7 +36,7 @@ from njtc_solve.solve.fit import fit_shortcuts
 from njtc_solve.solve.statistics_pass import accumulate_statistics
 from njtc_solve.core.models import load_model, model_sha256
 from njtc_solve.data.live import LiveSource
-from njtc_solve.data.store import bytes_per_token
+from njtc_solve.data.store_writer import bytes_per_token
 from provenance import measured_at
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -61,7 +61,7 @@ from njtc_solve.core.architectures import resolve_parts
 from njtc_solve.core.models import load_model
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.data.plan import plan_extraction
-from njtc_solve.data.store import TRAIN, VALIDATION
+from njtc_solve.data.rows import TRAIN, VALIDATION
 from njtc_solve.prune.replacement import Replacement, apply_replacement
 from njtc_solve.prune.refine_fold import RefineFoldSpec, refine_fold
 from njtc_solve.prune.replacement_statistics import replacement_statistics

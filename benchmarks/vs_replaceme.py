@@ -52,7 +52,7 @@ from njtc_solve.prune.replacement_statistics import replacement_statistics
 from njtc_solve.prune.scoring import collect_reference, replaced_stream, score_replacement, tail_logits
 from njtc_solve.prune.selection import choose_replacement
 from njtc_solve.prune.replacement import Replacement, apply_replacement
-from njtc_solve.data.store import TRAIN, VALIDATION
+from njtc_solve.data.rows import TRAIN, VALIDATION
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

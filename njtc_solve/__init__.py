@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _API = {
     "NJTCError": "core.errors",
     "ActivationStore": "data.store",
-    "StoreWriter": "data.store",
+    "StoreWriter": "data.store_writer",
     "LiveSource": "data.live",
     "plan_extraction": "data.plan",
     "PlanSpec": "data.plan",

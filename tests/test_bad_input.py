@@ -358,7 +358,7 @@ def test_damaged_chunk_index_and_write_failures(files, capsys, tmp_path, monkeyp
         raise OSError(errno.EIO, "Input/output error")
 
     model, tokenizer, name = load_model(str(tiny_models["llama"]))
-    monkeypatch.setattr("njtc_solve.data.store.os.fsync", failing_fsync)  # os.fsync itself, which the store writer calls
+    monkeypatch.setattr("njtc_solve.data.store_writer.os.fsync", failing_fsync)  # os.fsync itself, which the store writer calls
     target = tmp_path / "new.h5"
     with pytest.raises(NJTCError, match=r"Input/output error \(fsync failed\).*partial file is removed"):
         extract_activations(model, tokenizer, load_corpus()[1], target, seq_len=32, max_tokens=512,

@@ -196,7 +196,7 @@ def test_export_refuses_what_tuned_lens_cannot_hold_before_the_model_loads(tiny_
 
 
 def test_a_store_in_a_missing_folder_is_named_so(tmp_path):
-    from njtc_solve.data.store import StoreWriter
+    from njtc_solve.data.store_writer import StoreWriter
 
     with pytest.raises(NJTCError, match=r"a\.h5: folder .*missing does not exist$"):
         with StoreWriter.reserve(tmp_path / "missing" / "a.h5"):

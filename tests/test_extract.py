@@ -20,10 +20,12 @@ from conftest import ROOT, run_module
 
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.data.extract import extract_activations, head_check_tolerance
+from njtc_solve.data.capture import head_check_tolerance
+from njtc_solve.data.extract import extract_activations
 from njtc_solve.core.models import load_model
 from njtc_solve.data.plan import bos_token, check_plan_settings, plan_extraction
-from njtc_solve.data.store import TRAIN, VALIDATION, ActivationStore
+from njtc_solve.data.rows import TRAIN, VALIDATION
+from njtc_solve.data.store import ActivationStore
 
 
 def _extract(folder, out, **kwargs):
@@ -446,7 +448,7 @@ def test_plan_settings_are_refused_naming_the_parameter(settings, message):
 
 def test_the_plan_lives_apart_from_the_writer():
     code = ("import sys, njtc_solve.data.plan, njtc_solve.data.live; "
-            "print(sorted(m for m in ('njtc_solve.data.extract', 'njtc_solve.data.store', 'h5py') if m in sys.modules))")
+            "print(sorted(m for m in ('njtc_solve.data.extract', 'njtc_solve.data.store', 'njtc_solve.data.store_writer', 'h5py') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.stdout.strip() == "[]", result.stderr  # a live source never imports the store nor HDF5

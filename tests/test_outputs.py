@@ -42,7 +42,7 @@ def test_the_package_imports_and_locks_without_fcntl(tmp_path):
                     raise ImportError("no fcntl here")
         sys.modules.pop("fcntl", None)
         sys.meta_path.insert(0, Block())
-        import njtc_solve, njtc_solve.core.errors, njtc_solve.core.outputs, njtc_solve.data.store
+        import njtc_solve, njtc_solve.core.errors, njtc_solve.core.outputs, njtc_solve.data.store_writer
         from njtc_solve.core.errors import NJTCError
         from njtc_solve.core.outputs import output_lock
         with output_lock({str(tmp_path / 'a.h5')!r}):

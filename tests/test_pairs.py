@@ -244,7 +244,7 @@ def _independent_skip(live, predict, source, target, max_tokens, keep):
     ``predict``, from ``model(...).logits`` with two hooks (not :mod:`njtc_solve.evaluation.block_skip`): float64
     softmax, the validation sequences and positions that :func:`evaluate_pairs` scores; positions
     below ``keep`` keep the model's own state, as in the skip surgery."""
-    from njtc_solve.data.store import VALIDATION
+    from njtc_solve.data.rows import VALIDATION
 
     model, plan, skip = live.model, live.plan, live.default_skip_positions
     sequences = np.flatnonzero(plan.split == VALIDATION)

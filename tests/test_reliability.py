@@ -287,7 +287,7 @@ def test_the_store_writer_holds_the_lock_and_ends_as_extraction_needs(tiny_model
     from njtc_solve.core.head import Head
     from njtc_solve.core.models import load_model
     from njtc_solve.data.plan import plan_extraction
-    from njtc_solve.data.store import StoreWriter
+    from njtc_solve.data.store_writer import StoreWriter
 
     model, tok, _ = load_model(str(tiny_models["llama"]))
     docs = load_corpus()[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 from njtc_solve.data import extract as library
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import output_lock, temporary_path
-from njtc_solve.data.store import StoreWriter
+from njtc_solve.data.store_writer import StoreWriter
 from njtc_solve.cli import command, prog, run_cli
 from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, load_model_from_args, parse_layers, plan_settings
 
@@ -52,7 +52,8 @@ def main(args) -> int:
     from njtc_solve.core.distributed import Communicator
     from njtc_solve.core.models import check_device
     from njtc_solve.core.outputs import check_not_inputs
-    from njtc_solve.data.store import VALIDATION, combine_shards, shard_path
+    from njtc_solve.data.rows import VALIDATION
+    from njtc_solve.data.shards import combine_shards, shard_path
 
     plan_settings(args)  # a bad plan is refused before the corpus and the model load
     StoreWriter.check_settings(dtype=args.dtype, batch_size=args.batch_size)

@@ -1,13 +1,7 @@
-"""Reading the residual stream of a live model: the one capture that every consumer uses.
+"""The residual stream of a live model, the one capture every consumer uses, and the head check.
 
-Extraction (to a store), the live fit and live evaluation (statistics straight from the
-forward pass) and the lens (a prompt) all read the model's hidden states through
-:func:`capture_residual_stream`, and the first three walk an extraction plan through
-:func:`forward_batches`, so that rows, positions and splits are the same on every path.
-
-Layer 0 is the input of the first block (the embedding output, after any scaling or
-projection the model applies), layer ``l`` the output of block ``l``, and layer ``L`` the
-last block's output *before* the final norm.
+Layer 0 is the input of the first block (the embedding output, after any scaling or projection),
+layer ``l`` the output of block ``l``, and layer ``L`` the last block's output *before* the final norm.
 """
 
 from __future__ import annotations
@@ -26,11 +20,9 @@ __all__ = ["CapturedBatch", "capture_residual_stream", "check_head", "forward_ba
 
 @contextmanager
 def capture_residual_stream(model):
-    """Hook a model so each forward pass records the residual stream at every layer.
+    """Hook ``model`` so each forward pass records the residual stream at every layer.
 
-    Yields a list that, after a forward pass, holds ``L + 1`` tensors of shape
-    ``(batch, seq, d)``: the first block's input, then each block's output (the last one
-    before the final norm), in the model's dtype and on its device.
+    Yields a list that, after a forward pass, holds the ``L + 1`` layers' ``(batch, seq, d)`` tensors.
 
     Examples
     --------
@@ -55,12 +47,10 @@ def capture_residual_stream(model):
 
 @dataclass
 class CapturedBatch:
-    """The rows of one forward pass over a batch of a plan's sequences.
+    """The rows of one forward pass over a batch of a plan's sequences (``rows``: their slice in the plan).
 
-    ``hidden[l]`` holds layer ``l``'s rows ``(rows, d)`` in the model's dtype and device
-    (every position of the batch, or the plan's one position per sequence), ``logits`` the
-    model's own logits at those rows, ``tokens`` the input token at each row, and
-    ``rows`` the rows' slice in the plan's row order.
+    ``hidden[l]`` holds layer ``l``'s rows ``(rows, d)``, ``logits`` and ``tokens`` the model's logits and
+    the input token at each row.
     """
 
     sequences: slice
@@ -78,9 +68,7 @@ def _rows(t: torch.Tensor, pick) -> torch.Tensor:
 def forward_batches(model, plan, batch_size: int, first_batch: int = 0) -> Iterator[CapturedBatch]:
     """Run the model over ``plan``'s sequences, ``batch_size`` at a time, yielding their rows.
 
-    ``plan`` is an :class:`njtc_solve.data.plan.ExtractionPlan` (or one process's block of
-    it). The caller consumes each batch before asking for the next: the hidden states are
-    the model's own tensors, valid until the next forward pass.
+    Each batch's tensors are the model's own, valid until the next batch is asked for.
     """
     device = next(model.parameters()).device
     n_batches = -(-len(plan.sequence) // batch_size)
@@ -102,10 +90,8 @@ def forward_batches(model, plan, batch_size: int, first_batch: int = 0) -> Itera
 def head_check_tolerance(model_dtype: torch.dtype, store_dtype: str = "float32") -> tuple[float, float]:
     """``(max relative logit error, min top-1 agreement)`` that the head check accepts.
 
-    A float32 model and store reproduce the logits to rounding (1e-4). 16-bit storage, or a
-    half-precision model whose own head runs in 16 bits, rounds the last layer or the logits
-    at 1e-3…1e-2 and may flip a near-tie top-1 among the sampled rows; a wrong head (a norm
-    missing or applied twice) is off by far more.
+    16-bit storage or a 16-bit model round the logits and may flip a near-tie top-1; a wrong head is
+    off by far more.
     """
     if model_dtype == torch.bfloat16 or store_dtype == "bfloat16":
         return 5e-2, 0.9
@@ -118,11 +104,8 @@ def check_head(head, last_layer: torch.Tensor, model_logits: torch.Tensor, model
                store_dtype: str = "float32", record: dict | None = None) -> dict:
     """Check that ``head(last_layer)`` reproduces the model's own logits on a sample of rows.
 
-    Every path that reads a live model runs it on its first batch, before the long work:
-    a wrong architecture entry (a norm missing or applied twice, a lost logit scale) fails
-    here instead of giving wrong shortcuts. Returns ``max_abs_err``, ``rel_err`` (over the
-    largest absolute logit) and ``top1_agreement``; raises when they are beyond
-    :func:`head_check_tolerance`, having first put them into ``record`` when one is given.
+    Returns ``max_abs_err``, ``rel_err`` (over the largest absolute logit) and ``top1_agreement``, also
+    put into ``record``; raises :class:`NJTCError` when they are beyond :func:`head_check_tolerance`.
     """
     model_logits = model_logits.float().cpu()
     head_logits = head.logits(last_layer.float().cpu())

@@ -1,17 +1,7 @@
-"""Text corpora for extraction: CPython's ``pydoc_data.topics``, text files, JSON lines, or
-Hugging Face datasets.
+"""Text corpora for extraction: CPython's ``pydoc_data.topics``, text files, JSON lines, or Hugging Face
+datasets (the ``[datasets]`` extra; docs/datasets.md), as a list of documents, the unit of the split.
 
-A corpus is a list of documents, the unit of the train/validation split: a pydoc topic, a
-non-empty line of a ``.txt`` file, a file of a folder of ``.txt`` files, a record of a
-``.jsonl`` file, or a row of a dataset (its ``text_field`` column). Datasets (the
-``[datasets]`` extra, ``pip install 'njtc_solve[datasets]'``; see docs/datasets.md) are a
-folder written by ``Dataset.save_to_disk``, a ``.parquet``, ``.arrow`` or ``.csv`` file, or
-``hf:NAME[:CONFIG][:SPLIT]`` on the hub, read through ``datasets.load_dataset``. Files and hub
-datasets are streamed (``streaming=True``: nothing is cached or downloaded whole), and a
-split may end in a slice, ``train[:20000]`` or ``train[1000:5000]``: only those rows are read,
-so a large dataset costs what the plan uses. The whole corpus is read before planning
-(:func:`~njtc_solve.data.plan.plan_extraction` holds out documents by their share of all
-tokens), so a slice is the way to bound it.
+Dataset files and hub datasets are streamed, and only the rows of a slice (``train[:20000]``) are read.
 """
 
 from __future__ import annotations
@@ -19,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from itertools import islice
 from pathlib import Path
 
 from njtc_solve.core.errors import NJTCError
@@ -30,8 +21,8 @@ DEFAULT_CORPUS = "pydoc_data.topics"
 HUB_PREFIX = "hf:"
 DATASET_FILES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}  # suffix: datasets' builder
 _SAVED = ("dataset_info.json", "state.json")  # what Dataset.save_to_disk writes beside its .arrow files
-_SLICE = re.compile(r"(?P<split>.*)\[(?P<start>[0-9]*):(?P<stop>[0-9]*)\]")
 _EXTRA = "pip install 'njtc_solve[datasets]'"
+_SLICE = re.compile(r"(?P<split>.*)\[(?P<start>[0-9]*):(?P<stop>[0-9]*)\]")
 
 
 def load_corpus(spec: str | None = None, *, text_field: str = "text") -> tuple[str, list[str]]:
@@ -40,13 +31,11 @@ def load_corpus(spec: str | None = None, *, text_field: str = "text") -> tuple[s
     Parameters
     ----------
     spec : str, optional
-        ``"pydoc_data.topics"`` (the default: CPython's own documentation topics, real
-        English every Python ships; one document per topic), a ``.txt`` file (one document
-        per non-empty line), a folder of ``.txt`` files (one document per file), a
-        ``.jsonl`` file (one document per record), or a Hugging Face dataset (one document
-        per row): a ``save_to_disk`` folder, a ``.parquet``, ``.arrow`` or ``.csv`` file, or
-        ``hf:NAME[:CONFIG][:SPLIT]`` (split default ``train``; ``SPLIT`` may end in a slice
-        such as ``[:20000]``, as may a file's or folder's ``PATH[:N]``).
+        ``"pydoc_data.topics"`` (the default; one document per topic), a ``.txt`` file (one per
+        non-empty line), a folder of ``.txt`` files (one per file), a ``.jsonl`` file (one per
+        record), or a Hugging Face dataset (one per row): a ``save_to_disk`` folder, a ``.parquet``,
+        ``.arrow`` or ``.csv`` file, or ``hf:NAME[:CONFIG][:SPLIT]`` (split default ``train``); a
+        dataset may end in a slice such as ``[:20000]``.
     text_field : str
         Field holding the text in each JSON line, or the dataset's text column.
 
@@ -60,8 +49,7 @@ def load_corpus(spec: str | None = None, *, text_field: str = "text") -> tuple[s
     Raises
     ------
     NJTCError
-        One line: a missing corpus, a record or row without the text field, a corpus that
-        holds no text (an empty split), a dataset without the ``[datasets]`` extra installed.
+        A missing or empty corpus, a record without the text field, a dataset without the extra.
 
     Examples
     --------
@@ -123,8 +111,6 @@ def _local_dataset(spec: str) -> tuple[Path, slice | None] | None:
 def corpus_path(spec) -> Path:
     """The file or folder a local corpus spec reads (a dataset's ``[:N]`` slice taken off).
 
-    Examples
-    --------
     >>> str(corpus_path("data/train.parquet[:100]")), str(corpus_path("notes.txt"))
     ('data/train.parquet', 'notes.txt')
     """
@@ -133,11 +119,8 @@ def corpus_path(spec) -> Path:
 
 
 def is_dataset(spec: str) -> bool:
-    """Whether ``spec`` names a Hugging Face dataset: ``hf:NAME...``, a save_to_disk folder or a
-    ``.parquet``, ``.arrow`` or ``.csv`` file (each optionally sliced, ``[:N]``).
+    """Whether ``spec`` names a Hugging Face dataset: ``hf:NAME...``, a save_to_disk folder or a dataset file.
 
-    Examples
-    --------
     >>> is_dataset("hf:wikitext:wikitext-2-raw-v1:train[:100]"), is_dataset("notes.txt")
     (True, False)
     """
@@ -207,18 +190,15 @@ def _first_line(err: BaseException) -> str:
 
 def _read_dataset(spec: str, text_field: str) -> list[str]:
     """The documents of a dataset: its ``text_field`` of each row (of the slice), non-empty ones."""
-    from itertools import islice
-
     data, rows = _open_dataset(spec)
     columns = getattr(data, "column_names", None)
     if columns is not None and text_field not in columns:
         raise NJTCError(f"corpus {spec} has no column {text_field!r} (its columns: {', '.join(columns)}); "
                         "see `text_field`")
-    start = (rows.start or 0) if rows is not None else 0
-    stop = rows.stop if rows is not None else None
+    rows = slice(None) if rows is None else rows
     docs = []
     try:
-        for number, record in enumerate(islice(iter(data), start, stop), start):
+        for number, record in enumerate(islice(iter(data), rows.start or 0, rows.stop), rows.start or 0):
             if not isinstance(record, dict) or text_field not in record:
                 raise NJTCError(f"corpus {spec} has no column {text_field!r} (its columns: "
                                 f"{', '.join(record) if isinstance(record, dict) else 'none'}); see `text_field`")

@@ -11,7 +11,7 @@ model. Output is written to ``OUT.partial`` and renamed when complete; an interr
 continues with ``--resume``.
 
 The plan (which sequences, split, positions) comes from njtc_solve.data.plan, the file from
-njtc_solve.data.store.StoreWriter; this module runs the model between them.
+njtc_solve.data.store_writer.StoreWriter; this module runs the model between them.
 """
 
 from __future__ import annotations
@@ -23,20 +23,17 @@ import torch
 from tqdm.auto import tqdm
 
 from njtc_solve.core.decoder import Decoder
-from njtc_solve.data.capture import forward_batches, head_check_tolerance
+from njtc_solve.data.capture import forward_batches
 from njtc_solve.data.corpus import corpus_sha256
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.models import model_sha256
-from njtc_solve.data.plan import PLAN_DEFAULTS, PlanSpec
-from njtc_solve.data.plan import plan_extraction as _plan_extraction
-from njtc_solve.data.store import StoreWriter
-from njtc_solve.data.store import stored_layers as _stored_layers
+from njtc_solve.data.plan import PlanSpec, plan_extraction
+from njtc_solve.data.store_writer import StoreWriter, stored_layers
 
 if TYPE_CHECKING:
     from njtc_solve.data.plan import ExtractionPlan
 
-__all__ = ["PLAN_DEFAULTS", "extract_activations", "head_check_tolerance"]
-
+__all__ = ["extract_activations"]
 
 
 def _sample_logits(model, plan: ExtractionPlan, rows: int = 64) -> tuple[int, torch.Tensor]:
@@ -73,36 +70,30 @@ def extract_activations(model, tokenizer, documents, out, *, model_name: str = "
     Parameters
     ----------
     model, tokenizer
-        A Hugging Face causal LM (architecture in :data:`njtc_solve.core.architectures.ARCHITECTURES`)
-        and its tokenizer.
+        A supported Hugging Face causal LM and its tokenizer.
     documents : list of str
-        The corpus (see :func:`njtc_solve.data.corpus.load_corpus`).
+        The corpus (:func:`njtc_solve.data.corpus.load_corpus`).
     out : path
-        The HDF5 store to write (written as ``out.partial``, renamed when complete), under its
-        output lock (see :class:`~njtc_solve.data.store.StoreWriter`).
+        The store, written as ``out.partial`` under its output lock
+        (:class:`~njtc_solve.data.store_writer.StoreWriter`).
     model_name, corpus_name : str
         Recorded in the store.
     seq_len, positions, max_tokens, val_fraction, seed, bos
-        The plan: see :func:`njtc_solve.data.plan.plan_extraction` (the split is by document;
-        ``bos`` is ``auto``, ``always`` or ``never``).
+        The plan (:func:`njtc_solve.data.plan.plan_extraction`).
     dtype : {"float32", "float16", "bfloat16"}
-        Storage type of the activations: 4, 2 or 2 bytes per value (see
-        :data:`~njtc_solve.data.store.STORE_DTYPES`); float16 refuses values beyond its range,
-        bfloat16 keeps float32's range with 8 bits of mantissa. Readers upcast to float32.
+        Storage type of the activations; float16 refuses values beyond its range.
     batch_size : int
         Sequences per forward pass (part of the resume contract).
     resume, overwrite : bool
-        Continue ``out.partial`` from ``rows_written`` (start afresh when there is none);
-        replace an existing output.
+        Continue ``out.partial`` (start afresh when there is none); replace an existing output.
     progress : bool
         Show progress bars.
     corpus_sha, weights_sha : str, optional
-        The corpus's and the model's sha256 when already known (else computed).
+        The corpus's and the model's sha256 when already known.
     shard : (rank, world)
-        Extract only the ``rank``-th contiguous block of the sequences (scale-out; see
-        :func:`~njtc_solve.data.store.combine_shards`).
+        Extract only the ``rank``-th contiguous block of the sequences (:mod:`~njtc_solve.data.shards`).
     layers : list of int, optional
-        Source layers to store (default: all, 0..L-1); the target layer ``L`` is always kept.
+        Source layers to store (default: all); the target layer ``L`` is always kept.
 
     Returns
     -------
@@ -121,8 +112,8 @@ def extract_activations(model, tokenizer, documents, out, *, model_name: str = "
     with StoreWriter.reserve(out, resume=resume, overwrite=overwrite):
         decoder = Decoder.of(model)
         head, n_layers = decoder.head, decoder.n_blocks
-        stored = _stored_layers(layers, n_layers)
-        plan = _plan_extraction(tokenizer, documents, seq_len=seq_len, positions=positions, max_tokens=max_tokens,
+        stored = stored_layers(layers, n_layers)
+        plan = plan_extraction(tokenizer, documents, seq_len=seq_len, positions=positions, max_tokens=max_tokens,
                                 val_fraction=val_fraction, seed=seed, bos=bos)
         if shard[1] > 1:
             plan = plan.block(*shard)

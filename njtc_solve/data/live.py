@@ -1,15 +1,6 @@
-"""Rows straight from a model's forward pass: the live counterpart of an activation store.
-
-A row source (:class:`~njtc_solve.data.rows.RowSource`) is what the fit, evaluation and the
-trainer read. :class:`~njtc_solve.data.store.ActivationStore` is one, reading a cache;
-:class:`LiveSource` is the other, running the model over the same
-extraction plan (same split, seed, positions and row order as ``python -m
-njtc_solve.extract``) and never writing an activation. Its chunks also hold the model's own
-top-k at every validation row under ``"final_topk"``.
-"""
+"""Rows straight from a model's forward pass: the live counterpart of an activation store."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import torch
@@ -26,23 +17,21 @@ from njtc_solve.data.rows import FINAL_TOPK, TRAIN, RowSourceBase, split_code, s
 __all__ = ["LiveSource"]
 
 
-
 class LiveSource(RowSourceBase):
-    """Training or validation rows of a live model over a corpus, one forward pass per batch.
+    """A :class:`~njtc_solve.data.rows.RowSource` running the model over the extraction plan, never storing a row.
 
-    A :class:`~njtc_solve.data.rows.RowSource`, as an activation store is.
+    The same settings give the same rows, split and order as a store extracted with them.
 
     Parameters
     ----------
     model, tokenizer
         A supported Hugging Face causal LM (any dtype, device or device map) and its tokenizer.
     documents : list of str
-        The corpus (see :func:`njtc_solve.data.corpus.load_corpus`).
+        The corpus (:func:`njtc_solve.data.corpus.load_corpus`).
     model_name : str
         Recorded in the provenance of what is fitted.
     seq_len, positions, max_tokens, val_fraction, seed, bos
-        The extraction plan (see :func:`njtc_solve.data.plan.plan_extraction`); the same values
-        give the same rows as a store extracted with them.
+        The extraction plan (:func:`njtc_solve.data.plan.plan_extraction`).
     batch_size : int
         Sequences per forward pass.
     weights_sha : str, optional
@@ -59,7 +48,7 @@ class LiveSource(RowSourceBase):
     ([0, 1, 2], True)
     """
 
-    _held_by = "model"  # how the shared checks of RowSourceBase speak of it
+    _held_by = "model"
 
     def __init__(self, model, tokenizer, documents, *, model_name: str = "", seq_len: int = PlanSpec.seq_len,
                  positions: str = PlanSpec.positions, max_tokens: int | None = PlanSpec.max_tokens,
@@ -108,15 +97,11 @@ class LiveSource(RowSourceBase):
 
     def iter_chunks(self, layers, split=None, chunk_rows: int = 4096, max_rows: int | None = None,
                     shard: tuple[int, int] = (0, 1), skip_positions: int = 0):
-        """Run the model over the plan's sequences of ``split`` and yield their rows batch by batch.
+        """Yield ``(row_indices, chunk)`` of ``split``, one forward pass of ``batch_size`` sequences per chunk.
 
-        Yields ``(row_indices, chunk)`` like :meth:`ActivationStore.iter_chunks`, with
-        ``chunk[layer]`` a float32 tensor on the model's device (of that layer, under a
-        device map) and, outside the training split, ``chunk["final_topk"]`` the model's own
-        top-k. ``chunk_rows`` is not
-        used: a chunk is one forward pass of ``batch_size`` sequences. ``shard`` gives each
-        process a contiguous block of the split's sequences. The first batch checks the
-        head against the model's own logits (:func:`njtc_solve.data.capture.check_head`).
+        ``chunk[layer]`` is a float32 tensor on that layer's device; outside the training split
+        ``chunk["final_topk"]`` holds the model's own top-k. ``chunk_rows`` is not used; ``shard``
+        gives each process a contiguous block of the split's sequences. The first batch checks the head.
         """
         layers = self.check_layers(layers)
         keep = self.selection(split, skip_positions)

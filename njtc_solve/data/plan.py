@@ -1,9 +1,7 @@
 """The extraction plan: corpus → documents → split → sequences, the same for every reader of a model.
 
-Extraction (to a store), the live source, the live fit and pruning all run a model over
-an :class:`ExtractionPlan`, so that rows, positions and the split by document are the same
-on every path: a live fit and a store extracted with the same settings hold out the same
-documents. Planning needs only the tokenizer, never the HDF5 writer.
+Extraction, the live source and pruning all run a model over an :class:`ExtractionPlan`, so rows,
+positions and the split by document are the same on every path. Planning needs only the tokenizer.
 
 Examples
 --------
@@ -36,25 +34,14 @@ _BOS = ("auto", "always", "never")
 class PlanSpec:
     """The settings of a plan (a model run over a corpus), checked when made, before anything loads.
 
-    The one place the plan's defaults are spelled out: every function that plans (extraction,
-    the live source, pruning, calibration) takes its defaults from here.
+    The one place the plan's defaults are spelled out.
 
     Parameters
     ----------
-    corpus : str
-        See :func:`njtc_solve.data.corpus.load_corpus` (default: ``pydoc_data.topics``).
-    text_field : str
-        The text field of a ``.jsonl`` record or a dataset's text column.
-    seq_len : int
-        Tokens per sequence (at least 2).
-    positions : {"all", "one-per-sequence"}
-    max_tokens : int, optional
-        Bound on the rows; at least one sequence's rows.
-    val_fraction : float
-        Share of the tokens held out as whole documents, in [0, 1).
-    seed : int
-        0 or more.
-    bos : {"auto", "always", "never"}
+    corpus, text_field : str
+        :func:`njtc_solve.data.corpus.load_corpus`'s ``spec`` and ``text_field``.
+    seq_len, positions, max_tokens, val_fraction, seed, bos
+        :func:`plan_extraction`'s.
     batch_size : int
         Sequences per forward pass.
 
@@ -108,12 +95,9 @@ PLAN_DEFAULTS = asdict(PlanSpec())
 
 @dataclass
 class ExtractionPlan:
-    """Which sequences are read, in which row order, with which split and positions.
+    """Which sequences are read, in which row order (training, then validation), with which split and positions.
 
-    Everything here follows from the corpus, the tokenizer and the seed alone, so a resumed
-    or sharded run sees exactly the same plan as a single uninterrupted one. Rows are ordered
-    training sequences first, then validation sequences. The split is by document: every
-    sequence is cut from the documents of one split only.
+    It follows from the corpus, the tokenizer and the seed alone, so a resumed or sharded run sees the same plan.
     """
 
     token_ids: np.ndarray  # (n_sequences, seq_len) int64, in row order
@@ -154,13 +138,10 @@ class ExtractionPlan:
         return self.position[seqs]
 
     def spread_order(self, split: int, seed: int = 0) -> np.ndarray:
-        """Indices of the ``split``'s sequences (``TRAIN`` or ``VALIDATION``) in a seeded order that
-        visits the documents in turn.
+        """Indices of the ``split``'s sequences in a seeded order that visits the documents in turn.
 
-        Each sequence belongs to the document holding most of its tokens. The order takes one
-        sequence of every document (documents in a seeded random order) before a second of any,
-        and so on, so its first ``n`` sequences come from ``min(n, documents)`` documents: a
-        sample of ``n`` sequences is spread across the corpus, not cut from its first documents.
+        It takes one sequence of every document (the one holding most of its tokens) before a
+        second of any, so its first ``n`` sequences come from ``min(n, documents)`` documents.
         """
         index = np.flatnonzero(self.split == split)
         rng = np.random.default_rng([seed, int(split)])
@@ -182,9 +163,7 @@ class ExtractionPlan:
 def bos_token(tokenizer, bos: str = "auto") -> int | None:
     """The BOS token id to start every sequence with, or ``None``.
 
-    ``auto`` adds it where the tokenizer itself would (``add_special_tokens=True`` puts it
-    first: Llama-2, Mistral …; SmolLM2 and GPT-2 have none), ``always`` wherever the tokenizer
-    has one, ``never`` not at all.
+    ``auto`` adds it where the tokenizer itself would, ``always`` wherever it has one, ``never`` not at all.
     """
     if bos not in _BOS:
         raise NJTCError(f"`bos` must be auto, always or never, not {bos!r}")
@@ -204,8 +183,6 @@ def check_plan_settings(*, seq_len: int = PlanSpec.seq_len, positions: str = Pla
                         seed: int = PlanSpec.seed, bos: str = PlanSpec.bos) -> None:
     """Refuse plan settings that no corpus can satisfy, before anything is loaded (a :class:`PlanSpec`).
 
-    :func:`plan_extraction` runs it first; a command may run it before it loads a model.
-
     Raises
     ------
     NJTCError
@@ -216,8 +193,7 @@ def check_plan_settings(*, seq_len: int = PlanSpec.seq_len, positions: str = Pla
 
 
 def _split_documents(lengths: np.ndarray, val_fraction: float, rng) -> np.ndarray:
-    """Which documents are validation: whole documents in a seeded random order until they
-    hold ``val_fraction`` of the tokens (at least one document each way)."""
+    """Which documents are validation: seeded whole documents holding ``val_fraction`` of the tokens."""
     is_val = np.zeros(len(lengths), dtype=bool)
     if val_fraction == 0:
         return is_val
@@ -244,8 +220,7 @@ def _tokenize(tokenizer, documents) -> list:
 
 
 def _windows(encoded, separator: list, lengths: np.ndarray, docs: np.ndarray, body: int):
-    """``(tokens, owners)``: the documents ``docs`` joined by ``separator`` and cut into
-    non-overlapping windows of ``body`` tokens, with the document of every token."""
+    """``(tokens, owners)``: the documents ``docs`` joined by ``separator`` in windows of ``body`` tokens."""
     stream = np.fromiter((t for d in docs for t in list(encoded[d]) + separator), dtype=np.int64)
     owner = np.repeat(docs, lengths[docs])
     n_windows = len(stream) // body
@@ -280,26 +255,22 @@ def plan_extraction(tokenizer, documents, *, seq_len: int = PlanSpec.seq_len, po
                     seed: int = PlanSpec.seed, bos: str = PlanSpec.bos) -> ExtractionPlan:
     """Tokenise documents into sequences and fix the split and sampled positions.
 
-    The documents are split first, whole (a seeded random set holding ``val_fraction`` of the
-    tokens is held out), so no document is on both sides. Each split's documents are then
-    tokenised without special tokens, joined with the end-of-text token and cut into
-    non-overlapping windows; with a BOS token (see :func:`bos_token`) each sequence is the BOS
-    followed by ``seq_len - 1`` tokens.
+    Whole documents are split first, so none is on both sides; each split's documents are joined
+    with the end-of-text token and cut into non-overlapping windows, after a BOS token if any.
 
     Parameters
     ----------
     tokenizer
         A Hugging Face tokenizer.
     documents : list of str
-        The corpus (see :func:`njtc_solve.data.corpus.load_corpus`).
+        The corpus (:func:`njtc_solve.data.corpus.load_corpus`).
     seq_len : int
         Tokens per sequence (at least 2).
     positions : {"all", "one-per-sequence"}
         Every position of a sequence is a row, or one seeded random position per sequence
-        (never the BOS, nor positions before :data:`~njtc_solve.data.store.DEFAULT_SKIP_POSITIONS`).
+        (never the BOS, nor before :data:`~njtc_solve.data.rows.DEFAULT_SKIP_POSITIONS`).
     max_tokens : int, optional
-        Bound on the rows: a seeded random subset of whole sequences of each split, in
-        proportion.
+        Bound on the rows: a seeded subset of whole sequences of each split, in proportion.
     val_fraction : float
         Share of the tokens held out for validation, as whole documents, in [0, 1).
     seed : int

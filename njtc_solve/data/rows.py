@@ -1,10 +1,6 @@
-"""The row-source protocol: what a fit, evaluation, refinement and the trainer read rows from.
-
-A *row source* yields ``(row_indices, {layer: rows (n, d)})`` for a split of its rows, and
-says where they come from (model identity, head, split, documents). Two implement it: the
-activation store (:class:`njtc_solve.data.store.ActivationStore`, a cache on disk) and a live
-model's forward pass (:class:`njtc_solve.data.live.LiveSource`). :class:`RowSource` states the
-protocol; :class:`RowSourceBase` holds the checks both implementations share.
+"""The row-source protocol (:class:`RowSource`) that a fit, evaluation and training read rows from, and
+the checks its two implementations share (:class:`RowSourceBase`): the activation store
+(:class:`njtc_solve.data.store.ActivationStore`) and a live model (:class:`njtc_solve.data.live.LiveSource`).
 
 Examples
 --------
@@ -34,41 +30,22 @@ __all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "SPLITS", "TRAIN", "VALIDATIO
 
 TRAIN, VALIDATION = 0, 1
 SPLITS = {"train": TRAIN, "validation": VALIDATION, "val": VALIDATION}  # split names and their codes
-# Fits and evaluation leave out rows before this position by default: position 0 is the BOS
-# token where the model has one, else the first token, an attention sink with a huge norm.
+# rows before this position are left out by default: position 0 (BOS or first token) is an attention sink
 DEFAULT_SKIP_POSITIONS = 1
 FINAL_TOPK = 10  # the model's own top-k kept per row (a store's `/final_topk`)
 
 
 @runtime_checkable
 class RowSource(Protocol):
-    """What every consumer of rows reads: the surface an activation store and a live model share.
+    """What every consumer of rows reads: the surface an activation store and a live model share."""
 
-    Attributes
-    ----------
-    n_layers : int
-        ``L``: layers ``0..L`` (``L`` the last, before the final norm).
-    d_model : int
-        Width of a row.
-    path : str or Path
-        Where the rows come from (a store's file, ``live:MODEL`` for a model).
-    provenance : dict
-        What identifies the rows and their split (:func:`split_provenance`).
-    model_sha256 : str
-        The weights' hash (:func:`njtc_solve.core.models.model_sha256`).
-    default_skip_positions : int
-        Rows at positions below this are left out unless a caller says otherwise.
-    layers : list of int
-        The layers whose rows the source can yield.
-    """
-
-    n_layers: int
-    d_model: int
-    path: str | Path
-    provenance: dict
-    model_sha256: str
-    default_skip_positions: int
-    layers: list[int]
+    n_layers: int  # L: layers 0..L, L the last before the final norm
+    d_model: int  # the width of a row
+    path: str | Path  # where the rows come from: a store's file, live:MODEL for a model
+    provenance: dict  # what identifies the rows and their split (split_provenance)
+    model_sha256: str  # the weights' hash
+    default_skip_positions: int  # rows at positions below this are left out by default
+    layers: list[int]  # the layers whose rows the source can yield
 
     @property
     def source_layers(self) -> list[int]:
@@ -106,11 +83,10 @@ def split_code(split: str | None) -> int | None:
 
 
 class RowSourceBase:
-    """The checks every :class:`RowSource` shares, written once.
+    """The checks every :class:`RowSource` shares.
 
-    A subclass sets ``n_layers``, ``layers`` and ``path``, names itself in ``_held_by`` (how
-    errors speak of it: ``"store"``, ``"model"``), and provides ``selection(split,
-    skip_positions)``, the boolean mask of the rows :meth:`count` counts.
+    A subclass sets ``n_layers``, ``layers``, ``path`` and ``_held_by`` (what errors call it), and
+    provides ``selection(split, skip_positions)``, the boolean mask of the rows :meth:`count` counts.
     """
 
     default_skip_positions = DEFAULT_SKIP_POSITIONS
@@ -141,12 +117,9 @@ class RowSourceBase:
 def split_provenance(attrs: dict, validation_documents, where: str) -> dict:
     """What identifies a set of rows and their split, for a store or a live model alike.
 
-    ``attrs`` holds the extraction's settings (``corpus_sha256``, ``seed``, ``val_fraction``,
-    ``seq_len``, ``positions``, ``max_tokens``, ``bos``). ``split_by`` is ``"document"``
-    (with the full list of ``validation_documents``) for rows split by document,
-    ``"sequence"`` for format-1 stores made before that. ``split_id`` hashes all of it but
-    ``where`` the rows come from, so a live run and a store extracted with the same settings
-    share it.
+    ``attrs`` holds the extraction's settings. ``split_by`` is ``"document"`` (with
+    ``validation_documents``), or ``"sequence"`` for a format-1 store. ``split_id`` hashes all but
+    ``where``, so a live run and a store extracted with the same settings share it.
     """
     a = attrs
     out = {"store": where, "corpus_sha256": a.get("corpus_sha256"), "seed": a.get("seed"),

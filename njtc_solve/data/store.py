@@ -1,13 +1,12 @@
-"""The activation store (HDF5, docs/reference/file-formats.md): format constants, the streaming reader
-(:class:`ActivationStore`) and the writer (:class:`StoreWriter`)."""
+"""The activation store (HDF5, docs/reference/file-formats.md): format constants, the row codec and the
+streaming reader (:class:`ActivationStore`). The writer is :mod:`njtc_solve.data.store_writer`."""
 
 from __future__ import annotations
 
 import os
 import queue
-import shutil
 import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -15,31 +14,25 @@ import h5py
 import numpy as np
 import torch
 
-from njtc_solve.data.capture import check_head
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.core.outputs import atomic_output, is_locked, output_lock, temporary_path, write_failure
 from njtc_solve.core.head import Head
-from njtc_solve.data.rows import (DEFAULT_SKIP_POSITIONS, FINAL_TOPK, SPLITS, TRAIN, VALIDATION, RowSourceBase, split_code,
-                   split_provenance)
+from njtc_solve.core.outputs import is_locked, temporary_path
+from njtc_solve.data.rows import RowSourceBase, split_code, split_provenance
 
-__all__ = ["DEFAULT_SKIP_POSITIONS", "FINAL_TOPK", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "SPLITS", "STORE_DTYPES",
-           "TRAIN", "VALIDATION", "ActivationStore", "StoreWriter", "being_written", "bytes_per_token",
-           "check_chunk_index", "check_output", "decode_rows", "encode_rows", "combine_shards", "opened", "prefetched",
-           "shard_path", "split_provenance", "stored_layers"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "STORE_DTYPES", "ActivationStore", "being_written",
+           "check_chunk_index", "decode_rows", "encode_rows", "opened", "prefetched"]
 
 FORMAT = "njtc-activations"
 FORMAT_VERSION = 2  # 2: the head group describes a logit scale, a soft-cap and a norm without gain
 READABLE_VERSIONS = (1, 2)  # a format-1 head has none of those (see Head.from_group)
 # how the activations are stored; bfloat16 (which HDF5 lacks) as its 16 bits, in uint16
 STORE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
-# TRAIN, VALIDATION, SPLITS and DEFAULT_SKIP_POSITIONS: what every row source shares (see .rows)
 
 
 class ActivationStore(RowSourceBase):
-    """Read-only view of an activation store that streams row chunks of any set of layers.
+    """A read-only activation store: a :class:`~njtc_solve.data.rows.RowSource` streaming row chunks.
 
-    A :class:`~njtc_solve.data.rows.RowSource`, as a live model's rows are. Opening validates the format and version and refuses a missing, truncated, foreign or
-    incomplete file with a one-line :class:`NJTCError`.
+    Opening refuses a missing, truncated, foreign, damaged or incomplete file with a one-line :class:`NJTCError`.
 
     Examples
     --------
@@ -75,7 +68,7 @@ class ActivationStore(RowSourceBase):
             raise NJTCError(f"{self.path} is damaged ({_first_line(err)}); extract it again") from err
 
     def _open(self, allow_incomplete: bool) -> None:
-        # every root attribute read here, once, where damage is caught
+        """Read and check the root attributes and the datasets' shapes, once, where damage is caught."""
         self._attrs = {k: (v.item() if isinstance(v, np.generic) else v.tolist() if isinstance(v, np.ndarray) else v)
                        for k, v in self.file.attrs.items()}
         attrs = self._attrs
@@ -90,10 +83,8 @@ class ActivationStore(RowSourceBase):
                 raise NJTCError(f"{self.path} is being written by another process (it holds "
                                 f"{self.path.name}.lock); wait for it to finish, then try again")
             written, total = int(attrs.get("rows_written", 0)), int(self.file["tokens"].shape[0])
-            raise NJTCError(
-                f"{self.path} is incomplete ({written} of {total} rows written); finish it with extract --resume "
-                "(extract_activations(..., resume=True) in Python)"
-            )
+            raise NJTCError(f"{self.path} is incomplete ({written} of {total} rows written); finish it with extract "
+                            "--resume (extract_activations(..., resume=True) in Python)")
         self.n_layers = int(attrs["n_layers"])
         self.d_model = int(attrs["d_model"])
         # a store of some source layers (extract --layers) lists them; older stores hold all
@@ -116,7 +107,6 @@ class ActivationStore(RowSourceBase):
         self._split = self._read("split", slice(0, self.n_rows))
         self._position = self._read("position", slice(0, self.n_rows)) if "position" in self.file else None
 
-    # -- metadata -------------------------------------------------------------------------
     @property
     def attrs(self) -> dict:
         """Root attributes as plain Python values."""
@@ -142,10 +132,7 @@ class ActivationStore(RowSourceBase):
 
     @cached_property
     def provenance(self) -> dict:
-        """What identifies this store's rows and split; fits record it, evaluation compares it.
-
-        See :func:`split_provenance`.
-        """
+        """What identifies this store's rows and split (:func:`~njtc_solve.data.rows.split_provenance`)."""
         return split_provenance(self.attrs, self.validation_documents, str(self.path))
 
     def evaluated_documents(self, skip_positions: int = 0) -> np.ndarray:
@@ -160,10 +147,7 @@ class ActivationStore(RowSourceBase):
             raise NJTCError(f"cannot read the head from {self.path} ({_first_line(err)}); the file is damaged") from err
 
     def read(self, name: str, rows=None) -> np.ndarray:
-        """Read a per-row dataset such as ``"tokens"``, ``"final_top1"`` or ``"final_topk"``.
-
-        ``rows``: all rows (``None``), a slice, a boolean mask or an array of row indices.
-        """
+        """A per-row dataset (``"tokens"``, ``"final_topk"`` …) at ``rows``: all, a slice, a mask or indices."""
         if rows is None:
             return self._read(name, slice(0, self.n_rows))
         if isinstance(rows, slice):
@@ -177,7 +161,7 @@ class ActivationStore(RowSourceBase):
         return self._read(name, slice(low, int(rows.max()) + 1))[rows - low]
 
     def _read(self, name: str, rows: slice) -> np.ndarray:
-        """``file[name][rows]``; a failed checksum or a corrupt header becomes a one-line error."""
+        """``file[name][rows]``; damage becomes a one-line error."""
         try:
             return self.file[name][rows]
         except _DAMAGE as err:
@@ -185,7 +169,7 @@ class ActivationStore(RowSourceBase):
                             f"({_first_line(err)}); the file is damaged: extract it again") from err
 
     def split_code(self, split) -> int | None:
-        """Translate ``"train"``/``"validation"``/``None`` to a split code (:func:`njtc_solve.data.rows.split_code`)."""
+        """:func:`njtc_solve.data.rows.split_code`."""
         return split_code(split)
 
     def selection(self, split=None, skip_positions: int = 0, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -197,7 +181,6 @@ class ActivationStore(RowSourceBase):
             keep &= self._position[start:stop] >= skip_positions
         return keep
 
-    # -- streaming ------------------------------------------------------------------------
     def iter_chunks(self, layers, split=None, chunk_rows: int = 4096, max_rows: int | None = None,
                     shard: tuple[int, int] = (0, 1), skip_positions: int = 0, prefetch: bool = True):
         """Yield ``(row_indices, {layer: float32 array (rows, d)})`` in row order.
@@ -268,11 +251,8 @@ _DAMAGE = (KeyError, OSError, ValueError, RuntimeError, TypeError)  # what h5py 
 
 @contextmanager
 def opened(source):
-    """``source`` as a row source for the block: a path opens an :class:`ActivationStore`,
-    closed after it; a row source (or ``None``) is used as it is, and left open.
+    """``source`` for the block: a path as an :class:`ActivationStore` closed after it, else as it is.
 
-    Examples
-    --------
     >>> with opened("activations.h5") as store:
     ...     store.n_layers
     3
@@ -285,12 +265,7 @@ def opened(source):
 
 
 def being_written(path, err: OSError | None = None) -> bool:
-    """Whether another process is writing the HDF5 file ``path``.
-
-    HDF5 refuses to open a file that a writer holds (``unable to lock file``, errno 11), and
-    the commands hold ``PATH.lock`` while they write ``PATH``
-    (:func:`njtc_solve.core.outputs.output_lock`).
-    """
+    """Whether another process writes ``path``: HDF5's own lock (``err``) or ``PATH.lock`` is held."""
     if err is not None and (isinstance(err, BlockingIOError) or "unable to lock file" in str(err)):
         return True
     return is_locked(path)
@@ -326,10 +301,8 @@ def _chunk_coverage(ds, file_size: int | None) -> tuple[int, int, list]:
 def check_chunk_index(file) -> None:
     """Refuse a store whose chunk index does not cover every chunked dataset's extent.
 
-    HDF5 checksums chunks (fletcher32) but not the index that finds them: a damaged index
-    entry drops a chunk, or moves it, and its rows then read as fill values without an error.
-    Every chunked dataset must have exactly one allocated chunk at each point of its chunk
-    grid, each inside the file. Costs one walk of each index (see the README for a timing).
+    HDF5 checksums chunks but not their index, where a damaged entry reads its rows as zeros
+    without an error. Every chunked dataset needs one chunk at each point of its grid, inside the file.
 
     Raises
     ------
@@ -414,510 +387,3 @@ def decode_rows(data: np.ndarray, dtype: str) -> np.ndarray:
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
-
-def shard_path(out, rank: int, world: int) -> Path:
-    """File name of one process's shard of a sharded extraction (beside ``out``)."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.shard{rank}-of-{world}{out.suffix}")
-
-
-_SAME_ACROSS_SHARDS = ("format", "format_version", "model", "architecture", "n_layers", "d_model", "vocab_size",
-                       "dtype", "seq_len", "positions", "corpus", "corpus_sha256", "model_sha256", "seed",
-                       "val_fraction", "max_tokens", "bos")
-
-
-def combine_shards(out, shards, overwrite: bool = True) -> Path:
-    """Join complete shard stores, in order, into one store of HDF5 virtual datasets.
-
-    The shards stay where they are (beside ``out``; the links are relative, so the folder
-    can move as a whole). The result reads like a single-process store: same datasets,
-    rows in the same order, the same split and attributes.
-    """
-    out = Path(out)
-    opened = [ActivationStore(p) for p in shards]
-    try:
-        first = opened[0].file
-        for store in opened[1:]:
-            for key in _SAME_ACROSS_SHARDS:
-                if store.file.attrs.get(key) != first.attrs.get(key):
-                    raise NJTCError(f"shard {store.path} differs from {opened[0].path} in {key}")
-        sizes = [s.n_rows for s in opened]
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        names = ["hidden/" + str(l) for l in opened[0].layers]
-        names += ["tokens", "sequence", "position", "split", "final_top1"]
-        names += [name for name in ("document", "final_topk") if name in first]
-        with atomic_output(out, overwrite) as tmp, h5py.File(tmp, "w") as f:
-            for key, value in first.attrs.items():
-                f.attrs[key] = value
-            f.attrs["n_rows"] = f.attrs["rows_written"] = int(offsets[-1])
-            f.attrs["n_sequences"] = sum(int(s.file.attrs["n_sequences"]) for s in opened)
-            f.attrs["shard"] = "0/1"
-            f.attrs["shards"] = [str(Path(s.path).name) for s in opened]
-            for name in names:
-                ref = first[name]
-                layout = h5py.VirtualLayout(shape=(int(offsets[-1]),) + ref.shape[1:], dtype=ref.dtype)
-                for store, a, b in zip(opened, offsets[:-1], offsets[1:]):
-                    source = h5py.VirtualSource(Path(store.path).name, name, shape=store.file[name].shape)
-                    layout[int(a):int(b)] = source
-                f.create_virtual_dataset(name, layout)
-            first.copy("head", f)
-            if "validation_documents" in first:
-                first.copy("validation_documents", f)
-    finally:
-        for store in opened:
-            store.close()
-    return out
-
-
-# -- writing ----------------------------------------------------------------------------------
-
-def check_output(out, *, resume: bool = False, overwrite: bool = False) -> None:
-    """Refuse a store output that cannot be written, or would replace a file without ``overwrite``.
-
-    Cheap and before any work: :meth:`StoreWriter.reserve` runs it, and :class:`StoreWriter`
-    again under the output lock when it opens the file.
-    """
-    from njtc_solve.core.outputs import check_writable
-
-    out = Path(out)
-    partial = temporary_path(out)
-    if resume and overwrite:
-        raise NJTCError("`resume` and `overwrite` exclude each other")
-    if out.is_dir():
-        raise NJTCError(f"{out} is a folder; give a file name")
-    if out.exists() and not overwrite:
-        raise NJTCError(f"{out} exists; pass `overwrite=True` to replace it")
-    if partial.exists() and not (resume or overwrite):
-        raise NJTCError(f"{partial} is left from an interrupted run; pass `resume=True` or `overwrite=True`")
-    check_writable(out.parent, out)
-
-
-def stored_layers(layers, n_layers: int) -> list[int]:
-    """The layers a store keeps: the source ``layers`` asked for (all by default) and always ``L``."""
-    if layers is None:
-        return list(range(n_layers + 1))
-    layers = sorted({int(l) for l in layers})
-    bad = [l for l in layers if not 0 <= l <= n_layers]
-    if bad:
-        raise NJTCError(f"`layers`: layer {bad[0]} is not in the model (layers 0..{n_layers})")
-    if not [l for l in layers if l < n_layers]:
-        raise NJTCError(f"`layers`: no source layer below the target layer {n_layers}; a shortcut needs one")
-    return sorted(set(layers) | {n_layers})
-
-
-def bytes_per_token(n_stored: int, d_model: int, dtype: str = "float32") -> int:
-    """Bytes a store takes per token: ``n_stored`` layers of ``d_model`` values plus the row index."""
-    return n_stored * d_model * STORE_DTYPES[dtype].itemsize + 4 * (6 + FINAL_TOPK)
-
-
-_FLOAT16_MAX = float(np.finfo(np.float16).max)
-# No chunk cache while writing: a chunk is written (and fails, on a full disk) inside the call
-# that writes it, never later from a cache flushed where HDF5 can only print the error.
-_WRITE_CACHE = {"rdcc_nbytes": 0}
-_WRITE_ERRORS = (OSError, ValueError, RuntimeError)  # what h5py raises when the file system refuses a write
-# the settings a resumed run must share with the one that began the file
-_RESUME_KEYS = ("model_sha256", "corpus_sha256", "seq_len", "positions", "seed", "val_fraction",
-                "batch_size", "dtype", "n_rows", "shard", "bos", "layers")
-# the root attributes a StoreWriter's caller gives; it adds the others from the plan, the head and its settings
-_PROVENANCE = ("model", "architecture", "n_layers", "corpus", "corpus_sha256", "model_sha256", "seed",
-                   "val_fraction", "max_tokens", "n_documents")
-# every root attribute, in the order written (the order is part of the file's bytes)
-_ROOT_ATTRIBUTES = ("format", "format_version", "model", "architecture", "n_layers", "d_model", "vocab_size", "dtype",
-                    "seq_len", "positions", "corpus", "corpus_sha256", "model_sha256", "seed", "val_fraction",
-                    "batch_size", "max_tokens", "n_rows", "n_sequences", "rows_written", "complete", "shard", "bos",
-                    "layers", "split_by", "n_documents")
-_HEAD_CHECK = ("head_check_max_abs_err", "head_check_rel_err", "head_check_top1_agreement")
-_HELD: set[str] = set()  # outputs whose lock this process holds through StoreWriter.lock
-
-
-class _Untrusted(Exception):
-    """A failed fsync: the kernel may have dropped pages the file's counters already count."""
-
-
-def _sync(f) -> None:
-    """Flush the store and have the operating system put it on disk.
-
-    A failure is :class:`_Untrusted`: after a failed fsync the pages it could not write may be
-    dropped from the cache, so ``rows_written`` may count rows that are not on disk, and the
-    file must not be resumed.
-    """
-    try:
-        f.flush()
-        os.fsync(f.id.get_vfd_handle())
-    except _WRITE_ERRORS as err:
-        raise _Untrusted(write_failure(err) or str(err)) from err
-
-
-def _close_quietly(f) -> None:
-    """Close a store whose writes may have failed; the failure has already been reported."""
-    try:
-        f.close()
-    except Exception:  # closing a broken file may fail again; the first error is the one reported
-        pass
-
-
-def _caused(err: BaseException, cause: BaseException | None) -> BaseException:
-    err.__cause__ = cause
-    return err
-
-
-def _chunk_rows(rows_per_batch: int, n: int, row_bytes: int, limit: int = 4 << 20) -> int:
-    """Rows per HDF5 chunk: a divisor of a batch's rows (each write fills whole chunks), ≤ 4 MiB."""
-    rows = min(rows_per_batch, n)
-    while rows > 1 and rows * row_bytes > limit:
-        rows = rows // 2 if rows % 2 == 0 else max(1, limit // row_bytes)
-    return max(1, rows)
-
-
-def _check_values(layer, values: torch.Tensor, dtype: str) -> None:
-    # one reduction, no boolean temporary: a float64 sum is NaN/Inf iff an element is
-    if not bool(torch.isfinite(values.sum(dtype=torch.float64))):
-        raise NJTCError(f"layer {layer} has NaN or Inf activations; the model's forward pass is broken")
-    if dtype == "float16":  # bfloat16 has float32's range
-        peak = float(values.abs().max())
-        if peak > _FLOAT16_MAX:
-            raise NJTCError(f"layer {layer} has an activation of {peak:.4g}, beyond float16's range (65504); "
-                            "use `dtype` bfloat16 or float32")
-
-
-class StoreWriter:
-    """Write one activation store: ``OUT.partial``, renamed to ``OUT`` when every row is in.
-
-    Opening takes the output lock (:meth:`lock`, held until :meth:`finish` or :meth:`abort`),
-    refuses an output that exists without ``overwrite`` (:func:`check_output`), checks the
-    free space and creates the pre-allocated file: every dataset of the plan's rows, chunked
-    with a fletcher32 checksum, the row index and the head group. With ``resume`` it reopens
-    ``OUT.partial`` instead (its settings must match) and continues from ``rows_written``;
-    with nothing to resume it starts afresh. :meth:`write` takes the rows batch by batch, in
-    order; :meth:`finish` puts the file on disk (fsync) and renames it.
-
-    Used as a context manager, an exception aborts it as extraction needs: an
-    :class:`NJTCError` (a failed check) or a failed fsync removes the partial file; a failed
-    write (a full disk) keeps it, for ``resume``, and becomes a one-line :class:`NJTCError`;
-    an interruption, or leaving the block without :meth:`finish`, keeps it.
-
-    Parameters
-    ----------
-    out : path
-        The store to write.
-    plan : ExtractionPlan
-        The rows, their split and positions (:func:`njtc_solve.data.plan.plan_extraction`).
-    head : Head
-        The model's head, stored with the rows and checked on the first batch.
-    provenance : dict
-        Root attributes that describe where the rows come from: ``model``, ``architecture``,
-        ``n_layers``, ``corpus``, ``corpus_sha256``, ``model_sha256``, ``seed``,
-        ``val_fraction``, ``max_tokens`` (-1 for none) and ``n_documents``.
-    layers : list of int, optional
-        Source layers to store (default: all); the last layer ``n_layers`` is always stored.
-    dtype : {"float32", "float16", "bfloat16"}
-        Storage type of the activations (see :data:`STORE_DTYPES`).
-    batch_size : int
-        Sequences per :meth:`write` (the chunk shape and the resume contract follow it).
-    shard : (rank, world)
-        Which block of a sharded extraction ``plan`` is (recorded; see :func:`combine_shards`).
-    model_dtype : torch.dtype
-        The model's dtype, which sets the head check's tolerance.
-    resume, overwrite : bool
-        Continue ``OUT.partial``; replace an existing ``OUT``.
-
-    Examples
-    --------
-    >>> from njtc_solve.data.capture import forward_batches
-    >>> from njtc_solve.data.plan import plan_extraction
-    >>> plan = plan_extraction(tokenizer, documents, seq_len=32, max_tokens=256)
-    >>> provenance = {"model": "tiny", "architecture": model.config.model_type,
-    ...               "n_layers": model.config.num_hidden_layers, "corpus": "",
-    ...               "corpus_sha256": "", "model_sha256": "", "seed": 0, "val_fraction": 0.25, "max_tokens": 256,
-    ...               "n_documents": len(documents)}
-    >>> with StoreWriter("tiny.h5", plan, Head.from_model(model), provenance=provenance, batch_size=4) as writer:
-    ...     for batch in forward_batches(model, plan, 4, writer.rows_written // (4 * 32)):
-    ...         writer.write(batch.rows, batch.hidden, batch.tokens, batch.logits)
-    ...     out = writer.finish()
-    >>> with ActivationStore(out) as store:
-    ...     store.n_rows, store.layers
-    (256, [0, 1, 2, 3])
-    """
-
-    def __init__(self, out, plan, head: Head, *, provenance: dict, layers=None, dtype: str = "float32",
-                 batch_size: int = 8, shard: tuple[int, int] = (0, 1), model_dtype: torch.dtype = torch.float32,
-                 resume: bool = False, overwrite: bool = False):
-        StoreWriter.check_settings(dtype=dtype, batch_size=batch_size)
-        missing = [key for key in _PROVENANCE if key not in provenance]
-        if missing:
-            raise NJTCError(f"`provenance` lacks {', '.join(missing)}")
-        self.out, self.partial = Path(out), temporary_path(Path(out))
-        self.plan, self.head, self.dtype, self.model_dtype = plan, head, dtype, model_dtype
-        self.n_layers = int(provenance["n_layers"])
-        self.layers = stored_layers(layers, self.n_layers)
-        self.head_checked = False
-        self._file = None
-        self._held = ExitStack()
-        self._held.enter_context(StoreWriter.reserve(self.out, resume=resume, overwrite=overwrite))
-        try:
-            self._open(self._attributes(provenance, batch_size, shard), resume and self.partial.exists())
-        except BaseException:
-            if self._file is not None:
-                _close_quietly(self._file)
-            self._file = None
-            self._held.close()
-            raise
-        self._hidden = {layer: self._file[f"hidden/{layer}"] for layer in self.layers}  # open for the whole run
-        self.rows_written = int(self._file.attrs["rows_written"])
-
-    # -- the output, before any work ------------------------------------------------------
-    @staticmethod
-    def check_settings(*, dtype: str = "float32", batch_size: int = 8) -> None:
-        """Refuse a storage type or batch size the writer cannot use (before any work)."""
-        if dtype not in STORE_DTYPES:
-            raise NJTCError(f"`dtype` must be one of {', '.join(STORE_DTYPES)}, not {dtype!r}")
-        if batch_size < 1:
-            raise NJTCError(f"`batch_size` must be positive, not {batch_size}")
-
-    @staticmethod
-    @contextmanager
-    def lock(out):
-        """Hold the output lock of ``out`` (:func:`njtc_solve.core.outputs.output_lock`) for the block.
-
-        Another process that asks for it is refused at once; in this process, a nested hold
-        of the same output (a writer inside a command's :meth:`reserve`) is the same hold.
-        """
-        key = os.path.abspath(out)
-        if key in _HELD:
-            yield
-            return
-        with output_lock(out):
-            _HELD.add(key)
-            try:
-                yield
-            finally:
-                _HELD.discard(key)
-
-    @staticmethod
-    @contextmanager
-    def reserve(out, *, resume: bool = False, overwrite: bool = False):
-        """Hold the lock of ``out`` for the block, and check it can be written (:func:`check_output`).
-
-        What a command does before it loads a model, so that a second run to the same output,
-        or one that would replace a file, is refused before any work. A :class:`StoreWriter`
-        of ``out`` opened inside the block keeps this hold.
-
-        Examples
-        --------
-        >>> with StoreWriter.reserve("new.h5"):
-        ...     Path("new.h5.lock").exists()
-        True
-        """
-        if not Path(out).parent.is_dir():  # the lock file goes beside `out`
-            raise NJTCError(f"cannot write {out}: folder {Path(out).parent} does not exist")
-        with StoreWriter.lock(out):  # first: a run writing `out` now is named as such, not as a leftover
-            check_output(out, resume=resume, overwrite=overwrite)
-            yield Path(out)
-
-    def _attributes(self, provenance: dict, batch_size: int, shard: tuple[int, int]) -> dict:
-        plan = self.plan
-        attrs = {**provenance, "format": FORMAT, "format_version": FORMAT_VERSION, "d_model": self.head.d_model,
-                 "vocab_size": self.head.vocab_size, "dtype": self.dtype, "seq_len": plan.seq_len,
-                 "positions": "all" if plan.position is None else "one-per-sequence", "batch_size": batch_size,
-                 "n_rows": plan.n_rows, "n_sequences": len(plan.sequence), "rows_written": 0, "complete": False,
-                 "shard": f"{shard[0]}/{shard[1]}", "bos": plan.bos, "layers": self.layers, "split_by": "document"}
-        ordered = {key: attrs[key] for key in _ROOT_ATTRIBUTES}
-        ordered.update(attrs)  # any further provenance after
-        return ordered
-
-    def _open(self, attrs: dict, resume: bool) -> None:
-        """Reopen the partial file to resume, check the free space, else create the file."""
-        if resume:
-            self._reopen(attrs)
-        written = 0 if self._file is None else int(self._file.attrs["rows_written"])
-        needed = (self.plan.n_rows - written) * bytes_per_token(len(self.layers), self.head.d_model, self.dtype)
-        needed += 0 if resume else self.head.unembed.numel() * 4
-        free = shutil.disk_usage(self.out.parent).free
-        if needed > free:
-            raise NJTCError(f"{self.out} needs about {needed / 1e9:.2f} GB more, and {self.out.parent} has "
-                            f"{free / 1e9:.2f} GB free")
-        if self._file is None:
-            try:
-                self.partial.unlink(missing_ok=True)
-                self._create(attrs)
-            except _WRITE_ERRORS as err:
-                if write_failure(err) is None:
-                    raise
-                raise NJTCError(f"cannot write {self.partial}: {write_failure(err)}") from err
-
-    def _reopen(self, attrs: dict) -> None:
-        try:
-            self._file = h5py.File(self.partial, "r+", **_WRITE_CACHE)
-        except OSError as err:
-            raise NJTCError(f"cannot resume: {self.partial} is not a readable HDF5 file; start again with "
-                            "`overwrite=True`") from err
-        for key in _RESUME_KEYS:
-            stored = self._file.attrs.get(key)
-            stored = stored.item() if isinstance(stored, np.generic) else stored
-            if isinstance(stored, np.ndarray):
-                stored = stored.tolist()
-            if key == "layers" and stored is None:  # a partial store begun before `layers` kept every layer
-                stored = list(range(self.n_layers + 1))
-            if stored != attrs[key]:
-                raise NJTCError(f"cannot resume: {key} differs (file has {stored!r}, this run {attrs[key]!r})")
-
-    def _create(self, attrs: dict) -> None:
-        """Create the pre-allocated file; a half-created one holds nothing to resume and is removed."""
-        self._file = h5py.File(self.partial, "w", **_WRITE_CACHE)
-        try:
-            self._layout(attrs)
-        except BaseException:  # a failed write, an interruption
-            _close_quietly(self._file)  # never leave it to h5py's garbage collection
-            self._file = None
-            self.partial.unlink(missing_ok=True)
-            raise
-
-    def _layout(self, attrs: dict) -> None:
-        f, plan = self._file, self.plan
-        # every attribute written later exists from the start, so later writes never grow the file
-        for key in _HEAD_CHECK:
-            f.attrs[key] = float("nan")
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        n, d = plan.n_rows, self.head.d_model
-        store_dtype = STORE_DTYPES[self.dtype]
-        chunk_rows = _chunk_rows(attrs["batch_size"] * plan.rows_per_sequence, n, d * store_dtype.itemsize)
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # a kill mid-run only leaves raw data behind
-        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every row is written before the file is complete
-        dcpl.set_fletcher32()
-        hidden = f.create_group("hidden")
-        for layer in self.layers:
-            hidden.create_dataset(str(layer), shape=(n, d), dtype=store_dtype, chunks=(chunk_rows, d), dcpl=dcpl.copy())
-        repeat = plan.rows_per_sequence
-        index = {"tokens": np.zeros(n, np.int32), "sequence": np.repeat(plan.sequence, repeat).astype(np.int32),
-                 "position": plan.row_positions(slice(None)).astype(np.int32),
-                 "split": np.repeat(plan.split, repeat).astype(np.uint8),
-                 "document": plan.row_documents().astype(np.int32),
-                 "validation_documents": plan.validation_documents.astype(np.int32),
-                 "final_top1": np.zeros(n, np.int32), "final_topk": np.zeros((n, FINAL_TOPK), np.int32)}
-        for name, data in index.items():
-            if len(data) == 0:  # no validation documents (val_fraction 0): nothing to chunk or checksum
-                f.create_dataset(name, data=data)
-            else:
-                f.create_dataset(name, data=data, chunks=(min(len(data), 65536),) + data.shape[1:], fletcher32=True)
-        self.head.write_group(f.create_group("head"))
-        f.flush()
-
-    # -- rows -----------------------------------------------------------------------------
-    def write(self, rows: slice, hidden, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Write the next batch: rows ``rows`` (a slice starting at :attr:`rows_written`).
-
-        ``hidden[l]`` holds layer ``l``'s rows ``(n, d)`` for every stored layer (a list by
-        layer, or a dict), ``tokens`` the input token of each row and ``logits`` the model's
-        own logits there, whose top-k are stored. The first batch written checks the head
-        (:meth:`check_head`) before the long pass. NaN, Inf, or values beyond float16's range
-        in a float16 store, are refused.
-        """
-        if rows.start != self.rows_written:
-            raise ValueError(f"rows are written in order: the next row is {self.rows_written}, not {rows.start}")
-        with self._aborting_on_error():
-            r0, r1 = rows.start, rows.stop
-            for layer, dataset in self._hidden.items():
-                values = hidden[layer].float()
-                _check_values(layer, values, self.dtype)
-                dataset.write_direct(encode_rows(values, self.dtype), dest_sel=np.s_[r0:r1])
-            f = self._file
-            f["tokens"][r0:r1] = tokens.cpu().numpy()
-            f["final_topk"][r0:r1] = logits.topk(FINAL_TOPK, -1).indices.cpu().numpy()
-            f["final_top1"][r0:r1] = logits.argmax(-1).cpu().numpy()
-            f.flush()
-            if not self.head_checked:  # before the long pass: the head must reproduce the model's own logits
-                self.check_head(r0, logits[:64].float().cpu())
-            f.attrs["rows_written"] = r1
-            f.flush()
-            self.rows_written = r1
-
-    def check_head(self, first_row: int, model_logits: torch.Tensor) -> None:
-        """Check the head on the stored last layer of rows ``first_row…`` against the model's
-        own logits there, and record the figures (``head_check_*`` attributes).
-
-        :meth:`write` runs it on the first batch; a run with no batch left to write (a resumed
-        one) runs it on rows already written. The stored (possibly 16-bit) rows are what every
-        later reader applies the head to. See :func:`njtc_solve.data.capture.check_head`.
-        """
-        with self._aborting_on_error():
-            f = self._file
-            stored = torch.from_numpy(decode_rows(f[f"hidden/{self.n_layers}"][first_row: first_row + len(model_logits)],
-                                                  self.dtype))
-            figures = {}
-            try:
-                check_head(self.head, stored, model_logits, self.model_dtype, self.dtype, record=figures)
-            finally:
-                for key, value in figures.items():
-                    f.attrs[f"head_check_{key}"] = value
-            self.head_checked = True
-
-    def finish(self) -> Path:
-        """Put every row on disk, mark the file complete, rename it to ``OUT`` and release the lock."""
-        with self._aborting_on_error():
-            if not self.head_checked:
-                raise NJTCError(f"{self.partial}: the head was never checked against the model's logits")
-            if self.rows_written != self.plan.n_rows:
-                raise NJTCError(f"{self.partial} holds {self.rows_written} of {self.plan.n_rows} rows")
-            _sync(self._file)  # every row on disk before the file says it is complete
-            self._file.attrs["complete"] = True
-            _sync(self._file)
-            self._file.close()
-            os.replace(self.partial, self.out)
-        self._file = None
-        self._held.close()
-        return self.out
-
-    # -- ending ---------------------------------------------------------------------------
-    def abort(self, *, keep: bool = True) -> None:
-        """Stop writing: close the file and release the lock; keep ``OUT.partial`` for a later
-        ``resume``, or remove it with ``keep=False``. Nothing happens after :meth:`finish`."""
-        if self._file is not None:
-            _close_quietly(self._file)
-            self._file = None
-            if not keep:
-                self.partial.unlink(missing_ok=True)
-        self._held.close()
-
-    def _failed(self, err: BaseException) -> BaseException:
-        """Abort after ``err`` and return what to raise in its place (``err`` itself if unchanged)."""
-        if self._file is None:  # already ended: handled where it was first raised
-            return err
-        if isinstance(err, _Untrusted):  # after a failed fsync, what the file holds on disk is unknown
-            self.abort(keep=False)
-            return _caused(NJTCError(f"cannot write {self.partial}: {err} (fsync failed); what was written cannot "
-                                     "be trusted, so the partial file is removed: run again without `resume=True`"),
-                           err.__cause__)
-        self.abort(keep=not isinstance(err, NJTCError))
-        reason = write_failure(err) if isinstance(err, _WRITE_ERRORS) else None
-        if reason is None:
-            return err
-        # a write failed (disk full, quota, I/O error): rows_written counts only flushed batches
-        return _caused(NJTCError(f"cannot write {self.partial}: {reason}; the partial file is kept: free space, "
-                                 "then run again with `resume=True`"), err)
-
-    @contextmanager
-    def _aborting_on_error(self):
-        try:
-            yield
-        except BaseException as err:
-            replacement = self._failed(err)
-            if replacement is err:
-                raise
-            raise replacement from replacement.__cause__
-
-    def __enter__(self) -> StoreWriter:
-        return self
-
-    def __exit__(self, kind, err, traceback) -> None:
-        if err is None:
-            self.abort(keep=True)  # left without finish(): the partial file stays, to resume
-            return
-        replacement = self._failed(err)
-        if replacement is not err:
-            raise replacement from replacement.__cause__
-
-    def __repr__(self) -> str:
-        state = "open" if self._file is not None else "closed"
-        return f"StoreWriter({str(self.out)!r}, rows={self.rows_written}/{self.plan.n_rows}, {state})"

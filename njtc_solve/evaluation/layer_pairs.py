@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.data.store import VALIDATION, opened
+from njtc_solve.data.rows import VALIDATION
+from njtc_solve.data.store import opened
 from njtc_solve.evaluation.block_skip import SkipRunner, skip_scores
 from njtc_solve.evaluation.evaluate import EvaluateSpec, check_unseen
 from njtc_solve.maps.compatibility import check_compatible

@@ -23,7 +23,7 @@ from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.models import model_sha256 as weights_sha256
 from njtc_solve.data.plan import PlanSpec, plan_extraction
-from njtc_solve.data.store import TRAIN, VALIDATION
+from njtc_solve.data.rows import TRAIN, VALIDATION
 from njtc_solve.prune.checkpoint import check_output_folder, save_pruned
 from njtc_solve.prune.refine_fold import RefineFoldSpec, refine_fold
 from njtc_solve.prune.replacement import Replacement, apply_replacement, check_removal, solve_replacement
