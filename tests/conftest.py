@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import io
 import os
 import subprocess
 import sys
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -100,6 +104,26 @@ def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.Comp
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
+
+
+def run_command(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the command ``njtc_solve.cli.<name>`` in this process as :func:`run_module` runs it in another
+    (exit status, standard output and error), for the many quick refusals; a warning the command gives
+    (those Python shows by default) is written to its standard error, as a process would print it."""
+    command = importlib.import_module(f"njtc_solve.cli.{name}")
+    out, err = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, redirect_stdout(out), redirect_stderr(err):
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        for kind in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", kind)
+        try:
+            code = command.run(list(args))
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+    for w in caught:
+        err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
 
 
 def benchmark_module(name: str):

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_module
+from conftest import ROOT, run_command, run_module
 
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.core.errors import NJTCError
@@ -167,7 +167,7 @@ def _kill_once_past(cmd, env, fraction=0.2, sig=signal.SIGKILL, timeout=120, act
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_models, tmp_path):
-    args = ["--model", str(tiny_models["llama"]), "--seq-len", "16", "--batch-size", "1", "--max-tokens", "8000"]
+    args = ["--model", str(tiny_models["llama"]), "--seq-len", "16", "--batch-size", "1", "--max-tokens", "3200"]
     full = tmp_path / "full.h5"
     assert run_module("njtc_solve.extract", *args, "--no-progress", "--out", str(full)).returncode == 0
     killed = tmp_path / "killed.h5"
@@ -246,26 +246,27 @@ def _one_line_exit_2(result, pattern):
 
 
 def test_cli_bad_inputs(tiny_models, tmp_path):
+    """In this process (conftest.run_command), but for the first: a process of its own."""
     model = str(tiny_models["llama"])
     base = ["--seq-len", "32", "--max-tokens", "256", "--no-progress"]
     _one_line_exit_2(run_module("njtc_solve.extract", "--model", str(tmp_path / "nope.gguf"), *base,
                                 "--out", str(tmp_path / "a.h5")), "not found")
     (tmp_path / "empty").mkdir()
-    _one_line_exit_2(run_module("njtc_solve.extract", "--model", str(tmp_path / "empty"), *base,
+    _one_line_exit_2(run_command("extract", "--model", str(tmp_path / "empty"), *base,
                                 "--out", str(tmp_path / "a.h5")), "no config.json")
-    _one_line_exit_2(run_module("njtc_solve.extract", "--model", model, "--corpus", str(tmp_path / "x.txt"),
+    _one_line_exit_2(run_command("extract", "--model", model, "--corpus", str(tmp_path / "x.txt"),
                                 *base, "--out", str(tmp_path / "a.h5")), "not found")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
-    _one_line_exit_2(run_module("njtc_solve.extract", "--model", model, "--corpus", str(bad), *base,
+    _one_line_exit_2(run_command("extract", "--model", model, "--corpus", str(bad), *base,
                                 "--out", str(tmp_path / "a.h5")), "bad.jsonl:2")
-    _one_line_exit_2(run_module("njtc_solve.extract", "--model", model, "--val-fraction", "1.5", *base,
+    _one_line_exit_2(run_command("extract", "--model", model, "--val-fraction", "1.5", *base,
                                 "--out", str(tmp_path / "a.h5")), "--val-fraction")
-    _one_line_exit_2(run_module("njtc_solve.extract", "--model", model, *base,
+    _one_line_exit_2(run_command("extract", "--model", model, *base,
                                 "--out", str(tmp_path / "missing" / "a.h5")), "does not exist")
     existing = tmp_path / "exists.h5"
     existing.write_bytes(b"")
-    _one_line_exit_2(run_module("njtc_solve.extract", "--model", model, *base, "--out", str(existing)),
+    _one_line_exit_2(run_command("extract", "--model", model, *base, "--out", str(existing)),
                      "--overwrite")
     assert existing.read_bytes() == b""
 

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_module
+from conftest import run_command, run_module
 from safetensors import safe_open
 from sklearn.linear_model import LinearRegression
 from sklearn.utils.estimator_checks import check_estimator
@@ -284,7 +284,8 @@ def test_a_fit_spec_is_frozen_completed_and_knows_its_fit():
 
 
 def test_cli_bad_inputs(tiny_store, tmp_path):
-    fit = lambda *a: run_module("njtc_solve.fit", "--store", str(tiny_store), "--no-progress", *a)
+    """In this process (conftest.run_command), but for the missing store: a process of its own."""
+    fit = lambda *a: run_command("fit", "--store", str(tiny_store), "--no-progress", *a)
     out = ["--out", str(tmp_path / "o.safetensors")]
     _one_line_exit_2(fit("--method", "njtc", "--rank", "0", *out), "rank 0")
     _one_line_exit_2(fit("--method", "njtc", "--rank", "33", *out), "rank 33")
@@ -301,19 +302,19 @@ def test_cli_bad_inputs(tiny_store, tmp_path):
     shutil.copy(tiny_store, incomplete)
     with h5py.File(incomplete, "r+") as f:
         f.attrs["complete"] = False
-    _one_line_exit_2(run_module("njtc_solve.fit", "--store", str(incomplete), *out), "incomplete")
+    _one_line_exit_2(run_command("fit", "--store", str(incomplete), *out), "incomplete")
 
     no_train = tmp_path / "no_train.h5"
     shutil.copy(tiny_store, no_train)
     with h5py.File(no_train, "r+") as f:
         f["split"][...] = 1
-    _one_line_exit_2(run_module("njtc_solve.fit", "--store", str(no_train), *out), "no training rows")
+    _one_line_exit_2(run_command("fit", "--store", str(no_train), *out), "no training rows")
 
     nan = tmp_path / "nan.h5"
     shutil.copy(tiny_store, nan)
     with h5py.File(nan, "r+") as f:
         f["hidden/1"][5, 3] = np.nan
-    _one_line_exit_2(run_module("njtc_solve.fit", "--store", str(nan), *out), "NaN")
+    _one_line_exit_2(run_command("fit", "--store", str(nan), *out), "NaN")
     assert not list(tmp_path.glob("*.safetensors*"))
 
 

