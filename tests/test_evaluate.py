@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_module
+from conftest import run_command, run_module
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.evaluation.evaluate import early_exit_curve, evaluate_shortcuts
 from njtc_solve.solve.fit import fit_shortcuts
@@ -157,13 +157,13 @@ def test_cli_bad_inputs(tiny_store, hand_store, tmp_path):
     other.save(tmp_path / "other.safetensors")
     _one_line_exit_2(run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts",
                                 str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "r")), "another model")
-    _one_line_exit_2(run_module("njtc_solve.evaluate", "--store", str(tiny_store), "--shortcuts",
+    _one_line_exit_2(run_command("evaluate", "--store", str(tiny_store), "--shortcuts",
                                 str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "r")), "not found")
     no_val = tmp_path / "no_val.h5"
     shutil.copy(tiny_store, no_val)
     with h5py.File(no_val, "r+") as f:
         f["split"][...] = 0
-    _one_line_exit_2(run_module("njtc_solve.evaluate", "--store", str(no_val), "--shortcuts",
+    _one_line_exit_2(run_command("evaluate", "--store", str(no_val), "--shortcuts",
                                 "--out", str(tmp_path / "r")), "no validation rows")
     assert not (tmp_path / "r").exists()
 

@@ -18,7 +18,7 @@ from njtc_solve.core.models import load_model
 from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
 from njtc_solve.data.store import ActivationStore
 
-from conftest import run_module
+from conftest import run_command, run_module
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +206,14 @@ def test_cli_writes_figure_json_and_csv(tiny_models, fitted, tmp_path):
     (["--prompt", "x", "--top-k", "0"], "--top-k must be at least 1"),
 ])
 def test_cli_refuses_bad_input_on_one_line(tiny_models, args, message):
-    done = run_module("njtc_solve.lens", "--model", str(tiny_models["llama"]), *args)
+    done = run_command("lens", "--model", str(tiny_models["llama"]), *args)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {message}"
 
 
 def test_cli_refuses_a_foreign_shortcut_file(tiny_models, fitted):
-    done = run_module("njtc_solve.lens", "--model", str(tiny_models["gpt2"]), "--shortcuts",
-                      str(fitted[1] / "jtc.safetensors"), "--prompt", "x", "--no-progress")
+    done = run_command("lens", "--model", str(tiny_models["gpt2"]), "--shortcuts",
+                       str(fitted[1] / "jtc.safetensors"), "--prompt", "x", "--no-progress")
     assert done.returncode == 2
     assert done.stderr.startswith("error: shortcuts jtc were fitted on another model") and done.stderr.count("\n") == 1
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_module
+from conftest import run_command, run_module
 from test_extract import _one_line_exit_2
 
 from njtc_solve.data.corpus import load_corpus
@@ -110,10 +110,10 @@ def test_fit_and_evaluate_from_the_model_on_the_command_line(tiny_models, tmp_pa
     assert not list(tmp_path.glob("*.h5"))
     saved = Statistics.load(stats)
     assert saved.meta["provenance"]["split_id"] and Statistics.load_head(stats).vocab_size > 100
-    again = run_module("njtc_solve.fit", "--stats", str(stats), "--method", "njtc", "--rank", "2",
+    again = run_command("fit", "--stats", str(stats), "--method", "njtc", "--rank", "2",
                        "--out", str(tmp_path / "b.safetensors"), "--no-progress")
     assert again.returncode == 0, again.stderr
-    direct = run_module("njtc_solve.fit", "--model", model, *plan, "--method", "njtc", "--rank", "2",
+    direct = run_command("fit", "--model", model, *plan, "--method", "njtc", "--rank", "2",
                         "--out", str(tmp_path / "c.safetensors"), "--no-progress")
     assert direct.returncode == 0, direct.stderr
     a, b, c = (Shortcuts.load(tmp_path / f"{n}.safetensors") for n in "abc")
@@ -121,12 +121,12 @@ def test_fit_and_evaluate_from_the_model_on_the_command_line(tiny_models, tmp_pa
     for layer in b.maps:  # refitting from the saved statistics is fitting from the model again
         assert torch.allclose(b.maps[layer].U @ b.maps[layer].V, c.maps[layer].U @ c.maps[layer].V, atol=1e-5)
     report = tmp_path / "report"
-    evaluated = run_module("njtc_solve.evaluate", "--model", model, "--shortcuts", str(tmp_path / "b.safetensors"),
+    evaluated = run_command("evaluate", "--model", model, "--shortcuts", str(tmp_path / "b.safetensors"),
                            "--out", str(report), "--no-progress")
     assert evaluated.returncode == 0, evaluated.stderr
     assert (report / "results.csv").is_file()
     # a plan that contradicts the shortcut's own is refused before the model runs
-    _one_line_exit_2(run_module("njtc_solve.evaluate", "--model", model, "--shortcuts",
+    _one_line_exit_2(run_command("evaluate", "--model", model, "--shortcuts",
                                 str(tmp_path / "b.safetensors"), "--seed", "4", "--out", str(report)),
                      "fitted on")
 
@@ -176,12 +176,12 @@ def test_evaluating_live_on_another_corpus_than_the_fit_needs_it_named(tiny_mode
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"Line {i} of a small corpus, about the numbers {i} and {i + 1}." for i in range(300)))
     model = str(tiny_models["llama"])
-    fitted = run_module("njtc_solve.fit", "--model", model, "--corpus", str(corpus), "--seq-len", "32",
+    fitted = run_command("fit", "--model", model, "--corpus", str(corpus), "--seq-len", "32",
                         "--method", "njtc", "--rank", "2", "--out", str(tmp_path / "c.safetensors"), "--no-progress")
     assert fitted.returncode == 0, fitted.stderr
-    _one_line_exit_2(run_module("njtc_solve.evaluate", "--model", model, "--shortcuts", str(tmp_path / "c.safetensors"),
+    _one_line_exit_2(run_command("evaluate", "--model", model, "--shortcuts", str(tmp_path / "c.safetensors"),
                                 "--out", str(tmp_path / "report")), "pass --corpus")
-    named = run_module("njtc_solve.evaluate", "--model", model, "--corpus", str(corpus), "--shortcuts",
+    named = run_command("evaluate", "--model", model, "--corpus", str(corpus), "--shortcuts",
                        str(tmp_path / "c.safetensors"), "--out", str(tmp_path / "report"), "--no-progress")
     assert named.returncode == 0, named.stderr
 
