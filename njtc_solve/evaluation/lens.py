@@ -324,11 +324,10 @@ class Trajectory:
 
     def records(self) -> list[dict]:
         """One record per method, prompt, layer and position (the rows of :meth:`to_pandas`)."""
-        vocab = {}
         every = np.unique(np.concatenate([self.topk_ids[self.valid].ravel(), self.final_top1.ravel(),
                                           np.concatenate([np.asarray(s) for s in self.token_ids])]))
-        for i, text in zip(every[every >= 0], self.decode(every[every >= 0])):
-            vocab[int(i)] = text
+        known = every[every >= 0]
+        vocab = dict(zip(known.tolist(), self.decode(known)))
         out = []
         for m, p, layer, t in zip(*np.nonzero(self.valid)):
             ids, probs = self.topk_ids[m, p, layer, t], self.topk_probs[m, p, layer, t]
@@ -448,12 +447,12 @@ def write_trajectory(traj: Trajectory, out, *, meta: dict | None = None, color: 
                      max_positions: int = 24) -> dict[str, Path]:
     """Write a trajectory's figure, JSON (with ``meta``: the folder's marker), CSV and page into the folder
     ``out``, all or none; returns the paths by kind."""
-    out = Path(out)
+    out, meta = Path(out), meta or {}
     records = traj.records()
     fig = plot_trajectory(traj, color=color, max_positions=max_positions)
-    page = lens_page(traj, title=(meta or {}).get("title"), prompts=(meta or {}).get("prompts"), meta=meta)
+    page = lens_page(traj, title=meta.get("title"), prompts=meta.get("prompts"), meta=meta)
     with atomic_folder(out, LENS_KIND) as tmp:
-        (tmp / "trajectory.json").write_text(json.dumps({"meta": meta or {}, "records": records},
+        (tmp / "trajectory.json").write_text(json.dumps({"meta": meta, "records": records},
                                                         ensure_ascii=False, indent=1))
         fig.savefig(tmp / "trajectory.png", format="png", dpi=120)
         write_csv(tmp / "trajectory.csv", records)
