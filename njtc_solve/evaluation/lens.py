@@ -322,12 +322,17 @@ class Trajectory:
             return [str(i) for i in ids]
         return [self.tokenizer.decode([i]) for i in ids]
 
+    def _token_texts(self) -> tuple[np.ndarray, list[str]]:
+        """The distinct token ids the trajectory shows (top-k, the model's top-1, the inputs) and their texts."""
+        every = np.unique(np.concatenate([self.topk_ids[self.valid].ravel(), self.final_top1.ravel(),
+                                          *map(np.asarray, self.token_ids)]))
+        every = every[every >= 0]
+        return every, self.decode(every)
+
     def records(self) -> list[dict]:
         """One record per method, prompt, layer and position (the rows of :meth:`to_pandas`)."""
-        every = np.unique(np.concatenate([self.topk_ids[self.valid].ravel(), self.final_top1.ravel(),
-                                          np.concatenate([np.asarray(s) for s in self.token_ids])]))
-        known = every[every >= 0]
-        vocab = dict(zip(known.tolist(), self.decode(known)))
+        ids, texts = self._token_texts()
+        vocab = dict(zip(ids.tolist(), texts))
         out = []
         for m, p, layer, t in zip(*np.nonzero(self.valid)):
             ids, probs = self.topk_ids[m, p, layer, t], self.topk_probs[m, p, layer, t]
