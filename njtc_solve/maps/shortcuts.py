@@ -381,10 +381,8 @@ class Shortcuts(nn.Module):
     def save(self, path) -> None:
         """Write the file atomically (temporary name, then rename); a one-jump file's shared map once."""
         f32 = lambda value: value.detach().to(torch.float32).contiguous().cpu()
-        tensors = {}
         shared = self._shared_tensors() if self.one_jump else {}
-        for key, value in shared.items():
-            tensors[f"shared.{key}"] = f32(value)
+        tensors = {f"shared.{key}": f32(value) for key, value in shared.items()}
         for layer, m in self.maps.items():
             for key, value in m.tensors().items():
                 if value is not None and key not in shared:
