@@ -139,8 +139,8 @@ def _errors(source, loaded, max_rows, chunk_rows, device, progress, skip) -> lis
                 sum_y[t] += y.sum(0).cpu()
                 sum_y2[t] += float((y ** 2).sum())
             for sc, l in pairs:
-                y = xs[sc.target_layer]
-                sse[sc.name, sc.target_layer, l] += float(((sc.maps[l].predict(xs[l]).double() - y.double()) ** 2).sum())
+                y_hat, y = sc.maps[l].predict(xs[l]).double(), xs[sc.target_layer].double()
+                sse[sc.name, sc.target_layer, l] += float(((y_hat - y) ** 2).sum())
             for t, l in sse_id:  # the identity: the blocks between the two layers removed
                 sse_id[t, l] += float(((xs[l].double() - xs[t].double()) ** 2).sum())
             rows = len(next(iter(xs.values())))

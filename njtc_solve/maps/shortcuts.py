@@ -273,7 +273,8 @@ class Shortcuts(nn.Module):
         super().__setattr__(name, value)
 
     _RECORDED = ("method", "maps", "target_layer", "model_sha256", "rank", "normalize", "residual", "fit_intercept",
-                 "alpha", "weight", "stats", "label", "provenance", "head", "head_sha256", "head_description", "one_jump")
+                 "alpha", "weight", "stats", "label", "provenance", "head", "head_sha256", "head_description",
+                 "one_jump")
 
     def replace(self, **changes) -> Shortcuts:
         """A new :class:`Shortcuts` with this one's fields (sharing its maps) but ``changes``."""
@@ -317,8 +318,9 @@ class Shortcuts(nn.Module):
     def check_head(self, head) -> None:
         """Refuse another head than the one the maps were fitted for (an unrecorded head passes)."""
         if self.head_sha256 and self.head_sha256 != head.fingerprint():
-            raise NJTCError(f"shortcuts {self.name} were fitted for another head (head_sha256 {self.head_sha256[:12]}…, "
-                            f"this head's {head.fingerprint()[:12]}…: {json.dumps(head.describe())})")
+            raise NJTCError(f"shortcuts {self.name} were fitted for another head (head_sha256 "
+                            f"{self.head_sha256[:12]}…, this head's {head.fingerprint()[:12]}…: "
+                            f"{json.dumps(head.describe())})")
 
     def attach_head(self, head) -> Shortcuts:
         """Attach the head :meth:`forward` applies (a Head, a store's or a model's), once checked.
