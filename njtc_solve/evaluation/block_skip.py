@@ -33,16 +33,15 @@ class SkipRunner:
 
     def __init__(self, model):
         self.decoder = Decoder.of(model)
-        self.model, self.blocks, self.n_layers = model, self.decoder.blocks, self.decoder.n_blocks
-        self.head = self.decoder.head
+        self.n_layers, self.head = self.decoder.n_blocks, self.decoder.head
         self.recording: Recording | None = None  # the last recorded batch
-        self.hidden, self.model_logits = [], None  # its layers 0..L (block inputs, the last output), logits
+        self.hidden = []  # its layers 0..L (block inputs, the last output)
         self._references: dict = {}  # (from_position, chunk_rows) -> the full model's distributions
 
     def record(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Run the model once on a batch and keep every block's input and call arguments."""
         self.recording = self.decoder.record(input_ids, attention_mask)
-        self.hidden, _, self.model_logits = self.recording
+        self.hidden = self.recording.hidden
         self._references = {}
 
     def references(self, from_position: int = 0, chunk_rows: int = 256) -> list:

@@ -296,7 +296,8 @@ def _tally(store: RowSource, methods: list[Shortcuts], layers: list[int], head: 
             sum_y += y.double().sum(0).cpu()
             sum_y2 += float((y.double() ** 2).sum())
             own_surprisal += float(-final.logp.max(-1).values.sum())
-            xs = {l: torch.as_tensor(chunk[l]).to(device, torch.float32) for l in layers}  # once per chunk, for every method
+            # once per chunk, for every method
+            xs = {l: torch.as_tensor(chunk[l]).to(device, torch.float32) for l in layers}
             for sc in methods:
                 for l in layers:
                     if l in sc.maps:

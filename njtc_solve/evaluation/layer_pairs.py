@@ -18,6 +18,7 @@ Examples
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,12 +139,13 @@ def _errors(source, loaded, max_rows, chunk_rows, device, progress, skip) -> lis
                 sum_y[t] += y.sum(0).cpu()
                 sum_y2[t] += float((y ** 2).sum())
             for sc, l in pairs:
-                y = xs[sc.target_layer]
-                sse[sc.name, sc.target_layer, l] += float(((sc.maps[l].predict(xs[l]).double() - y.double()) ** 2).sum())
+                y_hat, y = sc.maps[l].predict(xs[l]).double(), xs[sc.target_layer].double()
+                sse[sc.name, sc.target_layer, l] += float(((y_hat - y) ** 2).sum())
             for t, l in sse_id:  # the identity: the blocks between the two layers removed
                 sse_id[t, l] += float(((xs[l].double() - xs[t].double()) ** 2).sum())
-            n += len(next(iter(xs.values())))
-            bar.update(len(next(iter(xs.values()))))
+            rows = len(next(iter(xs.values())))
+            n += rows
+            bar.update(rows)
     records = []
     for sc, l in pairs:
         t = sc.target_layer
@@ -170,8 +172,8 @@ def _skips(source, loaded, records, max_tokens, skip, batch_size, progress) -> N
     runner = SkipRunner(source.model)
     device = next(source.model.parameters()).device
     by_pair = {(r["method"], r["target"], r["source"]): r for r in records}
-    totals = {key: {"kl": 0.0, "agree": 0.0, "n": 0} for key in by_pair}
-    drops = {(t, l): {"kl": 0.0, "agree": 0.0, "n": 0} for _, t, l in by_pair}
+    totals = {key: Counter() for key in by_pair}  # skip_scores's sums "kl", "agree" and "n", added up
+    drops = {(t, l): Counter() for _, t, l in by_pair}
     batches = range(0, len(sequences), batch_size)
     with tqdm(total=len(batches) * len(by_pair), unit="pair", desc="skip", leave=False,
               disable=not progress) as bar:
@@ -183,14 +185,12 @@ def _skips(source, loaded, records, max_tokens, skip, batch_size, progress) -> N
                 keep = int(sc.provenance.get("skip_positions", 0) or 0)
                 t = sc.target_layer
                 for l in sorted(sc.maps):
-                    got = skip_scores(runner, l, t, _apply(sc.maps[l]), keep_positions=keep, from_position=skip)
-                    for k in ("kl", "agree", "n"):
-                        totals[sc.name, t, l][k] += got[k]
+                    totals[sc.name, t, l].update(
+                        skip_scores(runner, l, t, _apply(sc.maps[l]), keep_positions=keep, from_position=skip))
                     if (t, l) not in dropped_here:  # the blocks dropped (identity), once per pair
                         dropped_here.add((t, l))
-                        dropped = skip_scores(runner, l, t, lambda h: h, keep_positions=keep, from_position=skip)
-                        for k in ("kl", "agree", "n"):
-                            drops[t, l][k] += dropped[k]
+                        drops[t, l].update(skip_scores(runner, l, t, lambda h: h, keep_positions=keep,
+                                                       from_position=skip))
                     bar.update(1)
     for key, r in by_pair.items():
         got, dropped = totals[key], drops[key[1], key[2]]

@@ -198,20 +198,21 @@ class ShortcutLens(nn.Module):
         LensSpec(k=k, batch_size=batch_size, chunk_rows=chunk_rows, device=None)
         if self.model is None:
             raise NJTCError("this lens has no model; build it with ShortcutLens.from_model(model, ...)")
-        if k > self.head().vocab_size:
-            raise NJTCError(f"`k` is {k}, above the vocabulary's {self.head().vocab_size} tokens")
+        head = self.head()
+        if k > head.vocab_size:
+            raise NJTCError(f"`k` is {k}, above the vocabulary's {head.vocab_size} tokens")
         ids = self._token_ids(inputs)
-        methods = [IDENTITY] if self.method == IDENTITY else [IDENTITY, self.name]
-        logit_lens = ShortcutLens(self.head(), Shortcuts.identity(range(self.n_layers), self.n_layers))
-        lenses = {IDENTITY: logit_lens, self.name: self}
+        lenses = {IDENTITY: ShortcutLens(head, Shortcuts.identity(range(self.n_layers), self.n_layers))}
+        if self.method != IDENTITY:
+            lenses[self.name] = self
+        methods = list(lenses)
         n_b, n_l, n_t = len(ids), self.n_layers + 1, max(map(len, ids))
         shape = (len(methods), n_b, n_l, n_t)
         out = {"topk_ids": np.full((*shape, k), -1, np.int64), "topk_probs": np.full((*shape, k), np.nan, np.float32),
                "entropy": np.full(shape, np.nan), "kl": np.full(shape, np.nan), "agrees": np.zeros(shape, bool),
                "valid": np.zeros(shape, bool), "final_top1": np.full((n_b, n_t), -1, np.int64),
                "final_prob": np.full(shape, np.nan, np.float32), "final_rank": np.zeros(shape, np.int64)}
-        device, here = next(self.model.parameters()).device, self.head().unembed.device
-        head = self.head()
+        device, here = next(self.model.parameters()).device, head.unembed.device
         with capture_residual_stream(self.model) as hidden, torch.no_grad():
             for b0 in range(0, n_b, batch_size):
                 batch = ids[b0:b0 + batch_size]
@@ -234,20 +235,21 @@ class ShortcutLens(nn.Module):
                     part = slice(r0, r0 + chunk_rows)
                     final = Reference.from_logits(head.logits(rows_of[-1][part]))
                     p_, t_ = prompt_of[part], position_of[part]
-                    for m, name in enumerate(methods):
+                    for m, lens in enumerate(lenses.values()):
                         for layer in range(n_l):
-                            if layer < self.n_layers and layer not in lenses[name].shortcuts.maps:
+                            if layer < self.n_layers and layer not in lens.shortcuts.maps:
                                 continue
-                            logits = lenses[name](rows_of[layer][part], layer)
+                            logits = lens(rows_of[layer][part], layer)
                             own = Reference.from_logits(logits)  # one softmax for top-k and entropy
                             top = own.logp.topk(k, -1)
-                            out["topk_ids"][m, p_, layer, t_] = top.indices.cpu().numpy()
-                            out["topk_probs"][m, p_, layer, t_] = top.values.exp().cpu().numpy()
-                            out["entropy"][m, p_, layer, t_] = (-own.neg_entropy).cpu().numpy()
-                            out["kl"][m, p_, layer, t_] = kl_divergence(final, logits).cpu().numpy()
-                            out["agrees"][m, p_, layer, t_] = (top.indices[:, 0] == own_top1[part]).cpu().numpy()
-                            for key, value in _final_token_stats(own, own_top1[part]).items():
-                                out[key][m, p_, layer, t_] = value
+                            final_logp = own.logp.gather(-1, own_top1[part, None])  # the model's top-1's
+                            cells = {"topk_ids": top.indices, "topk_probs": top.values.exp(),
+                                     "entropy": -own.neg_entropy, "kl": kl_divergence(final, logits),
+                                     "agrees": top.indices[:, 0] == own_top1[part],
+                                     "final_prob": final_logp[:, 0].exp(),  # and its rank, 1 = the lens's top-1
+                                     "final_rank": (own.logp > final_logp).sum(-1) + 1}
+                            for key, value in cells.items():
+                                out[key][m, p_, layer, t_] = value.cpu().numpy()
                             out["valid"][m, p_, layer, t_] = True
         return Trajectory(methods, ids, **out, tokenizer=self.tokenizer)
 
@@ -278,12 +280,6 @@ class ShortcutLens(nn.Module):
         if limit is not None and max(map(len, ids)) > limit:
             raise NJTCError(f"a prompt has {max(map(len, ids))} tokens; the model reads at most {limit}")
         return ids
-
-
-def _final_token_stats(own: Reference, final_top1: torch.Tensor) -> dict[str, np.ndarray]:
-    """Probability and rank (1 = the lens's top-1) the lens gives the model's own top-1, per row."""
-    logp = own.logp.gather(-1, final_top1[:, None])
-    return {"final_prob": logp[:, 0].exp().cpu().numpy(), "final_rank": ((own.logp > logp).sum(-1) + 1).cpu().numpy()}
 
 
 def _valid_rows(t: torch.Tensor, keep: torch.Tensor, device) -> torch.Tensor:
@@ -326,13 +322,17 @@ class Trajectory:
             return [str(i) for i in ids]
         return [self.tokenizer.decode([i]) for i in ids]
 
+    def _token_texts(self) -> tuple[np.ndarray, list[str]]:
+        """The distinct token ids the trajectory shows (top-k, the model's top-1, the inputs) and their texts."""
+        every = np.unique(np.concatenate([self.topk_ids[self.valid].ravel(), self.final_top1.ravel(),
+                                          *map(np.asarray, self.token_ids)]))
+        every = every[every >= 0]
+        return every, self.decode(every)
+
     def records(self) -> list[dict]:
         """One record per method, prompt, layer and position (the rows of :meth:`to_pandas`)."""
-        vocab = {}
-        every = np.unique(np.concatenate([self.topk_ids[self.valid].ravel(), self.final_top1.ravel(),
-                                          np.concatenate([np.asarray(s) for s in self.token_ids])]))
-        for i, text in zip(every[every >= 0], self.decode(every[every >= 0])):
-            vocab[int(i)] = text
+        ids, texts = self._token_texts()
+        vocab = dict(zip(ids.tolist(), texts))
         out = []
         for m, p, layer, t in zip(*np.nonzero(self.valid)):
             ids, probs = self.topk_ids[m, p, layer, t], self.topk_probs[m, p, layer, t]
@@ -452,12 +452,12 @@ def write_trajectory(traj: Trajectory, out, *, meta: dict | None = None, color: 
                      max_positions: int = 24) -> dict[str, Path]:
     """Write a trajectory's figure, JSON (with ``meta``: the folder's marker), CSV and page into the folder
     ``out``, all or none; returns the paths by kind."""
-    out = Path(out)
+    out, meta = Path(out), meta or {}
     records = traj.records()
     fig = plot_trajectory(traj, color=color, max_positions=max_positions)
-    page = lens_page(traj, title=(meta or {}).get("title"), prompts=(meta or {}).get("prompts"), meta=meta)
+    page = lens_page(traj, title=meta.get("title"), prompts=meta.get("prompts"), meta=meta)
     with atomic_folder(out, LENS_KIND) as tmp:
-        (tmp / "trajectory.json").write_text(json.dumps({"meta": meta or {}, "records": records},
+        (tmp / "trajectory.json").write_text(json.dumps({"meta": meta, "records": records},
                                                         ensure_ascii=False, indent=1))
         fig.savefig(tmp / "trajectory.png", format="png", dpi=120)
         write_csv(tmp / "trajectory.csv", records)

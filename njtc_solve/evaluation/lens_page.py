@@ -49,11 +49,7 @@ def page_data(traj, *, title: str | None = None, prompts: list[str] | None = Non
               meta: dict | None = None) -> dict:
     """The data the page embeds: the distinct token texts and, per prompt, its tokens and each per-cell field
     as one flat list in ``[method, layer, position(, k)]`` order."""
-    valid = traj.valid
-    every = np.unique(np.concatenate([traj.topk_ids[valid].ravel(), traj.final_top1.ravel(),
-                                      *map(np.asarray, traj.token_ids)]))
-    every = every[every >= 0]
-    texts = traj.decode(every)
+    every, texts = traj._token_texts()
     strings = sorted(set(texts))
     where = {s: i for i, s in enumerate(strings)}
     lookup = np.full(int(every.max()) + 2, -1, np.int64)  # token id -> index of its text; -1 (missing) -> -1

@@ -71,23 +71,19 @@ def _line_plot(result, metric, ylabel, path, reference=None):
         ax.plot([r["layer"] for r in rows], [r[metric] for r in rows], style, marker=".", label=method)
     if reference is not None:
         ax.axhline(reference, color="black", lw=0.8, ls=":", label="full model")
-    ax.set_xlabel("source layer")
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel} against source layer ({result.meta.get('validation_rows')} held-out tokens)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish(fig, ax, path, "source layer", ylabel,
+            f"{ylabel} against source layer ({result.meta.get('validation_rows')} held-out tokens)", ncol=2)
 
 
 def _rank_sweep(result, path) -> bool:
     """Mean Precision@1 over layers against parameters per layer, one line per family."""
+    groups = _by_method(result.records)
+    mean_p1 = {method: sum(r["precision@1"] for r in rows) / len(rows) for method, rows in groups.items()}
     families = defaultdict(list)
-    for method, rows in _by_method(result.records).items():
+    for method, rows in groups.items():
         if rows[0]["rank"] is not None:
             family = "-".join(p for p in method.split("-") if not (p.startswith("r") and p[1:].isdigit()))
-            mean_p1 = sum(r["precision@1"] for r in rows) / len(rows)
-            families[family].append((rows[0]["params"], mean_p1, rows[0]["rank"]))
+            families[family].append((rows[0]["params"], mean_p1[method], rows[0]["rank"]))
     if not any(len(points) > 1 for points in families.values()):
         return False
     fig = Figure(figsize=(6.5, 4.2))
@@ -97,20 +93,13 @@ def _rank_sweep(result, path) -> bool:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
         for params, p1, rank in points:
             ax.annotate(f"r={rank}", (params, p1), fontsize=7, xytext=(3, -9), textcoords="offset points")
-    for method, rows in _by_method(result.records).items():
-        mean_p1 = sum(r["precision@1"] for r in rows) / len(rows)
+    for method, rows in groups.items():
         if method == "identity":
-            ax.axhline(mean_p1, color="gray", ls="--", lw=1, label="identity (0 params)")
+            ax.axhline(mean_p1[method], color="gray", ls="--", lw=1, label="identity (0 params)")
         elif rows[0]["rank"] is None:
-            ax.scatter([rows[0]["params"]], [mean_p1], marker="s", color="black", zorder=3, label=method)
+            ax.scatter([rows[0]["params"]], [mean_p1[method]], marker="s", color="black", zorder=3, label=method)
     ax.set_xscale("log")
-    ax.set_xlabel("parameters per layer")
-    ax.set_ylabel("Precision@1 (mean over layers)")
-    ax.set_title("Rank sweep")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish(fig, ax, path, "parameters per layer", "Precision@1 (mean over layers)", "Rank sweep", which="both")
     return True
 
 
@@ -119,16 +108,18 @@ def _early_exit_plot(result, path):
     ax = fig.subplots()
     for method, curve in result.early_exit.items():
         ax.plot([100 * s for s in curve["saved"]], curve["agreement"], marker=".", label=method)
-    ax.set_xlabel("layers saved (%)")
-    ax.set_ylabel("agreement with the full model's top-1")
-    ax.set_title("Confidence-based early exit (threshold sweep)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _finish(fig, ax, path, "layers saved (%)", "agreement with the full model's top-1",
+            "Confidence-based early exit (threshold sweep)")
+
+
+def _finish(fig, ax, path, xlabel, ylabel, title, *, which="major", ncol=1):
+    """Label, grid and legend ``ax``, and write ``fig`` as a PNG at ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which=which)
+    ax.legend(fontsize=7, ncol=ncol)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path):
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
 

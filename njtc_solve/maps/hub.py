@@ -103,7 +103,8 @@ def card_text(config: dict) -> str:
              f"{str(config['residual']).lower()}, intercept {str(config['fit_intercept']).lower()}) |",
              f"| rank | {rank} |", "",
              "## Use", "", "```python", "from njtc_solve import Shortcuts", "",
-             'maps = Shortcuts.from_pretrained("THIS_FOLDER_OR_REPO")', "logits = maps.attach_head(model)(hidden, layer)",
+             'maps = Shortcuts.from_pretrained("THIS_FOLDER_OR_REPO")',
+             "logits = maps.attach_head(model)(hidden, layer)",
              "```", ""]
     rows = config["held_out"]
     if rows:
@@ -201,7 +202,8 @@ def _download(repo_id: str, revision: str | None, token, cache_dir) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise NJTCError(f"loading {repo_id!r} from the hub needs huggingface_hub: pip install huggingface_hub") from None
+        raise NJTCError(f"loading {repo_id!r} from the hub needs huggingface_hub: "
+                        "pip install huggingface_hub") from None
     try:
         path = snapshot_download(repo_id=repo_id, revision=revision, token=token, cache_dir=cache_dir,
                                  allow_patterns=list(PRETRAINED_FILES), library_name="njtc_solve")

@@ -242,7 +242,8 @@ def _own_record(file: Path, metadata: dict) -> dict:
 
 def read_jacobian_lens(path: str | Path, *, head: Head | None = None, n_layers: int | None = None,
                        model_sha256: str = "") -> Shortcuts:
-    """Read a Jacobian-lens file or folder as full maps ``h · J[j]ᵀ`` from layer ``j + 1`` (method ``jacobian-lens``).
+    """Read a Jacobian-lens file or folder as full maps ``h · J[j]ᵀ`` from layer ``j + 1`` (method
+    ``jacobian-lens``).
 
     Parameters
     ----------

@@ -48,10 +48,10 @@ ONE_JUMP_VERSION = 2  # a file whose layers share one map, its tensors once
 ONE_JUMP_MODES = ("pooled", "select")
 # each map tensor and its shape: d the width, r the rank
 _SHAPES = {"weight": "dd", "U": "dr", "V": "rd", "bias": "d", "norm_mean": "d", "norm_scale": "d"}
-_TRAINED = ("weight", "U", "V", "bias")  # what training changes; the batch norm's statistics stay fixed
+# the linear map: what training changes (the batch norm's statistics stay fixed), what one-jump layers share
+_LINEAR = ("weight", "U", "V", "bias")
 _TENSOR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(" + "|".join(_SHAPES) + ")")
-_SHARED = ("weight", "U", "V", "bias")  # what the layers of a one-jump file share
-_SHARED_NAME = re.compile(r"shared\.(" + "|".join(_SHARED) + ")")
+_SHARED_NAME = re.compile(r"shared\.(" + "|".join(_LINEAR) + ")")
 
 
 class ShortcutMap(nn.Module):
@@ -127,7 +127,7 @@ class ShortcutMap(nn.Module):
         if self.weight is None and self.U is None:
             raise NJTCError("the identity map has no parameters to train; start from a fitted map")
         copy = self.to_map(device=None)
-        for name in _TRAINED:
+        for name in _LINEAR:
             value = copy._buffers.pop(name)
             copy.register_parameter(name, None if value is None else nn.Parameter(value))
         return copy
@@ -273,7 +273,8 @@ class Shortcuts(nn.Module):
         super().__setattr__(name, value)
 
     _RECORDED = ("method", "maps", "target_layer", "model_sha256", "rank", "normalize", "residual", "fit_intercept",
-                 "alpha", "weight", "stats", "label", "provenance", "head", "head_sha256", "head_description", "one_jump")
+                 "alpha", "weight", "stats", "label", "provenance", "head", "head_sha256", "head_description",
+                 "one_jump")
 
     def replace(self, **changes) -> Shortcuts:
         """A new :class:`Shortcuts` with this one's fields (sharing its maps) but ``changes``."""
@@ -317,8 +318,9 @@ class Shortcuts(nn.Module):
     def check_head(self, head) -> None:
         """Refuse another head than the one the maps were fitted for (an unrecorded head passes)."""
         if self.head_sha256 and self.head_sha256 != head.fingerprint():
-            raise NJTCError(f"shortcuts {self.name} were fitted for another head (head_sha256 {self.head_sha256[:12]}…, "
-                            f"this head's {head.fingerprint()[:12]}…: {json.dumps(head.describe())})")
+            raise NJTCError(f"shortcuts {self.name} were fitted for another head (head_sha256 "
+                            f"{self.head_sha256[:12]}…, this head's {head.fingerprint()[:12]}…: "
+                            f"{json.dumps(head.describe())})")
 
     def attach_head(self, head) -> Shortcuts:
         """Attach the head :meth:`forward` applies (a Head, a store's or a model's), once checked.
@@ -348,7 +350,7 @@ class Shortcuts(nn.Module):
         if self.one_jump and self.maps:  # each layer's map moved its own copy of the shared tensors: tie them again
             first = self.maps.values()[0]
             for m in self.maps.values():
-                for name in _SHARED:
+                for name in _LINEAR:
                     if name in m._buffers and name in first._buffers:
                         m._buffers[name] = first._buffers[name]
         if self.head is not None:
@@ -381,10 +383,8 @@ class Shortcuts(nn.Module):
     def save(self, path) -> None:
         """Write the file atomically (temporary name, then rename); a one-jump file's shared map once."""
         f32 = lambda value: value.detach().to(torch.float32).contiguous().cpu()
-        tensors = {}
         shared = self._shared_tensors() if self.one_jump else {}
-        for key, value in shared.items():
-            tensors[f"shared.{key}"] = f32(value)
+        tensors = {f"shared.{key}": f32(value) for key, value in shared.items()}
         for layer, m in self.maps.items():
             for key, value in m.tensors().items():
                 if value is not None and key not in shared:
@@ -407,11 +407,11 @@ class Shortcuts(nn.Module):
     def _shared_tensors(self) -> dict[str, torch.Tensor]:
         """The map every layer shares (``weight`` or ``U``, ``V``; ``bias``), refused where the layers' differ."""
         first = self.maps.values()[0].tensors()
-        shared = {k: first[k] for k in _SHARED if first[k] is not None}
+        shared = {k: first[k] for k in _LINEAR if first[k] is not None}
         for layer, m in self.maps.items():
             own = m.tensors()
             if any(own[k] is None or not torch.equal(own[k], v) for k, v in shared.items()) or \
-                    any(own[k] is not None for k in _SHARED if k not in shared):
+                    any(own[k] is not None for k in _LINEAR if k not in shared):
                 raise NJTCError(f"shortcuts {self.name} are one_jump, but the map of layer {layer} differs from "
                                 "the others: set `one_jump` None to save per-layer maps")
         return shared
@@ -428,10 +428,7 @@ class Shortcuts(nn.Module):
         tensors, meta = read_safetensors(path, "shortcut", FORMAT)
         f, parts = _checked(path, tensors, meta)
         maps = {l: ShortcutMap(**p, normalize=f["normalize"], residual=f["residual"]) for l, p in parts.items()}
-        recorded = {k: f[k] for k in ("model_sha256", "rank", "normalize", "residual", "fit_intercept", "alpha",
-                                      "weight", "stats", "label", "provenance", "head_sha256")}
-        sc = cls(f["method"], maps, f["target_layer"], **recorded, head_description=f["head"],
-                 one_jump=f["one_jump"])
+        sc = cls(maps=maps, **{k: v for k, v in f.items() if k != "layers"})
         return sc if head is None else sc.attach_head(head)
 
     def save_pretrained(self, folder, *, model: str = "", corpus: str = "", metrics=None, overwrite: bool = False):
@@ -470,7 +467,8 @@ def _invalid(path, problem: str) -> NJTCError:
 
 
 def _fields(path, meta: dict) -> dict:
-    """The metadata of a shortcut file parsed, absent optional keys at their defaults."""
+    """The metadata of a shortcut file parsed: :class:`Shortcuts`' arguments and ``layers``; absent optional keys at
+    their defaults."""
     def field(key, parse, must_be, default=None):
         text = meta.get(key, default)
         if text is None:
@@ -501,7 +499,7 @@ def _fields(path, meta: dict) -> dict:
         "label": meta.get("label", ""),
         "stats": field("stats", _json_object, "a JSON object", "{}"),
         "provenance": field("provenance", _json_object, "a JSON object", "{}"),
-        "head": field("head", _json_object, "a JSON object", "{}"),
+        "head_description": field("head", _json_object, "a JSON object", "{}"),
         "head_sha256": meta.get("head_sha256", ""),
         "one_jump": one_jump,
     }
@@ -519,7 +517,7 @@ def _layer_parts(path, f: dict, tensors: dict) -> dict[int, dict]:
             raise _invalid(path, f"unexpected tensor {name!r}")
         if int(match[1]) not in parts:
             raise _invalid(path, f"tensor {name} is for a layer that its metadata's layers {f['layers']} omit")
-        if f["one_jump"] and match[2] in _SHARED:
+        if f["one_jump"] and match[2] in _LINEAR:
             raise _invalid(path, f"tensor {name}: a one-jump file holds {match[2]} once, as shared.{match[2]}")
         parts[int(match[1])][match[2]] = t
     if f["one_jump"]:
