@@ -12,7 +12,7 @@ from njtc_solve.data import extract as library
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import output_lock, temporary_path
 from njtc_solve.data.store_writer import StoreWriter
-from njtc_solve.cli import command, prog, run_cli
+from njtc_solve.cli import command, entry_point, prog
 from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, load_model_from_args, parse_layers, plan_settings
 
 __all__ = ["build_parser", "main", "run"]
@@ -111,10 +111,7 @@ def main(args) -> int:
             comm.close()
 
 
-def run(argv=None) -> int:
-    """Run the command as a process does: one error line and exit status 2 for bad input."""
-    return run_cli(main, argv, interrupted=INTERRUPTED)
-
+run = entry_point(main, INTERRUPTED)
 
 if __name__ == "__main__":
     raise SystemExit(run())

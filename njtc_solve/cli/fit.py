@@ -10,7 +10,7 @@ from pathlib import Path
 
 from njtc_solve.solve import fit as library
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.cli import command, prog, run_cli, warn
+from njtc_solve.cli import command, entry_point, prog, warn
 from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, parse_alpha, parse_layers, parse_ranks,
                         parse_target, plan_settings, rows_from_args)
 
@@ -284,10 +284,7 @@ def _dry_run(args, spec, comm) -> int:
     return 0
 
 
-def run(argv=None) -> int:
-    """Run the command as a process does: one error line and exit status 2 for bad input."""
-    return run_cli(main, argv)
-
+run = entry_point(main)
 
 if __name__ == "__main__":
     raise SystemExit(run())

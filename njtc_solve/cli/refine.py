@@ -9,7 +9,7 @@ from pathlib import Path
 
 from njtc_solve.solve import refine_shortcuts as library
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.cli import command, prog, run_cli
+from njtc_solve.cli import command, entry_point, prog
 from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args
 
 __all__ = ["build_parser", "main", "run"]
@@ -102,10 +102,7 @@ def _print_outcome(args, refined, result) -> None:
               "to keep evaluation apart from them")
 
 
-def run(argv=None) -> int:
-    """Run the command as a process does: one error line and exit status 2 for bad input."""
-    return run_cli(main, argv)
-
+run = entry_point(main)
 
 if __name__ == "__main__":
     raise SystemExit(run())
