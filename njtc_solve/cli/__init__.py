@@ -16,7 +16,7 @@ from pathlib import Path
 
 from njtc_solve.core.errors import NJTCError, interruptible
 
-__all__ = ["COMMANDS", "command", "figure", "flags_of", "main", "prog", "run_cli", "translate", "warn"]
+__all__ = ["COMMANDS", "command", "entry_point", "figure", "flags_of", "main", "prog", "run_cli", "translate", "warn"]
 
 COMMANDS = ("extract", "fit", "evaluate", "refine", "export", "lens", "prune", "generate")
 
@@ -154,3 +154,12 @@ def run_cli(main, argv=None, interrupted: str = "") -> int:
         print("error: interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
         return 128 + getattr(err, "signum", signal.SIGINT)
     return int(code or 0)
+
+
+def entry_point(main, interrupted: str = ""):
+    """``run(argv=None) -> int``: the process entry point of a command's ``main`` (:func:`run_cli`)."""
+
+    def run(argv=None) -> int:
+        return run_cli(main, argv, interrupted)
+
+    return run

@@ -10,7 +10,7 @@ from pathlib import Path
 from njtc_solve.evaluation import evaluate as library
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import temporary_path
-from njtc_solve.cli import command, flags_of, prog, run_cli, translate
+from njtc_solve.cli import command, entry_point, flags_of, prog, translate
 from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, jacobian_lens_inputs,
                                       parse_layers, plan_settings, rows_from_args)
 
@@ -149,10 +149,7 @@ def main(args) -> int:
     return 0
 
 
-def run(argv=None) -> int:
-    """Run the command as a process does: one error line and exit status 2 for bad input."""
-    return run_cli(main, argv)
-
+run = entry_point(main)
 
 if __name__ == "__main__":
     raise SystemExit(run())

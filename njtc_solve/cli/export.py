@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from njtc_solve.maps import jacobian_lens, tuned_lens
-from njtc_solve.cli import command, prog, run_cli
+from njtc_solve.cli import command, entry_point, prog
 from njtc_solve.cli.arguments import command_inputs
 from njtc_solve.core.errors import NJTCError
 
@@ -70,10 +70,7 @@ def main(args) -> int:
     return 0
 
 
-def run(argv=None) -> int:
-    """Run the command as a process does: one error line and exit status 2 for bad input."""
-    return run_cli(main, argv)
-
+run = entry_point(main)
 
 if __name__ == "__main__":
     raise SystemExit(run())

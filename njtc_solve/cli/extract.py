@@ -12,7 +12,7 @@ from njtc_solve.data import extract as library
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import output_lock, temporary_path
 from njtc_solve.data.store_writer import StoreWriter
-from njtc_solve.cli import command, prog, run_cli
+from njtc_solve.cli import command, entry_point, prog
 from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, load_model_from_args, parse_layers, plan_settings
 
 __all__ = ["build_parser", "main", "run"]
@@ -55,7 +55,7 @@ def main(args) -> int:
     from njtc_solve.data.rows import VALIDATION
     from njtc_solve.data.shards import combine_shards, shard_path
 
-    plan_settings(args)  # a bad plan is refused before the corpus and the model load
+    settings = plan_settings(args)  # a bad plan is refused before the corpus and the model load
     StoreWriter.check_settings(dtype=args.dtype, batch_size=args.batch_size)
     check_device(args.device)
     comm = Communicator.from_environment(args.device)
@@ -80,13 +80,9 @@ def main(args) -> int:
                 corpus_name, documents = load_corpus(args.corpus, text_field=args.text_field)
                 model, tokenizer, model_name = load_model_from_args(args, device, progress=not args.no_progress)
                 out = library.extract_activations(
-                    model, tokenizer, documents, out, model_name=model_name, corpus_name=corpus_name,
-                    seq_len=args.seq_len, positions=args.positions, max_tokens=args.max_tokens,
-                    val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
-                    batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
-                    progress=not args.no_progress and shard[0] == 0, shard=shard, bos=args.bos,
-                    layers=parse_layers(args.layers),
-                )
+                    model, tokenizer, documents, out, model_name=model_name, corpus_name=corpus_name, **settings,
+                    dtype=args.dtype, batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
+                    progress=not args.no_progress and shard[0] == 0, shard=shard, layers=parse_layers(args.layers))
             ok = True
         finally:
             if comm is not None and not comm.vote(ok) and ok:
@@ -111,10 +107,7 @@ def main(args) -> int:
             comm.close()
 
 
-def run(argv=None) -> int:
-    """Run the command as a process does: one error line and exit status 2 for bad input."""
-    return run_cli(main, argv, interrupted=INTERRUPTED)
-
+run = entry_point(main, INTERRUPTED)
 
 if __name__ == "__main__":
     raise SystemExit(run())

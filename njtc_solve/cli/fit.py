@@ -10,11 +10,11 @@ from pathlib import Path
 
 from njtc_solve.solve import fit as library
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.cli import command, prog, run_cli, warn
+from njtc_solve.cli import command, entry_point, prog, warn
 from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, parse_alpha, parse_layers, parse_ranks,
                         parse_target, plan_settings, rows_from_args)
 
-__all__ = ["build_parser", "fit_spec", "main", "output_paths", "rank_paths", "run"]
+__all__ = ["build_parser", "fit_spec", "main", "rank_paths", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,11 +83,6 @@ def main(args, comm=None) -> int:
     finally:
         if comm is not None:
             comm.close()
-
-
-def output_paths(out: Path, shortcuts, target: int | None = None) -> list[Path]:
-    """One file per rank of ``shortcuts`` (:func:`rank_paths`)."""
-    return rank_paths(out, [s.rank for s in shortcuts], target)
 
 
 def rank_paths(out: Path, ranks, target: int | None = None) -> list[Path]:
@@ -180,7 +175,7 @@ def _run(args, comm) -> int:
                              comm=None if args.stats is not None else comm)  # from saved statistics rank 0 solves alone
     if comm is not None and comm.rank != 0:
         return 0
-    for sc, path in zip(shortcuts, output_paths(out, shortcuts)):
+    for sc, path in zip(shortcuts, rank_paths(out, [sc.rank for sc in shortcuts])):
         sc.save(path)
         print(_summary(sc))
         if sc.one_jump:
@@ -257,7 +252,7 @@ def _run_all_targets(args, spec, comm, out) -> int:
                                       progress=not args.no_progress,
                                       check_outputs=lambda targets: _check_outputs(args, out, spec.ranks, targets))
     for target, fits in solved:
-        for sc, path in zip(fits, output_paths(out, fits, target)):
+        for sc, path in zip(fits, rank_paths(out, [sc.rank for sc in fits], target)):
             sc.save(path)
             r2 = [rec["r2"] for rec in sc.stats["layers"].values()]
             print(f"target {target}: {sc.name}, {len(sc.maps)} source layers, train R2 {min(r2):.4f}..{max(r2):.4f}; "
@@ -289,10 +284,7 @@ def _dry_run(args, spec, comm) -> int:
     return 0
 
 
-def run(argv=None) -> int:
-    """Run the command as a process does: one error line and exit status 2 for bad input."""
-    return run_cli(main, argv)
-
+run = entry_point(main)
 
 if __name__ == "__main__":
     raise SystemExit(run())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from njtc_solve.cli import command, prog, run_cli
+from njtc_solve.cli import command, entry_point, prog
 from njtc_solve.core.errors import NJTCError
 
 __all__ = ["build_parser", "check_arguments", "main", "run"]
@@ -135,10 +135,7 @@ def _summary(s, model: str, draft: str | None, k: int) -> str:
     return line
 
 
-def run(argv=None) -> int:
-    """Run the command as a process does: one error line and exit status 2 for bad input."""
-    return run_cli(main, argv)
-
+run = entry_point(main)
 
 if __name__ == "__main__":
     raise SystemExit(run())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from njtc_solve.evaluation import lens as library
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.cli import command, prog, run_cli
+from njtc_solve.cli import command, entry_point, prog
 from njtc_solve.cli.arguments import command_inputs, jacobian_lens_inputs, prompt_text
 
 __all__ = ["build_parser", "main", "run"]
@@ -151,10 +151,7 @@ def main(args) -> int:
     return 0
 
 
-def run(argv=None) -> int:
-    """Run the command as a process does: one error line and exit status 2 for bad input."""
-    return run_cli(main, argv)
-
+run = entry_point(main)
 
 if __name__ == "__main__":
     raise SystemExit(run())

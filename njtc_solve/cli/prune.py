@@ -14,7 +14,7 @@ import time
 from types import SimpleNamespace
 
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.cli import command, figure, prog, run_cli
+from njtc_solve.cli import command, entry_point, figure, prog
 from njtc_solve.cli.arguments import (add_model_arguments, add_plan_arguments, command_inputs, load_model_from_args,
                                       plan_settings)
 
@@ -224,10 +224,7 @@ def main(args) -> int:
     return 0
 
 
-def run(argv=None) -> int:
-    """Run the command as a process does: one error line and exit status 2 for bad input."""
-    return run_cli(main, argv)
-
+run = entry_point(main)
 
 if __name__ == "__main__":
     raise SystemExit(run())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from njtc_solve.solve import refine_shortcuts as library
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.cli import command, prog, run_cli
+from njtc_solve.cli import command, entry_point, prog
 from njtc_solve.cli.arguments import add_model_arguments, add_plan_arguments, command_inputs, parse_layers, plan_settings, rows_from_args
 
 __all__ = ["build_parser", "main", "run"]
@@ -43,18 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_arguments(args) -> Path:
-    """Every check that reads no row: the settings, and the output file against the inputs."""
+def _check_arguments(args) -> tuple[Path, dict]:
+    """Every check that reads no row; the output file, and the refinement's settings (checked by
+    :class:`~njtc_solve.solve.refine_shortcuts.RefineShortcutsSpec`)."""
     from njtc_solve.core.outputs import check_file_output, check_not_inputs
     from njtc_solve.maps.shortcuts import FORMAT as SHORTCUT_FORMAT
 
-    library.RefineShortcutsSpec(objective=args.objective, steps=args.steps, layers=parse_layers(args.layers), lr=args.lr,
-                                optimizer=args.optimizer, batch_rows=args.batch_rows, check_rows=args.check_rows,
-                                check_every=args.check_every, patience=args.patience, device=args.device,
-                                seed=args.shuffle_seed)
+    settings = dict(objective=args.objective, steps=args.steps, layers=parse_layers(args.layers), lr=args.lr,
+                    optimizer=args.optimizer, batch_rows=args.batch_rows, check_rows=args.check_rows,
+                    check_every=args.check_every, patience=args.patience, device=args.device, seed=args.shuffle_seed)
+    library.RefineShortcutsSpec(**settings)
     check_not_inputs([("--out", args.out)], command_inputs(args, "shortcuts", "store", "model", "corpus", defaults={
         "store": None if args.model is not None else "activations.h5"}))
-    return check_file_output(args.out, "--out", [SHORTCUT_FORMAT], "a shortcut file")  # before the training
+    return check_file_output(args.out, "--out", [SHORTCUT_FORMAT], "a shortcut file"), settings  # before the training
 
 
 @command(build_parser)
@@ -62,16 +63,12 @@ def main(args) -> int:
     """Command-line entry point of ``python -m njtc_solve.refine``."""
     from njtc_solve.maps.shortcuts import Shortcuts
 
-    out = _check_arguments(args)
+    out, settings = _check_arguments(args)
     start = Shortcuts.load(args.shortcuts)
     if args.model is not None:
         plan_settings(args, start.provenance or None)  # a bad plan is refused before the model loads
     with rows_from_args(args, start.provenance or None, "refine") as store:
-        refined, result = library.refine_shortcuts(
-            store, start, objective=args.objective, steps=args.steps, layers=parse_layers(args.layers), lr=args.lr,
-            optimizer=args.optimizer, batch_rows=args.batch_rows, check_rows=args.check_rows,
-            check_every=args.check_every, patience=args.patience, device=args.device, progress=not args.no_progress,
-            seed=args.shuffle_seed)
+        refined, result = library.refine_shortcuts(store, start, **settings, progress=not args.no_progress)
     info = refined.stats["refined"]
     info["from_file"] = str(Path(args.shortcuts))
     if not info["improved"]:  # never an unchanged file labelled as refined
@@ -102,10 +99,7 @@ def _print_outcome(args, refined, result) -> None:
               "to keep evaluation apart from them")
 
 
-def run(argv=None) -> int:
-    """Run the command as a process does: one error line and exit status 2 for bad input."""
-    return run_cli(main, argv)
-
+run = entry_point(main)
 
 if __name__ == "__main__":
     raise SystemExit(run())

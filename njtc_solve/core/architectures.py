@@ -26,7 +26,7 @@ from torch import nn
 from njtc_solve.core.errors import NJTCError
 
 __all__ = ["ARCHITECTURES", "ArchitectureSpec", "FOLDABLE", "FoldSpec", "GGUF_MODEL_TYPES", "architecture_of", "check_config",
-           "check_foldable", "check_supported", "custom_architecture", "projection_of", "resolve_parts"]
+           "check_foldable", "custom_architecture", "projection_of", "resolve_parts"]
 
 # the attribute of a model that carries parts named by the user (trust_remote_code models)
 _CUSTOM = "_njtc_architecture"
@@ -146,27 +146,6 @@ GGUF_MODEL_TYPES = {"gptneox": "gpt_neox", "qwen2moe": "qwen2_moe", "qwen3moe": 
                     "command-r": "cohere"}
 
 
-def _refusal(config) -> str | None:
-    """Why a known architecture's configuration cannot be lensed, or ``None``."""
-    kind = getattr(config, "model_type", None)
-    if kind == "opt" and not getattr(config, "do_layer_norm_before", True):
-        return ("opt with do_layer_norm_before=False (e.g. OPT-350m) is a post-norm model: its blocks' outputs "
-                "are normalised inside the block, so there is no pre-norm residual stream to map")
-    if kind == "opt" and getattr(config, "_remove_final_layer_norm", False):
-        return "opt with _remove_final_layer_norm=True has no final norm to apply after a shortcut"
-    return None
-
-
-def check_supported(model_type: str | None) -> ArchitectureSpec:
-    """The table entry of ``model_type``; an architecture missing from it is an error."""
-    if model_type not in ARCHITECTURES:
-        raise NJTCError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))} "
-            "(or name the parts of a `trust_remote_code=True` model with `blocks` and `final_norm`)"
-        )
-    return ARCHITECTURES[model_type]
-
-
 def check_config(config, custom: bool = False) -> ArchitectureSpec | None:
     """Refuse a model from its configuration alone; return its table entry.
 
@@ -186,11 +165,15 @@ def check_config(config, custom: bool = False) -> ArchitectureSpec | None:
         raise NJTCError(f"{kind} is an encoder-decoder model; only decoder-only causal language models are supported")
     if custom:
         return ARCHITECTURES.get(kind)
-    spec = check_supported(kind)
-    reason = _refusal(config)
-    if reason is not None:
-        raise NJTCError(reason)
-    return spec
+    if kind not in ARCHITECTURES:
+        raise NJTCError(f"unsupported architecture {kind!r}; supported: {', '.join(sorted(ARCHITECTURES))} "
+                        "(or name the parts of a `trust_remote_code=True` model with `blocks` and `final_norm`)")
+    if kind == "opt" and not getattr(config, "do_layer_norm_before", True):
+        raise NJTCError("opt with do_layer_norm_before=False (e.g. OPT-350m) is a post-norm model: its blocks' "
+                        "outputs are normalised inside the block, so there is no pre-norm residual stream to map")
+    if kind == "opt" and getattr(config, "_remove_final_layer_norm", False):
+        raise NJTCError("opt with _remove_final_layer_norm=True has no final norm to apply after a shortcut")
+    return ARCHITECTURES[kind]
 
 
 def check_foldable(config) -> FoldSpec:
@@ -233,8 +216,7 @@ def architecture_of(model: nn.Module) -> ArchitectureSpec:
     custom = getattr(model, _CUSTOM, None)
     if custom is not None:
         return custom
-    config = getattr(model, "config", None)
-    return check_config(config) if config is not None else check_supported(None)
+    return check_config(getattr(model, "config", None))
 
 
 def _get(model: nn.Module, path: str, optional: bool = False):
@@ -260,9 +242,7 @@ def resolve_parts(model: nn.Module):
     is_layernorm = isinstance(final_norm, nn.LayerNorm) or "layernorm" in name
     is_rms = "rmsnorm" in name
     if (spec.norm == "layernorm" and not is_layernorm) or (spec.norm == "rmsnorm" and not is_rms):
-        raise NJTCError(
-            f"final norm {type(final_norm).__name__} does not match the expected {spec.norm}"
-        )
+        raise NJTCError(f"final norm {type(final_norm).__name__} does not match the expected {spec.norm}")
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise NJTCError("model has no output embedding (unembedding)")

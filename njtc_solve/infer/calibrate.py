@@ -30,7 +30,7 @@ import torch
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.data.plan import PlanSpec
 from njtc_solve.data.capture import capture_residual_stream
-from njtc_solve.infer.speculative import ShortcutDrafter, _cache_layers, _crop, _length, _new_cache
+from njtc_solve.infer.speculative import ShortcutDrafter
 from njtc_solve.maps.shortcuts import Shortcuts
 
 __all__ = ["CalibrationTable", "calibrate", "expected_tokens", "held_out_sequences", "measure_acceptance",
@@ -105,11 +105,9 @@ def measure_costs(model, prompt: torch.Tensor, drafters: dict[str, list[Shortcut
     any_drafter = next(d for ds in drafters.values() for d in ds)
     device = torch.device(any_drafter.device)
     prompt = prompt.to(device)
-    cache = _new_cache(model)
     with torch.no_grad():
-        model(input_ids=prompt, **{any_drafter.cache_keyword: cache}, use_cache=True)
-        layers = _cache_layers(cache, any_drafter.n_blocks)
-        n = _length(layers[0])
+        _, cache = any_drafter.prefill(prompt)
+        n = any_drafter.cached(cache)
         token = prompt[:, -1:]
         parts = {("plain",): lambda: model(input_ids=token, **{any_drafter.cache_keyword: cache}, use_cache=True)}
         by_layer = {}
@@ -119,13 +117,13 @@ def measure_costs(model, prompt: torch.Tensor, drafters: dict[str, list[Shortcut
         for layer, d in sorted(by_layer.items()):
             parts[("lower", layer)] = lambda d=d: d.lower(token, cache)
             h = d.lower(token, cache)
-            _crop(layers, n)
+            any_drafter.crop(cache, n)
             for m in range(1, max_draft_tokens + 2):
                 ids, states = token.repeat(1, m), h.repeat(1, m, 1)
                 parts[("upper", layer, m)] = lambda d=d, ids=ids, states=states: d.upper(ids, states, cache)
         for name, ds in drafters.items():
             h = ds[0].lower(token, cache)
-            _crop(layers, n)
+            any_drafter.crop(cache, n)
             parts[("map", name)] = lambda d=ds[0], h=h: d.draft_logits(h).argmax(-1)
         best = dict.fromkeys(parts, math.inf)
         for r in range(repeats + 1):  # interleaved, so that a change of the machine's load hits every part alike
@@ -135,7 +133,7 @@ def measure_costs(model, prompt: torch.Tensor, drafters: dict[str, list[Shortcut
                 if device.type == "cuda":  # kernels run asynchronously: time them, not their launch
                     torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - start
-                _crop(layers, n)
+                any_drafter.crop(cache, n)
                 if r:  # the first round warms up
                     best[key] = min(best[key], seconds)
     costs = {"plain": best.pop(("plain",)), "lower": {}, "upper": {}, "map": {}}

@@ -194,38 +194,10 @@ def _cache_keyword(module) -> str:
     raise NJTCError(f"{type(module).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`)")
 
 
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older signatures
-        return DynamicCache()
-
-
-def _cache_layers(cache, n_blocks: int) -> list:
-    """The cache's per-layer entries, checked to be plain growing (croppable) full-attention layers."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or len(layers) < n_blocks:
-        raise NJTCError("the model's KV cache has no per-layer entries (transformers >= 4.56 needed)")
-    for i, layer in enumerate(layers[:n_blocks]):
-        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
-            raise NJTCError(f"layer {i}'s KV cache is a {type(layer).__name__} (sliding-window or linear "
-                            "attention); speculative decoding here needs full-attention layers")
-    return layers
-
-
 def _length(layer) -> int:
+    """Positions held by one layer's cache entry."""
     keys = getattr(layer, "keys", None)
     return 0 if keys is None or keys.numel() == 0 else int(keys.shape[-2])
-
-
-def _crop(layers, length: int) -> None:
-    """Cut every layer's cached keys and values to the first ``length`` positions."""
-    for layer in layers:
-        if _length(layer) > length:
-            layer.keys = layer.keys[..., :length, :]
-            layer.values = layer.values[..., :length, :]
 
 
 def _upper_view(cache, exit_layer: int):
@@ -323,6 +295,38 @@ class ShortcutDrafter:
                              use_cache=True)
         return out.logits
 
+    # -- the KV cache ---------------------------------------------------------------------------
+    def prefill(self, input_ids: torch.Tensor):
+        """Run the model on ``input_ids`` (1, n) into a new cache; its logits (1, n, V) and the cache,
+        whose layers are checked to be plain growing (croppable) full-attention ones."""
+        from transformers import DynamicCache
+
+        try:
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:  # older signatures
+            cache = DynamicCache()
+        logits = self.model(input_ids=input_ids, **{self.cache_keyword: cache}, use_cache=True).logits
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) < self.n_blocks:
+            raise NJTCError("the model's KV cache has no per-layer entries (transformers >= 4.56 needed)")
+        for i, layer in enumerate(layers[:self.n_blocks]):
+            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+                raise NJTCError(f"layer {i}'s KV cache is a {type(layer).__name__} (sliding-window or linear "
+                                "attention); speculative decoding here needs full-attention layers")
+        return logits, cache
+
+    def cached(self, cache) -> int:
+        """Positions held by layer ℓ's cache entry (every layer's after :meth:`crop`)."""
+        return _length(cache.layers[self.exit_layer])
+
+    @staticmethod
+    def crop(cache, length: int) -> None:
+        """Cut every layer's cached keys and values to the first ``length`` positions."""
+        for layer in cache.layers:
+            if _length(layer) > length:
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+
 
 @dataclass
 class GenerationStats:
@@ -415,15 +419,13 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter | None, m
     if draft_tokens == 0:  # nothing to draft: the model's own greedy decoding, never slower than it
         return _model_generate(model, ids, max_new_tokens)
     stats, start = GenerationStats(), time.perf_counter()
-    cache = _new_cache(model)
     out = []
     with torch.no_grad():
-        logits = model(input_ids=ids, **{drafter.cache_keyword: cache}, use_cache=True).logits
-        layers = _cache_layers(cache, drafter.n_blocks)
+        logits, cache = drafter.prefill(ids)
         out.append(int(logits[0, -1].argmax()))
         done = out[-1] in eos
         while not done and len(out) < max_new_tokens:
-            past = _length(layers[drafter.exit_layer])  # every layer holds the positions before out[-1]
+            past = drafter.cached(cache)  # every layer holds the positions before out[-1]
             k = min(draft_tokens, max_new_tokens - len(out) - 1)
             tokens, states = [out[-1]], []
             for i in range(k + 1):
@@ -443,7 +445,7 @@ def speculative_generate(model, input_ids, *, drafter: ShortcutDrafter | None, m
                 if token in eos or len(out) >= max_new_tokens:
                     done = True
                     break
-            _crop(layers, past + accepted + 1)  # the last accepted token's entries stay; the model's own is next
+            drafter.crop(cache, past + accepted + 1)  # the last accepted token's entries stay; the model's own is next
     stats.new_tokens, stats.seconds = len(out), time.perf_counter() - start
     sequences = torch.cat([ids, torch.tensor([out], dtype=ids.dtype, device=ids.device)], dim=1)
     return SpeculativeResult(sequences, stats, cache)
