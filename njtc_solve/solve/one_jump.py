@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.solve.solvers import solve_ranks, weight_root
+from njtc_solve.maps.shortcuts import Shortcuts
+from njtc_solve.solve.solvers import fitted_map, solve_ranks, train_record, weight_root
 
 __all__ = ["LayerProblem", "map_loss", "pooled_problem", "select_table", "solve_one_jump"]
 
@@ -172,16 +172,12 @@ def _shared_maps(problems, *, u, v, bias, normalize, residual, alpha, n_rows, to
     """One :class:`ShortcutMap` per layer, all holding the same float32 map, and each layer's record
     (its unweighted training loss, as a per-layer fit records it)."""
     f32 = lambda t: None if t is None else t.to(torch.float32)
-    core = {"weight": f32(u), "U": None, "V": None} if v is None else {"weight": None, "U": f32(u), "V": f32(v)}
-    bias32 = f32(bias)
-    coef = (core["weight"] if v is None else core["U"] @ core["V"]).double()
+    u, v, bias = f32(u), f32(v), f32(bias)  # float32 once: every layer's map holds these tensors
+    coef = (u if v is None else u @ v).double()
     maps, records = {}, {}
     for l, p in problems.items():
-        maps[l] = ShortcutMap(**core, bias=bias32, norm_mean=f32(p.norm_mean), norm_scale=f32(p.norm_scale),
-                              normalize=normalize, residual=residual)
-        d = p.ctt.shape[0]
-        sse = max(map_loss(p, coef, None if bias32 is None else bias32.double()), 0.0)
-        records[l] = {"train_mse": sse / (p.n * d), "train_sse": sse, "r2": 1 - sse / total_var if total_var else 0.0,
-                      "params": maps[l].n_params, "reduction": 1 - maps[l].n_params / (d * d), "alpha": alpha,
-                      "rank": None if v is None else u.shape[1], "solve_s": solve_s, "n_train": n_rows}
+        maps[l] = fitted_map(u, v, bias, p.norm_mean, p.norm_scale, normalize=normalize, residual=residual)
+        sse = max(map_loss(p, coef, None if bias is None else bias.double()), 0.0)
+        records[l] = train_record(maps[l], sse, n=p.n, total_var=total_var, alpha=alpha, solve_s=solve_s,
+                                  n_train=n_rows)
     return maps, records
