@@ -205,12 +205,6 @@ class PairStatistics:
         """Free ``target``'s cross moments (its maps are solved)."""
         self.cxy.pop(target, None)
 
-    def nbytes(self) -> int:
-        """Bytes held now (the cross blocks not yet released included)."""
-        tensors = [*self.cxx.values(), *self.cyy.values(), *self.cxy.values(), *self.mean_x.values(),
-                   *self.mean_y.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     def save(self, path, head=None) -> None:
         """Write every pair to one safetensors file, atomically: ``layers.{l}.mean_x``/``cxx`` per source,
         ``targets.{t}.mean_y``/``cyy``/``cxy`` per target; the ``meta`` JSON records ``target_layer = "all"``,
