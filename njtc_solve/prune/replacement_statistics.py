@@ -34,7 +34,7 @@ from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import check_finite
 from njtc_solve.data.capture import forward_batches
 from njtc_solve.prune.checkpoint import jsonable
-from njtc_solve.solve.stats import add_gram, highest_float32_matmul
+from njtc_solve.solve.stats import add_gram, highest_float32_matmul, uncentred
 
 __all__ = ["STATS_FORMAT", "WEIGHTINGS", "ReplacementAccumulator", "ReplacementStatistics", "batch_states",
            "replacement_statistics"]
@@ -72,9 +72,7 @@ class ReplacementStatistics:
     def raw(self, start: int, k: int, weighting: str):
         """Uncentred ``(Σ w xᵀx, Σ w xᵀt)`` for fits without an intercept."""
         m = self.moments[(start, k, weighting)]
-        n = m["n"]
-        return (m["cxx"] + n * torch.outer(m["mean_x"], m["mean_x"]),
-                m["cxt"] + n * torch.outer(m["mean_x"], m["mean_t"]))
+        return uncentred(m["n"], m["mean_x"], m["mean_t"], m["cxx"], m["cxt"])
 
     @property
     def pairs(self) -> dict[int, list[int]]:

@@ -36,7 +36,7 @@ from njtc_solve.solve.pair_statistics import accumulate_pairs, check_pair_statis
 from njtc_solve.solve.saved_statistics import check_fit_inputs, check_input_norm, pair_file, saved_statistics
 from njtc_solve.solve.solvers import fitted_map, gram_eigh, solve_ranks, sum_squared_error, train_record, weight_root
 from njtc_solve.solve.statistics_pass import store_statistics
-from njtc_solve.solve.stats import Statistics
+from njtc_solve.solve.stats import Statistics, uncentred
 
 __all__ = [
     "METHODS",
@@ -280,9 +280,7 @@ def _prepare(stats: Statistics, layer: int, normalize: str, residual: bool, fit_
         ctt = stats.cyy - m.cxy - m.cxy.T + m.cxx
         mean_t = stats.mean_y - m.mean_x
     if not fit_intercept:
-        cxx = cxx + n * torch.outer(mean_x, mean_x)
-        cxt = cxt + n * torch.outer(mean_x, mean_t)
-        ctt = ctt + n * torch.outer(mean_t, mean_t)
+        cxx, cxt, ctt = uncentred(n, mean_x, mean_t, cxx, cxt, ctt)
     return cxx, cxt, ctt, mean_x, mean_t, norm_mean, norm_scale
 
 

@@ -25,6 +25,7 @@ import torch
 
 from njtc_solve.maps.shortcuts import Shortcuts
 from njtc_solve.solve.solvers import fitted_map, solve_ranks, train_record, weight_root
+from njtc_solve.solve.stats import uncentred
 
 __all__ = ["LayerProblem", "map_loss", "pooled_problem", "select_table", "solve_one_jump"]
 
@@ -42,12 +43,6 @@ class LayerProblem:
     n: float
     norm_mean: torch.Tensor | None = None
     norm_scale: torch.Tensor | None = None
-
-    def uncentred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(XᵀX, XᵀT, TᵀT)`` of the same rows, for a fit without an intercept."""
-        outer = lambda a, b: self.n * torch.outer(a, b)
-        return (self.cxx + outer(self.mean_x, self.mean_x), self.cxt + outer(self.mean_x, self.mean_t),
-                self.ctt + outer(self.mean_t, self.mean_t))
 
 
 def pooled_problem(problems: list[LayerProblem]) -> LayerProblem:
@@ -138,7 +133,9 @@ def _gamma(weight_factor):
 
 def _pooled_solve(pooled: LayerProblem, *, ranks, fit_intercept, alpha, n_rows: int, weight_factor):
     """``{rank: (coef, bias, U, V)}`` of the pooled regression (float64; ``V`` ``None`` for a full map)."""
-    gxx, gxt, gtt = (pooled.cxx, pooled.cxt, pooled.ctt) if fit_intercept else pooled.uncentred()
+    gxx, gxt, gtt = (pooled.cxx, pooled.cxt, pooled.ctt)
+    if not fit_intercept:
+        gxx, gxt, gtt = uncentred(pooled.n, pooled.mean_x, pooled.mean_t, gxx, gxt, gtt)
     weight = None if weight_factor is None else weight_root(weight_factor.to(gxx.device))
     alpha, solved = solve_ranks(gxx, gxt, gtt, pooled.mean_x, pooled.mean_t, ranks=ranks, alpha=alpha, n_rows=n_rows,
                                 fit_intercept=fit_intercept, weight=weight)

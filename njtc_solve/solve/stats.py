@@ -44,7 +44,7 @@ from njtc_solve.maps.shortcuts import normalize_rows
 
 __all__ = ["FORMAT", "LayerMoments", "MomentAccumulator", "Statistics", "add_gram", "add_upper_gram",
            "check_finite_tensors", "count_tensors", "gram_panels", "highest_float32_matmul", "pass_meta",
-           "project_out_ones", "symmetric_from_upper", "training_bar", "write_statistics"]
+           "project_out_ones", "symmetric_from_upper", "training_bar", "uncentred", "write_statistics"]
 
 FORMAT = "njtc-statistics"  # the ``format`` metadata of a statistics file
 # Rows per GEMM: the float32 sum inside one GEMM is the dominant rounding error (it grows like
@@ -55,6 +55,12 @@ GEMM_ROWS = 1024
 # panels on and above its diagonal are multiplied (about 1.5-1.6 of the 2 d² multiply-adds a row of
 # [XᵀX | XᵀY] needs in full); a panel this wide keeps each GEMM near the machine's peak.
 PANEL_COLUMNS = 512
+
+
+def uncentred(n: float, mean_x, mean_t, cxx, cxt, ctt=None) -> tuple:
+    """``(XᵀX, XᵀT[, TᵀT])`` of ``n`` rows from their means and centred moments: ``C_ab + n m_aᵀ m_b``."""
+    moments = [(cxx, mean_x, mean_x), (cxt, mean_x, mean_t)] + ([] if ctt is None else [(ctt, mean_t, mean_t)])
+    return tuple(c + n * torch.outer(a, b) for c, a, b in moments)
 
 
 def project_out_ones(m: LayerMoments) -> LayerMoments:
@@ -113,9 +119,7 @@ class Statistics:
     def raw(self, layer: int):
         """Uncentred Gram matrices ``(XᵀX, XᵀY, YᵀY)`` for fits without an intercept."""
         m = self.layers[layer]
-        return (m.cxx + self.n * torch.outer(m.mean_x, m.mean_x),
-                m.cxy + self.n * torch.outer(m.mean_x, self.mean_y),
-                self.cyy + self.n * torch.outer(self.mean_y, self.mean_y))
+        return uncentred(self.n, m.mean_x, self.mean_y, m.cxx, m.cxy, self.cyy)
 
     def to(self, device) -> Statistics:
         """The same statistics with every tensor on ``device``."""
