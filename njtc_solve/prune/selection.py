@@ -23,13 +23,14 @@ from njtc_solve.core.architectures import FoldSpec, check_foldable
 from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.models import model_sha256 as weights_sha256
-from njtc_solve.core.params import Check, Interval, Options, check_params
+from njtc_solve.core.params import Interval, Options, check_params
 from njtc_solve.data.plan import PlanSpec, plan_extraction
 from njtc_solve.data.rows import TRAIN, VALIDATION
 from njtc_solve.prune.checkpoint import check_output_folder, save_pruned
 from njtc_solve.prune.refine_fold import RefineFoldSpec, refine_fold
 from njtc_solve.prune.replacement import Replacement, apply_replacement, check_removal, solve_replacement
-from njtc_solve.prune.replacement_statistics import WEIGHTINGS, ReplacementStatistics, replacement_statistics
+from njtc_solve.prune.replacement_statistics import (SOME_WEIGHTINGS, WEIGHTINGS, ReplacementStatistics,
+                                                     replacement_statistics)
 from njtc_solve.prune.scoring import ReferenceSample, clustered_se, collect_reference, score_replacement
 
 __all__ = ["PruneResult", "PruneSpec", "candidate_replacements", "choose_replacement", "paired_se", "prune_model",
@@ -60,8 +61,7 @@ class PruneSpec:
     refine: RefineFoldSpec | None = None
 
     constraints: ClassVar[dict] = {
-        "weightings": [Check(lambda w: bool(w) and all(x in WEIGHTINGS for x in w), invalid=[],
-                             says=f"among {', '.join(WEIGHTINGS)}")],
+        "weightings": [SOME_WEIGHTINGS],
         "intercept": [Options(("auto", "none", "bias"), says="auto, none or bias")],
         "score_tokens": [Interval(float, 1, None, says="positive")],
         "rescore_tokens": [Interval(float, 0, None, says="0 or more")],
