@@ -107,8 +107,12 @@ def solve_one_jump(problems: dict[int, LayerProblem], *, mode: str, ranks, fit_i
     layers = list(problems)
     pooled = pooled_problem(list(problems.values()))
     gamma = _gamma(weight_factor)
-    shared, alpha = _pooled_solve(pooled, ranks=ranks, fit_intercept=fit_intercept, alpha=alpha,
-                                  n_rows=n_rows * len(layers), weight_factor=weight_factor)
+    gxx, gxt, gtt = (pooled.cxx, pooled.cxt, pooled.ctt)
+    if not fit_intercept:
+        gxx, gxt, gtt = uncentred(pooled.n, pooled.mean_x, pooled.mean_t, gxx, gxt, gtt)
+    weight = None if weight_factor is None else weight_root(weight_factor.to(gxx.device))
+    alpha, shared = solve_ranks(gxx, gxt, gtt, pooled.mean_x, pooled.mean_t, ranks=ranks, alpha=alpha,
+                                n_rows=n_rows * len(layers), fit_intercept=fit_intercept, weight=weight)
     tables = select_table(problems, per_layer, weight_factor=weight_factor) if mode == "select" else {}
     out = {}
     for rank, (coef, bias, u, v) in shared.items():
@@ -129,17 +133,6 @@ def solve_one_jump(problems: dict[int, LayerProblem], *, mode: str, ranks, fit_i
 def _gamma(weight_factor):
     """``Γ = G Gᵀ`` of the weight factor ``G`` (``None``: unweighted)."""
     return None if weight_factor is None else (lambda g: g @ g.T)(weight_factor.to(torch.float64))
-
-
-def _pooled_solve(pooled: LayerProblem, *, ranks, fit_intercept, alpha, n_rows: int, weight_factor):
-    """``{rank: (coef, bias, U, V)}`` of the pooled regression (float64; ``V`` ``None`` for a full map)."""
-    gxx, gxt, gtt = (pooled.cxx, pooled.cxt, pooled.ctt)
-    if not fit_intercept:
-        gxx, gxt, gtt = uncentred(pooled.n, pooled.mean_x, pooled.mean_t, gxx, gxt, gtt)
-    weight = None if weight_factor is None else weight_root(weight_factor.to(gxx.device))
-    alpha, solved = solve_ranks(gxx, gxt, gtt, pooled.mean_x, pooled.mean_t, ranks=ranks, alpha=alpha, n_rows=n_rows,
-                                fit_intercept=fit_intercept, weight=weight)
-    return solved, alpha
 
 
 def select_table(problems: dict[int, LayerProblem], per_layer: list[Shortcuts], *, weight_factor=None) -> dict:
