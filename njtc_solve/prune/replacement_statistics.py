@@ -32,15 +32,18 @@ from njtc_solve.core.architectures import FoldSpec
 from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import check_finite
+from njtc_solve.core.params import Check, check_params
 from njtc_solve.data.capture import forward_batches
 from njtc_solve.prune.checkpoint import jsonable
-from njtc_solve.solve.stats import add_gram, highest_float32_matmul
+from njtc_solve.solve.stats import add_gram, highest_float32_matmul, uncentred
 
 __all__ = ["STATS_FORMAT", "WEIGHTINGS", "ReplacementAccumulator", "ReplacementStatistics", "batch_states",
            "replacement_statistics"]
 
 STATS_FORMAT = "njtc-prune-statistics"  # the ``format`` metadata of a block statistics file
 WEIGHTINGS = ("plain", "rms")  # rms: each row weighted by 1 / mean(h_S²), its squared RMS
+SOME_WEIGHTINGS = Check(lambda ws: bool(ws) and all(w in WEIGHTINGS for w in ws), invalid=[],
+                        says=f"among {', '.join(WEIGHTINGS)}")  # what a `weightings` setting may be
 
 
 @dataclass
@@ -72,9 +75,7 @@ class ReplacementStatistics:
     def raw(self, start: int, k: int, weighting: str):
         """Uncentred ``(Σ w xᵀx, Σ w xᵀt)`` for fits without an intercept."""
         m = self.moments[(start, k, weighting)]
-        n = m["n"]
-        return (m["cxx"] + n * torch.outer(m["mean_x"], m["mean_x"]),
-                m["cxt"] + n * torch.outer(m["mean_x"], m["mean_t"]))
+        return uncentred(m["n"], m["mean_x"], m["mean_t"], m["cxx"], m["cxt"])
 
     @property
     def pairs(self) -> dict[int, list[int]]:
@@ -218,8 +219,7 @@ class ReplacementAccumulator:
     """
 
     def __init__(self, pairs: dict, *, weightings=WEIGHTINGS, device="cpu"):
-        if not weightings or any(w not in WEIGHTINGS for w in weightings):
-            raise NJTCError(f"`weightings` must be among {', '.join(WEIGHTINGS)}, not {list(weightings)!r}")
+        check_params({"weightings": [SOME_WEIGHTINGS]}, {"weightings": list(weightings)})
         self.pairs = {int(s): sorted({int(k) for k in ks}) for s, ks in pairs.items()}
         self.weightings = tuple(weightings)
         self.device = torch.device(device)

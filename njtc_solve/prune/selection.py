@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -22,12 +23,14 @@ from njtc_solve.core.architectures import FoldSpec, check_foldable
 from njtc_solve.core.decoder import Decoder
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.models import model_sha256 as weights_sha256
+from njtc_solve.core.params import Interval, Options, check_params
 from njtc_solve.data.plan import PlanSpec, plan_extraction
 from njtc_solve.data.rows import TRAIN, VALIDATION
 from njtc_solve.prune.checkpoint import check_output_folder, save_pruned
 from njtc_solve.prune.refine_fold import RefineFoldSpec, refine_fold
 from njtc_solve.prune.replacement import Replacement, apply_replacement, check_removal, solve_replacement
-from njtc_solve.prune.replacement_statistics import WEIGHTINGS, ReplacementStatistics, replacement_statistics
+from njtc_solve.prune.replacement_statistics import (SOME_WEIGHTINGS, WEIGHTINGS, ReplacementStatistics,
+                                                     replacement_statistics)
 from njtc_solve.prune.scoring import ReferenceSample, clustered_se, collect_reference, score_replacement
 
 __all__ = ["PruneResult", "PruneSpec", "candidate_replacements", "choose_replacement", "paired_se", "prune_model",
@@ -56,6 +59,15 @@ class PruneSpec:
     rescore_tokens: int = 4096
     val_fraction: float = PlanSpec.val_fraction
     refine: RefineFoldSpec | None = None
+
+    constraints: ClassVar[dict] = {
+        "weightings": [SOME_WEIGHTINGS],
+        "intercept": [Options(("auto", "none", "bias"), says="auto, none or bias")],
+        "score_tokens": [Interval(float, 1, None, says="positive")],
+        "rescore_tokens": [Interval(float, 0, None, says="0 or more")],
+        "val_fraction": [Interval(float, 0, None, closed="neither", show_value=False,
+                                  says="above 0: candidates are scored on held-out documents")],
+    }
 
     @property
     def starts(self) -> list[int]:
@@ -89,22 +101,15 @@ class PruneSpec:
         n_blocks = int(config.num_hidden_layers if n_blocks is None else n_blocks)
         check_removal(n_blocks, remove, start)
         weightings = tuple(weightings)
-        if not weightings or any(w not in WEIGHTINGS for w in weightings):
-            raise NJTCError(f"`weightings` must be among {', '.join(WEIGHTINGS)}, not {list(weightings)!r}")
-        if intercept not in ("auto", "none", "bias"):
-            raise NJTCError(f"`intercept` must be auto, none or bias, not {intercept!r}")
+        check_params(cls.constraints, {"weightings": list(weightings), "intercept": intercept,
+                                       "score_tokens": score_tokens, "rescore_tokens": rescore_tokens,
+                                       "val_fraction": val_fraction})
         try:
             ridge = tuple(float(a) for a in ridge)
         except (TypeError, ValueError):
             raise NJTCError(f"`ridge` penalties must be positive numbers, not {ridge!r}") from None
         if any(not (a > 0 and math.isfinite(a)) for a in ridge):
             raise NJTCError(f"`ridge` penalties must be positive numbers, not {list(ridge)!r}")
-        if not score_tokens >= 1:
-            raise NJTCError(f"`score_tokens` must be positive, not {score_tokens}")
-        if not rescore_tokens >= 0:
-            raise NJTCError(f"`rescore_tokens` must be 0 or more, not {rescore_tokens}")
-        if not val_fraction > 0:
-            raise NJTCError("`val_fraction` must be above 0: candidates are scored on held-out documents")
         kind = config.model_type
         has_bias = fold.has_bias or bool(fold.bias_option and getattr(config, fold.bias_option, False))
         if intercept == "none":

@@ -29,14 +29,14 @@ from tqdm.auto import tqdm
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.params import BOOLEAN, DEVICE, Check, Interval, ListOf, Options, check_spec
 from njtc_solve.data.store import opened
-from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
+from njtc_solve.maps.shortcuts import Shortcuts
 from njtc_solve.solve.budget import (check_budget, default_budget, join_layers, layer_groups, merge_fits,
                                      target_groups)
 from njtc_solve.solve.pair_statistics import accumulate_pairs, check_pair_statistics, iter_fit_targets
 from njtc_solve.solve.saved_statistics import check_fit_inputs, check_input_norm, pair_file, saved_statistics
-from njtc_solve.solve.solvers import gram_eigh, solve_ranks, sum_squared_error, weight_root
+from njtc_solve.solve.solvers import fitted_map, gram_eigh, solve_ranks, sum_squared_error, train_record, weight_root
 from njtc_solve.solve.statistics_pass import store_statistics
-from njtc_solve.solve.stats import Statistics
+from njtc_solve.solve.stats import Statistics, uncentred
 
 __all__ = [
     "METHODS",
@@ -280,9 +280,7 @@ def _prepare(stats: Statistics, layer: int, normalize: str, residual: bool, fit_
         ctt = stats.cyy - m.cxy - m.cxy.T + m.cxx
         mean_t = stats.mean_y - m.mean_x
     if not fit_intercept:
-        cxx = cxx + n * torch.outer(mean_x, mean_x)
-        cxt = cxt + n * torch.outer(mean_x, mean_t)
-        ctt = ctt + n * torch.outer(mean_t, mean_t)
+        cxx, cxt, ctt = uncentred(n, mean_x, mean_t, cxx, cxt, ctt)
     return cxx, cxt, ctt, mean_x, mean_t, norm_mean, norm_scale
 
 
@@ -353,21 +351,12 @@ def _solve_layer(stats: Statistics, layer: int, *, ranks, normalize, residual, w
     layer_alpha, solved = solve_ranks(gxx, gxt, gtt, mean_x, mean_t, ranks=ranks, alpha=alpha, n_rows=stats.n_rows,
                                       fit_intercept=fit_intercept, weight=weight, eigh=decompositions[layer])
     solve_s = time.perf_counter() - start
-    d = stats.cyy.shape[0]
     total_var = float(torch.trace(stats.cyy))
-    f32 = lambda t: None if t is None else t.to(torch.float32)
     for rank, (coef, bias, u, v) in solved.items():
         sse = max(sum_squared_error(coef, gxx, gxt, gtt), 0.0)
-        shortcut_map = ShortcutMap(
-            weight=f32(u) if v is None else None, U=None if v is None else f32(u), V=f32(v),
-            bias=f32(bias), norm_mean=f32(norm_mean), norm_scale=f32(norm_scale),
-            normalize=normalize, residual=residual)
-        params = shortcut_map.n_params
-        solved[rank] = (shortcut_map, {
-            "train_mse": sse / (stats.n * d), "train_sse": sse, "r2": 1 - sse / total_var if total_var else 0.0,
-            "params": params, "reduction": 1 - params / (d * d), "alpha": layer_alpha,
-            "rank": None if v is None else u.shape[1], "solve_s": solve_s, "n_train": stats.n_rows,
-        })
+        shortcut_map = fitted_map(u, v, bias, norm_mean, norm_scale, normalize=normalize, residual=residual)
+        solved[rank] = (shortcut_map, train_record(shortcut_map, sse, n=stats.n, total_var=total_var,
+                                                   alpha=layer_alpha, solve_s=solve_s, n_train=stats.n_rows))
     return solved
 
 

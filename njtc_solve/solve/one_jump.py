@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from njtc_solve.maps.shortcuts import ShortcutMap, Shortcuts
-from njtc_solve.solve.solvers import solve_ranks, weight_root
+from njtc_solve.maps.shortcuts import Shortcuts
+from njtc_solve.solve.solvers import fitted_map, solve_ranks, train_record, weight_root
+from njtc_solve.solve.stats import uncentred
 
 __all__ = ["LayerProblem", "map_loss", "pooled_problem", "select_table", "solve_one_jump"]
 
@@ -42,12 +43,6 @@ class LayerProblem:
     n: float
     norm_mean: torch.Tensor | None = None
     norm_scale: torch.Tensor | None = None
-
-    def uncentred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(XᵀX, XᵀT, TᵀT)`` of the same rows, for a fit without an intercept."""
-        outer = lambda a, b: self.n * torch.outer(a, b)
-        return (self.cxx + outer(self.mean_x, self.mean_x), self.cxt + outer(self.mean_x, self.mean_t),
-                self.ctt + outer(self.mean_t, self.mean_t))
 
 
 def pooled_problem(problems: list[LayerProblem]) -> LayerProblem:
@@ -112,8 +107,12 @@ def solve_one_jump(problems: dict[int, LayerProblem], *, mode: str, ranks, fit_i
     layers = list(problems)
     pooled = pooled_problem(list(problems.values()))
     gamma = _gamma(weight_factor)
-    shared, alpha = _pooled_solve(pooled, ranks=ranks, fit_intercept=fit_intercept, alpha=alpha,
-                                  n_rows=n_rows * len(layers), weight_factor=weight_factor)
+    gxx, gxt, gtt = (pooled.cxx, pooled.cxt, pooled.ctt)
+    if not fit_intercept:
+        gxx, gxt, gtt = uncentred(pooled.n, pooled.mean_x, pooled.mean_t, gxx, gxt, gtt)
+    weight = None if weight_factor is None else weight_root(weight_factor.to(gxx.device))
+    alpha, shared = solve_ranks(gxx, gxt, gtt, pooled.mean_x, pooled.mean_t, ranks=ranks, alpha=alpha,
+                                n_rows=n_rows * len(layers), fit_intercept=fit_intercept, weight=weight)
     tables = select_table(problems, per_layer, weight_factor=weight_factor) if mode == "select" else {}
     out = {}
     for rank, (coef, bias, u, v) in shared.items():
@@ -134,15 +133,6 @@ def solve_one_jump(problems: dict[int, LayerProblem], *, mode: str, ranks, fit_i
 def _gamma(weight_factor):
     """``Γ = G Gᵀ`` of the weight factor ``G`` (``None``: unweighted)."""
     return None if weight_factor is None else (lambda g: g @ g.T)(weight_factor.to(torch.float64))
-
-
-def _pooled_solve(pooled: LayerProblem, *, ranks, fit_intercept, alpha, n_rows: int, weight_factor):
-    """``{rank: (coef, bias, U, V)}`` of the pooled regression (float64; ``V`` ``None`` for a full map)."""
-    gxx, gxt, gtt = (pooled.cxx, pooled.cxt, pooled.ctt) if fit_intercept else pooled.uncentred()
-    weight = None if weight_factor is None else weight_root(weight_factor.to(gxx.device))
-    alpha, solved = solve_ranks(gxx, gxt, gtt, pooled.mean_x, pooled.mean_t, ranks=ranks, alpha=alpha, n_rows=n_rows,
-                                fit_intercept=fit_intercept, weight=weight)
-    return solved, alpha
 
 
 def select_table(problems: dict[int, LayerProblem], per_layer: list[Shortcuts], *, weight_factor=None) -> dict:
@@ -172,16 +162,12 @@ def _shared_maps(problems, *, u, v, bias, normalize, residual, alpha, n_rows, to
     """One :class:`ShortcutMap` per layer, all holding the same float32 map, and each layer's record
     (its unweighted training loss, as a per-layer fit records it)."""
     f32 = lambda t: None if t is None else t.to(torch.float32)
-    core = {"weight": f32(u), "U": None, "V": None} if v is None else {"weight": None, "U": f32(u), "V": f32(v)}
-    bias32 = f32(bias)
-    coef = (core["weight"] if v is None else core["U"] @ core["V"]).double()
+    u, v, bias = f32(u), f32(v), f32(bias)  # float32 once: every layer's map holds these tensors
+    coef = (u if v is None else u @ v).double()
     maps, records = {}, {}
     for l, p in problems.items():
-        maps[l] = ShortcutMap(**core, bias=bias32, norm_mean=f32(p.norm_mean), norm_scale=f32(p.norm_scale),
-                              normalize=normalize, residual=residual)
-        d = p.ctt.shape[0]
-        sse = max(map_loss(p, coef, None if bias32 is None else bias32.double()), 0.0)
-        records[l] = {"train_mse": sse / (p.n * d), "train_sse": sse, "r2": 1 - sse / total_var if total_var else 0.0,
-                      "params": maps[l].n_params, "reduction": 1 - maps[l].n_params / (d * d), "alpha": alpha,
-                      "rank": None if v is None else u.shape[1], "solve_s": solve_s, "n_train": n_rows}
+        maps[l] = fitted_map(u, v, bias, p.norm_mean, p.norm_scale, normalize=normalize, residual=residual)
+        sse = max(map_loss(p, coef, None if bias is None else bias.double()), 0.0)
+        records[l] = train_record(maps[l], sse, n=p.n, total_var=total_var, alpha=alpha, solve_s=solve_s,
+                                  n_train=n_rows)
     return maps, records

@@ -28,14 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.maps.shortcuts import normalize_rows
-from njtc_solve.solve.stats import (NORM_BINS, LayerMoments, Statistics, add_gram, checked_counts, checked_head,
-                                    checked_header, checked_tensor, count_row_norms, count_tensors,
-                                    highest_float32_matmul, invalid, pass_meta, project_out_ones, row_norm_summary,
-                                    write_statistics)
+from njtc_solve.solve.stats import (NORM_BINS, LayerMoments, Statistics, add_gram, check_finite_tensors,
+                                    checked_counts, checked_head, checked_header, checked_tensor, count_row_norms,
+                                    count_tensors, highest_float32_matmul, invalid, pass_meta, project_out_ones,
+                                    row_norm_summary, training_bar, write_statistics)
 
 __all__ = ["PairAccumulator", "PairStatistics", "accumulate_pairs", "iter_fit_targets", "pair_layers",
            "pair_memory_bytes", "statistics_targets", "load_head", "load_target_statistics"]
@@ -206,12 +205,6 @@ class PairStatistics:
         """Free ``target``'s cross moments (its maps are solved)."""
         self.cxy.pop(target, None)
 
-    def nbytes(self) -> int:
-        """Bytes held now (the cross blocks not yet released included)."""
-        tensors = [*self.cxx.values(), *self.cyy.values(), *self.cxy.values(), *self.mean_x.values(),
-                   *self.mean_y.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     def save(self, path, head=None) -> None:
         """Write every pair to one safetensors file, atomically: ``layers.{l}.mean_x``/``cxx`` per source,
         ``targets.{t}.mean_y``/``cyy``/``cxy`` per target; the ``meta`` JSON records ``target_layer = "all"``,
@@ -352,13 +345,11 @@ def accumulate_pairs(source, *, sources, targets, input_norm: str = "none", devi
     """One pass over ``source``'s training rows: the statistics of every pair ``l < t`` of ``sources`` and
     ``targets``; the other settings as in :func:`~njtc_solve.solve.statistics_pass.accumulate_statistics`."""
     skip = source.default_skip_positions if skip_positions is None else int(skip_positions)
-    if source.count("train", skip) == 0:
-        raise NJTCError(f"{source.path} has no training rows at positions >= {skip}")
+    bar = training_bar(source, skip, "pair statistics", progress)
     acc = PairAccumulator(sources=sources, targets=targets, input_norm=input_norm, device=device, float64=float64)
     reading = sorted(set(acc.sources) | set(acc.targets))
     start = time.perf_counter()
-    with tqdm(total=source.count("train", skip), unit="row", unit_scale=True, desc="pair statistics", leave=False,
-              disable=not progress) as bar:
+    with bar:
         for _, chunk in source.iter_chunks(reading, split="train", chunk_rows=chunk_rows, skip_positions=skip):
             acc.update(chunk)
             bar.update(len(chunk[reading[-1]]))
@@ -367,9 +358,7 @@ def accumulate_pairs(source, *, sources, targets, input_norm: str = "none", devi
                         products=n_pairs + len(acc.sources) + len(acc.targets), skip_positions=skip),
             "d_model": source.d_model}
     pairs = acc.finalize(meta)
-    tensors = [*pairs.cxx.values(), *pairs.cyy.values(), *pairs.cxy.values()]
-    if not all(torch.isfinite(t).all() for t in tensors):
-        raise NJTCError("the statistics contain NaN or Inf; the activations are corrupt")
+    check_finite_tensors([*pairs.cxx.values(), *pairs.cyy.values(), *pairs.cxy.values()])
     return pairs
 
 

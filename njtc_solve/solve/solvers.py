@@ -25,14 +25,32 @@ from dataclasses import dataclass
 import torch
 
 from njtc_solve.core.errors import NJTCError
+from njtc_solve.maps.shortcuts import ShortcutMap
 
-__all__ = ["ReducedRankSolution", "gcv_alpha", "gram_eigh", "solve_ranks", "solve_reduced_rank", "sum_squared_error",
-           "symmetric_sqrt", "weight_root"]
+__all__ = ["ReducedRankSolution", "fitted_map", "gcv_alpha", "gram_eigh", "solve_ranks", "solve_reduced_rank",
+           "sum_squared_error", "symmetric_sqrt", "train_record", "weight_root"]
 
 
 def sum_squared_error(B: torch.Tensor, cxx: torch.Tensor, cxy: torch.Tensor, cyy: torch.Tensor) -> float:
     """Training loss ``Σ‖y - xB‖²`` from statistics: ``tr C_yy - 2 tr BᵀC_xy + tr BᵀC_xx B``."""
     return float(torch.trace(cyy) - 2 * (B * cxy).sum() + (B * (cxx @ B)).sum())
+
+
+def fitted_map(u, v, bias, norm_mean, norm_scale, *, normalize: str, residual: bool) -> ShortcutMap:
+    """The float32 :class:`ShortcutMap` of ``W = u`` (``v`` ``None``) or ``W = u v``."""
+    f32 = lambda t: None if t is None else t.to(torch.float32)
+    full = v is None
+    return ShortcutMap(weight=f32(u) if full else None, U=None if full else f32(u), V=f32(v), bias=f32(bias),
+                       norm_mean=f32(norm_mean), norm_scale=f32(norm_scale), normalize=normalize, residual=residual)
+
+
+def train_record(m: ShortcutMap, sse: float, *, n: float, total_var: float, alpha, solve_s: float,
+                 n_train: int) -> dict:
+    """The training record of the fitted map ``m``, whose loss over ``n`` rows is ``sse``."""
+    d = m.width
+    return {"train_mse": sse / (n * d), "train_sse": sse, "r2": 1 - sse / total_var if total_var else 0.0,
+            "params": m.n_params, "reduction": 1 - m.n_params / (d * d), "alpha": alpha, "rank": m.rank,
+            "solve_s": solve_s, "n_train": n_train}
 
 
 def symmetric_sqrt(gram: torch.Tensor, rcond: float | None = None):

@@ -6,11 +6,10 @@ import itertools
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.solve.saved_statistics import saved_statistics
-from njtc_solve.solve.stats import MomentAccumulator, Statistics, pass_meta
+from njtc_solve.solve.stats import MomentAccumulator, Statistics, pass_meta, training_bar
 
 __all__ = ["accumulate_statistics", "store_statistics"]
 
@@ -78,20 +77,17 @@ def accumulate_statistics(store, layers: list[int], *, input_norm: str = "none",
 def _stream(store, acc: MomentAccumulator, layers, target: int, *, skip: int, chunk_rows: int, comm,
             row_weight: str, progress: bool) -> None:
     """This process's share of the training chunks into ``acc``, shifted by the first chunk's means."""
-    if store.count("train", skip) == 0:
-        raise NJTCError(f"{store.path} has no training rows at positions >= {skip}")
-    shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
-    reading = sorted(set(layers) | {target})
-    chunks = store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, shard=shard, skip_positions=skip)
-    if shard == (0, 1):  # the first chunk serves the shift and is accumulated too: read (or run) once
-        first_chunk = next(chunks)
-        chunks, first = itertools.chain([first_chunk], chunks), first_chunk[1]
-    else:  # every process shifts by the first training chunk's mean, as a single process would
-        _, first = next(store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, skip_positions=skip))
-    acc.shift_from_chunk({l: first[l] for l in layers}, first[target])
-    weigh = _row_weights(store, first[target]) if row_weight == "inv_sigma2" else None
-    with tqdm(total=store.count("train", skip) if comm is None else None, unit="row", unit_scale=True,
-              desc="statistics", leave=False, disable=not progress) as bar:
+    with training_bar(store, skip, "statistics", progress, counted=comm is None) as bar:
+        shard = (0, 1) if comm is None else (comm.rank, comm.world_size)
+        reading = sorted(set(layers) | {target})
+        chunks = store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, shard=shard, skip_positions=skip)
+        if shard == (0, 1):  # the first chunk serves the shift and is accumulated too: read (or run) once
+            first_chunk = next(chunks)
+            chunks, first = itertools.chain([first_chunk], chunks), first_chunk[1]
+        else:  # every process shifts by the first training chunk's mean, as a single process would
+            _, first = next(store.iter_chunks(reading, split="train", chunk_rows=chunk_rows, skip_positions=skip))
+        acc.shift_from_chunk({l: first[l] for l in layers}, first[target])
+        weigh = _row_weights(store, first[target]) if row_weight == "inv_sigma2" else None
         for _, chunk in chunks:
             acc.update({l: chunk[l] for l in layers}, chunk[target], None if weigh is None else weigh(chunk[target]))
             bar.update(len(chunk[target]))

@@ -36,14 +36,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.core.outputs import atomic_output, read_safetensors
 from njtc_solve.maps.shortcuts import normalize_rows
 
-__all__ = ["FORMAT", "LayerMoments", "MomentAccumulator", "Statistics", "add_gram",
-           "add_upper_gram", "count_tensors", "gram_panels", "highest_float32_matmul", "symmetric_from_upper", "pass_meta", "project_out_ones",
-           "write_statistics"]
+__all__ = ["FORMAT", "LayerMoments", "MomentAccumulator", "Statistics", "add_gram", "add_upper_gram",
+           "check_finite_tensors", "count_tensors", "gram_panels", "highest_float32_matmul", "pass_meta",
+           "project_out_ones", "symmetric_from_upper", "training_bar", "uncentred", "write_statistics"]
 
 FORMAT = "njtc-statistics"  # the ``format`` metadata of a statistics file
 # Rows per GEMM: the float32 sum inside one GEMM is the dominant rounding error (it grows like
@@ -54,6 +55,12 @@ GEMM_ROWS = 1024
 # panels on and above its diagonal are multiplied (about 1.5-1.6 of the 2 d² multiply-adds a row of
 # [XᵀX | XᵀY] needs in full); a panel this wide keeps each GEMM near the machine's peak.
 PANEL_COLUMNS = 512
+
+
+def uncentred(n: float, mean_x, mean_t, cxx, cxt, ctt=None) -> tuple:
+    """``(XᵀX, XᵀT[, TᵀT])`` of ``n`` rows from their means and centred moments: ``C_ab + n m_aᵀ m_b``."""
+    moments = [(cxx, mean_x, mean_x), (cxt, mean_x, mean_t)] + ([] if ctt is None else [(ctt, mean_t, mean_t)])
+    return tuple(c + n * torch.outer(a, b) for c, a, b in moments)
 
 
 def project_out_ones(m: LayerMoments) -> LayerMoments:
@@ -112,9 +119,7 @@ class Statistics:
     def raw(self, layer: int):
         """Uncentred Gram matrices ``(XᵀX, XᵀY, YᵀY)`` for fits without an intercept."""
         m = self.layers[layer]
-        return (m.cxx + self.n * torch.outer(m.mean_x, m.mean_x),
-                m.cxy + self.n * torch.outer(m.mean_x, self.mean_y),
-                self.cyy + self.n * torch.outer(self.mean_y, self.mean_y))
+        return uncentred(self.n, m.mean_x, self.mean_y, m.cxx, m.cxy, self.cyy)
 
     def to(self, device) -> Statistics:
         """The same statistics with every tensor on ``device``."""
@@ -145,9 +150,7 @@ class Statistics:
 
     def check_finite(self) -> None:
         """Raise when any statistic holds NaN or Inf (corrupt activations)."""
-        tensors = [self.mean_y, self.cyy] + [t for m in self.layers.values() for t in vars(m).values()]
-        if not all(torch.isfinite(t).all() for t in tensors):
-            raise NJTCError("the statistics contain NaN or Inf; the activations are corrupt")
+        check_finite_tensors([self.mean_y, self.cyy] + [t for m in self.layers.values() for t in vars(m).values()])
         if self.n_rows < 2:
             raise NJTCError(f"only {self.n_rows} training rows; a fit needs at least 2")
 
@@ -409,6 +412,21 @@ def write_statistics(path, tensors: dict, info: dict, head=None) -> None:
         info["head"] = json.dumps(head.describe())
     with atomic_output(path) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=info)
+
+
+def check_finite_tensors(tensors) -> None:
+    """Raise when any of the statistics ``tensors`` holds NaN or Inf (corrupt activations)."""
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise NJTCError("the statistics contain NaN or Inf; the activations are corrupt")
+
+
+def training_bar(source, skip: int, desc: str, progress: bool, *, counted: bool = True) -> tqdm:
+    """A progress bar over ``source``'s training rows at positions ``>= skip`` (``counted=False``: no total);
+    refuses a source without any."""
+    n = source.count("train", skip)
+    if n == 0:
+        raise NJTCError(f"{source.path} has no training rows at positions >= {skip}")
+    return tqdm(total=n if counted else None, unit="row", unit_scale=True, desc=desc, leave=False, disable=not progress)
 
 
 def pass_meta(source, *, device, start: float, n_rows: int, products: int, skip_positions: int,
