@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import io
+import logging
 import os
 import subprocess
 import sys
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -106,13 +107,30 @@ def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.Comp
                           timeout=timeout, env=env, cwd=ROOT)
 
 
+@contextmanager
+def _streams_to(handlers: dict, stream):
+    """Point each logging handler at ``stream`` inside the block, back at its own after."""
+    for handler in handlers:
+        handler.setStream(stream)
+    try:
+        yield
+    finally:
+        for handler, own in handlers.items():
+            handler.setStream(own)
+
+
 def run_command(name: str, *args: str) -> subprocess.CompletedProcess:
     """Run the command ``njtc_solve.cli.<name>`` in this process as :func:`run_module` runs it in another
     (exit status, standard output and error), for the many quick refusals; a warning the command gives
-    (those Python shows by default) is written to its standard error, as a process would print it."""
+    (those Python shows by default) and what a logger prints (transformers') go to its standard error, as a
+    process would print them."""
     command = importlib.import_module(f"njtc_solve.cli.{name}")
     out, err = io.StringIO(), io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, redirect_stdout(out), redirect_stderr(err):
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)]
+    streams = {h: h.stream for lg in loggers for h in lg.handlers
+               if type(h) is logging.StreamHandler}  # bound to the real stderr when made (transformers' logger)
+    with (warnings.catch_warnings(record=True) as caught, redirect_stdout(out), redirect_stderr(err),
+          _streams_to(streams, err)):
         warnings.resetwarnings()
         warnings.simplefilter("always")
         for kind in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):

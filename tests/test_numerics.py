@@ -11,8 +11,10 @@ so the comparison isolates the accumulation (docs/reference/numerics.md).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+import njtc_solve.solve.stats as stats
 from njtc_solve.solve.stats import MomentAccumulator
 
 
@@ -55,3 +57,17 @@ def test_float32_gemms_into_float64_sums_give_the_float64_maps_at_d_4096_with_at
     # (one plain float32 GEMM of these 1024 rows is as close, 7-9e-5; the shift and the float64 sums matter
     # as rows grow: test_solver.py::test_shifted_float32_accumulation_is_accurate_where_plain_float32_fails)
     assert err <= 4e-4
+
+
+@pytest.mark.parametrize("batch_bytes", [32 << 20, 1, 2 * 96 * 64 * 4])
+@pytest.mark.parametrize("rows", [0, 1, 1023, 1024, 1025, 5000])
+def test_batched_gram_adds_every_block_once_whatever_the_batch(monkeypatch, rows, batch_bytes):
+    """add_gram's batched GEMMs (one block at a time, two, or the whole chunk) against a float64 product of the
+    same float32 rows: each 1024-row block added once (a block dropped or added twice is off by ~1e-1)."""
+    monkeypatch.setattr(stats, "GEMM_BATCH_BYTES", batch_bytes)
+    g = torch.Generator().manual_seed(rows)
+    a, b = torch.randn(rows, 96, generator=g) * 10 + 3, torch.randn(rows, 64, generator=g)
+    total = torch.ones(96, 64, dtype=torch.float64)
+    stats.add_gram(total, a, b)
+    expected = 1 + a.double().T @ b.double()
+    assert torch.allclose(total, expected, rtol=1e-5, atol=1e-3 * max(rows, 1) ** 0.5)

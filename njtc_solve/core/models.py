@@ -124,7 +124,7 @@ def _model_source(name: str | None, trust_remote_code: bool) -> tuple[str, str, 
             raise NJTCError(f"model file {path} not found")
         for module in ("gguf", "accelerate"):
             if importlib.util.find_spec(module) is None:
-                raise NJTCError(f"loading a .gguf model needs `pip install {module}`")
+                raise NJTCError(f"loading a .gguf model needs `pip install {module}` (the [gguf] extra)")
         return name, str(path.parent), {**kwargs, "gguf_file": path.name}
     if path.exists():
         if not (path / "config.json").is_file():

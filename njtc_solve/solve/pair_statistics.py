@@ -345,11 +345,10 @@ def accumulate_pairs(source, *, sources, targets, input_norm: str = "none", devi
     """One pass over ``source``'s training rows: the statistics of every pair ``l < t`` of ``sources`` and
     ``targets``; the other settings as in :func:`~njtc_solve.solve.statistics_pass.accumulate_statistics`."""
     skip = source.default_skip_positions if skip_positions is None else int(skip_positions)
-    bar = training_bar(source, skip, "pair statistics", progress)
     acc = PairAccumulator(sources=sources, targets=targets, input_norm=input_norm, device=device, float64=float64)
     reading = sorted(set(acc.sources) | set(acc.targets))
     start = time.perf_counter()
-    with bar:
+    with training_bar(source, skip, "pair statistics", progress) as bar:
         for _, chunk in source.iter_chunks(reading, split="train", chunk_rows=chunk_rows, skip_positions=skip):
             acc.update(chunk)
             bar.update(len(chunk[reading[-1]]))

@@ -51,6 +51,8 @@ FORMAT = "njtc-statistics"  # the ``format`` metadata of a statistics file
 # √rows), so a chunk's rows are multiplied in blocks of this many rows (one batched GEMM) whose
 # products are added into float64.
 GEMM_ROWS = 1024
+# Bytes of block products one batched GEMM may hold at once (a larger product is multiplied one block at a time).
+GEMM_BATCH_BYTES = 32 << 20
 # Columns per panel of a triangular Gram (:func:`add_upper_gram`): a Gram XᵀX is symmetric, so only the
 # panels on and above its diagonal are multiplied (about 1.5-1.6 of the 2 d² multiply-adds a row of
 # [XᵀX | XᵀY] needs in full); a panel this wide keeps each GEMM near the machine's peak.
@@ -355,12 +357,15 @@ def highest_float32_matmul():
 def add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``total += aᵀb`` (float64), each block of :data:`GEMM_ROWS` rows multiplied in ``a``'s dtype.
 
-    The whole blocks go through one batched GEMM whose products are added into ``total`` one by one;
-    a last partial block is multiplied alone.
+    Whole blocks go through batched GEMMs whose products, at most :data:`GEMM_BATCH_BYTES` of them at a
+    time (one at least), are added into ``total`` one by one; a last partial block is multiplied alone.
     """
     whole = a.shape[0] // GEMM_ROWS * GEMM_ROWS
-    if whole:
-        blocks_a, blocks_b = a[:whole].unflatten(0, (-1, GEMM_ROWS)), b[:whole].unflatten(0, (-1, GEMM_ROWS))
+    per_batch = GEMM_ROWS * max(1, GEMM_BATCH_BYTES // (a.shape[1] * b.shape[1] * a.element_size()))
+    for start in range(0, whole, per_batch):
+        stop = min(start + per_batch, whole)
+        blocks_a = a[start:stop].unflatten(0, (-1, GEMM_ROWS))
+        blocks_b = b[start:stop].unflatten(0, (-1, GEMM_ROWS))
         for product in torch.bmm(blocks_a.transpose(1, 2), blocks_b):
             total += product
     if whole < a.shape[0]:
