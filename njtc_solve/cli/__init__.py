@@ -22,11 +22,13 @@ COMMANDS = ("extract", "fit", "evaluate", "refine", "export", "lens", "prune", "
 
 
 def prog(name: str) -> str:
-    """The command as typed: ``njtc-NAME``, ``njtc NAME`` or ``python -m njtc_solve.NAME``."""
-    script = Path(sys.argv[0]).name
-    if script == f"njtc-{name}":
-        return script
-    return f"njtc {name}" if script == "njtc" else f"python -m njtc_solve.{name}"
+    """The command as typed: ``njtc-NAME``, ``njtc NAME`` or ``python -m njtc_solve[.cli].NAME``."""
+    script = Path(sys.argv[0])
+    if script.name == f"njtc-{name}":
+        return script.name
+    if script.name == "njtc":
+        return f"njtc {name}"
+    return f"python -m njtc_solve.{'cli.' if script.parent.name == 'cli' else ''}{name}"
 
 
 def main(argv=None) -> int:
