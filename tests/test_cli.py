@@ -87,7 +87,7 @@ def test_flags_of_reads_each_destination_and_takes_renames():
 
 def test_every_command_is_run_as_python_m_njtc_solve_dot_command(tmp_path):
     """``python -m njtc_solve.<command>`` hands its ``__main__`` over to ``njtc_solve.cli.<command>``, which
-    runs the command as ``python -m njtc_solve.cli.<command>`` too."""
+    runs the command as ``python -m njtc_solve.cli.<command>`` too; each usage line names the module as typed."""
     script = """
 import json, runpy, sys
 from contextlib import redirect_stdout
@@ -101,7 +101,7 @@ for name in json.loads(sys.argv[1]):
             with redirect_stdout(out):
                 runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as stop:
-            progs[module] = [stop.code, out.getvalue().startswith(f"usage: python -m njtc_solve.{name} ")]
+            progs[module] = [stop.code, out.getvalue().startswith(f"usage: python -m {module} ")]
 print(json.dumps(progs))
 """
     env = dict(os.environ, PYTHONPATH=str(ROOT))
