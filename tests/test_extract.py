@@ -143,7 +143,8 @@ def _kill_once_past(cmd, env, fraction=0.2, sig=signal.SIGKILL, timeout=120, act
     """Run ``cmd`` with its progress bar on stderr and send ``sig`` once that shows ``fraction`` done
     (or call ``action(proc)`` instead).
 
-    Reading the bar makes the signal land mid-run whatever the machine's speed. Returns the
+    Reading the bar makes the signal land mid-run whatever the machine's speed; all the bar written so far
+    is read before each look, so a reader that fell behind does not act on an old percentage. Returns the
     percentage last seen before the signal, the exit code and everything written to stderr.
     """
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -153,6 +154,10 @@ def _kill_once_past(cmd, env, fraction=0.2, sig=signal.SIGKILL, timeout=120, act
             data = proc.stderr.read1(4096)
             if not data:
                 break
+            os.set_blocking(proc.stderr.fileno(), False)
+            while more := proc.stderr.read1(65536):  # what else is waiting in the pipe (None or b"" when drained)
+                data += more
+            os.set_blocking(proc.stderr.fileno(), True)
             seen += data.decode(errors="replace")
             percents = re.findall(r"extract:\s*(\d+)%\|", seen[-400:])
             if percents and int(percents[-1]) >= 100 * fraction:
@@ -167,7 +172,7 @@ def _kill_once_past(cmd, env, fraction=0.2, sig=signal.SIGKILL, timeout=120, act
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_models, tmp_path):
-    args = ["--model", str(tiny_models["llama"]), "--seq-len", "16", "--batch-size", "1", "--max-tokens", "3200"]
+    args = ["--model", str(tiny_models["llama"]), "--seq-len", "16", "--batch-size", "1", "--max-tokens", "6400"]
     full = tmp_path / "full.h5"
     assert run_module("njtc_solve.extract", *args, "--no-progress", "--out", str(full)).returncode == 0
     killed = tmp_path / "killed.h5"
