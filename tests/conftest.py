@@ -86,6 +86,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {kind: build_tiny_model(kind, root / kind) for kind in ("gpt2", "llama")}
 
 
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    """The tiny Llama and its tokenizer, loaded once per test module."""
+    from njtc_solve.core.models import load_model
+
+    model, tokenizer, _ = load_model(str(tiny_models["llama"]), progress=False)
+    return model, tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tiny_models, tmp_path_factory) -> Path:
     """An activation store of the tiny Llama model over the default corpus (all positions)."""
@@ -105,6 +114,20 @@ def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.Comp
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
+
+
+def sharpened_model(config):
+    """A random-weight causal LM from ``config`` (seed 0) with every matrix ×5, so that greedy decoding has
+    clear winners and drafts are sometimes accepted."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(5.0)
+    return model
 
 
 @contextmanager

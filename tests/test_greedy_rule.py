@@ -14,6 +14,8 @@ import torch
 from njtc_solve.core.errors import NJTCError
 from njtc_solve.infer.speculative import ShortcutDrafter, _greedy_processors, check_greedy_config, speculative_generate
 
+from conftest import sharpened_model
+
 VOCAB, EOS = 120, 7
 
 # every logits processor _get_logits_processor builds from a generation config, and a setting that builds it
@@ -53,12 +55,7 @@ def model():
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     config.bos_token_id = config.pad_token_id = None
     config.eos_token_id = EOS
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(5.0)
+    model = sharpened_model(config)
     model.generation_config.eos_token_id = EOS
     model.generation_config.pad_token_id = 0
     return model

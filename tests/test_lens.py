@@ -22,12 +22,6 @@ from conftest import run_command, run_module
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
-    model, tokenizer, _ = load_model(str(tiny_models["llama"]), progress=False)
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
 def fitted(tiny_store, tmp_path_factory):
     """A full and a narrow map fitted on the tiny Llama's store, and the narrow one read through a layer norm."""
     [jtc] = fit_shortcuts(tiny_store, method="jtc", ranks=None, progress=False)

@@ -12,18 +12,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from njtc_solve.core.models import load_model
 from njtc_solve.evaluation.lens import ShortcutLens, merge_trajectories
 from njtc_solve.evaluation.lens_page import read_page_data
 from njtc_solve.solve.fit import fit_shortcuts
 
 PROMPTS = ["def add(a, b): return a + b", "The lens reads every layer."]
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_models):
-    model, tokenizer, _ = load_model(str(tiny_models["llama"]), progress=False)
-    return model, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import torch
 
 from njtc_solve.cli import run_cli
 from njtc_solve.core.errors import NJTCError
-from njtc_solve.core.models import load_model
 from njtc_solve.data.corpus import load_corpus
 from njtc_solve.data.plan import plan_extraction
 from njtc_solve.prune.checkpoint import PRUNE_RECORD
@@ -36,12 +35,6 @@ PLAN = dict(seq_len=32, max_tokens=2400)
 @pytest.fixture(scope="module")
 def corpus():
     return load_corpus()[1]
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_models):
-    model, tok, _ = load_model(str(tiny_models["llama"]))
-    return model, tok
 
 
 @pytest.fixture(scope="module")

@@ -251,7 +251,7 @@ def test_the_drafter_refuses_what_does_not_belong():
 
 
 # -- the command --------------------------------------------------------------------------------
-from conftest import run_module  # noqa: E402
+from conftest import run_module, sharpened_model  # noqa: E402
 
 from njtc_solve.cli.generate import run as run_generate  # noqa: E402
 
@@ -377,7 +377,6 @@ SLIDING = ("mistral", "gemma2", "gemma3_text", "gemma3")  # their dynamic caches
 
 
 def _family_model(family: str):
-    import transformers as T
     from test_families import FAMILIES as ALL, _config
 
     assert family in ALL
@@ -385,12 +384,7 @@ def _family_model(family: str):
     for c in (config, getattr(config, "text_config", None)):
         if c is not None:
             c.eos_token_id = c.bos_token_id = c.pad_token_id = None
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(5.0)
+    model = sharpened_model(config)
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
     return model
 
